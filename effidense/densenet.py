@@ -1,0 +1,446 @@
+"""DenseNet and DenseNet-BC with exact memory-efficient dense layers.
+
+Huang et al., "Densely Connected Convolutional Networks" (2017); Pleiss et al., "Memory-Efficient Implementation of
+DenseNets" (2017). State-dict keys follow torchvision's and timm's layout, so their weights load without renaming.
+
+Memory modes (``memory=``), chosen in :func:`_run` and nowhere else:
+
+* ``plain``: concat, BN, ReLU and convolutions as written; everything autograd needs stays in memory.
+* ``efficient``: every concat-BN-ReLU(-pool) segment feeding a convolution runs under non-reentrant
+  ``torch.utils.checkpoint``: the concatenation and BN/ReLU outputs are rebuilt in backward, convolutions never are
+  (checkpoint's early stop ends the recomputation once the convolution's input is rebuilt).
+* ``frugal``: whole dense layers, transitions and the stem are recomputed; only each layer's new features stay.
+
+Recomputation must not update BatchNorm running statistics a second time (torchvision and timm do, see
+pytorch/pytorch#96136): :func:`_batch_norm` uses batch statistics without touching the buffers while a segment
+is being recomputed, so all modes give the same outputs, gradients and buffers.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.layers import create_classifier
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["DenseNet", "DenseLayer", "DenseBlock", "Transition", "MEMORY_MODES", "CONFIGS",
+           "densenet121", "densenet161", "densenet169", "densenet201", "densenet264",
+           "densenet40_k12", "densenet_bc100_k12", "densenet_bc250_k24", "densenet_bc190_k40"]
+
+MEMORY_MODES = ("plain", "efficient", "frugal")
+
+_recomputing = threading.local()
+
+
+def _batch_norm(norm: nn.BatchNorm2d, x: Tensor) -> Tensor:
+    """``norm(x)``, except that a recomputation in backward leaves the running statistics alone."""
+    if norm.training and norm.track_running_stats and getattr(_recomputing, "active", False):
+        # The first run already updated the buffers. Throwaway copies keep them untouched (momentum 0 would not
+        # with a NaN batch statistic) and save as many tensors as the first run did, which checkpoint checks.
+        return F.batch_norm(x, norm.running_mean.clone(), norm.running_var.clone(), norm.weight, norm.bias,
+                            True, 0.0, norm.eps)
+    return norm(x)
+
+
+def _recomputed(fn: Callable[..., Tensor], *tensors: Tensor, preserve_rng_state: bool = False) -> Tensor:
+    """``fn(*tensors)`` keeping only ``tensors`` for backward; the rest is rebuilt when backward needs it."""
+    first_run = True
+
+    def run(*args: Tensor) -> Tensor:
+        nonlocal first_run
+        if first_run:
+            first_run = False
+            return fn(*args)
+        previous, _recomputing.active = getattr(_recomputing, "active", False), True
+        try:
+            return fn(*args)
+        finally:
+            _recomputing.active = previous
+
+    # Tensors go in as separate arguments: checkpoint saves those properly, a list would be held by reference only.
+    return checkpoint(run, *tensors, use_reentrant=False, preserve_rng_state=preserve_rng_state)
+
+
+def _run(mode: str, level: str, fn: Callable[..., Tensor], *tensors: Tensor, random: bool = False) -> Tensor:
+    """Run a segment ``fn(*tensors)``, recomputing it in backward when the memory mode asks for ``level``.
+
+    ``level`` is the least aggressive mode that recomputes the segment: "efficient" for BN-ReLU segments,
+    "frugal" for whole layers. ``random`` segments (dropout) replay their RNG state when recomputed.
+    """
+    if mode == "plain" or not torch.is_grad_enabled() or (level == "frugal" and mode != "frugal"):
+        return fn(*tensors)
+    return _recomputed(fn, *tensors, preserve_rng_state=random)
+
+
+def _bn_relu(norm: nn.BatchNorm2d, x: Tensor) -> Tensor:
+    return F.relu(_batch_norm(norm, x), inplace=True)
+
+
+def _cat(features: Sequence[Tensor]) -> Tensor:
+    return torch.cat(features, 1)
+
+
+class DenseLayer(nn.Module):
+    """BN-ReLU-conv3x3 (DenseNet) or BN-ReLU-conv1x1-BN-ReLU-conv3x3 (DenseNet-BC) on the concatenated inputs."""
+
+    def __init__(self, num_input_features: int, growth_rate: int, bn_size: int | None, drop_rate: float) -> None:
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(num_input_features)
+        if bn_size:
+            self.conv1 = nn.Conv2d(num_input_features, bn_size * growth_rate, 1, bias=False)
+            self.norm2 = nn.BatchNorm2d(bn_size * growth_rate)
+            self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, 3, padding=1, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(num_input_features, growth_rate, 3, padding=1, bias=False)
+        self.bottleneck = bool(bn_size)
+        self.drop_rate = drop_rate
+
+    def _concat_bn_relu_conv1(self, *features: Tensor) -> Tensor:
+        return self.conv1(_bn_relu(self.norm1, _cat(features)))
+
+    def _bn_relu_conv2(self, x: Tensor) -> Tensor:
+        return self.conv2(_bn_relu(self.norm2, x))
+
+    def _dropout(self, x: Tensor) -> Tensor:
+        return F.dropout(x, self.drop_rate, self.training) if self.drop_rate > 0 else x
+
+    def _layer(self, *features: Tensor, mode: str = "plain") -> Tensor:
+        out = _run(mode, "efficient", self._concat_bn_relu_conv1, *features)
+        if self.bottleneck:
+            out = _run(mode, "efficient", self._bn_relu_conv2, out)
+        return self._dropout(out)
+
+    def forward(self, features: Sequence[Tensor], mode: str = "plain") -> Tensor:
+        if mode == "frugal":
+            return _run(mode, "frugal", self._layer, *features, random=self.training and self.drop_rate > 0)
+        return self._layer(*features, mode=mode)
+
+
+class DenseBlock(nn.ModuleDict):
+    """``num_layers`` dense layers; takes and returns the list of feature maps (never concatenated here)."""
+
+    def __init__(self, num_layers: int, num_input_features: int, growth_rate: int, bn_size: int | None,
+                 drop_rate: float) -> None:
+        super().__init__()
+        for i in range(num_layers):
+            layer = DenseLayer(num_input_features + i * growth_rate, growth_rate, bn_size, drop_rate)
+            self.add_module(f"denselayer{i + 1}", layer)
+
+    def forward(self, features: list[Tensor], mode: str = "plain") -> list[Tensor]:
+        features = list(features)
+        for layer in self.values():
+            features.append(layer(features, mode))
+        return features
+
+
+class Transition(nn.Module):
+    """BN-ReLU-conv1x1-avgpool between dense blocks, on the block's feature list."""
+
+    def __init__(self, num_input_features: int, num_output_features: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(num_input_features)
+        self.conv = nn.Conv2d(num_input_features, num_output_features, 1, bias=False)
+
+    def _concat_bn_relu_conv(self, *features: Tensor) -> Tensor:
+        return self.conv(_bn_relu(self.norm, _cat(features)))
+
+    def _transition(self, *features: Tensor, mode: str = "plain") -> Tensor:
+        return F.avg_pool2d(_run(mode, "efficient", self._concat_bn_relu_conv, *features), 2)
+
+    def forward(self, features: Sequence[Tensor], mode: str = "plain") -> Tensor:
+        if mode == "frugal":
+            return _run(mode, "frugal", self._transition, *features)
+        return self._transition(*features, mode=mode)
+
+
+def _resolve_memory(memory: str | None, efficient: bool | None) -> str:
+    """The one place where a memory mode is chosen from the arguments users pass."""
+    if memory is not None and memory not in MEMORY_MODES:
+        raise ValueError(f"memory must be one of {', '.join(map(repr, MEMORY_MODES))}, got {memory!r}")
+    if efficient is None:
+        return memory or "efficient"
+    if not isinstance(efficient, bool):
+        raise ValueError(f"efficient must be True or False, got {efficient!r}")
+    implied = "efficient" if efficient else "plain"
+    if memory is not None and (memory == "plain") == efficient:
+        raise ValueError(f"memory={memory!r} contradicts efficient={efficient}; pass only one of them")
+    return memory or implied
+
+
+def _check_config(growth_rate: int, block_config: Sequence[int], num_init_features: int, bn_size: int | None,
+                  compression: float, drop_rate: float, head_drop_rate: float, num_classes: int,
+                  in_chans: int) -> None:
+    def positive_int(name: str, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    positive_int("growth_rate", growth_rate)
+    positive_int("num_init_features", num_init_features)
+    positive_int("in_chans", in_chans)
+    if bn_size is not None:
+        positive_int("bn_size", bn_size)
+    if isinstance(block_config, (str, bytes)) or not isinstance(block_config, Sequence) or not block_config:
+        raise ValueError(f"block_config must be a non-empty sequence of layer counts, got {block_config!r}")
+    for i, n in enumerate(block_config):
+        positive_int(f"block_config[{i}]", n)
+    if not 0 < compression <= 1:
+        raise ValueError(f"compression must be in (0, 1], got {compression!r}")
+    if not 0 <= drop_rate < 1:
+        raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate!r}")
+    if not 0 <= head_drop_rate < 1:
+        raise ValueError(f"head_drop_rate must be in [0, 1), got {head_drop_rate!r}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+        raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
+
+
+class DenseNet(nn.Module):
+    """DenseNet / DenseNet-BC with selectable memory mode.
+
+    Args:
+        growth_rate: new feature maps per dense layer (k).
+        block_config: number of dense layers in each block.
+        num_init_features: channels of the stem's output.
+        bn_size: bottleneck width factor (DenseNet-BC: conv1x1 to bn_size*k first); None for plain DenseNet layers.
+        compression: fraction of channels a transition keeps (the paper's theta).
+        drop_rate: dropout on each dense layer's new features.
+        head_drop_rate: dropout before the classifier.
+        num_classes: classifier outputs; 0 for no classifier.
+        in_chans: input image channels.
+        global_pool: 'avg', 'max' or '' (no pooling); any timm pool type works.
+        small_inputs: one 3x3 stride-1 conv stem for 32x32 images instead of the ImageNet 7x7/2 conv + 3x3/2 max-pool.
+        memory: 'plain', 'efficient' (default) or 'frugal'; see the module docstring.
+        efficient: the seed projects' spelling: True for 'efficient', False for 'plain'.
+    """
+
+    def __init__(
+            self,
+            growth_rate: int = 32,
+            block_config: Sequence[int] = (6, 12, 24, 16),
+            num_init_features: int = 64,
+            bn_size: int | None = 4,
+            compression: float = 0.5,
+            drop_rate: float = 0.0,
+            head_drop_rate: float = 0.0,
+            num_classes: int = 1000,
+            in_chans: int = 3,
+            global_pool: str = "avg",
+            small_inputs: bool = False,
+            memory: str | None = None,
+            efficient: bool | None = None,
+    ) -> None:
+        super().__init__()
+        _check_config(growth_rate, block_config, num_init_features, bn_size, compression, drop_rate,
+                      head_drop_rate, num_classes, in_chans)
+        self.memory = _resolve_memory(memory, efficient)
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.small_inputs = small_inputs
+        self.block_config = tuple(block_config)
+
+        if small_inputs:
+            stem = [("conv0", nn.Conv2d(in_chans, num_init_features, 3, padding=1, bias=False))]
+        else:
+            stem = [("conv0", nn.Conv2d(in_chans, num_init_features, 7, stride=2, padding=3, bias=False)),
+                    ("norm0", nn.BatchNorm2d(num_init_features))]
+        self.features = nn.Sequential(OrderedDict(stem))
+        reduction = 1 if small_inputs else 4
+        self.feature_info = [dict(num_chs=num_init_features, reduction=reduction // 2 or 1,
+                                  module="features.conv0" if small_inputs else "features.norm0")]
+
+        num_features = num_init_features
+        for i, num_layers in enumerate(block_config):
+            self.features.add_module(
+                f"denseblock{i + 1}", DenseBlock(num_layers, num_features, growth_rate, bn_size, drop_rate))
+            num_features += num_layers * growth_rate
+            if i < len(block_config) - 1:
+                self.feature_info.append(dict(num_chs=num_features, reduction=reduction,
+                                              module=f"features.denseblock{i + 1}"))
+                out_features = int(num_features * compression)
+                self.features.add_module(f"transition{i + 1}", Transition(num_features, out_features))
+                num_features = out_features
+                reduction *= 2
+        self.features.add_module("norm5", nn.BatchNorm2d(num_features))
+        self.feature_info.append(dict(num_chs=num_features, reduction=reduction, module="features.norm5"))
+        self.num_features = self.head_hidden_size = num_features
+
+        self.global_pool, self.classifier = create_classifier(num_features, num_classes, pool_type=global_pool)
+        self.head_drop = nn.Dropout(head_drop_rate)
+
+        for m in self.modules():  # torchvision's initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    # --- memory modes ---
+    def set_memory(self, memory: str | None = None, efficient: bool | None = None) -> DenseNet:
+        """Switch the memory mode of a built model; returns the model."""
+        self.memory = _resolve_memory(memory, efficient)
+        return self
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's switch: on selects 'efficient' (kept if already 'frugal'), off selects 'plain'."""
+        if not enable:
+            self.memory = "plain"
+        elif self.memory == "plain":
+            self.memory = "efficient"
+
+    # --- shapes ---
+    @property
+    def min_input_size(self) -> int:
+        """Smallest height/width the network accepts (every block must see at least one pixel)."""
+        size = 1
+        while self._final_size(size) < 1:
+            size += 1
+        return size
+
+    def _final_size(self, size: int) -> int:
+        if not self.small_inputs:
+            size = (size - 1) // 2 + 1  # conv0 7x7/2, padding 3
+            size = (size - 1) // 2 + 1  # max-pool 3x3/2, padding 1
+        for _ in range(len(self.block_config) - 1):
+            size //= 2  # transition avg-pool 2x2
+        return size
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f"expected an input of shape (N, {self.in_chans}, H, W), got {tuple(x.shape)}")
+        height, width = x.shape[-2:]
+        if self._final_size(min(height, width)) < 1:
+            raise ValueError(f"input of {height}x{width} is too small for this DenseNet: needs at least "
+                             f"{self.min_input_size}x{self.min_input_size}")
+
+    # --- forward ---
+    def _stem(self, x: Tensor) -> Tensor:
+        return self._stem_tail(self.features.conv0(x))
+
+    def _stem_tail(self, x: Tensor) -> Tensor:
+        return F.max_pool2d(_bn_relu(self.features.norm0, x), 3, 2, 1)
+
+    def _final(self, *features: Tensor) -> Tensor:
+        return _bn_relu(self.features.norm5, _cat(features))
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        mode = self.memory
+        if self.small_inputs:
+            x = self.features.conv0(x)
+        elif mode == "frugal":
+            x = _run(mode, "frugal", self._stem, x)
+        else:
+            x = _run(mode, "efficient", self._stem_tail, self.features.conv0(x))
+        features = [x]
+        for i in range(len(self.block_config)):
+            features = self.features.get_submodule(f"denseblock{i + 1}")(features, mode)
+            if i < len(self.block_config) - 1:
+                features = [self.features.get_submodule(f"transition{i + 1}")(features, mode)]
+        return _run(mode, "efficient", self._final, *features)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = self.head_drop(self.global_pool(x))
+        return x if pre_logits else self.classifier(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    # --- timm model API ---
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        return dict(
+            stem=r"^features\.conv0|^features\.norm0",
+            blocks=r"^features\.(?:denseblock|transition)(\d+)" if coarse else [
+                (r"^features\.denseblock(\d+)\.denselayer(\d+)", None),
+                (r"^features\.transition(\d+)", (99999,)),
+                (r"^features\.norm5", (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        pool_type = self.global_pool.pool_type if global_pool is None else global_pool
+        device = self.features.conv0.weight.device
+        self.global_pool, self.classifier = create_classifier(self.num_features, num_classes, pool_type=pool_type)
+        self.classifier.to(device)
+        self.global_pool.train(self.training)
+        self.classifier.train(self.training)
+
+
+# name: (growth_rate, block_config, num_init_features, bn_size, compression, small_inputs, default num_classes)
+CONFIGS: dict[str, dict[str, Any]] = {
+    "densenet121": dict(growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64),
+    "densenet161": dict(growth_rate=48, block_config=(6, 12, 36, 24), num_init_features=96),
+    "densenet169": dict(growth_rate=32, block_config=(6, 12, 32, 32), num_init_features=64),
+    "densenet201": dict(growth_rate=32, block_config=(6, 12, 48, 32), num_init_features=64),
+    "densenet264": dict(growth_rate=32, block_config=(6, 12, 64, 48), num_init_features=64),
+    # CIFAR nets (Huang et al., Table 2): 3 blocks, 3x3 stem, 10 classes by default.
+    "densenet40_k12": dict(growth_rate=12, block_config=(12, 12, 12), num_init_features=16, bn_size=None,
+                           compression=1.0, small_inputs=True, num_classes=10),
+    "densenet_bc100_k12": dict(growth_rate=12, block_config=(16, 16, 16), num_init_features=24,
+                               small_inputs=True, num_classes=10),
+    "densenet_bc250_k24": dict(growth_rate=24, block_config=(41, 41, 41), num_init_features=48,
+                               small_inputs=True, num_classes=10),
+    "densenet_bc190_k40": dict(growth_rate=40, block_config=(31, 31, 31), num_init_features=80,
+                               small_inputs=True, num_classes=10),
+}
+
+
+def _build(name: str, **kwargs: Any) -> DenseNet:
+    return DenseNet(**{**CONFIGS[name], **kwargs})
+
+
+def densenet121(**kwargs: Any) -> DenseNet:
+    """DenseNet-121 (k=32), ImageNet."""
+    return _build("densenet121", **kwargs)
+
+
+def densenet161(**kwargs: Any) -> DenseNet:
+    """DenseNet-161 (k=48), ImageNet."""
+    return _build("densenet161", **kwargs)
+
+
+def densenet169(**kwargs: Any) -> DenseNet:
+    """DenseNet-169 (k=32), ImageNet."""
+    return _build("densenet169", **kwargs)
+
+
+def densenet201(**kwargs: Any) -> DenseNet:
+    """DenseNet-201 (k=32), ImageNet."""
+    return _build("densenet201", **kwargs)
+
+
+def densenet264(**kwargs: Any) -> DenseNet:
+    """DenseNet-264 (k=32), ImageNet."""
+    return _build("densenet264", **kwargs)
+
+
+def densenet40_k12(**kwargs: Any) -> DenseNet:
+    """DenseNet-40 (k=12, no bottleneck, no compression), CIFAR."""
+    return _build("densenet40_k12", **kwargs)
+
+
+def densenet_bc100_k12(**kwargs: Any) -> DenseNet:
+    """DenseNet-BC-100 (k=12), CIFAR."""
+    return _build("densenet_bc100_k12", **kwargs)
+
+
+def densenet_bc250_k24(**kwargs: Any) -> DenseNet:
+    """DenseNet-BC-250 (k=24), CIFAR."""
+    return _build("densenet_bc250_k24", **kwargs)
+
+
+def densenet_bc190_k40(**kwargs: Any) -> DenseNet:
+    """DenseNet-BC-190 (k=40), CIFAR."""
+    return _build("densenet_bc190_k40", **kwargs)

@@ -1,0 +1,85 @@
+"""The one memory meter of effidense.
+
+``SavedTensorMeter`` counts the bytes autograd keeps for backward while a forward pass runs: every tensor that
+reaches ``save_for_backward`` (directly or through a non-reentrant checkpoint's saved inputs), deduplicated by
+storage, with the model's parameters and buffers left out. The count is deterministic and device-independent,
+so tests can assert on it; ``cuda_peak_bytes`` is the allocator's view for benchmarks on a GPU.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from types import TracebackType
+
+import torch
+from torch import nn
+
+MiB = 1024 * 1024
+
+
+def _storage_key(t: torch.Tensor) -> tuple[str, int]:
+    return str(t.device), t.untyped_storage().data_ptr()
+
+
+class SavedTensorMeter:
+    """Context manager that measures activation memory saved for backward.
+
+    Example::
+
+        with SavedTensorMeter(exclude=model) as meter:
+            loss = model(x).sum()
+        print(meter.mib)
+    """
+
+    def __init__(self, exclude: nn.Module | Iterable[torch.Tensor] = ()) -> None:
+        tensors = list(exclude.parameters()) + list(exclude.buffers()) if isinstance(exclude, nn.Module) else exclude
+        self._excluded = {_storage_key(t) for t in tensors}
+        self._storages: dict[tuple[str, int], int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        key = _storage_key(t)
+        if key not in self._excluded:
+            self._storages[key] = t.untyped_storage().nbytes()
+        return t
+
+    @staticmethod
+    def _unpack(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    @property
+    def bytes(self) -> int:
+        return sum(self._storages.values())
+
+    @property
+    def mib(self) -> float:
+        return self.bytes / MiB
+
+    @property
+    def num_storages(self) -> int:
+        return len(self._storages)
+
+    def __enter__(self) -> SavedTensorMeter:
+        self._storages.clear()
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._hooks.__exit__(exc_type, exc, tb)
+
+
+def saved_activation_bytes(model: nn.Module, *inputs: torch.Tensor) -> int:
+    """Bytes saved for backward by one forward pass of ``model`` on ``inputs`` (the model's current mode)."""
+    with torch.enable_grad(), SavedTensorMeter(exclude=model) as meter:
+        model(*inputs)
+    return meter.bytes
+
+
+def cuda_peak_bytes(step: Callable[[], object], device: torch.device | str | None = None) -> int:
+    """Peak CUDA memory allocated while ``step()`` runs, above what was allocated before it."""
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
