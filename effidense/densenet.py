@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import create_classifier
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -320,30 +323,69 @@ class DenseNet(nn.Module):
                              f"{self.min_input_size}x{self.min_input_size}")
 
     # --- forward ---
-    def _stem(self, x: Tensor) -> Tensor:
-        return self._stem_tail(self.features.conv0(x))
+    def _stem_bn_relu(self, x: Tensor) -> Tensor:
+        return _bn_relu(self.features.norm0, x)
 
     def _stem_tail(self, x: Tensor) -> Tensor:
-        return F.max_pool2d(_bn_relu(self.features.norm0, x), 3, 2, 1)
+        return F.max_pool2d(self._stem_bn_relu(x), 3, 2, 1)
+
+    def _stem(self, x: Tensor) -> Tensor:
+        return self._stem_tail(self.features.conv0(x))
 
     def _final(self, *features: Tensor) -> Tensor:
         return _bn_relu(self.features.norm5, _cat(features))
 
-    def forward_features(self, x: Tensor) -> Tensor:
+    def _forward(self, x: Tensor, taps: Collection[int] = (), stop: int | None = None) -> tuple[Tensor, list[Tensor]]:
+        """Features, plus the feature maps numbered in ``taps`` (``feature_info`` order); ends after tap ``stop``."""
         self._check_input(x)
-        mode = self.memory
+        mode, last = self.memory, len(self.block_config)
+        tapped: list[Tensor] = []
         if self.small_inputs:
             x = self.features.conv0(x)
+            if 0 in taps:
+                tapped.append(x)
+        elif 0 in taps:  # the stem's map before max-pooling is wanted, so it is materialised
+            x = _run(mode, "efficient", self._stem_bn_relu, self.features.conv0(x))
+            tapped.append(x)
+            x = F.max_pool2d(x, 3, 2, 1)
         elif mode == "frugal":
             x = _run(mode, "frugal", self._stem, x)
         else:
             x = _run(mode, "efficient", self._stem_tail, self.features.conv0(x))
         features = [x]
-        for i in range(len(self.block_config)):
-            features = self.features.get_submodule(f"denseblock{i + 1}")(features, mode)
-            if i < len(self.block_config) - 1:
-                features = [self.features.get_submodule(f"transition{i + 1}")(features, mode)]
-        return _run(mode, "efficient", self._final, *features)
+        for i in range(1, last + 1):
+            if stop is not None and stop < i:
+                return x, tapped
+            features = self.features.get_submodule(f"denseblock{i}")(features, mode)
+            if i < last:
+                if i in taps:
+                    tapped.append(_cat(features))
+                features = [self.features.get_submodule(f"transition{i}")(features, mode)]
+        x = _run(mode, "efficient", self._final, *features)
+        if last in taps:
+            tapped.append(x)
+        return x, tapped
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self._forward(x)[0]
+
+    def forward_intermediates(
+            self,
+            x: Tensor,
+            indices: int | list[int] | None = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """timm's feature API: index 0 is the stem's map, 1..n-1 each block's output before its transition,
+        n the final norm's output. ``norm`` is accepted for timm's sake; the last map is already normalised."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        stop = max_index if stop_early or intermediates_only else None
+        x, intermediates = self._forward(x, taps=set(take_indices), stop=stop)
+        return intermediates if intermediates_only else (x, intermediates)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = self.head_drop(self.global_pool(x))
@@ -444,3 +486,98 @@ def densenet_bc250_k24(**kwargs: Any) -> DenseNet:
 def densenet_bc190_k40(**kwargs: Any) -> DenseNet:
     """DenseNet-BC-190 (k=40), CIFAR."""
     return _build("densenet_bc190_k40", **kwargs)
+
+
+# --- timm registry: `import effidense` makes timm.create_model('effi_densenet121') work ---
+
+def _create(name: str, pretrained: bool, **kwargs: Any) -> DenseNet:
+    # timm's meanings: drop_rate is dropout before the classifier, proj_drop_rate after each dense layer.
+    if "drop_rate" in kwargs:
+        kwargs["head_drop_rate"] = kwargs.pop("drop_rate")
+    if "proj_drop_rate" in kwargs:
+        kwargs["drop_rate"] = kwargs.pop("proj_drop_rate")
+    return build_model_with_cfg(
+        DenseNet, f"effi_{name}", pretrained, feature_cfg=dict(feature_cls="getter"), **{**CONFIGS[name], **kwargs})
+
+
+def _cfg(**kwargs: Any) -> dict[str, Any]:
+    return {
+        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
+        "crop_pct": 0.875, "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "features.conv0", "classifier": "classifier", "license": "apache-2.0", **kwargs,
+    }
+
+
+def _cifar_cfg(**kwargs: Any) -> dict[str, Any]:
+    return _cfg(num_classes=10, input_size=(3, 32, 32), pool_size=(8, 8), crop_pct=1.0, interpolation="bilinear",
+                mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), **kwargs)
+
+
+# Tags name where weights come from: tv_in1k = converted from torchvision, ra_in1k = converted from timm.
+# No weights are hosted; load a converted file with pretrained_cfg_overlay=dict(file=...).
+default_cfgs = generate_default_cfgs({
+    "effi_densenet121.tv_in1k": _cfg(),
+    "effi_densenet121.ra_in1k": _cfg(test_input_size=(3, 288, 288), test_crop_pct=0.95),
+    "effi_densenet161.tv_in1k": _cfg(),
+    "effi_densenet169.tv_in1k": _cfg(),
+    "effi_densenet201.tv_in1k": _cfg(),
+    "effi_densenet264.untrained": _cfg(),
+    "effi_densenet40_k12.untrained": _cifar_cfg(),
+    "effi_densenet_bc100_k12.untrained": _cifar_cfg(),
+    "effi_densenet_bc250_k24.untrained": _cifar_cfg(),
+    "effi_densenet_bc190_k40.untrained": _cifar_cfg(),
+})
+
+
+@register_model
+def effi_densenet121(pretrained: bool = False, **kwargs: Any) -> DenseNet:
+    """DenseNet-121 (k=32), ImageNet."""
+    return _create("densenet121", pretrained, **kwargs)
+
+
+@register_model
+def effi_densenet161(pretrained: bool = False, **kwargs: Any) -> DenseNet:
+    """DenseNet-161 (k=48), ImageNet."""
+    return _create("densenet161", pretrained, **kwargs)
+
+
+@register_model
+def effi_densenet169(pretrained: bool = False, **kwargs: Any) -> DenseNet:
+    """DenseNet-169 (k=32), ImageNet."""
+    return _create("densenet169", pretrained, **kwargs)
+
+
+@register_model
+def effi_densenet201(pretrained: bool = False, **kwargs: Any) -> DenseNet:
+    """DenseNet-201 (k=32), ImageNet."""
+    return _create("densenet201", pretrained, **kwargs)
+
+
+@register_model
+def effi_densenet264(pretrained: bool = False, **kwargs: Any) -> DenseNet:
+    """DenseNet-264 (k=32), ImageNet."""
+    return _create("densenet264", pretrained, **kwargs)
+
+
+@register_model
+def effi_densenet40_k12(pretrained: bool = False, **kwargs: Any) -> DenseNet:
+    """DenseNet-40 (k=12, no bottleneck, no compression), CIFAR."""
+    return _create("densenet40_k12", pretrained, **kwargs)
+
+
+@register_model
+def effi_densenet_bc100_k12(pretrained: bool = False, **kwargs: Any) -> DenseNet:
+    """DenseNet-BC-100 (k=12), CIFAR."""
+    return _create("densenet_bc100_k12", pretrained, **kwargs)
+
+
+@register_model
+def effi_densenet_bc250_k24(pretrained: bool = False, **kwargs: Any) -> DenseNet:
+    """DenseNet-BC-250 (k=24), CIFAR."""
+    return _create("densenet_bc250_k24", pretrained, **kwargs)
+
+
+@register_model
+def effi_densenet_bc190_k40(pretrained: bool = False, **kwargs: Any) -> DenseNet:
+    """DenseNet-BC-190 (k=40), CIFAR."""
+    return _create("densenet_bc190_k40", pretrained, **kwargs)
