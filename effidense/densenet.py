@@ -5,19 +5,20 @@ DenseNets" (2017). State-dict keys follow torchvision's and timm's layout, so th
 
 Memory modes (``memory=``), chosen in :func:`_run` and nowhere else:
 
-* ``plain``: concat, BN, ReLU and convolutions as written; everything autograd needs stays in memory.
-* ``efficient``: every concat-BN-ReLU(-pool) segment feeding a convolution runs under non-reentrant
-  ``torch.utils.checkpoint``: the concatenation and BN/ReLU outputs are rebuilt in backward, convolutions never are
-  (checkpoint's early stop ends the recomputation once the convolution's input is rebuilt).
+* ``plain``: nothing is recomputed; everything autograd needs stays in memory.
+* ``efficient``: every concat-BN-ReLU segment feeding a convolution runs under non-reentrant
+  ``torch.utils.checkpoint``: concatenations and BN/ReLU outputs are rebuilt in backward, convolutions never are
+  (checkpoint's early stop ends the recomputation once a convolution's input is rebuilt).
 * ``frugal``: whole dense layers, transitions and the stem are recomputed; only each layer's new features stay.
 
-Recomputation must not update BatchNorm running statistics a second time (torchvision and timm do, see
-pytorch/pytorch#96136): :func:`_batch_norm` uses batch statistics without touching the buffers while a segment
-is being recomputed, so all modes give the same outputs, gradients and buffers.
+BatchNorm is split in two so that recomputation is cheap and exact. Batch statistics are computed once per feature
+map, outside any recomputed segment, and shared by every layer that normalises that map (each channel's statistics
+are the same in every later layer). Running statistics are updated there, once, so recomputation can never update
+them twice (torchvision and timm do, pytorch/pytorch#96136). Inside segments, BN only normalises with the given
+statistics; its backward is native BatchNorm's training-mode backward, so gradients are the plain model's.
 """
 from __future__ import annotations
 
-import threading
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
@@ -37,39 +38,10 @@ __all__ = ["DenseNet", "DenseLayer", "DenseBlock", "Transition", "MEMORY_MODES",
 
 MEMORY_MODES = ("plain", "efficient", "frugal")
 
-_recomputing = threading.local()
+Stats = tuple[Tensor, Tensor]  # per-channel mean and biased variance
 
 
-def _batch_norm(norm: nn.BatchNorm2d, x: Tensor) -> Tensor:
-    """``norm(x)``, except that a recomputation in backward leaves the running statistics alone."""
-    if norm.training and norm.track_running_stats and getattr(_recomputing, "active", False):
-        # The first run already updated the buffers. Throwaway copies keep them untouched (momentum 0 would not
-        # with a NaN batch statistic) and save as many tensors as the first run did, which checkpoint checks.
-        return F.batch_norm(x, norm.running_mean.clone(), norm.running_var.clone(), norm.weight, norm.bias,
-                            True, 0.0, norm.eps)
-    return norm(x)
-
-
-def _recomputed(fn: Callable[..., Tensor], *tensors: Tensor, preserve_rng_state: bool = False) -> Tensor:
-    """``fn(*tensors)`` keeping only ``tensors`` for backward; the rest is rebuilt when backward needs it."""
-    first_run = True
-
-    def run(*args: Tensor) -> Tensor:
-        nonlocal first_run
-        if first_run:
-            first_run = False
-            return fn(*args)
-        previous, _recomputing.active = getattr(_recomputing, "active", False), True
-        try:
-            return fn(*args)
-        finally:
-            _recomputing.active = previous
-
-    # Tensors go in as separate arguments: checkpoint saves those properly, a list would be held by reference only.
-    return checkpoint(run, *tensors, use_reentrant=False, preserve_rng_state=preserve_rng_state)
-
-
-def _run(mode: str, level: str, fn: Callable[..., Tensor], *tensors: Tensor, random: bool = False) -> Tensor:
+def _run(mode: str, level: str, fn: Callable[..., Any], *tensors: Tensor | None, random: bool = False) -> Any:
     """Run a segment ``fn(*tensors)``, recomputing it in backward when the memory mode asks for ``level``.
 
     ``level`` is the least aggressive mode that recomputes the segment: "efficient" for BN-ReLU segments,
@@ -77,11 +49,80 @@ def _run(mode: str, level: str, fn: Callable[..., Tensor], *tensors: Tensor, ran
     """
     if mode == "plain" or not torch.is_grad_enabled() or (level == "frugal" and mode != "frugal"):
         return fn(*tensors)
-    return _recomputed(fn, *tensors, preserve_rng_state=random)
+    # Tensors go in as separate arguments: checkpoint saves those properly, a list would be held by reference only.
+    return checkpoint(fn, *tensors, use_reentrant=False, preserve_rng_state=random)
 
 
-def _bn_relu(norm: nn.BatchNorm2d, x: Tensor) -> Tensor:
-    return F.relu(_batch_norm(norm, x), inplace=True)
+class _BatchNormWithStats(torch.autograd.Function):
+    """Training-mode BatchNorm given its batch statistics: normalises only; backward is native BatchNorm's
+    training-mode backward, which includes the gradient through the statistics."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor,
+                eps: float) -> Tensor:
+        ctx.eps = eps
+        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps))
+        return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, mean, invstd = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+            grad, x, weight, None, None, mean, invstd, True, ctx.eps, list(ctx.needs_input_grad[:3]))
+        return grad_x, grad_weight, grad_bias, None, None, None
+
+
+def _uses_batch_stats(norm: nn.BatchNorm2d) -> bool:
+    return norm.training or not norm.track_running_stats
+
+
+@torch.no_grad()
+def _batch_stats(x: Tensor) -> Stats:
+    """Per-channel mean and biased variance, two-pass (several times faster than Welford on CPU), in at least
+    float32 precision."""
+    count = x.numel() // x.size(1)
+    if count < 2:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    mean = x.mean((0, 2, 3))
+    var = (x - mean.view(1, -1, 1, 1)).square_().mean((0, 2, 3))
+    return mean, var
+
+
+@torch.no_grad()
+def _track(norm: nn.BatchNorm2d, stats: Stats, count: int) -> None:
+    """Update ``norm``'s running statistics with one batch's, as ``nn.BatchNorm2d`` would in training."""
+    if not (norm.training and norm.track_running_stats):
+        return
+    norm.num_batches_tracked.add_(1)
+    factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+    mean, var = stats
+    norm.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
+    norm.running_var.mul_(1 - factor).add_(var, alpha=factor * count / (count - 1))
+
+
+def _stats(norm: nn.BatchNorm2d, features: Sequence[Tensor], shared: list[Stats], track: bool = True) -> Stats:
+    """The statistics ``norm`` normalises the concatenated ``features`` with.
+
+    In training, batch statistics from ``shared`` (the per-feature-map cache of a block, filled here as needed)
+    and the running statistics are updated once; in eval, the running statistics.
+    """
+    if not _uses_batch_stats(norm):
+        return norm.running_mean, norm.running_var
+    for t in features[len(shared):]:
+        shared.append(_batch_stats(t))
+    mean, var = (torch.cat(s) for s in zip(*shared[:len(features)], strict=True))
+    if track:
+        _track(norm, (mean, var), features[0].numel() // features[0].size(1))
+    return mean, var
+
+
+def _bn_relu(norm: nn.BatchNorm2d, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+    if _uses_batch_stats(norm):
+        x = _BatchNormWithStats.apply(x, norm.weight, norm.bias, mean, var, norm.eps)
+    else:
+        x = F.batch_norm(x, mean, var, norm.weight, norm.bias, False, 0.0, norm.eps)
+    return F.relu(x, inplace=True)
 
 
 def _cat(features: Sequence[Tensor]) -> Tensor:
@@ -103,29 +144,41 @@ class DenseLayer(nn.Module):
         self.bottleneck = bool(bn_size)
         self.drop_rate = drop_rate
 
-    def _concat_bn_relu_conv1(self, *features: Tensor) -> Tensor:
-        return self.conv1(_bn_relu(self.norm1, _cat(features)))
+    def _concat_bn_relu_conv1(self, mean: Tensor, var: Tensor, *features: Tensor) -> Tensor:
+        return self.conv1(_bn_relu(self.norm1, _cat(features), mean, var))
 
-    def _bn_relu_conv2(self, x: Tensor) -> Tensor:
-        return self.conv2(_bn_relu(self.norm2, x))
+    def _bn_relu_conv2(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+        return self.conv2(_bn_relu(self.norm2, x, mean, var))
 
     def _dropout(self, x: Tensor) -> Tensor:
         return F.dropout(x, self.drop_rate, self.training) if self.drop_rate > 0 else x
 
-    def _layer(self, *features: Tensor, mode: str = "plain") -> Tensor:
-        out = _run(mode, "efficient", self._concat_bn_relu_conv1, *features)
+    def _whole_layer(self, mean: Tensor, var: Tensor, *features: Tensor) -> tuple[Tensor, Stats | None]:
+        """The layer as one recomputed segment; returns the bottleneck's statistics for tracking outside it."""
+        out = self._concat_bn_relu_conv1(mean, var, *features)
+        stats = None
         if self.bottleneck:
-            out = _run(mode, "efficient", self._bn_relu_conv2, out)
-        return self._dropout(out)
+            stats = _stats(self.norm2, [out], [], track=False)
+            out = self._bn_relu_conv2(out, *stats)
+        return self._dropout(out), stats
 
-    def forward(self, features: Sequence[Tensor], mode: str = "plain") -> Tensor:
+    def forward(self, features: Sequence[Tensor], shared: list[Stats], mode: str = "plain") -> Tensor:
+        mean, var = _stats(self.norm1, features, shared)
         if mode == "frugal":
-            return _run(mode, "frugal", self._layer, *features, random=self.training and self.drop_rate > 0)
-        return self._layer(*features, mode=mode)
+            random = self.training and self.drop_rate > 0
+            out, stats = _run(mode, "frugal", self._whole_layer, mean, var, *features, random=random)
+            if stats is not None:
+                _track(self.norm2, stats, out.numel() // out.size(1))
+            return out
+        out = _run(mode, "efficient", self._concat_bn_relu_conv1, mean, var, *features)
+        if self.bottleneck:
+            out = _run(mode, "efficient", self._bn_relu_conv2, out, *_stats(self.norm2, [out], []))
+        return self._dropout(out)
 
 
 class DenseBlock(nn.ModuleDict):
-    """``num_layers`` dense layers; takes and returns the list of feature maps (never concatenated here)."""
+    """``num_layers`` dense layers; takes and returns the list of feature maps (never concatenated here)
+    and the cache of their batch statistics."""
 
     def __init__(self, num_layers: int, num_input_features: int, growth_rate: int, bn_size: int | None,
                  drop_rate: float) -> None:
@@ -134,11 +187,11 @@ class DenseBlock(nn.ModuleDict):
             layer = DenseLayer(num_input_features + i * growth_rate, growth_rate, bn_size, drop_rate)
             self.add_module(f"denselayer{i + 1}", layer)
 
-    def forward(self, features: list[Tensor], mode: str = "plain") -> list[Tensor]:
-        features = list(features)
+    def forward(self, features: list[Tensor], mode: str = "plain") -> tuple[list[Tensor], list[Stats]]:
+        features, shared = list(features), []
         for layer in self.values():
-            features.append(layer(features, mode))
-        return features
+            features.append(layer(features, shared, mode))
+        return features, shared
 
 
 class Transition(nn.Module):
@@ -149,16 +202,17 @@ class Transition(nn.Module):
         self.norm = nn.BatchNorm2d(num_input_features)
         self.conv = nn.Conv2d(num_input_features, num_output_features, 1, bias=False)
 
-    def _concat_bn_relu_conv(self, *features: Tensor) -> Tensor:
-        return self.conv(_bn_relu(self.norm, _cat(features)))
+    def _concat_bn_relu_conv(self, mean: Tensor, var: Tensor, *features: Tensor) -> Tensor:
+        return self.conv(_bn_relu(self.norm, _cat(features), mean, var))
 
-    def _transition(self, *features: Tensor, mode: str = "plain") -> Tensor:
-        return F.avg_pool2d(_run(mode, "efficient", self._concat_bn_relu_conv, *features), 2)
+    def _transition(self, mean: Tensor, var: Tensor, *features: Tensor, mode: str = "plain") -> Tensor:
+        return F.avg_pool2d(_run(mode, "efficient", self._concat_bn_relu_conv, mean, var, *features), 2)
 
-    def forward(self, features: Sequence[Tensor], mode: str = "plain") -> Tensor:
+    def forward(self, features: Sequence[Tensor], shared: list[Stats], mode: str = "plain") -> Tensor:
+        mean, var = _stats(self.norm, features, shared)
         if mode == "frugal":
-            return _run(mode, "frugal", self._transition, *features)
-        return self._transition(*features, mode=mode)
+            return _run(mode, "frugal", self._transition, mean, var, *features)
+        return self._transition(mean, var, *features, mode=mode)
 
 
 def _resolve_memory(memory: str | None, efficient: bool | None) -> str:
@@ -323,45 +377,51 @@ class DenseNet(nn.Module):
                              f"{self.min_input_size}x{self.min_input_size}")
 
     # --- forward ---
-    def _stem_bn_relu(self, x: Tensor) -> Tensor:
-        return _bn_relu(self.features.norm0, x)
+    def _stem_bn_relu(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+        return _bn_relu(self.features.norm0, x, mean, var)
 
-    def _stem_tail(self, x: Tensor) -> Tensor:
-        return F.max_pool2d(self._stem_bn_relu(x), 3, 2, 1)
+    def _stem_tail(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+        return F.max_pool2d(self._stem_bn_relu(x, mean, var), 3, 2, 1)
 
-    def _stem(self, x: Tensor) -> Tensor:
-        return self._stem_tail(self.features.conv0(x))
+    def _whole_stem(self, x: Tensor) -> tuple[Tensor, Stats, int]:
+        """The stem as one recomputed segment; returns norm0's statistics and count for tracking outside it."""
+        x = self.features.conv0(x)
+        stats = _stats(self.features.norm0, [x], [], track=False)
+        return self._stem_tail(x, *stats), stats, x.numel() // x.size(1)
 
-    def _final(self, *features: Tensor) -> Tensor:
-        return _bn_relu(self.features.norm5, _cat(features))
+    def _final(self, mean: Tensor, var: Tensor, *features: Tensor) -> Tensor:
+        return _bn_relu(self.features.norm5, _cat(features), mean, var)
 
     def _forward(self, x: Tensor, taps: Collection[int] = (), stop: int | None = None) -> tuple[Tensor, list[Tensor]]:
         """Features, plus the feature maps numbered in ``taps`` (``feature_info`` order); ends after tap ``stop``."""
         self._check_input(x)
-        mode, last = self.memory, len(self.block_config)
+        mode, last, norm0 = self.memory, len(self.block_config), getattr(self.features, "norm0", None)
         tapped: list[Tensor] = []
         if self.small_inputs:
             x = self.features.conv0(x)
             if 0 in taps:
                 tapped.append(x)
-        elif 0 in taps:  # the stem's map before max-pooling is wanted, so it is materialised
-            x = _run(mode, "efficient", self._stem_bn_relu, self.features.conv0(x))
-            tapped.append(x)
-            x = F.max_pool2d(x, 3, 2, 1)
-        elif mode == "frugal":
-            x = _run(mode, "frugal", self._stem, x)
+        elif mode == "frugal" and 0 not in taps:
+            x, stats, count = _run(mode, "frugal", self._whole_stem, x)
+            _track(norm0, stats, count)
         else:
-            x = _run(mode, "efficient", self._stem_tail, self.features.conv0(x))
+            x = self.features.conv0(x)
+            stats = _stats(norm0, [x], [])
+            if 0 in taps:  # the stem's map before max-pooling is wanted, so it is materialised
+                tapped.append(_run(mode, "efficient", self._stem_bn_relu, x, *stats))
+                x = F.max_pool2d(tapped[-1], 3, 2, 1)
+            else:
+                x = _run(mode, "efficient", self._stem_tail, x, *stats)
         features = [x]
         for i in range(1, last + 1):
             if stop is not None and stop < i:
                 return x, tapped
-            features = self.features.get_submodule(f"denseblock{i}")(features, mode)
+            features, shared = self.features.get_submodule(f"denseblock{i}")(features, mode)
             if i < last:
                 if i in taps:
                     tapped.append(_cat(features))
-                features = [self.features.get_submodule(f"transition{i}")(features, mode)]
-        x = _run(mode, "efficient", self._final, *features)
+                features = [self.features.get_submodule(f"transition{i}")(features, shared, mode)]
+        x = _run(mode, "efficient", self._final, *_stats(self.features.norm5, features, shared), *features)
         if last in taps:
             tapped.append(x)
         return x, tapped

@@ -83,3 +83,31 @@ def cuda_peak_bytes(step: Callable[[], object], device: torch.device | str | Non
     step()
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) - before
+
+
+def activation_floor_bytes(model: nn.Module, *inputs: torch.Tensor) -> int:
+    """Least activation memory a DenseNet needs without recomputing across layers.
+
+    The input image, each block's input (the stem's and transitions' outputs) and every dense layer's new
+    features, each kept once: what must stay resident when everything else is rebuilt during backward.
+    """
+    from .densenet import DenseBlock, DenseLayer  # the meter itself does not depend on the model
+
+    sizes = [sum(t.numel() * t.element_size() for t in inputs)]
+
+    def layer_output(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        sizes.append(output.numel() * output.element_size())
+
+    def block_input(module: nn.Module, args: tuple) -> None:
+        first = args[0][0]
+        sizes.append(first.numel() * first.element_size())
+
+    handles = [m.register_forward_hook(layer_output) for m in model.modules() if isinstance(m, DenseLayer)]
+    handles += [m.register_forward_pre_hook(block_input) for m in model.modules() if isinstance(m, DenseBlock)]
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sum(sizes)

@@ -1,0 +1,203 @@
+"""Every memory mode computes the plain model's function: outputs, gradients and BatchNorm buffers."""
+import copy
+
+import pytest
+import timm
+import torch
+import torchvision
+from conftest import TINY
+
+import effidense.densenet as densenet_module
+from effidense import DenseNet
+
+CONFIGS = {
+    "bc_imagenet_stem": dict(TINY),
+    "bc_small_inputs": dict(TINY, small_inputs=True, block_config=(2, 2, 2)),
+    "plain_densenet": dict(TINY, bn_size=None, compression=1.0, small_inputs=True),
+}
+MODES = ("efficient", "frugal")
+
+
+def _perturb_bn(model: torch.nn.Module) -> torch.nn.Module:
+    """Non-default running statistics, so an extra update or a mix-up of buffers shows."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.num_batches_tracked.fill_(7)
+    return model
+
+
+def _train(model: DenseNet, x: torch.Tensor, mode: str, steps: int = 2):
+    """``steps`` SGD steps in ``mode`` from the same RNG state; returns the model and the last outputs."""
+    model = copy.deepcopy(model).set_memory(mode).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    torch.manual_seed(1)
+    for _ in range(steps):
+        opt.zero_grad()
+        out = model(x)
+        out.square().mean().backward()
+        opt.step()
+    return model, out
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _assert_same_state(model: DenseNet, reference: DenseNet, tol: float = 1e-6) -> None:
+    """Parameters, their gradients and every buffer; num_batches_tracked exactly."""
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert _relative(p, q) <= tol, name
+        if q.grad is not None:
+            assert _relative(p.grad, q.grad) <= tol, f"grad of {name}"
+    for (name, b), c in zip(model.named_buffers(), reference.buffers(), strict=True):
+        if name.endswith("num_batches_tracked"):
+            assert torch.equal(b, c), f"{name}: {b.item()} != {c.item()}"
+        else:
+            assert _relative(b, c) <= tol, name
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("mode", MODES)
+def test_training_steps_match_plain(config, mode):
+    base = _perturb_bn(DenseNet(**CONFIGS[config], drop_rate=0.2))
+    x = torch.randn(4, 3, 16, 16)
+    plain, plain_out = _train(base, x, "plain")
+    model, out = _train(base, x, mode)
+    assert _relative(out, plain_out) <= 1e-6
+    _assert_same_state(model, plain)
+    for name, b in model.named_buffers():
+        if name.endswith("num_batches_tracked"):
+            assert b.item() == 7 + 2, name  # two steps, one update each
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cumulative_moving_average_bn_matches_plain(mode):
+    base = DenseNet(**TINY)
+    for m in base.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # running stats are the average over num_batches_tracked batches
+    x = torch.randn(4, 3, 16, 16)
+    plain, _ = _train(base, x, "plain", steps=3)
+    model, _ = _train(base, x, mode, steps=3)
+    _assert_same_state(model, plain)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_eval_mode_with_grad_and_frozen_parameters(mode):
+    """Feature attribution: eval-mode BN, gradients only for the input."""
+    base = _perturb_bn(DenseNet(**TINY)).eval().requires_grad_(False)
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+    (g_plain,) = torch.autograd.grad(base.set_memory("plain")(x).sum(), x)
+    (g_mode,) = torch.autograd.grad(base.set_memory(mode)(x).sum(), x)
+    assert _relative(g_mode, g_plain) <= 1e-6
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_autograd_grad_and_input_gradients(mode):
+    base = DenseNet(**TINY, small_inputs=True)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    grads = {}
+    for m in ("plain", mode):
+        model = copy.deepcopy(base).set_memory(m)
+        params = list(model.parameters())
+        grads[m] = torch.autograd.grad(model(x).square().sum(), [x, *params])
+    for a, b in zip(grads[mode], grads["plain"], strict=True):
+        assert _relative(a, b) <= 1e-6
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_channels_last(mode):
+    base = _perturb_bn(DenseNet(**TINY)).to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 16, 16).to(memory_format=torch.channels_last)
+    plain, plain_out = _train(base, x, "plain")
+    model, out = _train(base, x, mode)
+    assert _relative(out, plain_out) <= 1e-6
+    _assert_same_state(model, plain)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cpu_bf16_autocast(mode):
+    base = DenseNet(**TINY)
+    x = torch.randn(4, 3, 16, 16)
+    results = {}
+    for m in ("plain", mode):
+        model = copy.deepcopy(base).set_memory(m).train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        assert out.dtype == torch.bfloat16
+        out.float().square().mean().backward()
+        results[m] = (model, out)
+    (model, out), (plain, plain_out) = results[mode], results["plain"]
+    assert _relative(out, plain_out) <= 1e-6  # same bf16 arithmetic, recomputed
+    _assert_same_state(model, plain)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_float64_gradcheck(mode):
+    model = DenseNet(growth_rate=2, block_config=(1, 1), num_init_features=4, num_classes=3, small_inputs=True,
+                     memory=mode).double()
+    weight_name = "features.denseblock1.denselayer1.conv1.weight"
+    weight = model.get_parameter(weight_name).detach().clone().requires_grad_(True)
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, weight):
+        return torch.func.functional_call(model, {weight_name: weight}, (x,))
+
+    assert torch.autograd.gradcheck(fn, (x, weight), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_recomputation_really_happens(mode, monkeypatch):
+    """A mode that silently stops recomputing (torchvision#2221) must fail here."""
+    calls = []
+    original = densenet_module.DenseLayer._concat_bn_relu_conv1
+
+    def counting(self, *features):
+        calls.append(torch.is_grad_enabled())
+        return original(self, *features)
+
+    monkeypatch.setattr(densenet_module.DenseLayer, "_concat_bn_relu_conv1", counting)
+    model = DenseNet(**TINY, memory=mode)
+    out = model(torch.randn(2, 3, 16, 16))
+    assert len(calls) == 4  # four dense layers
+    out.sum().backward()
+    assert len(calls) == 8  # each segment rebuilt once in backward
+
+    calls.clear()
+    with torch.no_grad():
+        model(torch.randn(2, 3, 16, 16))
+    assert len(calls) == 4
+
+
+def test_no_checkpoint_when_autograd_is_not_recording(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("checkpoint called under no_grad")
+
+    monkeypatch.setattr(densenet_module, "checkpoint", fail)
+    model = DenseNet(**TINY, memory="frugal").eval()
+    with torch.no_grad():
+        model(torch.randn(2, 3, 16, 16))
+    with torch.inference_mode():
+        model(torch.randn(2, 3, 16, 16))
+
+
+def _bn_layers_updated_twice(model: torch.nn.Module, x: torch.Tensor) -> int:
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.num_batches_tracked.zero_()
+    model.train()(x).sum().backward()
+    return sum(int(m.num_batches_tracked.item() == 2) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_peers_update_bn_twice_but_we_do_not():
+    """torchvision's memory_efficient and timm's grad checkpointing update BN stats twice per step."""
+    x = torch.randn(2, 3, 16, 16)
+    tv = torchvision.models.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, memory_efficient=True)
+    tm = timm.models.densenet.DenseNet(growth_rate=4, block_config=(2, 2), memory_efficient=True)
+    assert _bn_layers_updated_twice(tv, x) == 4  # norm1 of every dense layer
+    assert _bn_layers_updated_twice(tm, x) == 4
+    for mode in ("plain", *MODES):
+        assert _bn_layers_updated_twice(DenseNet(**TINY, memory=mode), x) == 0, mode
