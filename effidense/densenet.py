@@ -323,9 +323,10 @@ class DenseNet(nn.Module):
                 reduction *= 2
         self.features.add_module("norm5", nn.BatchNorm2d(num_features))
         self.feature_info.append(dict(num_chs=num_features, reduction=reduction, module="features.norm5"))
-        self.num_features = self.head_hidden_size = num_features
+        self.num_features = num_features
+        self._last_index = len(block_config)  # the last feature_info map the network computes (lowered by pruning)
 
-        self.global_pool, self.classifier = create_classifier(num_features, num_classes, pool_type=global_pool)
+        self._create_head(num_classes, global_pool)
         self.head_drop = nn.Dropout(head_drop_rate)
 
         for m in self.modules():  # torchvision's initialisation
@@ -355,26 +356,32 @@ class DenseNet(nn.Module):
     @property
     def min_input_size(self) -> int:
         """Smallest height/width the network accepts (every block must see at least one pixel)."""
+        return self._min_size(self._last_index)
+
+    def _min_size(self, index: int) -> int:
         size = 1
-        while self._final_size(size) < 1:
+        while self._map_size(size, index) < 1:
             size += 1
         return size
 
-    def _final_size(self, size: int) -> int:
+    def _map_size(self, size: int, index: int) -> int:
+        """Height/width of feature map ``index`` (``feature_info`` numbering) for an input of ``size``."""
         if not self.small_inputs:
             size = (size - 1) // 2 + 1  # conv0 7x7/2, padding 3
+            if index == 0:
+                return size
             size = (size - 1) // 2 + 1  # max-pool 3x3/2, padding 1
-        for _ in range(len(self.block_config) - 1):
+        for _ in range(max(index - 1, 0)):
             size //= 2  # transition avg-pool 2x2
         return size
 
-    def _check_input(self, x: Tensor) -> None:
+    def _check_input(self, x: Tensor, last_index: int) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"expected an input of shape (N, {self.in_chans}, H, W), got {tuple(x.shape)}")
         height, width = x.shape[-2:]
-        if self._final_size(min(height, width)) < 1:
-            raise ValueError(f"input of {height}x{width} is too small for this DenseNet: needs at least "
-                             f"{self.min_input_size}x{self.min_input_size}")
+        if self._map_size(min(height, width), last_index) < 1:
+            size = self._min_size(last_index)
+            raise ValueError(f"input of {height}x{width} is too small for this DenseNet: needs at least {size}x{size}")
 
     # --- forward ---
     def _stem_bn_relu(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
@@ -393,34 +400,44 @@ class DenseNet(nn.Module):
         return _bn_relu(self.features.norm5, _cat(features), mean, var)
 
     def _forward(self, x: Tensor, taps: Collection[int] = (), stop: int | None = None) -> tuple[Tensor, list[Tensor]]:
-        """Features, plus the feature maps numbered in ``taps`` (``feature_info`` order); ends after tap ``stop``."""
-        self._check_input(x)
-        mode, last, norm0 = self.memory, len(self.block_config), getattr(self.features, "norm0", None)
+        """Feature map ``stop`` (``feature_info`` numbering; default the last the network has) and the maps
+        numbered in ``taps``; nothing after map ``stop`` is computed."""
+        last = len(self.block_config)
+        stop = self._last_index if stop is None else min(stop, self._last_index)
+        self._check_input(x, stop)
+        mode, norm0 = self.memory, getattr(self.features, "norm0", None)
         tapped: list[Tensor] = []
         if self.small_inputs:
             x = self.features.conv0(x)
             if 0 in taps:
                 tapped.append(x)
-        elif mode == "frugal" and 0 not in taps:
+            if stop == 0:
+                return x, tapped
+        elif 0 in taps or stop == 0:  # the stem's map before max-pooling is wanted, so it is materialised
+            x = self.features.conv0(x)
+            x = _run(mode, "efficient", self._stem_bn_relu, x, *_stats(norm0, [x], []))
+            if 0 in taps:
+                tapped.append(x)
+            if stop == 0:
+                return x, tapped
+            x = F.max_pool2d(x, 3, 2, 1)
+        elif mode == "frugal":
             x, stats, count = _run(mode, "frugal", self._whole_stem, x)
             _track(norm0, stats, count)
         else:
             x = self.features.conv0(x)
-            stats = _stats(norm0, [x], [])
-            if 0 in taps:  # the stem's map before max-pooling is wanted, so it is materialised
-                tapped.append(_run(mode, "efficient", self._stem_bn_relu, x, *stats))
-                x = F.max_pool2d(tapped[-1], 3, 2, 1)
-            else:
-                x = _run(mode, "efficient", self._stem_tail, x, *stats)
+            x = _run(mode, "efficient", self._stem_tail, x, *_stats(norm0, [x], []))
         features = [x]
-        for i in range(1, last + 1):
-            if stop is not None and stop < i:
-                return x, tapped
+        for i in range(1, last):
             features, shared = self.features.get_submodule(f"denseblock{i}")(features, mode)
-            if i < last:
+            if i in taps or i == stop:
+                x = _cat(features)
                 if i in taps:
-                    tapped.append(_cat(features))
-                features = [self.features.get_submodule(f"transition{i}")(features, shared, mode)]
+                    tapped.append(x)
+                if i == stop:
+                    return x, tapped
+            features = [self.features.get_submodule(f"transition{i}")(features, shared, mode)]
+        features, shared = self.features.get_submodule(f"denseblock{last}")(features, mode)
         x = _run(mode, "efficient", self._final, *_stats(self.features.norm5, features, shared), *features)
         if last in taps:
             tapped.append(x)
@@ -439,7 +456,8 @@ class DenseNet(nn.Module):
             intermediates_only: bool = False,
     ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
         """timm's feature API: index 0 is the stem's map, 1..n-1 each block's output before its transition,
-        n the final norm's output. ``norm`` is accepted for timm's sake; the last map is already normalised."""
+        n the final norm's output. With ``stop_early`` the returned final map is the last one asked for.
+        ``norm`` is accepted for timm's sake; the last map is already normalised."""
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
@@ -470,14 +488,50 @@ class DenseNet(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.classifier
 
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+    def _create_head(self, num_classes: int, global_pool: str) -> None:
+        if not global_pool and num_classes:
+            raise ValueError(f"global_pool='' (no pooling) needs num_classes=0, got num_classes={num_classes}: "
+                             "a linear classifier needs pooled features")
         self.num_classes = num_classes
+        self.global_pool, self.classifier = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """New classifier for ``num_classes`` (0: none), optionally with a new pooling type."""
         pool_type = self.global_pool.pool_type if global_pool is None else global_pool
-        device = self.features.conv0.weight.device
-        self.global_pool, self.classifier = create_classifier(self.num_features, num_classes, pool_type=pool_type)
-        self.classifier.to(device)
+        self._create_head(num_classes, pool_type)
+        weight = self.features.conv0.weight
+        self.classifier.to(device=weight.device, dtype=weight.dtype)
         self.global_pool.train(self.training)
         self.classifier.train(self.training)
+
+    def prune_intermediate_layers(
+            self,
+            indices: int | list[int] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> list[int]:
+        """Drop the layers that feature maps ``indices`` do not need (timm's ``features_only`` calls this).
+
+        The network then ends at the last wanted map; the head goes with ``prune_head`` or whenever the end moved,
+        since the classifier was sized for the final features. Returns the kept indices.
+        """
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        if max_index > self._last_index:
+            raise ValueError(f"feature map {max_index} was already pruned away (the network ends at map "
+                             f"{self._last_index})")
+        last = len(self.block_config)
+        if max_index < self._last_index:
+            dropped = [f"denseblock{i}" for i in range(max_index + 1, last + 1)]
+            dropped += [f"transition{i}" for i in range(max(max_index, 1), last)] + ["norm5"]
+            for name in dropped:
+                if name in self.features._modules:
+                    delattr(self.features, name)
+            self._last_index = max_index
+            self.num_features = self.feature_info[max_index]["num_chs"]
+        if prune_head or max_index < last:
+            self.reset_classifier(0, "")
+        return take_indices
 
 
 # name: (growth_rate, block_config, num_init_features, bn_size, compression, small_inputs, default num_classes)
@@ -550,38 +604,59 @@ def densenet_bc190_k40(**kwargs: Any) -> DenseNet:
 
 # --- timm registry: `import effidense` makes timm.create_model('effi_densenet121') work ---
 
+def _filter_pretrained(state_dict: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """timm's ``pretrained_filter_fn``: torchvision (legacy names too), timm and effidense checkpoints all load."""
+    from .convert import timm_pretrained_filter  # imported here: effidense.convert imports this module
+
+    return timm_pretrained_filter(state_dict, model)
+
+
 def _create(name: str, pretrained: bool, **kwargs: Any) -> DenseNet:
     # timm's meanings: drop_rate is dropout before the classifier, proj_drop_rate after each dense layer.
     if "drop_rate" in kwargs:
         kwargs["head_drop_rate"] = kwargs.pop("drop_rate")
     if "proj_drop_rate" in kwargs:
         kwargs["drop_rate"] = kwargs.pop("proj_drop_rate")
+    kwargs = {**CONFIGS[name], **kwargs}
+    # every feature map by default: the stem, each block but the last, the final norm (timm assumes five)
+    out_indices = tuple(range(len(kwargs["block_config"]) + 1))
     return build_model_with_cfg(
-        DenseNet, f"effi_{name}", pretrained, feature_cfg=dict(feature_cls="getter"), **{**CONFIGS[name], **kwargs})
+        DenseNet, f"effi_{name}", pretrained, feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
+        pretrained_filter_fn=_filter_pretrained, **kwargs)
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
     return {
         "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
         "crop_pct": 0.875, "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "features.conv0", "classifier": "classifier", "license": "apache-2.0", **kwargs,
+        "first_conv": "features.conv0", "classifier": "classifier", "license": "apache-2.0",
+        "paper_ids": "arXiv:1608.06993", **kwargs,
     }
+
+
+def _tv_cfg(**kwargs: Any) -> dict[str, Any]:
+    return _cfg(license="bsd-3-clause", origin_url="https://github.com/pytorch/vision", **kwargs)
+
+
+def _timm_cfg(**kwargs: Any) -> dict[str, Any]:
+    return _cfg(origin_url="https://github.com/huggingface/pytorch-image-models", **kwargs)
 
 
 def _cifar_cfg(**kwargs: Any) -> dict[str, Any]:
     return _cfg(num_classes=10, input_size=(3, 32, 32), pool_size=(8, 8), crop_pct=1.0, interpolation="bilinear",
-                mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), **kwargs)
+                mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), license="mit", **kwargs)
 
 
-# Tags name where weights come from: tv_in1k = converted from torchvision, ra_in1k = converted from timm.
-# No weights are hosted; load a converted file with pretrained_cfg_overlay=dict(file=...).
+# Tags name where weights come from: tv_in1k = torchvision's ImageNet weights, ra_in1k = timm's (densenet121 only).
+# No weights are hosted; pass the torchvision/timm file, or one tools/convert.py wrote, with
+# pretrained_cfg_overlay=dict(file=...). The first tag of each model is its default.
 default_cfgs = generate_default_cfgs({
-    "effi_densenet121.tv_in1k": _cfg(),
-    "effi_densenet121.ra_in1k": _cfg(test_input_size=(3, 288, 288), test_crop_pct=0.95),
-    "effi_densenet161.tv_in1k": _cfg(),
-    "effi_densenet169.tv_in1k": _cfg(),
-    "effi_densenet201.tv_in1k": _cfg(),
-    "effi_densenet264.untrained": _cfg(),
+    "effi_densenet121.tv_in1k": _tv_cfg(),
+    "effi_densenet121.ra_in1k": _timm_cfg(test_input_size=(3, 288, 288), test_crop_pct=0.95),
+    "effi_densenet161.tv_in1k": _tv_cfg(),
+    "effi_densenet169.tv_in1k": _tv_cfg(),
+    "effi_densenet201.tv_in1k": _tv_cfg(),
+    "effi_densenet264.untrained": _cfg(license="mit"),
     "effi_densenet40_k12.untrained": _cifar_cfg(),
     "effi_densenet_bc100_k12.untrained": _cifar_cfg(),
     "effi_densenet_bc250_k24.untrained": _cifar_cfg(),

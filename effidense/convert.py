@@ -1,0 +1,687 @@
+"""Weight conversion between torchvision, timm and effidense DenseNet checkpoints.
+
+Modern torchvision, timm and effidense state dicts use the same keys (``features.conv0.weight``,
+``features.denseblock1.denselayer1.norm1.weight``, ``features.transition1.conv.weight``, ``features.norm5.*``,
+``classifier.*``), so converting is mostly checking. :data:`KEY_RULES` is the one table of what does differ in the
+keys; :func:`layout_limits` says which architectures each layout can hold. Reading accepts ``.pth``/``.pt``/``.bin``
+files (``torch.load(weights_only=True)``; training checkpoints wrapped as ``{'state_dict': ...}`` or
+``{'model': ...}`` too) and ``.safetensors``; writing produces ``.safetensors`` with the architecture in its header,
+or a plain ``.pth`` state dict. Every failure raises :class:`ConversionError` with a one-line message.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import os
+import pickle
+import re
+import struct
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .densenet import CONFIGS, DenseNet
+
+__all__ = [
+    "FORMAT_VERSION", "LAYOUTS", "KEY_RULES", "VERIFY_TOLERANCE", "Architecture", "Checkpoint", "Conversion",
+    "ConversionError", "VerificationError", "build_layout_model", "canonical_state_dict", "check_state_dict",
+    "convert_checkpoint", "convert_state_dict", "infer_architecture", "layout_limits", "load_checkpoint",
+    "match_config", "resolve_layout", "resolve_model_name", "save_checkpoint", "timm_pretrained_filter",
+    "verify_conversion",
+]
+
+FORMAT_VERSION = "1"
+LAYOUTS = ("effidense", "torchvision", "timm")
+LAYOUT_ALIASES = {"efficient": "effidense", "normal": "torchvision"}  # the seed converter's --to spellings
+VERIFY_TOLERANCE = 1e-5
+PTH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
+_SHOWN = 20  # keys listed per category in an error message; the exception holds them all
+
+# The one key-mapping table. Each rule rewrites checkpoint keys into effidense's (= modern torchvision/timm) names
+# and applies to every source, since none of the patterns can match a key that is already canonical. Writing needs
+# no rules: effidense's keys are torchvision's and timm's.
+KEY_RULES: tuple[tuple[str, re.Pattern[str], str], ...] = (
+    ("DataParallel/DDP 'module.' or torch.compile '_orig_mod.' prefix",
+     re.compile(r"^(?:module\.|_orig_mod\.)+"), ""),
+    ("legacy torchvision name (densenet121-a639ec97.pth era: 'denselayer1.norm.1.weight')",
+     re.compile(r"^(.*\.denselayer\d+\.)(norm|relu|conv)\.([12])\.(weight|bias|running_mean|running_var)$"),
+     r"\1\2\3.\4"),
+)
+_LEGACY_RULE = KEY_RULES[1][1]
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
+_EMA_KEYS = ("state_dict_ema", "model_ema")
+_META_PREFIX = "effidense."
+
+
+class ConversionError(ValueError):
+    """A checkpoint cannot be read, understood, converted or written; the message is one line naming the problem.
+
+    ``unknown``, ``missing`` and ``mismatched`` hold every offending key when the weights do not fit an architecture
+    (``mismatched`` as ``(key, shape in file, expected shape)``).
+    """
+
+    def __init__(self, message: str, *, unknown: Iterable[str] = (), missing: Iterable[str] = (),
+                 mismatched: Iterable[tuple[str, tuple[int, ...], tuple[int, ...]]] = ()) -> None:
+        super().__init__(message)
+        self.unknown = list(unknown)
+        self.missing = list(missing)
+        self.mismatched = list(mismatched)
+
+
+class VerificationError(ConversionError):
+    """The converted model's outputs differ from the source model's by more than the tolerance."""
+
+    def __init__(self, message: str, max_abs_diff: float) -> None:
+        super().__init__(message)
+        self.max_abs_diff = max_abs_diff
+
+
+# --- architectures ---
+
+@dataclass(frozen=True)
+class Architecture:
+    """Everything about a DenseNet that its weights determine (dropout rates and pooling leave no trace)."""
+
+    growth_rate: int
+    block_config: tuple[int, ...]
+    num_init_features: int
+    bn_size: int | None = 4
+    compression: float = 0.5
+    small_inputs: bool = False
+    num_classes: int = 1000
+    in_chans: int = 3
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :class:`effidense.DenseNet`."""
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_kwargs(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Architecture:
+        """The inverse of :meth:`to_json` (e.g. for the ``effidense.architecture`` safetensors header entry)."""
+        values = json.loads(text)
+        return cls(**{**values, "block_config": tuple(values["block_config"])})
+
+    def describe(self) -> str:
+        bn = "none" if self.bn_size is None else self.bn_size
+        stem = ", small_inputs" if self.small_inputs else ""
+        return (f"growth_rate={self.growth_rate}, block_config={self.block_config}, "
+                f"num_init_features={self.num_init_features}, bn_size={bn}, compression={self.compression:g}"
+                f"{stem}, num_classes={self.num_classes}, in_chans={self.in_chans}")
+
+
+def _config_architecture(name: str, num_classes: int, in_chans: int) -> Architecture:
+    names = {f.name for f in fields(Architecture)} - {"num_classes", "in_chans"}
+    config = {k: v for k, v in CONFIGS[name].items() if k in names}
+    config["block_config"] = tuple(config["block_config"])
+    return Architecture(**config, num_classes=num_classes, in_chans=in_chans)
+
+
+def resolve_model_name(name: str) -> str:
+    """``densenet121`` or ``effi_densenet121`` -> the :data:`effidense.CONFIGS` key."""
+    key = name.removeprefix("effi_")
+    if key not in CONFIGS:
+        raise ConversionError(f"unknown model {name!r}; choose one of: {', '.join(CONFIGS)}")
+    return key
+
+
+def match_config(arch: Architecture) -> str | None:
+    """The :data:`effidense.CONFIGS` name whose network ``arch`` is (classes and input channels may differ)."""
+    for name in CONFIGS:
+        if _config_architecture(name, arch.num_classes, arch.in_chans) == arch:
+            return name
+    return None
+
+
+def layout_limits(layout: str, arch: Architecture) -> list[str]:
+    """Why ``layout``'s DenseNet class cannot hold ``arch`` (empty when it can)."""
+    layout = resolve_layout(layout)
+    if layout == "effidense":
+        return []
+    reasons = []
+    if arch.small_inputs:
+        reasons.append("it has no 3x3 small-input stem (small_inputs=True)")
+    if arch.bn_size is None:
+        reasons.append("it has no dense layers without bottleneck (bn_size=None)")
+    if arch.compression != 0.5:
+        reasons.append(f"its transitions always halve the channels (compression={arch.compression:g})")
+    if layout == "torchvision" and arch.in_chans != 3:
+        reasons.append(f"it always takes 3 input channels (in_chans={arch.in_chans})")
+    if layout == "timm" and arch.num_init_features != 2 * arch.growth_rate:
+        reasons.append(f"it fixes num_init_features = 2 * growth_rate (num_init_features={arch.num_init_features},"
+                       f" growth_rate={arch.growth_rate})")
+    return reasons
+
+
+def resolve_layout(name: str) -> str:
+    """A layout name, with the seed converter's ``efficient``/``normal`` accepted."""
+    layout = LAYOUT_ALIASES.get(name, name)
+    if layout not in LAYOUTS:
+        raise ConversionError(f"unknown layout {name!r}; choose one of: {', '.join(LAYOUTS + tuple(LAYOUT_ALIASES))}")
+    return layout
+
+
+# --- reading ---
+
+@dataclass
+class Checkpoint:
+    """A state dict as read from a file, with the safetensors header metadata (empty for ``.pth``)."""
+
+    state_dict: dict[str, Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+    path: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def _is_safetensors(path: Path) -> bool:
+    with path.open("rb") as f:
+        head = f.read(9)
+    if len(head) < 9:
+        return False
+    (header_len,) = struct.unpack("<Q", head[:8])
+    return head[8:9] == b"{" and 0 < header_len <= path.stat().st_size - 8
+
+
+def _short(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return (text[:200] + "...") if len(text) > 200 else (text or type(error).__name__)
+
+
+def _refusal_reason(error: BaseException) -> str:
+    # e.g. "Unsupported global: GLOBAL pkg.Class was not an allowed global by default. Please use ..."
+    m = re.search(r"(Unsupported global[^\n]*?)(?: was not an allowed|\. |\n|$)", str(error))
+    return m[1].strip() if m else _short(error)
+
+
+def _torch_load(path: Path) -> Any:
+    # timm's training checkpoints store their argparse.Namespace of settings; it holds no code, so it is allowed.
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e) or "allowed global" in str(e):  # an object to build, i.e. code to run
+            raise ConversionError(
+                f"{path}: refused to load: the file holds pickled Python objects, not only tensors "
+                f"({_refusal_reason(e)}); torch.load(weights_only=True) protects you from code in checkpoints. "
+                "If you trust the file, re-save its state_dict alone with torch.save") from None
+        raise ConversionError(f"{path}: corrupt or truncated checkpoint ({_short(e)})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, struct.error, KeyError) as e:
+        raise ConversionError(f"{path}: corrupt or truncated checkpoint ({_short(e)})") from None
+
+
+def _safetensors_load(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except Exception as e:  # safetensors raises its own SafetensorError for every malformed file
+        raise ConversionError(f"{path}: corrupt or truncated safetensors file ({_short(e)})") from None
+    return tensors, metadata
+
+
+def _unwrap(obj: Any, path: Path, use_ema: bool) -> tuple[dict[str, Any], list[str]]:
+    """The state dict inside a training checkpoint (``{'state_dict': ...}``, ``{'model': ...}``, EMA weights)."""
+    if not isinstance(obj, Mapping):
+        raise ConversionError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    notes = []
+    if use_ema:
+        key = next((k for k in _EMA_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if key is None:
+            raise ConversionError(f"{path}: no EMA weights ({' or '.join(_EMA_KEYS)}) in this checkpoint; "
+                                  f"its top-level keys: {_listing(map(str, obj))}")
+        return dict(obj[key]), [f"took the EMA weights under {key!r}"]
+    if obj and all(isinstance(v, Tensor) for v in obj.values()):
+        return dict(obj), notes
+    key = next((k for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+    if key is None:
+        if not obj:
+            raise ConversionError(f"{path}: the checkpoint is empty")
+        raise ConversionError(f"{path}: no state dict found: top-level keys are {_listing(map(str, obj))} "
+                              f"(expected tensors, or one of {', '.join(_WRAPPER_KEYS)})")
+    notes.append(f"took the weights under {key!r}")
+    if any(isinstance(obj.get(k), Mapping) for k in _EMA_KEYS):
+        notes.append("the file also holds EMA weights; pass use_ema=True (--ema) to convert those")
+    return dict(obj[key]), notes
+
+
+def load_checkpoint(path: str | os.PathLike[str], use_ema: bool = False) -> Checkpoint:
+    """Read a state dict from a ``.safetensors`` or torch (``.pth``/``.pt``/``.bin``) file, safely.
+
+    The format is recognised from the content, not the name. Training checkpoints are unwrapped (``state_dict``,
+    ``model``, ``model_state_dict``; with ``use_ema`` the EMA weights). Keys are returned as stored.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"checkpoint not found: {path}" if not path.exists() else f"not a file: {path}")
+    if path.stat().st_size == 0:
+        raise ConversionError(f"{path}: the file is empty")
+    if _is_safetensors(path):
+        tensors, metadata = _safetensors_load(path)
+        state_dict, notes = _unwrap(tensors, path, use_ema) if tensors else ({}, [])
+        if not state_dict:
+            raise ConversionError(f"{path}: the safetensors file holds no tensors")
+        return Checkpoint(state_dict, metadata, str(path), notes)
+    with path.open("rb") as f:
+        magic = f.read(2)
+    if magic != b"PK" and magic[:1] != b"\x80":  # torch's zip format, or the legacy one (a protocol-2+ pickle)
+        raise ConversionError(f"{path}: corrupt or truncated checkpoint (neither a PyTorch nor a safetensors file)")
+    state_dict, notes = _unwrap(_torch_load(path), path, use_ema)
+    not_tensors = [k for k, v in state_dict.items() if not isinstance(v, Tensor)]
+    if not_tensors:
+        raise ConversionError(f"{path}: not a state dict: {len(not_tensors)} entries are not tensors: "
+                              f"{_listing(map(str, not_tensors))}")
+    return Checkpoint(state_dict, {}, str(path), notes)
+
+
+# --- keys and shapes ---
+
+def _listing(keys: Iterable[str]) -> str:
+    keys = list(keys)
+    shown = ", ".join(keys[:_SHOWN])
+    return shown + (f" (+{len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else "")
+
+
+def canonical_state_dict(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Apply :data:`KEY_RULES`: keys in effidense's (= modern torchvision/timm) names, and notes on what changed."""
+    out: dict[str, Any] = {}
+    counts = [0] * len(KEY_RULES)
+    origin: dict[str, str] = {}
+    for key, value in state_dict.items():
+        new = key
+        for i, (_, pattern, replacement) in enumerate(KEY_RULES):
+            new, n = pattern.subn(replacement, new)
+            counts[i] += n
+        if new in out:
+            raise ConversionError(f"keys {origin[new]!r} and {key!r} both mean {new!r}")
+        out[new], origin[new] = value, key
+    notes = [f"renamed {n} keys: {what}" for (what, _, _), n in zip(KEY_RULES, counts, strict=True) if n]
+    return out, notes
+
+
+def _has_legacy_keys(state_dict: Mapping[str, Any]) -> bool:
+    return any(_LEGACY_RULE.search(key) for key in state_dict)
+
+
+def _shape(state_dict: Mapping[str, Tensor], key: str, ndim: int) -> tuple[int, ...] | None:
+    value = state_dict.get(key)
+    return tuple(value.shape) if isinstance(value, Tensor) and value.dim() == ndim else None
+
+
+def infer_architecture(state_dict: Mapping[str, Tensor]) -> Architecture:
+    """Read the architecture off canonical DenseNet weights (see :func:`canonical_state_dict`)."""
+    conv0 = _shape(state_dict, "features.conv0.weight", 4)
+    if conv0 is None:
+        raise ConversionError("not a DenseNet checkpoint: no 4-d 'features.conv0.weight' "
+                              f"(keys: {_listing(state_dict)})")
+    num_init_features, in_chans = conv0[:2]
+    small_inputs = "features.norm0.weight" not in state_dict
+    layers: dict[int, int] = {}
+    for key in state_dict:
+        m = re.match(r"features\.denseblock(\d+)\.denselayer(\d+)\.", key)
+        if m:
+            block, layer = int(m[1]), int(m[2])
+            layers[block] = max(layers.get(block, 0), layer)
+    if not layers:
+        raise ConversionError("not a DenseNet checkpoint: no 'features.denseblockN.denselayerM.*' keys")
+    block_config = tuple(layers.get(b, 0) for b in range(1, max(layers) + 1))
+    if 0 in block_config:
+        raise ConversionError(f"denseblock{block_config.index(0) + 1} has no layers in this checkpoint")
+    first = "features.denseblock1.denselayer1."
+    conv1, conv2 = _shape(state_dict, first + "conv1.weight", 4), _shape(state_dict, first + "conv2.weight", 4)
+    if conv1 is None:
+        raise ConversionError(f"cannot read the growth rate: no 4-d '{first}conv1.weight'")
+    if conv2 is None:
+        growth_rate, bn_size = conv1[0], None
+    else:
+        growth_rate = conv2[0]
+        if conv1[0] % growth_rate:
+            raise ConversionError(f"bottleneck width {conv1[0]} of '{first}conv1.weight' is not a multiple of the "
+                                  f"growth rate {growth_rate}")
+        bn_size = conv1[0] // growth_rate
+    compression = 0.5
+    transition = _shape(state_dict, "features.transition1.conv.weight", 4)
+    if len(block_config) > 1 and transition is not None:
+        out_chs, in_chs = transition[:2]
+        compression = out_chs / in_chs
+        if int(in_chs * compression) != out_chs:  # DenseNet computes int(channels * compression)
+            compression = float(torch.nextafter(torch.tensor(compression, dtype=torch.float64),
+                                                torch.tensor(2.0, dtype=torch.float64)))
+    classifier = _shape(state_dict, "classifier.weight", 2)
+    num_classes = classifier[0] if classifier is not None else 0
+    arch = Architecture(growth_rate, block_config, num_init_features, bn_size, compression, small_inputs,
+                        num_classes, in_chans)
+    try:
+        with torch.device("meta"):
+            DenseNet(**arch.model_kwargs())
+    except ValueError as e:
+        raise ConversionError(f"the weights describe no valid DenseNet: {e}") from None
+    return arch
+
+
+@functools.lru_cache(maxsize=8)
+def _expected_shapes(arch: Architecture) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        model = DenseNet(**arch.model_kwargs())
+    return {key: tuple(value.shape) for key, value in model.state_dict().items()}
+
+
+def _is_bn_counter(key: str) -> bool:
+    return key.endswith(".num_batches_tracked")
+
+
+def check_state_dict(state_dict: Mapping[str, Tensor], arch: Architecture, what: str = "") -> None:
+    """Raise :class:`ConversionError` listing every unknown, missing and mis-shaped key of ``state_dict`` for
+    ``arch``. Missing BatchNorm ``num_batches_tracked`` counters are fine (old checkpoints predate them)."""
+    expected = _expected_shapes(arch)
+    unknown = [k for k in state_dict if k not in expected]
+    missing = [k for k in expected if k not in state_dict and not _is_bn_counter(k)]
+    mismatched = [(k, tuple(v.shape), expected[k]) for k, v in state_dict.items()
+                  if k in expected and tuple(v.shape) != expected[k]]
+    if not (unknown or missing or mismatched):
+        return
+    parts = []
+    if mismatched:
+        parts.append(f"{len(mismatched)} mis-shaped: " + _listing(
+            f"{k} {list(got)} (expected {list(want)})" for k, got, want in mismatched))
+    if missing:
+        parts.append(f"{len(missing)} missing: {_listing(missing)}")
+    if unknown:
+        parts.append(f"{len(unknown)} unknown: {_listing(unknown)}")
+    target = what or f"DenseNet({arch.describe()})"
+    raise ConversionError(f"the weights do not fit {target}: " + "; ".join(parts),
+                          unknown=unknown, missing=missing, mismatched=mismatched)
+
+
+def _complete(state_dict: Mapping[str, Tensor], arch: Architecture) -> tuple[dict[str, Tensor], list[str]]:
+    """The state dict in the model's key order, with absent BatchNorm counters set to 0 and no shared storage
+    (safetensors refuses tensors that share memory)."""
+    out: dict[str, Tensor] = {}
+    filled = 0
+    seen: set[tuple[str, int]] = set()
+    for key in _expected_shapes(arch):
+        if key not in state_dict:
+            out[key] = torch.zeros((), dtype=torch.long)
+            filled += 1
+            continue
+        tensor = state_dict[key].detach()
+        storage = (str(tensor.device), tensor.untyped_storage().data_ptr())
+        tensor = tensor.clone() if storage in seen else tensor.contiguous()
+        seen.add(storage)
+        out[key] = tensor
+    notes = [f"set {filled} missing BatchNorm num_batches_tracked counters to 0"] if filled else []
+    return out, notes
+
+
+# --- converting ---
+
+@dataclass
+class Conversion:
+    """A converted state dict and what is known about it."""
+
+    state_dict: dict[str, Tensor]
+    architecture: Architecture
+    model_name: str | None
+    source: str
+    target: str
+    notes: list[str] = field(default_factory=list)
+
+    def metadata(self, source_file: str = "") -> dict[str, str]:
+        """The safetensors header entries describing this checkpoint (all strings, as safetensors requires)."""
+        meta = {
+            "format": "pt",  # what timm and transformers expect in a safetensors header
+            _META_PREFIX + "format_version": FORMAT_VERSION,
+            _META_PREFIX + "layout": self.target,
+            _META_PREFIX + "source_layout": self.source,
+            _META_PREFIX + "architecture": self.architecture.to_json(),
+            _META_PREFIX + "model": self.model_name or "",
+        }
+        if source_file:
+            meta[_META_PREFIX + "source_file"] = os.path.basename(source_file)
+        return meta
+
+
+def _detect_source(raw_keys: Iterable[str], metadata: Mapping[str, str], arch: Architecture) -> tuple[str, str]:
+    layout = metadata.get(_META_PREFIX + "layout")
+    if layout in LAYOUTS:
+        return layout, "from the file's metadata"
+    if _has_legacy_keys(dict.fromkeys(raw_keys)):
+        return "torchvision", "legacy torchvision key names"
+    if layout_limits("torchvision", arch):
+        return "effidense", "only effidense has this architecture"
+    return "torchvision", "modern torchvision and timm keys are identical; torchvision assumed"
+
+
+def convert_state_dict(
+        state_dict: Mapping[str, Tensor],
+        source: str = "auto",
+        target: str = "effidense",
+        model: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+) -> Conversion:
+    """Convert a state dict from ``source`` layout (``auto`` detects it) to ``target``.
+
+    The architecture is inferred from the weights; with ``model`` (a :data:`effidense.CONFIGS` name, ``effi_``
+    prefix allowed) the weights must fit that network instead. Raises :class:`ConversionError`.
+    """
+    target = resolve_layout(target)
+    canonical, notes = canonical_state_dict(state_dict)
+    name = None
+    if model is not None:
+        name = resolve_model_name(model)
+        conv0 = _shape(canonical, "features.conv0.weight", 4)
+        classifier = _shape(canonical, "classifier.weight", 2)
+        arch = _config_architecture(name, classifier[0] if classifier else 0, conv0[1] if conv0 else 3)
+        check_state_dict(canonical, arch, what=name)
+    else:
+        arch = infer_architecture(canonical)
+        check_state_dict(canonical, arch)
+        name = match_config(arch)
+    if source == "auto":
+        source, why = _detect_source(state_dict, metadata or {}, arch)
+        notes.insert(0, f"source layout {source} ({why})")
+    else:
+        source = resolve_layout(source)
+    for layout, role in ((source, "source"), (target, "target")):
+        reasons = layout_limits(layout, arch)
+        if reasons:
+            raise ConversionError(f"{role} layout {layout}: its DenseNet cannot hold these weights: "
+                                  + "; ".join(reasons))
+    out, more_notes = _complete(canonical, arch)
+    return Conversion(out, arch, name, source, target, notes + more_notes)
+
+
+def timm_pretrained_filter(state_dict: Mapping[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """timm's ``pretrained_filter_fn`` for the ``effi_*`` models: apply :data:`KEY_RULES` and fill BatchNorm counters
+    old checkpoints lack. Shape problems are left to timm's (strict or not) ``load_state_dict``."""
+    canonical, _ = canonical_state_dict(state_dict)
+    for key, value in model.state_dict().items():
+        if _is_bn_counter(key) and key not in canonical and key.rsplit(".", 1)[0] + ".weight" in canonical:
+            canonical[key] = torch.zeros_like(value, device="cpu")
+    return canonical
+
+
+# --- writing ---
+
+def _output_format(path: Path, fmt: str | None) -> str:
+    suffix = path.suffix.lower()
+    implied = "safetensors" if suffix == ".safetensors" else "pth" if suffix in PTH_SUFFIXES else None
+    if fmt is None:
+        return implied or "safetensors"
+    if fmt not in ("safetensors", "pth"):
+        raise ConversionError(f"unknown format {fmt!r}; choose safetensors or pth")
+    if implied is not None and implied != fmt:
+        # timm picks its reader by the suffix, so a mismatch would make the file unreadable there
+        raise ConversionError(f"format {fmt} contradicts the output name {path.name}; use a "
+                              f"{'.safetensors' if fmt == 'safetensors' else '.pth'} name")
+    return fmt
+
+
+def _check_output(path: Path, force: bool) -> None:
+    if path.exists() and not force:
+        raise ConversionError(f"output exists: {path} (pass --force / force=True to overwrite)")
+    if path.is_dir():
+        raise ConversionError(f"output is a directory: {path}")
+    if not path.parent.is_dir():
+        raise ConversionError(f"output directory does not exist: {path.parent}")
+
+
+def save_checkpoint(
+        state_dict: Mapping[str, Tensor],
+        path: str | os.PathLike[str],
+        fmt: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        force: bool = False,
+        check: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write ``state_dict`` atomically as ``.safetensors`` (with ``metadata`` in the header) or a ``.pth`` state dict.
+
+    ``fmt`` defaults to what the suffix says (safetensors when it says nothing). The file appears only when
+    complete, and after ``check(temporary_path)`` passes; an existing file is kept unless ``force``.
+    """
+    path = Path(path)
+    fmt = _output_format(path, fmt)
+    _check_output(path, force)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        tensors = {key: value.detach().contiguous() for key, value in state_dict.items()}
+        if fmt == "safetensors":
+            from safetensors.torch import save_file
+
+            save_file(tensors, str(tmp), metadata=dict(metadata or {}))
+        else:
+            torch.save(tensors, tmp)
+        with tmp.open("rb") as f:
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)  # mkstemp's private 0600 would otherwise end up on the output
+        if check is not None:
+            check(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise ConversionError(f"cannot write {path}: {_short(e)}") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return path
+
+
+# --- verifying ---
+
+def build_layout_model(layout: str, arch: Architecture) -> nn.Module:
+    """A randomly initialised DenseNet of ``layout``'s own class (torchvision's, timm's or effidense's)."""
+    layout = resolve_layout(layout)
+    reasons = layout_limits(layout, arch)
+    if reasons:
+        raise ConversionError(f"{layout}'s DenseNet cannot hold this architecture: " + "; ".join(reasons))
+    if layout == "effidense":
+        return DenseNet(**arch.model_kwargs())
+    if layout == "timm":
+        from timm.models.densenet import DenseNet as TimmDenseNet
+
+        return TimmDenseNet(growth_rate=arch.growth_rate, block_config=arch.block_config, bn_size=arch.bn_size,
+                            num_classes=arch.num_classes, in_chans=arch.in_chans)
+    from torchvision.models import DenseNet as TorchvisionDenseNet
+
+    model = TorchvisionDenseNet(growth_rate=arch.growth_rate, block_config=arch.block_config,
+                                num_init_features=arch.num_init_features, bn_size=arch.bn_size,
+                                num_classes=max(arch.num_classes, 1))
+    if arch.num_classes == 0:  # torchvision always has a classifier; weights without one mean "features only"
+        model.classifier = nn.Identity()
+    return model
+
+
+def _outputs(model: nn.Module, x: Tensor) -> Tensor:
+    """Pooled features followed by the logits (if any), for any of the three DenseNet classes."""
+    if hasattr(model, "forward_head"):
+        features = model.forward_features(x)
+        pooled, logits = model.forward_head(features, pre_logits=True), model.forward_head(features)
+    else:  # torchvision: features end at norm5; its forward adds ReLU, pooling and the classifier
+        pooled = F.adaptive_avg_pool2d(F.relu(model.features(x)), 1).flatten(1)
+        logits = model.classifier(pooled)
+    return torch.cat([pooled, logits], 1)
+
+
+def verify_conversion(
+        source_state_dict: Mapping[str, Tensor],
+        source_layout: str,
+        target_state_dict: Mapping[str, Tensor],
+        target_layout: str,
+        arch: Architecture,
+        batch_size: int = 2,
+        seed: int = 0,
+) -> float:
+    """Max abs difference between the source layout's model with the source weights and the target layout's model
+    with the converted weights, on one random batch in eval mode (fp32): pooled features and logits."""
+    models = []
+    for layout, state_dict in ((source_layout, source_state_dict), (target_layout, target_state_dict)):
+        model = build_layout_model(layout, arch)
+        try:
+            model.load_state_dict(dict(state_dict), strict=True)
+        except RuntimeError as e:
+            raise ConversionError(f"{layout} model refused the weights: {_short(e)}") from None
+        models.append(model.float().eval())
+    size = 32 if arch.small_inputs else 64
+    size = max(size, models[-1].min_input_size) if hasattr(models[-1], "min_input_size") else size
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch_size, arch.in_chans, size, size, generator=generator)
+    with torch.no_grad():
+        reference, converted = (_outputs(model, x) for model in models)
+    return (reference - converted).abs().max().item()
+
+
+def convert_checkpoint(
+        checkpoint: str | os.PathLike[str],
+        output: str | os.PathLike[str],
+        target: str = "effidense",
+        source: str = "auto",
+        fmt: str | None = None,
+        model: str | None = None,
+        use_ema: bool = False,
+        verify: bool = False,
+        force: bool = False,
+        tolerance: float = VERIFY_TOLERANCE,
+) -> tuple[Conversion, float | None]:
+    """Read ``checkpoint``, convert it to ``target`` layout and write ``output`` (see :func:`convert_state_dict`).
+
+    With ``verify`` the written file is read back and checked with :func:`verify_conversion` before it replaces
+    anything; a difference above ``tolerance`` raises :class:`VerificationError` and leaves no output. Returns the
+    conversion and the measured difference (None without ``verify``).
+    """
+    output = Path(output)
+    fmt = _output_format(output, fmt)
+    _check_output(output, force)  # fail before the work, not after it
+    loaded = load_checkpoint(checkpoint, use_ema=use_ema)
+    conversion = convert_state_dict(loaded.state_dict, source=source, target=target, model=model,
+                                     metadata=loaded.metadata)
+    conversion.notes[:0] = loaded.notes
+    diff: list[float] = []
+
+    def check(written: Path) -> None:
+        reread = load_checkpoint(written).state_dict
+        source_weights, _ = canonical_state_dict(loaded.state_dict)
+        diff.append(verify_conversion(source_weights, conversion.source, reread, conversion.target,
+                                      conversion.architecture))
+        if not diff[-1] <= tolerance:
+            raise VerificationError(f"verification failed: max abs difference {diff[-1]:.3g} between the "
+                                    f"{conversion.source} and {conversion.target} models exceeds {tolerance:g}; "
+                                    f"{output} not written", diff[-1])
+
+    save_checkpoint(conversion.state_dict, output, fmt=fmt, metadata=conversion.metadata(str(checkpoint)),
+                    force=force, check=check if verify else None)
+    return conversion, (diff[-1] if diff else None)

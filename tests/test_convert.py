@@ -1,0 +1,386 @@
+"""Weight conversion between torchvision, timm and effidense layouts (effidense.convert and tools/convert.py)."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torchvision
+from safetensors import safe_open
+from torch import nn
+
+import effidense
+from effidense import convert
+from effidense.convert import Architecture, ConversionError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(growth_rate=4, block_config=(2, 2), num_init_features=8)
+TINY_ARCH = Architecture(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=10)
+_MODERN = re.compile(r"^(.*denselayer\d+\.(?:norm|conv))([12])\.(weight|bias|running_mean|running_var)$")
+
+
+def _load_cli():
+    spec = importlib.util.spec_from_file_location("convert_cli", ROOT / "tools" / "convert.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cli = _load_cli()
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-default BN statistics and affine parameters, so that eval outputs depend on every buffer."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=generator) * 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
+                m.weight.copy_(1 + 0.2 * torch.randn(m.num_features, generator=generator))
+                m.bias.copy_(0.2 * torch.randn(m.num_features, generator=generator))
+                m.num_batches_tracked.fill_(7)
+            elif isinstance(m, nn.Linear):
+                m.bias.copy_(torch.randn(m.out_features, generator=generator))
+    return model.eval()
+
+
+def tiny_torchvision(num_classes: int = 10) -> nn.Module:
+    torch.manual_seed(0)
+    return randomize(torchvision.models.DenseNet(**TINY, num_classes=num_classes))
+
+
+def legacy(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The original densenet121-a639ec97.pth naming: 'denselayer1.norm.1.weight', no num_batches_tracked."""
+    return {_MODERN.sub(r"\1.\2.\3", k): v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
+
+
+def save_legacy(model: nn.Module, path: Path) -> Path:
+    # the old (pre-zip) serialization of the original torchvision files
+    torch.save(legacy(model.state_dict()), path, _use_new_zipfile_serialization=False)
+    return path
+
+
+def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_legacy_key_helper_matches_torchvision_originals():
+    keys = legacy(torchvision.models.densenet121().state_dict())
+    assert "features.denseblock1.denselayer1.norm.1.weight" in keys
+    assert "features.denseblock4.denselayer16.conv.2.weight" in keys
+    assert "features.transition1.norm.weight" in keys  # transitions never had the dotted names
+
+
+# --- the full DenseNet-121 round trips (the only tests that build it) ---
+
+def test_torchvision_densenet121_legacy_file_to_timm_and_back(tmp_path, capsys):
+    tv = randomize(torchvision.models.densenet121())
+    source = save_legacy(tv, tmp_path / "densenet121-a639ec97.pth")
+    x = torch.randn(1, 3, 64, 64)
+    expected = logits(tv, x)
+
+    converted = tmp_path / "densenet121_effi.safetensors"
+    code, out, err = run_cli(capsys, "--checkpoint", source, "--output", converted, "--verify")
+    assert code == 0, err
+    assert "architecture: densenet121" in out and "legacy torchvision name" in out and "verify: max abs" in out
+
+    for weights in (converted, source):  # our file, and the raw legacy torchvision file through the filter
+        model = timm.create_model("effi_densenet121", pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)))
+        torch.testing.assert_close(logits(model, x), expected, rtol=0, atol=1e-5)
+
+    back = tmp_path / "densenet121_tv.pth"
+    code, _, err = run_cli(capsys, "--checkpoint", converted, "--output", back, "--to", "torchvision")
+    assert code == 0, err
+    restored = torchvision.models.densenet121()
+    restored.load_state_dict(torch.load(back, weights_only=True), strict=True)
+    for key, value in tv.state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            continue  # the legacy file had none; they come back as 0
+        assert torch.equal(restored.state_dict()[key], value), key
+    torch.testing.assert_close(logits(restored, x), expected, rtol=0, atol=0)
+
+
+def test_timm_densenet121_training_checkpoint_to_effidense_and_back(tmp_path, capsys):
+    torch.manual_seed(1)
+    tm = randomize(timm.create_model("densenet121"))
+    x = torch.randn(1, 3, 64, 64)
+    expected = logits(tm, x)
+    # what timm's train.py saves under DDP: wrapped, 'module.'-prefixed, with an argparse.Namespace of settings
+    wrapped = {"epoch": 3, "arch": "densenet121", "args": argparse.Namespace(lr=0.1, model="densenet121"),
+               "state_dict": {f"module.{k}": v for k, v in tm.state_dict().items()}}
+    source = tmp_path / "model_best.pth.tar"
+    torch.save(wrapped, source)
+
+    converted = tmp_path / "effi.safetensors"
+    code, out, err = run_cli(capsys, "--checkpoint", source, "--output", converted, "--from", "timm",
+                             "--model", "effi_densenet121", "--verify")
+    assert code == 0, err
+    assert "'module.'" in out and "took the weights under 'state_dict'" in out
+    model = timm.create_model("effi_densenet121", pretrained=True, pretrained_cfg_overlay=dict(file=str(converted)))
+    torch.testing.assert_close(logits(model, x), expected, rtol=0, atol=1e-5)
+
+    back = tmp_path / "timm.safetensors"
+    code, _, err = run_cli(capsys, "--checkpoint", converted, "--output", back, "--to", "timm", "--verify")
+    assert code == 0, err
+    restored = timm.create_model("densenet121", pretrained=True, pretrained_cfg_overlay=dict(file=str(back)))
+    torch.testing.assert_close(logits(restored, x), expected, rtol=0, atol=0)
+
+
+# --- small networks ---
+
+def test_tiny_legacy_torchvision_converts_with_inferred_architecture(tmp_path):
+    tv = tiny_torchvision()
+    source = save_legacy(tv, tmp_path / "tiny.pth")
+    conversion, diff = convert.convert_checkpoint(source, tmp_path / "tiny.safetensors", verify=True)
+    assert conversion.architecture == TINY_ARCH
+    assert conversion.model_name is None and conversion.source == "torchvision" and conversion.target == "effidense"
+    assert diff is not None and diff <= convert.VERIFY_TOLERANCE
+    assert any("num_batches_tracked" in note for note in conversion.notes)
+
+    model = effidense.DenseNet(**conversion.architecture.model_kwargs())
+    model.load_state_dict(convert.load_checkpoint(tmp_path / "tiny.safetensors").state_dict, strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(logits(model, x), logits(tv, x), rtol=0, atol=1e-6)
+
+
+def test_pretrained_filter_loads_raw_legacy_torchvision_file(tmp_path):
+    tv = tiny_torchvision()
+    source = save_legacy(tv, tmp_path / "tiny.pth")
+    model = timm.create_model("effi_densenet121", pretrained=True, num_classes=10, **TINY,
+                              pretrained_cfg_overlay=dict(file=str(source), num_classes=10))
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(logits(model, x), logits(tv, x), rtol=0, atol=1e-6)
+
+
+def test_timm_tiny_round_trip_is_exact(tmp_path):
+    torch.manual_seed(2)
+    from timm.models.densenet import DenseNet as TimmDenseNet
+
+    tm = randomize(TimmDenseNet(growth_rate=4, block_config=(2, 2), num_classes=10, in_chans=1))
+    source = tmp_path / "timm.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(tm.state_dict(), str(source))
+    mid, back = tmp_path / "effi.safetensors", tmp_path / "back.safetensors"
+    convert.convert_checkpoint(source, mid, source="timm", verify=True)
+    convert.convert_checkpoint(mid, back, target="timm", verify=True)
+    restored = convert.load_checkpoint(back).state_dict
+    assert sorted(restored) == sorted(tm.state_dict())  # safetensors stores keys sorted
+    for key, value in tm.state_dict().items():
+        assert torch.equal(restored[key], value), key
+
+
+def test_effidense_only_architecture(tmp_path):
+    torch.manual_seed(3)
+    model = randomize(effidense.DenseNet(growth_rate=4, block_config=(2, 2, 2), num_init_features=8, bn_size=None,
+                                         compression=0.75, small_inputs=True, num_classes=10, in_chans=1))
+    arch = convert.infer_architecture(model.state_dict())
+    assert arch == Architecture(4, (2, 2, 2), 8, None, 0.75, True, 10, 1)
+    assert len(convert.layout_limits("torchvision", arch)) == 4 and len(convert.layout_limits("timm", arch)) == 3
+    source = tmp_path / "cifar.pth"
+    torch.save(model.state_dict(), source)
+    conversion, diff = convert.convert_checkpoint(source, tmp_path / "out.safetensors", verify=True)
+    assert conversion.source == "effidense" and diff == 0
+    with pytest.raises(ConversionError, match=r"target layout torchvision.*small_inputs=True.*bn_size=None"):
+        convert.convert_checkpoint(source, tmp_path / "tv.pth", target="torchvision")
+    with pytest.raises(ConversionError, match="source layout timm"):
+        convert.convert_checkpoint(source, tmp_path / "x.pth", source="timm")
+
+
+def test_every_config_is_recognised_from_its_weights():
+    for name in effidense.CONFIGS:
+        with torch.device("meta"):
+            state_dict = getattr(effidense, name)(num_classes=7).state_dict()
+        arch = convert.infer_architecture(state_dict)
+        assert convert.match_config(arch) == name and arch.num_classes == 7
+    assert convert.match_config(TINY_ARCH) is None
+
+
+def test_safetensors_header_metadata(tmp_path):
+    tv = tiny_torchvision()
+    source = tmp_path / "tiny.pth"
+    torch.save(tv.state_dict(), source)
+    out = tmp_path / "tiny.safetensors"
+    convert.convert_checkpoint(source, out, target="timm")
+    with safe_open(str(out), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["format"] == "pt"
+    assert meta["effidense.format_version"] == convert.FORMAT_VERSION
+    assert meta["effidense.layout"] == "timm" and meta["effidense.source_layout"] == "torchvision"
+    assert meta["effidense.source_file"] == "tiny.pth" and meta["effidense.model"] == ""
+    assert json.loads(meta["effidense.architecture"])["block_config"] == [2, 2]
+    assert Architecture.from_json(meta["effidense.architecture"]) == TINY_ARCH
+    # the layout recorded in the header is what auto-detection reports next time
+    conversion, _ = convert.convert_checkpoint(out, tmp_path / "again.safetensors")
+    assert conversion.source == "timm"
+
+
+def test_seed_usage_and_format_from_suffix(tmp_path, capsys):
+    source = tmp_path / "densenet121-a639ec97.pth"
+    save_legacy(tiny_torchvision(), source)
+    out = tmp_path / "densenet121_effi.pth"
+    code, _, err = run_cli(capsys, "--to", "efficient", "--checkpoint", source, "--output", out)
+    assert code == 0, err
+    state_dict = torch.load(out, weights_only=True)  # a plain .pth state dict, as the seed wrote
+    assert "features.denseblock1.denselayer1.norm1.weight" in state_dict
+    code, out_text, err = run_cli(capsys, "--to", "normal", "--checkpoint", out, "--output", tmp_path / "tv")
+    assert code == 0, err
+    assert "-> torchvision layout" in out_text
+    assert convert.load_checkpoint(tmp_path / "tv").metadata["effidense.layout"] == "torchvision"  # safetensors
+    code, _, err = run_cli(capsys, "--checkpoint", out, "--output", tmp_path / "a.safetensors", "--format", "pth")
+    assert code == 1 and "contradicts the output name a.safetensors" in err
+
+
+def test_model_option_checks_shapes(tmp_path, capsys):
+    torch.manual_seed(4)
+    model = effidense.densenet40_k12(num_classes=100)
+    source = tmp_path / "d40.pth"
+    torch.save(model.state_dict(), source)
+    conversion, _ = convert.convert_checkpoint(source, tmp_path / "ok.safetensors", model="effi_densenet40_k12")
+    assert conversion.model_name == "densenet40_k12" and conversion.architecture.num_classes == 100
+    code, _, err = run_cli(capsys, "--checkpoint", source, "--output", tmp_path / "bad.safetensors",
+                           "--model", "densenet_bc100_k12")
+    assert code == 1
+    assert err.startswith("error: the weights do not fit densenet_bc100_k12:") and err.count("\n") == 1
+    assert "mis-shaped: features.conv0.weight [16, 3, 3, 3] (expected [24, 3, 3, 3])" in err
+    assert "missing: features.denseblock1.denselayer1.norm2.weight" in err
+    code, _, err = run_cli(capsys, "--checkpoint", source, "--output", tmp_path / "bad.safetensors",
+                           "--model", "resnet50")
+    assert code == 1 and "unknown model 'resnet50'" in err
+    assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_unknown_missing_and_misshaped_keys_are_listed():
+    state_dict = tiny_torchvision().state_dict()
+    state_dict["features.extra.weight"] = torch.zeros(3)
+    del state_dict["features.denseblock2.denselayer1.norm1.running_var"]
+    state_dict["classifier.bias"] = torch.zeros(11)
+    with pytest.raises(ConversionError) as info:
+        convert.convert_state_dict(state_dict)
+    error = info.value
+    assert error.unknown == ["features.extra.weight"]
+    assert error.missing == ["features.denseblock2.denselayer1.norm1.running_var"]
+    assert error.mismatched == [("classifier.bias", (11,), (10,))]
+    for key in ("features.extra.weight", "norm1.running_var", "classifier.bias [11] (expected [10])"):
+        assert key in str(error)
+
+
+def test_not_a_densenet():
+    with pytest.raises(ConversionError, match="not a DenseNet checkpoint: no 4-d 'features.conv0.weight'"):
+        convert.convert_state_dict(torchvision.models.resnet18().state_dict())
+    with pytest.raises(ConversionError, match=r"keys 'module.classifier.bias' and 'classifier.bias' both mean"):
+        convert.canonical_state_dict({"module.classifier.bias": torch.zeros(1), "classifier.bias": torch.zeros(1)})
+
+
+class _Payload:
+    """Stands for anything a pickle could smuggle in besides tensors."""
+
+
+def test_pickled_code_is_refused(tmp_path, capsys):
+    source = tmp_path / "evil.pth"
+    torch.save({"state_dict": tiny_torchvision().state_dict(), "payload": _Payload()}, source)
+    code, _, err = run_cli(capsys, "--checkpoint", source, "--output", tmp_path / "out.safetensors")
+    assert code == 1 and err.count("\n") == 1
+    assert "refused to load" in err and "_Payload" in err and "weights_only=True" in err
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated_pth", "truncated_safetensors", "garbage", "empty", "legacy_half"])
+def test_corrupt_files_give_one_line_errors(tmp_path, capsys, damage):
+    state_dict = tiny_torchvision().state_dict()
+    good = tmp_path / "good"
+    if damage == "truncated_safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state_dict, str(good))
+    else:
+        torch.save(state_dict, good, _use_new_zipfile_serialization=damage != "legacy_half")
+    data = good.read_bytes()
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes({"garbage": b"\x00\x01not a checkpoint" * 20, "empty": b""}.get(damage, data[: len(data) // 2]))
+    code, out, err = run_cli(capsys, "--checkpoint", bad, "--output", tmp_path / "out.safetensors")
+    assert code == 1 and out == "" and err.count("\n") == 1 and "Traceback" not in err
+    assert ("corrupt or truncated" in err) or (damage == "empty" and "the file is empty" in err)
+    with pytest.raises(ConversionError):
+        convert.load_checkpoint(bad)
+
+
+def test_missing_input_and_bad_output_directory(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "--checkpoint", tmp_path / "nope.pth", "--output", tmp_path / "o.safetensors")
+    assert code == 1 and "checkpoint not found" in err
+    source = tmp_path / "tiny.pth"
+    torch.save(tiny_torchvision().state_dict(), source)
+    code, _, err = run_cli(capsys, "--checkpoint", source, "--output", tmp_path / "no" / "dir" / "o.safetensors")
+    assert code == 1 and "output directory does not exist" in err
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--checkpoint", str(source), "--output", "x", "--to", "onnx"])
+    assert info.value.code == 2
+
+
+def test_never_overwrites_without_force(tmp_path, capsys):
+    source = tmp_path / "tiny.pth"
+    torch.save(tiny_torchvision().state_dict(), source)
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"precious")
+    code, _, err = run_cli(capsys, "--checkpoint", source, "--output", out)
+    assert code == 1 and "output exists" in err and "--force" in err
+    assert out.read_bytes() == b"precious"
+    code, _, err = run_cli(capsys, "--checkpoint", source, "--output", out, "--force")
+    assert code == 0, err
+    assert convert.load_checkpoint(out).metadata["effidense.layout"] == "effidense"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors", "tiny.pth"]  # no temporary files left
+
+
+def test_failed_verification_writes_nothing(tmp_path, capsys, monkeypatch):
+    source = tmp_path / "tiny.pth"
+    torch.save(tiny_torchvision().state_dict(), source)
+    monkeypatch.setattr(convert, "verify_conversion", lambda *args, **kwargs: 0.5)
+    code, _, err = run_cli(capsys, "--checkpoint", source, "--output", tmp_path / "out.safetensors", "--verify")
+    assert code == 3 and "max abs difference 0.5" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.pth"]
+
+
+def test_verification_detects_a_wrong_model(tmp_path):
+    tv = tiny_torchvision()
+    converted = convert.convert_state_dict(tv.state_dict())
+    broken = dict(converted.state_dict)
+    broken["features.norm5.running_mean"] = broken["features.norm5.running_mean"] + 1e-3
+    diff = convert.verify_conversion(tv.state_dict(), "torchvision", broken, "effidense", converted.architecture)
+    assert diff > convert.VERIFY_TOLERANCE
+    same = convert.verify_conversion(tv.state_dict(), "torchvision", converted.state_dict, "timm",
+                                     converted.architecture)
+    assert same <= convert.VERIFY_TOLERANCE
+
+
+def test_training_checkpoint_wrappers_and_ema(tmp_path, capsys):
+    tv = tiny_torchvision()
+    weights = tv.state_dict()
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in weights.items()}
+    source = tmp_path / "ckpt.pth"
+    torch.save({"model": {f"_orig_mod.{k}": v for k, v in weights.items()}, "model_ema": ema, "step": 10}, source)
+    plain = convert.load_checkpoint(source)
+    assert any("EMA" in note for note in plain.notes)
+    conversion = convert.convert_state_dict(plain.state_dict)
+    assert torch.equal(conversion.state_dict["features.conv0.weight"], weights["features.conv0.weight"])
+    out = tmp_path / "ema.safetensors"
+    code, _, err = run_cli(capsys, "--checkpoint", source, "--output", out, "--ema")
+    assert code == 0, err
+    assert torch.equal(convert.load_checkpoint(out).state_dict["features.conv0.weight"], ema["features.conv0.weight"])
+    torch.save({"step": 3, "optimizer": {}}, tmp_path / "nothing.pth")
+    with pytest.raises(ConversionError, match="no state dict found: top-level keys are step, optimizer"):
+        convert.load_checkpoint(tmp_path / "nothing.pth")
+    with pytest.raises(ConversionError, match="no EMA weights"):
+        convert.load_checkpoint(tmp_path / "nothing.pth", use_ema=True)

@@ -1,0 +1,256 @@
+"""The timm registry: effi_* entrypoints, pretrained configs and the model API timm's tools rely on."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torchvision
+from timm.models import group_parameters
+from timm.models.densenet import DenseNet as TimmDenseNet
+from timm.optim import create_optimizer_v2
+from torch import nn
+
+import effidense
+from effidense import SavedTensorMeter
+
+NAMES = ["effi_densenet121", "effi_densenet161", "effi_densenet169", "effi_densenet201", "effi_densenet264",
+         "effi_densenet40_k12", "effi_densenet_bc100_k12", "effi_densenet_bc250_k24", "effi_densenet_bc190_k40"]
+CIFAR = {"effi_densenet40_k12", "effi_densenet_bc100_k12", "effi_densenet_bc250_k24", "effi_densenet_bc190_k40"}
+TINY = dict(growth_rate=4, block_config=(2, 2, 2), num_init_features=8)
+
+
+def tiny(name: str = "effi_densenet121", **kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(name, **{**TINY, **kwargs})
+
+
+def test_registry_lists_every_model_with_tags():
+    assert sorted(timm.list_models("effi_*")) == sorted(NAMES)
+    tagged = set(timm.list_models("effi_*", include_tags=True))
+    for name in ("effi_densenet121", "effi_densenet161", "effi_densenet169", "effi_densenet201"):
+        assert f"{name}.tv_in1k" in tagged
+    assert "effi_densenet121.ra_in1k" in tagged
+    assert timm.create_model("effi_densenet121", **TINY).pretrained_cfg["tag"] == "tv_in1k"  # the default tag
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_pretrained_cfg(name):
+    cfg = timm.models.get_pretrained_cfg(name).to_dict()
+    for key in ("input_size", "mean", "std", "crop_pct", "interpolation", "first_conv", "classifier", "num_classes"):
+        assert key in cfg, key
+    assert cfg["first_conv"] == "features.conv0" and cfg["classifier"] == "classifier"
+    if name in CIFAR:
+        assert cfg["input_size"] == (3, 32, 32) and cfg["num_classes"] == 10 and cfg["pool_size"] == (8, 8)
+    else:
+        assert cfg["input_size"] == (3, 224, 224) and cfg["num_classes"] == 1000 and cfg["pool_size"] == (7, 7)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_full_models_have_the_published_parameter_counts(name):
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        model = timm.create_model(name)
+        reference = {
+            "effi_densenet264": lambda: TimmDenseNet(growth_rate=32, block_config=(6, 12, 64, 48)),
+        }.get(name, getattr(torchvision.models, name.removeprefix("effi_"), None))
+        expected = sum(p.numel() for p in reference().parameters()) if reference else None
+    count = sum(p.numel() for p in model.parameters())
+    if expected is None:  # Huang et al., Table 2 (CIFAR, 10 classes), in millions
+        expected = {"effi_densenet40_k12": 1.0e6, "effi_densenet_bc100_k12": 0.8e6,
+                    "effi_densenet_bc250_k24": 15.3e6, "effi_densenet_bc190_k40": 25.6e6}[name]
+        assert abs(count - expected) / expected < 0.05
+    else:
+        assert count == expected
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_model_runs_a_tiny_batch(name):
+    model = tiny(name, num_classes=5).eval()
+    size = 32 if name in CIFAR else 64
+    assert model.small_inputs == (name in CIFAR)
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, size, size)).shape == (2, 5)
+
+
+def test_head_options():
+    x = torch.randn(2, 3, 64, 64)
+    model = tiny(num_classes=0).eval()
+    assert model(x).shape == (2, model.num_features) and isinstance(model.get_classifier(), nn.Identity)
+    model = tiny(num_classes=0, global_pool="").eval()
+    assert model(x).shape == (2, model.num_features, 4, 4)  # 64 / reduction 16
+    model = tiny(in_chans=1).eval()
+    assert model.features.conv0.in_channels == 1 and model(torch.randn(2, 1, 64, 64)).shape == (2, 1000)
+    model = tiny(global_pool="catavgmax", num_classes=4).eval()
+    pre = model.forward_head(model.forward_features(x), pre_logits=True)
+    assert pre.shape == (2, model.head_hidden_size) and model.head_hidden_size == 2 * model.num_features
+    with pytest.raises(ValueError, match=r"global_pool='' \(no pooling\) needs num_classes=0"):
+        tiny(global_pool="")
+
+
+def test_kwargs_pass_through_create_model():
+    assert tiny().memory == "efficient"
+    assert tiny(memory="frugal").memory == "frugal"
+    assert tiny(efficient=False).memory == "plain"
+    model = tiny(drop_rate=0.25, proj_drop_rate=0.1)  # timm's meanings: head dropout, per-layer dropout
+    assert model.head_drop.p == 0.25
+    assert {layer.drop_rate for layer in model.modules() if isinstance(layer, effidense.densenet.DenseLayer)} == {0.1}
+    with pytest.raises(ValueError, match="memory must be one of"):
+        tiny(memory="tiny")
+
+
+def test_forward_intermediates_match_forward_features():
+    for name, size in (("effi_densenet121", 64), ("effi_densenet_bc100_k12", 32)):
+        model = tiny(name).eval()
+        x = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            final, intermediates = model.forward_intermediates(x)
+            torch.testing.assert_close(final, model.forward_features(x), rtol=0, atol=0)
+            assert len(intermediates) == len(model.feature_info)
+            for feature, info in zip(intermediates, model.feature_info, strict=True):
+                assert feature.shape == (2, info["num_chs"], size // info["reduction"], size // info["reduction"])
+            torch.testing.assert_close(intermediates[-1], final, rtol=0, atol=0)
+            only = model.forward_intermediates(x, indices=[0, 2], intermediates_only=True)
+            torch.testing.assert_close(only, [intermediates[0], intermediates[2]], rtol=0, atol=0)
+            last, taken = model.forward_intermediates(x, indices=1, stop_early=True)  # the last map only
+            torch.testing.assert_close(taken, [intermediates[-1]], rtol=0, atol=0)
+            last, taken = model.forward_intermediates(x, indices=[1], stop_early=True)
+            torch.testing.assert_close([last], [intermediates[1]], rtol=0, atol=0)
+
+
+def test_intermediates_equal_timms_densenet():
+    """Same weights in timm's DenseNet and ours give the same feature maps for every index."""
+    torch.manual_seed(0)
+    reference = TimmDenseNet(growth_rate=4, block_config=(2, 2, 2), num_classes=3).eval()
+    model = timm.create_model("effi_densenet121", **TINY, num_classes=3).eval()
+    model.load_state_dict(reference.state_dict())
+    assert [dict(i) for i in model.feature_info] == [dict(i) for i in reference.feature_info]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_intermediates(x, intermediates_only=True),
+                                   reference.forward_intermediates(x, intermediates_only=True), rtol=0, atol=1e-6)
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("out_indices", [(0, 1, 2, 3), (1, 2), (0,), (3,)])
+def test_features_only(out_indices):
+    full = tiny().eval()
+    model = tiny(features_only=True, out_indices=out_indices).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features = model(x)
+        expected = full.forward_intermediates(x, indices=list(out_indices), intermediates_only=True)
+    assert model.feature_info.channels() == [full.feature_info[i]["num_chs"] for i in out_indices]
+    assert model.feature_info.reduction() == [full.feature_info[i]["reduction"] for i in out_indices]
+    torch.testing.assert_close(features, expected, rtol=0, atol=0)
+    # layers after the last wanted map, and the classifier, are pruned away
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in full.parameters())
+    assert not any(name.startswith("classifier.") and p.numel() for name, p in model.model.named_parameters())
+
+
+def test_features_only_default_indices_follow_the_block_count():
+    for name, blocks in (("effi_densenet121", 4), ("effi_densenet_bc100_k12", 3)):
+        model = timm.create_model(name, features_only=True, growth_rate=4, block_config=(1,) * blocks,
+                                  num_init_features=8)
+        assert len(model.feature_info.channels()) == blocks + 1
+
+
+def test_features_only_small_inputs_and_too_small_images():
+    model = tiny("effi_densenet_bc100_k12", features_only=True, out_indices=(0, 1)).eval()
+    with torch.no_grad():
+        maps = model(torch.randn(1, 3, 2, 2))  # the pruned net needs only its first transition
+    assert [m.shape[-1] for m in maps] == [2, 2]
+    with pytest.raises(ValueError, match="too small for this DenseNet: needs at least 4x4"):
+        tiny("effi_densenet_bc100_k12")(torch.randn(1, 3, 2, 2))
+
+
+def test_prune_intermediate_layers_directly():
+    model = tiny(num_classes=3).eval()
+    assert model.prune_intermediate_layers([1], prune_head=False) == [1]
+    assert model.num_features == model.feature_info[1]["num_chs"] and model.num_classes == 0
+    assert "norm5" not in model.features._modules and "transition1" not in model.features._modules
+    with torch.no_grad():
+        # as in timm, the pruned head neither pools nor classifies: the output is map 1 itself
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, model.feature_info[1]["num_chs"], 16, 16)
+    with pytest.raises(ValueError, match="already pruned away"):
+        model.prune_intermediate_layers([3])
+
+
+def test_forward_head_and_reset_classifier():
+    model = tiny(num_classes=7).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        pre = model.forward_head(features, pre_logits=True)
+        assert pre.shape == (2, model.head_hidden_size)
+        torch.testing.assert_close(model.classifier(pre), model(x), rtol=0, atol=0)
+    model.reset_classifier(3)
+    assert model.num_classes == 3 and model.get_classifier().out_features == 3
+    model.reset_classifier(0, global_pool="max")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), features.amax((2, 3)), rtol=0, atol=0)
+    model = tiny().double().train()
+    model.reset_classifier(5)
+    assert model.classifier.weight.dtype == torch.float64 and model.classifier.training
+
+
+def test_group_matcher_with_layer_decay():
+    model = tiny(num_classes=3)
+    coarse = list(group_parameters(model, model.group_matcher(coarse=True)).values())
+    # stem, each block with the transition after it, then what no pattern names (final norm, classifier)
+    assert [sorted({n.split(".")[1] for n in group}) for group in coarse] == [
+        ["conv0", "norm0"], ["denseblock1", "transition1"], ["denseblock2", "transition2"], ["denseblock3"],
+        ["bias", "norm5", "weight"]]
+    optimizer = create_optimizer_v2(model, "sgd", lr=0.1, layer_decay=0.5)
+    seen = [id(p) for group in optimizer.param_groups for p in group["params"]]
+    assert sorted(seen) == sorted(id(p) for p in model.parameters()) and len(seen) == len(set(seen))
+    scale = {name: group["lr_scale"] for group in optimizer.param_groups for name, p in model.named_parameters()
+             if any(p is q for q in group["params"])}
+    stem, first, last = (scale["features.conv0.weight"], scale["features.denseblock1.denselayer1.conv1.weight"],
+                         scale["features.denseblock3.denselayer2.conv2.weight"])
+    assert stem < first < last < scale["classifier.weight"] == 1.0
+
+
+def test_set_grad_checkpointing_maps_to_memory_modes():
+    model = tiny()
+    model.set_grad_checkpointing(False)
+    assert model.memory == "plain"
+    model.set_grad_checkpointing(True)
+    assert model.memory == "efficient"
+    model.set_memory("frugal").set_grad_checkpointing(True)
+    assert model.memory == "frugal"
+    # and it really changes what autograd keeps
+    x = torch.randn(2, 3, 64, 64)
+    saved = {}
+    for enable in (False, True):
+        model.set_grad_checkpointing(enable)
+        with SavedTensorMeter(exclude=model) as meter:
+            model(x).sum()
+        saved[enable] = meter.bytes
+    assert saved[True] < saved[False]
+
+
+def test_pretrained_without_a_file_says_so():
+    with pytest.raises(RuntimeError, match="No pretrained weights exist for effi_densenet121"):
+        timm.create_model("effi_densenet121", pretrained=True)
+
+
+def test_pretrained_file_with_new_classes_channels_and_features(tmp_path):
+    source_model = tiny().eval()
+    path = tmp_path / "w.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(source_model.state_dict(), str(path))
+    overlay = dict(file=str(path))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = source_model.forward_features(x)
+        same = tiny(pretrained=True, pretrained_cfg_overlay=overlay).eval()
+        torch.testing.assert_close(same(x), source_model(x), rtol=0, atol=0)
+        fresh_head = tiny(pretrained=True, pretrained_cfg_overlay=overlay, num_classes=4).eval()
+        torch.testing.assert_close(fresh_head.forward_features(x), expected, rtol=0, atol=0)
+        assert fresh_head(x).shape == (2, 4)
+        gray = tiny(pretrained=True, pretrained_cfg_overlay=overlay, in_chans=1)
+        torch.testing.assert_close(gray.features.conv0.weight,
+                                   source_model.features.conv0.weight.sum(1, keepdim=True), rtol=1e-6, atol=1e-6)
+        features = tiny(pretrained=True, pretrained_cfg_overlay=overlay, features_only=True).eval()
+        torch.testing.assert_close(features(x), source_model.forward_intermediates(x, intermediates_only=True),
+                                   rtol=0, atol=0)
