@@ -19,6 +19,7 @@ statistics; its backward is native BatchNorm's training-mode backward, so gradie
 """
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
@@ -53,6 +54,18 @@ def _run(mode: str, level: str, fn: Callable[..., Any], *tensors: Tensor | None,
     return checkpoint(fn, *tensors, use_reentrant=False, preserve_rng_state=random)
 
 
+def _normalize(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor,
+               eps: float) -> Tensor:
+    """(x - mean) / sqrt(var + eps) * weight + bias, per channel."""
+    if not torch.compiler.is_compiling():
+        return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
+    # Traced batch_norm fixes the channel count; this arithmetic keeps it symbolic and fuses just the same.
+    scale = torch.rsqrt(var + eps)
+    scale = scale if weight is None else scale * weight
+    shift = -mean * scale if bias is None else bias - mean * scale
+    return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
+
+
 class _BatchNormWithStats(torch.autograd.Function):
     """Training-mode BatchNorm given its batch statistics: normalises only; backward is native BatchNorm's
     training-mode backward, which includes the gradient through the statistics."""
@@ -62,7 +75,7 @@ class _BatchNormWithStats(torch.autograd.Function):
                 eps: float) -> Tensor:
         ctx.eps = eps
         ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps))
-        return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
+        return _normalize(x, weight, bias, mean, var, eps)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -117,12 +130,29 @@ def _stats(norm: nn.BatchNorm2d, features: Sequence[Tensor], shared: list[Stats]
     return mean, var
 
 
-def _bn_relu(norm: nn.BatchNorm2d, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
-    if _uses_batch_stats(norm):
-        x = _BatchNormWithStats.apply(x, norm.weight, norm.bias, mean, var, norm.eps)
+def _normalize_relu(x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor, eps: float,
+                    batch_stats: bool) -> Tensor:
+    if batch_stats:
+        x = _BatchNormWithStats.apply(x, weight, bias, mean, var, eps)
     else:
-        x = F.batch_norm(x, mean, var, norm.weight, norm.bias, False, 0.0, norm.eps)
+        x = _normalize(x, weight, bias, mean, var, eps)
     return F.relu(x, inplace=True)
+
+
+@functools.cache
+def _compiled_normalize_relu(options: tuple[tuple[str, Any], ...]) -> Callable[..., Tensor]:
+    # One graph serves every layer: channel counts and sizes are symbolic, so depth does not multiply compile time.
+    return torch.compile(_normalize_relu, dynamic=True, fullgraph=True, **dict(options))
+
+
+def _bn_relu(norm: nn.BatchNorm2d, x: Tensor, mean: Tensor, var: Tensor,
+             compiled: tuple[tuple[str, Any], ...] | None = None) -> Tensor:
+    """ReLU(BN(x)) with the given statistics; ``compiled`` holds torch.compile options, or None for eager."""
+    if compiled is None:
+        return _normalize_relu(x, norm.weight, norm.bias, mean, var, norm.eps, _uses_batch_stats(norm))
+    # Dynamo gives parameters static shapes; plain views let one graph serve every channel count.
+    weight, bias = (None if t is None else t.view(-1) for t in (norm.weight, norm.bias))
+    return _compiled_normalize_relu(compiled)(x, weight, bias, mean, var, norm.eps, _uses_batch_stats(norm))
 
 
 def _cat(features: Sequence[Tensor]) -> Tensor:
@@ -143,12 +173,13 @@ class DenseLayer(nn.Module):
             self.conv1 = nn.Conv2d(num_input_features, growth_rate, 3, padding=1, bias=False)
         self.bottleneck = bool(bn_size)
         self.drop_rate = drop_rate
+        self.compiled: tuple[tuple[str, Any], ...] | None = None  # set by DenseNet.set_compile
 
     def _concat_bn_relu_conv1(self, mean: Tensor, var: Tensor, *features: Tensor) -> Tensor:
-        return self.conv1(_bn_relu(self.norm1, _cat(features), mean, var))
+        return self.conv1(_bn_relu(self.norm1, _cat(features), mean, var, self.compiled))
 
     def _bn_relu_conv2(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
-        return self.conv2(_bn_relu(self.norm2, x, mean, var))
+        return self.conv2(_bn_relu(self.norm2, x, mean, var, self.compiled))
 
     def _dropout(self, x: Tensor) -> Tensor:
         return F.dropout(x, self.drop_rate, self.training) if self.drop_rate > 0 else x
@@ -201,9 +232,10 @@ class Transition(nn.Module):
         super().__init__()
         self.norm = nn.BatchNorm2d(num_input_features)
         self.conv = nn.Conv2d(num_input_features, num_output_features, 1, bias=False)
+        self.compiled: tuple[tuple[str, Any], ...] | None = None  # set by DenseNet.set_compile
 
     def _concat_bn_relu_conv(self, mean: Tensor, var: Tensor, *features: Tensor) -> Tensor:
-        return self.conv(_bn_relu(self.norm, _cat(features), mean, var))
+        return self.conv(_bn_relu(self.norm, _cat(features), mean, var, self.compiled))
 
     def _transition(self, mean: Tensor, var: Tensor, *features: Tensor, mode: str = "plain") -> Tensor:
         return F.avg_pool2d(_run(mode, "efficient", self._concat_bn_relu_conv, mean, var, *features), 2)
@@ -272,6 +304,7 @@ class DenseNet(nn.Module):
         small_inputs: one 3x3 stride-1 conv stem for 32x32 images instead of the ImageNet 7x7/2 conv + 3x3/2 max-pool.
         memory: 'plain', 'efficient' (default) or 'frugal'; see the module docstring.
         efficient: the seed projects' spelling: True for 'efficient', False for 'plain'.
+        compile: compile the BN-ReLU segments with torch.compile (see :meth:`set_compile`).
     """
 
     def __init__(
@@ -289,11 +322,13 @@ class DenseNet(nn.Module):
             small_inputs: bool = False,
             memory: str | None = None,
             efficient: bool | None = None,
+            compile: bool = False,
     ) -> None:
         super().__init__()
         _check_config(growth_rate, block_config, num_init_features, bn_size, compression, drop_rate,
                       head_drop_rate, num_classes, in_chans)
         self.memory = _resolve_memory(memory, efficient)
+        self.compiled: tuple[tuple[str, Any], ...] | None = None
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.small_inputs = small_inputs
@@ -337,8 +372,23 @@ class DenseNet(nn.Module):
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
+        if compile:
+            self.set_compile()
 
-    # --- memory modes ---
+    # --- memory modes and compilation ---
+    def set_compile(self, enabled: bool = True, **options: Any) -> DenseNet:
+        """Compile the normalise-ReLU segments with ``torch.compile(dynamic=True, fullgraph=True, **options)``.
+
+        Regional: one graph for every layer, whatever the depth, instead of compiling the whole network; convolutions
+        and concatenations stay eager so checkpoint's early stop still skips convolutions when recomputing.
+        Running statistics stay outside compiled code. Returns the model.
+        """
+        self.compiled = tuple(sorted(options.items())) if enabled else None
+        for m in self.modules():
+            if isinstance(m, (DenseLayer, Transition)):
+                m.compiled = self.compiled
+        return self
+
     def set_memory(self, memory: str | None = None, efficient: bool | None = None) -> DenseNet:
         """Switch the memory mode of a built model; returns the model."""
         self.memory = _resolve_memory(memory, efficient)
@@ -385,7 +435,7 @@ class DenseNet(nn.Module):
 
     # --- forward ---
     def _stem_bn_relu(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
-        return _bn_relu(self.features.norm0, x, mean, var)
+        return _bn_relu(self.features.norm0, x, mean, var, self.compiled)
 
     def _stem_tail(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
         return F.max_pool2d(self._stem_bn_relu(x, mean, var), 3, 2, 1)
@@ -397,7 +447,7 @@ class DenseNet(nn.Module):
         return self._stem_tail(x, *stats), stats, x.numel() // x.size(1)
 
     def _final(self, mean: Tensor, var: Tensor, *features: Tensor) -> Tensor:
-        return _bn_relu(self.features.norm5, _cat(features), mean, var)
+        return _bn_relu(self.features.norm5, _cat(features), mean, var, self.compiled)
 
     def _forward(self, x: Tensor, taps: Collection[int] = (), stop: int | None = None) -> tuple[Tensor, list[Tensor]]:
         """Feature map ``stop`` (``feature_info`` numbering; default the last the network has) and the maps

@@ -1,0 +1,66 @@
+"""torch.compile: regional, one graph for every layer, exact BN buffers, gradients equal to eager."""
+import copy
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+from effidense import DenseNet
+
+TINY = dict(growth_rate=4, block_config=(1, 1), num_init_features=8, num_classes=3)
+
+
+def _unique_graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("mode", ["plain", "efficient", "frugal"])
+def test_compiled_training_step_matches_eager(mode):
+    base = DenseNet(**TINY, drop_rate=0.2)
+    x = torch.randn(4, 3, 16, 16)
+    models = {}
+    for compiled in (False, True):
+        model = copy.deepcopy(base).set_memory(mode).set_compile(compiled).train()
+        torch.manual_seed(1)
+        out = model(x)
+        out.square().mean().backward()
+        models[compiled] = (model, out)
+    (eager, eager_out), (comp, comp_out) = models[False], models[True]
+    torch.testing.assert_close(comp_out, eager_out, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(comp.named_parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    for (name, b), c in zip(comp.named_buffers(), eager.buffers(), strict=True):
+        if name.endswith("num_batches_tracked"):
+            assert torch.equal(b, c) and b.item() == 1, name
+        else:
+            torch.testing.assert_close(b, c, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_one_graph_whatever_the_depth():
+    """Regional compilation: a deeper net adds no graphs (the same code is not compiled once per layer)."""
+    x = torch.randn(2, 3, 16, 16)
+    DenseNet(**TINY, memory="efficient", compile=True)(x).sum().backward()
+    shallow = _unique_graphs()
+    deep = DenseNet(**dict(TINY, block_config=(3, 3)), memory="efficient", compile=True)
+    deep(x).sum().backward()
+    deep.eval()
+    with torch.no_grad():
+        deep(x)
+    assert shallow <= 2  # the first call specialises, the second makes sizes symbolic
+    assert _unique_graphs() <= shallow + 1  # + the eval-mode graph (running statistics)
+
+
+def test_compile_option_round_trip():
+    model = DenseNet(**TINY, compile=True)
+    assert model.compiled == () and model.features.denseblock1.denselayer1.compiled == ()
+    model.set_compile(False)
+    assert model.compiled is None and model.features.transition1.compiled is None
