@@ -6,9 +6,10 @@ DenseNets" (2017). State-dict keys follow torchvision's and timm's layout, so th
 Memory modes (``memory=``), chosen in :func:`_run` and nowhere else:
 
 * ``plain``: nothing is recomputed; everything autograd needs stays in memory.
-* ``efficient``: every concat-BN-ReLU segment feeding a convolution runs under non-reentrant
-  ``torch.utils.checkpoint``: concatenations and BN/ReLU outputs are rebuilt in backward, convolutions never are
-  (checkpoint's early stop ends the recomputation once a convolution's input is rebuilt).
+* ``efficient``: every concat-BN-ReLU segment feeding a convolution in the dense blocks, transitions and the final
+  norm runs under non-reentrant ``torch.utils.checkpoint``: concatenations and BN/ReLU outputs are rebuilt in
+  backward, convolutions never are (checkpoint's early stop ends the recomputation once a convolution's input is
+  rebuilt). The stem is left as is: its max-pool costs more to recompute than it saves.
 * ``frugal``: whole dense layers, transitions and the stem are recomputed; only each layer's new features stay.
 
 BatchNorm is split in two so that recomputation is cheap and exact. Batch statistics are computed once per feature
@@ -474,9 +475,9 @@ class DenseNet(nn.Module):
         elif mode == "frugal":
             x, stats, count = _run(mode, "frugal", self._whole_stem, x)
             _track(norm0, stats, count)
-        else:
+        else:  # the stem's max-pool costs more to recompute than its ~4% of plain's memory is worth
             x = self.features.conv0(x)
-            x = _run(mode, "efficient", self._stem_tail, x, *_stats(norm0, [x], []))
+            x = _run(mode, "frugal", self._stem_tail, x, *_stats(norm0, [x], []))
         features = [x]
         for i in range(1, last):
             features, shared = self.features.get_submodule(f"denseblock{i}")(features, mode)
