@@ -325,24 +325,31 @@ def _release_cuda() -> None:
     torch.cuda.empty_cache()
 
 
-def _cuda_fits(trainer: _Trainer, template: torch.Tensor, num_classes: int,
-               channels_last: bool) -> Callable[[int], bool]:
+def _probe_step(trainer: _Trainer, template: torch.Tensor, batch: int, num_classes: int,
+                channels_last: bool) -> None:
+    # A function of its own, so that its tensors and autograd graph die with its frame when it raises.
+    x = torch.randn((batch, *template.shape[1:]), device=template.device, dtype=template.dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, max(num_classes, 1), (batch,), device=template.device)
+    trainer.step(x, y)
+    torch.cuda.synchronize(template.device)
+
+
+def _cuda_fits(trainer: _Trainer, template: torch.Tensor, num_classes: int, channels_last: bool,
+               progress: _Progress) -> Callable[[int], bool]:
     """A probe for :func:`largest_batch`: does one training step at this batch size fit in GPU memory?"""
 
     def fits(batch: int) -> bool:
+        progress.note(f"max-batch probe {batch}")
         try:
-            x = torch.randn((batch, *template.shape[1:]), device=template.device, dtype=template.dtype)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = torch.randint(0, max(num_classes, 1), (batch,), device=template.device)
-            trainer.step(x, y)
-            torch.cuda.synchronize(template.device)
+            _probe_step(trainer, template, batch, num_classes, channels_last)
             return True
         except Exception as error:  # only running out of memory means "does not fit"
             if not is_oom(error):
                 raise
             return False
-        finally:
+        finally:  # runs after the exception (and the frames it holds) is gone
             trainer.model.zero_grad(set_to_none=True)
             _release_cuda()
 
@@ -385,6 +392,11 @@ class _Progress:
     def variant(self, name: str) -> None:
         if self.bar is not None:
             self.bar.set_description(f"bench {name}")
+
+    def note(self, text: str) -> None:
+        """What the current variant is doing, for work that is not counted in steps (compiling, max-batch)."""
+        if self.bar is not None:
+            self.bar.set_postfix_str(text)
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
@@ -493,6 +505,7 @@ def _run_variant(variant: str, cfg: BenchConfig, device: torch.device, state: di
 
         first_step_s = None
         for i in range(max(cfg.warmup, 1 if compiled else 0)):
+            progress.note("compiling (first step)" if compiled and i == 0 else "warm-up")
             timer.sync()
             start = time.perf_counter()
             trainer.step()
@@ -500,6 +513,7 @@ def _run_variant(variant: str, cfg: BenchConfig, device: torch.device, state: di
             if i == 0:
                 first_step_s = time.perf_counter() - start
             progress.advance()
+        progress.note("")
 
         model.zero_grad(set_to_none=True)
         with SavedTensorMeter(exclude=model) as meter:
@@ -533,9 +547,9 @@ def _run_variant(variant: str, cfg: BenchConfig, device: torch.device, state: di
         if cfg.max_batch:
             model.zero_grad(set_to_none=True)
             _release_cuda()
-            result.max_batch = largest_batch(_cuda_fits(trainer, x, cfg.spec.arg("num_classes"),
-                                                        cfg.channels_last),
-                                             cfg.batch_size, cfg.max_batch_limit)
+            fits = _cuda_fits(trainer, x, cfg.spec.arg("num_classes"), cfg.channels_last, progress)
+            result.max_batch = largest_batch(fits, cfg.batch_size, cfg.max_batch_limit)
+            progress.note("")
     except Exception as error:
         result = VariantResult(variant, status="failed", error=_one_line(error))
         if os.environ.get("EFFIDENSE_BENCH_TRACEBACK"):
