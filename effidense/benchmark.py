@@ -722,7 +722,7 @@ def format_table(report: BenchReport) -> str:
         f"model: {cfg.spec.describe()}",
         f"batch {cfg.batch_size}{per_rank}, {cfg.img_size}x{cfg.img_size}, {cfg.amp or 'fp32'}"
         f"{', channels_last' if cfg.channels_last else ''}, {cfg.device} ({env.get('device_name')}), "
-        f"median of {cfg.steps} steps after {cfg.warmup} warm-up",
+        f"median of {cfg.steps} step{'s' if cfg.steps != 1 else ''} after {cfg.warmup} warm-up",
         f"torch {env['torch']}, {env['cpu_count']} CPUs, {env['torch_threads']} threads, {env['date']}",
         "",
     ]
@@ -781,6 +781,11 @@ def write_plot(path: str, report: BenchReport) -> None:
         for mode, values in sweep["activation_bytes"].items():
             color, marker = styles.get(mode, (None, "x"))
             left.plot(sweep["depths"], [v / MiB for v in values], marker=marker, color=color, label=mode)
+        plain = sweep["activation_bytes"].get("plain")
+        for mode, values in sweep["activation_bytes"].items():
+            if plain and mode != "plain" and values[-1]:
+                left.annotate(f"{plain[-1] / values[-1]:.1f}x less", (sweep["depths"][-1], values[-1] / MiB),
+                              textcoords="offset points", xytext=(-6, 6), ha="right", fontsize=8)
         left.set_xlabel("depth (layers)")
         left.set_ylabel("activation memory saved for backward (MiB)")
         left.set_title(f"Activation memory vs depth\n{_family_name(cfg.spec)}, batch {cfg.batch_size}, "
@@ -800,6 +805,8 @@ def write_plot(path: str, report: BenchReport) -> None:
         right.text(i, r.forward_ms + r.backward_ms, f"step {r.step_ms:.0f} ms", ha="center", va="bottom", fontsize=8)
     right.set_xticks(list(positions), names, rotation=30, ha="right")
     right.set_ylabel("median training step (ms)")
+    if ok:
+        right.set_ylim(top=1.12 * max(r.forward_ms + r.backward_ms for r in ok))
     right.set_title(f"Step time, {cfg.spec.name}, batch {cfg.batch_size}, {cfg.img_size}x{cfg.img_size}\n"
                     f"{report.environment.get('device_name')}, torch {report.environment['torch']}")
     right.grid(True, axis="y", alpha=0.3)

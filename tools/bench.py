@@ -3,7 +3,7 @@
 
 Prints a markdown table (forward/backward/step time, images/s, activation memory and, on a GPU, peak memory and the
 largest trainable batch), optionally writes every number to JSON and a plot of activation memory against depth.
-Defaults run DenseNet-BC-100 (k=12) at 32x32, batch 8, on the CPU in well under a minute.
+Defaults run DenseNet-BC-100 (k=12) at 32x32, batch 8, on the CPU in well under a minute on 2 idle cores.
 Examples:
 
   python tools/bench.py
