@@ -148,6 +148,7 @@ class BenchConfig:
     max_batch_limit: int = 1 << 16
     threads: int | None = None
     progress: bool = True
+    traceback: bool = False  # print the full traceback of a failing variant to stderr
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "img_size", "steps", "max_batch_limit"):
@@ -552,7 +553,7 @@ def _run_variant(variant: str, cfg: BenchConfig, device: torch.device, state: di
             progress.note("")
     except Exception as error:
         result = VariantResult(variant, status="failed", error=_one_line(error))
-        if os.environ.get("EFFIDENSE_BENCH_TRACEBACK"):
+        if cfg.traceback:
             traceback.print_exc()
     finally:
         trainer = model = None  # noqa: F841 - drop the model before the next variant is built
@@ -622,16 +623,25 @@ def memory_by_depth(cfg: BenchConfig, scales: Sequence[float],
                              "block_configs": [list(s.block_config) for s in specs_sorted],
                              "activation_bytes": {m: [] for m in modes}}
     x, y = _make_batch(cfg, device, 0)
+    errors: list[str] = []
     for spec in specs_sorted:
         for mode in modes:
-            torch.manual_seed(cfg.seed)
-            model = spec.build(mode).to(device).train()
-            if cfg.channels_last:
-                model.to(memory_format=torch.channels_last)
-            with SavedTensorMeter(exclude=model) as meter:
-                _Trainer(model, x, y, cfg.amp).loss()
-            sweep["activation_bytes"][mode].append(meter.bytes)
-            del model
+            try:
+                torch.manual_seed(cfg.seed)
+                model = spec.build(mode).to(device).train()
+                if cfg.channels_last:
+                    model.to(memory_format=torch.channels_last)
+                with SavedTensorMeter(exclude=model) as meter:
+                    _Trainer(model, x, y, cfg.amp).loss()
+                sweep["activation_bytes"][mode].append(meter.bytes)
+            except Exception as error:  # e.g. the deepest plain net does not fit: keep the other points
+                sweep["activation_bytes"][mode].append(None)
+                errors.append(f"depth {spec.depth} {mode}: {_one_line(error)}")
+            finally:
+                model = None
+                if device.type == "cuda":
+                    _release_cuda()
+    sweep["errors"] = errors
     return sweep
 
 
@@ -734,7 +744,7 @@ def format_table(report: BenchReport) -> str:
 def report_to_json(report: BenchReport) -> dict[str, Any]:
     """Every number of the run and its environment, JSON-serialisable."""
     cfg = report.config
-    config = {k: v for k, v in asdict(cfg).items() if k not in ("spec", "progress")}
+    config = {k: v for k, v in asdict(cfg).items() if k not in ("spec", "progress", "traceback")}
     config["model"] = {"name": cfg.spec.name, "depth": cfg.spec.depth,
                        "kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.spec.kwargs.items()}}
     return {
@@ -780,10 +790,11 @@ def write_plot(path: str, report: BenchReport) -> None:
         styles = {"plain": ("tab:red", "o"), "efficient": ("tab:blue", "s"), "frugal": ("tab:green", "^")}
         for mode, values in sweep["activation_bytes"].items():
             color, marker = styles.get(mode, (None, "x"))
-            left.plot(sweep["depths"], [v / MiB for v in values], marker=marker, color=color, label=mode)
+            points = [(d, v / MiB) for d, v in zip(sweep["depths"], values, strict=True) if v is not None]
+            left.plot([d for d, _ in points], [v for _, v in points], marker=marker, color=color, label=mode)
         plain = sweep["activation_bytes"].get("plain")
         for mode, values in sweep["activation_bytes"].items():
-            if plain and mode != "plain" and values[-1]:
+            if plain and plain[-1] and mode != "plain" and values[-1]:
                 left.annotate(f"{plain[-1] / values[-1]:.1f}x less", (sweep["depths"][-1], values[-1] / MiB),
                               textcoords="offset points", xytext=(-6, 6), ha="right", fontsize=8)
         left.set_xlabel("depth (layers)")

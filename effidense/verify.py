@@ -23,6 +23,7 @@ import copy
 import json
 import math
 import os
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -209,7 +210,9 @@ def _perturb_running_stats(model: nn.Module, seed: int) -> None:
 def _underlying(model: nn.Module) -> nn.Module:
     """The module whose parameters a wrapper (torch.compile, DDP) trains."""
     while True:
-        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None:
+            inner = getattr(model, "module", None)
         if not isinstance(inner, nn.Module):
             return model
         model = inner
@@ -443,8 +446,6 @@ def run_local_checks(cfg: VerifyConfig, progress: bool = False) -> list[Check]:
         jobs += [("gradcheck", m) for m in MEMORY_MODES]
     bar = None
     if progress:
-        import sys
-
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(jobs), desc="gradcheck", unit="check", file=sys.stderr, dynamic_ncols=True)
@@ -469,13 +470,16 @@ def run_local_checks(cfg: VerifyConfig, progress: bool = False) -> list[Check]:
     return checks
 
 
+_RAN = "ran without error"
+
+
 def _guarded(group: str, case: str, subject: str, run: Any) -> list[Check]:
     """Run a check function; an exception becomes one failed check instead of ending the whole run."""
     try:
         return run()
     except Exception as error:
         first = str(error).strip().splitlines()
-        return [Check(group, case, subject, "ran without error", False,
+        return [Check(group, case, subject, _RAN, False,
                       detail=f"{type(error).__name__}: {first[0] if first else ''}")]
 
 
@@ -605,7 +609,7 @@ def _ddp_rank(spec: ModelSpec, device_kind: str, local_rank: int, batch_per_rank
         mine = ddp_checks(spec, device, batch_per_rank, img_size, seed)
     except Exception as error:
         first = str(error).strip().splitlines()
-        mine = [Check("ddp", f"{spec.name} / DDP", "all modes", "ran without error", False,
+        mine = [Check("ddp", f"{spec.name} / DDP", "all modes", _RAN, False,
                       detail=f"rank {torch.distributed.get_rank()}: {type(error).__name__}: "
                              f"{first[0] if first else ''}")]
     gathered: list[Any] = [None] * torch.distributed.get_world_size()
@@ -683,8 +687,9 @@ def format_report(checks: Iterable[Check], header: Sequence[str] = (), verbose: 
     the gradcheck and DDP checks one line each, every failure spelled out, then the verdict."""
     checks = list(checks)
     lines = list(header) + ([""] if header else [])
-    modes = [c for c in checks if c.group == "modes"]
-    others = [c for c in checks if c.group != "modes" or verbose]
+    in_table = [c.group == "modes" and c.what != _RAN for c in checks]
+    modes = [c for c, t in zip(checks, in_table, strict=True) if t]
+    others = [c for c, t in zip(checks, in_table, strict=True) if not t or verbose]
     if modes:
         columns = list(dict.fromkeys(c.what for c in modes))
         rows: dict[tuple[str, str], dict[str, Check]] = {}

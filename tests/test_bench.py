@@ -93,6 +93,7 @@ def test_table_json_and_plot(bench, tiny_run, capsys):
     assert results["efficient"]["activation_x_less"] == pytest.approx(act["plain"] / act["efficient"])
 
     sweep = data["depth_sweep"]
+    assert sweep["errors"] == []
     assert sweep["block_configs"] == [[1, 1], [2, 2], [4, 4]]
     assert sweep["depths"] == [7, 11, 19]
     plain, efficient, frugal = (sweep["activation_bytes"][m] for m in ("plain", "efficient", "frugal"))

@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="factors for each block's layer count in the depth sweep (default 0.25,0.5,1,1.5,2)")
     out.add_argument("--force", action="store_true", help="overwrite existing --json/--plot files")
     out.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
+    out.add_argument("--traceback", action="store_true", help="print the full traceback of a failing variant")
     return parser
 
 
@@ -111,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             img_size=args.img_size or spec.default_img_size, device=args.device, amp=args.amp,
             channels_last=args.channels_last, warmup=warmup if args.warmup is None else args.warmup,
             steps=args.steps or steps, seed=args.seed, max_batch=args.max_batch,
-            max_batch_limit=args.max_batch_limit, threads=args.threads, progress=not args.quiet)
+            max_batch_limit=args.max_batch_limit, threads=args.threads, progress=not args.quiet,
+            traceback=args.traceback)
         report = benchmark(cfg, processes=args.gpus, command=command,
                            depth_scales=args.plot_scales if args.plot else None)
     except ValueError as e:
@@ -123,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         write_json(args.json, report)
         print(f"wrote {args.json}")
+    for error in (report.depth_sweep or {}).get("errors", []):
+        print(f"depth sweep: {error}", file=sys.stderr)
     if args.plot:
         write_plot(args.plot, report)
         print(f"wrote {args.plot}")
