@@ -256,3 +256,32 @@ def test_config_validation():
         BenchConfig(spec, ["plain"], batch_size=0)
     with pytest.raises(ValueError, match="amp"):
         BenchConfig(spec, ["plain"], amp="fp8")
+
+
+def test_max_batch_probe_treats_only_oom_as_not_fitting(monkeypatch):
+    # The GPU probe's logic, on the CPU: out-of-memory means "does not fit", any other error propagates.
+    from torch import nn
+
+    import effidense.benchmark as benchmark
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    seen = []
+
+    class FakeTrainer:
+        model = nn.Linear(1, 1)
+
+        def step(self, x, y):
+            seen.append((tuple(x.shape), x.is_contiguous(memory_format=torch.channels_last)))
+            if len(x) > 24:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+            if len(x) == 13:
+                raise RuntimeError("cuDNN error: CUDNN_STATUS_BAD_PARAM")
+
+    progress = benchmark._Progress(1, enabled=False)
+    fits = benchmark._cuda_fits(FakeTrainer(), torch.zeros(2, 3, 8, 8), 10, True, progress)
+    assert largest_batch(fits, 4, 1024) == 24
+    assert seen[0] == ((4, 3, 8, 8), True)
+    with pytest.raises(RuntimeError, match="CUDNN_STATUS_BAD_PARAM"):
+        fits(13)
+    assert benchmark.is_oom(RuntimeError("CUDA error: out of memory"))
+    assert not benchmark.is_oom(ValueError("out of range"))
