@@ -110,11 +110,13 @@ def _validate(spec: ModelSpec) -> None:
         spec.build()
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, default_model: str | None) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, default_model: str | None,
+                        default_help: str | None = None) -> None:
     """``--model`` plus the custom-config flags, shared by the tools."""
     group = parser.add_argument_group("model", "a named configuration, optionally changed by the flags below")
+    shown = default_help or default_model
     group.add_argument("--model", default=default_model,
-                       help=f"effi_* timm name, bare config name or 'custom' (default: {default_model}); "
+                       help=f"effi_* timm name, bare config name or 'custom' (default: {shown}); "
                             f"choices: {', '.join(model_names())}")
     group.add_argument("--growth-rate", type=int, help="new feature maps per dense layer (k)")
     group.add_argument("--block-config", type=_int_list, help="layers per dense block, e.g. 6,12,24,16")

@@ -43,8 +43,7 @@ _MODEL_FLAGS = ("model", "growth_rate", "block_config", "num_init_features", "bn
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradcheck.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arguments(parser, None)
-    parser.set_defaults()
+    add_model_arguments(parser, None, "two tiny DenseNets, see below")
     run = parser.add_argument_group("what to check (default model: two tiny DenseNets, one DenseNet-BC with the "
                                     "ImageNet stem and one plain DenseNet with the small-input stem)")
     run.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
