@@ -1,0 +1,186 @@
+"""Which DenseNet a tool works on: a named configuration or a custom one, parsed the same way by every tool.
+
+A :class:`ModelSpec` holds the full keyword arguments of :class:`effidense.DenseNet` (without the memory mode, which
+the tools choose per variant) and builds the model in any mode. ``add_model_arguments`` / ``spec_from_args`` give
+``tools/bench.py`` and ``tools/gradcheck.py`` the same ``--model`` and custom-config flags.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .densenet import CONFIGS, DenseNet
+
+__all__ = ["ModelSpec", "resolve_model", "model_names", "add_model_arguments", "spec_from_args"]
+
+_MODE_ARGS = ("memory", "efficient", "compile")  # chosen per variant by the tools, never part of a spec
+_DENSENET_ARGS = [name for name in inspect.signature(DenseNet.__init__).parameters
+                  if name != "self" and name not in _MODE_ARGS]
+
+
+def model_names() -> list[str]:
+    """Names ``--model`` accepts: every timm name ``effi_<config>``, the bare config names, and ``custom``."""
+    return [f"effi_{name}" for name in CONFIGS] + list(CONFIGS) + ["custom"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A DenseNet configuration: ``name`` for humans, ``kwargs`` for :class:`DenseNet` (no memory mode)."""
+
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def arg(self, key: str) -> Any:
+        """The value of a DenseNet argument, the constructor's default where the spec does not set it."""
+        if key in self.kwargs:
+            return self.kwargs[key]
+        return inspect.signature(DenseNet.__init__).parameters[key].default
+
+    @property
+    def block_config(self) -> tuple[int, ...]:
+        return tuple(self.arg("block_config"))
+
+    @property
+    def bottleneck(self) -> bool:
+        return bool(self.arg("bn_size"))
+
+    @property
+    def depth(self) -> int:
+        """Layer count as the papers count it: stem conv, dense-layer convs, transition convs, classifier."""
+        per_layer = 2 if self.bottleneck else 1
+        return 1 + per_layer * sum(self.block_config) + len(self.block_config) - 1 + 1
+
+    @property
+    def default_img_size(self) -> int:
+        return 32 if self.arg("small_inputs") else 224
+
+    def build(self, memory: str = "plain", **overrides: Any) -> DenseNet:
+        """A fresh model in memory mode ``memory``; ``overrides`` replace spec arguments (e.g. ``drop_rate``)."""
+        return DenseNet(**{**self.kwargs, **overrides, "memory": memory})
+
+    def scaled(self, factor: float) -> ModelSpec:
+        """The same family with every block's layer count scaled by ``factor`` (at least one layer per block)."""
+        blocks = tuple(max(1, round(n * factor)) for n in self.block_config)
+        return ModelSpec(f"{self.name} x{factor:g}", {**self.kwargs, "block_config": blocks})
+
+    def describe(self) -> str:
+        shown = {k: v for k, v in self.kwargs.items() if k != "block_config"}
+        extra = ", ".join(f"{k}={v}" for k, v in sorted(shown.items()))
+        return f"{self.name} (depth {self.depth}, blocks {self.block_config}{', ' + extra if extra else ''})"
+
+
+def resolve_model(name: str | None = None, overrides: dict[str, Any] | None = None) -> ModelSpec:
+    """The spec for ``name`` (``effi_densenet121``, ``densenet121`` or ``custom``) with ``overrides`` applied.
+
+    Raises ValueError for an unknown name, an unknown DenseNet argument or a memory-mode argument, and for a
+    configuration the DenseNet constructor rejects (so the error names the bad argument before any work starts).
+    """
+    overrides = dict(overrides or {})
+    name = name or "custom"
+    config = name[len("effi_"):] if name.startswith("effi_") else name
+    if config == "custom":
+        base: dict[str, Any] = {}
+    elif config in CONFIGS:
+        base = dict(CONFIGS[config])
+    else:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(model_names())}")
+    modes = sorted(set(overrides) & set(_MODE_ARGS))
+    if modes:
+        raise ValueError(f"{', '.join(modes)} cannot be set in a model config: the tools choose it per variant")
+    unknown = sorted(set(overrides) - set(_DENSENET_ARGS))
+    if unknown:
+        raise ValueError(f"unknown DenseNet argument(s) {', '.join(unknown)}; valid: {', '.join(_DENSENET_ARGS)}")
+    if "block_config" in overrides:
+        overrides["block_config"] = tuple(overrides["block_config"])
+    label = name if not overrides or config == "custom" else f"{name} (modified)"
+    spec = ModelSpec(label, {**base, **overrides})
+    _validate(spec)
+    return spec
+
+
+def _validate(spec: ModelSpec) -> None:
+    # Building the model is the one authority on valid configurations; a meta-device build costs no memory.
+    import torch
+
+    with torch.device("meta"):
+        spec.build()
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, default_model: str | None,
+                        default_help: str | None = None) -> None:
+    """``--model`` plus the custom-config flags, shared by the tools."""
+    group = parser.add_argument_group("model", "a named configuration, optionally changed by the flags below")
+    shown = default_help or default_model
+    group.add_argument("--model", default=default_model,
+                       help=f"effi_* timm name, bare config name or 'custom' (default: {shown}); "
+                            f"choices: {', '.join(model_names())}")
+    group.add_argument("--growth-rate", type=int, help="new feature maps per dense layer (k)")
+    group.add_argument("--block-config", type=_int_list, help="layers per dense block, e.g. 6,12,24,16")
+    group.add_argument("--num-init-features", type=int, help="channels after the stem")
+    group.add_argument("--bn-size", type=_bn_size, help="bottleneck factor (DenseNet-BC), or 'none' for plain DenseNet")
+    group.add_argument("--compression", type=float, help="fraction of channels a transition keeps")
+    group.add_argument("--drop-rate", type=float, help="dropout on each dense layer's new features")
+    group.add_argument("--num-classes", type=int, help="classifier outputs")
+    group.add_argument("--small-inputs", action=argparse.BooleanOptionalAction, default=None,
+                       help="3x3 stride-1 stem for 32x32 images (--no-small-inputs: ImageNet 7x7/2 stem + max-pool)")
+    group.add_argument("--model-kwargs", type=_json_object, default={},
+                       help='DenseNet constructor arguments as a JSON object, e.g. \'{"growth_rate": 12}\' '
+                            "(the flags above take precedence)")
+
+
+_FLAG_ARGS = ("growth_rate", "block_config", "num_init_features", "bn_size", "compression", "drop_rate",
+              "num_classes", "small_inputs")
+
+
+def spec_from_args(args: argparse.Namespace) -> ModelSpec:
+    """The spec the parsed flags of :func:`add_model_arguments` describe."""
+    overrides = dict(args.model_kwargs)
+    for key in _FLAG_ARGS:
+        value = getattr(args, key)
+        if value is not None:
+            overrides[key] = None if value == "none" else value
+    return resolve_model(args.model, overrides)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def _bn_size(text: str) -> int | str:
+    if text.lower() == "none":
+        return "none"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {text!r}") from None
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def float_list(text: str) -> Sequence[float]:
+    """argparse type for comma-separated positive numbers."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values

@@ -1,0 +1,287 @@
+"""tools/bench.py and effidense.benchmark on tiny models, CPU only (timings are never asserted)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from effidense.benchmark import (
+    BenchConfig,
+    build_variant,
+    largest_batch,
+    parse_variants,
+    peer_unsupported,
+)
+from effidense.modelspec import resolve_model
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--model", "custom", "--growth-rate", "4", "--block-config", "2,2", "--num-init-features", "8",
+        "--num-classes", "5", "--img-size", "32", "--batch-size", "4", "--warmup", "1", "--steps", "2",
+        "--threads", "1", "--quiet"]
+TINY_SMALL = ["--model", "custom", "--growth-rate", "4", "--block-config", "1,1", "--num-init-features", "8",
+              "--num-classes", "3", "--small-inputs", "--img-size", "8", "--batch-size", "2", "--warmup", "0",
+              "--steps", "1", "--threads", "1", "--quiet"]
+
+
+def load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_tool("bench")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(bench, tmp_path_factory):
+    """One run of every variant, with JSON and plot; shared by the tests that read its outputs."""
+    out = tmp_path_factory.mktemp("bench")
+    json_path, plot_path = out / "bench.json", out / "bench.png"
+    argv = TINY + ["--variants", "plain,efficient,frugal,tv,timm", "--json", str(json_path), "--plot", str(plot_path),
+                   "--plot-scales", "0.5,1,2"]
+    return argv, json_path, plot_path
+
+
+def run_main(module, argv, capsys):
+    code = module.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_table_json_and_plot(bench, tiny_run, capsys):
+    argv, json_path, plot_path = tiny_run
+    code, out, _ = run_main(bench, argv, capsys)
+    assert code == 0, out
+
+    # The markdown table: header row, separator, one row per variant.
+    lines = [line for line in out.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header[:9] == ["variant", "forward ms", "backward ms", "R=B/F", "step ms", "step vs plain", "images/s",
+                          "activation MiB", "x less"]
+    assert "peak MiB" not in header  # CUDA only
+    rows = {r.strip("|").split("|")[0].strip(): [c.strip() for c in r.strip("|").split("|")] for r in lines[2:]}
+    assert list(rows) == ["plain", "efficient", "frugal", "tv", "timm"]
+    assert rows["plain"][header.index("x less")] == "1.00x"
+    assert all(float(rows[v][header.index("step ms")]) > 0 for v in rows)
+
+    data = json.loads(json_path.read_text())
+    assert data["schema"] == "effidense.bench/1"
+    env = data["environment"]
+    for key in ("torch", "torchvision", "timm", "device_name", "cpu_count", "date", "command", "python"):
+        assert env[key], key
+    assert env["torch"] == torch.__version__ and env["torch_threads"] == 1
+    assert "--variants plain,efficient,frugal,tv,timm" in env["command"]
+    assert data["config"]["model"]["kwargs"]["block_config"] == [2, 2]
+    assert data["config"]["batch_size"] == 4 and data["config"]["steps"] == 2
+    results = {r["variant"]: r for r in data["results"]}
+    for name, r in results.items():
+        assert r["status"] == "ok", (name, r["error"])
+        assert len(r["samples"]["forward_ms"]) == 2 and len(r["samples"]["backward_ms"]) == 2
+        assert r["step_ms"] > 0 and r["images_per_s"] > 0
+        assert r["ratio_b_f"] == pytest.approx(r["backward_ms"] / r["forward_ms"])
+        assert r["same_function_rel_diff"] <= 1e-5  # peers loaded with our weights compute the same function
+        assert r["peak_bytes"] is None and r["compile_s"] is None and r["max_batch"] is None
+    act = {name: r["activation_bytes"] for name, r in results.items()}
+    assert act["frugal"] < act["efficient"] < act["plain"]
+    assert act["tv"] == act["timm"] < act["plain"]
+    assert results["efficient"]["activation_x_less"] == pytest.approx(act["plain"] / act["efficient"])
+
+    sweep = data["depth_sweep"]
+    assert sweep["errors"] == []
+    assert sweep["block_configs"] == [[1, 1], [2, 2], [4, 4]]
+    assert sweep["depths"] == [7, 11, 19]
+    plain, efficient, frugal = (sweep["activation_bytes"][m] for m in ("plain", "efficient", "frugal"))
+    assert plain == sorted(plain) and all(f < e < p for f, e, p in zip(frugal, efficient, plain, strict=True))
+    assert sweep["activation_bytes"]["plain"][1] == act["plain"]  # the sweep uses the same meter and batch
+
+    png = plot_path.read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+
+
+def test_existing_outputs_need_force(bench, tmp_path, capsys):
+    existing = tmp_path / "out.json"
+    existing.write_text("keep me")
+    with pytest.raises(SystemExit) as exc:
+        bench.main(TINY + ["--json", str(existing)])
+    assert exc.value.code == 2
+    assert "--force" in capsys.readouterr().err
+    assert existing.read_text() == "keep me"
+
+
+def test_compile_variant(bench, tmp_path, capsys):
+    json_path = tmp_path / "compiled.json"
+    code, out, _ = run_main(bench, TINY_SMALL + ["--variants", "efficient", "--compile", "--json", str(json_path)],
+                            capsys)
+    assert code == 0, out
+    assert "compile s" in out.splitlines()[4]
+    results = {r["variant"]: r for r in json.loads(json_path.read_text())["results"]}
+    assert list(results) == ["efficient", "efficient+compile"]
+    compiled = results["efficient+compile"]
+    assert compiled["status"] == "ok", compiled["error"]
+    assert compiled["compile_s"] is not None and compiled["compile_s"] >= 0
+    assert compiled["activation_bytes"] > 0
+    assert results["efficient"]["compile_s"] is None
+
+
+def test_peers_without_counterpart_are_skipped(bench, capsys):
+    code, out, _ = run_main(bench, TINY_SMALL + ["--variants", "plain,tv,timm"], capsys)
+    assert code == 0
+    assert "| tv" in out and "SKIPPED: torchvision cannot build custom: it has no small-input (CIFAR) stem" in out
+    assert "SKIPPED: timm cannot build" in out
+
+
+def test_default_variants_include_only_exact_peers(bench, capsys, tmp_path):
+    json_path = tmp_path / "default.json"
+    code, _, _ = run_main(bench, TINY_SMALL + ["--json", str(json_path)], capsys)
+    assert code == 0
+    assert [r["variant"] for r in json.loads(json_path.read_text())["results"]] == ["plain", "efficient", "frugal"]
+
+
+def test_failing_variant_is_reported_and_others_run(bench, capsys, monkeypatch):
+    import effidense.benchmark as benchmark
+
+    real = benchmark.build_variant
+
+    def broken(variant, spec):
+        if variant == "efficient":
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(variant, spec)
+
+    monkeypatch.setattr(benchmark, "build_variant", broken)
+    code, out, _ = run_main(bench, TINY_SMALL + ["--variants", "plain,efficient,frugal"], capsys)
+    assert code == 0
+    assert "FAILED: out of memory: CUDA out of memory. Tried to allocate 2.00 GiB" in out
+    assert "| frugal" in out and "| plain" in out
+
+
+def test_all_variants_failing_exits_nonzero(bench, capsys):
+    code, out, err = run_main(bench, TINY_SMALL + ["--variants", "tv"], capsys)
+    assert code == 1
+    assert "SKIPPED" in out and "no variant ran successfully" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--growth-rate", "0"], "growth_rate must be a positive integer"),
+    (["--variants", "plain,fast"], "unknown variant 'fast'"),
+    (["--model", "resnet50"], "unknown model 'resnet50'"),
+    (["--max-batch"], "--max-batch searches GPU memory and needs --device cuda"),
+    (["--model-kwargs", '{"memory": "frugal"}'], "memory cannot be set in a model config"),
+])
+def test_bad_arguments(bench, capsys, argv, message):
+    code, _, err = run_main(bench, TINY_SMALL + argv, capsys)
+    assert code == 2
+    assert message in err
+
+
+def test_ddp_two_gloo_processes(bench, tmp_path, capsys):
+    json_path = tmp_path / "ddp.json"
+    code, out, _ = run_main(bench, TINY_SMALL + ["--variants", "plain,frugal", "--gpus", "2", "--json",
+                                                 str(json_path)], capsys)
+    assert code == 0, out
+    assert "2 DDP ranks" in out
+    data = json.loads(json_path.read_text())
+    assert data["world_size"] == 2
+    for r in data["results"]:
+        assert r["status"] == "ok", r["error"]
+        assert len(r["per_rank"]) == 2
+        # Aggregate throughput: both ranks' images over the slowest rank's step.
+        assert r["images_per_s"] == pytest.approx(2 * 2 / (r["step_ms"] / 1000))
+        assert r["activation_bytes"] == max(p["activation_bytes"] for p in r["per_rank"])
+
+
+def test_largest_batch_search():
+    calls = []
+
+    def fits_up_to(limit):
+        def fits(batch):
+            calls.append(batch)
+            return batch <= limit
+        return fits
+
+    assert largest_batch(fits_up_to(37), start=8, limit=1 << 16) == 37
+    assert calls[:4] == [8, 16, 32, 64]  # doubling, then bisection
+    assert len(calls) <= 2 * 4 + 2
+    assert largest_batch(fits_up_to(5), start=8, limit=1024) == 5  # start too big: bisect below it
+    assert largest_batch(fits_up_to(0), start=8, limit=1024) == 0
+    assert largest_batch(fits_up_to(10_000), start=8, limit=100) == 100
+    assert largest_batch(fits_up_to(64), start=1, limit=1 << 16) == 64
+    with pytest.raises(ValueError):
+        largest_batch(fits_up_to(3), start=0, limit=10)
+
+
+def test_peer_counterparts():
+    for name in ("effi_densenet121", "effi_densenet161", "effi_densenet169", "effi_densenet201", "densenet264"):
+        spec = resolve_model(name)
+        assert peer_unsupported(spec, "tv") is None and peer_unsupported(spec, "timm") is None
+    cifar = resolve_model("effi_densenet_bc100_k12")
+    assert "small-input" in peer_unsupported(cifar, "tv") and "small-input" in peer_unsupported(cifar, "timm")
+    no_bottleneck = resolve_model("densenet40_k12")
+    assert "bottleneck" in peer_unsupported(no_bottleneck, "timm")
+    odd_stem = resolve_model("custom", {"growth_rate": 4, "block_config": (1, 1), "num_init_features": 12})
+    assert peer_unsupported(odd_stem, "tv") is None
+    assert "2 * growth_rate" in peer_unsupported(odd_stem, "timm")
+    with pytest.raises(ValueError, match="cannot build"):
+        build_variant("timm", odd_stem)
+
+
+def test_peer_models_load_our_weights():
+    spec = resolve_model("custom", {"growth_rate": 4, "block_config": (2, 1), "num_init_features": 8,
+                                    "num_classes": 3})
+    torch.manual_seed(0)
+    ours = build_variant("plain", spec).eval()
+    x = torch.randn(2, 3, 32, 32)
+    for peer in ("tv", "timm"):
+        model = build_variant(peer, spec)
+        model.load_state_dict(ours.state_dict())  # strict: same keys and shapes
+        torch.testing.assert_close(model.eval()(x), ours(x))
+
+
+def test_parse_variants():
+    assert parse_variants("plain, efficient,plain") == ["plain", "efficient"]
+    assert parse_variants("plain,tv", compile_all=True) == ["plain", "tv", "plain+compile"]
+    assert parse_variants("tv+compile") == ["tv+compile"]
+    with pytest.raises(ValueError, match="no variants"):
+        parse_variants(" , ")
+
+
+def test_config_validation():
+    spec = resolve_model("densenet_bc100_k12")
+    with pytest.raises(ValueError, match="batch_size"):
+        BenchConfig(spec, ["plain"], batch_size=0)
+    with pytest.raises(ValueError, match="amp"):
+        BenchConfig(spec, ["plain"], amp="fp8")
+
+
+def test_max_batch_probe_treats_only_oom_as_not_fitting(monkeypatch):
+    # The GPU probe's logic, on the CPU: out-of-memory means "does not fit", any other error propagates.
+    from torch import nn
+
+    import effidense.benchmark as benchmark
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    seen = []
+
+    class FakeTrainer:
+        model = nn.Linear(1, 1)
+
+        def step(self, x, y):
+            seen.append((tuple(x.shape), x.is_contiguous(memory_format=torch.channels_last)))
+            if len(x) > 24:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+            if len(x) == 13:
+                raise RuntimeError("cuDNN error: CUDNN_STATUS_BAD_PARAM")
+
+    progress = benchmark._Progress(1, enabled=False)
+    fits = benchmark._cuda_fits(FakeTrainer(), torch.zeros(2, 3, 8, 8), 10, True, progress)
+    assert largest_batch(fits, 4, 1024) == 24
+    assert seen[0] == ((4, 3, 8, 8), True)
+    with pytest.raises(RuntimeError, match="CUDNN_STATUS_BAD_PARAM"):
+        fits(13)
+    assert benchmark.is_oom(RuntimeError("CUDA error: out of memory"))
+    assert not benchmark.is_oom(ValueError("out of range"))

@@ -1,0 +1,162 @@
+"""tools/gradcheck.py and effidense.verify on tiny models, CPU only."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import effidense.densenet
+from effidense.verify import (
+    TINY_BC,
+    Case,
+    _compare,
+    autograd_gradcheck,
+    compare_modes,
+    format_report,
+    tensor_diff,
+    tolerance,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def gradcheck():
+    return load_tool("gradcheck")
+
+
+def run_main(module, argv, capsys):
+    code = module.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_default_run_passes(gradcheck, capsys, tmp_path):
+    json_path = tmp_path / "checks.json"
+    code, out, _ = run_main(gradcheck, ["--quiet", "--json", str(json_path)], capsys)
+    assert code == 0, out
+    assert "PASS: all" in out and "FAIL" not in out
+    # Every setting of the issue appears, for both memory modes.
+    for case in ("fp32", "dropout 0.2", "BN momentum=None", "channels_last", "fp64", "autocast bf16"):
+        for variant in ("efficient", "frugal"):
+            assert any(line.startswith(f"tiny DenseNet-BC / {case}") and f" {variant} " in line and
+                       line.rstrip().endswith("PASS") for line in out.splitlines()), (case, variant)
+    assert "[gradcheck] gradcheck DenseNet-BC / float64, train mode: frugal" in out
+    assert "torch.autograd.gradcheck" in out
+
+    data = json.loads(json_path.read_text())
+    assert data["schema"] == "effidense.gradcheck/1" and data["passed"] is True
+    kinds = {c["what"] for c in data["checks"]}
+    assert {"output", "loss", "grads", "BN stats", "BN count", "params", "eval output", "eval grads"} <= kinds
+    counts = [c for c in data["checks"] if c["what"] == "BN count"]
+    assert counts and all(c["tol"] == 0 and c["max_abs"] == 0 for c in counts)
+    assert data["environment"]["torch"] == torch.__version__
+
+
+def test_detects_double_batchnorm_update(gradcheck, capsys, monkeypatch):
+    # What torchvision and timm do: the recomputed segment calls the BatchNorm module, which updates its running
+    # statistics again on every recomputation.
+    monkeypatch.setattr(effidense.densenet, "_bn_relu", lambda norm, x, *args, **kwargs: F.relu(norm(x)))
+    code, out, _ = run_main(gradcheck, ["--quiet", "--skip-gradcheck", "--steps", "1"], capsys)
+    assert code == 1
+    assert "FAIL:" in out
+    failures = out.split("FAIL:", 1)[1]
+    assert "efficient: BN count" in failures and "frugal: BN count" in failures
+    # 7 set before the step; the plain model tracks it twice with this patch (9), recomputation adds one more.
+    assert "num_batches_tracked: 10 != 9" in failures
+    assert "efficient: BN stats" in failures
+
+
+def test_ddp_two_gloo_processes(gradcheck, capsys):
+    code, out, _ = run_main(gradcheck, ["--quiet", "--nproc", "2", "--skip-modes", "--skip-gradcheck"], capsys)
+    assert code == 0, out
+    assert "DDP 2 ranks (gloo)" in out
+    for mode in ("plain", "efficient", "frugal"):
+        assert f"DDP 2 ranks (gloo), fp32: {mode}" in out
+    for what in ("train: gradients == single process, sum over rank shards",
+                 "eval: gradients == single process on the full batch",
+                 "train: num_batches_tracked (exact)", "train: gradients identical on all ranks",
+                 "parameters identical on all ranks after an SGD step", "train: gradients == plain under DDP"):
+        assert what in out
+    assert "PASS: all 25 checks passed" in out
+
+
+def test_custom_model_flags(gradcheck, capsys):
+    argv = ["--quiet", "--skip-gradcheck", "--steps", "1", "--threads", "1", "--growth-rate", "4",
+            "--block-config", "1,1", "--num-init-features", "8", "--small-inputs", "--img-size", "8",
+            "--batch-size", "2"]
+    code, out, _ = run_main(gradcheck, argv, capsys)
+    assert code == 0, out
+    assert "models: custom (depth 7, blocks (1, 1)" in out
+    assert "custom / fp64" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--amp", "fp16"], "--amp fp16 is for GPUs"),
+    (["--batch-size", "1"], "batch_size >= 2"),
+    (["--model", "effi_densenet999"], "unknown model"),
+])
+def test_bad_arguments(gradcheck, capsys, argv, message):
+    code, _, err = run_main(gradcheck, ["--quiet"] + argv, capsys)
+    assert code == 2
+    assert message in err
+
+
+def test_compare_modes_compiled_variant():
+    spec = TINY_BC.__class__("tiny", dict(growth_rate=4, block_config=(1, 1), num_init_features=8,
+                                          small_inputs=True, num_classes=3))
+    checks = compare_modes(Case("fp32", spec), ["efficient+compile"], steps=1, batch_size=2, img_size=8)
+    assert {c.subject for c in checks} == {"efficient+compile"}
+    assert all(c.passed for c in checks), [c for c in checks if not c.passed]
+    assert all(c.tol == tolerance(torch.float32, "cpu", compiled=True) for c in checks if c.what != "BN count")
+
+
+def test_autograd_gradcheck_detects_wrong_backward(monkeypatch):
+    class WrongGradReLU(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clamp(min=0)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * 0.5  # wrong on purpose
+
+    monkeypatch.setattr(effidense.densenet, "_bn_relu", lambda norm, x, *args, **kwargs: WrongGradReLU.apply(
+        F.batch_norm(x, None, None, norm.weight, norm.bias, True, 0.0, norm.eps)))
+    checks = autograd_gradcheck("efficient")
+    assert not any(c.passed for c in checks)
+    assert "GradcheckError" in checks[0].detail
+
+
+def test_compare_and_report_helpers():
+    assert tensor_diff(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.5])) == (0.5, 2.5)
+    assert tensor_diff(torch.tensor([float("nan")]), torch.tensor([1.0]))[0] == math.inf
+    assert tensor_diff(torch.tensor([float("nan")]), torch.tensor([float("nan")])) == (0.0, 0.0)
+    ok = _compare("modes", "c", "s", "grads", {"a": torch.ones(2), "b": torch.zeros(2)},
+                  {"a": torch.ones(2), "b": torch.zeros(2)}, 1e-6)
+    assert ok.passed and ok.max_abs == 0 and "bitwise" in ok.detail
+    # Relative to the largest reference magnitude of the check, so near-zero gradients do not flag noise.
+    noisy = _compare("modes", "c", "s", "grads", {"a": torch.ones(2), "b": torch.full((2,), 1e-9)},
+                     {"a": torch.ones(2), "b": torch.zeros(2)}, 1e-6)
+    assert noisy.passed and noisy.max_rel == pytest.approx(1e-9)
+    counts = _compare("modes", "c", "s", "BN count", {"n": torch.tensor(2)}, {"n": torch.tensor(1)}, 0.0)
+    assert not counts.passed and "n: 2 != 1" in counts.detail
+    missing = _compare("modes", "c", "s", "grads", {"a": None}, {"a": torch.ones(1)}, 1e-6)
+    assert not missing.passed and "a: missing" in missing.detail
+    report = format_report([ok, counts])
+    assert "FAIL: 1 of 2 checks failed" in report and "DIFF!" in report
+    assert format_report([]).endswith("FAIL: nothing was checked")
+    assert tolerance(torch.float64, "cpu") < tolerance(torch.float32, "cpu") < tolerance(torch.float32, "cuda")
+    assert tolerance(torch.float32, "cpu", amp="bf16") > tolerance(torch.float32, "cpu", compiled=True)
