@@ -17,6 +17,15 @@ map, outside any recomputed segment, and shared by every layer that normalises t
 are the same in every later layer). Running statistics are updated there, once, so recomputation can never update
 them twice (torchvision and timm do, pytorch/pytorch#96136). Inside segments, BN only normalises with the given
 statistics; its backward is native BatchNorm's training-mode backward, so gradients are the plain model's.
+
+``nn.SyncBatchNorm`` (``nn.SyncBatchNorm.convert_sync_batchnorm(model)``) works as it does elsewhere: in training,
+with torch.distributed initialised and more than one process in the norm's group, batch statistics are those of
+every process's batch (per-channel sums all-reduced: the global mean first, then squared deviations from it; ranks may
+hold different batch sizes), running statistics use the global count, and backward all-reduces the per-channel
+gradient sums as ``nn.SyncBatchNorm`` does (parameter gradients stay local sums, which DDP then averages). Forward
+collectives run once per feature map, never in a recomputation (frugal's segments reuse their forward run's
+statistics); backward ones once per norm. Unlike ``nn.SyncBatchNorm`` this also runs on CPU (gloo). Synchronised
+norms are never compiled (see ``set_compile``).
 """
 from __future__ import annotations
 
@@ -26,6 +35,7 @@ from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import create_classifier
@@ -41,6 +51,9 @@ __all__ = ["DenseNet", "DenseLayer", "DenseBlock", "Transition", "MEMORY_MODES",
 MEMORY_MODES = ("plain", "efficient", "frugal")
 
 Stats = tuple[Tensor, Tensor]  # per-channel mean and biased variance
+# Statistics of a feature map over a process group (nn.SyncBatchNorm): mean, biased variance, the global number of
+# values per channel (a tensor, so no host sync) and the group. A feature map's cache entry is Stats or this.
+SyncedStats = tuple[Tensor, Tensor, Tensor, Any]
 
 
 def _run(mode: str, level: str, fn: Callable[..., Any], *tensors: Tensor | None, random: bool = False) -> Any:
@@ -86,8 +99,55 @@ class _BatchNormWithStats(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None
 
 
+class _SyncBatchNormWithStats(torch.autograd.Function):
+    """Training-mode BatchNorm given statistics synchronised over ``group``: normalises only; backward is
+    ``nn.SyncBatchNorm``'s in plain torch ops (so it runs on any device and backend): the per-channel sums of the
+    gradient through the statistics are all-reduced, the weight and bias gradients are this process's sums."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor,
+                eps: float, group: Any) -> Tensor:
+        ctx.group = group
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps))
+        return _normalize(x, weight, bias, mean, var, eps)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, mean, invstd = ctx.saved_tensors
+        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+        channel = (1, -1, 1, 1)
+        grad = grad.to(mean.dtype)
+        xhat = (x.to(mean.dtype) - mean.view(channel)) * invstd.view(channel)
+        sum_dy = grad.sum((0, 2, 3))
+        sum_dy_xhat = (grad * xhat).sum((0, 2, 3))
+        grad_x = None
+        if need_x:
+            # Gradient through the statistics: sums over every process's batch, the count all-reduced with them.
+            count = sum_dy.new_full((1,), x.numel() // x.size(1))
+            combined = torch.cat([sum_dy, sum_dy_xhat, count])
+            dist.all_reduce(combined, group=ctx.group)
+            total_dy, total_dy_xhat, total = combined.split([sum_dy.numel(), sum_dy.numel(), 1])
+            scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+            grad_x = (grad - (total_dy / total).view(channel) - xhat * (total_dy_xhat / total).view(channel))
+            grad_x = (grad_x * scale.view(channel)).to(x.dtype)
+        # Local sums, as nn.SyncBatchNorm's: DDP's gradient all-reduce combines them.
+        grad_weight = sum_dy_xhat.to(weight.dtype) if weight is not None and need_weight else None
+        grad_bias = sum_dy.to(ctx.bias_dtype) if ctx.bias_dtype is not None and need_bias else None
+        return grad_x, grad_weight, grad_bias, None, None, None, None
+
+
 def _uses_batch_stats(norm: nn.BatchNorm2d) -> bool:
     return norm.training or not norm.track_running_stats
+
+
+def _sync_group(norm: nn.BatchNorm2d) -> Any:
+    """The process group whose batch statistics ``norm`` normalises with, or None for this process's own:
+    ``nn.SyncBatchNorm``'s rule (training, torch.distributed initialised, more than one process in its group)."""
+    if not (isinstance(norm, nn.SyncBatchNorm) and norm.training and dist.is_available() and dist.is_initialized()):
+        return None
+    group = norm.process_group if norm.process_group is not None else dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
 
 
 @torch.no_grad()
@@ -104,31 +164,77 @@ def _batch_stats(x: Tensor) -> Stats:
 
 
 @torch.no_grad()
-def _track(norm: nn.BatchNorm2d, stats: Stats, count: int) -> None:
-    """Update ``norm``'s running statistics with one batch's, as ``nn.BatchNorm2d`` would in training."""
+def _synced_batch_stats(x: Tensor, group: Any) -> SyncedStats:
+    """Per-channel mean and biased variance over the batches of every process in ``group``, two-pass as in
+    :func:`_batch_stats`: the global mean from all-reduced sums and counts, then all-reduced squared deviations."""
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    sums = torch.cat([x.sum((0, 2, 3)), x.new_full((1,), x.numel() // x.size(1))])
+    dist.all_reduce(sums, group=group)
+    total, count = sums[:-1], sums[-1]
+    mean = total / count
+    squares = (x - mean.view(1, -1, 1, 1)).square_().sum((0, 2, 3))
+    dist.all_reduce(squares, group=group)
+    return mean, squares / count, count, group
+
+
+def _group_of(entry: Stats | SyncedStats) -> Any:
+    return entry[3] if len(entry) > 2 else None
+
+
+def _count(entry: Stats | SyncedStats, local: int) -> int | Tensor:
+    """Values per channel behind ``entry``: the global count of synced statistics, else ``local``."""
+    return entry[2] if len(entry) > 2 else local
+
+
+@torch.no_grad()
+def _track(norm: nn.BatchNorm2d, stats: Stats, count: int | Tensor) -> None:
+    """Update ``norm``'s running statistics with one batch's, as ``nn.BatchNorm2d`` would in training
+    (``count``: values per channel, a tensor for synchronised statistics)."""
     if not (norm.training and norm.track_running_stats):
         return
     norm.num_batches_tracked.add_(1)
     factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
     mean, var = stats
     norm.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
-    norm.running_var.mul_(1 - factor).add_(var, alpha=factor * count / (count - 1))
+    if isinstance(count, Tensor):
+        norm.running_var.mul_(1 - factor).add_(var * (count / (count - 1)), alpha=factor)
+    else:
+        norm.running_var.mul_(1 - factor).add_(var, alpha=factor * count / (count - 1))
 
 
-def _stats(norm: nn.BatchNorm2d, features: Sequence[Tensor], shared: list[Stats], track: bool = True) -> Stats:
+def _stats(norm: nn.BatchNorm2d, features: Sequence[Tensor], shared: list[Stats | SyncedStats],
+           track: bool = True) -> Stats:
     """The statistics ``norm`` normalises the concatenated ``features`` with.
 
-    In training, batch statistics from ``shared`` (the per-feature-map cache of a block, filled here as needed)
-    and the running statistics are updated once; in eval, the running statistics.
+    In training, batch statistics from ``shared`` (the per-feature-map cache of a block, filled here as needed;
+    synchronised over the norm's process group for ``nn.SyncBatchNorm``) and the running statistics are updated
+    once; in eval, the running statistics.
     """
     if not _uses_batch_stats(norm):
         return norm.running_mean, norm.running_var
+    group = _sync_group(norm)
+    if shared and _group_of(shared[0]) is not group:
+        shared = []  # cached for norms synchronised otherwise (or not at all): this norm's statistics are its own
     for t in features[len(shared):]:
-        shared.append(_batch_stats(t))
-    mean, var = (torch.cat(s) for s in zip(*shared[:len(features)], strict=True))
+        shared.append(_batch_stats(t) if group is None else _synced_batch_stats(t, group))
+    used = shared[:len(features)]
+    mean, var = torch.cat([s[0] for s in used]), torch.cat([s[1] for s in used])
     if track:
-        _track(norm, (mean, var), features[0].numel() // features[0].size(1))
+        _track(norm, (mean, var), _count(used[0], features[0].numel() // features[0].size(1)))
     return mean, var
+
+
+def _segment_stats(norm: nn.BatchNorm2d, x: Tensor, cache: list[SyncedStats]) -> tuple[Stats, int | Tensor]:
+    """Untracked statistics of ``norm`` for map ``x`` inside a recomputed segment, and the count to track them with.
+
+    Synchronised statistics go through ``cache``, a list from outside the segment: the forward run fills it and the
+    recomputation reuses it, so no collective runs in backward. Others are recomputed, bitwise the same: mutating an
+    outside list would make torch.compile break the graph at the checkpoint.
+    """
+    shared = cache if _sync_group(norm) is not None else []
+    stats = _stats(norm, [x], shared, track=False)
+    local = x.numel() // x.size(1)
+    return stats, _count(shared[0], local) if shared else local
 
 
 def _normalize_relu(x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor, eps: float,
@@ -148,7 +254,12 @@ def _compiled_normalize_relu(options: tuple[tuple[str, Any], ...]) -> Callable[.
 
 def _bn_relu(norm: nn.BatchNorm2d, x: Tensor, mean: Tensor, var: Tensor,
              compiled: tuple[tuple[str, Any], ...] | None = None) -> Tensor:
-    """ReLU(BN(x)) with the given statistics; ``compiled`` holds torch.compile options, or None for eager."""
+    """ReLU(BN(x)) with the given statistics; ``compiled`` holds torch.compile options, or None for eager.
+    Synchronised norms always run eagerly: their backward holds a collective."""
+    group = _sync_group(norm)
+    if group is not None:
+        return F.relu(_SyncBatchNormWithStats.apply(x, norm.weight, norm.bias, mean, var, norm.eps, group),
+                      inplace=True)
     if compiled is None:
         return _normalize_relu(x, norm.weight, norm.bias, mean, var, norm.eps, _uses_batch_stats(norm))
     # Dynamo gives parameters static shapes; plain views let one graph serve every channel count.
@@ -185,22 +296,25 @@ class DenseLayer(nn.Module):
     def _dropout(self, x: Tensor) -> Tensor:
         return F.dropout(x, self.drop_rate, self.training) if self.drop_rate > 0 else x
 
-    def _whole_layer(self, mean: Tensor, var: Tensor, *features: Tensor) -> tuple[Tensor, Stats | None]:
-        """The layer as one recomputed segment; returns the bottleneck's statistics for tracking outside it."""
+    def _whole_layer(self, cache: list[SyncedStats], mean: Tensor, var: Tensor,
+                     *features: Tensor) -> tuple[Tensor, Stats | None, int | Tensor | None]:
+        """The layer as one recomputed segment; returns the bottleneck's statistics and count for tracking outside
+        it (``cache``: see :func:`_segment_stats`)."""
         out = self._concat_bn_relu_conv1(mean, var, *features)
-        stats = None
+        stats = count = None
         if self.bottleneck:
-            stats = _stats(self.norm2, [out], [], track=False)
+            stats, count = _segment_stats(self.norm2, out, cache)
             out = self._bn_relu_conv2(out, *stats)
-        return self._dropout(out), stats
+        return self._dropout(out), stats, count
 
-    def forward(self, features: Sequence[Tensor], shared: list[Stats], mode: str = "plain") -> Tensor:
+    def forward(self, features: Sequence[Tensor], shared: list[Stats | SyncedStats], mode: str = "plain") -> Tensor:
         mean, var = _stats(self.norm1, features, shared)
         if mode == "frugal":
             random = self.training and self.drop_rate > 0
-            out, stats = _run(mode, "frugal", self._whole_layer, mean, var, *features, random=random)
+            out, stats, count = _run(mode, "frugal", functools.partial(self._whole_layer, []), mean, var, *features,
+                                     random=random)
             if stats is not None:
-                _track(self.norm2, stats, out.numel() // out.size(1))
+                _track(self.norm2, stats, count)
             return out
         out = _run(mode, "efficient", self._concat_bn_relu_conv1, mean, var, *features)
         if self.bottleneck:
@@ -219,7 +333,7 @@ class DenseBlock(nn.ModuleDict):
             layer = DenseLayer(num_input_features + i * growth_rate, growth_rate, bn_size, drop_rate)
             self.add_module(f"denselayer{i + 1}", layer)
 
-    def forward(self, features: list[Tensor], mode: str = "plain") -> tuple[list[Tensor], list[Stats]]:
+    def forward(self, features: list[Tensor], mode: str = "plain") -> tuple[list[Tensor], list[Stats | SyncedStats]]:
         features, shared = list(features), []
         for layer in self.values():
             features.append(layer(features, shared, mode))
@@ -241,7 +355,7 @@ class Transition(nn.Module):
     def _transition(self, mean: Tensor, var: Tensor, *features: Tensor, mode: str = "plain") -> Tensor:
         return F.avg_pool2d(_run(mode, "efficient", self._concat_bn_relu_conv, mean, var, *features), 2)
 
-    def forward(self, features: Sequence[Tensor], shared: list[Stats], mode: str = "plain") -> Tensor:
+    def forward(self, features: Sequence[Tensor], shared: list[Stats | SyncedStats], mode: str = "plain") -> Tensor:
         mean, var = _stats(self.norm, features, shared)
         if mode == "frugal":
             return _run(mode, "frugal", self._transition, mean, var, *features)
@@ -382,7 +496,8 @@ class DenseNet(nn.Module):
 
         Regional: one graph for every layer, whatever the depth, instead of compiling the whole network; convolutions
         and concatenations stay eager so checkpoint's early stop still skips convolutions when recomputing.
-        Running statistics stay outside compiled code. Returns the model.
+        Running statistics stay outside compiled code. Norms synchronised across processes (``nn.SyncBatchNorm`` in
+        training under torch.distributed) stay eager: their backward all-reduces. Returns the model.
         """
         self.compiled = tuple(sorted(options.items())) if enabled else None
         for m in self.modules():
@@ -441,11 +556,12 @@ class DenseNet(nn.Module):
     def _stem_tail(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
         return F.max_pool2d(self._stem_bn_relu(x, mean, var), 3, 2, 1)
 
-    def _whole_stem(self, x: Tensor) -> tuple[Tensor, Stats, int]:
-        """The stem as one recomputed segment; returns norm0's statistics and count for tracking outside it."""
+    def _whole_stem(self, cache: list[SyncedStats], x: Tensor) -> tuple[Tensor, Stats, int | Tensor]:
+        """The stem as one recomputed segment; returns norm0's statistics and count for tracking outside it
+        (``cache``: see :func:`_segment_stats`)."""
         x = self.features.conv0(x)
-        stats = _stats(self.features.norm0, [x], [], track=False)
-        return self._stem_tail(x, *stats), stats, x.numel() // x.size(1)
+        stats, count = _segment_stats(self.features.norm0, x, cache)
+        return self._stem_tail(x, *stats), stats, count
 
     def _final(self, mean: Tensor, var: Tensor, *features: Tensor) -> Tensor:
         return _bn_relu(self.features.norm5, _cat(features), mean, var, self.compiled)
@@ -473,7 +589,7 @@ class DenseNet(nn.Module):
                 return x, tapped
             x = F.max_pool2d(x, 3, 2, 1)
         elif mode == "frugal":
-            x, stats, count = _run(mode, "frugal", self._whole_stem, x)
+            x, stats, count = _run(mode, "frugal", functools.partial(self._whole_stem, []), x)
             _track(norm0, stats, count)
         else:  # the stem's max-pool costs more to recompute than its ~4% of plain's memory is worth
             x = self.features.conv0(x)

@@ -1,0 +1,283 @@
+"""nn.SyncBatchNorm: converted models use global batch statistics and gradients under DDP (CPU, gloo, 2 ranks).
+
+One spawned 2-process group runs every scenario for every memory mode; the ranks save their measurements and the
+tests here judge them. Differences are relative: max |a - b| over a group of tensors / max |b| over them.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+import torchvision
+from conftest import TINY
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from effidense import MEMORY_MODES, DenseNet
+from effidense.benchmark import free_port
+
+WORLD = 2
+BATCH = 4  # per rank
+SIZE = 16
+TOL = 1e-5
+UNEVEN = (3, 5)  # images per rank in the uneven-batch scenario
+# Collectives effidense itself issues for the TINY DenseNet-BC, fully converted: two all-reduces (sums and counts,
+# then squared deviations) per feature map (the stem's; per block the input, two layer outputs, two bottlenecks),
+# one per norm in backward (norm0, 4 per block, transition1, norm5). Recomputation must add none.
+FORWARD_COLLECTIVES = 2 * (1 + 5 + 5)
+BACKWARD_COLLECTIVES = 1 + 4 + 1 + 4 + 1
+
+
+def _rel(actual: list[Tensor], expected: list[Tensor]) -> float:
+    worst = max(float((a.double() - e.double()).abs().max()) for a, e in zip(actual, expected, strict=True))
+    scale = max(float(e.double().abs().max()) for e in expected)
+    return worst / scale
+
+
+def _grads(model: nn.Module) -> list[Tensor]:
+    return [p.grad for p in model.parameters()]
+
+
+def _float_buffers(model: nn.Module) -> list[Tensor]:
+    return [b for b in model.buffers() if b.is_floating_point()]
+
+
+def _counts(model: nn.Module) -> list[int]:
+    return [int(b) for b in model.buffers() if not b.is_floating_point()]
+
+
+class _Counter:
+    """Counts torch.distributed.all_reduce calls (DDP's own gradient all-reduce goes through C++, not this)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self._original = dist.all_reduce
+
+    def __enter__(self) -> _Counter:
+        def counting(*args, **kwargs):
+            self.calls += 1
+            return self._original(*args, **kwargs)
+
+        dist.all_reduce = counting
+        return self
+
+    def __exit__(self, *exc) -> None:
+        dist.all_reduce = self._original
+
+
+class _ReferenceSyncBN(nn.BatchNorm2d):
+    """Independent reference: BatchNorm over every rank's batch, differentiated by autograd through
+    torch.distributed.nn's differentiable all-reduce."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        from torch.distributed.nn.functional import all_reduce
+
+        n = all_reduce(torch.full((1,), float(x.numel() // x.size(1))))
+        mean = all_reduce(x.sum((0, 2, 3))) / n
+        var = all_reduce((x - mean.view(1, -1, 1, 1)).square().sum((0, 2, 3))) / n
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.mul_(1 - self.momentum).add_(mean * self.momentum)
+            self.running_var.mul_(1 - self.momentum).add_(var * n / (n - 1) * self.momentum)
+        x = (x - mean.view(1, -1, 1, 1)) * torch.rsqrt(var + self.eps).view(1, -1, 1, 1)
+        return x * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+
+
+def _reference_sync(norm: nn.BatchNorm2d) -> _ReferenceSyncBN:
+    ref = _ReferenceSyncBN(norm.num_features, norm.eps, norm.momentum)
+    ref.load_state_dict(norm.state_dict())
+    return ref
+
+
+# Partly converted: the first block's second layer and the final norm synchronise, the rest do not. Norms sharing
+# a block's statistics cache then disagree on synchronisation.
+MIXED = ("features.denseblock1.denselayer2.norm1", "features.denseblock1.denselayer2.norm2", "features.norm5")
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
+def _step(model: nn.Module, x: Tensor, y: Tensor, scale: float) -> tuple[Tensor, dict[str, int]]:
+    """Forward and backward of ``scale`` * the summed cross-entropy; returns the output and all_reduce counts."""
+    with _Counter() as forward:
+        out = model(x)
+    with _Counter() as backward:
+        (F.cross_entropy(out, y, reduction="sum") * scale).backward()
+    return out.detach(), {"forward": forward.calls, "backward": backward.calls}
+
+
+def _scenarios(rank: int) -> dict[str, object]:
+    torch.manual_seed(0)
+    base = DenseNet(**TINY, memory="plain")
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # non-default running statistics, so every update shows
+        for m in base.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=generator) * 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
+                m.num_batches_tracked.fill_(7)
+    full = WORLD * BATCH
+    x = torch.randn(full, 3, SIZE, SIZE, generator=generator)
+    y = torch.randint(0, TINY["num_classes"], (full,), generator=generator)
+    even = slice(rank * BATCH, (rank + 1) * BATCH)
+    uneven = slice(sum(UNEVEN[:rank]), sum(UNEVEN[:rank + 1]))
+    results: dict[str, object] = {}
+    for mode in MEMORY_MODES:
+        # Single process, unconverted, the full batch in train mode; loss: the mean over the full batch.
+        reference = copy.deepcopy(base).set_memory(mode).train()
+        ref_out, _ = _step(reference, x, y, 1 / full)
+
+        for split_name, part in (("even", even), ("uneven", uneven)):
+            # Rank r's loss: (WORLD / full) * its summed loss. Through SyncBatchNorm's all-reduced backward, rank r's
+            # gradients are its share of d(sum over ranks of their losses)/dθ = WORLD * d(full-batch mean)/dθ; DDP
+            # averages the shares, giving exactly the full-batch mean's gradients. With equal halves this is
+            # the usual per-rank mean loss.
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(base).set_memory(mode)).train()
+            out, calls = _step(DistributedDataParallel(model), x[part], y[part], WORLD / full)
+            results[f"{mode}/{split_name}"] = {
+                "tensors": [out, *_grads(model), *model.buffers()],
+                "output": _rel([out], [ref_out[part]]),
+                "grads": _rel(_grads(model), _grads(reference)),
+                "buffers": _rel(_float_buffers(model), _float_buffers(reference)),
+                "counts": (_counts(model), _counts(reference)),
+                "calls": calls,
+            }
+
+        # Unconverted under DDP: per-rank statistics, as a single process on this rank's half.
+        local = copy.deepcopy(base).set_memory(mode).train()
+        local_out, local_calls = _step(DistributedDataParallel(local), x[even], y[even], 1 / BATCH)
+        half = copy.deepcopy(base).set_memory(mode).train()
+        half_out, _ = _step(half, x[even], y[even], 1 / BATCH)
+        results[f"{mode}/unconverted"] = {
+            "output_vs_half": _rel([local_out], [half_out]),
+            "buffers_vs_half": _rel(_float_buffers(local), _float_buffers(half)),
+            "output_vs_full": _rel([local_out], [ref_out[even]]),
+            "buffers_vs_full": _rel(_float_buffers(local), _float_buffers(reference)),
+            "calls": local_calls,
+        }
+
+        # Eval: a converted model normalises with running statistics and synchronises nothing.
+        converted_eval = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(base).set_memory(mode)).eval()
+        eval_out, eval_calls = _step(converted_eval, x[even], y[even], 1 / BATCH)
+        plain_eval = copy.deepcopy(base).set_memory(mode).eval()
+        plain_eval_out, _ = _step(plain_eval, x[even], y[even], 1 / BATCH)
+        results[f"{mode}/eval"] = {
+            "output": _rel([eval_out], [plain_eval_out]),
+            "grads": _rel(_grads(converted_eval), _grads(plain_eval)),
+            "buffers": _rel(_float_buffers(converted_eval), _float_buffers(base)),
+            "calls": eval_calls,
+        }
+
+        # Partly converted, against torchvision's DenseNet with reference synchronised norms in the same places.
+        mixed = copy.deepcopy(base).set_memory(mode).train()
+        tv = torchvision.models.DenseNet(growth_rate=TINY["growth_rate"], block_config=TINY["block_config"],
+                                         num_init_features=TINY["num_init_features"], num_classes=TINY["num_classes"])
+        tv.load_state_dict(base.state_dict())
+        for name in MIXED:
+            _replace(mixed, name, nn.SyncBatchNorm.convert_sync_batchnorm(mixed.get_submodule(name)))
+            _replace(tv, name, _reference_sync(tv.get_submodule(name)))
+        mixed_out, _ = _step(DistributedDataParallel(mixed), x[even], y[even], 1 / BATCH)
+        tv_out, _ = _step(DistributedDataParallel(tv.train()), x[even], y[even], 1 / BATCH)
+        results[f"{mode}/mixed"] = {
+            "output": _rel([mixed_out], [tv_out]),
+            "grads": _rel(_grads(mixed), _grads(tv)),
+            "buffers": _rel(_float_buffers(mixed), _float_buffers(tv)),
+            "counts": (_counts(mixed), _counts(tv)),
+        }
+    return results
+
+
+def _worker(rank: int, init_method: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    # DDP refuses SyncBatchNorm on CPU up front, for torch's own SyncBatchNorm needs a GPU; effidense's does not,
+    # so lift that guard (it checks nothing else) to train on CPU with the real DDP reducer.
+    DistributedDataParallel._passing_sync_batchnorm_handle = lambda self, module: None
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=60))  # mismatched collectives fail instead of hanging
+    try:
+        results = _scenarios(rank)
+    finally:
+        dist.destroy_process_group()
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict[str, dict]]:
+    out_dir = tmp_path_factory.mktemp("syncbn")
+    mp.spawn(_worker, args=(f"tcp://127.0.0.1:{free_port()}", str(out_dir)), nprocs=WORLD, join=True)
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("split", ["even", "uneven"])
+@pytest.mark.parametrize("mode", MEMORY_MODES)
+def test_converted_ddp_equals_single_process_full_batch(ranks, mode, split):
+    for rank, results in enumerate(ranks):
+        r = results[f"{mode}/{split}"]
+        assert r["output"] <= TOL, (rank, r)
+        assert r["grads"] <= TOL, (rank, r)  # after DDP's averaging
+        assert r["buffers"] <= TOL, (rank, r)  # running_mean / running_var
+        assert r["counts"][0] == r["counts"][1], (rank, r)  # num_batches_tracked: 8, once per step
+        assert all(c == 8 for c in r["counts"][0])
+
+
+@pytest.mark.parametrize("mode", ["efficient", "frugal"])
+def test_modes_stay_bitwise_equal_to_plain(ranks, mode):
+    for results in ranks:
+        for split in ("even", "uneven"):
+            pairs = zip(results[f"{mode}/{split}"]["tensors"], results[f"plain/{split}"]["tensors"], strict=True)
+            assert all(torch.equal(a, b) for a, b in pairs)
+
+
+@pytest.mark.parametrize("mode", MEMORY_MODES)
+def test_collectives_once_per_feature_map_and_norm_never_in_recomputation(ranks, mode):
+    for split in ("even", "uneven"):
+        assert [r[f"{mode}/{split}"]["calls"] for r in ranks] == \
+            [{"forward": FORWARD_COLLECTIVES, "backward": BACKWARD_COLLECTIVES}] * WORLD
+
+
+@pytest.mark.parametrize("mode", MEMORY_MODES)
+def test_unconverted_ddp_keeps_per_rank_statistics(ranks, mode):
+    for rank, results in enumerate(ranks):
+        r = results[f"{mode}/unconverted"]
+        assert r["output_vs_half"] <= TOL and r["buffers_vs_half"] <= TOL, (rank, r)
+        # the difference synchronisation makes is real
+        assert r["output_vs_full"] > 1e-2 and r["buffers_vs_full"] > 1e-3, (rank, r)
+        assert r["calls"] == {"forward": 0, "backward": 0}
+
+
+@pytest.mark.parametrize("mode", MEMORY_MODES)
+def test_sync_batchnorm_in_eval_uses_running_statistics(ranks, mode):
+    for rank, results in enumerate(ranks):
+        r = results[f"{mode}/eval"]
+        assert r["output"] == 0 and r["grads"] == 0 and r["buffers"] == 0, (rank, r)
+        assert r["calls"] == {"forward": 0, "backward": 0}
+
+
+@pytest.mark.parametrize("mode", MEMORY_MODES)
+def test_partly_converted_equals_reference_sync_norms(ranks, mode):
+    """Norms of one block that disagree on synchronisation each get their own kind of statistics."""
+    for rank, results in enumerate(ranks):
+        r = results[f"{mode}/mixed"]
+        assert r["output"] <= TOL and r["grads"] <= TOL and r["buffers"] <= TOL, (rank, r)
+        assert r["counts"][0] == r["counts"][1], (rank, r)
+
+
+@pytest.mark.parametrize("mode", MEMORY_MODES)
+def test_converted_without_process_group_is_the_unconverted_model(mode):
+    """No torch.distributed: SyncBatchNorm falls back to local statistics, bitwise as BatchNorm2d."""
+    assert not dist.is_initialized()
+    base = DenseNet(**TINY, memory=mode).train()
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(base))
+    x, y = torch.randn(2, 3, SIZE, SIZE), torch.tensor([0, 3])
+    outs = [_step(m, x, y, 0.5)[0] for m in (base, converted)]
+    assert torch.equal(outs[0], outs[1])
+    for a, b in zip(_grads(base) + list(base.buffers()), _grads(converted) + list(converted.buffers()), strict=True):
+        assert torch.equal(a, b)
