@@ -10,7 +10,9 @@ running statistics and ``num_batches_tracked``, which torchvision's and timm's c
   parameters inside recomputed segments, plus a random-direction derivative check that reports a difference.
 * :func:`ddp_checks` (inside a process group): DDP gradients equal single-process gradients (train mode: the sum
   over per-rank shards, since BatchNorm's batch statistics are per rank; eval mode: the full batch at once), BN
-  buffers equal the single-process ones of each rank's shard, every mode equals plain, and all ranks agree.
+  buffers equal the single-process ones of each rank's shard, every mode equals plain, and all ranks agree. With
+  ``sync_bn`` the model's norms are ``nn.SyncBatchNorm``: train-mode gradients and BN buffers then equal those of
+  the full batch at once.
 
 Differences are relative: the largest ``|a - b|`` over the tensors of a check (e.g. all parameter gradients)
 divided by the largest ``|b|`` among them; the tensor with the largest difference is named. Integer buffers
@@ -485,14 +487,30 @@ def _guarded(group: str, case: str, subject: str, run: Any) -> list[Check]:
 
 # --- DDP ---
 
-def ddp_checks(spec: ModelSpec, device: torch.device, batch_per_rank: int, img_size: int,
-               seed: int = 0) -> list[Check]:
-    """Checks of DistributedDataParallel training; call on every rank of an initialised process group.
+def _ddp(model: nn.Module, device: torch.device, sync_bn: bool) -> nn.Module:
+    """``model`` under DistributedDataParallel, its BatchNorms converted to ``nn.SyncBatchNorm`` with ``sync_bn``.
 
-    Returns this rank's checks; :func:`_merge_rank_checks` combines them over ranks.
+    DDP refuses SyncBatchNorm modules on CPU when it wraps them, because torch's own SyncBatchNorm needs a GPU;
+    effidense's does not, so on CPU the norms are converted after wrapping (in place: DDP keeps the same parameters
+    and buffers).
     """
     from torch.nn.parallel import DistributedDataParallel
 
+    if sync_bn and device.type != "cpu":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if sync_bn and device.type == "cpu":
+        nn.SyncBatchNorm.convert_sync_batchnorm(ddp.module)
+    return ddp
+
+
+def ddp_checks(spec: ModelSpec, device: torch.device, batch_per_rank: int, img_size: int,
+               seed: int = 0, sync_bn: bool = False) -> list[Check]:
+    """Checks of DistributedDataParallel training; call on every rank of an initialised process group.
+
+    With ``sync_bn`` the DDP models' norms are ``nn.SyncBatchNorm``. Returns this rank's checks;
+    :func:`_merge_rank_checks` combines them over ranks.
+    """
     dist = torch.distributed
     rank, world = dist.get_rank(), dist.get_world_size()
     _set_deterministic(device)
@@ -508,7 +526,7 @@ def ddp_checks(spec: ModelSpec, device: torch.device, batch_per_rank: int, img_s
     tol_full = max(tol, 1e-5)
     checks: list[Check] = []
     plain_grads: dict[str, dict[str, Tensor | None]] = {}
-    label = f"{spec.name} / DDP {world} ranks ({backend_for(device.type)}), fp32"
+    label = f"{spec.name} / DDP {world} ranks ({backend_for(device.type)}){', SyncBatchNorm' if sync_bn else ''}, fp32"
 
     def build(mode: str, eval_mode: bool = False) -> nn.Module:
         model = spec.build(mode)
@@ -521,33 +539,41 @@ def ddp_checks(spec: ModelSpec, device: torch.device, batch_per_rank: int, img_s
     for mode in MEMORY_MODES:
         subject = f"{mode}"
         # Single-process references.
-        shard_grads: dict[str, Tensor | None] = {}
-        own_shard_stats: dict[str, Tensor] = {}
-        own_shard_counts: dict[str, Tensor] = {}
-        for r, (xs, ys) in enumerate(shards):
+        if sync_bn:
+            # Statistics over every rank's shard: the full batch at once in train mode. Each rank's loss is its
+            # shard's mean, so DDP's average of the ranks' gradients is the full-batch mean's gradient.
             single = build(mode)
-            (loss_of(single, xs, ys) / world).backward()
-            for name, grad in _grads(single).items():
-                if grad is not None:
-                    shard_grads[name] = grad if shard_grads.get(name) is None else shard_grads[name] + grad
-                else:
-                    shard_grads.setdefault(name, None)
-            if r == rank:
-                own_shard_stats, own_shard_counts = _buffers(single, False), _buffers(single, True)
+            loss_of(single, x_full, y_full).backward()
+            train_grads, train_stats, train_counts = _grads(single), _buffers(single, False), _buffers(single, True)
+            reference, train_tol = "single process on the full batch", tol_full
+        else:
+            train_grads, train_stats, train_counts = {}, {}, {}
+            for r, (xs, ys) in enumerate(shards):
+                single = build(mode)
+                (loss_of(single, xs, ys) / world).backward()
+                for name, grad in _grads(single).items():
+                    if grad is not None:
+                        train_grads[name] = grad if train_grads.get(name) is None else train_grads[name] + grad
+                    else:
+                        train_grads.setdefault(name, None)
+                if r == rank:
+                    train_stats, train_counts = _buffers(single, False), _buffers(single, True)
+            reference, train_tol = "single process, sum over rank shards", tol
         full = build(mode, eval_mode=True)
         loss_of(full, x_full, y_full).backward()
         full_grads = _grads(full)
 
         # DDP, train mode.
-        ddp = DistributedDataParallel(build(mode), device_ids=[device.index] if device.type == "cuda" else None)
+        ddp = _ddp(build(mode), device, sync_bn)
         loss_of(ddp, x, y).backward()
         grads = _grads(ddp)
-        checks.append(_compare("ddp", label, subject, "train: gradients == single process, sum over rank shards",
-                               grads, shard_grads, tol))
-        checks.append(_compare("ddp", label, subject, "train: BN running stats == single process on own shard",
-                               _buffers(ddp, False), own_shard_stats, tol))
+        checks.append(_compare("ddp", label, subject, f"train: gradients == {reference}", grads, train_grads,
+                               train_tol))
+        stats_reference = "single process on the full batch" if sync_bn else "single process on own shard"
+        checks.append(_compare("ddp", label, subject, f"train: BN running stats == {stats_reference}",
+                               _buffers(ddp, False), train_stats, train_tol))
         checks.append(_compare("ddp", label, subject, "train: num_batches_tracked (exact)",
-                               _buffers(ddp, True), own_shard_counts, 0.0))
+                               _buffers(ddp, True), train_counts, 0.0))
         checks.append(_agree(label, subject, "train: gradients identical on all ranks", grads))
         optimizer = torch.optim.SGD(ddp.parameters(), **SGD)
         optimizer.step()
@@ -559,8 +585,7 @@ def ddp_checks(spec: ModelSpec, device: torch.device, batch_per_rank: int, img_s
                                    plain_grads["train"], tol))
 
         # DDP, eval mode (running statistics): per-rank means average to the full-batch mean exactly.
-        ddp_eval = DistributedDataParallel(build(mode, eval_mode=True),
-                                           device_ids=[device.index] if device.type == "cuda" else None)
+        ddp_eval = _ddp(build(mode, eval_mode=True), device, sync_bn)
         loss_of(ddp_eval, x, y).backward()
         eval_grads = _grads(ddp_eval)
         checks.append(_compare("ddp", label, subject, "eval: gradients == single process on the full batch",
@@ -598,7 +623,7 @@ def _merge_rank_checks(per_rank: list[list[Check]]) -> list[Check]:
 
 
 def _ddp_rank(spec: ModelSpec, device_kind: str, local_rank: int, batch_per_rank: int, img_size: int,
-              seed: int) -> list[Check]:
+              seed: int, sync_bn: bool = False) -> list[Check]:
     """This rank's DDP checks, merged over ranks (returned on every rank)."""
     if device_kind == "cuda":
         torch.cuda.set_device(local_rank)
@@ -606,7 +631,7 @@ def _ddp_rank(spec: ModelSpec, device_kind: str, local_rank: int, batch_per_rank
     else:
         device = torch.device("cpu")
     try:
-        mine = ddp_checks(spec, device, batch_per_rank, img_size, seed)
+        mine = ddp_checks(spec, device, batch_per_rank, img_size, seed, sync_bn)
     except Exception as error:
         first = str(error).strip().splitlines()
         mine = [Check("ddp", f"{spec.name} / DDP", "all modes", _RAN, False,
@@ -620,24 +645,25 @@ def _ddp_rank(spec: ModelSpec, device_kind: str, local_rank: int, batch_per_rank
 
 
 def _ddp_worker(rank: int, world: int, device_kind: str, spec: ModelSpec, batch_per_rank: int, img_size: int,
-                seed: int, init_method: str, result_path: str) -> None:
+                seed: int, init_method: str, result_path: str, sync_bn: bool = False) -> None:
     if device_kind == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     with process_group(backend_for(device_kind), rank, world, init_method):
-        checks = _ddp_rank(spec, device_kind, rank, batch_per_rank, img_size, seed)
+        checks = _ddp_rank(spec, device_kind, rank, batch_per_rank, img_size, seed, sync_bn)
     if rank == 0:
         atomic_write_bytes(result_path, json.dumps([asdict(c) for c in checks]).encode())
 
 
 def run_ddp(spec: ModelSpec, device: str, nproc: int, batch_per_rank: int, img_size: int, seed: int = 0,
-            torchrun: tuple[int, int, int] | None = None) -> list[Check] | None:
+            torchrun: tuple[int, int, int] | None = None, sync_bn: bool = False) -> list[Check] | None:
     """DDP checks in ``nproc`` spawned processes, or as one rank of a torchrun launch (``torchrun`` =
-    (rank, local_rank, world)). Returns the merged checks, or None on torchrun ranks other than 0."""
+    (rank, local_rank, world)), with ``nn.SyncBatchNorm`` norms if ``sync_bn``. Returns the merged checks, or None
+    on torchrun ranks other than 0."""
     if torchrun is not None:
         rank, local_rank, world = torchrun
         check_world(device, world)
         with process_group(backend_for(device), rank, world, "env://"):
-            checks = _ddp_rank(spec, device, local_rank, batch_per_rank, img_size, seed)
+            checks = _ddp_rank(spec, device, local_rank, batch_per_rank, img_size, seed, sync_bn)
         return checks if rank == 0 else None
     check_world(device, nproc)
     if nproc < 2:
@@ -647,7 +673,8 @@ def run_ddp(spec: ModelSpec, device: str, nproc: int, batch_per_rank: int, img_s
     with tempfile.TemporaryDirectory(prefix="effidense-gradcheck-") as tmp:
         path = os.path.join(tmp, "checks.json")
         mp.spawn(_ddp_worker, nprocs=nproc, join=True,
-                 args=(nproc, device, spec, batch_per_rank, img_size, seed, f"tcp://127.0.0.1:{free_port()}", path))
+                 args=(nproc, device, spec, batch_per_rank, img_size, seed, f"tcp://127.0.0.1:{free_port()}", path,
+                       sync_bn))
         with open(path) as f:
             return [Check(**c) for c in json.load(f)]
 

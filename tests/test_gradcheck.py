@@ -93,6 +93,23 @@ def test_ddp_two_gloo_processes(gradcheck, capsys):
     assert "PASS: all 25 checks passed" in out
 
 
+def test_ddp_sync_batchnorm(gradcheck, capsys):
+    argv = ["--quiet", "--nproc", "2", "--sync-bn", "--skip-modes", "--skip-gradcheck"]
+    code, out, _ = run_main(gradcheck, argv, capsys)
+    assert code == 0, out
+    for mode in ("plain", "efficient", "frugal"):
+        assert f"DDP 2 ranks (gloo), SyncBatchNorm, fp32: {mode}" in out
+    assert "train: gradients == single process on the full batch" in out
+    assert "train: BN running stats == single process on the full batch" in out
+    assert "sum over rank shards" not in out
+    assert "PASS: all 25 checks passed" in out
+
+
+def test_sync_bn_needs_ddp(gradcheck, capsys):
+    code, _, err = run_main(gradcheck, ["--sync-bn", "--skip-modes", "--skip-gradcheck"], capsys)
+    assert code == 2 and "--sync-bn is a DDP check" in err
+
+
 def test_custom_model_flags(gradcheck, capsys):
     argv = ["--quiet", "--skip-gradcheck", "--steps", "1", "--threads", "1", "--growth-rate", "4",
             "--block-config", "1,1", "--num-init-features", "8", "--small-inputs", "--img-size", "8",

@@ -26,18 +26,34 @@ WORLD = 2
 BATCH = 4  # per rank
 SIZE = 16
 TOL = 1e-5
-UNEVEN = (3, 5)  # images per rank in the uneven-batch scenario
+# A converted model trained on this rank's part of the batch against one process on the full batch:
+# name: (images per rank, dtype, channels_last, BN momentum, bf16 autocast, wrapped in DDP, tolerance)
+VARIANTS = {
+    "even": ((BATCH, BATCH), torch.float32, False, 0.1, False, True, TOL),
+    "uneven": ((3, 5), torch.float32, False, 0.1, False, True, TOL),
+    # DDP itself mishandles a rank with an empty batch (its gradients come out zero): average them by hand
+    "empty rank": ((0, 2 * BATCH), torch.float32, False, 0.1, False, False, TOL),
+    "fp64": ((BATCH, BATCH), torch.float64, False, 0.1, False, True, 1e-12),
+    "channels_last": ((BATCH, BATCH), torch.float32, True, 0.1, False, True, TOL),
+    "momentum None": ((BATCH, BATCH), torch.float32, False, None, False, True, TOL),
+    "autocast bf16": ((BATCH, BATCH), torch.float32, False, 0.1, True, True, 2e-2),
+}
 # Collectives effidense itself issues for the TINY DenseNet-BC, fully converted: two all-reduces (sums and counts,
 # then squared deviations) per feature map (the stem's; per block the input, two layer outputs, two bottlenecks),
 # one per norm in backward (norm0, 4 per block, transition1, norm5). Recomputation must add none.
 FORWARD_COLLECTIVES = 2 * (1 + 5 + 5)
 BACKWARD_COLLECTIVES = 1 + 4 + 1 + 4 + 1
+# Partly converted: the first block's second layer and the final norm synchronise, the rest do not, so norms that
+# share a block's statistics cache disagree on synchronisation.
+MIXED = ("features.denseblock1.denselayer2.norm1", "features.denseblock1.denselayer2.norm2", "features.norm5")
 
 
 def _rel(actual: list[Tensor], expected: list[Tensor]) -> float:
-    worst = max(float((a.double() - e.double()).abs().max()) for a, e in zip(actual, expected, strict=True))
-    scale = max(float(e.double().abs().max()) for e in expected)
-    return worst / scale
+    assert [a.shape for a in actual] == [e.shape for e in expected]
+    pairs = [(a.double(), e.double()) for a, e in zip(actual, expected, strict=True) if e.numel()]
+    if not pairs:
+        return 0.0
+    return max(float((a - e).abs().max()) for a, e in pairs) / max(float(e.abs().max()) for _, e in pairs)
 
 
 def _grads(model: nn.Module) -> list[Tensor]:
@@ -95,11 +111,6 @@ def _reference_sync(norm: nn.BatchNorm2d) -> _ReferenceSyncBN:
     return ref
 
 
-# Partly converted: the first block's second layer and the final norm synchronise, the rest do not. Norms sharing
-# a block's statistics cache then disagree on synchronisation.
-MIXED = ("features.denseblock1.denselayer2.norm1", "features.denseblock1.denselayer2.norm2", "features.norm5")
-
-
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent), child, module)
@@ -114,7 +125,40 @@ def _step(model: nn.Module, x: Tensor, y: Tensor, scale: float) -> tuple[Tensor,
     return out.detach(), {"forward": forward.calls, "backward": backward.calls}
 
 
-def _scenarios(rank: int) -> dict[str, object]:
+def _against_full_batch(base: DenseNet, mode: str, x: Tensor, y: Tensor, rank: int, variant: str) -> dict:
+    """One training step of the converted model on this rank's part against the unconverted one on the full batch."""
+    sizes, dtype, channels_last, momentum, amp, ddp, _ = VARIANTS[variant]
+    base = copy.deepcopy(base).to(dtype).set_memory(mode).train()
+    for m in base.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = momentum
+    x = x.to(dtype, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    part = slice(sum(sizes[:rank]), sum(sizes[:rank + 1]))
+    full = x.size(0)
+    reference = copy.deepcopy(base)
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(base))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        ref_out, _ = _step(reference, x, y, 1 / full)  # the mean over the full batch
+        # Rank r's loss: (WORLD / full) * its summed loss. Through SyncBatchNorm's all-reduced backward, rank r's
+        # gradients are its share of d(sum over ranks of their losses)/dθ = WORLD * d(full-batch mean)/dθ; DDP
+        # averages the shares, giving exactly the full-batch mean's gradients. With equal halves this is the
+        # usual per-rank mean loss.
+        out, calls = _step(DistributedDataParallel(model) if ddp else model, x[part], y[part], WORLD / full)
+    if not ddp:
+        for p in model.parameters():
+            dist.all_reduce(p.grad)
+            p.grad /= WORLD
+    return {
+        "tensors": [out, *_grads(model), *model.buffers()],
+        "output": _rel([out], [ref_out[part]]),
+        "grads": _rel(_grads(model), _grads(reference)),  # after DDP's averaging
+        "buffers": _rel(_float_buffers(model), _float_buffers(reference)),  # running_mean, running_var
+        "counts": (_counts(model), _counts(reference)),  # num_batches_tracked
+        "calls": calls,
+    }
+
+
+def _scenarios(rank: int) -> dict[str, dict]:
     torch.manual_seed(0)
     base = DenseNet(**TINY, memory="plain")
     generator = torch.Generator().manual_seed(1)
@@ -124,68 +168,57 @@ def _scenarios(rank: int) -> dict[str, object]:
                 m.running_mean.copy_(torch.randn(m.num_features, generator=generator) * 0.5)
                 m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
                 m.num_batches_tracked.fill_(7)
-    full = WORLD * BATCH
-    x = torch.randn(full, 3, SIZE, SIZE, generator=generator)
-    y = torch.randint(0, TINY["num_classes"], (full,), generator=generator)
-    even = slice(rank * BATCH, (rank + 1) * BATCH)
-    uneven = slice(sum(UNEVEN[:rank]), sum(UNEVEN[:rank + 1]))
-    results: dict[str, object] = {}
+    x = torch.randn(WORLD * BATCH, 3, SIZE, SIZE, generator=generator)
+    y = torch.randint(0, TINY["num_classes"], (WORLD * BATCH,), generator=generator)
+    mine = slice(rank * BATCH, (rank + 1) * BATCH)
+    results: dict[str, dict] = {}
     for mode in MEMORY_MODES:
-        # Single process, unconverted, the full batch in train mode; loss: the mean over the full batch.
-        reference = copy.deepcopy(base).set_memory(mode).train()
-        ref_out, _ = _step(reference, x, y, 1 / full)
+        for variant in VARIANTS:
+            results[f"{mode}/{variant}"] = _against_full_batch(base, mode, x, y, rank, variant)
 
-        for split_name, part in (("even", even), ("uneven", uneven)):
-            # Rank r's loss: (WORLD / full) * its summed loss. Through SyncBatchNorm's all-reduced backward, rank r's
-            # gradients are its share of d(sum over ranks of their losses)/dθ = WORLD * d(full-batch mean)/dθ; DDP
-            # averages the shares, giving exactly the full-batch mean's gradients. With equal halves this is
-            # the usual per-rank mean loss.
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(base).set_memory(mode)).train()
-            out, calls = _step(DistributedDataParallel(model), x[part], y[part], WORLD / full)
-            results[f"{mode}/{split_name}"] = {
-                "tensors": [out, *_grads(model), *model.buffers()],
-                "output": _rel([out], [ref_out[part]]),
-                "grads": _rel(_grads(model), _grads(reference)),
-                "buffers": _rel(_float_buffers(model), _float_buffers(reference)),
-                "counts": (_counts(model), _counts(reference)),
-                "calls": calls,
-            }
+        def fresh(converted: bool = False, train: bool = True, mode: str = mode) -> nn.Module:
+            model = copy.deepcopy(base).set_memory(mode).train(train)
+            return nn.SyncBatchNorm.convert_sync_batchnorm(model) if converted else model
 
-        # Unconverted under DDP: per-rank statistics, as a single process on this rank's half.
-        local = copy.deepcopy(base).set_memory(mode).train()
-        local_out, local_calls = _step(DistributedDataParallel(local), x[even], y[even], 1 / BATCH)
-        half = copy.deepcopy(base).set_memory(mode).train()
-        half_out, _ = _step(half, x[even], y[even], 1 / BATCH)
+        # Regional compilation leaves synchronised norms eager: bitwise the eager converted model.
+        compiled = fresh(converted=True).set_compile()
+        out, calls = _step(DistributedDataParallel(compiled), x[mine], y[mine], 1 / BATCH)
+        results[f"{mode}/compiled"] = {"tensors": [out, *_grads(compiled), *compiled.buffers()], "calls": calls}
+
+        # Unconverted under DDP: per-rank statistics, as one process on this rank's half, not on the full batch.
+        local, half, full = fresh(), fresh(), fresh()
+        local_out, calls = _step(DistributedDataParallel(local), x[mine], y[mine], 1 / BATCH)
+        half_out, _ = _step(half, x[mine], y[mine], 1 / BATCH)
+        full_out, _ = _step(full, x, y, 1 / (WORLD * BATCH))
         results[f"{mode}/unconverted"] = {
             "output_vs_half": _rel([local_out], [half_out]),
             "buffers_vs_half": _rel(_float_buffers(local), _float_buffers(half)),
-            "output_vs_full": _rel([local_out], [ref_out[even]]),
-            "buffers_vs_full": _rel(_float_buffers(local), _float_buffers(reference)),
-            "calls": local_calls,
+            "output_vs_full": _rel([local_out], [full_out[mine]]),
+            "buffers_vs_full": _rel(_float_buffers(local), _float_buffers(full)),
+            "calls": calls,
         }
 
         # Eval: a converted model normalises with running statistics and synchronises nothing.
-        converted_eval = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(base).set_memory(mode)).eval()
-        eval_out, eval_calls = _step(converted_eval, x[even], y[even], 1 / BATCH)
-        plain_eval = copy.deepcopy(base).set_memory(mode).eval()
-        plain_eval_out, _ = _step(plain_eval, x[even], y[even], 1 / BATCH)
+        converted_eval, plain_eval = fresh(converted=True, train=False), fresh(train=False)
+        eval_out, calls = _step(converted_eval, x[mine], y[mine], 1 / BATCH)
+        plain_eval_out, _ = _step(plain_eval, x[mine], y[mine], 1 / BATCH)
         results[f"{mode}/eval"] = {
             "output": _rel([eval_out], [plain_eval_out]),
             "grads": _rel(_grads(converted_eval), _grads(plain_eval)),
             "buffers": _rel(_float_buffers(converted_eval), _float_buffers(base)),
-            "calls": eval_calls,
+            "calls": calls,
         }
 
         # Partly converted, against torchvision's DenseNet with reference synchronised norms in the same places.
-        mixed = copy.deepcopy(base).set_memory(mode).train()
+        mixed = fresh()
         tv = torchvision.models.DenseNet(growth_rate=TINY["growth_rate"], block_config=TINY["block_config"],
                                          num_init_features=TINY["num_init_features"], num_classes=TINY["num_classes"])
         tv.load_state_dict(base.state_dict())
         for name in MIXED:
             _replace(mixed, name, nn.SyncBatchNorm.convert_sync_batchnorm(mixed.get_submodule(name)))
             _replace(tv, name, _reference_sync(tv.get_submodule(name)))
-        mixed_out, _ = _step(DistributedDataParallel(mixed), x[even], y[even], 1 / BATCH)
-        tv_out, _ = _step(DistributedDataParallel(tv.train()), x[even], y[even], 1 / BATCH)
+        mixed_out, _ = _step(DistributedDataParallel(mixed), x[mine], y[mine], 1 / BATCH)
+        tv_out, _ = _step(DistributedDataParallel(tv.train()), x[mine], y[mine], 1 / BATCH)
         results[f"{mode}/mixed"] = {
             "output": _rel([mixed_out], [tv_out]),
             "grads": _rel(_grads(mixed), _grads(tv)),
@@ -197,8 +230,8 @@ def _scenarios(rank: int) -> dict[str, object]:
 
 def _worker(rank: int, init_method: str, out_dir: str) -> None:
     torch.set_num_threads(1)
-    # DDP refuses SyncBatchNorm on CPU up front, for torch's own SyncBatchNorm needs a GPU; effidense's does not,
-    # so lift that guard (it checks nothing else) to train on CPU with the real DDP reducer.
+    # DDP refuses SyncBatchNorm on CPU when wrapping, since torch's own SyncBatchNorm needs a GPU; effidense's does
+    # not, so lift that guard (it checks nothing else) to train on CPU with the real DDP reducer.
     DistributedDataParallel._passing_sync_batchnorm_handle = lambda self, module: None
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD,
                             timeout=timedelta(seconds=60))  # mismatched collectives fail instead of hanging
@@ -216,31 +249,37 @@ def ranks(tmp_path_factory) -> list[dict[str, dict]]:
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
-@pytest.mark.parametrize("split", ["even", "uneven"])
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("mode", MEMORY_MODES)
-def test_converted_ddp_equals_single_process_full_batch(ranks, mode, split):
+def test_converted_ddp_equals_single_process_full_batch(ranks, mode, variant):
+    tol = VARIANTS[variant][-1]
     for rank, results in enumerate(ranks):
-        r = results[f"{mode}/{split}"]
-        assert r["output"] <= TOL, (rank, r)
-        assert r["grads"] <= TOL, (rank, r)  # after DDP's averaging
-        assert r["buffers"] <= TOL, (rank, r)  # running_mean / running_var
-        assert r["counts"][0] == r["counts"][1], (rank, r)  # num_batches_tracked: 8, once per step
-        assert all(c == 8 for c in r["counts"][0])
+        r = {k: v for k, v in results[f"{mode}/{variant}"].items() if k != "tensors"}
+        assert r["output"] <= tol and r["grads"] <= tol and r["buffers"] <= tol, (rank, r)
+        assert r["counts"][0] == r["counts"][1] == [8] * len(r["counts"][0]), (rank, r)  # 7 before the step
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("mode", ["efficient", "frugal"])
-def test_modes_stay_bitwise_equal_to_plain(ranks, mode):
+def test_modes_stay_bitwise_equal_to_plain(ranks, mode, variant):
     for results in ranks:
-        for split in ("even", "uneven"):
-            pairs = zip(results[f"{mode}/{split}"]["tensors"], results[f"plain/{split}"]["tensors"], strict=True)
-            assert all(torch.equal(a, b) for a, b in pairs)
+        pairs = zip(results[f"{mode}/{variant}"]["tensors"], results[f"plain/{variant}"]["tensors"], strict=True)
+        assert all(torch.equal(a, b) for a, b in pairs)
 
 
 @pytest.mark.parametrize("mode", MEMORY_MODES)
 def test_collectives_once_per_feature_map_and_norm_never_in_recomputation(ranks, mode):
-    for split in ("even", "uneven"):
-        assert [r[f"{mode}/{split}"]["calls"] for r in ranks] == \
-            [{"forward": FORWARD_COLLECTIVES, "backward": BACKWARD_COLLECTIVES}] * WORLD
+    for variant in VARIANTS:
+        assert [r[f"{mode}/{variant}"]["calls"] for r in ranks] == \
+            [{"forward": FORWARD_COLLECTIVES, "backward": BACKWARD_COLLECTIVES}] * WORLD, variant
+
+
+@pytest.mark.parametrize("mode", MEMORY_MODES)
+def test_set_compile_runs_synchronised_norms_eagerly(ranks, mode):
+    for results in ranks:
+        pairs = zip(results[f"{mode}/compiled"]["tensors"], results[f"{mode}/even"]["tensors"], strict=True)
+        assert all(torch.equal(a, b) for a, b in pairs)
+        assert results[f"{mode}/compiled"]["calls"] == results[f"{mode}/even"]["calls"]
 
 
 @pytest.mark.parametrize("mode", MEMORY_MODES)

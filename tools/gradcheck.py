@@ -5,12 +5,14 @@ Trains plain, efficient and frugal copies side by side (and compiled copies with
 loss, every parameter gradient and every buffer (BatchNorm running stats, num_batches_tracked exactly) after each
 SGD step, in train and eval mode, under several settings (non-default running stats, dropout, BN momentum=None,
 channels_last, fp64, autocast); runs torch.autograd.gradcheck in float64 on a tiny model; with --nproc N (or under
-torchrun) checks DistributedDataParallel gradients against single-process ones and that all ranks agree.
+torchrun) checks DistributedDataParallel gradients against single-process ones and that all ranks agree, with
+--sync-bn for a model converted with nn.SyncBatchNorm.convert_sync_batchnorm.
 Prints PASS/FAIL per check with the differences and tolerances; exits 0 only if every check passes.
 Examples:
 
   python tools/gradcheck.py
   python tools/gradcheck.py --compile --nproc 2
+  python tools/gradcheck.py --nproc 2 --sync-bn --skip-modes
   python tools/gradcheck.py --device cuda --model effi_densenet121 --img-size 64
   torchrun --nproc_per_node 2 tools/gradcheck.py --device cuda
 """
@@ -58,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="autocast dtype of the autocast case (default bf16; fp16 needs a GPU)")
     run.add_argument("--nproc", type=int, default=1, metavar="N",
                      help="also run the DDP checks in N spawned processes (gloo on cpu, nccl on cuda, one GPU each)")
+    run.add_argument("--sync-bn", action="store_true",
+                     help="DDP checks with the norms converted to nn.SyncBatchNorm: train-mode gradients and BN "
+                          "buffers must then equal the full batch's in one process (needs --nproc N or torchrun)")
     run.add_argument("--threads", type=int,
                      help="torch CPU threads (default: 1 for the default tiny models, which run fastest on one "
                           "thread, else torch's choice)")
@@ -96,9 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.amp == "fp16" and args.device == "cpu":
             raise ValueError("--amp fp16 is for GPUs; CPU autocast is checked in bf16")
         checks = []
+        if args.sync_bn and launched is None and args.nproc < 2:
+            raise ValueError("--sync-bn is a DDP check: pass --nproc N (N >= 2) or launch with torchrun")
         if launched is not None or args.nproc > 1:
             ddp = run_ddp(specs[0], args.device, args.nproc, args.batch_size, args.img_size, args.seed,
-                          torchrun=launched)
+                          torchrun=launched, sync_bn=args.sync_bn)
             if ddp is None:  # a torchrun rank other than 0; rank 0 reports
                 return 0
             checks += ddp
