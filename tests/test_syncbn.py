@@ -31,7 +31,7 @@ TOL = 1e-5
 VARIANTS = {
     "even": ((BATCH, BATCH), torch.float32, False, 0.1, False, True, TOL),
     "uneven": ((3, 5), torch.float32, False, 0.1, False, True, TOL),
-    # DDP itself mishandles a rank with an empty batch (its gradients come out zero): average them by hand
+    # DDP itself does not synchronise gradients when a rank has an empty batch: average them by hand
     "empty rank": ((0, 2 * BATCH), torch.float32, False, 0.1, False, False, TOL),
     "fp64": ((BATCH, BATCH), torch.float64, False, 0.1, False, True, 1e-12),
     "channels_last": ((BATCH, BATCH), torch.float32, True, 0.1, False, True, TOL),
