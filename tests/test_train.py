@@ -249,6 +249,9 @@ def test_synthetic_run_writes_summary_checkpoints_and_args(tmp_path: Path) -> No
     assert args.grad_accum_steps == 3 and args.model_kwargs["block_config"] == [2, 2]
     with pytest.raises(TrainError, match="already holds a run"):
         effidense.train.train(args)
+    args.force, args.epochs = True, 1
+    assert effidense.train.train(args)["step"] == 3
+    assert [row["epoch"] for row in _summary(run)] == ["0"]
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -370,7 +373,7 @@ def test_digits_reach_95_percent(tmp_path: Path) -> None:
     data = _write_digits(tmp_path / "digits")
     out = tmp_path / "out"
     argv = ["--data-dir", str(data), "--model", "effi_densenet_bc100_k12", "--model-kwargs", "block_config=(3,3,3)",
-            "--img-size", "16", "-b", "32", "--epochs", "5", "--lr", "0.1", "--warmup-epochs", "0",
+            "--img-size", "16", "-b", "32", "--epochs", "4", "--lr", "0.1", "--warmup-epochs", "0",
             "--weight-decay", "1e-4", "--no-aug", "-j", "0", "--output", str(out), "--experiment", "digits"]
     started = time.perf_counter()
     assert tool.main(argv) == 0

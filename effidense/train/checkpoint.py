@@ -43,7 +43,18 @@ def _position(state: Mapping[str, Any]) -> str:
 def save_weights(path: Path, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
     """Write a state dict as safetensors, atomically."""
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in state_dict.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})}))
+
+    def write(tmp: str) -> None:
+        save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})})
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates owner-only files; give the usual permissions
+
+    atomic_write(path, write)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def weights_path_for(state_path: Path) -> Path:

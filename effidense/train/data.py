@@ -27,7 +27,7 @@ __all__ = ["SyntheticDataset", "ResumableSampler", "SeededSamples", "build_datas
 _CIFAR = {"torch/cifar10": "torch/cifar10", "cifar10": "torch/cifar10",
           "torch/cifar100": "torch/cifar100", "cifar100": "torch/cifar100"}
 _FOLDER = ("", "folder", "imagefolder", "image_folder")
-_VAL_NAMES = ("val", "validation", "valid", "eval", "evaluation", "test")
+_VAL_NAMES = ("val", "validation", "valid", "eval", "evaluation")  # timm's synonyms
 _TRAIN_NAMES = ("train", "training")
 
 
@@ -86,7 +86,7 @@ def _folder_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset, int]:
             raise TrainError(f"{path}: {e}") from e
         class_to_idx = dataset.reader.class_to_idx
         if class_map is None:
-            if "" in class_to_idx or "." in class_to_idx:
+            if "" in class_to_idx:  # images directly in the split folder get the empty label
                 raise TrainError(f"{path}: images must sit in one sub-folder per class, not in the split folder")
             class_map = class_to_idx
         datasets.append(dataset)
