@@ -59,6 +59,9 @@ def _env() -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     env["GLOO_SOCKET_IFNAME"] = "lo"  # gloo stays on the loopback interface
     env.pop("EFFIDENSE_TIMM_SCRIPT", None)
+    # The same thread count as this process (conftest: one): float reductions split by thread, and a resumed run
+    # is compared bit for bit with one that ran here.
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     return env
 
 
