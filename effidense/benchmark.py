@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .densenet import MEMORY_MODES
-from .memory import MiB, SavedTensorMeter, cuda_peak_bytes
+from .memory import MiB, SavedTensorMeter, activation_floor_bytes, cuda_peak_bytes
 from .modelspec import ModelSpec
 
 __all__ = [
@@ -204,6 +204,7 @@ class BenchReport:
     environment: dict[str, Any]
     world_size: int = 1
     depth_sweep: dict[str, Any] | None = None
+    floor_bytes: int | None = None
 
     def __post_init__(self) -> None:
         plain = next((r for r in self.results if r.variant == "plain" and r.ok), None)
@@ -738,6 +739,11 @@ def format_table(report: BenchReport) -> str:
     ]
     notes = ["", "x less: plain's activation (peak) memory divided by the variant's; step vs plain: step time divided "
              "by plain's; a step is forward + loss + backward."]
+    if report.floor_bytes:
+        plain = next((r for r in report.results if r.variant == "plain" and r.ok), None)
+        versus = f", {plain.activation_bytes / report.floor_bytes:.1f}x less than plain" if plain else ""
+        notes.append(f"floor: {report.floor_bytes / MiB:.1f} MiB (fp32 input + block inputs + every dense layer's new "
+                     f"features, each kept once: the least without recomputing across layers{versus})")
     return "\n".join(header + lines + notes)
 
 
@@ -754,6 +760,7 @@ def report_to_json(report: BenchReport) -> dict[str, Any]:
         "world_size": report.world_size,
         "results": [{k: v for k, v in asdict(r).items()} for r in report.results],
         "depth_sweep": report.depth_sweep,
+        "floor_bytes": report.floor_bytes,
     }
 
 
@@ -922,4 +929,13 @@ def benchmark(cfg: BenchConfig, processes: int = 1, command: str = "",
     with torch_threads(cfg.threads):
         sweep = memory_by_depth(cfg, depth_scales) if depth_scales else None
         env = environment(cfg.device, command, world)
-    return BenchReport(cfg, results, env, world, sweep)
+        floor = activation_floor(cfg)
+    return BenchReport(cfg, results, env, world, sweep, floor)
+
+
+def activation_floor(cfg: BenchConfig) -> int:
+    """:func:`effidense.activation_floor_bytes` for one rank's batch in fp32 (measured on one image, every term
+    is linear in the batch size)."""
+    model = cfg.spec.build("plain").eval()
+    image = torch.zeros(1, cfg.spec.arg("in_chans"), cfg.img_size, cfg.img_size)
+    return activation_floor_bytes(model, image) * cfg.batch_size

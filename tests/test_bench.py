@@ -91,6 +91,9 @@ def test_table_json_and_plot(bench, tiny_run, capsys):
     assert act["frugal"] < act["efficient"] < act["plain"]
     assert act["tv"] == act["timm"] < act["plain"]
     assert results["efficient"]["activation_x_less"] == pytest.approx(act["plain"] / act["efficient"])
+    # The floor: frugal keeps essentially only it; nothing keeps less.
+    assert 0 < data["floor_bytes"] <= act["frugal"] <= 1.1 * data["floor_bytes"]
+    assert f"floor: {data['floor_bytes'] / 2**20:.1f} MiB" in out
 
     sweep = data["depth_sweep"]
     assert sweep["errors"] == []

@@ -1,0 +1,448 @@
+"""The built-in trainer: timm's training recipe assembled from timm's and torch's library parts.
+
+One process or many under ``torchrun`` (DistributedDataParallel; nccl on GPU, gloo on CPU). Rank 0 alone writes the
+run directory: ``args.yaml``, ``summary.csv`` (one row per epoch, as timm writes it), ``last.safetensors`` +
+``last.state.pt`` (every epoch, and every ``--checkpoint-interval`` steps) and ``model_best.safetensors``.
+A resumed run repeats an unbroken one exactly on CPU: see :mod:`.data` and :mod:`.checkpoint`.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import signal
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.distributed as dist
+from timm.data import resolve_data_config
+from timm.loss import LabelSmoothingCrossEntropy
+from timm.models import safe_model_name
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3, accuracy, distribute_bn, random_seed, trim_summary, unwrap_model, update_summary
+from timm.utils.distributed import init_distributed_device_so
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from .args import args_as_dict, args_to_yaml
+from .checkpoint import (
+    atomic_write,
+    load_checkpoint,
+    resolve_resume,
+    rng_state,
+    save_checkpoint,
+    save_weights,
+    set_rng_state,
+)
+from .data import ResumableSampler, build_datasets, eval_loader, set_transforms, train_loader
+from .errors import TrainError, TrainingDiverged
+
+__all__ = ["train", "build_model"]
+
+# Testing hook: SIGKILL this process right after optimizer step N, to test resuming a killed run.
+_KILL_AFTER_STEP_ENV = "EFFIDENSE_TEST_KILL_AFTER_STEP"
+_RUN_FILES = ("last.state.pt", "last.safetensors", "model_best.safetensors", "summary.csv")
+
+
+@dataclass
+class _Dist:
+    device: torch.device
+    rank: int
+    world_size: int
+    distributed: bool
+
+    @property
+    def primary(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(args: argparse.Namespace) -> _Dist:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainError(f"--device {device}: CUDA is not available")
+    if args.sync_bn and not device.startswith("cuda"):
+        raise TrainError("--sync-bn needs CUDA devices: torch's SyncBatchNorm does not run on CPU")
+    info = init_distributed_device_so(device=device)  # reads torchrun's environment; gloo on CPU, nccl on CUDA
+    return _Dist(torch.device(info["device"]), info["global_rank"], info["world_size"], info["distributed"])
+
+
+def _broadcast(value: Any, ctx: _Dist) -> Any:
+    if not ctx.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _reduce_sum(values: list[float], ctx: _Dist) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=ctx.device)
+    if ctx.distributed:
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def _output_dir(args: argparse.Namespace, resume_path: Path | None, img_size: int, ctx: _Dist) -> Path:
+    if resume_path is not None:  # by default a resumed run continues in its own directory
+        out = Path(args.output or resume_path.parent.parent) / (args.experiment or resume_path.parent.name)
+    else:
+        name = args.experiment or _broadcast(
+            "-".join([datetime.now().strftime("%Y%m%d-%H%M%S"), safe_model_name(args.model), str(img_size)]), ctx)
+        out = Path(args.output or "./output/train") / name
+    continuing = resume_path is not None and out.resolve() == resume_path.parent.resolve()
+    existing = [f for f in _RUN_FILES if (out / f).exists()]
+    if existing and not continuing and not args.force:
+        raise TrainError(f"{out} already holds a run ({', '.join(existing)}); pass --resume {out} to continue it, "
+                         "another --experiment, or --force to replace it")
+    return out
+
+
+def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
+    """``timm.create_model`` with the trainer's model flags applied (memory mode, grad checkpointing, SyncBN)."""
+    try:
+        model = timm.create_model(
+            args.model, pretrained=args.pretrained or bool(args.pretrained_path), num_classes=num_classes,
+            drop_rate=args.drop, checkpoint_path=args.initial_checkpoint or None,
+            # as timm's train.py: the file's weights, with a new classifier (num_classes=-1 forces the adaptation)
+            pretrained_cfg_overlay=dict(file=args.pretrained_path, num_classes=-1) if args.pretrained_path else None,
+            **args.model_kwargs)
+    except (RuntimeError, ValueError, TypeError, KeyError, FileNotFoundError) as e:
+        hint = "; effi_* models have no hosted weights, use --pretrained-path FILE" if args.pretrained else ""
+        raise TrainError(f"cannot create model {args.model!r}: {e}{hint}") from e
+    if args.memory is not None or args.grad_checkpointing:
+        if args.memory is not None and not hasattr(model, "set_memory"):
+            raise TrainError(f"--memory applies to effidense models; {args.model} has no memory modes")
+        if args.memory == "plain" and args.grad_checkpointing:
+            raise TrainError("--memory plain contradicts --grad-checkpointing; pass only one of them")
+        if args.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        if args.memory is not None:
+            model.set_memory(args.memory)
+    if args.sync_bn:
+        if getattr(model, "memory", "plain") != "plain":
+            # effidense recomputes BN segments with local batch statistics, which SyncBatchNorm's first run did not
+            # use: the gradients would be wrong.
+            raise TrainError("--sync-bn is not exact with recomputing memory modes yet; add --memory plain")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def _base_lr(args: argparse.Namespace, world_size: int) -> float:
+    """timm's rule when --lr is not given: 0.1 per 256 images of global batch (square root for ada*/lamb)."""
+    if args.lr is not None:
+        return args.lr
+    ratio = args.batch_size * world_size * args.grad_accum_steps / 256
+    if any(name in args.opt.lower() for name in ("ada", "lamb")):
+        ratio = ratio ** 0.5
+    return 0.1 * ratio
+
+
+def _is_better(metric: float, best: float | None, eval_metric: str) -> bool:
+    return best is None or (metric < best if eval_metric == "loss" else metric > best)
+
+
+class _Trainer:
+    def __init__(self, args: argparse.Namespace, ctx: _Dist) -> None:
+        self.args, self.ctx = args, ctx
+        device = ctx.device
+
+        # Data first: a missing or empty data directory is reported before any model is built.
+        train_set, val_set, num_classes = build_datasets(args)
+        per_rank = math.ceil(len(train_set) / ctx.world_size)
+        if per_rank < args.batch_size:
+            raise TrainError(f"the training set has {len(train_set)} images: fewer than one batch of "
+                             f"{args.batch_size} per process ({ctx.world_size} process(es)); lower --batch-size")
+        resume_path = resolve_resume(args.resume) if args.resume else None
+        weights, state = load_checkpoint(resume_path) if resume_path else (None, None)
+        if state is not None and state["model"] != args.model:
+            raise TrainError(f"--resume {args.resume}: the checkpoint is of {state['model']}, not --model {args.model}")
+
+        random_seed(args.seed, ctx.rank)
+        model = build_model(args, args.num_classes or num_classes)
+        self.data_config = resolve_data_config(dict(img_size=args.img_size), model=model)
+        set_transforms(train_set, val_set, self.data_config, args)
+        self.output_dir = _output_dir(args, resume_path, self.data_config["input_size"][-1], ctx)
+
+        if weights is not None:
+            try:
+                model.load_state_dict(weights)
+            except RuntimeError as e:
+                raise TrainError(f"--resume {args.resume}: the weights do not fit the model ({e})") from e
+        model.to(device)
+        if args.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.lr = _base_lr(args, ctx.world_size)
+        self.optimizer = create_optimizer_v2(model, opt=args.opt, lr=self.lr, weight_decay=args.weight_decay,
+                                             momentum=args.momentum)
+        self.amp_dtype = getattr(torch, args.amp_dtype)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp and self.amp_dtype == torch.float16)
+        self.ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
+
+        if args.torchcompile:
+            if hasattr(model, "set_compile"):
+                model.set_compile(True)
+            else:
+                model = torch.compile(model, backend=args.torchcompile)
+        self.train_model: nn.Module = model
+        if ctx.distributed:
+            self.train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                       else None)
+
+        self.sampler = ResumableSampler(train_set, ctx.world_size, ctx.rank, args.seed)
+        self.train_loader = train_loader(train_set, self.sampler, args, device)
+        self.eval_loader = eval_loader(val_set, ctx.rank, ctx.world_size, args, device)
+        self.num_batches = self.sampler.num_samples // args.batch_size
+        self.updates_per_epoch = math.ceil(self.num_batches / args.grad_accum_steps)
+        self.scheduler, self.num_epochs = create_scheduler_v2(
+            self.optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+            decay_milestones=args.decay_milestones, cooldown_epochs=args.cooldown_epochs, decay_rate=args.decay_rate,
+            min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
+            plateau_mode="min" if args.eval_metric == "loss" else "max",
+            step_on_epochs=not args.sched_on_updates, updates_per_epoch=self.updates_per_epoch)
+        self.train_loss = LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing else nn.CrossEntropyLoss()
+        self.eval_loss = nn.CrossEntropyLoss()
+
+        self.epoch, self.batch, self.step = 0, 0, 0
+        self.epoch_loss = (0.0, 0)  # loss sum and image count of the epoch so far (kept across a resume)
+        self.best_metric: float | None = None
+        self.best_epoch: int | None = None
+        self.last_metrics: dict[str, float] = {}
+        if state is not None:
+            self._restore(state)
+        self.kill_after_step = int(os.environ.get(_KILL_AFTER_STEP_ENV, "0"))
+
+    # --- checkpoints ---
+    def _restore(self, state: dict[str, Any]) -> None:
+        args = self.args
+        if state["batch"] and (state["batch_size"], state["world_size"], state["grad_accum_steps"]) != (
+                args.batch_size, self.ctx.world_size, args.grad_accum_steps):
+            raise TrainError(
+                f"--resume {args.resume}: the checkpoint was taken mid-epoch with batch size {state['batch_size']} x "
+                f"{state['world_size']} process(es) x {state['grad_accum_steps']} accumulation step(s); resume with "
+                "the same values")
+        self.optimizer.load_state_dict(state["optimizer"])
+        saved, current = state["schedule_args"], self._schedule_args()
+        if saved == current:
+            self.scheduler.load_state_dict(state["scheduler"])
+        elif self.ctx.primary:  # as timm does: the schedule follows the new arguments from the resumed epoch on
+            changes = ", ".join(f"{key} {saved.get(key)} -> {value}" for key, value in current.items()
+                                if saved.get(key) != value)
+            tqdm.write(f"schedule changed since the checkpoint ({changes}): following the new one from epoch "
+                       f"{state['epoch'] + 1}")
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            if state["ema"] is not None:
+                self.ema.module.load_state_dict(state["ema"])
+        self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
+        self.epoch_loss = tuple(state["epoch_loss"])
+        self.best_metric, self.best_epoch = state["best_metric"], state["best_epoch"]
+        if args.sched_on_updates:
+            self.scheduler.step_update(self.step)
+        elif self.epoch > 0:
+            self.scheduler.step(self.epoch)
+        rngs = state["rng"]
+        if len(rngs) == self.ctx.world_size:
+            set_rng_state(rngs[self.ctx.rank])
+        else:  # a different process count continues with freshly seeded per-rank RNGs
+            random_seed(args.seed + self.epoch, self.ctx.rank)
+
+    def _schedule_args(self) -> dict[str, Any]:
+        keys = ("sched", "sched_on_updates", "epochs", "warmup_epochs", "warmup_lr", "min_lr", "decay_epochs",
+                "decay_milestones", "decay_rate", "cooldown_epochs")
+        return {"lr": self.lr, **{key: args_as_dict(self.args)[key] for key in keys}}
+
+    def _gather_rng(self) -> list[dict[str, Any]] | None:
+        if not self.ctx.distributed:
+            return [rng_state()]
+        gathered: list[Any] | None = [None] * self.ctx.world_size if self.ctx.primary else None
+        dist.gather_object(rng_state(), gathered, dst=0)
+        return gathered
+
+    def save_last(self) -> None:
+        """Save last.* at the current position (every rank must call it: the RNG states are gathered)."""
+        rngs = self._gather_rng()
+        if not self.ctx.primary:
+            return
+        args = self.args
+        state = dict(
+            model=args.model, epoch=self.epoch, batch=self.batch, step=self.step, epoch_loss=list(self.epoch_loss),
+            batch_size=args.batch_size, world_size=self.ctx.world_size, grad_accum_steps=args.grad_accum_steps,
+            optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+            schedule_args=self._schedule_args(),
+            scaler=self.scaler.state_dict(), ema=self.ema.module.state_dict() if self.ema is not None else None,
+            rng=rngs, best_metric=self.best_metric, best_epoch=self.best_epoch,
+            args=args_as_dict(args))
+        save_checkpoint(self.output_dir, "last", unwrap_model(self.model).state_dict(), state)
+
+    # --- epochs ---
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if not self.args.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(self.ctx.device.type, dtype=self.amp_dtype)
+
+    def _to_device(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images = images.to(self.ctx.device, non_blocking=True)
+        if self.args.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, targets.to(self.ctx.device, non_blocking=True)
+
+    def _current_lr(self) -> float:
+        lrs = [group["lr"] for group in self.optimizer.param_groups]
+        return sum(lrs) / len(lrs)
+
+    def train_epoch(self) -> OrderedDict[str, float]:
+        args, ctx, epoch = self.args, self.ctx, self.epoch
+        accum = args.grad_accum_steps
+        last_accum = self.num_batches % accum or accum
+        first_short_batch = self.num_batches - last_accum
+        self.sampler.set_epoch(epoch)
+        self.sampler.skip(self.batch * args.batch_size)
+        self.train_model.train()
+        loss_sum, count = self.epoch_loss
+        bar = tqdm(total=self.num_batches, initial=self.batch, desc=f"epoch {epoch + 1}/{self.num_epochs}",
+                   disable=not ctx.primary, dynamic_ncols=True, leave=True)
+        tick, tick_images = time.perf_counter(), 0
+        if ctx.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(ctx.device)
+        for batch_idx, (images, targets) in enumerate(self.train_loader, start=self.batch):
+            images, targets = self._to_device(images, targets)
+            steps_in_update = last_accum if batch_idx >= first_short_batch else accum
+            update = (batch_idx + 1) % accum == 0 or batch_idx + 1 == self.num_batches
+            no_sync = ctx.distributed and not update
+            with self.train_model.no_sync() if no_sync else contextlib.nullcontext():  # type: ignore[operator]
+                with self._autocast():
+                    loss = self.train_loss(self.train_model(images), targets)
+                loss_value = loss.detach().float()
+                if ctx.distributed:
+                    dist.all_reduce(loss_value)
+                    loss_value /= ctx.world_size
+                loss_value = loss_value.item()
+                if not math.isfinite(loss_value):
+                    bar.close()
+                    last = self.output_dir / "last.safetensors"
+                    raise TrainingDiverged(
+                        f"loss is {loss_value} at epoch {epoch + 1}, batch {batch_idx + 1} (step {self.step}, "
+                        f"lr {self._current_lr():.4g}); stopped without saving. Last good checkpoint: "
+                        f"{last if last.exists() else 'none yet'}. Lower --lr or add --warmup-epochs/--clip-grad")
+                self.scaler.scale(loss / steps_in_update).backward()
+            loss_sum, count = loss_sum + loss_value * images.shape[0], count + images.shape[0]
+            tick_images += images.shape[0] * ctx.world_size
+            if update:
+                self._optimizer_step()
+                self.batch, self.epoch_loss = batch_idx + 1, (loss_sum, count)
+                if (args.checkpoint_interval and self.step % args.checkpoint_interval == 0
+                        and self.batch < self.num_batches):
+                    self.save_last()
+                if self.step == self.kill_after_step:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            if (batch_idx + 1) % args.log_interval == 0 or batch_idx + 1 == self.num_batches:
+                elapsed = time.perf_counter() - tick
+                postfix = OrderedDict(loss=f"{loss_sum / count:.4f}", lr=f"{self._current_lr():.3g}",
+                                      img_s=f"{tick_images / max(elapsed, 1e-9):.1f}")
+                if ctx.device.type == "cuda":
+                    postfix["mem"] = f"{torch.cuda.max_memory_allocated(ctx.device) / 2**30:.2f}GiB"
+                bar.set_postfix(postfix, refresh=False)
+                tick, tick_images = time.perf_counter(), 0
+            bar.update(1)
+        bar.close()
+        return OrderedDict(loss=loss_sum / max(count, 1))
+
+    def _optimizer_step(self) -> None:
+        if self.args.clip_grad is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.step)
+        self.scheduler.step_update(num_updates=self.step)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> OrderedDict[str, float]:
+        """Validation loss, top-1 and top-5 accuracy (%), summed over all ranks' disjoint shares."""
+        model.eval()
+        loss_sum = correct1 = correct5 = count = 0.0
+        for images, targets in self.eval_loader:
+            images, targets = self._to_device(images, targets)
+            with self._autocast():
+                output = model(images)
+            output = output.float()
+            n = images.shape[0]
+            acc1, acc5 = accuracy(output, targets, topk=(1, min(5, output.shape[1])))
+            loss_sum += self.eval_loss(output, targets).item() * n
+            correct1 += round(acc1.item() * n / 100)
+            correct5 += round(acc5.item() * n / 100)
+            count += n
+        loss_sum, correct1, correct5, count = _reduce_sum([loss_sum, correct1, correct5, count], self.ctx)
+        count = max(count, 1)
+        return OrderedDict(loss=loss_sum / count, top1=100 * correct1 / count, top5=100 * correct5 / count)
+
+    def fit(self) -> dict[str, Any]:
+        args, ctx = self.args, self.ctx
+        if ctx.primary:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            if args.force and not args.resume:
+                for name in _RUN_FILES:
+                    (self.output_dir / name).unlink(missing_ok=True)
+            atomic_write(self.output_dir / "args.yaml", lambda tmp: Path(tmp).write_text(args_to_yaml(args)))
+            trim_summary(str(self.output_dir / "summary.csv"), self.epoch)
+            tqdm.write(f"training {args.model} on {ctx.world_size} process(es) ({ctx.device.type}), "
+                       f"{self.num_batches} batches/epoch, writing {self.output_dir}")
+        if self.epoch >= self.num_epochs and ctx.primary:
+            tqdm.write(f"nothing to do: the run has finished its {self.num_epochs} epochs (--epochs extends it)")
+        while self.epoch < self.num_epochs:
+            started = time.perf_counter()
+            train_metrics = self.train_epoch()
+            lr = self._current_lr()
+            if ctx.distributed and not args.sync_bn:
+                distribute_bn(self.model, ctx.world_size, reduce=True)
+            eval_metrics = self.evaluate(self.model)
+            if self.ema is not None:
+                if ctx.distributed:
+                    distribute_bn(self.ema.module, ctx.world_size, reduce=True)
+                eval_metrics = self.evaluate(self.ema.module)  # timm picks the best on the EMA's metrics
+            self.scheduler.step(self.epoch + 1, eval_metrics[args.eval_metric])
+            improved = _is_better(eval_metrics[args.eval_metric], self.best_metric, args.eval_metric)
+            if improved:
+                self.best_metric, self.best_epoch = eval_metrics[args.eval_metric], self.epoch
+            if ctx.primary:
+                # The summary row goes first: a resume from the previous checkpoint drops it again (trim_summary).
+                update_summary(self.epoch, train_metrics, eval_metrics, str(self.output_dir / "summary.csv"), lr=lr)
+                if improved:
+                    best_model = self.ema.module if self.ema is not None else self.model
+                    save_weights(self.output_dir / "model_best.safetensors", unwrap_model(best_model).state_dict(),
+                                 {"epoch": str(self.epoch), args.eval_metric: str(self.best_metric)})
+                tqdm.write(f"epoch {self.epoch + 1}/{self.num_epochs}: train_loss {train_metrics['loss']:.4f}, "
+                           f"eval_loss {eval_metrics['loss']:.4f}, top1 {eval_metrics['top1']:.2f}, "
+                           f"top5 {eval_metrics['top5']:.2f}, lr {lr:.4g} ({time.perf_counter() - started:.1f}s)")
+            self.epoch, self.batch, self.epoch_loss = self.epoch + 1, 0, (0.0, 0)
+            self.last_metrics = dict(eval_metrics)
+            self.save_last()
+        return dict(output_dir=self.output_dir, best_metric=self.best_metric, best_epoch=self.best_epoch,
+                    eval_metrics=self.last_metrics, step=self.step, epochs=self.num_epochs, rank=ctx.rank)
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the built-in trainer with parsed arguments (see :func:`~effidense.train.parse_args`).
+
+    Returns the run directory, best metric and epoch, the last epoch's validation metrics, the optimizer step count
+    and this process's rank.
+    Raises :class:`TrainError` for bad input and :class:`TrainingDiverged` when the loss stops being finite.
+    """
+    ctx = _init_distributed(args)
+    try:
+        return _Trainer(args, ctx).fit()
+    finally:
+        if ctx.distributed and dist.is_initialized():
+            dist.destroy_process_group()
