@@ -126,11 +126,7 @@ def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
             model.set_grad_checkpointing(True)
         if args.memory is not None:
             model.set_memory(args.memory)
-    if args.sync_bn:
-        if getattr(model, "memory", "plain") != "plain":
-            # effidense recomputes BN segments with local batch statistics, which SyncBatchNorm's first run did not
-            # use: the gradients would be wrong.
-            raise TrainError("--sync-bn is not exact with recomputing memory modes yet; add --memory plain")
+    if args.sync_bn:  # effidense synchronises converted norms itself, exactly, in every memory mode
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
 
