@@ -219,6 +219,13 @@ def test_cifar_is_never_downloaded_unless_asked(tmp_path: Path, capsys: pytest.C
     assert "--dataset-download" in capsys.readouterr().err
 
 
+def test_sync_bn_converts_in_every_memory_mode() -> None:
+    model = build_model(parse_args([*TINY, "--memory", "frugal", "--sync-bn"]), 10)
+    assert model.memory == "frugal"
+    assert all(type(m) is torch.nn.SyncBatchNorm for m in model.modules()
+               if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+
+
 def test_sync_bn_needs_cuda(capsys: pytest.CaptureFixture[str]) -> None:
     assert tool.main([*TINY, *SYNTHETIC, "--device", "cpu", "--sync-bn"]) == 1
     assert "SyncBatchNorm does not run on CPU" in capsys.readouterr().err
