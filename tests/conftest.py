@@ -1,7 +1,21 @@
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
 import pytest
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
+
 TINY = dict(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=5)
+
+
+def load_tool(name: str) -> ModuleType:
+    """Import ``tools/<name>.py`` (not a package) so tests can call its ``main(argv)`` in-process."""
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -1,12 +1,11 @@
 """tools/bench.py and effidense.benchmark on tiny models, CPU only (timings are never asserted)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_tool
 
 from effidense.benchmark import (
     BenchConfig,
@@ -17,20 +16,12 @@ from effidense.benchmark import (
 )
 from effidense.modelspec import resolve_model
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "custom", "--growth-rate", "4", "--block-config", "2,2", "--num-init-features", "8",
         "--num-classes", "5", "--img-size", "32", "--batch-size", "4", "--warmup", "1", "--steps", "2",
         "--threads", "1", "--quiet"]
 TINY_SMALL = ["--model", "custom", "--growth-rate", "4", "--block-config", "1,1", "--num-init-features", "8",
               "--num-classes", "3", "--small-inputs", "--img-size", "8", "--batch-size", "2", "--warmup", "0",
               "--steps", "1", "--threads", "1", "--quiet"]
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

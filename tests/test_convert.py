@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -11,6 +10,7 @@ import pytest
 import timm
 import torch
 import torchvision
+from conftest import load_tool
 from safetensors import safe_open
 from torch import nn
 
@@ -18,20 +18,12 @@ import effidense
 from effidense import convert
 from effidense.convert import Architecture, ConversionError
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(growth_rate=4, block_config=(2, 2), num_init_features=8)
 TINY_ARCH = Architecture(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=10)
 _MODERN = re.compile(r"^(.*denselayer\d+\.(?:norm|conv))([12])\.(weight|bias|running_mean|running_var)$")
 
 
-def _load_cli():
-    spec = importlib.util.spec_from_file_location("convert_cli", ROOT / "tools" / "convert.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cli = _load_cli()
+cli = load_tool("convert")
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:

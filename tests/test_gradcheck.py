@@ -1,14 +1,13 @@
 """tools/gradcheck.py and effidense.verify on tiny models, CPU only."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import load_tool
 
 import effidense.densenet
 from effidense.verify import (
@@ -21,15 +20,6 @@ from effidense.verify import (
     tensor_diff,
     tolerance,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import signal
@@ -17,6 +16,7 @@ import pytest
 import timm
 import torch
 import yaml
+from conftest import load_tool
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -27,9 +27,7 @@ from effidense.train.data import SyntheticDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "train.py"
-_spec = importlib.util.spec_from_file_location("effidense_tools_train", TOOL)
-tool = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tool)
+tool = load_tool("train")
 
 TINY = ["--model", "effi_densenet_bc100_k12", "--model-kwargs", "block_config=(2,2)", "growth_rate=4",
         "num_init_features=8"]
