@@ -196,10 +196,7 @@ def _track(norm: nn.BatchNorm2d, stats: Stats, count: int | Tensor) -> None:
     factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
     mean, var = stats
     norm.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
-    if isinstance(count, Tensor):
-        norm.running_var.mul_(1 - factor).add_(var * (count / (count - 1)), alpha=factor)
-    else:
-        norm.running_var.mul_(1 - factor).add_(var, alpha=factor * count / (count - 1))
+    norm.running_var.mul_(1 - factor).add_(var * (count / (count - 1)), alpha=factor)
 
 
 def _stats(norm: nn.BatchNorm2d, features: Sequence[Tensor], shared: list[Stats | SyncedStats],
