@@ -6,11 +6,14 @@ DenseNets" (2017). State-dict keys follow torchvision's and timm's layout, so th
 Memory modes (``memory=``), chosen in :func:`_run` and nowhere else:
 
 * ``plain``: nothing is recomputed; everything autograd needs stays in memory.
-* ``efficient``: every concat-BN-ReLU segment feeding a convolution in the dense blocks, transitions and the final
-  norm runs under non-reentrant ``torch.utils.checkpoint``: concatenations and BN/ReLU outputs are rebuilt in
-  backward, convolutions never are (checkpoint's early stop ends the recomputation once a convolution's input is
-  rebuilt). The stem is left as is: its max-pool costs more to recompute than it saves.
-* ``frugal``: whole dense layers, transitions and the stem are recomputed; only each layer's new features stay.
+* ``efficient``: every concat-BN-ReLU segment (in the stem, the dense blocks, the transitions and the final norm) runs
+  under non-reentrant ``torch.utils.checkpoint``: concatenations and BN/ReLU outputs are rebuilt in backward,
+  convolutions never are (checkpoint's early stop ends the recomputation once a convolution's input is rebuilt).
+* ``frugal``: as efficient, but whole dense layers and the whole stem are recomputed; only each layer's new features
+  and each block's input stay.
+
+The stem's max-pool and the transitions' average pool keep nothing of their input for backward (the max-pool only its
+indices, as int32), so no mode keeps the maps they pool, and transitions never recompute their convolution.
 
 BatchNorm is split in two so that recomputation is cheap and exact. Batch statistics are computed once per feature
 map, outside any recomputed segment, and shared by every layer that normalises that map (each channel's statistics
@@ -137,6 +140,52 @@ class _SyncBatchNormWithStats(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
+class _AvgPool2x2(torch.autograd.Function):
+    """``F.avg_pool2d(x, 2)`` that keeps nothing for backward but the input's layout: native average pooling saves its
+    input, yet its backward reads only the input's shape and strides."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        ctx.layout = x.shape, x.stride()
+        return F.avg_pool2d(x, 2)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        like = grad.new_empty_strided(*ctx.layout)  # never read: shape and strides only
+        return torch.ops.aten.avg_pool2d_backward(grad, like, [2, 2], [2, 2], [0, 0], False, True, None)
+
+
+class _MaxPool3x3(torch.autograd.Function):
+    """``F.max_pool2d(x, 3, 2, 1)`` that keeps only the argmax indices for backward (as int32 where they fit), not its
+    input: native max pooling's backward reads the input's shape and strides alone."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        out, indices = torch.ops.aten.max_pool2d_with_indices(x, [3, 3], [2, 2], [1, 1])
+        ctx.layout = x.shape, x.stride()
+        if x.shape[-2] * x.shape[-1] <= torch.iinfo(torch.int32).max:
+            indices = indices.to(torch.int32)
+        ctx.save_for_backward(indices)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (indices,) = ctx.saved_tensors
+        like = grad.new_empty_strided(*ctx.layout)  # never read: shape and strides only
+        return torch.ops.aten.max_pool2d_with_indices_backward(grad, like, [3, 3], [2, 2], [1, 1], [1, 1], False,
+                                                               indices.long())
+
+
+def _avg_pool(x: Tensor) -> Tensor:
+    """2x2 average pooling (transitions)."""
+    return _AvgPool2x2.apply(x) if torch.is_grad_enabled() and x.requires_grad else F.avg_pool2d(x, 2)
+
+
+def _max_pool(x: Tensor) -> Tensor:
+    """3x3/2 max pooling (the ImageNet stem)."""
+    return _MaxPool3x3.apply(x) if torch.is_grad_enabled() and x.requires_grad else F.max_pool2d(x, 3, 2, 1)
+
+
 def _uses_batch_stats(norm: nn.BatchNorm2d) -> bool:
     return norm.training or not norm.track_running_stats
 
@@ -224,14 +273,15 @@ def _stats(norm: nn.BatchNorm2d, features: Sequence[Tensor], shared: list[Stats 
 def _segment_stats(norm: nn.BatchNorm2d, x: Tensor, cache: list[SyncedStats]) -> tuple[Stats, int | Tensor]:
     """Untracked statistics of ``norm`` for map ``x`` inside a recomputed segment, and the count to track them with.
 
-    Synchronised statistics go through ``cache``, a list from outside the segment: the forward run fills it and the
-    recomputation reuses it, so no collective runs in backward. Others are recomputed, bitwise the same: mutating an
-    outside list would make torch.compile break the graph at the checkpoint.
+    ``cache`` is a list from outside the segment: the forward run fills it and the recomputation reuses it, so backward
+    neither recomputes the statistics nor runs a collective. Under torch.compile, statistics that need no collective
+    are recomputed instead (bitwise the same): mutating an outside list would break the graph at the checkpoint.
     """
-    shared = cache if _sync_group(norm) is not None else []
+    synced = _sync_group(norm) is not None
+    shared = cache if synced or not torch.compiler.is_compiling() else []
     stats = _stats(norm, [x], shared, track=False)
     local = x.numel() // x.size(1)
-    return stats, _count(shared[0], local) if shared else local
+    return stats, _count(shared[0], local) if synced else local
 
 
 def _normalize_relu(x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor, eps: float,
@@ -349,14 +399,10 @@ class Transition(nn.Module):
     def _concat_bn_relu_conv(self, mean: Tensor, var: Tensor, *features: Tensor) -> Tensor:
         return self.conv(_bn_relu(self.norm, _cat(features), mean, var, self.compiled))
 
-    def _transition(self, mean: Tensor, var: Tensor, *features: Tensor, mode: str = "plain") -> Tensor:
-        return F.avg_pool2d(_run(mode, "efficient", self._concat_bn_relu_conv, mean, var, *features), 2)
-
     def forward(self, features: Sequence[Tensor], shared: list[Stats | SyncedStats], mode: str = "plain") -> Tensor:
+        # The pooling keeps nothing for backward, so no mode needs to keep or recompute the convolution's output.
         mean, var = _stats(self.norm, features, shared)
-        if mode == "frugal":
-            return _run(mode, "frugal", self._transition, mean, var, *features)
-        return self._transition(mean, var, *features, mode=mode)
+        return _avg_pool(_run(mode, "efficient", self._concat_bn_relu_conv, mean, var, *features))
 
 
 def _resolve_memory(memory: str | None, efficient: bool | None) -> str:
@@ -550,15 +596,13 @@ class DenseNet(nn.Module):
     def _stem_bn_relu(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
         return _bn_relu(self.features.norm0, x, mean, var, self.compiled)
 
-    def _stem_tail(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
-        return F.max_pool2d(self._stem_bn_relu(x, mean, var), 3, 2, 1)
-
-    def _whole_stem(self, cache: list[SyncedStats], x: Tensor) -> tuple[Tensor, Stats, int | Tensor]:
-        """The stem as one recomputed segment; returns norm0's statistics and count for tracking outside it
-        (``cache``: see :func:`_segment_stats`)."""
+    def _whole_stem(self, cache: list[SyncedStats], pool: bool, x: Tensor) -> tuple[Tensor, Stats, int | Tensor]:
+        """conv0-BN-ReLU(-max-pool) as one recomputed segment; returns norm0's statistics and count for tracking
+        outside it (``cache``: see :func:`_segment_stats`)."""
         x = self.features.conv0(x)
         stats, count = _segment_stats(self.features.norm0, x, cache)
-        return self._stem_tail(x, *stats), stats, count
+        x = self._stem_bn_relu(x, *stats)
+        return _max_pool(x) if pool else x, stats, count
 
     def _final(self, mean: Tensor, var: Tensor, *features: Tensor) -> Tensor:
         return _bn_relu(self.features.norm5, _cat(features), mean, var, self.compiled)
@@ -577,20 +621,21 @@ class DenseNet(nn.Module):
                 tapped.append(x)
             if stop == 0:
                 return x, tapped
-        elif 0 in taps or stop == 0:  # the stem's map before max-pooling is wanted, so it is materialised
-            x = self.features.conv0(x)
-            x = _run(mode, "efficient", self._stem_bn_relu, x, *_stats(norm0, [x], []))
-            if 0 in taps:
-                tapped.append(x)
-            if stop == 0:
-                return x, tapped
-            x = F.max_pool2d(x, 3, 2, 1)
-        elif mode == "frugal":
-            x, stats, count = _run(mode, "frugal", functools.partial(self._whole_stem, []), x)
-            _track(norm0, stats, count)
-        else:  # the stem's max-pool costs more to recompute than its ~4% of plain's memory is worth
-            x = self.features.conv0(x)
-            x = _run(mode, "frugal", self._stem_tail, x, *_stats(norm0, [x], []))
+        else:
+            # Frugal recomputes the max-pool too, unless the map before it is wanted, so that not even its indices stay.
+            pool_inside = mode == "frugal" and 0 not in taps and stop != 0
+            if mode == "frugal":
+                x, stats, count = _run(mode, "frugal", functools.partial(self._whole_stem, [], pool_inside), x)
+                _track(norm0, stats, count)
+            else:
+                x = self.features.conv0(x)
+                x = _run(mode, "efficient", self._stem_bn_relu, x, *_stats(norm0, [x], []))
+            if not pool_inside:
+                if 0 in taps:
+                    tapped.append(x)
+                if stop == 0:
+                    return x, tapped
+                x = _max_pool(x)
         features = [x]
         for i in range(1, last):
             features, shared = self.features.get_submodule(f"denseblock{i}")(features, mode)

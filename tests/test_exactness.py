@@ -4,11 +4,12 @@ import copy
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 import torchvision
 from conftest import TINY
 
 import effidense.densenet as densenet_module
-from effidense import DenseNet
+from effidense import DenseNet, SavedTensorMeter
 
 CONFIGS = {
     "bc_imagenet_stem": dict(TINY),
@@ -201,3 +202,58 @@ def test_peers_update_bn_twice_but_we_do_not():
     assert _bn_layers_updated_twice(tm, x) == 4
     for mode in ("plain", *MODES):
         assert _bn_layers_updated_twice(DenseNet(**TINY, memory=mode), x) == 0, mode
+
+
+POOLS = {"max": (densenet_module._max_pool, lambda t: F.max_pool2d(t, 3, 2, 1)),
+         "avg": (densenet_module._avg_pool, lambda t: F.avg_pool2d(t, 2))}
+
+
+@pytest.mark.parametrize("pool", POOLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pools_match_native_pooling_bitwise(pool, dtype, channels_last):
+    ours, native = POOLS[pool]
+    x = torch.randn(3, 5, 13, 10, dtype=dtype)  # odd sizes: partial windows, a dropped last row
+    x[0, 0, :3, :3] = 1.0  # ties inside a max-pool window
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn_like(native(x))
+    results = []
+    for fn in (ours, native):
+        leaf = x.detach().clone().requires_grad_(True)
+        out = fn(leaf)
+        out.backward(grad)
+        results.append((out, leaf.grad))
+    (out, grad_x), (ref, ref_grad) = results
+    assert torch.equal(out, ref) and torch.equal(grad_x, ref_grad)
+    assert grad_x.stride() == ref_grad.stride()
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_pools_keep_no_input_for_backward(pool):
+    ours, native = POOLS[pool]
+    x = torch.randn(2, 4, 16, 16, requires_grad=True)
+    with SavedTensorMeter() as meter:
+        ours(x * 1)  # a non-leaf input, which native pooling would keep
+    with SavedTensorMeter() as native_meter:
+        native(x * 1)
+    output_elements = 2 * 4 * 8 * 8
+    assert native_meter.bytes >= x.numel() * 4
+    assert meter.bytes == (output_elements * 4 if pool == "max" else 0)  # int32 indices, or nothing
+
+
+@pytest.mark.parametrize("mode", ["plain", *MODES])
+def test_backward_recomputes_no_statistics_and_no_transition_conv(mode, monkeypatch):
+    """Batch statistics are computed once per map, in forward; a transition's conv never runs in backward."""
+    stats_calls, conv_calls = [], []
+    original_stats = densenet_module._batch_stats
+    monkeypatch.setattr(densenet_module, "_batch_stats", lambda t: stats_calls.append(1) or original_stats(t))
+    model = DenseNet(**TINY, memory=mode)
+    model.features.transition1.conv.register_forward_hook(lambda *args: conv_calls.append(1))
+    out = model(torch.randn(2, 3, 16, 16))
+    forward_stats = len(stats_calls)
+    assert forward_stats == 1 + 2 * (3 + 2)  # norm0; per block its input, two new maps, two bottlenecks
+    assert len(conv_calls) == 1
+    out.sum().backward()
+    assert len(stats_calls) == forward_stats
+    assert len(conv_calls) == 1
