@@ -213,7 +213,9 @@ class BenchReport:
         for r in self.results:
             if not r.ok:
                 continue
-            r.step_vs_plain = _ratio(r.step_ms, plain.step_ms)
+            r.step_vs_plain = _paired_ratio(r.samples.get("step_ms"), plain.samples.get("step_ms"))
+            if r.step_vs_plain is None:
+                r.step_vs_plain = _ratio(r.step_ms, plain.step_ms)
             r.activation_x_less = _ratio(plain.activation_bytes, r.activation_bytes)
             r.peak_x_less = _ratio(plain.peak_bytes, r.peak_bytes)
             r.max_batch_x = _ratio(r.max_batch, plain.max_batch)
@@ -225,6 +227,13 @@ class BenchReport:
 
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
+
+
+def _paired_ratio(a: Sequence[float] | None, b: Sequence[float] | None) -> float | None:
+    """Median over rounds of ``a[i] / b[i]`` (steps timed in the same round), or None without paired samples."""
+    if not a or not b or len(a) != len(b) or not all(b):
+        return None
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
 # --- measuring ---
@@ -460,29 +469,54 @@ def _run_benchmark(cfg: BenchConfig, local_rank: int) -> list[VariantResult]:
         reference = base(probe).float()
     del base
 
-    steps_per_variant = max(cfg.warmup, 1) + 1 + cfg.steps + (device.type == "cuda")
-    progress = _Progress(steps_per_variant * len(cfg.variants), cfg.progress and rank == 0)
-    results = []
+    prepare_steps = max(cfg.warmup, 1) + 1 + (device.type == "cuda")
+    progress = _Progress((prepare_steps + cfg.steps) * len(cfg.variants), cfg.progress and rank == 0)
+    results: dict[str, VariantResult] = {}
+    trainers: dict[str, _Trainer] = {}
+    first_step_s: dict[str, float | None] = {}
     try:
         for variant in cfg.variants:
             progress.variant(variant)
             before = progress.bar.n if progress.bar is not None else 0
-            result = _run_variant(variant, cfg, device, state, x, y, probe, reference, progress)
-            if distributed:
-                result = _merge_ranks(result, torch.distributed.get_world_size(), cfg.batch_size)
-            results.append(result)
+            results[variant], trainer, first_step_s[variant] = _prepare_variant(
+                variant, cfg, device, state, x, y, probe, reference, progress)
+            if trainer is not None:
+                trainers[variant] = trainer
             done = (progress.bar.n if progress.bar is not None else 0) - before
-            progress.advance(steps_per_variant - done)
-            if device.type == "cuda":
+            progress.advance(prepare_steps - done + (cfg.steps if trainer is None else 0))
+        _time_in_rounds(cfg, device, results, trainers, first_step_s, progress)
+        if cfg.max_batch:
+            for variant, trainer in trainers.items():
+                progress.variant(variant)
+                for other in trainers.values():  # only this variant's memory should count
+                    other.model.zero_grad(set_to_none=True)
                 _release_cuda()
+                try:
+                    fits = _cuda_fits(trainer, x, cfg.spec.arg("num_classes"), cfg.channels_last, progress)
+                    results[variant].max_batch = largest_batch(fits, cfg.batch_size, cfg.max_batch_limit)
+                except Exception as error:
+                    results[variant] = _failed(variant, error, cfg)
+                progress.note("")
     finally:
+        trainers.clear()
         progress.close()
-    return results
+    ordered = [results[v] for v in cfg.variants]
+    if distributed:
+        ordered = [_merge_ranks(r, torch.distributed.get_world_size(), cfg.batch_size) for r in ordered]
+    return ordered
 
 
-def _run_variant(variant: str, cfg: BenchConfig, device: torch.device, state: dict[str, torch.Tensor],
-                 x: torch.Tensor, y: torch.Tensor, probe: torch.Tensor, reference: torch.Tensor,
-                 progress: _Progress) -> VariantResult:
+def _failed(variant: str, error: BaseException, cfg: BenchConfig) -> VariantResult:
+    if cfg.traceback:
+        traceback.print_exc()
+    return VariantResult(variant, status="failed", error=_one_line(error))
+
+
+def _prepare_variant(variant: str, cfg: BenchConfig, device: torch.device, state: dict[str, torch.Tensor],
+                     x: torch.Tensor, y: torch.Tensor, probe: torch.Tensor, reference: torch.Tensor,
+                     progress: _Progress) -> tuple[VariantResult, _Trainer | None, float | None]:
+    """Build, check, warm up (compile) and measure the memory of one variant; returns its result so far, the trainer
+    to time it with (None if it failed or was skipped) and the duration of its first step in seconds."""
     result = VariantResult(variant)
     base_variant = variant.removesuffix(COMPILE_SUFFIX)
     compiled = variant.endswith(COMPILE_SUFFIX)
@@ -490,8 +524,7 @@ def _run_variant(variant: str, cfg: BenchConfig, device: torch.device, state: di
         reason = peer_unsupported(cfg.spec, base_variant)
         if reason:
             result.status, result.error = "skipped", reason
-            return result
-    trainer = None
+            return result, None, None
     try:
         torch.manual_seed(cfg.seed)
         model = build_variant(base_variant, cfg.spec)
@@ -528,14 +561,34 @@ def _run_variant(variant: str, cfg: BenchConfig, device: torch.device, state: di
         if device.type == "cuda":
             model.zero_grad(set_to_none=True)
             result.peak_bytes = cuda_peak_bytes(lambda: trainer.loss().backward(), device)
+            model.zero_grad(set_to_none=True)
             progress.advance()
+        return result, trainer, first_step_s
+    except Exception as error:
+        return _failed(variant, error, cfg), None, None
 
-        forward, backward = [], []
-        for _ in range(cfg.steps):
-            f, b = trainer.timed_step(timer)
-            forward.append(f)
-            backward.append(b)
+
+def _time_in_rounds(cfg: BenchConfig, device: torch.device, results: dict[str, VariantResult],
+                    trainers: dict[str, _Trainer], first_step_s: dict[str, float | None],
+                    progress: _Progress) -> None:
+    """Time ``cfg.steps`` rounds in which every variant takes one step in turn, so that a machine slowing down or
+    speeding up during the run weighs on all variants alike (and ratios can be taken round by round)."""
+    timer = _Timer(device)
+    samples: dict[str, list[tuple[float, float]]] = {v: [] for v in trainers}
+    for _ in range(cfg.steps):
+        for variant, trainer in list(trainers.items()):
+            progress.variant(variant)
+            try:
+                samples[variant].append(trainer.timed_step(timer))
+            except Exception as error:
+                results[variant] = _failed(variant, error, cfg)
+                del trainers[variant]
+                progress.advance(cfg.steps - len(samples[variant]))
+                continue
             progress.advance()
+    for variant in trainers:
+        result = results[variant]
+        forward, backward = ([s[i] for s in samples[variant]] for i in (0, 1))
         steps = [f + b for f, b in zip(forward, backward, strict=True)]
         result.samples = {"forward_ms": forward, "backward_ms": backward, "step_ms": steps}
         result.forward_ms = statistics.median(forward)
@@ -543,22 +596,8 @@ def _run_variant(variant: str, cfg: BenchConfig, device: torch.device, state: di
         result.step_ms = statistics.median(steps)
         result.ratio_b_f = result.backward_ms / result.forward_ms if result.forward_ms else None
         result.images_per_s = cfg.batch_size / (result.step_ms / 1000.0) if result.step_ms else None
-        if compiled and first_step_s is not None:
-            result.compile_s = max(first_step_s - result.step_ms / 1000.0, 0.0)
-
-        if cfg.max_batch:
-            model.zero_grad(set_to_none=True)
-            _release_cuda()
-            fits = _cuda_fits(trainer, x, cfg.spec.arg("num_classes"), cfg.channels_last, progress)
-            result.max_batch = largest_batch(fits, cfg.batch_size, cfg.max_batch_limit)
-            progress.note("")
-    except Exception as error:
-        result = VariantResult(variant, status="failed", error=_one_line(error))
-        if cfg.traceback:
-            traceback.print_exc()
-    finally:
-        trainer = model = None  # noqa: F841 - drop the model before the next variant is built
-    return result
+        if first_step_s[variant] is not None and variant.endswith(COMPILE_SUFFIX):
+            result.compile_s = max(first_step_s[variant] - result.step_ms / 1000.0, 0.0)
 
 
 def _one_line(error: BaseException) -> str:
@@ -733,12 +772,13 @@ def format_table(report: BenchReport) -> str:
         f"model: {cfg.spec.describe()}",
         f"batch {cfg.batch_size}{per_rank}, {cfg.img_size}x{cfg.img_size}, {cfg.amp or 'fp32'}"
         f"{', channels_last' if cfg.channels_last else ''}, {cfg.device} ({env.get('device_name')}), "
-        f"median of {cfg.steps} step{'s' if cfg.steps != 1 else ''} after {cfg.warmup} warm-up",
+        f"median of {cfg.steps} round{'s' if cfg.steps != 1 else ''} after {cfg.warmup} warm-up",
         f"torch {env['torch']}, {env['cpu_count']} CPUs, {env['torch_threads']} threads, {env['date']}",
         "",
     ]
-    notes = ["", "x less: plain's activation (peak) memory divided by the variant's; step vs plain: step time divided "
-             "by plain's; a step is forward + loss + backward."]
+    notes = ["", "Variants take turns: each round times one step of every variant. x less: plain's activation (peak) "
+             "memory divided by the variant's; step vs plain: median over rounds of the variant's step time divided by "
+             "plain's in the same round; a step is forward + loss + backward."]
     if report.floor_bytes:
         plain = next((r for r in report.results if r.variant == "plain" and r.ok), None)
         versus = f", {plain.activation_bytes / report.floor_bytes:.1f}x less than plain" if plain else ""
