@@ -2,9 +2,11 @@
 
 Every variant computes the same function: each is built fresh and loaded with one set of weights, and (before any
 training) its eval-mode output is checked against the plain model's. A variant then runs warm-up steps, one step
-under :class:`effidense.SavedTensorMeter` (activation memory), on CUDA one step under
-:func:`effidense.cuda_peak_bytes`, and the timed steps; medians are reported. A step is zero_grad, forward,
-cross-entropy loss and backward (no optimizer update, so every timed step sees the same weights).
+under :class:`effidense.SavedTensorMeter` (activation memory) and on CUDA one step under
+:func:`effidense.cuda_peak_bytes`. Then the variants take turns: each timed round runs one step of every variant, so
+that a shared machine's drift weighs on all alike; medians are reported, and ratios to plain are medians of the
+per-round ratios. A step is zero_grad, forward, cross-entropy loss and backward (no optimizer update, so every timed
+step sees the same weights). ``--max-batch`` searches run last.
 
 Variants: ``plain``, ``efficient``, ``frugal`` (our memory modes), ``tv`` (torchvision's DenseNet with
 ``memory_efficient=True``), ``timm`` (timm's DenseNet after ``set_grad_checkpointing()``), and any of them with a

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -82,6 +83,9 @@ def test_table_json_and_plot(bench, tiny_run, capsys):
     assert act["frugal"] < act["efficient"] < act["plain"]
     assert act["tv"] == act["timm"] < act["plain"]
     assert results["efficient"]["activation_x_less"] == pytest.approx(act["plain"] / act["efficient"])
+    # Variants take turns, so ratios are taken round by round.
+    pairs = zip(results["efficient"]["samples"]["step_ms"], results["plain"]["samples"]["step_ms"], strict=True)
+    assert results["efficient"]["step_vs_plain"] == pytest.approx(statistics.median(e / p for e, p in pairs))
     # The floor: frugal keeps essentially only it; nothing keeps less.
     assert 0 < data["floor_bytes"] <= act["frugal"] <= 1.1 * data["floor_bytes"]
     assert f"floor: {data['floor_bytes'] / 2**20:.1f} MiB" in out
@@ -279,3 +283,23 @@ def test_max_batch_probe_treats_only_oom_as_not_fitting(monkeypatch):
         fits(13)
     assert benchmark.is_oom(RuntimeError("CUDA error: out of memory"))
     assert not benchmark.is_oom(ValueError("out of range"))
+
+
+def test_variants_take_turns_and_a_failing_step_drops_only_its_variant(bench, capsys, monkeypatch):
+    import effidense.benchmark as benchmark
+
+    order, real = [], benchmark._Trainer.timed_step
+
+    def recording(self, timer):
+        name = {"plain": "plain", "efficient": "efficient", "frugal": "frugal"}[self.model.memory]
+        order.append(name)
+        if name == "frugal" and order.count("frugal") == 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return real(self, timer)
+
+    monkeypatch.setattr(benchmark._Trainer, "timed_step", recording)
+    argv = TINY_SMALL + ["--steps", "3", "--variants", "plain,efficient,frugal"]  # the last --steps counts
+    code, out, _ = run_main(bench, argv, capsys)
+    assert code == 0
+    assert order == ["plain", "efficient", "frugal", "plain", "efficient", "frugal", "plain", "efficient"]
+    assert "FAILED: out of memory" in out and "| efficient" in out

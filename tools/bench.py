@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--amp", choices=tuple(AMP_DTYPES), help="autocast dtype (default: none, fp32)")
     run.add_argument("--channels-last", action="store_true", help="channels_last memory format for model and input")
     run.add_argument("--warmup", type=int, help="untimed steps per variant first (default 1 on cpu, 5 on cuda)")
-    run.add_argument("--steps", type=int, help="timed steps per variant; medians are reported (default 3 cpu, 20 cuda)")
+    run.add_argument("--steps", type=int, help="timed rounds, each one step of every variant in turn; medians are "
+                                               "reported (default 3 cpu, 20 cuda)")
     run.add_argument("--seed", type=int, default=0, help="seed for weights and data (default 0)")
     run.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     run.add_argument("--max-batch", action="store_true",
