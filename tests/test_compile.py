@@ -64,3 +64,22 @@ def test_compile_option_round_trip():
     assert model.compiled == () and model.features.denseblock1.denselayer1.compiled == ()
     model.set_compile(False)
     assert model.compiled is None and model.features.transition1.compiled is None
+
+
+@pytest.mark.parametrize("mode", ["efficient", "frugal"])
+def test_whole_model_compiles_in_one_graph_and_matches_eager(mode):
+    """``torch.compile(model, fullgraph=True)``: checkpoints, the statistics cache and the pooling functions trace."""
+    base = DenseNet(**TINY, memory=mode)  # ImageNet stem: max-pool, and a transition's average pool
+    x = torch.randn(4, 3, 16, 16)
+    runs = []
+    for compiled in (False, True):
+        model = copy.deepcopy(base).train()
+        out = (torch.compile(model, fullgraph=True) if compiled else model)(x)
+        out.square().mean().backward()
+        runs.append((model, out))
+    (eager, eager_out), (comp, comp_out) = runs
+    torch.testing.assert_close(comp_out, eager_out, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(comp.named_parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    for (name, b), c in zip(comp.named_buffers(), eager.buffers(), strict=True):
+        torch.testing.assert_close(b, c, rtol=1e-6, atol=1e-7, msg=name)
