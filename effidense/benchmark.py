@@ -484,6 +484,8 @@ def _run_benchmark(cfg: BenchConfig, local_rank: int) -> list[VariantResult]:
                 variant, cfg, device, state, x, y, probe, reference, progress)
             if trainer is not None:
                 trainers[variant] = trainer
+            elif device.type == "cuda":  # what a variant that ran out of memory left behind
+                _release_cuda()
             done = (progress.bar.n if progress.bar is not None else 0) - before
             progress.advance(prepare_steps - done + (cfg.steps if trainer is None else 0))
         _time_in_rounds(cfg, device, results, trainers, first_step_s, progress)
