@@ -1,9 +1,9 @@
 """effidense: memory-efficient DenseNets that compute exactly the plain model's function."""
 from . import convert
-from .densenet import (
+from .densenet import MEMORY_MODES, DenseNet
+from .memory import SavedTensorMeter, activation_floor_bytes, cuda_peak_bytes, saved_activation_bytes
+from .registry import (
     CONFIGS,
-    MEMORY_MODES,
-    DenseNet,
     densenet40_k12,
     densenet121,
     densenet161,
@@ -14,7 +14,6 @@ from .densenet import (
     densenet_bc190_k40,
     densenet_bc250_k24,
 )
-from .memory import SavedTensorMeter, activation_floor_bytes, cuda_peak_bytes, saved_activation_bytes
 
 __version__ = "0.1.0"
 

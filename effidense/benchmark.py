@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .densenet import MEMORY_MODES
+from .fileio import atomic_write_bytes
 from .memory import MiB, SavedTensorMeter, activation_floor_bytes, cuda_peak_bytes
 from .modelspec import ModelSpec
 
@@ -806,19 +807,6 @@ def report_to_json(report: BenchReport) -> dict[str, Any]:
         "depth_sweep": report.depth_sweep,
         "floor_bytes": report.floor_bytes,
     }
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
 
 
 def write_json(path: str, report: BenchReport) -> None:

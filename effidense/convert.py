@@ -10,17 +10,11 @@ or a plain ``.pth`` state dict. Every failure raises :class:`ConversionError` wi
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import functools
 import json
 import os
-import pickle
 import re
-import struct
-import tempfile
-import zipfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -29,7 +23,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .densenet import CONFIGS, DenseNet
+from .densenet import DenseNet
+from .fileio import short_error
+from .registry import CONFIGS
+from .weights import (
+    KEY_RULES,
+    Checkpoint,
+    ConversionError,
+    canonical_state_dict,
+    check_output,
+    has_legacy_keys,
+    is_bn_counter,
+    listing,
+    load_checkpoint,
+    output_format,
+    save_checkpoint,
+    timm_pretrained_filter,
+)
 
 __all__ = [
     "FORMAT_VERSION", "LAYOUTS", "KEY_RULES", "VERIFY_TOLERANCE", "Architecture", "Checkpoint", "Conversion",
@@ -43,38 +53,8 @@ FORMAT_VERSION = "1"
 LAYOUTS = ("effidense", "torchvision", "timm")
 LAYOUT_ALIASES = {"efficient": "effidense", "normal": "torchvision"}  # the seed converter's --to spellings
 VERIFY_TOLERANCE = 1e-5
-PTH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
-_SHOWN = 20  # keys listed per category in an error message; the exception holds them all
 
-# The one key-mapping table. Each rule rewrites checkpoint keys into effidense's (= modern torchvision/timm) names
-# and applies to every source, since none of the patterns can match a key that is already canonical. Writing needs
-# no rules: effidense's keys are torchvision's and timm's.
-KEY_RULES: tuple[tuple[str, re.Pattern[str], str], ...] = (
-    ("DataParallel/DDP 'module.' or torch.compile '_orig_mod.' prefix",
-     re.compile(r"^(?:module\.|_orig_mod\.)+"), ""),
-    ("legacy torchvision name (densenet121-a639ec97.pth era: 'denselayer1.norm.1.weight')",
-     re.compile(r"^(.*\.denselayer\d+\.)(norm|relu|conv)\.([12])\.(weight|bias|running_mean|running_var)$"),
-     r"\1\2\3.\4"),
-)
-_LEGACY_RULE = KEY_RULES[1][1]
-_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
-_EMA_KEYS = ("state_dict_ema", "model_ema")
 _META_PREFIX = "effidense."
-
-
-class ConversionError(ValueError):
-    """A checkpoint cannot be read, understood, converted or written; the message is one line naming the problem.
-
-    ``unknown``, ``missing`` and ``mismatched`` hold every offending key when the weights do not fit an architecture
-    (``mismatched`` as ``(key, shape in file, expected shape)``).
-    """
-
-    def __init__(self, message: str, *, unknown: Iterable[str] = (), missing: Iterable[str] = (),
-                 mismatched: Iterable[tuple[str, tuple[int, ...], tuple[int, ...]]] = ()) -> None:
-        super().__init__(message)
-        self.unknown = list(unknown)
-        self.missing = list(missing)
-        self.mismatched = list(mismatched)
 
 
 class VerificationError(ConversionError):
@@ -172,149 +152,6 @@ def resolve_layout(name: str) -> str:
     return layout
 
 
-# --- reading ---
-
-@dataclass
-class Checkpoint:
-    """A state dict as read from a file, with the safetensors header metadata (empty for ``.pth``)."""
-
-    state_dict: dict[str, Tensor]
-    metadata: dict[str, str] = field(default_factory=dict)
-    path: str = ""
-    notes: list[str] = field(default_factory=list)
-
-
-def _is_safetensors(path: Path) -> bool:
-    with path.open("rb") as f:
-        head = f.read(9)
-    if len(head) < 9:
-        return False
-    (header_len,) = struct.unpack("<Q", head[:8])
-    return head[8:9] == b"{" and 0 < header_len <= path.stat().st_size - 8
-
-
-def _short(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return (text[:200] + "...") if len(text) > 200 else (text or type(error).__name__)
-
-
-def _refusal_reason(error: BaseException) -> str:
-    # e.g. "Unsupported global: GLOBAL pkg.Class was not an allowed global by default. Please use ..."
-    m = re.search(r"(Unsupported global[^\n]*?)(?: was not an allowed|\. |\n|$)", str(error))
-    return m[1].strip() if m else _short(error)
-
-
-def _torch_load(path: Path) -> Any:
-    # timm's training checkpoints store their argparse.Namespace of settings; it holds no code, so it is allowed.
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Unsupported global" in str(e) or "allowed global" in str(e):  # an object to build, i.e. code to run
-            raise ConversionError(
-                f"{path}: refused to load: the file holds pickled Python objects, not only tensors "
-                f"({_refusal_reason(e)}); torch.load(weights_only=True) protects you from code in checkpoints. "
-                "If you trust the file, re-save its state_dict alone with torch.save") from None
-        raise ConversionError(f"{path}: corrupt or truncated checkpoint ({_short(e)})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, struct.error, KeyError) as e:
-        raise ConversionError(f"{path}: corrupt or truncated checkpoint ({_short(e)})") from None
-
-
-def _safetensors_load(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    except Exception as e:  # safetensors raises its own SafetensorError for every malformed file
-        raise ConversionError(f"{path}: corrupt or truncated safetensors file ({_short(e)})") from None
-    return tensors, metadata
-
-
-def _unwrap(obj: Any, path: Path, use_ema: bool) -> tuple[dict[str, Any], list[str]]:
-    """The state dict inside a training checkpoint (``{'state_dict': ...}``, ``{'model': ...}``, EMA weights)."""
-    if not isinstance(obj, Mapping):
-        raise ConversionError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-    notes = []
-    if use_ema:
-        key = next((k for k in _EMA_KEYS if isinstance(obj.get(k), Mapping)), None)
-        if key is None:
-            raise ConversionError(f"{path}: no EMA weights ({' or '.join(_EMA_KEYS)}) in this checkpoint; "
-                                  f"its top-level keys: {_listing(map(str, obj))}")
-        return dict(obj[key]), [f"took the EMA weights under {key!r}"]
-    if obj and all(isinstance(v, Tensor) for v in obj.values()):
-        return dict(obj), notes
-    key = next((k for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
-    if key is None:
-        if not obj:
-            raise ConversionError(f"{path}: the checkpoint is empty")
-        raise ConversionError(f"{path}: no state dict found: top-level keys are {_listing(map(str, obj))} "
-                              f"(expected tensors, or one of {', '.join(_WRAPPER_KEYS)})")
-    notes.append(f"took the weights under {key!r}")
-    if any(isinstance(obj.get(k), Mapping) for k in _EMA_KEYS):
-        notes.append("the file also holds EMA weights; pass use_ema=True (--ema) to convert those")
-    return dict(obj[key]), notes
-
-
-def load_checkpoint(path: str | os.PathLike[str], use_ema: bool = False) -> Checkpoint:
-    """Read a state dict from a ``.safetensors`` or torch (``.pth``/``.pt``/``.bin``) file, safely.
-
-    The format is recognised from the content, not the name. Training checkpoints are unwrapped (``state_dict``,
-    ``model``, ``model_state_dict``; with ``use_ema`` the EMA weights). Keys are returned as stored.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ConversionError(f"checkpoint not found: {path}" if not path.exists() else f"not a file: {path}")
-    if path.stat().st_size == 0:
-        raise ConversionError(f"{path}: the file is empty")
-    if _is_safetensors(path):
-        tensors, metadata = _safetensors_load(path)
-        state_dict, notes = _unwrap(tensors, path, use_ema) if tensors else ({}, [])
-        if not state_dict:
-            raise ConversionError(f"{path}: the safetensors file holds no tensors")
-        return Checkpoint(state_dict, metadata, str(path), notes)
-    with path.open("rb") as f:
-        magic = f.read(2)
-    if magic != b"PK" and magic[:1] != b"\x80":  # torch's zip format, or the legacy one (a protocol-2+ pickle)
-        raise ConversionError(f"{path}: corrupt or truncated checkpoint (neither a PyTorch nor a safetensors file)")
-    state_dict, notes = _unwrap(_torch_load(path), path, use_ema)
-    not_tensors = [k for k, v in state_dict.items() if not isinstance(v, Tensor)]
-    if not_tensors:
-        raise ConversionError(f"{path}: not a state dict: {len(not_tensors)} entries are not tensors: "
-                              f"{_listing(map(str, not_tensors))}")
-    return Checkpoint(state_dict, {}, str(path), notes)
-
-
-# --- keys and shapes ---
-
-def _listing(keys: Iterable[str]) -> str:
-    keys = list(keys)
-    shown = ", ".join(keys[:_SHOWN])
-    return shown + (f" (+{len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else "")
-
-
-def canonical_state_dict(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """Apply :data:`KEY_RULES`: keys in effidense's (= modern torchvision/timm) names, and notes on what changed."""
-    out: dict[str, Any] = {}
-    counts = [0] * len(KEY_RULES)
-    origin: dict[str, str] = {}
-    for key, value in state_dict.items():
-        new = key
-        for i, (_, pattern, replacement) in enumerate(KEY_RULES):
-            new, n = pattern.subn(replacement, new)
-            counts[i] += n
-        if new in out:
-            raise ConversionError(f"keys {origin[new]!r} and {key!r} both mean {new!r}")
-        out[new], origin[new] = value, key
-    notes = [f"renamed {n} keys: {what}" for (what, _, _), n in zip(KEY_RULES, counts, strict=True) if n]
-    return out, notes
-
-
-def _has_legacy_keys(state_dict: Mapping[str, Any]) -> bool:
-    return any(_LEGACY_RULE.search(key) for key in state_dict)
-
-
 def _shape(state_dict: Mapping[str, Tensor], key: str, ndim: int) -> tuple[int, ...] | None:
     value = state_dict.get(key)
     return tuple(value.shape) if isinstance(value, Tensor) and value.dim() == ndim else None
@@ -325,7 +162,7 @@ def infer_architecture(state_dict: Mapping[str, Tensor]) -> Architecture:
     conv0 = _shape(state_dict, "features.conv0.weight", 4)
     if conv0 is None:
         raise ConversionError("not a DenseNet checkpoint: no 4-d 'features.conv0.weight' "
-                              f"(keys: {_listing(state_dict)})")
+                              f"(keys: {listing(state_dict)})")
     num_init_features, in_chans = conv0[:2]
     small_inputs = "features.norm0.weight" not in state_dict
     layers: dict[int, int] = {}
@@ -378,28 +215,25 @@ def _expected_shapes(arch: Architecture) -> dict[str, tuple[int, ...]]:
     return {key: tuple(value.shape) for key, value in model.state_dict().items()}
 
 
-def _is_bn_counter(key: str) -> bool:
-    return key.endswith(".num_batches_tracked")
-
 
 def check_state_dict(state_dict: Mapping[str, Tensor], arch: Architecture, what: str = "") -> None:
     """Raise :class:`ConversionError` listing every unknown, missing and mis-shaped key of ``state_dict`` for
     ``arch``. Missing BatchNorm ``num_batches_tracked`` counters are fine (old checkpoints predate them)."""
     expected = _expected_shapes(arch)
     unknown = [k for k in state_dict if k not in expected]
-    missing = [k for k in expected if k not in state_dict and not _is_bn_counter(k)]
+    missing = [k for k in expected if k not in state_dict and not is_bn_counter(k)]
     mismatched = [(k, tuple(v.shape), expected[k]) for k, v in state_dict.items()
                   if k in expected and tuple(v.shape) != expected[k]]
     if not (unknown or missing or mismatched):
         return
     parts = []
     if mismatched:
-        parts.append(f"{len(mismatched)} mis-shaped: " + _listing(
+        parts.append(f"{len(mismatched)} mis-shaped: " + listing(
             f"{k} {list(got)} (expected {list(want)})" for k, got, want in mismatched))
     if missing:
-        parts.append(f"{len(missing)} missing: {_listing(missing)}")
+        parts.append(f"{len(missing)} missing: {listing(missing)}")
     if unknown:
-        parts.append(f"{len(unknown)} unknown: {_listing(unknown)}")
+        parts.append(f"{len(unknown)} unknown: {listing(unknown)}")
     target = what or f"DenseNet({arch.describe()})"
     raise ConversionError(f"the weights do not fit {target}: " + "; ".join(parts),
                           unknown=unknown, missing=missing, mismatched=mismatched)
@@ -457,7 +291,7 @@ def _detect_source(raw_keys: Iterable[str], metadata: Mapping[str, str], arch: A
     layout = metadata.get(_META_PREFIX + "layout")
     if layout in LAYOUTS:
         return layout, "from the file's metadata"
-    if _has_legacy_keys(dict.fromkeys(raw_keys)):
+    if has_legacy_keys(dict.fromkeys(raw_keys)):
         return "torchvision", "legacy torchvision key names"
     if layout_limits("torchvision", arch):
         return "effidense", "only effidense has this architecture"
@@ -501,84 +335,6 @@ def convert_state_dict(
                                   + "; ".join(reasons))
     out, more_notes = _complete(canonical, arch)
     return Conversion(out, arch, name, source, target, notes + more_notes)
-
-
-def timm_pretrained_filter(state_dict: Mapping[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
-    """timm's ``pretrained_filter_fn`` for the ``effi_*`` models: apply :data:`KEY_RULES` and fill BatchNorm counters
-    old checkpoints lack. Shape problems are left to timm's (strict or not) ``load_state_dict``."""
-    canonical, _ = canonical_state_dict(state_dict)
-    for key, value in model.state_dict().items():
-        if _is_bn_counter(key) and key not in canonical and key.rsplit(".", 1)[0] + ".weight" in canonical:
-            canonical[key] = torch.zeros_like(value, device="cpu")
-    return canonical
-
-
-# --- writing ---
-
-def _output_format(path: Path, fmt: str | None) -> str:
-    suffix = path.suffix.lower()
-    implied = "safetensors" if suffix == ".safetensors" else "pth" if suffix in PTH_SUFFIXES else None
-    if fmt is None:
-        return implied or "safetensors"
-    if fmt not in ("safetensors", "pth"):
-        raise ConversionError(f"unknown format {fmt!r}; choose safetensors or pth")
-    if implied is not None and implied != fmt:
-        # timm picks its reader by the suffix, so a mismatch would make the file unreadable there
-        raise ConversionError(f"format {fmt} contradicts the output name {path.name}; use a "
-                              f"{'.safetensors' if fmt == 'safetensors' else '.pth'} name")
-    return fmt
-
-
-def _check_output(path: Path, force: bool) -> None:
-    if path.exists() and not force:
-        raise ConversionError(f"output exists: {path} (pass --force / force=True to overwrite)")
-    if path.is_dir():
-        raise ConversionError(f"output is a directory: {path}")
-    if not path.parent.is_dir():
-        raise ConversionError(f"output directory does not exist: {path.parent}")
-
-
-def save_checkpoint(
-        state_dict: Mapping[str, Tensor],
-        path: str | os.PathLike[str],
-        fmt: str | None = None,
-        metadata: Mapping[str, str] | None = None,
-        force: bool = False,
-        check: Callable[[Path], None] | None = None,
-) -> Path:
-    """Write ``state_dict`` atomically as ``.safetensors`` (with ``metadata`` in the header) or a ``.pth`` state dict.
-
-    ``fmt`` defaults to what the suffix says (safetensors when it says nothing). The file appears only when
-    complete, and after ``check(temporary_path)`` passes; an existing file is kept unless ``force``.
-    """
-    path = Path(path)
-    fmt = _output_format(path, fmt)
-    _check_output(path, force)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        tensors = {key: value.detach().contiguous() for key, value in state_dict.items()}
-        if fmt == "safetensors":
-            from safetensors.torch import save_file
-
-            save_file(tensors, str(tmp), metadata=dict(metadata or {}))
-        else:
-            torch.save(tensors, tmp)
-        with tmp.open("rb") as f:
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o666 & ~umask)  # mkstemp's private 0600 would otherwise end up on the output
-        if check is not None:
-            check(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise ConversionError(f"cannot write {path}: {_short(e)}") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    return path
 
 
 # --- verifying ---
@@ -634,7 +390,7 @@ def verify_conversion(
         try:
             model.load_state_dict(dict(state_dict), strict=True)
         except RuntimeError as e:
-            raise ConversionError(f"{layout} model refused the weights: {_short(e)}") from None
+            raise ConversionError(f"{layout} model refused the weights: {short_error(e)}") from None
         models.append(model.float().eval())
     size = 32 if arch.small_inputs else 64
     size = max(size, models[-1].min_input_size) if hasattr(models[-1], "min_input_size") else size
@@ -664,8 +420,8 @@ def convert_checkpoint(
     conversion and the measured difference (None without ``verify``).
     """
     output = Path(output)
-    fmt = _output_format(output, fmt)
-    _check_output(output, force)  # fail before the work, not after it
+    fmt = output_format(output, fmt)
+    check_output(output, force)  # fail before the work, not after it
     loaded = load_checkpoint(checkpoint, use_ema=use_ema)
     conversion = convert_state_dict(loaded.state_dict, source=source, target=target, model=model,
                                      metadata=loaded.metadata)

@@ -12,23 +12,11 @@ Memory modes (``memory=``), chosen in :func:`_run` and nowhere else:
 * ``frugal``: as efficient, but whole dense layers and the whole stem are recomputed; only each layer's new features
   and each block's input stay.
 
-The stem's max-pool and the transitions' average pool keep nothing of their input for backward (the max-pool only its
-indices, as int32), so no mode keeps the maps they pool, and transitions never recompute their convolution.
+The stem's max-pool and the transitions' average pool keep nothing of their input for backward
+(:mod:`effidense.layers.pool`), so no mode keeps the maps they pool, and transitions never recompute their convolution.
 
-BatchNorm is split in two so that recomputation is cheap and exact. Batch statistics are computed once per feature
-map, outside any recomputed segment, and shared by every layer that normalises that map (each channel's statistics
-are the same in every later layer). Running statistics are updated there, once, so recomputation can never update
-them twice (torchvision and timm do, pytorch/pytorch#96136). Inside segments, BN only normalises with the given
-statistics; its backward is native BatchNorm's training-mode backward, so gradients are the plain model's.
-
-``nn.SyncBatchNorm`` (``nn.SyncBatchNorm.convert_sync_batchnorm(model)``) works as it does elsewhere: in training,
-with torch.distributed initialised and more than one process in the norm's group, batch statistics are those of
-every process's batch (per-channel sums all-reduced: the global mean first, then squared deviations from it; ranks may
-hold different batch sizes), running statistics use the global count, and backward all-reduces the per-channel
-gradient sums as ``nn.SyncBatchNorm`` does (parameter gradients stay local sums, which DDP then averages). Forward
-collectives run once per feature map, never in a recomputation (frugal's segments reuse their forward run's
-statistics); backward ones once per norm. Unlike ``nn.SyncBatchNorm`` this also runs on CPU (gloo). Synchronised
-norms are never compiled (see ``set_compile``).
+BatchNorm stays exact under recomputation because statistics are computed once per feature map, outside recomputed
+segments, and running statistics are updated once (:mod:`effidense.layers.norm_act`).
 """
 from __future__ import annotations
 
@@ -38,25 +26,19 @@ from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import create_classifier
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["DenseNet", "DenseLayer", "DenseBlock", "Transition", "MEMORY_MODES", "CONFIGS",
-           "densenet121", "densenet161", "densenet169", "densenet201", "densenet264",
-           "densenet40_k12", "densenet_bc100_k12", "densenet_bc250_k24", "densenet_bc190_k40"]
+from .layers import norm_act
+from .layers.norm_act import Stats, SyncedStats
+from .layers.pool import avg_pool, max_pool
+
+__all__ = ["DenseNet", "DenseLayer", "DenseBlock", "Transition", "MEMORY_MODES"]
 
 MEMORY_MODES = ("plain", "efficient", "frugal")
-
-Stats = tuple[Tensor, Tensor]  # per-channel mean and biased variance
-# Statistics of a feature map over a process group (nn.SyncBatchNorm): mean, biased variance, the global number of
-# values per channel (a tensor, so no host sync) and the group. A feature map's cache entry is Stats or this.
-SyncedStats = tuple[Tensor, Tensor, Tensor, Any]
 
 
 def _run(mode: str, level: str, fn: Callable[..., Any], *tensors: Tensor | None, random: bool = False) -> Any:
@@ -69,249 +51,6 @@ def _run(mode: str, level: str, fn: Callable[..., Any], *tensors: Tensor | None,
         return fn(*tensors)
     # Tensors go in as separate arguments: checkpoint saves those properly, a list would be held by reference only.
     return checkpoint(fn, *tensors, use_reentrant=False, preserve_rng_state=random)
-
-
-def _normalize(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor,
-               eps: float) -> Tensor:
-    """(x - mean) / sqrt(var + eps) * weight + bias, per channel."""
-    if not torch.compiler.is_compiling():
-        return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
-    # Traced batch_norm fixes the channel count; this arithmetic keeps it symbolic and fuses just the same.
-    scale = torch.rsqrt(var + eps)
-    scale = scale if weight is None else scale * weight
-    shift = -mean * scale if bias is None else bias - mean * scale
-    return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
-
-
-class _BatchNormWithStats(torch.autograd.Function):
-    """Training-mode BatchNorm given its batch statistics: normalises only; backward is native BatchNorm's
-    training-mode backward, which includes the gradient through the statistics."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor,
-                eps: float) -> Tensor:
-        ctx.eps = eps
-        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps))
-        return _normalize(x, weight, bias, mean, var, eps)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, mean, invstd = ctx.saved_tensors
-        grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-            grad, x, weight, None, None, mean, invstd, True, ctx.eps, list(ctx.needs_input_grad[:3]))
-        return grad_x, grad_weight, grad_bias, None, None, None
-
-
-class _SyncBatchNormWithStats(torch.autograd.Function):
-    """Training-mode BatchNorm given statistics synchronised over ``group``: normalises only; backward is
-    ``nn.SyncBatchNorm``'s in plain torch ops (so it runs on any device and backend): the per-channel sums of the
-    gradient through the statistics are all-reduced, the weight and bias gradients are this process's sums."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor,
-                eps: float, group: Any) -> Tensor:
-        ctx.group = group
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps))
-        return _normalize(x, weight, bias, mean, var, eps)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, mean, invstd = ctx.saved_tensors
-        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-        channel = (1, -1, 1, 1)
-        grad = grad.to(mean.dtype)
-        xhat = (x.to(mean.dtype) - mean.view(channel)) * invstd.view(channel)
-        sum_dy = grad.sum((0, 2, 3))
-        sum_dy_xhat = (grad * xhat).sum((0, 2, 3))
-        grad_x = None
-        if need_x:
-            # Gradient through the statistics: sums over every process's batch, the count all-reduced with them.
-            count = sum_dy.new_full((1,), x.numel() // x.size(1))
-            combined = torch.cat([sum_dy, sum_dy_xhat, count])
-            dist.all_reduce(combined, group=ctx.group)
-            total_dy, total_dy_xhat, total = combined.split([sum_dy.numel(), sum_dy.numel(), 1])
-            scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-            grad_x = (grad - (total_dy / total).view(channel) - xhat * (total_dy_xhat / total).view(channel))
-            grad_x = (grad_x * scale.view(channel)).to(x.dtype)
-        # Local sums, as nn.SyncBatchNorm's: DDP's gradient all-reduce combines them.
-        grad_weight = sum_dy_xhat.to(weight.dtype) if weight is not None and need_weight else None
-        grad_bias = sum_dy.to(ctx.bias_dtype) if ctx.bias_dtype is not None and need_bias else None
-        return grad_x, grad_weight, grad_bias, None, None, None, None
-
-
-class _AvgPool2x2(torch.autograd.Function):
-    """``F.avg_pool2d(x, 2)`` that keeps nothing for backward but the input's layout: native average pooling saves its
-    input, yet its backward reads only the input's shape and strides."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        ctx.layout = x.shape, x.stride()
-        return F.avg_pool2d(x, 2)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        like = grad.new_empty_strided(*ctx.layout)  # never read: shape and strides only
-        return torch.ops.aten.avg_pool2d_backward(grad, like, [2, 2], [2, 2], [0, 0], False, True, None)
-
-
-class _MaxPool3x3(torch.autograd.Function):
-    """``F.max_pool2d(x, 3, 2, 1)`` that keeps only the argmax indices for backward (as int32 where they fit), not its
-    input: native max pooling's backward reads the input's shape and strides alone."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        out, indices = torch.ops.aten.max_pool2d_with_indices(x, [3, 3], [2, 2], [1, 1])
-        ctx.layout = x.shape, x.stride()
-        if x.shape[-2] * x.shape[-1] <= torch.iinfo(torch.int32).max:
-            indices = indices.to(torch.int32)
-        ctx.save_for_backward(indices)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        (indices,) = ctx.saved_tensors
-        like = grad.new_empty_strided(*ctx.layout)  # never read: shape and strides only
-        return torch.ops.aten.max_pool2d_with_indices_backward(grad, like, [3, 3], [2, 2], [1, 1], [1, 1], False,
-                                                               indices.long())
-
-
-def _avg_pool(x: Tensor) -> Tensor:
-    """2x2 average pooling (transitions)."""
-    return _AvgPool2x2.apply(x) if torch.is_grad_enabled() and x.requires_grad else F.avg_pool2d(x, 2)
-
-
-def _max_pool(x: Tensor) -> Tensor:
-    """3x3/2 max pooling (the ImageNet stem)."""
-    return _MaxPool3x3.apply(x) if torch.is_grad_enabled() and x.requires_grad else F.max_pool2d(x, 3, 2, 1)
-
-
-def _uses_batch_stats(norm: nn.BatchNorm2d) -> bool:
-    return norm.training or not norm.track_running_stats
-
-
-def _sync_group(norm: nn.BatchNorm2d) -> Any:
-    """The process group whose batch statistics ``norm`` normalises with, or None for this process's own:
-    ``nn.SyncBatchNorm``'s rule (training, torch.distributed initialised, more than one process in its group)."""
-    if not (isinstance(norm, nn.SyncBatchNorm) and norm.training and dist.is_available() and dist.is_initialized()):
-        return None
-    group = norm.process_group if norm.process_group is not None else dist.group.WORLD
-    return group if dist.get_world_size(group) > 1 else None
-
-
-@torch.no_grad()
-def _batch_stats(x: Tensor) -> Stats:
-    """Per-channel mean and biased variance, two-pass (several times faster than Welford on CPU), in at least
-    float32 precision."""
-    count = x.numel() // x.size(1)
-    if count < 2:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
-    x = x.to(torch.promote_types(x.dtype, torch.float32))
-    mean = x.mean((0, 2, 3))
-    var = (x - mean.view(1, -1, 1, 1)).square_().mean((0, 2, 3))
-    return mean, var
-
-
-@torch.no_grad()
-def _synced_batch_stats(x: Tensor, group: Any) -> SyncedStats:
-    """Per-channel mean and biased variance over the batches of every process in ``group``, two-pass as in
-    :func:`_batch_stats`: the global mean from all-reduced sums and counts, then all-reduced squared deviations."""
-    x = x.to(torch.promote_types(x.dtype, torch.float32))
-    sums = torch.cat([x.sum((0, 2, 3)), x.new_full((1,), x.numel() // x.size(1))])
-    dist.all_reduce(sums, group=group)
-    total, count = sums[:-1], sums[-1]
-    mean = total / count
-    squares = (x - mean.view(1, -1, 1, 1)).square_().sum((0, 2, 3))
-    dist.all_reduce(squares, group=group)
-    return mean, squares / count, count, group
-
-
-def _group_of(entry: Stats | SyncedStats) -> Any:
-    return entry[3] if len(entry) > 2 else None
-
-
-def _count(entry: Stats | SyncedStats, local: int) -> int | Tensor:
-    """Values per channel behind ``entry``: the global count of synced statistics, else ``local``."""
-    return entry[2] if len(entry) > 2 else local
-
-
-@torch.no_grad()
-def _track(norm: nn.BatchNorm2d, stats: Stats, count: int | Tensor) -> None:
-    """Update ``norm``'s running statistics with one batch's, as ``nn.BatchNorm2d`` would in training
-    (``count``: values per channel, a tensor for synchronised statistics)."""
-    if not (norm.training and norm.track_running_stats):
-        return
-    norm.num_batches_tracked.add_(1)
-    factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
-    mean, var = stats
-    norm.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
-    norm.running_var.mul_(1 - factor).add_(var * (count / (count - 1)), alpha=factor)
-
-
-def _stats(norm: nn.BatchNorm2d, features: Sequence[Tensor], shared: list[Stats | SyncedStats],
-           track: bool = True) -> Stats:
-    """The statistics ``norm`` normalises the concatenated ``features`` with.
-
-    In training, batch statistics from ``shared`` (the per-feature-map cache of a block, filled here as needed;
-    synchronised over the norm's process group for ``nn.SyncBatchNorm``) and the running statistics are updated
-    once; in eval, the running statistics.
-    """
-    if not _uses_batch_stats(norm):
-        return norm.running_mean, norm.running_var
-    group = _sync_group(norm)
-    if shared and _group_of(shared[0]) is not group:
-        shared = []  # cached for norms synchronised otherwise (or not at all): this norm's statistics are its own
-    for t in features[len(shared):]:
-        shared.append(_batch_stats(t) if group is None else _synced_batch_stats(t, group))
-    used = shared[:len(features)]
-    mean, var = torch.cat([s[0] for s in used]), torch.cat([s[1] for s in used])
-    if track:
-        _track(norm, (mean, var), _count(used[0], features[0].numel() // features[0].size(1)))
-    return mean, var
-
-
-def _segment_stats(norm: nn.BatchNorm2d, x: Tensor, cache: list[SyncedStats]) -> tuple[Stats, int | Tensor]:
-    """Untracked statistics of ``norm`` for map ``x`` inside a recomputed segment, and the count to track them with.
-
-    ``cache`` is a list from outside the segment: the forward run fills it and the recomputation reuses it, so backward
-    neither recomputes the statistics nor runs a collective. Under torch.compile, statistics that need no collective
-    are recomputed instead (bitwise the same): mutating an outside list would break the graph at the checkpoint.
-    """
-    synced = _sync_group(norm) is not None
-    shared = cache if synced or not torch.compiler.is_compiling() else []
-    stats = _stats(norm, [x], shared, track=False)
-    local = x.numel() // x.size(1)
-    return stats, _count(shared[0], local) if synced else local
-
-
-def _normalize_relu(x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor, eps: float,
-                    batch_stats: bool) -> Tensor:
-    if batch_stats:
-        x = _BatchNormWithStats.apply(x, weight, bias, mean, var, eps)
-    else:
-        x = _normalize(x, weight, bias, mean, var, eps)
-    return F.relu(x, inplace=True)
-
-
-@functools.cache
-def _compiled_normalize_relu(options: tuple[tuple[str, Any], ...]) -> Callable[..., Tensor]:
-    # One graph serves every layer: channel counts and sizes are symbolic, so depth does not multiply compile time.
-    return torch.compile(_normalize_relu, dynamic=True, fullgraph=True, **dict(options))
-
-
-def _bn_relu(norm: nn.BatchNorm2d, x: Tensor, mean: Tensor, var: Tensor,
-             compiled: tuple[tuple[str, Any], ...] | None = None) -> Tensor:
-    """ReLU(BN(x)) with the given statistics; ``compiled`` holds torch.compile options, or None for eager.
-    Synchronised norms always run eagerly: their backward holds a collective."""
-    group = _sync_group(norm)
-    if group is not None:
-        return F.relu(_SyncBatchNormWithStats.apply(x, norm.weight, norm.bias, mean, var, norm.eps, group),
-                      inplace=True)
-    if compiled is None:
-        return _normalize_relu(x, norm.weight, norm.bias, mean, var, norm.eps, _uses_batch_stats(norm))
-    # Dynamo gives parameters static shapes; plain views let one graph serve every channel count.
-    weight, bias = (None if t is None else t.view(-1) for t in (norm.weight, norm.bias))
-    return _compiled_normalize_relu(compiled)(x, weight, bias, mean, var, norm.eps, _uses_batch_stats(norm))
 
 
 def _cat(features: Sequence[Tensor]) -> Tensor:
@@ -335,10 +74,10 @@ class DenseLayer(nn.Module):
         self.compiled: tuple[tuple[str, Any], ...] | None = None  # set by DenseNet.set_compile
 
     def _concat_bn_relu_conv1(self, mean: Tensor, var: Tensor, *features: Tensor) -> Tensor:
-        return self.conv1(_bn_relu(self.norm1, _cat(features), mean, var, self.compiled))
+        return self.conv1(norm_act.bn_relu(self.norm1, _cat(features), mean, var, self.compiled))
 
     def _bn_relu_conv2(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
-        return self.conv2(_bn_relu(self.norm2, x, mean, var, self.compiled))
+        return self.conv2(norm_act.bn_relu(self.norm2, x, mean, var, self.compiled))
 
     def _dropout(self, x: Tensor) -> Tensor:
         return F.dropout(x, self.drop_rate, self.training) if self.drop_rate > 0 else x
@@ -346,26 +85,26 @@ class DenseLayer(nn.Module):
     def _whole_layer(self, cache: list[SyncedStats], mean: Tensor, var: Tensor,
                      *features: Tensor) -> tuple[Tensor, Stats | None, int | Tensor | None]:
         """The layer as one recomputed segment; returns the bottleneck's statistics and count for tracking outside
-        it (``cache``: see :func:`_segment_stats`)."""
+        it (``cache``: see :func:`norm_act.segment_stats`)."""
         out = self._concat_bn_relu_conv1(mean, var, *features)
         stats = count = None
         if self.bottleneck:
-            stats, count = _segment_stats(self.norm2, out, cache)
+            stats, count = norm_act.segment_stats(self.norm2, out, cache)
             out = self._bn_relu_conv2(out, *stats)
         return self._dropout(out), stats, count
 
     def forward(self, features: Sequence[Tensor], shared: list[Stats | SyncedStats], mode: str = "plain") -> Tensor:
-        mean, var = _stats(self.norm1, features, shared)
+        mean, var = norm_act.shared_stats(self.norm1, features, shared)
         if mode == "frugal":
             random = self.training and self.drop_rate > 0
             out, stats, count = _run(mode, "frugal", functools.partial(self._whole_layer, []), mean, var, *features,
                                      random=random)
             if stats is not None:
-                _track(self.norm2, stats, count)
+                norm_act.update_running_stats(self.norm2, stats, count)
             return out
         out = _run(mode, "efficient", self._concat_bn_relu_conv1, mean, var, *features)
         if self.bottleneck:
-            out = _run(mode, "efficient", self._bn_relu_conv2, out, *_stats(self.norm2, [out], []))
+            out = _run(mode, "efficient", self._bn_relu_conv2, out, *norm_act.shared_stats(self.norm2, [out], []))
         return self._dropout(out)
 
 
@@ -397,12 +136,12 @@ class Transition(nn.Module):
         self.compiled: tuple[tuple[str, Any], ...] | None = None  # set by DenseNet.set_compile
 
     def _concat_bn_relu_conv(self, mean: Tensor, var: Tensor, *features: Tensor) -> Tensor:
-        return self.conv(_bn_relu(self.norm, _cat(features), mean, var, self.compiled))
+        return self.conv(norm_act.bn_relu(self.norm, _cat(features), mean, var, self.compiled))
 
     def forward(self, features: Sequence[Tensor], shared: list[Stats | SyncedStats], mode: str = "plain") -> Tensor:
         # The pooling keeps nothing for backward, so no mode needs to keep or recompute the convolution's output.
-        mean, var = _stats(self.norm, features, shared)
-        return _avg_pool(_run(mode, "efficient", self._concat_bn_relu_conv, mean, var, *features))
+        mean, var = norm_act.shared_stats(self.norm, features, shared)
+        return avg_pool(_run(mode, "efficient", self._concat_bn_relu_conv, mean, var, *features))
 
 
 def _resolve_memory(memory: str | None, efficient: bool | None) -> str:
@@ -594,18 +333,18 @@ class DenseNet(nn.Module):
 
     # --- forward ---
     def _stem_bn_relu(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
-        return _bn_relu(self.features.norm0, x, mean, var, self.compiled)
+        return norm_act.bn_relu(self.features.norm0, x, mean, var, self.compiled)
 
     def _whole_stem(self, cache: list[SyncedStats], pool: bool, x: Tensor) -> tuple[Tensor, Stats, int | Tensor]:
         """conv0-BN-ReLU(-max-pool) as one recomputed segment; returns norm0's statistics and count for tracking
-        outside it (``cache``: see :func:`_segment_stats`)."""
+        outside it (``cache``: see :func:`norm_act.segment_stats`)."""
         x = self.features.conv0(x)
-        stats, count = _segment_stats(self.features.norm0, x, cache)
+        stats, count = norm_act.segment_stats(self.features.norm0, x, cache)
         x = self._stem_bn_relu(x, *stats)
-        return _max_pool(x) if pool else x, stats, count
+        return max_pool(x) if pool else x, stats, count
 
     def _final(self, mean: Tensor, var: Tensor, *features: Tensor) -> Tensor:
-        return _bn_relu(self.features.norm5, _cat(features), mean, var, self.compiled)
+        return norm_act.bn_relu(self.features.norm5, _cat(features), mean, var, self.compiled)
 
     def _forward(self, x: Tensor, taps: Collection[int] = (), stop: int | None = None) -> tuple[Tensor, list[Tensor]]:
         """Feature map ``stop`` (``feature_info`` numbering; default the last the network has) and the maps
@@ -626,16 +365,16 @@ class DenseNet(nn.Module):
             pool_inside = mode == "frugal" and 0 not in taps and stop != 0
             if mode == "frugal":
                 x, stats, count = _run(mode, "frugal", functools.partial(self._whole_stem, [], pool_inside), x)
-                _track(norm0, stats, count)
+                norm_act.update_running_stats(norm0, stats, count)
             else:
                 x = self.features.conv0(x)
-                x = _run(mode, "efficient", self._stem_bn_relu, x, *_stats(norm0, [x], []))
+                x = _run(mode, "efficient", self._stem_bn_relu, x, *norm_act.shared_stats(norm0, [x], []))
             if not pool_inside:
                 if 0 in taps:
                     tapped.append(x)
                 if stop == 0:
                     return x, tapped
-                x = _max_pool(x)
+                x = max_pool(x)
         features = [x]
         for i in range(1, last):
             features, shared = self.features.get_submodule(f"denseblock{i}")(features, mode)
@@ -647,7 +386,8 @@ class DenseNet(nn.Module):
                     return x, tapped
             features = [self.features.get_submodule(f"transition{i}")(features, shared, mode)]
         features, shared = self.features.get_submodule(f"denseblock{last}")(features, mode)
-        x = _run(mode, "efficient", self._final, *_stats(self.features.norm5, features, shared), *features)
+        final_stats = norm_act.shared_stats(self.features.norm5, features, shared)
+        x = _run(mode, "efficient", self._final, *final_stats, *features)
         if last in taps:
             tapped.append(x)
         return x, tapped
@@ -741,187 +481,3 @@ class DenseNet(nn.Module):
         if prune_head or max_index < last:
             self.reset_classifier(0, "")
         return take_indices
-
-
-# name: (growth_rate, block_config, num_init_features, bn_size, compression, small_inputs, default num_classes)
-CONFIGS: dict[str, dict[str, Any]] = {
-    "densenet121": dict(growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64),
-    "densenet161": dict(growth_rate=48, block_config=(6, 12, 36, 24), num_init_features=96),
-    "densenet169": dict(growth_rate=32, block_config=(6, 12, 32, 32), num_init_features=64),
-    "densenet201": dict(growth_rate=32, block_config=(6, 12, 48, 32), num_init_features=64),
-    "densenet264": dict(growth_rate=32, block_config=(6, 12, 64, 48), num_init_features=64),
-    # CIFAR nets (Huang et al., Table 2): 3 blocks, 3x3 stem, 10 classes by default.
-    "densenet40_k12": dict(growth_rate=12, block_config=(12, 12, 12), num_init_features=16, bn_size=None,
-                           compression=1.0, small_inputs=True, num_classes=10),
-    "densenet_bc100_k12": dict(growth_rate=12, block_config=(16, 16, 16), num_init_features=24,
-                               small_inputs=True, num_classes=10),
-    "densenet_bc250_k24": dict(growth_rate=24, block_config=(41, 41, 41), num_init_features=48,
-                               small_inputs=True, num_classes=10),
-    "densenet_bc190_k40": dict(growth_rate=40, block_config=(31, 31, 31), num_init_features=80,
-                               small_inputs=True, num_classes=10),
-}
-
-
-def _build(name: str, **kwargs: Any) -> DenseNet:
-    return DenseNet(**{**CONFIGS[name], **kwargs})
-
-
-def densenet121(**kwargs: Any) -> DenseNet:
-    """DenseNet-121 (k=32), ImageNet."""
-    return _build("densenet121", **kwargs)
-
-
-def densenet161(**kwargs: Any) -> DenseNet:
-    """DenseNet-161 (k=48), ImageNet."""
-    return _build("densenet161", **kwargs)
-
-
-def densenet169(**kwargs: Any) -> DenseNet:
-    """DenseNet-169 (k=32), ImageNet."""
-    return _build("densenet169", **kwargs)
-
-
-def densenet201(**kwargs: Any) -> DenseNet:
-    """DenseNet-201 (k=32), ImageNet."""
-    return _build("densenet201", **kwargs)
-
-
-def densenet264(**kwargs: Any) -> DenseNet:
-    """DenseNet-264 (k=32), ImageNet."""
-    return _build("densenet264", **kwargs)
-
-
-def densenet40_k12(**kwargs: Any) -> DenseNet:
-    """DenseNet-40 (k=12, no bottleneck, no compression), CIFAR."""
-    return _build("densenet40_k12", **kwargs)
-
-
-def densenet_bc100_k12(**kwargs: Any) -> DenseNet:
-    """DenseNet-BC-100 (k=12), CIFAR."""
-    return _build("densenet_bc100_k12", **kwargs)
-
-
-def densenet_bc250_k24(**kwargs: Any) -> DenseNet:
-    """DenseNet-BC-250 (k=24), CIFAR."""
-    return _build("densenet_bc250_k24", **kwargs)
-
-
-def densenet_bc190_k40(**kwargs: Any) -> DenseNet:
-    """DenseNet-BC-190 (k=40), CIFAR."""
-    return _build("densenet_bc190_k40", **kwargs)
-
-
-# --- timm registry: `import effidense` makes timm.create_model('effi_densenet121') work ---
-
-def _filter_pretrained(state_dict: dict[str, Any], model: nn.Module) -> dict[str, Any]:
-    """timm's ``pretrained_filter_fn``: torchvision (legacy names too), timm and effidense checkpoints all load."""
-    from .convert import timm_pretrained_filter  # imported here: effidense.convert imports this module
-
-    return timm_pretrained_filter(state_dict, model)
-
-
-def _create(name: str, pretrained: bool, **kwargs: Any) -> DenseNet:
-    # timm's meanings: drop_rate is dropout before the classifier, proj_drop_rate after each dense layer.
-    if "drop_rate" in kwargs:
-        kwargs["head_drop_rate"] = kwargs.pop("drop_rate")
-    if "proj_drop_rate" in kwargs:
-        kwargs["drop_rate"] = kwargs.pop("proj_drop_rate")
-    kwargs = {**CONFIGS[name], **kwargs}
-    # every feature map by default: the stem, each block but the last, the final norm (timm assumes five)
-    out_indices = tuple(range(len(kwargs["block_config"]) + 1))
-    return build_model_with_cfg(
-        DenseNet, f"effi_{name}", pretrained, feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
-        pretrained_filter_fn=_filter_pretrained, **kwargs)
-
-
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
-        "crop_pct": 0.875, "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "features.conv0", "classifier": "classifier", "license": "apache-2.0",
-        "paper_ids": "arXiv:1608.06993", **kwargs,
-    }
-
-
-def _tv_cfg(**kwargs: Any) -> dict[str, Any]:
-    return _cfg(license="bsd-3-clause", origin_url="https://github.com/pytorch/vision", **kwargs)
-
-
-def _timm_cfg(**kwargs: Any) -> dict[str, Any]:
-    return _cfg(origin_url="https://github.com/huggingface/pytorch-image-models", **kwargs)
-
-
-def _cifar_cfg(**kwargs: Any) -> dict[str, Any]:
-    return _cfg(num_classes=10, input_size=(3, 32, 32), pool_size=(8, 8), crop_pct=1.0, interpolation="bilinear",
-                mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), license="mit", **kwargs)
-
-
-# Tags name where weights come from: tv_in1k = torchvision's ImageNet weights, ra_in1k = timm's (densenet121 only).
-# No weights are hosted; pass the torchvision/timm file, or one tools/convert.py wrote, with
-# pretrained_cfg_overlay=dict(file=...). The first tag of each model is its default.
-default_cfgs = generate_default_cfgs({
-    "effi_densenet121.tv_in1k": _tv_cfg(),
-    "effi_densenet121.ra_in1k": _timm_cfg(test_input_size=(3, 288, 288), test_crop_pct=0.95),
-    "effi_densenet161.tv_in1k": _tv_cfg(),
-    "effi_densenet169.tv_in1k": _tv_cfg(),
-    "effi_densenet201.tv_in1k": _tv_cfg(),
-    "effi_densenet264.untrained": _cfg(license="mit"),
-    "effi_densenet40_k12.untrained": _cifar_cfg(),
-    "effi_densenet_bc100_k12.untrained": _cifar_cfg(),
-    "effi_densenet_bc250_k24.untrained": _cifar_cfg(),
-    "effi_densenet_bc190_k40.untrained": _cifar_cfg(),
-})
-
-
-@register_model
-def effi_densenet121(pretrained: bool = False, **kwargs: Any) -> DenseNet:
-    """DenseNet-121 (k=32), ImageNet."""
-    return _create("densenet121", pretrained, **kwargs)
-
-
-@register_model
-def effi_densenet161(pretrained: bool = False, **kwargs: Any) -> DenseNet:
-    """DenseNet-161 (k=48), ImageNet."""
-    return _create("densenet161", pretrained, **kwargs)
-
-
-@register_model
-def effi_densenet169(pretrained: bool = False, **kwargs: Any) -> DenseNet:
-    """DenseNet-169 (k=32), ImageNet."""
-    return _create("densenet169", pretrained, **kwargs)
-
-
-@register_model
-def effi_densenet201(pretrained: bool = False, **kwargs: Any) -> DenseNet:
-    """DenseNet-201 (k=32), ImageNet."""
-    return _create("densenet201", pretrained, **kwargs)
-
-
-@register_model
-def effi_densenet264(pretrained: bool = False, **kwargs: Any) -> DenseNet:
-    """DenseNet-264 (k=32), ImageNet."""
-    return _create("densenet264", pretrained, **kwargs)
-
-
-@register_model
-def effi_densenet40_k12(pretrained: bool = False, **kwargs: Any) -> DenseNet:
-    """DenseNet-40 (k=12, no bottleneck, no compression), CIFAR."""
-    return _create("densenet40_k12", pretrained, **kwargs)
-
-
-@register_model
-def effi_densenet_bc100_k12(pretrained: bool = False, **kwargs: Any) -> DenseNet:
-    """DenseNet-BC-100 (k=12), CIFAR."""
-    return _create("densenet_bc100_k12", pretrained, **kwargs)
-
-
-@register_model
-def effi_densenet_bc250_k24(pretrained: bool = False, **kwargs: Any) -> DenseNet:
-    """DenseNet-BC-250 (k=24), CIFAR."""
-    return _create("densenet_bc250_k24", pretrained, **kwargs)
-
-
-@register_model
-def effi_densenet_bc190_k40(pretrained: bool = False, **kwargs: Any) -> DenseNet:
-    """DenseNet-BC-190 (k=40), CIFAR."""
-    return _create("densenet_bc190_k40", pretrained, **kwargs)

@@ -13,6 +13,8 @@ from types import TracebackType
 import torch
 from torch import nn
 
+from .densenet import DenseBlock, DenseLayer
+
 MiB = 1024 * 1024
 
 
@@ -91,8 +93,6 @@ def activation_floor_bytes(model: nn.Module, *inputs: torch.Tensor) -> int:
     The input image, each block's input (the stem's and transitions' outputs) and every dense layer's new
     features, each kept once: what must stay resident when everything else is rebuilt during backward.
     """
-    from .densenet import DenseBlock, DenseLayer  # the meter itself does not depend on the model
-
     sizes = [sum(t.numel() * t.element_size() for t in inputs)]
 
     def layer_output(module: nn.Module, args: tuple, output: torch.Tensor) -> None:

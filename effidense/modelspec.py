@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .densenet import CONFIGS, DenseNet
+from .densenet import DenseNet
+from .registry import CONFIGS
 
 __all__ = ["ModelSpec", "resolve_model", "model_names", "add_model_arguments", "spec_from_args"]
 

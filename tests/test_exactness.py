@@ -9,6 +9,8 @@ import torchvision
 from conftest import TINY
 
 import effidense.densenet as densenet_module
+import effidense.layers.norm_act as norm_act
+import effidense.layers.pool as pool
 from effidense import DenseNet, SavedTensorMeter
 
 CONFIGS = {
@@ -204,8 +206,8 @@ def test_peers_update_bn_twice_but_we_do_not():
         assert _bn_layers_updated_twice(DenseNet(**TINY, memory=mode), x) == 0, mode
 
 
-POOLS = {"max": (densenet_module._max_pool, lambda t: F.max_pool2d(t, 3, 2, 1)),
-         "avg": (densenet_module._avg_pool, lambda t: F.avg_pool2d(t, 2))}
+POOLS = {"max": (pool.max_pool, lambda t: F.max_pool2d(t, 3, 2, 1)),
+         "avg": (pool.avg_pool, lambda t: F.avg_pool2d(t, 2))}
 
 
 @pytest.mark.parametrize("pool", POOLS)
@@ -246,8 +248,8 @@ def test_pools_keep_no_input_for_backward(pool):
 def test_backward_recomputes_no_statistics_and_no_transition_conv(mode, monkeypatch):
     """Batch statistics are computed once per map, in forward; a transition's conv never runs in backward."""
     stats_calls, conv_calls = [], []
-    original_stats = densenet_module._batch_stats
-    monkeypatch.setattr(densenet_module, "_batch_stats", lambda t: stats_calls.append(1) or original_stats(t))
+    original_stats = norm_act.batch_stats
+    monkeypatch.setattr(norm_act, "batch_stats", lambda t: stats_calls.append(1) or original_stats(t))
     model = DenseNet(**TINY, memory=mode)
     model.features.transition1.conv.register_forward_hook(lambda *args: conv_calls.append(1))
     out = model(torch.randn(2, 3, 16, 16))

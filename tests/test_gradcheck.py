@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import load_tool
 
-import effidense.densenet
+import effidense.layers.norm_act
 from effidense.verify import (
     TINY_BC,
     Case,
@@ -58,7 +58,7 @@ def test_default_run_passes(gradcheck, capsys, tmp_path):
 def test_detects_double_batchnorm_update(gradcheck, capsys, monkeypatch):
     # What torchvision and timm do: the recomputed segment calls the BatchNorm module, which updates its running
     # statistics again on every recomputation.
-    monkeypatch.setattr(effidense.densenet, "_bn_relu", lambda norm, x, *args, **kwargs: F.relu(norm(x)))
+    monkeypatch.setattr(effidense.layers.norm_act, "bn_relu", lambda norm, x, *args, **kwargs: F.relu(norm(x)))
     code, out, _ = run_main(gradcheck, ["--quiet", "--skip-gradcheck", "--steps", "1"], capsys)
     assert code == 1
     assert "FAIL:" in out
@@ -140,7 +140,7 @@ def test_autograd_gradcheck_detects_wrong_backward(monkeypatch):
         def backward(ctx, grad):
             return grad * 0.5  # wrong on purpose
 
-    monkeypatch.setattr(effidense.densenet, "_bn_relu", lambda norm, x, *args, **kwargs: WrongGradReLU.apply(
+    monkeypatch.setattr(effidense.layers.norm_act, "bn_relu", lambda norm, x, *args, **kwargs: WrongGradReLU.apply(
         F.batch_norm(x, None, None, norm.weight, norm.bias, True, 0.0, norm.eps)))
     checks = autograd_gradcheck("efficient")
     assert not any(c.passed for c in checks)

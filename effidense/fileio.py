@@ -1,0 +1,158 @@
+"""The one atomic writer and the one safe loader, shared by the converter, the trainer and the benchmark tools.
+
+* :func:`atomic_write` writes through a temporary file in the target's directory, flushes it to disk and moves it
+  into place with ``os.replace``: a reader, or a kill at any instant, sees the old file or the new one, never a part.
+* :func:`load_torch_file` loads with ``torch.load(weights_only=True)``, so a checkpoint can never run code, and tells
+  an unsafe file (pickled objects) from a corrupt or truncated one. :func:`load_safetensors` reads safetensors.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import re
+import struct
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["UnreadableFileError", "UnsafeFileError", "atomic_write", "atomic_write_bytes", "check_writable",
+           "file_mode", "load_safetensors", "load_torch_file", "short_error", "write_complete"]
+
+
+class UnreadableFileError(ValueError):
+    """A file that is missing, corrupt or truncated; the message names it."""
+
+
+class UnsafeFileError(UnreadableFileError):
+    """A torch file that holds pickled Python objects (code to run), refused by ``weights_only=True``."""
+
+
+def short_error(error: BaseException, limit: int = 200) -> str:
+    """An exception's message on one line, cut to ``limit`` characters."""
+    text = " ".join(str(error).split())
+    return (text[:limit] + "...") if len(text) > limit else (text or type(error).__name__)
+
+
+def file_mode() -> int:
+    """The permissions a new file gets under the current umask (mkstemp and safetensors make owner-only files)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def write_complete(tmp: str | os.PathLike[str], write: Callable[[str], None]) -> None:
+    """``write(tmp)``, then flush ``tmp`` to disk with the usual permissions, so a later ``os.replace`` publishes a
+    complete file even across a power cut."""
+    write(os.fspath(tmp))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.chmod(tmp, file_mode())
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> Path:
+    """Create ``path`` by ``write(tmp)`` on a temporary file beside it, moved into place only once complete.
+
+    On any error, including in ``write``, no temporary file is left and an existing ``path`` is untouched; OSErrors
+    propagate for the caller to name the file.
+    """
+    path = Path(path)
+    tmp: str | None = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        write_complete(tmp, write)
+        os.replace(tmp, path)
+        tmp = None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    return atomic_write(path, write)
+
+
+def check_writable(paths: Iterable[str | os.PathLike[str] | None], force: bool = True) -> str | None:
+    """Why one of ``paths`` could not be written (a missing or read-only directory, an existing file without
+    ``force``), or None: for tools to check before long work rather than fail after it."""
+    for path in paths:
+        if path is None:
+            continue
+        path = Path(path)
+        if path.is_dir():
+            return f"{path} is a directory"
+        if path.exists() and not force:
+            return f"{path} exists (pass --force to overwrite)"
+        directory = path.parent
+        if not directory.is_dir():
+            return f"cannot write {path}: directory {directory} does not exist"
+        try:
+            fd, probe = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".probe")
+        except OSError as e:
+            return f"cannot write {path}: {short_error(e)}"
+        os.close(fd)
+        os.remove(probe)
+    return None
+
+
+def _refusal_reason(error: BaseException) -> str:
+    # e.g. "Unsupported global: GLOBAL pkg.Class was not an allowed global by default. Please use ..."
+    m = re.search(r"(Unsupported global[^\n]*?)(?: was not an allowed|\. |\n|$)", str(error), re.IGNORECASE)
+    return m[1].strip() if m else short_error(error)
+
+
+def _is_unsafe(error: BaseException) -> bool:
+    text = str(error).lower()
+    return any(s in text for s in ("unsupported global", "allowed global", "unsupported operand", "weights only load"))
+
+
+def load_torch_file(path: str | os.PathLike[str], safe_globals: Iterable[Any] = ()) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU; refuses pickled objects (other than ``safe_globals``) as
+    unsafe and names the file in every error."""
+    path = Path(path)
+    if not path.is_file():
+        raise UnreadableFileError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
+    if path.stat().st_size == 0:
+        raise UnreadableFileError(f"{path}: the file is empty")
+    try:
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if _is_unsafe(e):  # an object to build, i.e. code to run
+            raise UnsafeFileError(
+                f"{path}: refused to load (unsafe): the file holds pickled Python objects, not only tensors "
+                f"({_refusal_reason(e)}); torch.load(weights_only=True) protects you from code in checkpoints. "
+                "If you trust the file, re-save its state_dict alone with torch.save") from None
+        raise UnreadableFileError(f"{path}: corrupt or truncated checkpoint ({short_error(e)})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, struct.error, KeyError,
+            AttributeError, TypeError, IndexError) as e:
+        raise UnreadableFileError(f"{path}: corrupt or truncated checkpoint ({short_error(e)})") from None
+
+
+def load_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of a safetensors file, on the CPU, and its metadata; a malformed or truncated file names itself."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise UnreadableFileError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
+    if path.stat().st_size == 0:
+        raise UnreadableFileError(f"{path}: the file is empty")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except Exception as e:  # safetensors raises its own SafetensorError for every malformed file
+        raise UnreadableFileError(f"{path}: corrupt or truncated safetensors file ({short_error(e)})") from None
+    return tensors, metadata

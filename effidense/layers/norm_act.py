@@ -1,0 +1,235 @@
+"""BatchNorm-ReLU with shared batch statistics: what keeps recomputed DenseNet layers exact and cheap.
+
+The invariant: **batch statistics are computed once, outside any recomputed code, and running statistics are updated
+once.** A dense block concatenates the same feature maps into every later layer, and each channel's statistics are
+the same in every layer that normalises it, so :func:`shared_stats` computes each map's per-channel mean and variance
+once and caches them per block; each norm takes the slice it needs and updates its running statistics there, once.
+Recomputed segments only normalise with the given statistics (:class:`BatchNormWithStats`), so recomputation can
+never update running statistics a second time (torchvision and timm do, pytorch/pytorch#96136); the backward is
+native BatchNorm's training-mode backward, gradient through the statistics included, so gradients are the plain
+model's.
+
+``nn.SyncBatchNorm`` (``nn.SyncBatchNorm.convert_sync_batchnorm(model)``) works as it does elsewhere: in training,
+with torch.distributed initialised and more than one process in the norm's group, batch statistics are those of
+every process's batch (per-channel sums all-reduced: the global mean first, then squared deviations from it; ranks may
+hold different batch sizes), running statistics use the global count, and backward all-reduces the per-channel
+gradient sums as ``nn.SyncBatchNorm`` does (parameter gradients stay local sums, which DDP then averages). Forward
+collectives run once per feature map, never in a recomputation (frugal's segments reuse their forward run's
+statistics); backward ones once per norm. Unlike ``nn.SyncBatchNorm`` this also runs on CPU (gloo). Synchronised
+norms are never compiled.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["Stats", "SyncedStats", "BatchNormWithStats", "SyncBatchNormWithStats", "batch_stats", "bn_relu",
+           "segment_stats", "shared_stats", "sync_group", "update_running_stats", "uses_batch_stats"]
+
+Stats = tuple[Tensor, Tensor]  # per-channel mean and biased variance
+# Statistics of a feature map over a process group (nn.SyncBatchNorm): mean, biased variance, the global number of
+# values per channel (a tensor, so no host sync) and the group. A feature map's cache entry is Stats or this.
+SyncedStats = tuple[Tensor, Tensor, Tensor, Any]
+
+
+def normalize(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor,
+               eps: float) -> Tensor:
+    """(x - mean) / sqrt(var + eps) * weight + bias, per channel."""
+    if not torch.compiler.is_compiling():
+        return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
+    # Traced batch_norm fixes the channel count; this arithmetic keeps it symbolic and fuses just the same.
+    scale = torch.rsqrt(var + eps)
+    scale = scale if weight is None else scale * weight
+    shift = -mean * scale if bias is None else bias - mean * scale
+    return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
+
+
+class BatchNormWithStats(torch.autograd.Function):
+    """Training-mode BatchNorm given its batch statistics: normalises only; backward is native BatchNorm's
+    training-mode backward, which includes the gradient through the statistics."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor,
+                eps: float) -> Tensor:
+        ctx.eps = eps
+        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps))
+        return normalize(x, weight, bias, mean, var, eps)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, mean, invstd = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+            grad, x, weight, None, None, mean, invstd, True, ctx.eps, list(ctx.needs_input_grad[:3]))
+        return grad_x, grad_weight, grad_bias, None, None, None
+
+
+class SyncBatchNormWithStats(torch.autograd.Function):
+    """Training-mode BatchNorm given statistics synchronised over ``group``: normalises only; backward is
+    ``nn.SyncBatchNorm``'s in plain torch ops (so it runs on any device and backend): the per-channel sums of the
+    gradient through the statistics are all-reduced, the weight and bias gradients are this process's sums."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor,
+                eps: float, group: Any) -> Tensor:
+        ctx.group = group
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps))
+        return normalize(x, weight, bias, mean, var, eps)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, mean, invstd = ctx.saved_tensors
+        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+        channel = (1, -1, 1, 1)
+        grad = grad.to(mean.dtype)
+        xhat = (x.to(mean.dtype) - mean.view(channel)) * invstd.view(channel)
+        sum_dy = grad.sum((0, 2, 3))
+        sum_dy_xhat = (grad * xhat).sum((0, 2, 3))
+        grad_x = None
+        if need_x:
+            # Gradient through the statistics: sums over every process's batch, the count all-reduced with them.
+            count = sum_dy.new_full((1,), x.numel() // x.size(1))
+            combined = torch.cat([sum_dy, sum_dy_xhat, count])
+            dist.all_reduce(combined, group=ctx.group)
+            total_dy, total_dy_xhat, total = combined.split([sum_dy.numel(), sum_dy.numel(), 1])
+            scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+            grad_x = (grad - (total_dy / total).view(channel) - xhat * (total_dy_xhat / total).view(channel))
+            grad_x = (grad_x * scale.view(channel)).to(x.dtype)
+        # Local sums, as nn.SyncBatchNorm's: DDP's gradient all-reduce combines them.
+        grad_weight = sum_dy_xhat.to(weight.dtype) if weight is not None and need_weight else None
+        grad_bias = sum_dy.to(ctx.bias_dtype) if ctx.bias_dtype is not None and need_bias else None
+        return grad_x, grad_weight, grad_bias, None, None, None, None
+
+
+def uses_batch_stats(norm: nn.BatchNorm2d) -> bool:
+    return norm.training or not norm.track_running_stats
+
+
+def sync_group(norm: nn.BatchNorm2d) -> Any:
+    """The process group whose batch statistics ``norm`` normalises with, or None for this process's own:
+    ``nn.SyncBatchNorm``'s rule (training, torch.distributed initialised, more than one process in its group)."""
+    if not (isinstance(norm, nn.SyncBatchNorm) and norm.training and dist.is_available() and dist.is_initialized()):
+        return None
+    group = norm.process_group if norm.process_group is not None else dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+@torch.no_grad()
+def batch_stats(x: Tensor) -> Stats:
+    """Per-channel mean and biased variance, two-pass (several times faster than Welford on CPU), in at least
+    float32 precision."""
+    count = x.numel() // x.size(1)
+    if count < 2:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    mean = x.mean((0, 2, 3))
+    var = (x - mean.view(1, -1, 1, 1)).square_().mean((0, 2, 3))
+    return mean, var
+
+
+@torch.no_grad()
+def synced_batch_stats(x: Tensor, group: Any) -> SyncedStats:
+    """Per-channel mean and biased variance over the batches of every process in ``group``, two-pass as in
+    :func:`batch_stats`: the global mean from all-reduced sums and counts, then all-reduced squared deviations."""
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    sums = torch.cat([x.sum((0, 2, 3)), x.new_full((1,), x.numel() // x.size(1))])
+    dist.all_reduce(sums, group=group)
+    total, count = sums[:-1], sums[-1]
+    mean = total / count
+    squares = (x - mean.view(1, -1, 1, 1)).square_().sum((0, 2, 3))
+    dist.all_reduce(squares, group=group)
+    return mean, squares / count, count, group
+
+
+def stats_group(entry: Stats | SyncedStats) -> Any:
+    return entry[3] if len(entry) > 2 else None
+
+
+def stats_count(entry: Stats | SyncedStats, local: int) -> int | Tensor:
+    """Values per channel behind ``entry``: the global count of synced statistics, else ``local``."""
+    return entry[2] if len(entry) > 2 else local
+
+
+@torch.no_grad()
+def update_running_stats(norm: nn.BatchNorm2d, stats: Stats, count: int | Tensor) -> None:
+    """Update ``norm``'s running statistics with one batch's, as ``nn.BatchNorm2d`` would in training
+    (``count``: values per channel, a tensor for synchronised statistics)."""
+    if not (norm.training and norm.track_running_stats):
+        return
+    norm.num_batches_tracked.add_(1)
+    factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+    mean, var = stats
+    norm.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
+    norm.running_var.mul_(1 - factor).add_(var * (count / (count - 1)), alpha=factor)
+
+
+def shared_stats(norm: nn.BatchNorm2d, features: Sequence[Tensor], shared: list[Stats | SyncedStats],
+           track: bool = True) -> Stats:
+    """The statistics ``norm`` normalises the concatenated ``features`` with.
+
+    In training, batch statistics from ``shared`` (the per-feature-map cache of a block, filled here as needed;
+    synchronised over the norm's process group for ``nn.SyncBatchNorm``) and the running statistics are updated
+    once; in eval, the running statistics.
+    """
+    if not uses_batch_stats(norm):
+        return norm.running_mean, norm.running_var
+    group = sync_group(norm)
+    if shared and stats_group(shared[0]) is not group:
+        shared = []  # cached for norms synchronised otherwise (or not at all): this norm's statistics are its own
+    for t in features[len(shared):]:
+        shared.append(batch_stats(t) if group is None else synced_batch_stats(t, group))
+    used = shared[:len(features)]
+    mean, var = torch.cat([s[0] for s in used]), torch.cat([s[1] for s in used])
+    if track:
+        update_running_stats(norm, (mean, var), stats_count(used[0], features[0].numel() // features[0].size(1)))
+    return mean, var
+
+
+def segment_stats(norm: nn.BatchNorm2d, x: Tensor, cache: list[SyncedStats]) -> tuple[Stats, int | Tensor]:
+    """Untracked statistics of ``norm`` for map ``x`` inside a recomputed segment, and the count to track them with.
+
+    ``cache`` is a list from outside the segment: the forward run fills it and the recomputation reuses it, so backward
+    neither recomputes the statistics nor runs a collective. Under torch.compile, statistics that need no collective
+    are recomputed instead (bitwise the same): mutating an outside list would break the graph at the checkpoint.
+    """
+    synced = sync_group(norm) is not None
+    shared = cache if synced or not torch.compiler.is_compiling() else []
+    stats = shared_stats(norm, [x], shared, track=False)
+    local = x.numel() // x.size(1)
+    return stats, stats_count(shared[0], local) if synced else local
+
+
+def normalize_relu(x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor, eps: float,
+                    batch_stats: bool) -> Tensor:
+    if batch_stats:
+        x = BatchNormWithStats.apply(x, weight, bias, mean, var, eps)
+    else:
+        x = normalize(x, weight, bias, mean, var, eps)
+    return F.relu(x, inplace=True)
+
+
+@functools.cache
+def compiled_normalize_relu(options: tuple[tuple[str, Any], ...]) -> Callable[..., Tensor]:
+    # One graph serves every layer: channel counts and sizes are symbolic, so depth does not multiply compile time.
+    return torch.compile(normalize_relu, dynamic=True, fullgraph=True, **dict(options))
+
+
+def bn_relu(norm: nn.BatchNorm2d, x: Tensor, mean: Tensor, var: Tensor,
+             compiled: tuple[tuple[str, Any], ...] | None = None) -> Tensor:
+    """ReLU(BN(x)) with the given statistics; ``compiled`` holds torch.compile options, or None for eager.
+    Synchronised norms always run eagerly: their backward holds a collective."""
+    group = sync_group(norm)
+    if group is not None:
+        return F.relu(SyncBatchNormWithStats.apply(x, norm.weight, norm.bias, mean, var, norm.eps, group),
+                      inplace=True)
+    if compiled is None:
+        return normalize_relu(x, norm.weight, norm.bias, mean, var, norm.eps, uses_batch_stats(norm))
+    # Dynamo gives parameters static shapes; plain views let one graph serve every channel count.
+    weight, bias = (None if t is None else t.view(-1) for t in (norm.weight, norm.bias))
+    return compiled_normalize_relu(compiled)(x, weight, bias, mean, var, norm.eps, uses_batch_stats(norm))

@@ -1,0 +1,261 @@
+"""Checkpoint keys and files: the one key-mapping table, the safe state-dict reader and writer, timm's filter.
+
+Modern torchvision, timm and effidense state dicts use the same keys (``features.conv0.weight``,
+``features.denseblock1.denselayer1.norm1.weight``, ``features.transition1.conv.weight``, ``features.norm5.*``,
+``classifier.*``). :data:`KEY_RULES` is the one table of what does differ; :func:`canonical_state_dict` applies it
+and :func:`timm_pretrained_filter` is timm's ``pretrained_filter_fn`` built on it. :func:`load_checkpoint` reads
+``.pth``/``.pt``/``.bin`` (``torch.load(weights_only=True)``; training checkpoints wrapped as ``{'state_dict': ...}``
+or ``{'model': ...}`` too) and ``.safetensors``; :func:`save_checkpoint` writes either, atomically. Every failure
+raises :class:`ConversionError` with a one-line message. The model (:mod:`effidense.registry`) and the converter
+(:mod:`effidense.convert`) both import this module; it imports neither.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import struct
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .fileio import UnreadableFileError, atomic_write, load_safetensors, load_torch_file, short_error
+
+__all__ = ["KEY_RULES", "PTH_SUFFIXES", "Checkpoint", "ConversionError", "canonical_state_dict", "load_checkpoint",
+           "save_checkpoint", "timm_pretrained_filter"]
+
+
+PTH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
+_SHOWN = 20  # keys listed per category in an error message; the exception holds them all
+
+
+# The one key-mapping table. Each rule rewrites checkpoint keys into effidense's (= modern torchvision/timm) names
+# and applies to every source, since none of the patterns can match a key that is already canonical. Writing needs
+# no rules: effidense's keys are torchvision's and timm's.
+KEY_RULES: tuple[tuple[str, re.Pattern[str], str], ...] = (
+    ("DataParallel/DDP 'module.' or torch.compile '_orig_mod.' prefix",
+     re.compile(r"^(?:module\.|_orig_mod\.)+"), ""),
+    ("legacy torchvision name (densenet121-a639ec97.pth era: 'denselayer1.norm.1.weight')",
+     re.compile(r"^(.*\.denselayer\d+\.)(norm|relu|conv)\.([12])\.(weight|bias|running_mean|running_var)$"),
+     r"\1\2\3.\4"),
+)
+_LEGACY_RULE = KEY_RULES[1][1]
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
+_EMA_KEYS = ("state_dict_ema", "model_ema")
+
+
+class ConversionError(ValueError):
+    """A checkpoint cannot be read, understood, converted or written; the message is one line naming the problem.
+
+    ``unknown``, ``missing`` and ``mismatched`` hold every offending key when the weights do not fit an architecture
+    (``mismatched`` as ``(key, shape in file, expected shape)``).
+    """
+
+    def __init__(self, message: str, *, unknown: Iterable[str] = (), missing: Iterable[str] = (),
+                 mismatched: Iterable[tuple[str, tuple[int, ...], tuple[int, ...]]] = ()) -> None:
+        super().__init__(message)
+        self.unknown = list(unknown)
+        self.missing = list(missing)
+        self.mismatched = list(mismatched)
+
+
+
+
+# --- reading ---
+
+@dataclass
+class Checkpoint:
+    """A state dict as read from a file, with the safetensors header metadata (empty for ``.pth``)."""
+
+    state_dict: dict[str, Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+    path: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def _is_safetensors(path: Path) -> bool:
+    with path.open("rb") as f:
+        head = f.read(9)
+    if len(head) < 9:
+        return False
+    (header_len,) = struct.unpack("<Q", head[:8])
+    return head[8:9] == b"{" and 0 < header_len <= path.stat().st_size - 8
+
+
+
+def _torch_load(path: Path) -> Any:
+    # timm's training checkpoints store their argparse.Namespace of settings; it holds no code, so it is allowed.
+    try:
+        return load_torch_file(path, safe_globals=[argparse.Namespace])
+    except UnreadableFileError as e:
+        raise ConversionError(str(e)) from None
+
+
+def _safetensors_load(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    try:
+        return load_safetensors(path)
+    except UnreadableFileError as e:
+        raise ConversionError(str(e)) from None
+
+
+def _unwrap(obj: Any, path: Path, use_ema: bool) -> tuple[dict[str, Any], list[str]]:
+    """The state dict inside a training checkpoint (``{'state_dict': ...}``, ``{'model': ...}``, EMA weights)."""
+    if not isinstance(obj, Mapping):
+        raise ConversionError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    notes = []
+    if use_ema:
+        key = next((k for k in _EMA_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if key is None:
+            raise ConversionError(f"{path}: no EMA weights ({' or '.join(_EMA_KEYS)}) in this checkpoint; "
+                                  f"its top-level keys: {listing(map(str, obj))}")
+        return dict(obj[key]), [f"took the EMA weights under {key!r}"]
+    if obj and all(isinstance(v, Tensor) for v in obj.values()):
+        return dict(obj), notes
+    key = next((k for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+    if key is None:
+        if not obj:
+            raise ConversionError(f"{path}: the checkpoint is empty")
+        raise ConversionError(f"{path}: no state dict found: top-level keys are {listing(map(str, obj))} "
+                              f"(expected tensors, or one of {', '.join(_WRAPPER_KEYS)})")
+    notes.append(f"took the weights under {key!r}")
+    if any(isinstance(obj.get(k), Mapping) for k in _EMA_KEYS):
+        notes.append("the file also holds EMA weights; pass use_ema=True (--ema) to convert those")
+    return dict(obj[key]), notes
+
+
+def load_checkpoint(path: str | os.PathLike[str], use_ema: bool = False) -> Checkpoint:
+    """Read a state dict from a ``.safetensors`` or torch (``.pth``/``.pt``/``.bin``) file, safely.
+
+    The format is recognised from the content, not the name. Training checkpoints are unwrapped (``state_dict``,
+    ``model``, ``model_state_dict``; with ``use_ema`` the EMA weights). Keys are returned as stored.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"checkpoint not found: {path}" if not path.exists() else f"not a file: {path}")
+    if path.stat().st_size == 0:
+        raise ConversionError(f"{path}: the file is empty")
+    if _is_safetensors(path):
+        tensors, metadata = _safetensors_load(path)
+        state_dict, notes = _unwrap(tensors, path, use_ema) if tensors else ({}, [])
+        if not state_dict:
+            raise ConversionError(f"{path}: the safetensors file holds no tensors")
+        return Checkpoint(state_dict, metadata, str(path), notes)
+    with path.open("rb") as f:
+        magic = f.read(2)
+    if magic != b"PK" and magic[:1] != b"\x80":  # torch's zip format, or the legacy one (a protocol-2+ pickle)
+        raise ConversionError(f"{path}: corrupt or truncated checkpoint (neither a PyTorch nor a safetensors file)")
+    state_dict, notes = _unwrap(_torch_load(path), path, use_ema)
+    not_tensors = [k for k, v in state_dict.items() if not isinstance(v, Tensor)]
+    if not_tensors:
+        raise ConversionError(f"{path}: not a state dict: {len(not_tensors)} entries are not tensors: "
+                              f"{listing(map(str, not_tensors))}")
+    return Checkpoint(state_dict, {}, str(path), notes)
+
+
+# --- keys and shapes ---
+
+def listing(keys: Iterable[str]) -> str:
+    keys = list(keys)
+    shown = ", ".join(keys[:_SHOWN])
+    return shown + (f" (+{len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else "")
+
+
+def canonical_state_dict(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Apply :data:`KEY_RULES`: keys in effidense's (= modern torchvision/timm) names, and notes on what changed."""
+    out: dict[str, Any] = {}
+    counts = [0] * len(KEY_RULES)
+    origin: dict[str, str] = {}
+    for key, value in state_dict.items():
+        new = key
+        for i, (_, pattern, replacement) in enumerate(KEY_RULES):
+            new, n = pattern.subn(replacement, new)
+            counts[i] += n
+        if new in out:
+            raise ConversionError(f"keys {origin[new]!r} and {key!r} both mean {new!r}")
+        out[new], origin[new] = value, key
+    notes = [f"renamed {n} keys: {what}" for (what, _, _), n in zip(KEY_RULES, counts, strict=True) if n]
+    return out, notes
+
+
+def has_legacy_keys(state_dict: Mapping[str, Any]) -> bool:
+    return any(_LEGACY_RULE.search(key) for key in state_dict)
+
+
+def is_bn_counter(key: str) -> bool:
+    return key.endswith(".num_batches_tracked")
+
+
+def timm_pretrained_filter(state_dict: Mapping[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """timm's ``pretrained_filter_fn`` for the ``effi_*`` models: apply :data:`KEY_RULES` and fill BatchNorm counters
+    old checkpoints lack. Shape problems are left to timm's (strict or not) ``load_state_dict``."""
+    canonical, _ = canonical_state_dict(state_dict)
+    for key, value in model.state_dict().items():
+        if is_bn_counter(key) and key not in canonical and key.rsplit(".", 1)[0] + ".weight" in canonical:
+            canonical[key] = torch.zeros_like(value, device="cpu")
+    return canonical
+
+
+# --- writing ---
+
+def output_format(path: Path, fmt: str | None) -> str:
+    suffix = path.suffix.lower()
+    implied = "safetensors" if suffix == ".safetensors" else "pth" if suffix in PTH_SUFFIXES else None
+    if fmt is None:
+        return implied or "safetensors"
+    if fmt not in ("safetensors", "pth"):
+        raise ConversionError(f"unknown format {fmt!r}; choose safetensors or pth")
+    if implied is not None and implied != fmt:
+        # timm picks its reader by the suffix, so a mismatch would make the file unreadable there
+        raise ConversionError(f"format {fmt} contradicts the output name {path.name}; use a "
+                              f"{'.safetensors' if fmt == 'safetensors' else '.pth'} name")
+    return fmt
+
+
+def check_output(path: Path, force: bool) -> None:
+    if path.exists() and not force:
+        raise ConversionError(f"output exists: {path} (pass --force / force=True to overwrite)")
+    if path.is_dir():
+        raise ConversionError(f"output is a directory: {path}")
+    if not path.parent.is_dir():
+        raise ConversionError(f"output directory does not exist: {path.parent}")
+
+
+def save_checkpoint(
+        state_dict: Mapping[str, Tensor],
+        path: str | os.PathLike[str],
+        fmt: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        force: bool = False,
+        check: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write ``state_dict`` atomically as ``.safetensors`` (with ``metadata`` in the header) or a ``.pth`` state dict.
+
+    ``fmt`` defaults to what the suffix says (safetensors when it says nothing). The file appears only when
+    complete, and after ``check(temporary_path)`` passes; an existing file is kept unless ``force``.
+    """
+    path = Path(path)
+    fmt = output_format(path, fmt)
+    check_output(path, force)
+    tensors = {key: value.detach().contiguous() for key, value in state_dict.items()}
+
+    def write(tmp: str) -> None:
+        if fmt == "safetensors":
+            from safetensors.torch import save_file
+
+            save_file(tensors, tmp, metadata=dict(metadata or {}))
+        else:
+            torch.save(tensors, tmp)
+        if check is not None:
+            check(Path(tmp))
+
+    try:
+        atomic_write(path, write)
+    except OSError as e:
+        raise ConversionError(f"cannot write {path}: {short_error(e)}") from None
+    return path
+
+
