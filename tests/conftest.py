@@ -1,4 +1,4 @@
-import importlib.util
+import importlib
 from pathlib import Path
 from types import ModuleType
 
@@ -11,11 +11,9 @@ TINY = dict(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes
 
 
 def load_tool(name: str) -> ModuleType:
-    """Import ``tools/<name>.py`` (not a package) so tests can call its ``main(argv)`` in-process."""
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The command behind ``tools/<name>.py`` and ``effidense <name>``, so tests can call its ``main(argv)``
+    in-process."""
+    return importlib.import_module(f"effidense.cli.{name}")
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -52,7 +52,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The built-in trainer's parser (flag names, defaults and meanings follow timm's ``train.py``)."""
     parser = _Parser(
-        prog="tools/train.py",
+        prog="effidense train",
         description="Train a timm model (effi_* DenseNets included) with effidense's built-in timm-based trainer. "
                     "Runs single-process or under `torchrun --nproc_per_node N` (DistributedDataParallel).",
         epilog=f"Wrapper mode: `tools/train.py --timm-script PATH [args]` (or {TIMM_SCRIPT_ENV}=PATH) imports "

@@ -1,0 +1,40 @@
+"""effidense's commands: ``effidense bench|convert|gradcheck|train ...`` (also ``python -m effidense ...``).
+
+Each command is a module here with ``main(argv) -> exit code``; ``tools/*.py`` are thin fronts over the same code.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+COMMANDS = {
+    "bench": "benchmark memory modes side by side with torchvision's and timm's DenseNets",
+    "convert": "convert DenseNet weights between torchvision, timm and effidense (safetensors or .pth)",
+    "gradcheck": "check that every memory mode computes the plain model's outputs, gradients and BN statistics",
+    "train": "train with the built-in timm-based trainer, or run timm's own scripts with effidense registered",
+}
+
+
+def _usage() -> str:
+    lines = ["usage: effidense COMMAND [ARGS...]   (effidense COMMAND --help for each command's flags)", "",
+             "commands:"]
+    lines += [f"  {name:<10} {what}" for name, what in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from .. import __version__
+
+        print(f"effidense {__version__}")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    return importlib.import_module(f"{__name__}.{command}").main(rest)

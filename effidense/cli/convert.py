@@ -1,0 +1,88 @@
+"""Convert DenseNet weights between torchvision, timm and effidense layouts (.pth / .safetensors).
+
+Examples::
+
+    python tools/convert.py --checkpoint densenet121-a639ec97.pth --output densenet121_effi.safetensors --verify
+    python tools/convert.py --to efficient --checkpoint densenet121-a639ec97.pth --output densenet121_effi.pth
+    python tools/convert.py --checkpoint effi.safetensors --output tv.pth --to torchvision
+
+Exit status: 0 on success, 1 when the input cannot be read or converted or the output cannot be written,
+2 for bad arguments, 3 when --verify finds a difference above the tolerance (nothing is written then).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from effidense.convert import (
+    LAYOUT_ALIASES,
+    LAYOUTS,
+    VERIFY_TOLERANCE,
+    ConversionError,
+    VerificationError,
+    convert_checkpoint,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="effidense convert",
+        description="Convert DenseNet weights between torchvision, timm and effidense layouts. The architecture is "
+                    "read off the weights (or checked against --model) and every unknown, missing or mis-shaped key "
+                    "is reported by name. Inputs are read safely (torch.load(weights_only=True) or safetensors); "
+                    "the output is written atomically and never overwrites a file without --force.",
+        epilog="Exit status: 0 ok, 1 conversion error, 2 bad arguments, 3 --verify found a difference.")
+    layouts = list(LAYOUTS) + list(LAYOUT_ALIASES)
+    parser.add_argument("--checkpoint", required=True, metavar="IN",
+                        help="input weights: .pth/.pt/.bin (a state dict or a training checkpoint holding one under "
+                             "'state_dict' or 'model') or .safetensors; recognised by content, not name")
+    parser.add_argument("--output", required=True, metavar="OUT", help="file to write")
+    parser.add_argument("--to", default="effidense", choices=layouts, dest="target",
+                        help="layout to write (default effidense); 'efficient' = effidense and 'normal' = "
+                             "torchvision, as in the original converter")
+    parser.add_argument("--from", default="auto", choices=["auto", *layouts], dest="source",
+                        help="layout of the input (default auto: the file's metadata, legacy torchvision names, or "
+                             "the architecture decide; torchvision and timm keys are identical)")
+    parser.add_argument("--format", choices=["safetensors", "pth"], default=None, dest="fmt",
+                        help="output format (default: from the output's suffix, .safetensors or .pth/.pt/.bin; "
+                             "safetensors when the suffix says nothing); safetensors files carry the architecture, "
+                             "source layout and format version in their header")
+    parser.add_argument("--model", default=None, metavar="NAME",
+                        help="require the weights to fit this network (e.g. densenet121 or effi_densenet121) instead "
+                             "of only inferring the architecture; mis-shaped keys are listed")
+    parser.add_argument("--ema", action="store_true",
+                        help="convert the EMA weights of a training checkpoint (state_dict_ema / model_ema)")
+    parser.add_argument("--verify", action="store_true",
+                        help="build the source layout's model with the input weights and the target layout's model "
+                             "with the written file, run one random batch through both in eval mode and require a max "
+                             f"abs difference <= {VERIFY_TOLERANCE:g}; on failure nothing is written")
+    parser.add_argument("--force", action="store_true", help="overwrite --output if it exists")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        conversion, diff = convert_checkpoint(
+            args.checkpoint, args.output, target=args.target, source=args.source, fmt=args.fmt, model=args.model,
+            use_ema=args.ema, verify=args.verify, force=args.force)
+    except VerificationError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    arch = conversion.architecture
+    print(f"architecture: {conversion.model_name or 'custom'} ({arch.describe()})")
+    for note in conversion.notes:
+        print(f"note: {note}")
+    print(f"wrote {args.output}: {len(conversion.state_dict)} tensors, {conversion.source} -> {conversion.target} "
+          "layout")
+    if diff is not None:
+        print(f"verify: max abs difference {diff:.3g} (tolerance {VERIFY_TOLERANCE:g}): ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Check that effidense's memory-efficient modes compute exactly the plain model's function, on your hardware.
+
+Trains plain, efficient and frugal copies side by side (and compiled copies with --compile) and compares outputs,
+loss, every parameter gradient and every buffer (BatchNorm running stats, num_batches_tracked exactly) after each
+SGD step, in train and eval mode, under several settings (non-default running stats, dropout, BN momentum=None,
+channels_last, fp64, autocast); runs torch.autograd.gradcheck in float64 on a tiny model; with --nproc N (or under
+torchrun) checks DistributedDataParallel gradients against single-process ones and that all ranks agree, with
+--sync-bn for a model converted with nn.SyncBatchNorm.convert_sync_batchnorm.
+Prints PASS/FAIL per check with the differences and tolerances; exits 0 only if every check passes.
+Examples:
+
+  python tools/gradcheck.py
+  python tools/gradcheck.py --compile --nproc 2
+  python tools/gradcheck.py --nproc 2 --sync-bn --skip-modes
+  python tools/gradcheck.py --device cuda --model effi_densenet121 --img-size 64
+  torchrun --nproc_per_node 2 tools/gradcheck.py --device cuda
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+
+import torch
+
+from effidense.benchmark import AMP_DTYPES, atomic_write_bytes, environment, torchrun_world
+from effidense.modelspec import add_model_arguments, spec_from_args
+from effidense.verify import (
+    TINY_BC,
+    TINY_SMALL_INPUTS,
+    VerifyConfig,
+    checks_to_json,
+    format_report,
+    run_ddp,
+    run_local_checks,
+)
+
+_MODEL_FLAGS = ("model", "growth_rate", "block_config", "num_init_features", "bn_size", "compression", "drop_rate",
+                "num_classes", "small_inputs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="effidense gradcheck", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser, None, "two tiny DenseNets, see below")
+    run = parser.add_argument_group("what to check (default model: two tiny DenseNets, one DenseNet-BC with the "
+                                    "ImageNet stem and one plain DenseNet with the small-input stem)")
+    run.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
+    run.add_argument("--steps", type=int, default=2, help="SGD steps per comparison (default 2)")
+    run.add_argument("--batch-size", type=int, default=4, help="images per step (per rank for DDP; default 4)")
+    run.add_argument("--img-size", type=int, default=32, help="input height and width (default 32)")
+    run.add_argument("--seed", type=int, default=0, help="seed for weights, data and dropout (default 0)")
+    run.add_argument("--compile", action="store_true",
+                     help="also compare compiled copies (model.set_compile(True) where available, else "
+                          "torch.compile) in the fp32 and dropout cases, with a looser tolerance")
+    run.add_argument("--amp", choices=tuple(AMP_DTYPES), default="bf16",
+                     help="autocast dtype of the autocast case (default bf16; fp16 needs a GPU)")
+    run.add_argument("--nproc", type=int, default=1, metavar="N",
+                     help="also run the DDP checks in N spawned processes (gloo on cpu, nccl on cuda, one GPU each)")
+    run.add_argument("--sync-bn", action="store_true",
+                     help="DDP checks with the norms converted to nn.SyncBatchNorm: train-mode gradients and BN "
+                          "buffers must then equal the full batch's in one process (needs --nproc N or torchrun)")
+    run.add_argument("--threads", type=int,
+                     help="torch CPU threads (default: 1 for the default tiny models, which run fastest on one "
+                          "thread, else torch's choice)")
+    run.add_argument("--skip-modes", action="store_true", help="skip the mode-vs-plain training comparisons")
+    run.add_argument("--skip-gradcheck", action="store_true", help="skip torch.autograd.gradcheck")
+    out = parser.add_argument_group("output")
+    out.add_argument("--json", metavar="FILE", help="also write every check and the environment to FILE")
+    out.add_argument("--force", action="store_true", help="overwrite an existing --json file")
+    out.add_argument("--verbose", action="store_true", help="one line per mode check too, not only the table")
+    out.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = shlex.join(["python", "tools/gradcheck.py", *(sys.argv[1:] if argv is None else argv)])
+    if args.json:
+        if not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+            parser.error(f"--json: directory of {args.json} does not exist")
+        if os.path.exists(args.json) and not args.force:
+            parser.error(f"--json: {args.json} exists; pass --force to overwrite it")
+    launched = torchrun_world()
+    threads_before = torch.get_num_threads()
+    try:
+        given = any(getattr(args, k) is not None for k in _MODEL_FLAGS) or args.model_kwargs
+        specs = [spec_from_args(args)] if given else [TINY_BC, TINY_SMALL_INPUTS]
+        threads = args.threads or (None if given else 1)
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"--threads must be at least 1, got {threads}")
+            torch.set_num_threads(threads)
+        cfg = VerifyConfig(specs=specs, device=args.device, steps=args.steps, batch_size=args.batch_size,
+                           img_size=args.img_size, seed=args.seed, compile=args.compile, amp=args.amp,
+                           modes=not args.skip_modes, gradcheck=not args.skip_gradcheck)
+        if args.amp == "fp16" and args.device == "cpu":
+            raise ValueError("--amp fp16 is for GPUs; CPU autocast is checked in bf16")
+        checks = []
+        if args.sync_bn and launched is None and args.nproc < 2:
+            raise ValueError("--sync-bn is a DDP check: pass --nproc N (N >= 2) or launch with torchrun")
+        if launched is not None or args.nproc > 1:
+            ddp = run_ddp(specs[0], args.device, args.nproc, args.batch_size, args.img_size, args.seed,
+                          torchrun=launched, sync_bn=args.sync_bn)
+            if ddp is None:  # a torchrun rank other than 0; rank 0 reports
+                return 0
+            checks += ddp
+        checks = run_local_checks(cfg, progress=not args.quiet) + checks
+    except ValueError as e:
+        print(f"gradcheck.py: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        torch.set_num_threads(threads_before)  # main() also runs in-process (tests)
+    env = environment(args.device, command, launched[2] if launched else max(args.nproc, 1))
+    header = [f"effidense gradcheck: torch {env['torch']}, {args.device} ({env['device_name']}), {args.steps} SGD "
+              f"step{'s' if args.steps > 1 else ''} (lr 0.1, momentum 0.9), batch {args.batch_size}, "
+              f"{args.img_size}x{args.img_size}, seed {args.seed}",
+              "models: " + "; ".join(s.describe() for s in specs)]
+    print(format_report(checks, header, verbose=args.verbose))
+    if args.json:
+        atomic_write_bytes(args.json, (json.dumps(checks_to_json(checks, env), indent=2) + "\n").encode())
+        print(f"wrote {args.json}")
+    return 0 if checks and all(c.passed for c in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
