@@ -50,11 +50,13 @@ def _run(mode: str, level: str, fn: Callable[..., Any], *tensors: Tensor | None,
     if mode == "plain" or not torch.is_grad_enabled() or (level == "frugal" and mode != "frugal"):
         return fn(*tensors)
     # Tensors go in as separate arguments: checkpoint saves those properly, a list would be held by reference only.
-    return checkpoint(fn, *tensors, use_reentrant=False, preserve_rng_state=random)
+    # Segments are deterministic and save the same tensors when rerun (norm_act.OneShot sees to it for BatchNorm), so
+    # checkpoint's per-tensor metadata check is skipped: it costs ~7% of an efficient step's host time.
+    return checkpoint(fn, *tensors, use_reentrant=False, preserve_rng_state=random, determinism_check="none")
 
 
 def _cat(features: Sequence[Tensor]) -> Tensor:
-    return torch.cat(features, 1)
+    return features[0] if len(features) == 1 else torch.cat(features, 1)
 
 
 class DenseLayer(nn.Module):
@@ -73,38 +75,47 @@ class DenseLayer(nn.Module):
         self.drop_rate = drop_rate
         self.compiled: tuple[tuple[str, Any], ...] | None = None  # set by DenseNet.set_compile
 
-    def _concat_bn_relu_conv1(self, mean: Tensor, var: Tensor, *features: Tensor) -> Tensor:
-        return self.conv1(norm_act.bn_relu(self.norm1, _cat(features), mean, var, self.compiled))
+    # Segments take what norm_act.prepare made outside them: statistics, or a OneShot for native BatchNorm.
+    def _concat_bn_relu_conv1(self, once: norm_act.OneShot | None, mean: Tensor | None, var: Tensor | None,
+                              *features: Tensor) -> Tensor:
+        return self.conv1(norm_act.bn_relu(self.norm1, _cat(features), mean, var, self.compiled, once))
 
-    def _bn_relu_conv2(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
-        return self.conv2(norm_act.bn_relu(self.norm2, x, mean, var, self.compiled))
+    def _bn_relu_conv2(self, once: norm_act.OneShot | None, x: Tensor, mean: Tensor | None,
+                       var: Tensor | None) -> Tensor:
+        return self.conv2(norm_act.bn_relu(self.norm2, x, mean, var, self.compiled, once))
 
     def _dropout(self, x: Tensor) -> Tensor:
         return F.dropout(x, self.drop_rate, self.training) if self.drop_rate > 0 else x
 
-    def _whole_layer(self, cache: list[SyncedStats], mean: Tensor, var: Tensor,
+    def _whole_layer(self, cache: list[SyncedStats], once1: norm_act.OneShot | None, once2: norm_act.OneShot | None,
+                     mean: Tensor | None, var: Tensor | None,
                      *features: Tensor) -> tuple[Tensor, Stats | None, int | Tensor | None]:
-        """The layer as one recomputed segment; returns the bottleneck's statistics and count for tracking outside
-        it (``cache``: see :func:`norm_act.segment_stats`)."""
-        out = self._concat_bn_relu_conv1(mean, var, *features)
+        """The layer as one recomputed segment (frugal). Returns the bottleneck's statistics and count for tracking
+        outside it when it uses shared statistics (``cache``: see :func:`norm_act.segment_stats`)."""
+        out = self._concat_bn_relu_conv1(once1, mean, var, *features)
         stats = count = None
         if self.bottleneck:
-            stats, count = norm_act.segment_stats(self.norm2, out, cache)
-            out = self._bn_relu_conv2(out, *stats)
+            if once2 is None:
+                stats, count = norm_act.segment_stats(self.norm2, out, cache)
+                out = self._bn_relu_conv2(None, out, *stats)
+            else:
+                out = self._bn_relu_conv2(once2, out, None, None)
         return self._dropout(out), stats, count
 
     def forward(self, features: Sequence[Tensor], shared: list[Stats | SyncedStats], mode: str = "plain") -> Tensor:
-        mean, var = norm_act.shared_stats(self.norm1, features, shared)
+        mean, var, once = norm_act.prepare(self.norm1, features, shared, self.compiled)
         if mode == "frugal":
             random = self.training and self.drop_rate > 0
-            out, stats, count = _run(mode, "frugal", functools.partial(self._whole_layer, []), mean, var, *features,
-                                     random=random)
+            once2 = norm_act.inner_once(self.norm2, self.compiled) if self.bottleneck else None
+            out, stats, count = _run(mode, "frugal", functools.partial(self._whole_layer, [], once, once2), mean, var,
+                                     *features, random=random)
             if stats is not None:
                 norm_act.update_running_stats(self.norm2, stats, count)
             return out
-        out = _run(mode, "efficient", self._concat_bn_relu_conv1, mean, var, *features)
+        out = _run(mode, "efficient", self._concat_bn_relu_conv1, once, mean, var, *features)
         if self.bottleneck:
-            out = _run(mode, "efficient", self._bn_relu_conv2, out, *norm_act.shared_stats(self.norm2, [out], []))
+            mean, var, once = norm_act.prepare(self.norm2, [out], [], self.compiled)
+            out = _run(mode, "efficient", self._bn_relu_conv2, once, out, mean, var)
         return self._dropout(out)
 
 
@@ -135,13 +146,14 @@ class Transition(nn.Module):
         self.conv = nn.Conv2d(num_input_features, num_output_features, 1, bias=False)
         self.compiled: tuple[tuple[str, Any], ...] | None = None  # set by DenseNet.set_compile
 
-    def _concat_bn_relu_conv(self, mean: Tensor, var: Tensor, *features: Tensor) -> Tensor:
-        return self.conv(norm_act.bn_relu(self.norm, _cat(features), mean, var, self.compiled))
+    def _concat_bn_relu_conv(self, once: norm_act.OneShot | None, mean: Tensor | None, var: Tensor | None,
+                             *features: Tensor) -> Tensor:
+        return self.conv(norm_act.bn_relu(self.norm, _cat(features), mean, var, self.compiled, once))
 
     def forward(self, features: Sequence[Tensor], shared: list[Stats | SyncedStats], mode: str = "plain") -> Tensor:
         # The pooling keeps nothing for backward, so no mode needs to keep or recompute the convolution's output.
-        mean, var = norm_act.shared_stats(self.norm, features, shared)
-        return avg_pool(_run(mode, "efficient", self._concat_bn_relu_conv, mean, var, *features))
+        mean, var, once = norm_act.prepare(self.norm, features, shared, self.compiled)
+        return avg_pool(_run(mode, "efficient", self._concat_bn_relu_conv, once, mean, var, *features))
 
 
 def _resolve_memory(memory: str | None, efficient: bool | None) -> str:
@@ -332,19 +344,26 @@ class DenseNet(nn.Module):
             raise ValueError(f"input of {height}x{width} is too small for this DenseNet: needs at least {size}x{size}")
 
     # --- forward ---
-    def _stem_bn_relu(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
-        return norm_act.bn_relu(self.features.norm0, x, mean, var, self.compiled)
+    def _stem_bn_relu(self, once: norm_act.OneShot | None, x: Tensor, mean: Tensor | None,
+                      var: Tensor | None) -> Tensor:
+        return norm_act.bn_relu(self.features.norm0, x, mean, var, self.compiled, once)
 
-    def _whole_stem(self, cache: list[SyncedStats], pool: bool, x: Tensor) -> tuple[Tensor, Stats, int | Tensor]:
-        """conv0-BN-ReLU(-max-pool) as one recomputed segment; returns norm0's statistics and count for tracking
-        outside it (``cache``: see :func:`norm_act.segment_stats`)."""
+    def _whole_stem(self, cache: list[SyncedStats], pool: bool, once: norm_act.OneShot | None,
+                    x: Tensor) -> tuple[Tensor, Stats | None, int | Tensor | None]:
+        """conv0-BN-ReLU(-max-pool) as one recomputed segment (frugal); returns norm0's statistics and count for
+        tracking outside it when it uses shared statistics (``cache``: see :func:`norm_act.segment_stats`)."""
         x = self.features.conv0(x)
-        stats, count = norm_act.segment_stats(self.features.norm0, x, cache)
-        x = self._stem_bn_relu(x, *stats)
+        stats = count = None
+        if once is None:
+            stats, count = norm_act.segment_stats(self.features.norm0, x, cache)
+            x = self._stem_bn_relu(None, x, *stats)
+        else:
+            x = self._stem_bn_relu(once, x, None, None)
         return max_pool(x) if pool else x, stats, count
 
-    def _final(self, mean: Tensor, var: Tensor, *features: Tensor) -> Tensor:
-        return norm_act.bn_relu(self.features.norm5, _cat(features), mean, var, self.compiled)
+    def _final(self, once: norm_act.OneShot | None, mean: Tensor | None, var: Tensor | None,
+               *features: Tensor) -> Tensor:
+        return norm_act.bn_relu(self.features.norm5, _cat(features), mean, var, self.compiled, once)
 
     def _forward(self, x: Tensor, taps: Collection[int] = (), stop: int | None = None) -> tuple[Tensor, list[Tensor]]:
         """Feature map ``stop`` (``feature_info`` numbering; default the last the network has) and the maps
@@ -364,11 +383,14 @@ class DenseNet(nn.Module):
             # Frugal recomputes the max-pool too, unless the map before it is wanted, so that not even its indices stay.
             pool_inside = mode == "frugal" and 0 not in taps and stop != 0
             if mode == "frugal":
-                x, stats, count = _run(mode, "frugal", functools.partial(self._whole_stem, [], pool_inside), x)
-                norm_act.update_running_stats(norm0, stats, count)
+                once = norm_act.inner_once(norm0, self.compiled)
+                x, stats, count = _run(mode, "frugal", functools.partial(self._whole_stem, [], pool_inside, once), x)
+                if stats is not None:
+                    norm_act.update_running_stats(norm0, stats, count)
             else:
                 x = self.features.conv0(x)
-                x = _run(mode, "efficient", self._stem_bn_relu, x, *norm_act.shared_stats(norm0, [x], []))
+                mean, var, once = norm_act.prepare(norm0, [x], [], self.compiled)
+                x = _run(mode, "efficient", self._stem_bn_relu, once, x, mean, var)
             if not pool_inside:
                 if 0 in taps:
                     tapped.append(x)
@@ -386,8 +408,8 @@ class DenseNet(nn.Module):
                     return x, tapped
             features = [self.features.get_submodule(f"transition{i}")(features, shared, mode)]
         features, shared = self.features.get_submodule(f"denseblock{last}")(features, mode)
-        final_stats = norm_act.shared_stats(self.features.norm5, features, shared)
-        x = _run(mode, "efficient", self._final, *final_stats, *features)
+        mean, var, once = norm_act.prepare(self.features.norm5, features, shared, self.compiled)
+        x = _run(mode, "efficient", self._final, once, mean, var, *features)
         if last in taps:
             tapped.append(x)
         return x, tapped

@@ -1,13 +1,20 @@
-"""BatchNorm-ReLU with shared batch statistics: what keeps recomputed DenseNet layers exact and cheap.
+"""BatchNorm-ReLU for recomputed segments: statistics and running statistics stay exactly the plain model's.
 
-The invariant: **batch statistics are computed once, outside any recomputed code, and running statistics are updated
-once.** A dense block concatenates the same feature maps into every later layer, and each channel's statistics are
-the same in every layer that normalises it, so :func:`shared_stats` computes each map's per-channel mean and variance
-once and caches them per block; each norm takes the slice it needs and updates its running statistics there, once.
-Recomputed segments only normalise with the given statistics (:class:`BatchNormWithStats`), so recomputation can
-never update running statistics a second time (torchvision and timm do, pytorch/pytorch#96136); the backward is
-native BatchNorm's training-mode backward, gradient through the statistics included, so gradients are the plain
-model's.
+The invariant: **a norm's running statistics are updated once per forward, however often its segment is recomputed,
+and recomputation reproduces the first run's output bitwise.** Two ways keep it:
+
+* Native (eager, not synchronised): :func:`prepare` does ``nn.BatchNorm2d``'s bookkeeping outside the segment
+  (``num_batches_tracked``, the momentum factor) and hands the segment a :class:`OneShot`; inside, native
+  ``F.batch_norm`` gets the running statistics on the segment's first run only, and a recomputation (checkpoint's
+  rerun in backward) only normalises. Same kernels as ``nn.BatchNorm2d``, one op per norm: the plain model's host
+  cost. torchvision and timm update running statistics again on every rerun (pytorch/pytorch#96136).
+* Shared statistics (``nn.SyncBatchNorm`` under torch.distributed, and compiled code): batch statistics are computed
+  once per feature map, outside any recomputed segment, cached per block and shared by every later norm (a
+  channel's statistics are the same in every layer that normalises it); running statistics are updated there, once.
+  Segments only normalise with the given statistics (:class:`BatchNormWithStats`, whose backward is native
+  BatchNorm's training-mode backward, so gradients are the plain model's). Compiled code needs it because native
+  ``batch_norm`` fixes the channel count in a graph and a rerun flag would break the graph at the checkpoint;
+  synchronised norms because it runs each collective once per feature map.
 
 ``nn.SyncBatchNorm`` (``nn.SyncBatchNorm.convert_sync_batchnorm(model)``) works as it does elsewhere: in training,
 with torch.distributed initialised and more than one process in the norm's group, batch statistics are those of
@@ -29,8 +36,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Stats", "SyncedStats", "BatchNormWithStats", "SyncBatchNormWithStats", "batch_stats", "bn_relu",
-           "segment_stats", "shared_stats", "sync_group", "update_running_stats", "uses_batch_stats"]
+__all__ = ["Stats", "SyncedStats", "OneShot", "BatchNormWithStats", "SyncBatchNormWithStats", "batch_stats",
+           "bn_relu", "inner_once", "prepare", "segment_stats", "shared_stats", "sync_group", "update_running_stats",
+           "uses_batch_stats"]
 
 Stats = tuple[Tensor, Tensor]  # per-channel mean and biased variance
 # Statistics of a feature map over a process group (nn.SyncBatchNorm): mean, biased variance, the global number of
@@ -191,6 +199,51 @@ def shared_stats(norm: nn.BatchNorm2d, features: Sequence[Tensor], shared: list[
     return mean, var
 
 
+class OneShot:
+    """Native training-mode BatchNorm in a segment that may run again: the first run updates the running statistics
+    (with ``factor``, nn.BatchNorm2d's momentum), a rerun only normalises."""
+
+    __slots__ = ("factor", "pending")
+
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+        self.pending = True
+
+    def take(self) -> bool:
+        """True on the first call only."""
+        pending, self.pending = self.pending, False
+        return pending
+
+
+def _native(norm: nn.BatchNorm2d, compiled: Any) -> bool:
+    return compiled is None and not torch.compiler.is_compiling() and sync_group(norm) is None
+
+
+def _count_batch(norm: nn.BatchNorm2d) -> float:
+    """nn.BatchNorm2d's bookkeeping before a training forward; returns the running statistics' update factor."""
+    if not (norm.training and norm.track_running_stats):
+        return 0.0
+    norm.num_batches_tracked.add_(1)
+    return 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+
+
+def prepare(norm: nn.BatchNorm2d, features: Sequence[Tensor], shared: list[Stats | SyncedStats],
+            compiled: Any = None) -> tuple[Tensor | None, Tensor | None, OneShot | None]:
+    """What a segment needs to normalise the concatenated ``features`` with ``norm``, prepared outside it:
+    ``(None, None, OneShot)`` for native BatchNorm, else the statistics ``(mean, var, None)`` (see the module
+    docstring; ``shared`` is the block's per-feature-map cache, ``compiled`` the segment's compile options)."""
+    if uses_batch_stats(norm) and _native(norm, compiled):
+        return None, None, OneShot(_count_batch(norm))
+    mean, var = shared_stats(norm, features, shared)
+    return mean, var, None
+
+
+def inner_once(norm: nn.BatchNorm2d, compiled: Any = None) -> OneShot | None:
+    """For a norm whose input is made inside a recomputed segment (frugal): its :class:`OneShot`, prepared outside
+    the segment, or None when the segment uses :func:`segment_stats`."""
+    return OneShot(_count_batch(norm)) if uses_batch_stats(norm) and _native(norm, compiled) else None
+
+
 def segment_stats(norm: nn.BatchNorm2d, x: Tensor, cache: list[SyncedStats]) -> tuple[Stats, int | Tensor]:
     """Untracked statistics of ``norm`` for map ``x`` inside a recomputed segment, and the count to track them with.
 
@@ -220,10 +273,18 @@ def compiled_normalize_relu(options: tuple[tuple[str, Any], ...]) -> Callable[..
     return torch.compile(normalize_relu, dynamic=True, fullgraph=True, **dict(options))
 
 
-def bn_relu(norm: nn.BatchNorm2d, x: Tensor, mean: Tensor, var: Tensor,
-             compiled: tuple[tuple[str, Any], ...] | None = None) -> Tensor:
-    """ReLU(BN(x)) with the given statistics; ``compiled`` holds torch.compile options, or None for eager.
-    Synchronised norms always run eagerly: their backward holds a collective."""
+def bn_relu(norm: nn.BatchNorm2d, x: Tensor, mean: Tensor | None, var: Tensor | None,
+            compiled: tuple[tuple[str, Any], ...] | None = None, once: OneShot | None = None) -> Tensor:
+    """ReLU(BN(x)): native BatchNorm under ``once`` (see :class:`OneShot`), else with the given statistics;
+    ``compiled`` holds torch.compile options, or None for eager. Synchronised norms always run eagerly: their
+    backward holds a collective."""
+    if once is not None:
+        running_mean, running_var = norm.running_mean, norm.running_var
+        if not once.take() and running_mean is not None:
+            # A rerun updates throwaway copies: it must save the same tensors as the first run for checkpoint.
+            running_mean, running_var = torch.zeros_like(running_mean), torch.ones_like(running_var)
+        x = F.batch_norm(x, running_mean, running_var, norm.weight, norm.bias, True, once.factor, norm.eps)
+        return F.relu(x, inplace=True)
     group = sync_group(norm)
     if group is not None:
         return F.relu(SyncBatchNormWithStats.apply(x, norm.weight, norm.bias, mean, var, norm.eps, group),
