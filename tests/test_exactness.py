@@ -268,3 +268,42 @@ def test_recomputation_never_updates_running_stats_nor_runs_a_transition_conv(mo
     assert sorted(updates) == sorted(own.values())
     assert len(conv_calls) == 1
     assert all(m.num_batches_tracked.item() == 1 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", MODES)
+def test_half_precision_models_train_like_plain(dtype, mode):
+    """model.half()/.bfloat16() trains in every mode and matches plain in the same dtype bitwise."""
+    plain, model = DenseNet(**TINY, memory="plain"), DenseNet(**TINY, memory=mode)
+    model.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 32, 32, dtype=dtype)
+    outs = []
+    for m in (plain.to(dtype).train(), model.to(dtype).train()):
+        out = m(x)
+        out.float().square().mean().backward()
+        outs.append(out)
+    assert outs[1].dtype == dtype and torch.equal(outs[0], outs[1])
+    for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
+        assert p.grad.dtype == dtype and torch.equal(p.grad, q.grad), name
+    for (name, b), c in zip(model.named_buffers(), plain.buffers(), strict=True):
+        assert torch.equal(b, c), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_shared_statistics_path_takes_half_precision_parameters(dtype):
+    """The statistics path (synchronised or compiled norms) keeps statistics in float32 and gives the half-precision
+    affine parameters gradients in their own dtype, close to native BatchNorm's."""
+    norm = torch.nn.BatchNorm2d(6).to(dtype).train()
+    torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+    x = torch.randn(4, 6, 5, 5, dtype=dtype, requires_grad=True)
+    mean, var, once = norm_act.prepare(norm, [x], [], compiled=())
+    assert once is None and mean.dtype == torch.float32
+    out = norm_act.BatchNormWithStats.apply(x, norm.weight, norm.bias, mean, var, norm.eps)
+    probe = torch.rand(out.shape) + 0.5  # a loss without cancellation, so half-precision rounding stays relative
+    grads = torch.autograd.grad((out.float() * probe).sum(), (x, norm.weight, norm.bias))
+    reference = torch.nn.functional.batch_norm(x.float(), None, None, norm.weight.float(), norm.bias.float(), True)
+    expected = torch.autograd.grad((reference * probe).sum(), (x, norm.weight, norm.bias))
+    assert out.dtype == dtype and [g.dtype for g in grads] == [dtype] * 3
+    torch.testing.assert_close(out.float(), reference, rtol=2e-2, atol=2e-2)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got.float(), want.float(), rtol=5e-2, atol=5e-2)

@@ -48,7 +48,9 @@ SyncedStats = tuple[Tensor, Tensor, Tensor, Any]
 
 def normalize(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor,
                eps: float) -> Tensor:
-    """(x - mean) / sqrt(var + eps) * weight + bias, per channel."""
+    """(x - mean) / sqrt(var + eps) * weight + bias, per channel. Half-precision affine parameters are used in the
+    statistics' precision (float32), as cuDNN's BatchNorm keeps them."""
+    weight, bias = _like_stats(weight, mean), _like_stats(bias, mean)
     if not torch.compiler.is_compiling():
         return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
     # Traced batch_norm fixes the channel count; this arithmetic keeps it symbolic and fuses just the same.
@@ -56,6 +58,10 @@ def normalize(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tenso
     scale = scale if weight is None else scale * weight
     shift = -mean * scale if bias is None else bias - mean * scale
     return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
+
+
+def _like_stats(param: Tensor | None, stats: Tensor) -> Tensor | None:
+    return param if param is None or param.dtype == stats.dtype else param.to(stats.dtype)
 
 
 class BatchNormWithStats(torch.autograd.Function):
@@ -66,7 +72,8 @@ class BatchNormWithStats(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor,
                 eps: float) -> Tensor:
         ctx.eps = eps
-        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps))
+        ctx.dtypes = tuple(None if t is None else t.dtype for t in (weight, bias))
+        ctx.save_for_backward(x, _like_stats(weight, mean), mean, torch.rsqrt(var + eps))
         return normalize(x, weight, bias, mean, var, eps)
 
     @staticmethod
@@ -74,6 +81,8 @@ class BatchNormWithStats(torch.autograd.Function):
         x, weight, mean, invstd = ctx.saved_tensors
         grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
             grad, x, weight, None, None, mean, invstd, True, ctx.eps, list(ctx.needs_input_grad[:3]))
+        grad_weight, grad_bias = (g if g is None else g.to(dtype) for g, dtype in zip((grad_weight, grad_bias),
+                                                                                       ctx.dtypes, strict=True))
         return grad_x, grad_weight, grad_bias, None, None, None
 
 
