@@ -156,26 +156,47 @@ class Transition(nn.Module):
         return avg_pool(_run(mode, "efficient", self._concat_bn_relu_conv, once, mean, var, *features))
 
 
-def _resolve_memory(memory: str | None, efficient: bool | None) -> str:
-    """The one place where a memory mode is chosen from the arguments users pass."""
+COMPILE_SCOPES = ("layers", "model")
+
+
+def _resolve_memory(memory: str | None, efficient: bool | None, memory_efficient: bool | None = None) -> str:
+    """The one place where a memory mode is chosen from the arguments users pass (``efficient`` is the seed
+    projects' spelling, ``memory_efficient`` torchvision's and timm's: True means 'efficient', False 'plain')."""
     if memory is not None and memory not in MEMORY_MODES:
         raise ValueError(f"memory must be one of {', '.join(map(repr, MEMORY_MODES))}, got {memory!r}")
-    if efficient is None:
+    for name, value in (("efficient", efficient), ("memory_efficient", memory_efficient)):
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+    if efficient is not None and memory_efficient is not None and efficient != memory_efficient:
+        raise ValueError(f"efficient={efficient} contradicts memory_efficient={memory_efficient}; pass only one")
+    flag, name = (efficient, "efficient") if efficient is not None else (memory_efficient, "memory_efficient")
+    if flag is None:
         return memory or "efficient"
-    if not isinstance(efficient, bool):
-        raise ValueError(f"efficient must be True or False, got {efficient!r}")
-    implied = "efficient" if efficient else "plain"
-    if memory is not None and (memory == "plain") == efficient:
-        raise ValueError(f"memory={memory!r} contradicts efficient={efficient}; pass only one of them")
-    return memory or implied
+    if memory is not None and (memory == "plain") == flag:
+        raise ValueError(f"memory={memory!r} contradicts {name}={flag}; pass only one of them")
+    return memory or ("efficient" if flag else "plain")
+
+
+def _resolve_compile(compile: bool | str) -> str | None:
+    """The compile scope that ``compile=`` asks for: None, 'layers' (True) or 'model'."""
+    if isinstance(compile, bool):
+        return "layers" if compile else None
+    if compile in COMPILE_SCOPES:
+        return compile
+    raise ValueError(f"compile must be True, False or one of {', '.join(map(repr, COMPILE_SCOPES))}, got {compile!r}")
 
 
 def _check_config(growth_rate: int, block_config: Sequence[int], num_init_features: int, bn_size: int | None,
                   compression: float, drop_rate: float, head_drop_rate: float, num_classes: int,
-                  in_chans: int) -> None:
+                  in_chans: int, small_inputs: bool) -> None:
     def positive_int(name: str, value: Any) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    def fraction(name: str, value: Any, low_open: bool) -> None:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not (0 < value <= 1 if low_open else 0 <= value < 1):
+            raise ValueError(f"{name} must be a number in {'(0, 1]' if low_open else '[0, 1)'}, got {value!r}")
 
     positive_int("growth_rate", growth_rate)
     positive_int("num_init_features", num_init_features)
@@ -186,14 +207,13 @@ def _check_config(growth_rate: int, block_config: Sequence[int], num_init_featur
         raise ValueError(f"block_config must be a non-empty sequence of layer counts, got {block_config!r}")
     for i, n in enumerate(block_config):
         positive_int(f"block_config[{i}]", n)
-    if not 0 < compression <= 1:
-        raise ValueError(f"compression must be in (0, 1], got {compression!r}")
-    if not 0 <= drop_rate < 1:
-        raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate!r}")
-    if not 0 <= head_drop_rate < 1:
-        raise ValueError(f"head_drop_rate must be in [0, 1), got {head_drop_rate!r}")
+    fraction("compression", compression, low_open=True)
+    fraction("drop_rate", drop_rate, low_open=False)
+    fraction("head_drop_rate", head_drop_rate, low_open=False)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
         raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
+    if not isinstance(small_inputs, bool):
+        raise ValueError(f"small_inputs must be True or False, got {small_inputs!r}")
 
 
 class DenseNet(nn.Module):
@@ -204,16 +224,20 @@ class DenseNet(nn.Module):
         block_config: number of dense layers in each block.
         num_init_features: channels of the stem's output.
         bn_size: bottleneck width factor (DenseNet-BC: conv1x1 to bn_size*k first); None for plain DenseNet layers.
-        compression: fraction of channels a transition keeps (the paper's theta).
         drop_rate: dropout on each dense layer's new features.
-        head_drop_rate: dropout before the classifier.
         num_classes: classifier outputs; 0 for no classifier.
+        memory_efficient: torchvision's and timm's spelling: True for 'efficient', False for 'plain'.
+
+    The arguments above take torchvision's positional order; the rest are keyword-only:
+
+        compression: fraction of channels a transition keeps (the paper's theta).
+        head_drop_rate: dropout before the classifier.
         in_chans: input image channels.
         global_pool: 'avg', 'max' or '' (no pooling); any timm pool type works.
         small_inputs: one 3x3 stride-1 conv stem for 32x32 images instead of the ImageNet 7x7/2 conv + 3x3/2 max-pool.
         memory: 'plain', 'efficient' (default) or 'frugal'; see the module docstring.
         efficient: the seed projects' spelling: True for 'efficient', False for 'plain'.
-        compile: compile the BN-ReLU segments with torch.compile (see :meth:`set_compile`).
+        compile: True or 'layers' compiles the BN-ReLU segments, 'model' the whole model (see :meth:`set_compile`).
     """
 
     def __init__(
@@ -222,22 +246,26 @@ class DenseNet(nn.Module):
             block_config: Sequence[int] = (6, 12, 24, 16),
             num_init_features: int = 64,
             bn_size: int | None = 4,
-            compression: float = 0.5,
             drop_rate: float = 0.0,
-            head_drop_rate: float = 0.0,
             num_classes: int = 1000,
+            memory_efficient: bool | None = None,
+            *,
+            compression: float = 0.5,
+            head_drop_rate: float = 0.0,
             in_chans: int = 3,
             global_pool: str = "avg",
             small_inputs: bool = False,
             memory: str | None = None,
             efficient: bool | None = None,
-            compile: bool = False,
+            compile: bool | str = False,
     ) -> None:
         super().__init__()
         _check_config(growth_rate, block_config, num_init_features, bn_size, compression, drop_rate,
-                      head_drop_rate, num_classes, in_chans)
-        self.memory = _resolve_memory(memory, efficient)
+                      head_drop_rate, num_classes, in_chans, small_inputs)
+        self.memory = _resolve_memory(memory, efficient, memory_efficient)
+        compile_scope = _resolve_compile(compile)
         self.compiled: tuple[tuple[str, Any], ...] | None = None
+        self.compile_scope: str | None = None
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.small_inputs = small_inputs
@@ -262,6 +290,9 @@ class DenseNet(nn.Module):
                 self.feature_info.append(dict(num_chs=num_features, reduction=reduction,
                                               module=f"features.denseblock{i + 1}"))
                 out_features = int(num_features * compression)
+                if out_features < 1:
+                    raise ValueError(f"compression={compression!r} leaves transition{i + 1} no channels (of "
+                                     f"{num_features}); it must keep at least one")
                 self.features.add_module(f"transition{i + 1}", Transition(num_features, out_features))
                 num_features = out_features
                 reduction *= 2
@@ -281,22 +312,37 @@ class DenseNet(nn.Module):
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
-        if compile:
-            self.set_compile()
+        if compile_scope is not None:
+            self.set_compile(scope=compile_scope)
 
     # --- memory modes and compilation ---
-    def set_compile(self, enabled: bool = True, **options: Any) -> DenseNet:
-        """Compile the normalise-ReLU segments with ``torch.compile(dynamic=True, fullgraph=True, **options)``.
+    def set_compile(self, enabled: bool = True, scope: str = "layers", **options: Any) -> DenseNet:
+        """Compile with torch.compile; ``options`` go to it. Returns the model.
 
-        Regional: one graph for every layer, whatever the depth, instead of compiling the whole network; convolutions
-        and concatenations stay eager so checkpoint's early stop still skips convolutions when recomputing.
-        Running statistics stay outside compiled code. Norms synchronised across processes (``nn.SyncBatchNorm`` in
-        training under torch.distributed) stay eager: their backward all-reduces. Returns the model.
+        * ``scope="layers"`` (regional, the default): the normalise-ReLU segments, as
+          ``torch.compile(dynamic=True, fullgraph=True, **options)``. One graph serves every layer whatever the
+          depth, so it compiles in seconds; convolutions and concatenations stay eager so checkpoint's early stop still
+          skips convolutions when recomputing. It fuses BatchNorm and ReLU but keeps eager's per-layer host work.
+        * ``scope="model"``: the whole model in place (``nn.Module.compile``), checkpoints inside. Inductor then
+          launches fused kernels from one graph, which removes most per-op host work: the path for fast GPUs, where an
+          eager DenseNet is host-bound. Compiling takes minutes for a deep model. ``mode="reduce-overhead"`` adds CUDA
+          graphs (awaiting GPU evidence).
+
+        Both keep BatchNorm running statistics exact (statistics are computed outside recomputed code) and gradients
+        equal to eager within float32 tolerance. Norms synchronised across processes (``nn.SyncBatchNorm`` in training
+        under torch.distributed) stay eager under ``scope="layers"``: their backward all-reduces.
+        ``set_compile(False)`` returns to eager.
         """
-        self.compiled = tuple(sorted(options.items())) if enabled else None
+        if scope not in COMPILE_SCOPES:
+            raise ValueError(f"scope must be one of {', '.join(map(repr, COMPILE_SCOPES))}, got {scope!r}")
+        self._compiled_call_impl = None  # nn.Module.compile's slot: undo a previous whole-model compile
+        self.compiled = tuple(sorted(options.items())) if enabled and scope == "layers" else None
         for m in self.modules():
             if isinstance(m, (DenseLayer, Transition)):
                 m.compiled = self.compiled
+        self.compile_scope = scope if enabled else None
+        if enabled and scope == "model":
+            self.compile(**options)
         return self
 
     def set_memory(self, memory: str | None = None, efficient: bool | None = None) -> DenseNet:
@@ -306,11 +352,9 @@ class DenseNet(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """timm's switch: on selects 'efficient' (kept if already 'frugal'), off selects 'plain'."""
-        if not enable:
-            self.memory = "plain"
-        elif self.memory == "plain":
-            self.memory = "efficient"
+        """timm's switch (``--grad-checkpointing`` in its scripts): on selects 'frugal', the most memory-saving mode
+        (the default, 'efficient', already checkpoints every BN-ReLU segment); off selects 'plain'."""
+        self.memory = "frugal" if enable else "plain"
 
     # --- shapes ---
     @property
@@ -463,8 +507,15 @@ class DenseNet(nn.Module):
         if not global_pool and num_classes:
             raise ValueError(f"global_pool='' (no pooling) needs num_classes=0, got num_classes={num_classes}: "
                              "a linear classifier needs pooled features")
+        if not isinstance(global_pool, str):
+            raise ValueError(f"global_pool must be a timm pool type such as 'avg', 'max' or '', got {global_pool!r}")
+        try:
+            pool, classifier = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        except (AssertionError, ValueError, NotImplementedError) as e:  # timm asserts on unknown pool types
+            raise ValueError(f"global_pool={global_pool!r} is not a timm pool type (e.g. 'avg', 'max', "
+                             f"'avgmax', 'catavgmax', ''): {e}") from None
         self.num_classes = num_classes
-        self.global_pool, self.classifier = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        self.global_pool, self.classifier = pool, classifier
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:

@@ -83,3 +83,31 @@ def test_whole_model_compiles_in_one_graph_and_matches_eager(mode):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
     for (name, b), c in zip(comp.named_buffers(), eager.buffers(), strict=True):
         torch.testing.assert_close(b, c, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_model_scope_compiles_the_whole_model_in_place_and_can_be_undone():
+    """``set_compile(scope="model")`` is nn.Module.compile of the whole model (one traced graph, checkpoints inside);
+    ``set_compile(False)`` returns to eager. The eager backend keeps this test quick: tracing is what is checked."""
+    base = DenseNet(**TINY, memory="efficient")
+    x = torch.randn(4, 3, 16, 16)
+    model = copy.deepcopy(base).train().set_compile(scope="model", backend="eager", fullgraph=True)
+    assert model.compile_scope == "model" and model.compiled is None  # no regional graphs inside the whole one
+    out = model(x)
+    out.square().mean().backward()
+    assert _unique_graphs() >= 1
+    eager = copy.deepcopy(base).train()
+    eager_out = eager(x)
+    eager_out.square().mean().backward()
+    torch.testing.assert_close(out, eager_out, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(model.named_parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    for (name, b), c in zip(model.named_buffers(), eager.buffers(), strict=True):
+        torch.testing.assert_close(b, c, rtol=1e-6, atol=1e-7, msg=name)
+    graphs = _unique_graphs()
+    model.set_compile(False)
+    assert model.compile_scope is None and model._compiled_call_impl is None
+    model(x)
+    assert _unique_graphs() == graphs  # eager again: nothing new traced
+    with pytest.raises(ValueError, match="scope must be one of"):
+        model.set_compile(scope="everything")
+    assert DenseNet(**TINY, compile="model").compile_scope == "model"

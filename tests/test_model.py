@@ -94,7 +94,21 @@ def test_memory_mode_api():
     model.set_grad_checkpointing(False)
     assert model.memory == "plain"
     model.set_grad_checkpointing(True)
-    assert model.memory == "efficient"
+    assert model.memory == "frugal"  # timm's --grad-checkpointing: the most memory-saving mode
+    assert DenseNet(**TINY, memory_efficient=False).memory == "plain"  # torchvision's and timm's spelling
+    assert DenseNet(**TINY, memory_efficient=True).memory == "efficient"
+
+
+def test_torchvision_positional_order_builds_the_same_network():
+    """DenseNet(growth_rate, block_config, num_init_features, bn_size, drop_rate, num_classes, memory_efficient)."""
+    import torchvision
+
+    args = (32, (6, 12, 24, 16), 64, 4, 0.2, 10, False)
+    ours, theirs = DenseNet(*args), torchvision.models.DenseNet(*args)
+    assert ours.memory == "plain" and ours.features.denseblock1.denselayer1.drop_rate == 0.2
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    with pytest.raises(TypeError):
+        DenseNet(32, (6, 12, 24, 16), 64, 4, 0.2, 10, False, 0.5)  # compression and the rest are keyword-only
 
 
 @pytest.mark.parametrize("kwargs, argument", [
@@ -113,6 +127,14 @@ def test_memory_mode_api():
     (dict(bn_size=0), "bn_size"),
     (dict(in_chans=0), "in_chans"),
     (dict(num_classes=-1), "num_classes"),
+    (dict(compression=0.01), "compression=0.01 leaves transition1 no channels"),
+    (dict(compression="0.5"), "compression"),
+    (dict(global_pool="foo"), "global_pool='foo'"),
+    (dict(small_inputs="yes"), "small_inputs"),
+    (dict(compile="yes"), "compile"),
+    (dict(memory_efficient="yes"), "memory_efficient"),
+    (dict(efficient=True, memory_efficient=False), "contradicts"),
+    (dict(memory="plain", memory_efficient=True), "contradicts"),
 ])
 def test_invalid_configuration_names_the_argument(kwargs, argument):
     with pytest.raises(ValueError, match=argument):

@@ -214,9 +214,7 @@ def test_set_grad_checkpointing_maps_to_memory_modes():
     model.set_grad_checkpointing(False)
     assert model.memory == "plain"
     model.set_grad_checkpointing(True)
-    assert model.memory == "efficient"
-    model.set_memory("frugal").set_grad_checkpointing(True)
-    assert model.memory == "frugal"
+    assert model.memory == "frugal"  # the default is already efficient: the switch means "save the most"
     # and it really changes what autograd keeps
     x = torch.randn(2, 3, 64, 64)
     saved = {}
