@@ -52,11 +52,11 @@ def is_tracing() -> bool:
 
 
 def _call(tracer: torch.fx.Tracer | None, module: nn.Module, fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)`` as a call of ``module``: under ``torch.fx`` through the tracer, which then names the nodes ``fn``
-    makes after ``module`` (the module's own forward is the exact eager path, so it is not the one called)."""
+    """``fn(module, *args)`` as a call of ``module``: under ``torch.fx`` through the tracer, which then names the nodes
+    ``fn`` makes after ``module`` (the module's own forward is the exact eager path, so it is not the one called)."""
     if tracer is None:
-        return fn(*args)
-    return tracer.call_module(module, fn, args, {})
+        return fn(module, *args)
+    return tracer.call_module(module, functools.partial(fn, module), args, {})
 
 
 def _relu_named(x: Tensor) -> Tensor:
@@ -76,10 +76,10 @@ def _layer(layer: DenseLayer, features: list[Tensor]) -> Tensor:
     return x
 
 
-def _block(tracer: torch.fx.Tracer | None, block: DenseBlock, x: Tensor) -> Tensor:
+def _block(block: DenseBlock, x: Tensor, tracer: torch.fx.Tracer | None) -> Tensor:
     features = [x]
     for layer in block.values():
-        features.append(_call(tracer, layer, _layer, layer, features))
+        features.append(_call(tracer, layer, _layer, features))
     return torch.cat(features, 1)  # the block's last node: its feature map for create_feature_extractor
 
 
@@ -110,7 +110,7 @@ def forward_traceable(model: DenseNet, x: Tensor, taps: Collection[int] = (),
     last = len(model.block_config)
     for i in range(1, last + 1):
         block = features.get_submodule(f"denseblock{i}")
-        x = _call(tracer, block, functools.partial(_block, tracer), block, x)
+        x = _call(tracer, block, functools.partial(_block, tracer=tracer), x)
         if i == last:
             break
         if i in taps:
@@ -118,7 +118,7 @@ def forward_traceable(model: DenseNet, x: Tensor, taps: Collection[int] = (),
         if i == stop:
             return x, tapped
         transition = features.get_submodule(f"transition{i}")
-        x = _call(tracer, transition, _transition, transition, x)
+        x = _call(tracer, transition, _transition, x)
     x = _relu_named(features.norm5(x))
     if last in taps:
         tapped.append(x)
