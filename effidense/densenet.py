@@ -32,6 +32,7 @@ from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from . import trace
 from .layers import norm_act
 from .layers.norm_act import Stats, SyncedStats
 from .layers.pool import avg_pool, max_pool
@@ -412,6 +413,8 @@ class DenseNet(nn.Module):
     def _forward(self, x: Tensor, taps: Collection[int] = (), stop: int | None = None) -> tuple[Tensor, list[Tensor]]:
         """Feature map ``stop`` (``feature_info`` numbering; default the last the network has) and the maps
         numbered in ``taps``; nothing after map ``stop`` is computed."""
+        if trace.is_tracing():  # torch.fx, torch.export, ONNX, torch.jit.trace: the plain model's graph
+            return trace.forward_traceable(self, x, taps, stop)
         last = len(self.block_config)
         stop = self._last_index if stop is None else min(stop, self._last_index)
         self._check_input(x, stop)
@@ -486,6 +489,10 @@ class DenseNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """torch.jit.script calls this first: say plainly that scripting is not supported."""
+        raise RuntimeError(trace.SCRIPTING_UNSUPPORTED)
 
     # --- timm model API ---
     @torch.jit.ignore
