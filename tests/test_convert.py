@@ -270,6 +270,43 @@ def test_unknown_missing_and_misshaped_keys_are_listed():
         assert key in str(error)
 
 
+def test_a_corrupt_tensor_is_blamed_not_the_keys_it_would_mislead(tmp_path, capsys):
+    """issue 12: transition1's corrupt conv read as compression 0.25 blamed 275 good keys and left it out."""
+    with torch.device("meta"):
+        shapes = torchvision.models.densenet121().state_dict()
+    state_dict = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in shapes.items()}
+    state_dict["features.transition1.conv.weight"] = torch.zeros(64, 256, 1, 1)
+    source = tmp_path / "corrupt.pth"
+    torch.save(state_dict, source)
+    blamed = "1 mis-shaped: features.transition1.conv.weight [64, 256, 1, 1] (expected [128, 256, 1, 1])"
+    for model in ([], ["--model", "densenet121"]):
+        code, out, err = run_cli(capsys, "--checkpoint", source, "--output", tmp_path / "out.safetensors", *model)
+        assert code == 1 and out == "" and err.count("\n") == 1, err
+        assert blamed in err and "missing" not in err and "unknown" not in err
+        assert "densenet121" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.pth"]
+    with pytest.raises(ConversionError) as info:
+        convert.convert_state_dict(state_dict)
+    assert info.value.mismatched == [("features.transition1.conv.weight", (64, 256, 1, 1), (128, 256, 1, 1))]
+    assert not info.value.missing and not info.value.unknown
+
+
+@pytest.mark.parametrize("key", ["features.conv0.weight", "features.denseblock1.denselayer1.conv1.weight",
+                                 "features.denseblock1.denselayer1.conv2.weight", "features.transition1.conv.weight",
+                                 "features.transition2.conv.weight", "features.denseblock2.denselayer1.norm1.weight",
+                                 "features.norm0.weight", "features.norm5.running_var"])
+def test_inference_blames_exactly_the_corrupt_key(key):
+    model = randomize(effidense.DenseNet(growth_rate=4, block_config=(2, 3, 2), num_init_features=8, num_classes=10))
+    state_dict = model.state_dict()
+    shape = list(state_dict[key].shape)
+    shape[0] = shape[0] // 2 + 1  # a plausible but wrong width
+    state_dict[key] = torch.zeros(shape)
+    with pytest.raises(ConversionError) as info:
+        convert.convert_state_dict(state_dict)
+    assert [k for k, _, _ in info.value.mismatched] == [key] and not info.value.missing and not info.value.unknown
+    assert convert.infer_architecture(state_dict) == convert.infer_architecture(model.state_dict())
+
+
 def test_not_a_densenet():
     with pytest.raises(ConversionError, match="not a DenseNet checkpoint: no 4-d 'features.conv0.weight'"):
         convert.convert_state_dict(torchvision.models.resnet18().state_dict())
