@@ -14,6 +14,7 @@ import functools
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -157,13 +158,77 @@ def _shape(state_dict: Mapping[str, Tensor], key: str, ndim: int) -> tuple[int, 
     return tuple(value.shape) if isinstance(value, Tensor) and value.dim() == ndim else None
 
 
+def _compression(out_chs: int, in_chs: int) -> float:
+    """The compression that turns ``in_chs`` into ``out_chs`` channels (DenseNet computes int(channels * c))."""
+    compression = out_chs / in_chs
+    if int(in_chs * compression) != out_chs:
+        compression = float(torch.nextafter(torch.tensor(compression, dtype=torch.float64),
+                                            torch.tensor(2.0, dtype=torch.float64)))
+    return compression
+
+
+def _votes(state_dict: Mapping[str, Tensor], block_config: tuple[int, ...],
+           bottleneck: bool) -> dict[str, Counter[Any]]:
+    """What each tensor's shape says about each number of the architecture: one vote per key that tells it, so that
+    one corrupt tensor is outvoted by the others instead of deciding alone."""
+    votes: dict[str, Counter[Any]] = {name: Counter() for name in (
+        "in_chans", "num_init_features", "growth_rate", "bn_size", "compression", "num_classes")}
+
+    def shape(key: str, ndim: int) -> tuple[int, ...] | None:
+        return _shape(state_dict, key, ndim)
+
+    conv0 = shape("features.conv0.weight", 4)
+    if conv0 is not None:
+        votes["num_init_features"][conv0[0]] += 1
+        votes["in_chans"][conv0[1]] += 1
+    for key in ("features.norm0.weight", "features.denseblock1.denselayer1.norm1.weight"):
+        if (norm := shape(key, 1)) is not None:
+            votes["num_init_features"][norm[0]] += 1
+    for b, layers in enumerate(block_config, 1):
+        for i in range(1, layers + 1):
+            prefix = f"features.denseblock{b}.denselayer{i}."
+            conv1, conv2 = shape(prefix + "conv1.weight", 4), shape(prefix + "conv2.weight", 4)
+            if bottleneck and conv2 is not None:
+                votes["growth_rate"][conv2[0]] += 1
+                if conv1 is not None and conv2[0] and conv1[0] % conv2[0] == 0:
+                    votes["bn_size"][conv1[0] // conv2[0]] += 1
+            elif not bottleneck and conv1 is not None:
+                votes["growth_rate"][conv1[0]] += 1
+        if b == len(block_config):
+            continue
+        transition = f"features.transition{b}."
+        conv = shape(transition + "conv.weight", 4)
+        if conv is not None and conv[1]:
+            votes["compression"][_compression(conv[0], conv[1])] += 1
+        # the next block's first layer normalises the transition's output
+        norm = shape(transition + "norm.weight", 1)
+        after = shape(f"features.denseblock{b + 1}.denselayer1.norm1.weight", 1)
+        if norm is not None and after is not None and norm[0]:
+            votes["compression"][_compression(after[0], norm[0])] += 1
+    for key, ndim in (("classifier.weight", 2), ("classifier.bias", 1)):
+        if (classifier := shape(key, ndim)) is not None:
+            votes["num_classes"][classifier[0]] += 1
+    return votes
+
+
+def _disagreements(state_dict: Mapping[str, Tensor], arch: Architecture) -> int:
+    """How many keys ``arch`` does not explain: unknown, missing (but BatchNorm counters) or mis-shaped."""
+    expected = _expected_shapes(arch)
+    wrong = sum(1 for k, v in state_dict.items() if tuple(v.shape) != expected.get(k))
+    return wrong + sum(1 for k in expected if k not in state_dict and not is_bn_counter(k))
+
+
 def infer_architecture(state_dict: Mapping[str, Tensor]) -> Architecture:
-    """Read the architecture off canonical DenseNet weights (see :func:`canonical_state_dict`)."""
-    conv0 = _shape(state_dict, "features.conv0.weight", 4)
-    if conv0 is None:
+    """Read the architecture off canonical DenseNet weights (see :func:`canonical_state_dict`).
+
+    The block structure comes from the key names; every number (stem width, growth rate, bottleneck, compression,
+    classes, input channels) from a vote of every tensor that tells it. When that architecture leaves keys
+    unexplained, the candidates are the named :data:`effidense.CONFIGS` and each single change to a number that some
+    key voted for; the one with the fewest disagreeing keys wins, so a corrupt tensor is blamed, not its neighbours.
+    """
+    if _shape(state_dict, "features.conv0.weight", 4) is None:
         raise ConversionError("not a DenseNet checkpoint: no 4-d 'features.conv0.weight' "
                               f"(keys: {listing(state_dict)})")
-    num_init_features, in_chans = conv0[:2]
     small_inputs = "features.norm0.weight" not in state_dict
     layers: dict[int, int] = {}
     for key in state_dict:
@@ -177,38 +242,43 @@ def infer_architecture(state_dict: Mapping[str, Tensor]) -> Architecture:
     if 0 in block_config:
         raise ConversionError(f"denseblock{block_config.index(0) + 1} has no layers in this checkpoint")
     first = "features.denseblock1.denselayer1."
-    conv1, conv2 = _shape(state_dict, first + "conv1.weight", 4), _shape(state_dict, first + "conv2.weight", 4)
-    if conv1 is None:
+    if _shape(state_dict, first + "conv1.weight", 4) is None:
         raise ConversionError(f"cannot read the growth rate: no 4-d '{first}conv1.weight'")
-    if conv2 is None:
-        growth_rate, bn_size = conv1[0], None
-    else:
-        growth_rate = conv2[0]
-        if conv1[0] % growth_rate:
-            raise ConversionError(f"bottleneck width {conv1[0]} of '{first}conv1.weight' is not a multiple of the "
-                                  f"growth rate {growth_rate}")
-        bn_size = conv1[0] // growth_rate
-    compression = 0.5
-    transition = _shape(state_dict, "features.transition1.conv.weight", 4)
-    if len(block_config) > 1 and transition is not None:
-        out_chs, in_chs = transition[:2]
-        compression = out_chs / in_chs
-        if int(in_chs * compression) != out_chs:  # DenseNet computes int(channels * compression)
-            compression = float(torch.nextafter(torch.tensor(compression, dtype=torch.float64),
-                                                torch.tensor(2.0, dtype=torch.float64)))
-    classifier = _shape(state_dict, "classifier.weight", 2)
-    num_classes = classifier[0] if classifier is not None else 0
-    arch = Architecture(growth_rate, block_config, num_init_features, bn_size, compression, small_inputs,
-                        num_classes, in_chans)
-    try:
-        with torch.device("meta"):
-            DenseNet(**arch.model_kwargs())
-    except ValueError as e:
-        raise ConversionError(f"the weights describe no valid DenseNet: {e}") from None
-    return arch
+    bottleneck = any(re.match(r"features\.denseblock\d+\.denselayer\d+\.conv2\.weight$", k) for k in state_dict)
+    votes = _votes(state_dict, block_config, bottleneck)
+    if bottleneck and not votes["bn_size"]:
+        conv1, conv2 = _shape(state_dict, first + "conv1.weight", 4), _shape(state_dict, first + "conv2.weight", 4)
+        raise ConversionError(f"bottleneck width {conv1[0]} of '{first}conv1.weight' is not a multiple of the "
+                              f"growth rate {conv2[0] if conv2 else '?'}")
+    defaults = {"bn_size": 4 if bottleneck else None, "compression": 0.5, "num_classes": 0}
+    # most_common keeps first-seen order among equal counts: the earliest key decides a tie, as it used to alone
+    majority = {name: counter.most_common(1)[0][0] if counter else defaults[name] for name, counter in votes.items()}
+    if not bottleneck:
+        majority["bn_size"] = None
+    base = Architecture(block_config=block_config, small_inputs=small_inputs, **majority)
+    candidates = [base]
+    # a named network with other blocks disagrees on whole layers, so only those with these blocks can win
+    named = [arch for arch in (_config_architecture(n, base.num_classes, base.in_chans) for n in CONFIGS)
+             if arch.block_config == block_config and arch != base]
+    variants = [Architecture(**{**base.model_kwargs(), name: value})
+                for name, counter in votes.items() for value, _ in counter.most_common(6) if value != majority[name]]
+    best, best_count, first_error = None, 0, None
+    for arch in candidates + named + variants:
+        try:
+            count = _disagreements(state_dict, arch)
+        except ValueError as e:  # not a valid DenseNet
+            first_error = first_error or e
+            continue
+        if best is None or count < best_count:
+            best, best_count = arch, count
+        if best_count == 0:
+            break
+    if best is None:
+        raise ConversionError(f"the weights describe no valid DenseNet: {first_error}") from None
+    return best
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=32)
 def _expected_shapes(arch: Architecture) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
         model = DenseNet(**arch.model_kwargs())
@@ -321,8 +391,9 @@ def convert_state_dict(
         check_state_dict(canonical, arch, what=name)
     else:
         arch = infer_architecture(canonical)
-        check_state_dict(canonical, arch)
         name = match_config(arch)
+        check_state_dict(canonical, arch, what=f"{name or 'DenseNet'}({arch.describe()}), the architecture that "
+                                               "explains the most keys")
     if source == "auto":
         source, why = _detect_source(state_dict, metadata or {}, arch)
         notes.insert(0, f"source layout {source} ({why})")

@@ -110,12 +110,15 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
     }
 
 
-def _tv_cfg(**kwargs: Any) -> dict[str, Any]:
-    return _cfg(license="bsd-3-clause", origin_url="https://github.com/pytorch/vision", **kwargs)
+def _tv_cfg(model: str, **kwargs: Any) -> dict[str, Any]:
+    # torchvision's weights as timm hosts them (timm/<model>.tv_in1k): same keys as ours, so they load unchanged
+    return _cfg(hf_hub_id=f"timm/{model}.tv_in1k", license="bsd-3-clause", origin_url="https://github.com/pytorch/vision",
+                **kwargs)
 
 
-def _timm_cfg(**kwargs: Any) -> dict[str, Any]:
-    return _cfg(origin_url="https://github.com/huggingface/pytorch-image-models", **kwargs)
+def _timm_cfg(model: str, tag: str, **kwargs: Any) -> dict[str, Any]:
+    return _cfg(hf_hub_id=f"timm/{model}.{tag}", origin_url="https://github.com/huggingface/pytorch-image-models",
+                **kwargs)
 
 
 def _cifar_cfg(**kwargs: Any) -> dict[str, Any]:
@@ -124,14 +127,18 @@ def _cifar_cfg(**kwargs: Any) -> dict[str, Any]:
 
 
 # Tags name where weights come from: tv_in1k = torchvision's ImageNet weights, ra_in1k = timm's (densenet121 only).
-# No weights are hosted; pass the torchvision/timm file, or one tools/convert.py wrote, with
-# pretrained_cfg_overlay=dict(file=...). The first tag of each model is its default.
+# Both are fetched from timm's own Hugging Face hub repositories (hf_hub_id), whose state dicts have exactly our keys;
+# the preprocessing (input size, crop, interpolation, mean/std, test size) is timm's for the same tag, which
+# tests/test_pretrained.py checks. torchvision itself evaluated its weights with bilinear resize 256 / crop 224;
+# timm's cfg says bicubic, and so do we. A local file still wins: pretrained_cfg_overlay=dict(file=...).
+# The first tag of each model is its default (tv_in1k for densenet121, where timm's own default is ra_in1k).
 default_cfgs = generate_default_cfgs({
-    "effi_densenet121.tv_in1k": _tv_cfg(),
-    "effi_densenet121.ra_in1k": _timm_cfg(test_input_size=(3, 288, 288), test_crop_pct=0.95),
-    "effi_densenet161.tv_in1k": _tv_cfg(),
-    "effi_densenet169.tv_in1k": _tv_cfg(),
-    "effi_densenet201.tv_in1k": _tv_cfg(),
+    "effi_densenet121.tv_in1k": _tv_cfg("densenet121"),
+    "effi_densenet121.ra_in1k": _timm_cfg("densenet121", "ra_in1k", test_input_size=(3, 288, 288),
+                                          test_crop_pct=0.95),
+    "effi_densenet161.tv_in1k": _tv_cfg("densenet161"),
+    "effi_densenet169.tv_in1k": _tv_cfg("densenet169"),
+    "effi_densenet201.tv_in1k": _tv_cfg("densenet201"),
     "effi_densenet264.untrained": _cfg(license="mit"),
     "effi_densenet40_k12.untrained": _cifar_cfg(),
     "effi_densenet_bc100_k12.untrained": _cifar_cfg(),

@@ -15,6 +15,7 @@ import argparse
 import os
 import re
 import struct
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .fileio import UnreadableFileError, atomic_write, load_safetensors, load_torch_file, short_error
+from .fileio import (
+    UnreadableFileError,
+    atomic_write,
+    check_writable,
+    load_safetensors,
+    load_torch_file,
+    short_error,
+)
 
 __all__ = ["KEY_RULES", "PTH_SUFFIXES", "Checkpoint", "ConversionError", "canonical_state_dict", "load_checkpoint",
            "save_checkpoint", "timm_pretrained_filter"]
@@ -90,7 +98,10 @@ def _is_safetensors(path: Path) -> bool:
 def _torch_load(path: Path) -> Any:
     # timm's training checkpoints store their argparse.Namespace of settings; it holds no code, so it is allowed.
     try:
-        return load_torch_file(path, safe_globals=[argparse.Namespace])
+        with warnings.catch_warnings():
+            # torch warns that it checks sparse tensors; they are refused right after, in one line of our own
+            warnings.filterwarnings("ignore", message="Validating sparse tensor invariants")
+            return load_torch_file(path, safe_globals=[argparse.Namespace])
     except UnreadableFileError as e:
         raise ConversionError(str(e)) from None
 
@@ -149,14 +160,30 @@ def load_checkpoint(path: str | os.PathLike[str], use_ema: bool = False) -> Chec
     if magic != b"PK" and magic[:1] != b"\x80":  # torch's zip format, or the legacy one (a protocol-2+ pickle)
         raise ConversionError(f"{path}: corrupt or truncated checkpoint (neither a PyTorch nor a safetensors file)")
     state_dict, notes = _unwrap(_torch_load(path), path, use_ema)
-    not_tensors = [k for k, v in state_dict.items() if not isinstance(v, Tensor)]
-    if not_tensors:
-        raise ConversionError(f"{path}: not a state dict: {len(not_tensors)} entries are not tensors: "
-                              f"{listing(map(str, not_tensors))}")
+    problem = state_dict_problem(state_dict)
+    if problem:
+        raise ConversionError(f"{path}: {problem}")
     return Checkpoint(state_dict, {}, str(path), notes)
 
 
 # --- keys and shapes ---
+
+def state_dict_problem(state_dict: Mapping[Any, Any]) -> str | None:
+    """Why ``state_dict`` is no state dict of plain tensors (None when it is): a pickle may hold other keys and
+    values (integer keys, sparse or quantized tensors) that no DenseNet, and no safetensors file, can take."""
+    not_strings = [k for k in state_dict if not isinstance(k, str)]
+    if not_strings:
+        return (f"not a state dict: {len(not_strings)} keys are not strings: "
+                f"{listing(repr(k) for k in not_strings)}")
+    not_tensors = [k for k, v in state_dict.items() if not isinstance(v, Tensor)]
+    if not_tensors:
+        return f"not a state dict: {len(not_tensors)} entries are not tensors: {listing(not_tensors)}"
+    not_dense = [f"{k} ({'quantized' if v.is_quantized else v.layout})" for k, v in state_dict.items()
+                 if v.layout != torch.strided or v.is_quantized]
+    if not_dense:
+        return f"{len(not_dense)} tensors are not dense (strided) tensors: {listing(not_dense)}"
+    return None
+
 
 def listing(keys: Iterable[str]) -> str:
     keys = list(keys)
@@ -166,6 +193,9 @@ def listing(keys: Iterable[str]) -> str:
 
 def canonical_state_dict(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """Apply :data:`KEY_RULES`: keys in effidense's (= modern torchvision/timm) names, and notes on what changed."""
+    problem = state_dict_problem(state_dict)
+    if problem:
+        raise ConversionError(problem)
     out: dict[str, Any] = {}
     counts = [0] * len(KEY_RULES)
     origin: dict[str, str] = {}
@@ -222,6 +252,9 @@ def check_output(path: Path, force: bool) -> None:
         raise ConversionError(f"output is a directory: {path}")
     if not path.parent.is_dir():
         raise ConversionError(f"output directory does not exist: {path.parent}")
+    reason = check_writable([path])  # a read-only directory fails here, before any work
+    if reason:
+        raise ConversionError(reason)
 
 
 def save_checkpoint(
@@ -242,20 +275,27 @@ def save_checkpoint(
     check_output(path, force)
     tensors = {key: value.detach().contiguous() for key, value in state_dict.items()}
 
-    def write(tmp: str) -> None:
-        if fmt == "safetensors":
-            from safetensors.torch import save_file
+    from safetensors import SafetensorError
 
-            save_file(tensors, tmp, metadata=dict(metadata or {}))
-        else:
-            torch.save(tensors, tmp)
+    def write(tmp: str) -> None:
+        try:
+            if fmt == "safetensors":
+                from safetensors.torch import save_file
+
+                save_file(tensors, tmp, metadata=dict(metadata or {}))
+            else:
+                torch.save(tensors, tmp)
+        except (SafetensorError, RuntimeError) as e:
+            # both serialisers report a failed write (a full disk) in their own types; atomic_write then cleans up
+            raise OSError(short_error(e)) from None
         if check is not None:
             check(Path(tmp))
 
     try:
         atomic_write(path, write)
     except OSError as e:
-        raise ConversionError(f"cannot write {path}: {short_error(e)}") from None
+        # strerror alone: the message should name the output, not the temporary file beside it
+        raise ConversionError(f"cannot write {path}: {e.strerror or short_error(e)}") from None
     return path
 
 

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import re
 from pathlib import Path
 
@@ -270,6 +272,43 @@ def test_unknown_missing_and_misshaped_keys_are_listed():
         assert key in str(error)
 
 
+def test_a_corrupt_tensor_is_blamed_not_the_keys_it_would_mislead(tmp_path, capsys):
+    """issue 12: transition1's corrupt conv read as compression 0.25 blamed 275 good keys and left it out."""
+    with torch.device("meta"):
+        shapes = torchvision.models.densenet121().state_dict()
+    state_dict = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in shapes.items()}
+    state_dict["features.transition1.conv.weight"] = torch.zeros(64, 256, 1, 1)
+    source = tmp_path / "corrupt.pth"
+    torch.save(state_dict, source)
+    blamed = "1 mis-shaped: features.transition1.conv.weight [64, 256, 1, 1] (expected [128, 256, 1, 1])"
+    for model in ([], ["--model", "densenet121"]):
+        code, out, err = run_cli(capsys, "--checkpoint", source, "--output", tmp_path / "out.safetensors", *model)
+        assert code == 1 and out == "" and err.count("\n") == 1, err
+        assert blamed in err and "missing" not in err and "unknown" not in err
+        assert "densenet121" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.pth"]
+    with pytest.raises(ConversionError) as info:
+        convert.convert_state_dict(state_dict)
+    assert info.value.mismatched == [("features.transition1.conv.weight", (64, 256, 1, 1), (128, 256, 1, 1))]
+    assert not info.value.missing and not info.value.unknown
+
+
+@pytest.mark.parametrize("key", ["features.conv0.weight", "features.denseblock1.denselayer1.conv1.weight",
+                                 "features.denseblock1.denselayer1.conv2.weight", "features.transition1.conv.weight",
+                                 "features.transition2.conv.weight", "features.denseblock2.denselayer1.norm1.weight",
+                                 "features.norm0.weight", "features.norm5.running_var"])
+def test_inference_blames_exactly_the_corrupt_key(key):
+    model = randomize(effidense.DenseNet(growth_rate=4, block_config=(2, 3, 2), num_init_features=8, num_classes=10))
+    state_dict = model.state_dict()
+    shape = list(state_dict[key].shape)
+    shape[0] = shape[0] // 2 + 1  # a plausible but wrong width
+    state_dict[key] = torch.zeros(shape)
+    with pytest.raises(ConversionError) as info:
+        convert.convert_state_dict(state_dict)
+    assert [k for k, _, _ in info.value.mismatched] == [key] and not info.value.missing and not info.value.unknown
+    assert convert.infer_architecture(state_dict) == convert.infer_architecture(model.state_dict())
+
+
 def test_not_a_densenet():
     with pytest.raises(ConversionError, match="not a DenseNet checkpoint: no 4-d 'features.conv0.weight'"):
         convert.convert_state_dict(torchvision.models.resnet18().state_dict())
@@ -376,3 +415,101 @@ def test_training_checkpoint_wrappers_and_ema(tmp_path, capsys):
         convert.load_checkpoint(tmp_path / "nothing.pth")
     with pytest.raises(ConversionError, match="no EMA weights"):
         convert.load_checkpoint(tmp_path / "nothing.pth", use_ema=True)
+
+
+# --- one-line errors, no traceback, no partial output (issue 12) ---
+
+def tiny_source(tmp_path: Path) -> Path:
+    source = tmp_path / "tiny.pth"
+    torch.save(tiny_torchvision().state_dict(), source)
+    return source
+
+
+def assert_one_line_failure(tmp_path: Path, code: int, out: str, err: str, *expected: str) -> None:
+    assert code == 1 and out == "" and err.count("\n") == 1 and "Traceback" not in err, err
+    for text in expected:
+        assert text in err, (text, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.pth"]  # no output, no temporary file
+
+
+def test_read_only_output_directory_fails_before_any_work(tmp_path, capsys, monkeypatch):
+    source = tiny_source(tmp_path)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the checkpoint was read before the output was checked")
+
+    monkeypatch.setattr(convert, "load_checkpoint", never)
+    # a genuinely unwritable directory: sysfs does not take new files, not even from root
+    code, out, err = run_cli(capsys, "--checkpoint", source, "--output", "/sys/out.safetensors")
+    assert_one_line_failure(tmp_path, code, out, err, "cannot write /sys/out.safetensors")
+    assert not Path("/sys/out.safetensors").exists()
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr("tempfile.mkstemp", read_only)
+    output = tmp_path / "out.safetensors"
+    code, out, err = run_cli(capsys, "--checkpoint", source, "--output", output)
+    assert_one_line_failure(tmp_path, code, out, err, f"cannot write {output}", "Read-only file system")
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pth"])
+@pytest.mark.parametrize("raised", ["OSError", "library"])
+def test_full_disk_names_the_output_and_leaves_nothing(tmp_path, capsys, monkeypatch, fmt, raised):
+    source = tiny_source(tmp_path)
+    from safetensors import SafetensorError
+
+    def full_disk(tensors, path, *args, **kwargs):
+        Path(path).write_bytes(b"half a file")  # the disk filled up part way
+        if raised == "OSError":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if fmt == "safetensors":  # what safetensors raises when its write fails
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                                  '"No space left on device" })')
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0: "
+                           "PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr("safetensors.torch.save_file" if fmt == "safetensors" else "torch.save", full_disk)
+    output = tmp_path / f"out.{fmt}"
+    code, out, err = run_cli(capsys, "--checkpoint", source, "--output", output)
+    assert_one_line_failure(tmp_path, code, out, err, f"error: cannot write {output}: ")
+    assert ("No space left on device" in err) or ("file write failed" in err)
+
+
+def test_integer_keys_and_sparse_tensors_are_refused(tmp_path, capsys, recwarn):
+    state_dict = tiny_torchvision().state_dict()
+    cases = {
+        "integer_keys.pth": ({i: v for i, v in enumerate(state_dict.values())}, "keys are not strings: 0, 1, 2"),
+        "sparse.pth": ({**state_dict, "features.conv0.weight": state_dict["features.conv0.weight"].to_sparse()},
+                       "1 tensors are not dense (strided) tensors: features.conv0.weight (torch.sparse_coo)"),
+    }
+    for name, (bad, message) in cases.items():
+        source = tmp_path / name
+        torch.save(bad, source)
+        code, out, err = run_cli(capsys, "--checkpoint", source, "--output", tmp_path / "out.safetensors")
+        assert code == 1 and out == "" and err.count("\n") == 1 and "Traceback" not in err, err
+        assert f"{source}: " in err and message in err
+        with pytest.raises(ConversionError, match=re.escape(message)):
+            convert.convert_state_dict(bad)  # the same refusal from Python
+    assert not (tmp_path / "out.safetensors").exists()
+    assert not [str(w.message) for w in recwarn]  # nothing but the one line, not even torch's sparse warning
+
+
+class _RunsShellCommand:
+    """A real attack: unpickling calls os.system(command)."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_a_pickle_that_calls_os_system_is_refused_as_unsafe_and_never_runs(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    source = tmp_path / "evil.pth"
+    torch.save({"state_dict": tiny_torchvision().state_dict(), "x": _RunsShellCommand(f"touch {marker}")}, source)
+    code, out, err = run_cli(capsys, "--checkpoint", source, "--output", tmp_path / "out.safetensors")
+    assert code == 1 and out == "" and err.count("\n") == 1, err
+    assert "unsafe" in err and "system" in err and "corrupt" not in err and str(source) in err
+    assert not marker.exists() and not (tmp_path / "out.safetensors").exists()

@@ -1,0 +1,145 @@
+"""Pretrained weights from timm's Hugging Face hub repositories, tested offline with a hub cache built in tmp."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+import effidense  # noqa: F401 (registers the effi_* models)
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+# our tag -> timm's model with the same weights
+TAGS = {
+    "effi_densenet121.tv_in1k": "densenet121.tv_in1k",
+    "effi_densenet121.ra_in1k": "densenet121.ra_in1k",
+    "effi_densenet161.tv_in1k": "densenet161.tv_in1k",
+    "effi_densenet169.tv_in1k": "densenet169.tv_in1k",
+    "effi_densenet201.tv_in1k": "densenet201.tv_in1k",
+}
+# everything that decides how an image is prepared for these weights, and where they come from
+PREPROCESSING = ("hf_hub_id", "input_size", "test_input_size", "interpolation", "crop_pct", "test_crop_pct",
+                 "crop_mode", "mean", "std", "num_classes", "pool_size", "fixed_input_size", "first_conv",
+                 "classifier")
+
+
+def hub_cache(root: Path, repo_id: str, state_dict: dict[str, torch.Tensor]) -> Path:
+    """A Hugging Face hub cache holding ``repo_id``'s ``model.safetensors`` as ``hf_hub_download`` leaves it."""
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(snapshot / "model.safetensors"))
+    (snapshot / "config.json").write_text('{"architecture": "densenet121", "num_classes": 1000}')
+    return root
+
+
+def randomize(model: torch.nn.Module) -> torch.nn.Module:
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.3, generator=generator)
+                m.running_var.uniform_(0.5, 1.5, generator=generator)
+                m.bias.normal_(0, 0.2, generator=generator)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def densenet121_weights() -> dict[str, torch.Tensor]:
+    torch.manual_seed(5)
+    return randomize(timm.create_model("densenet121")).state_dict()
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch, densenet121_weights) -> Path:
+    """timm/densenet121.tv_in1k in a hub cache in tmp; huggingface_hub offline and pointed at it (its constants
+    are read at import, so the environment alone would come too late in this process)."""
+    cache = hub_cache(tmp_path / "hub", "timm/densenet121.tv_in1k", densenet121_weights)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def test_every_imagenet_tag_lists_timms_hub_weights():
+    assert timm.list_pretrained("effi_*") == sorted(TAGS)
+    assert not timm.list_pretrained("effi_densenet264*")  # no weights exist for the others
+
+
+@pytest.mark.parametrize("tag", sorted(TAGS))
+def test_tag_preprocessing_equals_timms(tag):
+    ours = timm.models.get_pretrained_cfg(tag).to_dict()
+    theirs = timm.models.get_pretrained_cfg(TAGS[tag]).to_dict()
+    assert {k: ours.get(k) for k in PREPROCESSING} == {k: theirs.get(k) for k in PREPROCESSING}
+    assert ours["hf_hub_id"] == f"timm/{TAGS[tag]}"
+
+
+@pytest.mark.parametrize("tag", sorted(TAGS))
+def test_timms_weights_have_exactly_our_keys_and_shapes(tag):
+    with torch.device("meta"):
+        ours = timm.create_model(tag.split(".")[0]).state_dict()
+        theirs = timm.create_model(TAGS[tag].split(".")[0]).state_dict()
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+
+
+def test_pretrained_from_the_hub_equals_timms_densenet(offline_hub):
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        reference = timm.create_model("densenet121.tv_in1k", pretrained=True).eval()
+        for name in ("effi_densenet121.tv_in1k", "effi_densenet121"):  # tv_in1k is the default tag
+            model = timm.create_model(name, pretrained=True).eval()
+            assert model.pretrained_cfg["hf_hub_id"] == "timm/densenet121.tv_in1k"
+            torch.testing.assert_close(model(x), reference(x), rtol=0, atol=1e-5)
+
+
+def test_pretrained_from_the_hub_with_a_new_classifier(offline_hub, densenet121_weights):
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        reference = timm.create_model("densenet121.tv_in1k", pretrained=True, num_classes=10).eval()
+        model = timm.create_model("effi_densenet121.tv_in1k", pretrained=True, num_classes=10).eval()
+        assert model(x).shape == (2, 10) and model.classifier.out_features == 10
+        # as in timm: every weight but the classifier's comes from the file, the classifier starts fresh
+        for key, value in model.state_dict().items():
+            if not key.startswith("classifier."):
+                assert torch.equal(value, densenet121_weights[key]), key
+        assert not torch.equal(model.classifier.weight, densenet121_weights["classifier.weight"][:10])
+        torch.testing.assert_close(model.forward_head(model.forward_features(x), pre_logits=True),
+                                   reference.forward_head(reference.forward_features(x), pre_logits=True),
+                                   rtol=0, atol=1e-5)
+
+
+def test_pretrained_without_cached_weights_asks_the_hub(tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    # offline with an empty cache: the hub is asked for timm's file (no more "No pretrained weights exist")
+    with pytest.raises(huggingface_hub.errors.LocalEntryNotFoundError):
+        timm.create_model("effi_densenet169", pretrained=True)
+
+
+def test_environment_variables_point_a_fresh_process_at_the_cache(tmp_path, densenet121_weights):
+    """What a user does: HF_HUB_CACHE / HF_HUB_OFFLINE in the environment, read when huggingface_hub is imported."""
+    cache = hub_cache(tmp_path / "hub", "timm/densenet121.tv_in1k", densenet121_weights)
+    expected = tmp_path / "expected.pt"
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 64, 64)
+    reference = timm.create_model("densenet121", pretrained=True,
+                                  pretrained_cfg_overlay=dict(file=str(cache / "models--timm--densenet121.tv_in1k" /
+                                                                       "snapshots" / COMMIT / "model.safetensors")))
+    with torch.no_grad():
+        torch.save({"x": x, "y": reference.eval()(x)}, expected)
+    script = ("import sys, timm, torch, effidense; d = torch.load(sys.argv[1]); "
+              "m = timm.create_model('effi_densenet121', pretrained=True).eval(); "
+              "torch.testing.assert_close(m(d['x']), d['y'], rtol=0, atol=1e-5); print('same')")
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
+           "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script, str(expected)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "same", done.stderr[-2000:]
