@@ -1,4 +1,18 @@
-"""effidense: memory-efficient DenseNets that compute exactly the plain model's function."""
+"""effidense: memory-efficient DenseNets that compute exactly the plain model's function.
+
+Where a change belongs:
+
+* the network (layers, blocks, transitions, memory modes, compile scopes): :mod:`effidense.densenet`
+* BatchNorm under recomputation, SyncBatchNorm, pooling that keeps no input: :mod:`effidense.layers`
+* named configurations, builders, timm registry and pretrained tags: :mod:`effidense.registry`
+* checkpoint keys, safe state-dict reading and writing: :mod:`effidense.weights`; architecture inference and
+  conversion between layouts: :mod:`effidense.convert`; atomic writes and safe loads for every tool:
+  :mod:`effidense.fileio`
+* tracing and export (fx, torch.export, ONNX): :mod:`effidense.trace`
+* the memory meter: :mod:`effidense.memory`; benchmarks: :mod:`effidense.benchmark`; exactness checks:
+  :mod:`effidense.verify`; the built-in trainer: :mod:`effidense.train`
+* the commands (``effidense bench|convert|gradcheck|train|...``, ``tools/*.py``): :mod:`effidense.cli`
+"""
 from . import convert
 from .densenet import MEMORY_MODES, DenseNet
 from .memory import SavedTensorMeter, activation_floor_bytes, cuda_peak_bytes, saved_activation_bytes

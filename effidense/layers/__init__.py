@@ -1,5 +1,5 @@
-"""Reusable layers: BatchNorm-ReLU with shared statistics (:mod:`.norm_act`) and pooling that keeps no input
-(:mod:`.pool`)."""
+"""Reusable layers: BatchNorm-ReLU that stays exact under recomputation (:mod:`.norm_act`) and pooling that keeps no
+input (:mod:`.pool`)."""
 from .norm_act import BatchNormWithStats, SyncBatchNormWithStats, bn_relu, shared_stats, update_running_stats
 from .pool import avg_pool, max_pool
 
