@@ -117,14 +117,19 @@ def _is_unsafe(error: BaseException) -> bool:
     return any(s in text for s in ("unsupported global", "allowed global", "unsupported operand", "weights only load"))
 
 
-def load_torch_file(path: str | os.PathLike[str], safe_globals: Iterable[Any] = ()) -> Any:
-    """``torch.load(path, weights_only=True)`` on the CPU; refuses pickled objects (other than ``safe_globals``) as
-    unsafe and names the file in every error."""
+def _readable(path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     if not path.is_file():
         raise UnreadableFileError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
     if path.stat().st_size == 0:
         raise UnreadableFileError(f"{path}: the file is empty")
+    return path
+
+
+def load_torch_file(path: str | os.PathLike[str], safe_globals: Iterable[Any] = ()) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU; refuses pickled objects (other than ``safe_globals``) as
+    unsafe and names the file in every error."""
+    path = _readable(path)
     try:
         with torch.serialization.safe_globals(list(safe_globals)):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -144,11 +149,7 @@ def load_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tens
     """Every tensor of a safetensors file, on the CPU, and its metadata; a malformed or truncated file names itself."""
     from safetensors import safe_open
 
-    path = Path(path)
-    if not path.is_file():
-        raise UnreadableFileError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
-    if path.stat().st_size == 0:
-        raise UnreadableFileError(f"{path}: the file is empty")
+    path = _readable(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
