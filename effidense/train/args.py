@@ -21,8 +21,8 @@ from .errors import TrainError
 __all__ = ["build_parser", "parse_args", "args_as_dict", "args_to_yaml", "TIMM_SCRIPT_ENV", "WRAPPER_HINT"]
 
 TIMM_SCRIPT_ENV = "EFFIDENSE_TIMM_SCRIPT"
-WRAPPER_HINT = (f"for any other timm train.py flag run timm's own script through wrapper mode: "
-                f"tools/train.py --timm-script /path/to/timm/train.py [timm flags] (or set {TIMM_SCRIPT_ENV})")
+WRAPPER_HINT = ("for any other timm train.py flag run timm's own script with effidense's models registered: "
+                "effidense timm /path/to/timm/train.py [timm flags] (or effidense train --timm-script PATH ...)")
 
 
 def _positive_int(text: str) -> int:
@@ -87,9 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="effidense train",
         description="Train a timm model (effi_* DenseNets included) with effidense's built-in timm-based trainer. "
                     "Runs single-process or under `torchrun --nproc_per_node N` (DistributedDataParallel).",
-        epilog=f"Wrapper mode: `tools/train.py --timm-script PATH [args]` (or {TIMM_SCRIPT_ENV}=PATH) imports "
-               "effidense and runs timm's train.py or validate.py from a timm checkout as __main__ with the remaining "
-               "arguments, so every timm flag works unchanged.",
+        epilog="Wrapper mode: `effidense timm PATH [args]` (or `effidense train --timm-script PATH [args]`, or "
+               f"{TIMM_SCRIPT_ENV}=PATH) imports effidense and runs timm's train.py, validate.py, benchmark.py or "
+               "inference.py from a timm checkout as __main__ with the remaining arguments, so every timm flag works "
+               "unchanged.",
         allow_abbrev=False,
     )
     parser.add_argument("-c", "--config", default="", metavar="FILE",

@@ -4,6 +4,14 @@ Resuming a killed run must reproduce the unbroken run exactly, so nothing about 
 when the loader was started: the sampler is a :class:`~torch.utils.data.DistributedSampler` (its permutation is a
 function of seed and epoch) that can start part-way through an epoch, and each sample's augmentation runs with
 RNGs seeded from (seed, epoch, index), whichever process loads it.
+
+Kept rather than timm's or torchvision's versions, because those do less:
+
+* split search: timm's ``create_dataset(..., search_split=True)`` falls back to the data root itself when no split
+  folder exists (training on every image, with ``train``/``val`` taken for class names); ours refuses that in one line;
+* loaders: timm's ``create_loader`` builds its own sampler and takes none, so it cannot start mid-epoch (exact resume);
+* :class:`SyntheticDataset`: torchvision's ``FakeData`` draws labels independent of the image (nothing to learn, so a
+  smoke run's loss cannot fall) and reseeds the global torch RNG per image.
 """
 from __future__ import annotations
 
