@@ -13,6 +13,7 @@ COMMANDS = {
     "convert": "convert DenseNet weights between torchvision, timm and effidense (safetensors or .pth)",
     "gradcheck": "check that every memory mode computes the plain model's outputs, gradients and BN statistics",
     "train": "train with the built-in timm-based trainer, or run timm's own scripts with effidense registered",
+    "timm": "run timm's own train.py/validate.py/benchmark.py/inference.py with the effi_* models registered",
 }
 
 

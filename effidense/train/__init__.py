@@ -1,12 +1,13 @@
 """Training effidense (and any timm) models.
 
-* Wrapper mode: :func:`run_timm_script` imports effidense and runs timm's own ``train.py``/``validate.py``
-  (from a timm checkout) as ``__main__``; :func:`split_timm_script` finds ``--timm-script PATH`` or
+* Wrapper mode: :func:`run_timm_script` imports effidense and runs timm's own ``train.py``/``validate.py``/
+  ``benchmark.py``/``inference.py`` (from a timm checkout) as ``__main__`` (``effidense timm SCRIPT ARGS...``);
+  :func:`split_timm_script` finds ``--timm-script PATH`` or
   ``EFFIDENSE_TIMM_SCRIPT`` in a command line.
 * Built-in mode: :func:`parse_args` reads the common timm ``train.py`` flags, :func:`train` runs them with
   timm's dataset, transform, optimizer, scheduler, loss and EMA parts, single-process or under torchrun.
 
-``tools/train.py`` is the command line front for both.
+``effidense train`` (``tools/train.py``) is the command line front for both; ``effidense timm`` for wrapper mode.
 """
 from .args import TIMM_SCRIPT_ENV, args_to_yaml, build_parser, parse_args
 from .checkpoint import load_checkpoint, resolve_resume

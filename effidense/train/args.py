@@ -7,6 +7,7 @@ are flag names (``batch-size`` or ``batch_size``), and flags on the command line
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,8 @@ from .errors import TrainError
 __all__ = ["build_parser", "parse_args", "args_as_dict", "args_to_yaml", "TIMM_SCRIPT_ENV", "WRAPPER_HINT"]
 
 TIMM_SCRIPT_ENV = "EFFIDENSE_TIMM_SCRIPT"
-WRAPPER_HINT = (f"for any other timm train.py flag run timm's own script through wrapper mode: "
-                f"tools/train.py --timm-script /path/to/timm/train.py [timm flags] (or set {TIMM_SCRIPT_ENV})")
+WRAPPER_HINT = ("for any other timm train.py flag run timm's own script with effidense's models registered: "
+                "effidense timm /path/to/timm/train.py [timm flags] (or effidense train --timm-script PATH ...)")
 
 
 def _positive_int(text: str) -> int:
@@ -38,8 +39,39 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _learning_rate(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _smoothing(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"label smoothing must be in [0, 1), got {text}")
+    return value
+
+
+class _ModelKwargs(ParseKwargs):
+    """timm's ``KEY=VALUE`` pairs (values read as Python literals, else as strings); anything else, such as a JSON
+    object, is a one-line error naming ``--model-kwargs``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[override]
+        for value in values or []:
+            key = value.split("=", 1)[0]
+            if value and ("=" not in value or not key.isidentifier()):
+                parser.error(f"argument --model-kwargs: {value!r} is not KEY=VALUE; give create_model arguments "
+                             "as timm does, e.g. --model-kwargs growth_rate=12 block_config='(3,3,3)'")
+        super().__call__(parser, namespace, values, option_string)
+
+
 class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose unknown-flag error says where the other timm flags are."""
+    """An ArgumentParser whose errors are one line, and whose unknown-flag error says where the other timm flags
+    are."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
 
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
         parsed, unknown = super().parse_known_args(args, namespace)
@@ -55,9 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="effidense train",
         description="Train a timm model (effi_* DenseNets included) with effidense's built-in timm-based trainer. "
                     "Runs single-process or under `torchrun --nproc_per_node N` (DistributedDataParallel).",
-        epilog=f"Wrapper mode: `tools/train.py --timm-script PATH [args]` (or {TIMM_SCRIPT_ENV}=PATH) imports "
-               "effidense and runs timm's train.py or validate.py from a timm checkout as __main__ with the remaining "
-               "arguments, so every timm flag works unchanged.",
+        epilog="Wrapper mode: `effidense timm PATH [args]` (or `effidense train --timm-script PATH [args]`, or "
+               f"{TIMM_SCRIPT_ENV}=PATH) imports effidense and runs timm's train.py, validate.py, benchmark.py or "
+               "inference.py from a timm checkout as __main__ with the remaining arguments, so every timm flag works "
+               "unchanged.",
         allow_abbrev=False,
     )
     parser.add_argument("-c", "--config", default="", metavar="FILE",
@@ -94,11 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--initial-checkpoint", default="", metavar="PATH",
                        help="initialise the model from this checkpoint (.safetensors or .pth, loaded strictly)")
     group.add_argument("--resume", default="", metavar="PATH",
-                       help="continue a run: a run directory, or its last.state.pt / last.safetensors. Keeps writing "
-                            "into that directory unless --output/--experiment name another")
+                       help="continue a run: a run directory, or its last.state.pt / last.safetensors, from its newest "
+                            "complete checkpoint (a run killed before its first checkpoint starts from the "
+                            "beginning). Keeps writing into that directory unless --output/--experiment name another")
     group.add_argument("--num-classes", type=_positive_int, default=None, metavar="N",
                        help="label classes (default: the dataset's)")
-    group.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
+    group.add_argument("--model-kwargs", nargs="*", default={}, action=_ModelKwargs, metavar="KEY=VALUE",
                        help="extra create_model arguments, values as Python literals, e.g. "
                             "block_config='(3,3,3)' growth_rate=12")
     group.add_argument("--drop", type=float, default=0.0, metavar="PCT", help="dropout before the classifier")
@@ -119,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--opt", default="sgd", metavar="OPTIMIZER",
                        help="timm optimizer name: 'sgd' is SGD with Nesterov momentum, 'momentum' without Nesterov, "
                             "also adamw, lamb, ... (default: sgd)")
-    group.add_argument("--lr", type=float, default=None, metavar="LR",
+    group.add_argument("--lr", type=_learning_rate, default=None, metavar="LR",
                        help="learning rate (default: 0.1 x global batch / 256, timm's rule for SGD; the square root "
                             "of the ratio for ada*/lamb optimizers)")
     group.add_argument("--momentum", type=float, default=0.9, metavar="M", help="optimizer momentum (default: 0.9)")
@@ -149,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="random-resized-crop area range (default: 0.08 1.0)")
     group.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability (default: 0.5)")
     group.add_argument("--color-jitter", type=float, default=0.4, metavar="PCT", help="colour jitter (default: 0.4)")
-    group.add_argument("--smoothing", type=float, default=0.1, help="label smoothing (default: 0.1)")
+    group.add_argument("--smoothing", type=_smoothing, default=0.1, help="label smoothing in [0, 1) (default: 0.1)")
 
     group = parser.add_argument_group("Precision, EMA, batches")
     group.add_argument("-b", "--batch-size", type=_positive_int, default=128, metavar="N",
@@ -214,6 +248,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if isinstance(args.model_kwargs, list):  # `--model-kwargs` given with no pairs
         args.model_kwargs = {}
+    for flag, check in (("lr", _learning_rate), ("smoothing", _smoothing)):  # values from --config skip `type`
+        value = getattr(args, flag)
+        if value is not None:
+            try:
+                check(str(value))
+            except (argparse.ArgumentTypeError, ValueError) as e:
+                raise TrainError(f"--{flag} {value}: {e}") from e
+    if not isinstance(args.model_kwargs, dict):  # from --config
+        raise TrainError(f"--config {known.config}: model_kwargs must be a mapping of create_model arguments, got "
+                         f"{args.model_kwargs!r}")
     return args
 
 

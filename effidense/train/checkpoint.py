@@ -1,79 +1,236 @@
-"""Checkpoints of the built-in trainer: model weights as safetensors plus a training-state file.
+"""Checkpoints of the built-in trainer: model weights as safetensors plus a training-state file, committed as one unit.
 
 ``NAME.safetensors`` holds the model weights (loadable by timm's ``--initial-checkpoint``/``--pretrained-path`` and
 by safetensors alone); ``NAME.state.pt`` holds what a resumed run needs (optimizer, scheduler, scaler, EMA weights,
 epoch, batch, step, RNG states, best metric) as plain tensors and Python values, so it loads with
-``torch.load(weights_only=True)``. Each file is written to ``FILE.tmp`` and moved into place with ``os.replace``.
-Both record the same (epoch, batch, step) position; the weights are replaced first, so if a kill lands between the
-two replacements the complete ``NAME.state.pt.tmp`` still pairs with the new weights and is used instead.
+``torch.load(weights_only=True)``.
+
+Commit protocol (:func:`save_checkpoint`): both files carry the same random commit id and the position
+(epoch/batch/step).
+
+1. write ``NAME.state.pt.tmp`` completely and fsync it (:func:`effidense.fileio.write_complete`);
+2. the same for ``NAME.safetensors.tmp``;
+3. ``os.replace`` the weights into place, 4. ``os.replace`` the state into place.
+
+Reading (:func:`find_checkpoint`) looks at all four files, keeps those that read completely, pairs weights and state by
+their commit id, and takes the newest pair. A kill before step 3 leaves the previous pair published; after step 3 the
+published weights pair with the complete state ``.tmp``. So a kill at any instant leaves the previous or the new
+complete checkpoint. Before a resumed run writes again, :func:`settle` finishes an interrupted commit (steps 3-4) and
+removes left-over ``.tmp`` files, so the next commit never overwrites the newest pair. A directory in which no
+published file exists yet (a kill during the first commit) has no checkpoint: resuming it starts from the beginning.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import signal
+import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from ..fileio import UnreadableFileError, atomic_write, load_safetensors, load_torch_file, write_complete
 from .errors import TrainError
 
-__all__ = ["STATE_FORMAT", "atomic_write", "save_weights", "save_checkpoint", "resolve_resume", "load_checkpoint",
-           "rng_state", "set_rng_state", "weights_path_for"]
+__all__ = ["STATE_FORMAT", "Checkpoint", "fault_point", "find_checkpoint", "write_file", "save_weights",
+           "save_checkpoint", "settle", "resolve_resume", "load_checkpoint", "rng_state", "set_rng_state",
+           "weights_path_for", "checkpoint_files", "all_finite"]
 
 STATE_FORMAT = "effidense-train-state/1"
 _STATE_SUFFIX = ".state.pt"
+_TMP = ".tmp"
+
+# Testing hook: a process with EFFIDENSE_TEST_KILL_AT_WRITE=N SIGKILLs itself at the N-th write point (counted in
+# _fault_count). A point given a file truncates it to half first: a kill in the middle of writing that file.
+_FAULT_ENV = "EFFIDENSE_TEST_KILL_AT_WRITE"
+_fault_count = 0
 
 
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` to ``path.tmp`` in the same directory, then move it over ``path`` in one step."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(str(tmp))
-    os.replace(tmp, path)
+def fault_point(partial: Path | str | None = None) -> None:
+    """Count a write point; at the one ``EFFIDENSE_TEST_KILL_AT_WRITE`` names, cut ``partial`` short and SIGKILL."""
+    global _fault_count
+    target = os.environ.get(_FAULT_ENV)
+    if not target:
+        return
+    _fault_count += 1
+    if _fault_count == int(target):
+        if partial is not None and os.path.exists(partial):
+            os.truncate(partial, os.path.getsize(partial) // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def write_file(path: Path, write: Callable[[str], None]) -> None:
+    """:func:`effidense.fileio.atomic_write` with the trainer's test write points (inside the write, after it)."""
+    def write_then_fault(tmp: str) -> None:
+        write(tmp)
+        fault_point(tmp)
+
+    atomic_write(path, write_then_fault)
+    fault_point()
 
 
 def _position(state: Mapping[str, Any]) -> str:
     return f"{state['epoch']}/{state['batch']}/{state['step']}"
 
 
+def _position_key(position: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in position.split("/"))
+
+
+def all_finite(tensors: Mapping[str, torch.Tensor] | None) -> bool:
+    """Whether every floating-point tensor of a state dict is finite (NaN or inf make a checkpoint no good)."""
+    return tensors is None or all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point())
+
+
+def _write_weights(tmp: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    save_file(dict(tensors), tmp, metadata={"format": "pt", **metadata})
+
+
+def _cpu(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: value.detach().to("cpu").contiguous() for key, value in state_dict.items()}
+
+
 def save_weights(path: Path, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
     """Write a state dict as safetensors, atomically."""
-    tensors = {key: value.detach().to("cpu").contiguous() for key, value in state_dict.items()}
-
-    def write(tmp: str) -> None:
-        save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})})
-        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates owner-only files; give the usual permissions
-
-    atomic_write(path, write)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    tensors = _cpu(state_dict)
+    write_file(path, lambda tmp: _write_weights(tmp, tensors, metadata or {}))
 
 
 def weights_path_for(state_path: Path) -> Path:
     return state_path.with_name(state_path.name[: -len(_STATE_SUFFIX)] + ".safetensors")
 
 
+def checkpoint_files(directory: Path, name: str) -> list[Path]:
+    """The published and temporary files of checkpoint ``name``: weights, state, weights.tmp, state.tmp."""
+    weights, state = directory / f"{name}.safetensors", directory / f"{name}{_STATE_SUFFIX}"
+    return [weights, state, weights.with_name(weights.name + _TMP), state.with_name(state.name + _TMP)]
+
+
 def save_checkpoint(directory: Path, name: str, model_state: Mapping[str, torch.Tensor],
                     train_state: dict[str, Any]) -> Path:
-    """Write ``NAME.safetensors`` and ``NAME.state.pt`` in ``directory``; returns the state file's path."""
-    train_state = {"format": STATE_FORMAT, **train_state}
-    state_path = directory / (name + _STATE_SUFFIX)
-    save_weights(weights_path_for(state_path), model_state,
-                 {"position": _position(train_state), "model": str(train_state.get("model", ""))})
-    atomic_write(state_path, lambda tmp: torch.save(train_state, tmp))
-    return state_path
+    """Commit ``NAME.safetensors`` and ``NAME.state.pt`` in ``directory`` as one unit; returns the state file's path.
+
+    The caller must have settled the directory (:func:`settle`) since it last resumed from it.
+    """
+    commit = uuid.uuid4().hex  # pairs the two files of this commit, never those of another run or commit
+    train_state = {"format": STATE_FORMAT, "commit": commit, **train_state}
+    weights, state, weights_tmp, state_tmp = checkpoint_files(directory, name)
+    tensors = _cpu(model_state)
+    metadata = {"position": _position(train_state), "commit": commit, "model": str(train_state.get("model", ""))}
+    write_complete(state_tmp, lambda tmp: torch.save(train_state, tmp))
+    fault_point(state_tmp)
+    fault_point()
+    write_complete(weights_tmp, lambda tmp: _write_weights(tmp, tensors, metadata))
+    fault_point(weights_tmp)
+    fault_point()
+    os.replace(weights_tmp, weights)
+    fault_point()
+    os.replace(state_tmp, state)
+    fault_point()
+    return state
+
+
+@dataclass
+class Checkpoint:
+    """A complete checkpoint found on disk: its two files, weights, training state and position."""
+
+    weights_path: Path
+    state_path: Path
+    weights: dict[str, torch.Tensor]
+    state: dict[str, Any]
+
+    @property
+    def position(self) -> str:
+        return _position(self.state)
+
+
+def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    try:
+        return load_safetensors(path)
+    except UnreadableFileError:
+        return None
+
+
+def _read_state(path: Path) -> dict[str, Any] | None:
+    try:
+        state = load_torch_file(path)
+    except UnreadableFileError:
+        return None
+    return state if isinstance(state, dict) and state.get("format") == STATE_FORMAT else None
+
+
+def _pair_key(metadata_or_state: Mapping[str, Any]) -> str | None:
+    # The commit id; checkpoints written before commit ids existed pair by position.
+    commit = metadata_or_state.get("commit")
+    if commit:
+        return f"commit:{commit}"
+    if "position" in metadata_or_state:
+        return f"position:{metadata_or_state['position']}"
+    if "epoch" in metadata_or_state:
+        return f"position:{_position(metadata_or_state)}"
+    return None
+
+
+def find_checkpoint(directory: Path, name: str = "last") -> Checkpoint | None:
+    """The newest complete checkpoint ``name`` in ``directory``, or None when none was ever published there.
+
+    Raises :class:`TrainError` when published files exist but no complete pair can be formed (a truncated or
+    corrupt file, or weights without their training state); the message names the files.
+    """
+    weights, state, weights_tmp, state_tmp = checkpoint_files(directory, name)
+    read_weights = {p: _read_weights(p) for p in (weights, weights_tmp) if p.exists()}
+    read_states = {p: _read_state(p) for p in (state, state_tmp) if p.exists()}
+    pairs: list[Checkpoint] = []
+    for wpath, wread in read_weights.items():
+        if wread is None or _pair_key(wread[1]) is None:
+            continue
+        for spath, sread in read_states.items():
+            if sread is not None and _pair_key(sread) == _pair_key(wread[1]):
+                pairs.append(Checkpoint(wpath, spath, wread[0], sread))
+    if pairs:
+        return max(pairs, key=lambda c: _position_key(c.position))
+    if not weights.exists() and not state.exists():
+        return None  # nothing published yet: at most the partial files of a first commit cut short
+    unreadable = [p for p, r in [*read_weights.items(), *read_states.items()] if r is None]
+    if unreadable:
+        reasons = []
+        for path in unreadable:
+            try:
+                (load_safetensors if path.suffix == ".safetensors" else load_torch_file)(path)
+                reasons.append(f"{path}: not a training-state file of this trainer")
+            except UnreadableFileError as e:
+                reasons.append(str(e))
+        raise TrainError(f"no complete checkpoint in {directory}: {'; '.join(reasons)}")
+    if not weights.exists():
+        raise TrainError(f"{weights} is missing: cannot resume from {state}")
+    position = read_weights[weights][1].get("position") if read_weights.get(weights) else None
+    raise TrainError(f"{weights} (position {position}) has no matching training state next to it in {directory}")
+
+
+def settle(checkpoint: Checkpoint, directory: Path, name: str = "last") -> None:
+    """Publish ``checkpoint`` under the usual names if a kill left it in ``.tmp`` files, and remove stale ``.tmp``
+    files: the end of an interrupted commit (its steps 3 and 4), safe to cut short and repeat."""
+    weights, state, weights_tmp, state_tmp = checkpoint_files(directory, name)
+    if checkpoint.weights_path == weights_tmp:
+        os.replace(weights_tmp, weights)
+    if checkpoint.state_path == state_tmp:
+        os.replace(state_tmp, state)
+    for tmp in (weights_tmp, state_tmp):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
 
 
 def resolve_resume(path: str) -> Path:
-    """The training-state file that ``--resume PATH`` names: a run directory, NAME.state.pt or NAME.safetensors."""
+    """The training-state file that ``--resume PATH`` names: a run directory, NAME.state.pt or NAME.safetensors.
+
+    The file itself need not exist (a run killed before its first checkpoint has none yet); the directory must.
+    """
     candidate = Path(path)
     if candidate.is_dir():
         candidate = candidate / ("last" + _STATE_SUFFIX)
@@ -81,38 +238,18 @@ def resolve_resume(path: str) -> Path:
         candidate = candidate.with_name(candidate.stem + _STATE_SUFFIX)
     if not candidate.name.endswith(_STATE_SUFFIX):
         raise TrainError(f"--resume {path}: expected a run directory or a checkpoint (last.state.pt, last.safetensors)")
-    if not candidate.is_file() and not candidate.with_name(candidate.name + ".tmp").is_file():
-        raise TrainError(f"--resume {path}: {candidate} does not exist")
+    if not candidate.parent.is_dir():
+        raise TrainError(f"--resume {path}: no such run directory")
     return candidate
 
 
-def _load_state(path: Path) -> dict[str, Any] | None:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        return None
-    except Exception:  # a .tmp file cut short by a kill
-        if path.name.endswith(".tmp"):
-            return None
-        raise
-    return state if isinstance(state, dict) and state.get("format") == STATE_FORMAT else None
-
-
 def load_checkpoint(state_path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Model weights and training state of a checkpoint, checked to belong together."""
-    weights_path = weights_path_for(state_path)
-    if not weights_path.is_file():
-        raise TrainError(f"{weights_path} is missing: cannot resume from {state_path}")
-    with safe_open(str(weights_path), framework="pt") as f:
-        position = (f.metadata() or {}).get("position")
-    for candidate in (state_path, state_path.with_name(state_path.name + ".tmp")):
-        try:
-            state = _load_state(candidate)
-        except Exception as e:
-            raise TrainError(f"{candidate}: not a readable training-state file ({e})") from e
-        if state is not None and _position(state) == position:
-            return load_file(str(weights_path)), state
-    raise TrainError(f"{weights_path} (position {position}) has no matching training state next to it in {state_path}")
+    """Model weights and training state of the newest complete checkpoint that ``state_path`` names."""
+    name = state_path.name[: -len(_STATE_SUFFIX)]
+    checkpoint = find_checkpoint(state_path.parent, name)
+    if checkpoint is None:
+        raise TrainError(f"{state_path} does not exist")
+    return checkpoint.weights, checkpoint.state
 
 
 def rng_state() -> dict[str, Any]:

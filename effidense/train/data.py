@@ -4,11 +4,20 @@ Resuming a killed run must reproduce the unbroken run exactly, so nothing about 
 when the loader was started: the sampler is a :class:`~torch.utils.data.DistributedSampler` (its permutation is a
 function of seed and epoch) that can start part-way through an epoch, and each sample's augmentation runs with
 RNGs seeded from (seed, epoch, index), whichever process loads it.
+
+Kept rather than timm's or torchvision's versions, because those do less:
+
+* split search: timm's ``create_dataset(..., search_split=True)`` falls back to the data root itself when no split
+  folder exists (training on every image, with ``train``/``val`` taken for class names); ours refuses that in one line;
+* loaders: timm's ``create_loader`` builds its own sampler and takes none, so it cannot start mid-epoch (exact resume);
+* :class:`SyntheticDataset`: torchvision's ``FakeData`` draws labels independent of the image (nothing to learn, so a
+  smoke run's loss cannot fall) and reseeds the global torch RNG per image.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import random
 from collections.abc import Iterator
@@ -16,13 +25,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from timm.data import create_dataset, create_transform
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from ..fileio import short_error
 from .errors import TrainError
 
-__all__ = ["SyntheticDataset", "ResumableSampler", "SeededSamples", "build_datasets", "set_transforms",
-           "train_loader", "eval_loader"]
+__all__ = ["SyntheticDataset", "ResumableSampler", "SeededSamples", "build_datasets", "check_readable",
+           "set_transforms", "train_loader", "eval_loader"]
 
 _CIFAR = {"torch/cifar10": "torch/cifar10", "cifar10": "torch/cifar10",
           "torch/cifar100": "torch/cifar100", "cifar100": "torch/cifar100"}
@@ -125,6 +136,8 @@ def build_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset, int]:
     name = args.dataset.lower()
     if name == "synthetic":
         num_classes = args.num_classes or 10
+        if num_classes < 2:
+            raise TrainError(f"--num-classes {num_classes}: a classifier needs at least two classes")
         return (SyntheticDataset(args.train_num_samples, num_classes, args.seed),
                 SyntheticDataset(args.val_num_samples, num_classes, args.seed + 1), num_classes)
     if name in _CIFAR:
@@ -135,9 +148,39 @@ def build_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset, int]:
         raise TrainError(f"--dataset {args.dataset}: the built-in trainer reads ImageFolder directories ('' or "
                          "'folder'), torch/cifar10, torch/cifar100 and 'synthetic'; other timm datasets work in "
                          "wrapper mode (--timm-script)")
+    if num_classes < 2:  # one class: the loss is zero and the accuracy 100% whatever the model does
+        raise TrainError(f"--data-dir {args.data_dir}: the training data has a single class "
+                         f"({', '.join(train.reader.class_to_idx)}); a classifier needs at least two")
     if args.num_classes is not None and args.num_classes < num_classes:
         raise TrainError(f"--num-classes {args.num_classes} is smaller than the dataset's {num_classes} classes")
     return train, val, num_classes
+
+
+def check_readable(dataset: Dataset, split: str) -> None:
+    """Refuse, before any training, a folder dataset whose images cannot be read.
+
+    Loads the first sample as training would: timm's dataset skips unreadable images and fails after
+    ``TIMM_DATASET_MAX_RETRIES`` of them in a row. Runs under a fixed seed and restores the RNG states, so the run's
+    random streams are untouched.
+    """
+    if not hasattr(dataset, "reader") or len(dataset) == 0:  # type: ignore[arg-type]
+        return
+    timm_logger = logging.getLogger("timm.data.dataset")
+    disabled, timm_logger.disabled = timm_logger.disabled, True  # its per-image warnings would flood the error
+    try:
+        with _rng_seeded(0):
+            dataset[0]
+    except Exception as e:
+        path = dataset.filename(0, absolute=True)  # type: ignore[attr-defined]
+        try:
+            with Image.open(path) as image:
+                image.convert("RGB")
+            detail = ""
+        except Exception as first:
+            detail = f"; the first, {path}: {short_error(first)}"
+        raise TrainError(f"cannot read the {split} images ({short_error(e)}){detail}") from e
+    finally:
+        timm_logger.disabled = disabled
 
 
 def set_transforms(train: Dataset, val: Dataset, data_config: dict[str, Any], args: argparse.Namespace) -> None:

@@ -4,14 +4,21 @@ One process or many under ``torchrun`` (DistributedDataParallel; nccl on GPU, gl
 run directory: ``args.yaml``, ``summary.csv`` (one row per epoch, as timm writes it), ``last.safetensors`` +
 ``last.state.pt`` (every epoch, and every ``--checkpoint-interval`` steps) and ``model_best.safetensors``.
 A resumed run repeats an unbroken one exactly on CPU: see :mod:`.data` and :mod:`.checkpoint`.
+
+What the run directory guarantees: rank 0 holds an exclusive ``fcntl.flock`` on ``RUN/.lock`` for the whole run, so a
+second run into the same directory is refused; every file is written atomically (``summary.csv`` too: a copy with the
+new row replaces it); checkpoints are committed as one unit (:mod:`.checkpoint`), and never with non-finite weights.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import math
 import os
+import shutil
 import signal
+import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -27,7 +34,18 @@ from timm.loss import LabelSmoothingCrossEntropy
 from timm.models import safe_model_name
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3, accuracy, distribute_bn, random_seed, trim_summary, unwrap_model, update_summary
+from timm.utils import (
+    AverageMeter,
+    ModelEmaV3,
+    NativeScaler,
+    accuracy,
+    dispatch_clip_grad,
+    distribute_bn,
+    random_seed,
+    trim_summary,
+    unwrap_model,
+    update_summary,
+)
 from timm.utils.distributed import init_distributed_device_so
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -35,15 +53,19 @@ from tqdm import tqdm
 
 from .args import args_as_dict, args_to_yaml
 from .checkpoint import (
-    atomic_write,
-    load_checkpoint,
+    Checkpoint,
+    all_finite,
+    checkpoint_files,
+    find_checkpoint,
     resolve_resume,
     rng_state,
     save_checkpoint,
     save_weights,
     set_rng_state,
+    settle,
+    write_file,
 )
-from .data import ResumableSampler, build_datasets, eval_loader, set_transforms, train_loader
+from .data import ResumableSampler, build_datasets, check_readable, eval_loader, set_transforms, train_loader
 from .errors import TrainError, TrainingDiverged
 
 __all__ = ["train", "build_model"]
@@ -51,6 +73,7 @@ __all__ = ["train", "build_model"]
 # Testing hook: SIGKILL this process right after optimizer step N, to test resuming a killed run.
 _KILL_AFTER_STEP_ENV = "EFFIDENSE_TEST_KILL_AFTER_STEP"
 _RUN_FILES = ("last.state.pt", "last.safetensors", "model_best.safetensors", "summary.csv")
+_LOCK_FILE = ".lock"
 
 
 @dataclass
@@ -84,6 +107,7 @@ def _broadcast(value: Any, ctx: _Dist) -> Any:
 
 
 def _reduce_sum(values: list[float], ctx: _Dist) -> list[float]:
+    # A sum over ranks (timm's reduce_tensor averages instead, which weights uneven shares wrongly).
     tensor = torch.tensor(values, dtype=torch.float64, device=ctx.device)
     if ctx.distributed:
         dist.all_reduce(tensor)
@@ -92,17 +116,77 @@ def _reduce_sum(values: list[float], ctx: _Dist) -> list[float]:
 
 def _output_dir(args: argparse.Namespace, resume_path: Path | None, img_size: int, ctx: _Dist) -> Path:
     if resume_path is not None:  # by default a resumed run continues in its own directory
-        out = Path(args.output or resume_path.parent.parent) / (args.experiment or resume_path.parent.name)
-    else:
-        name = args.experiment or _broadcast(
-            "-".join([datetime.now().strftime("%Y%m%d-%H%M%S"), safe_model_name(args.model), str(img_size)]), ctx)
-        out = Path(args.output or "./output/train") / name
-    continuing = resume_path is not None and out.resolve() == resume_path.parent.resolve()
-    existing = [f for f in _RUN_FILES if (out / f).exists()]
-    if existing and not continuing and not args.force:
-        raise TrainError(f"{out} already holds a run ({', '.join(existing)}); pass --resume {out} to continue it, "
-                         "another --experiment, or --force to replace it")
-    return out
+        return Path(args.output or resume_path.parent.parent) / (args.experiment or resume_path.parent.name)
+    name = args.experiment or _broadcast(
+        "-".join([datetime.now().strftime("%Y%m%d-%H%M%S"), safe_model_name(args.model), str(img_size)]), ctx)
+    return Path(args.output or "./output/train") / name
+
+
+def _lock_run_dir(out: Path, ctx: _Dist, stack: contextlib.ExitStack) -> None:
+    """Rank 0 creates ``out`` and holds an exclusive lock on ``out/.lock`` until the run ends; a second run into the
+    same directory is refused (on every rank) instead of corrupting its files."""
+    error = None
+    if ctx.primary:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(out / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            error = f"cannot create the run directory {out}: {e.strerror or e}"
+        else:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                stack.callback(os.close, fd)  # closing the descriptor releases the lock (also when killed)
+            except OSError:
+                os.close(fd)
+                error = (f"another run is writing {out} (it holds {out / _LOCK_FILE}); wait for it to end, or pick "
+                         "another --output/--experiment")
+    error = _broadcast(error, ctx)
+    if error:
+        raise TrainError(error)
+
+
+def _check_input_size(model: nn.Module, input_size: tuple[int, ...], args: argparse.Namespace) -> None:
+    """Refuse an input size the model cannot take before any training: its ``min_input_size``, or else (for a size
+    other than its default) one evaluation forward of a single zero image."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    minimum = cfg.get("min_input_size")
+    if minimum is not None and any(s < m for s, m in zip(input_size[1:], minimum[1:], strict=False)):
+        raise TrainError(f"--img-size {input_size[-1]}: {args.model} needs at least {minimum[-1]} pixels "
+                         f"(min_input_size {tuple(minimum)})")
+    if tuple(input_size) == tuple(cfg.get("input_size", ())):
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_size))
+    except (ValueError, RuntimeError) as e:
+        raise TrainError(f"--img-size {input_size[-1]}: too small for {args.model} ({' '.join(str(e).split())})") from e
+    finally:
+        model.train(was_training)
+
+
+def _append_summary(path: Path, epoch: int, train_metrics: dict[str, float], eval_metrics: dict[str, float],
+                    lr: float) -> None:
+    """timm's ``update_summary`` row, appended to a copy that then replaces the file: never a half-written row."""
+    def write(tmp: str) -> None:
+        if path.exists():
+            shutil.copyfile(path, tmp)
+        update_summary(epoch, train_metrics, eval_metrics, tmp, lr=lr)
+
+    write_file(path, write)
+
+
+def _trim_summary(path: Path, epoch: int) -> None:
+    """timm's ``trim_summary`` (drop rows of epochs at or after ``epoch``), atomically."""
+    if not path.exists():
+        return
+
+    def write(tmp: str) -> None:
+        shutil.copyfile(path, tmp)
+        trim_summary(tmp, epoch)
+
+    write_file(path, write)
 
 
 def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
@@ -142,11 +226,15 @@ def _base_lr(args: argparse.Namespace, world_size: int) -> float:
 
 
 def _is_better(metric: float, best: float | None, eval_metric: str) -> bool:
+    if not math.isfinite(metric):  # a NaN metric never makes a model "best"
+        return False
     return best is None or (metric < best if eval_metric == "loss" else metric > best)
 
 
+
+
 class _Trainer:
-    def __init__(self, args: argparse.Namespace, ctx: _Dist) -> None:
+    def __init__(self, args: argparse.Namespace, ctx: _Dist, stack: contextlib.ExitStack) -> None:
         self.args, self.ctx = args, ctx
         device = ctx.device
 
@@ -157,21 +245,43 @@ class _Trainer:
             raise TrainError(f"the training set has {len(train_set)} images: fewer than one batch of "
                              f"{args.batch_size} per process ({ctx.world_size} process(es)); lower --batch-size")
         resume_path = resolve_resume(args.resume) if args.resume else None
-        weights, state = load_checkpoint(resume_path) if resume_path else (None, None)
-        if state is not None and state["model"] != args.model:
-            raise TrainError(f"--resume {args.resume}: the checkpoint is of {state['model']}, not --model {args.model}")
 
         random_seed(args.seed, ctx.rank)
         model = build_model(args, args.num_classes or num_classes)
         self.data_config = resolve_data_config(dict(img_size=args.img_size), model=model)
+        _check_input_size(model, tuple(self.data_config["input_size"]), args)
         set_transforms(train_set, val_set, self.data_config, args)
-        self.output_dir = _output_dir(args, resume_path, self.data_config["input_size"][-1], ctx)
+        check_readable(train_set, "training")
+        check_readable(val_set, "validation")
 
-        if weights is not None:
+        # From here on this process owns the run directory (until train() returns).
+        self.output_dir = out = _output_dir(args, resume_path, self.data_config["input_size"][-1], ctx)
+        _lock_run_dir(out, ctx, stack)
+        self.continuing = resume_path is not None and out.resolve() == resume_path.parent.resolve()
+        existing = [f for f in _RUN_FILES if (out / f).exists()]
+        if existing and not self.continuing and not args.force:
+            raise TrainError(f"{out} already holds a run ({', '.join(existing)}); pass --resume {out} to continue "
+                             "it, another --experiment, or --force to replace it")
+        self.checkpoint: Checkpoint | None = None
+        if resume_path is not None:
+            self.checkpoint = find_checkpoint(resume_path.parent, resume_path.name[: -len(".state.pt")])
+            if self.checkpoint is None and ctx.primary:
+                tqdm.write(f"--resume {args.resume}: no complete checkpoint yet, starting the run from the beginning")
+        state = self.checkpoint.state if self.checkpoint is not None else None
+        if state is not None:
+            if state["model"] != args.model:
+                raise TrainError(f"--resume {args.resume}: the checkpoint is of {state['model']}, not --model "
+                                 f"{args.model}")
+            if not (all_finite(self.checkpoint.weights) and all_finite(state.get("ema"))):
+                raise TrainError(f"--resume {args.resume}: {self.checkpoint.weights_path} holds non-finite (NaN/inf) "
+                                 "weights; it is no good checkpoint")
             try:
-                model.load_state_dict(weights)
+                model.load_state_dict(self.checkpoint.weights)
             except RuntimeError as e:
-                raise TrainError(f"--resume {args.resume}: the weights do not fit the model ({e})") from e
+                raise TrainError(f"--resume {args.resume}: the weights do not fit the model "
+                                 f"({' '.join(str(e).split())[:300]})") from e
+        # The checkpoint a diverged run can go back to (None: there is none).
+        self.last_good: Path | None = None if self.checkpoint is None else self.checkpoint.weights_path
         model.to(device)
         if args.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -180,7 +290,8 @@ class _Trainer:
         self.optimizer = create_optimizer_v2(model, opt=args.opt, lr=self.lr, weight_decay=args.weight_decay,
                                              momentum=args.momentum)
         self.amp_dtype = getattr(torch, args.amp_dtype)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp and self.amp_dtype == torch.float16)
+        # As timm's train.py: a loss scaler for float16 autocast only; otherwise plain backward and step.
+        self.loss_scaler = NativeScaler(device.type) if args.amp and self.amp_dtype == torch.float16 else None
         self.ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
 
         if args.torchcompile:
@@ -208,13 +319,15 @@ class _Trainer:
         self.eval_loss = nn.CrossEntropyLoss()
 
         self.epoch, self.batch, self.step = 0, 0, 0
-        self.epoch_loss = (0.0, 0)  # loss sum and image count of the epoch so far (kept across a resume)
+        self.epoch_loss = AverageMeter()  # the epoch's training loss so far (kept across a resume)
         self.best_metric: float | None = None
         self.best_epoch: int | None = None
         self.last_metrics: dict[str, float] = {}
         if state is not None:
             self._restore(state)
         self.kill_after_step = int(os.environ.get(_KILL_AFTER_STEP_ENV, "0"))
+        # A progress bar on a terminal; plain log lines every --log-interval steps in a log file or pipe.
+        self.use_bar = sys.stderr.isatty()
 
     # --- checkpoints ---
     def _restore(self, state: dict[str, Any]) -> None:
@@ -234,12 +347,14 @@ class _Trainer:
                                 if saved.get(key) != value)
             tqdm.write(f"schedule changed since the checkpoint ({changes}): following the new one from epoch "
                        f"{state['epoch'] + 1}")
-        self.scaler.load_state_dict(state["scaler"])
+        if self.loss_scaler is not None and state.get("scaler"):
+            self.loss_scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
             if state["ema"] is not None:
                 self.ema.module.load_state_dict(state["ema"])
         self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
-        self.epoch_loss = tuple(state["epoch_loss"])
+        loss_sum, count = state["epoch_loss"]
+        self.epoch_loss.sum, self.epoch_loss.count = loss_sum, count
         self.best_metric, self.best_epoch = state["best_metric"], state["best_epoch"]
         if args.sched_on_updates:
             self.scheduler.step_update(self.step)
@@ -263,21 +378,36 @@ class _Trainer:
         dist.gather_object(rng_state(), gathered, dst=0)
         return gathered
 
+    def _diverged(self, what: str) -> TrainingDiverged:
+        return TrainingDiverged(
+            f"{what}; stopped without saving. Last good checkpoint: {self.last_good or 'none (nothing was saved)'}. "
+            "Lower --lr or add --warmup-epochs/--clip-grad")
+
+    def check_finite(self) -> None:
+        """Stop (on every rank alike: the weights are the same everywhere) before non-finite weights are saved."""
+        if not (all_finite(self.model.state_dict()) and (self.ema is None or all_finite(self.ema.module.state_dict()))):
+            raise self._diverged(f"the weights became non-finite (NaN/inf) by epoch {self.epoch + 1}, step "
+                                 f"{self.step} (lr {self._current_lr():.4g})")
+
     def save_last(self) -> None:
         """Save last.* at the current position (every rank must call it: the RNG states are gathered)."""
+        self.check_finite()
         rngs = self._gather_rng()
         if not self.ctx.primary:
             return
         args = self.args
         state = dict(
-            model=args.model, epoch=self.epoch, batch=self.batch, step=self.step, epoch_loss=list(self.epoch_loss),
+            model=args.model, epoch=self.epoch, batch=self.batch, step=self.step,
+            epoch_loss=[self.epoch_loss.sum, self.epoch_loss.count],
             batch_size=args.batch_size, world_size=self.ctx.world_size, grad_accum_steps=args.grad_accum_steps,
             optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
             schedule_args=self._schedule_args(),
-            scaler=self.scaler.state_dict(), ema=self.ema.module.state_dict() if self.ema is not None else None,
+            scaler=self.loss_scaler.state_dict() if self.loss_scaler is not None else None,
+            ema=self.ema.module.state_dict() if self.ema is not None else None,
             rng=rngs, best_metric=self.best_metric, best_epoch=self.best_epoch,
             args=args_as_dict(args))
         save_checkpoint(self.output_dir, "last", unwrap_model(self.model).state_dict(), state)
+        self.last_good = self.output_dir / "last.safetensors"
 
     # --- epochs ---
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -295,6 +425,18 @@ class _Trainer:
         lrs = [group["lr"] for group in self.optimizer.param_groups]
         return sum(lrs) / len(lrs)
 
+    def _batches(self) -> Any:
+        """The training loader's batches; a sample that cannot be loaded ends the run with one line."""
+        iterator = iter(self.train_loader)
+        while True:
+            try:
+                yield next(iterator)
+            except StopIteration:
+                return
+            except (OSError, RuntimeError) as e:
+                lines = [line for line in str(e).splitlines() if line.strip()]
+                raise TrainError(f"cannot load training images: {lines[-1] if lines else type(e).__name__}") from e
+
     def train_epoch(self) -> OrderedDict[str, float]:
         args, ctx, epoch = self.args, self.ctx, self.epoch
         accum = args.grad_accum_steps
@@ -303,13 +445,13 @@ class _Trainer:
         self.sampler.set_epoch(epoch)
         self.sampler.skip(self.batch * args.batch_size)
         self.train_model.train()
-        loss_sum, count = self.epoch_loss
+        meter = self.epoch_loss
         bar = tqdm(total=self.num_batches, initial=self.batch, desc=f"epoch {epoch + 1}/{self.num_epochs}",
-                   disable=not ctx.primary, dynamic_ncols=True, leave=True)
+                   disable=not (ctx.primary and self.use_bar), dynamic_ncols=True, leave=True)
         tick, tick_images = time.perf_counter(), 0
         if ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(ctx.device)
-        for batch_idx, (images, targets) in enumerate(self.train_loader, start=self.batch):
+        for batch_idx, (images, targets) in enumerate(self._batches(), start=self.batch):
             images, targets = self._to_device(images, targets)
             steps_in_update = last_accum if batch_idx >= first_short_batch else accum
             update = (batch_idx + 1) % accum == 0 or batch_idx + 1 == self.num_batches
@@ -324,17 +466,22 @@ class _Trainer:
                 loss_value = loss_value.item()
                 if not math.isfinite(loss_value):
                     bar.close()
-                    last = self.output_dir / "last.safetensors"
-                    raise TrainingDiverged(
-                        f"loss is {loss_value} at epoch {epoch + 1}, batch {batch_idx + 1} (step {self.step}, "
-                        f"lr {self._current_lr():.4g}); stopped without saving. Last good checkpoint: "
-                        f"{last if last.exists() else 'none yet'}. Lower --lr or add --warmup-epochs/--clip-grad")
-                self.scaler.scale(loss / steps_in_update).backward()
-            loss_sum, count = loss_sum + loss_value * images.shape[0], count + images.shape[0]
+                    raise self._diverged(f"loss is {loss_value} at epoch {epoch + 1}, batch {batch_idx + 1} "
+                                         f"(step {self.step}, lr {self._current_lr():.4g})")
+                if self.loss_scaler is not None:  # float16 autocast: timm's NativeScaler scales, unscales, clips
+                    self.loss_scaler(loss / steps_in_update, self.optimizer, clip_grad=args.clip_grad,
+                                     parameters=self.model.parameters(), need_update=update)
+                else:
+                    (loss / steps_in_update).backward()
+                    if update:
+                        if args.clip_grad is not None:
+                            dispatch_clip_grad(self.model.parameters(), args.clip_grad)
+                        self.optimizer.step()
+            meter.update(loss_value, images.shape[0])
             tick_images += images.shape[0] * ctx.world_size
             if update:
-                self._optimizer_step()
-                self.batch, self.epoch_loss = batch_idx + 1, (loss_sum, count)
+                self._after_update()
+                self.batch = batch_idx + 1
                 if (args.checkpoint_interval and self.step % args.checkpoint_interval == 0
                         and self.batch < self.num_batches):
                     self.save_last()
@@ -342,22 +489,25 @@ class _Trainer:
                     os.kill(os.getpid(), signal.SIGKILL)
             if (batch_idx + 1) % args.log_interval == 0 or batch_idx + 1 == self.num_batches:
                 elapsed = time.perf_counter() - tick
-                postfix = OrderedDict(loss=f"{loss_sum / count:.4f}", lr=f"{self._current_lr():.3g}",
-                                      img_s=f"{tick_images / max(elapsed, 1e-9):.1f}")
-                if ctx.device.type == "cuda":
-                    postfix["mem"] = f"{torch.cuda.max_memory_allocated(ctx.device) / 2**30:.2f}GiB"
-                bar.set_postfix(postfix, refresh=False)
+                img_s = tick_images / max(elapsed, 1e-9)
+                mem = (f"{torch.cuda.max_memory_allocated(ctx.device) / 2**30:.2f}GiB"
+                       if ctx.device.type == "cuda" else None)
+                if self.use_bar:
+                    postfix = OrderedDict(loss=f"{meter.avg:.4f}", lr=f"{self._current_lr():.3g}", img_s=f"{img_s:.1f}")
+                    if mem:
+                        postfix["mem"] = mem
+                    bar.set_postfix(postfix, refresh=False)
+                elif ctx.primary:  # as timm's train.py logs: one line per --log-interval steps
+                    print(f"train: epoch {epoch + 1}/{self.num_epochs} [{batch_idx + 1:>{len(str(self.num_batches))}}"
+                          f"/{self.num_batches} ({100 * (batch_idx + 1) / self.num_batches:3.0f}%)]  loss "
+                          f"{loss_value:.4f} (avg {meter.avg:.4f})  lr {self._current_lr():.3e}  {img_s:.1f} img/s"
+                          + (f"  mem {mem}" if mem else ""), flush=True)
                 tick, tick_images = time.perf_counter(), 0
             bar.update(1)
         bar.close()
-        return OrderedDict(loss=loss_sum / max(count, 1))
+        return OrderedDict(loss=meter.avg)
 
-    def _optimizer_step(self) -> None:
-        if self.args.clip_grad is not None:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip_grad)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+    def _after_update(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         if self.ema is not None:
@@ -368,7 +518,7 @@ class _Trainer:
     def evaluate(self, model: nn.Module) -> OrderedDict[str, float]:
         """Validation loss, top-1 and top-5 accuracy (%), summed over all ranks' disjoint shares."""
         model.eval()
-        loss_sum = correct1 = correct5 = count = 0.0
+        loss, top1, top5 = AverageMeter(), AverageMeter(), AverageMeter()
         for images, targets in self.eval_loader:
             images, targets = self._to_device(images, targets)
             with self._autocast():
@@ -376,23 +526,36 @@ class _Trainer:
             output = output.float()
             n = images.shape[0]
             acc1, acc5 = accuracy(output, targets, topk=(1, min(5, output.shape[1])))
-            loss_sum += self.eval_loss(output, targets).item() * n
-            correct1 += round(acc1.item() * n / 100)
-            correct5 += round(acc5.item() * n / 100)
-            count += n
-        loss_sum, correct1, correct5, count = _reduce_sum([loss_sum, correct1, correct5, count], self.ctx)
+            loss.update(self.eval_loss(output, targets).item(), n)
+            top1.update(round(acc1.item() * n / 100), 1)  # counts of correct images: exact sums
+            top5.update(round(acc5.item() * n / 100), 1)
+        loss_sum, correct1, correct5, count = _reduce_sum([loss.sum, top1.sum, top5.sum, loss.count], self.ctx)
         count = max(count, 1)
         return OrderedDict(loss=loss_sum / count, top1=100 * correct1 / count, top5=100 * correct5 / count)
 
-    def fit(self) -> dict[str, Any]:
-        args, ctx = self.args, self.ctx
-        if ctx.primary:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+    def _prepare_run_dir(self) -> None:
+        """Rank 0, under the lock: finish a commit a kill interrupted, or clear what an earlier run left behind."""
+        args, out = self.args, self.output_dir
+        if self.continuing and self.checkpoint is not None:
+            settle(self.checkpoint, out)
+            self.last_good = out / "last.safetensors"
+        else:
             if args.force and not args.resume:
                 for name in _RUN_FILES:
-                    (self.output_dir / name).unlink(missing_ok=True)
-            atomic_write(self.output_dir / "args.yaml", lambda tmp: Path(tmp).write_text(args_to_yaml(args)))
-            trim_summary(str(self.output_dir / "summary.csv"), self.epoch)
+                    (out / name).unlink(missing_ok=True)
+            for tmp in checkpoint_files(out, "last")[2:]:  # partial files of a first commit cut short
+                tmp.unlink(missing_ok=True)
+        for tmp in out.glob(".*.tmp"):  # temporaries of atomic writes cut short by a kill
+            tmp.unlink(missing_ok=True)
+
+    def fit(self) -> dict[str, Any]:
+        args, ctx = self.args, self.ctx
+        if ctx.distributed:
+            dist.barrier()  # every rank has read the checkpoint before rank 0 may rename its files
+        if ctx.primary:
+            self._prepare_run_dir()
+            write_file(self.output_dir / "args.yaml", lambda tmp: Path(tmp).write_text(args_to_yaml(args)))
+            _trim_summary(self.output_dir / "summary.csv", self.epoch)
             tqdm.write(f"training {args.model} on {ctx.world_size} process(es) ({ctx.device.type}), "
                        f"{self.num_batches} batches/epoch, writing {self.output_dir}")
         if self.epoch >= self.num_epochs and ctx.primary:
@@ -400,6 +563,7 @@ class _Trainer:
         while self.epoch < self.num_epochs:
             started = time.perf_counter()
             train_metrics = self.train_epoch()
+            self.check_finite()
             lr = self._current_lr()
             if ctx.distributed and not args.sync_bn:
                 distribute_bn(self.model, ctx.world_size, reduce=True)
@@ -408,13 +572,14 @@ class _Trainer:
                 if ctx.distributed:
                     distribute_bn(self.ema.module, ctx.world_size, reduce=True)
                 eval_metrics = self.evaluate(self.ema.module)  # timm picks the best on the EMA's metrics
+            self.check_finite()  # distribute_bn averaged the BN statistics
             self.scheduler.step(self.epoch + 1, eval_metrics[args.eval_metric])
             improved = _is_better(eval_metrics[args.eval_metric], self.best_metric, args.eval_metric)
             if improved:
                 self.best_metric, self.best_epoch = eval_metrics[args.eval_metric], self.epoch
             if ctx.primary:
                 # The summary row goes first: a resume from the previous checkpoint drops it again (trim_summary).
-                update_summary(self.epoch, train_metrics, eval_metrics, str(self.output_dir / "summary.csv"), lr=lr)
+                _append_summary(self.output_dir / "summary.csv", self.epoch, train_metrics, eval_metrics, lr)
                 if improved:
                     best_model = self.ema.module if self.ema is not None else self.model
                     save_weights(self.output_dir / "model_best.safetensors", unwrap_model(best_model).state_dict(),
@@ -422,7 +587,8 @@ class _Trainer:
                 tqdm.write(f"epoch {self.epoch + 1}/{self.num_epochs}: train_loss {train_metrics['loss']:.4f}, "
                            f"eval_loss {eval_metrics['loss']:.4f}, top1 {eval_metrics['top1']:.2f}, "
                            f"top5 {eval_metrics['top5']:.2f}, lr {lr:.4g} ({time.perf_counter() - started:.1f}s)")
-            self.epoch, self.batch, self.epoch_loss = self.epoch + 1, 0, (0.0, 0)
+            self.epoch, self.batch = self.epoch + 1, 0
+            self.epoch_loss.reset()
             self.last_metrics = dict(eval_metrics)
             self.save_last()
         return dict(output_dir=self.output_dir, best_metric=self.best_metric, best_epoch=self.best_epoch,
@@ -434,11 +600,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     Returns the run directory, best metric and epoch, the last epoch's validation metrics, the optimizer step count
     and this process's rank.
-    Raises :class:`TrainError` for bad input and :class:`TrainingDiverged` when the loss stops being finite.
+    Raises :class:`TrainError` for bad input and :class:`TrainingDiverged` when the loss or the weights stop being
+    finite.
     """
     ctx = _init_distributed(args)
     try:
-        return _Trainer(args, ctx).fit()
+        with contextlib.ExitStack() as stack:  # holds the run directory's lock
+            return _Trainer(args, ctx, stack).fit()
     finally:
         if ctx.distributed and dist.is_initialized():
             dist.destroy_process_group()

@@ -1,4 +1,5 @@
-"""Wrapper mode: run timm's own ``train.py`` / ``validate.py`` with effidense's models registered.
+"""Wrapper mode: run timm's own ``train.py`` / ``validate.py`` / ``benchmark.py`` / ``inference.py`` with effidense's
+models registered (``effidense timm SCRIPT ARGS...``, or ``effidense train --timm-script SCRIPT ARGS...``).
 
 The timm wheel ships neither script (they live in the timm git repository), and ``validate.py`` has no
 ``--device-modules`` flag, so the wrapper imports effidense first and then runs the script as ``__main__``
@@ -42,8 +43,8 @@ def run_timm_script(script: str | os.PathLike[str], argv: Sequence[str]) -> int:
     """Import effidense, then run ``script`` as ``__main__`` with ``argv``; returns its exit status."""
     path = Path(script)
     if not path.is_file():
-        raise TrainError(f"{_FLAG} {script}: no such file (it is timm's train.py or validate.py from a timm checkout; "
-                         "the timm wheel does not ship them)")
+        raise TrainError(f"{script}: no such file (timm's train.py, validate.py, benchmark.py or inference.py from a "
+                         "timm checkout; the timm wheel does not ship them)")
     import effidense  # noqa: F401  (registers the effi_* models with timm before the script creates one)
 
     saved_argv, saved_path = sys.argv, list(sys.path)
