@@ -178,7 +178,7 @@ def test_model_flags_memory_mode_and_grad_checkpointing() -> None:
     assert build_model(args, 10).memory == "frugal"
     args = parse_args([*TINY, "memory=plain", "--grad-checkpointing"])
     assert args.model_kwargs["memory"] == "plain"
-    assert build_model(args, 10).memory == "efficient"
+    assert build_model(args, 10).memory == "frugal"
     with pytest.raises(TrainError, match="contradicts"):
         build_model(parse_args([*TINY, "--memory", "plain", "--grad-checkpointing"]), 10)
     with pytest.raises(TrainError, match="memory modes"):

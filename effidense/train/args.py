@@ -142,11 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="effidense memory mode: plain (keep everything), efficient (recompute concat-BN-ReLU, "
                             "the default of effi_* models) or frugal (recompute whole layers, least memory)")
     group.add_argument("--grad-checkpointing", action="store_true",
-                       help="model.set_grad_checkpointing(): for effi_* models selects 'efficient' unless "
-                            "--memory says otherwise")
+                       help="model.set_grad_checkpointing(): for effi_* models selects 'frugal' (their default, "
+                            "'efficient', already checkpoints) unless --memory says otherwise")
     group.add_argument("--channels-last", action="store_true", help="use the channels_last memory format")
     group.add_argument("--torchcompile", nargs="?", type=str, default=None, const="inductor", metavar="BACKEND",
-                       help="compile the model (regional compile of effi_* models when they support it)")
+                       help="compile the model with torch.compile (backend default inductor); effi_* models compile "
+                            "as --compile-scope says")
+    group.add_argument("--compile-scope", choices=("layers", "model"), default="layers",
+                       help="effi_* models: 'layers' compiles the BN-ReLU segments (seconds), 'model' the whole model "
+                            "(minutes; least host overhead on a fast GPU). Default: layers")
     group.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (CUDA only)")
 
     group = parser.add_argument_group("Optimizer and schedule")

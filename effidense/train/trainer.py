@@ -199,7 +199,8 @@ def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
             pretrained_cfg_overlay=dict(file=args.pretrained_path, num_classes=-1) if args.pretrained_path else None,
             **args.model_kwargs)
     except (RuntimeError, ValueError, TypeError, KeyError, FileNotFoundError) as e:
-        hint = "; effi_* models have no hosted weights, use --pretrained-path FILE" if args.pretrained else ""
+        hint = ("; pretrained effi_* weights come from the Hugging Face Hub (timm/densenet*); offline, put them in the "
+                "hub cache or pass --pretrained-path FILE") if args.pretrained else ""
         raise TrainError(f"cannot create model {args.model!r}: {e}{hint}") from e
     if args.memory is not None or args.grad_checkpointing:
         if args.memory is not None and not hasattr(model, "set_memory"):
@@ -296,7 +297,7 @@ class _Trainer:
 
         if args.torchcompile:
             if hasattr(model, "set_compile"):
-                model.set_compile(True)
+                model.set_compile(True, scope=args.compile_scope, backend=args.torchcompile)
             else:
                 model = torch.compile(model, backend=args.torchcompile)
         self.train_model: nn.Module = model
