@@ -1,7 +1,7 @@
 """The traceable forward: what ``torch.fx``, ``torch.export``, ONNX export and ``torch.jit.trace`` see.
 
-Eager runs (and ``torch.compile``) use the exact memory-efficient path of :mod:`effidense.densenet`: batch statistics
-computed once per feature map, recomputation under ``torch.utils.checkpoint``, pooling that keeps nothing. None of
+Eager runs (and ``torch.compile``) use the exact memory-efficient path of :mod:`effidense.densenet`: recomputation
+under ``torch.utils.checkpoint`` with running statistics updated once, pooling that keeps nothing. None of
 that is worth anything in a graph handed to another tool, and some of it cannot be traced symbolically (the input
 shape check, custom autograd functions, data-dependent branches). So while a model is traced or exported it runs as
 the plain DenseNet it is equivalent to, built from its own modules: ``nn.BatchNorm2d`` on each concatenation, ReLU,
