@@ -142,16 +142,16 @@ def test_default_variants_include_only_exact_peers(bench, capsys, tmp_path):
 
 
 def test_failing_variant_is_reported_and_others_run(bench, capsys, monkeypatch):
-    import effidense.benchmark as benchmark
+    import effidense.benchmark.runner as runner
 
-    real = benchmark.build_variant
+    real = runner.build_variant
 
     def broken(variant, spec):
         if variant == "efficient":
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(variant, spec)
 
-    monkeypatch.setattr(benchmark, "build_variant", broken)
+    monkeypatch.setattr(runner, "build_variant", broken)
     code, out, _ = run_main(bench, TINY_SMALL + ["--variants", "plain,efficient,frugal"], capsys)
     assert code == 0
     assert "FAILED: out of memory: CUDA out of memory. Tried to allocate 2.00 GiB" in out
@@ -261,6 +261,7 @@ def test_max_batch_probe_treats_only_oom_as_not_fitting(monkeypatch):
     from torch import nn
 
     import effidense.benchmark as benchmark
+    from effidense.benchmark import cuda, trainer
 
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     seen = []
@@ -275,8 +276,8 @@ def test_max_batch_probe_treats_only_oom_as_not_fitting(monkeypatch):
             if len(x) == 13:
                 raise RuntimeError("cuDNN error: CUDNN_STATUS_BAD_PARAM")
 
-    progress = benchmark._Progress(1, enabled=False)
-    fits = benchmark._cuda_fits(FakeTrainer(), torch.zeros(2, 3, 8, 8), 10, True, progress)
+    progress = trainer._Progress(1, enabled=False)
+    fits = cuda._cuda_fits(FakeTrainer(), torch.zeros(2, 3, 8, 8), 10, True, progress)
     assert largest_batch(fits, 4, 1024) == 24
     assert seen[0] == ((4, 3, 8, 8), True)
     with pytest.raises(RuntimeError, match="CUDNN_STATUS_BAD_PARAM"):
@@ -286,9 +287,9 @@ def test_max_batch_probe_treats_only_oom_as_not_fitting(monkeypatch):
 
 
 def test_variants_take_turns_and_a_failing_step_drops_only_its_variant(bench, capsys, monkeypatch):
-    import effidense.benchmark as benchmark
+    from effidense.benchmark import trainer
 
-    order, real = [], benchmark._Trainer.timed_step
+    order, real = [], trainer._Trainer.timed_step
 
     def recording(self, timer):
         name = self.model.memory  # each variant here is one of our memory modes
@@ -297,7 +298,7 @@ def test_variants_take_turns_and_a_failing_step_drops_only_its_variant(bench, ca
             raise RuntimeError("CUDA out of memory. Tried to allocate 1.00 GiB")
         return real(self, timer)
 
-    monkeypatch.setattr(benchmark._Trainer, "timed_step", recording)
+    monkeypatch.setattr(trainer._Trainer, "timed_step", recording)
     argv = TINY_SMALL + ["--steps", "3", "--variants", "plain,efficient,frugal"]  # the last --steps counts
     code, out, _ = run_main(bench, argv, capsys)
     assert code == 0
