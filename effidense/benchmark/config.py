@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..modelspec import ModelSpec
+from .variants import HOST_REFERENCE
 
 __all__ = ["AMP_DTYPES", "JSON_SCHEMA", "BenchConfig", "VariantResult", "BenchReport"]
 
@@ -37,6 +38,7 @@ class BenchConfig:
     threads: int | None = None
     progress: bool = True
     traceback: bool = False  # print the full traceback of a failing variant to stderr
+    host_only: bool = False  # time only the host-overhead step (tiny input), not the full-size step or its memory
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "img_size", "steps", "max_batch_limit"):
@@ -48,6 +50,8 @@ class BenchConfig:
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.amp is not None and self.amp not in AMP_DTYPES:
             raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)} or None, got {self.amp!r}")
+        if self.max_batch and self.host_only:
+            raise ValueError("--host-only times the tiny host-overhead step alone; drop --max-batch")
         if self.max_batch and self.device != "cuda":
             raise ValueError("--max-batch searches GPU memory and needs --device cuda (on the CPU it would exhaust "
                              "the host's memory instead)")
@@ -69,10 +73,12 @@ class VariantResult:
     peak_bytes: int | None = None
     compile_s: float | None = None
     max_batch: int | None = None
+    host_ms: float | None = None  # one training step at a tiny input (see variants.host_img_size): the host's cost
     same_function_rel_diff: float | None = None
     samples: dict[str, list[float]] = field(default_factory=dict)
-    # Filled in relative to the 'plain' variant by BenchReport.
+    # Filled in by BenchReport: relative to 'plain', and host time relative to BenchReport.host_reference.
     step_vs_plain: float | None = None
+    host_vs_ref: float | None = None
     activation_x_less: float | None = None
     peak_x_less: float | None = None
     max_batch_x: float | None = None
@@ -93,9 +99,19 @@ class BenchReport:
     world_size: int = 1
     depth_sweep: dict[str, Any] | None = None
     floor_bytes: int | None = None
+    host_reference: str | None = None  # the variant host ratios are taken against (set here)
 
     def __post_init__(self) -> None:
-        plain = next((r for r in self.results if r.variant == "plain" and r.ok), None)
+        ok = {r.variant: r for r in self.results if r.ok}
+        # Host overhead against torchvision's plain DenseNet where it ran, else against our plain model.
+        self.host_reference = next((v for v in (HOST_REFERENCE, "plain") if v in ok and ok[v].host_ms), None)
+        if self.host_reference is not None:
+            reference = ok[self.host_reference]
+            for r in ok.values():
+                r.host_vs_ref = _paired_ratio(r.samples.get("host_ms"), reference.samples.get("host_ms"))
+                if r.host_vs_ref is None:
+                    r.host_vs_ref = _ratio(r.host_ms, reference.host_ms)
+        plain = ok.get("plain")
         if plain is None:
             return
         for r in self.results:

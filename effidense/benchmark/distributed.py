@@ -82,8 +82,8 @@ def _spawn_benchmark(run: RankRunner, cfg: BenchConfig, world: int) -> list[Vari
             return [VariantResult(**r) for r in json.load(f)]
 
 
-_RANK_FIELDS = ("status", "error", "forward_ms", "backward_ms", "step_ms", "activation_bytes", "peak_bytes",
-                "compile_s", "max_batch")
+_RANK_FIELDS = ("status", "error", "forward_ms", "backward_ms", "step_ms", "host_ms", "activation_bytes",
+                "peak_bytes", "compile_s", "max_batch")
 
 
 def _merge_ranks(result: VariantResult, world: int, batch_size: int) -> VariantResult:
@@ -103,7 +103,7 @@ def _merge_ranks(result: VariantResult, world: int, batch_size: int) -> VariantR
         merged.forward_ms, merged.backward_ms, merged.step_ms = worst("forward_ms"), worst("backward_ms"), \
             worst("step_ms")
         merged.activation_bytes, merged.peak_bytes = worst("activation_bytes"), worst("peak_bytes")
-        merged.compile_s = worst("compile_s")
+        merged.compile_s, merged.host_ms = worst("compile_s"), worst("host_ms")
         merged.ratio_b_f = merged.backward_ms / merged.forward_ms if merged.forward_ms else None
         merged.images_per_s = world * batch_size / (merged.step_ms / 1000.0) if merged.step_ms else None
     merged.per_rank = gathered

@@ -16,7 +16,7 @@ from .distributed import _merge_ranks, _spawn_benchmark, backend_for, check_worl
 from .environment import environment
 from .timing import _failed, _one_line, _time_in_rounds
 from .trainer import _make_batch, _Progress, _Timer, _Trainer, torch_threads
-from .variants import COMPILE_SUFFIX, PEERS, build_variant, compile_model, peer_unsupported
+from .variants import COMPILE_SUFFIX, HOST_BATCH, PEERS, build_variant, compile_model, host_img_size, peer_unsupported
 
 __all__ = ["run_benchmark", "benchmark", "memory_by_depth", "activation_floor"]
 
@@ -58,6 +58,7 @@ def _run_benchmark(cfg: BenchConfig, local_rank: int) -> list[VariantResult]:
     base = cfg.spec.build("plain")
     state = {k: v.detach().clone() for k, v in base.state_dict().items()}
     x, y = _make_batch(cfg, device, rank)
+    host_batch = _make_batch(cfg, device, rank, HOST_BATCH, host_img_size(cfg.spec))
     probe = x[: min(2, len(x))]
     base.to(device).eval()
     if cfg.channels_last:
@@ -66,7 +67,8 @@ def _run_benchmark(cfg: BenchConfig, local_rank: int) -> list[VariantResult]:
         reference = base(probe).float()
     del base
 
-    prepare_steps = max(cfg.warmup, 1) + 1 + (device.type == "cuda")
+    # Warm-up steps (at least one), the host step's warm-up, and at full size the metered step(s).
+    prepare_steps = max(cfg.warmup, 1) + 1 + (0 if cfg.host_only else 1 + (device.type == "cuda"))
     progress = _Progress((prepare_steps + cfg.steps) * len(cfg.variants), cfg.progress and rank == 0)
     results: dict[str, VariantResult] = {}
     trainers: dict[str, _Trainer] = {}
@@ -76,7 +78,7 @@ def _run_benchmark(cfg: BenchConfig, local_rank: int) -> list[VariantResult]:
             progress.variant(variant)
             before = progress.bar.n if progress.bar is not None else 0
             results[variant], trainer, first_step_s[variant] = _prepare_variant(
-                variant, cfg, device, state, x, y, probe, reference, progress)
+                variant, cfg, device, state, (x, y), host_batch, probe, reference, progress)
             if trainer is not None:
                 trainers[variant] = trainer
             elif device.type == "cuda":  # what a variant that ran out of memory left behind
@@ -105,11 +107,16 @@ def _run_benchmark(cfg: BenchConfig, local_rank: int) -> list[VariantResult]:
     return ordered
 
 
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
 def _prepare_variant(variant: str, cfg: BenchConfig, device: torch.device, state: dict[str, torch.Tensor],
-                     x: torch.Tensor, y: torch.Tensor, probe: torch.Tensor, reference: torch.Tensor,
+                     batch: Batch, host_batch: Batch, probe: torch.Tensor, reference: torch.Tensor,
                      progress: _Progress) -> tuple[VariantResult, _Trainer | None, float | None]:
     """Build, check, warm up (compile) and measure the memory of one variant; returns its result so far, the trainer
-    to time it with (None if it failed or was skipped) and the duration of its first step in seconds."""
+    to time it with (None if it failed or was skipped) and the duration of its first step in seconds.
+
+    With ``cfg.host_only`` the warm-up runs on the host batch and nothing runs at full size."""
     result = VariantResult(variant)
     base_variant = variant.removesuffix(COMPILE_SUFFIX)
     compiled = variant.endswith(COMPILE_SUFFIX)
@@ -128,7 +135,7 @@ def _prepare_variant(variant: str, cfg: BenchConfig, device: torch.device, state
         if not compiled:  # compiling an eval graph just for this check would double the compile time
             result.same_function_rel_diff = _check_same_function(model, probe, reference)
         model = _wrap(model, compiled, device)
-        trainer = _Trainer(model, x, y, cfg.amp)
+        trainer = _Trainer(model, *batch, cfg.amp, host_batch)
         timer = _Timer(device)
 
         first_step_s = None
@@ -136,12 +143,17 @@ def _prepare_variant(variant: str, cfg: BenchConfig, device: torch.device, state
             progress.note("compiling (first step)" if compiled and i == 0 else "warm-up")
             timer.sync()
             start = time.perf_counter()
-            trainer.step()
+            trainer.step(*host_batch) if cfg.host_only else trainer.step()
             timer.sync()
             if i == 0:
                 first_step_s = time.perf_counter() - start
             progress.advance()
+        progress.note("warm-up (host step)")  # a new input shape: a compiled model compiles again here
+        trainer.step(*host_batch)
+        progress.advance()
         progress.note("")
+        if cfg.host_only:
+            return result, trainer, first_step_s
 
         model.zero_grad(set_to_none=True)
         with SavedTensorMeter(exclude=model) as meter:
@@ -176,26 +188,37 @@ def _wrap(model: nn.Module, compiled: bool, device: torch.device) -> nn.Module:
     return model
 
 
+DEPTH_SWEEP_VARIANTS = (*MEMORY_MODES, "tv", "timm")
+
+
 def memory_by_depth(cfg: BenchConfig, scales: Sequence[float],
-                    modes: Sequence[str] = MEMORY_MODES) -> dict[str, Any]:
+                    modes: Sequence[str] = DEPTH_SWEEP_VARIANTS) -> dict[str, Any]:
     """Activation bytes (the meter) of one training forward for the model family at each depth scale.
 
     The family scales every block's layer count of ``cfg.spec`` by each factor in ``scales``; batch, image size,
-    autocast and memory format are the run's.
+    autocast and memory format are the run's. ``modes`` are variants (our modes and peers, uncompiled); a peer that
+    cannot build the family is left out, with the reason under ``"skipped"``.
     """
     device = _device_for_rank(cfg.device, 0)
     specs = {s.block_config: s for s in (cfg.spec.scaled(f) for f in scales)}
     specs_sorted = sorted(specs.values(), key=lambda s: s.depth)
     sweep: dict[str, Any] = {"depths": [s.depth for s in specs_sorted],
                              "block_configs": [list(s.block_config) for s in specs_sorted],
-                             "activation_bytes": {m: [] for m in modes}}
+                             "activation_bytes": {}, "skipped": {}}
+    for mode in modes:
+        reason = peer_unsupported(cfg.spec, mode) if mode in PEERS else None
+        if reason:
+            sweep["skipped"][mode] = reason
+        else:
+            sweep["activation_bytes"][mode] = []
     x, y = _make_batch(cfg, device, 0)
     errors: list[str] = []
     for spec in specs_sorted:
-        for mode in modes:
+        for mode in sweep["activation_bytes"]:
+            model = None
             try:
                 torch.manual_seed(cfg.seed)
-                model = spec.build(mode).to(device).train()
+                model = build_variant(mode, spec).to(device).train()
                 if cfg.channels_last:
                     model.to(memory_format=torch.channels_last)
                 with SavedTensorMeter(exclude=model) as meter:
@@ -241,7 +264,7 @@ def benchmark(cfg: BenchConfig, processes: int = 1, command: str = "",
     with torch_threads(cfg.threads):
         sweep = memory_by_depth(cfg, depth_scales) if depth_scales else None
         env = environment(cfg.device, command, world)
-        floor = activation_floor(cfg)
+        floor = None if cfg.host_only else activation_floor(cfg)
     return BenchReport(cfg, results, env, world, sweep, floor)
 
 

@@ -43,9 +43,11 @@ class _Timer:
 class _Trainer:
     """Runs training steps of one model on one batch, with the run's autocast and memory format."""
 
-    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: str | None) -> None:
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: str | None,
+                 host_batch: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         self.model, self.x, self.y = model, x, y
         self.amp = AMP_DTYPES[amp] if amp else None
+        self.host_batch = host_batch  # the tiny batch of the host-overhead step
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp is None:
@@ -72,12 +74,29 @@ class _Trainer:
         timer.sync()
         return timer.elapsed_ms(start, middle), timer.elapsed_ms(middle, end)
 
+    def timed_host_step(self, timer: _Timer) -> float:
+        """Milliseconds of one step (as :meth:`timed_step`) on the tiny host batch, where arithmetic costs almost
+        nothing: what is left is the framework's and the model's Python/dispatch/launch overhead."""
+        if self.host_batch is None:
+            raise RuntimeError("this trainer has no host batch")
+        x, y = self.host_batch
+        self.model.zero_grad(set_to_none=True)
+        timer.sync()
+        start = timer.mark()
+        self.loss(x, y).backward()
+        end = timer.mark()
+        timer.sync()
+        return timer.elapsed_ms(start, end)
 
-def _make_batch(cfg: BenchConfig, device: torch.device, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+
+def _make_batch(cfg: BenchConfig, device: torch.device, rank: int, batch_size: int | None = None,
+                img_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The run's batch for ``rank`` (or one of ``batch_size`` images of ``img_size``), on ``device``."""
+    batch_size, img_size = batch_size or cfg.batch_size, img_size or cfg.img_size
     generator = torch.Generator().manual_seed(cfg.seed + 1 + rank)
-    shape = (cfg.batch_size, cfg.spec.arg("in_chans"), cfg.img_size, cfg.img_size)
+    shape = (batch_size, cfg.spec.arg("in_chans"), img_size, img_size)
     x = torch.randn(shape, generator=generator)
-    y = torch.randint(0, max(cfg.spec.arg("num_classes"), 1), (cfg.batch_size,), generator=generator)
+    y = torch.randint(0, max(cfg.spec.arg("num_classes"), 1), (batch_size,), generator=generator)
     x = x.to(device)
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)

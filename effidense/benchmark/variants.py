@@ -4,15 +4,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torchvision
+from timm.models.densenet import DenseNet as TimmDenseNet
 from torch import nn
 
 from ..densenet import MEMORY_MODES
 from ..modelspec import ModelSpec
 
-__all__ = ["PEERS", "COMPILE_SUFFIX", "parse_variants", "peer_unsupported", "build_variant", "compile_model"]
+__all__ = ["PEERS", "COMPILE_SUFFIX", "HOST_REFERENCE", "HOST_BATCH", "parse_variants", "peer_unsupported",
+           "build_variant", "compile_model", "host_img_size"]
 
 
-PEERS = ("tv", "timm")
+# tv: torchvision memory_efficient=True; timm: set_grad_checkpointing(); tv-plain: torchvision keeping everything,
+# the reference for host overhead (the framework's own cost of a step, before any arithmetic).
+PEERS = ("tv", "timm", "tv-plain")
+HOST_REFERENCE = "tv-plain"
+HOST_BATCH = 2  # images per host-overhead step: BatchNorm needs two values per channel
 COMPILE_SUFFIX = "+compile"
 
 
@@ -40,7 +47,7 @@ def peer_unsupported(spec: ModelSpec, peer: str) -> str | None:
         reasons.append("its dense layers always have a bottleneck")
     if spec.arg("compression") != 0.5:
         reasons.append("its transitions always keep half the channels")
-    if peer == "tv":
+    if peer in ("tv", "tv-plain"):
         if spec.arg("in_chans") != 3:
             reasons.append("it takes 3 input channels only")
         if spec.arg("global_pool") != "avg":
@@ -49,7 +56,7 @@ def peer_unsupported(spec: ModelSpec, peer: str) -> str | None:
             reasons.append("it has no head dropout")
     elif peer == "timm" and spec.arg("num_init_features") != 2 * spec.arg("growth_rate"):
         reasons.append("its stem width is always 2 * growth_rate")
-    name = {"tv": "torchvision", "timm": "timm"}[peer]
+    name = "timm" if peer == "timm" else "torchvision"
     return f"{name} cannot build {spec.name}: {'; '.join(reasons)}" if reasons else None
 
 
@@ -60,16 +67,12 @@ def build_variant(variant: str, spec: ModelSpec) -> nn.Module:
     reason = peer_unsupported(spec, variant)
     if reason:
         raise ValueError(reason)
-    if variant == "tv":
-        import torchvision
-
+    if variant in ("tv", "tv-plain"):
         return torchvision.models.DenseNet(
             growth_rate=spec.arg("growth_rate"), block_config=spec.block_config,
             num_init_features=spec.arg("num_init_features"), bn_size=spec.arg("bn_size"),
-            drop_rate=spec.arg("drop_rate"), num_classes=spec.arg("num_classes"), memory_efficient=True)
+            drop_rate=spec.arg("drop_rate"), num_classes=spec.arg("num_classes"), memory_efficient=variant == "tv")
     if variant == "timm":
-        from timm.models.densenet import DenseNet as TimmDenseNet
-
         model = TimmDenseNet(
             growth_rate=spec.arg("growth_rate"), block_config=spec.block_config, num_classes=spec.arg("num_classes"),
             in_chans=spec.arg("in_chans"), global_pool=spec.arg("global_pool"), bn_size=spec.arg("bn_size"),
@@ -85,3 +88,9 @@ def compile_model(model: nn.Module) -> nn.Module:
         model.set_compile(True)
         return model
     return torch.compile(model)
+
+
+def host_img_size(spec: ModelSpec) -> int:
+    """Image size of the host-overhead step: 32, or the model's ``min_input_size`` if larger."""
+    with torch.device("meta"):  # building on the meta device costs no memory
+        return max(32, spec.build("plain").min_input_size)
