@@ -7,16 +7,19 @@ the tools choose per variant) and builds the model in any mode. ``add_model_argu
 from __future__ import annotations
 
 import argparse
+import ast
 import inspect
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from timm.utils import ParseKwargs
+
 from .densenet import DenseNet
 from .registry import CONFIGS
 
-__all__ = ["ModelSpec", "resolve_model", "model_names", "add_model_arguments", "spec_from_args"]
+__all__ = ["ModelSpec", "resolve_model", "model_names", "add_model_arguments", "spec_from_args", "ModelKwargs",
+           "OneLineParser", "positive_int", "non_negative_int", "float_list"]
 
 _MODE_ARGS = ("memory", "efficient", "compile")  # chosen per variant by the tools, never part of a spec
 _DENSENET_ARGS = [name for name in inspect.signature(DenseNet.__init__).parameters
@@ -128,9 +131,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_model: str | No
     group.add_argument("--num-classes", type=int, help="classifier outputs")
     group.add_argument("--small-inputs", action=argparse.BooleanOptionalAction, default=None,
                        help="3x3 stride-1 stem for 32x32 images (--no-small-inputs: ImageNet 7x7/2 stem + max-pool)")
-    group.add_argument("--model-kwargs", type=_json_object, default={},
-                       help='DenseNet constructor arguments as a JSON object, e.g. \'{"growth_rate": 12}\' '
-                            "(the flags above take precedence)")
+    group.add_argument("--model-kwargs", nargs="*", action=ModelKwargs, default={}, metavar="KEY=VALUE",
+                       help="DenseNet constructor arguments as timm takes them (values are Python literals, else "
+                            "strings), e.g. growth_rate=12 block_config=\"(4,4)\"; the flags above take precedence")
 
 
 _FLAG_ARGS = ("growth_rate", "block_config", "num_init_features", "bn_size", "compression", "drop_rate",
@@ -166,14 +169,53 @@ def _bn_size(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {text!r}") from None
 
 
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+class ModelKwargs(ParseKwargs):
+    """timm's ``--model-kwargs KEY=VALUE ...`` (:class:`timm.utils.ParseKwargs`: values are Python literals, else
+    strings), with a one-line argparse error naming the option for a pair that is not ``KEY=VALUE``."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: str | Sequence[Any] | None, option_string: str | None = None) -> None:
+        for value in values or []:
+            key, eq, text = value.partition("=")
+            if not eq or not key.isidentifier():
+                raise argparse.ArgumentError(self, f"expected KEY=VALUE pairs, e.g. growth_rate=12, got {value!r}")
+            if text.lstrip()[:1] in "([{" and text.strip():
+                # A bracket means a literal was meant: timm would silently keep a malformed one as a string.
+                try:
+                    ast.literal_eval(text)
+                except (ValueError, SyntaxError):
+                    raise argparse.ArgumentError(self, f"{key}: {text!r} is not a valid Python literal") from None
+        super().__call__(parser, namespace, values or [], option_string)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr (``prog: error: ...``), without the usage block."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type for integers >= 1."""
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type for integers >= 0."""
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
 def float_list(text: str) -> Sequence[float]:

@@ -97,6 +97,10 @@ def test_table_json_and_plot(bench, tiny_run, capsys):
     plain, efficient, frugal = (sweep["activation_bytes"][m] for m in ("plain", "efficient", "frugal"))
     assert plain == sorted(plain) and all(f < e < p for f, e, p in zip(frugal, efficient, plain, strict=True))
     assert sweep["activation_bytes"]["plain"][1] == act["plain"]  # the sweep uses the same meter and batch
+    # The peers are on the memory-vs-depth panel too (the figure's point is the gap to them).
+    assert sweep["skipped"] == {} and sweep["activation_bytes"]["tv"] == sweep["activation_bytes"]["timm"]
+    assert all(f < t for f, t in zip(frugal, sweep["activation_bytes"]["tv"], strict=True))
+    assert sweep["activation_bytes"]["tv"][-1] < plain[-1]
 
     png = plot_path.read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
@@ -142,16 +146,16 @@ def test_default_variants_include_only_exact_peers(bench, capsys, tmp_path):
 
 
 def test_failing_variant_is_reported_and_others_run(bench, capsys, monkeypatch):
-    import effidense.benchmark as benchmark
+    import effidense.benchmark.runner as runner
 
-    real = benchmark.build_variant
+    real = runner.build_variant
 
     def broken(variant, spec):
         if variant == "efficient":
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(variant, spec)
 
-    monkeypatch.setattr(benchmark, "build_variant", broken)
+    monkeypatch.setattr(runner, "build_variant", broken)
     code, out, _ = run_main(bench, TINY_SMALL + ["--variants", "plain,efficient,frugal"], capsys)
     assert code == 0
     assert "FAILED: out of memory: CUDA out of memory. Tried to allocate 2.00 GiB" in out
@@ -169,7 +173,7 @@ def test_all_variants_failing_exits_nonzero(bench, capsys):
     (["--variants", "plain,fast"], "unknown variant 'fast'"),
     (["--model", "resnet50"], "unknown model 'resnet50'"),
     (["--max-batch"], "--max-batch searches GPU memory and needs --device cuda"),
-    (["--model-kwargs", '{"memory": "frugal"}'], "memory cannot be set in a model config"),
+    (["--model-kwargs", "memory=frugal"], "memory cannot be set in a model config"),
 ])
 def test_bad_arguments(bench, capsys, argv, message):
     code, _, err = run_main(bench, TINY_SMALL + argv, capsys)
@@ -261,6 +265,7 @@ def test_max_batch_probe_treats_only_oom_as_not_fitting(monkeypatch):
     from torch import nn
 
     import effidense.benchmark as benchmark
+    from effidense.benchmark import cuda, trainer
 
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     seen = []
@@ -275,8 +280,8 @@ def test_max_batch_probe_treats_only_oom_as_not_fitting(monkeypatch):
             if len(x) == 13:
                 raise RuntimeError("cuDNN error: CUDNN_STATUS_BAD_PARAM")
 
-    progress = benchmark._Progress(1, enabled=False)
-    fits = benchmark._cuda_fits(FakeTrainer(), torch.zeros(2, 3, 8, 8), 10, True, progress)
+    progress = trainer._Progress(1, enabled=False)
+    fits = cuda._cuda_fits(FakeTrainer(), torch.zeros(2, 3, 8, 8), 10, True, progress)
     assert largest_batch(fits, 4, 1024) == 24
     assert seen[0] == ((4, 3, 8, 8), True)
     with pytest.raises(RuntimeError, match="CUDNN_STATUS_BAD_PARAM"):
@@ -286,9 +291,9 @@ def test_max_batch_probe_treats_only_oom_as_not_fitting(monkeypatch):
 
 
 def test_variants_take_turns_and_a_failing_step_drops_only_its_variant(bench, capsys, monkeypatch):
-    import effidense.benchmark as benchmark
+    from effidense.benchmark import trainer
 
-    order, real = [], benchmark._Trainer.timed_step
+    order, real = [], trainer._Trainer.timed_step
 
     def recording(self, timer):
         name = self.model.memory  # each variant here is one of our memory modes
@@ -297,9 +302,180 @@ def test_variants_take_turns_and_a_failing_step_drops_only_its_variant(bench, ca
             raise RuntimeError("CUDA out of memory. Tried to allocate 1.00 GiB")
         return real(self, timer)
 
-    monkeypatch.setattr(benchmark._Trainer, "timed_step", recording)
+    monkeypatch.setattr(trainer._Trainer, "timed_step", recording)
     argv = TINY_SMALL + ["--steps", "3", "--variants", "plain,efficient,frugal"]  # the last --steps counts
     code, out, _ = run_main(bench, argv, capsys)
     assert code == 0
     assert order == ["plain", "efficient", "frugal", "plain", "efficient", "frugal", "plain", "efficient"]
     assert "FAILED: out of memory" in out and "| efficient" in out
+
+
+def run_cli(module, argv, capsys):
+    """main(argv) -> (exit code, stdout, stderr), whether it returns or argparse exits."""
+    try:
+        code = module.main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_host_time_for_every_variant_against_torchvision_plain(bench, tmp_path, capsys, monkeypatch):
+    from effidense.benchmark import trainer
+
+    calls, real = [], trainer._Trainer.timed_host_step
+
+    def counting(self, timer):
+        calls.append(tuple(self.host_batch[0].shape))
+        return real(self, timer)
+
+    monkeypatch.setattr(trainer._Trainer, "timed_host_step", counting)
+    json_path = tmp_path / "host.json"
+    variants = "plain,efficient,frugal,tv,timm,tv-plain"
+    code, out, _ = run_main(bench, TINY + ["--variants", variants, "--json", str(json_path)], capsys)
+    assert code == 0, out
+    assert calls == [(2, 3, 32, 32)] * (2 * 6)  # one host step per variant per round, at batch 2, 3x32x32
+    data = json.loads(json_path.read_text())
+    assert data["host_reference"] == "tv-plain"
+    assert data["host_input"] == {"batch_size": 2, "img_size": 32}
+    results = {r["variant"]: r for r in data["results"]}
+    assert list(results) == variants.split(",")
+    reference = results["tv-plain"]["samples"]["host_ms"]
+    for name, r in results.items():
+        assert r["status"] == "ok", (name, r["error"])
+        assert len(r["samples"]["host_ms"]) == 2 and r["host_ms"] == statistics.median(r["samples"]["host_ms"])
+        pairs = zip(r["samples"]["host_ms"], reference, strict=True)
+        assert r["host_vs_ref"] == pytest.approx(statistics.median(a / b for a, b in pairs))
+    assert results["tv-plain"]["host_vs_ref"] == 1.0
+    assert results["plain"]["step_vs_plain"] == 1.0  # step ratios stay against our plain model
+    header = [c.strip() for c in out.splitlines()[4].strip("|").split("|")]
+    assert header[9:11] == ["host ms", "host vs tv-plain"]
+    assert "host ms: one such step at batch 2, 32x32" in out
+
+
+def test_host_only_skips_full_size_steps(bench, tmp_path, capsys, monkeypatch):
+    from effidense.benchmark import trainer
+
+    full, host = [], []
+    real_host = trainer._Trainer.timed_host_step
+    monkeypatch.setattr(trainer._Trainer, "timed_step", lambda self, timer: full.append(1))
+    monkeypatch.setattr(trainer._Trainer, "timed_host_step",
+                        lambda self, timer: host.append(1) or real_host(self, timer))
+    json_path = tmp_path / "host.json"
+    code, out, _ = run_main(bench, TINY_SMALL + ["--host-only", "--steps", "3", "--variants", "plain,frugal",
+                                                 "--json", str(json_path)], capsys)
+    assert code == 0, out
+    assert full == [] and len(host) == 3 * 2
+    data = json.loads(json_path.read_text())
+    assert data["host_reference"] == "plain"  # torchvision cannot build a CIFAR net
+    for r in data["results"]:
+        assert r["step_ms"] is None and r["activation_bytes"] is None and "step_ms" not in r["samples"]
+        assert len(r["samples"]["host_ms"]) == 3 and r["host_ms"] > 0
+    assert "host-overhead steps only" in out
+
+
+def test_host_input_is_at_least_the_models_minimum():
+    from effidense.benchmark.variants import host_img_size
+
+    assert host_img_size(resolve_model("effi_densenet121")) == 32
+    assert host_img_size(resolve_model("densenet_bc100_k12")) == 32
+    deep = resolve_model("custom", {"growth_rate": 4, "block_config": (1,) * 6, "num_init_features": 8})
+    assert host_img_size(deep) == build_variant("plain", deep).min_input_size > 32
+
+
+def test_tv_plain_is_torchvision_without_checkpointing():
+    spec = resolve_model("custom", {"growth_rate": 4, "block_config": (1, 1), "num_init_features": 8})
+    assert build_variant("tv-plain", spec).features.denseblock1.denselayer1.memory_efficient is False
+    assert build_variant("tv", spec).features.denseblock1.denselayer1.memory_efficient is True
+    assert "small-input" in peer_unsupported(resolve_model("densenet_bc100_k12"), "tv-plain")
+
+
+@pytest.mark.parametrize("suffix, magic", [(".pdf", b"%PDF"), (".svg", b"<svg")])
+def test_plot_formats(bench, tmp_path, capsys, suffix, magic):
+    path = tmp_path / f"bench{suffix}"
+    code, out, err = run_main(bench, TINY_SMALL + ["--variants", "plain,frugal,tv", "--plot", str(path),
+                                                   "--plot-scales", "1,2"], capsys)
+    assert code == 0, out
+    assert magic in path.read_bytes()[:4096]
+    assert "depth sweep: tv left out: torchvision cannot build" in err  # CIFAR stem: no peer points
+
+
+def _no_benchmark(monkeypatch):
+    import effidense.cli.bench as cli
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the benchmark ran before the error")
+
+    monkeypatch.setattr(cli, "benchmark", fail)
+
+
+def _one_line_error(code, out, err, expected):
+    assert code != 0 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--plot", "bench.jpg"], "--plot: bench.jpg must end in .png, .pdf, .svg"),
+    (["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+    (["--img-size", "0"], "argument --img-size: must be at least 1, got 0"),
+    (["--steps", "0"], "argument --steps: must be at least 1, got 0"),
+    (["--warmup", "-1"], "argument --warmup: must be 0 or more, got -1"),
+    (["--gpus", "0"], "argument --gpus/--nproc: must be at least 1, got 0"),
+    (["--gpus", "-1"], "argument --gpus/--nproc: must be at least 1, got -1"),
+    (["--json", "/proc/effidense-bench.json"], "--json: cannot write /proc/effidense-bench.json"),
+    (["--plot", "/proc/effidense-bench.png"], "--plot: cannot write /proc/effidense-bench.png"),
+    (["--json", "/nonexistent-dir/b.json"], "--json: cannot write /nonexistent-dir/b.json: directory"),
+    (["--model-kwargs", "growth_rate"], "argument --model-kwargs: expected KEY=VALUE pairs"),
+    (["--model-kwargs", "block_config=(1,1"], "argument --model-kwargs: block_config: '(1,1' is not a valid"),
+    (["--host-only", "--max-batch", "--device", "cpu"], "drop --max-batch"),
+])
+def test_bad_input_is_one_line_before_any_work(bench, capsys, monkeypatch, argv, message):
+    if "--host-only" not in argv:
+        _no_benchmark(monkeypatch)
+    code, out, err = run_cli(bench, TINY_SMALL + argv, capsys)
+    _one_line_error(code, out, err, message)
+
+
+def test_device_cuda_without_gpu(bench, capsys, monkeypatch):
+    _no_benchmark(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, out, err = run_cli(bench, TINY_SMALL + ["--device", "cuda"], capsys)
+    _one_line_error(code, out, err, "--device cuda: torch sees no CUDA device")
+
+
+def test_plot_without_matplotlib_fails_before_the_run(bench, tmp_path, capsys, monkeypatch):
+    import sys
+
+    _no_benchmark(monkeypatch)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    code, out, err = run_cli(bench, TINY_SMALL + ["--plot", str(tmp_path / "b.png")], capsys)
+    _one_line_error(code, out, err, "--plot needs matplotlib: pip install 'effidense[plot]'")
+
+
+def test_write_failure_after_the_run_is_one_line(bench, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import effidense.benchmark.report as report
+
+    def read_only(path, data):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(report, "atomic_write_bytes", read_only)
+    path = tmp_path / "b.json"
+    code, out, err = run_cli(bench, TINY_SMALL + ["--variants", "plain", "--json", str(path)], capsys)
+    assert code == 1 and "| plain" in out and not path.exists()
+    assert err.strip() == f"effidense bench: error: --json: cannot write {path}: [Errno 30] Read-only file system: " \
+                          f"'{path}'"
+
+
+def test_model_kwargs_take_timm_key_value_syntax(bench, tmp_path, capsys):
+    json_path = tmp_path / "kw.json"
+    argv = TINY_SMALL[:2] + ["--model-kwargs", "growth_rate=4", "block_config=(1,1)", "num_init_features=8",
+                             "small_inputs=True", "num_classes=3"] + TINY_SMALL[11:]
+    code, out, _ = run_main(bench, argv + ["--variants", "plain", "--json", str(json_path)], capsys)
+    assert code == 0, out
+    kwargs = json.loads(json_path.read_text())["config"]["model"]["kwargs"]
+    assert kwargs == {"growth_rate": 4, "block_config": [1, 1], "num_init_features": 8, "small_inputs": True,
+                      "num_classes": 3}

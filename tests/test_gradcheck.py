@@ -167,3 +167,71 @@ def test_compare_and_report_helpers():
     assert format_report([]).endswith("FAIL: nothing was checked")
     assert tolerance(torch.float64, "cpu") < tolerance(torch.float32, "cpu") < tolerance(torch.float32, "cuda")
     assert tolerance(torch.float32, "cpu", amp="bf16") > tolerance(torch.float32, "cpu", compiled=True)
+
+
+def test_tensor_diff_follows_assert_close():
+    # Infinities in the same places compare like NaNs do: equal, and the finite values still measured
+    # (the hand-written version made the difference NaN here).
+    inf = math.inf
+    assert tensor_diff(torch.tensor([inf, 1.0, -inf]), torch.tensor([inf, 3.0, -inf])) == (2.0, 3.0)
+    assert tensor_diff(torch.tensor([inf]), torch.tensor([-inf]))[0] == math.inf
+    assert tensor_diff(torch.tensor([5.0]), torch.tensor([inf]))[0] == math.inf
+    assert tensor_diff(torch.ones(2), torch.ones(3))[0] == math.inf
+    assert tensor_diff(torch.ones(2, dtype=torch.float16), torch.ones(2)) == (0.0, 1.0)  # dtypes may differ
+
+
+def run_cli(module, argv, capsys):
+    try:
+        code = module.main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--nproc", "-1"], "argument --nproc: must be at least 1, got -1"),
+    (["--steps", "0"], "argument --steps: must be at least 1, got 0"),
+    (["--json", "/proc/effidense-gradcheck.json"], "--json: cannot write /proc/effidense-gradcheck.json"),
+    (["--model-kwargs", "growth_rate"], "argument --model-kwargs: expected KEY=VALUE pairs"),
+])
+def test_bad_input_is_one_line_before_any_check(gradcheck, capsys, monkeypatch, argv, message):
+    import effidense.cli.gradcheck as cli
+
+    monkeypatch.setattr(cli, "run_local_checks", lambda *a, **k: pytest.fail("checks ran before the error"))
+    code, out, err = run_cli(gradcheck, ["--quiet"] + argv, capsys)
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and message in err
+
+
+def test_device_cuda_without_gpu(gradcheck, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, out, err = run_cli(gradcheck, ["--quiet", "--device", "cuda"], capsys)
+    assert code == 2 and out == "" and err.strip().endswith("--device cuda: torch sees no CUDA device "
+                                                             "(torch.cuda.is_available() is False) (see --help)")
+
+
+def test_json_write_failure_is_one_line(gradcheck, capsys, monkeypatch, tmp_path):
+    import errno
+
+    import effidense.cli.gradcheck as cli
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(cli, "atomic_write_bytes", full)
+    path = tmp_path / "checks.json"
+    argv = ["--quiet", "--skip-modes", "--json", str(path)]
+    code, out, err = run_cli(gradcheck, argv, capsys)
+    assert code == 1 and "PASS: all" in out and not path.exists()
+    assert err.strip() == f"effidense gradcheck: error: --json: cannot write {path}: [Errno 28] No space left on " \
+                          f"device: '{path}'"
+
+
+def test_model_kwargs_key_value(gradcheck, capsys):
+    argv = ["--quiet", "--skip-gradcheck", "--steps", "1", "--img-size", "8", "--batch-size", "2", "--model",
+            "custom", "--model-kwargs", "growth_rate=4", 'block_config=(1,1)', "num_init_features=8",
+            "small_inputs=True"]
+    code, out, _ = run_cli(gradcheck, argv, capsys)
+    assert code == 0, out
+    assert "models: custom (depth 7, blocks (1, 1)" in out

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 
 import torch
 
-from effidense.benchmark import AMP_DTYPES, atomic_write_bytes, environment, torchrun_world
-from effidense.modelspec import add_model_arguments, spec_from_args
+from effidense.benchmark import AMP_DTYPES, environment, torchrun_world
+from effidense.fileio import atomic_write_bytes, check_writable, short_error
+from effidense.modelspec import OneLineParser, add_model_arguments, positive_int, spec_from_args
 from effidense.verify import (
     TINY_BC,
     TINY_SMALL_INPUTS,
@@ -37,32 +37,32 @@ from effidense.verify import (
     run_local_checks,
 )
 
+PROG = "effidense gradcheck"
 _MODEL_FLAGS = ("model", "growth_rate", "block_config", "num_init_features", "bn_size", "compression", "drop_rate",
                 "num_classes", "small_inputs")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="effidense gradcheck", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser, None, "two tiny DenseNets, see below")
     run = parser.add_argument_group("what to check (default model: two tiny DenseNets, one DenseNet-BC with the "
                                     "ImageNet stem and one plain DenseNet with the small-input stem)")
     run.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
-    run.add_argument("--steps", type=int, default=2, help="SGD steps per comparison (default 2)")
-    run.add_argument("--batch-size", type=int, default=4, help="images per step (per rank for DDP; default 4)")
-    run.add_argument("--img-size", type=int, default=32, help="input height and width (default 32)")
+    run.add_argument("--steps", type=positive_int, default=2, help="SGD steps per comparison (default 2)")
+    run.add_argument("--batch-size", type=positive_int, default=4, help="images per step (per rank for DDP; default 4)")
+    run.add_argument("--img-size", type=positive_int, default=32, help="input height and width (default 32)")
     run.add_argument("--seed", type=int, default=0, help="seed for weights, data and dropout (default 0)")
     run.add_argument("--compile", action="store_true",
                      help="also compare compiled copies (model.set_compile(True) where available, else "
                           "torch.compile) in the fp32 and dropout cases, with a looser tolerance")
     run.add_argument("--amp", choices=tuple(AMP_DTYPES), default="bf16",
                      help="autocast dtype of the autocast case (default bf16; fp16 needs a GPU)")
-    run.add_argument("--nproc", type=int, default=1, metavar="N",
+    run.add_argument("--nproc", type=positive_int, default=1, metavar="N",
                      help="also run the DDP checks in N spawned processes (gloo on cpu, nccl on cuda, one GPU each)")
     run.add_argument("--sync-bn", action="store_true",
                      help="DDP checks with the norms converted to nn.SyncBatchNorm: train-mode gradients and BN "
                           "buffers must then equal the full batch's in one process (needs --nproc N or torchrun)")
-    run.add_argument("--threads", type=int,
+    run.add_argument("--threads", type=positive_int,
                      help="torch CPU threads (default: 1 for the default tiny models, which run fastest on one "
                           "thread, else torch's choice)")
     run.add_argument("--skip-modes", action="store_true", help="skip the mode-vs-plain training comparisons")
@@ -79,11 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     command = shlex.join(["python", "tools/gradcheck.py", *(sys.argv[1:] if argv is None else argv)])
-    if args.json:
-        if not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-            parser.error(f"--json: directory of {args.json} does not exist")
-        if os.path.exists(args.json) and not args.force:
-            parser.error(f"--json: {args.json} exists; pass --force to overwrite it")
+    problem = check_writable([args.json], force=args.force)  # before the checks run, not after
+    if problem:
+        parser.error(f"--json: {problem}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device (torch.cuda.is_available() is False)")
     launched = torchrun_world()
     threads_before = torch.get_num_threads()
     try:
@@ -91,8 +91,6 @@ def main(argv: list[str] | None = None) -> int:
         specs = [spec_from_args(args)] if given else [TINY_BC, TINY_SMALL_INPUTS]
         threads = args.threads or (None if given else 1)
         if threads is not None:
-            if threads < 1:
-                raise ValueError(f"--threads must be at least 1, got {threads}")
             torch.set_num_threads(threads)
         cfg = VerifyConfig(specs=specs, device=args.device, steps=args.steps, batch_size=args.batch_size,
                            img_size=args.img_size, seed=args.seed, compile=args.compile, amp=args.amp,
@@ -110,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             checks += ddp
         checks = run_local_checks(cfg, progress=not args.quiet) + checks
     except ValueError as e:
-        print(f"gradcheck.py: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     finally:
         torch.set_num_threads(threads_before)  # main() also runs in-process (tests)
@@ -121,7 +119,11 @@ def main(argv: list[str] | None = None) -> int:
               "models: " + "; ".join(s.describe() for s in specs)]
     print(format_report(checks, header, verbose=args.verbose))
     if args.json:
-        atomic_write_bytes(args.json, (json.dumps(checks_to_json(checks, env), indent=2) + "\n").encode())
+        try:
+            atomic_write_bytes(args.json, (json.dumps(checks_to_json(checks, env), indent=2) + "\n").encode())
+        except OSError as e:
+            print(f"{PROG}: error: --json: cannot write {args.json}: {short_error(e)}", file=sys.stderr)
+            return 1
         print(f"wrote {args.json}")
     return 0 if checks and all(c.passed for c in checks) else 1
 

@@ -1,0 +1,140 @@
+"""What a benchmark run measures (:class:`BenchConfig`) and what it finds (:class:`VariantResult`,
+:class:`BenchReport`, which fills in every ratio to the reference variants)."""
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..modelspec import ModelSpec
+from .variants import HOST_REFERENCE
+
+__all__ = ["AMP_DTYPES", "JSON_SCHEMA", "BenchConfig", "VariantResult", "BenchReport"]
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+JSON_SCHEMA = "effidense.bench/1"
+
+
+@dataclass
+class BenchConfig:
+    """Everything a benchmark run measures; the same on every DDP rank."""
+
+    spec: ModelSpec
+    variants: list[str]
+    batch_size: int = 8
+    img_size: int = 32
+    device: str = "cpu"
+    amp: str | None = None
+    channels_last: bool = False
+    warmup: int = 1
+    steps: int = 3
+    seed: int = 0
+    max_batch: bool = False
+    max_batch_limit: int = 1 << 16
+    threads: int | None = None
+    progress: bool = True
+    traceback: bool = False  # print the full traceback of a failing variant to stderr
+    host_only: bool = False  # time only the host-overhead step (tiny input), not the full-size step or its memory
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "img_size", "steps", "max_batch_limit"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be non-negative, got {self.warmup}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.amp is not None and self.amp not in AMP_DTYPES:
+            raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)} or None, got {self.amp!r}")
+        if self.max_batch and self.host_only:
+            raise ValueError("--host-only times the tiny host-overhead step alone; drop --max-batch")
+        if self.max_batch and self.device != "cuda":
+            raise ValueError("--max-batch searches GPU memory and needs --device cuda (on the CPU it would exhaust "
+                             "the host's memory instead)")
+
+
+@dataclass
+class VariantResult:
+    """One variant's numbers (times in ms, memory in bytes); ``status`` is 'ok', 'failed' or 'skipped'."""
+
+    variant: str
+    status: str = "ok"
+    error: str | None = None
+    forward_ms: float | None = None
+    backward_ms: float | None = None
+    step_ms: float | None = None
+    ratio_b_f: float | None = None
+    images_per_s: float | None = None
+    activation_bytes: int | None = None
+    peak_bytes: int | None = None
+    compile_s: float | None = None
+    max_batch: int | None = None
+    host_ms: float | None = None  # one training step at a tiny input (see variants.host_img_size): the host's cost
+    same_function_rel_diff: float | None = None
+    samples: dict[str, list[float]] = field(default_factory=dict)
+    # Filled in by BenchReport: relative to 'plain', and host time relative to BenchReport.host_reference.
+    step_vs_plain: float | None = None
+    host_vs_ref: float | None = None
+    activation_x_less: float | None = None
+    peak_x_less: float | None = None
+    max_batch_x: float | None = None
+    per_rank: list[dict[str, Any]] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclass
+class BenchReport:
+    """A finished run: the configuration, one result per variant, environment, and the depth sweep if plotted."""
+
+    config: BenchConfig
+    results: list[VariantResult]
+    environment: dict[str, Any]
+    world_size: int = 1
+    depth_sweep: dict[str, Any] | None = None
+    floor_bytes: int | None = None
+    host_reference: str | None = None  # the variant host ratios are taken against (set here)
+
+    def __post_init__(self) -> None:
+        ok = {r.variant: r for r in self.results if r.ok}
+        # Host overhead against torchvision's plain DenseNet where it ran, else against our plain model.
+        self.host_reference = next((v for v in (HOST_REFERENCE, "plain") if v in ok and ok[v].host_ms), None)
+        if self.host_reference is not None:
+            reference = ok[self.host_reference]
+            for r in ok.values():
+                r.host_vs_ref = _paired_ratio(r.samples.get("host_ms"), reference.samples.get("host_ms"))
+                if r.host_vs_ref is None:
+                    r.host_vs_ref = _ratio(r.host_ms, reference.host_ms)
+        plain = ok.get("plain")
+        if plain is None:
+            return
+        for r in self.results:
+            if not r.ok:
+                continue
+            r.step_vs_plain = _paired_ratio(r.samples.get("step_ms"), plain.samples.get("step_ms"))
+            if r.step_vs_plain is None:
+                r.step_vs_plain = _ratio(r.step_ms, plain.step_ms)
+            r.activation_x_less = _ratio(plain.activation_bytes, r.activation_bytes)
+            r.peak_x_less = _ratio(plain.peak_bytes, r.peak_bytes)
+            r.max_batch_x = _ratio(r.max_batch, plain.max_batch)
+
+    @property
+    def any_ok(self) -> bool:
+        return any(r.ok for r in self.results)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _paired_ratio(a: Sequence[float] | None, b: Sequence[float] | None) -> float | None:
+    """Median over rounds of ``a[i] / b[i]`` (steps timed in the same round), or None without paired samples."""
+    if not a or not b or len(a) != len(b) or not all(b):
+        return None
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))

@@ -1,0 +1,93 @@
+"""GPU memory: telling out-of-memory from other errors, and the largest batch that trains without running out."""
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+
+import torch
+
+from .trainer import _Progress, _Trainer
+
+__all__ = ["is_oom", "largest_batch"]
+
+
+def is_oom(error: BaseException) -> bool:
+    """Whether ``error`` is the GPU running out of memory (including cuDNN/cuBLAS allocation failures)."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+
+
+def largest_batch(fits: Callable[[int], bool], start: int, limit: int) -> int:
+    """Largest batch in [1, limit] for which ``fits`` is true, assuming it is monotone; 0 if none fits.
+
+    Doubles from ``start`` until a batch fails (or ``limit``), then bisects between the last success and the first
+    failure: about 2 * log2(answer / start) probes.
+    """
+    if start < 1 or limit < start:
+        raise ValueError(f"need 1 <= start <= limit, got start={start}, limit={limit}")
+    if fits(start):
+        good, bad = start, None
+        while bad is None:
+            if good == limit:
+                return good
+            probe = min(good * 2, limit)
+            if fits(probe):
+                good = probe
+            else:
+                bad = probe
+    else:
+        good, bad = 0, start
+    while bad - good > 1:
+        probe = (good + bad) // 2
+        if fits(probe):
+            good = probe
+        else:
+            bad = probe
+    return good
+
+
+def _release_cuda() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _probe_step(trainer: _Trainer, template: torch.Tensor, batch: int, num_classes: int,
+                channels_last: bool) -> None:
+    # A function of its own, so that its tensors and autograd graph die with its frame when it raises.
+    x = torch.randn((batch, *template.shape[1:]), device=template.device, dtype=template.dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, max(num_classes, 1), (batch,), device=template.device)
+    trainer.step(x, y)
+    torch.cuda.synchronize(template.device)
+
+
+def _cuda_fits(trainer: _Trainer, template: torch.Tensor, num_classes: int, channels_last: bool,
+               progress: _Progress) -> Callable[[int], bool]:
+    """A probe for :func:`largest_batch`: does one training step at this batch size fit in GPU memory?"""
+
+    def fits(batch: int) -> bool:
+        progress.note(f"max-batch probe {batch}")
+        try:
+            _probe_step(trainer, template, batch, num_classes, channels_last)
+            return True
+        except Exception as error:  # only running out of memory means "does not fit"
+            if not is_oom(error):
+                raise
+            return False
+        finally:  # runs after the exception (and the frames it holds) is gone
+            trainer.model.zero_grad(set_to_none=True)
+            _release_cuda()
+
+    return fits
+
+
+def _device_for_rank(device: str, local_rank: int) -> torch.device:
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+        return dev
+    return torch.device("cpu")

@@ -1,0 +1,110 @@
+"""DDP: process groups, spawning benchmark workers, and merging one variant's results over ranks."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import socket
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, replace
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+from ..fileio import atomic_write_bytes
+from .config import BenchConfig, VariantResult
+
+__all__ = ["free_port", "process_group", "torchrun_world", "backend_for", "check_world"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a process group's rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def process_group(backend: str, rank: int, world_size: int, init_method: str) -> Iterator[None]:
+    """An initialised default process group for the duration of the block."""
+    torch.distributed.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def torchrun_world() -> tuple[int, int, int] | None:
+    """(rank, local_rank, world_size) when this process was started by torchrun with more than one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or "RANK" not in os.environ:
+        return None
+    return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"])), world
+
+
+def backend_for(device: str) -> str:
+    """nccl between GPUs, gloo between CPU processes."""
+    return "nccl" if device == "cuda" else "gloo"
+
+
+def check_world(device: str, world: int) -> None:
+    """Raise ValueError when ``world`` processes cannot each get their own ``device``."""
+    if world < 1:
+        raise ValueError(f"the number of processes must be at least 1, got {world}")
+    if device == "cuda" and world > 1 and torch.cuda.device_count() < world:
+        raise ValueError(f"{world} processes need {world} GPUs, torch sees {torch.cuda.device_count()}")
+
+
+# What a spawned rank runs: ``run(cfg, local_rank)`` -> that rank's merged results (runner.run_benchmark). Passed in,
+# so that this module needs nothing from the runner, which needs this one.
+RankRunner = Callable[[BenchConfig, int], list[VariantResult]]
+
+
+def _bench_worker(rank: int, run: RankRunner, world: int, cfg: BenchConfig, init_method: str,
+                  result_path: str) -> None:
+    if cfg.device == "cpu" and not cfg.threads:
+        cfg = replace(cfg, threads=max(1, (os.cpu_count() or 1) // world))  # ranks share the cores
+    with process_group(backend_for(cfg.device), rank, world, init_method):
+        results = run(cfg, rank)
+    if rank == 0:
+        atomic_write_bytes(result_path, json.dumps([asdict(r) for r in results]).encode())
+
+
+def _spawn_benchmark(run: RankRunner, cfg: BenchConfig, world: int) -> list[VariantResult]:
+    """``run`` in ``world`` spawned processes forming one process group; rank 0's results."""
+    with tempfile.TemporaryDirectory(prefix="effidense-bench-") as tmp:
+        path = os.path.join(tmp, "results.json")
+        mp.spawn(_bench_worker, args=(run, world, cfg, f"tcp://127.0.0.1:{free_port()}", path), nprocs=world, join=True)
+        with open(path) as f:
+            return [VariantResult(**r) for r in json.load(f)]
+
+
+_RANK_FIELDS = ("status", "error", "forward_ms", "backward_ms", "step_ms", "host_ms", "activation_bytes",
+                "peak_bytes", "compile_s", "max_batch")
+
+
+def _merge_ranks(result: VariantResult, world: int, batch_size: int) -> VariantResult:
+    """Aggregate a variant over DDP ranks: the slowest rank's times, the largest per-rank memory, total images/s."""
+    gathered: list[Any] = [None] * world
+    torch.distributed.all_gather_object(gathered, {k: getattr(result, k) for k in _RANK_FIELDS})
+    failed = [g for g in gathered if g["status"] != "ok"]
+    if failed:
+        merged = VariantResult(result.variant, status=failed[0]["status"], error=failed[0]["error"])
+    else:
+        merged = copy.copy(result)
+
+        def worst(key: str) -> Any:
+            values = [g[key] for g in gathered if g[key] is not None]
+            return max(values) if values else None
+
+        merged.forward_ms, merged.backward_ms, merged.step_ms = worst("forward_ms"), worst("backward_ms"), \
+            worst("step_ms")
+        merged.activation_bytes, merged.peak_bytes = worst("activation_bytes"), worst("peak_bytes")
+        merged.compile_s, merged.host_ms = worst("compile_s"), worst("host_ms")
+        merged.ratio_b_f = merged.backward_ms / merged.forward_ms if merged.forward_ms else None
+        merged.images_per_s = world * batch_size / (merged.step_ms / 1000.0) if merged.step_ms else None
+    merged.per_rank = gathered
+    return merged

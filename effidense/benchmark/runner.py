@@ -1,0 +1,276 @@
+"""The per-process benchmark (:func:`run_benchmark`), the whole run (:func:`benchmark`) and the depth sweep."""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..densenet import MEMORY_MODES
+from ..memory import SavedTensorMeter, activation_floor_bytes, cuda_peak_bytes
+from .config import BenchConfig, BenchReport, VariantResult
+from .cuda import _cuda_fits, _device_for_rank, _release_cuda, largest_batch
+from .distributed import _merge_ranks, _spawn_benchmark, backend_for, check_world, process_group, torchrun_world
+from .environment import environment
+from .timing import _failed, _one_line, _time_in_rounds
+from .trainer import _make_batch, _Progress, _Timer, _Trainer, torch_threads
+from .variants import COMPILE_SUFFIX, HOST_BATCH, PEERS, build_variant, compile_model, host_img_size, peer_unsupported
+
+__all__ = ["run_benchmark", "benchmark", "memory_by_depth", "activation_floor"]
+
+
+# Relative output difference (max |a - b| / max |plain|) above which a variant is not "the same function".
+_SAME_FUNCTION_TOL = 1e-3
+
+
+def _check_same_function(model: nn.Module, x: torch.Tensor, reference: torch.Tensor) -> float:
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    model.train()
+    diff = (out.float() - reference).abs().max().item() / max(reference.abs().max().item(), 1e-12)
+    if not diff <= _SAME_FUNCTION_TOL:
+        raise RuntimeError(f"does not compute the plain model's function: eval output differs by {diff:.3g} "
+                           f"(relative, tolerance {_SAME_FUNCTION_TOL:g})")
+    return diff
+
+
+def run_benchmark(cfg: BenchConfig, local_rank: int = 0) -> list[VariantResult]:
+    """Measure every variant in ``cfg`` in this process; under DDP, every rank calls this and gets the merged results.
+
+    A variant that raises (out of memory, no peer counterpart, a compile error) becomes a failed or skipped result;
+    the others still run.
+    """
+    with torch_threads(cfg.threads):
+        return _run_benchmark(cfg, local_rank)
+
+
+def _run_benchmark(cfg: BenchConfig, local_rank: int) -> list[VariantResult]:
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if distributed else 0
+    device = _device_for_rank(cfg.device, local_rank)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    torch.manual_seed(cfg.seed)
+    base = cfg.spec.build("plain")
+    state = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    x, y = _make_batch(cfg, device, rank)
+    host_batch = _make_batch(cfg, device, rank, HOST_BATCH, host_img_size(cfg.spec))
+    probe = x[: min(2, len(x))]
+    base.to(device).eval()
+    if cfg.channels_last:
+        base.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        reference = base(probe).float()
+    del base
+
+    # Warm-up steps (at least one), the host step's warm-up, and at full size the metered step(s).
+    prepare_steps = max(cfg.warmup, 1) + 1 + (0 if cfg.host_only else 1 + (device.type == "cuda"))
+    progress = _Progress((prepare_steps + cfg.steps) * len(cfg.variants), cfg.progress and rank == 0)
+    results: dict[str, VariantResult] = {}
+    trainers: dict[str, _Trainer] = {}
+    first_step_s: dict[str, float | None] = {}
+    try:
+        for variant in cfg.variants:
+            progress.variant(variant)
+            before = progress.bar.n if progress.bar is not None else 0
+            results[variant], trainer, first_step_s[variant] = _prepare_variant(
+                variant, cfg, device, state, (x, y), host_batch, probe, reference, progress)
+            if trainer is not None:
+                trainers[variant] = trainer
+            elif device.type == "cuda":  # what a variant that ran out of memory left behind
+                _release_cuda()
+            done = (progress.bar.n if progress.bar is not None else 0) - before
+            progress.advance(prepare_steps - done + (cfg.steps if trainer is None else 0))
+        _time_in_rounds(cfg, device, results, trainers, first_step_s, progress)
+        if cfg.max_batch:
+            for variant, trainer in trainers.items():
+                progress.variant(variant)
+                for other in trainers.values():  # only this variant's memory should count
+                    other.model.zero_grad(set_to_none=True)
+                _release_cuda()
+                try:
+                    fits = _cuda_fits(trainer, x, cfg.spec.arg("num_classes"), cfg.channels_last, progress)
+                    results[variant].max_batch = largest_batch(fits, cfg.batch_size, cfg.max_batch_limit)
+                except Exception as error:
+                    results[variant] = _failed(variant, error, cfg)
+                progress.note("")
+    finally:
+        trainers.clear()
+        progress.close()
+    ordered = [results[v] for v in cfg.variants]
+    if distributed:
+        ordered = [_merge_ranks(r, torch.distributed.get_world_size(), cfg.batch_size) for r in ordered]
+    return ordered
+
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def _prepare_variant(variant: str, cfg: BenchConfig, device: torch.device, state: dict[str, torch.Tensor],
+                     batch: Batch, host_batch: Batch, probe: torch.Tensor, reference: torch.Tensor,
+                     progress: _Progress) -> tuple[VariantResult, _Trainer | None, float | None]:
+    """Build, check, warm up (compile) and measure the memory of one variant; returns its result so far, the trainer
+    to time it with (None if it failed or was skipped) and the duration of its first step in seconds.
+
+    With ``cfg.host_only`` the warm-up runs on the host batch and nothing runs at full size."""
+    result = VariantResult(variant)
+    base_variant = variant.removesuffix(COMPILE_SUFFIX)
+    compiled = variant.endswith(COMPILE_SUFFIX)
+    if base_variant in PEERS:
+        reason = peer_unsupported(cfg.spec, base_variant)
+        if reason:
+            result.status, result.error = "skipped", reason
+            return result, None, None
+    try:
+        torch.manual_seed(cfg.seed)
+        model = build_variant(base_variant, cfg.spec)
+        model.load_state_dict(state)
+        model.to(device).train()
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if not compiled:  # compiling an eval graph just for this check would double the compile time
+            result.same_function_rel_diff = _check_same_function(model, probe, reference)
+        model = _wrap(model, compiled, device)
+        trainer = _Trainer(model, *batch, cfg.amp, host_batch)
+        timer = _Timer(device)
+
+        first_step_s = None
+        for i in range(max(cfg.warmup, 1 if compiled else 0)):
+            progress.note("compiling (first step)" if compiled and i == 0 else "warm-up")
+            timer.sync()
+            start = time.perf_counter()
+            trainer.step(*host_batch) if cfg.host_only else trainer.step()
+            timer.sync()
+            if i == 0:
+                first_step_s = time.perf_counter() - start
+            progress.advance()
+        progress.note("warm-up (host step)")  # a new input shape: a compiled model compiles again here
+        trainer.step(*host_batch)
+        progress.advance()
+        progress.note("")
+        if cfg.host_only:
+            return result, trainer, first_step_s
+
+        model.zero_grad(set_to_none=True)
+        with SavedTensorMeter(exclude=model) as meter:
+            loss = trainer.loss()
+        loss.backward()  # DDP expects every forward to be followed by its backward
+        del loss
+        result.activation_bytes = meter.bytes
+        progress.advance()
+
+        if device.type == "cuda":
+            model.zero_grad(set_to_none=True)
+            result.peak_bytes = cuda_peak_bytes(lambda: trainer.loss().backward(), device)
+            model.zero_grad(set_to_none=True)
+            progress.advance()
+        return result, trainer, first_step_s
+    except Exception as error:
+        return _failed(variant, error, cfg), None, None
+
+
+def _wrap(model: nn.Module, compiled: bool, device: torch.device) -> nn.Module:
+    """Compile and/or wrap in DDP. Regional compile goes inside DDP; whole-model torch.compile goes outside it."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    regional = compiled and hasattr(model, "set_compile")
+    if regional:
+        model = compile_model(model)
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if compiled and not regional:
+        model = torch.compile(model)
+    return model
+
+
+DEPTH_SWEEP_VARIANTS = (*MEMORY_MODES, "tv", "timm")
+
+
+def memory_by_depth(cfg: BenchConfig, scales: Sequence[float],
+                    modes: Sequence[str] = DEPTH_SWEEP_VARIANTS) -> dict[str, Any]:
+    """Activation bytes (the meter) of one training forward for the model family at each depth scale.
+
+    The family scales every block's layer count of ``cfg.spec`` by each factor in ``scales``; batch, image size,
+    autocast and memory format are the run's. ``modes`` are variants (our modes and peers, uncompiled); a peer that
+    cannot build the family is left out, with the reason under ``"skipped"``.
+    """
+    device = _device_for_rank(cfg.device, 0)
+    specs = {s.block_config: s for s in (cfg.spec.scaled(f) for f in scales)}
+    specs_sorted = sorted(specs.values(), key=lambda s: s.depth)
+    sweep: dict[str, Any] = {"depths": [s.depth for s in specs_sorted],
+                             "block_configs": [list(s.block_config) for s in specs_sorted],
+                             "activation_bytes": {}, "skipped": {}}
+    for mode in modes:
+        reason = peer_unsupported(cfg.spec, mode) if mode in PEERS else None
+        if reason:
+            sweep["skipped"][mode] = reason
+        else:
+            sweep["activation_bytes"][mode] = []
+    x, y = _make_batch(cfg, device, 0)
+    errors: list[str] = []
+    for spec in specs_sorted:
+        for mode in sweep["activation_bytes"]:
+            model = None
+            try:
+                torch.manual_seed(cfg.seed)
+                model = build_variant(mode, spec).to(device).train()
+                if cfg.channels_last:
+                    model.to(memory_format=torch.channels_last)
+                with SavedTensorMeter(exclude=model) as meter:
+                    _Trainer(model, x, y, cfg.amp).loss()
+                sweep["activation_bytes"][mode].append(meter.bytes)
+            except Exception as error:  # e.g. the deepest plain net does not fit: keep the other points
+                sweep["activation_bytes"][mode].append(None)
+                errors.append(f"depth {spec.depth} {mode}: {_one_line(error)}")
+            finally:
+                model = None
+                if device.type == "cuda":
+                    _release_cuda()
+    sweep["errors"] = errors
+    return sweep
+
+
+def benchmark(cfg: BenchConfig, processes: int = 1, command: str = "",
+              depth_scales: Sequence[float] | None = None) -> BenchReport | None:
+    """Run the whole benchmark: in this process, in ``processes`` spawned DDP workers, or as one torchrun rank.
+
+    Returns the report on the main process and None on the other torchrun ranks. ``depth_scales`` adds the
+    activation-memory-vs-depth sweep (:func:`memory_by_depth`), measured on the main process alone.
+    """
+    launched = torchrun_world()
+    if cfg.max_batch and (processes > 1 or launched is not None):
+        raise ValueError("--max-batch searches one GPU's memory; run it without --gpus/torchrun")
+    if launched is not None:
+        rank, local_rank, world = launched
+        if processes not in (1, world):
+            raise ValueError(f"--gpus {processes} contradicts torchrun's {world} processes; drop --gpus")
+        check_world(cfg.device, world)
+        with process_group(backend_for(cfg.device), rank, world, "env://"):
+            results = run_benchmark(cfg, local_rank=local_rank)
+        if rank != 0:
+            return None
+    elif processes > 1:
+        world = processes
+        check_world(cfg.device, world)
+        results = _spawn_benchmark(run_benchmark, cfg, world)
+    else:
+        world = 1
+        results = run_benchmark(cfg)
+    with torch_threads(cfg.threads):
+        sweep = memory_by_depth(cfg, depth_scales) if depth_scales else None
+        env = environment(cfg.device, command, world)
+        floor = None if cfg.host_only else activation_floor(cfg)
+    return BenchReport(cfg, results, env, world, sweep, floor)
+
+
+def activation_floor(cfg: BenchConfig) -> int:
+    """:func:`effidense.activation_floor_bytes` for one rank's batch in fp32 (measured on one image, every term
+    is linear in the batch size)."""
+    model = cfg.spec.build("plain").eval()
+    image = torch.zeros(1, cfg.spec.arg("in_chans"), cfg.img_size, cfg.img_size)
+    return activation_floor_bytes(model, image) * cfg.batch_size

@@ -1,0 +1,65 @@
+"""Timing in rounds: every variant takes one step in turn, so that drift of a shared machine weighs on all alike."""
+from __future__ import annotations
+
+import statistics
+import traceback
+
+import torch
+
+from .config import BenchConfig, VariantResult
+from .cuda import is_oom
+from .trainer import _Progress, _Timer, _Trainer
+from .variants import COMPILE_SUFFIX
+
+
+def _time_in_rounds(cfg: BenchConfig, device: torch.device, results: dict[str, VariantResult],
+                    trainers: dict[str, _Trainer], first_step_s: dict[str, float | None],
+                    progress: _Progress) -> None:
+    """Time ``cfg.steps`` rounds in which every variant takes its turn, so that a machine slowing down or speeding up
+    during the run weighs on all variants alike (and ratios can be taken round by round). A turn is one full-size
+    step (unless ``cfg.host_only``), then one host-overhead step on the tiny host batch."""
+    timer = _Timer(device)
+    samples: dict[str, list[tuple[float, float]]] = {v: [] for v in trainers}
+    host: dict[str, list[float]] = {v: [] for v in trainers}
+    for round_ in range(cfg.steps):
+        for variant, trainer in list(trainers.items()):
+            progress.variant(variant)
+            try:
+                if not cfg.host_only:
+                    samples[variant].append(trainer.timed_step(timer))
+                host[variant].append(trainer.timed_host_step(timer))
+            except Exception as error:
+                results[variant] = _failed(variant, error, cfg)
+                del trainers[variant]
+                progress.advance(cfg.steps - round_)
+                continue
+            progress.advance()
+    for variant in trainers:
+        result = results[variant]
+        result.samples = {"host_ms": host[variant]}
+        result.host_ms = statistics.median(host[variant])
+        first_ms = result.host_ms if cfg.host_only else None
+        if not cfg.host_only:
+            forward, backward = ([s[i] for s in samples[variant]] for i in (0, 1))
+            steps = [f + b for f, b in zip(forward, backward, strict=True)]
+            result.samples.update(forward_ms=forward, backward_ms=backward, step_ms=steps)
+            result.forward_ms = statistics.median(forward)
+            result.backward_ms = statistics.median(backward)
+            result.step_ms = first_ms = statistics.median(steps)
+            result.ratio_b_f = result.backward_ms / result.forward_ms if result.forward_ms else None
+            result.images_per_s = cfg.batch_size / (result.step_ms / 1000.0) if result.step_ms else None
+        if first_step_s[variant] is not None and variant.endswith(COMPILE_SUFFIX):
+            # The first step ran at the size the rounds time (the host batch with --host-only).
+            result.compile_s = max(first_step_s[variant] - first_ms / 1000.0, 0.0)
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    kind = "out of memory" if is_oom(error) else type(error).__name__
+    return f"{kind}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _failed(variant: str, error: BaseException, cfg: BenchConfig) -> VariantResult:
+    if cfg.traceback:
+        traceback.print_exc()
+    return VariantResult(variant, status="failed", error=_one_line(error))

@@ -1,0 +1,96 @@
+"""The variants a benchmark compares: our memory modes, torchvision's and timm's DenseNets, compiled copies."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torchvision
+from timm.models.densenet import DenseNet as TimmDenseNet
+from torch import nn
+
+from ..densenet import MEMORY_MODES
+from ..modelspec import ModelSpec
+
+__all__ = ["PEERS", "COMPILE_SUFFIX", "HOST_REFERENCE", "HOST_BATCH", "parse_variants", "peer_unsupported",
+           "build_variant", "compile_model", "host_img_size"]
+
+
+# tv: torchvision memory_efficient=True; timm: set_grad_checkpointing(); tv-plain: torchvision keeping everything,
+# the reference for host overhead (the framework's own cost of a step, before any arithmetic).
+PEERS = ("tv", "timm", "tv-plain")
+HOST_REFERENCE = "tv-plain"
+HOST_BATCH = 2  # images per host-overhead step: BatchNorm needs two values per channel
+COMPILE_SUFFIX = "+compile"
+
+
+def parse_variants(text: str | Sequence[str], compile_all: bool = False) -> list[str]:
+    """Variant names from ``"plain,efficient,tv"``; ``compile_all`` appends ``+compile`` copies of our modes."""
+    names = [v.strip() for v in (text.split(",") if isinstance(text, str) else text) if v.strip()]
+    known = (*MEMORY_MODES, *PEERS)
+    for name in names:
+        if name.removesuffix(COMPILE_SUFFIX) not in known:
+            raise ValueError(f"unknown variant {name!r}; choose from {', '.join(known)}, each optionally with "
+                             f"{COMPILE_SUFFIX!r}")
+    if not names:
+        raise ValueError("no variants given")
+    if compile_all:
+        names += [n + COMPILE_SUFFIX for n in names if n in MEMORY_MODES]
+    return list(dict.fromkeys(names))  # drop repeats, keep order
+
+
+def peer_unsupported(spec: ModelSpec, peer: str) -> str | None:
+    """Why ``peer`` has no exact counterpart of ``spec`` (None when it has one)."""
+    reasons = []
+    if spec.arg("small_inputs"):
+        reasons.append("it has no small-input (CIFAR) stem")
+    if not spec.bottleneck:
+        reasons.append("its dense layers always have a bottleneck")
+    if spec.arg("compression") != 0.5:
+        reasons.append("its transitions always keep half the channels")
+    if peer in ("tv", "tv-plain"):
+        if spec.arg("in_chans") != 3:
+            reasons.append("it takes 3 input channels only")
+        if spec.arg("global_pool") != "avg":
+            reasons.append("it pools by average only")
+        if spec.arg("head_drop_rate"):
+            reasons.append("it has no head dropout")
+    elif peer == "timm" and spec.arg("num_init_features") != 2 * spec.arg("growth_rate"):
+        reasons.append("its stem width is always 2 * growth_rate")
+    name = "timm" if peer == "timm" else "torchvision"
+    return f"{name} cannot build {spec.name}: {'; '.join(reasons)}" if reasons else None
+
+
+def build_variant(variant: str, spec: ModelSpec) -> nn.Module:
+    """An uncompiled model for ``variant`` (without ``+compile``) with fresh weights."""
+    if variant in MEMORY_MODES:
+        return spec.build(variant)
+    reason = peer_unsupported(spec, variant)
+    if reason:
+        raise ValueError(reason)
+    if variant in ("tv", "tv-plain"):
+        return torchvision.models.DenseNet(
+            growth_rate=spec.arg("growth_rate"), block_config=spec.block_config,
+            num_init_features=spec.arg("num_init_features"), bn_size=spec.arg("bn_size"),
+            drop_rate=spec.arg("drop_rate"), num_classes=spec.arg("num_classes"), memory_efficient=variant == "tv")
+    if variant == "timm":
+        model = TimmDenseNet(
+            growth_rate=spec.arg("growth_rate"), block_config=spec.block_config, num_classes=spec.arg("num_classes"),
+            in_chans=spec.arg("in_chans"), global_pool=spec.arg("global_pool"), bn_size=spec.arg("bn_size"),
+            drop_rate=spec.arg("head_drop_rate"), proj_drop_rate=spec.arg("drop_rate"))
+        model.set_grad_checkpointing(True)
+        return model
+    raise ValueError(f"unknown variant {variant!r}")
+
+
+def compile_model(model: nn.Module) -> nn.Module:
+    """Compiled ``model``: its own ``set_compile(True)`` when it has one (regional compile), else ``torch.compile``."""
+    if hasattr(model, "set_compile"):
+        model.set_compile(True)
+        return model
+    return torch.compile(model)
+
+
+def host_img_size(spec: ModelSpec) -> int:
+    """Image size of the host-overhead step: 32, or the model's ``min_input_size`` if larger."""
+    with torch.device("meta"):  # building on the meta device costs no memory
+        return max(32, spec.build("plain").min_input_size)

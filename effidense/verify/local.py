@@ -1,0 +1,247 @@
+"""Single-process checks: every mode trained side by side with plain (:func:`compare_modes`), and
+``torch.autograd.gradcheck`` in float64 (:func:`autograd_gradcheck`)."""
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..benchmark.variants import COMPILE_SUFFIX, compile_model
+from ..densenet import MEMORY_MODES
+from ..modelspec import ModelSpec
+from .core import (
+    _FINAL_CHECKS,
+    _GRADCHECK_MODEL,
+    _RAN,
+    _TRAIN_CHECKS,
+    GRADCHECK_TOLERANCES,
+    SGD,
+    Case,
+    Check,
+    VerifyConfig,
+    _autocast,
+    _batch,
+    _batch_norms,
+    _buffers,
+    _compare,
+    _grads,
+    _params,
+    _perturb_running_stats,
+    _set_deterministic,
+    tolerance,
+)
+
+__all__ = ["default_cases", "compare_modes", "autograd_gradcheck", "run_local_checks"]
+
+
+def default_cases(specs: Sequence[ModelSpec], amp: str = "bf16") -> list[Case]:
+    """The first spec under every setting, the others under the basic ones."""
+    cases: list[Case] = []
+    for i, spec in enumerate(specs):
+        # Compiled copies (regional: set_compile compiles the BN-ReLU segments, dropout stays eager) join the fp32
+        # and dropout cases; each case compiles them afresh, so the other cases leave them out.
+        cases += [Case("fp32", spec, with_compiled=i == 0),
+                  Case("dropout 0.2", spec, drop_rate=0.2, with_compiled=i == 0),
+                  Case("BN momentum=None", spec, cumulative_bn=True)]
+        if i == 0:
+            cases += [Case("channels_last", spec, channels_last=True),
+                      Case("fp64", spec, dtype=torch.float64),
+                      Case(f"autocast {amp}", spec, amp=amp)]
+    return cases
+
+
+def compare_modes(case: Case, variants: Sequence[str], steps: int, batch_size: int, img_size: int,
+                  device: str | torch.device = "cpu", seed: int = 0) -> list[Check]:
+    """Train plain and every variant side by side for ``steps`` SGD steps; compare everything with plain's."""
+    device = torch.device(device)
+    _set_deterministic(device)
+
+    def build(variant: str) -> nn.Module:
+        mode = variant.removesuffix(COMPILE_SUFFIX)
+        model = case.spec.build(mode, drop_rate=case.drop_rate)
+        if case.cumulative_bn:
+            for bn in _batch_norms(model):
+                bn.momentum = None
+        model.load_state_dict(state)
+        model.to(device=device, dtype=case.dtype)
+        if case.channels_last:
+            model.to(memory_format=torch.channels_last)
+        return compile_model(model) if variant.endswith(COMPILE_SUFFIX) else model
+
+    torch.manual_seed(seed)
+    reference = case.spec.build("plain", drop_rate=case.drop_rate)
+    _perturb_running_stats(reference, seed)
+    state = copy.deepcopy(reference.state_dict())
+    names = ["plain", *[v for v in variants if v != "plain"]]
+    models = {v: build(v) for v in names}
+    optimizers = {v: torch.optim.SGD(m.parameters(), **SGD) for v, m in models.items()}
+    checks: list[Check] = []
+
+    def record(model: nn.Module, x: Tensor, y: Tensor, step_seed: int) -> dict[str, Any]:
+        torch.manual_seed(step_seed)  # the same dropout masks in every variant
+        with _autocast(device, case.amp):
+            out = model(x)
+        loss = F.cross_entropy(out.float(), y)
+        loss.backward()
+        return {"output": {"output": out.detach().clone()}, "loss": {"loss": loss.detach().clone()},
+                "grads": _grads(model), "stats": _buffers(model, integer=False),
+                "counts": _buffers(model, integer=True)}
+
+    per_step: dict[str, dict[str, list[Check]]] = {v: {k: [] for k in _TRAIN_CHECKS} for v in names[1:]}
+    for step in range(steps):
+        x, y = _batch(case.spec, batch_size, img_size, case.dtype, device, seed + 1 + step, case.channels_last)
+        results = {}
+        for v, model in models.items():
+            model.train()
+            optimizers[v].zero_grad(set_to_none=True)
+            results[v] = record(model, x, y, seed + 1000 + step)
+            optimizers[v].step()
+        for v in names[1:]:
+            tol = tolerance(case.dtype, device.type, case.amp, v.endswith(COMPILE_SUFFIX))
+            for key, label in _TRAIN_CHECKS.items():
+                check = _compare("modes", case.label, v, label, results[v][key], results["plain"][key],
+                                 0.0 if key == "counts" else tol)
+                per_step[v][key].append(replace(check, detail=f"step {step + 1}: {check.detail}"))
+    for v in names[1:]:
+        checks += [_worst(found) for found in per_step[v].values()]
+
+    x, y = _batch(case.spec, batch_size, img_size, case.dtype, device, seed + 999, case.channels_last)
+    x.requires_grad_(True)
+    final = {}
+    for v, model in models.items():
+        params = _params(model)
+        model.eval()
+        optimizers[v].zero_grad(set_to_none=True)
+        x.grad = None
+        with _autocast(device, case.amp):
+            out = model(x)
+        F.cross_entropy(out.float(), y).backward()
+        final[v] = {"params": params, "eval output": {"output": out.detach().clone()},
+                    "eval grads": {**_grads(model), "input": x.grad.detach().clone()},
+                    "eval buffers": _buffers(model, integer=False) | _buffers(model, integer=True)}
+    for v in names[1:]:
+        tol = tolerance(case.dtype, device.type, case.amp, v.endswith(COMPILE_SUFFIX))
+        for key, label in _FINAL_CHECKS.items():
+            checks.append(_compare("modes", case.label, v, label, final[v][key], final["plain"][key], tol))
+    return checks
+
+
+def _worst(checks: Sequence[Check]) -> Check:
+    """One check for a comparison repeated over steps: failed if any failed, the worst step's numbers."""
+    worst = max(checks, key=lambda c: (not c.passed, c.max_rel or 0.0, c.max_abs or 0.0))
+    if all(c.max_abs == 0 and c.passed for c in checks):
+        worst = replace(worst, detail=f"{len(checks)} step{'s' if len(checks) > 1 else ''}: "
+                                      f"{worst.detail.split(': ', 1)[-1]}")
+    return replace(worst, passed=all(c.passed for c in checks))
+
+
+def autograd_gradcheck(memory: str, device: str | torch.device = "cpu", seed: int = 0) -> list[Check]:
+    """``torch.autograd.gradcheck`` in float64 (train mode, input and two parameters inside recomputed segments),
+    and a random-direction check that reports how far the analytical derivative is from central differences."""
+    device = torch.device(device)
+    _set_deterministic(device)
+    torch.manual_seed(seed)
+    model = _GRADCHECK_MODEL.build(memory).to(device=device, dtype=torch.float64).train()
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, 6, 6, generator=generator, dtype=torch.float64).to(device).requires_grad_(True)
+    # gradcheck perturbs its inputs in place, so passing the parameters themselves checks their gradients.
+    weight = model.features.denseblock2.denselayer1.conv1.weight
+    norm = model.features.denseblock1.denselayer1.norm1.weight
+    inputs = (x, weight, norm)
+
+    def fn(x: Tensor, *params: Tensor) -> Tensor:
+        return model(x)
+
+    label = f"{_GRADCHECK_MODEL.name} / float64, train mode"
+    subject = f"{memory}"
+    tols = GRADCHECK_TOLERANCES
+    try:
+        # GPU backward kernels may add with atomics (different rounding per call); the CPU must be deterministic.
+        torch.autograd.gradcheck(fn, inputs, eps=tols["eps"], atol=tols["atol"], rtol=tols["rtol"],
+                                 nondet_tol=0.0 if device.type == "cpu" else 1e-10)
+        verdict = Check("gradcheck", label, subject, "torch.autograd.gradcheck (input, conv1 and norm1 weights)",
+                        True, tol=tols["rtol"], detail=f"eps {tols['eps']:g}, atol {tols['atol']:g}, "
+                                                       f"rtol {tols['rtol']:g}")
+    except Exception as error:  # gradcheck raises GradcheckError; anything else is a failure just the same
+        first = str(error).strip().splitlines()
+        verdict = Check("gradcheck", label, subject, "torch.autograd.gradcheck (input, conv1 and norm1 weights)",
+                        False, tol=tols["rtol"], detail=f"{type(error).__name__}: {first[0] if first else ''}")
+
+    # Directional derivative: u . (f(p + e v) - f(p - e v)) / 2e  against  <grad of u . f(p), v>.
+    worst_abs = worst_rel = 0.0
+    eps = 1e-6
+    for _ in range(4):
+        directions = [torch.randn(t.shape, generator=generator, dtype=torch.float64).to(device) for t in inputs]
+        u = torch.randn(fn(*inputs).shape, generator=generator, dtype=torch.float64).to(device)
+        grads = torch.autograd.grad((fn(*inputs) * u).sum(), inputs)
+        analytical = sum((g * v).sum() for g, v in zip(grads, directions, strict=True)).item()
+        with torch.no_grad():
+            for t, v in zip(inputs, directions, strict=True):
+                t.add_(v, alpha=eps)
+            plus = (fn(*inputs) * u).sum().item()
+            for t, v in zip(inputs, directions, strict=True):
+                t.add_(v, alpha=-2 * eps)
+            minus = (fn(*inputs) * u).sum().item()
+            for t, v in zip(inputs, directions, strict=True):
+                t.add_(v, alpha=eps)
+        numerical = (plus - minus) / (2 * eps)
+        diff = abs(numerical - analytical)
+        worst_abs = max(worst_abs, diff)
+        worst_rel = max(worst_rel, diff / max(abs(numerical), 1e-12))
+    directional = Check("gradcheck", label, subject, "random-direction derivative vs central differences",
+                        worst_rel <= tols["rtol"], worst_abs, worst_rel, tols["rtol"], f"4 directions, eps {eps:g}")
+    return [verdict, directional]
+
+
+def run_local_checks(cfg: VerifyConfig, progress: bool = False) -> list[Check]:
+    """Every single-process check ``cfg`` asks for."""
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch sees no CUDA device")
+    variants = [m for m in MEMORY_MODES if m != "plain"]
+    compiled = [m + COMPILE_SUFFIX for m in MEMORY_MODES] if cfg.compile else []
+    jobs: list[tuple[str, Any]] = []
+    if cfg.modes:
+        jobs += [("modes", c) for c in default_cases(cfg.specs, cfg.amp)]
+    if cfg.gradcheck:
+        jobs += [("gradcheck", m) for m in MEMORY_MODES]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(jobs), desc="gradcheck", unit="check", file=sys.stderr, dynamic_ncols=True)
+    checks: list[Check] = []
+    try:
+        for kind, job in jobs:
+            if bar is not None:
+                bar.set_description(f"gradcheck {job.label if kind == 'modes' else 'autograd ' + job}")
+            if kind == "modes":
+                these = variants + (compiled if job.with_compiled else [])
+                checks += _guarded("modes", job.label, ", ".join(these),
+                                   lambda job=job, these=these: compare_modes(
+                                       job, these, cfg.steps, cfg.batch_size, cfg.img_size, device, cfg.seed))
+            else:
+                checks += _guarded("gradcheck", "float64", job, lambda job=job: autograd_gradcheck(job, device,
+                                                                                                    cfg.seed))
+            if bar is not None:
+                bar.update()
+    finally:
+        if bar is not None:
+            bar.close()
+    return checks
+
+
+def _guarded(group: str, case: str, subject: str, run: Any) -> list[Check]:
+    """Run a check function; an exception becomes one failed check instead of ending the whole run."""
+    try:
+        return run()
+    except Exception as error:
+        first = str(error).strip().splitlines()
+        return [Check(group, case, subject, _RAN, False,
+                      detail=f"{type(error).__name__}: {first[0] if first else ''}")]
