@@ -19,7 +19,8 @@ def test_dispatcher_lists_commands_and_refuses_unknown(capsys):
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_every_route_shows_the_same_help(command):
-    routes = [[sys.executable, str(ROOT / "tools" / f"{command}.py")], [sys.executable, "-m", "effidense", command]]
+    tool = ROOT / "tools" / f"{command.replace('-', '_')}.py"  # a module name has no hyphen
+    routes = [[sys.executable, str(tool)], [sys.executable, "-m", "effidense", command]]
     if shutil.which("effidense"):
         routes.append(["effidense", command])
     helps = [subprocess.run([*route, "--help"], capture_output=True, text=True, check=True, cwd=ROOT).stdout
