@@ -24,7 +24,7 @@ import torch
 from effidense.fileio import check_writable
 from effidense.gpu_report import REPORT_JSON, SECTIONS, SUMMARY_MD, format_summary, gpu_plan, run_report, smoke_plan
 
-DEFAULT_BUDGET = {"gpu": 510.0, "smoke": 110.0}
+DEFAULT_BUDGET = {"gpu": 510.0, "smoke": 115.0}
 
 
 def _sections(text: str) -> list[str]:
