@@ -19,9 +19,10 @@ def _report(out: Path) -> dict:
 
 
 def _meter_bytes(model: torch.nn.Module, batch: int, img: int, amp: str | None) -> int:
-    x = torch.randn(batch, 3, img, img)
-    with SavedTensorMeter(exclude=model) as meter, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(amp)):
-        model.train()(x)
+    """What a search probe counts: the saved bytes of a training forward and its loss."""
+    x, y = torch.randn(batch, 3, img, img), torch.zeros(batch, dtype=torch.long)
+    with SavedTensorMeter(exclude=model) as meter:
+        gpu_report._loss(model.train(), x, y, amp)
     return meter.bytes
 
 
