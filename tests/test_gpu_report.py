@@ -57,6 +57,8 @@ def test_smoke_runs_every_section_and_prints_the_summary_last(smoke):
     assert any("best compiled efficient path" in g for g in goals) and any("frugal trains" in g for g in goals)
     seed = report["sections"]["seed"]["data"]
     assert seed["rows"]["efficient"]["ratio_b_f"] > 0 and seed["seed_table"]["plain"]["backward_ms"] == 77.9
+    seed_batch = {e["variant"]: e["value"] for e in seed["searches"]}
+    assert seed_batch["efficient"] > seed_batch["plain"] > 0
     host = report["sections"]["host-bound"]["data"]["rows"]
     assert [r["variant"] for r in host][0] == "efficient" and all(0 <= r["idle_fraction"] < 1 for r in host)
     checks = {c["check"]: c for c in report["sections"]["correctness"]["data"]["checks"]}
