@@ -21,7 +21,8 @@ def test_dispatcher_lists_commands_and_refuses_unknown(capsys):
 def test_every_route_shows_the_same_help(command):
     routes = [[sys.executable, "-m", "effidense", command]]
     if command != "timm":  # no tools/timm.py: that name would shadow the timm package for every tools/ script
-        routes.insert(0, [sys.executable, str(ROOT / "tools" / f"{command}.py")])
+        tool = ROOT / "tools" / f"{command.replace('-', '_')}.py"  # a module name has no hyphen
+        routes.insert(0, [sys.executable, str(tool)])
     if shutil.which("effidense"):
         routes.append(["effidense", command])
     helps = [subprocess.run([*route, "--help"], capture_output=True, text=True, check=True, cwd=ROOT).stdout

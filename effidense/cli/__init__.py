@@ -1,4 +1,4 @@
-"""effidense's commands: ``effidense bench|convert|gradcheck|train ...`` (also ``python -m effidense ...``).
+"""effidense's commands: ``effidense bench|convert|gradcheck|train|gpu-report ...`` (also ``python -m effidense ...``).
 
 Each command is a module here with ``main(argv) -> exit code``; ``tools/*.py`` are thin fronts over the same code.
 """
@@ -13,6 +13,7 @@ COMMANDS = {
     "convert": "convert DenseNet weights between torchvision, timm and effidense (safetensors or .pth)",
     "gradcheck": "check that every memory mode computes the plain model's outputs, gradients and BN statistics",
     "train": "train with the built-in timm-based trainer, or run timm's own scripts with effidense registered",
+    "gpu-report": "the GPU evidence run: step time, max batch, depth, idle time, correctness (--smoke: on the CPU)",
     "timm": "run timm's own train.py/validate.py/benchmark.py/inference.py with the effi_* models registered",
 }
 
@@ -38,4 +39,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"error: unknown command {command!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    return importlib.import_module(f"{__name__}.{command}").main(rest)
+    return importlib.import_module(f"{__name__}.{command.replace('-', '_')}").main(rest)

@@ -1,0 +1,184 @@
+"""CUDA checks (``python -m pytest -m cuda``; skipped without a GPU): exactness of the memory modes on the device, the
+meter against the allocator, the max-batch search, the compiled paths, one trainer step, and a tiny GPU report.
+
+Tolerances are relative (max |a - b| / max |reference|), from :func:`effidense.verify.tolerance`: fp32 with TF32 off
+1e-5 (the modes run the same kernels; only the summation order of gradient contributions may differ), bf16 autocast
+2e-2, compiled against eager 1e-4. ``num_batches_tracked`` must match exactly.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import load_tool
+
+from effidense import DenseNet, SavedTensorMeter
+from effidense.gpu_report import Cap, Cell, gpu_plan, run_report
+from effidense.memory import MiB
+from effidense.modelspec import ModelSpec
+from effidense.verify import tensor_diff, tolerance
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+TINY_BC = dict(growth_rate=8, block_config=(3, 3), num_init_features=16, num_classes=10)
+DEVICE = "cuda"
+
+
+@pytest.fixture
+def exact_cuda():
+    """fp32 without TF32, deterministic cuDNN algorithms: what exactness is checked under."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    yield
+    (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) = saved
+
+
+def _train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool = False) -> dict:
+    model.train()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        out = model(x)
+    F.cross_entropy(out.float(), y).backward()
+    return {"out": out.detach().float(),
+            "grads": {n: p.grad for n, p in model.named_parameters()},
+            "buffers": dict(model.named_buffers())}
+
+
+def _assert_same(got: dict, ref: dict, tol: float, label: str) -> None:
+    diff, scale = tensor_diff(got["out"], ref["out"])
+    assert diff <= tol * scale, f"{label}: output differs by {diff:.3g} (scale {scale:.3g})"
+    worst = max(tensor_diff(got["grads"][n], g) for n, g in ref["grads"].items())
+    scale = max(tensor_diff(g, g)[1] for g in ref["grads"].values())
+    assert worst[0] <= tol * scale, f"{label}: gradients differ by {worst[0]:.3g} (scale {scale:.3g})"
+    for name, b in ref["buffers"].items():
+        if name.endswith("num_batches_tracked"):
+            assert torch.equal(got["buffers"][name], b), f"{label}: {name}"
+        else:
+            diff, scale = tensor_diff(got["buffers"][name], b)
+            assert diff <= tol * max(scale, 1.0), f"{label}: buffer {name} differs by {diff:.3g}"
+
+
+def _models(**kwargs) -> dict[str, torch.nn.Module]:
+    torch.manual_seed(0)
+    base = DenseNet(**TINY_BC, **kwargs, memory="plain")
+    return {mode: copy.deepcopy(base).set_memory(mode).to(DEVICE) for mode in ("plain", "efficient", "frugal")}
+
+
+def _data(batch: int = 8, img: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, img, img, generator=generator)
+    y = torch.randint(0, 10, (batch,), generator=generator)
+    return x.to(DEVICE), y.to(DEVICE)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_modes_equal_plain_fp32_tf32_off(exact_cuda, channels_last):
+    x, y = _data()
+    results = {}
+    for mode, model in _models().items():
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+        results[mode] = _train_step(model, x, y)
+    for mode in ("efficient", "frugal"):
+        _assert_same(results[mode], results["plain"], tolerance(torch.float32, "cuda"), mode)
+
+
+def test_modes_equal_plain_bf16_autocast(exact_cuda):
+    x, y = _data()
+    results = {mode: _train_step(model, x, y, amp=True) for mode, model in _models().items()}
+    for mode in ("efficient", "frugal"):
+        _assert_same(results[mode], results["plain"], tolerance(torch.float32, "cuda", amp="bf16"), mode)
+
+
+def test_meter_matches_the_allocator():
+    """What the meter counts is what the allocator holds for backward after the forward (same order), and both rank
+    the modes alike."""
+    x, y = _data(batch=16, img=64)
+    meter_bytes, held_bytes = {}, {}
+    for mode, model in _models().items():
+        model.train()
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        with SavedTensorMeter(exclude=model) as meter:
+            loss = F.cross_entropy(model(x), y)
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated() - before + x.numel() * x.element_size()  # x predates `before`
+        meter_bytes[mode], held_bytes[mode] = meter.bytes, held
+        loss.backward()
+        del loss
+        assert 0.5 <= held / meter.bytes <= 2.0, (mode, held / MiB, meter.bytes / MiB)
+    assert meter_bytes["plain"] > meter_bytes["efficient"] > meter_bytes["frugal"]
+    assert held_bytes["plain"] > held_bytes["efficient"] > held_bytes["frugal"]
+
+
+@pytest.mark.parametrize("how", ["set_compile", "torch.compile"])
+def test_compiled_paths_equal_eager(exact_cuda, how):
+    torch._dynamo.reset()
+    x, y = _data()
+    eager = _models()["efficient"]
+    compiled = copy.deepcopy(eager)
+    compiled = compiled.set_compile(True) if how == "set_compile" else torch.compile(compiled)
+    ref = _train_step(eager, x, y)
+    got = _train_step(compiled, x, y)
+    got["grads"] = {n.removeprefix("_orig_mod."): g for n, g in got["grads"].items()}
+    got["buffers"] = {n.removeprefix("_orig_mod."): b for n, b in got["buffers"].items()}
+    _assert_same(got, ref, tolerance(torch.float32, "cuda", compiled=True), how)
+
+
+TINY_SPEC = ModelSpec("tiny DenseNet-BC", TINY_BC)
+
+
+def _tiny_plan(cap_mib: int = 256):
+    """The GPU plan scaled down to seconds: tiny models, small caps; the code path is the real one."""
+    bc = ModelSpec("tiny BC", dict(growth_rate=4, block_config=(2, 2, 2), num_init_features=8, small_inputs=True,
+                                   num_classes=10))
+    cells = (Cell(8, "bf16", True, ("tv", "tv-me", "timm-ckpt", "plain", "efficient", "frugal",
+                                    "efficient+set_compile", "efficient+torch.compile")),
+             Cell(8, None, False, ("tv", "plain", "efficient")))
+    return dataclasses.replace(
+        gpu_plan(300), dn121=TINY_SPEC, img_size=32, cells=cells, steps=2, warmup=1,
+        caps=(Cap(f"{cap_mib} MiB", cap_mib * MiB), Cap("whole GPU", None)), batch_unit=1, batch_start=8,
+        batch_limit=4096, seed_spec=bc, seed_batch=16, depth_growth=4, depth_start=2, depth_limit=64, depth_batch=4)
+
+
+def test_max_batch_search_under_a_cap(tmp_path: Path):
+    plan = dataclasses.replace(_tiny_plan(), caps=(Cap("128 MiB", 128 * MiB),))
+    report = run_report(plan, tmp_path, ["max-batch"])
+    section = report["sections"]["max-batch"]
+    assert section["status"] == "ok", section.get("error")
+    found = {e["variant"]: e for e in section["data"]["searches"]}
+    assert all(e["status"] == "ok" and e["first_failure"] == e["value"] + 1 for e in found.values()), found
+    assert found["frugal"]["value"] > found["efficient"]["value"] > found["plain"]["value"] > 0
+    assert torch.cuda.memory_allocated() < 64 * MiB  # the probes leave nothing behind
+
+
+def test_tiny_gpu_report_runs_every_section_but_correctness(tmp_path: Path):
+    """Every section's GPU code (CUDA events, peak memory, real caps, the CUDA profiler) on tiny models; the
+    correctness section would run this very test file again, so it is left out."""
+    sections = ["step-time", "max-batch", "seed", "depth", "host-bound"]
+    report = run_report(_tiny_plan(), tmp_path, sections)
+    assert {n: s["status"] for n, s in report["sections"].items()} == dict.fromkeys(sections, "ok")
+    rows = report["sections"]["step-time"]["data"]["cells"][0]["rows"]
+    assert all(r["status"] == "ok" and r["peak_bytes"] > 0 and r["step_ms"] > 0 for r in rows.values()), rows
+    host = report["sections"]["host-bound"]["data"]["rows"]
+    assert all(0.0 <= r["idle_fraction"] < 1.0 and r["events"] > 0 for r in host), host
+    assert json.loads((tmp_path / "report.json").read_text())["complete"]
+
+
+def test_one_trainer_step_on_cuda(tmp_path: Path):
+    tool = load_tool("train")
+    argv = ["--model", "effi_densenet_bc100_k12", "--model-kwargs", "block_config=(2,2)", "growth_rate=4",
+            "num_init_features=8", "--dataset", "synthetic", "--img-size", "8", "-b", "8", "--train-num-samples",
+            "8", "--val-num-samples", "8", "-j", "0", "--warmup-epochs", "0", "--epochs", "1", "--device", "cuda",
+            "--amp", "--amp-dtype", "bfloat16", "--channels-last", "--output", str(tmp_path), "--experiment", "cuda"]
+    assert tool.main(argv) == 0
+    assert (tmp_path / "cuda" / "summary.csv").is_file()
