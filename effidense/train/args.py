@@ -16,6 +16,7 @@ import yaml
 from timm.utils import ParseKwargs
 
 from ..densenet import MEMORY_MODES
+from ..modelspec import non_negative_int, positive_int
 from .errors import TrainError
 
 __all__ = ["build_parser", "parse_args", "args_as_dict", "args_to_yaml", "TIMM_SCRIPT_ENV", "WRAPPER_HINT"]
@@ -23,20 +24,6 @@ __all__ = ["build_parser", "parse_args", "args_as_dict", "args_to_yaml", "TIMM_S
 TIMM_SCRIPT_ENV = "EFFIDENSE_TIMM_SCRIPT"
 WRAPPER_HINT = ("for any other timm train.py flag run timm's own script with effidense's models registered: "
                 "effidense timm /path/to/timm/train.py [timm flags] (or effidense train --timm-script PATH ...)")
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
-    return value
 
 
 def _learning_rate(text: str) -> float:
@@ -112,9 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: validation)")
     group.add_argument("--dataset-download", action="store_true",
                        help="allow torchvision to download torch/cifar10 or torch/cifar100 (never done otherwise)")
-    group.add_argument("--train-num-samples", type=_positive_int, default=1024, metavar="N",
+    group.add_argument("--train-num-samples", type=positive_int, default=1024, metavar="N",
                        help="images in the synthetic training set (default: 1024)")
-    group.add_argument("--val-num-samples", type=_positive_int, default=256, metavar="N",
+    group.add_argument("--val-num-samples", type=positive_int, default=256, metavar="N",
                        help="images in the synthetic validation set (default: 256)")
 
     group = parser.add_argument_group("Model")
@@ -130,13 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue a run: a run directory, or its last.state.pt / last.safetensors, from its newest "
                             "complete checkpoint (a run killed before its first checkpoint starts from the "
                             "beginning). Keeps writing into that directory unless --output/--experiment name another")
-    group.add_argument("--num-classes", type=_positive_int, default=None, metavar="N",
+    group.add_argument("--num-classes", type=positive_int, default=None, metavar="N",
                        help="label classes (default: the dataset's)")
     group.add_argument("--model-kwargs", nargs="*", default={}, action=_ModelKwargs, metavar="KEY=VALUE",
                        help="extra create_model arguments, values as Python literals, e.g. "
                             "block_config='(3,3,3)' growth_rate=12")
     group.add_argument("--drop", type=float, default=0.0, metavar="PCT", help="dropout before the classifier")
-    group.add_argument("--img-size", type=_positive_int, default=None, metavar="N",
+    group.add_argument("--img-size", type=positive_int, default=None, metavar="N",
                        help="image size (default: the model's pretrained_cfg input size)")
     group.add_argument("--memory", choices=MEMORY_MODES, default=None,
                        help="effidense memory mode: plain (keep everything), efficient (recompute concat-BN-ReLU, "
@@ -167,8 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="learning-rate schedule (default: cosine)")
     group.add_argument("--sched-on-updates", action="store_true",
                        help="update the schedule after every optimizer step instead of every epoch")
-    group.add_argument("--epochs", type=_positive_int, default=300, metavar="N", help="epochs (default: 300)")
-    group.add_argument("--warmup-epochs", type=_non_negative_int, default=5, metavar="N",
+    group.add_argument("--epochs", type=positive_int, default=300, metavar="N", help="epochs (default: 300)")
+    group.add_argument("--warmup-epochs", type=non_negative_int, default=5, metavar="N",
                        help="linear warm-up epochs (default: 5)")
     group.add_argument("--warmup-lr", type=float, default=1e-5, metavar="LR", help="warm-up start lr (default: 1e-5)")
     group.add_argument("--min-lr", type=float, default=0.0, metavar="LR", help="lowest lr of cosine/poly (default: 0)")
@@ -176,9 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--decay-milestones", type=int, nargs="+", default=[90, 180, 270], metavar="EPOCH",
                        help="multistep schedule: epochs at which the lr is multiplied by --decay-rate")
     group.add_argument("--decay-rate", "--dr", type=float, default=0.1, metavar="RATE", help="lr decay factor")
-    group.add_argument("--cooldown-epochs", type=_non_negative_int, default=0, metavar="N",
+    group.add_argument("--cooldown-epochs", type=non_negative_int, default=0, metavar="N",
                        help="epochs at min lr after the schedule ends")
-    group.add_argument("--grad-accum-steps", type=_positive_int, default=1, metavar="N",
+    group.add_argument("--grad-accum-steps", type=positive_int, default=1, metavar="N",
                        help="accumulate gradients over N batches per optimizer step")
 
     group = parser.add_argument_group("Augmentation and regularisation")
@@ -190,9 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--smoothing", type=_smoothing, default=0.1, help="label smoothing in [0, 1) (default: 0.1)")
 
     group = parser.add_argument_group("Precision, EMA, batches")
-    group.add_argument("-b", "--batch-size", type=_positive_int, default=128, metavar="N",
+    group.add_argument("-b", "--batch-size", type=positive_int, default=128, metavar="N",
                        help="batch size per process (default: 128)")
-    group.add_argument("-vb", "--validation-batch-size", type=_positive_int, default=None, metavar="N",
+    group.add_argument("-vb", "--validation-batch-size", type=positive_int, default=None, metavar="N",
                        help="validation batch size (default: --batch-size)")
     group.add_argument("--amp", action="store_true", help="automatic mixed precision (torch.amp.autocast)")
     group.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"),
@@ -210,13 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start a new run in a directory that already holds one (its files are replaced)")
     group.add_argument("--eval-metric", default="top1", choices=("top1", "top5", "loss"),
                        help="validation metric that picks model_best (default: top1)")
-    group.add_argument("--checkpoint-interval", "--recovery-interval", type=_non_negative_int, default=0,
+    group.add_argument("--checkpoint-interval", "--recovery-interval", type=non_negative_int, default=0,
                        metavar="N", help="also save last.* every N optimizer steps inside an epoch, so a killed run "
                                          "loses at most N steps (default: 0, epoch ends only)")
     group.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
-    group.add_argument("-j", "--workers", type=_non_negative_int, default=4, metavar="N",
+    group.add_argument("-j", "--workers", type=non_negative_int, default=4, metavar="N",
                        help="data loading processes per training process (default: 4)")
-    group.add_argument("--log-interval", type=_positive_int, default=50, metavar="N",
+    group.add_argument("--log-interval", type=positive_int, default=50, metavar="N",
                        help="batches between progress-bar updates (default: 50)")
     group.add_argument("--device", default=None, help="torch device type (default: cuda if available, else cpu)")
     return parser
