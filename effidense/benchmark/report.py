@@ -58,7 +58,9 @@ def format_table(report: BenchReport) -> str:
     per_rank = f" per rank, {report.world_size} DDP ranks (images/s is their total)" if report.world_size > 1 else ""
     header = [
         f"model: {cfg.spec.describe()}",
-        f"batch {cfg.batch_size}{per_rank}, {cfg.img_size}x{cfg.img_size}, {cfg.amp or 'fp32'}"
+        (f"host-overhead step: batch {HOST_BATCH}, {host_img_size(cfg.spec)}x{host_img_size(cfg.spec)}"
+         if cfg.host_only else f"batch {cfg.batch_size}{per_rank}, {cfg.img_size}x{cfg.img_size}") +
+        f", {cfg.amp or 'fp32'}"
         f"{', channels_last' if cfg.channels_last else ''}, {cfg.device} ({env.get('device_name')}), "
         f"median of {cfg.steps} round{'s' if cfg.steps != 1 else ''} after {cfg.warmup} warm-up"
         f"{', host-overhead steps only' if cfg.host_only else ''}",
