@@ -116,7 +116,12 @@ class DenseLayer(nn.Module):
         out = _run(mode, "efficient", self._concat_bn_relu_conv1, once, mean, var, *features)
         if self.bottleneck:
             mean, var, once = norm_act.prepare(self.norm2, [out], [], self.compiled)
-            out = _run(mode, "efficient", self._bn_relu_conv2, once, out, mean, var)
+            if mode == "efficient" and once is not None and torch.is_grad_enabled():
+                # No concatenation here: a light Function that keeps only the input costs a fraction of a checkpoint.
+                out = norm_act.BNReLUConv.apply(out, self.norm2.weight, self.norm2.bias, self.conv2.weight,
+                                                self.norm2, self.conv2, once)
+            else:
+                out = _run(mode, "efficient", self._bn_relu_conv2, once, out, mean, var)
         return self._dropout(out)
 
 

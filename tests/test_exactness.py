@@ -307,3 +307,29 @@ def test_shared_statistics_path_takes_half_precision_parameters(dtype):
     torch.testing.assert_close(out.float(), reference, rtol=2e-2, atol=2e-2)
     for got, want in zip(grads, expected, strict=True):
         torch.testing.assert_close(got.float(), want.float(), rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+def test_efficient_bottleneck_function_is_bitwise_plain(channels_last, amp):
+    """The bottleneck's BNReLUConv recompute runs autograd's own backward kernels: outputs, every gradient and every
+    buffer are bitwise the plain model's, with autocast and channels_last too."""
+    base = DenseNet(**TINY, memory="plain")
+    x = torch.randn(3, 3, 32, 32)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    runs = []
+    for mode in ("plain", "efficient"):
+        model = copy.deepcopy(base).set_memory(mode).train()
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+            out = model(x)
+        out.float().square().mean().backward()
+        runs.append((out, model))
+    (out, plain), (eff_out, efficient) = runs
+    assert torch.equal(out, eff_out)
+    for (name, p), q in zip(efficient.named_parameters(), plain.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad), name
+    for (name, b), c in zip(efficient.named_buffers(), plain.buffers(), strict=True):
+        assert torch.equal(b, c), name

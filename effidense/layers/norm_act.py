@@ -36,9 +36,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Stats", "SyncedStats", "OneShot", "BatchNormWithStats", "SyncBatchNormWithStats", "batch_stats",
-           "bn_relu", "inner_once", "prepare", "segment_stats", "shared_stats", "sync_group", "update_running_stats",
-           "uses_batch_stats"]
+__all__ = ["Stats", "SyncedStats", "OneShot", "BNReLUConv", "BatchNormWithStats", "SyncBatchNormWithStats",
+           "batch_stats", "bn_relu", "inner_once", "prepare", "segment_stats", "shared_stats", "sync_group",
+           "update_running_stats", "uses_batch_stats"]
 
 Stats = tuple[Tensor, Tensor]  # per-channel mean and biased variance
 # Statistics of a feature map over a process group (nn.SyncBatchNorm): mean, biased variance, the global number of
@@ -303,3 +303,48 @@ def bn_relu(norm: nn.BatchNorm2d, x: Tensor, mean: Tensor | None, var: Tensor | 
     # Dynamo gives parameters static shapes; plain views let one graph serve every channel count.
     weight, bias = (None if t is None else t.view(-1) for t in (norm.weight, norm.bias))
     return compiled_normalize_relu(compiled)(x, weight, bias, mean, var, norm.eps, uses_batch_stats(norm))
+
+
+class BNReLUConv(torch.autograd.Function):
+    """``conv(ReLU(BN(x)))`` for native BatchNorm that keeps only ``x`` for backward: the light recompute of a dense
+    layer's bottleneck (efficient mode), one fewer ``torch.utils.checkpoint`` per layer.
+
+    Backward rebuilds ``ReLU(BN(x))`` (never the convolution) and calls the kernels autograd calls for the plain model:
+    ``convolution_backward`` on the input autocast gave the convolution, ReLU's ``threshold_backward``, and the
+    backward of whichever BatchNorm implementation ran (``_batch_norm_impl_index``: native or cuDNN), so gradients are
+    bitwise the plain model's. BatchNorm and ReLU have no autocast policy, so only the convolution's casts are redone.
+    The running statistics are updated in forward only, as :class:`OneShot` says.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None, conv_weight: Tensor,
+                norm: nn.BatchNorm2d, conv: nn.Conv2d, once: OneShot) -> Tensor:
+        device = x.device.type
+        ctx.norm, ctx.conv = norm, conv
+        ctx.autocast = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+        ctx.save_for_backward(x)
+        return conv(bn_relu(norm, x, None, None, None, once))
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        (x,) = ctx.saved_tensors
+        norm, conv = ctx.norm, ctx.conv
+        enabled, dtype = ctx.autocast
+        need_x, need_w, need_b, need_conv = ctx.needs_input_grad[:4]
+        weight, bias = norm.weight, norm.bias
+        y, save_mean, save_invstd, reserve, impl = torch._batch_norm_impl_index(
+            x, weight, bias, None, None, True, 0.0, norm.eps, torch.backends.cudnn.enabled)
+        z = y.relu_()
+
+        def as_conv_sees(t: Tensor) -> Tensor:  # autocast casts a convolution's floating inputs to its dtype
+            return t.to(dtype) if enabled and t.is_floating_point() and t.dtype != dtype else t
+
+        grad_z, grad_conv, _ = torch.ops.aten.convolution_backward(
+            grad, as_conv_sees(z), as_conv_sees(conv.weight), None, list(conv.stride), list(conv.padding),
+            list(conv.dilation), False, [0] * len(conv.stride), conv.groups, [True, need_conv, False])
+        grad_y = torch.ops.aten.threshold_backward(grad_z.to(z.dtype), z, 0)
+        grad_x, grad_w, grad_b = torch.ops.aten._batch_norm_impl_index_backward(
+            impl, x, grad_y, weight, None, None, save_mean, save_invstd, True, norm.eps, [need_x, need_w, need_b],
+            reserve)
+        grad_conv = None if grad_conv is None else grad_conv.to(conv.weight.dtype)
+        return grad_x, grad_w, grad_b, grad_conv, None, None, None
