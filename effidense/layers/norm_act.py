@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 __all__ = ["Stats", "SyncedStats", "OneShot", "BNReLUConv", "BatchNormWithStats", "SyncBatchNormWithStats",
            "batch_stats", "bn_relu", "inner_once", "prepare", "segment_stats", "shared_stats", "sync_group",
@@ -326,6 +327,7 @@ class BNReLUConv(torch.autograd.Function):
         return conv(bn_relu(norm, x, None, None, None, once))
 
     @staticmethod
+    @once_differentiable  # double backward through it raises instead of going silently wrong
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         (x,) = ctx.saved_tensors
         norm, conv = ctx.norm, ctx.conv
