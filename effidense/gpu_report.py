@@ -47,7 +47,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .benchmark import AMP_DTYPES, build_variant, environment, is_oom, largest_batch, torch_threads
+from .benchmark import (
+    autocast,
+    build_variant,
+    environment,
+    is_oom,
+    largest_batch,
+    one_line,
+    ratio,
+    torch_threads,
+)
 from .fileio import atomic_write_bytes
 from .memory import MiB, SavedTensorMeter, cuda_peak_bytes
 from .modelspec import ModelSpec, resolve_model
@@ -231,12 +240,8 @@ def compile_variant(name: str, model: nn.Module, compile_options: dict[str, Any]
     return model
 
 
-def _autocast(device: torch.device, amp: str | None) -> contextlib.AbstractContextManager:
-    return torch.autocast(device.type, dtype=AMP_DTYPES[amp]) if amp else contextlib.nullcontext()
-
-
 def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: str | None) -> torch.Tensor:
-    with _autocast(x.device, amp):
+    with autocast(x.device, amp):
         out = model(x)
     return F.cross_entropy(out.float(), y)
 
@@ -291,16 +296,6 @@ def _release(device: torch.device) -> None:
     if device.type == "cuda":
         gc.collect()
         torch.cuda.empty_cache()
-
-
-def _one_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    kind = "out of memory" if is_oom(error) else type(error).__name__
-    return f"{kind}: {lines[0][:300] if lines else ''}".rstrip(": ")
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
 
 
 @contextlib.contextmanager
@@ -393,7 +388,7 @@ def _run_sections(run: _Run) -> None:
         except OutOfTime as error:
             section["status"], section["error"] = "out of time", str(error)
         except Exception as error:  # recorded; the next section still runs
-            section["status"], section["error"] = "failed", _one_line(error)
+            section["status"], section["error"] = "failed", one_line(error)
         finally:
             section["seconds"] = round(time.monotonic() - start, 1)
             _release(run.device)
@@ -402,7 +397,7 @@ def _run_sections(run: _Run) -> None:
         try:
             _GOALS.get(name, lambda r, s: None)(run, section)
         except Exception as error:  # a bug in judging goals must not cost the measurements
-            section["goals"].append(_goal("judging the goals", None, _one_line(error)))
+            section["goals"].append(_goal("judging the goals", None, one_line(error)))
         run.log(f"[{name}] {section['status']} in {section['seconds']:.1f} s"
                 + (f": {section['error']}" if section.get("error") else ""))
         run.save()
@@ -461,7 +456,7 @@ def measure_cell(run: _Run, spec: ModelSpec, img: int, cell: Cell, warmup: int, 
             except OutOfTime:
                 raise
             except Exception as error:
-                row.update(status="failed", error=_one_line(error))
+                row.update(status="failed", error=one_line(error))
                 model = None
                 _release(device)
         samples: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
@@ -472,7 +467,7 @@ def measure_cell(run: _Run, spec: ModelSpec, img: int, cell: Cell, warmup: int, 
                     try:
                         samples[name].append(_timed_step(models[name], x, y, cell.amp))
                     except Exception as error:
-                        rows[name].update(status="failed", error=_one_line(error))
+                        rows[name].update(status="failed", error=one_line(error))
                         del models[name]
                         _release(device)
         finally:
@@ -491,7 +486,7 @@ def _finish_rows(rows: dict[str, dict[str, Any]], samples: dict[str, list[tuple[
         steps = [f + b for f, b in pairs]
         row.update(rounds=len(pairs), forward_ms=statistics.median(forward), backward_ms=statistics.median(backward),
                    step_ms=statistics.median(steps), step_samples_ms=steps)
-        row["ratio_b_f"] = _ratio(row["backward_ms"], row["forward_ms"])
+        row["ratio_b_f"] = ratio(row["backward_ms"], row["forward_ms"])
         row["images_per_s"] = batch / (row["step_ms"] / 1e3) if row["step_ms"] else None
         if row.get("first_step_s") is not None and name in COMPILED:
             row["compile_s"] = max(row["first_step_s"] - row["step_ms"] / 1e3, 0.0)
@@ -503,8 +498,8 @@ def _finish_rows(rows: dict[str, dict[str, Any]], samples: dict[str, list[tuple[
             if row.get("step_ms") is None:
                 continue
             paired = [a / b for a, b in zip(row["step_samples_ms"], ref["step_samples_ms"], strict=False) if b]
-            row[f"step_{key}"] = statistics.median(paired) if paired else _ratio(row["step_ms"], ref["step_ms"])
-            row[f"memory_x_less_{key}"] = _ratio(_memory(ref), _memory(row))
+            row[f"step_{key}"] = statistics.median(paired) if paired else ratio(row["step_ms"], ref["step_ms"])
+            row[f"memory_x_less_{key}"] = ratio(_memory(ref), _memory(row))
 
 
 def _memory(row: dict[str, Any]) -> int | None:
@@ -591,7 +586,7 @@ def search(run: _Run, fits: Callable[[int], bool], start: int, limit: int, unit:
         entry.update(status="out of time", value=bounds.good, lower_bound=True)
         raise
     except Exception as error:
-        entry.update(status="failed", error=_one_line(error), value=bounds.good)
+        entry.update(status="failed", error=one_line(error), value=bounds.good)
     finally:
         entry.update(probes=bounds.probes, first_failure=bounds.bad)
 
@@ -693,7 +688,7 @@ def _goals_max_batch(run: _Run, section: dict[str, Any]) -> None:
         for name, want in GOAL_BATCH_X.items():
             if name not in found:
                 continue
-            x = _ratio(found.get(name), found.get("plain"))
+            x = ratio(found.get(name), found.get("plain"))
             section["goals"].append(_goal(f"[{cap.label}] {name} max batch >= {want:g}x plain's",
                                           None if x is None else x >= want, f"{_f(x, '.2f', 'x')}"))
 
@@ -839,7 +834,7 @@ def _section_host_bound(run: _Run, section: dict[str, Any]) -> None:
         except OutOfTime:
             raise
         except Exception as error:
-            row.update(status="failed", error=_one_line(error))
+            row.update(status="failed", error=one_line(error))
         finally:
             model = None
             _release(device)
@@ -970,7 +965,7 @@ def _summary_max_batch(data: dict[str, Any]) -> list[str]:
     for e in data.get("searches", []):
         if e["variant"] == "plain":
             plain[e["cap"]] = e.get("value")
-        x = _ratio(e.get("value"), plain.get(e["cap"]))
+        x = ratio(e.get("value"), plain.get(e["cap"]))
         rows.append([e["cap"], e["variant"], _search_value(e), _f(x, ".2f", "x"), str(e.get("probes", "-"))])
     return ["", *_table(["cap", "variant", "max batch", "x plain", "probes"], rows)] if rows else []
 

@@ -32,12 +32,13 @@ Where things live:
 from __future__ import annotations
 
 from ..fileio import atomic_write_bytes
-from .config import AMP_DTYPES, JSON_SCHEMA, BenchConfig, BenchReport, VariantResult
+from .config import AMP_DTYPES, JSON_SCHEMA, BenchConfig, BenchReport, VariantResult, autocast, ratio
 from .cuda import is_oom, largest_batch
 from .distributed import backend_for, check_world, free_port, process_group, torchrun_world
 from .environment import environment
 from .report import format_table, report_to_json, write_json, write_plot
 from .runner import activation_floor, benchmark, memory_by_depth, run_benchmark
+from .timing import one_line
 from .trainer import torch_threads
 from .variants import COMPILE_SUFFIX, PEERS, build_variant, compile_model, parse_variants, peer_unsupported
 
@@ -46,5 +47,5 @@ __all__ = [
     "parse_variants", "peer_unsupported", "build_variant", "compile_model", "run_benchmark", "benchmark",
     "memory_by_depth", "activation_floor", "largest_batch", "is_oom", "environment", "format_table", "report_to_json",
     "write_json", "write_plot", "torch_threads", "free_port", "process_group", "torchrun_world", "backend_for",
-    "check_world", "atomic_write_bytes",
+    "check_world", "atomic_write_bytes", "autocast", "one_line", "ratio",
 ]

@@ -2,6 +2,7 @@
 :class:`BenchReport`, which fills in every ratio to the reference variants)."""
 from __future__ import annotations
 
+import contextlib
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -110,7 +111,7 @@ class BenchReport:
             for r in ok.values():
                 r.host_vs_ref = _paired_ratio(r.samples.get("host_ms"), reference.samples.get("host_ms"))
                 if r.host_vs_ref is None:
-                    r.host_vs_ref = _ratio(r.host_ms, reference.host_ms)
+                    r.host_vs_ref = ratio(r.host_ms, reference.host_ms)
         plain = ok.get("plain")
         if plain is None:
             return
@@ -119,18 +120,24 @@ class BenchReport:
                 continue
             r.step_vs_plain = _paired_ratio(r.samples.get("step_ms"), plain.samples.get("step_ms"))
             if r.step_vs_plain is None:
-                r.step_vs_plain = _ratio(r.step_ms, plain.step_ms)
-            r.activation_x_less = _ratio(plain.activation_bytes, r.activation_bytes)
-            r.peak_x_less = _ratio(plain.peak_bytes, r.peak_bytes)
-            r.max_batch_x = _ratio(r.max_batch, plain.max_batch)
+                r.step_vs_plain = ratio(r.step_ms, plain.step_ms)
+            r.activation_x_less = ratio(plain.activation_bytes, r.activation_bytes)
+            r.peak_x_less = ratio(plain.peak_bytes, r.peak_bytes)
+            r.max_batch_x = ratio(r.max_batch, plain.max_batch)
 
     @property
     def any_ok(self) -> bool:
         return any(r.ok for r in self.results)
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
+def ratio(a: float | None, b: float | None) -> float | None:
+    """``a / b``, or None when either is missing (or ``b`` is 0)."""
     return a / b if a is not None and b else None
+
+
+def autocast(device: torch.device, amp: str | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` to ``AMP_DTYPES[amp]`` on ``device``'s type, or nothing for fp32 (``amp`` None)."""
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp]) if amp else contextlib.nullcontext()
 
 
 def _paired_ratio(a: Sequence[float] | None, b: Sequence[float] | None) -> float | None:

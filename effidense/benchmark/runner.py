@@ -14,7 +14,7 @@ from .config import BenchConfig, BenchReport, VariantResult
 from .cuda import _cuda_fits, _device_for_rank, _release_cuda, largest_batch
 from .distributed import _merge_ranks, _spawn_benchmark, backend_for, check_world, process_group, torchrun_world
 from .environment import environment
-from .timing import _failed, _one_line, _time_in_rounds
+from .timing import _failed, _time_in_rounds, one_line
 from .trainer import _make_batch, _Progress, _Timer, _Trainer, torch_threads
 from .variants import COMPILE_SUFFIX, HOST_BATCH, PEERS, build_variant, compile_model, host_img_size, peer_unsupported
 
@@ -226,7 +226,7 @@ def memory_by_depth(cfg: BenchConfig, scales: Sequence[float],
                 sweep["activation_bytes"][mode].append(meter.bytes)
             except Exception as error:  # e.g. the deepest plain net does not fit: keep the other points
                 sweep["activation_bytes"][mode].append(None)
-                errors.append(f"depth {spec.depth} {mode}: {_one_line(error)}")
+                errors.append(f"depth {spec.depth} {mode}: {one_line(error)}")
             finally:
                 model = None
                 if device.type == "cuda":

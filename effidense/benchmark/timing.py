@@ -53,7 +53,8 @@ def _time_in_rounds(cfg: BenchConfig, device: torch.device, results: dict[str, V
             result.compile_s = max(first_step_s[variant] - first_ms / 1000.0, 0.0)
 
 
-def _one_line(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
+    """An error as one line: its kind ('out of memory' for an OOM) and its first line."""
     text = str(error).strip().splitlines()
     kind = "out of memory" if is_oom(error) else type(error).__name__
     return f"{kind}: {text[0] if text else ''}".rstrip(": ")
@@ -62,4 +63,4 @@ def _one_line(error: BaseException) -> str:
 def _failed(variant: str, error: BaseException, cfg: BenchConfig) -> VariantResult:
     if cfg.traceback:
         traceback.print_exc()
-    return VariantResult(variant, status="failed", error=_one_line(error))
+    return VariantResult(variant, status="failed", error=one_line(error))

@@ -2,7 +2,6 @@
 comparison of named tensors (:func:`tensor_diff`, ``_compare``), and reading gradients and buffers out of a model."""
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -201,10 +200,6 @@ def _params(model: nn.Module) -> dict[str, Tensor]:
 def _buffers(model: nn.Module, integer: bool) -> dict[str, Tensor]:
     return {n: b.detach().clone() for n, b in _underlying(model).named_buffers()
             if b.is_floating_point() != integer}
-
-
-def _autocast(device: torch.device, amp: str | None) -> contextlib.AbstractContextManager:
-    return torch.autocast(device.type, dtype=AMP_DTYPES[amp]) if amp else contextlib.nullcontext()
 
 
 def _batch(spec: ModelSpec, batch: int, img: int, dtype: torch.dtype, device: torch.device, seed: int,

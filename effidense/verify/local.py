@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..benchmark.config import autocast
 from ..benchmark.variants import COMPILE_SUFFIX, compile_model
 from ..densenet import MEMORY_MODES
 from ..modelspec import ModelSpec
@@ -25,7 +26,6 @@ from .core import (
     Case,
     Check,
     VerifyConfig,
-    _autocast,
     _batch,
     _batch_norms,
     _buffers,
@@ -85,7 +85,7 @@ def compare_modes(case: Case, variants: Sequence[str], steps: int, batch_size: i
 
     def record(model: nn.Module, x: Tensor, y: Tensor, step_seed: int) -> dict[str, Any]:
         torch.manual_seed(step_seed)  # the same dropout masks in every variant
-        with _autocast(device, case.amp):
+        with autocast(device, case.amp):
             out = model(x)
         loss = F.cross_entropy(out.float(), y)
         loss.backward()
@@ -119,7 +119,7 @@ def compare_modes(case: Case, variants: Sequence[str], steps: int, batch_size: i
         model.eval()
         optimizers[v].zero_grad(set_to_none=True)
         x.grad = None
-        with _autocast(device, case.amp):
+        with autocast(device, case.amp):
             out = model(x)
         F.cross_entropy(out.float(), y).backward()
         final[v] = {"params": params, "eval output": {"output": out.detach().clone()},
