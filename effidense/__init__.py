@@ -10,7 +10,8 @@ Where a change belongs:
   :mod:`effidense.fileio`
 * tracing and export (fx, torch.export, ONNX): :mod:`effidense.trace`
 * the memory meter: :mod:`effidense.memory`; benchmarks: :mod:`effidense.benchmark`; exactness checks:
-  :mod:`effidense.verify`; the built-in trainer: :mod:`effidense.train`
+  :mod:`effidense.verify`; the GPU evidence run: :mod:`effidense.gpu_report`; the built-in trainer:
+  :mod:`effidense.train`
 * the commands (``effidense bench|convert|gradcheck|train|...``, ``tools/*.py``): :mod:`effidense.cli`
 """
 from . import convert
