@@ -131,6 +131,24 @@ def test_compile_variant(bench, tmp_path, capsys):
     assert results["efficient"]["compile_s"] is None
 
 
+@pytest.mark.parametrize("scope", ["layers", "model"])
+def test_compile_scope_reaches_the_model(bench, capsys, monkeypatch, scope):
+    """--compile-scope model compiles the whole effidense model (outside DDP, as for the peers); layers is regional."""
+    import effidense.benchmark.runner as runner
+    from effidense import DenseNet
+
+    whole, regional = [], []
+    # torch.compile of a module is the whole-model path; set_compile compiles a function (the regional graph)
+    monkeypatch.setattr(runner.torch, "compile", lambda fn, **kwargs: (
+        whole.append(type(fn)) if isinstance(fn, torch.nn.Module) else None) or fn)
+    real = DenseNet.set_compile
+    monkeypatch.setattr(DenseNet, "set_compile", lambda self, *a, **k: regional.append(k.get("scope")) or real(
+        self, *a, **{**k, "backend": "eager"}))
+    code, out, _ = run_main(bench, TINY_SMALL + ["--variants", "efficient+compile", "--compile-scope", scope], capsys)
+    assert code == 0, out
+    assert (whole, regional) == (([DenseNet], []) if scope == "model" else ([], ["layers"]))
+
+
 def test_peers_without_counterpart_are_skipped(bench, capsys):
     code, out, _ = run_main(bench, TINY_SMALL + ["--variants", "plain,tv,timm"], capsys)
     assert code == 0

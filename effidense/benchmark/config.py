@@ -40,6 +40,7 @@ class BenchConfig:
     progress: bool = True
     traceback: bool = False  # print the full traceback of a failing variant to stderr
     host_only: bool = False  # time only the host-overhead step (tiny input), not the full-size step or its memory
+    compile_scope: str = "layers"  # "+compile" on effidense models: set_compile's scope, "layers" or "model"
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "img_size", "steps", "max_batch_limit"):
@@ -51,6 +52,8 @@ class BenchConfig:
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.amp is not None and self.amp not in AMP_DTYPES:
             raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)} or None, got {self.amp!r}")
+        if self.compile_scope not in ("layers", "model"):
+            raise ValueError(f"compile_scope must be 'layers' or 'model', got {self.compile_scope!r}")
         if self.max_batch and self.host_only:
             raise ValueError("--host-only times the tiny host-overhead step alone; drop --max-batch")
         if self.max_batch and self.device != "cuda":

@@ -82,11 +82,10 @@ def build_variant(variant: str, spec: ModelSpec) -> nn.Module:
     raise ValueError(f"unknown variant {variant!r}")
 
 
-def compile_model(model: nn.Module) -> nn.Module:
-    """Compiled ``model``: its own ``set_compile(True)`` when it has one (regional compile), else ``torch.compile``."""
+def compile_model(model: nn.Module, scope: str = "layers") -> nn.Module:
+    """Compiled ``model``: its own ``set_compile(scope=...)`` when it has one, else ``torch.compile`` of the whole."""
     if hasattr(model, "set_compile"):
-        model.set_compile(True)
-        return model
+        return model.set_compile(True, scope=scope)
     return torch.compile(model)
 
 

@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--compile", action="store_true",
                      help="also run a compiled copy of each selected memory mode (model.set_compile(True) where "
                           "available, else torch.compile); compile time is reported separately")
+    run.add_argument("--compile-scope", choices=("layers", "model"), default="layers",
+                     help="what '+compile' compiles in effidense models: 'layers' (set_compile's regional graphs, "
+                          "seconds) or 'model' (the whole model with its checkpoints, minutes: the path for fast "
+                          "GPUs). Default: layers")
     run.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
     run.add_argument("--gpus", "--nproc", dest="gpus", type=positive_int, default=1, metavar="N",
                      help="DDP over N spawned processes, one per GPU (nccl); with --device cpu, N gloo processes "
@@ -164,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             amp=args.amp, channels_last=args.channels_last, warmup=warmup if args.warmup is None else args.warmup,
             steps=steps if args.steps is None else args.steps, seed=args.seed, max_batch=args.max_batch,
             max_batch_limit=args.max_batch_limit, threads=args.threads, progress=not args.quiet,
-            traceback=args.traceback, host_only=args.host_only)
+            traceback=args.traceback, host_only=args.host_only, compile_scope=args.compile_scope)
         report = benchmark(cfg, processes=args.gpus, command=command,
                            depth_scales=args.plot_scales if args.plot else None)
     except ValueError as e:
