@@ -3,20 +3,23 @@
 Huang et al., "Densely Connected Convolutional Networks" (2017); Pleiss et al., "Memory-Efficient Implementation of
 DenseNets" (2017). State-dict keys follow torchvision's and timm's layout, so their weights load without renaming.
 
-Memory modes (``memory=``), chosen in :func:`_run` and nowhere else:
+Memory modes (``memory=``), chosen in :func:`_run` (and, for the bottleneck's light recompute, in
+:meth:`DenseLayer.forward`):
 
 * ``plain``: nothing is recomputed; everything autograd needs stays in memory.
 * ``efficient``: every concat-BN-ReLU segment (in the stem, the dense blocks, the transitions and the final norm) runs
   under non-reentrant ``torch.utils.checkpoint``: concatenations and BN/ReLU outputs are rebuilt in backward,
-  convolutions never are (checkpoint's early stop ends the recomputation once a convolution's input is rebuilt).
+  convolutions never are (checkpoint's early stop ends the recomputation once a convolution's input is rebuilt). The
+  bottleneck's BN-ReLU-conv3x3, which concatenates nothing, recomputes in :class:`~effidense.layers.norm_act.BNReLUConv`
+  instead, a lighter autograd Function: one checkpoint per dense layer.
 * ``frugal``: as efficient, but whole dense layers and the whole stem are recomputed; only each layer's new features
   and each block's input stay.
 
 The stem's max-pool and the transitions' average pool keep nothing of their input for backward
 (:mod:`effidense.layers.pool`), so no mode keeps the maps they pool, and transitions never recompute their convolution.
 
-BatchNorm stays exact under recomputation because statistics are computed once per feature map, outside recomputed
-segments, and running statistics are updated once (:mod:`effidense.layers.norm_act`).
+BatchNorm stays exact under recomputation because running statistics are updated once, on a segment's first run,
+and a rerun reproduces the first run's output bitwise (:mod:`effidense.layers.norm_act`).
 """
 from __future__ import annotations
 
