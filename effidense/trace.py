@@ -47,7 +47,9 @@ def is_tracing() -> bool:
     ``torch.compile`` is not: it compiles the exact memory-efficient path, checkpoints included.
     """
     if torch.compiler.is_compiling():  # dynamo or export; under dynamo nothing after this is evaluated
-        return torch.compiler.is_exporting()
+        # torch.export sets this flag around tracing. Dynamo in torch 2.11 (not 2.14) folds is_exporting() to True
+        # under torch.compile too, so the flag itself is read (dynamo reads it as the constant it is at trace time).
+        return torch.compiler.is_exporting() and getattr(torch.compiler, "_is_exporting_flag", True)
     return _is_fx_symbolic_tracing() or torch.jit.is_tracing()
 
 

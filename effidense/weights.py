@@ -99,8 +99,10 @@ def _torch_load(path: Path) -> Any:
     # timm's training checkpoints store their argparse.Namespace of settings; it holds no code, so it is allowed.
     try:
         with warnings.catch_warnings():
-            # torch warns that it checks sparse tensors; they are refused right after, in one line of our own
+            # torch warns about sparse tensors while loading (torch >= 2.14 that it validates them, 2.11 that it does
+            # not); they are refused right after, in one line of our own
             warnings.filterwarnings("ignore", message="Validating sparse tensor invariants")
+            warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
             return load_torch_file(path, safe_globals=[argparse.Namespace])
     except UnreadableFileError as e:
         raise ConversionError(str(e)) from None
