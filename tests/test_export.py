@@ -242,6 +242,17 @@ def test_only_tracers_take_the_traceable_path():
     assert seen[2:] == [True, True, True]
 
 
+def test_compile_is_not_export_where_dynamo_folds_is_exporting(monkeypatch):
+    """torch 2.11's dynamo answers is_exporting() True under any torch.compile (the GPU machines run it): only
+    torch.export's own flag may send the model down the traceable plain path."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    monkeypatch.setattr(torch.compiler, "_is_exporting_flag", False)
+    assert not trace.is_tracing()
+    monkeypatch.setattr(torch.compiler, "_is_exporting_flag", True)
+    assert trace.is_tracing()
+
+
 def test_traced_input_check_still_applies_to_export():
     model = DenseNet(**CONFIGS["imagenet-bc"]).eval()
     with pytest.raises(ValueError, match="too small"):
