@@ -121,7 +121,8 @@ def test_compile_variant(bench, tmp_path, capsys):
     code, out, _ = run_main(bench, TINY_SMALL + ["--variants", "efficient", "--compile", "--json", str(json_path)],
                             capsys)
     assert code == 0, out
-    assert "compile s" in out.splitlines()[4]
+    assert "+compile: effidense scope 'layers' (peers: the whole model), torch.compile mode 'default'" in out
+    assert "compile s" in next(line for line in out.splitlines() if line.startswith("| variant"))
     results = {r["variant"]: r for r in json.loads(json_path.read_text())["results"]}
     assert list(results) == ["efficient", "efficient+compile"]
     compiled = results["efficient+compile"]
@@ -140,13 +141,24 @@ def test_compile_scope_reaches_the_model(bench, capsys, monkeypatch, scope):
     whole, regional = [], []
     # torch.compile of a module is the whole-model path; set_compile compiles a function (the regional graph)
     monkeypatch.setattr(runner.torch, "compile", lambda fn, **kwargs: (
-        whole.append(type(fn)) if isinstance(fn, torch.nn.Module) else None) or fn)
+        whole.append((type(fn), kwargs)) if isinstance(fn, torch.nn.Module) else None) or fn)
     real = DenseNet.set_compile
-    monkeypatch.setattr(DenseNet, "set_compile", lambda self, *a, **k: regional.append(k.get("scope")) or real(
-        self, *a, **{**k, "backend": "eager"}))
-    code, out, _ = run_main(bench, TINY_SMALL + ["--variants", "efficient+compile", "--compile-scope", scope], capsys)
+    monkeypatch.setattr(DenseNet, "set_compile", lambda self, *a, **k: regional.append(k) or real(
+        self, *a, **{**k, "backend": "eager", "mode": None}))
+    code, out, _ = run_main(bench, TINY_SMALL + ["--variants", "efficient+compile", "--compile-scope", scope,
+                                                 "--compile-mode", "reduce-overhead"], capsys)
     assert code == 0, out
-    assert (whole, regional) == (([DenseNet], []) if scope == "model" else ([], ["layers"]))
+    mode = {"mode": "reduce-overhead"}
+    assert (whole, regional) == (([(DenseNet, mode)], []) if scope == "model" else
+                                 ([], [{"scope": "layers", **mode}]))
+    assert f"+compile: effidense scope '{scope}' (peers: the whole model), torch.compile mode 'reduce-overhead'" in out
+
+
+def test_compile_mode_is_checked(bench, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(bench, TINY_SMALL + ["--variants", "efficient+compile", "--compile-mode", "fast"], capsys)
+    assert exit_info.value.code == 2
+    assert "--compile-mode: invalid choice: 'fast'" in capsys.readouterr().err
 
 
 def test_peers_without_counterpart_are_skipped(bench, capsys):

@@ -130,3 +130,24 @@ def test_whole_model_compile_keeps_the_memory_modes_savings():
         kept[mode] = meter.bytes
     # How much less is the partitioner's choice (torch 2.15: efficient 0.43x, frugal 0.11x plain; 2.11: 0.29x, 0.20x)
     assert kept["efficient"] < 0.6 * kept["plain"] and kept["frugal"] < 0.6 * kept["plain"], kept
+
+
+def test_reduce_overhead_mode_trains_exactly_where_the_cpu_can_check():
+    """``set_compile(scope="model", mode="reduce-overhead")`` (CUDA graphs on a GPU, awaiting GPU evidence; on the
+    CPU inductor compiles without them): two training steps match eager, running statistics included."""
+    base = DenseNet(**TINY, memory="efficient")
+    x = torch.randn(4, 3, 16, 16)
+    compiled = copy.deepcopy(base).train().set_compile(scope="model", mode="reduce-overhead")
+    eager = copy.deepcopy(base).train()
+    for _ in range(2):  # the second step replays what the first recorded
+        outs = []
+        for model in (compiled, eager):
+            model.zero_grad(set_to_none=True)
+            out = model(x)
+            out.square().mean().backward()
+            outs.append(out.detach().clone())
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+        for (name, p), q in zip(compiled.named_parameters(), eager.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+        for (name, b), c in zip(compiled.named_buffers(), eager.buffers(), strict=True):
+            torch.testing.assert_close(b, c, rtol=1e-6, atol=1e-7, msg=name)

@@ -32,7 +32,7 @@ Where things live:
 from __future__ import annotations
 
 from ..fileio import atomic_write_bytes
-from .config import AMP_DTYPES, JSON_SCHEMA, BenchConfig, BenchReport, VariantResult, autocast, ratio
+from .config import AMP_DTYPES, COMPILE_MODES, JSON_SCHEMA, BenchConfig, BenchReport, VariantResult, autocast, ratio
 from .cuda import is_oom, largest_batch
 from .distributed import backend_for, check_world, free_port, process_group, torchrun_world
 from .environment import environment
@@ -43,7 +43,8 @@ from .trainer import torch_threads
 from .variants import COMPILE_SUFFIX, PEERS, build_variant, compile_model, parse_variants, peer_unsupported
 
 __all__ = [
-    "PEERS", "COMPILE_SUFFIX", "AMP_DTYPES", "JSON_SCHEMA", "BenchConfig", "VariantResult", "BenchReport",
+    "PEERS", "COMPILE_SUFFIX", "COMPILE_MODES", "AMP_DTYPES", "JSON_SCHEMA", "BenchConfig", "VariantResult",
+    "BenchReport",
     "parse_variants", "peer_unsupported", "build_variant", "compile_model", "run_benchmark", "benchmark",
     "memory_by_depth", "activation_floor", "largest_batch", "is_oom", "environment", "format_table", "report_to_json",
     "write_json", "write_plot", "torch_threads", "free_port", "process_group", "torchrun_world", "backend_for",

@@ -17,6 +17,8 @@ __all__ = ["AMP_DTYPES", "JSON_SCHEMA", "BenchConfig", "VariantResult", "BenchRe
 
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# torch.compile's modes (torch._inductor.list_mode_options()); "reduce-overhead" adds CUDA graphs on a GPU
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 JSON_SCHEMA = "effidense.bench/1"
 
 
@@ -41,6 +43,7 @@ class BenchConfig:
     traceback: bool = False  # print the full traceback of a failing variant to stderr
     host_only: bool = False  # time only the host-overhead step (tiny input), not the full-size step or its memory
     compile_scope: str = "layers"  # "+compile" on effidense models: set_compile's scope, "layers" or "model"
+    compile_mode: str | None = None  # torch.compile's mode for "+compile" variants; None: its default
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "img_size", "steps", "max_batch_limit"):
@@ -54,6 +57,8 @@ class BenchConfig:
             raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)} or None, got {self.amp!r}")
         if self.compile_scope not in ("layers", "model"):
             raise ValueError(f"compile_scope must be 'layers' or 'model', got {self.compile_scope!r}")
+        if self.compile_mode is not None and self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
         if self.max_batch and self.host_only:
             raise ValueError("--host-only times the tiny host-overhead step alone; drop --max-batch")
         if self.max_batch and self.device != "cuda":

@@ -67,6 +67,9 @@ def format_table(report: BenchReport) -> str:
         f"torch {env['torch']}, {env['cpu_count']} CPUs, {env['torch_threads']} threads, {env['date']}",
         "",
     ]
+    if show_compile:
+        header.insert(2, f"+compile: effidense scope {cfg.compile_scope!r} (peers: the whole model), torch.compile "
+                         f"mode {cfg.compile_mode or 'default'!r}")
     host_size = host_img_size(cfg.spec)
     notes = ["", "Variants take turns: each round times one step of every variant. x less: plain's activation (peak) "
              "memory divided by the variant's; step vs plain: median over rounds of the variant's step time divided by "

@@ -134,7 +134,7 @@ def _prepare_variant(variant: str, cfg: BenchConfig, device: torch.device, state
             model.to(memory_format=torch.channels_last)
         if not compiled:  # compiling an eval graph just for this check would double the compile time
             result.same_function_rel_diff = _check_same_function(model, probe, reference)
-        model = _wrap(model, compiled, device, cfg.compile_scope)
+        model = _wrap(model, compiled, device, cfg.compile_scope, cfg.compile_mode)
         trainer = _Trainer(model, *batch, cfg.amp, host_batch)
         timer = _Timer(device)
 
@@ -173,19 +173,22 @@ def _prepare_variant(variant: str, cfg: BenchConfig, device: torch.device, state
         return _failed(variant, error, cfg), None, None
 
 
-def _wrap(model: nn.Module, compiled: bool, device: torch.device, scope: str = "layers") -> nn.Module:
-    """Compile and/or wrap in DDP. Regional compile goes inside DDP; whole-model torch.compile (peers, and effidense
-    with ``scope="model"``, which is the same as its ``set_compile(scope="model")``) goes outside it."""
+def _wrap(model: nn.Module, compiled: bool, device: torch.device, scope: str = "layers",
+          mode: str | None = None) -> nn.Module:
+    """Compile (with torch.compile's ``mode``) and/or wrap in DDP. Regional compile goes inside DDP; whole-model
+    torch.compile (peers, and effidense with ``scope="model"``, which is the same as its
+    ``set_compile(scope="model")``) goes outside it."""
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     regional = compiled and hasattr(model, "set_compile") and scope == "layers"
+    options = {} if mode is None else {"mode": mode}
     if regional:
-        model = compile_model(model)
+        model = compile_model(model, **options)
     if distributed:
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if compiled and not regional:
-        model = torch.compile(model)
+        model = torch.compile(model, **options)
     return model
 
 

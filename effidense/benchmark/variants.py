@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torchvision
@@ -82,11 +83,12 @@ def build_variant(variant: str, spec: ModelSpec) -> nn.Module:
     raise ValueError(f"unknown variant {variant!r}")
 
 
-def compile_model(model: nn.Module, scope: str = "layers") -> nn.Module:
-    """Compiled ``model``: its own ``set_compile(scope=...)`` when it has one, else ``torch.compile`` of the whole."""
+def compile_model(model: nn.Module, scope: str = "layers", **options: Any) -> nn.Module:
+    """Compiled ``model``: its own ``set_compile(scope=...)`` when it has one, else ``torch.compile`` of the whole;
+    ``options`` go to torch.compile."""
     if hasattr(model, "set_compile"):
-        return model.set_compile(True, scope=scope)
-    return torch.compile(model)
+        return model.set_compile(True, scope=scope, **options)
+    return torch.compile(model, **options)
 
 
 def host_img_size(spec: ModelSpec) -> int:

@@ -25,6 +25,7 @@ import torch
 import effidense  # noqa: F401 - registers the effi_* timm models
 from effidense.benchmark import (
     AMP_DTYPES,
+    COMPILE_MODES,
     PEERS,
     BenchConfig,
     BenchReport,
@@ -70,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="what '+compile' compiles in effidense models: 'layers' (set_compile's regional graphs, "
                           "seconds) or 'model' (the whole model with its checkpoints, minutes: the path for fast "
                           "GPUs). Default: layers")
+    run.add_argument("--compile-mode", choices=COMPILE_MODES,
+                     help="torch.compile's mode for '+compile' variants (default: torch's). 'reduce-overhead' adds "
+                          "CUDA graphs on a GPU: use it with --compile-scope model (regional graphs run once per "
+                          "layer); on the CPU it compiles as the default does")
     run.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
     run.add_argument("--gpus", "--nproc", dest="gpus", type=positive_int, default=1, metavar="N",
                      help="DDP over N spawned processes, one per GPU (nccl); with --device cpu, N gloo processes "
@@ -168,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             amp=args.amp, channels_last=args.channels_last, warmup=warmup if args.warmup is None else args.warmup,
             steps=steps if args.steps is None else args.steps, seed=args.seed, max_batch=args.max_batch,
             max_batch_limit=args.max_batch_limit, threads=args.threads, progress=not args.quiet,
-            traceback=args.traceback, host_only=args.host_only, compile_scope=args.compile_scope)
+            traceback=args.traceback, host_only=args.host_only, compile_scope=args.compile_scope,
+            compile_mode=args.compile_mode)
         report = benchmark(cfg, processes=args.gpus, command=command,
                            depth_scales=args.plot_scales if args.plot else None)
     except ValueError as e:
