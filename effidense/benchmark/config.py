@@ -13,7 +13,7 @@ import torch
 from ..modelspec import ModelSpec
 from .variants import HOST_REFERENCE
 
-__all__ = ["AMP_DTYPES", "JSON_SCHEMA", "BenchConfig", "VariantResult", "BenchReport"]
+__all__ = ["AMP_DTYPES", "COMPILE_MODES", "JSON_SCHEMA", "BenchConfig", "VariantResult", "BenchReport"]
 
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
