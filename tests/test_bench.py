@@ -155,10 +155,9 @@ def test_compile_scope_reaches_the_model(bench, capsys, monkeypatch, scope):
 
 
 def test_compile_mode_is_checked(bench, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        run_main(bench, TINY_SMALL + ["--variants", "efficient+compile", "--compile-mode", "fast"], capsys)
-    assert exit_info.value.code == 2
-    assert "--compile-mode: invalid choice: 'fast'" in capsys.readouterr().err
+    code, _, err = run_cli(bench, TINY_SMALL + ["--variants", "efficient+compile", "--compile-mode", "fast"], capsys)
+    assert code == 2
+    assert "--compile-mode: invalid choice: 'fast'" in err
 
 
 def test_peers_without_counterpart_are_skipped(bench, capsys):
