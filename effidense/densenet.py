@@ -1,171 +1,178 @@
-"""DenseNet and DenseNet-BC with exact memory-efficient dense layers.
+"""DenseNet and DenseNet-BC, for 1, 2 or 3 spatial dims, with exact memory-efficient dense layers.
 
 Huang et al., "Densely Connected Convolutional Networks" (2017); Pleiss et al., "Memory-Efficient Implementation of
 DenseNets" (2017). State-dict keys follow torchvision's and timm's layout, so their weights load without renaming.
 
-Memory modes (``memory=``), chosen in :func:`_run` (and, for the bottleneck's light recompute, in
-:meth:`DenseLayer.forward`):
+What a reader needs, six ideas:
 
-* ``plain``: nothing is recomputed; everything autograd needs stays in memory.
-* ``efficient``: every concat-BN-ReLU segment (in the stem, the dense blocks, the transitions and the final norm) runs
-  under non-reentrant ``torch.utils.checkpoint``: concatenations and BN/ReLU outputs are rebuilt in backward,
-  convolutions never are (checkpoint's early stop ends the recomputation once a convolution's input is rebuilt). The
-  bottleneck's BN-ReLU-conv3x3, which concatenates nothing, recomputes in :class:`~effidense.layers.norm_act.BNReLUConv`
-  instead, a lighter autograd Function: one checkpoint per dense layer.
-* ``frugal``: as efficient, but whole dense layers and the whole stem are recomputed; only each layer's new features
-  and each block's input stay.
+1. **Feature maps stay apart.** A block keeps the list of its maps (its input and each layer's new features) and never
+   concatenates them itself: each norm that reads them concatenates inside its own segment.
+2. **Segments.** A concat-BN-ReLU-conv (or, in frugal, a whole layer or the whole stem) runs through
+   :func:`~effidense.layers.recompute.checkpointed`: under non-reentrant ``torch.utils.checkpoint``, so what it makes is
+   rebuilt in backward rather than kept. Convolutions end segments, so none is ever rerun except in frugal.
+3. **The exact norm**, :class:`~effidense.layers.norm.BatchNormAct`: running statistics are updated on a segment's
+   first run only, and a rerun reproduces that run bitwise.
+4. **The memory mode** (``memory=``): an attribute of the model, set on every layer, which each layer reads.
 
-The stem's max-pool and the transitions' average pool keep nothing of their input for backward
-(:mod:`effidense.layers.pool`), so no mode keeps the maps they pool, and transitions never recompute their convolution.
-
-BatchNorm stays exact under recomputation because running statistics are updated once, on a segment's first run,
-and a rerun reproduces the first run's output bitwise (:mod:`effidense.layers.norm_act`).
+   * ``plain``: nothing is recomputed.
+   * ``efficient``: every concat-BN-ReLU feeding a convolution or pool (stem, layers, transitions, final norm) is a
+     segment; the bottleneck's BN-ReLU-conv3x3 reruns in the norm's lighter path (one checkpoint per dense layer).
+   * ``frugal``: whole dense layers and the whole stem are segments; only each layer's new features and each
+     block's input stay.
+5. **Pools that keep nothing** (:mod:`effidense.layers.pool`): the stem's max-pool and the transitions' average pool
+   need only shapes (and argmax indices) for backward, so no mode keeps the maps they pool.
+6. **One forward.** Tracers (fx, torch.export, ONNX, ``jit.trace``) run the same forward; segments then simply run, and
+   each block hands on its concatenation, so graphs name it after the block (``features.denseblockN``).
 """
 from __future__ import annotations
 
 import functools
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from timm.layers import create_classifier
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
-from . import trace
-from .layers import norm_act
-from .layers.norm_act import Stats, SyncedStats
-from .layers.pool import avg_pool, max_pool
+from .layers.norm import BATCH_NORM_ACT, AdoptsNorms, BatchNormAct
+from .layers.pool import AvgPool, MaxPool
+from .layers.recompute import checkpointed, is_tracing, run_mode
 
-__all__ = ["DenseNet", "DenseLayer", "DenseBlock", "Transition", "MEMORY_MODES"]
+__all__ = ["DenseNet", "DenseLayer", "DenseBlock", "Transition", "MEMORY_MODES", "SCRIPTING_UNSUPPORTED"]
 
 MEMORY_MODES = ("plain", "efficient", "frugal")
+COMPILE_SCOPES = ("layers", "model")
+SPATIAL_DIMS = (1, 2, 3)
+MAX_LAYERS = 10_000  # DenseNet-264 has 130 dense layers; far more only exhausts memory while building
+SCRIPTING_UNSUPPORTED = (
+    "effidense's DenseNet does not support TorchScript (torch.jit.script), which PyTorch deprecates: use "
+    "torch.export.export, torch.onnx.export or torch.compile, or torch.jit.trace for a TorchScript module")
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
-def _run(mode: str, level: str, fn: Callable[..., Any], *tensors: Tensor | None, random: bool = False) -> Any:
-    """Run a segment ``fn(*tensors)``, recomputing it in backward when the memory mode asks for ``level``.
-
-    ``level`` is the least aggressive mode that recomputes the segment: "efficient" for BN-ReLU segments,
-    "frugal" for whole layers. ``random`` segments (dropout) replay their RNG state when recomputed.
-    """
-    if mode == "plain" or not torch.is_grad_enabled() or (level == "frugal" and mode != "frugal"):
-        return fn(*tensors)
-    # Tensors go in as separate arguments: checkpoint saves those properly, a list would be held by reference only.
-    # Segments are deterministic and save the same tensors when rerun (norm_act.OneShot sees to it for BatchNorm), so
-    # checkpoint's per-tensor metadata check is skipped: it costs ~7% of an efficient step's host time.
-    return checkpoint(fn, *tensors, use_reentrant=False, preserve_rng_state=random, determinism_check="none")
+def _conv(spatial_dims: int, in_channels: int, out_channels: int, kernel: int, stride: int = 1) -> nn.Module:
+    return _CONV[spatial_dims](in_channels, out_channels, kernel, stride=stride, padding=kernel // 2, bias=False)
 
 
-def _cat(features: Sequence[Tensor]) -> Tensor:
-    return features[0] if len(features) == 1 else torch.cat(features, 1)
+def _cat(maps: Sequence[Tensor]) -> Tensor:
+    return maps[0] if len(maps) == 1 else torch.cat(maps, 1)
 
 
-class DenseLayer(nn.Module):
-    """BN-ReLU-conv3x3 (DenseNet) or BN-ReLU-conv1x1-BN-ReLU-conv3x3 (DenseNet-BC) on the concatenated inputs."""
+def _check_spatial_dims(spatial_dims: Any) -> None:
+    if isinstance(spatial_dims, bool) or spatial_dims not in SPATIAL_DIMS:
+        raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
 
-    def __init__(self, num_input_features: int, growth_rate: int, bn_size: int | None, drop_rate: float) -> None:
+
+class DenseLayer(AdoptsNorms):
+    """BN-ReLU-conv3x3 (DenseNet) or BN-ReLU-conv1x1-BN-ReLU-conv3x3 (DenseNet-BC, ``bn_size``) on the concatenation
+    of the maps it is given; returns its new features."""
+
+    def __init__(self, num_input_features: int, growth_rate: int, bn_size: int | None = 4, drop_rate: float = 0.0,
+                 spatial_dims: int = 2, memory: str = "efficient") -> None:
         super().__init__()
-        self.norm1 = nn.BatchNorm2d(num_input_features)
+        self.norm1 = BATCH_NORM_ACT[spatial_dims](num_input_features)
         if bn_size:
-            self.conv1 = nn.Conv2d(num_input_features, bn_size * growth_rate, 1, bias=False)
-            self.norm2 = nn.BatchNorm2d(bn_size * growth_rate)
-            self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, 3, padding=1, bias=False)
+            self.conv1 = _conv(spatial_dims, num_input_features, bn_size * growth_rate, 1)
+            self.norm2 = BATCH_NORM_ACT[spatial_dims](bn_size * growth_rate)
+            self.conv2 = _conv(spatial_dims, bn_size * growth_rate, growth_rate, 3)
         else:
-            self.conv1 = nn.Conv2d(num_input_features, growth_rate, 3, padding=1, bias=False)
+            self.conv1 = _conv(spatial_dims, num_input_features, growth_rate, 3)
         self.bottleneck = bool(bn_size)
         self.drop_rate = drop_rate
-        self.compiled: tuple[tuple[str, Any], ...] | None = None  # set by DenseNet.set_compile
+        self.memory = memory
 
-    # Segments take what norm_act.prepare made outside them: statistics, or a OneShot for native BatchNorm.
-    def _concat_bn_relu_conv1(self, once: norm_act.OneShot | None, mean: Tensor | None, var: Tensor | None,
-                              *features: Tensor) -> Tensor:
-        return self.conv1(norm_act.bn_relu(self.norm1, _cat(features), mean, var, self.compiled, once))
+    # Segments take (caches..., *maps): caches are lists from outside the segment, maps its recomputed inputs.
+    def _concat_norm_conv1(self, cache: list | None, *maps: Tensor) -> Tensor:
+        return self.conv1(self.norm1(*maps, cache=cache))
 
-    def _bn_relu_conv2(self, once: norm_act.OneShot | None, x: Tensor, mean: Tensor | None,
-                       var: Tensor | None) -> Tensor:
-        return self.conv2(norm_act.bn_relu(self.norm2, x, mean, var, self.compiled, once))
+    def _whole_layer(self, cache: list | None, inner: list, *maps: Tensor) -> Tensor:
+        out = self._concat_norm_conv1(cache, *maps)
+        return self._dropout(self.conv2(self.norm2(out, cache=inner)) if self.bottleneck else out)
 
     def _dropout(self, x: Tensor) -> Tensor:
         return F.dropout(x, self.drop_rate, self.training) if self.drop_rate > 0 else x
 
-    def _whole_layer(self, cache: list[SyncedStats], once1: norm_act.OneShot | None, once2: norm_act.OneShot | None,
-                     mean: Tensor | None, var: Tensor | None,
-                     *features: Tensor) -> tuple[Tensor, Stats | None, int | Tensor | None]:
-        """The layer as one recomputed segment (frugal). Returns the bottleneck's statistics and count for tracking
-        outside it when it uses shared statistics (``cache``: see :func:`norm_act.segment_stats`)."""
-        out = self._concat_bn_relu_conv1(once1, mean, var, *features)
-        stats = count = None
-        if self.bottleneck:
-            if once2 is None:
-                stats, count = norm_act.segment_stats(self.norm2, out, cache)
-                out = self._bn_relu_conv2(None, out, *stats)
-            else:
-                out = self._bn_relu_conv2(once2, out, None, None)
-        return self._dropout(out), stats, count
-
-    def forward(self, features: Sequence[Tensor], shared: list[Stats | SyncedStats], mode: str = "plain") -> Tensor:
-        mean, var, once = norm_act.prepare(self.norm1, features, shared, self.compiled)
+    def forward(self, maps: Sequence[Tensor], cache: list | None = None) -> Tensor:
+        mode = run_mode(self.memory)
         if mode == "frugal":
             random = self.training and self.drop_rate > 0
-            once2 = norm_act.inner_once(self.norm2, self.compiled) if self.bottleneck else None
-            out, stats, count = _run(mode, "frugal", functools.partial(self._whole_layer, [], once, once2), mean, var,
-                                     *features, random=random)
-            if stats is not None:
-                norm_act.update_running_stats(self.norm2, stats, count)
-            return out
-        out = _run(mode, "efficient", self._concat_bn_relu_conv1, once, mean, var, *features)
+            return checkpointed(True, functools.partial(self._whole_layer, cache, []), *maps, random=random)
+        out = checkpointed(mode == "efficient", functools.partial(self._concat_norm_conv1, cache), *maps)
         if self.bottleneck:
-            mean, var, once = norm_act.prepare(self.norm2, [out], [], self.compiled)
-            if mode == "efficient" and once is not None and torch.is_grad_enabled():
-                # No concatenation here: a light Function that keeps only the input costs a fraction of a checkpoint.
-                out = norm_act.BNReLUConv.apply(out, self.norm2.weight, self.norm2.bias, self.conv2.weight,
-                                                self.norm2, self.conv2, once)
-            else:
-                out = _run(mode, "efficient", self._bn_relu_conv2, once, out, mean, var)
+            out = self.norm2.then_conv(self.conv2, out, light=mode == "efficient")
         return self._dropout(out)
 
 
 class DenseBlock(nn.ModuleDict):
-    """``num_layers`` dense layers; takes and returns the list of feature maps (never concatenated here)
-    and the cache of their batch statistics."""
+    """``num_layers`` dense layers, each fed every map before it: a building block for models of your own.
 
-    def __init__(self, num_layers: int, num_input_features: int, growth_rate: int, bn_size: int | None,
-                 drop_rate: float) -> None:
+    ``forward(x)`` returns the concatenation of ``x`` and every layer's new features, or only the new features with
+    ``new_features_only=True`` (the up-path of FC-DenseNet, "Tiramisu"). Its memory mode (``memory``, settable) is
+    exact in every mode, like :class:`DenseNet`'s. :meth:`run` keeps the maps apart, for a next segment that
+    concatenates them inside its own recomputation, as :class:`DenseNet` does.
+    """
+
+    def __init__(self, num_layers: int, num_input_features: int, growth_rate: int, bn_size: int | None = 4,
+                 drop_rate: float = 0.0, spatial_dims: int = 2, memory: str = "efficient",
+                 new_features_only: bool = False) -> None:
         super().__init__()
+        _check_spatial_dims(spatial_dims)
         for i in range(num_layers):
-            layer = DenseLayer(num_input_features + i * growth_rate, growth_rate, bn_size, drop_rate)
+            layer = DenseLayer(num_input_features + i * growth_rate, growth_rate, bn_size, drop_rate, spatial_dims,
+                               memory)
             self.add_module(f"denselayer{i + 1}", layer)
+        self.new_features_only = new_features_only
+        self.memory = memory
 
-    def forward(self, features: list[Tensor], mode: str = "plain") -> tuple[list[Tensor], list[Stats | SyncedStats]]:
-        features, shared = list(features), []
+    @property
+    def memory(self) -> str:
+        return self._memory
+
+    @memory.setter
+    def memory(self, memory: str) -> None:
+        self._memory = _resolve_memory(memory, None)
         for layer in self.values():
-            features.append(layer(features, shared, mode))
-        return features, shared
+            layer.memory = self._memory
+
+    def run(self, maps: Sequence[Tensor], cache: list | None = None) -> list[Tensor]:
+        """The maps given, then each layer's new features. ``cache``: a list the norms share for their statistics
+        (synchronised and regionally compiled norms), to hand on to the norm that reads the result."""
+        maps = list(maps)
+        for layer in self.values():
+            maps.append(layer(maps, cache))
+        return maps
+
+    def forward(self, x: Tensor) -> Tensor:
+        maps = self.run([x], None if is_tracing() else [])
+        return _cat(maps[1:] if self.new_features_only else maps)
 
 
-class Transition(nn.Module):
-    """BN-ReLU-conv1x1-avgpool between dense blocks, on the block's feature list."""
+class Transition(AdoptsNorms):
+    """BN-ReLU-conv1x1-avgpool between dense blocks, on the concatenation of the maps it is given."""
 
-    def __init__(self, num_input_features: int, num_output_features: int) -> None:
+    def __init__(self, num_input_features: int, num_output_features: int, spatial_dims: int = 2,
+                 memory: str = "efficient") -> None:
         super().__init__()
-        self.norm = nn.BatchNorm2d(num_input_features)
-        self.conv = nn.Conv2d(num_input_features, num_output_features, 1, bias=False)
-        self.compiled: tuple[tuple[str, Any], ...] | None = None  # set by DenseNet.set_compile
+        self.norm = BATCH_NORM_ACT[spatial_dims](num_input_features)
+        self.conv = _conv(spatial_dims, num_input_features, num_output_features, 1)
+        self.pool = AvgPool(spatial_dims)
+        self.memory = memory
 
-    def _concat_bn_relu_conv(self, once: norm_act.OneShot | None, mean: Tensor | None, var: Tensor | None,
-                             *features: Tensor) -> Tensor:
-        return self.conv(norm_act.bn_relu(self.norm, _cat(features), mean, var, self.compiled, once))
+    def _concat_norm_conv(self, cache: list | None, *maps: Tensor) -> Tensor:
+        return self.conv(self.norm(*maps, cache=cache))
 
-    def forward(self, features: Sequence[Tensor], shared: list[Stats | SyncedStats], mode: str = "plain") -> Tensor:
-        # The pooling keeps nothing for backward, so no mode needs to keep or recompute the convolution's output.
-        mean, var, once = norm_act.prepare(self.norm, features, shared, self.compiled)
-        return avg_pool(_run(mode, "efficient", self._concat_bn_relu_conv, once, mean, var, *features))
+    def forward(self, maps: Sequence[Tensor], cache: list | None = None) -> Tensor:
+        # The pool keeps nothing for backward, so no mode needs to keep or recompute the convolution's output.
+        segment = functools.partial(self._concat_norm_conv, cache)
+        return self.pool(checkpointed(run_mode(self.memory) != "plain", segment, *maps))
 
 
-COMPILE_SCOPES = ("layers", "model")
+class _Features(AdoptsNorms, nn.Sequential):
+    """``features``: the stem, blocks, transitions and final norm, by torchvision's names."""
 
 
 def _resolve_memory(memory: str | None, efficient: bool | None, memory_efficient: bool | None = None) -> str:
@@ -195,9 +202,12 @@ def _resolve_compile(compile: bool | str) -> str | None:
     raise ValueError(f"compile must be True, False or one of {', '.join(map(repr, COMPILE_SCOPES))}, got {compile!r}")
 
 
+MAX_PARAMETERS = 2 ** 32  # 16 GiB of float32 weights before a single activation
+
+
 def _check_config(growth_rate: int, block_config: Sequence[int], num_init_features: int, bn_size: int | None,
                   compression: float, drop_rate: float, head_drop_rate: float, num_classes: int,
-                  in_chans: int, small_inputs: bool) -> None:
+                  in_chans: int, small_inputs: bool, spatial_dims: int) -> None:
     def positive_int(name: str, value: Any) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -223,16 +233,38 @@ def _check_config(growth_rate: int, block_config: Sequence[int], num_init_featur
         raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
     if not isinstance(small_inputs, bool):
         raise ValueError(f"small_inputs must be True or False, got {small_inputs!r}")
+    _check_spatial_dims(spatial_dims)
+    if sum(block_config) > MAX_LAYERS:
+        raise ValueError(f"block_config {tuple(block_config)} has {sum(block_config)} dense layers; at most "
+                         f"{MAX_LAYERS} are supported (DenseNet-264 has 130)")
+    parameters = _count_weights(growth_rate, block_config, num_init_features, bn_size, compression, spatial_dims)
+    if parameters > MAX_PARAMETERS:
+        raise ValueError(f"this configuration would have about {parameters:.3g} convolution weights "
+                         f"({parameters * 4 / 2 ** 30:.3g} GiB in float32), over the {MAX_PARAMETERS:.3g} supported")
+
+
+def _count_weights(growth_rate: int, block_config: Sequence[int], channels: int, bn_size: int | None,
+                   compression: float, spatial_dims: int) -> int:
+    """The dense layers' and transitions' convolution weights, counted without building them."""
+    k, total, window = growth_rate, 0, 3 ** spatial_dims
+    for i, n in enumerate(block_config):
+        inputs = n * channels + k * n * (n - 1) // 2  # the layers' input channels, summed
+        total += inputs * bn_size * k + n * bn_size * k * k * window if bn_size else inputs * k * window
+        channels += n * k
+        if i < len(block_config) - 1:
+            total += channels * int(channels * compression)
+            channels = int(channels * compression)
+    return total
 
 
 class DenseNet(nn.Module):
-    """DenseNet / DenseNet-BC with selectable memory mode.
+    """DenseNet / DenseNet-BC with selectable memory mode, for images (``spatial_dims=2``), volumes (3) or signals (1).
 
     Args:
         growth_rate: new feature maps per dense layer (k).
         block_config: number of dense layers in each block.
-        num_init_features: channels of the stem's output.
-        bn_size: bottleneck width factor (DenseNet-BC: conv1x1 to bn_size*k first); None for plain DenseNet layers.
+        num_init_features: channels of the stem's convolution.
+        bn_size: bottleneck width factor (DenseNet-BC); None for the original DenseNet layer (BN-ReLU-conv3x3).
         drop_rate: dropout on each dense layer's new features.
         num_classes: classifier outputs; 0 for no classifier.
         memory_efficient: torchvision's and timm's spelling: True for 'efficient', False for 'plain'.
@@ -241,12 +273,13 @@ class DenseNet(nn.Module):
 
         compression: fraction of channels a transition keeps (the paper's theta).
         head_drop_rate: dropout before the classifier.
-        in_chans: input image channels.
+        in_chans: input channels.
         global_pool: 'avg', 'max' or '' (no pooling); any timm pool type works.
         small_inputs: one 3x3 stride-1 conv stem for 32x32 images instead of the ImageNet 7x7/2 conv + 3x3/2 max-pool.
         memory: 'plain', 'efficient' (default) or 'frugal'; see the module docstring.
         efficient: the seed projects' spelling: True for 'efficient', False for 'plain'.
         compile: True or 'layers' compiles the BN-ReLU segments, 'model' the whole model (see :meth:`set_compile`).
+        spatial_dims: 2 for images (N, C, H, W), 3 for volumes (N, C, D, H, W), 1 for signals (N, C, L).
     """
 
     def __init__(
@@ -267,33 +300,36 @@ class DenseNet(nn.Module):
             memory: str | None = None,
             efficient: bool | None = None,
             compile: bool | str = False,
+            spatial_dims: int = 2,
     ) -> None:
         super().__init__()
         _check_config(growth_rate, block_config, num_init_features, bn_size, compression, drop_rate,
-                      head_drop_rate, num_classes, in_chans, small_inputs)
-        self.memory = _resolve_memory(memory, efficient, memory_efficient)
+                      head_drop_rate, num_classes, in_chans, small_inputs, spatial_dims)
+        mode = _resolve_memory(memory, efficient, memory_efficient)
         compile_scope = _resolve_compile(compile)
-        self.compiled: tuple[tuple[str, Any], ...] | None = None
+        self.compile_options: tuple[tuple[str, Any], ...] | None = None
         self.compile_scope: str | None = None
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.small_inputs = small_inputs
         self.block_config = tuple(block_config)
+        self.spatial_dims = spatial_dims
+        dims = spatial_dims
 
         if small_inputs:
-            stem = [("conv0", nn.Conv2d(in_chans, num_init_features, 3, padding=1, bias=False))]
+            stem = [("conv0", _conv(dims, in_chans, num_init_features, 3))]
         else:
-            stem = [("conv0", nn.Conv2d(in_chans, num_init_features, 7, stride=2, padding=3, bias=False)),
-                    ("norm0", nn.BatchNorm2d(num_init_features))]
-        self.features = nn.Sequential(OrderedDict(stem))
+            stem = [("conv0", _conv(dims, in_chans, num_init_features, 7, stride=2)),
+                    ("norm0", BATCH_NORM_ACT[dims](num_init_features)), ("pool0", MaxPool(dims))]
+        self.features = _Features(OrderedDict(stem))
         reduction = 1 if small_inputs else 4
         self.feature_info = [dict(num_chs=num_init_features, reduction=reduction // 2 or 1,
                                   module="features.conv0" if small_inputs else "features.norm0")]
 
         num_features = num_init_features
         for i, num_layers in enumerate(block_config):
-            self.features.add_module(
-                f"denseblock{i + 1}", DenseBlock(num_layers, num_features, growth_rate, bn_size, drop_rate))
+            block = DenseBlock(num_layers, num_features, growth_rate, bn_size, drop_rate, dims)
+            self.features.add_module(f"denseblock{i + 1}", block)
             num_features += num_layers * growth_rate
             if i < len(block_config) - 1:
                 self.feature_info.append(dict(num_chs=num_features, reduction=reduction,
@@ -302,10 +338,10 @@ class DenseNet(nn.Module):
                 if out_features < 1:
                     raise ValueError(f"compression={compression!r} leaves transition{i + 1} no channels (of "
                                      f"{num_features}); it must keep at least one")
-                self.features.add_module(f"transition{i + 1}", Transition(num_features, out_features))
+                self.features.add_module(f"transition{i + 1}", Transition(num_features, out_features, dims))
                 num_features = out_features
                 reduction *= 2
-        self.features.add_module("norm5", nn.BatchNorm2d(num_features))
+        self.features.add_module("norm5", BATCH_NORM_ACT[dims](num_features))
         self.feature_info.append(dict(num_chs=num_features, reduction=reduction, module="features.norm5"))
         self.num_features = num_features
         self._last_index = len(block_config)  # the last feature_info map the network computes (lowered by pruning)
@@ -314,45 +350,29 @@ class DenseNet(nn.Module):
         self.head_drop = nn.Dropout(head_drop_rate)
 
         for m in self.modules():  # torchvision's initialisation
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, nn.modules.conv._ConvNd):
                 nn.init.kaiming_normal_(m.weight)
-            elif isinstance(m, nn.BatchNorm2d):
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
+        self.memory = mode
         if compile_scope is not None:
             self.set_compile(scope=compile_scope)
 
     # --- memory modes and compilation ---
-    def set_compile(self, enabled: bool = True, scope: str = "layers", **options: Any) -> DenseNet:
-        """Compile with torch.compile; ``options`` go to it. Returns the model.
+    @property
+    def memory(self) -> str:
+        """The memory mode: 'plain', 'efficient' or 'frugal'. Setting it sets it on every layer, which reads it."""
+        return self._memory
 
-        * ``scope="layers"`` (regional, the default): the normalise-ReLU segments, as
-          ``torch.compile(dynamic=True, fullgraph=True, **options)``. One graph serves every layer whatever the
-          depth, so it compiles in seconds; convolutions and concatenations stay eager so checkpoint's early stop still
-          skips convolutions when recomputing. It fuses BatchNorm and ReLU but keeps eager's per-layer host work.
-        * ``scope="model"``: the whole model in place (``nn.Module.compile``), checkpoints inside. Inductor then
-          launches fused kernels from one graph, which removes most per-op host work: the path for fast GPUs, where an
-          eager DenseNet is host-bound. Compiling takes minutes for a deep model. ``mode="reduce-overhead"`` adds CUDA
-          graphs (awaiting GPU evidence).
-
-        Both keep BatchNorm running statistics exact (statistics are computed outside recomputed code) and gradients
-        equal to eager within float32 tolerance. Norms synchronised across processes (``nn.SyncBatchNorm`` in training
-        under torch.distributed) stay eager under ``scope="layers"``: their backward all-reduces.
-        ``set_compile(False)`` returns to eager.
-        """
-        if scope not in COMPILE_SCOPES:
-            raise ValueError(f"scope must be one of {', '.join(map(repr, COMPILE_SCOPES))}, got {scope!r}")
-        self._compiled_call_impl = None  # nn.Module.compile's slot: undo a previous whole-model compile
-        self.compiled = tuple(sorted(options.items())) if enabled and scope == "layers" else None
+    @memory.setter
+    def memory(self, memory: str) -> None:
+        self._memory = _resolve_memory(memory, None)
         for m in self.modules():
-            if isinstance(m, (DenseLayer, Transition)):
-                m.compiled = self.compiled
-        self.compile_scope = scope if enabled else None
-        if enabled and scope == "model":
-            self.compile(**options)
-        return self
+            if isinstance(m, (DenseBlock, Transition)):
+                m.memory = self._memory
 
     def set_memory(self, memory: str | None = None, efficient: bool | None = None) -> DenseNet:
         """Switch the memory mode of a built model; returns the model."""
@@ -365,10 +385,38 @@ class DenseNet(nn.Module):
         (the default, 'efficient', already checkpoints every BN-ReLU segment); off selects 'plain'."""
         self.memory = "frugal" if enable else "plain"
 
+    def set_compile(self, enabled: bool = True, scope: str = "layers", **options: Any) -> DenseNet:
+        """Compile with torch.compile; ``options`` go to it. Returns the model.
+
+        * ``scope="layers"`` (regional, the default): each norm's normalisation, as
+          ``torch.compile(dynamic=True, fullgraph=True, **options)``. One graph serves every norm whatever the
+          depth, so it compiles in seconds; convolutions and concatenations stay eager so recomputation still never
+          reruns a convolution. It fuses BatchNorm and ReLU but keeps eager's per-layer host work.
+        * ``scope="model"``: the whole model in place (``nn.Module.compile``), checkpoints inside. Inductor then
+          launches fused kernels from one graph, which removes most per-op host work: the path for fast GPUs, where an
+          eager DenseNet is host-bound. Compiling takes minutes for a deep model. ``mode="reduce-overhead"`` adds CUDA
+          graphs (awaiting GPU evidence).
+
+        Both keep BatchNorm running statistics exact and gradients equal to eager within float32 tolerance. Norms
+        synchronised across processes stay eager under ``scope="layers"``: their backward all-reduces.
+        ``set_compile(False)`` returns to eager. The options live in ``compile_options``; the norms read them.
+        """
+        if scope not in COMPILE_SCOPES:
+            raise ValueError(f"scope must be one of {', '.join(map(repr, COMPILE_SCOPES))}, got {scope!r}")
+        self._compiled_call_impl = None  # nn.Module.compile's slot: undo a previous whole-model compile
+        self.compile_options = tuple(sorted(options.items())) if enabled and scope == "layers" else None
+        for m in self.modules():
+            if isinstance(m, BatchNormAct):
+                m.compile_options = self.compile_options
+        self.compile_scope = scope if enabled else None
+        if enabled and scope == "model":
+            self.compile(**options)
+        return self
+
     # --- shapes ---
     @property
     def min_input_size(self) -> int:
-        """Smallest height/width the network accepts (every block must see at least one pixel)."""
+        """Smallest size along each spatial axis the network accepts (every block must see at least one position)."""
         return self._min_size(self._last_index)
 
     def _min_size(self, index: int) -> int:
@@ -378,93 +426,73 @@ class DenseNet(nn.Module):
         return size
 
     def _map_size(self, size: int, index: int) -> int:
-        """Height/width of feature map ``index`` (``feature_info`` numbering) for an input of ``size``."""
+        """Size along one axis of feature map ``index`` (``feature_info`` numbering) for an input of ``size``."""
         if not self.small_inputs:
-            size = (size - 1) // 2 + 1  # conv0 7x7/2, padding 3
+            size = (size - 1) // 2 + 1  # conv0 7/2, padding 3
             if index == 0:
                 return size
-            size = (size - 1) // 2 + 1  # max-pool 3x3/2, padding 1
+            size = (size - 1) // 2 + 1  # max-pool 3/2, padding 1
         for _ in range(max(index - 1, 0)):
-            size //= 2  # transition avg-pool 2x2
+            size //= 2  # transition avg-pool 2
         return size
 
     def _check_input(self, x: Tensor, last_index: int) -> None:
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"expected an input of shape (N, {self.in_chans}, H, W), got {tuple(x.shape)}")
-        height, width = x.shape[-2:]
-        if self._map_size(min(height, width), last_index) < 1:
+        if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing():
+            return  # shapes are graph values there; torch.export still checks
+        axes = ("L",) if self.spatial_dims == 1 else ("D", "H", "W")[-self.spatial_dims:]
+        if x.dim() != self.spatial_dims + 2 or x.shape[1] != self.in_chans:
+            raise ValueError(f"expected an input of shape (N, {self.in_chans}, {', '.join(axes)}), got "
+                             f"{tuple(x.shape)} (spatial_dims={self.spatial_dims})")
+        sizes = x.shape[2:]
+        if self._map_size(min(sizes), last_index) < 1:
             size = self._min_size(last_index)
-            raise ValueError(f"input of {height}x{width} is too small for this DenseNet: needs at least {size}x{size}")
+            raise ValueError(f"input of {'x'.join(map(str, sizes))} is too small for this DenseNet: needs at least "
+                             f"{'x'.join([str(size)] * self.spatial_dims)}")
 
     # --- forward ---
-    def _stem_bn_relu(self, once: norm_act.OneShot | None, x: Tensor, mean: Tensor | None,
-                      var: Tensor | None) -> Tensor:
-        return norm_act.bn_relu(self.features.norm0, x, mean, var, self.compiled, once)
-
-    def _whole_stem(self, cache: list[SyncedStats], pool: bool, once: norm_act.OneShot | None,
-                    x: Tensor) -> tuple[Tensor, Stats | None, int | Tensor | None]:
-        """conv0-BN-ReLU(-max-pool) as one recomputed segment (frugal); returns norm0's statistics and count for
-        tracking outside it when it uses shared statistics (``cache``: see :func:`norm_act.segment_stats`)."""
-        x = self.features.conv0(x)
-        stats = count = None
-        if once is None:
-            stats, count = norm_act.segment_stats(self.features.norm0, x, cache)
-            x = self._stem_bn_relu(None, x, *stats)
-        else:
-            x = self._stem_bn_relu(once, x, None, None)
-        return max_pool(x) if pool else x, stats, count
-
-    def _final(self, once: norm_act.OneShot | None, mean: Tensor | None, var: Tensor | None,
-               *features: Tensor) -> Tensor:
-        return norm_act.bn_relu(self.features.norm5, _cat(features), mean, var, self.compiled, once)
+    def _stem(self, cache: list, pool: bool, x: Tensor) -> Tensor:
+        f = self.features
+        x = f.norm0(f.conv0(x), cache=cache)
+        return f.pool0(x) if pool else x
 
     def _forward(self, x: Tensor, taps: Collection[int] = (), stop: int | None = None) -> tuple[Tensor, list[Tensor]]:
         """Feature map ``stop`` (``feature_info`` numbering; default the last the network has) and the maps
         numbered in ``taps``; nothing after map ``stop`` is computed."""
-        if trace.is_tracing():  # torch.fx, torch.export, ONNX, torch.jit.trace: the plain model's graph
-            return trace.forward_traceable(self, x, taps, stop)
         last = len(self.block_config)
         stop = self._last_index if stop is None else min(stop, self._last_index)
         self._check_input(x, stop)
-        mode, norm0 = self.memory, getattr(self.features, "norm0", None)
-        tapped: list[Tensor] = []
+        mode, f, tapped, tracing = run_mode(self.memory), self.features, [], is_tracing()
         if self.small_inputs:
-            x = self.features.conv0(x)
-            if 0 in taps:
-                tapped.append(x)
-            if stop == 0:
-                return x, tapped
+            x = f.conv0(x)
         else:
-            # Frugal recomputes the max-pool too, unless the map before it is wanted, so that not even its indices stay.
-            pool_inside = mode == "frugal" and 0 not in taps and stop != 0
-            if mode == "frugal":
-                once = norm_act.inner_once(norm0, self.compiled)
-                x, stats, count = _run(mode, "frugal", functools.partial(self._whole_stem, [], pool_inside, once), x)
-                if stats is not None:
-                    norm_act.update_running_stats(norm0, stats, count)
-            else:
-                x = self.features.conv0(x)
-                mean, var, once = norm_act.prepare(norm0, [x], [], self.compiled)
-                x = _run(mode, "efficient", self._stem_bn_relu, once, x, mean, var)
-            if not pool_inside:
-                if 0 in taps:
-                    tapped.append(x)
-                if stop == 0:
-                    return x, tapped
-                x = max_pool(x)
-        features = [x]
-        for i in range(1, last):
-            features, shared = self.features.get_submodule(f"denseblock{i}")(features, mode)
+            # Frugal recomputes the whole stem, max-pool included unless the map before it is wanted (so that not even
+            # its indices stay); efficient the norm only.
+            whole = mode == "frugal"
+            pool = whole and 0 not in taps and stop != 0
+            x = x if whole else f.conv0(x)
+            segment = functools.partial(self._stem, [], pool) if whole else functools.partial(f.norm0, cache=[])
+            x = checkpointed(mode != "plain", segment, x)
+        if 0 in taps:
+            tapped.append(x)
+        if stop == 0:
+            return x, tapped
+        if not self.small_inputs and not (mode == "frugal" and 0 not in taps):
+            x = f.pool0(x)
+        maps: list[Tensor] = [x]
+        for i in range(1, last + 1):
+            block, cache = f.get_submodule(f"denseblock{i}"), None if tracing else []
+            # Traced graphs take the block's own forward, so its output is the node named after the block.
+            maps = [block(_cat(maps))] if tracing else block.run(maps, cache)
+            if i == last:
+                break
             if i in taps or i == stop:
-                x = _cat(features)
+                x = _cat(maps)
                 if i in taps:
                     tapped.append(x)
                 if i == stop:
                     return x, tapped
-            features = [self.features.get_submodule(f"transition{i}")(features, shared, mode)]
-        features, shared = self.features.get_submodule(f"denseblock{last}")(features, mode)
-        mean, var, once = norm_act.prepare(self.features.norm5, features, shared, self.compiled)
-        x = _run(mode, "efficient", self._final, once, mean, var, *features)
+            maps = [f.get_submodule(f"transition{i}")(maps, cache)]
+        x = checkpointed(mode != "plain", functools.partial(f.norm5, cache=cache), *maps)
         if last in taps:
             tapped.append(x)
         return x, tapped
@@ -492,6 +520,8 @@ class DenseNet(nn.Module):
         return intermediates if intermediates_only else (x, intermediates)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        if self.spatial_dims != 2 and not self.global_pool.is_identity():
+            x = x.flatten(2).unsqueeze(2)  # timm's global pools are 2D: every position in one row
         x = self.head_drop(self.global_pool(x))
         return x if pre_logits else self.classifier(x)
 
@@ -500,7 +530,7 @@ class DenseNet(nn.Module):
 
     def __prepare_scriptable__(self) -> nn.Module:
         """torch.jit.script calls this first: say plainly that scripting is not supported."""
-        raise RuntimeError(trace.SCRIPTING_UNSUPPORTED)
+        raise RuntimeError(SCRIPTING_UNSUPPORTED)
 
     # --- timm model API ---
     @torch.jit.ignore

@@ -13,7 +13,7 @@ from types import TracebackType
 import torch
 from torch import nn
 
-from .densenet import DenseBlock, DenseLayer
+from .densenet import DenseLayer
 
 MiB = 1024 * 1024
 
@@ -94,20 +94,22 @@ def activation_floor_bytes(model: nn.Module, *inputs: torch.Tensor) -> int:
     features, each kept once: what must stay resident when everything else is rebuilt during backward.
     """
     sizes = [sum(t.numel() * t.element_size() for t in inputs)]
+    block_inputs: dict[int, int] = {}
 
     def layer_output(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         sizes.append(output.numel() * output.element_size())
 
     def block_input(module: nn.Module, args: tuple) -> None:
-        first = args[0][0]
-        sizes.append(first.numel() * first.element_size())
+        first = args[0][0]  # every layer of a block reads the block's input first
+        block_inputs[id(first)] = first.numel() * first.element_size()
 
-    handles = [m.register_forward_hook(layer_output) for m in model.modules() if isinstance(m, DenseLayer)]
-    handles += [m.register_forward_pre_hook(block_input) for m in model.modules() if isinstance(m, DenseBlock)]
+    layers = [m for m in model.modules() if isinstance(m, DenseLayer)]
+    handles = [m.register_forward_hook(layer_output) for m in layers]
+    handles += [m.register_forward_pre_hook(block_input) for m in layers]
     try:
         with torch.no_grad():
             model(*inputs)
     finally:
         for handle in handles:
             handle.remove()
-    return sum(sizes)
+    return sum(sizes) + sum(block_inputs.values())

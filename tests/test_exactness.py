@@ -9,8 +9,9 @@ import torchvision
 from conftest import TINY
 
 import effidense.densenet as densenet_module
-import effidense.layers.norm_act as norm_act
+import effidense.layers.norm as norm_module
 import effidense.layers.pool as pool
+import effidense.layers.recompute as recompute_module
 from effidense import DenseNet, SavedTensorMeter
 
 CONFIGS = {
@@ -156,13 +157,13 @@ def test_float64_gradcheck(mode):
 def test_recomputation_really_happens(mode, monkeypatch):
     """A mode that silently stops recomputing (torchvision#2221) must fail here."""
     calls = []
-    original = densenet_module.DenseLayer._concat_bn_relu_conv1
+    original = densenet_module.DenseLayer._concat_norm_conv1
 
     def counting(self, *features):
         calls.append(torch.is_grad_enabled())
         return original(self, *features)
 
-    monkeypatch.setattr(densenet_module.DenseLayer, "_concat_bn_relu_conv1", counting)
+    monkeypatch.setattr(densenet_module.DenseLayer, "_concat_norm_conv1", counting)
     model = DenseNet(**TINY, memory=mode)
     out = model(torch.randn(2, 3, 16, 16))
     assert len(calls) == 4  # four dense layers
@@ -179,7 +180,7 @@ def test_no_checkpoint_when_autograd_is_not_recording(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("checkpoint called under no_grad")
 
-    monkeypatch.setattr(densenet_module, "checkpoint", fail)
+    monkeypatch.setattr(recompute_module, "checkpoint", fail)
     model = DenseNet(**TINY, memory="frugal").eval()
     with torch.no_grad():
         model(torch.randn(2, 3, 16, 16))
@@ -206,8 +207,8 @@ def test_peers_update_bn_twice_but_we_do_not():
         assert _bn_layers_updated_twice(DenseNet(**TINY, memory=mode), x) == 0, mode
 
 
-POOLS = {"max": (pool.max_pool, lambda t: F.max_pool2d(t, 3, 2, 1)),
-         "avg": (pool.avg_pool, lambda t: F.avg_pool2d(t, 2))}
+POOLS = {"max": (pool.MaxPool(), lambda t: F.max_pool2d(t, 3, 2, 1)),
+         "avg": (pool.AvgPool(), lambda t: F.avg_pool2d(t, 2))}
 
 
 @pytest.mark.parametrize("pool", POOLS)
@@ -250,7 +251,7 @@ def test_recomputation_never_updates_running_stats_nor_runs_a_transition_conv(mo
     A transition's conv never runs in backward."""
     own: dict[int, str] = {}
     updates, conv_calls = [], []
-    real_batch_norm = norm_act.F.batch_norm
+    real_batch_norm = norm_module.F.batch_norm
 
     def recording(x, running_mean, *args, **kwargs):
         if running_mean is not None and id(running_mean) in own:
@@ -259,7 +260,7 @@ def test_recomputation_never_updates_running_stats_nor_runs_a_transition_conv(mo
 
     model = DenseNet(**TINY, memory=mode)
     own.update({id(m.running_mean): name for name, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)})
-    monkeypatch.setattr(norm_act.F, "batch_norm", recording)
+    monkeypatch.setattr(norm_module.F, "batch_norm", recording)
     model.features.transition1.conv.register_forward_hook(lambda *args: conv_calls.append(1))
     out = model(torch.randn(2, 3, 16, 16))
     assert sorted(updates) == sorted(own.values())  # every norm, once
@@ -296,9 +297,9 @@ def test_shared_statistics_path_takes_half_precision_parameters(dtype):
     norm = torch.nn.BatchNorm2d(6).to(dtype).train()
     torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
     x = torch.randn(4, 6, 5, 5, dtype=dtype, requires_grad=True)
-    mean, var, once = norm_act.prepare(norm, [x], [], compiled=())
-    assert once is None and mean.dtype == torch.float32
-    out = norm_act.BatchNormWithStats.apply(x, norm.weight, norm.bias, mean, var, norm.eps)
+    mean, var, _, _ = norm_module.batch_stats(x)
+    assert mean.dtype == torch.float32
+    out = norm_module.BatchNormWithStats.apply(x, norm.weight, norm.bias, mean, var, norm.eps)
     probe = torch.rand(out.shape) + 0.5  # a loss without cancellation, so half-precision rounding stays relative
     grads = torch.autograd.grad((out.float() * probe).sum(), (x, norm.weight, norm.bias))
     reference = torch.nn.functional.batch_norm(x.float(), None, None, norm.weight.float(), norm.bias.float(), True)
@@ -312,8 +313,8 @@ def test_shared_statistics_path_takes_half_precision_parameters(dtype):
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("amp", [None, torch.bfloat16])
 def test_efficient_bottleneck_function_is_bitwise_plain(channels_last, amp):
-    """The bottleneck's BNReLUConv recompute runs autograd's own backward kernels: outputs, every gradient and every
-    buffer are bitwise the plain model's, with autocast and channels_last too."""
+    """The bottleneck's light recompute (the norm's then_conv) runs autograd's own backward kernels: outputs, every
+    gradient and every buffer are bitwise the plain model's, with autocast and channels_last too."""
     base = DenseNet(**TINY, memory="plain")
     x = torch.randn(3, 3, 32, 32)
     if channels_last:

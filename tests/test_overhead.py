@@ -13,7 +13,7 @@ import torchvision
 from conftest import TINY
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import effidense.densenet as densenet_module
+import effidense.layers.recompute as recompute_module
 from effidense import DenseNet
 
 
@@ -46,8 +46,8 @@ def test_checkpoint_calls_per_step(mode, calls, monkeypatch):
     """One per dense layer (efficient: the concat segment, the bottleneck being a light Function; frugal: the whole
     layer), plus the stem, the transition and the final norm."""
     seen = []
-    real = densenet_module.checkpoint
-    monkeypatch.setattr(densenet_module, "checkpoint", lambda *a, **k: seen.append(1) or real(*a, **k))
+    real = recompute_module.checkpoint
+    monkeypatch.setattr(recompute_module, "checkpoint", lambda *a, **k: seen.append(1) or real(*a, **k))
     model = DenseNet(**TINY, memory=mode)
     F.cross_entropy(model(torch.randn(2, 3, 32, 32)), torch.randint(0, 5, (2,))).backward()
     assert len(seen) == calls
@@ -69,7 +69,7 @@ def test_recomputation_adds_only_the_rerun_segments(mode):
     plain, ours = _step_ops(DenseNet(**TINY, memory="plain")), _step_ops(DenseNet(**TINY, memory=mode))
     extra = ours - plain
     assert extra["aten.native_batch_norm"] == 11  # every norm reruns once in backward
-    checkpointed = 7 if mode == "efficient" else 11  # efficient's bottlenecks rerun in BNReLUConv, no throwaways
+    checkpointed = 7 if mode == "efficient" else 11  # efficient's bottlenecks rerun in then_conv: no throwaways
     assert extra["aten.zeros_like"] == extra["aten.ones_like"] == checkpointed
     assert extra["aten.native_batch_norm_backward"] == 0 and extra["aten.convolution_backward"] == 0
     # frugal reruns the stem conv and each layer's conv1 (checkpoint stops before conv2)

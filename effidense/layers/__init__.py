@@ -1,7 +1,16 @@
-"""Reusable layers: BatchNorm-ReLU that stays exact under recomputation (:mod:`.norm_act`) and pooling that keeps no
-input (:mod:`.pool`)."""
-from .norm_act import BatchNormWithStats, SyncBatchNormWithStats, bn_relu, shared_stats, update_running_stats
-from .pool import avg_pool, max_pool
+"""The layers effidense's DenseNets are made of: BatchNorm(+ReLU) that stays exact under recomputation
+(:mod:`.norm`), the one place segments are recomputed (:mod:`.recompute`) and pooling that keeps no input
+(:mod:`.pool`), each for 1, 2 or 3 spatial dims."""
+from .norm import (
+           BATCH_NORM_ACT,
+           AdoptsNorms,
+           BatchNormAct,
+           BatchNormWithStats,
+           SyncBatchNormAct,
+           SyncBatchNormWithStats,
+)
+from .pool import AvgPool, MaxPool
+from .recompute import checkpointed, is_tracing, recomputing, run_mode
 
-__all__ = ["BatchNormWithStats", "SyncBatchNormWithStats", "avg_pool", "bn_relu", "max_pool", "shared_stats",
-           "update_running_stats"]
+__all__ = ["BATCH_NORM_ACT", "AdoptsNorms", "AvgPool", "BatchNormAct", "BatchNormWithStats", "MaxPool",
+           "SyncBatchNormAct", "SyncBatchNormWithStats", "checkpointed", "is_tracing", "recomputing", "run_mode"]

@@ -1,61 +1,96 @@
-"""Pooling that keeps nothing of its input for backward.
+"""Pooling for 1, 2 or 3 spatial dims that keeps nothing of its input for backward.
 
 Native pooling saves its input for backward, yet the backward kernels read only the input's shape and strides (and,
-for max pooling, the argmax indices). These Functions call the same kernels, so gradients are bitwise native, and no
-memory mode has to keep, or recompute, the maps they pool.
+for max pooling, the argmax indices). These modules call the same kernels, so gradients are bitwise native, and no
+memory mode has to keep, or recompute, the maps they pool. One spatial dim runs as two with a height of one, as torch's
+own 1D pooling does.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["avg_pool", "max_pool"]
+from .recompute import is_tracing
+
+__all__ = ["AvgPool", "MaxPool"]
+
+_AVG = {2: (F.avg_pool2d, torch.ops.aten.avg_pool2d_backward), 3: (F.avg_pool3d, torch.ops.aten.avg_pool3d_backward)}
+_MAX = {2: (torch.ops.aten.max_pool2d_with_indices, torch.ops.aten.max_pool2d_with_indices_backward),
+        3: (torch.ops.aten.max_pool3d_with_indices, torch.ops.aten.max_pool3d_with_indices_backward)}
 
 
-class AvgPool2x2(torch.autograd.Function):
-    """``F.avg_pool2d(x, 2)`` that keeps nothing for backward but the input's layout: native average pooling saves its
-    input, yet its backward reads only the input's shape and strides."""
+class _AvgPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, kernel: list[int]) -> Tensor:
+        ctx.layout, ctx.kernel = (x.shape, x.stride()), kernel
+        return _AVG[len(kernel)][0](x, kernel)
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        ctx.layout = x.shape, x.stride()
-        return F.avg_pool2d(x, 2)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         like = grad.new_empty_strided(*ctx.layout)  # never read: shape and strides only
-        return torch.ops.aten.avg_pool2d_backward(grad, like, [2, 2], [2, 2], [0, 0], False, True, None)
+        kernel = ctx.kernel
+        return _AVG[len(kernel)][1](grad, like, kernel, kernel, [0] * len(kernel), False, True, None), None
 
 
-class MaxPool3x3(torch.autograd.Function):
-    """``F.max_pool2d(x, 3, 2, 1)`` that keeps only the argmax indices for backward (as int32 where they fit), not its
-    input: native max pooling's backward reads the input's shape and strides alone."""
-
+class _MaxPool(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        out, indices = torch.ops.aten.max_pool2d_with_indices(x, [3, 3], [2, 2], [1, 1])
-        ctx.layout = x.shape, x.stride()
-        if x.shape[-2] * x.shape[-1] <= torch.iinfo(torch.int32).max:
+    def forward(ctx: Any, x: Tensor, kernel: list[int], stride: list[int], padding: list[int]) -> Tensor:
+        out, indices = _MAX[len(kernel)][0](x, kernel, stride, padding)
+        ctx.layout, ctx.window = (x.shape, x.stride()), (kernel, stride, padding)
+        if math.prod(x.shape[2:]) <= torch.iinfo(torch.int32).max:  # indices count positions within one map
             indices = indices.to(torch.int32)
         ctx.save_for_backward(indices)
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         (indices,) = ctx.saved_tensors
         like = grad.new_empty_strided(*ctx.layout)  # never read: shape and strides only
-        return torch.ops.aten.max_pool2d_with_indices_backward(grad, like, [3, 3], [2, 2], [1, 1], [1, 1], False,
-                                                               indices.long())
+        kernel, stride, padding = ctx.window
+        grad_x = _MAX[len(kernel)][1](grad, like, kernel, stride, padding, [1] * len(kernel), False, indices.long())
+        return grad_x, None, None, None
 
 
-def avg_pool(x: Tensor) -> Tensor:
-    """2x2 average pooling (transitions)."""
-    return AvgPool2x2.apply(x) if torch.is_grad_enabled() and x.requires_grad else F.avg_pool2d(x, 2)
+class _Pool(nn.Module):
+    def __init__(self, spatial_dims: int = 2) -> None:
+        super().__init__()
+        self.spatial_dims = spatial_dims
+
+    def extra_repr(self) -> str:
+        return f"spatial_dims={self.spatial_dims}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.spatial_dims == 1:  # as a height-one 2D map
+            return self._pool(x.unsqueeze(-2), 2).squeeze(-2)
+        return self._pool(x, self.spatial_dims)
+
+    def _keeps_nothing(self, x: Tensor) -> bool:
+        return not is_tracing() and torch.is_grad_enabled() and x.requires_grad
+
+    def _pool(self, x: Tensor, dims: int) -> Tensor:
+        raise NotImplementedError
 
 
-def max_pool(x: Tensor) -> Tensor:
-    """3x3/2 max pooling (the ImageNet stem)."""
-    return MaxPool3x3.apply(x) if torch.is_grad_enabled() and x.requires_grad else F.max_pool2d(x, 3, 2, 1)
+class AvgPool(_Pool):
+    """2-wide, stride-2 average pooling (transitions)."""
+
+    def _pool(self, x: Tensor, dims: int) -> Tensor:
+        kernel = [2] * dims if self.spatial_dims > 1 else [1, 2]
+        return _AvgPool.apply(x, kernel) if self._keeps_nothing(x) else _AVG[dims][0](x, kernel)
+
+
+class MaxPool(_Pool):
+    """3-wide, stride-2, padding-1 max pooling (the ImageNet stem)."""
+
+    def _pool(self, x: Tensor, dims: int) -> Tensor:
+        if self.spatial_dims == 1:
+            kernel, stride, padding = [1, 3], [1, 2], [0, 1]
+        else:
+            kernel, stride, padding = [3] * dims, [2] * dims, [1] * dims
+        if self._keeps_nothing(x):
+            return _MaxPool.apply(x, kernel, stride, padding)
+        return (F.max_pool2d if dims == 2 else F.max_pool3d)(x, kernel, stride, padding)

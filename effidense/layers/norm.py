@@ -1,0 +1,366 @@
+"""BatchNorm(+ReLU) that stays exact when the segment it runs in is recomputed.
+
+**The rule: running statistics are updated on a segment's first run only, and a rerun reproduces that run bitwise.**
+torchvision and timm update them again on every rerun (pytorch/pytorch#96136); :class:`BatchNormAct` never does.
+
+How each path keeps the rule (:meth:`BatchNormAct.forward`):
+
+* Native (eager, not synchronised): ``F.batch_norm`` with the running buffers on the first run; a rerun
+  (:func:`~effidense.layers.recompute.recomputing`) hands it throwaway copies, so it saves the same tensors and
+  normalises bitwise alike. Same kernels as ``nn.BatchNorm2d``, one op per norm. Under ``torch.compile`` of the whole
+  model this path is traced as it is: the compiled graph applies buffer updates once, however it recomputes.
+* With statistics (``nn.SyncBatchNorm`` under torch.distributed, and regional compilation): batch statistics are
+  computed on the first run and kept in a ``cache`` handed in from outside the segment, one entry per feature map; a
+  rerun reuses them, so it runs no collective and no statistics. A block shares one cache between its norms, since a
+  channel's statistics are the same in every layer that normalises it: a synchronised model runs its forward
+  collectives once per feature map. Normalising with given statistics backpropagates through them
+  (:class:`BatchNormWithStats`, native BatchNorm's training-mode backward; :class:`SyncBatchNormWithStats`,
+  ``nn.SyncBatchNorm``'s, on any device and backend).
+
+``nn.SyncBatchNorm.convert_sync_batchnorm(model)`` works as it does elsewhere: the dense layers, transitions and the
+model's ``features`` adopt the ``nn.SyncBatchNorm`` it puts in place of a norm (:class:`AdoptsNorms`), keeping its
+parameters, buffers and process group. In training under torch.distributed with more than one process in the group,
+statistics are those of every process's batch (ranks may hold different batch sizes) and backward all-reduces the
+per-channel gradient sums; synchronised norms never run compiled. Unlike torch's SyncBatchNorm this also runs on CPU.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .recompute import checkpointed, is_tracing, recomputing
+
+__all__ = ["BATCH_NORM_ACT", "AdoptsNorms", "BatchNormAct", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d",
+           "BatchNormWithStats", "SyncBatchNormAct", "SyncBatchNormWithStats",
+           "batch_stats"]
+
+# Per-channel mean and biased variance, the values per channel behind them, and the process group (None: local).
+Stats = tuple[Tensor, Tensor, Any, Any]
+
+
+def _channel_view(t: Tensor, dims: int) -> Tensor:
+    return t.view(1, -1, *([1] * (dims - 2)))
+
+
+def _reduced(x: Tensor) -> list[int]:
+    return [0, *range(2, x.dim())]
+
+
+def _like_stats(param: Tensor | None, stats: Tensor) -> Tensor | None:
+    return param if param is None or param.dtype == stats.dtype else param.to(stats.dtype)
+
+
+def normalize(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor,
+              eps: float) -> Tensor:
+    """(x - mean) / sqrt(var + eps) * weight + bias, per channel. Half-precision affine parameters are used in the
+    statistics' precision (float32), as cuDNN's BatchNorm keeps them."""
+    weight, bias = _like_stats(weight, mean), _like_stats(bias, mean)
+    if not torch.compiler.is_compiling():
+        return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
+    # Traced batch_norm fixes the channel count; this arithmetic keeps it symbolic and fuses just the same.
+    scale = torch.rsqrt(var + eps)
+    scale = scale if weight is None else scale * weight
+    shift = -mean * scale if bias is None else bias - mean * scale
+    return x * _channel_view(scale, x.dim()).to(x.dtype) + _channel_view(shift, x.dim()).to(x.dtype)
+
+
+class BatchNormWithStats(torch.autograd.Function):
+    """Training-mode BatchNorm given its batch statistics: normalises only; backward is native BatchNorm's
+    training-mode backward, which includes the gradient through the statistics."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor,
+                eps: float) -> Tensor:
+        ctx.eps = eps
+        ctx.dtypes = tuple(None if t is None else t.dtype for t in (weight, bias))
+        ctx.save_for_backward(x, _like_stats(weight, mean), mean, torch.rsqrt(var + eps))
+        return normalize(x, weight, bias, mean, var, eps)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, mean, invstd = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+            grad, x, weight, None, None, mean, invstd, True, ctx.eps, list(ctx.needs_input_grad[:3]))
+        grad_weight, grad_bias = (g if g is None else g.to(dtype) for g, dtype in zip((grad_weight, grad_bias),
+                                                                                       ctx.dtypes, strict=True))
+        return grad_x, grad_weight, grad_bias, None, None, None
+
+
+class SyncBatchNormWithStats(torch.autograd.Function):
+    """Training-mode BatchNorm given statistics synchronised over ``group``: normalises only; backward is
+    ``nn.SyncBatchNorm``'s in plain torch ops: the per-channel sums of the gradient through the statistics are
+    all-reduced, the weight and bias gradients are this process's sums (DDP's gradient all-reduce combines them)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor,
+                eps: float, group: Any) -> Tensor:
+        ctx.group = group
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps))
+        return normalize(x, weight, bias, mean, var, eps)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, mean, invstd = ctx.saved_tensors
+        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad = grad.to(mean.dtype)
+        xhat = (x.to(mean.dtype) - _channel_view(mean, x.dim())) * _channel_view(invstd, x.dim())
+        sum_dy = grad.sum(_reduced(x))
+        sum_dy_xhat = (grad * xhat).sum(_reduced(x))
+        grad_x = None
+        if need_x:
+            count = sum_dy.new_full((1,), x.numel() // x.size(1))
+            combined = torch.cat([sum_dy, sum_dy_xhat, count])
+            dist.all_reduce(combined, group=ctx.group)
+            total_dy, total_dy_xhat, total = combined.split([sum_dy.numel(), sum_dy.numel(), 1])
+            scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+            grad_x = grad - _channel_view(total_dy / total, x.dim()) - xhat * _channel_view(total_dy_xhat / total,
+                                                                                             x.dim())
+            grad_x = (grad_x * _channel_view(scale, x.dim())).to(x.dtype)
+        grad_weight = sum_dy_xhat.to(weight.dtype) if weight is not None and need_weight else None
+        grad_bias = sum_dy.to(ctx.bias_dtype) if ctx.bias_dtype is not None and need_bias else None
+        return grad_x, grad_weight, grad_bias, None, None, None, None
+
+
+@torch.no_grad()
+def batch_stats(x: Tensor, group: Any = None) -> Stats:
+    """Per-channel mean and biased variance of ``x``, two-pass (several times faster than Welford on CPU), in at least
+    float32 precision; over the batches of every process in ``group`` when one is given (the global mean from
+    all-reduced sums and counts, then all-reduced squared deviations)."""
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    dims = _reduced(x)
+    if group is None:
+        count = x.numel() // x.size(1)
+        if count < 2:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+        mean = x.mean(dims)
+        return mean, (x - _channel_view(mean, x.dim())).square_().mean(dims), count, None
+    sums = torch.cat([x.sum(dims), x.new_full((1,), x.numel() // x.size(1))])
+    dist.all_reduce(sums, group=group)
+    count = sums[-1]
+    mean = sums[:-1] / count
+    squares = (x - _channel_view(mean, x.dim())).square_().sum(dims)
+    dist.all_reduce(squares, group=group)
+    return mean, squares / count, count, group
+
+
+def _normalize_relu(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor, eps: float,
+                    act: bool) -> Tensor:
+    x = BatchNormWithStats.apply(x, weight, bias, mean, var, eps)
+    return F.relu(x, inplace=True) if act else x
+
+
+@functools.cache
+def _compiled_normalize_relu(options: tuple[tuple[str, Any], ...]) -> Callable[..., Tensor]:
+    # One graph serves every norm: channel counts and sizes are symbolic, so depth does not multiply compile time.
+    return torch.compile(_normalize_relu, dynamic=True, fullgraph=True, **dict(options))
+
+
+class BatchNormAct(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm, then ReLU unless ``act=False``, for inputs with any number of spatial dims, exact under
+    recomputation (see the module docstring for the rule).
+
+    ``forward(*maps, cache=None)`` normalises the concatenation of ``maps`` along channels: the concatenation happens
+    inside the norm, so inside the segment, and a recomputation rebuilds it rather than keeping it. ``cache`` is a
+    list from outside the segment, shared by norms that normalise the same leading maps (a block's); only
+    synchronised and regionally compiled norms use it. State-dict keys are ``nn.BatchNorm2d``'s.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, *, act: bool = True, **kwargs: Any) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, **kwargs)
+        self.act = act
+        # torch.compile options for the normalisation (regional compilation, set by DenseNet.set_compile); None: eager
+        self.compile_options: tuple[tuple[str, Any], ...] | None = None
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected an input with channels in dim 1, got shape {tuple(input.shape)}")
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ("" if self.act else ", act=False")
+
+    def sync_group(self) -> Any:
+        """The process group whose batches this norm's statistics cover, or None for this process's own:
+        ``nn.SyncBatchNorm``'s rule (a synchronised norm, training, torch.distributed initialised, more than one
+        process in its group)."""
+        if not (isinstance(self, nn.SyncBatchNorm) and self.training and dist.is_available()
+                and dist.is_initialized()):
+            return None
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        return group if dist.get_world_size(group) > 1 else None
+
+    def _uses_batch_stats(self) -> bool:
+        return self.training or not self.track_running_stats
+
+    def _native(self) -> bool:
+        return self.compile_options is None and self.sync_group() is None
+
+    def _momentum(self) -> float:
+        """nn.BatchNorm's bookkeeping for a training batch: count it; return the running statistics' update factor.
+        The one place where running statistics are counted, so called on a segment's first run only."""
+        if not (self.training and self.track_running_stats):
+            return 0.0
+        self.num_batches_tracked.add_(1)
+        return 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+
+    def forward(self, *maps: Tensor, cache: list[Stats] | None = None) -> Tensor:
+        if isinstance(maps[0], torch.fx.Proxy):  # torch.fx: one node, which runs this forward (a leaf module)
+            tracer = maps[0].tracer
+            return tracer.create_proxy("call_module", tracer.path_of_module(self), maps, {})
+        x = maps[0] if len(maps) == 1 else torch.cat(maps, 1)
+        if not self._uses_batch_stats():
+            x = normalize(x, self.weight, self.bias, self.running_mean, self.running_var, self.eps)
+        elif self._native():
+            running_mean, running_var, factor = self.running_mean, self.running_var, 0.0
+            if not recomputing():
+                factor = self._momentum()
+            elif running_mean is not None:  # a rerun updates throwaway copies: it saves what the first run saved
+                running_mean, running_var = torch.zeros_like(running_mean), torch.ones_like(running_var)
+            x = F.batch_norm(x, running_mean, running_var, self.weight, self.bias, True, factor, self.eps)
+        else:
+            return self._normalize_with_stats(x, self._stats(maps, cache))
+        return F.relu(x, inplace=True) if self.act else x
+
+    def _stats(self, maps: tuple[Tensor, ...], cache: list[Stats] | None) -> Stats:
+        """Batch statistics of the concatenated ``maps``: from ``cache`` where it has them (filled here as needed);
+        the running statistics are updated with them on the first run."""
+        group = self.sync_group()
+        if cache is None or (cache and cache[0][3] is not group):
+            cache = []  # no cache, or one filled for norms synchronised otherwise: this norm's statistics are its own
+        for t in maps[len(cache):]:
+            cache.append(batch_stats(t, group))
+        used = cache[:len(maps)]
+        mean, var = torch.cat([s[0] for s in used]), torch.cat([s[1] for s in used])
+        count = used[0][2]
+        if not recomputing():
+            factor = self._momentum()
+            if factor:
+                with torch.no_grad():
+                    self.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
+                    self.running_var.mul_(1 - factor).add_(var * (count / (count - 1)), alpha=factor)
+        return mean, var, count, group
+
+    def _normalize_with_stats(self, x: Tensor, stats: Stats) -> Tensor:
+        mean, var, _, group = stats
+        if group is not None:  # synchronised norms always run eagerly: their backward holds a collective
+            x = SyncBatchNormWithStats.apply(x, self.weight, self.bias, mean, var, self.eps, group)
+            return F.relu(x, inplace=True) if self.act else x
+        if self.compile_options is None:
+            return _normalize_relu(x, self.weight, self.bias, mean, var, self.eps, self.act)
+        # Dynamo gives parameters static shapes; plain views let one graph serve every channel count.
+        weight, bias = (None if t is None else t.view(-1) for t in (self.weight, self.bias))
+        return _compiled_normalize_relu(self.compile_options)(x, weight, bias, mean, var, self.eps, self.act)
+
+    def then_conv(self, conv: nn.Module, x: Tensor, light: bool) -> Tensor:
+        """``conv(self(x))`` keeping only ``x`` for backward (``light``; else as it is). Native BatchNorm in training
+        reruns in :class:`_NormActConv`, a fraction of a checkpoint's cost; otherwise the pair is checkpointed."""
+        if not light or not torch.is_grad_enabled() or is_tracing():
+            return conv(self(x))
+        if self._native() and self._uses_batch_stats() and self.act:
+            return _NormActConv.apply(x, self.weight, self.bias, conv.weight, self, conv)
+        cache: list[Stats] = []
+        return checkpointed(True, lambda t: conv(self(t, cache=cache)), x)
+
+
+class BatchNormAct1d(BatchNormAct, nn.BatchNorm1d):
+    """:class:`BatchNormAct` that is an ``nn.BatchNorm1d``, for code that looks for one."""
+
+
+class BatchNormAct2d(BatchNormAct, nn.BatchNorm2d):
+    """:class:`BatchNormAct` that is an ``nn.BatchNorm2d``, for code that looks for one."""
+
+
+class BatchNormAct3d(BatchNormAct, nn.BatchNorm3d):
+    """:class:`BatchNormAct` that is an ``nn.BatchNorm3d``, for code that looks for one."""
+
+
+BATCH_NORM_ACT = {1: BatchNormAct1d, 2: BatchNormAct2d, 3: BatchNormAct3d}  # by spatial dims
+
+
+class SyncBatchNormAct(BatchNormAct, nn.SyncBatchNorm):
+    """:class:`BatchNormAct` synchronised like ``nn.SyncBatchNorm`` (which it is, for ``isinstance``): what a
+    converted model's layers adopt in place of torch's SyncBatchNorm."""
+
+    @classmethod
+    def adopt(cls, sync: nn.SyncBatchNorm, act: bool) -> SyncBatchNormAct:
+        """A SyncBatchNormAct holding ``sync``'s very parameters, buffers and process group."""
+        norm = cls(sync.num_features, sync.eps, sync.momentum, sync.affine, sync.track_running_stats, act=act,
+                   process_group=sync.process_group)
+        norm._parameters.update(sync._parameters)
+        norm._buffers.update(sync._buffers)
+        return norm.train(sync.training)
+
+
+class AdoptsNorms(nn.Module):
+    """A module whose :class:`BatchNormAct` children, when replaced by a torch ``nn.SyncBatchNorm`` (as
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` and timm's ``--sync-bn`` do), adopt it as a
+    :class:`SyncBatchNormAct` that keeps the replaced norm's activation."""
+
+    def _adopted(self, name: str, value: Any) -> Any:
+        old = self._modules.get(name) if "_modules" in self.__dict__ else None
+        if isinstance(value, nn.SyncBatchNorm) and not isinstance(value, BatchNormAct) and isinstance(old,
+                                                                                                       BatchNormAct):
+            return SyncBatchNormAct.adopt(value, old.act)
+        return value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, self._adopted(name, value))
+
+    def add_module(self, name: str, module: nn.Module | None) -> None:
+        super().add_module(name, self._adopted(name, module))
+
+
+class _NormActConv(torch.autograd.Function):
+    """``conv(ReLU(BN(x)))`` for native training-mode BatchNorm that keeps only ``x`` for backward.
+
+    Backward rebuilds ``ReLU(BN(x))`` (never the convolution) and calls the kernels autograd calls for the plain model:
+    ``convolution_backward`` on the input autocast gave the convolution, ReLU's ``threshold_backward``, and the
+    backward of whichever BatchNorm implementation ran (``_batch_norm_impl_index``: native or cuDNN), so gradients are
+    bitwise the plain model's. BatchNorm and ReLU have no autocast policy, so only the convolution's casts are redone.
+    Running statistics are updated in forward only. It supports one backward: for a second (``create_graph=True``)
+    use memory 'frugal' or 'plain'.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None, conv_weight: Tensor,
+                norm: BatchNormAct, conv: nn.Module) -> Tensor:
+        device = x.device.type
+        ctx.norm, ctx.conv = norm, conv
+        ctx.autocast = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+        ctx.save_for_backward(x)
+        return conv(norm(x))
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled():
+            raise RuntimeError("memory='efficient' supports one backward pass; for double backward "
+                               "(create_graph=True) use memory='frugal' or memory='plain'")
+        (x,) = ctx.saved_tensors
+        norm, conv = ctx.norm, ctx.conv
+        enabled, dtype = ctx.autocast
+        need_x, need_w, need_b, need_conv = ctx.needs_input_grad[:4]
+        weight, bias = norm.weight, norm.bias
+        y, save_mean, save_invstd, reserve, impl = torch._batch_norm_impl_index(
+            x, weight, bias, None, None, True, 0.0, norm.eps, torch.backends.cudnn.enabled)
+        z = y.relu_()
+
+        def as_conv_sees(t: Tensor) -> Tensor:  # autocast casts a convolution's floating inputs to its dtype
+            return t.to(dtype) if enabled and t.is_floating_point() and t.dtype != dtype else t
+
+        grad_z, grad_conv, _ = torch.ops.aten.convolution_backward(
+            grad, as_conv_sees(z), as_conv_sees(conv.weight), None, list(conv.stride), list(conv.padding),
+            list(conv.dilation), False, [0] * len(conv.stride), conv.groups, [True, need_conv, False])
+        grad_y = torch.ops.aten.threshold_backward(grad_z.to(z.dtype), z, 0)
+        grad_x, grad_w, grad_b = torch.ops.aten._batch_norm_impl_index_backward(
+            impl, x, grad_y, weight, None, None, save_mean, save_invstd, True, norm.eps, [need_x, need_w, need_b],
+            reserve)
+        grad_conv = None if grad_conv is None else grad_conv.to(conv.weight.dtype)
+        return grad_x, grad_w, grad_b, grad_conv, None, None

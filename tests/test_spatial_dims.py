@@ -1,0 +1,161 @@
+"""DenseNet for 1, 2 and 3 spatial dims: every mode is the plain model bitwise, memory ratios hold, bad input says
+what was expected; and the public DenseBlock, used inside a model of one's own."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from effidense import DenseBlock, DenseNet, SavedTensorMeter, activation_floor_bytes, saved_activation_bytes
+
+TINY_ND = dict(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=3)
+SIZES = {1: (64,), 2: (16, 16), 3: (16, 12, 16)}
+
+
+def _train(model: nn.Module, x: torch.Tensor, steps: int = 3) -> tuple[torch.Tensor, nn.Module]:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(steps):
+        opt.zero_grad()
+        out = model(x)
+        out.square().mean().backward()
+        opt.step()
+    return out, model
+
+
+def _assert_same_training(runs: dict[str, tuple[torch.Tensor, nn.Module]]) -> None:
+    out, plain = runs.pop("plain")
+    for mode, (other_out, model) in runs.items():
+        assert torch.equal(other_out, out), mode
+        for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
+            assert torch.equal(p.grad, q.grad), (mode, name)
+            assert torch.equal(p, q), (mode, name)
+        for (name, b), c in zip(model.named_buffers(), plain.buffers(), strict=True):
+            assert torch.equal(b, c), (mode, name)
+
+
+@pytest.mark.parametrize("spatial_dims", [1, 2, 3])
+@pytest.mark.parametrize("small_inputs", [False, True])
+def test_every_mode_trains_bitwise_like_plain(spatial_dims, small_inputs):
+    base = DenseNet(**TINY_ND, spatial_dims=spatial_dims, small_inputs=small_inputs, drop_rate=0.1, memory="plain")
+    x = torch.randn(2, 3, *SIZES[spatial_dims])
+    runs = {}
+    for mode in ("plain", "efficient", "frugal"):
+        torch.manual_seed(3)  # the same dropout masks
+        runs[mode] = _train(copy.deepcopy(base).set_memory(mode).train(), x)
+    assert runs["plain"][0].shape == (2, 3)
+    _assert_same_training(runs)
+
+
+def test_3d_norms_and_convolutions_are_3d_and_state_dict_keys_unchanged():
+    model = DenseNet(**TINY_ND, spatial_dims=3)
+    assert isinstance(model.features.conv0, nn.Conv3d) and isinstance(model.features.norm0, nn.BatchNorm3d)
+    assert isinstance(model.features.denseblock1.denselayer1.conv2, nn.Conv3d)
+    assert model.features.denseblock1.denselayer1.conv2.weight.shape[2:] == (3, 3, 3)
+    assert model.state_dict().keys() == DenseNet(**TINY_ND).state_dict().keys()
+    assert model.min_input_size == DenseNet(**TINY_ND).min_input_size == 5
+
+
+def _ratios(spatial_dims: int, size: tuple[int, ...]) -> tuple[float, float]:
+    model = DenseNet(growth_rate=8, block_config=(6,), num_init_features=16, small_inputs=True,
+                     spatial_dims=spatial_dims)
+    x = torch.randn(2, 3, *size)
+    plain, efficient, frugal = (saved_activation_bytes(model.set_memory(m), x) for m in ("plain", "efficient",
+                                                                                         "frugal"))
+    return plain / efficient, frugal / activation_floor_bytes(model, x)
+
+
+def test_memory_ratios_in_3d_match_2d_at_the_same_number_of_positions():
+    """16x16 images against 4x8x8 volumes: 256 positions in every map. (A stride-2 stem or a transition divides
+    positions by 4 in 2D but by 8 in 3D, so deeper nets only compare map by map.)"""
+    (eff_2d, frugal_2d), (eff_3d, frugal_3d) = _ratios(2, (16, 16)), _ratios(3, (4, 8, 8))
+    assert eff_2d > 2.5
+    assert abs(eff_3d / eff_2d - 1) <= 0.10, (eff_2d, eff_3d)
+    assert abs(frugal_3d / frugal_2d - 1) <= 0.10, (frugal_2d, frugal_3d)
+    assert frugal_3d <= 1.01  # at the floor
+
+
+@pytest.mark.parametrize(("spatial_dims", "shape", "message"), [
+    (3, (2, 3, 16, 16), r"expected an input of shape \(N, 3, D, H, W\), got \(2, 3, 16, 16\) \(spatial_dims=3\)"),
+    (1, (2, 3, 8, 8), r"\(N, 3, L\)"),
+    (3, (1, 3, 16, 4, 16), r"input of 16x4x16 is too small for this DenseNet: needs at least 5x5x5"),
+])
+def test_bad_volumes_say_what_was_expected(spatial_dims, shape, message):
+    model = DenseNet(**TINY_ND, spatial_dims=spatial_dims)
+    with pytest.raises(ValueError, match=message):
+        model(torch.randn(*shape))
+
+
+@pytest.mark.parametrize("spatial_dims", [0, 4, "3", True, None])
+def test_spatial_dims_must_be_one_two_or_three(spatial_dims):
+    with pytest.raises(ValueError, match="spatial_dims must be 1, 2 or 3"):
+        DenseNet(**TINY_ND, spatial_dims=spatial_dims)
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    (dict(block_config=(10 ** 9,)), "1000000000 dense layers; at most 10000"),
+    (dict(growth_rate=10 ** 6), r"convolution weights .* GiB in float32"),
+])
+def test_absurd_configurations_are_refused_before_allocating(config, message):
+    with pytest.raises(ValueError, match=message):
+        DenseNet(**dict(TINY_ND, **config))
+
+
+def test_double_backward_names_the_modes_that_support_it():
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+    model = DenseNet(**TINY_ND, memory="efficient")
+    with pytest.raises(RuntimeError, match="memory='frugal' or memory='plain'"):
+        torch.autograd.grad(model(x).sum(), x, create_graph=True)
+    for mode in ("frugal", "plain"):
+        model.set_memory(mode)
+        (grad,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+        grad.square().sum().backward()  # a gradient penalty
+        assert x.grad is not None
+
+
+class TinyTiramisu(nn.Module):
+    """A model of one's own: a dense block down, a dense block of new features only up, as FC-DenseNet does."""
+
+    def __init__(self, memory: str) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.down = DenseBlock(3, 8, growth_rate=4, memory=memory)
+        self.up = DenseBlock(2, 20, growth_rate=4, memory=memory, new_features_only=True)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = self.down(self.stem(x))  # 8 + 3 * 4 = 20 channels
+        y = F.interpolate(F.max_pool2d(skip, 2), scale_factor=2)
+        return self.head(self.up(y))  # 2 * 4 = 8 new channels
+
+
+def test_dense_block_in_a_model_of_ones_own_is_exact_and_lean():
+    base = TinyTiramisu("plain")
+    x = torch.randn(2, 3, 16, 16)
+    runs = {}
+    for mode in ("plain", "efficient", "frugal"):
+        model = copy.deepcopy(base)
+        model.down.memory = model.up.memory = mode
+        runs[mode] = _train(model, x)
+    assert runs["plain"][0].shape == (2, 2, 16, 16)
+    models = {mode: model for mode, (_, model) in runs.items()}
+    _assert_same_training(runs)
+    kept, features = {}, torch.randn(2, 8, 16, 16, requires_grad=True)
+    for mode, model in models.items():
+        with SavedTensorMeter(exclude=model) as meter:
+            model.down(features * 1)
+        kept[mode] = meter.bytes
+    assert kept["efficient"] < 0.7 * kept["plain"] and kept["frugal"] < kept["efficient"], kept
+
+
+def test_dense_block_shapes_and_3d():
+    block = DenseBlock(3, 6, growth_rate=5, bn_size=None, spatial_dims=3)
+    x = torch.randn(2, 6, 4, 5, 6)
+    assert block(x).shape == (2, 6 + 15, 4, 5, 6)
+    block.new_features_only = True
+    assert block(x).shape == (2, 15, 4, 5, 6)
+    assert block.denselayer3.memory == "efficient"
+    block.memory = "frugal"
+    assert {layer.memory for layer in block.values()} == {"frugal"}
+    with pytest.raises(ValueError, match="memory must be one of"):
+        block.memory = "cheap"
