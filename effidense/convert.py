@@ -1,9 +1,11 @@
-"""Weight conversion between torchvision, timm and effidense DenseNet checkpoints.
+"""Weight conversion between torchvision, timm, MONAI and effidense DenseNet checkpoints, and 2D -> 3D inflation.
 
 Modern torchvision, timm and effidense state dicts use the same keys (``features.conv0.weight``,
 ``features.denseblock1.denselayer1.norm1.weight``, ``features.transition1.conv.weight``, ``features.norm5.*``,
-``classifier.*``), so converting is mostly checking. :data:`KEY_RULES` is the one table of what does differ in the
-keys; :func:`layout_limits` says which architectures each layout can hold. Reading accepts ``.pth``/``.pt``/``.bin``
+``classifier.*``), so converting is mostly checking; MONAI's (2D) DenseNet differs only in names
+(``...denselayer1.layers.norm1.weight``, ``class_layers.out.*``). :data:`KEY_RULES` is the one table of what does
+differ in the keys; :func:`layout_limits` says which architectures each layout can hold. :func:`inflate` turns 2D
+weights into 3D ones (I3D inflation) for the same network with 3D layers. Reading accepts ``.pth``/``.pt``/``.bin``
 files (``torch.load(weights_only=True)``; training checkpoints wrapped as ``{'state_dict': ...}`` or
 ``{'model': ...}`` too) and ``.safetensors``; writing produces ``.safetensors`` with the architecture in its header,
 or a plain ``.pth`` state dict. Every failure raises :class:`ConversionError` with a one-line message.
@@ -31,10 +33,14 @@ from .weights import (
     KEY_RULES,
     Checkpoint,
     ConversionError,
+    canonical_key,
     canonical_state_dict,
     check_output,
+    has_layout_keys,
     has_legacy_keys,
     is_bn_counter,
+    layout_key,
+    layout_state_dict,
     listing,
     load_checkpoint,
     output_format,
@@ -44,14 +50,15 @@ from .weights import (
 
 __all__ = [
     "FORMAT_VERSION", "LAYOUTS", "KEY_RULES", "VERIFY_TOLERANCE", "Architecture", "Checkpoint", "Conversion",
-    "ConversionError", "VerificationError", "build_layout_model", "canonical_state_dict", "check_state_dict",
-    "convert_checkpoint", "convert_state_dict", "infer_architecture", "layout_limits", "load_checkpoint",
-    "match_config", "resolve_layout", "resolve_model_name", "save_checkpoint", "timm_pretrained_filter",
-    "verify_conversion",
+    "ConversionError", "INFLATE_METHODS", "VerificationError", "build_layout_model", "canonical_state_dict",
+    "check_state_dict", "convert_checkpoint", "convert_state_dict", "infer_architecture", "inflate", "layout_limits",
+    "layout_state_dict", "load_checkpoint", "match_config", "resolve_layout", "resolve_model_name", "save_checkpoint",
+    "timm_pretrained_filter", "verify_conversion",
 ]
 
 FORMAT_VERSION = "1"
-LAYOUTS = ("effidense", "torchvision", "timm")
+LAYOUTS = ("effidense", "torchvision", "timm", "monai")
+INFLATE_METHODS = ("mean", "center")
 LAYOUT_ALIASES = {"efficient": "effidense", "normal": "torchvision"}  # the seed converter's --to spellings
 VERIFY_TOLERANCE = 1e-5
 
@@ -130,7 +137,7 @@ def layout_limits(layout: str, arch: Architecture) -> list[str]:
     layout = resolve_layout(layout)
     if layout == "effidense":
         return []
-    reasons = []
+    reasons = []  # MONAI's DenseNet(spatial_dims=2) takes any in_channels, init_features and growth_rate
     if arch.small_inputs:
         reasons.append("it has no 3x3 small-input stem (small_inputs=True)")
     if arch.bn_size is None:
@@ -226,6 +233,10 @@ def infer_architecture(state_dict: Mapping[str, Tensor]) -> Architecture:
     unexplained, the candidates are the named :data:`effidense.CONFIGS` and each single change to a number that some
     key voted for; the one with the fewest disagreeing keys wins, so a corrupt tensor is blamed, not its neighbours.
     """
+    conv0 = state_dict.get("features.conv0.weight")
+    if isinstance(conv0, Tensor) and conv0.dim() == 5:
+        raise ConversionError("'features.conv0.weight' is 5-d: these are 3D weights, and conversion reads 2D DenseNet "
+                              "weights (inflate 2D weights to 3D with inflate() / --inflate instead)")
     if _shape(state_dict, "features.conv0.weight", 4) is None:
         raise ConversionError("not a DenseNet checkpoint: no 4-d 'features.conv0.weight' "
                               f"(keys: {listing(state_dict)})")
@@ -286,14 +297,20 @@ def _expected_shapes(arch: Architecture) -> dict[str, tuple[int, ...]]:
 
 
 
-def check_state_dict(state_dict: Mapping[str, Tensor], arch: Architecture, what: str = "") -> None:
+def check_state_dict(state_dict: Mapping[str, Tensor], arch: Architecture, what: str = "",
+                     layout: str = "effidense") -> None:
     """Raise :class:`ConversionError` listing every unknown, missing and mis-shaped key of ``state_dict`` for
-    ``arch``. Missing BatchNorm ``num_batches_tracked`` counters are fine (old checkpoints predate them)."""
+    ``arch``. Missing BatchNorm ``num_batches_tracked`` counters are fine (old checkpoints predate them).
+
+    ``state_dict`` may use any layout's names (:data:`KEY_RULES`); unknown and mis-shaped keys are named as in
+    ``state_dict``, missing ones in ``layout``'s names."""
     expected = _expected_shapes(arch)
-    unknown = [k for k in state_dict if k not in expected]
-    missing = [k for k in expected if k not in state_dict and not is_bn_counter(k)]
-    mismatched = [(k, tuple(v.shape), expected[k]) for k, v in state_dict.items()
-                  if k in expected and tuple(v.shape) != expected[k]]
+    named = {canonical_key(k): k for k in state_dict}  # canonical name -> the name in state_dict
+    layout = resolve_layout(layout)
+    unknown = [k for c, k in named.items() if c not in expected]
+    missing = [layout_key(k, layout) for k in expected if k not in named and not is_bn_counter(k)]
+    mismatched = [(k, tuple(state_dict[k].shape), expected[c]) for c, k in named.items()
+                  if c in expected and tuple(state_dict[k].shape) != expected[c]]
     if not (unknown or missing or mismatched):
         return
     parts = []
@@ -341,6 +358,11 @@ class Conversion:
     source: str
     target: str
     notes: list[str] = field(default_factory=list)
+    inflation: str | None = None  # the inflate() method that made these 3D weights, or None for 2D
+
+    @property
+    def spatial_dims(self) -> int:
+        return 2 if self.inflation is None else 3
 
     def metadata(self, source_file: str = "") -> dict[str, str]:
         """The safetensors header entries describing this checkpoint (all strings, as safetensors requires)."""
@@ -351,7 +373,10 @@ class Conversion:
             _META_PREFIX + "source_layout": self.source,
             _META_PREFIX + "architecture": self.architecture.to_json(),
             _META_PREFIX + "model": self.model_name or "",
+            _META_PREFIX + "spatial_dims": str(self.spatial_dims),
         }
+        if self.inflation is not None:
+            meta[_META_PREFIX + "inflation"] = self.inflation
         if source_file:
             meta[_META_PREFIX + "source_file"] = os.path.basename(source_file)
         return meta
@@ -361,7 +386,10 @@ def _detect_source(raw_keys: Iterable[str], metadata: Mapping[str, str], arch: A
     layout = metadata.get(_META_PREFIX + "layout")
     if layout in LAYOUTS:
         return layout, "from the file's metadata"
-    if has_legacy_keys(dict.fromkeys(raw_keys)):
+    keys = dict.fromkeys(raw_keys)
+    if has_layout_keys(keys, "monai"):
+        return "monai", "MONAI key names"
+    if has_legacy_keys(keys):
         return "torchvision", "legacy torchvision key names"
     if layout_limits("torchvision", arch):
         return "effidense", "only effidense has this architecture"
@@ -374,44 +402,97 @@ def convert_state_dict(
         target: str = "effidense",
         model: str | None = None,
         metadata: Mapping[str, str] | None = None,
+        inflate: str | None = None,
 ) -> Conversion:
     """Convert a state dict from ``source`` layout (``auto`` detects it) to ``target``.
 
     The architecture is inferred from the weights; with ``model`` (a :data:`effidense.CONFIGS` name, ``effi_``
-    prefix allowed) the weights must fit that network instead. Raises :class:`ConversionError`.
+    prefix allowed) the weights must fit that network instead. Keys that do not fit are named as in
+    ``state_dict`` (missing ones in the source layout's names). With ``inflate`` (``"mean"`` or ``"center"``, see
+    :func:`inflate`) the 2D weights become 3D ones for the same network with 3D layers. Raises
+    :class:`ConversionError`.
     """
     target = resolve_layout(target)
+    if inflate is not None and inflate not in INFLATE_METHODS:
+        raise ConversionError(f"unknown inflation method {inflate!r}; choose one of: {', '.join(INFLATE_METHODS)}")
+    if source != "auto":
+        source = resolve_layout(source)
     canonical, notes = canonical_state_dict(state_dict)
+    naming = source if source != "auto" else "monai" if has_layout_keys(state_dict, "monai") else "effidense"
     name = None
     if model is not None:
         name = resolve_model_name(model)
         conv0 = _shape(canonical, "features.conv0.weight", 4)
         classifier = _shape(canonical, "classifier.weight", 2)
         arch = _config_architecture(name, classifier[0] if classifier else 0, conv0[1] if conv0 else 3)
-        check_state_dict(canonical, arch, what=name)
+        check_state_dict(state_dict, arch, what=name, layout=naming)
     else:
         arch = infer_architecture(canonical)
         name = match_config(arch)
-        check_state_dict(canonical, arch, what=f"{name or 'DenseNet'}({arch.describe()}), the architecture that "
-                                               "explains the most keys")
+        check_state_dict(state_dict, arch, what=f"{name or 'DenseNet'}({arch.describe()}), the architecture that "
+                                                "explains the most keys", layout=naming)
     if source == "auto":
         source, why = _detect_source(state_dict, metadata or {}, arch)
         notes.insert(0, f"source layout {source} ({why})")
-    else:
-        source = resolve_layout(source)
     for layout, role in ((source, "source"), (target, "target")):
         reasons = layout_limits(layout, arch)
         if reasons:
             raise ConversionError(f"{role} layout {layout}: its DenseNet cannot hold these weights: "
                                   + "; ".join(reasons))
     out, more_notes = _complete(canonical, arch)
-    return Conversion(out, arch, name, source, target, notes + more_notes)
+    if inflate is not None:
+        out = _inflate_kernels(out, inflate)
+        more_notes.append(f"inflated the 2D kernels to 3D ({inflate})")
+    return Conversion(layout_state_dict(out, target), arch, name, source, target, notes + more_notes, inflate)
+
+
+# --- 2D -> 3D ---
+
+def _inflate_kernels(state_dict: Mapping[str, Tensor], method: str) -> dict[str, Tensor]:
+    out = {}
+    for key, value in state_dict.items():
+        if value.dim() != 4:
+            out[key] = value.clone()
+            continue
+        k, kw = value.shape[-2:]
+        if k != kw:
+            raise ConversionError(f"cannot inflate {key} {list(value.shape)}: its kernel is not square")
+        if method == "mean":
+            out[key] = value.unsqueeze(2).repeat(1, 1, k, 1, 1).div(k)
+        else:
+            if k % 2 == 0:
+                raise ConversionError(f"cannot centre {key} {list(value.shape)}: an even kernel has no middle tap")
+            out[key] = value.new_zeros(value.shape[:2] + (k,) + value.shape[2:])
+            out[key][:, :, k // 2] = value
+    return out
+
+
+def inflate(state_dict: Mapping[str, Tensor], spatial_dims: int = 3, method: str = "mean") -> dict[str, Tensor]:
+    """A 2D DenseNet state dict (torchvision, timm, effidense or MONAI 2D names, kept as they are) as 3D weights
+    for the same network with 3D layers (I3D inflation, Carreira & Zisserman 2017). Everything but the kernels is
+    copied; each k x k kernel becomes k x k x k:
+
+    * ``"mean"`` (I3D's): the kernel repeated over a depth of k and divided by k. On an input that is constant along
+      depth the 3D network computes the 2D one's features on every slice, except near the first and last slices,
+      where zero padding (of the 3x3 and 7x7 convolutions) breaks the sum over depth taps.
+    * ``"center"``: the kernel at the middle depth tap, the other taps zero: exact on such an input at every slice,
+      so the pooled features equal the 2D network's on one slice.
+
+    The weights are checked first (unknown, missing and mis-shaped keys are named). Raises :class:`ConversionError`.
+    """
+    if spatial_dims != 3:
+        raise ConversionError(f"spatial_dims={spatial_dims!r}: 2D kernels inflate to 3D only (spatial_dims=3)")
+    if method not in INFLATE_METHODS:
+        raise ConversionError(f"unknown inflation method {method!r}; choose one of: {', '.join(INFLATE_METHODS)}")
+    convert_state_dict(state_dict)  # a 2D DenseNet whose every key fits, or one line saying why not
+    return _inflate_kernels(state_dict, method)
 
 
 # --- verifying ---
 
 def build_layout_model(layout: str, arch: Architecture) -> nn.Module:
-    """A randomly initialised DenseNet of ``layout``'s own class (torchvision's, timm's or effidense's)."""
+    """A randomly initialised 2D DenseNet of ``layout``'s own class (torchvision's, timm's, MONAI's or effidense's;
+    only this needs the peer library installed)."""
     layout = resolve_layout(layout)
     reasons = layout_limits(layout, arch)
     if reasons:
@@ -423,6 +504,18 @@ def build_layout_model(layout: str, arch: Architecture) -> nn.Module:
 
         return TimmDenseNet(growth_rate=arch.growth_rate, block_config=arch.block_config, bn_size=arch.bn_size,
                             num_classes=arch.num_classes, in_chans=arch.in_chans)
+    if layout == "monai":
+        try:
+            from monai.networks.nets import DenseNet as MonaiDenseNet
+        except ImportError:
+            raise ConversionError("building MONAI's DenseNet needs MONAI (pip install monai); converting to or from "
+                                  "its layout does not") from None
+        model = MonaiDenseNet(spatial_dims=2, in_channels=arch.in_chans, out_channels=max(arch.num_classes, 1),
+                              init_features=arch.num_init_features, growth_rate=arch.growth_rate,
+                              block_config=arch.block_config, bn_size=arch.bn_size)
+        if arch.num_classes == 0:  # as torchvision's: weights without a classifier mean "features only"
+            model.class_layers.out = nn.Identity()
+        return model
     from torchvision.models import DenseNet as TorchvisionDenseNet
 
     model = TorchvisionDenseNet(growth_rate=arch.growth_rate, block_config=arch.block_config,
@@ -434,10 +527,13 @@ def build_layout_model(layout: str, arch: Architecture) -> nn.Module:
 
 
 def _outputs(model: nn.Module, x: Tensor) -> Tensor:
-    """Pooled features followed by the logits (if any), for any of the three DenseNet classes."""
+    """Pooled features followed by the logits (if any), for any of the four DenseNet classes."""
     if hasattr(model, "forward_head"):
         features = model.forward_features(x)
         pooled, logits = model.forward_head(features, pre_logits=True), model.forward_head(features)
+    elif hasattr(model, "class_layers"):  # MONAI: class_layers = ReLU, pooling, flatten, out (the classifier)
+        pooled = model.class_layers[:-1](model.features(x))
+        logits = model.class_layers.out(pooled)
     else:  # torchvision: features end at norm5; its forward adds ReLU, pooling and the classifier
         pooled = F.adaptive_avg_pool2d(F.relu(model.features(x)), 1).flatten(1)
         logits = model.classifier(pooled)
@@ -454,12 +550,14 @@ def verify_conversion(
         seed: int = 0,
 ) -> float:
     """Max abs difference between the source layout's model with the source weights and the target layout's model
-    with the converted weights, on one random batch in eval mode (fp32): pooled features and logits."""
+    with the converted weights, on one random batch in eval mode (fp32): pooled features and logits. The weights may
+    use any layout's names; each model gets them in its own."""
     models = []
     for layout, state_dict in ((source_layout, source_state_dict), (target_layout, target_state_dict)):
         model = build_layout_model(layout, arch)
+        state_dict = layout_state_dict(canonical_state_dict(state_dict)[0], resolve_layout(layout))
         try:
-            model.load_state_dict(dict(state_dict), strict=True)
+            model.load_state_dict(state_dict, strict=True)
         except RuntimeError as e:
             raise ConversionError(f"{layout} model refused the weights: {short_error(e)}") from None
         models.append(model.float().eval())
@@ -483,19 +581,24 @@ def convert_checkpoint(
         verify: bool = False,
         force: bool = False,
         tolerance: float = VERIFY_TOLERANCE,
+        inflate: str | None = None,
 ) -> tuple[Conversion, float | None]:
-    """Read ``checkpoint``, convert it to ``target`` layout and write ``output`` (see :func:`convert_state_dict`).
+    """Read ``checkpoint``, convert it to ``target`` layout and write ``output`` (see :func:`convert_state_dict`;
+    ``inflate`` writes 3D weights, see :func:`inflate`).
 
     With ``verify`` the written file is read back and checked with :func:`verify_conversion` before it replaces
     anything; a difference above ``tolerance`` raises :class:`VerificationError` and leaves no output. Returns the
     conversion and the measured difference (None without ``verify``).
     """
     output = Path(output)
+    if verify and inflate is not None:
+        raise ConversionError("verify compares 2D models and cannot check inflated 3D weights; verify a 2D "
+                              "conversion, then inflate")
     fmt = output_format(output, fmt)
     check_output(output, force)  # fail before the work, not after it
     loaded = load_checkpoint(checkpoint, use_ema=use_ema)
     conversion = convert_state_dict(loaded.state_dict, source=source, target=target, model=model,
-                                     metadata=loaded.metadata)
+                                     metadata=loaded.metadata, inflate=inflate)
     conversion.notes[:0] = loaded.notes
     diff: list[float] = []
 

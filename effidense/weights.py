@@ -2,8 +2,10 @@
 
 Modern torchvision, timm and effidense state dicts use the same keys (``features.conv0.weight``,
 ``features.denseblock1.denselayer1.norm1.weight``, ``features.transition1.conv.weight``, ``features.norm5.*``,
-``classifier.*``). :data:`KEY_RULES` is the one table of what does differ; :func:`canonical_state_dict` applies it
-and :func:`timm_pretrained_filter` is timm's ``pretrained_filter_fn`` built on it. :func:`load_checkpoint` reads
+``classifier.*``); MONAI's DenseNet nests each dense layer's modules under ``layers.`` and names its classifier
+``class_layers.out``. :data:`KEY_RULES` is the one table of what does differ; :func:`canonical_state_dict` applies it,
+:func:`layout_state_dict` writes a layout's own names, and :func:`timm_pretrained_filter` is timm's
+``pretrained_filter_fn`` built on it. :func:`load_checkpoint` reads
 ``.pth``/``.pt``/``.bin`` (``torch.load(weights_only=True)``; training checkpoints wrapped as ``{'state_dict': ...}``
 or ``{'model': ...}`` too) and ``.safetensors``; :func:`save_checkpoint` writes either, atomically. Every failure
 raises :class:`ConversionError` with a one-line message. The model (:mod:`effidense.registry`) and the converter
@@ -19,7 +21,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +35,8 @@ from .fileio import (
     short_error,
 )
 
-__all__ = ["KEY_RULES", "PTH_SUFFIXES", "Checkpoint", "ConversionError", "canonical_state_dict", "load_checkpoint",
+__all__ = ["KEY_RULES", "PTH_SUFFIXES", "Checkpoint", "ConversionError", "KeyRule", "canonical_key",
+           "canonical_state_dict", "has_layout_keys", "layout_key", "layout_state_dict", "load_checkpoint",
            "save_checkpoint", "timm_pretrained_filter"]
 
 
@@ -41,17 +44,39 @@ PTH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 _SHOWN = 20  # keys listed per category in an error message; the exception holds them all
 
 
+class KeyRule(NamedTuple):
+    """One row of :data:`KEY_RULES`: ``pattern`` -> ``replacement`` turns a checkpoint key into effidense's name.
+    A rule with a ``layout`` describes that layout's own names, and ``write_pattern`` -> ``write_replacement`` turns
+    effidense's name back into them (:func:`layout_state_dict`); rules without one are only ever read."""
+
+    what: str
+    pattern: re.Pattern[str]
+    replacement: str
+    layout: str | None = None
+    write_pattern: re.Pattern[str] | None = None
+    write_replacement: str = ""
+
+
 # The one key-mapping table. Each rule rewrites checkpoint keys into effidense's (= modern torchvision/timm) names
-# and applies to every source, since none of the patterns can match a key that is already canonical. Writing needs
-# no rules: effidense's keys are torchvision's and timm's.
-KEY_RULES: tuple[tuple[str, re.Pattern[str], str], ...] = (
-    ("DataParallel/DDP 'module.' or torch.compile '_orig_mod.' prefix",
-     re.compile(r"^(?:module\.|_orig_mod\.)+"), ""),
-    ("legacy torchvision name (densenet121-a639ec97.pth era: 'denselayer1.norm.1.weight')",
-     re.compile(r"^(.*\.denselayer\d+\.)(norm|relu|conv)\.([12])\.(weight|bias|running_mean|running_var)$"),
-     r"\1\2\3.\4"),
+# and applies to every source, since none of the patterns can match a key that is already canonical; the rules run
+# in order on each key. Writing torchvision, timm or effidense needs no rules (their keys are effidense's); writing
+# MONAI applies the write side of the MONAI rows. MONAI's own fix-up of the legacy hub files (a regex in its
+# densenet._load_state_dict: 'denselayer1.norm.1.weight' -> 'denselayer1.layers.norm1.weight') is the legacy row
+# read and the MONAI dense-layer row written.
+KEY_RULES: tuple[KeyRule, ...] = (
+    KeyRule("DataParallel/DDP 'module.' or torch.compile '_orig_mod.' prefix",
+            re.compile(r"^(?:module\.|_orig_mod\.)+"), ""),
+    KeyRule("MONAI dense-layer name ('denselayer1.layers.norm1.weight')",
+            re.compile(r"^(.*\.denselayer\d+\.)layers\."), r"\1",
+            "monai", re.compile(r"^(.*\.denselayer\d+\.)"), r"\1layers."),
+    KeyRule("legacy torchvision name (densenet121-a639ec97.pth era: 'denselayer1.norm.1.weight')",
+            re.compile(r"^(.*\.denselayer\d+\.)(norm|relu|conv)\.([12])\.(weight|bias|running_mean|running_var)$"),
+            r"\1\2\3.\4"),
+    KeyRule("MONAI classifier name ('class_layers.out.weight')",
+            re.compile(r"^class_layers\.out\."), "classifier.",
+            "monai", re.compile(r"^classifier\."), "class_layers.out."),
 )
-_LEGACY_RULE = KEY_RULES[1][1]
+_LEGACY_RULE = KEY_RULES[2].pattern
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
 _EMA_KEYS = ("state_dict_ema", "model_ema")
 
@@ -203,14 +228,43 @@ def canonical_state_dict(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any],
     origin: dict[str, str] = {}
     for key, value in state_dict.items():
         new = key
-        for i, (_, pattern, replacement) in enumerate(KEY_RULES):
-            new, n = pattern.subn(replacement, new)
+        for i, rule in enumerate(KEY_RULES):
+            new, n = rule.pattern.subn(rule.replacement, new)
             counts[i] += n
         if new in out:
             raise ConversionError(f"keys {origin[new]!r} and {key!r} both mean {new!r}")
         out[new], origin[new] = value, key
-    notes = [f"renamed {n} keys: {what}" for (what, _, _), n in zip(KEY_RULES, counts, strict=True) if n]
+    notes = [f"renamed {n} keys: {rule.what}" for rule, n in zip(KEY_RULES, counts, strict=True) if n]
     return out, notes
+
+
+def canonical_key(key: str) -> str:
+    """One checkpoint key in effidense's names (what :func:`canonical_state_dict` makes of it)."""
+    for rule in KEY_RULES:
+        key = rule.pattern.sub(rule.replacement, key)
+    return key
+
+
+def _layout_rules(layout: str) -> list[KeyRule]:
+    return [rule for rule in KEY_RULES if rule.layout == layout and rule.write_pattern is not None]
+
+
+def layout_key(key: str, layout: str) -> str:
+    """An effidense (canonical) key in ``layout``'s own names (unchanged for torchvision, timm and effidense)."""
+    for rule in _layout_rules(layout):
+        key = rule.write_pattern.sub(rule.write_replacement, key)
+    return key
+
+
+def layout_state_dict(state_dict: Mapping[str, Any], layout: str) -> dict[str, Any]:
+    """A canonical state dict with its keys in ``layout``'s own names (same tensors, same order)."""
+    return {layout_key(key, layout): value for key, value in state_dict.items()}
+
+
+def has_layout_keys(state_dict: Mapping[str, Any], layout: str) -> bool:
+    """Whether some key is in a name only ``layout`` uses (e.g. MONAI's 'denselayer1.layers.norm1.weight')."""
+    patterns = [rule.pattern for rule in KEY_RULES if rule.layout == layout]
+    return any(pattern.search(key) for key in state_dict for pattern in patterns)
 
 
 def has_legacy_keys(state_dict: Mapping[str, Any]) -> bool:

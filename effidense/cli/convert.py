@@ -1,10 +1,13 @@
-"""Convert DenseNet weights between torchvision, timm and effidense layouts (.pth / .safetensors).
+"""Convert DenseNet weights between torchvision, timm, MONAI and effidense layouts (.pth / .safetensors), and
+inflate 2D weights to 3D.
 
 Examples::
 
     python tools/convert.py --checkpoint densenet121-a639ec97.pth --output densenet121_effi.safetensors --verify
     python tools/convert.py --to efficient --checkpoint densenet121-a639ec97.pth --output densenet121_effi.pth
     python tools/convert.py --checkpoint effi.safetensors --output tv.pth --to torchvision
+    python tools/convert.py --checkpoint densenet121-a639ec97.pth --output monai2d.pth --to monai --verify
+    python tools/convert.py --checkpoint densenet121-a639ec97.pth --output monai3d.pth --to monai --inflate center
 
 Exit status: 0 on success, 1 when the input cannot be read or converted or the output cannot be written,
 2 for bad arguments, 3 when --verify finds a difference above the tolerance (nothing is written then).
@@ -16,6 +19,7 @@ import sys
 from collections.abc import Sequence
 
 from effidense.convert import (
+    INFLATE_METHODS,
     LAYOUT_ALIASES,
     LAYOUTS,
     VERIFY_TOLERANCE,
@@ -28,7 +32,8 @@ from effidense.convert import (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="effidense convert",
-        description="Convert DenseNet weights between torchvision, timm and effidense layouts. The architecture is "
+        description="Convert DenseNet weights between torchvision, timm, MONAI (2D) and effidense layouts, and "
+                    "optionally inflate them to 3D (--inflate). The architecture is "
                     "read off the weights (or checked against --model) and every unknown, missing or mis-shaped key "
                     "is reported by name. Inputs are read safely (torch.load(weights_only=True) or safetensors); "
                     "the output is written atomically and never overwrites a file without --force.",
@@ -39,11 +44,18 @@ def build_parser() -> argparse.ArgumentParser:
                              "'state_dict' or 'model') or .safetensors; recognised by content, not name")
     parser.add_argument("--output", required=True, metavar="OUT", help="file to write")
     parser.add_argument("--to", default="effidense", choices=layouts, dest="target",
-                        help="layout to write (default effidense); 'efficient' = effidense and 'normal' = "
-                             "torchvision, as in the original converter")
+                        help="layout to write (default effidense); 'monai' = the keys of MONAI's "
+                             "networks.nets.DenseNet; 'efficient' = effidense and 'normal' = torchvision, as in the "
+                             "original converter")
     parser.add_argument("--from", default="auto", choices=["auto", *layouts], dest="source",
-                        help="layout of the input (default auto: the file's metadata, legacy torchvision names, or "
-                             "the architecture decide; torchvision and timm keys are identical)")
+                        help="layout of the input (default auto: the file's metadata, MONAI or legacy torchvision "
+                             "names, or the architecture decide; torchvision and timm keys are identical; legacy "
+                             "torchvision hub files convert to MONAI as MONAI's own loader renames them)")
+    parser.add_argument("--inflate", choices=INFLATE_METHODS, default=None,
+                        help="write 3D weights for the same network with 3D layers (I3D inflation of a 2D "
+                             "checkpoint): 'mean' repeats each k x k kernel over a depth of k and divides by k (I3D's; "
+                             "inexact near the first and last slices, where zero padding enters), 'center' puts it "
+                             "at the middle depth tap with zeros elsewhere (exact on depth-constant inputs)")
     parser.add_argument("--format", choices=["safetensors", "pth"], default=None, dest="fmt",
                         help="output format (default: from the output's suffix, .safetensors or .pth/.pt/.bin; "
                              "safetensors when the suffix says nothing); safetensors files carry the architecture, "
@@ -62,11 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verify and args.inflate:
+        parser.error("--verify compares 2D models and cannot check --inflate's 3D weights; verify a 2D conversion, "
+                     "then inflate")
     try:
         conversion, diff = convert_checkpoint(
             args.checkpoint, args.output, target=args.target, source=args.source, fmt=args.fmt, model=args.model,
-            use_ema=args.ema, verify=args.verify, force=args.force)
+            use_ema=args.ema, verify=args.verify, force=args.force, inflate=args.inflate)
     except VerificationError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
@@ -77,8 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"architecture: {conversion.model_name or 'custom'} ({arch.describe()})")
     for note in conversion.notes:
         print(f"note: {note}")
+    dims = f", {conversion.spatial_dims}D ({conversion.inflation} inflation)" if conversion.inflation else ""
     print(f"wrote {args.output}: {len(conversion.state_dict)} tensors, {conversion.source} -> {conversion.target} "
-          "layout")
+          f"layout{dims}")
     if diff is not None:
         print(f"verify: max abs difference {diff:.3g} (tolerance {VERIFY_TOLERANCE:g}): ok")
     return 0
