@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 from collections import OrderedDict
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import torch
@@ -52,6 +52,8 @@ SCRIPTING_UNSUPPORTED = (
     "effidense's DenseNet does not support TorchScript (torch.jit.script), which PyTorch deprecates: use "
     "torch.export.export, torch.onnx.export or torch.compile, or torch.jit.trace for a TorchScript module")
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_CHANNEL_DROPOUT = {1: F.dropout1d, 2: F.dropout2d, 3: F.dropout3d}
+NormLayer = Callable[[int], nn.Module]  # a norm (+ activation) for a number of channels, as layers.norm.NormAct
 
 
 def _conv(spatial_dims: int, in_channels: int, out_channels: int, kernel: int, stride: int = 1) -> nn.Module:
@@ -72,17 +74,20 @@ class DenseLayer(AdoptsNorms):
     of the maps it is given; returns its new features."""
 
     def __init__(self, num_input_features: int, growth_rate: int, bn_size: int | None = 4, drop_rate: float = 0.0,
-                 spatial_dims: int = 2, memory: str = "efficient") -> None:
+                 spatial_dims: int = 2, memory: str = "efficient", norm_layer: NormLayer | None = None,
+                 drop_channels: bool = False) -> None:
         super().__init__()
-        self.norm1 = BATCH_NORM_ACT[spatial_dims](num_input_features)
+        norm_layer = norm_layer or BATCH_NORM_ACT[spatial_dims]
+        self.norm1 = norm_layer(num_input_features)
         if bn_size:
             self.conv1 = _conv(spatial_dims, num_input_features, bn_size * growth_rate, 1)
-            self.norm2 = BATCH_NORM_ACT[spatial_dims](bn_size * growth_rate)
+            self.norm2 = norm_layer(bn_size * growth_rate)
             self.conv2 = _conv(spatial_dims, bn_size * growth_rate, growth_rate, 3)
         else:
             self.conv1 = _conv(spatial_dims, num_input_features, growth_rate, 3)
         self.bottleneck = bool(bn_size)
         self.drop_rate = drop_rate
+        self.dropout = _CHANNEL_DROPOUT[spatial_dims] if drop_channels else F.dropout
         self.memory = memory
 
     # Segments take (caches..., *maps): caches are lists from outside the segment, maps its recomputed inputs.
@@ -94,7 +99,7 @@ class DenseLayer(AdoptsNorms):
         return self._dropout(self.conv2(self.norm2(out, cache=inner)) if self.bottleneck else out)
 
     def _dropout(self, x: Tensor) -> Tensor:
-        return F.dropout(x, self.drop_rate, self.training) if self.drop_rate > 0 else x
+        return self.dropout(x, self.drop_rate, self.training) if self.drop_rate > 0 else x
 
     def forward(self, maps: Sequence[Tensor], cache: list | None = None) -> Tensor:
         mode = run_mode(self.memory)
@@ -118,12 +123,13 @@ class DenseBlock(nn.ModuleDict):
 
     def __init__(self, num_layers: int, num_input_features: int, growth_rate: int, bn_size: int | None = 4,
                  drop_rate: float = 0.0, spatial_dims: int = 2, memory: str = "efficient",
-                 new_features_only: bool = False) -> None:
+                 new_features_only: bool = False, norm_layer: NormLayer | None = None,
+                 drop_channels: bool = False) -> None:
         super().__init__()
         _check_spatial_dims(spatial_dims)
         for i in range(num_layers):
             layer = DenseLayer(num_input_features + i * growth_rate, growth_rate, bn_size, drop_rate, spatial_dims,
-                               memory)
+                               memory, norm_layer, drop_channels)
             self.add_module(f"denselayer{i + 1}", layer)
         self.new_features_only = new_features_only
         self.memory = memory
@@ -155,9 +161,9 @@ class Transition(AdoptsNorms):
     """BN-ReLU-conv1x1-avgpool between dense blocks, on the concatenation of the maps it is given."""
 
     def __init__(self, num_input_features: int, num_output_features: int, spatial_dims: int = 2,
-                 memory: str = "efficient") -> None:
+                 memory: str = "efficient", norm_layer: NormLayer | None = None) -> None:
         super().__init__()
-        self.norm = BATCH_NORM_ACT[spatial_dims](num_input_features)
+        self.norm = (norm_layer or BATCH_NORM_ACT[spatial_dims])(num_input_features)
         self.conv = _conv(spatial_dims, num_input_features, num_output_features, 1)
         self.pool = AvgPool(spatial_dims)
         self.memory = memory
@@ -280,6 +286,10 @@ class DenseNet(nn.Module):
         efficient: the seed projects' spelling: True for 'efficient', False for 'plain'.
         compile: True or 'layers' compiles the BN-ReLU segments, 'model' the whole model (see :meth:`set_compile`).
         spatial_dims: 2 for images (N, C, H, W), 3 for volumes (N, C, D, H, W), 1 for signals (N, C, L).
+        norm_layer: makes each norm (+ activation) for a number of channels; default BatchNorm + ReLU
+            (:class:`~effidense.layers.norm.BatchNormAct`); see :class:`~effidense.layers.norm.NormAct` for others.
+        drop_channels: dense layers drop whole channels (``F.dropout2d``/``3d``, as MONAI's DenseNet) instead of
+            single values.
     """
 
     def __init__(
@@ -301,6 +311,8 @@ class DenseNet(nn.Module):
             efficient: bool | None = None,
             compile: bool | str = False,
             spatial_dims: int = 2,
+            norm_layer: NormLayer | None = None,
+            drop_channels: bool = False,
     ) -> None:
         super().__init__()
         _check_config(growth_rate, block_config, num_init_features, bn_size, compression, drop_rate,
@@ -315,12 +327,13 @@ class DenseNet(nn.Module):
         self.block_config = tuple(block_config)
         self.spatial_dims = spatial_dims
         dims = spatial_dims
+        norm_layer = norm_layer or BATCH_NORM_ACT[dims]
 
         if small_inputs:
             stem = [("conv0", _conv(dims, in_chans, num_init_features, 3))]
         else:
             stem = [("conv0", _conv(dims, in_chans, num_init_features, 7, stride=2)),
-                    ("norm0", BATCH_NORM_ACT[dims](num_init_features)), ("pool0", MaxPool(dims))]
+                    ("norm0", norm_layer(num_init_features)), ("pool0", MaxPool(dims))]
         self.features = _Features(OrderedDict(stem))
         reduction = 1 if small_inputs else 4
         self.feature_info = [dict(num_chs=num_init_features, reduction=reduction // 2 or 1,
@@ -328,7 +341,8 @@ class DenseNet(nn.Module):
 
         num_features = num_init_features
         for i, num_layers in enumerate(block_config):
-            block = DenseBlock(num_layers, num_features, growth_rate, bn_size, drop_rate, dims)
+            block = DenseBlock(num_layers, num_features, growth_rate, bn_size, drop_rate, dims,
+                               norm_layer=norm_layer, drop_channels=drop_channels)
             self.features.add_module(f"denseblock{i + 1}", block)
             num_features += num_layers * growth_rate
             if i < len(block_config) - 1:
@@ -338,10 +352,11 @@ class DenseNet(nn.Module):
                 if out_features < 1:
                     raise ValueError(f"compression={compression!r} leaves transition{i + 1} no channels (of "
                                      f"{num_features}); it must keep at least one")
-                self.features.add_module(f"transition{i + 1}", Transition(num_features, out_features, dims))
+                transition = Transition(num_features, out_features, dims, norm_layer=norm_layer)
+                self.features.add_module(f"transition{i + 1}", transition)
                 num_features = out_features
                 reduction *= 2
-        self.features.add_module("norm5", BATCH_NORM_ACT[dims](num_features))
+        self.features.add_module("norm5", norm_layer(num_features))
         self.feature_info.append(dict(num_chs=num_features, reduction=reduction, module="features.norm5"))
         self.num_features = num_features
         self._last_index = len(block_config)  # the last feature_info map the network computes (lowered by pruning)

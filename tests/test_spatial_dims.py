@@ -1,6 +1,7 @@
 """DenseNet for 1, 2 and 3 spatial dims: every mode is the plain model bitwise, memory ratios hold, bad input says
 what was expected; and the public DenseBlock, used inside a model of one's own."""
 import copy
+import functools
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from effidense import DenseBlock, DenseNet, SavedTensorMeter, activation_floor_bytes, saved_activation_bytes
+from effidense.layers import BATCH_NORM_ACT, INSTANCE_NORM_ACT, GroupNormAct
 
 TINY_ND = dict(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=3)
 SIZES = {1: (64,), 2: (16, 16), 3: (16, 12, 16)}
@@ -159,3 +161,27 @@ def test_dense_block_shapes_and_3d():
     assert {layer.memory for layer in block.values()} == {"frugal"}
     with pytest.raises(ValueError, match="memory must be one of"):
         block.memory = "cheap"
+
+
+NORM_LAYERS = {
+    "batch + leaky ReLU": lambda c: BATCH_NORM_ACT[3](c, act=functools.partial(F.leaky_relu, negative_slope=0.1)),
+    "instance": lambda c: INSTANCE_NORM_ACT[3](c, affine=True),
+    "group": lambda c: GroupNormAct(2, c),
+}
+
+
+@pytest.mark.parametrize("norm", NORM_LAYERS)
+def test_other_norms_activations_and_channel_dropout_stay_exact(norm):
+    base = DenseNet(**TINY_ND, spatial_dims=3, norm_layer=NORM_LAYERS[norm], drop_channels=True, drop_rate=0.3,
+                    memory="plain")
+    x = torch.randn(2, 3, 16, 16, 16)
+    runs = {}
+    for mode in ("plain", "efficient", "frugal"):
+        torch.manual_seed(5)
+        runs[mode] = _train(copy.deepcopy(base).set_memory(mode).train(), x, steps=2)
+    _assert_same_training(runs)
+
+
+def test_norms_with_running_statistics_other_than_batch_norm_are_refused():
+    with pytest.raises(ValueError, match="track_running_stats=True would update its running statistics"):
+        INSTANCE_NORM_ACT[2](8, track_running_stats=True)

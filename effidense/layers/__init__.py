@@ -1,16 +1,21 @@
-"""The layers effidense's DenseNets are made of: BatchNorm(+ReLU) that stays exact under recomputation
+"""The layers effidense's DenseNets are made of: norms (+ activation) that stay exact under recomputation
 (:mod:`.norm`), the one place segments are recomputed (:mod:`.recompute`) and pooling that keeps no input
 (:mod:`.pool`), each for 1, 2 or 3 spatial dims."""
 from .norm import (
-           BATCH_NORM_ACT,
-           AdoptsNorms,
-           BatchNormAct,
-           BatchNormWithStats,
-           SyncBatchNormAct,
-           SyncBatchNormWithStats,
+    BATCH_NORM_ACT,
+    INSTANCE_NORM_ACT,
+    AdoptsNorms,
+    BatchNormAct,
+    BatchNormWithStats,
+    GroupNormAct,
+    NormAct,
+    SyncBatchNormAct,
+    SyncBatchNormWithStats,
+    relu_,
 )
 from .pool import AvgPool, MaxPool
 from .recompute import checkpointed, is_tracing, recomputing, run_mode
 
-__all__ = ["BATCH_NORM_ACT", "AdoptsNorms", "AvgPool", "BatchNormAct", "BatchNormWithStats", "MaxPool",
-           "SyncBatchNormAct", "SyncBatchNormWithStats", "checkpointed", "is_tracing", "recomputing", "run_mode"]
+__all__ = ["BATCH_NORM_ACT", "INSTANCE_NORM_ACT", "AdoptsNorms", "AvgPool", "BatchNormAct", "BatchNormWithStats",
+           "GroupNormAct", "MaxPool", "NormAct", "SyncBatchNormAct", "SyncBatchNormWithStats", "checkpointed",
+           "is_tracing", "recomputing", "relu_", "run_mode"]

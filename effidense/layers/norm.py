@@ -37,9 +37,9 @@ from torch import Tensor, nn
 
 from .recompute import checkpointed, is_tracing, recomputing
 
-__all__ = ["BATCH_NORM_ACT", "AdoptsNorms", "BatchNormAct", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d",
-           "BatchNormWithStats", "SyncBatchNormAct", "SyncBatchNormWithStats",
-           "batch_stats"]
+__all__ = ["BATCH_NORM_ACT", "INSTANCE_NORM_ACT", "AdoptsNorms", "BatchNormAct", "BatchNormAct1d", "BatchNormAct2d",
+           "BatchNormAct3d", "BatchNormWithStats", "GroupNormAct", "InstanceNormAct1d", "InstanceNormAct2d",
+           "InstanceNormAct3d", "NormAct", "SyncBatchNormAct", "SyncBatchNormWithStats", "batch_stats", "relu_"]
 
 # Per-channel mean and biased variance, the values per channel behind them, and the process group (None: local).
 Stats = tuple[Tensor, Tensor, Any, Any]
@@ -151,10 +151,15 @@ def batch_stats(x: Tensor, group: Any = None) -> Stats:
     return mean, squares / count, count, group
 
 
+def relu_(x: Tensor) -> Tensor:
+    """In-place ReLU, the default activation: a norm's output is its own, so overwriting it is safe."""
+    return F.relu(x, inplace=True)
+
+
 def _normalize_relu(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor, eps: float,
-                    act: bool) -> Tensor:
+                    relu: bool) -> Tensor:
     x = BatchNormWithStats.apply(x, weight, bias, mean, var, eps)
-    return F.relu(x, inplace=True) if act else x
+    return F.relu(x, inplace=True) if relu else x
 
 
 @functools.cache
@@ -163,29 +168,63 @@ def _compiled_normalize_relu(options: tuple[tuple[str, Any], ...]) -> Callable[.
     return torch.compile(_normalize_relu, dynamic=True, fullgraph=True, **dict(options))
 
 
-class BatchNormAct(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm, then ReLU unless ``act=False``, for inputs with any number of spatial dims, exact under
-    recomputation (see the module docstring for the rule).
+class NormAct(nn.Module):
+    """A norm, then its activation ``act`` (a function; default in-place ReLU, None for none), on the concatenation of
+    the maps it is given: a base to mix with a norm class, as in ``class InstanceNormAct3d(NormAct,
+    nn.InstanceNorm3d)``.
 
-    ``forward(*maps, cache=None)`` normalises the concatenation of ``maps`` along channels: the concatenation happens
-    inside the norm, so inside the segment, and a recomputation rebuilds it rather than keeping it. ``cache`` is a
-    list from outside the segment, shared by norms that normalise the same leading maps (a block's); only
-    synchronised and regionally compiled norms use it. State-dict keys are ``nn.BatchNorm2d``'s.
+    ``forward(*maps, cache=None)`` concatenates ``maps`` along channels inside the norm, so inside the segment, and a
+    recomputation rebuilds the concatenation rather than keeping it. ``cache`` is a list from outside the segment,
+    shared by norms that normalise the same leading maps (a block's); only :class:`BatchNormAct` uses it. Norms with no
+    running statistics (instance and group norm) are exact under recomputation by nature. Under ``torch.fx`` a norm is
+    one leaf node, which runs this forward. State-dict keys are the norm class's.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, *, act: bool = True, **kwargs: Any) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, **kwargs)
+    def __init__(self, *args: Any, act: Callable[[Tensor], Tensor] | None = relu_, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if getattr(self, "track_running_stats", False) and not isinstance(self, BatchNormAct):
+            raise ValueError(f"{type(self).__name__} with track_running_stats=True would update its running "
+                             "statistics on every recomputation; only BatchNorm keeps them exact here")
         self.act = act
+
+    def extra_repr(self) -> str:
+        act = "" if self.act is relu_ else f", act={getattr(self.act, '__name__', self.act)}"
+        return super().extra_repr() + act
+
+    def forward(self, *maps: Tensor, cache: list[Stats] | None = None) -> Tensor:
+        if isinstance(maps[0], torch.fx.Proxy):  # torch.fx: one node, which runs this forward (a leaf module)
+            tracer = maps[0].tracer
+            return tracer.create_proxy("call_module", tracer.path_of_module(self), maps, {})
+        return self._norm_act(maps[0] if len(maps) == 1 else torch.cat(maps, 1), maps, cache)
+
+    def _act(self, x: Tensor) -> Tensor:
+        return x if self.act is None else self.act(x)
+
+    def _norm_act(self, x: Tensor, maps: tuple[Tensor, ...], cache: list[Stats] | None) -> Tensor:
+        return self._act(super().forward(x))
+
+    def then_conv(self, conv: nn.Module, x: Tensor, light: bool) -> Tensor:
+        """``conv(self(x))``, keeping only ``x`` for backward when ``light``: the pair is checkpointed."""
+        if not light or not torch.is_grad_enabled() or is_tracing():
+            return conv(self(x))
+        cache: list[Stats] = []
+        return checkpointed(True, lambda t: conv(self(t, cache=cache)), x)
+
+
+class BatchNormAct(NormAct, nn.modules.batchnorm._BatchNorm):
+    """BatchNorm (+ activation) for inputs with any number of spatial dims, exact under recomputation: see the module
+    docstring for the rule, and :class:`NormAct` for ``forward(*maps, cache=None)``. State-dict keys are
+    ``nn.BatchNorm2d``'s."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, **kwargs: Any) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, **kwargs)
         # torch.compile options for the normalisation (regional compilation, set by DenseNet.set_compile); None: eager
         self.compile_options: tuple[tuple[str, Any], ...] | None = None
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
             raise ValueError(f"expected an input with channels in dim 1, got shape {tuple(input.shape)}")
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + ("" if self.act else ", act=False")
 
     def sync_group(self) -> Any:
         """The process group whose batches this norm's statistics cover, or None for this process's own:
@@ -211,23 +250,17 @@ class BatchNormAct(nn.modules.batchnorm._BatchNorm):
         self.num_batches_tracked.add_(1)
         return 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
 
-    def forward(self, *maps: Tensor, cache: list[Stats] | None = None) -> Tensor:
-        if isinstance(maps[0], torch.fx.Proxy):  # torch.fx: one node, which runs this forward (a leaf module)
-            tracer = maps[0].tracer
-            return tracer.create_proxy("call_module", tracer.path_of_module(self), maps, {})
-        x = maps[0] if len(maps) == 1 else torch.cat(maps, 1)
+    def _norm_act(self, x: Tensor, maps: tuple[Tensor, ...], cache: list[Stats] | None) -> Tensor:
         if not self._uses_batch_stats():
-            x = normalize(x, self.weight, self.bias, self.running_mean, self.running_var, self.eps)
-        elif self._native():
-            running_mean, running_var, factor = self.running_mean, self.running_var, 0.0
-            if not recomputing():
-                factor = self._momentum()
-            elif running_mean is not None:  # a rerun updates throwaway copies: it saves what the first run saved
-                running_mean, running_var = torch.zeros_like(running_mean), torch.ones_like(running_var)
-            x = F.batch_norm(x, running_mean, running_var, self.weight, self.bias, True, factor, self.eps)
-        else:
-            return self._normalize_with_stats(x, self._stats(maps, cache))
-        return F.relu(x, inplace=True) if self.act else x
+            return self._act(normalize(x, self.weight, self.bias, self.running_mean, self.running_var, self.eps))
+        if not self._native():
+            return self._norm_act_with_stats(x, self._stats(maps, cache))
+        running_mean, running_var, factor = self.running_mean, self.running_var, 0.0
+        if not recomputing():
+            factor = self._momentum()
+        elif running_mean is not None:  # a rerun updates throwaway copies: it saves what the first run saved
+            running_mean, running_var = torch.zeros_like(running_mean), torch.ones_like(running_var)
+        return self._act(F.batch_norm(x, running_mean, running_var, self.weight, self.bias, True, factor, self.eps))
 
     def _stats(self, maps: tuple[Tensor, ...], cache: list[Stats] | None) -> Stats:
         """Batch statistics of the concatenated ``maps``: from ``cache`` where it has them (filled here as needed);
@@ -248,26 +281,26 @@ class BatchNormAct(nn.modules.batchnorm._BatchNorm):
                     self.running_var.mul_(1 - factor).add_(var * (count / (count - 1)), alpha=factor)
         return mean, var, count, group
 
-    def _normalize_with_stats(self, x: Tensor, stats: Stats) -> Tensor:
+    def _norm_act_with_stats(self, x: Tensor, stats: Stats) -> Tensor:
         mean, var, _, group = stats
         if group is not None:  # synchronised norms always run eagerly: their backward holds a collective
-            x = SyncBatchNormWithStats.apply(x, self.weight, self.bias, mean, var, self.eps, group)
-            return F.relu(x, inplace=True) if self.act else x
+            return self._act(SyncBatchNormWithStats.apply(x, self.weight, self.bias, mean, var, self.eps, group))
+        relu = self.act is relu_  # fused into the normalisation
         if self.compile_options is None:
-            return _normalize_relu(x, self.weight, self.bias, mean, var, self.eps, self.act)
-        # Dynamo gives parameters static shapes; plain views let one graph serve every channel count.
-        weight, bias = (None if t is None else t.view(-1) for t in (self.weight, self.bias))
-        return _compiled_normalize_relu(self.compile_options)(x, weight, bias, mean, var, self.eps, self.act)
+            x = _normalize_relu(x, self.weight, self.bias, mean, var, self.eps, relu)
+        else:
+            # Dynamo gives parameters static shapes; plain views let one graph serve every channel count.
+            weight, bias = (None if t is None else t.view(-1) for t in (self.weight, self.bias))
+            x = _compiled_normalize_relu(self.compile_options)(x, weight, bias, mean, var, self.eps, relu)
+        return x if relu else self._act(x)
 
     def then_conv(self, conv: nn.Module, x: Tensor, light: bool) -> Tensor:
-        """``conv(self(x))`` keeping only ``x`` for backward (``light``; else as it is). Native BatchNorm in training
+        """``conv(self(x))`` keeping only ``x`` for backward when ``light``: native training-mode BatchNorm with ReLU
         reruns in :class:`_NormActConv`, a fraction of a checkpoint's cost; otherwise the pair is checkpointed."""
-        if not light or not torch.is_grad_enabled() or is_tracing():
-            return conv(self(x))
-        if self._native() and self._uses_batch_stats() and self.act:
+        if light and torch.is_grad_enabled() and not is_tracing() and self.act is relu_ and self._native() \
+                and self._uses_batch_stats():
             return _NormActConv.apply(x, self.weight, self.bias, conv.weight, self, conv)
-        cache: list[Stats] = []
-        return checkpointed(True, lambda t: conv(self(t, cache=cache)), x)
+        return super().then_conv(conv, x, light)
 
 
 class BatchNormAct1d(BatchNormAct, nn.BatchNorm1d):
@@ -285,12 +318,31 @@ class BatchNormAct3d(BatchNormAct, nn.BatchNorm3d):
 BATCH_NORM_ACT = {1: BatchNormAct1d, 2: BatchNormAct2d, 3: BatchNormAct3d}  # by spatial dims
 
 
+class InstanceNormAct1d(NormAct, nn.InstanceNorm1d):
+    """``nn.InstanceNorm1d`` and an activation, on concatenated maps (:class:`NormAct`)."""
+
+
+class InstanceNormAct2d(NormAct, nn.InstanceNorm2d):
+    """``nn.InstanceNorm2d`` and an activation, on concatenated maps (:class:`NormAct`)."""
+
+
+class InstanceNormAct3d(NormAct, nn.InstanceNorm3d):
+    """``nn.InstanceNorm3d`` and an activation, on concatenated maps (:class:`NormAct`)."""
+
+
+INSTANCE_NORM_ACT = {1: InstanceNormAct1d, 2: InstanceNormAct2d, 3: InstanceNormAct3d}  # by spatial dims
+
+
+class GroupNormAct(NormAct, nn.GroupNorm):
+    """``nn.GroupNorm`` (any spatial dims) and an activation, on concatenated maps (:class:`NormAct`)."""
+
+
 class SyncBatchNormAct(BatchNormAct, nn.SyncBatchNorm):
     """:class:`BatchNormAct` synchronised like ``nn.SyncBatchNorm`` (which it is, for ``isinstance``): what a
     converted model's layers adopt in place of torch's SyncBatchNorm."""
 
     @classmethod
-    def adopt(cls, sync: nn.SyncBatchNorm, act: bool) -> SyncBatchNormAct:
+    def adopt(cls, sync: nn.SyncBatchNorm, act: Callable[[Tensor], Tensor] | None) -> SyncBatchNormAct:
         """A SyncBatchNormAct holding ``sync``'s very parameters, buffers and process group."""
         norm = cls(sync.num_features, sync.eps, sync.momentum, sync.affine, sync.track_running_stats, act=act,
                    process_group=sync.process_group)
@@ -306,8 +358,7 @@ class AdoptsNorms(nn.Module):
 
     def _adopted(self, name: str, value: Any) -> Any:
         old = self._modules.get(name) if "_modules" in self.__dict__ else None
-        if isinstance(value, nn.SyncBatchNorm) and not isinstance(value, BatchNormAct) and isinstance(old,
-                                                                                                       BatchNormAct):
+        if isinstance(value, nn.SyncBatchNorm) and not isinstance(value, NormAct) and isinstance(old, NormAct):
             return SyncBatchNormAct.adopt(value, old.act)
         return value
 
