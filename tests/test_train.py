@@ -220,7 +220,7 @@ def test_cifar_is_never_downloaded_unless_asked(tmp_path: Path, capsys: pytest.C
 def test_sync_bn_converts_in_every_memory_mode() -> None:
     model = build_model(parse_args([*TINY, "--memory", "frugal", "--sync-bn"]), 10)
     assert model.memory == "frugal"
-    assert all(type(m) is torch.nn.SyncBatchNorm for m in model.modules()
+    assert all(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()
                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
 
 
