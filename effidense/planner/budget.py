@@ -1,0 +1,69 @@
+"""Memory budgets: byte sizes (``24GiB``, ``80 GB``, ``12e9``), GPU presets and the safety margin."""
+from __future__ import annotations
+
+import re
+
+__all__ = ["GiB", "MiB", "GPU_PRESETS", "DEFAULT_MARGIN", "parse_budget", "format_bytes"]
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+# A GPU's nominal memory, in GiB (binary, as torch.cuda reports it). The device reports a little less than the
+# nominal size, and the CUDA context takes a few hundred MiB of it before any tensor: the safety margin covers both.
+GPU_PRESETS: dict[str, int] = {
+    "h200-141gb": 141 * GiB,
+    "h100-80gb": 80 * GiB,
+    "a100-80gb": 80 * GiB,
+    "a100-40gb": 40 * GiB,
+    "l40s-48gb": 48 * GiB,
+    "a6000-48gb": 48 * GiB,
+    "rtx4090-24gb": 24 * GiB,
+    "rtx3090-24gb": 24 * GiB,
+    "a10-24gb": 24 * GiB,
+    "l4-24gb": 24 * GiB,
+    "v100-32gb": 32 * GiB,
+    "v100-16gb": 16 * GiB,
+    "t4-16gb": 16 * GiB,
+    **{f"{n}gb": n * GiB for n in (8, 12, 16, 24, 32, 40, 48, 80)},
+}
+
+# Fraction of the budget held back for what no prediction counts (the CUDA context, cuDNN/cuBLAS workspaces,
+# allocator rounding and fragmentation, NCCL buffers).
+DEFAULT_MARGIN = 0.05
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+          "t": 1000**4, "tb": 1000**4, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+
+
+def parse_budget(text: str | int | float) -> int:
+    """Bytes of a budget: a number of bytes, a size with a unit (``24GiB``, ``80GB``: GB is 10^9, GiB 2^30) or a
+    GPU preset from :data:`GPU_PRESETS` (``h100-80gb``, ``rtx4090-24gb``, ``12gb``). Raises ValueError naming what
+    it could not read."""
+    if isinstance(text, bool):
+        raise ValueError(f"budget must be a size such as 24GiB or a preset, got {text!r}")
+    if isinstance(text, int | float):
+        value = int(text)
+    else:
+        name = text.strip().lower()
+        if name in GPU_PRESETS:
+            return GPU_PRESETS[name]
+        match = _SIZE.match(name)
+        if not match or match.group(2) not in _UNITS:
+            raise ValueError(f"cannot read budget {text!r}: give a size such as 24GiB, 80GB or 12e9 (bytes), or a "
+                             f"GPU preset: {', '.join(GPU_PRESETS)}")
+        value = int(float(match.group(1)) * _UNITS[match.group(2)])
+    if value <= 0:
+        raise ValueError(f"budget must be positive, got {text!r}")
+    return value
+
+
+def format_bytes(n: int | None) -> str:
+    """``1.23 GiB`` / ``456.7 MiB`` for tables."""
+    if n is None:
+        return "-"
+    if abs(n) >= GiB:
+        return f"{n / GiB:.2f} GiB"
+    if abs(n) >= MiB:
+        return f"{n / MiB:.1f} MiB"
+    return f"{n / 1024:.1f} KiB"
