@@ -136,6 +136,11 @@ class StorageTracker(TorchDispatchMode):
         record.died = self._events
         self.current -= record.nbytes
 
+    @property
+    def count(self) -> int:
+        """Storages counted so far (live or freed)."""
+        return len(self._records)
+
     def at_peak(self) -> dict[str, int]:
         """Bytes live at the peak, by kind (the values sum to ``peak``)."""
         split = dict.fromkeys(KINDS, 0)

@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the update whose state the step holds: sgd (none), sgd-momentum (one buffer per "
                           "parameter), adamw (two), none (no update, as bench's step). Default: sgd")
     run.add_argument("--budget", type=_BudgetType(),
-                     help=f"memory to fit: a size (24GiB, 80GB = 80e9 bytes) or a GPU preset: "
+                     help=f"memory to fit: a size (24GiB; units are binary, 80GB = 80GiB as GPUs are labelled; 12e9 is "
+                          f"bytes) or a GPU preset: "
                           f"{', '.join(GPU_PRESETS)}. Without it only the peak at --batch-size is predicted")
     run.add_argument("--margin", type=_margin, default=DEFAULT_MARGIN,
                      help=f"fraction of the budget held back for what the prediction does not count (default "

@@ -31,13 +31,14 @@ GPU_PRESETS: dict[str, int] = {
 # allocator rounding and fragmentation, NCCL buffers).
 DEFAULT_MARGIN = 0.05
 
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
-          "t": 1000**4, "tb": 1000**4, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+# Binary throughout: GPU memory is labelled in GB that are GiB (an "80GB" H100 holds 80 GiB), and a preset "24gb" must
+# mean the same as a size "24GB".
+_UNITS = {"": 1, "b": 1, **{f"{p}{u}": 1 << (10 * (i + 1)) for i, p in enumerate("kmgt") for u in ("", "b", "ib")}}
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
 
 
 def parse_budget(text: str | int | float) -> int:
-    """Bytes of a budget: a number of bytes, a size with a unit (``24GiB``, ``80GB``: GB is 10^9, GiB 2^30) or a
+    """Bytes of a budget: a number of bytes, a size with a unit (``24GiB``, ``80GB``: binary units, GB = GiB) or a
     GPU preset from :data:`GPU_PRESETS` (``h100-80gb``, ``rtx4090-24gb``, ``12gb``). Raises ValueError naming what
     it could not read."""
     if isinstance(text, bool):
@@ -50,8 +51,8 @@ def parse_budget(text: str | int | float) -> int:
             return GPU_PRESETS[name]
         match = _SIZE.match(name)
         if not match or match.group(2) not in _UNITS:
-            raise ValueError(f"cannot read budget {text!r}: give a size such as 24GiB, 80GB or 12e9 (bytes), or a "
-                             f"GPU preset: {', '.join(GPU_PRESETS)}")
+            raise ValueError(f"cannot read budget {text!r}: give a size such as 24GiB, 80GB (= GiB) or 12e9 (bytes), "
+                             f"or a GPU preset: {', '.join(GPU_PRESETS)}")
         value = int(float(match.group(1)) * _UNITS[match.group(2)])
     if value <= 0:
         raise ValueError(f"budget must be positive, got {text!r}")
