@@ -255,13 +255,18 @@ class StepProbe:
         return [v for s in self.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
 
     def saved_bytes(self, batch: int, size: Sequence[int]) -> int:
-        """The meter's count for one training forward (no backward): what bench's depth sweep plots."""
+        """The meter's count for one training forward with its loss (no backward): what bench's depth sweep plots."""
         with self._context(), torch.enable_grad():
             x, y = self._batch(batch, size)
-            with StorageMeter(exclude=self.model) as meter, self._autocast():
-                out = self.model(x)
-            del out
+            with StorageMeter(exclude=self.model) as meter:
+                loss = self._loss(x, y)
+            del loss
             return meter.bytes
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            out = self.model(x)
+        return F.cross_entropy(out.float(), y)
 
     def measure(self, batch: int, size: Sequence[int]) -> StepMemory:
         """Track one training step at ``batch`` inputs of spatial ``size``."""
@@ -296,11 +301,8 @@ class StepProbe:
     def _forward_backward(self, tracker: StorageTracker, x: torch.Tensor, y: torch.Tensor) -> int:
         self.model.zero_grad(set_to_none=True)
         with StorageMeter(exclude=self.model) as meter:
-            with self._autocast():
-                out = self.model(x)
-            loss = F.cross_entropy(out.float(), y)
+            loss = self._loss(x, y)
         tracker.relabel_keys(meter.keys, "saved_activations")
-        del out
         loss.backward()
         del loss
         tracker.relabel((p.grad for p in self.model.parameters()), "gradients")
