@@ -280,3 +280,10 @@ def test_prediction_is_within_10_percent_of_cuda_max_memory_allocated(variant):
         measured = torch.cuda.max_memory_allocated()
         guess = next(p["peak_bytes"] for p in r.probes if p["batch"] == batch)
         assert abs(guess - measured) <= 0.10 * measured, (variant, batch, guess, measured)
+
+
+def test_plan_is_exported_lazily_from_effidense():
+    import effidense
+    from effidense import planner
+
+    assert "plan" in effidense.__all__ and effidense.plan is planner.plan
