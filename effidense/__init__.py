@@ -9,9 +9,10 @@ Where a change belongs:
 * checkpoint keys, safe state-dict reading and writing: :mod:`effidense.weights`; architecture inference and
   conversion between layouts: :mod:`effidense.convert`; atomic writes and safe loads for every tool:
   :mod:`effidense.fileio`
-* the memory meter: :mod:`effidense.memory`; benchmarks: :mod:`effidense.benchmark`; exactness checks:
-  :mod:`effidense.verify`; the GPU evidence run: :mod:`effidense.gpu_report`; the built-in trainer:
-  :mod:`effidense.train`
+* the memory meter: :mod:`effidense.memory`; a step's memory on fake tensors: :mod:`effidense.footprint`; the
+  memory planner (``effidense.plan``, loaded on first use): :mod:`effidense.planner`; benchmarks:
+  :mod:`effidense.benchmark`; exactness checks: :mod:`effidense.verify`; the GPU evidence run:
+  :mod:`effidense.gpu_report`; the built-in trainer: :mod:`effidense.train`
 * the commands (``effidense bench|convert|gradcheck|train|...``, ``tools/*.py``): :mod:`effidense.cli`
 """
 from . import convert
@@ -33,8 +34,19 @@ from .registry import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "plan",
     "CONFIGS", "MEMORY_MODES", "DenseBlock", "DenseNet", "convert", "SavedTensorMeter", "activation_floor_bytes",
     "cuda_peak_bytes", "saved_activation_bytes",
     "densenet40_k12", "densenet121", "densenet161", "densenet169", "densenet201", "densenet264",
     "densenet_bc100_k12", "densenet_bc190_k40", "densenet_bc250_k24",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # effidense.plan is loaded on first use: the planner imports the benchmark's peers (torchvision), which a plain
+    # ``import effidense`` does not need.
+    if name == "plan":
+        from .planner import plan
+
+        return plan
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

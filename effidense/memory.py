@@ -19,7 +19,9 @@ MiB = 1024 * 1024
 
 
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:
-    return str(t.device), t.untyped_storage().data_ptr()
+    # The storage's identity (its StorageImpl), not its data pointer: fake tensors (effidense.footprint) all have a
+    # data pointer of 0, and reading it is deprecated for them.
+    return str(t.device), t.untyped_storage()._cdata
 
 
 class SavedTensorMeter:
@@ -59,6 +61,11 @@ class SavedTensorMeter:
     @property
     def num_storages(self) -> int:
         return len(self._storages)
+
+    @property
+    def keys(self) -> set[int]:
+        """The identities of the storages counted."""
+        return {key for _, key in self._storages}
 
     def __enter__(self) -> SavedTensorMeter:
         self._storages.clear()

@@ -508,3 +508,25 @@ def test_model_kwargs_take_timm_key_value_syntax(bench, tmp_path, capsys):
     kwargs = json.loads(json_path.read_text())["config"]["model"]["kwargs"]
     assert kwargs == {"growth_rate": 4, "block_config": [1, 1], "num_init_features": 8, "small_inputs": True,
                       "num_classes": 3}
+
+
+def test_depth_sweep_counts_the_meters_bytes_on_tensors_that_allocate_nothing():
+    """The sweep's bytes are the meter's on real tensors, and it runs at a size whose real tensors would not fit."""
+    from effidense.benchmark import memory_by_depth
+    from effidense.memory import SavedTensorMeter
+
+    spec = resolve_model("custom", dict(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=5))
+    cfg = BenchConfig(spec=spec, variants=["plain"], batch_size=4, img_size=32, progress=False)
+    sweep = memory_by_depth(cfg, [0.5, 1])
+    assert sweep["errors"] == []
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,))
+    for i, scale in enumerate((0.5, 1)):
+        for mode, values in sweep["activation_bytes"].items():
+            model = build_variant(mode, spec.scaled(scale)).train()
+            with SavedTensorMeter(exclude=model) as meter:
+                torch.nn.functional.cross_entropy(model(x).float(), y)
+            assert values[i] == meter.bytes, (mode, scale)
+    # Batch 2^20 at 224 px: the input alone would take 588 GiB of real memory.
+    huge = memory_by_depth(BenchConfig(spec=spec, variants=["plain"], batch_size=1 << 20, img_size=224,
+                                       progress=False), [1], modes=("efficient",))
+    assert huge["errors"] == [] and huge["activation_bytes"]["efficient"][0] > 588 * (1 << 30)

@@ -215,3 +215,16 @@ def test_dispatcher_reaches_the_command(capsys: pytest.CaptureFixture[str]):
         main(["gpu-report", "--help"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.startswith("usage: effidense gpu-report")
+
+
+@pytest.mark.slow
+def test_smoke_compares_the_planners_prediction_with_a_measured_step(smoke):
+    out, _ = smoke
+    section = _report(out)["sections"]["prediction"]
+    rows = {r["variant"]: r for r in section["data"]["rows"]}
+    assert set(rows) == {"tv", "tv-me", "timm-ckpt", "plain", "efficient", "frugal"}
+    for row in rows.values():
+        assert row["status"] == "ok" and len(row["points"]) == 2, row
+        assert all(abs(p["rel_error"]) <= 0.10 for p in row["points"]), row
+    assert [g["passed"] for g in section["goals"]] == [True]
+    assert "predicted peak MiB" in (out / "summary.md").read_text()

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from ..densenet import MEMORY_MODES
+from ..footprint import StepProbe, StepSpec
 from ..memory import SavedTensorMeter, activation_floor_bytes, cuda_peak_bytes
-from .config import BenchConfig, BenchReport, VariantResult
+from .config import AMP_DTYPES, BenchConfig, BenchReport, VariantResult
 from .cuda import _cuda_fits, _device_for_rank, _release_cuda, largest_batch
 from .distributed import _merge_ranks, _spawn_benchmark, backend_for, check_world, process_group, torchrun_world
 from .environment import environment
@@ -199,11 +200,12 @@ def memory_by_depth(cfg: BenchConfig, scales: Sequence[float],
                     modes: Sequence[str] = DEPTH_SWEEP_VARIANTS) -> dict[str, Any]:
     """Activation bytes (the meter) of one training forward for the model family at each depth scale.
 
-    The family scales every block's layer count of ``cfg.spec`` by each factor in ``scales``; batch, image size,
-    autocast and memory format are the run's. ``modes`` are variants (our modes and peers, uncompiled); a peer that
-    cannot build the family is left out, with the reason under ``"skipped"``.
+    The family scales every block's layer count of ``cfg.spec`` by each factor in ``scales``; batch, image size and
+    autocast are the run's. ``modes`` are variants (our modes and peers, uncompiled); a peer that cannot build the
+    family is left out, with the reason under ``"skipped"``. The forwards run on tensors that allocate nothing
+    (:class:`effidense.footprint.StepProbe`, ``FakeTensorMode`` on the CPU): the meter's count is device-independent,
+    so the sweep takes seconds and next to no memory at any depth or batch.
     """
-    device = _device_for_rank(cfg.device, 0)
     specs = {s.block_config: s for s in (cfg.spec.scaled(f) for f in scales)}
     specs_sorted = sorted(specs.values(), key=lambda s: s.depth)
     sweep: dict[str, Any] = {"depths": [s.depth for s in specs_sorted],
@@ -215,26 +217,17 @@ def memory_by_depth(cfg: BenchConfig, scales: Sequence[float],
             sweep["skipped"][mode] = reason
         else:
             sweep["activation_bytes"][mode] = []
-    x, y = _make_batch(cfg, device, 0)
+    step = StepSpec(in_chans=cfg.spec.arg("in_chans"), num_classes=cfg.spec.arg("num_classes"),
+                    amp=AMP_DTYPES[cfg.amp] if cfg.amp else None, optimizer="none")
     errors: list[str] = []
     for spec in specs_sorted:
         for mode in sweep["activation_bytes"]:
-            model = None
             try:
-                torch.manual_seed(cfg.seed)
-                model = build_variant(mode, spec).to(device).train()
-                if cfg.channels_last:
-                    model.to(memory_format=torch.channels_last)
-                with SavedTensorMeter(exclude=model) as meter:
-                    _Trainer(model, x, y, cfg.amp).loss()
-                sweep["activation_bytes"][mode].append(meter.bytes)
-            except Exception as error:  # e.g. the deepest plain net does not fit: keep the other points
+                probe = StepProbe(lambda spec=spec, mode=mode: build_variant(mode, spec), step)
+                sweep["activation_bytes"][mode].append(probe.saved_bytes(cfg.batch_size, (cfg.img_size,) * 2))
+            except Exception as error:  # keep the other points
                 sweep["activation_bytes"][mode].append(None)
                 errors.append(f"depth {spec.depth} {mode}: {one_line(error)}")
-            finally:
-                model = None
-                if device.type == "cuda":
-                    _release_cuda()
     sweep["errors"] = errors
     return sweep
 

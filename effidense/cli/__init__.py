@@ -1,4 +1,5 @@
-"""effidense's commands: ``effidense bench|convert|gradcheck|train|gpu-report ...`` (also ``python -m effidense ...``).
+"""effidense's commands: ``effidense bench|convert|gradcheck|train|gpu-report|plan ...`` (also
+``python -m effidense ...``).
 
 Each command is a module here with ``main(argv) -> exit code``; ``tools/*.py`` are thin fronts over the same code.
 """
@@ -14,6 +15,7 @@ COMMANDS = {
     "gradcheck": "check that every memory mode computes the plain model's outputs, gradients and BN statistics",
     "train": "train with the built-in timm-based trainer, or run timm's own scripts with effidense registered",
     "gpu-report": "the GPU evidence run: step time, max batch, depth, idle time, correctness (--smoke: on the CPU)",
+    "plan": "predict a training step's peak memory and the largest batch that fits a GPU, without the GPU",
     "timm": "run timm's own train.py/validate.py/benchmark.py/inference.py with the effi_* models registered",
 }
 

@@ -17,7 +17,10 @@ and the step-time section also after each of its cells, so a run cut short keeps
    by bisection over the layers per block.
 5. ``host-bound``: the fraction of a step the GPU is idle (torch.profiler: union of kernel intervals against the
    step's wall time) for efficient and the best compiled path.
-6. ``correctness``: ``tools/gradcheck.py --device cuda`` and ``python -m pytest -m cuda`` as subprocesses.
+6. ``prediction``: the planner's (:func:`effidense.planner.plan`) predicted peak of each mode at two batch sizes
+   against ``torch.cuda.max_memory_allocated`` of the same step, and its predicted largest batch under the 12 GiB cap
+   against the max-batch section's measured one (goal: peaks within 10%).
+7. ``correctness``: ``tools/gradcheck.py --device cuda`` and ``python -m pytest -m cuda`` as subprocesses.
 
 Each section gets a share of ``--time-budget`` (time a section leaves unused passes to the later ones); a section
 that runs out of time or fails is recorded as such, keeps its partial results, and the run goes on.
@@ -27,8 +30,9 @@ on :class:`effidense.SavedTensorMeter`'s deterministic count (so both searches r
 the ``aot_eager`` backend (dynamo and AOT autograd without inductor's C++ build), the profiler records CPU activity,
 and the correctness section runs gradcheck on the CPU and ``pytest -m cuda`` (whose tests skip without a GPU).
 ``effidense.cli.gpu_report`` is the command-line front. Modules: :mod:`.plan` (sections, variants, goals, the
-published figures, the GPU and smoke plans), :mod:`.steps` (building variants, timing a step), :mod:`.state` (a run's
-clock, budget shares and report), :mod:`.sections` (the six sections and their goals), :mod:`.run` (running them in
+published figures, the GPU and smoke plans), :mod:`.prediction` (section 6), :mod:`.steps` (building variants,
+timing a step), :mod:`.state` (a run's clock, budget shares and report), :mod:`.sections` (the sections and their
+goals), :mod:`.run` (running them in
 order), :mod:`.summary` (the markdown).
 """
 from .plan import (

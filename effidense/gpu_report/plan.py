@@ -20,6 +20,7 @@ SECTIONS: dict[str, tuple[str, float]] = {
     "seed": ("The seed's setting: DenseNet-BC (12,12,12), k=12, 32 px, batch 128, fp32", 0.07),
     "depth": ("Deepest DenseNet-BC (k=12, 32 px, batch 64) under the memory cap", 0.14),
     "host-bound": ("Host-bound check: GPU idle fraction of a step", 0.06),
+    "prediction": ("The planner's predicted peak and largest batch against the measured ones", 0.06),
     "correctness": ("Correctness on the device: gradcheck and pytest -m cuda", 0.13),
 }
 

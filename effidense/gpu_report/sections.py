@@ -38,6 +38,7 @@ from .plan import (
     Plan,
     depth_spec,
 )
+from .prediction import goals_prediction, section_prediction
 from .state import _Run
 from .steps import _batch, _loss, _release, _step, _sync, _tf32, _timed_step, build_model, compile_variant
 from .summary import _f, _memory
@@ -529,8 +530,10 @@ _SECTION_RUNNERS: dict[str, Callable[[_Run, dict[str, Any]], None]] = {
     "seed": _section_seed,
     "depth": _section_depth,
     "host-bound": _section_host_bound,
+    "prediction": section_prediction,
     "correctness": _section_correctness,
 }
 _GOALS: dict[str, Callable[[_Run, dict[str, Any]], None]] = {
     "step-time": _goals_step_time, "max-batch": _goals_max_batch, "depth": _goals_depth,
+    "prediction": goals_prediction,
 }

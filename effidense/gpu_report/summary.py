@@ -127,9 +127,25 @@ def _summary_correctness(data: dict[str, Any]) -> list[str]:
     return ["", *_table(["check", "result", "rc", "s", "as printed (last line)"], rows)] if rows else []
 
 
+def _summary_prediction(data: dict[str, Any]) -> list[str]:
+    lines = ["", f"Every 'predicted' figure is the planner's ({data.get('setting', '')}).", "",
+             "| variant | batch | predicted peak MiB | measured peak MiB | error | predicted max batch | "
+             "measured max batch |", "|---|---|---|---|---|---|---|"]
+    for row in data.get("rows", []):
+        if row.get("status") != "ok":
+            lines.append(f"| {row['variant']} | FAILED: {row.get('error')} | | | | | |")
+            continue
+        for p in row["points"]:
+            lines.append(f"| {row['variant']} | {p['batch']} | {p['predicted_bytes'] / 2**20:.1f} | "
+                         f"{p['measured_bytes'] / 2**20:.1f} | {p['rel_error']:+.1%} | "
+                         f"{row.get('predicted_max_batch') or '-'} | {row.get('measured_max_batch') or '-'} |")
+    return lines
+
+
 _SUMMARIES: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "step-time": _summary_step_time, "max-batch": _summary_max_batch, "seed": _summary_seed,
-    "depth": _summary_depth, "host-bound": _summary_host_bound, "correctness": _summary_correctness,
+    "depth": _summary_depth, "host-bound": _summary_host_bound, "prediction": _summary_prediction,
+    "correctness": _summary_correctness,
 }
 
 

@@ -1,0 +1,183 @@
+"""Will it fit? Predict the peak memory of a training step and the largest batch for a GPU, without the GPU.
+
+Each variant (our memory modes and the torchvision/timm peers, as in bench) runs training steps on tensors that
+allocate nothing (torch's FakeTensorMode on the CPU): every tensor storage the step makes and frees is counted,
+backward and checkpoint recomputation included. A step is zero_grad, forward (autocast with --amp), cross-entropy,
+backward and the optimizer's update. The peak is affine in the batch: two steps give the line, a third confirms the
+largest batch that fits --budget less the safety margin. With a 3D input (--img-size D H W, or --volume N) the
+largest cube edge at --batch-size is searched too. Seconds on a CPU, no GPU needed.
+
+Every figure is PREDICTED. Not counted: the CUDA context, cuDNN/cuBLAS workspaces, the allocator's rounding and
+fragmentation, NCCL buffers: --margin (default 5%) holds back part of the budget for them.
+Examples:
+
+  effidense plan --model effi_densenet121 --img-size 224 --batch-size 64 --amp bf16 --budget h100-80gb
+  effidense plan --model effi_densenet121 --amp bf16 --budget rtx4090-24gb --optimizer adamw --json plan.json
+  effidense plan --model effi_densenet_bc100_k12 --batch-size 64 --budget 12gb --plot plan.png
+  python tools/plan.py --model effi_densenet121 --budget 24GiB --variants efficient,frugal,tv --margin 0.1
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..benchmark import AMP_DTYPES, PEERS, torch_threads
+from ..densenet import MEMORY_MODES
+from ..fileio import check_writable, short_error
+from ..footprint import OPTIMIZERS
+from ..modelspec import OneLineParser, add_model_arguments, positive_int, spec_from_args
+from ..planner import (
+    DEFAULT_MARGIN,
+    DTYPES,
+    GPU_PRESETS,
+    PLOT_FORMATS,
+    BudgetError,
+    format_table,
+    parse_budget,
+    plan,
+    write_json,
+    write_plot,
+)
+
+PROG = "effidense plan"
+DEFAULT_MODEL = "effi_densenet121"
+
+
+def _margin(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.05, got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
+    return value
+
+
+class _BudgetType:
+    """argparse type whose error message is parse_budget's own line."""
+
+    __name__ = "budget"
+
+    def __call__(self, text: str) -> str:
+        try:
+            parse_budget(text)  # checked while parsing: one line naming --budget
+            return text
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser, DEFAULT_MODEL)
+    run = parser.add_argument_group("the step")
+    run.add_argument("--variants",
+                     help=f"comma-separated variants from {', '.join((*MEMORY_MODES, *PEERS))}, as in bench "
+                          "(default: plain,efficient,frugal plus the peers that can build the model: tv = "
+                          "torchvision memory_efficient=True, timm = set_grad_checkpointing(), tv-plain = "
+                          "torchvision memory_efficient=False)")
+    run.add_argument("--batch-size", type=positive_int, default=64, help="inputs per step (default 64)")
+    size = run.add_mutually_exclusive_group()
+    size.add_argument("--img-size", type=positive_int, nargs="+", metavar="N",
+                      help="input size: one number (a square), H W, or D H W for a 3D input (default: 32 for "
+                           "small-input nets, else 224)")
+    size.add_argument("--volume", type=positive_int, metavar="N", help="a 3D input of NxNxN (same as --img-size N N N)")
+    run.add_argument("--amp", choices=tuple(AMP_DTYPES), help="autocast dtype (default: none)")
+    run.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+                     help="the parameters' and the input's dtype (default fp32)")
+    run.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
+                     help="the update whose state the step holds: sgd (none), sgd-momentum (one buffer per "
+                          "parameter), adamw (two), none (no update, as bench's step). Default: sgd")
+    run.add_argument("--budget", type=_BudgetType(),
+                     help=f"memory to fit: a size (24GiB; units are binary, 80GB = 80GiB as GPUs are labelled; 12e9 is "
+                          f"bytes) or a GPU preset: "
+                          f"{', '.join(GPU_PRESETS)}. Without it only the peak at --batch-size is predicted")
+    run.add_argument("--margin", type=_margin, default=DEFAULT_MARGIN,
+                     help=f"fraction of the budget held back for what the prediction does not count (default "
+                          f"{DEFAULT_MARGIN:g})")
+    run.add_argument("--max-edge", action="store_true",
+                     help="also search the largest square/cube edge at --batch-size (always on for 3D inputs)")
+    run.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    out = parser.add_argument_group("output")
+    out.add_argument("--json", metavar="FILE", help="write every predicted figure to FILE (schema effidense.plan/1, "
+                                                    "see docs/planner.md)")
+    out.add_argument("--plot", metavar="FILE", help="plot predicted peak against batch (.png, .pdf or .svg; needs "
+                                                    "matplotlib)")
+    out.add_argument("--force", action="store_true", help="overwrite existing --json/--plot files")
+    out.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    return parser
+
+
+def _error(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _output_problem(args: argparse.Namespace) -> str | None:
+    if args.plot is not None and Path(args.plot).suffix.lower() not in PLOT_FORMATS:
+        return f"--plot: {args.plot} must end in {', '.join(PLOT_FORMATS)}"
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        problem = check_writable([path], force=args.force)
+        if problem:
+            return f"{flag}: {problem}"
+    if args.json is not None and args.plot is not None and Path(args.json).resolve() == Path(args.plot).resolve():
+        return "--json and --plot name the same file"
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401 - an optional dependency
+        except ImportError:
+            return "--plot needs matplotlib: pip install 'effidense[plot]' (or pip install matplotlib)"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    problem = _output_problem(args)
+    if problem:
+        parser.error(problem)
+    img_size = [args.volume] * 3 if args.volume else args.img_size
+    if img_size is not None and len(img_size) > 3:
+        parser.error(f"--img-size takes 1 to 3 numbers (N, H W or D H W), got {len(img_size)}")
+    if img_size is not None and len(img_size) == 1:
+        img_size = img_size * 2
+
+    def progress(name: str) -> None:
+        if not args.quiet:
+            print(f"plan: {name} ...", file=sys.stderr, flush=True)
+
+    try:
+        spec = spec_from_args(args)
+        with torch_threads(args.threads):
+            report = plan(spec, variants=args.variants, img_size=img_size, batch_size=args.batch_size,
+                          amp=args.amp, dtype=args.dtype, optimizer=args.optimizer, budget=args.budget,
+                          margin=args.margin, max_edge=True if args.max_edge else None, progress=progress)
+    except BudgetError as e:
+        return _error(f"--budget: {e}")
+    except ValueError as e:
+        return _error(str(e))
+    print(format_table(report))
+    status = 0
+    for r in report.variants:
+        if r.status == "does-not-fit":
+            print(f"{PROG}: {r.name} {r.error}", file=sys.stderr)
+        elif r.status == "failed":
+            print(f"{PROG}: {r.name} failed: {r.error}", file=sys.stderr)
+    if not any(r.ok for r in report.variants):
+        print(f"{PROG}: error: no variant fits or runs (see above)", file=sys.stderr)
+        status = 1
+    for flag, path, write in (("--json", args.json, write_json), ("--plot", args.plot, write_plot)):
+        if path is None:
+            continue
+        try:
+            write(path, report)
+        except OSError as e:
+            print(f"{PROG}: error: {flag}: cannot write {path}: {short_error(e)}", file=sys.stderr)
+            status = 1
+            continue
+        print(f"wrote {path}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""Will it fit? Predict a training step's peak memory and the largest batch for a GPU, without the GPU.
+
+:func:`plan` builds each variant (bench's names: our memory modes and the torchvision/timm peers) on tensors that
+allocate nothing (``FakeTensorMode`` on the CPU) and runs training steps under
+:class:`effidense.footprint.StorageTracker`, which counts every live storage as ops make and free them, backward
+and checkpoint recomputation included. The peak of a step is affine in the batch (convex in general), so two steps
+give the line and a third confirms the largest batch that fits the budget; for 3D inputs the largest cube edge at
+the given batch is searched too. Saved activations are the meter's count. Figures are device-independent bytes:
+what the CUDA context, library workspaces and the allocator add is not counted (:data:`NOT_COUNTED`), and a safety
+margin (:data:`DEFAULT_MARGIN`, 5%) of the budget is held back.
+
+Modules: :mod:`.budget` (sizes, GPU presets, the margin), :mod:`.core` (:func:`plan` and the searches),
+:mod:`.report` (table, JSON schema ``effidense.plan/1``, plot). ``effidense plan`` is the command
+(:mod:`effidense.cli.plan`).
+"""
+from .budget import DEFAULT_MARGIN, GPU_PRESETS, format_bytes, parse_budget
+from .core import DTYPES, NOT_COUNTED, BudgetError, PlanReport, VariantPlan, plan, search_batch, search_edge
+from .report import JSON_SCHEMA, PLOT_FORMATS, format_table, report_to_json, write_json, write_plot
+
+__all__ = ["plan", "PlanReport", "VariantPlan", "BudgetError", "DEFAULT_MARGIN", "GPU_PRESETS", "DTYPES",
+           "NOT_COUNTED", "JSON_SCHEMA", "PLOT_FORMATS", "parse_budget", "format_bytes", "format_table",
+           "report_to_json", "write_json", "write_plot", "search_batch", "search_edge"]

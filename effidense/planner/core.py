@@ -1,0 +1,336 @@
+"""The planner's core: :func:`plan` measures steps on fake tensors and searches the largest batch and cube edge."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..benchmark import AMP_DTYPES, COMPILE_SUFFIX, PEERS, build_variant, one_line, parse_variants, peer_unsupported
+from ..densenet import MEMORY_MODES
+from ..footprint import StepMemory, StepProbe, StepSpec
+from ..modelspec import ModelSpec, resolve_model
+from .budget import DEFAULT_MARGIN, format_bytes, parse_budget
+
+__all__ = ["DTYPES", "NOT_COUNTED", "BudgetError", "VariantPlan", "PlanReport", "plan", "search_batch", "search_edge"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# What a prediction leaves out: it counts the tensors a step makes, nothing a device or library adds.
+NOT_COUNTED = (
+    "the CUDA context (a few hundred MiB per process, before any tensor)",
+    "cuDNN and cuBLAS workspaces (scratch memory kernels allocate internally)",
+    "the caching allocator's rounding (blocks of 512 bytes and up) and fragmentation",
+    "NCCL buffers under DDP, and anything else held by other processes or libraries",
+)
+MAX_BATCH_LIMIT = 1 << 24
+MAX_EDGE_LIMIT = 1 << 14
+
+
+class BudgetError(ValueError):
+    """The budget cannot hold even the parameters."""
+
+
+@dataclass
+class VariantPlan:
+    """One variant's predicted figures, in bytes (every figure is a prediction). ``status``: 'ok', 'skipped',
+    'failed' or 'does-not-fit' (not even batch 1 fits the usable budget)."""
+
+    name: str
+    status: str = "ok"
+    error: str | None = None
+    batch: int | None = None
+    size: list[int] | None = None
+    peak_bytes: int | None = None
+    parameter_bytes: int | None = None
+    gradient_bytes: int | None = None
+    optimizer_state_bytes: int | None = None
+    saved_activation_bytes: int | None = None
+    input_bytes: int | None = None
+    at_peak: dict[str, int] | None = None  # what is live at the peak, by kind; sums to peak_bytes
+    bytes_per_sample: float | None = None  # slope of the peak in the batch
+    intercept_bytes: float | None = None  # the peak's affine fit at batch 0
+    max_batch: int | None = None
+    max_batch_peak_bytes: int | None = None
+    max_batch_at_limit: bool = False  # the search stopped at its limit: the true maximum is at least max_batch
+    max_edge: int | None = None  # largest cube edge at ``batch`` (3D inputs, or when asked)
+    max_edge_peak_bytes: int | None = None
+    probes: list[dict[str, Any]] = field(default_factory=list)  # every measured step: batch, size, peak_bytes
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def static_bytes(self) -> int | None:
+        """Parameters (and buffers), gradients and optimizer state."""
+        if self.parameter_bytes is None:
+            return None
+        return self.parameter_bytes + (self.gradient_bytes or 0) + (self.optimizer_state_bytes or 0)
+
+    @property
+    def transient_bytes(self) -> int | None:
+        """What the peak holds besides parameters, gradients, optimizer state, saved activations and the input:
+        the backward's temporaries and the recompute buffers."""
+        return None if self.at_peak is None else self.at_peak["transient"]
+
+
+@dataclass
+class PlanReport:
+    """A finished plan: the configuration, the budget, one :class:`VariantPlan` per variant."""
+
+    config: dict[str, Any]
+    budget_bytes: int | None
+    margin: float
+    variants: list[VariantPlan]
+    not_counted: tuple[str, ...] = NOT_COUNTED
+
+    @property
+    def usable_bytes(self) -> int | None:
+        return None if self.budget_bytes is None else int(self.budget_bytes * (1 - self.margin))
+
+
+@dataclass
+class _Target:
+    name: str
+    builders: dict[str, Callable[[], nn.Module]]
+    skipped: dict[str, str]
+    in_chans: int
+    num_classes: int
+    min_size: int
+    default_size: int | None
+
+
+def _target(model: str | ModelSpec | Mapping[str, Callable[[], nn.Module]], variants: str | Sequence[str] | None,
+            in_chans: int, num_classes: int, min_size: int) -> _Target:
+    if isinstance(model, Mapping):
+        chosen = list(model) if variants is None else _names(variants)
+        unknown = [v for v in chosen if v not in model]
+        if unknown:
+            raise ValueError(f"unknown variant(s) {', '.join(unknown)}; the model offers {', '.join(model)}")
+        return _Target("custom model", {v: model[v] for v in chosen}, {}, in_chans, num_classes, min_size, None)
+    spec = resolve_model(model) if isinstance(model, str) else model
+    if variants is None:
+        chosen = [*MEMORY_MODES, *(p for p in PEERS if peer_unsupported(spec, p) is None)]
+    else:
+        chosen = parse_variants(variants)
+    compiled = [v for v in chosen if v.endswith(COMPILE_SUFFIX)]
+    if compiled:
+        raise ValueError(f"variant(s) {', '.join(compiled)}: the planner predicts eager steps; drop {COMPILE_SUFFIX}")
+    skipped = {v: r for v in chosen if v in PEERS and (r := peer_unsupported(spec, v))}
+    builders = {v: (lambda v=v: build_variant(v, spec)) for v in chosen if v not in skipped}
+    with torch.device("meta"):  # costs no memory
+        min_edge = spec.build("plain").min_input_size
+    return _Target(spec.name, builders, skipped, spec.arg("in_chans"), spec.arg("num_classes"), min_edge,
+                   spec.default_img_size)
+
+
+def _names(text: str | Sequence[str]) -> list[str]:
+    return [v.strip() for v in (text.split(",") if isinstance(text, str) else text) if v.strip()]
+
+
+def _size(img_size: int | Sequence[int] | None, target: _Target) -> tuple[int, ...]:
+    if img_size is None:
+        if target.default_size is None:
+            raise ValueError("img_size is needed for a custom model")
+        img_size = target.default_size
+    size = (int(img_size),) * 2 if isinstance(img_size, int) else tuple(int(s) for s in img_size)
+    if not 1 <= len(size) <= 3 or any(s < 1 for s in size):
+        raise ValueError(f"input size must be 1 to 3 positive numbers (2D: H W, 3D: D H W), got {list(size)}")
+    if min(size) < target.min_size:
+        shown = "x".join(map(str, size))
+        need = "x".join([str(target.min_size)] * len(size))
+        raise ValueError(f"input {shown} is too small for {target.name}: it needs at least {need}")
+    return size
+
+
+def plan(model: str | ModelSpec | Mapping[str, Callable[[], nn.Module]] = "effi_densenet121", *,
+         variants: str | Sequence[str] | None = None, img_size: int | Sequence[int] | None = None,
+         batch_size: int = 64, amp: str | None = None, dtype: str = "fp32", optimizer: str = "sgd",
+         budget: str | int | None = None, margin: float = DEFAULT_MARGIN, max_edge: bool | None = None,
+         in_chans: int = 3, num_classes: int = 1000, min_size: int = 1, fake: bool = True,
+         progress: Callable[[str], None] | None = None) -> PlanReport:
+    """Predict each variant's peak memory for one training step, and the largest batch that fits ``budget``.
+
+    ``model``: an ``effi_*`` or config name, a :class:`~effidense.modelspec.ModelSpec`, or a mapping from variant
+    name to a function building the model (then ``in_chans``, ``num_classes`` and ``min_size``, the smallest edge
+    the network accepts, describe it). ``variants``: bench's names (``plain``, ``efficient``, ``frugal``, ``tv``,
+    ``tv-plain``, ``timm``; default: our modes and the peers that can build the model). ``img_size``: an int (a
+    square) or the spatial size, 2D ``(H, W)`` or 3D ``(D, H, W)``. ``amp``: autocast dtype ``bf16``/``fp16``;
+    ``dtype``: the parameters' and input's dtype. ``optimizer``: ``none``, ``sgd``, ``sgd-momentum`` or ``adamw``.
+    ``budget``: bytes, a size (``24GiB``) or a GPU preset (``h100-80gb``); the search uses ``1 - margin`` of it.
+    ``max_edge``: also search the largest cube edge at ``batch_size`` (default: for 3D inputs).
+    ``fake=False`` runs the same steps on real tensors (to validate the prediction at small sizes).
+
+    Every figure is a prediction from tensors that allocate nothing (``FakeTensorMode``), counted storage by
+    storage; :data:`NOT_COUNTED` names what it leaves out. Raises ValueError for bad input (one line each).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if amp is not None and amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)} or None, got {amp!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if not 0 <= margin < 1:
+        raise ValueError(f"margin must be at least 0 and below 1, got {margin}")
+    budget_bytes = None if budget is None else parse_budget(budget)
+    target = _target(model, variants, in_chans, num_classes, min_size)
+    size = _size(img_size, target)
+    step = StepSpec(in_chans=target.in_chans, num_classes=target.num_classes,
+                    amp=AMP_DTYPES[amp] if amp else None, dtype=DTYPES[dtype], optimizer=optimizer)
+    edge_search = len(size) == 3 if max_edge is None else max_edge
+    config = {"model": target.name, "img_size": list(size), "batch_size": batch_size, "amp": amp, "dtype": dtype,
+              "optimizer": optimizer, "max_edge": edge_search, "min_size": target.min_size,
+              "tensors": "fake" if fake else "real"}
+    report = PlanReport(config, budget_bytes, margin, [])
+    usable = report.usable_bytes
+    for name in [*target.builders, *target.skipped]:
+        if name in target.skipped:
+            report.variants.append(VariantPlan(name, status="skipped", error=target.skipped[name]))
+            continue
+        if progress is not None:
+            progress(name)
+        result = VariantPlan(name, batch=batch_size, size=list(size))
+        try:
+            _plan_variant(result, StepProbe(target.builders[name], step, fake), batch_size, size, usable,
+                          budget_bytes, margin, target, edge_search)
+        except BudgetError:
+            raise
+        except Exception as error:
+            result.status, result.error = "failed", one_line(error)
+        report.variants.append(result)
+    order = list(target.builders) + list(target.skipped)
+    report.variants.sort(key=lambda r: order.index(r.name))
+    return report
+
+
+class _Peaks:
+    """Memoized peaks of a probe's steps, each recorded in the variant's probes."""
+
+    def __init__(self, probe: StepProbe, result: VariantPlan) -> None:
+        self.probe, self.result = probe, result
+        self.cache: dict[tuple[int, tuple[int, ...]], StepMemory] = {}
+
+    def step(self, batch: int, size: tuple[int, ...]) -> StepMemory:
+        key = (batch, size)
+        if key not in self.cache:
+            self.cache[key] = memory = self.probe.measure(batch, size)
+            self.result.probes.append({"batch": batch, "size": list(size), "peak_bytes": memory.peak_bytes})
+        return self.cache[key]
+
+    def __call__(self, batch: int, size: tuple[int, ...]) -> int:
+        return self.step(batch, size).peak_bytes
+
+
+def _plan_variant(result: VariantPlan, probe: StepProbe, batch: int, size: tuple[int, ...], usable: int | None,
+                  budget: int | None, margin: float, target: _Target, edge_search: bool) -> None:
+    peaks = _Peaks(probe, result)
+    first = peaks.step(batch, size)
+    result.peak_bytes = first.peak_bytes
+    result.at_peak = first.at_peak
+    result.parameter_bytes = first.parameter_bytes
+    result.gradient_bytes = first.gradient_bytes
+    result.optimizer_state_bytes = first.optimizer_state_bytes
+    result.saved_activation_bytes = first.saved_activation_bytes
+    result.input_bytes = first.input_bytes
+    second = 2 * batch
+    result.bytes_per_sample = (peaks(second, size) - first.peak_bytes) / (second - batch)
+    result.intercept_bytes = first.peak_bytes - result.bytes_per_sample * batch
+    if usable is None:
+        return
+    if first.parameter_bytes > usable:
+        raise BudgetError(
+            f"budget {format_bytes(budget)} ({format_bytes(usable)} after the {margin:.0%} safety margin) is "
+            f"smaller than the parameters alone ({format_bytes(first.parameter_bytes)} for {target.name}): short "
+            f"by {format_bytes(first.parameter_bytes - usable)}")
+    result.max_batch = search_batch(lambda n: peaks(n, size), usable, [batch, second], MAX_BATCH_LIMIT)
+    if result.max_batch == 0:
+        result.status = "does-not-fit"
+        result.error = (f"does not fit even at batch 1: predicted peak {format_bytes(peaks(1, size))} > "
+                        f"{format_bytes(usable)} usable")
+        return
+    result.max_batch_peak_bytes = peaks(result.max_batch, size)
+    result.max_batch_at_limit = result.max_batch == MAX_BATCH_LIMIT
+    if edge_search:
+        static = first.parameter_bytes + first.gradient_bytes + first.optimizer_state_bytes
+        edge = search_edge(lambda e: peaks(batch, (e,) * len(size)), usable, size, first.peak_bytes, static,
+                            target.min_size, MAX_EDGE_LIMIT)
+        result.max_edge = edge
+        if edge:
+            result.max_edge_peak_bytes = peaks(batch, (edge,) * len(size))
+
+
+def search_batch(peak: Callable[[int], int], usable: int, measured: Sequence[int], limit: int) -> int:
+    """The largest batch in ``[0, limit]`` whose ``peak(batch)`` is at most ``usable`` (0: not even batch 1).
+
+    A step's peak is the largest of its moments' live bytes, each affine in the batch with a non-negative slope, so
+    it is convex in the batch (and affine in practice). Each round solves the line through the two latest
+    measurements and measures there; convexity bounds the answer on both sides (a chord lies above the curve, its
+    extension below), so the search usually ends after one confirming step."""
+    points: dict[int, int] = {n: peak(n) for n in measured}
+    lo, hi = 0, limit + 1  # lo fits (batch 0 trivially), hi does not
+    last: list[int] = list(measured)
+    while True:
+        for n, p in points.items():
+            if p <= usable:
+                lo = max(lo, n)
+            else:
+                hi = min(hi, n)
+        ordered = sorted(points)
+        for a, b in zip(ordered, ordered[1:], strict=False):
+            pa, pb = points[a], points[b]
+            slope = (pb - pa) / (b - a)
+            if pa <= usable < pb:  # the chord lies above the curve: where it is under the budget, the curve is too
+                lo = max(lo, a + math.floor((usable - pa) / slope))
+            if pb <= usable and slope > 0:  # the chord's extension lies below the curve beyond b
+                hi = min(hi, b + math.floor((usable - pb) / slope) + 1)
+        if hi - lo <= 1:
+            return min(lo, limit)
+        a, b = sorted(last[-2:])
+        slope = (points[b] - points[a]) / (b - a) if b != a else 0
+        guess = a + math.floor((usable - points[a]) / slope) if slope > 0 else hi - 1
+        guess = min(max(guess, lo + 1), hi - 1)
+        if guess in points:  # the line gives nothing new: halve the interval
+            guess = (lo + hi) // 2
+        points[guess] = peak(guess)
+        last.append(guess)
+
+
+def search_edge(peak: Callable[[int], int], usable: int, size: Sequence[int], peak_at_size: int, static: int,
+                 min_edge: int, limit: int) -> int | None:
+    """The largest cube edge in ``[min_edge, limit]`` whose ``peak(edge)`` fits ``usable`` (None: not even the
+    smallest). First guess: what grows with the input scales with its volume, from the step at ``size``; then
+    steps away from the guess that double until they cross the budget, and bisection."""
+    volume = math.prod(size)
+    dims = len(size)
+    grows = max(peak_at_size - static, 1)
+    guess = math.floor((volume * max(usable - static, 0) / grows) ** (1 / dims)) if usable > static else min_edge
+    guess = min(max(guess, min_edge), limit)
+
+    def fits(edge: int) -> bool:
+        return peak(edge) <= usable
+
+    if fits(guess):
+        lo, step = guess, 1
+        while lo + step <= limit and fits(lo + step):
+            lo, step = lo + step, step * 2
+        hi = min(lo + step, limit + 1)
+    else:
+        hi, step = guess, 1
+        while hi - step >= min_edge and not fits(hi - step):
+            hi, step = hi - step, step * 2
+        if hi - step < min_edge:
+            if not fits(min_edge):
+                return None
+            lo = min_edge
+        else:
+            lo = hi - step
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo

@@ -1,0 +1,289 @@
+"""effidense.planner / ``effidense plan``: predictions on fake tensors, checked against real steps at small sizes."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY, load_tool
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from effidense.benchmark import build_variant
+from effidense.footprint import StepProbe, StepSpec, StorageTracker
+from effidense.memory import SavedTensorMeter
+from effidense.modelspec import ModelSpec
+from effidense.planner import GPU_PRESETS, JSON_SCHEMA, parse_budget, plan, search_batch, search_edge
+
+SPEC = ModelSpec("tiny", TINY)
+VARIANTS = ("plain", "efficient", "frugal", "tv", "tv-plain", "timm")
+CLI_TINY = ["--model", "custom", "--growth-rate", "4", "--block-config", "2,2", "--num-init-features", "8",
+            "--num-classes", "5", "--img-size", "32", "--batch-size", "4", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def cli():
+    return load_tool("plan")
+
+
+def run(cli, argv):
+    """main(argv)'s exit code, whether it returns or argparse exits."""
+    try:
+        return cli.main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
+def test_tracker_counts_each_storage_once_until_freed():
+    with StorageTracker() as tracker:
+        a = torch.empty(1000)  # 4000 bytes
+        view = a.view(10, 100)  # same storage
+        a.add_(1)  # in place: same storage
+        b = torch.empty(500, dtype=torch.float64)  # 4000 bytes
+        assert tracker.current == 8000
+        del a
+        assert tracker.current == 8000  # the view keeps the storage alive
+        del view
+        assert tracker.current == 4000
+        c = torch.empty(100)
+    assert tracker.peak == 8000
+    assert tracker.at_peak()["transient"] == 8000
+    del b, c
+
+
+def test_tracker_sees_checkpoint_recomputation_in_backward():
+    lin = nn.Linear(64, 64)
+    x = torch.randn(32, 64, requires_grad=True)
+
+    def f(t):
+        return torch.relu(lin(t)).sum()
+
+    made_in_backward = []
+    for run in (f, lambda t: checkpoint(f, t, use_reentrant=False)):
+        with StorageTracker() as tracker:
+            loss = run(x)
+            before = tracker.count
+            loss.backward()
+            made_in_backward.append(tracker.count - before)
+    # The checkpoint rebuilds the linear layer's output and the ReLU's (and their bookkeeping) in backward.
+    assert made_in_backward[1] - made_in_backward[0] >= 2
+
+
+@pytest.mark.parametrize("amp, optimizer", [(None, "adamw"), ("bf16", "sgd-momentum")])
+def test_prediction_is_within_5_percent_of_a_real_step(amp, optimizer):
+    """The same tracker on real tensors: every memory mode and every peer, the peak and the largest batch."""
+    kwargs = dict(img_size=32, batch_size=4, amp=amp, optimizer=optimizer, budget="3MiB", margin=0.0)
+    predicted = plan(SPEC, variants=VARIANTS, **kwargs)
+    real = plan(SPEC, variants=VARIANTS, fake=False, **kwargs)
+    assert predicted.config["tensors"] == "fake" and real.config["tensors"] == "real"
+    for p, r in zip(predicted.variants, real.variants, strict=True):
+        assert p.ok and r.ok, (p.error, r.error)
+        assert abs(p.peak_bytes - r.peak_bytes) <= 0.05 * r.peak_bytes, p.name
+        assert abs(p.max_batch - r.max_batch) <= 0.05 * r.max_batch, p.name
+        assert p.max_batch_peak_bytes <= predicted.usable_bytes
+    by_name = {p.name: p for p in predicted.variants}
+    assert by_name["frugal"].max_batch > by_name["plain"].max_batch
+
+
+def test_saved_activations_are_the_meters_count():
+    x = torch.randn(4, 3, 32, 32)
+    y = torch.randint(0, TINY["num_classes"], (4,))
+    predicted = {r.name: r for r in plan(SPEC, variants=VARIANTS, img_size=32, batch_size=4).variants}
+    for name in VARIANTS:
+        model = build_variant(name, SPEC).train()
+        with SavedTensorMeter(exclude=model) as meter:
+            F.cross_entropy(model(x), y)
+        assert predicted[name].saved_activation_bytes == meter.bytes, name
+
+
+def test_breakdown_sums_to_the_peak_and_optimizer_state_is_counted():
+    sgd, momentum, adamw = (plan(SPEC, variants="efficient", img_size=32, batch_size=4, optimizer=o).variants[0]
+                            for o in ("sgd", "sgd-momentum", "adamw"))
+    params = sum(p.numel() * 4 for p in SPEC.build().parameters())
+    assert sgd.optimizer_state_bytes == 0
+    assert momentum.optimizer_state_bytes == params
+    assert adamw.optimizer_state_bytes >= 2 * params  # exp_avg, exp_avg_sq (and a step count per parameter)
+    assert sgd.gradient_bytes == params
+    for r in (sgd, momentum, adamw):
+        assert sum(r.at_peak.values()) == r.peak_bytes
+    assert adamw.peak_bytes > momentum.peak_bytes > sgd.peak_bytes
+
+
+def test_fake_steps_allocate_nothing():
+    # A real input of this size alone would need 576 GiB.
+    r = plan(SPEC, variants="efficient", img_size=224, batch_size=1 << 20).variants[0]
+    assert r.ok, r.error
+    assert r.peak_bytes > 576 * (1 << 30)
+
+
+def test_search_batch_on_affine_and_convex_peaks():
+    calls = []
+
+    def affine(n):
+        calls.append(n)
+        return 1000 + 37 * n
+
+    assert search_batch(affine, 10_000, [4, 8], 1 << 20) == (10_000 - 1000) // 37
+    assert len(set(calls)) == 3  # two to fit the line, one to confirm
+
+    def convex(n):  # the peak moves to a steeper moment at larger batches
+        return max(1000 + 10 * n, 50 * n - 2000)
+
+    for usable in (900, 1000, 1010, 5000, 20_000, 123_457):
+        brute = max((n for n in range(0, 10_000) if n == 0 or convex(n) <= usable), default=0)
+        assert search_batch(convex, usable, [3, 6], 1 << 20) == brute, usable
+    assert search_batch(lambda n: 5 * n, 1 << 40, [1, 2], 1000) == 1000  # the limit
+
+
+def test_search_edge_respects_the_minimum():
+    def peak(edge):
+        return 100 + 2 * edge ** 3
+
+    for usable in (2000, 10_000, 10 ** 6):
+        brute = max(e for e in range(7, 1000) if peak(e) <= usable)
+        assert search_edge(peak, usable, (16, 16, 16), peak(16), 100, 7, 4096) == brute
+    assert search_edge(peak, 100 + 2 * 7 ** 3 - 1, (16, 16, 16), peak(16), 100, 7, 4096) is None
+
+
+def _stand_in_3d() -> nn.Module:
+    """A tiny 3D network with a checkpointed segment, standing in for a 3D DenseNet."""
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU())
+            self.body = nn.Sequential(nn.Conv3d(4, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU())
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            x = self.stem(x)
+            x = checkpoint(self.body, x, use_reentrant=False)
+            return self.head(torch.flatten(nn.functional.adaptive_avg_pool3d(x, 1), 1))
+
+    return Net()
+
+
+def test_3d_input_searches_the_largest_cube_edge():
+    kwargs = dict(img_size=(6, 6, 6), batch_size=2, in_chans=2, num_classes=3, min_size=4, budget="400KiB")
+    predicted = plan({"net": _stand_in_3d}, **kwargs)
+    r = predicted.variants[0]
+    assert r.ok, r.error
+    assert predicted.config["max_edge"] is True and r.max_edge is not None
+    probe = StepProbe(_stand_in_3d, StepSpec(in_chans=2, num_classes=3))
+    usable = predicted.usable_bytes
+    assert probe.measure(2, (r.max_edge,) * 3).peak_bytes <= usable < probe.measure(2, (r.max_edge + 1,) * 3).peak_bytes
+    real = plan({"net": _stand_in_3d}, fake=False, **{**kwargs, "budget": None}).variants[0]
+    assert abs(r.peak_bytes - real.peak_bytes) <= 0.05 * real.peak_bytes
+    with pytest.raises(ValueError, match="too small"):
+        plan({"net": _stand_in_3d}, **{**kwargs, "img_size": (3, 6, 6)})
+
+
+def test_budget_parsing():
+    assert parse_budget("24GiB") == 24 << 30
+    assert parse_budget("80GB") == parse_budget("80gb") == 80 << 30  # binary, as GPUs are labelled
+    assert parse_budget("512 MB") == 512 << 20
+    assert parse_budget("12e9") == 12 * 10 ** 9
+    assert parse_budget("1.5 MiB") == 3 << 19
+    assert parse_budget("h100-80gb") == GPU_PRESETS["h100-80gb"] == 80 << 30
+    assert parse_budget("12gb") == 12 << 30
+    for bad in ("h100", "24 parsecs", "", "-3GB", "0"):
+        with pytest.raises(ValueError):
+            parse_budget(bad)
+
+
+def test_command_table_json_and_plot(cli, tmp_path, capsys):
+    json_path, plot_path = tmp_path / "plan.json", tmp_path / "plan.png"
+    assert run(cli, CLI_TINY + ["--budget", "2MiB", "--optimizer", "adamw", "--json", str(json_path),
+                                "--plot", str(plot_path)]) == 0
+    out = capsys.readouterr().out
+    assert "Predicted" in out and "predicted max batch" in out and "CUDA context" in out
+    data = json.loads(json_path.read_text())
+    assert data["schema"] == JSON_SCHEMA and data["predicted"] is True
+    assert data["budget_bytes"] == 2 << 20 and data["margin"] == 0.05
+    assert data["config"]["optimizer"] == "adamw" and data["config"]["img_size"] == [32, 32]
+    names = [v["name"] for v in data["variants"]]
+    assert names == ["plain", "efficient", "frugal", "tv", "timm", "tv-plain"]
+    for v in data["variants"]:
+        assert v["peak_bytes"] > 0 and v["max_batch"] >= 1 and v["max_batch_peak_bytes"] <= data["usable_bytes"]
+        assert sum(v["at_peak"].values()) == v["peak_bytes"]
+    assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Nothing is overwritten without --force.
+    assert run(cli, CLI_TINY + ["--json", str(json_path)]) == 2
+    assert "exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--budget", "h100"], "cannot read budget 'h100'"),
+    (["--budget", "24 parsecs"], "cannot read budget"),
+    (["--budget", "10KiB"], "smaller than the parameters alone"),
+    (["--img-size", "4"], "input 4x4 is too small for custom: it needs at least 5x5"),
+    (["--img-size", "8", "8", "8", "8"], "--img-size takes 1 to 3 numbers"),
+    (["--variants", "plain+compile"], "predicts eager steps"),
+    (["--margin", "1.5"], "--margin"),
+])
+def test_bad_input_is_one_line(cli, capsys, argv, message):
+    assert run(cli, CLI_TINY + argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_budget_short_of_parameters_says_by_how_much(cli, capsys):
+    assert run(cli, CLI_TINY + ["--budget", "10KiB", "--margin", "0"]) == 2
+    err = capsys.readouterr().err
+    params = sum(t.numel() * t.element_size() for t in (*SPEC.build().parameters(), *SPEC.build().buffers()))
+    assert f"short by {(params - 10240) / 1024:.1f} KiB" in err
+
+
+def test_does_not_fit_at_batch_1(cli, capsys):
+    assert run(cli, CLI_TINY + ["--budget", "60KiB", "--margin", "0", "--variants", "plain,frugal"]) == 1
+    captured = capsys.readouterr()
+    assert "does not fit" in captured.out
+    lines = [line for line in captured.err.splitlines() if "does not fit even at batch 1" in line]
+    assert len(lines) == 2 and "predicted peak" in lines[0]
+
+
+def test_plan_is_an_effidense_command(capsys):
+    from effidense.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", "--help"])
+    assert exit_info.value.code == 0
+    assert "PREDICTED" in capsys.readouterr().out
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("variant", ["plain", "efficient", "frugal", "tv"])
+def test_prediction_is_within_10_percent_of_cuda_max_memory_allocated(variant):
+    """The predicted peak against the CUDA allocator's, for DenseNet-121 at 96 px in bf16, two batch sizes."""
+    from effidense.modelspec import resolve_model
+
+    spec = resolve_model("densenet121")
+    predicted = plan(spec, variants=variant, img_size=96, batch_size=16, amp="bf16", optimizer="sgd-momentum")
+    r = predicted.variants[0]
+    device = torch.device("cuda")
+    model = build_variant(variant, spec).to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for batch in (16, 32):
+        x = torch.randn(batch, 3, 96, 96, device=device)
+        y = torch.randint(0, 1000, (batch,), device=device)
+        for _ in range(2):  # the second step starts with the optimizer's state, as the prediction does
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = model(x)
+            F.cross_entropy(out.float(), y).backward()
+            del out
+            optimizer.step()
+            torch.cuda.synchronize()
+        measured = torch.cuda.max_memory_allocated()
+        guess = next(p["peak_bytes"] for p in r.probes if p["batch"] == batch)
+        assert abs(guess - measured) <= 0.10 * measured, (variant, batch, guess, measured)
+
+
+def test_plan_is_exported_lazily_from_effidense():
+    import effidense
+    from effidense import planner
+
+    assert "plan" in effidense.__all__ and effidense.plan is planner.plan
