@@ -7,18 +7,20 @@ What a reader needs, six ideas:
 
 1. **Feature maps stay apart.** A block keeps the list of its maps (its input and each layer's new features) and never
    concatenates them itself: each norm that reads them concatenates inside its own segment.
-2. **Segments.** A concat-BN-ReLU-conv (or, in frugal, a whole layer or the whole stem) runs through
+2. **Segments.** A concat-BN-ReLU-conv (or a whole layer, or the whole stem) runs through
    :func:`~effidense.layers.recompute.checkpointed`: under non-reentrant ``torch.utils.checkpoint``, so what it makes is
-   rebuilt in backward rather than kept. Convolutions end segments, so none is ever rerun except in frugal.
+   rebuilt in backward rather than kept. Convolutions end segments, so none is rerun but the stem's and frugal's.
 3. **The exact norm**, :class:`~effidense.layers.norm.BatchNormAct`: running statistics are updated on a segment's
    first run only, and a rerun reproduces that run bitwise.
 4. **The memory mode** (``memory=``): an attribute of the model, set on every layer, which each layer reads.
 
    * ``plain``: nothing is recomputed.
-   * ``efficient``: every concat-BN-ReLU feeding a convolution or pool (stem, layers, transitions, final norm) is a
+   * ``efficient``: every concat-BN-ReLU feeding a convolution or pool (layers, transitions, final norm) is a
      segment; the bottleneck's BN-ReLU-conv3x3 reruns in the norm's lighter path (one checkpoint per dense layer).
-   * ``frugal``: whole dense layers and the whole stem are segments; only each layer's new features and each
-     block's input stay.
+     The stem (conv-BN-ReLU-max-pool) is one segment: its convolution's output is the largest map a DenseNet makes
+     (in 3D, where it weighs most, a quarter of what efficient would otherwise keep), and it is one convolution.
+   * ``frugal``: as efficient, with whole dense layers as segments; only each layer's new features and each block's
+     input stay.
 5. **Pools that keep nothing** (:mod:`effidense.layers.pool`): the stem's max-pool and the transitions' average pool
    need only shapes (and argmax indices) for backward, so no mode keeps the maps they pool.
 6. **One forward.** Tracers (fx, torch.export, ONNX, ``jit.trace``) run the same forward; segments then simply run, and
@@ -477,21 +479,18 @@ class DenseNet(nn.Module):
         stop = self._last_index if stop is None else min(stop, self._last_index)
         self._check_input(x, stop)
         mode, f, tapped, tracing = run_mode(self.memory), self.features, [], is_tracing()
+        # The ImageNet stem is one segment, max-pool included unless the map before it is wanted (so that not even its
+        # indices stay).
+        pool = not self.small_inputs and 0 not in taps and stop != 0
         if self.small_inputs:
             x = f.conv0(x)
         else:
-            # Frugal recomputes the whole stem, max-pool included unless the map before it is wanted (so that not even
-            # its indices stay); efficient the norm only.
-            whole = mode == "frugal"
-            pool = whole and 0 not in taps and stop != 0
-            x = x if whole else f.conv0(x)
-            segment = functools.partial(self._stem, [], pool) if whole else functools.partial(f.norm0, cache=[])
-            x = checkpointed(mode != "plain", segment, x)
+            x = checkpointed(mode != "plain", functools.partial(self._stem, [], pool), x)
         if 0 in taps:
             tapped.append(x)
         if stop == 0:
             return x, tapped
-        if not self.small_inputs and not (mode == "frugal" and 0 not in taps):
+        if not self.small_inputs and not pool:
             x = f.pool0(x)
         maps: list[Tensor] = [x]
         for i in range(1, last + 1):
