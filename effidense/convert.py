@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .densenet import DenseNet
 from .fileio import short_error
-from .registry import CONFIGS
+from .names import CONFIGS, LAYOUT_ALIASES, LAYOUTS, VERIFY_TOLERANCE, unknown_model_message
 from .weights import (
     KEY_RULES,
     Checkpoint,
@@ -51,9 +51,6 @@ __all__ = [
 ]
 
 FORMAT_VERSION = "1"
-LAYOUTS = ("effidense", "torchvision", "timm")
-LAYOUT_ALIASES = {"efficient": "effidense", "normal": "torchvision"}  # the seed converter's --to spellings
-VERIFY_TOLERANCE = 1e-5
 
 _META_PREFIX = "effidense."
 
@@ -113,7 +110,7 @@ def resolve_model_name(name: str) -> str:
     """``densenet121`` or ``effi_densenet121`` -> the :data:`effidense.CONFIGS` key."""
     key = name.removeprefix("effi_")
     if key not in CONFIGS:
-        raise ConversionError(f"unknown model {name!r}; choose one of: {', '.join(CONFIGS)}")
+        raise ConversionError(unknown_model_message(name, [f"effi_{n}" for n in CONFIGS] + list(CONFIGS)))
     return key
 
 

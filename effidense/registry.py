@@ -7,37 +7,19 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from .densenet import DenseNet
+from .names import CONFIGS, unknown_model_message
 from .weights import timm_pretrained_filter
 
-__all__ = ["CONFIGS", "TORCHVISION_WEIGHTS", "create", "resolve_weights", "weight_tags", "unknown_model_message",
+__all__ = ["CONFIGS", "TORCHVISION_WEIGHTS", "create", "resolve_weights", "weight_tags",
            "densenet121", "densenet161", "densenet169", "densenet201", "densenet264",
            "densenet40_k12", "densenet_bc100_k12", "densenet_bc250_k24", "densenet_bc190_k40"]
-
-
-# name: (growth_rate, block_config, num_init_features, bn_size, compression, small_inputs, default num_classes)
-CONFIGS: dict[str, dict[str, Any]] = {
-    "densenet121": dict(growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64),
-    "densenet161": dict(growth_rate=48, block_config=(6, 12, 36, 24), num_init_features=96),
-    "densenet169": dict(growth_rate=32, block_config=(6, 12, 32, 32), num_init_features=64),
-    "densenet201": dict(growth_rate=32, block_config=(6, 12, 48, 32), num_init_features=64),
-    "densenet264": dict(growth_rate=32, block_config=(6, 12, 64, 48), num_init_features=64),
-    # CIFAR nets (Huang et al., Table 2): 3 blocks, 3x3 stem, 10 classes by default.
-    "densenet40_k12": dict(growth_rate=12, block_config=(12, 12, 12), num_init_features=16, bn_size=None,
-                           compression=1.0, small_inputs=True, num_classes=10),
-    "densenet_bc100_k12": dict(growth_rate=12, block_config=(16, 16, 16), num_init_features=24,
-                               small_inputs=True, num_classes=10),
-    "densenet_bc250_k24": dict(growth_rate=24, block_config=(41, 41, 41), num_init_features=48,
-                               small_inputs=True, num_classes=10),
-    "densenet_bc190_k40": dict(growth_rate=40, block_config=(31, 31, 31), num_init_features=80,
-                               small_inputs=True, num_classes=10),
-}
 
 
 def densenet121(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> DenseNet:
@@ -193,15 +175,6 @@ def create(name: str, *, weights: Any = None, progress: bool = True, pretrained:
         kwargs["proj_drop_rate"] = kwargs.pop("drop_rate")
     with _hub_progress(progress):
         return _create(name, tag is not None, pretrained_cfg=tag, **kwargs)
-
-
-def unknown_model_message(name: str, known: Sequence[str]) -> str:
-    """One line for an unknown model ``name``: the nearest of ``known`` (difflib), and where to see them all."""
-    import difflib
-
-    near = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-    hint = f"did you mean {near[0]!r}?" if near else "no similar name"
-    return f"unknown model {name!r}; {hint} (`effidense models` lists all {len(known)})"
 
 
 # --- timm registry: `import effidense` makes timm.create_model('effi_densenet121') work ---

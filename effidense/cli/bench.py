@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-import effidense  # noqa: F401 - registers the effi_* timm models
+import effidense.registry  # noqa: F401 - registers the effi_* timm models
 from effidense.benchmark import (
     AMP_DTYPES,
     COMPILE_MODES,

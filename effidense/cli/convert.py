@@ -15,14 +15,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from effidense.convert import (
-    LAYOUT_ALIASES,
-    LAYOUTS,
-    VERIFY_TOLERANCE,
-    ConversionError,
-    VerificationError,
-    convert_checkpoint,
-)
+from effidense.names import LAYOUT_ALIASES, LAYOUTS, VERIFY_TOLERANCE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from effidense.convert import ConversionError, VerificationError, convert_checkpoint  # torch: after --help
+
     try:
         conversion, diff = convert_checkpoint(
             args.checkpoint, args.output, target=args.target, source=args.source, fmt=args.fmt, model=args.model,
