@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import shlex
 import statistics
+import sys
 
 import pytest
 import torch
@@ -68,7 +70,9 @@ def test_table_json_and_plot(bench, tiny_run, capsys):
     for key in ("torch", "torchvision", "timm", "device_name", "cpu_count", "date", "command", "python"):
         assert env[key], key
     assert env["torch"] == torch.__version__ and env["torch_threads"] == 1
-    assert "--variants plain,efficient,frugal,tv,timm" in env["command"]
+    # recorded, not rebuilt: this process's real command line (here pytest's), the arguments bench parsed, the launcher
+    assert env["command"] == shlex.join(sys.orig_argv) and env["launcher"] == "python"
+    assert env["argv"] == argv and "torchrun" not in env
     assert data["config"]["model"]["kwargs"]["block_config"] == [2, 2]
     assert data["config"]["batch_size"] == 4 and data["config"]["steps"] == 2
     results = {r["variant"]: r for r in data["results"]}
@@ -508,3 +512,16 @@ def test_model_kwargs_take_timm_key_value_syntax(bench, tmp_path, capsys):
     kwargs = json.loads(json_path.read_text())["config"]["model"]["kwargs"]
     assert kwargs == {"growth_rate": 4, "block_config": [1, 1], "num_init_features": 8, "small_inputs": True,
                       "num_classes": 3}
+
+
+def test_command_line_records_the_launcher_and_the_real_argv():
+    from effidense.benchmark import command_line
+
+    worker = ["/usr/bin/python3", "-u", "tools/bench.py", "--device", "cuda"]
+    environ = {"TORCHELASTIC_RUN_ID": "abc", "LOCAL_RANK": "1", "RANK": "1", "WORLD_SIZE": "4", "PATH": "/bin"}
+    record = command_line(["--device", "cuda"], environ, worker)
+    assert record == {"command": "/usr/bin/python3 -u tools/bench.py --device cuda", "argv": ["--device", "cuda"],
+                      "launcher": "torchrun",
+                      "torchrun": {"TORCHELASTIC_RUN_ID": "abc", "LOCAL_RANK": "1", "RANK": "1", "WORLD_SIZE": "4"}}
+    plain = command_line(None, {}, ["python", "-m", "effidense", "bench", "--quiet"])
+    assert plain["command"] == "python -m effidense bench --quiet" and plain["launcher"] == "python"

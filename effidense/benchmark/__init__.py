@@ -35,7 +35,7 @@ from ..fileio import atomic_write_bytes
 from .config import AMP_DTYPES, COMPILE_MODES, JSON_SCHEMA, BenchConfig, BenchReport, VariantResult, autocast, ratio
 from .cuda import is_oom, largest_batch
 from .distributed import backend_for, check_world, free_port, process_group, torchrun_world
-from .environment import environment
+from .environment import TORCHRUN_ENV, command_line, environment
 from .report import format_table, report_to_json, write_json, write_plot
 from .runner import activation_floor, benchmark, memory_by_depth, run_benchmark
 from .timing import one_line
@@ -46,7 +46,8 @@ __all__ = [
     "PEERS", "COMPILE_SUFFIX", "COMPILE_MODES", "AMP_DTYPES", "JSON_SCHEMA", "BenchConfig", "VariantResult",
     "BenchReport",
     "parse_variants", "peer_unsupported", "build_variant", "compile_model", "run_benchmark", "benchmark",
-    "memory_by_depth", "activation_floor", "largest_batch", "is_oom", "environment", "format_table", "report_to_json",
+    "memory_by_depth", "activation_floor", "largest_batch", "is_oom", "environment",
+    "command_line", "TORCHRUN_ENV", "format_table", "report_to_json",
     "write_json", "write_plot", "torch_threads", "free_port", "process_group", "torchrun_world", "backend_for",
     "check_world", "atomic_write_bytes", "autocast", "one_line", "ratio",
 ]

@@ -239,12 +239,13 @@ def memory_by_depth(cfg: BenchConfig, scales: Sequence[float],
     return sweep
 
 
-def benchmark(cfg: BenchConfig, processes: int = 1, command: str = "",
+def benchmark(cfg: BenchConfig, processes: int = 1, argv: Sequence[str] | None = None,
               depth_scales: Sequence[float] | None = None) -> BenchReport | None:
     """Run the whole benchmark: in this process, in ``processes`` spawned DDP workers, or as one torchrun rank.
 
     Returns the report on the main process and None on the other torchrun ranks. ``depth_scales`` adds the
-    activation-memory-vs-depth sweep (:func:`memory_by_depth`), measured on the main process alone.
+    activation-memory-vs-depth sweep (:func:`memory_by_depth`), measured on the main process alone. ``argv``: the
+    arguments the command parsed, for the environment's record.
     """
     launched = torchrun_world()
     if cfg.max_batch and (processes > 1 or launched is not None):
@@ -267,7 +268,7 @@ def benchmark(cfg: BenchConfig, processes: int = 1, command: str = "",
         results = run_benchmark(cfg)
     with torch_threads(cfg.threads):
         sweep = memory_by_depth(cfg, depth_scales) if depth_scales else None
-        env = environment(cfg.device, command, world)
+        env = environment(cfg.device, argv, world)
         floor = None if cfg.host_only else activation_floor(cfg)
     return BenchReport(cfg, results, env, world, sweep, floor)
 

@@ -20,14 +20,14 @@ from .steps import _release
 
 
 def run_report(plan: Plan, out_dir: str | os.PathLike[str], sections: Sequence[str] | None = None,
-               command: str = "", log: Callable[[str], None] | None = None) -> dict[str, Any]:
+               argv: Sequence[str] | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run ``sections`` (default: all, always in importance order) and return the report; ``out_dir`` must exist.
 
     The report and summary are rewritten after every section (and every step-time cell), so an interrupted run
     leaves what it measured. A section that raises is recorded as failed and the run goes on.
     """
     chosen = [s for s in SECTIONS if sections is None or s in sections]
-    run = _Run(plan, Path(out_dir), chosen, command, log or (lambda text: None))
+    run = _Run(plan, Path(out_dir), chosen, argv, log or (lambda text: None))
     if run.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     with torch_threads(plan.threads):

@@ -20,7 +20,7 @@ from .summary import format_summary
 class _Run:
     """State of one run: the plan, the clock, the report so far and where it is written."""
 
-    def __init__(self, plan: Plan, out_dir: Path, sections: Sequence[str], command: str,
+    def __init__(self, plan: Plan, out_dir: Path, sections: Sequence[str], argv: Sequence[str] | None,
                  log: Callable[[str], None]) -> None:
         self.plan, self.out_dir, self.sections, self.log = plan, out_dir, list(sections), log
         self.device = torch.device(plan.device)
@@ -29,7 +29,7 @@ class _Run:
         self.deadline = self.end
         self.report: dict[str, Any] = {
             "schema": SCHEMA, "complete": False, "smoke": plan.smoke,
-            "environment": environment(plan.device, command),
+            "environment": environment(plan.device, argv),
             "plan": _plan_to_json(plan),
             "sections": {name: {"title": SECTIONS[name][0], "status": "pending"} for name in self.sections},
         }
