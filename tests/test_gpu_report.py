@@ -9,10 +9,10 @@ import torch
 from conftest import load_tool
 
 from effidense import SavedTensorMeter, gpu_report
+from effidense.benchmark import step_loss
 from effidense.gpu_report import OutOfTime, build_model, busy_time, depth_spec, search, smoke_plan
-from effidense.gpu_report.sections import _SECTION_RUNNERS
-from effidense.gpu_report.state import _Run
-from effidense.gpu_report.steps import _loss
+from effidense.gpu_report.sections import SECTION_RUNNERS
+from effidense.gpu_report.state import Run
 
 tool = load_tool("gpu_report")
 
@@ -25,7 +25,7 @@ def _meter_bytes(model: torch.nn.Module, batch: int, img: int, amp: str | None) 
     """What a search probe counts: the saved bytes of a training forward and its loss."""
     x, y = torch.randn(batch, 3, img, img), torch.zeros(batch, dtype=torch.long)
     with SavedTensorMeter(exclude=model) as meter:
-        _loss(model.train(), x, y, amp)
+        step_loss(model.train(), x, y, amp)
     return meter.bytes
 
 
@@ -110,8 +110,8 @@ def test_failing_section_is_recorded_and_the_run_goes_on(tmp_path: Path, monkeyp
     def fine(run, section):
         section["data"]["searches"] = [{"cap": "c", "variant": "plain", "value": 3, "status": "ok"}]
 
-    monkeypatch.setitem(_SECTION_RUNNERS, "seed", boom)
-    monkeypatch.setitem(_SECTION_RUNNERS, "depth", fine)
+    monkeypatch.setitem(SECTION_RUNNERS, "seed", boom)
+    monkeypatch.setitem(SECTION_RUNNERS, "depth", fine)
     report = gpu_report.run_report(smoke_plan(), tmp_path, ["depth", "seed"])
     assert list(report["sections"]) == ["seed", "depth"]  # importance order, whatever the order asked
     seed, depth = report["sections"]["seed"], report["sections"]["depth"]
@@ -129,8 +129,8 @@ def test_a_run_cut_short_leaves_the_finished_sections(tmp_path: Path, monkeypatc
         run.save()  # what sections do after each cell or search
         raise KeyboardInterrupt
 
-    monkeypatch.setitem(_SECTION_RUNNERS, "max-batch", measured)
-    monkeypatch.setitem(_SECTION_RUNNERS, "depth", killed)
+    monkeypatch.setitem(SECTION_RUNNERS, "max-batch", measured)
+    monkeypatch.setitem(SECTION_RUNNERS, "depth", killed)
     with pytest.raises(KeyboardInterrupt):
         gpu_report.run_report(smoke_plan(), tmp_path, ["max-batch", "depth", "correctness"])
     report = _report(tmp_path)
@@ -144,7 +144,7 @@ def test_a_run_cut_short_leaves_the_finished_sections(tmp_path: Path, monkeypatc
 
 
 def test_search_doubles_bisects_and_keeps_bounds_when_cut_short(tmp_path: Path):
-    run = _Run(smoke_plan(), tmp_path, ["depth"], "", lambda text: None)
+    run = Run(smoke_plan(), tmp_path, ["depth"], "", lambda text: None)
     run.deadline = float("inf")
     probes = []
 

@@ -12,10 +12,11 @@ from ..modelspec import ModelSpec
 from .config import JSON_SCHEMA, BenchReport
 from .variants import COMPILE_SUFFIX, HOST_BATCH, HOST_REFERENCE, host_img_size
 
-__all__ = ["format_table", "report_to_json", "write_json", "write_plot"]
+__all__ = ["fmt", "format_table", "report_to_json", "write_json", "write_plot"]
 
 
-def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+def fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    """A table cell: ``value`` in format ``spec`` with ``suffix``, or ``-`` when missing."""
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
@@ -37,17 +38,17 @@ def format_table(report: BenchReport) -> str:
         if not r.ok:
             rows.append([r.variant, f"{r.status.upper()}: {r.error}"] + [""] * (len(columns) - 2))
             continue
-        row = [r.variant, _fmt(r.forward_ms, ".1f"), _fmt(r.backward_ms, ".1f"), _fmt(r.ratio_b_f, ".2f"),
-               _fmt(r.step_ms, ".1f"), _fmt(r.step_vs_plain, ".2f", "x"), _fmt(r.images_per_s, ".1f"),
-               _fmt(None if r.activation_bytes is None else r.activation_bytes / MiB, ".1f"),
-               _fmt(r.activation_x_less, ".2f", "x"), _fmt(r.host_ms, ".1f"), _fmt(r.host_vs_ref, ".2f", "x")]
+        row = [r.variant, fmt(r.forward_ms, ".1f"), fmt(r.backward_ms, ".1f"), fmt(r.ratio_b_f, ".2f"),
+               fmt(r.step_ms, ".1f"), fmt(r.step_vs_plain, ".2f", "x"), fmt(r.images_per_s, ".1f"),
+               fmt(None if r.activation_bytes is None else r.activation_bytes / MiB, ".1f"),
+               fmt(r.activation_x_less, ".2f", "x"), fmt(r.host_ms, ".1f"), fmt(r.host_vs_ref, ".2f", "x")]
         if cuda:
-            row += [_fmt(None if r.peak_bytes is None else r.peak_bytes / MiB, ".1f"),
-                    _fmt(r.peak_x_less, ".2f", "x")]
+            row += [fmt(None if r.peak_bytes is None else r.peak_bytes / MiB, ".1f"),
+                    fmt(r.peak_x_less, ".2f", "x")]
         if show_compile:
-            row += [_fmt(r.compile_s, ".1f")]
+            row += [fmt(r.compile_s, ".1f")]
         if cfg.max_batch:
-            row += [_fmt(r.max_batch, "d"), _fmt(r.max_batch_x, ".2f", "x")]
+            row += [fmt(r.max_batch, "d"), fmt(r.max_batch_x, ".2f", "x")]
         rows.append(row)
     # A failed row's message spans the table, so it does not set the width of the forward-time column.
     widths = [max([len(c)] + [len(row[i]) for row, r in zip(rows, report.results, strict=True)

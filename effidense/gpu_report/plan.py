@@ -164,7 +164,7 @@ def depth_spec(plan: Plan, layers_per_block: int) -> ModelSpec:
 
 
 
-def _plan_to_json(plan: Plan) -> dict[str, Any]:
+def plan_to_json(plan: Plan) -> dict[str, Any]:
     data = asdict(plan)
     for key in ("dn121", "seed_spec"):
         spec: ModelSpec = getattr(plan, key)

@@ -13,11 +13,11 @@ from ..benchmark import (
     environment,
 )
 from ..fileio import atomic_write_bytes
-from .plan import REPORT_JSON, SCHEMA, SECTIONS, SUMMARY_MD, OutOfTime, Plan, _plan_to_json
+from .plan import REPORT_JSON, SCHEMA, SECTIONS, SUMMARY_MD, OutOfTime, Plan, plan_to_json
 from .summary import format_summary
 
 
-class _Run:
+class Run:
     """State of one run: the plan, the clock, the report so far and where it is written."""
 
     def __init__(self, plan: Plan, out_dir: Path, sections: Sequence[str], argv: Sequence[str] | None,
@@ -30,7 +30,7 @@ class _Run:
         self.report: dict[str, Any] = {
             "schema": SCHEMA, "complete": False, "smoke": plan.smoke,
             "environment": environment(plan.device, argv),
-            "plan": _plan_to_json(plan),
+            "plan": plan_to_json(plan),
             "sections": {name: {"title": SECTIONS[name][0], "status": "pending"} for name in self.sections},
         }
 
