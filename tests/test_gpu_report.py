@@ -55,7 +55,7 @@ def test_smoke_runs_every_section_and_prints_the_summary_last(smoke):
     first = cells[0]["rows"]
     assert set(first) == set(gpu_report.VARIANTS)
     assert all(r["status"] == "ok" and r["rounds"] == 2 and r["step_ms"] > 0 for r in first.values()), first
-    assert first["tv"]["step_vs_tv"] == 1.0 and first["efficient"]["memory_x_less_vs_tv"] > 1.5
+    assert first["tv-plain"]["step_vs_tv_plain"] == 1.0 and first["efficient"]["memory_x_less_vs_tv_plain"] > 1.5
     goals = [g["goal"] for s in report["sections"].values() for g in s.get("goals", [])]
     assert any("best compiled efficient path" in g for g in goals) and any("frugal trains" in g for g in goals)
     seed = report["sections"]["seed"]["data"]
@@ -215,3 +215,17 @@ def test_dispatcher_reaches_the_command(capsys: pytest.CaptureFixture[str]):
         main(["gpu-report", "--help"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.startswith("usage: effidense gpu-report")
+
+
+def test_peer_names_mean_what_they_mean_in_bench():
+    from effidense.benchmark import PEERS, build_variant
+    from effidense.gpu_report import VARIANTS
+    from effidense.modelspec import resolve_model
+
+    spec = resolve_model("custom", dict(growth_rate=4, block_config=(1, 1), num_init_features=8))
+    for peer, description in PEERS.items():
+        assert VARIANTS[peer] == description
+        ours, bench = build_model(peer, spec, {}), build_variant(peer, spec)
+        assert type(ours) is type(bench)
+        flags = {m.memory_efficient for m in ours.modules() if hasattr(m, "memory_efficient")}
+        assert flags == ({peer == "tv"} if peer != "timm" else set())

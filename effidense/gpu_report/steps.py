@@ -16,16 +16,6 @@ from .plan import VARIANTS
 
 def build_model(name: str, spec: ModelSpec, compile_options: dict[str, Any]) -> nn.Module:
     """A fresh uncompiled model for variant ``name`` (compile with :func:`compile_variant` after loading weights)."""
-    if name == "tv":
-        model = build_variant("tv", spec)
-        for module in model.modules():  # torchvision's dense layers each carry the switch
-            if hasattr(module, "memory_efficient"):
-                module.memory_efficient = False
-        return model
-    if name == "tv-me":
-        return build_variant("tv", spec)
-    if name == "timm-ckpt":
-        return build_variant("timm", spec)
     if name in VARIANTS:
         return build_variant(name.split("+")[0], spec)
     raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
