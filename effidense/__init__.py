@@ -15,21 +15,53 @@ Where a change belongs:
   :mod:`effidense.gpu_report`; the built-in trainer: :mod:`effidense.train`
 * the commands (``effidense bench|convert|gradcheck|train|...``, ``tools/*.py``): :mod:`effidense.cli`
 """
-from . import convert
-from .densenet import MEMORY_MODES, DenseBlock, DenseNet
-from .memory import SavedTensorMeter, activation_floor_bytes, cuda_peak_bytes, saved_activation_bytes
-from .registry import (
-    CONFIGS,
-    densenet40_k12,
-    densenet121,
-    densenet161,
-    densenet169,
-    densenet201,
-    densenet264,
-    densenet_bc100_k12,
-    densenet_bc190_k40,
-    densenet_bc250_k24,
-)
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import Any
+
+# name -> the module that defines it; `effidense.<name>` imports that module on first use
+_EXPORTS = {
+    "MEMORY_MODES": "densenet", "DenseBlock": "densenet", "DenseNet": "densenet",
+    "SavedTensorMeter": "memory", "activation_floor_bytes": "memory", "cuda_peak_bytes": "memory",
+    "saved_activation_bytes": "memory",
+    "CONFIGS": "names",
+    "plan": "planner",  # the planner imports the benchmark's peers (torchvision): loaded on first use like the rest
+    **dict.fromkeys(["densenet40_k12", "densenet121", "densenet161", "densenet169", "densenet201", "densenet264",
+                     "densenet_bc100_k12", "densenet_bc190_k40", "densenet_bc250_k24"], "registry"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    elif name == "convert":
+        value = importlib.import_module(".convert", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def _imported_by_the_command() -> bool:
+    """True when this import is the ``effidense`` command's own (the console script, ``python -m effidense``, or a
+    ``tools/*.py`` front, which sets ``EFFIDENSE_COMMAND``): it loads torch and timm only for the command that needs
+    them, so that ``--help`` and usage errors are instant."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    if os.path.basename(argv0) in ("effidense", "effidense.exe"):
+        return True
+    if getattr(sys.modules.get("__main__"), "EFFIDENSE_COMMAND", False) is True:
+        return True
+    orig = getattr(sys, "orig_argv", [])
+    return argv0 == "-m" and any(a == "-m" and b == "effidense" for a, b in zip(orig, orig[1:], strict=False))
+
+
+if not _imported_by_the_command():
+    # `import effidense` registers the effi_* models with timm (timm.create_model('effi_densenet121'), timm's
+    # `--device-modules effidense`); the commands import effidense.registry themselves where they need it.
+    from . import registry  # noqa: F401
 
 __version__ = "0.1.0"
 
@@ -40,13 +72,3 @@ __all__ = [
     "densenet40_k12", "densenet121", "densenet161", "densenet169", "densenet201", "densenet264",
     "densenet_bc100_k12", "densenet_bc190_k40", "densenet_bc250_k24",
 ]
-
-
-def __getattr__(name: str) -> object:
-    # effidense.plan is loaded on first use: the planner imports the benchmark's peers (torchvision), which a plain
-    # ``import effidense`` does not need.
-    if name == "plan":
-        from .planner import plan
-
-        return plan
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .densenet import DenseNet
 from .fileio import short_error
-from .registry import CONFIGS
+from .names import CONFIGS, INFLATE_METHODS, LAYOUT_ALIASES, LAYOUTS, VERIFY_TOLERANCE, unknown_model_message
 from .weights import (
     KEY_RULES,
     Checkpoint,
@@ -57,10 +57,6 @@ __all__ = [
 ]
 
 FORMAT_VERSION = "1"
-LAYOUTS = ("effidense", "torchvision", "timm", "monai")
-INFLATE_METHODS = ("mean", "center")
-LAYOUT_ALIASES = {"efficient": "effidense", "normal": "torchvision"}  # the seed converter's --to spellings
-VERIFY_TOLERANCE = 1e-5
 
 _META_PREFIX = "effidense."
 
@@ -120,7 +116,7 @@ def resolve_model_name(name: str) -> str:
     """``densenet121`` or ``effi_densenet121`` -> the :data:`effidense.CONFIGS` key."""
     key = name.removeprefix("effi_")
     if key not in CONFIGS:
-        raise ConversionError(f"unknown model {name!r}; choose one of: {', '.join(CONFIGS)}")
+        raise ConversionError(unknown_model_message(name, [f"effi_{n}" for n in CONFIGS] + list(CONFIGS)))
     return key
 
 

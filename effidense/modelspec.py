@@ -16,7 +16,7 @@ from typing import Any
 from timm.utils import ParseKwargs
 
 from .densenet import DenseNet
-from .registry import CONFIGS
+from .names import CONFIGS, model_names, unknown_model_message
 
 __all__ = ["ModelSpec", "resolve_model", "model_names", "add_model_arguments", "spec_from_args", "ModelKwargs",
            "OneLineParser", "positive_int", "non_negative_int", "float_list"]
@@ -24,11 +24,6 @@ __all__ = ["ModelSpec", "resolve_model", "model_names", "add_model_arguments", "
 _MODE_ARGS = ("memory", "efficient", "compile")  # chosen per variant by the tools, never part of a spec
 _DENSENET_ARGS = [name for name in inspect.signature(DenseNet.__init__).parameters
                   if name != "self" and name not in _MODE_ARGS]
-
-
-def model_names() -> list[str]:
-    """Names ``--model`` accepts: every timm name ``effi_<config>``, the bare config names, and ``custom``."""
-    return [f"effi_{name}" for name in CONFIGS] + list(CONFIGS) + ["custom"]
 
 
 @dataclass(frozen=True)
@@ -91,7 +86,7 @@ def resolve_model(name: str | None = None, overrides: dict[str, Any] | None = No
     elif config in CONFIGS:
         base = dict(CONFIGS[config])
     else:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(model_names())}")
+        raise ValueError(unknown_model_message(name))
     modes = sorted(set(overrides) & set(_MODE_ARGS))
     if modes:
         raise ValueError(f"{', '.join(modes)} cannot be set in a model config: the tools choose it per variant")

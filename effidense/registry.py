@@ -5,84 +5,176 @@ such as :func:`densenet121` build the same networks without timm's machinery.
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from .densenet import DenseNet
+from .names import CONFIGS, unknown_model_message
 from .weights import timm_pretrained_filter
 
-__all__ = ["CONFIGS", "densenet121", "densenet161", "densenet169", "densenet201", "densenet264",
+__all__ = ["CONFIGS", "TORCHVISION_WEIGHTS", "create", "resolve_weights", "weight_tags",
+           "densenet121", "densenet161", "densenet169", "densenet201", "densenet264",
            "densenet40_k12", "densenet_bc100_k12", "densenet_bc250_k24", "densenet_bc190_k40"]
 
 
-# name: (growth_rate, block_config, num_init_features, bn_size, compression, small_inputs, default num_classes)
-CONFIGS: dict[str, dict[str, Any]] = {
-    "densenet121": dict(growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64),
-    "densenet161": dict(growth_rate=48, block_config=(6, 12, 36, 24), num_init_features=96),
-    "densenet169": dict(growth_rate=32, block_config=(6, 12, 32, 32), num_init_features=64),
-    "densenet201": dict(growth_rate=32, block_config=(6, 12, 48, 32), num_init_features=64),
-    "densenet264": dict(growth_rate=32, block_config=(6, 12, 64, 48), num_init_features=64),
-    # CIFAR nets (Huang et al., Table 2): 3 blocks, 3x3 stem, 10 classes by default.
-    "densenet40_k12": dict(growth_rate=12, block_config=(12, 12, 12), num_init_features=16, bn_size=None,
-                           compression=1.0, small_inputs=True, num_classes=10),
-    "densenet_bc100_k12": dict(growth_rate=12, block_config=(16, 16, 16), num_init_features=24,
-                               small_inputs=True, num_classes=10),
-    "densenet_bc250_k24": dict(growth_rate=24, block_config=(41, 41, 41), num_init_features=48,
-                               small_inputs=True, num_classes=10),
-    "densenet_bc190_k40": dict(growth_rate=40, block_config=(31, 31, 31), num_init_features=80,
-                               small_inputs=True, num_classes=10),
-}
+def densenet121(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> DenseNet:
+    """DenseNet-121 (k=32), ImageNet. Weights: tv_in1k (default; torchvision's, = IMAGENET1K_V1), ra_in1k (timm's)."""
+    return create("densenet121", weights=weights, progress=progress, **kwargs)
 
 
-def _build(name: str, **kwargs: Any) -> DenseNet:
-    return DenseNet(**{**CONFIGS[name], **kwargs})
+def densenet161(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> DenseNet:
+    """DenseNet-161 (k=48), ImageNet. Weights: tv_in1k (torchvision's, = IMAGENET1K_V1)."""
+    return create("densenet161", weights=weights, progress=progress, **kwargs)
 
 
-def densenet121(**kwargs: Any) -> DenseNet:
-    """DenseNet-121 (k=32), ImageNet."""
-    return _build("densenet121", **kwargs)
+def densenet169(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> DenseNet:
+    """DenseNet-169 (k=32), ImageNet. Weights: tv_in1k (torchvision's, = IMAGENET1K_V1)."""
+    return create("densenet169", weights=weights, progress=progress, **kwargs)
 
 
-def densenet161(**kwargs: Any) -> DenseNet:
-    """DenseNet-161 (k=48), ImageNet."""
-    return _build("densenet161", **kwargs)
+def densenet201(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> DenseNet:
+    """DenseNet-201 (k=32), ImageNet. Weights: tv_in1k (torchvision's, = IMAGENET1K_V1)."""
+    return create("densenet201", weights=weights, progress=progress, **kwargs)
 
 
-def densenet169(**kwargs: Any) -> DenseNet:
-    """DenseNet-169 (k=32), ImageNet."""
-    return _build("densenet169", **kwargs)
+def densenet264(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> DenseNet:
+    """DenseNet-264 (k=32), ImageNet. No pretrained weights."""
+    return create("densenet264", weights=weights, progress=progress, **kwargs)
 
 
-def densenet201(**kwargs: Any) -> DenseNet:
-    """DenseNet-201 (k=32), ImageNet."""
-    return _build("densenet201", **kwargs)
+def densenet40_k12(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> DenseNet:
+    """DenseNet-40 (k=12, no bottleneck, no compression), CIFAR. No pretrained weights."""
+    return create("densenet40_k12", weights=weights, progress=progress, **kwargs)
 
 
-def densenet264(**kwargs: Any) -> DenseNet:
-    """DenseNet-264 (k=32), ImageNet."""
-    return _build("densenet264", **kwargs)
+def densenet_bc100_k12(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> DenseNet:
+    """DenseNet-BC-100 (k=12), CIFAR. No pretrained weights."""
+    return create("densenet_bc100_k12", weights=weights, progress=progress, **kwargs)
 
 
-def densenet40_k12(**kwargs: Any) -> DenseNet:
-    """DenseNet-40 (k=12, no bottleneck, no compression), CIFAR."""
-    return _build("densenet40_k12", **kwargs)
+def densenet_bc250_k24(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> DenseNet:
+    """DenseNet-BC-250 (k=24), CIFAR. No pretrained weights."""
+    return create("densenet_bc250_k24", weights=weights, progress=progress, **kwargs)
 
 
-def densenet_bc100_k12(**kwargs: Any) -> DenseNet:
-    """DenseNet-BC-100 (k=12), CIFAR."""
-    return _build("densenet_bc100_k12", **kwargs)
+def densenet_bc190_k40(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> DenseNet:
+    """DenseNet-BC-190 (k=40), CIFAR. No pretrained weights."""
+    return create("densenet_bc190_k40", weights=weights, progress=progress, **kwargs)
 
 
-def densenet_bc250_k24(**kwargs: Any) -> DenseNet:
-    """DenseNet-BC-250 (k=24), CIFAR."""
-    return _build("densenet_bc250_k24", **kwargs)
+# --- weights: torchvision's interface over timm's tags ---
+
+# torchvision's weight names (DenseNet121_Weights.IMAGENET1K_V1) are torchvision's weights: our tv_in1k tag
+TORCHVISION_WEIGHTS = {"IMAGENET1K_V1": "tv_in1k"}
+TORCHVISION_CLASSES = 1000  # the classes of every torchvision weight (ImageNet-1k)
 
 
-def densenet_bc190_k40(**kwargs: Any) -> DenseNet:
-    """DenseNet-BC-190 (k=40), CIFAR."""
-    return _build("densenet_bc190_k40", **kwargs)
+def weight_tags(name: str) -> list[str]:
+    """The pretrained tags of model ``name`` (a :data:`CONFIGS` key), its default first; empty for untrained ones."""
+    import timm
+
+    model = f"effi_{name}"
+    tags = [t.split(".", 1)[1] for t in timm.list_pretrained(model)]
+    if not tags:
+        return []
+    default = timm.models.get_pretrained_cfg(model).tag
+    return [default, *(t for t in tags if t != default)]
+
+
+def resolve_weights(name: str, weights: Any = None, pretrained: bool | None = None) -> tuple[str | None, bool]:
+    """The timm tag that ``weights`` (or the deprecated ``pretrained``) asks for, None for random initialisation,
+    and whether it was asked for in torchvision's spelling (which fixes ``num_classes`` to 1000, as in torchvision).
+
+    ``weights`` may be None, ``"DEFAULT"``, torchvision's ``"IMAGENET1K_V1"`` / ``"DenseNet121_Weights.IMAGENET1K_V1"``
+    / the enum member ``torchvision.models.DenseNet121_Weights.IMAGENET1K_V1``, or a timm tag (``"tv_in1k"``,
+    ``"ra_in1k"``). Raises ValueError with one line naming the allowed values.
+    """
+    if pretrained is not None:
+        if weights is not None:
+            raise ValueError(f"{name}: pass weights= or the deprecated pretrained=, not both")
+        warnings.warn(f"{name}: pretrained= is deprecated (as in torchvision); use weights='DEFAULT' or weights=None",
+                      UserWarning, stacklevel=4)
+        if not pretrained:
+            return None, False
+        weights = "DEFAULT"
+    if weights is None:
+        return None, False
+    tags = weight_tags(name)
+    label = weights_label(weights)
+    owner, _, text = label.rpartition(".")  # "DenseNet121_Weights.IMAGENET1K_V1" -> "IMAGENET1K_V1"
+    expected = "DenseNet" + name.removeprefix("densenet") + "_Weights"
+    if tags:
+        choices = ", ".join(["None", *(repr(c) for c in ["DEFAULT", *TORCHVISION_WEIGHTS, *tags]),
+                             f"torchvision.models.{expected}.IMAGENET1K_V1"])
+    else:
+        choices = "None (no pretrained weights exist for this model)"
+    if owner and owner != expected:
+        raise ValueError(f"{name}: weights {label} are {owner}'s, not {expected}'s; choose one of: {choices}")
+    if not tags:
+        raise ValueError(f"{name}: no pretrained weights exist (untrained model), got weights={label!r}; "
+                         f"choose {choices}")
+    tag = tags[0] if text == "DEFAULT" else TORCHVISION_WEIGHTS.get(text, text)
+    if tag not in tags:
+        raise ValueError(f"{name}: unknown weights {label!r}; choose one of: {choices}")
+    return tag, text == "DEFAULT" or text in TORCHVISION_WEIGHTS
+
+
+def weights_label(weights: Any) -> str:
+    """``weights`` as text: a torchvision enum member as ``"DenseNet121_Weights.IMAGENET1K_V1"``."""
+    if isinstance(weights, str):
+        return weights
+    name = getattr(weights, "name", None)  # a torchvision WeightsEnum member
+    return f"{type(weights).__name__}.{name}" if isinstance(name, str) else repr(weights)
+
+
+@contextlib.contextmanager
+def _hub_progress(enabled: bool) -> Iterator[None]:
+    """Hugging Face hub download progress bars on or off for the block (they are where the weights come from)."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    before = not are_progress_bars_disabled()
+    if enabled == before:
+        yield
+        return
+    (enable_progress_bars if enabled else disable_progress_bars)()
+    try:
+        yield
+    finally:
+        (enable_progress_bars if before else disable_progress_bars)()
+
+
+def create(name: str, *, weights: Any = None, progress: bool = True, pretrained: bool | None = None,
+           **kwargs: Any) -> DenseNet:
+    """Model ``name`` (a :data:`CONFIGS` key) with torchvision's builder interface: every builder and every torch.hub
+    entry point (``hubconf.py``) comes here.
+
+    ``weights`` as in :func:`resolve_weights` (``pretrained=`` is torchvision's deprecated spelling); the weights come
+    from timm's Hugging Face hub repositories, or its cache (``HF_HUB_CACHE``, ``HF_HUB_OFFLINE=1``), as with
+    ``timm.create_model("effi_<name>.<tag>", pretrained=True)``; ``progress`` shows the download. With torchvision's
+    spellings ``num_classes`` must be 1000, as in torchvision; with a timm tag another ``num_classes`` gets a new,
+    randomly initialised classifier, as in timm. Other keyword arguments go to :class:`DenseNet` with its meanings
+    (``drop_rate`` is dropout after each dense layer, as in torchvision). The model carries timm's ``pretrained_cfg``
+    (preprocessing).
+    """
+    if name not in CONFIGS:
+        raise ValueError(unknown_model_message(name, list(CONFIGS)))
+    tag, torchvision_spelling = resolve_weights(name, weights, pretrained)
+    classes = kwargs.get("num_classes", TORCHVISION_CLASSES)
+    if torchvision_spelling and classes != TORCHVISION_CLASSES:
+        shown = weights_label(weights) if weights is not None else "DEFAULT"
+        raise ValueError(f"{name}: weights {shown!r} have "
+                         f"{TORCHVISION_CLASSES} classes but num_classes={classes} (as in torchvision); for a new "
+                         f"{classes}-class head on them pass weights={tag!r}")
+    # timm's effi_* creators read drop_rate as timm does (the head's dropout); the builders keep DenseNet's meaning
+    if "drop_rate" in kwargs:
+        kwargs["proj_drop_rate"] = kwargs.pop("drop_rate")
+    with _hub_progress(progress):
+        return _create(name, tag is not None, pretrained_cfg=tag, **kwargs)
 
 
 # --- timm registry: `import effidense` makes timm.create_model('effi_densenet121') work ---

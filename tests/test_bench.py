@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import shlex
 import statistics
+import sys
 
 import pytest
 import torch
@@ -68,7 +70,9 @@ def test_table_json_and_plot(bench, tiny_run, capsys):
     for key in ("torch", "torchvision", "timm", "device_name", "cpu_count", "date", "command", "python"):
         assert env[key], key
     assert env["torch"] == torch.__version__ and env["torch_threads"] == 1
-    assert "--variants plain,efficient,frugal,tv,timm" in env["command"]
+    # recorded, not rebuilt: this process's real command line (here pytest's), the arguments bench parsed, the launcher
+    assert env["command"] == shlex.join(sys.orig_argv) and env["launcher"] == "python"
+    assert env["argv"] == argv and "torchrun" not in env
     assert data["config"]["model"]["kwargs"]["block_config"] == [2, 2]
     assert data["config"]["batch_size"] == 4 and data["config"]["steps"] == 2
     results = {r["variant"]: r for r in data["results"]}
@@ -294,7 +298,8 @@ def test_max_batch_probe_treats_only_oom_as_not_fitting(monkeypatch):
     from torch import nn
 
     import effidense.benchmark as benchmark
-    from effidense.benchmark import cuda, trainer
+    from effidense.benchmark import cuda
+    from effidense.progress import Progress
 
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     seen = []
@@ -309,8 +314,8 @@ def test_max_batch_probe_treats_only_oom_as_not_fitting(monkeypatch):
             if len(x) == 13:
                 raise RuntimeError("cuDNN error: CUDNN_STATUS_BAD_PARAM")
 
-    progress = trainer._Progress(1, enabled=False)
-    fits = cuda._cuda_fits(FakeTrainer(), torch.zeros(2, 3, 8, 8), 10, True, progress)
+    progress = Progress(1, "bench", "step", enabled=False)
+    fits = cuda.cuda_fits(FakeTrainer(), torch.zeros(2, 3, 8, 8), 10, True, progress)
     assert largest_batch(fits, 4, 1024) == 24
     assert seen[0] == ((4, 3, 8, 8), True)
     with pytest.raises(RuntimeError, match="CUDNN_STATUS_BAD_PARAM"):
@@ -322,7 +327,7 @@ def test_max_batch_probe_treats_only_oom_as_not_fitting(monkeypatch):
 def test_variants_take_turns_and_a_failing_step_drops_only_its_variant(bench, capsys, monkeypatch):
     from effidense.benchmark import trainer
 
-    order, real = [], trainer._Trainer.timed_step
+    order, real = [], trainer.StepRunner.timed_step
 
     def recording(self, timer):
         name = self.model.memory  # each variant here is one of our memory modes
@@ -331,7 +336,7 @@ def test_variants_take_turns_and_a_failing_step_drops_only_its_variant(bench, ca
             raise RuntimeError("CUDA out of memory. Tried to allocate 1.00 GiB")
         return real(self, timer)
 
-    monkeypatch.setattr(trainer._Trainer, "timed_step", recording)
+    monkeypatch.setattr(trainer.StepRunner, "timed_step", recording)
     argv = TINY_SMALL + ["--steps", "3", "--variants", "plain,efficient,frugal"]  # the last --steps counts
     code, out, _ = run_main(bench, argv, capsys)
     assert code == 0
@@ -352,13 +357,13 @@ def run_cli(module, argv, capsys):
 def test_host_time_for_every_variant_against_torchvision_plain(bench, tmp_path, capsys, monkeypatch):
     from effidense.benchmark import trainer
 
-    calls, real = [], trainer._Trainer.timed_host_step
+    calls, real = [], trainer.StepRunner.timed_host_step
 
     def counting(self, timer):
         calls.append(tuple(self.host_batch[0].shape))
         return real(self, timer)
 
-    monkeypatch.setattr(trainer._Trainer, "timed_host_step", counting)
+    monkeypatch.setattr(trainer.StepRunner, "timed_host_step", counting)
     json_path = tmp_path / "host.json"
     variants = "plain,efficient,frugal,tv,timm,tv-plain"
     code, out, _ = run_main(bench, TINY + ["--variants", variants, "--json", str(json_path)], capsys)
@@ -386,9 +391,9 @@ def test_host_only_skips_full_size_steps(bench, tmp_path, capsys, monkeypatch):
     from effidense.benchmark import trainer
 
     full, host = [], []
-    real_host = trainer._Trainer.timed_host_step
-    monkeypatch.setattr(trainer._Trainer, "timed_step", lambda self, timer: full.append(1))
-    monkeypatch.setattr(trainer._Trainer, "timed_host_step",
+    real_host = trainer.StepRunner.timed_host_step
+    monkeypatch.setattr(trainer.StepRunner, "timed_step", lambda self, timer: full.append(1))
+    monkeypatch.setattr(trainer.StepRunner, "timed_host_step",
                         lambda self, timer: host.append(1) or real_host(self, timer))
     json_path = tmp_path / "host.json"
     code, out, _ = run_main(bench, TINY_SMALL + ["--host-only", "--steps", "3", "--variants", "plain,frugal",
@@ -530,3 +535,35 @@ def test_depth_sweep_counts_the_meters_bytes_on_tensors_that_allocate_nothing():
     huge = memory_by_depth(BenchConfig(spec=spec, variants=["plain"], batch_size=1 << 20, img_size=224,
                                        progress=False), [1], modes=("efficient",))
     assert huge["errors"] == [] and huge["activation_bytes"]["efficient"][0] > 588 * (1 << 30)
+
+
+def test_command_line_records_the_launcher_and_the_real_argv():
+    from effidense.benchmark import command_line
+
+    worker = ["/usr/bin/python3", "-u", "tools/bench.py", "--device", "cuda"]
+    environ = {"TORCHELASTIC_RUN_ID": "abc", "LOCAL_RANK": "1", "RANK": "1", "WORLD_SIZE": "4", "PATH": "/bin"}
+    record = command_line(["--device", "cuda"], environ, worker)
+    assert record == {"command": "/usr/bin/python3 -u tools/bench.py --device cuda", "argv": ["--device", "cuda"],
+                      "launcher": "torchrun",
+                      "torchrun": {"TORCHELASTIC_RUN_ID": "abc", "LOCAL_RANK": "1", "RANK": "1", "WORLD_SIZE": "4"}}
+    plain = command_line(None, {}, ["python", "-m", "effidense", "bench", "--quiet"])
+    assert plain["command"] == "python -m effidense bench --quiet" and plain["launcher"] == "python"
+
+
+def test_progress_off_a_terminal_is_plain_lines(bench, capsys):
+    import io
+
+    from effidense.progress import Progress
+
+    stream = io.StringIO()  # not a terminal, as a redirected stderr
+    progress = Progress(3, "bench", "step", stream=stream, interval_s=0)
+    progress.describe("bench plain")
+    progress.note("warm-up")
+    progress.advance()
+    progress.advance(2)
+    progress.close()
+    assert stream.getvalue() == "bench plain: 1/3 step (33%) warm-up\nbench plain: 3/3 step (100%) warm-up\n"
+    # the whole command with stderr captured (no terminal): no tqdm frames, a last progress line
+    argv = [a for a in TINY_SMALL if a != "--quiet"]
+    code, _, err = run_main(bench, argv + ["--variants", "plain"], capsys)
+    assert code == 0 and "\r" not in err and "bench plain: " in err

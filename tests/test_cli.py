@@ -29,3 +29,42 @@ def test_every_route_shows_the_same_help(command):
              for route in routes]
     assert helps[0].startswith(f"usage: effidense {command}")
     assert all(h == helps[0] for h in helps)
+
+
+HEAVY = ("torch", "timm", "torchvision", "numpy", "safetensors", "huggingface_hub")
+
+
+def imported_modules(*args: str) -> tuple[set[str], str]:
+    """The modules ``python -m effidense ARGS`` imports (python -X importtime), and its stderr without them."""
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "effidense", *args], capture_output=True,
+                          text=True, cwd=ROOT)
+    lines = done.stderr.splitlines()
+    modules = {line.rsplit("|", 1)[1].strip() for line in lines if line.startswith("import time:")}
+    return modules - {"package"}, "\n".join(line for line in lines if not line.startswith("import time:"))
+
+
+@pytest.mark.parametrize("args", [["--help"], ["bnech"], ["convert", "--help"], ["convert"], ["models"],
+                                  ["timm", "--help"]])
+def test_help_and_usage_errors_import_no_heavy_module(args):
+    modules, err = imported_modules(*args)
+    assert "effidense.cli" in modules and "Traceback" not in err  # the measurement works
+    heavy = sorted(m for m in modules if m.split(".")[0] in HEAVY)
+    assert heavy == [], heavy
+
+
+def test_a_mistyped_command_or_model_gets_the_nearest_name(capsys):
+    assert main(["bnech"]) == 2
+    assert capsys.readouterr().err.strip() == "error: unknown command 'bnech'; did you mean 'bench'? (effidense --help)"
+    from effidense.modelspec import resolve_model
+
+    with pytest.raises(ValueError, match=r"^unknown model 'effi_densnet121'; did you mean 'effi_densenet121'\? "
+                                         r"\(`effidense models` lists all 19\)$"):
+        resolve_model("effi_densnet121")
+
+
+def test_models_lists_every_name(capsys):
+    from effidense.names import CONFIGS
+
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"effi_{name} " in out for name in CONFIGS) and "19 in all" in out

@@ -141,9 +141,9 @@ def _tiny_plan(cap_mib: int = 256):
     """The GPU plan scaled down to seconds: tiny models, small caps; the code path is the real one."""
     bc = ModelSpec("tiny BC", dict(growth_rate=4, block_config=(2, 2, 2), num_init_features=8, small_inputs=True,
                                    num_classes=10))
-    cells = (Cell(8, "bf16", True, ("tv", "tv-me", "timm-ckpt", "plain", "efficient", "frugal",
+    cells = (Cell(8, "bf16", True, ("tv-plain", "tv", "timm", "plain", "efficient", "frugal",
                                     "efficient+set_compile", "efficient+torch.compile")),
-             Cell(8, None, False, ("tv", "plain", "efficient")))
+             Cell(8, None, False, ("tv-plain", "plain", "efficient")))
     return dataclasses.replace(
         gpu_plan(300), dn121=TINY_SPEC, img_size=32, cells=cells, steps=2, warmup=1,
         caps=(Cap(f"{cap_mib} MiB", cap_mib * MiB), Cap("whole GPU", None)), batch_unit=1, batch_start=8,

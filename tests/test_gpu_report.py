@@ -9,10 +9,10 @@ import torch
 from conftest import load_tool
 
 from effidense import SavedTensorMeter, gpu_report
+from effidense.benchmark import step_loss
 from effidense.gpu_report import OutOfTime, build_model, busy_time, depth_spec, search, smoke_plan
-from effidense.gpu_report.sections import _SECTION_RUNNERS
-from effidense.gpu_report.state import _Run
-from effidense.gpu_report.steps import _loss
+from effidense.gpu_report.sections import SECTION_RUNNERS
+from effidense.gpu_report.state import Run
 
 tool = load_tool("gpu_report")
 
@@ -25,7 +25,7 @@ def _meter_bytes(model: torch.nn.Module, batch: int, img: int, amp: str | None) 
     """What a search probe counts: the saved bytes of a training forward and its loss."""
     x, y = torch.randn(batch, 3, img, img), torch.zeros(batch, dtype=torch.long)
     with SavedTensorMeter(exclude=model) as meter:
-        _loss(model.train(), x, y, amp)
+        step_loss(model.train(), x, y, amp)
     return meter.bytes
 
 
@@ -55,7 +55,7 @@ def test_smoke_runs_every_section_and_prints_the_summary_last(smoke):
     first = cells[0]["rows"]
     assert set(first) == set(gpu_report.VARIANTS)
     assert all(r["status"] == "ok" and r["rounds"] == 2 and r["step_ms"] > 0 for r in first.values()), first
-    assert first["tv"]["step_vs_tv"] == 1.0 and first["efficient"]["memory_x_less_vs_tv"] > 1.5
+    assert first["tv-plain"]["step_vs_tv_plain"] == 1.0 and first["efficient"]["memory_x_less_vs_tv_plain"] > 1.5
     goals = [g["goal"] for s in report["sections"].values() for g in s.get("goals", [])]
     assert any("best compiled efficient path" in g for g in goals) and any("frugal trains" in g for g in goals)
     seed = report["sections"]["seed"]["data"]
@@ -110,8 +110,8 @@ def test_failing_section_is_recorded_and_the_run_goes_on(tmp_path: Path, monkeyp
     def fine(run, section):
         section["data"]["searches"] = [{"cap": "c", "variant": "plain", "value": 3, "status": "ok"}]
 
-    monkeypatch.setitem(_SECTION_RUNNERS, "seed", boom)
-    monkeypatch.setitem(_SECTION_RUNNERS, "depth", fine)
+    monkeypatch.setitem(SECTION_RUNNERS, "seed", boom)
+    monkeypatch.setitem(SECTION_RUNNERS, "depth", fine)
     report = gpu_report.run_report(smoke_plan(), tmp_path, ["depth", "seed"])
     assert list(report["sections"]) == ["seed", "depth"]  # importance order, whatever the order asked
     seed, depth = report["sections"]["seed"], report["sections"]["depth"]
@@ -129,8 +129,8 @@ def test_a_run_cut_short_leaves_the_finished_sections(tmp_path: Path, monkeypatc
         run.save()  # what sections do after each cell or search
         raise KeyboardInterrupt
 
-    monkeypatch.setitem(_SECTION_RUNNERS, "max-batch", measured)
-    monkeypatch.setitem(_SECTION_RUNNERS, "depth", killed)
+    monkeypatch.setitem(SECTION_RUNNERS, "max-batch", measured)
+    monkeypatch.setitem(SECTION_RUNNERS, "depth", killed)
     with pytest.raises(KeyboardInterrupt):
         gpu_report.run_report(smoke_plan(), tmp_path, ["max-batch", "depth", "correctness"])
     report = _report(tmp_path)
@@ -144,7 +144,7 @@ def test_a_run_cut_short_leaves_the_finished_sections(tmp_path: Path, monkeypatc
 
 
 def test_search_doubles_bisects_and_keeps_bounds_when_cut_short(tmp_path: Path):
-    run = _Run(smoke_plan(), tmp_path, ["depth"], "", lambda text: None)
+    run = Run(smoke_plan(), tmp_path, ["depth"], "", lambda text: None)
     run.deadline = float("inf")
     probes = []
 
@@ -222,9 +222,23 @@ def test_smoke_compares_the_planners_prediction_with_a_measured_step(smoke):
     out, _ = smoke
     section = _report(out)["sections"]["prediction"]
     rows = {r["variant"]: r for r in section["data"]["rows"]}
-    assert set(rows) == {"tv", "tv-me", "timm-ckpt", "plain", "efficient", "frugal"}
+    assert set(rows) == {"tv-plain", "tv", "timm", "plain", "efficient", "frugal"}
     for row in rows.values():
         assert row["status"] == "ok" and len(row["points"]) == 2, row
         assert all(abs(p["rel_error"]) <= 0.10 for p in row["points"]), row
     assert [g["passed"] for g in section["goals"]] == [True]
     assert "predicted peak MiB" in (out / "summary.md").read_text()
+
+
+def test_peer_names_mean_what_they_mean_in_bench():
+    from effidense.benchmark import PEERS, build_variant
+    from effidense.gpu_report import VARIANTS
+    from effidense.modelspec import resolve_model
+
+    spec = resolve_model("custom", dict(growth_rate=4, block_config=(1, 1), num_init_features=8))
+    for peer, description in PEERS.items():
+        assert VARIANTS[peer] == description
+        ours, bench = build_model(peer, spec, {}), build_variant(peer, spec)
+        assert type(ours) is type(bench)
+        flags = {m.memory_efficient for m in ours.modules() if hasattr(m, "memory_efficient")}
+        assert flags == ({peer == "tv"} if peer != "timm" else set())

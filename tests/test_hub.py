@@ -1,4 +1,5 @@
-"""hubconf.py: torch.hub entry points, loaded from this checkout with source='local' and an offline hub cache."""
+"""The builders (effidense.densenet121(...)) and hubconf.py's torch.hub entry points, which are the same functions:
+torchvision's interface (weights=, progress=, the deprecated pretrained=), loaded with an offline hub cache."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,8 +8,9 @@ import huggingface_hub
 import pytest
 import timm
 import torch
+import torchvision
 from test_pretrained import hub_cache, randomize
-from torchvision.models import DenseNet121_Weights
+from torchvision.models import DenseNet121_Weights, DenseNet169_Weights
 
 import effidense
 
@@ -19,6 +21,16 @@ TINY = dict(growth_rate=4, block_config=(2, 2, 2), num_init_features=8)
 
 def hub_load(name: str, *args, **kwargs):
     return torch.hub.load(str(ROOT), name, *args, source="local", **kwargs)
+
+
+def builder(name: str, **kwargs):
+    return getattr(effidense, name)(**kwargs)
+
+
+@pytest.fixture(params=["builder", "hub"])
+def load(request):
+    """Each test runs through both doors: effidense.<name>(...) and torch.hub.load(..., '<name>', ...)."""
+    return builder if request.param == "builder" else hub_load
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +60,13 @@ def test_entrypoints_are_the_registered_models():
     torch.hub._check_dependencies(hubconf)  # every listed dependency is importable
 
 
-def test_untrained_model_takes_model_arguments():
-    model = hub_load("densenet_bc100_k12", memory="frugal", num_classes=3, **TINY)
+def test_hub_entry_points_are_the_builders():
+    hubconf = torch.hub._import_module("hubconf", str(ROOT / "hubconf.py"))
+    assert all(getattr(hubconf, name) is getattr(effidense, name) for name in ENTRYPOINTS)
+
+
+def test_untrained_model_takes_model_arguments(load):
+    model = load("densenet_bc100_k12", memory="frugal", num_classes=3, **TINY)
     assert isinstance(model, effidense.DenseNet) and model.memory == "frugal" and model.num_classes == 3
     assert model.pretrained_cfg["input_size"] == (3, 32, 32)  # timm's cfg comes along for preprocessing
 
@@ -57,23 +74,92 @@ def test_untrained_model_takes_model_arguments():
 @pytest.mark.parametrize("how", [dict(pretrained=True), dict(weights="DEFAULT"), dict(weights="IMAGENET1K_V1"),
                                  dict(weights="DenseNet121_Weights.IMAGENET1K_V1"),
                                  dict(weights=DenseNet121_Weights.IMAGENET1K_V1), dict(weights="tv_in1k")])
-def test_pretrained_and_torchvision_weight_names(offline_hub, weights, how):
-    model = hub_load("densenet121", **how)
+@pytest.mark.filterwarnings("ignore:densenet121. pretrained= is deprecated")
+def test_pretrained_and_torchvision_weight_names(offline_hub, weights, how, load):
+    model = load("densenet121", **how)
     assert model.pretrained_cfg["tag"] == "tv_in1k"
     for key, value in model.state_dict().items():
         assert torch.equal(value, weights["tv_in1k"][key]), key
 
 
-def test_timm_weights_and_a_new_head(offline_hub, weights):
-    model = hub_load("densenet121", weights="ra_in1k", num_classes=5)
+def test_timm_weights_and_a_new_head(offline_hub, weights, load):
+    model = load("densenet121", weights="ra_in1k", num_classes=5)
     assert model.pretrained_cfg["tag"] == "ra_in1k" and model.classifier.out_features == 5
     assert torch.equal(model.features.conv0.weight, weights["ra_in1k"]["features.conv0.weight"])
 
 
-def test_bad_weights_are_refused_with_the_choices():
-    with pytest.raises(ValueError, match=r"unknown weights 'IMAGENET1K_V2'; choose one of: .*tv_in1k.*DEFAULT"):
-        hub_load("densenet121", weights="IMAGENET1K_V2")
-    with pytest.raises(ValueError, match="densenet264: no pretrained weights exist"):
-        hub_load("densenet264", pretrained=True)
-    with pytest.raises(ValueError, match="none \\(untrained model\\)"):
-        hub_load("densenet40_k12", weights="DEFAULT")
+def test_bad_weights_are_refused_with_the_choices(load):
+    with pytest.raises(ValueError, match=r"^densenet121: unknown weights 'IMAGENET1K_V2'; choose one of: None, "
+                                         r"'DEFAULT', 'IMAGENET1K_V1', 'tv_in1k', 'ra_in1k', "
+                                         r"torchvision.models.DenseNet121_Weights.IMAGENET1K_V1$"):
+        load("densenet121", weights="IMAGENET1K_V2")
+    with pytest.raises(ValueError, match="^densenet121: weights DenseNet169_Weights.IMAGENET1K_V1 are "
+                                         "DenseNet169_Weights's, not DenseNet121_Weights's; choose one of: None, "):
+        load("densenet121", weights=DenseNet169_Weights.IMAGENET1K_V1)
+    with pytest.raises(ValueError, match="^densenet264: no pretrained weights exist"), pytest.warns(UserWarning):
+        load("densenet264", pretrained=True)
+    with pytest.raises(ValueError, match=r"choose None \(no pretrained weights exist for this model\)$"):
+        load("densenet40_k12", weights="DEFAULT")
+    with pytest.raises(ValueError, match="^densenet121: pass weights= or the deprecated pretrained=, not both$"):
+        load("densenet121", weights="DEFAULT", pretrained=True)
+
+
+# --- torchvision's interface: `torchvision.models.densenet121(...)` -> `effidense.densenet121(...)` just works ---
+
+@pytest.mark.parametrize("call", [dict(weights=None, memory_efficient=True), dict(weights=None, progress=True),
+                                  dict(pretrained=False, memory_efficient=True), dict(progress=False)])
+@pytest.mark.filterwarnings("ignore:.*pretrained.* is deprecated")
+def test_builders_take_torchvisions_arguments(call, load):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        reference = torchvision.models.densenet121(**call)
+    model = load("densenet121", **call)
+    assert isinstance(model, effidense.DenseNet)
+    if call.get("memory_efficient"):
+        assert model.memory == "efficient"
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    assert model.pretrained_cfg["tag"] == "tv_in1k"  # timm's preprocessing comes along
+
+
+def test_deprecated_pretrained_warns_as_torchvision_does():
+    with pytest.warns(UserWarning, match="pretrained= is deprecated"):
+        effidense.densenet_bc100_k12(pretrained=False, **TINY)
+
+
+def test_torchvision_weights_load_the_same_tensors_as_torchvision_names_them(offline_hub, weights):
+    model = effidense.densenet121(weights=DenseNet121_Weights.DEFAULT, progress=False, num_classes=1000)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, weights["tv_in1k"][key]), key
+
+
+@pytest.mark.parametrize("how", [dict(weights="DEFAULT"), dict(weights=DenseNet121_Weights.IMAGENET1K_V1),
+                                 dict(weights="IMAGENET1K_V1")])
+def test_torchvision_weights_refuse_another_num_classes_as_torchvision_does(offline_hub, how, load):
+    with pytest.raises(ValueError, match="num_classes"):
+        torchvision.models.densenet121(**how, num_classes=10)
+    with pytest.raises(ValueError, match=r"^densenet121: weights '.*' have 1000 classes but num_classes=10 \(as in "
+                                         r"torchvision\); for a new 10-class head on them pass weights='tv_in1k'$"):
+        load("densenet121", **how, num_classes=10)
+
+
+def test_progress_false_silences_the_hub_download_and_restores_it(offline_hub, monkeypatch):
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    seen = []
+    load_pretrained = timm.models._builder.load_pretrained
+
+    def spy(*args, **kwargs):
+        seen.append(are_progress_bars_disabled())
+        return load_pretrained(*args, **kwargs)
+
+    monkeypatch.setattr(timm.models._builder, "load_pretrained", spy)
+    before = are_progress_bars_disabled()
+    effidense.densenet121(weights="DEFAULT", progress=False)
+    effidense.densenet121(weights="DEFAULT")
+    assert seen == [True, before] and are_progress_bars_disabled() == before
+
+
+def test_drop_rate_keeps_torchvisions_meaning_with_weights(offline_hub):
+    # torchvision's drop_rate is dropout after each dense layer; timm.create_model reads it as the head's dropout
+    model = effidense.densenet121(weights="DEFAULT", drop_rate=0.2)
+    assert model.features.denseblock1.denselayer1.drop_rate == 0.2 and model.head_drop.p == 0.0

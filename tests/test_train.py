@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import effidense  # noqa: F401  (registers effi_* with timm)
-from effidense.train import TrainError, build_model, load_checkpoint, parse_args, resolve_resume, split_timm_script
+from effidense.train import TrainError, build_model, load_checkpoint, parse_args, resolve_resume
 from effidense.train.checkpoint import save_checkpoint, save_weights
 from effidense.train.data import SyntheticDataset
 
@@ -106,10 +106,13 @@ def stand_in(tmp_path: Path) -> Path:
     return script
 
 
+WRAPPER = [sys.executable, "-m", "effidense", "timm"]  # `effidense timm SCRIPT ARGS`, the one route
+
+
 def test_wrapper_runs_script_as_main_with_effidense_registered(stand_in: Path, tmp_path: Path) -> None:
     record = tmp_path / "record.json"
     # A fresh interpreter: only the wrapper can have imported effidense before the script's create_model.
-    proc = subprocess.run([sys.executable, str(TOOL), "--model", "effi_densenet40_k12", "--timm-script", str(stand_in),
+    proc = subprocess.run([*WRAPPER, str(stand_in), "--model", "effi_densenet40_k12",
                            "--record", str(record), "--lr", "0.3", "--exit-code", "3"],
                           env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3, proc.stderr
@@ -120,29 +123,30 @@ def test_wrapper_runs_script_as_main_with_effidense_registered(stand_in: Path, t
     assert got["model"] == "effidense.densenet.DenseNet" and got["num_classes"] == 3
 
 
-def test_wrapper_from_environment_variable_in_process(stand_in: Path, tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wrapper_in_process_and_its_errors(stand_in: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from effidense.cli import timm as timm_command
+
     record = tmp_path / "record.json"
-    monkeypatch.setenv("EFFIDENSE_TIMM_SCRIPT", str(stand_in))
     argv_before = list(sys.argv)
-    assert tool.main(["--model", "effi_densenet_bc100_k12", "--record", str(record)]) == 0
+    assert timm_command.main([str(stand_in), "--model", "effi_densenet_bc100_k12", "--record", str(record)]) == 0
     assert sys.argv == argv_before
     got = json.loads(record.read_text())
     assert got["argv"][1:] == ["--model", "effi_densenet_bc100_k12", "--record", str(record)]
-
-
-def test_wrapper_argument_handling(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert split_timm_script(["-b", "4", "--timm-script=x.py", "--lr", "1"], {}) == ("x.py", ["-b", "4", "--lr", "1"])
-    assert split_timm_script(["--lr", "1"], {"EFFIDENSE_TIMM_SCRIPT": "v.py"}) == ("v.py", ["--lr", "1"])
-    assert split_timm_script(["--lr", "1"], {}) == (None, ["--lr", "1"])
-    assert tool.main(["--timm-script", str(tmp_path / "missing.py")]) == 1
+    assert timm_command.main([str(tmp_path / "missing.py")]) == 1
     assert "no such file" in capsys.readouterr().err
+
+
+def test_train_takes_no_timm_script(stand_in: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # one route to timm's scripts, `effidense timm`: `effidense train --timm-script` is gone
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--timm-script", str(stand_in)])
+    assert exc.value.code == 2 and "--timm-script" in capsys.readouterr().err
 
 
 def test_wrapper_under_torchrun(stand_in: Path, tmp_path: Path) -> None:
     record = tmp_path / "rank"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                           "127.0.0.1", "--master_port", str(_free_port()), str(TOOL), "--timm-script", str(stand_in),
+                           "127.0.0.1", "--master_port", str(_free_port()), "-m", "effidense", "timm", str(stand_in),
                            "--model", "effi_densenet40_k12", "--record", str(record)],
                           env=_env(), capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -158,7 +162,7 @@ def test_unsupported_flag_points_to_wrapper_mode(capsys: pytest.CaptureFixture[s
         tool.main([*SYNTHETIC, "--mixup", "0.2"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "--mixup" in err and "--timm-script" in err
+    assert "--mixup" in err and "effidense timm" in err
 
 
 def test_config_file_sets_defaults_and_flags_override(tmp_path: Path) -> None:
@@ -169,7 +173,7 @@ def test_config_file_sets_defaults_and_flags_override(tmp_path: Path) -> None:
     assert (args.batch_size, args.lr, args.sched, args.decay_milestones) == (32, 0.05, "multistep", [3, 6])
     assert args.model_kwargs == {"growth_rate": 4}
     config.write_text(yaml.safe_dump({"mixup": 0.2}))
-    with pytest.raises(TrainError, match="mixup.*--timm-script"):
+    with pytest.raises(TrainError, match="mixup.*effidense timm"):
         parse_args(["--config", str(config)])
 
 

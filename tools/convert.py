@@ -2,7 +2,9 @@
 """Front for ``effidense convert``, the installed command (logic: effidense/cli/convert.py); ``--help`` explains."""
 import sys
 
-from effidense.cli.convert import main
+EFFIDENSE_COMMAND = True  # effidense/__init__.py: torch and timm load once the arguments parse
+
+from effidense.cli.convert import main  # noqa: E402 (after the marker)
 
 if __name__ == "__main__":
     sys.exit(main())

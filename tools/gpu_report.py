@@ -2,7 +2,9 @@
 """Front for ``effidense gpu-report`` (logic: effidense/cli/gpu_report.py); ``--help`` explains."""
 import sys
 
-from effidense.cli.gpu_report import main
+EFFIDENSE_COMMAND = True  # effidense/__init__.py: torch and timm load once the arguments parse
+
+from effidense.cli.gpu_report import main  # noqa: E402 (after the marker)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -33,20 +33,23 @@ from __future__ import annotations
 
 from ..fileio import atomic_write_bytes
 from .config import AMP_DTYPES, COMPILE_MODES, JSON_SCHEMA, BenchConfig, BenchReport, VariantResult, autocast, ratio
-from .cuda import is_oom, largest_batch
+from .cuda import cuda_fits, device_for_rank, is_oom, largest_batch, release
 from .distributed import backend_for, check_world, free_port, process_group, torchrun_world
-from .environment import environment
-from .report import format_table, report_to_json, write_json, write_plot
+from .environment import TORCHRUN_ENV, command_line, environment
+from .report import fmt, format_table, report_to_json, write_json, write_plot
 from .runner import activation_floor, benchmark, memory_by_depth, run_benchmark
 from .timing import one_line
-from .trainer import torch_threads
+from .trainer import StepRunner, Timer, make_batch, step_loss, timed_step, torch_threads, training_step
 from .variants import COMPILE_SUFFIX, PEERS, build_variant, compile_model, parse_variants, peer_unsupported
 
 __all__ = [
     "PEERS", "COMPILE_SUFFIX", "COMPILE_MODES", "AMP_DTYPES", "JSON_SCHEMA", "BenchConfig", "VariantResult",
     "BenchReport",
     "parse_variants", "peer_unsupported", "build_variant", "compile_model", "run_benchmark", "benchmark",
-    "memory_by_depth", "activation_floor", "largest_batch", "is_oom", "environment", "format_table", "report_to_json",
-    "write_json", "write_plot", "torch_threads", "free_port", "process_group", "torchrun_world", "backend_for",
+    "memory_by_depth", "activation_floor", "largest_batch", "is_oom", "release", "cuda_fits", "device_for_rank",
+    "environment", "fmt",
+    "command_line", "TORCHRUN_ENV", "format_table", "report_to_json",
+    "write_json", "write_plot", "torch_threads", "Timer", "StepRunner", "step_loss", "training_step", "timed_step",
+    "make_batch", "free_port", "process_group", "torchrun_world", "backend_for",
     "check_world", "atomic_write_bytes", "autocast", "one_line", "ratio",
 ]

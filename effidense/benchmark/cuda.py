@@ -6,9 +6,10 @@ from collections.abc import Callable
 
 import torch
 
-from .trainer import _Progress, _Trainer
+from ..progress import Progress
+from .trainer import StepRunner
 
-__all__ = ["is_oom", "largest_batch"]
+__all__ = ["is_oom", "largest_batch", "release", "cuda_fits", "device_for_rank"]
 
 
 def is_oom(error: BaseException) -> bool:
@@ -47,12 +48,15 @@ def largest_batch(fits: Callable[[int], bool], start: int, limit: int) -> int:
     return good
 
 
-def _release_cuda() -> None:
-    gc.collect()
-    torch.cuda.empty_cache()
+def release(device: torch.device) -> None:
+    """Return a failed or finished model's GPU memory to the device (a full gc is too slow to run per probe on the
+    CPU, where nothing needs returning)."""
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
-def _probe_step(trainer: _Trainer, template: torch.Tensor, batch: int, num_classes: int,
+def _probe_step(trainer: StepRunner, template: torch.Tensor, batch: int, num_classes: int,
                 channels_last: bool) -> None:
     # A function of its own, so that its tensors and autograd graph die with its frame when it raises.
     x = torch.randn((batch, *template.shape[1:]), device=template.device, dtype=template.dtype)
@@ -63,8 +67,8 @@ def _probe_step(trainer: _Trainer, template: torch.Tensor, batch: int, num_class
     torch.cuda.synchronize(template.device)
 
 
-def _cuda_fits(trainer: _Trainer, template: torch.Tensor, num_classes: int, channels_last: bool,
-               progress: _Progress) -> Callable[[int], bool]:
+def cuda_fits(trainer: StepRunner, template: torch.Tensor, num_classes: int, channels_last: bool,
+               progress: Progress) -> Callable[[int], bool]:
     """A probe for :func:`largest_batch`: does one training step at this batch size fit in GPU memory?"""
 
     def fits(batch: int) -> bool:
@@ -78,12 +82,12 @@ def _cuda_fits(trainer: _Trainer, template: torch.Tensor, num_classes: int, chan
             return False
         finally:  # runs after the exception (and the frames it holds) is gone
             trainer.model.zero_grad(set_to_none=True)
-            _release_cuda()
+            release(template.device)
 
     return fits
 
 
-def _device_for_rank(device: str, local_rank: int) -> torch.device:
+def device_for_rank(device: str, local_rank: int) -> torch.device:
     if device == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")

@@ -17,7 +17,8 @@ import torch.multiprocessing as mp
 from ..fileio import atomic_write_bytes
 from .config import BenchConfig, VariantResult
 
-__all__ = ["free_port", "process_group", "torchrun_world", "backend_for", "check_world"]
+__all__ = ["free_port", "process_group", "torchrun_world", "backend_for", "check_world", "merge_ranks",
+           "spawn_benchmark"]
 
 
 def free_port() -> int:
@@ -73,7 +74,7 @@ def _bench_worker(rank: int, run: RankRunner, world: int, cfg: BenchConfig, init
         atomic_write_bytes(result_path, json.dumps([asdict(r) for r in results]).encode())
 
 
-def _spawn_benchmark(run: RankRunner, cfg: BenchConfig, world: int) -> list[VariantResult]:
+def spawn_benchmark(run: RankRunner, cfg: BenchConfig, world: int) -> list[VariantResult]:
     """``run`` in ``world`` spawned processes forming one process group; rank 0's results."""
     with tempfile.TemporaryDirectory(prefix="effidense-bench-") as tmp:
         path = os.path.join(tmp, "results.json")
@@ -86,7 +87,7 @@ _RANK_FIELDS = ("status", "error", "forward_ms", "backward_ms", "step_ms", "host
                 "peak_bytes", "compile_s", "max_batch")
 
 
-def _merge_ranks(result: VariantResult, world: int, batch_size: int) -> VariantResult:
+def merge_ranks(result: VariantResult, world: int, batch_size: int) -> VariantResult:
     """Aggregate a variant over DDP ranks: the slowest rank's times, the largest per-rank memory, total images/s."""
     gathered: list[Any] = [None] * world
     torch.distributed.all_gather_object(gathered, {k: getattr(result, k) for k in _RANK_FIELDS})

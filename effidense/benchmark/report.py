@@ -12,10 +12,11 @@ from ..modelspec import ModelSpec
 from .config import JSON_SCHEMA, BenchReport
 from .variants import COMPILE_SUFFIX, HOST_BATCH, HOST_REFERENCE, host_img_size
 
-__all__ = ["format_table", "report_to_json", "write_json", "write_plot"]
+__all__ = ["fmt", "format_table", "report_to_json", "write_json", "write_plot"]
 
 
-def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+def fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    """A table cell: ``value`` in format ``spec`` with ``suffix``, or ``-`` when missing."""
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
@@ -37,17 +38,17 @@ def format_table(report: BenchReport) -> str:
         if not r.ok:
             rows.append([r.variant, f"{r.status.upper()}: {r.error}"] + [""] * (len(columns) - 2))
             continue
-        row = [r.variant, _fmt(r.forward_ms, ".1f"), _fmt(r.backward_ms, ".1f"), _fmt(r.ratio_b_f, ".2f"),
-               _fmt(r.step_ms, ".1f"), _fmt(r.step_vs_plain, ".2f", "x"), _fmt(r.images_per_s, ".1f"),
-               _fmt(None if r.activation_bytes is None else r.activation_bytes / MiB, ".1f"),
-               _fmt(r.activation_x_less, ".2f", "x"), _fmt(r.host_ms, ".1f"), _fmt(r.host_vs_ref, ".2f", "x")]
+        row = [r.variant, fmt(r.forward_ms, ".1f"), fmt(r.backward_ms, ".1f"), fmt(r.ratio_b_f, ".2f"),
+               fmt(r.step_ms, ".1f"), fmt(r.step_vs_plain, ".2f", "x"), fmt(r.images_per_s, ".1f"),
+               fmt(None if r.activation_bytes is None else r.activation_bytes / MiB, ".1f"),
+               fmt(r.activation_x_less, ".2f", "x"), fmt(r.host_ms, ".1f"), fmt(r.host_vs_ref, ".2f", "x")]
         if cuda:
-            row += [_fmt(None if r.peak_bytes is None else r.peak_bytes / MiB, ".1f"),
-                    _fmt(r.peak_x_less, ".2f", "x")]
+            row += [fmt(None if r.peak_bytes is None else r.peak_bytes / MiB, ".1f"),
+                    fmt(r.peak_x_less, ".2f", "x")]
         if show_compile:
-            row += [_fmt(r.compile_s, ".1f")]
+            row += [fmt(r.compile_s, ".1f")]
         if cfg.max_batch:
-            row += [_fmt(r.max_batch, "d"), _fmt(r.max_batch_x, ".2f", "x")]
+            row += [fmt(r.max_batch, "d"), fmt(r.max_batch_x, ".2f", "x")]
         rows.append(row)
     # A failed row's message spans the table, so it does not set the width of the forward-time column.
     widths = [max([len(c)] + [len(row[i]) for row, r in zip(rows, report.results, strict=True)
@@ -128,7 +129,7 @@ def write_plot(path: str, report: BenchReport) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.2))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 6.4))
     _plot_depth(left, report)
     _plot_times(right, report)
     fig.tight_layout()
@@ -144,26 +145,25 @@ def _plot_depth(ax: Any, report: BenchReport) -> None:
         ax.set_axis_off()
         return
     series = sweep["activation_bytes"]
+    # The gap at the deepest point (how many times less than plain, and than each peer) goes into the legend, below
+    # the axes: beside the curves it overlapped the peers' curves, inside the axes the legend overlaps plain's.
+    deepest = {name: values[-1] for name, values in series.items() if values and values[-1]}
     for name, values in series.items():
         color, marker, line = _STYLES.get(name, (None, "x", ":"))
         points = [(d, v / MiB) for d, v in zip(sweep["depths"], values, strict=True) if v is not None]
+        label = _LABELS.get(name, name)
+        if name in ("efficient", "frugal") and name in deepest:
+            gaps = [f"{deepest[ref] / deepest[name]:.1f}x less than {ref}" for ref in ("plain", "tv", "timm")
+                    if ref in deepest]
+            label += f": {', '.join(gaps)} at depth {sweep['depths'][-1]}" if gaps else ""
         ax.plot([d for d, _ in points], [v for _, v in points], marker=marker, linestyle=line, color=color,
-                label=_LABELS.get(name, name))
-    # The gap at the deepest point: how many times less than plain, and than each peer.
-    deepest = {name: values[-1] for name, values in series.items() if values and values[-1]}
-    for name in ("efficient", "frugal"):
-        if name not in deepest:
-            continue
-        gaps = [f"{deepest[ref] / deepest[name]:.1f}x less than {ref}" for ref in ("plain", "tv", "timm")
-                if ref in deepest]
-        ax.annotate("\n".join(gaps), (sweep["depths"][-1], deepest[name] / MiB), textcoords="offset points",
-                    xytext=(-8, 6), ha="right", va="bottom", fontsize=8, color=_STYLES[name][0])
+                label=label)
     ax.set_xlabel("depth (layers)")
     ax.set_ylabel("activation memory saved for backward (MiB)")
     ax.set_title(f"Activation memory vs depth\n{_family_name(cfg.spec)}, batch {cfg.batch_size}, "
                  f"{cfg.img_size}x{cfg.img_size}, {cfg.amp or 'fp32'}")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=1, frameon=False)
     skipped = sweep.get("skipped") or {}
     if skipped:
         ax.text(0.01, 0.99, "not shown: " + "; ".join(f"{v}" for v in skipped.values()), transform=ax.transAxes,

@@ -11,12 +11,13 @@ from torch import nn
 from ..densenet import MEMORY_MODES
 from ..footprint import StepProbe, StepSpec
 from ..memory import SavedTensorMeter, activation_floor_bytes, cuda_peak_bytes
+from ..progress import Progress
 from .config import AMP_DTYPES, BenchConfig, BenchReport, VariantResult
-from .cuda import _cuda_fits, _device_for_rank, _release_cuda, largest_batch
-from .distributed import _merge_ranks, _spawn_benchmark, backend_for, check_world, process_group, torchrun_world
+from .cuda import cuda_fits, device_for_rank, largest_batch, release
+from .distributed import backend_for, check_world, merge_ranks, process_group, spawn_benchmark, torchrun_world
 from .environment import environment
-from .timing import _failed, _time_in_rounds, one_line
-from .trainer import _make_batch, _Progress, _Timer, _Trainer, torch_threads
+from .timing import failed_result, one_line, time_in_rounds
+from .trainer import StepRunner, Timer, run_batch, torch_threads
 from .variants import COMPILE_SUFFIX, HOST_BATCH, PEERS, build_variant, compile_model, host_img_size, peer_unsupported
 
 __all__ = ["run_benchmark", "benchmark", "memory_by_depth", "activation_floor"]
@@ -51,15 +52,15 @@ def run_benchmark(cfg: BenchConfig, local_rank: int = 0) -> list[VariantResult]:
 def _run_benchmark(cfg: BenchConfig, local_rank: int) -> list[VariantResult]:
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank = torch.distributed.get_rank() if distributed else 0
-    device = _device_for_rank(cfg.device, local_rank)
+    device = device_for_rank(cfg.device, local_rank)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
     torch.manual_seed(cfg.seed)
     base = cfg.spec.build("plain")
     state = {k: v.detach().clone() for k, v in base.state_dict().items()}
-    x, y = _make_batch(cfg, device, rank)
-    host_batch = _make_batch(cfg, device, rank, HOST_BATCH, host_img_size(cfg.spec))
+    x, y = run_batch(cfg, device, rank)
+    host_batch = run_batch(cfg, device, rank, HOST_BATCH, host_img_size(cfg.spec))
     probe = x[: min(2, len(x))]
     base.to(device).eval()
     if cfg.channels_last:
@@ -70,41 +71,41 @@ def _run_benchmark(cfg: BenchConfig, local_rank: int) -> list[VariantResult]:
 
     # Warm-up steps (at least one), the host step's warm-up, and at full size the metered step(s).
     prepare_steps = max(cfg.warmup, 1) + 1 + (0 if cfg.host_only else 1 + (device.type == "cuda"))
-    progress = _Progress((prepare_steps + cfg.steps) * len(cfg.variants), cfg.progress and rank == 0)
+    progress = Progress((prepare_steps + cfg.steps) * len(cfg.variants), "bench", "step", cfg.progress and rank == 0)
     results: dict[str, VariantResult] = {}
-    trainers: dict[str, _Trainer] = {}
+    trainers: dict[str, StepRunner] = {}
     first_step_s: dict[str, float | None] = {}
     try:
         for variant in cfg.variants:
-            progress.variant(variant)
+            progress.describe(f"bench {variant}")
             before = progress.bar.n if progress.bar is not None else 0
             results[variant], trainer, first_step_s[variant] = _prepare_variant(
                 variant, cfg, device, state, (x, y), host_batch, probe, reference, progress)
             if trainer is not None:
                 trainers[variant] = trainer
             elif device.type == "cuda":  # what a variant that ran out of memory left behind
-                _release_cuda()
+                release(device)
             done = (progress.bar.n if progress.bar is not None else 0) - before
             progress.advance(prepare_steps - done + (cfg.steps if trainer is None else 0))
-        _time_in_rounds(cfg, device, results, trainers, first_step_s, progress)
+        time_in_rounds(cfg, device, results, trainers, first_step_s, progress)
         if cfg.max_batch:
             for variant, trainer in trainers.items():
-                progress.variant(variant)
+                progress.describe(f"bench {variant}")
                 for other in trainers.values():  # only this variant's memory should count
                     other.model.zero_grad(set_to_none=True)
-                _release_cuda()
+                release(device)
                 try:
-                    fits = _cuda_fits(trainer, x, cfg.spec.arg("num_classes"), cfg.channels_last, progress)
+                    fits = cuda_fits(trainer, x, cfg.spec.arg("num_classes"), cfg.channels_last, progress)
                     results[variant].max_batch = largest_batch(fits, cfg.batch_size, cfg.max_batch_limit)
                 except Exception as error:
-                    results[variant] = _failed(variant, error, cfg)
+                    results[variant] = failed_result(variant, error, cfg)
                 progress.note("")
     finally:
         trainers.clear()
         progress.close()
     ordered = [results[v] for v in cfg.variants]
     if distributed:
-        ordered = [_merge_ranks(r, torch.distributed.get_world_size(), cfg.batch_size) for r in ordered]
+        ordered = [merge_ranks(r, torch.distributed.get_world_size(), cfg.batch_size) for r in ordered]
     return ordered
 
 
@@ -113,7 +114,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 def _prepare_variant(variant: str, cfg: BenchConfig, device: torch.device, state: dict[str, torch.Tensor],
                      batch: Batch, host_batch: Batch, probe: torch.Tensor, reference: torch.Tensor,
-                     progress: _Progress) -> tuple[VariantResult, _Trainer | None, float | None]:
+                     progress: Progress) -> tuple[VariantResult, StepRunner | None, float | None]:
     """Build, check, warm up (compile) and measure the memory of one variant; returns its result so far, the trainer
     to time it with (None if it failed or was skipped) and the duration of its first step in seconds.
 
@@ -136,8 +137,8 @@ def _prepare_variant(variant: str, cfg: BenchConfig, device: torch.device, state
         if not compiled:  # compiling an eval graph just for this check would double the compile time
             result.same_function_rel_diff = _check_same_function(model, probe, reference)
         model = _wrap(model, compiled, device, cfg.compile_scope, cfg.compile_mode)
-        trainer = _Trainer(model, *batch, cfg.amp, host_batch)
-        timer = _Timer(device)
+        trainer = StepRunner(model, *batch, cfg.amp, host_batch)
+        timer = Timer(device)
 
         first_step_s = None
         for i in range(max(cfg.warmup, 1 if compiled else 0)):
@@ -171,7 +172,7 @@ def _prepare_variant(variant: str, cfg: BenchConfig, device: torch.device, state
             progress.advance()
         return result, trainer, first_step_s
     except Exception as error:
-        return _failed(variant, error, cfg), None, None
+        return failed_result(variant, error, cfg), None, None
 
 
 def _wrap(model: nn.Module, compiled: bool, device: torch.device, scope: str = "layers",
@@ -232,12 +233,13 @@ def memory_by_depth(cfg: BenchConfig, scales: Sequence[float],
     return sweep
 
 
-def benchmark(cfg: BenchConfig, processes: int = 1, command: str = "",
+def benchmark(cfg: BenchConfig, processes: int = 1, argv: Sequence[str] | None = None,
               depth_scales: Sequence[float] | None = None) -> BenchReport | None:
     """Run the whole benchmark: in this process, in ``processes`` spawned DDP workers, or as one torchrun rank.
 
     Returns the report on the main process and None on the other torchrun ranks. ``depth_scales`` adds the
-    activation-memory-vs-depth sweep (:func:`memory_by_depth`), measured on the main process alone.
+    activation-memory-vs-depth sweep (:func:`memory_by_depth`), measured on the main process alone. ``argv``: the
+    arguments the command parsed, for the environment's record.
     """
     launched = torchrun_world()
     if cfg.max_batch and (processes > 1 or launched is not None):
@@ -254,13 +256,13 @@ def benchmark(cfg: BenchConfig, processes: int = 1, command: str = "",
     elif processes > 1:
         world = processes
         check_world(cfg.device, world)
-        results = _spawn_benchmark(run_benchmark, cfg, world)
+        results = spawn_benchmark(run_benchmark, cfg, world)
     else:
         world = 1
         results = run_benchmark(cfg)
     with torch_threads(cfg.threads):
         sweep = memory_by_depth(cfg, depth_scales) if depth_scales else None
-        env = environment(cfg.device, command, world)
+        env = environment(cfg.device, argv, world)
         floor = None if cfg.host_only else activation_floor(cfg)
     return BenchReport(cfg, results, env, world, sweep, floor)
 

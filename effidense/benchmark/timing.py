@@ -6,30 +6,33 @@ import traceback
 
 import torch
 
+from ..progress import Progress
 from .config import BenchConfig, VariantResult
 from .cuda import is_oom
-from .trainer import _Progress, _Timer, _Trainer
+from .trainer import StepRunner, Timer
 from .variants import COMPILE_SUFFIX
 
+__all__ = ["time_in_rounds", "one_line", "failed_result"]
 
-def _time_in_rounds(cfg: BenchConfig, device: torch.device, results: dict[str, VariantResult],
-                    trainers: dict[str, _Trainer], first_step_s: dict[str, float | None],
-                    progress: _Progress) -> None:
+
+def time_in_rounds(cfg: BenchConfig, device: torch.device, results: dict[str, VariantResult],
+                    trainers: dict[str, StepRunner], first_step_s: dict[str, float | None],
+                    progress: Progress) -> None:
     """Time ``cfg.steps`` rounds in which every variant takes its turn, so that a machine slowing down or speeding up
     during the run weighs on all variants alike (and ratios can be taken round by round). A turn is one full-size
     step (unless ``cfg.host_only``), then one host-overhead step on the tiny host batch."""
-    timer = _Timer(device)
+    timer = Timer(device)
     samples: dict[str, list[tuple[float, float]]] = {v: [] for v in trainers}
     host: dict[str, list[float]] = {v: [] for v in trainers}
     for round_ in range(cfg.steps):
         for variant, trainer in list(trainers.items()):
-            progress.variant(variant)
+            progress.describe(f"bench {variant}")
             try:
                 if not cfg.host_only:
                     samples[variant].append(trainer.timed_step(timer))
                 host[variant].append(trainer.timed_host_step(timer))
             except Exception as error:
-                results[variant] = _failed(variant, error, cfg)
+                results[variant] = failed_result(variant, error, cfg)
                 del trainers[variant]
                 progress.advance(cfg.steps - round_)
                 continue
@@ -60,7 +63,7 @@ def one_line(error: BaseException) -> str:
     return f"{kind}: {text[0] if text else ''}".rstrip(": ")
 
 
-def _failed(variant: str, error: BaseException, cfg: BenchConfig) -> VariantResult:
+def failed_result(variant: str, error: BaseException, cfg: BenchConfig) -> VariantResult:
     if cfg.traceback:
         traceback.print_exc()
     return VariantResult(variant, status="failed", error=one_line(error))

@@ -1,8 +1,7 @@
-"""One training step of one model, timed: the building block of every measurement (and the progress bar)."""
+"""The one training step of the tools, timed: the building block of every measurement (bench and gpu-report)."""
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -11,12 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import AMP_DTYPES, BenchConfig
+from ..modelspec import ModelSpec
+from .config import BenchConfig, autocast
 
-__all__ = ["torch_threads"]
+__all__ = ["Timer", "StepRunner", "step_loss", "training_step", "timed_step", "make_batch", "run_batch",
+           "torch_threads"]
 
 
-class _Timer:
+class Timer:
     """Wall-clock marks: perf_counter on the CPU, CUDA events on a GPU (so queued kernels are counted)."""
 
     def __init__(self, device: torch.device) -> None:
@@ -40,95 +41,79 @@ class _Timer:
         return (end - start) * 1000.0
 
 
-class _Trainer:
-    """Runs training steps of one model on one batch, with the run's autocast and memory format."""
+# --- the one training step of the tools (bench and gpu-report): zero_grad, forward under autocast, loss, backward;
+# no optimizer update, so every timed step sees the same weights ---
+
+def step_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: str | None) -> torch.Tensor:
+    """Cross-entropy of ``model(x)`` against ``y``, the forward under the run's autocast, the loss in fp32."""
+    with autocast(x.device, amp):
+        out = model(x)
+    return F.cross_entropy(out.float(), y)
+
+
+def training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: str | None) -> None:
+    """One training step without the optimizer update: zero_grad, forward, loss, backward."""
+    model.zero_grad(set_to_none=True)
+    step_loss(model, x, y, amp).backward()
+
+
+def timed_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: str | None,
+               timer: Timer | None = None) -> tuple[float, float]:
+    """:func:`training_step`, timed: (forward ms, backward ms)."""
+    timer = Timer(x.device) if timer is None else timer
+    model.zero_grad(set_to_none=True)
+    timer.sync()
+    start = timer.mark()
+    loss = step_loss(model, x, y, amp)
+    middle = timer.mark()
+    loss.backward()
+    end = timer.mark()
+    timer.sync()
+    return timer.elapsed_ms(start, middle), timer.elapsed_ms(middle, end)
+
+
+class StepRunner:
+    """Training steps of one model on one batch (and the tiny host batch), with the run's autocast."""
 
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: str | None,
                  host_batch: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        self.model, self.x, self.y = model, x, y
-        self.amp = AMP_DTYPES[amp] if amp else None
+        self.model, self.x, self.y, self.amp = model, x, y, amp
         self.host_batch = host_batch  # the tiny batch of the host-overhead step
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.x.device.type, dtype=self.amp)
-
     def loss(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
-        with self.autocast():
-            out = self.model(self.x if x is None else x)
-        return F.cross_entropy(out.float(), self.y if y is None else y)
+        return step_loss(self.model, self.x if x is None else x, self.y if y is None else y, self.amp)
 
     def step(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None) -> None:
-        self.model.zero_grad(set_to_none=True)
-        self.loss(x, y).backward()
+        training_step(self.model, self.x if x is None else x, self.y if y is None else y, self.amp)
 
-    def timed_step(self, timer: _Timer) -> tuple[float, float]:
-        self.model.zero_grad(set_to_none=True)
-        timer.sync()
-        start = timer.mark()
-        loss = self.loss()
-        middle = timer.mark()
-        loss.backward()
-        end = timer.mark()
-        timer.sync()
-        return timer.elapsed_ms(start, middle), timer.elapsed_ms(middle, end)
+    def timed_step(self, timer: Timer) -> tuple[float, float]:
+        return timed_step(self.model, self.x, self.y, self.amp, timer)
 
-    def timed_host_step(self, timer: _Timer) -> float:
-        """Milliseconds of one step (as :meth:`timed_step`) on the tiny host batch, where arithmetic costs almost
-        nothing: what is left is the framework's and the model's Python/dispatch/launch overhead."""
+    def timed_host_step(self, timer: Timer) -> float:
+        """Milliseconds of one step on the tiny host batch, where arithmetic costs almost nothing: what is left is
+        the framework's and the model's Python/dispatch/launch overhead."""
         if self.host_batch is None:
-            raise RuntimeError("this trainer has no host batch")
-        x, y = self.host_batch
-        self.model.zero_grad(set_to_none=True)
-        timer.sync()
-        start = timer.mark()
-        self.loss(x, y).backward()
-        end = timer.mark()
-        timer.sync()
-        return timer.elapsed_ms(start, end)
+            raise RuntimeError("this runner has no host batch")
+        return sum(timed_step(self.model, *self.host_batch, self.amp, timer))
 
 
-def _make_batch(cfg: BenchConfig, device: torch.device, rank: int, batch_size: int | None = None,
-                img_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The run's batch for ``rank`` (or one of ``batch_size`` images of ``img_size``), on ``device``."""
-    batch_size, img_size = batch_size or cfg.batch_size, img_size or cfg.img_size
-    generator = torch.Generator().manual_seed(cfg.seed + 1 + rank)
-    shape = (batch_size, cfg.spec.arg("in_chans"), img_size, img_size)
-    x = torch.randn(shape, generator=generator)
-    y = torch.randint(0, max(cfg.spec.arg("num_classes"), 1), (batch_size,), generator=generator)
+def make_batch(spec: ModelSpec, batch_size: int, img_size: int, device: torch.device, channels_last: bool = False,
+               seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random batch for ``spec`` (images and labels) from ``seed``, on ``device``."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch_size, spec.arg("in_chans"), img_size, img_size, generator=generator)
+    y = torch.randint(0, max(spec.arg("num_classes"), 1), (batch_size,), generator=generator)
     x = x.to(device)
-    if cfg.channels_last:
+    if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, y.to(device)
 
 
-class _Progress:
-    """tqdm on stderr counting steps over all variants; silent on non-zero ranks or when disabled."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.bar = None
-        if enabled:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, desc="bench", unit="step", file=sys.stderr, dynamic_ncols=True)
-
-    def variant(self, name: str) -> None:
-        if self.bar is not None:
-            self.bar.set_description(f"bench {name}")
-
-    def note(self, text: str) -> None:
-        """What the current variant is doing, for work that is not counted in steps (compiling, max-batch)."""
-        if self.bar is not None:
-            self.bar.set_postfix_str(text)
-
-    def advance(self, n: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+def run_batch(cfg: BenchConfig, device: torch.device, rank: int, batch_size: int | None = None,
+              img_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The run's batch for ``rank`` (or one of ``batch_size`` images of ``img_size``), on ``device``."""
+    return make_batch(cfg.spec, batch_size or cfg.batch_size, img_size or cfg.img_size, device, cfg.channels_last,
+                      cfg.seed + 1 + rank)
 
 
 @contextlib.contextmanager

@@ -16,9 +16,13 @@ __all__ = ["PEERS", "COMPILE_SUFFIX", "HOST_REFERENCE", "HOST_BATCH", "parse_var
            "build_variant", "compile_model", "host_img_size"]
 
 
-# tv: torchvision memory_efficient=True; timm: set_grad_checkpointing(); tv-plain: torchvision keeping everything,
-# the reference for host overhead (the framework's own cost of a step, before any arithmetic).
-PEERS = ("tv", "timm", "tv-plain")
+# The one peers table: every tool (bench, gpu-report) names the peers so. tv-plain, keeping everything, is the
+# reference for host overhead (the framework's own cost of a step, before any arithmetic).
+PEERS = {
+    "tv": "torchvision memory_efficient=True",
+    "timm": "timm set_grad_checkpointing()",
+    "tv-plain": "torchvision plain",
+}
 HOST_REFERENCE = "tv-plain"
 HOST_BATCH = 2  # images per host-overhead step: BatchNorm needs two values per channel
 COMPILE_SUFFIX = "+compile"

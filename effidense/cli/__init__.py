@@ -2,6 +2,8 @@
 ``python -m effidense ...``).
 
 Each command is a module here with ``main(argv) -> exit code``; ``tools/*.py`` are thin fronts over the same code.
+The command imports nothing heavy before its own arguments parse (see ``effidense/__init__.py``), so ``--help`` and
+usage errors answer at once; ``tests/test_cli.py`` counts the modules they import.
 """
 from __future__ import annotations
 
@@ -13,10 +15,11 @@ COMMANDS = {
     "bench": "benchmark memory modes side by side with torchvision's and timm's DenseNets",
     "convert": "convert DenseNet weights between torchvision, timm and effidense (safetensors or .pth)",
     "gradcheck": "check that every memory mode computes the plain model's outputs, gradients and BN statistics",
-    "train": "train with the built-in timm-based trainer, or run timm's own scripts with effidense registered",
+    "train": "train with the built-in timm-based trainer (timm's train.py flags)",
     "gpu-report": "the GPU evidence run: step time, max batch, depth, idle time, correctness (--smoke: on the CPU)",
     "plan": "predict a training step's peak memory and the largest batch that fits a GPU, without the GPU",
     "timm": "run timm's own train.py/validate.py/benchmark.py/inference.py with the effi_* models registered",
+    "models": "list the model names --model takes",
 }
 
 
@@ -39,6 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"error: unknown command {command!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        from ..names import suggest
+
+        hint = suggest(command, list(COMMANDS)) or f"choose one of: {', '.join(COMMANDS)}"
+        print(f"error: unknown command {command!r}; {hint} (effidense --help)", file=sys.stderr)
         return 2
     return importlib.import_module(f"{__name__}.{command.replace('-', '_')}").main(rest)

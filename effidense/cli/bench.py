@@ -15,14 +15,13 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-import effidense  # noqa: F401 - registers the effi_* timm models
+import effidense.registry  # noqa: F401 - registers the effi_* timm models
 from effidense.benchmark import (
     AMP_DTYPES,
     COMPILE_MODES,
@@ -153,7 +152,6 @@ def _write(flag: str, path: str, write: Callable[[str, BenchReport], None], repo
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    command = shlex.join(["python", "tools/bench.py", *(sys.argv[1:] if argv is None else argv)])
     problem = _output_problem(args)
     if problem:
         parser.error(problem)
@@ -175,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             max_batch_limit=args.max_batch_limit, threads=args.threads, progress=not args.quiet,
             traceback=args.traceback, host_only=args.host_only, compile_scope=args.compile_scope,
             compile_mode=args.compile_mode)
-        report = benchmark(cfg, processes=args.gpus, command=command,
+        report = benchmark(cfg, processes=args.gpus, argv=argv,
                            depth_scales=args.plot_scales if args.plot else None)
     except ValueError as e:
         return _error(str(e))

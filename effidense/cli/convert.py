@@ -18,15 +18,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from effidense.convert import (
-    INFLATE_METHODS,
-    LAYOUT_ALIASES,
-    LAYOUTS,
-    VERIFY_TOLERANCE,
-    ConversionError,
-    VerificationError,
-    convert_checkpoint,
-)
+from effidense.names import INFLATE_METHODS, LAYOUT_ALIASES, LAYOUTS, VERIFY_TOLERANCE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verify and args.inflate:
         parser.error("--verify compares 2D models and cannot check --inflate's 3D weights; verify a 2D conversion, "
                      "then inflate")
+    from effidense.convert import ConversionError, VerificationError, convert_checkpoint  # torch: after --help
+
     try:
         conversion, diff = convert_checkpoint(
             args.checkpoint, args.output, target=args.target, source=args.source, fmt=args.fmt, model=args.model,

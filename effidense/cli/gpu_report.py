@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -67,7 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    command = shlex.join(["python", "tools/gpu_report.py", *(sys.argv[1:] if argv is None else argv)])
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         parser.error(f"--out: {out} is not a directory")
@@ -93,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(text, file=sys.stderr, flush=True)
 
     sections = [name for group in args.sections for names in group for name in names] if args.sections else None
-    report = run_report(plan, out, sections, command=command, log=log)
+    report = run_report(plan, out, sections, argv=argv, log=log)
     log(f"wrote {out / REPORT_JSON} and {out / SUMMARY_MD}")
     print(format_summary(report))  # last, so a terminal or log ends with it
     return 0 if all(s["status"] == "ok" for s in report["sections"].values()) else 1

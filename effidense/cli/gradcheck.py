@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 
 import torch
@@ -78,7 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    command = shlex.join(["python", "tools/gradcheck.py", *(sys.argv[1:] if argv is None else argv)])
     problem = check_writable([args.json], force=args.force)  # before the checks run, not after
     if problem:
         parser.error(f"--json: {problem}")
@@ -112,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         torch.set_num_threads(threads_before)  # main() also runs in-process (tests)
-    env = environment(args.device, command, launched[2] if launched else max(args.nproc, 1))
+    env = environment(args.device, argv, launched[2] if launched else max(args.nproc, 1))
     header = [f"effidense gradcheck: torch {env['torch']}, {args.device} ({env['device_name']}), {args.steps} SGD "
               f"step{'s' if args.steps > 1 else ''} (lr 0.1, momentum 0.9), batch {args.batch_size}, "
               f"{args.img_size}x{args.img_size}, seed {args.seed}",

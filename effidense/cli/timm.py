@@ -3,14 +3,13 @@ effidense's ``effi_*`` models registered.
 
 The timm wheel ships none of these scripts (they live in the timm git repository); this imports effidense, then runs
 the script as ``__main__`` with ``ARGS`` unchanged, exactly as ``python SCRIPT ARGS`` would (also under ``torchrun``).
-``effidense train --timm-script PATH ...`` does the same.
+This is effidense's one route to timm's scripts; timm's ``train.py`` also takes its own
+``--device-modules effidense``.
 """
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-
-from effidense.train import TrainError, run_timm_script
 
 USAGE = ("usage: effidense timm PATH/TO/{train,validate,benchmark,inference}.py [ARGS...]\n\n"
          "Imports effidense (registering its effi_* models with timm), then runs the given script from a timm "
@@ -30,6 +29,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: effidense timm {script}: expected the path of one of timm's scripts (train.py, validate.py, "
               "benchmark.py, inference.py) first", file=sys.stderr)
         return 2
+    from effidense.train import TrainError, run_timm_script  # torch and timm: after --help
+
     try:
         return run_timm_script(script, rest)
     except TrainError as e:

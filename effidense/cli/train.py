@@ -5,10 +5,7 @@ Built-in mode (no timm checkout needed), single process or `torchrun --nproc_per
     python tools/train.py --data-dir DIR --model effi_densenet121 -b 64 --epochs 90 --sched multistep \
         --decay-milestones 30 60 --lr 0.1 --weight-decay 1e-4 --experiment dn121
 
-Wrapper mode: import effidense, then run timm's own train.py or validate.py with all other arguments:
-
-    python tools/train.py --timm-script ~/pytorch-image-models/train.py --data-dir DIR --model effi_densenet121
-    EFFIDENSE_TIMM_SCRIPT=~/pytorch-image-models/validate.py python tools/train.py --model effi_densenet121 ...
+timm's own scripts (train.py, validate.py, ...) with effidense's models registered: `effidense timm SCRIPT ARGS`.
 
 `--help` lists the built-in trainer's flags; see README.md, section "Training".
 """
@@ -17,16 +14,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from effidense.train import TrainError, parse_args, run_timm_script, split_timm_script, train
+from effidense.train import TrainError, parse_args, train
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        script, rest = split_timm_script(argv)
-        if script is not None:
-            return run_timm_script(script, rest)
-        result = train(parse_args(rest))
+        result = train(parse_args(argv))
     except TrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

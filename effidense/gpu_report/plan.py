@@ -5,6 +5,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..benchmark.variants import PEERS
 from ..memory import MiB
 from ..modelspec import ModelSpec, resolve_model
 
@@ -25,16 +26,14 @@ SECTIONS: dict[str, tuple[str, float]] = {
 }
 
 VARIANTS: dict[str, str] = {
-    "tv": "torchvision plain",
-    "tv-me": "torchvision memory_efficient=True",
-    "timm-ckpt": "timm set_grad_checkpointing()",
+    **{peer: PEERS[peer] for peer in ("tv-plain", "tv", "timm")},  # bench's peers, bench's names
     "plain": "effidense plain",
     "efficient": "effidense efficient",
     "frugal": "effidense frugal",
     "efficient+set_compile": "effidense efficient, set_compile (regional)",
     "efficient+torch.compile": "effidense efficient, whole-model torch.compile",
 }
-EAGER = ("tv", "tv-me", "timm-ckpt", "plain", "efficient", "frugal")
+EAGER = ("tv-plain", "tv", "timm", "plain", "efficient", "frugal")
 COMPILED = ("efficient+set_compile", "efficient+torch.compile")
 
 # The seed project's published 1080 Ti table (DenseNet-BC (12,12,12), k=12, 32 px, batch 128, fp32), in ms.
@@ -121,7 +120,7 @@ def _cells(batches: Sequence[int]) -> tuple[Cell, ...]:
             for channels_last in (True, False):
                 extra = COMPILED if not cells else ()
                 cells.append(Cell(batch, amp, channels_last, EAGER + extra))
-    cells.append(Cell(small, None, True, ("tv", "efficient") + COMPILED))
+    cells.append(Cell(small, None, True, ("tv-plain", "efficient") + COMPILED))
     return tuple(cells)
 
 
@@ -165,7 +164,7 @@ def depth_spec(plan: Plan, layers_per_block: int) -> ModelSpec:
 
 
 
-def _plan_to_json(plan: Plan) -> dict[str, Any]:
+def plan_to_json(plan: Plan) -> dict[str, Any]:
     data = asdict(plan)
     for key in ("dn121", "seed_spec"):
         spec: ModelSpec = getattr(plan, key)

@@ -12,27 +12,24 @@ from typing import Any
 
 import torch
 
-from ..benchmark import ratio
+from ..benchmark import ratio, release
 from ..footprint import StepProbe, StepSpec
 from ..planner import plan
-from .plan import VARIANTS
-from .state import _Run
-from .steps import _release, build_model
+from .plan import EAGER, VARIANTS
+from .state import Run
+from .steps import build_model
 
-# gpu_report's variant names -> bench's (the planner's)
-PLANNER_NAMES = {"tv": "tv-plain", "tv-me": "tv", "timm-ckpt": "timm", "plain": "plain", "efficient": "efficient",
-                 "frugal": "frugal"}
 GOAL_PEAK_REL = 0.10  # predicted peak within 10% of the measured one
 
 
-def _measured_peak(run: _Run, name: str, batch: int, img: int) -> int:
+def _measured_peak(run: Run, name: str, batch: int, img: int) -> int:
     """Peak bytes of one real step (model, batch and gradients included)."""
     spec = run.plan.dn121
     step = StepSpec(in_chans=spec.arg("in_chans"), num_classes=spec.arg("num_classes"), amp=torch.bfloat16,
                     optimizer="none")
     if run.device.type != "cuda":
         return StepProbe(lambda: build_model(name, spec, {}), step, fake=False).measure(batch, (img, img)).peak_bytes
-    _release(run.device)
+    release(run.device)
     model = build_model(name, spec, {}).to(run.device).train()
     x = torch.randn(batch, spec.arg("in_chans"), img, img, device=run.device)
     y = torch.randint(0, spec.arg("num_classes"), (batch,), device=run.device)
@@ -48,10 +45,10 @@ def _measured_peak(run: _Run, name: str, batch: int, img: int) -> int:
         return torch.cuda.max_memory_allocated(run.device)
     finally:
         del model, x, y
-        _release(run.device)
+        release(run.device)
 
 
-def section_prediction(run: _Run, section: dict[str, Any]) -> None:
+def section_prediction(run: Run, section: dict[str, Any]) -> None:
     data = section["data"]
     plan_cfg = run.plan
     batches = sorted({cell.batch for cell in plan_cfg.cells})[:2]
@@ -62,13 +59,13 @@ def section_prediction(run: _Run, section: dict[str, Any]) -> None:
     cap_bytes = plan_cfg.cap.bytes if run.device.type == "cuda" else None
     data["setting"] = (f"{plan_cfg.dn121.name}, {plan_cfg.img_size} px, bf16 autocast, no optimizer update; "
                        f"largest batch under {plan_cfg.cap.label} (no safety margin)")
-    for name, planner_name in PLANNER_NAMES.items():
+    for name in EAGER:  # bench's names, which the planner takes too
         run.check_time()
         run.log(f"[prediction] {name}")
         row: dict[str, Any] = {"variant": name, "label": VARIANTS[name], "points": []}
         rows.append(row)
         try:
-            predicted = plan(plan_cfg.dn121, variants=planner_name, img_size=plan_cfg.img_size,
+            predicted = plan(plan_cfg.dn121, variants=name, img_size=plan_cfg.img_size,
                              batch_size=batches[0], amp="bf16", optimizer="none", budget=cap_bytes,
                              margin=0.0).variants[0]
             if not predicted.ok:
@@ -87,7 +84,7 @@ def section_prediction(run: _Run, section: dict[str, Any]) -> None:
         run.save()
 
 
-def goals_prediction(run: _Run, section: dict[str, Any]) -> None:
+def goals_prediction(run: Run, section: dict[str, Any]) -> None:
     """Predicted peak within 10% of the measured one, for every mode and batch."""
     errors = [abs(p["rel_error"]) for row in section.get("data", {}).get("rows", []) for p in row.get("points", [])]
     worst = max(errors) if errors else None

@@ -11,23 +11,23 @@ import torch
 
 from ..benchmark import (
     one_line,
+    release,
     torch_threads,
 )
 from .plan import SECTIONS, OutOfTime, Plan
-from .sections import _GOALS, _SECTION_RUNNERS, _goal
-from .state import _Run
-from .steps import _release
+from .sections import GOALS, SECTION_RUNNERS, goal
+from .state import Run
 
 
 def run_report(plan: Plan, out_dir: str | os.PathLike[str], sections: Sequence[str] | None = None,
-               command: str = "", log: Callable[[str], None] | None = None) -> dict[str, Any]:
+               argv: Sequence[str] | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run ``sections`` (default: all, always in importance order) and return the report; ``out_dir`` must exist.
 
     The report and summary are rewritten after every section (and every step-time cell), so an interrupted run
     leaves what it measured. A section that raises is recorded as failed and the run goes on.
     """
     chosen = [s for s in SECTIONS if sections is None or s in sections]
-    run = _Run(plan, Path(out_dir), chosen, command, log or (lambda text: None))
+    run = Run(plan, Path(out_dir), chosen, argv, log or (lambda text: None))
     if run.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     with torch_threads(plan.threads):
@@ -35,13 +35,13 @@ def run_report(plan: Plan, out_dir: str | os.PathLike[str], sections: Sequence[s
     return run.report
 
 
-def _run_sections(run: _Run) -> None:
+def _run_sections(run: Run) -> None:
     for name in run.sections:
         section = run.start_section(name)
         run.log(f"[{name}] {section['title']} (budget {section['budget_s']:.0f} s)")
         start = time.monotonic()
         try:
-            _SECTION_RUNNERS[name](run, section)
+            SECTION_RUNNERS[name](run, section)
             section["status"] = "ok"
         except OutOfTime as error:
             section["status"], section["error"] = "out of time", str(error)
@@ -49,13 +49,13 @@ def _run_sections(run: _Run) -> None:
             section["status"], section["error"] = "failed", one_line(error)
         finally:
             section["seconds"] = round(time.monotonic() - start, 1)
-            _release(run.device)
+            release(run.device)
             if run.device.type == "cuda":
                 torch.cuda.set_per_process_memory_fraction(1.0, run.device)
         try:
-            _GOALS.get(name, lambda r, s: None)(run, section)
+            GOALS.get(name, lambda r, s: None)(run, section)
         except Exception as error:  # a bug in judging goals must not cost the measurements
-            section["goals"].append(_goal("judging the goals", None, one_line(error)))
+            section["goals"].append(goal("judging the goals", None, one_line(error)))
         run.log(f"[{name}] {section['status']} in {section['seconds']:.1f} s"
                 + (f": {section['error']}" if section.get("error") else ""))
         run.save()

@@ -15,10 +15,17 @@ import torch
 from torch import nn
 
 from ..benchmark import (
+    Timer,
+    fmt,
     is_oom,
     largest_batch,
+    make_batch,
     one_line,
     ratio,
+    release,
+    step_loss,
+    timed_step,
+    training_step,
 )
 from ..fileio import atomic_write_bytes
 from ..memory import SavedTensorMeter, cuda_peak_bytes
@@ -39,13 +46,13 @@ from .plan import (
     depth_spec,
 )
 from .prediction import goals_prediction, section_prediction
-from .state import _Run
-from .steps import _batch, _loss, _release, _step, _sync, _tf32, _timed_step, build_model, compile_variant
-from .summary import _f, _memory
+from .state import Run
+from .steps import build_model, compile_variant, tf32
+from .summary import row_memory
 
 # --- section 1: step time ---
 
-def _prepare(run: _Run, name: str, spec: ModelSpec, state: dict[str, torch.Tensor], channels_last: bool,
+def _prepare(run: Run, name: str, spec: ModelSpec, state: dict[str, torch.Tensor], channels_last: bool,
              ) -> nn.Module:
     torch.manual_seed(0)
     model = build_model(name, spec, run.plan.compile_options)
@@ -56,7 +63,7 @@ def _prepare(run: _Run, name: str, spec: ModelSpec, state: dict[str, torch.Tenso
     return compile_variant(name, model, run.plan.compile_options)
 
 
-def measure_cell(run: _Run, spec: ModelSpec, img: int, cell: Cell, warmup: int, steps: int,
+def measure_cell(run: Run, spec: ModelSpec, img: int, cell: Cell, warmup: int, steps: int,
                  rows: dict[str, dict[str, Any]]) -> None:
     """Fill ``rows`` (variant -> numbers) for one setting: each variant is built with the same weights, warmed up
     (the first step compiles), measured for memory, then the variants take turns over ``steps`` timed rounds.
@@ -64,7 +71,7 @@ def measure_cell(run: _Run, spec: ModelSpec, img: int, cell: Cell, warmup: int, 
     device = run.device
     torch.manual_seed(0)
     state = spec.build("plain").state_dict()
-    x, y = _batch(spec, cell.batch, img, device, cell.channels_last)
+    x, y = make_batch(spec, cell.batch, img, device, cell.channels_last)
     models: dict[str, nn.Module] = {}
     try:
         for name in cell.variants:
@@ -74,21 +81,21 @@ def measure_cell(run: _Run, spec: ModelSpec, img: int, cell: Cell, warmup: int, 
                 model = _prepare(run, name, spec, state, cell.channels_last)
                 first = None
                 for i in range(max(warmup, 1)):
-                    _sync(device)
+                    Timer(device).sync()
                     t0 = time.perf_counter()
-                    _step(model, x, y, cell.amp)
-                    _sync(device)
+                    training_step(model, x, y, cell.amp)
+                    Timer(device).sync()
                     first = time.perf_counter() - t0 if i == 0 else first
                 row["first_step_s"] = round(first, 3)
                 if name not in COMPILED:  # the meter under compiled code would only recompile
                     model.zero_grad(set_to_none=True)
                     with SavedTensorMeter(exclude=model) as meter:
-                        loss = _loss(model, x, y, cell.amp)
+                        loss = step_loss(model, x, y, cell.amp)
                     del loss
                     row["activation_bytes"] = meter.bytes
                 if device.type == "cuda":
                     model.zero_grad(set_to_none=True)
-                    row["peak_bytes"] = cuda_peak_bytes(lambda m=model: _step(m, x, y, cell.amp), device)
+                    row["peak_bytes"] = cuda_peak_bytes(lambda m=model: training_step(m, x, y, cell.amp), device)
                 model.zero_grad(set_to_none=True)
                 models[name] = model
             except OutOfTime:
@@ -96,23 +103,23 @@ def measure_cell(run: _Run, spec: ModelSpec, img: int, cell: Cell, warmup: int, 
             except Exception as error:
                 row.update(status="failed", error=one_line(error))
                 model = None
-                _release(device)
+                release(device)
         samples: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
         try:
             for _ in range(steps):
                 run.check_time()
                 for name in list(models):
                     try:
-                        samples[name].append(_timed_step(models[name], x, y, cell.amp))
+                        samples[name].append(timed_step(models[name], x, y, cell.amp))
                     except Exception as error:
                         rows[name].update(status="failed", error=one_line(error))
                         del models[name]
-                        _release(device)
+                        release(device)
         finally:
             _finish_rows(rows, samples, cell.batch)
     finally:
         models.clear()
-        _release(device)
+        release(device)
 
 
 def _finish_rows(rows: dict[str, dict[str, Any]], samples: dict[str, list[tuple[float, float]]], batch: int) -> None:
@@ -128,7 +135,7 @@ def _finish_rows(rows: dict[str, dict[str, Any]], samples: dict[str, list[tuple[
         row["images_per_s"] = batch / (row["step_ms"] / 1e3) if row["step_ms"] else None
         if row.get("first_step_s") is not None and name in COMPILED:
             row["compile_s"] = max(row["first_step_s"] - row["step_ms"] / 1e3, 0.0)
-    for reference, key in (("tv", "vs_tv"), ("plain", "vs_plain")):
+    for reference, key in (("tv-plain", "vs_tv_plain"), ("plain", "vs_plain")):
         ref = rows.get(reference)
         if not ref or ref.get("step_ms") is None:
             continue
@@ -137,10 +144,10 @@ def _finish_rows(rows: dict[str, dict[str, Any]], samples: dict[str, list[tuple[
                 continue
             paired = [a / b for a, b in zip(row["step_samples_ms"], ref["step_samples_ms"], strict=False) if b]
             row[f"step_{key}"] = statistics.median(paired) if paired else ratio(row["step_ms"], ref["step_ms"])
-            row[f"memory_x_less_{key}"] = ratio(_memory(ref), _memory(row))
+            row[f"memory_x_less_{key}"] = ratio(row_memory(ref), row_memory(row))
 
 
-def _section_step_time(run: _Run, section: dict[str, Any]) -> None:
+def _section_step_time(run: Run, section: dict[str, Any]) -> None:
     plan = run.plan
     cells = section["data"].setdefault("cells", [])
     section["data"]["memory"] = "peak CUDA bytes" if run.device.type == "cuda" else "meter activation bytes"
@@ -150,35 +157,35 @@ def _section_step_time(run: _Run, section: dict[str, Any]) -> None:
                  "rows": {}}
         cells.append(entry)
         run.log(f"[step-time] cell {i + 1}/{len(plan.cells)}: {cell.label}")
-        with _tf32(cell.amp is None):  # fp32 means TF32 on, as people train on Ampere and later
+        with tf32(cell.amp is None):  # fp32 means TF32 on, as people train on Ampere and later
             try:
                 measure_cell(run, plan.dn121, plan.img_size, cell, plan.warmup, plan.steps, entry["rows"])
             finally:
                 run.save()
 
 
-def _goals_step_time(run: _Run, section: dict[str, Any]) -> None:
+def _goals_step_time(run: Run, section: dict[str, Any]) -> None:
     memory = "peak" if run.device.type == "cuda" else "activation (meter)"
     for cell in section.get("data", {}).get("cells", []):
         rows = cell["rows"]
         eff = rows.get("efficient", {})
-        ratio, less = eff.get("step_vs_tv"), eff.get("memory_x_less_vs_tv")
-        if "tv" in rows and "efficient" in rows and "timm-ckpt" in rows:
+        ratio, less = eff.get("step_vs_tv_plain"), eff.get("memory_x_less_vs_tv_plain")
+        if "tv-plain" in rows and "efficient" in rows and "timm" in rows:
             passed = None if ratio is None or less is None else ratio <= GOAL_STEP_RATIO and less >= GOAL_MEMORY_X
-            section["goals"].append(_goal(
+            section["goals"].append(goal(
                 f"[{cell['label']}] efficient within {GOAL_STEP_RATIO:.2f}x of torchvision plain's step time at >= "
                 f"{GOAL_MEMORY_X:g}x less {memory} memory", passed,
-                f"{_f(ratio, '.2f', 'x')} step, {_f(less, '.2f', 'x')} less memory"))
-        compiled = [rows[c] for c in COMPILED if rows.get(c, {}).get("step_vs_tv") is not None]
+                f"{fmt(ratio, '.2f', 'x')} step, {fmt(less, '.2f', 'x')} less memory"))
+        compiled = [rows[c] for c in COMPILED if rows.get(c, {}).get("step_vs_tv_plain") is not None]
         if any(c in rows for c in COMPILED):
-            best = min(compiled, key=lambda r: r["step_vs_tv"]) if compiled else None
-            section["goals"].append(_goal(
+            best = min(compiled, key=lambda r: r["step_vs_tv_plain"]) if compiled else None
+            section["goals"].append(goal(
                 f"[{cell['label']}] best compiled efficient path faster than torchvision plain eager",
-                None if best is None else best["step_vs_tv"] < 1.0,
-                "no compiled path finished" if best is None else f"{best['variant']}: {best['step_vs_tv']:.2f}x"))
+                None if best is None else best["step_vs_tv_plain"] < 1.0,
+                "no compiled path finished" if best is None else f"{best['variant']}: {best['step_vs_tv_plain']:.2f}x"))
 
 
-def _goal(text: str, passed: bool | None, detail: str) -> dict[str, Any]:
+def goal(text: str, passed: bool | None, detail: str) -> dict[str, Any]:
     return {"goal": text, "passed": passed, "detail": detail}
 
 
@@ -188,7 +195,7 @@ class _Bounds:
     """Wraps a ``fits`` predicate over units, remembering the largest success and smallest failure (for a search
     cut short) and the number of probes."""
 
-    def __init__(self, fits: Callable[[int], bool], unit: int, run: _Run) -> None:
+    def __init__(self, fits: Callable[[int], bool], unit: int, run: Run) -> None:
         self.fits, self.unit, self.run = fits, unit, run
         self.good: int | None = None
         self.bad: int | None = None
@@ -205,7 +212,7 @@ class _Bounds:
         return ok
 
 
-def search(run: _Run, fits: Callable[[int], bool], start: int, limit: int, unit: int,
+def search(run: Run, fits: Callable[[int], bool], start: int, limit: int, unit: int,
            entry: dict[str, Any]) -> None:
     """Largest value in multiples of ``unit`` for which ``fits`` holds (doubling, then bisection), into ``entry``;
     on running out of time ``entry`` keeps the bounds found so far and the exception propagates."""
@@ -224,12 +231,12 @@ def search(run: _Run, fits: Callable[[int], bool], start: int, limit: int, unit:
 
 
 @contextlib.contextmanager
-def _memory_cap(run: _Run, cap: Cap) -> Iterator[None]:
+def _memory_cap(run: Run, cap: Cap) -> Iterator[None]:
     """On a GPU, limit this process's allocator to ``cap`` (a fraction of the device) for the block."""
     if run.device.type != "cuda":
         yield
         return
-    _release(run.device)
+    release(run.device)
     total = torch.cuda.get_device_properties(run.device).total_memory
     fraction = 1.0 if cap.bytes is None else min(cap.bytes / total, 1.0)
     torch.cuda.set_per_process_memory_fraction(fraction, run.device)
@@ -243,17 +250,17 @@ def _probe(build: Callable[[], nn.Module], spec: ModelSpec, batch: int, img: int
            channels_last: bool, device: torch.device, meter_cap: int | None) -> bool:
     # A function of its own, so its tensors and graph die with its frame when it raises.
     model = build()
-    x, y = _batch(spec, batch, img, device, channels_last)
+    x, y = make_batch(spec, batch, img, device, channels_last)
     if meter_cap is not None:  # smoke: a byte budget on the deterministic meter stands in for GPU memory
         with SavedTensorMeter(exclude=model) as meter:
-            _loss(model, x, y, amp)  # the forward alone: the meter has counted all it needs
+            step_loss(model, x, y, amp)  # the forward alone: the meter has counted all it needs
         return meter.bytes <= meter_cap
-    _step(model, x, y, amp)
-    _sync(device)
+    training_step(model, x, y, amp)
+    Timer(device).sync()
     return True
 
 
-def make_fits(run: _Run, build: Callable[[], nn.Module], spec: ModelSpec, img: int, amp: str | None,
+def make_fits(run: Run, build: Callable[[], nn.Module], spec: ModelSpec, img: int, amp: str | None,
               channels_last: bool, cap: Cap) -> Callable[[int], bool]:
     """Does one training step at this batch fit? On a GPU: it runs without running out of memory under the cap
     (any other error propagates); in smoke runs: the meter's saved bytes stay within the cap's byte budget."""
@@ -273,7 +280,7 @@ def make_fits(run: _Run, build: Callable[[], nn.Module], spec: ModelSpec, img: i
     def fits_and_collect(batch: int) -> bool:
         ok = fits(batch)
         if not ok:
-            _release(run.device)
+            release(run.device)
         return ok
 
     return fits_and_collect
@@ -281,7 +288,7 @@ def make_fits(run: _Run, build: Callable[[], nn.Module], spec: ModelSpec, img: i
     return fits
 
 
-def _resident(run: _Run, name: str, spec: ModelSpec, channels_last: bool) -> Callable[[], nn.Module]:
+def _resident(run: Run, name: str, spec: ModelSpec, channels_last: bool) -> Callable[[], nn.Module]:
     """A builder returning one model kept across probes (its gradients are freed by each step's zero_grad)."""
     torch.manual_seed(0)
     state = spec.build("plain").state_dict()
@@ -294,11 +301,11 @@ def _resident(run: _Run, name: str, spec: ModelSpec, channels_last: bool) -> Cal
     return build
 
 
-def _section_max_batch(run: _Run, section: dict[str, Any]) -> None:
+def _section_max_batch(run: Run, section: dict[str, Any]) -> None:
     plan = run.plan
     results = section["data"].setdefault("searches", [])
     for cap in plan.caps:
-        for name in ("plain", "efficient", "frugal", "tv-me"):
+        for name in ("plain", "efficient", "frugal", "tv"):
             run.check_time()
             entry = {"cap": cap.label, "variant": name, "label": VARIANTS[name]}
             results.append(entry)
@@ -313,7 +320,7 @@ def _section_max_batch(run: _Run, section: dict[str, Any]) -> None:
                 run.save()
 
 
-def _goals_max_batch(run: _Run, section: dict[str, Any]) -> None:
+def _goals_max_batch(run: Run, section: dict[str, Any]) -> None:
     searches = section.get("data", {}).get("searches", [])
     for cap in run.plan.caps:
         found = {e["variant"]: e.get("value") for e in searches if e["cap"] == cap.label}
@@ -321,19 +328,19 @@ def _goals_max_batch(run: _Run, section: dict[str, Any]) -> None:
             if name not in found:
                 continue
             x = ratio(found.get(name), found.get("plain"))
-            section["goals"].append(_goal(f"[{cap.label}] {name} max batch >= {want:g}x plain's",
-                                          None if x is None else x >= want, f"{_f(x, '.2f', 'x')}"))
+            section["goals"].append(goal(f"[{cap.label}] {name} max batch >= {want:g}x plain's",
+                                          None if x is None else x >= want, f"{fmt(x, '.2f', 'x')}"))
 
 
 # --- section 3: the seed's setting ---
 
-def _section_seed(run: _Run, section: dict[str, Any]) -> None:
+def _section_seed(run: Run, section: dict[str, Any]) -> None:
     plan, data = run.plan, section["data"]
     cell = Cell(plan.seed_batch, None, False, ("plain", "efficient", "frugal"))
     data.update(model=plan.seed_spec.describe(), batch=plan.seed_batch, img_size=plan.seed_img, rows={},
                 seed_table={k: {"forward_ms": f, "backward_ms": b, "ratio_b_f": b / f} for k, (f, b) in
                             SEED_TIMES.items()}, seed_max_batch=SEED_MAX_BATCH, searches=[])
-    with _tf32(False):  # the seed's 1080 Ti had no TF32: plain fp32 arithmetic
+    with tf32(False):  # the seed's 1080 Ti had no TF32: plain fp32 arithmetic
         try:
             measure_cell(run, plan.seed_spec, plan.seed_img, cell, plan.warmup, plan.steps, data["rows"])
         finally:
@@ -355,7 +362,7 @@ def _section_seed(run: _Run, section: dict[str, Any]) -> None:
 
 # --- section 4: depth at a fixed budget ---
 
-def _section_depth(run: _Run, section: dict[str, Any]) -> None:
+def _section_depth(run: Run, section: dict[str, Any]) -> None:
     plan, cap = run.plan, run.plan.cap
     results = section["data"].setdefault("searches", [])
     for mode in ("plain", "efficient", "frugal"):
@@ -384,14 +391,14 @@ def _section_depth(run: _Run, section: dict[str, Any]) -> None:
             run.save()
 
 
-def _goals_depth(run: _Run, section: dict[str, Any]) -> None:
+def _goals_depth(run: Run, section: dict[str, Any]) -> None:
     for entry in section.get("data", {}).get("searches", []):
         if entry["variant"] == "frugal":
             depth = entry.get("depth")
             passed = None if depth is None else depth >= GOAL_FRUGAL_DEPTH
             if entry.get("status") != "ok" and not passed:
                 passed = None  # a search cut short proves nothing against the goal
-            section["goals"].append(_goal(f"[{entry['cap']}] frugal trains >= {GOAL_FRUGAL_DEPTH} layers",
+            section["goals"].append(goal(f"[{entry['cap']}] frugal trains >= {GOAL_FRUGAL_DEPTH} layers",
                                           passed, f"{depth or '-'} layers"
                                           + (" (lower bound: search cut short)" if entry.get("lower_bound") else "")))
 
@@ -414,7 +421,7 @@ def busy_time(intervals: Sequence[tuple[float, float]]) -> float:
     return total
 
 
-def _best_compiled(run: _Run) -> str:
+def _best_compiled(run: Run) -> str:
     """The compiled path that was fastest in the first step-time cell, else regional compile."""
     cells = run.report["sections"].get("step-time", {}).get("data", {}).get("cells", [])
     rows = cells[0]["rows"] if cells else {}
@@ -422,7 +429,7 @@ def _best_compiled(run: _Run) -> str:
     return min(timed, key=lambda r: r["step_ms"])["variant"] if timed else COMPILED[0]
 
 
-def _section_host_bound(run: _Run, section: dict[str, Any]) -> None:
+def _section_host_bound(run: Run, section: dict[str, Any]) -> None:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -435,7 +442,7 @@ def _section_host_bound(run: _Run, section: dict[str, Any]) -> None:
     section["data"].update(setting=cell.label, busy="CUDA kernels" if cuda else "CPU ops (profiler, CPU activity)")
     torch.manual_seed(0)
     state = plan.dn121.build("plain").state_dict()
-    x, y = _batch(plan.dn121, cell.batch, plan.img_size, device, cell.channels_last)
+    x, y = make_batch(plan.dn121, cell.batch, plan.img_size, device, cell.channels_last)
     for name in ("efficient", _best_compiled(run)):
         run.check_time()
         row = {"variant": name, "label": VARIANTS[name]}
@@ -443,14 +450,14 @@ def _section_host_bound(run: _Run, section: dict[str, Any]) -> None:
         try:
             model = _prepare(run, name, plan.dn121, state, cell.channels_last)
             for _ in range(max(plan.warmup, 2)):
-                _step(model, x, y, cell.amp)
-            _sync(device)
+                training_step(model, x, y, cell.amp)
+            Timer(device).sync()
             run.check_time()
             with profile(activities=activities) as prof:
                 t0 = time.perf_counter()
                 for _ in range(plan.profile_steps):
-                    _step(model, x, y, cell.amp)
-                _sync(device)
+                    training_step(model, x, y, cell.amp)
+                Timer(device).sync()
                 wall_us = (time.perf_counter() - t0) * 1e6
             intervals = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == kind]
             busy_us = busy_time(intervals)
@@ -465,7 +472,7 @@ def _section_host_bound(run: _Run, section: dict[str, Any]) -> None:
             row.update(status="failed", error=one_line(error))
         finally:
             model = None
-            _release(device)
+            release(device)
             run.save()
 
 
@@ -484,7 +491,7 @@ def _correctness_commands(plan: Plan) -> list[tuple[str, list[str]]]:
                                 str(root / "tests")])]
 
 
-def _section_correctness(run: _Run, section: dict[str, Any]) -> None:
+def _section_correctness(run: Run, section: dict[str, Any]) -> None:
     root = _repo_root()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
@@ -524,7 +531,7 @@ def _text(data: bytes | str | None) -> str:
     return data.decode(errors="replace") if isinstance(data, bytes) else data
 
 
-_SECTION_RUNNERS: dict[str, Callable[[_Run, dict[str, Any]], None]] = {
+SECTION_RUNNERS: dict[str, Callable[[Run, dict[str, Any]], None]] = {
     "step-time": _section_step_time,
     "max-batch": _section_max_batch,
     "seed": _section_seed,
@@ -533,7 +540,7 @@ _SECTION_RUNNERS: dict[str, Callable[[_Run, dict[str, Any]], None]] = {
     "prediction": section_prediction,
     "correctness": _section_correctness,
 }
-_GOALS: dict[str, Callable[[_Run, dict[str, Any]], None]] = {
+GOALS: dict[str, Callable[[Run, dict[str, Any]], None]] = {
     "step-time": _goals_step_time, "max-batch": _goals_max_batch, "depth": _goals_depth,
     "prediction": goals_prediction,
 }

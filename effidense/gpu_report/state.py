@@ -13,14 +13,14 @@ from ..benchmark import (
     environment,
 )
 from ..fileio import atomic_write_bytes
-from .plan import REPORT_JSON, SCHEMA, SECTIONS, SUMMARY_MD, OutOfTime, Plan, _plan_to_json
+from .plan import REPORT_JSON, SCHEMA, SECTIONS, SUMMARY_MD, OutOfTime, Plan, plan_to_json
 from .summary import format_summary
 
 
-class _Run:
+class Run:
     """State of one run: the plan, the clock, the report so far and where it is written."""
 
-    def __init__(self, plan: Plan, out_dir: Path, sections: Sequence[str], command: str,
+    def __init__(self, plan: Plan, out_dir: Path, sections: Sequence[str], argv: Sequence[str] | None,
                  log: Callable[[str], None]) -> None:
         self.plan, self.out_dir, self.sections, self.log = plan, out_dir, list(sections), log
         self.device = torch.device(plan.device)
@@ -29,8 +29,8 @@ class _Run:
         self.deadline = self.end
         self.report: dict[str, Any] = {
             "schema": SCHEMA, "complete": False, "smoke": plan.smoke,
-            "environment": environment(plan.device, command),
-            "plan": _plan_to_json(plan),
+            "environment": environment(plan.device, argv),
+            "plan": plan_to_json(plan),
             "sections": {name: {"title": SECTIONS[name][0], "status": "pending"} for name in self.sections},
         }
 

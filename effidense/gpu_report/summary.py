@@ -5,24 +5,23 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..benchmark import (
+    fmt,
     ratio,
 )
 from ..memory import MiB
 from .plan import PAPER_DEPTH
 
-
-def _f(value: float | None, spec: str, suffix: str = "") -> str:
-    return "-" if value is None else f"{value:{spec}}{suffix}"
+__all__ = ["format_summary", "row_memory"]
 
 
-def _memory(row: dict[str, Any]) -> int | None:
+def row_memory(row: dict[str, Any]) -> int | None:
     """Peak bytes on a GPU; the meter's activation bytes on the CPU (smoke runs); compiled rows have no meter count
     of their own, so they show None there."""
     return row.get("peak_bytes", row.get("activation_bytes"))
 
 
 def _mib(value: int | None) -> str:
-    return _f(None if value is None else value / MiB, ".1f")
+    return fmt(None if value is None else value / MiB, ".1f")
 
 
 def _table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -40,9 +39,9 @@ def _timing_rows(rows: dict[str, dict[str, Any]], memory: str) -> tuple[list[str
         if row.get("status") != "ok":
             table.append([row["variant"], f"FAILED: {row.get('error')}", "", "", "", "", ""])
             continue
-        table.append([row["variant"], _f(row.get("step_ms"), ".1f"), _f(row.get("images_per_s"), ".0f"),
-                      _f(row.get("step_vs_tv"), ".2f", "x"), _mib(_memory(row)),
-                      _f(row.get("memory_x_less_vs_tv"), ".2f", "x"), _f(row.get("compile_s"), ".1f")])
+        table.append([row["variant"], fmt(row.get("step_ms"), ".1f"), fmt(row.get("images_per_s"), ".0f"),
+                      fmt(row.get("step_vs_tv_plain"), ".2f", "x"), _mib(row_memory(row)),
+                      fmt(row.get("memory_x_less_vs_tv_plain"), ".2f", "x"), fmt(row.get("compile_s"), ".1f")])
     return columns, table
 
 
@@ -72,7 +71,7 @@ def _summary_max_batch(data: dict[str, Any]) -> list[str]:
         if e["variant"] == "plain":
             plain[e["cap"]] = e.get("value")
         x = ratio(e.get("value"), plain.get(e["cap"]))
-        rows.append([e["cap"], e["variant"], _search_value(e), _f(x, ".2f", "x"), str(e.get("probes", "-"))])
+        rows.append([e["cap"], e["variant"], _search_value(e), fmt(x, ".2f", "x"), str(e.get("probes", "-"))])
     return ["", *_table(["cap", "variant", "max batch", "x plain", "probes"], rows)] if rows else []
 
 
@@ -84,9 +83,9 @@ def _summary_seed(data: dict[str, Any]) -> list[str]:
         if row.get("status") != "ok":
             rows.append([name, f"FAILED: {row.get('error')}", "", "", "", "", ""])
             continue
-        rows.append([name, _f(row.get("forward_ms"), ".1f"), _f(row.get("backward_ms"), ".1f"),
-                     _f(row.get("ratio_b_f"), ".2f"), _f(seed.get("forward_ms"), ".1f"),
-                     _f(seed.get("backward_ms"), ".1f"), _f(seed.get("ratio_b_f"), ".2f")])
+        rows.append([name, fmt(row.get("forward_ms"), ".1f"), fmt(row.get("backward_ms"), ".1f"),
+                     fmt(row.get("ratio_b_f"), ".2f"), fmt(seed.get("forward_ms"), ".1f"),
+                     fmt(seed.get("backward_ms"), ".1f"), fmt(seed.get("ratio_b_f"), ".2f")])
     if rows:
         lines += _table(["variant", "forward ms", "backward ms", "R=B/F", "seed F (1080 Ti)", "seed B", "seed R"],
                         rows)
@@ -112,8 +111,8 @@ def _summary_host_bound(data: dict[str, Any]) -> list[str]:
         if r.get("status") == "failed":
             rows.append([r["variant"], f"FAILED: {r.get('error')}", "", "", ""])
             continue
-        rows.append([r["variant"], _f(r.get("step_wall_ms"), ".1f"), _f(r.get("busy_ms"), ".1f"),
-                     _f(r.get("kernel_sum_ms"), ".1f"), _f(r.get("idle_fraction"), ".1%")])
+        rows.append([r["variant"], fmt(r.get("step_wall_ms"), ".1f"), fmt(r.get("busy_ms"), ".1f"),
+                     fmt(r.get("kernel_sum_ms"), ".1f"), fmt(r.get("idle_fraction"), ".1%")])
     head = f"{data.get('setting', '')}; busy = union of {data.get('busy', '')} intervals"
     return ["", head, "", *_table(["variant", "step wall ms", "busy ms", "kernel sum ms", "idle"], rows)] if rows \
         else []
@@ -123,7 +122,7 @@ def _summary_correctness(data: dict[str, Any]) -> list[str]:
     rows = []
     for e in data.get("checks", []):
         verdict = {True: "PASS", False: "FAIL", None: e.get("status", "-").upper()}[e.get("passed")]
-        rows.append([e["check"], verdict, str(e.get("rc", "-")), _f(e.get("seconds"), ".1f"), e.get("last_line", "")])
+        rows.append([e["check"], verdict, str(e.get("rc", "-")), fmt(e.get("seconds"), ".1f"), e.get("last_line", "")])
     return ["", *_table(["check", "result", "rc", "s", "as printed (last line)"], rows)] if rows else []
 
 

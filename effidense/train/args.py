@@ -19,11 +19,10 @@ from ..densenet import MEMORY_MODES
 from ..modelspec import non_negative_int, positive_int
 from .errors import TrainError
 
-__all__ = ["build_parser", "parse_args", "args_as_dict", "args_to_yaml", "TIMM_SCRIPT_ENV", "WRAPPER_HINT"]
+__all__ = ["build_parser", "parse_args", "args_as_dict", "args_to_yaml", "WRAPPER_HINT"]
 
-TIMM_SCRIPT_ENV = "EFFIDENSE_TIMM_SCRIPT"
 WRAPPER_HINT = ("for any other timm train.py flag run timm's own script with effidense's models registered: "
-                "effidense timm /path/to/timm/train.py [timm flags] (or effidense train --timm-script PATH ...)")
+                "effidense timm /path/to/timm/train.py [timm flags]")
 
 
 def _learning_rate(text: str) -> float:
@@ -74,17 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="effidense train",
         description="Train a timm model (effi_* DenseNets included) with effidense's built-in timm-based trainer. "
                     "Runs single-process or under `torchrun --nproc_per_node N` (DistributedDataParallel).",
-        epilog="Wrapper mode: `effidense timm PATH [args]` (or `effidense train --timm-script PATH [args]`, or "
-               f"{TIMM_SCRIPT_ENV}=PATH) imports effidense and runs timm's train.py, validate.py, benchmark.py or "
+        epilog="Wrapper mode: `effidense timm PATH [args]` imports effidense and runs timm's train.py, validate.py, "
+               "benchmark.py or "
                "inference.py from a timm checkout as __main__ with the remaining arguments, so every timm flag works "
                "unchanged.",
         allow_abbrev=False,
     )
     parser.add_argument("-c", "--config", default="", metavar="FILE",
                         help="YAML file of defaults; keys are flag names (dashes or underscores). Flags override it.")
-    parser.add_argument("--timm-script", default=None, metavar="PATH",
-                        help="wrapper mode: import effidense, then run this timm train.py or validate.py as __main__ "
-                             "with every other argument passed to it unchanged")
 
     group = parser.add_argument_group("Dataset")
     group.add_argument("--data-dir", default=None, metavar="DIR",

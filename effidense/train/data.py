@@ -147,7 +147,7 @@ def build_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset, int]:
     else:
         raise TrainError(f"--dataset {args.dataset}: the built-in trainer reads ImageFolder directories ('' or "
                          "'folder'), torch/cifar10, torch/cifar100 and 'synthetic'; other timm datasets work in "
-                         "wrapper mode (--timm-script)")
+                         "wrapper mode (effidense timm /path/to/timm/train.py ...)")
     if num_classes < 2:  # one class: the loss is zero and the accuracy 100% whatever the model does
         raise TrainError(f"--data-dir {args.data_dir}: the training data has a single class "
                          f"({', '.join(train.reader.class_to_idx)}); a classifier needs at least two")

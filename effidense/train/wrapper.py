@@ -1,43 +1,23 @@
 """Wrapper mode: run timm's own ``train.py`` / ``validate.py`` / ``benchmark.py`` / ``inference.py`` with effidense's
-models registered (``effidense timm SCRIPT ARGS...``, or ``effidense train --timm-script SCRIPT ARGS...``).
+models registered: ``effidense timm SCRIPT ARGS...``, effidense's one route to timm's scripts.
 
-The timm wheel ships neither script (they live in the timm git repository), and ``validate.py`` has no
-``--device-modules`` flag, so the wrapper imports effidense first and then runs the script as ``__main__``
-with the remaining arguments. Under ``torchrun`` every process does the same, so DDP works unchanged.
+The timm wheel ships none of these scripts (they live in the timm git repository). timm's ``train.py`` has its own
+``--device-modules effidense``, which imports effidense (registering the models) before it creates one;
+``validate.py``, ``benchmark.py`` and ``inference.py`` have no such flag, so this route serves all four: it imports
+effidense first, then runs the script as ``__main__`` with the remaining arguments. Under ``torchrun`` every process
+does the same, so DDP works unchanged.
 """
 from __future__ import annotations
 
 import os
 import runpy
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-from .args import TIMM_SCRIPT_ENV
 from .errors import TrainError
 
-__all__ = ["split_timm_script", "run_timm_script"]
-
-_FLAG = "--timm-script"
-
-
-def split_timm_script(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> tuple[str | None, list[str]]:
-    """Take ``--timm-script PATH`` (or ``--timm-script=PATH``) out of ``argv``.
-
-    Returns the script (falling back to the ``EFFIDENSE_TIMM_SCRIPT`` environment variable) and the arguments
-    left for it; the script is None when neither names one, which selects the built-in trainer.
-    """
-    environ = os.environ if environ is None else environ
-    rest = list(argv)
-    for i, arg in enumerate(rest):
-        if arg == _FLAG:
-            if i + 1 >= len(rest):
-                raise TrainError(f"{_FLAG} needs a path to timm's train.py or validate.py")
-            return rest[i + 1], rest[:i] + rest[i + 2:]
-        if arg.startswith(_FLAG + "="):
-            return arg.split("=", 1)[1], rest[:i] + rest[i + 1:]
-    return environ.get(TIMM_SCRIPT_ENV) or None, rest
-
+__all__ = ["run_timm_script"]
 
 def run_timm_script(script: str | os.PathLike[str], argv: Sequence[str]) -> int:
     """Import effidense, then run ``script`` as ``__main__`` with ``argv``; returns its exit status."""
@@ -45,7 +25,7 @@ def run_timm_script(script: str | os.PathLike[str], argv: Sequence[str]) -> int:
     if not path.is_file():
         raise TrainError(f"{script}: no such file (timm's train.py, validate.py, benchmark.py or inference.py from a "
                          "timm checkout; the timm wheel does not ship them)")
-    import effidense  # noqa: F401  (registers the effi_* models with timm before the script creates one)
+    import effidense.registry  # noqa: F401  (registers the effi_* models with timm before the script creates one)
 
     saved_argv, saved_path = sys.argv, list(sys.path)
     sys.argv = [str(path), *argv]

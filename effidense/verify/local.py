@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -16,6 +15,7 @@ from ..benchmark.config import autocast
 from ..benchmark.variants import COMPILE_SUFFIX, compile_model
 from ..densenet import MEMORY_MODES
 from ..modelspec import ModelSpec
+from ..progress import Progress
 from .core import (
     _FINAL_CHECKS,
     _GRADCHECK_MODEL,
@@ -211,16 +211,11 @@ def run_local_checks(cfg: VerifyConfig, progress: bool = False) -> list[Check]:
         jobs += [("modes", c) for c in default_cases(cfg.specs, cfg.amp)]
     if cfg.gradcheck:
         jobs += [("gradcheck", m) for m in MEMORY_MODES]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(jobs), desc="gradcheck", unit="check", file=sys.stderr, dynamic_ncols=True)
+    bar = Progress(len(jobs), "gradcheck", "checks", enabled=progress)
     checks: list[Check] = []
     try:
         for kind, job in jobs:
-            if bar is not None:
-                bar.set_description(f"gradcheck {job.label if kind == 'modes' else 'autograd ' + job}")
+            bar.describe(f"gradcheck {job.label if kind == 'modes' else 'autograd ' + job}")
             if kind == "modes":
                 these = variants + (compiled if job.with_compiled else [])
                 checks += _guarded("modes", job.label, ", ".join(these),
@@ -229,11 +224,9 @@ def run_local_checks(cfg: VerifyConfig, progress: bool = False) -> list[Check]:
             else:
                 checks += _guarded("gradcheck", "float64", job, lambda job=job: autograd_gradcheck(job, device,
                                                                                                     cfg.seed))
-            if bar is not None:
-                bar.update()
+            bar.advance()
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     return checks
 
 

@@ -1,0 +1,10 @@
+#!/usr/bin/env python3
+"""Front for ``effidense models``, the installed command (logic: effidense/cli/models.py); ``--help`` explains."""
+import sys
+
+EFFIDENSE_COMMAND = True  # effidense/__init__.py: torch and timm load once the arguments parse
+
+from effidense.cli.models import main  # noqa: E402 (after the marker)
+
+if __name__ == "__main__":
+    sys.exit(main())
