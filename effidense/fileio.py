@@ -2,6 +2,10 @@
 
 * :func:`atomic_write` writes through a temporary file in the target's directory, flushes it to disk and moves it
   into place with ``os.replace``: a reader, or a kill at any instant, sees the old file or the new one, never a part.
+  Its two steps are public for writers that commit several files as one unit (the trainer's checkpoints):
+  :func:`write_complete` (write and flush a temporary file) and :func:`publish` (move it into place), the one
+  ``os.replace`` of the package. Ctrl-C during a write is held back until the write is finished or discarded
+  (:func:`interrupts_deferred`), so an interrupted program leaves no temporary file behind.
 * :func:`load_torch_file` loads with ``torch.load(weights_only=True)``, so a checkpoint can never run code, and tells
   an unsafe file (pickled objects) from a corrupt or truncated one. :func:`load_safetensors` reads safetensors.
 """
@@ -11,17 +15,20 @@ import contextlib
 import os
 import pickle
 import re
+import signal
 import struct
 import tempfile
+import threading
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 __all__ = ["UnreadableFileError", "UnsafeFileError", "atomic_write", "atomic_write_bytes", "check_writable",
-           "file_mode", "load_safetensors", "load_torch_file", "short_error", "write_complete"]
+           "file_mode", "interrupts_deferred", "load_safetensors", "load_torch_file", "publish", "short_error",
+           "write_complete"]
 
 
 class UnreadableFileError(ValueError):
@@ -54,24 +61,55 @@ def write_complete(tmp: str | os.PathLike[str], write: Callable[[str], None]) ->
     os.chmod(tmp, file_mode())
 
 
+def publish(tmp: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
+    """Move the complete file ``tmp`` (see :func:`write_complete`) to ``path`` in one atomic step (``os.replace``):
+    a reader sees the old file or the new one."""
+    os.replace(tmp, path)
+    return Path(path)
+
+
+_deferring = False
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold back Ctrl-C (SIGINT) for the block: a write in progress is finished (or discarded, on an error), then the
+    ``KeyboardInterrupt`` is raised. A no-op outside the main thread and inside another such block."""
+    global _deferring
+    if _deferring or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    _deferring = True
+    try:
+        yield
+    finally:
+        _deferring = False
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> Path:
     """Create ``path`` by ``write(tmp)`` on a temporary file beside it, moved into place only once complete.
 
     On any error, including in ``write``, no temporary file is left and an existing ``path`` is untouched; OSErrors
-    propagate for the caller to name the file.
+    propagate for the caller to name the file. Ctrl-C waits for the write to finish.
     """
     path = Path(path)
     tmp: str | None = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        write_complete(tmp, write)
-        os.replace(tmp, path)
-        tmp = None
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
+    with interrupts_deferred():
+        try:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)
+            write_complete(tmp, write)
+            publish(tmp, path)
+            tmp = None
+        finally:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
     return path
 
 

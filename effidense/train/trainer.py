@@ -5,24 +5,20 @@ run directory: ``args.yaml``, ``summary.csv`` (one row per epoch, as timm writes
 ``last.state.pt`` (every epoch, and every ``--checkpoint-interval`` steps) and ``model_best.safetensors``.
 A resumed run repeats an unbroken one exactly on CPU: see :mod:`.data` and :mod:`.checkpoint`.
 
-What the run directory guarantees: rank 0 holds an exclusive ``fcntl.flock`` on ``RUN/.lock`` for the whole run, so a
-second run into the same directory is refused; every file is written atomically (``summary.csv`` too: a copy with the
-new row replaces it); checkpoints are committed as one unit (:mod:`.checkpoint`), and never with non-finite weights.
+What the run directory guarantees (:mod:`.rundir`): one run at a time writes it; every file is written atomically;
+checkpoints are committed as one unit (:mod:`.checkpoint`), and never with non-finite weights. Epochs are counted
+from 0 everywhere (logs, ``summary.csv``, checkpoints), as timm counts them.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import math
 import os
-import shutil
 import signal
 import sys
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +27,6 @@ import torch
 import torch.distributed as dist
 from timm.data import resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy
-from timm.models import safe_model_name
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import (
@@ -42,107 +37,40 @@ from timm.utils import (
     dispatch_clip_grad,
     distribute_bn,
     random_seed,
-    trim_summary,
     unwrap_model,
-    update_summary,
 )
-from timm.utils.distributed import init_distributed_device_so
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .args import args_as_dict, args_to_yaml
 from .checkpoint import (
-    Checkpoint,
+    TrainingCheckpoint,
     all_finite,
-    checkpoint_files,
     find_checkpoint,
     resolve_resume,
     rng_state,
-    save_checkpoint,
+    save_training_checkpoint,
     save_weights,
     set_rng_state,
-    settle,
     write_file,
 )
 from .data import ResumableSampler, build_datasets, check_readable, eval_loader, set_transforms, train_loader
+from .distributed import Processes, init_processes, reduce_sum
 from .errors import TrainError, TrainingDiverged
+from .rundir import (
+    RUN_FILES,
+    append_summary,
+    lock_run_directory,
+    prepare_run_directory,
+    run_directory,
+    trim_summary,
+)
 
 __all__ = ["train", "build_model"]
 
 # Testing hook: SIGKILL this process right after optimizer step N, to test resuming a killed run.
 _KILL_AFTER_STEP_ENV = "EFFIDENSE_TEST_KILL_AFTER_STEP"
-_RUN_FILES = ("last.state.pt", "last.safetensors", "model_best.safetensors", "summary.csv")
-_LOCK_FILE = ".lock"
-
-
-@dataclass
-class _Dist:
-    device: torch.device
-    rank: int
-    world_size: int
-    distributed: bool
-
-    @property
-    def primary(self) -> bool:
-        return self.rank == 0
-
-
-def _init_distributed(args: argparse.Namespace) -> _Dist:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainError(f"--device {device}: CUDA is not available")
-    if args.sync_bn and not device.startswith("cuda"):
-        raise TrainError("--sync-bn needs CUDA devices: torch's SyncBatchNorm does not run on CPU")
-    info = init_distributed_device_so(device=device)  # reads torchrun's environment; gloo on CPU, nccl on CUDA
-    return _Dist(torch.device(info["device"]), info["global_rank"], info["world_size"], info["distributed"])
-
-
-def _broadcast(value: Any, ctx: _Dist) -> Any:
-    if not ctx.distributed:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _reduce_sum(values: list[float], ctx: _Dist) -> list[float]:
-    # A sum over ranks (timm's reduce_tensor averages instead, which weights uneven shares wrongly).
-    tensor = torch.tensor(values, dtype=torch.float64, device=ctx.device)
-    if ctx.distributed:
-        dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
-def _output_dir(args: argparse.Namespace, resume_path: Path | None, img_size: int, ctx: _Dist) -> Path:
-    if resume_path is not None:  # by default a resumed run continues in its own directory
-        return Path(args.output or resume_path.parent.parent) / (args.experiment or resume_path.parent.name)
-    name = args.experiment or _broadcast(
-        "-".join([datetime.now().strftime("%Y%m%d-%H%M%S"), safe_model_name(args.model), str(img_size)]), ctx)
-    return Path(args.output or "./output/train") / name
-
-
-def _lock_run_dir(out: Path, ctx: _Dist, stack: contextlib.ExitStack) -> None:
-    """Rank 0 creates ``out`` and holds an exclusive lock on ``out/.lock`` until the run ends; a second run into the
-    same directory is refused (on every rank) instead of corrupting its files."""
-    error = None
-    if ctx.primary:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            fd = os.open(out / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as e:
-            error = f"cannot create the run directory {out}: {e.strerror or e}"
-        else:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                stack.callback(os.close, fd)  # closing the descriptor releases the lock (also when killed)
-            except OSError:
-                os.close(fd)
-                error = (f"another run is writing {out} (it holds {out / _LOCK_FILE}); wait for it to end, or pick "
-                         "another --output/--experiment")
-    error = _broadcast(error, ctx)
-    if error:
-        raise TrainError(error)
 
 
 def _check_input_size(model: nn.Module, input_size: tuple[int, ...], args: argparse.Namespace) -> None:
@@ -164,29 +92,6 @@ def _check_input_size(model: nn.Module, input_size: tuple[int, ...], args: argpa
         raise TrainError(f"--img-size {input_size[-1]}: too small for {args.model} ({' '.join(str(e).split())})") from e
     finally:
         model.train(was_training)
-
-
-def _append_summary(path: Path, epoch: int, train_metrics: dict[str, float], eval_metrics: dict[str, float],
-                    lr: float) -> None:
-    """timm's ``update_summary`` row, appended to a copy that then replaces the file: never a half-written row."""
-    def write(tmp: str) -> None:
-        if path.exists():
-            shutil.copyfile(path, tmp)
-        update_summary(epoch, train_metrics, eval_metrics, tmp, lr=lr)
-
-    write_file(path, write)
-
-
-def _trim_summary(path: Path, epoch: int) -> None:
-    """timm's ``trim_summary`` (drop rows of epochs at or after ``epoch``), atomically."""
-    if not path.exists():
-        return
-
-    def write(tmp: str) -> None:
-        shutil.copyfile(path, tmp)
-        trim_summary(tmp, epoch)
-
-    write_file(path, write)
 
 
 def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
@@ -235,7 +140,7 @@ def _is_better(metric: float, best: float | None, eval_metric: str) -> bool:
 
 
 class _Trainer:
-    def __init__(self, args: argparse.Namespace, ctx: _Dist, stack: contextlib.ExitStack) -> None:
+    def __init__(self, args: argparse.Namespace, ctx: Processes, stack: contextlib.ExitStack) -> None:
         self.args, self.ctx = args, ctx
         device = ctx.device
 
@@ -256,14 +161,14 @@ class _Trainer:
         check_readable(val_set, "validation")
 
         # From here on this process owns the run directory (until train() returns).
-        self.output_dir = out = _output_dir(args, resume_path, self.data_config["input_size"][-1], ctx)
-        _lock_run_dir(out, ctx, stack)
+        self.output_dir = out = run_directory(args, resume_path, self.data_config["input_size"][-1], ctx)
+        lock_run_directory(out, ctx, stack)
         self.continuing = resume_path is not None and out.resolve() == resume_path.parent.resolve()
-        existing = [f for f in _RUN_FILES if (out / f).exists()]
+        existing = [f for f in RUN_FILES if (out / f).exists()]
         if existing and not self.continuing and not args.force:
             raise TrainError(f"{out} already holds a run ({', '.join(existing)}); pass --resume {out} to continue "
                              "it, another --experiment, or --force to replace it")
-        self.checkpoint: Checkpoint | None = None
+        self.checkpoint: TrainingCheckpoint | None = None
         if resume_path is not None:
             self.checkpoint = find_checkpoint(resume_path.parent, resume_path.name[: -len(".state.pt")])
             if self.checkpoint is None and ctx.primary:
@@ -407,7 +312,7 @@ class _Trainer:
             ema=self.ema.module.state_dict() if self.ema is not None else None,
             rng=rngs, best_metric=self.best_metric, best_epoch=self.best_epoch,
             args=args_as_dict(args))
-        save_checkpoint(self.output_dir, "last", unwrap_model(self.model).state_dict(), state)
+        save_training_checkpoint(self.output_dir, "last", unwrap_model(self.model).state_dict(), state)
         self.last_good = self.output_dir / "last.safetensors"
 
     # --- epochs ---
@@ -530,33 +435,21 @@ class _Trainer:
             loss.update(self.eval_loss(output, targets).item(), n)
             top1.update(round(acc1.item() * n / 100), 1)  # counts of correct images: exact sums
             top5.update(round(acc5.item() * n / 100), 1)
-        loss_sum, correct1, correct5, count = _reduce_sum([loss.sum, top1.sum, top5.sum, loss.count], self.ctx)
+        loss_sum, correct1, correct5, count = reduce_sum([loss.sum, top1.sum, top5.sum, loss.count], self.ctx)
         count = max(count, 1)
         return OrderedDict(loss=loss_sum / count, top1=100 * correct1 / count, top5=100 * correct5 / count)
-
-    def _prepare_run_dir(self) -> None:
-        """Rank 0, under the lock: finish a commit a kill interrupted, or clear what an earlier run left behind."""
-        args, out = self.args, self.output_dir
-        if self.continuing and self.checkpoint is not None:
-            settle(self.checkpoint, out)
-            self.last_good = out / "last.safetensors"
-        else:
-            if args.force and not args.resume:
-                for name in _RUN_FILES:
-                    (out / name).unlink(missing_ok=True)
-            for tmp in checkpoint_files(out, "last")[2:]:  # partial files of a first commit cut short
-                tmp.unlink(missing_ok=True)
-        for tmp in out.glob(".*.tmp"):  # temporaries of atomic writes cut short by a kill
-            tmp.unlink(missing_ok=True)
 
     def fit(self) -> dict[str, Any]:
         args, ctx = self.args, self.ctx
         if ctx.distributed:
             dist.barrier()  # every rank has read the checkpoint before rank 0 may rename its files
         if ctx.primary:
-            self._prepare_run_dir()
+            prepare_run_directory(self.output_dir, self.checkpoint, self.continuing,
+                                  replace=args.force and not args.resume)
+            if self.continuing and self.checkpoint is not None:
+                self.last_good = self.output_dir / "last.safetensors"
             write_file(self.output_dir / "args.yaml", lambda tmp: Path(tmp).write_text(args_to_yaml(args)))
-            _trim_summary(self.output_dir / "summary.csv", self.epoch)
+            trim_summary(self.output_dir / "summary.csv", self.epoch)
             tqdm.write(f"training {args.model} on {ctx.world_size} process(es) ({ctx.device.type}), "
                        f"{self.num_batches} batches/epoch, writing {self.output_dir}")
         if self.epoch >= self.num_epochs and ctx.primary:
@@ -580,7 +473,7 @@ class _Trainer:
                 self.best_metric, self.best_epoch = eval_metrics[args.eval_metric], self.epoch
             if ctx.primary:
                 # The summary row goes first: a resume from the previous checkpoint drops it again (trim_summary).
-                _append_summary(self.output_dir / "summary.csv", self.epoch, train_metrics, eval_metrics, lr)
+                append_summary(self.output_dir / "summary.csv", self.epoch, train_metrics, eval_metrics, lr)
                 if improved:
                     best_model = self.ema.module if self.ema is not None else self.model
                     save_weights(self.output_dir / "model_best.safetensors", unwrap_model(best_model).state_dict(),
@@ -604,7 +497,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     Raises :class:`TrainError` for bad input and :class:`TrainingDiverged` when the loss or the weights stop being
     finite.
     """
-    ctx = _init_distributed(args)
+    ctx = init_processes(args)
     try:
         with contextlib.ExitStack() as stack:  # holds the run directory's lock
             return _Trainer(args, ctx, stack).fit()
