@@ -43,6 +43,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from ..fileio import short_error
+from ..weights import ConversionError, canonical_state_dict, listing, load_checkpoint
 from .args import args_as_dict, args_to_yaml
 from .checkpoint import (
     TrainingCheckpoint,
@@ -67,7 +69,7 @@ from .rundir import (
     trim_summary,
 )
 
-__all__ = ["train", "build_model"]
+__all__ = ["train", "build_model", "read_weights_file"]
 
 # Testing hook: SIGKILL this process right after optimizer step N, to test resuming a killed run.
 _KILL_AFTER_STEP_ENV = "EFFIDENSE_TEST_KILL_AFTER_STEP"
@@ -94,19 +96,41 @@ def _check_input_size(model: nn.Module, input_size: tuple[int, ...], args: argpa
         model.train(was_training)
 
 
+def read_weights_file(flag: str, path: str) -> dict[str, torch.Tensor]:
+    """The state dict in ``path`` (``--initial-checkpoint``/``--pretrained-path``), read by effidense's safe loader
+    (safetensors, or ``torch.load(weights_only=True)``) whatever timm's version; keys in timm's names, every
+    floating-point tensor finite. Anything else is a :class:`TrainError` naming ``flag`` and the file."""
+    try:
+        state_dict, _ = canonical_state_dict(load_checkpoint(path).state_dict)
+    except ConversionError as e:
+        raise TrainError(f"{flag} {path}: {e}") from None
+    bad = [key for key, value in state_dict.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise TrainError(f"{flag} {path}: {len(bad)} tensor(s) hold NaN/inf values: {listing(bad)}")
+    return state_dict
+
+
 def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
-    """``timm.create_model`` with the trainer's model flags applied (memory mode, grad checkpointing, SyncBN)."""
+    """``timm.create_model`` with the trainer's model flags applied (weights files, memory mode, grad checkpointing,
+    SyncBN). Weights files are read by :func:`read_weights_file`, never by timm's loaders."""
+    initial = read_weights_file("--initial-checkpoint", args.initial_checkpoint) if args.initial_checkpoint else None
+    # as timm's train.py: the file's weights, with a new classifier (num_classes=-1 forces the adaptation)
+    overlay = (dict(state_dict=read_weights_file("--pretrained-path", args.pretrained_path), num_classes=-1)
+               if args.pretrained_path else None)
     try:
         model = timm.create_model(
             args.model, pretrained=args.pretrained or bool(args.pretrained_path), num_classes=num_classes,
-            drop_rate=args.drop, checkpoint_path=args.initial_checkpoint or None,
-            # as timm's train.py: the file's weights, with a new classifier (num_classes=-1 forces the adaptation)
-            pretrained_cfg_overlay=dict(file=args.pretrained_path, num_classes=-1) if args.pretrained_path else None,
-            **args.model_kwargs)
+            drop_rate=args.drop, pretrained_cfg_overlay=overlay, **args.model_kwargs)
     except (RuntimeError, ValueError, TypeError, KeyError, FileNotFoundError) as e:
         hint = ("; pretrained effi_* weights come from the Hugging Face Hub (timm/densenet*); offline, put them in the "
-                "hub cache or pass --pretrained-path FILE") if args.pretrained else ""
-        raise TrainError(f"cannot create model {args.model!r}: {e}{hint}") from e
+                "hub cache or pass --pretrained-path FILE") if args.pretrained and not args.pretrained_path else ""
+        raise TrainError(f"cannot create model {args.model!r}: {short_error(e, 300)}{hint}") from e
+    if initial is not None:
+        try:
+            model.load_state_dict(initial)
+        except RuntimeError as e:
+            raise TrainError(f"--initial-checkpoint {args.initial_checkpoint}: the weights do not fit {args.model} "
+                             f"({short_error(e, 300)})") from None
     if args.memory is not None or args.grad_checkpointing:
         if args.memory is not None and not hasattr(model, "set_memory"):
             raise TrainError(f"--memory applies to effidense models; {args.model} has no memory modes")
