@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import pickletools
 import re
 import signal
 import struct
@@ -150,9 +151,23 @@ def _refusal_reason(error: BaseException) -> str:
     return m[1].strip() if m else short_error(error)
 
 
+_PICKLE_OPCODES = frozenset(ord(op.code) for op in pickletools.opcodes)
+
+
 def _is_unsafe(error: BaseException) -> bool:
-    text = str(error).lower()
-    return any(s in text for s in ("unsupported global", "allowed global", "unsupported operand", "weights only load"))
+    """Whether torch's weights-only unpickler refused an object to build (code to run), rather than stumbled on bytes
+    that are no pickle at all: every refusal starts "Weights only load failed", so its reason decides."""
+    text = str(error)
+    operand = re.search(r"Unsupported operand (\d+)", text)
+    if operand:  # an opcode it does not run (INST, OBJ, EXT*: objects) or a byte that is no opcode (random bytes)
+        return int(operand[1]) in _PICKLE_OPCODES
+    return re.search(r"global|reduce|can only build|unsupported (?:class|type)", text, re.IGNORECASE) is not None
+
+
+def _corrupt_reason(error: BaseException) -> str:
+    # the unpickler's own words, without torch's advice on weights_only (which a corrupt file does not need)
+    m = re.search(r"WeightsUnpickler error: (.*?)(?:\s+Check the documentation|$)", str(error), re.DOTALL)
+    return short_error(m[1]) if m else short_error(error)
 
 
 def _readable(path: str | os.PathLike[str]) -> Path:
@@ -177,7 +192,7 @@ def load_torch_file(path: str | os.PathLike[str], safe_globals: Iterable[Any] = 
                 f"{path}: refused to load (unsafe): the file holds pickled Python objects, not only tensors "
                 f"({_refusal_reason(e)}); torch.load(weights_only=True) protects you from code in checkpoints. "
                 "If you trust the file, re-save its state_dict alone with torch.save") from None
-        raise UnreadableFileError(f"{path}: corrupt or truncated checkpoint ({short_error(e)})") from None
+        raise UnreadableFileError(f"{path}: corrupt or truncated checkpoint ({_corrupt_reason(e)})") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, struct.error, KeyError,
             AttributeError, TypeError, IndexError) as e:
         raise UnreadableFileError(f"{path}: corrupt or truncated checkpoint ({short_error(e)})") from None

@@ -2,8 +2,16 @@
 failure, nothing half-written left behind."""
 from __future__ import annotations
 
+import csv
 import os
 import pickle
+import random
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,8 +21,10 @@ from conftest import load_tool
 from safetensors.torch import save_file
 
 import effidense  # noqa: F401  (registers effi_* with timm)
-from effidense.train import build_model, parse_args
+from effidense.train import TrainError, build_model, parse_args
+from effidense.train.checkpoint import find_checkpoint
 
+ROOT = Path(__file__).resolve().parents[1]
 tool = load_tool("train")
 
 TINY = ["--model", "effi_densenet_bc100_k12", "--model-kwargs", "block_config=(2,2)", "growth_rate=4",
@@ -98,3 +108,150 @@ def test_weights_files_still_load(tmp_path: Path) -> None:
     state = model.state_dict()
     assert state["classifier.weight"].shape == (3, weights["classifier.weight"].shape[1])
     assert all(torch.equal(state[k], v) for k, v in weights.items() if not k.startswith("classifier."))
+
+
+# --- flags refused up front ---
+
+@pytest.mark.parametrize("flag, value", [("--lr", "1e39"), ("--momentum", "nan"), ("--weight-decay", "inf"),
+                                         ("--warmup-lr", "nan"), ("--min-lr", "inf"), ("--clip-grad", "nan")])
+def test_non_finite_or_overflowing_hyperparameters_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                               flag: str, value: str) -> None:
+    with pytest.raises(SystemExit) as exc:
+        tool.main([*TINY, *SYNTHETIC, flag, value, "--output", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert f"argument {flag}: must be a finite number" in line and f"got {value}" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_config_file_is_checked_like_the_command_line(tmp_path: Path) -> None:
+    config = tmp_path / "cfg.yaml"
+    config.write_text("momentum: .nan\n")
+    with pytest.raises(TrainError, match=r"--momentum nan: must be a finite number >= 0"):
+        parse_args(["--config", str(config)])
+
+
+# --- resuming ---
+
+@pytest.fixture
+def finished_run(tmp_path: Path) -> Path:
+    argv = [*TINY, *SYNTHETIC, "--epochs", "1", "--model-ema", "--output", str(tmp_path), "--experiment", "run"]
+    assert tool.main(argv) == 0
+    return tmp_path / "run"
+
+
+def test_resume_alone_takes_the_run_s_own_arguments(finished_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
+    assert tool.main(["--resume", str(finished_run), "--epochs", "2"]) == 0  # no --data-dir, --model, ... given
+    out = capsys.readouterr().out
+    assert "resuming at epoch 1, step 2" in out
+    with open(finished_run / "summary.csv", newline="") as f:
+        assert [row["epoch"] for row in csv.DictReader(f)] == ["0", "1"]
+    args = parse_args(["--config", str(finished_run / "args.yaml")])
+    assert args.model_ema and args.epochs == 2 and args.dataset == "synthetic"  # the run's flags, and the new one
+
+
+@pytest.mark.parametrize("flags, named", [(["--opt", "adamw"], "--opt sgd"),
+                                          (["--weight-decay", "0"], "--weight-decay 2e-05"),
+                                          (["--momentum", "0.5"], "--momentum 0.9")])
+def test_resume_with_another_optimizer_is_one_line(finished_run: Path, capsys: pytest.CaptureFixture[str],
+                                                   flags: list[str], named: str) -> None:
+    before = {p.name: p.read_bytes() for p in finished_run.iterdir()}
+    capsys.readouterr()
+    assert tool.main(["--resume", str(finished_run), "--epochs", "2", *flags]) == 1
+    line = _one_line_error(capsys.readouterr().err)
+    assert line.startswith(f"error: --resume {finished_run}: the run was trained with {named};")
+    assert {p.name: p.read_bytes() for p in finished_run.iterdir()} == before
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda state: state.pop("step"), "lacks step"),
+    (lambda state: state.update(epoch="one"), "epoch (str)"),
+    (lambda state: state.update(optimizer={"state": {}, "param_groups": "x"}), "does not fit this run"),
+])
+def test_a_hand_edited_state_file_is_one_line(finished_run: Path, capsys: pytest.CaptureFixture[str], edit,
+                                              message: str) -> None:
+    path = finished_run / "last.state.pt"
+    state = torch.load(path, weights_only=True)
+    edit(state)
+    torch.save(state, path)
+    capsys.readouterr()
+    assert tool.main(["--resume", str(finished_run), "--epochs", "2"]) == 1
+    line = _one_line_error(capsys.readouterr().err)
+    assert str(path) in line and message in line
+
+
+def test_random_bytes_are_called_corrupt_not_unsafe(finished_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = finished_run / "last.state.pt"
+    path.write_bytes(random.Random(0).randbytes(4096))  # its first byte is no pickle opcode
+    capsys.readouterr()
+    assert tool.main(["--resume", str(finished_run), "--epochs", "2"]) == 1
+    line = _one_line_error(capsys.readouterr().err)
+    assert f"{path}: corrupt or truncated" in line
+    assert "pickle" not in line and "unsafe" not in line and "global" not in line
+
+
+def test_errors_under_torchrun_are_printed_once(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for args in (["--lr", "nan"], ["--data-dir", str(tmp_path / "missing")]):  # argparse's error, then a TrainError
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               "--master_addr", "127.0.0.1", "--master_port", str(port),
+                               str(ROOT / "tools" / "train.py"),
+                               *TINY, *args], env=env, capture_output=True, text=True, timeout=180)
+        assert proc.returncode != 0
+        ours = [line for line in proc.stderr.splitlines() if "error: " in line and "elastic" not in line]
+        assert len(ours) == 1, proc.stderr[-3000:]
+
+
+# --- writes that fail or are interrupted ---
+
+def _limit_file_size(limit: int):
+    def apply() -> None:  # in the child: writes past `limit` bytes fail (EFBIG), as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def _leftovers(run: Path) -> list[str]:
+    return sorted(p.name for p in run.iterdir() if p.name.endswith(".tmp"))
+
+
+def test_a_full_disk_during_training_is_one_line_and_leaves_no_temporary_file(tmp_path: Path) -> None:
+    # args.yaml, summary.csv and model_best.safetensors (22 kB) fit under the limit; last.state.pt (42 kB) does not
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "train.py"), *TINY, *SYNTHETIC, "--epochs", "1",
+                           "--output", str(tmp_path), "--experiment", "run"], env=env, capture_output=True, text=True,
+                          timeout=300, preexec_fn=_limit_file_size(30_000))
+    assert proc.returncode == 1
+    line = _one_line_error(proc.stderr)
+    assert line.startswith(f"error: cannot write {tmp_path / 'run' / 'last.state.pt'}: ")
+    assert _leftovers(tmp_path / "run") == []
+    assert (tmp_path / "run" / "summary.csv").exists() and not (tmp_path / "run" / "last.state.pt").exists()
+
+
+def test_ctrl_c_finishes_the_write_and_exits_with_one_line(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    run = tmp_path / "run"
+    for delay in (0.2, 0.9):  # somewhere among the per-step checkpoint commits
+        proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "train.py"), *TINY, *SYNTHETIC, "--epochs",
+                                 "100000", "--checkpoint-interval", "1", "--log-interval", "1", "--output",
+                                 str(tmp_path), "--experiment",
+                                 "run", *(["--resume", str(run)] if run.exists() else [])],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        while not proc.stdout.readline().startswith("train: "):  # the first step's log line: training is under way
+            assert proc.poll() is None, proc.communicate()
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130, err
+        line = _one_line_error(err)
+        assert line.startswith("interrupted (Ctrl-C);") and f"--resume {run}" in line
+        assert _leftovers(run) == []
+        assert find_checkpoint(run) is not None

@@ -11,9 +11,10 @@
 """
 from .args import TIMM_SCRIPT_ENV, args_to_yaml, build_parser, parse_args
 from .checkpoint import load_training_checkpoint, resolve_resume
-from .errors import TrainError, TrainingDiverged
+from .errors import TrainError, TrainingDiverged, TrainingInterrupted
 from .trainer import build_model, train
 from .wrapper import run_timm_script, split_timm_script
 
-__all__ = ["TIMM_SCRIPT_ENV", "TrainError", "TrainingDiverged", "args_to_yaml", "build_model", "build_parser",
-           "load_training_checkpoint", "parse_args", "resolve_resume", "run_timm_script", "split_timm_script", "train"]
+__all__ = ["TIMM_SCRIPT_ENV", "TrainError", "TrainingDiverged", "TrainingInterrupted", "args_to_yaml", "build_model",
+           "build_parser", "load_training_checkpoint", "parse_args", "resolve_resume", "run_timm_script",
+           "split_timm_script", "train"]

@@ -59,7 +59,7 @@ from .checkpoint import (
 )
 from .data import ResumableSampler, build_datasets, check_readable, eval_loader, set_transforms, train_loader
 from .distributed import Processes, init_processes, reduce_sum
-from .errors import TrainError, TrainingDiverged
+from .errors import TrainError, TrainingDiverged, TrainingInterrupted
 from .rundir import (
     RUN_FILES,
     append_summary,
@@ -73,6 +73,8 @@ __all__ = ["train", "build_model", "read_weights_file"]
 
 # Testing hook: SIGKILL this process right after optimizer step N, to test resuming a killed run.
 _KILL_AFTER_STEP_ENV = "EFFIDENSE_TEST_KILL_AFTER_STEP"
+# The flags that shape the optimizer's state: a resumed run must keep them.
+_OPTIMIZER_ARGS = ("opt", "weight_decay", "momentum")
 
 
 def _check_input_size(model: nn.Module, input_size: tuple[int, ...], args: argparse.Namespace) -> None:
@@ -254,7 +256,11 @@ class _Trainer:
         self.best_epoch: int | None = None
         self.last_metrics: dict[str, float] = {}
         if state is not None:
-            self._restore(state)
+            try:
+                self._restore(state)
+            except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+                raise TrainError(f"--resume {args.resume}: the training state in {self.checkpoint.state_path} does "
+                                 f"not fit this run ({type(e).__name__}: {short_error(e, 200)})") from None
         self.kill_after_step = int(os.environ.get(_KILL_AFTER_STEP_ENV, "0"))
         # A progress bar on a terminal; plain log lines every --log-interval steps in a log file or pipe.
         self.use_bar = sys.stderr.isatty()
@@ -268,6 +274,13 @@ class _Trainer:
                 f"--resume {args.resume}: the checkpoint was taken mid-epoch with batch size {state['batch_size']} x "
                 f"{state['world_size']} process(es) x {state['grad_accum_steps']} accumulation step(s); resume with "
                 "the same values")
+        saved_args = state.get("args") or {}
+        changed = [f"--{key.replace('_', '-')} {saved_args[key]}" for key in _OPTIMIZER_ARGS
+                   if key in saved_args and saved_args[key] != getattr(args, key)]
+        if changed:
+            # the optimizer's state (and its parameter groups) belong to the optimizer the run was started with
+            raise TrainError(f"--resume {args.resume}: the run was trained with {' '.join(changed)}; resume with "
+                             "the same optimizer settings (--resume RUN alone reuses the run's own arguments)")
         self.optimizer.load_state_dict(state["optimizer"])
         saved, current = state["schedule_args"], self._schedule_args()
         if saved == current:
@@ -276,7 +289,7 @@ class _Trainer:
             changes = ", ".join(f"{key} {saved.get(key)} -> {value}" for key, value in current.items()
                                 if saved.get(key) != value)
             tqdm.write(f"schedule changed since the checkpoint ({changes}): following the new one from epoch "
-                       f"{state['epoch'] + 1}")
+                       f"{state['epoch']}")
         if self.loss_scaler is not None and state.get("scaler"):
             self.loss_scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
@@ -316,7 +329,7 @@ class _Trainer:
     def check_finite(self) -> None:
         """Stop (on every rank alike: the weights are the same everywhere) before non-finite weights are saved."""
         if not (all_finite(self.model.state_dict()) and (self.ema is None or all_finite(self.ema.module.state_dict()))):
-            raise self._diverged(f"the weights became non-finite (NaN/inf) by epoch {self.epoch + 1}, step "
+            raise self._diverged(f"the weights became non-finite (NaN/inf) by epoch {self.epoch}, step "
                                  f"{self.step} (lr {self._current_lr():.4g})")
 
     def save_last(self) -> None:
@@ -376,7 +389,7 @@ class _Trainer:
         self.sampler.skip(self.batch * args.batch_size)
         self.train_model.train()
         meter = self.epoch_loss
-        bar = tqdm(total=self.num_batches, initial=self.batch, desc=f"epoch {epoch + 1}/{self.num_epochs}",
+        bar = tqdm(total=self.num_batches, initial=self.batch, desc=f"epoch {epoch}",
                    disable=not (ctx.primary and self.use_bar), dynamic_ncols=True, leave=True)
         tick, tick_images = time.perf_counter(), 0
         if ctx.device.type == "cuda":
@@ -396,7 +409,7 @@ class _Trainer:
                 loss_value = loss_value.item()
                 if not math.isfinite(loss_value):
                     bar.close()
-                    raise self._diverged(f"loss is {loss_value} at epoch {epoch + 1}, batch {batch_idx + 1} "
+                    raise self._diverged(f"loss is {loss_value} at epoch {epoch}, batch {batch_idx + 1} "
                                          f"(step {self.step}, lr {self._current_lr():.4g})")
                 if self.loss_scaler is not None:  # float16 autocast: timm's NativeScaler scales, unscales, clips
                     self.loss_scaler(loss / steps_in_update, self.optimizer, clip_grad=args.clip_grad,
@@ -428,7 +441,7 @@ class _Trainer:
                         postfix["mem"] = mem
                     bar.set_postfix(postfix, refresh=False)
                 elif ctx.primary:  # as timm's train.py logs: one line per --log-interval steps
-                    print(f"train: epoch {epoch + 1}/{self.num_epochs} [{batch_idx + 1:>{len(str(self.num_batches))}}"
+                    print(f"train: epoch {epoch} [{batch_idx + 1:>{len(str(self.num_batches))}}"
                           f"/{self.num_batches} ({100 * (batch_idx + 1) / self.num_batches:3.0f}%)]  loss "
                           f"{loss_value:.4f} (avg {meter.avg:.4f})  lr {self._current_lr():.3e}  {img_s:.1f} img/s"
                           + (f"  mem {mem}" if mem else ""), flush=True)
@@ -474,8 +487,12 @@ class _Trainer:
                 self.last_good = self.output_dir / "last.safetensors"
             write_file(self.output_dir / "args.yaml", lambda tmp: Path(tmp).write_text(args_to_yaml(args)))
             trim_summary(self.output_dir / "summary.csv", self.epoch)
-            tqdm.write(f"training {args.model} on {ctx.world_size} process(es) ({ctx.device.type}), "
-                       f"{self.num_batches} batches/epoch, writing {self.output_dir}")
+            tqdm.write(f"training {args.model} on {ctx.world_size} process(es) ({ctx.device.type}), epochs 0 to "
+                       f"{self.num_epochs - 1} (counted from 0, as in summary.csv), {self.num_batches} batches/epoch, "
+                       f"writing {self.output_dir}")
+            if self.checkpoint is not None:
+                tqdm.write(f"resuming at epoch {self.epoch}, step {self.step} ({self.checkpoint.weights_path.name} "
+                           f"of {self.checkpoint.weights_path.parent})")
         if self.epoch >= self.num_epochs and ctx.primary:
             tqdm.write(f"nothing to do: the run has finished its {self.num_epochs} epochs (--epochs extends it)")
         while self.epoch < self.num_epochs:
@@ -502,7 +519,7 @@ class _Trainer:
                     best_model = self.ema.module if self.ema is not None else self.model
                     save_weights(self.output_dir / "model_best.safetensors", unwrap_model(best_model).state_dict(),
                                  {"epoch": str(self.epoch), args.eval_metric: str(self.best_metric)})
-                tqdm.write(f"epoch {self.epoch + 1}/{self.num_epochs}: train_loss {train_metrics['loss']:.4f}, "
+                tqdm.write(f"epoch {self.epoch}: train_loss {train_metrics['loss']:.4f}, "
                            f"eval_loss {eval_metrics['loss']:.4f}, top1 {eval_metrics['top1']:.2f}, "
                            f"top5 {eval_metrics['top5']:.2f}, lr {lr:.4g} ({time.perf_counter() - started:.1f}s)")
             self.epoch, self.batch = self.epoch + 1, 0
@@ -524,7 +541,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     ctx = init_processes(args)
     try:
         with contextlib.ExitStack() as stack:  # holds the run directory's lock
-            return _Trainer(args, ctx, stack).fit()
+            trainer = _Trainer(args, ctx, stack)
+            try:
+                return trainer.fit()
+            except KeyboardInterrupt:  # files are written with Ctrl-C held back: none is left half-written
+                out = trainer.output_dir
+                raise TrainingInterrupted(f"interrupted (Ctrl-C); {out} keeps its last complete checkpoint: continue "
+                                          f"with --resume {out}") from None
     finally:
         if ctx.distributed and dist.is_initialized():
             dist.destroy_process_group()
