@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import re
 from collections import Counter
@@ -504,6 +505,12 @@ def convert_checkpoint(
         source_weights, _ = canonical_state_dict(loaded.state_dict)
         diff.append(verify_conversion(source_weights, conversion.source, reread, conversion.target,
                                       conversion.architecture))
+        if not math.isfinite(diff[-1]):  # NaN/inf outputs compare to nothing: say where they come from
+            bad = [key for key, value in source_weights.items()
+                   if value.is_floating_point() and not torch.isfinite(value).all()]
+            cause = (f"the source weights hold NaN/inf values in {len(bad)} tensor(s): {listing(bad)}" if bad else
+                     "the models' outputs are not finite on the verification batch")
+            raise VerificationError(f"verification impossible: {cause}; {output} not written", diff[-1])
         if not diff[-1] <= tolerance:
             raise VerificationError(f"verification failed: max abs difference {diff[-1]:.3g} between the "
                                     f"{conversion.source} and {conversion.target} models exceeds {tolerance:g}; "

@@ -21,7 +21,7 @@ from conftest import load_tool
 from safetensors.torch import save_file
 
 import effidense  # noqa: F401  (registers effi_* with timm)
-from effidense.train import TrainError, build_model, parse_args
+from effidense.train import TrainError, build_model, parse_args, trainer
 from effidense.train.checkpoint import find_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -255,3 +255,19 @@ def test_ctrl_c_finishes_the_write_and_exits_with_one_line(tmp_path: Path) -> No
         assert line.startswith("interrupted (Ctrl-C);") and f"--resume {run}" in line
         assert _leftovers(run) == []
         assert find_checkpoint(run) is not None
+
+
+def test_a_nan_batchnorm_buffer_during_training_is_not_blamed_on_the_lr(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    real = trainer._Trainer.train_epoch
+
+    def poisoned(self):  # an epoch after which one BN running mean is NaN, the parameters finite
+        metrics = real(self)
+        self.model.features.denseblock1.denselayer1.norm1.running_mean[0] = float("nan")
+        return metrics
+
+    monkeypatch.setattr(trainer._Trainer, "train_epoch", poisoned)
+    assert tool.main([*TINY, *SYNTHETIC, "--epochs", "1", "--output", str(tmp_path), "--experiment", "run"]) == 1
+    line = _one_line_error(capsys.readouterr().err)
+    assert "BatchNorm statistics became non-finite" in line and "denselayer1.norm1.running_mean" in line
+    assert "--lr" not in line

@@ -321,16 +321,24 @@ class _Trainer:
         dist.gather_object(rng_state(), gathered, dst=0)
         return gathered
 
-    def _diverged(self, what: str) -> TrainingDiverged:
+    def _diverged(self, what: str, hint: str = "Lower --lr or add --warmup-epochs/--clip-grad") -> TrainingDiverged:
         return TrainingDiverged(
             f"{what}; stopped without saving. Last good checkpoint: {self.last_good or 'none (nothing was saved)'}. "
-            "Lower --lr or add --warmup-epochs/--clip-grad")
+            f"{hint}")
 
     def check_finite(self) -> None:
         """Stop (on every rank alike: the weights are the same everywhere) before non-finite weights are saved."""
-        if not (all_finite(self.model.state_dict()) and (self.ema is None or all_finite(self.ema.module.state_dict()))):
-            raise self._diverged(f"the weights became non-finite (NaN/inf) by epoch {self.epoch}, step "
-                                 f"{self.step} (lr {self._current_lr():.4g})")
+        if all_finite(self.model.state_dict()) and (self.ema is None or all_finite(self.ema.module.state_dict())):
+            return
+        params = {name for name, _ in self.model.named_parameters()}
+        bad = [key for key, value in self.model.state_dict().items()
+               if value.is_floating_point() and not torch.isfinite(value).all()]
+        if bad and not any(key in params for key in bad):  # the parameters are fine: the statistics saw NaN/inf
+            raise self._diverged(f"BatchNorm statistics became non-finite (NaN/inf) by epoch {self.epoch}, step "
+                                 f"{self.step}, while the parameters stayed finite: {listing(bad)}",
+                                 "Check the training images for NaN/inf values")
+        raise self._diverged(f"the weights became non-finite (NaN/inf) by epoch {self.epoch}, step "
+                             f"{self.step} (lr {self._current_lr():.4g})")
 
     def save_last(self) -> None:
         """Save last.* at the current position (every rank must call it: the RNG states are gathered)."""
