@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from timm.utils import ParseKwargs
 
 from ..densenet import MEMORY_MODES
-from ..modelspec import non_negative_int, positive_int
+from ..modelspec import ModelKwargs, non_negative_int, positive_int
 from .errors import TrainError
 
 __all__ = ["build_parser", "parse_args", "args_as_dict", "args_to_yaml", "TIMM_SCRIPT_ENV", "WRAPPER_HINT"]
@@ -66,7 +65,7 @@ def _smoothing(text: str) -> float:
 _CHECKED = (_non_negative, _positive, _fraction, _smoothing)
 
 
-class _ModelKwargs(ParseKwargs):
+class _ModelKwargs(ModelKwargs):
     """timm's ``KEY=VALUE`` pairs (values read as Python literals, else as strings); anything else, such as a JSON
     object, is a one-line error naming ``--model-kwargs``."""
 
