@@ -1,19 +1,17 @@
 """Weight conversion between torchvision, timm, MONAI and effidense DenseNet checkpoints, and 2D -> 3D inflation.
 
-Modern torchvision, timm and effidense state dicts use the same keys (``features.conv0.weight``,
-``features.denseblock1.denselayer1.norm1.weight``, ``features.transition1.conv.weight``, ``features.norm5.*``,
-``classifier.*``), so converting is mostly checking; MONAI's (2D) DenseNet differs only in names
-(``...denselayer1.layers.norm1.weight``, ``class_layers.out.*``). :data:`KEY_RULES` is the one table of what does
-differ in the keys; :func:`layout_limits` says which architectures each layout can hold. :func:`inflate` turns 2D
-weights into 3D ones (I3D inflation) for the same network with 3D layers. Reading accepts ``.pth``/``.pt``/``.bin``
-files (``torch.load(weights_only=True)``; training checkpoints wrapped as ``{'state_dict': ...}`` or
-``{'model': ...}`` too) and ``.safetensors``; writing produces ``.safetensors`` with the architecture in its header,
-or a plain ``.pth`` state dict. Every failure raises :class:`ConversionError` with a one-line message.
+torchvision, timm and effidense state dicts share their keys, so converting is mostly checking; MONAI's (2D) differ
+only in names (``...denselayer1.layers.norm1.weight``, ``class_layers.out.*``): :data:`KEY_RULES` is the one table of
+what differs, :func:`layout_limits` says which architectures each layout can hold, :func:`inflate` makes 2D weights
+3D (I3D). Reads ``.pth``/``.pt``/``.bin`` (``torch.load(weights_only=True)``, also wrapped as ``{'state_dict': ...}``
+or ``{'model': ...}``) and ``.safetensors``; writes ``.safetensors`` with the architecture in its header, or a plain
+``.pth`` state dict. Every failure raises :class:`ConversionError` with a one-line message.
 """
 from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import re
 from collections import Counter
@@ -38,6 +36,7 @@ from .weights import (
     check_output,
     has_layout_keys,
     has_legacy_keys,
+    inflate_kernels,
     is_bn_counter,
     layout_key,
     layout_state_dict,
@@ -437,31 +436,12 @@ def convert_state_dict(
                                   + "; ".join(reasons))
     out, more_notes = _complete(canonical, arch)
     if inflate is not None:
-        out = _inflate_kernels(out, inflate)
+        out = inflate_kernels(out, inflate)
         more_notes.append(f"inflated the 2D kernels to 3D ({inflate})")
     return Conversion(layout_state_dict(out, target), arch, name, source, target, notes + more_notes, inflate)
 
 
 # --- 2D -> 3D ---
-
-def _inflate_kernels(state_dict: Mapping[str, Tensor], method: str) -> dict[str, Tensor]:
-    out = {}
-    for key, value in state_dict.items():
-        if value.dim() != 4:
-            out[key] = value.clone()
-            continue
-        k, kw = value.shape[-2:]
-        if k != kw:
-            raise ConversionError(f"cannot inflate {key} {list(value.shape)}: its kernel is not square")
-        if method == "mean":
-            out[key] = value.unsqueeze(2).repeat(1, 1, k, 1, 1).div(k)
-        else:
-            if k % 2 == 0:
-                raise ConversionError(f"cannot centre {key} {list(value.shape)}: an even kernel has no middle tap")
-            out[key] = value.new_zeros(value.shape[:2] + (k,) + value.shape[2:])
-            out[key][:, :, k // 2] = value
-    return out
-
 
 def inflate(state_dict: Mapping[str, Tensor], spatial_dims: int = 3, method: str = "mean") -> dict[str, Tensor]:
     """A 2D DenseNet state dict (torchvision, timm, effidense or MONAI 2D names, kept as they are) as 3D weights
@@ -481,7 +461,7 @@ def inflate(state_dict: Mapping[str, Tensor], spatial_dims: int = 3, method: str
     if method not in INFLATE_METHODS:
         raise ConversionError(f"unknown inflation method {method!r}; choose one of: {', '.join(INFLATE_METHODS)}")
     convert_state_dict(state_dict)  # a 2D DenseNet whose every key fits, or one line saying why not
-    return _inflate_kernels(state_dict, method)
+    return inflate_kernels(state_dict, method)
 
 
 # --- verifying ---
@@ -603,6 +583,12 @@ def convert_checkpoint(
         source_weights, _ = canonical_state_dict(loaded.state_dict)
         diff.append(verify_conversion(source_weights, conversion.source, reread, conversion.target,
                                       conversion.architecture))
+        if not math.isfinite(diff[-1]):  # NaN/inf outputs compare to nothing: say where they come from
+            bad = [key for key, value in source_weights.items()
+                   if value.is_floating_point() and not torch.isfinite(value).all()]
+            cause = (f"the source weights hold NaN/inf values in {len(bad)} tensor(s): {listing(bad)}" if bad else
+                     "the models' outputs are not finite on the verification batch")
+            raise VerificationError(f"verification impossible: {cause}; {output} not written", diff[-1])
         if not diff[-1] <= tolerance:
             raise VerificationError(f"verification failed: max abs difference {diff[-1]:.3g} between the "
                                     f"{conversion.source} and {conversion.target} models exceeds {tolerance:g}; "

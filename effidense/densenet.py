@@ -40,16 +40,13 @@ from timm.layers import create_classifier
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
+from .arguments import COMPILE_SCOPES, MEMORY_MODES, check_config, check_spatial_dims, resolve_compile, resolve_memory
 from .layers.norm import BATCH_NORM_ACT, AdoptsNorms, BatchNormAct
 from .layers.pool import AvgPool, MaxPool
 from .layers.recompute import checkpointed, is_tracing, run_mode
 
 __all__ = ["DenseNet", "DenseLayer", "DenseBlock", "Transition", "MEMORY_MODES", "SCRIPTING_UNSUPPORTED"]
 
-MEMORY_MODES = ("plain", "efficient", "frugal")
-COMPILE_SCOPES = ("layers", "model")
-SPATIAL_DIMS = (1, 2, 3)
-MAX_LAYERS = 10_000  # DenseNet-264 has 130 dense layers; far more only exhausts memory while building
 SCRIPTING_UNSUPPORTED = (
     "effidense's DenseNet does not support TorchScript (torch.jit.script), which PyTorch deprecates: use "
     "torch.export.export, torch.onnx.export or torch.compile, or torch.jit.trace for a TorchScript module")
@@ -64,11 +61,6 @@ def _conv(spatial_dims: int, in_channels: int, out_channels: int, kernel: int, s
 
 def _cat(maps: Sequence[Tensor]) -> Tensor:
     return maps[0] if len(maps) == 1 else torch.cat(maps, 1)
-
-
-def _check_spatial_dims(spatial_dims: Any) -> None:
-    if isinstance(spatial_dims, bool) or spatial_dims not in SPATIAL_DIMS:
-        raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
 
 
 class DenseLayer(AdoptsNorms):
@@ -128,7 +120,7 @@ class DenseBlock(nn.ModuleDict):
                  new_features_only: bool = False, norm_layer: NormLayer | None = None,
                  drop_channels: bool = False) -> None:
         super().__init__()
-        _check_spatial_dims(spatial_dims)
+        check_spatial_dims(spatial_dims)
         for i in range(num_layers):
             layer = DenseLayer(num_input_features + i * growth_rate, growth_rate, bn_size, drop_rate, spatial_dims,
                                memory, norm_layer, drop_channels)
@@ -142,7 +134,7 @@ class DenseBlock(nn.ModuleDict):
 
     @memory.setter
     def memory(self, memory: str) -> None:
-        self._memory = _resolve_memory(memory, None)
+        self._memory = resolve_memory(memory, None)
         for layer in self.values():
             layer.memory = self._memory
 
@@ -181,88 +173,6 @@ class Transition(AdoptsNorms):
 
 class _Features(AdoptsNorms, nn.Sequential):
     """``features``: the stem, blocks, transitions and final norm, by torchvision's names."""
-
-
-def _resolve_memory(memory: str | None, efficient: bool | None, memory_efficient: bool | None = None) -> str:
-    """The one place where a memory mode is chosen from the arguments users pass (``efficient`` is the seed
-    projects' spelling, ``memory_efficient`` torchvision's and timm's: True means 'efficient', False 'plain')."""
-    if memory is not None and memory not in MEMORY_MODES:
-        raise ValueError(f"memory must be one of {', '.join(map(repr, MEMORY_MODES))}, got {memory!r}")
-    for name, value in (("efficient", efficient), ("memory_efficient", memory_efficient)):
-        if value is not None and not isinstance(value, bool):
-            raise ValueError(f"{name} must be True or False, got {value!r}")
-    if efficient is not None and memory_efficient is not None and efficient != memory_efficient:
-        raise ValueError(f"efficient={efficient} contradicts memory_efficient={memory_efficient}; pass only one")
-    flag, name = (efficient, "efficient") if efficient is not None else (memory_efficient, "memory_efficient")
-    if flag is None:
-        return memory or "efficient"
-    if memory is not None and (memory == "plain") == flag:
-        raise ValueError(f"memory={memory!r} contradicts {name}={flag}; pass only one of them")
-    return memory or ("efficient" if flag else "plain")
-
-
-def _resolve_compile(compile: bool | str) -> str | None:
-    """The compile scope that ``compile=`` asks for: None, 'layers' (True) or 'model'."""
-    if isinstance(compile, bool):
-        return "layers" if compile else None
-    if compile in COMPILE_SCOPES:
-        return compile
-    raise ValueError(f"compile must be True, False or one of {', '.join(map(repr, COMPILE_SCOPES))}, got {compile!r}")
-
-
-MAX_PARAMETERS = 2 ** 32  # 16 GiB of float32 weights before a single activation
-
-
-def _check_config(growth_rate: int, block_config: Sequence[int], num_init_features: int, bn_size: int | None,
-                  compression: float, drop_rate: float, head_drop_rate: float, num_classes: int,
-                  in_chans: int, small_inputs: bool, spatial_dims: int) -> None:
-    def positive_int(name: str, value: Any) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-    def fraction(name: str, value: Any, low_open: bool) -> None:
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not number or not (0 < value <= 1 if low_open else 0 <= value < 1):
-            raise ValueError(f"{name} must be a number in {'(0, 1]' if low_open else '[0, 1)'}, got {value!r}")
-
-    positive_int("growth_rate", growth_rate)
-    positive_int("num_init_features", num_init_features)
-    positive_int("in_chans", in_chans)
-    if bn_size is not None:
-        positive_int("bn_size", bn_size)
-    if isinstance(block_config, (str, bytes)) or not isinstance(block_config, Sequence) or not block_config:
-        raise ValueError(f"block_config must be a non-empty sequence of layer counts, got {block_config!r}")
-    for i, n in enumerate(block_config):
-        positive_int(f"block_config[{i}]", n)
-    fraction("compression", compression, low_open=True)
-    fraction("drop_rate", drop_rate, low_open=False)
-    fraction("head_drop_rate", head_drop_rate, low_open=False)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-        raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
-    if not isinstance(small_inputs, bool):
-        raise ValueError(f"small_inputs must be True or False, got {small_inputs!r}")
-    _check_spatial_dims(spatial_dims)
-    if sum(block_config) > MAX_LAYERS:
-        raise ValueError(f"block_config {tuple(block_config)} has {sum(block_config)} dense layers; at most "
-                         f"{MAX_LAYERS} are supported (DenseNet-264 has 130)")
-    parameters = _count_weights(growth_rate, block_config, num_init_features, bn_size, compression, spatial_dims)
-    if parameters > MAX_PARAMETERS:
-        raise ValueError(f"this configuration would have about {parameters:.3g} convolution weights "
-                         f"({parameters * 4 / 2 ** 30:.3g} GiB in float32), over the {MAX_PARAMETERS:.3g} supported")
-
-
-def _count_weights(growth_rate: int, block_config: Sequence[int], channels: int, bn_size: int | None,
-                   compression: float, spatial_dims: int) -> int:
-    """The dense layers' and transitions' convolution weights, counted without building them."""
-    k, total, window = growth_rate, 0, 3 ** spatial_dims
-    for i, n in enumerate(block_config):
-        inputs = n * channels + k * n * (n - 1) // 2  # the layers' input channels, summed
-        total += inputs * bn_size * k + n * bn_size * k * k * window if bn_size else inputs * k * window
-        channels += n * k
-        if i < len(block_config) - 1:
-            total += channels * int(channels * compression)
-            channels = int(channels * compression)
-    return total
 
 
 class DenseNet(nn.Module):
@@ -317,10 +227,10 @@ class DenseNet(nn.Module):
             drop_channels: bool = False,
     ) -> None:
         super().__init__()
-        _check_config(growth_rate, block_config, num_init_features, bn_size, compression, drop_rate,
+        check_config(growth_rate, block_config, num_init_features, bn_size, compression, drop_rate,
                       head_drop_rate, num_classes, in_chans, small_inputs, spatial_dims)
-        mode = _resolve_memory(memory, efficient, memory_efficient)
-        compile_scope = _resolve_compile(compile)
+        mode = resolve_memory(memory, efficient, memory_efficient)
+        compile_scope = resolve_compile(compile)
         self.compile_options: tuple[tuple[str, Any], ...] | None = None
         self.compile_scope: str | None = None
         self.num_classes = num_classes
@@ -386,14 +296,14 @@ class DenseNet(nn.Module):
 
     @memory.setter
     def memory(self, memory: str) -> None:
-        self._memory = _resolve_memory(memory, None)
+        self._memory = resolve_memory(memory, None)
         for m in self.modules():
             if isinstance(m, (DenseBlock, Transition)):
                 m.memory = self._memory
 
     def set_memory(self, memory: str | None = None, efficient: bool | None = None) -> DenseNet:
         """Switch the memory mode of a built model; returns the model."""
-        self.memory = _resolve_memory(memory, efficient)
+        self.memory = resolve_memory(memory, efficient)
         return self
 
     @torch.jit.ignore

@@ -2,6 +2,10 @@
 
 * :func:`atomic_write` writes through a temporary file in the target's directory, flushes it to disk and moves it
   into place with ``os.replace``: a reader, or a kill at any instant, sees the old file or the new one, never a part.
+  Its two steps are public for writers that commit several files as one unit (the trainer's checkpoints):
+  :func:`write_complete` (write and flush a temporary file) and :func:`publish` (move it into place), the one
+  ``os.replace`` of the package. Ctrl-C during a write is held back until the write is finished or discarded
+  (:func:`interrupts_deferred`), so an interrupted program leaves no temporary file behind.
 * :func:`load_torch_file` loads with ``torch.load(weights_only=True)``, so a checkpoint can never run code, and tells
   an unsafe file (pickled objects) from a corrupt or truncated one. :func:`load_safetensors` reads safetensors.
 """
@@ -10,18 +14,22 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import pickletools
 import re
+import signal
 import struct
 import tempfile
+import threading
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 __all__ = ["UnreadableFileError", "UnsafeFileError", "atomic_write", "atomic_write_bytes", "check_writable",
-           "file_mode", "load_safetensors", "load_torch_file", "short_error", "write_complete"]
+           "file_mode", "interrupts_deferred", "load_safetensors", "load_torch_file", "publish", "short_error",
+           "write_complete"]
 
 
 class UnreadableFileError(ValueError):
@@ -54,24 +62,55 @@ def write_complete(tmp: str | os.PathLike[str], write: Callable[[str], None]) ->
     os.chmod(tmp, file_mode())
 
 
+def publish(tmp: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
+    """Move the complete file ``tmp`` (see :func:`write_complete`) to ``path`` in one atomic step (``os.replace``):
+    a reader sees the old file or the new one."""
+    os.replace(tmp, path)
+    return Path(path)
+
+
+_deferring = False
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold back Ctrl-C (SIGINT) for the block: a write in progress is finished (or discarded, on an error), then the
+    ``KeyboardInterrupt`` is raised. A no-op outside the main thread and inside another such block."""
+    global _deferring
+    if _deferring or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    _deferring = True
+    try:
+        yield
+    finally:
+        _deferring = False
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> Path:
     """Create ``path`` by ``write(tmp)`` on a temporary file beside it, moved into place only once complete.
 
     On any error, including in ``write``, no temporary file is left and an existing ``path`` is untouched; OSErrors
-    propagate for the caller to name the file.
+    propagate for the caller to name the file. Ctrl-C waits for the write to finish.
     """
     path = Path(path)
     tmp: str | None = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        write_complete(tmp, write)
-        os.replace(tmp, path)
-        tmp = None
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
+    with interrupts_deferred():
+        try:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)
+            write_complete(tmp, write)
+            publish(tmp, path)
+            tmp = None
+        finally:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
     return path
 
 
@@ -112,9 +151,23 @@ def _refusal_reason(error: BaseException) -> str:
     return m[1].strip() if m else short_error(error)
 
 
+_PICKLE_OPCODES = frozenset(ord(op.code) for op in pickletools.opcodes)
+
+
 def _is_unsafe(error: BaseException) -> bool:
-    text = str(error).lower()
-    return any(s in text for s in ("unsupported global", "allowed global", "unsupported operand", "weights only load"))
+    """Whether torch's weights-only unpickler refused an object to build (code to run), rather than stumbled on bytes
+    that are no pickle at all: every refusal starts "Weights only load failed", so its reason decides."""
+    text = str(error)
+    operand = re.search(r"Unsupported operand (\d+)", text)
+    if operand:  # an opcode it does not run (INST, OBJ, EXT*: objects) or a byte that is no opcode (random bytes)
+        return int(operand[1]) in _PICKLE_OPCODES
+    return re.search(r"global|reduce|can only build|unsupported (?:class|type)", text, re.IGNORECASE) is not None
+
+
+def _corrupt_reason(error: BaseException) -> str:
+    # the unpickler's own words, without torch's advice on weights_only (which a corrupt file does not need)
+    m = re.search(r"WeightsUnpickler error: (.*?)(?:\s+Check the documentation|$)", str(error), re.DOTALL)
+    return short_error(m[1]) if m else short_error(error)
 
 
 def _readable(path: str | os.PathLike[str]) -> Path:
@@ -139,7 +192,7 @@ def load_torch_file(path: str | os.PathLike[str], safe_globals: Iterable[Any] = 
                 f"{path}: refused to load (unsafe): the file holds pickled Python objects, not only tensors "
                 f"({_refusal_reason(e)}); torch.load(weights_only=True) protects you from code in checkpoints. "
                 "If you trust the file, re-save its state_dict alone with torch.save") from None
-        raise UnreadableFileError(f"{path}: corrupt or truncated checkpoint ({short_error(e)})") from None
+        raise UnreadableFileError(f"{path}: corrupt or truncated checkpoint ({_corrupt_reason(e)})") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, struct.error, KeyError,
             AttributeError, TypeError, IndexError) as e:
         raise UnreadableFileError(f"{path}: corrupt or truncated checkpoint ({short_error(e)})") from None

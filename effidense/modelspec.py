@@ -13,8 +13,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from timm.utils import ParseKwargs
-
 from .densenet import DenseNet
 from .names import CONFIGS, model_names, unknown_model_message
 
@@ -164,13 +162,15 @@ def _bn_size(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {text!r}") from None
 
 
-class ModelKwargs(ParseKwargs):
-    """timm's ``--model-kwargs KEY=VALUE ...`` (:class:`timm.utils.ParseKwargs`: values are Python literals, else
-    strings), with a one-line argparse error naming the option for a pair that is not ``KEY=VALUE``."""
+class ModelKwargs(argparse.Action):
+    """timm's ``--model-kwargs KEY=VALUE ...`` (as :class:`timm.utils.ParseKwargs` of timm >= 1.0.30 reads them:
+    values are Python literals, else strings, and may hold ``=``; older timm splits at every ``=``), with a one-line
+    argparse error naming the option for a pair that is not ``KEY=VALUE``."""
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  values: str | Sequence[Any] | None, option_string: str | None = None) -> None:
-        for value in values or []:
+        values = [value for value in values or [] if value]  # timm skips empty ones too
+        for value in values:
             key, eq, text = value.partition("=")
             if not eq or not key.isidentifier():
                 raise argparse.ArgumentError(self, f"expected KEY=VALUE pairs, e.g. growth_rate=12, got {value!r}")
@@ -180,7 +180,14 @@ class ModelKwargs(ParseKwargs):
                     ast.literal_eval(text)
                 except (ValueError, SyntaxError):
                     raise argparse.ArgumentError(self, f"{key}: {text!r} is not a valid Python literal") from None
-        super().__call__(parser, namespace, values or [], option_string)
+        kwargs: dict[str, Any] = {}
+        for value in values:
+            key, _, text = value.partition("=")
+            try:
+                kwargs[key] = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                kwargs[key] = text  # a plain string needs no quotes on the command line
+        setattr(namespace, self.dest, kwargs)
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -384,6 +384,19 @@ def test_failed_verification_writes_nothing(tmp_path, capsys, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.pth"]
 
 
+def test_verifying_nan_weights_names_them_instead_of_a_nan_difference(tmp_path, capsys):
+    model = tiny_torchvision()
+    state = model.state_dict()
+    state["features.norm5.running_var"][0] = float("nan")
+    source = tmp_path / "tiny.pth"
+    torch.save(state, source)
+    code, _, err = run_cli(capsys, "--checkpoint", source, "--output", tmp_path / "out.safetensors", "--verify")
+    assert code == 3
+    assert "features.norm5.running_var" in err and "NaN/inf" in err and "difference nan" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.pth"]
+
+
 def test_verification_detects_a_wrong_model(tmp_path):
     tv = tiny_torchvision()
     converted = convert.convert_state_dict(tv.state_dict())

@@ -236,3 +236,13 @@ def test_model_kwargs_key_value(gradcheck, capsys):
     code, out, _ = run_cli(gradcheck, argv, capsys)
     assert code == 0, out
     assert "models: custom (depth 7, blocks (1, 1)" in out
+
+
+def test_an_image_size_too_small_for_the_model_is_refused_up_front(gradcheck, capsys, monkeypatch):
+    def no_checks(*args, **kwargs):
+        raise AssertionError("checks ran with an image the model cannot take")
+
+    monkeypatch.setattr(gradcheck, "run_local_checks", no_checks)
+    code, out, err = run_cli(gradcheck, ["--quiet", "--img-size", "1"], capsys)
+    assert code == 2 and out == ""
+    assert err.strip() == "effidense gradcheck: error: --img-size 1: tiny DenseNet-BC needs inputs of at least 5x5"

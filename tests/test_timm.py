@@ -116,6 +116,8 @@ def test_forward_intermediates_match_forward_features():
             torch.testing.assert_close([last], [intermediates[1]], rtol=0, atol=0)
 
 
+@pytest.mark.skipif(not hasattr(TimmDenseNet, "forward_intermediates"),
+                    reason="timm's own DenseNet has forward_intermediates from timm 1.0.31 on: nothing to compare with")
 def test_intermediates_equal_timms_densenet():
     """Same weights in timm's DenseNet and ours give the same feature maps for every index."""
     torch.manual_seed(0)

@@ -21,8 +21,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import effidense  # noqa: F401  (registers effi_* with timm)
-from effidense.train import TrainError, build_model, load_checkpoint, parse_args, resolve_resume
-from effidense.train.checkpoint import save_checkpoint, save_weights
+from effidense.train import TrainError, build_model, load_training_checkpoint, parse_args, resolve_resume
+from effidense.train.checkpoint import save_training_checkpoint, save_weights
 from effidense.train.data import SyntheticDataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -246,7 +246,7 @@ def test_synthetic_run_writes_summary_checkpoints_and_args(tmp_path: Path) -> No
     assert [row["epoch"] for row in rows] == ["0", "1"]
     assert set(rows[0]) == {"epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr"}
     assert [float(row["lr"]) for row in rows] == pytest.approx([0.1, 0.01])  # multistep: x0.1 from epoch 1
-    weights, state = load_checkpoint(resolve_resume(str(run)))
+    weights, state = load_training_checkpoint(resolve_resume(str(run)))
     assert (state["epoch"], state["batch"], state["step"]) == (2, 0, 2 * 3)  # 8 batches, accumulated 3+3+2
     group = state["optimizer"]["param_groups"][0]
     assert group["nesterov"] and group["momentum"] == 0.9  # timm's 'sgd' is SGD with Nesterov momentum
@@ -273,8 +273,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, capsys: p
             "--smoothing", "0", "--output", str(tmp_path / "out"), "--experiment", "nan"]
     assert tool.main(argv) == 1
     err = capsys.readouterr().err
-    assert "error: loss is" in err and "epoch 2" in err and str(run / "last.safetensors") in err
-    weights, state = load_checkpoint(resolve_resume(str(run)))
+    assert "error: loss is" in err and "at epoch 1," in err and str(run / "last.safetensors") in err
+    weights, state = load_training_checkpoint(resolve_resume(str(run)))
     assert (state["epoch"], state["batch"]) == (1, 0)
     assert all(torch.isfinite(t).all() for t in weights.values())
     assert len(_summary(run)) == 1
@@ -282,17 +282,19 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, capsys: p
 
 def test_checkpoint_pair_survives_a_kill_between_its_two_files(tmp_path: Path) -> None:
     weights = {"w": torch.zeros(2)}
-    position = dict(model="m", epoch=0, batch=2, step=2)
-    save_checkpoint(tmp_path, "last", weights, position)
+    rest = dict(model="m", epoch_loss=[0.0, 0], batch_size=8, world_size=1, grad_accum_steps=1, optimizer={},
+                scheduler={}, schedule_args={}, rng=[], best_metric=None, best_epoch=None, ema=None)
+    position = dict(epoch=0, batch=2, step=2, **rest)
+    save_training_checkpoint(tmp_path, "last", weights, position)
     # A kill after the weights of step 4 were moved into place but before their state file was:
-    new = dict(model="m", epoch=0, batch=4, step=4)
+    new = dict(epoch=0, batch=4, step=4, **rest)
     torch.save({"format": "effidense-train-state/1", **new}, tmp_path / "last.state.pt.tmp")
     save_weights(tmp_path / "last.safetensors", {"w": torch.ones(2)}, {"position": "0/4/4"})
-    loaded, state = load_checkpoint(tmp_path / "last.state.pt")
+    loaded, state = load_training_checkpoint(tmp_path / "last.state.pt")
     assert state["step"] == 4 and torch.equal(loaded["w"], torch.ones(2))
     (tmp_path / "last.state.pt.tmp").unlink()
     with pytest.raises(TrainError, match="no matching training state"):
-        load_checkpoint(tmp_path / "last.state.pt")
+        load_training_checkpoint(tmp_path / "last.state.pt")
 
 
 # --- resume after SIGKILL ---
@@ -329,7 +331,7 @@ def test_resume_after_sigkill_equals_unbroken_run(small_digits: Path, unbroken_r
     proc = subprocess.run([sys.executable, str(TOOL), *argv], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     run = tmp_path / "killed"
-    _, state = load_checkpoint(resolve_resume(str(run)))
+    _, state = load_training_checkpoint(resolve_resume(str(run)))
     assert (state["epoch"], state["batch"], state["step"]) == resumes_at
 
     # Resumed in-process and without a loader worker: the samples' augmentation does not depend on either.
@@ -339,8 +341,8 @@ def test_resume_after_sigkill_equals_unbroken_run(small_digits: Path, unbroken_r
         assert expected.keys() == got.keys()
         assert all(torch.equal(expected[k], got[k]) for k in expected), name
     assert _summary(run) == _summary(unbroken_run)
-    _, final = load_checkpoint(resolve_resume(str(run)))
-    _, reference = load_checkpoint(resolve_resume(str(unbroken_run)))
+    _, final = load_training_checkpoint(resolve_resume(str(run)))
+    _, reference = load_training_checkpoint(resolve_resume(str(unbroken_run)))
     assert final["ema"].keys() == reference["ema"].keys()
     assert all(torch.equal(final["ema"][k], reference["ema"][k]) for k in final["ema"])
 
@@ -358,7 +360,7 @@ def test_two_process_ddp_on_gloo(tmp_path: Path) -> None:
     rows = _summary(run)
     assert [row["epoch"] for row in rows] == ["0", "1"]  # one writer
     assert proc.stdout.count("done: best") == 1
-    weights, state = load_checkpoint(resolve_resume(str(run)))
+    weights, state = load_training_checkpoint(resolve_resume(str(run)))
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     assert state["step"] == 2 * (64 // 2 // 8)  # the sampler splits 64 images over 2 ranks: 4 batches each
     # The logged validation metrics cover the whole validation set once, over both ranks' shares:

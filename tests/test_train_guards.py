@@ -2,6 +2,7 @@
 `--model-kwargs` syntax, and the `effidense timm` command."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -136,7 +137,7 @@ def test_resume_from_a_damaged_checkpoint_is_one_line(finished_run, damage: str,
 @pytest.mark.parametrize("flags, message", [
     (["--lr", "-1"], "argument --lr: must be a finite number >= 0, got -1"),
     (["--lr", "nan"], "argument --lr: must be a finite number >= 0"),
-    (["--smoothing", "1.5"], "argument --smoothing: label smoothing must be in [0, 1), got 1.5"),
+    (["--smoothing", "1.5"], "argument --smoothing: must be in [0, 1) (label smoothing), got 1.5"),
     (["--model-kwargs", '{"growth_rate": 4}'], "argument --model-kwargs: '{\"growth_rate\": 4}' is not KEY=VALUE"),
     (["--model-kwargs", "growth_rate"], "argument --model-kwargs: 'growth_rate' is not KEY=VALUE"),
 ])
@@ -204,8 +205,15 @@ def test_log_lines_when_not_a_terminal(tmp_path: Path, capsys: pytest.CaptureFix
     # 8 batches per epoch, a line every 3 steps and at the epoch's end: 3, 6, 8
     assert [line.split("[")[1].split("]")[0].split(" (")[0].strip() for line in steps] == ["3/8", "6/8", "8/8"] * 2
     assert all(" loss " in line and " lr " in line and "img/s" in line for line in steps)
-    assert steps[0].startswith("train: epoch 1/2") and steps[-1].startswith("train: epoch 2/2")
-    assert sum(line.startswith("epoch ") and "train_loss" in line for line in lines) == 2
+    # epochs are counted from 0 everywhere, as timm counts them: the log lines, summary.csv, the final line
+    assert steps[0].startswith("train: epoch 0 [") and steps[-1].startswith("train: epoch 1 [")
+    assert [line.split(":")[0] for line in lines if line.startswith("epoch ") and "train_loss" in line] == [
+        "epoch 0", "epoch 1"]
+    with open(tmp_path / "run" / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["epoch"] for row in rows] == ["0", "1"]
+    best = max(rows, key=lambda row: float(row["eval_top1"]))  # the first of equals, as the trainer keeps
+    assert f"done: best {float(best['eval_top1']):.4f} at epoch {best['epoch']} " in captured.out
 
 
 # --- effidense timm ---

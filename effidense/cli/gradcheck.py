@@ -87,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         given = any(getattr(args, k) is not None for k in _MODEL_FLAGS) or args.model_kwargs
         specs = [spec_from_args(args)] if given else [TINY_BC, TINY_SMALL_INPUTS]
+        for spec in specs:  # refused up front, not once per check
+            smallest = spec.build().min_input_size
+            if args.img_size < smallest:
+                raise ValueError(f"--img-size {args.img_size}: {spec.name} needs inputs of at least "
+                                 f"{smallest}x{smallest}")
         threads = args.threads or (None if given else 1)
         if threads is not None:
             torch.set_num_threads(threads)

@@ -4,28 +4,45 @@ Built-in mode (no timm checkout needed), single process or `torchrun --nproc_per
 
     python tools/train.py --data-dir DIR --model effi_densenet121 -b 64 --epochs 90 --sched multistep \
         --decay-milestones 30 60 --lr 0.1 --weight-decay 1e-4 --experiment dn121
+    python tools/train.py --resume output/train/dn121      # continue it, with its own arguments (args.yaml)
 
 timm's own scripts (train.py, validate.py, ...) with effidense's models registered: `effidense timm SCRIPT ARGS`.
 
-`--help` lists the built-in trainer's flags; see README.md, section "Training".
+`--help` lists the built-in trainer's flags; see README.md, section "Training". Errors are one line (under torchrun
+from rank 0 only, which meets the same ones); Ctrl-C finishes the file being written, then stops with one line.
 """
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
-from effidense.train import TrainError, parse_args, train
+from effidense.train import TrainError, TrainingInterrupted, parse_args, train
+
+
+def _primary() -> bool:
+    # torchrun's RANK; every rank parses the same arguments and shares the run's errors, so rank 0 alone reports them
+    return os.environ.get("RANK", "0") == "0"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         result = train(parse_args(argv))
+    except TrainingInterrupted as e:
+        if _primary():
+            print(e, file=sys.stderr)
+        return 130
     except TrainError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if _primary():
+            print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # before the run directory was written
+        if _primary():
+            print("interrupted (Ctrl-C) before training started; nothing was written", file=sys.stderr)
+        return 130
     if result["rank"] == 0 and result["best_metric"] is not None:
-        print(f"done: best {result['best_metric']:.4f} at epoch {result['best_epoch'] + 1}, "
+        print(f"done: best {result['best_metric']:.4f} at epoch {result['best_epoch']} (counted from 0), "
               f"checkpoints in {result['output_dir']}")
     return 0
 

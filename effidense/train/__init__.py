@@ -11,10 +11,10 @@ mode.
 """
 from .. import registry  # noqa: F401 (the trainer creates effi_* models through timm)
 from .args import args_to_yaml, build_parser, parse_args
-from .checkpoint import load_checkpoint, resolve_resume
-from .errors import TrainError, TrainingDiverged
+from .checkpoint import load_training_checkpoint, resolve_resume
+from .errors import TrainError, TrainingDiverged, TrainingInterrupted
 from .trainer import build_model, train
 from .wrapper import run_timm_script
 
-__all__ = ["TrainError", "TrainingDiverged", "args_to_yaml", "build_model", "build_parser",
-           "load_checkpoint", "parse_args", "resolve_resume", "run_timm_script", "train"]
+__all__ = ["TrainError", "TrainingDiverged", "TrainingInterrupted", "args_to_yaml", "build_model", "build_parser",
+           "load_training_checkpoint", "parse_args", "resolve_resume", "run_timm_script", "train"]

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
-from timm.utils import ParseKwargs
 
 from ..densenet import MEMORY_MODES
-from ..modelspec import non_negative_int, positive_int
+from ..modelspec import ModelKwargs, non_negative_int, positive_int
 from .errors import TrainError
 
 __all__ = ["build_parser", "parse_args", "args_as_dict", "args_to_yaml", "WRAPPER_HINT"]
@@ -25,21 +25,46 @@ WRAPPER_HINT = ("for any other timm train.py flag run timm's own script with eff
                 "effidense timm /path/to/timm/train.py [timm flags]")
 
 
-def _learning_rate(text: str) -> float:
-    value = float(text)
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+_FLOAT32_MAX = 3.4028234663852886e38  # hyperparameters reach float32 tensors (torch's optimizers refuse larger)
+
+
+def _number(text: str, low: float, high: float, need: str, high_open: bool = False) -> float:
+    """``text`` as a float in [low, high] (or [low, high)); otherwise an error saying it ``need``s to be."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {need}, got {text}") from None
+    if not (math.isfinite(value) and low <= value <= high) or (high_open and value == high):
+        too_large = math.isfinite(value) and value > _FLOAT32_MAX
+        raise argparse.ArgumentTypeError(f"must be {need}{f' (at most {_FLOAT32_MAX:.4g})' if too_large else ''}, "
+                                         f"got {text}")
     return value
+
+
+def _non_negative(text: str) -> float:
+    """A finite number >= 0 that a float32 holds: a learning rate, momentum, weight decay, decay rate."""
+    return _number(text, 0.0, _FLOAT32_MAX, "a finite number >= 0")
+
+
+def _positive(text: str) -> float:
+    value = _number(text, 0.0, _FLOAT32_MAX, "a finite number > 0")
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    return _number(text, 0.0, 1.0, "a number in [0, 1]")
 
 
 def _smoothing(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"label smoothing must be in [0, 1), got {text}")
-    return value
+    return _number(text, 0.0, 1.0, "in [0, 1) (label smoothing)", high_open=True)
 
 
-class _ModelKwargs(ParseKwargs):
+_CHECKED = (_non_negative, _positive, _fraction, _smoothing)
+
+
+class _ModelKwargs(ModelKwargs):
     """timm's ``KEY=VALUE`` pairs (values read as Python literals, else as strings); anything else, such as a JSON
     object, is a one-line error naming ``--model-kwargs``."""
 
@@ -57,7 +82,9 @@ class _Parser(argparse.ArgumentParser):
     are."""
 
     def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+        # under torchrun every rank parses the same command line: rank 0 alone reports it
+        primary = os.environ.get("RANK", "0") == "0"
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n" if primary else None)
 
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
         parsed, unknown = super().parse_known_args(args, namespace)
@@ -112,13 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--resume", default="", metavar="PATH",
                        help="continue a run: a run directory, or its last.state.pt / last.safetensors, from its newest "
                             "complete checkpoint (a run killed before its first checkpoint starts from the "
-                            "beginning). Keeps writing into that directory unless --output/--experiment name another")
+                            "beginning), with the run's own arguments (its args.yaml; flags given here override them). "
+                            "Keeps writing into that directory unless --output/--experiment name another")
     group.add_argument("--num-classes", type=positive_int, default=None, metavar="N",
                        help="label classes (default: the dataset's)")
     group.add_argument("--model-kwargs", nargs="*", default={}, action=_ModelKwargs, metavar="KEY=VALUE",
                        help="extra create_model arguments, values as Python literals, e.g. "
                             "block_config='(3,3,3)' growth_rate=12")
-    group.add_argument("--drop", type=float, default=0.0, metavar="PCT", help="dropout before the classifier")
+    group.add_argument("--drop", type=_fraction, default=0.0, metavar="PCT", help="dropout before the classifier")
     group.add_argument("--img-size", type=positive_int, default=None, metavar="N",
                        help="image size (default: the model's pretrained_cfg input size)")
     group.add_argument("--memory", choices=MEMORY_MODES, default=None,
@@ -140,12 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--opt", default="sgd", metavar="OPTIMIZER",
                        help="timm optimizer name: 'sgd' is SGD with Nesterov momentum, 'momentum' without Nesterov, "
                             "also adamw, lamb, ... (default: sgd)")
-    group.add_argument("--lr", type=_learning_rate, default=None, metavar="LR",
+    group.add_argument("--lr", type=_non_negative, default=None, metavar="LR",
                        help="learning rate (default: 0.1 x global batch / 256, timm's rule for SGD; the square root "
                             "of the ratio for ada*/lamb optimizers)")
-    group.add_argument("--momentum", type=float, default=0.9, metavar="M", help="optimizer momentum (default: 0.9)")
-    group.add_argument("--weight-decay", type=float, default=2e-5, help="weight decay (default: 2e-5)")
-    group.add_argument("--clip-grad", type=float, default=None, metavar="NORM", help="clip gradient norm")
+    group.add_argument("--momentum", type=_non_negative, default=0.9, metavar="M",
+                       help="optimizer momentum (default: 0.9)")
+    group.add_argument("--weight-decay", type=_non_negative, default=2e-5, help="weight decay (default: 2e-5)")
+    group.add_argument("--clip-grad", type=_positive, default=None, metavar="NORM", help="clip gradient norm")
     group.add_argument("--sched", default="cosine", choices=("cosine", "step", "multistep", "tanh", "poly", "plateau"),
                        help="learning-rate schedule (default: cosine)")
     group.add_argument("--sched-on-updates", action="store_true",
@@ -153,12 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--epochs", type=positive_int, default=300, metavar="N", help="epochs (default: 300)")
     group.add_argument("--warmup-epochs", type=non_negative_int, default=5, metavar="N",
                        help="linear warm-up epochs (default: 5)")
-    group.add_argument("--warmup-lr", type=float, default=1e-5, metavar="LR", help="warm-up start lr (default: 1e-5)")
-    group.add_argument("--min-lr", type=float, default=0.0, metavar="LR", help="lowest lr of cosine/poly (default: 0)")
-    group.add_argument("--decay-epochs", type=float, default=90, metavar="N", help="step schedule interval")
+    group.add_argument("--warmup-lr", type=_non_negative, default=1e-5, metavar="LR",
+                       help="warm-up start lr (default: 1e-5)")
+    group.add_argument("--min-lr", type=_non_negative, default=0.0, metavar="LR",
+                       help="lowest lr of cosine/poly (default: 0)")
+    group.add_argument("--decay-epochs", type=_positive, default=90, metavar="N", help="step schedule interval")
     group.add_argument("--decay-milestones", type=int, nargs="+", default=[90, 180, 270], metavar="EPOCH",
                        help="multistep schedule: epochs at which the lr is multiplied by --decay-rate")
-    group.add_argument("--decay-rate", "--dr", type=float, default=0.1, metavar="RATE", help="lr decay factor")
+    group.add_argument("--decay-rate", "--dr", type=_non_negative, default=0.1, metavar="RATE", help="lr decay factor")
     group.add_argument("--cooldown-epochs", type=non_negative_int, default=0, metavar="N",
                        help="epochs at min lr after the schedule ends")
     group.add_argument("--grad-accum-steps", type=positive_int, default=1, metavar="N",
@@ -182,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="autocast dtype; float16 also uses a GradScaler (default: float16)")
     group.add_argument("--model-ema", action="store_true",
                        help="keep an EMA of the weights (timm ModelEmaV3); it is evaluated and picks the best")
-    group.add_argument("--model-ema-decay", type=float, default=0.9998, help="EMA decay (default: 0.9998)")
+    group.add_argument("--model-ema-decay", type=_fraction, default=0.9998, help="EMA decay (default: 0.9998)")
 
     group = parser.add_argument_group("Run")
     group.add_argument("--output", default="", metavar="DIR", help="parent of the run directory (default: "
@@ -205,46 +236,68 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+def _load_config(path: str | Path, parser: argparse.ArgumentParser, source: str) -> dict[str, Any]:
+    """The flag values in the YAML file ``path``; errors name ``source`` (``--config FILE``, ``--resume RUN``)."""
     file = Path(path)
     if not file.is_file():
-        raise TrainError(f"--config {path}: no such file")
+        raise TrainError(f"{source}: no such file")
     try:
         config = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise TrainError(f"--config {path}: not valid YAML ({e})") from e
+    except (yaml.YAMLError, OSError, UnicodeDecodeError) as e:
+        raise TrainError(f"{source}: {file} is not valid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(config, dict):
-        raise TrainError(f"--config {path}: expected a mapping of flag names to values, got {type(config).__name__}")
+        raise TrainError(f"{source}: {file}: expected a mapping of flag names to values, got {type(config).__name__}")
     known = {action.dest for action in parser._actions}
     config = {str(key).replace("-", "_"): value for key, value in config.items()}
     unknown = sorted(key for key in config if key not in known)
     if unknown:
-        raise TrainError(f"--config {path}: unsupported key(s) {', '.join(unknown)}; {WRAPPER_HINT}")
+        raise TrainError(f"{source}: {file}: unsupported key(s) {', '.join(unknown)}; {WRAPPER_HINT}")
     config.pop("config", None)
     return config
 
 
+# What a resumed run does not take from its own args.yaml: where it is and how it was started.
+_NOT_RESUMED = ("config", "resume", "output", "experiment", "force", "timm_script")
+
+
+def _run_arguments(resume: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """The arguments a run was started with (its ``args.yaml``), for ``--resume RUN``; empty when it has none."""
+    path = Path(resume)
+    file = (path if path.is_dir() else path.parent) / "args.yaml"
+    if not file.exists():
+        return {}
+    run_args = _load_config(file, parser, f"--resume {resume}")
+    for key in _NOT_RESUMED:
+        run_args.pop(key, None)
+    return run_args
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse built-in trainer arguments: ``--config`` defaults first, then the command line on top."""
+    """Parse built-in trainer arguments. Layers, each over the one before: the defaults; with ``--resume RUN`` the
+    run's own arguments (``RUN/args.yaml``, less where and how it was started); ``--config FILE``; the command
+    line."""
     parser = build_parser()
     config_parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     config_parser.add_argument("-c", "--config", default="")
+    config_parser.add_argument("--resume", default="")
     known, _ = config_parser.parse_known_args(argv)
+    if known.resume:
+        parser.set_defaults(**_run_arguments(known.resume, parser))
     if known.config:
-        parser.set_defaults(**_load_config(known.config, parser))
+        parser.set_defaults(**_load_config(known.config, parser, f"--config {known.config}"))
     args = parser.parse_args(argv)
     if isinstance(args.model_kwargs, list):  # `--model-kwargs` given with no pairs
         args.model_kwargs = {}
-    for flag, check in (("lr", _learning_rate), ("smoothing", _smoothing)):  # values from --config skip `type`
-        value = getattr(args, flag)
-        if value is not None:
+    for action in parser._actions:  # values from --config (or the resumed run's args.yaml) skip `type`
+        value = getattr(args, action.dest, None)
+        if action.type in _CHECKED and value is not None:
             try:
-                check(str(value))
+                action.type(str(value))
             except (argparse.ArgumentTypeError, ValueError) as e:
-                raise TrainError(f"--{flag} {value}: {e}") from e
-    if not isinstance(args.model_kwargs, dict):  # from --config
-        raise TrainError(f"--config {known.config}: model_kwargs must be a mapping of create_model arguments, got "
-                         f"{args.model_kwargs!r}")
+                raise TrainError(f"{max(action.option_strings, key=len)} {value}: {e}") from None
+    if not isinstance(args.model_kwargs, dict):  # from --config or args.yaml
+        raise TrainError(f"--config {known.config or known.resume}: model_kwargs must be a mapping of create_model "
+                         f"arguments, got {args.model_kwargs!r}")
     return args
 
 

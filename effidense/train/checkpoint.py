@@ -5,12 +5,15 @@ by safetensors alone); ``NAME.state.pt`` holds what a resumed run needs (optimiz
 epoch, batch, step, RNG states, best metric) as plain tensors and Python values, so it loads with
 ``torch.load(weights_only=True)``.
 
-Commit protocol (:func:`save_checkpoint`): both files carry the same random commit id and the position
-(epoch/batch/step).
+Commit protocol (:func:`save_training_checkpoint`), built on :mod:`effidense.fileio`'s atomic writer: both files
+carry the same random commit id and the position (epoch/batch/step).
 
 1. write ``NAME.state.pt.tmp`` completely and fsync it (:func:`effidense.fileio.write_complete`);
 2. the same for ``NAME.safetensors.tmp``;
-3. ``os.replace`` the weights into place, 4. ``os.replace`` the state into place.
+3. publish the weights (:func:`effidense.fileio.publish`, an ``os.replace``), 4. publish the state.
+
+A write that fails (a full disk) removes both temporary files and raises :class:`TrainError` naming the file; the
+previous checkpoint stays. Ctrl-C during a commit waits for the commit to end.
 
 Reading (:func:`find_checkpoint`) looks at all four files, keeps those that read completely, pairs weights and state by
 their commit id, and takes the newest pair. A kill before step 3 leaves the previous pair published; after step 3 the
@@ -33,14 +36,24 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from ..fileio import UnreadableFileError, atomic_write, load_safetensors, load_torch_file, write_complete
+from ..fileio import (
+    UnreadableFileError,
+    atomic_write,
+    interrupts_deferred,
+    load_safetensors,
+    load_torch_file,
+    publish,
+    short_error,
+    write_complete,
+)
 from .errors import TrainError
 
-__all__ = ["STATE_FORMAT", "Checkpoint", "fault_point", "find_checkpoint", "write_file", "save_weights",
-           "save_checkpoint", "settle", "resolve_resume", "load_checkpoint", "rng_state", "set_rng_state",
-           "weights_path_for", "checkpoint_files", "all_finite"]
+__all__ = ["STATE_FORMAT", "TrainingCheckpoint", "fault_point", "find_checkpoint", "write_file", "save_weights",
+           "save_training_checkpoint", "settle", "resolve_resume", "load_training_checkpoint", "rng_state",
+           "set_rng_state", "state_problem", "weights_path_for", "checkpoint_files", "all_finite"]
 
 STATE_FORMAT = "effidense-train-state/1"
 _STATE_SUFFIX = ".state.pt"
@@ -65,13 +78,26 @@ def fault_point(partial: Path | str | None = None) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+# What a failed write raises: OSError (a full disk), torch.save's RuntimeError, safetensors' own error.
+_WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+
+
+def _write_error(path: Path, error: BaseException) -> TrainError:
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else short_error(error, 160)
+    return TrainError(f"cannot write {path}: {reason}")
+
+
 def write_file(path: Path, write: Callable[[str], None]) -> None:
-    """:func:`effidense.fileio.atomic_write` with the trainer's test write points (inside the write, after it)."""
+    """:func:`effidense.fileio.atomic_write` with the trainer's test write points (inside the write, after it); a
+    failed write (a full disk) raises :class:`TrainError` naming ``path`` and leaves no temporary file."""
     def write_then_fault(tmp: str) -> None:
         write(tmp)
         fault_point(tmp)
 
-    atomic_write(path, write_then_fault)
+    try:
+        atomic_write(path, write_then_fault)
+    except _WRITE_ERRORS as e:
+        raise _write_error(path, e) from None
     fault_point()
 
 
@@ -112,8 +138,8 @@ def checkpoint_files(directory: Path, name: str) -> list[Path]:
     return [weights, state, weights.with_name(weights.name + _TMP), state.with_name(state.name + _TMP)]
 
 
-def save_checkpoint(directory: Path, name: str, model_state: Mapping[str, torch.Tensor],
-                    train_state: dict[str, Any]) -> Path:
+def save_training_checkpoint(directory: Path, name: str, model_state: Mapping[str, torch.Tensor],
+                             train_state: dict[str, Any]) -> Path:
     """Commit ``NAME.safetensors`` and ``NAME.state.pt`` in ``directory`` as one unit; returns the state file's path.
 
     The caller must have settled the directory (:func:`settle`) since it last resumed from it.
@@ -123,21 +149,32 @@ def save_checkpoint(directory: Path, name: str, model_state: Mapping[str, torch.
     weights, state, weights_tmp, state_tmp = checkpoint_files(directory, name)
     tensors = _cpu(model_state)
     metadata = {"position": _position(train_state), "commit": commit, "model": str(train_state.get("model", ""))}
-    write_complete(state_tmp, lambda tmp: torch.save(train_state, tmp))
-    fault_point(state_tmp)
-    fault_point()
-    write_complete(weights_tmp, lambda tmp: _write_weights(tmp, tensors, metadata))
-    fault_point(weights_tmp)
-    fault_point()
-    os.replace(weights_tmp, weights)
-    fault_point()
-    os.replace(state_tmp, state)
-    fault_point()
+    with interrupts_deferred():
+        writing = state
+        try:
+            write_complete(state_tmp, lambda tmp: torch.save(train_state, tmp))
+            fault_point(state_tmp)
+            fault_point()
+            writing = weights
+            write_complete(weights_tmp, lambda tmp: _write_weights(tmp, tensors, metadata))
+            fault_point(weights_tmp)
+            fault_point()
+        except BaseException as e:  # nothing is published yet: discard both temporaries, the previous pair stays
+            for tmp in (state_tmp, weights_tmp):
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+            if isinstance(e, _WRITE_ERRORS):
+                raise _write_error(writing, e) from None
+            raise
+        publish(weights_tmp, weights)
+        fault_point()
+        publish(state_tmp, state)
+        fault_point()
     return state
 
 
 @dataclass
-class Checkpoint:
+class TrainingCheckpoint:
     """A complete checkpoint found on disk: its two files, weights, training state and position."""
 
     weights_path: Path
@@ -157,12 +194,42 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]] 
         return None
 
 
+# The training state's entries and their types; a state file edited by hand is checked against them.
+_STATE_TYPES: dict[str, tuple[type, ...]] = {
+    "model": (str,), "epoch": (int,), "batch": (int,), "step": (int,), "epoch_loss": (list, tuple),
+    "batch_size": (int,), "world_size": (int,), "grad_accum_steps": (int,), "optimizer": (dict,),
+    "scheduler": (dict,), "schedule_args": (dict,), "rng": (list, tuple), "best_metric": (float, int, type(None)),
+    "best_epoch": (int, type(None)), "ema": (dict, type(None)),
+}
+_COUNTS = ("epoch", "batch", "step", "batch_size", "world_size", "grad_accum_steps")
+
+
+def state_problem(state: Any) -> str | None:
+    """Why ``state`` is no training state of this trainer (None when it is one): its format, missing entries, wrong
+    types or negative counts."""
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        return "not a training-state file of this trainer"
+    missing = [key for key in _STATE_TYPES if key not in state]
+    if missing:
+        return f"the training state lacks {', '.join(missing)}"
+    wrong = [f"{key} ({type(state[key]).__name__})" for key, types in _STATE_TYPES.items()
+             if not isinstance(state[key], types) or (isinstance(state[key], bool) and bool not in types)]
+    if wrong:
+        return f"the training state has entries of the wrong type: {', '.join(wrong)}"
+    negative = [key for key in _COUNTS if state[key] < 0]
+    if negative or not (state["batch_size"] and state["world_size"] and state["grad_accum_steps"]):
+        return f"the training state has impossible counts ({', '.join(negative) or 'a zero batch size'})"
+    if len(state["epoch_loss"]) != 2:
+        return "the training state's epoch_loss is not [sum, count]"
+    return None
+
+
 def _read_state(path: Path) -> dict[str, Any] | None:
     try:
         state = load_torch_file(path)
     except UnreadableFileError:
         return None
-    return state if isinstance(state, dict) and state.get("format") == STATE_FORMAT else None
+    return None if state_problem(state) else state
 
 
 def _pair_key(metadata_or_state: Mapping[str, Any]) -> str | None:
@@ -177,7 +244,7 @@ def _pair_key(metadata_or_state: Mapping[str, Any]) -> str | None:
     return None
 
 
-def find_checkpoint(directory: Path, name: str = "last") -> Checkpoint | None:
+def find_checkpoint(directory: Path, name: str = "last") -> TrainingCheckpoint | None:
     """The newest complete checkpoint ``name`` in ``directory``, or None when none was ever published there.
 
     Raises :class:`TrainError` when published files exist but no complete pair can be formed (a truncated or
@@ -186,13 +253,13 @@ def find_checkpoint(directory: Path, name: str = "last") -> Checkpoint | None:
     weights, state, weights_tmp, state_tmp = checkpoint_files(directory, name)
     read_weights = {p: _read_weights(p) for p in (weights, weights_tmp) if p.exists()}
     read_states = {p: _read_state(p) for p in (state, state_tmp) if p.exists()}
-    pairs: list[Checkpoint] = []
+    pairs: list[TrainingCheckpoint] = []
     for wpath, wread in read_weights.items():
         if wread is None or _pair_key(wread[1]) is None:
             continue
         for spath, sread in read_states.items():
             if sread is not None and _pair_key(sread) == _pair_key(wread[1]):
-                pairs.append(Checkpoint(wpath, spath, wread[0], sread))
+                pairs.append(TrainingCheckpoint(wpath, spath, wread[0], sread))
     if pairs:
         return max(pairs, key=lambda c: _position_key(c.position))
     if not weights.exists() and not state.exists():
@@ -202,8 +269,8 @@ def find_checkpoint(directory: Path, name: str = "last") -> Checkpoint | None:
         reasons = []
         for path in unreadable:
             try:
-                (load_safetensors if path.suffix == ".safetensors" else load_torch_file)(path)
-                reasons.append(f"{path}: not a training-state file of this trainer")
+                loaded = (load_safetensors if path.suffix == ".safetensors" else load_torch_file)(path)
+                reasons.append(f"{path}: {state_problem(loaded)}")
             except UnreadableFileError as e:
                 reasons.append(str(e))
         raise TrainError(f"no complete checkpoint in {directory}: {'; '.join(reasons)}")
@@ -213,14 +280,14 @@ def find_checkpoint(directory: Path, name: str = "last") -> Checkpoint | None:
     raise TrainError(f"{weights} (position {position}) has no matching training state next to it in {directory}")
 
 
-def settle(checkpoint: Checkpoint, directory: Path, name: str = "last") -> None:
+def settle(checkpoint: TrainingCheckpoint, directory: Path, name: str = "last") -> None:
     """Publish ``checkpoint`` under the usual names if a kill left it in ``.tmp`` files, and remove stale ``.tmp``
     files: the end of an interrupted commit (its steps 3 and 4), safe to cut short and repeat."""
     weights, state, weights_tmp, state_tmp = checkpoint_files(directory, name)
     if checkpoint.weights_path == weights_tmp:
-        os.replace(weights_tmp, weights)
+        publish(weights_tmp, weights)
     if checkpoint.state_path == state_tmp:
-        os.replace(state_tmp, state)
+        publish(state_tmp, state)
     for tmp in (weights_tmp, state_tmp):
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
@@ -243,8 +310,9 @@ def resolve_resume(path: str) -> Path:
     return candidate
 
 
-def load_checkpoint(state_path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Model weights and training state of the newest complete checkpoint that ``state_path`` names."""
+def load_training_checkpoint(state_path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Model weights and training state of the newest complete training checkpoint that ``state_path`` names (for
+    model files alone, :func:`effidense.weights.load_checkpoint`)."""
     name = state_path.name[: -len(_STATE_SUFFIX)]
     checkpoint = find_checkpoint(state_path.parent, name)
     if checkpoint is None:

@@ -5,24 +5,20 @@ run directory: ``args.yaml``, ``summary.csv`` (one row per epoch, as timm writes
 ``last.state.pt`` (every epoch, and every ``--checkpoint-interval`` steps) and ``model_best.safetensors``.
 A resumed run repeats an unbroken one exactly on CPU: see :mod:`.data` and :mod:`.checkpoint`.
 
-What the run directory guarantees: rank 0 holds an exclusive ``fcntl.flock`` on ``RUN/.lock`` for the whole run, so a
-second run into the same directory is refused; every file is written atomically (``summary.csv`` too: a copy with the
-new row replaces it); checkpoints are committed as one unit (:mod:`.checkpoint`), and never with non-finite weights.
+What the run directory guarantees (:mod:`.rundir`): one run at a time writes it; every file is written atomically;
+checkpoints are committed as one unit (:mod:`.checkpoint`), and never with non-finite weights. Epochs are counted
+from 0 everywhere (logs, ``summary.csv``, checkpoints), as timm counts them.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import math
 import os
-import shutil
 import signal
 import sys
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +27,6 @@ import torch
 import torch.distributed as dist
 from timm.data import resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy
-from timm.models import safe_model_name
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import (
@@ -42,107 +37,44 @@ from timm.utils import (
     dispatch_clip_grad,
     distribute_bn,
     random_seed,
-    trim_summary,
     unwrap_model,
-    update_summary,
 )
-from timm.utils.distributed import init_distributed_device_so
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from ..fileio import short_error
+from ..weights import ConversionError, canonical_state_dict, listing, load_checkpoint
 from .args import args_as_dict, args_to_yaml
 from .checkpoint import (
-    Checkpoint,
+    TrainingCheckpoint,
     all_finite,
-    checkpoint_files,
     find_checkpoint,
     resolve_resume,
     rng_state,
-    save_checkpoint,
+    save_training_checkpoint,
     save_weights,
     set_rng_state,
-    settle,
     write_file,
 )
 from .data import ResumableSampler, build_datasets, check_readable, eval_loader, set_transforms, train_loader
-from .errors import TrainError, TrainingDiverged
+from .distributed import Processes, init_processes, reduce_sum
+from .errors import TrainError, TrainingDiverged, TrainingInterrupted
+from .rundir import (
+    RUN_FILES,
+    append_summary,
+    lock_run_directory,
+    prepare_run_directory,
+    run_directory,
+    trim_summary,
+)
 
-__all__ = ["train", "build_model"]
+__all__ = ["train", "build_model", "read_weights_file"]
 
 # Testing hook: SIGKILL this process right after optimizer step N, to test resuming a killed run.
 _KILL_AFTER_STEP_ENV = "EFFIDENSE_TEST_KILL_AFTER_STEP"
-_RUN_FILES = ("last.state.pt", "last.safetensors", "model_best.safetensors", "summary.csv")
-_LOCK_FILE = ".lock"
-
-
-@dataclass
-class _Dist:
-    device: torch.device
-    rank: int
-    world_size: int
-    distributed: bool
-
-    @property
-    def primary(self) -> bool:
-        return self.rank == 0
-
-
-def _init_distributed(args: argparse.Namespace) -> _Dist:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainError(f"--device {device}: CUDA is not available")
-    if args.sync_bn and not device.startswith("cuda"):
-        raise TrainError("--sync-bn needs CUDA devices: torch's SyncBatchNorm does not run on CPU")
-    info = init_distributed_device_so(device=device)  # reads torchrun's environment; gloo on CPU, nccl on CUDA
-    return _Dist(torch.device(info["device"]), info["global_rank"], info["world_size"], info["distributed"])
-
-
-def _broadcast(value: Any, ctx: _Dist) -> Any:
-    if not ctx.distributed:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _reduce_sum(values: list[float], ctx: _Dist) -> list[float]:
-    # A sum over ranks (timm's reduce_tensor averages instead, which weights uneven shares wrongly).
-    tensor = torch.tensor(values, dtype=torch.float64, device=ctx.device)
-    if ctx.distributed:
-        dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
-def _output_dir(args: argparse.Namespace, resume_path: Path | None, img_size: int, ctx: _Dist) -> Path:
-    if resume_path is not None:  # by default a resumed run continues in its own directory
-        return Path(args.output or resume_path.parent.parent) / (args.experiment or resume_path.parent.name)
-    name = args.experiment or _broadcast(
-        "-".join([datetime.now().strftime("%Y%m%d-%H%M%S"), safe_model_name(args.model), str(img_size)]), ctx)
-    return Path(args.output or "./output/train") / name
-
-
-def _lock_run_dir(out: Path, ctx: _Dist, stack: contextlib.ExitStack) -> None:
-    """Rank 0 creates ``out`` and holds an exclusive lock on ``out/.lock`` until the run ends; a second run into the
-    same directory is refused (on every rank) instead of corrupting its files."""
-    error = None
-    if ctx.primary:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            fd = os.open(out / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as e:
-            error = f"cannot create the run directory {out}: {e.strerror or e}"
-        else:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                stack.callback(os.close, fd)  # closing the descriptor releases the lock (also when killed)
-            except OSError:
-                os.close(fd)
-                error = (f"another run is writing {out} (it holds {out / _LOCK_FILE}); wait for it to end, or pick "
-                         "another --output/--experiment")
-    error = _broadcast(error, ctx)
-    if error:
-        raise TrainError(error)
+# The flags that shape the optimizer's state: a resumed run must keep them.
+_OPTIMIZER_ARGS = ("opt", "weight_decay", "momentum")
 
 
 def _check_input_size(model: nn.Module, input_size: tuple[int, ...], args: argparse.Namespace) -> None:
@@ -166,42 +98,41 @@ def _check_input_size(model: nn.Module, input_size: tuple[int, ...], args: argpa
         model.train(was_training)
 
 
-def _append_summary(path: Path, epoch: int, train_metrics: dict[str, float], eval_metrics: dict[str, float],
-                    lr: float) -> None:
-    """timm's ``update_summary`` row, appended to a copy that then replaces the file: never a half-written row."""
-    def write(tmp: str) -> None:
-        if path.exists():
-            shutil.copyfile(path, tmp)
-        update_summary(epoch, train_metrics, eval_metrics, tmp, lr=lr)
-
-    write_file(path, write)
-
-
-def _trim_summary(path: Path, epoch: int) -> None:
-    """timm's ``trim_summary`` (drop rows of epochs at or after ``epoch``), atomically."""
-    if not path.exists():
-        return
-
-    def write(tmp: str) -> None:
-        shutil.copyfile(path, tmp)
-        trim_summary(tmp, epoch)
-
-    write_file(path, write)
+def read_weights_file(flag: str, path: str) -> dict[str, torch.Tensor]:
+    """The state dict in ``path`` (``--initial-checkpoint``/``--pretrained-path``), read by effidense's safe loader
+    (safetensors, or ``torch.load(weights_only=True)``) whatever timm's version; keys in timm's names, every
+    floating-point tensor finite. Anything else is a :class:`TrainError` naming ``flag`` and the file."""
+    try:
+        state_dict, _ = canonical_state_dict(load_checkpoint(path).state_dict)
+    except ConversionError as e:
+        raise TrainError(f"{flag} {path}: {e}") from None
+    bad = [key for key, value in state_dict.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise TrainError(f"{flag} {path}: {len(bad)} tensor(s) hold NaN/inf values: {listing(bad)}")
+    return state_dict
 
 
 def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
-    """``timm.create_model`` with the trainer's model flags applied (memory mode, grad checkpointing, SyncBN)."""
+    """``timm.create_model`` with the trainer's model flags applied (weights files, memory mode, grad checkpointing,
+    SyncBN). Weights files are read by :func:`read_weights_file`, never by timm's loaders."""
+    initial = read_weights_file("--initial-checkpoint", args.initial_checkpoint) if args.initial_checkpoint else None
+    # as timm's train.py: the file's weights, with a new classifier (num_classes=-1 forces the adaptation)
+    overlay = (dict(state_dict=read_weights_file("--pretrained-path", args.pretrained_path), num_classes=-1)
+               if args.pretrained_path else None)
     try:
         model = timm.create_model(
             args.model, pretrained=args.pretrained or bool(args.pretrained_path), num_classes=num_classes,
-            drop_rate=args.drop, checkpoint_path=args.initial_checkpoint or None,
-            # as timm's train.py: the file's weights, with a new classifier (num_classes=-1 forces the adaptation)
-            pretrained_cfg_overlay=dict(file=args.pretrained_path, num_classes=-1) if args.pretrained_path else None,
-            **args.model_kwargs)
+            drop_rate=args.drop, pretrained_cfg_overlay=overlay, **args.model_kwargs)
     except (RuntimeError, ValueError, TypeError, KeyError, FileNotFoundError) as e:
         hint = ("; pretrained effi_* weights come from the Hugging Face Hub (timm/densenet*); offline, put them in the "
-                "hub cache or pass --pretrained-path FILE") if args.pretrained else ""
-        raise TrainError(f"cannot create model {args.model!r}: {e}{hint}") from e
+                "hub cache or pass --pretrained-path FILE") if args.pretrained and not args.pretrained_path else ""
+        raise TrainError(f"cannot create model {args.model!r}: {short_error(e, 300)}{hint}") from e
+    if initial is not None:
+        try:
+            model.load_state_dict(initial)
+        except RuntimeError as e:
+            raise TrainError(f"--initial-checkpoint {args.initial_checkpoint}: the weights do not fit {args.model} "
+                             f"({short_error(e, 300)})") from None
     if args.memory is not None or args.grad_checkpointing:
         if args.memory is not None and not hasattr(model, "set_memory"):
             raise TrainError(f"--memory applies to effidense models; {args.model} has no memory modes")
@@ -235,7 +166,7 @@ def _is_better(metric: float, best: float | None, eval_metric: str) -> bool:
 
 
 class _Trainer:
-    def __init__(self, args: argparse.Namespace, ctx: _Dist, stack: contextlib.ExitStack) -> None:
+    def __init__(self, args: argparse.Namespace, ctx: Processes, stack: contextlib.ExitStack) -> None:
         self.args, self.ctx = args, ctx
         device = ctx.device
 
@@ -256,14 +187,14 @@ class _Trainer:
         check_readable(val_set, "validation")
 
         # From here on this process owns the run directory (until train() returns).
-        self.output_dir = out = _output_dir(args, resume_path, self.data_config["input_size"][-1], ctx)
-        _lock_run_dir(out, ctx, stack)
+        self.output_dir = out = run_directory(args, resume_path, self.data_config["input_size"][-1], ctx)
+        lock_run_directory(out, ctx, stack)
         self.continuing = resume_path is not None and out.resolve() == resume_path.parent.resolve()
-        existing = [f for f in _RUN_FILES if (out / f).exists()]
+        existing = [f for f in RUN_FILES if (out / f).exists()]
         if existing and not self.continuing and not args.force:
             raise TrainError(f"{out} already holds a run ({', '.join(existing)}); pass --resume {out} to continue "
                              "it, another --experiment, or --force to replace it")
-        self.checkpoint: Checkpoint | None = None
+        self.checkpoint: TrainingCheckpoint | None = None
         if resume_path is not None:
             self.checkpoint = find_checkpoint(resume_path.parent, resume_path.name[: -len(".state.pt")])
             if self.checkpoint is None and ctx.primary:
@@ -325,7 +256,11 @@ class _Trainer:
         self.best_epoch: int | None = None
         self.last_metrics: dict[str, float] = {}
         if state is not None:
-            self._restore(state)
+            try:
+                self._restore(state)
+            except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+                raise TrainError(f"--resume {args.resume}: the training state in {self.checkpoint.state_path} does "
+                                 f"not fit this run ({type(e).__name__}: {short_error(e, 200)})") from None
         self.kill_after_step = int(os.environ.get(_KILL_AFTER_STEP_ENV, "0"))
         # A progress bar on a terminal; plain log lines every --log-interval steps in a log file or pipe.
         self.use_bar = sys.stderr.isatty()
@@ -339,6 +274,13 @@ class _Trainer:
                 f"--resume {args.resume}: the checkpoint was taken mid-epoch with batch size {state['batch_size']} x "
                 f"{state['world_size']} process(es) x {state['grad_accum_steps']} accumulation step(s); resume with "
                 "the same values")
+        saved_args = state.get("args") or {}
+        changed = [f"--{key.replace('_', '-')} {saved_args[key]}" for key in _OPTIMIZER_ARGS
+                   if key in saved_args and saved_args[key] != getattr(args, key)]
+        if changed:
+            # the optimizer's state (and its parameter groups) belong to the optimizer the run was started with
+            raise TrainError(f"--resume {args.resume}: the run was trained with {' '.join(changed)}; resume with "
+                             "the same optimizer settings (--resume RUN alone reuses the run's own arguments)")
         self.optimizer.load_state_dict(state["optimizer"])
         saved, current = state["schedule_args"], self._schedule_args()
         if saved == current:
@@ -347,7 +289,7 @@ class _Trainer:
             changes = ", ".join(f"{key} {saved.get(key)} -> {value}" for key, value in current.items()
                                 if saved.get(key) != value)
             tqdm.write(f"schedule changed since the checkpoint ({changes}): following the new one from epoch "
-                       f"{state['epoch'] + 1}")
+                       f"{state['epoch']}")
         if self.loss_scaler is not None and state.get("scaler"):
             self.loss_scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
@@ -379,16 +321,24 @@ class _Trainer:
         dist.gather_object(rng_state(), gathered, dst=0)
         return gathered
 
-    def _diverged(self, what: str) -> TrainingDiverged:
+    def _diverged(self, what: str, hint: str = "Lower --lr or add --warmup-epochs/--clip-grad") -> TrainingDiverged:
         return TrainingDiverged(
             f"{what}; stopped without saving. Last good checkpoint: {self.last_good or 'none (nothing was saved)'}. "
-            "Lower --lr or add --warmup-epochs/--clip-grad")
+            f"{hint}")
 
     def check_finite(self) -> None:
         """Stop (on every rank alike: the weights are the same everywhere) before non-finite weights are saved."""
-        if not (all_finite(self.model.state_dict()) and (self.ema is None or all_finite(self.ema.module.state_dict()))):
-            raise self._diverged(f"the weights became non-finite (NaN/inf) by epoch {self.epoch + 1}, step "
-                                 f"{self.step} (lr {self._current_lr():.4g})")
+        if all_finite(self.model.state_dict()) and (self.ema is None or all_finite(self.ema.module.state_dict())):
+            return
+        params = {name for name, _ in self.model.named_parameters()}
+        bad = [key for key, value in self.model.state_dict().items()
+               if value.is_floating_point() and not torch.isfinite(value).all()]
+        if bad and not any(key in params for key in bad):  # the parameters are fine: the statistics saw NaN/inf
+            raise self._diverged(f"BatchNorm statistics became non-finite (NaN/inf) by epoch {self.epoch}, step "
+                                 f"{self.step}, while the parameters stayed finite: {listing(bad)}",
+                                 "Check the training images for NaN/inf values")
+        raise self._diverged(f"the weights became non-finite (NaN/inf) by epoch {self.epoch}, step "
+                             f"{self.step} (lr {self._current_lr():.4g})")
 
     def save_last(self) -> None:
         """Save last.* at the current position (every rank must call it: the RNG states are gathered)."""
@@ -407,7 +357,7 @@ class _Trainer:
             ema=self.ema.module.state_dict() if self.ema is not None else None,
             rng=rngs, best_metric=self.best_metric, best_epoch=self.best_epoch,
             args=args_as_dict(args))
-        save_checkpoint(self.output_dir, "last", unwrap_model(self.model).state_dict(), state)
+        save_training_checkpoint(self.output_dir, "last", unwrap_model(self.model).state_dict(), state)
         self.last_good = self.output_dir / "last.safetensors"
 
     # --- epochs ---
@@ -447,7 +397,7 @@ class _Trainer:
         self.sampler.skip(self.batch * args.batch_size)
         self.train_model.train()
         meter = self.epoch_loss
-        bar = tqdm(total=self.num_batches, initial=self.batch, desc=f"epoch {epoch + 1}/{self.num_epochs}",
+        bar = tqdm(total=self.num_batches, initial=self.batch, desc=f"epoch {epoch}",
                    disable=not (ctx.primary and self.use_bar), dynamic_ncols=True, leave=True)
         tick, tick_images = time.perf_counter(), 0
         if ctx.device.type == "cuda":
@@ -467,7 +417,7 @@ class _Trainer:
                 loss_value = loss_value.item()
                 if not math.isfinite(loss_value):
                     bar.close()
-                    raise self._diverged(f"loss is {loss_value} at epoch {epoch + 1}, batch {batch_idx + 1} "
+                    raise self._diverged(f"loss is {loss_value} at epoch {epoch}, batch {batch_idx + 1} "
                                          f"(step {self.step}, lr {self._current_lr():.4g})")
                 if self.loss_scaler is not None:  # float16 autocast: timm's NativeScaler scales, unscales, clips
                     self.loss_scaler(loss / steps_in_update, self.optimizer, clip_grad=args.clip_grad,
@@ -499,7 +449,7 @@ class _Trainer:
                         postfix["mem"] = mem
                     bar.set_postfix(postfix, refresh=False)
                 elif ctx.primary:  # as timm's train.py logs: one line per --log-interval steps
-                    print(f"train: epoch {epoch + 1}/{self.num_epochs} [{batch_idx + 1:>{len(str(self.num_batches))}}"
+                    print(f"train: epoch {epoch} [{batch_idx + 1:>{len(str(self.num_batches))}}"
                           f"/{self.num_batches} ({100 * (batch_idx + 1) / self.num_batches:3.0f}%)]  loss "
                           f"{loss_value:.4f} (avg {meter.avg:.4f})  lr {self._current_lr():.3e}  {img_s:.1f} img/s"
                           + (f"  mem {mem}" if mem else ""), flush=True)
@@ -530,35 +480,27 @@ class _Trainer:
             loss.update(self.eval_loss(output, targets).item(), n)
             top1.update(round(acc1.item() * n / 100), 1)  # counts of correct images: exact sums
             top5.update(round(acc5.item() * n / 100), 1)
-        loss_sum, correct1, correct5, count = _reduce_sum([loss.sum, top1.sum, top5.sum, loss.count], self.ctx)
+        loss_sum, correct1, correct5, count = reduce_sum([loss.sum, top1.sum, top5.sum, loss.count], self.ctx)
         count = max(count, 1)
         return OrderedDict(loss=loss_sum / count, top1=100 * correct1 / count, top5=100 * correct5 / count)
-
-    def _prepare_run_dir(self) -> None:
-        """Rank 0, under the lock: finish a commit a kill interrupted, or clear what an earlier run left behind."""
-        args, out = self.args, self.output_dir
-        if self.continuing and self.checkpoint is not None:
-            settle(self.checkpoint, out)
-            self.last_good = out / "last.safetensors"
-        else:
-            if args.force and not args.resume:
-                for name in _RUN_FILES:
-                    (out / name).unlink(missing_ok=True)
-            for tmp in checkpoint_files(out, "last")[2:]:  # partial files of a first commit cut short
-                tmp.unlink(missing_ok=True)
-        for tmp in out.glob(".*.tmp"):  # temporaries of atomic writes cut short by a kill
-            tmp.unlink(missing_ok=True)
 
     def fit(self) -> dict[str, Any]:
         args, ctx = self.args, self.ctx
         if ctx.distributed:
             dist.barrier()  # every rank has read the checkpoint before rank 0 may rename its files
         if ctx.primary:
-            self._prepare_run_dir()
+            prepare_run_directory(self.output_dir, self.checkpoint, self.continuing,
+                                  replace=args.force and not args.resume)
+            if self.continuing and self.checkpoint is not None:
+                self.last_good = self.output_dir / "last.safetensors"
             write_file(self.output_dir / "args.yaml", lambda tmp: Path(tmp).write_text(args_to_yaml(args)))
-            _trim_summary(self.output_dir / "summary.csv", self.epoch)
-            tqdm.write(f"training {args.model} on {ctx.world_size} process(es) ({ctx.device.type}), "
-                       f"{self.num_batches} batches/epoch, writing {self.output_dir}")
+            trim_summary(self.output_dir / "summary.csv", self.epoch)
+            tqdm.write(f"training {args.model} on {ctx.world_size} process(es) ({ctx.device.type}), epochs 0 to "
+                       f"{self.num_epochs - 1} (counted from 0, as in summary.csv), {self.num_batches} batches/epoch, "
+                       f"writing {self.output_dir}")
+            if self.checkpoint is not None:
+                tqdm.write(f"resuming at epoch {self.epoch}, step {self.step} ({self.checkpoint.weights_path.name} "
+                           f"of {self.checkpoint.weights_path.parent})")
         if self.epoch >= self.num_epochs and ctx.primary:
             tqdm.write(f"nothing to do: the run has finished its {self.num_epochs} epochs (--epochs extends it)")
         while self.epoch < self.num_epochs:
@@ -580,12 +522,12 @@ class _Trainer:
                 self.best_metric, self.best_epoch = eval_metrics[args.eval_metric], self.epoch
             if ctx.primary:
                 # The summary row goes first: a resume from the previous checkpoint drops it again (trim_summary).
-                _append_summary(self.output_dir / "summary.csv", self.epoch, train_metrics, eval_metrics, lr)
+                append_summary(self.output_dir / "summary.csv", self.epoch, train_metrics, eval_metrics, lr)
                 if improved:
                     best_model = self.ema.module if self.ema is not None else self.model
                     save_weights(self.output_dir / "model_best.safetensors", unwrap_model(best_model).state_dict(),
                                  {"epoch": str(self.epoch), args.eval_metric: str(self.best_metric)})
-                tqdm.write(f"epoch {self.epoch + 1}/{self.num_epochs}: train_loss {train_metrics['loss']:.4f}, "
+                tqdm.write(f"epoch {self.epoch}: train_loss {train_metrics['loss']:.4f}, "
                            f"eval_loss {eval_metrics['loss']:.4f}, top1 {eval_metrics['top1']:.2f}, "
                            f"top5 {eval_metrics['top5']:.2f}, lr {lr:.4g} ({time.perf_counter() - started:.1f}s)")
             self.epoch, self.batch = self.epoch + 1, 0
@@ -604,10 +546,16 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     Raises :class:`TrainError` for bad input and :class:`TrainingDiverged` when the loss or the weights stop being
     finite.
     """
-    ctx = _init_distributed(args)
+    ctx = init_processes(args)
     try:
         with contextlib.ExitStack() as stack:  # holds the run directory's lock
-            return _Trainer(args, ctx, stack).fit()
+            trainer = _Trainer(args, ctx, stack)
+            try:
+                return trainer.fit()
+            except KeyboardInterrupt:  # files are written with Ctrl-C held back: none is left half-written
+                out = trainer.output_dir
+                raise TrainingInterrupted(f"interrupted (Ctrl-C); {out} keeps its last complete checkpoint: continue "
+                                          f"with --resume {out}") from None
     finally:
         if ctx.distributed and dist.is_initialized():
             dist.destroy_process_group()

@@ -1,0 +1,102 @@
+"""The arguments a DenseNet takes, checked before anything is built: the memory mode's spellings (the one place a
+mode is chosen), compile scopes, spatial dims and the configuration's bounds. Each failure is one ``ValueError``
+line that names the argument."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["COMPILE_SCOPES", "MAX_LAYERS", "MAX_PARAMETERS", "MEMORY_MODES", "SPATIAL_DIMS", "check_config",
+           "check_spatial_dims", "count_weights", "resolve_compile", "resolve_memory"]
+
+MEMORY_MODES = ("plain", "efficient", "frugal")
+COMPILE_SCOPES = ("layers", "model")
+SPATIAL_DIMS = (1, 2, 3)
+MAX_LAYERS = 10_000  # DenseNet-264 has 130 dense layers; far more only exhausts memory while building
+
+
+def check_spatial_dims(spatial_dims: Any) -> None:
+    if isinstance(spatial_dims, bool) or spatial_dims not in SPATIAL_DIMS:
+        raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
+
+
+def resolve_memory(memory: str | None, efficient: bool | None, memory_efficient: bool | None = None) -> str:
+    """The one place where a memory mode is chosen from the arguments users pass (``efficient`` is the seed
+    projects' spelling, ``memory_efficient`` torchvision's and timm's: True means 'efficient', False 'plain')."""
+    if memory is not None and memory not in MEMORY_MODES:
+        raise ValueError(f"memory must be one of {', '.join(map(repr, MEMORY_MODES))}, got {memory!r}")
+    for name, value in (("efficient", efficient), ("memory_efficient", memory_efficient)):
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+    if efficient is not None and memory_efficient is not None and efficient != memory_efficient:
+        raise ValueError(f"efficient={efficient} contradicts memory_efficient={memory_efficient}; pass only one")
+    flag, name = (efficient, "efficient") if efficient is not None else (memory_efficient, "memory_efficient")
+    if flag is None:
+        return memory or "efficient"
+    if memory is not None and (memory == "plain") == flag:
+        raise ValueError(f"memory={memory!r} contradicts {name}={flag}; pass only one of them")
+    return memory or ("efficient" if flag else "plain")
+
+
+def resolve_compile(compile: bool | str) -> str | None:
+    """The compile scope that ``compile=`` asks for: None, 'layers' (True) or 'model'."""
+    if isinstance(compile, bool):
+        return "layers" if compile else None
+    if compile in COMPILE_SCOPES:
+        return compile
+    raise ValueError(f"compile must be True, False or one of {', '.join(map(repr, COMPILE_SCOPES))}, got {compile!r}")
+
+
+MAX_PARAMETERS = 2 ** 32  # 16 GiB of float32 weights before a single activation
+
+
+def check_config(growth_rate: int, block_config: Sequence[int], num_init_features: int, bn_size: int | None,
+                  compression: float, drop_rate: float, head_drop_rate: float, num_classes: int,
+                  in_chans: int, small_inputs: bool, spatial_dims: int) -> None:
+    def positive_int(name: str, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    def fraction(name: str, value: Any, low_open: bool) -> None:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not (0 < value <= 1 if low_open else 0 <= value < 1):
+            raise ValueError(f"{name} must be a number in {'(0, 1]' if low_open else '[0, 1)'}, got {value!r}")
+
+    positive_int("growth_rate", growth_rate)
+    positive_int("num_init_features", num_init_features)
+    positive_int("in_chans", in_chans)
+    if bn_size is not None:
+        positive_int("bn_size", bn_size)
+    if isinstance(block_config, (str, bytes)) or not isinstance(block_config, Sequence) or not block_config:
+        raise ValueError(f"block_config must be a non-empty sequence of layer counts, got {block_config!r}")
+    for i, n in enumerate(block_config):
+        positive_int(f"block_config[{i}]", n)
+    fraction("compression", compression, low_open=True)
+    fraction("drop_rate", drop_rate, low_open=False)
+    fraction("head_drop_rate", head_drop_rate, low_open=False)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+        raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
+    if not isinstance(small_inputs, bool):
+        raise ValueError(f"small_inputs must be True or False, got {small_inputs!r}")
+    check_spatial_dims(spatial_dims)
+    if sum(block_config) > MAX_LAYERS:
+        raise ValueError(f"block_config {tuple(block_config)} has {sum(block_config)} dense layers; at most "
+                         f"{MAX_LAYERS} are supported (DenseNet-264 has 130)")
+    parameters = count_weights(growth_rate, block_config, num_init_features, bn_size, compression, spatial_dims)
+    if parameters > MAX_PARAMETERS:
+        raise ValueError(f"this configuration would have about {parameters:.3g} convolution weights "
+                         f"({parameters * 4 / 2 ** 30:.3g} GiB in float32), over the {MAX_PARAMETERS:.3g} supported")
+
+
+def count_weights(growth_rate: int, block_config: Sequence[int], channels: int, bn_size: int | None,
+                   compression: float, spatial_dims: int) -> int:
+    """The dense layers' and transitions' convolution weights, counted without building them."""
+    k, total, window = growth_rate, 0, 3 ** spatial_dims
+    for i, n in enumerate(block_config):
+        inputs = n * channels + k * n * (n - 1) // 2  # the layers' input channels, summed
+        total += inputs * bn_size * k + n * bn_size * k * k * window if bn_size else inputs * k * window
+        channels += n * k
+        if i < len(block_config) - 1:
+            total += channels * int(channels * compression)
+            channels = int(channels * compression)
+    return total
