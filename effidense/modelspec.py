@@ -124,13 +124,16 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_model: str | No
     group.add_argument("--num-classes", type=int, help="classifier outputs")
     group.add_argument("--small-inputs", action=argparse.BooleanOptionalAction, default=None,
                        help="3x3 stride-1 stem for 32x32 images (--no-small-inputs: ImageNet 7x7/2 stem + max-pool)")
+    group.add_argument("--spatial-dims", type=int, choices=(1, 2, 3),
+                       help="2: images (default); 3: volumes (--img-size is then the cube's edge); 1: signals")
+    group.add_argument("--in-chans", type=int, help="input channels (e.g. 1 for CT or MRI volumes)")
     group.add_argument("--model-kwargs", nargs="*", action=ModelKwargs, default={}, metavar="KEY=VALUE",
                        help="DenseNet constructor arguments as timm takes them (values are Python literals, else "
                             "strings), e.g. growth_rate=12 block_config=\"(4,4)\"; the flags above take precedence")
 
 
 _FLAG_ARGS = ("growth_rate", "block_config", "num_init_features", "bn_size", "compression", "drop_rate",
-              "num_classes", "small_inputs")
+              "num_classes", "small_inputs", "spatial_dims", "in_chans")
 
 
 def spec_from_args(args: argparse.Namespace) -> ModelSpec:

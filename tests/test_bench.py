@@ -567,3 +567,20 @@ def test_progress_off_a_terminal_is_plain_lines(bench, capsys):
     argv = [a for a in TINY_SMALL if a != "--quiet"]
     code, _, err = run_main(bench, argv + ["--variants", "plain"], capsys)
     assert code == 0 and "\r" not in err and "bench plain: " in err
+
+
+def test_volumes_with_monai_as_the_peer(bench, tmp_path, capsys):
+    """--spatial-dims 3: our modes and MONAI's DenseNet (same weights, same function) on volumes; the 2D peers say
+    why they are left out."""
+    json_path = tmp_path / "3d.json"
+    argv = TINY[:8] + ["--spatial-dims", "3", "--in-chans", "1", "--img-size", "16", "--batch-size", "2", "--steps",
+                       "1", "--warmup", "0", "--quiet", "--variants", "plain,efficient,frugal,monai,tv",
+                       "--json", str(json_path)]
+    code, out, _ = run_main(bench, argv, capsys)
+    assert code == 0, out
+    assert "batch 2, 16x16x16" in out
+    results = {r["variant"]: r for r in json.loads(json_path.read_text())["results"]}
+    assert results["tv"]["status"] == "skipped" and "2D only" in results["tv"]["error"]
+    assert results["monai"]["status"] == "ok" and results["monai"]["same_function_rel_diff"] < 1e-5
+    kept = {name: results[name]["activation_bytes"] for name in ("plain", "efficient", "frugal", "monai")}
+    assert kept["monai"] >= kept["plain"] > kept["efficient"] > kept["frugal"], kept

@@ -287,3 +287,17 @@ def test_plan_is_exported_lazily_from_effidense():
     from effidense import planner
 
     assert "plan" in effidense.__all__ and effidense.plan is planner.plan
+
+
+def test_a_volume_plans_the_3d_densenet_and_its_monai_peer():
+    """Three sizes for a named model mean its 3D form; MONAI's DenseNet is the peer there, torchvision's cannot be."""
+    report = plan(SPEC, variants="plain,efficient,monai,tv", img_size=(16, 16, 16), batch_size=2, budget="1GiB")
+    rows = {v.name: v for v in report.variants}
+    assert rows["tv"].status == "skipped" and "2D only" in rows["tv"].error
+    assert all(rows[n].ok for n in ("plain", "efficient", "monai")), rows
+    saved = {n: rows[n].saved_activation_bytes for n in ("efficient", "plain", "monai")}
+    assert saved["efficient"] < saved["plain"] <= saved["monai"], saved
+    assert rows["efficient"].max_edge > rows["plain"].max_edge  # the cube edge is searched for volumes
+    with torch.device("meta"):
+        model = build_variant("efficient", ModelSpec("tiny 3D", {**TINY, "spatial_dims": 3}))
+    assert isinstance(model.features.conv0, nn.Conv3d)

@@ -10,7 +10,7 @@ from ..fileio import atomic_write_bytes
 from ..memory import MiB
 from ..modelspec import ModelSpec
 from .config import JSON_SCHEMA, BenchReport
-from .variants import COMPILE_SUFFIX, HOST_BATCH, HOST_REFERENCE, host_img_size
+from .variants import COMPILE_SUFFIX, HOST_BATCH, HOST_REFERENCE, host_img_size, size_label
 
 __all__ = ["fmt", "format_table", "report_to_json", "write_json", "write_plot"]
 
@@ -59,8 +59,8 @@ def format_table(report: BenchReport) -> str:
     per_rank = f" per rank, {report.world_size} DDP ranks (images/s is their total)" if report.world_size > 1 else ""
     header = [
         f"model: {cfg.spec.describe()}",
-        (f"host-overhead step: batch {HOST_BATCH}, {host_img_size(cfg.spec)}x{host_img_size(cfg.spec)}"
-         if cfg.host_only else f"batch {cfg.batch_size}{per_rank}, {cfg.img_size}x{cfg.img_size}") +
+        (f"host-overhead step: batch {HOST_BATCH}, {size_label(cfg.spec, host_img_size(cfg.spec))}"
+         if cfg.host_only else f"batch {cfg.batch_size}{per_rank}, {size_label(cfg.spec, cfg.img_size)}") +
         f", {cfg.amp or 'fp32'}"
         f"{', channels_last' if cfg.channels_last else ''}, {cfg.device} ({env.get('device_name')}), "
         f"median of {cfg.steps} round{'s' if cfg.steps != 1 else ''} after {cfg.warmup} warm-up"
@@ -75,7 +75,7 @@ def format_table(report: BenchReport) -> str:
     notes = ["", "Variants take turns: each round times one step of every variant. x less: plain's activation (peak) "
              "memory divided by the variant's; step vs plain: median over rounds of the variant's step time divided by "
              "plain's in the same round; a step is forward + loss + backward.",
-             f"host ms: one such step at batch {HOST_BATCH}, {host_size}x{host_size}, where "
+             f"host ms: one such step at batch {HOST_BATCH}, {size_label(cfg.spec, host_size)}, where "
              "arithmetic costs almost nothing (the host's overhead), timed in the same rounds; host vs "
              f"{report.host_reference or 'ref'}: median of per-round ratios"
              + (" (torchvision's DenseNet with memory_efficient=False)" if report.host_reference == HOST_REFERENCE
@@ -161,7 +161,7 @@ def _plot_depth(ax: Any, report: BenchReport) -> None:
     ax.set_xlabel("depth (layers)")
     ax.set_ylabel("activation memory saved for backward (MiB)")
     ax.set_title(f"Activation memory vs depth\n{_family_name(cfg.spec)}, batch {cfg.batch_size}, "
-                 f"{cfg.img_size}x{cfg.img_size}, {cfg.amp or 'fp32'}")
+                 f"{size_label(cfg.spec, cfg.img_size)}, {cfg.amp or 'fp32'}")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=1, frameon=False)
     skipped = sweep.get("skipped") or {}
@@ -200,7 +200,7 @@ def _plot_times(ax: Any, report: BenchReport) -> None:
         ax.set_ylim(top=1.15 * max(max(s) for s in spreads))
     what = f"Host time per step, batch {HOST_BATCH}" if host else f"Step time, batch {cfg.batch_size}"
     size = host_img_size(cfg.spec) if host else cfg.img_size
-    ax.set_title(f"{what}, {size}x{size}, {cfg.spec.name}\n"
+    ax.set_title(f"{what}, {size_label(cfg.spec, size)}, {cfg.spec.name}\n"
                  f"{report.environment.get('device_name')}, torch {report.environment['torch']}")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8)

@@ -18,7 +18,17 @@ from .distributed import backend_for, check_world, merge_ranks, process_group, s
 from .environment import environment
 from .timing import failed_result, one_line, time_in_rounds
 from .trainer import StepRunner, Timer, run_batch, torch_threads
-from .variants import COMPILE_SUFFIX, HOST_BATCH, PEERS, build_variant, compile_model, host_img_size, peer_unsupported
+from .variants import (
+    COMPILE_SUFFIX,
+    HOST_BATCH,
+    PEERS,
+    build_variant,
+    compile_model,
+    host_img_size,
+    input_shape,
+    load_weights,
+    peer_unsupported,
+)
 
 __all__ = ["run_benchmark", "benchmark", "memory_by_depth", "activation_floor"]
 
@@ -130,7 +140,7 @@ def _prepare_variant(variant: str, cfg: BenchConfig, device: torch.device, state
     try:
         torch.manual_seed(cfg.seed)
         model = build_variant(base_variant, cfg.spec)
-        model.load_state_dict(state)
+        load_weights(model, base_variant, state)
         model.to(device).train()
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -225,7 +235,8 @@ def memory_by_depth(cfg: BenchConfig, scales: Sequence[float],
         for mode in sweep["activation_bytes"]:
             try:
                 probe = StepProbe(lambda spec=spec, mode=mode: build_variant(mode, spec), step)
-                sweep["activation_bytes"][mode].append(probe.saved_bytes(cfg.batch_size, (cfg.img_size,) * 2))
+                sweep["activation_bytes"][mode].append(
+                    probe.saved_bytes(cfg.batch_size, input_shape(cfg.spec, 1, cfg.img_size)[2:]))
             except Exception as error:  # keep the other points
                 sweep["activation_bytes"][mode].append(None)
                 errors.append(f"depth {spec.depth} {mode}: {one_line(error)}")
@@ -271,5 +282,5 @@ def activation_floor(cfg: BenchConfig) -> int:
     """:func:`effidense.activation_floor_bytes` for one rank's batch in fp32 (measured on one image, every term
     is linear in the batch size)."""
     model = cfg.spec.build("plain").eval()
-    image = torch.zeros(1, cfg.spec.arg("in_chans"), cfg.img_size, cfg.img_size)
+    image = torch.zeros(input_shape(cfg.spec, 1, cfg.img_size))
     return activation_floor_bytes(model, image) * cfg.batch_size

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..modelspec import ModelSpec
 from .config import BenchConfig, autocast
+from .variants import input_shape
 
 __all__ = ["Timer", "StepRunner", "step_loss", "training_step", "timed_step", "make_batch", "run_batch",
            "torch_threads"]
@@ -101,11 +102,11 @@ def make_batch(spec: ModelSpec, batch_size: int, img_size: int, device: torch.de
                seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """A random batch for ``spec`` (images and labels) from ``seed``, on ``device``."""
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch_size, spec.arg("in_chans"), img_size, img_size, generator=generator)
+    x = torch.randn(input_shape(spec, batch_size, img_size), generator=generator)
     y = torch.randint(0, max(spec.arg("num_classes"), 1), (batch_size,), generator=generator)
     x = x.to(device)
     if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
     return x, y.to(device)
 
 

@@ -11,9 +11,10 @@ from torch import nn
 
 from ..densenet import MEMORY_MODES
 from ..modelspec import ModelSpec
+from ..weights import layout_state_dict
 
 __all__ = ["PEERS", "COMPILE_SUFFIX", "HOST_REFERENCE", "HOST_BATCH", "parse_variants", "peer_unsupported",
-           "build_variant", "compile_model", "host_img_size"]
+           "build_variant", "compile_model", "host_img_size", "input_shape", "load_weights", "size_label"]
 
 
 # The one peers table: every tool (bench, gpu-report) names the peers so. tv-plain, keeping everything, is the
@@ -22,6 +23,7 @@ PEERS = {
     "tv": "torchvision memory_efficient=True",
     "timm": "timm set_grad_checkpointing()",
     "tv-plain": "torchvision plain",
+    "monai": "MONAI DenseNet (keeps everything; 1-3 spatial dims)",
 }
 HOST_REFERENCE = "tv-plain"
 HOST_BATCH = 2  # images per host-overhead step: BatchNorm needs two values per channel
@@ -43,9 +45,21 @@ def parse_variants(text: str | Sequence[str], compile_all: bool = False) -> list
     return list(dict.fromkeys(names))  # drop repeats, keep order
 
 
+def input_shape(spec: ModelSpec, batch_size: int, img_size: int) -> tuple[int, ...]:
+    """(N, C, *spatial) of a batch for ``spec``: an image, a volume or a signal of side ``img_size``."""
+    return (batch_size, spec.arg("in_chans"), *(img_size,) * spec.arg("spatial_dims"))
+
+
+def size_label(spec: ModelSpec, img_size: int) -> str:
+    """``224x224``, ``96x96x96``: the input's spatial size."""
+    return "x".join([str(img_size)] * spec.arg("spatial_dims"))
+
+
 def peer_unsupported(spec: ModelSpec, peer: str) -> str | None:
     """Why ``peer`` has no exact counterpart of ``spec`` (None when it has one)."""
     reasons = []
+    if peer != "monai" and spec.arg("spatial_dims") != 2:
+        reasons.append("it is 2D only")
     if spec.arg("small_inputs"):
         reasons.append("it has no small-input (CIFAR) stem")
     if not spec.bottleneck:
@@ -61,7 +75,12 @@ def peer_unsupported(spec: ModelSpec, peer: str) -> str | None:
             reasons.append("it has no head dropout")
     elif peer == "timm" and spec.arg("num_init_features") != 2 * spec.arg("growth_rate"):
         reasons.append("its stem width is always 2 * growth_rate")
-    name = "timm" if peer == "timm" else "torchvision"
+    elif peer == "monai":
+        if spec.arg("global_pool") != "avg":
+            reasons.append("it pools by average only")
+        if spec.arg("head_drop_rate"):
+            reasons.append("it has no head dropout")
+    name = {"timm": "timm", "monai": "MONAI"}.get(peer, "torchvision")
     return f"{name} cannot build {spec.name}: {'; '.join(reasons)}" if reasons else None
 
 
@@ -84,7 +103,22 @@ def build_variant(variant: str, spec: ModelSpec) -> nn.Module:
             drop_rate=spec.arg("head_drop_rate"), proj_drop_rate=spec.arg("drop_rate"))
         model.set_grad_checkpointing(True)
         return model
+    if variant == "monai":
+        try:
+            from monai.networks.nets import DenseNet as MonaiDenseNet
+        except ImportError:
+            raise ValueError("the 'monai' variant needs MONAI: pip install monai") from None
+        return MonaiDenseNet(
+            spatial_dims=spec.arg("spatial_dims"), in_channels=spec.arg("in_chans"),
+            out_channels=spec.arg("num_classes"), init_features=spec.arg("num_init_features"),
+            growth_rate=spec.arg("growth_rate"), block_config=spec.block_config, bn_size=spec.arg("bn_size"),
+            dropout_prob=spec.arg("drop_rate"))
     raise ValueError(f"unknown variant {variant!r}")
+
+
+def load_weights(model: nn.Module, variant: str, state: dict[str, torch.Tensor]) -> None:
+    """Load effidense's (torchvision's) state dict into ``variant``'s model: MONAI's names its keys otherwise."""
+    model.load_state_dict(layout_state_dict(state, "monai") if variant == "monai" else state)
 
 
 def compile_model(model: nn.Module, scope: str = "layers", **options: Any) -> nn.Module:

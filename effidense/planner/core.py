@@ -101,6 +101,7 @@ class _Target:
     num_classes: int
     min_size: int
     default_size: int | None
+    spatial_dims: int = 2
 
 
 def _target(model: str | ModelSpec | Mapping[str, Callable[[], nn.Module]], variants: str | Sequence[str] | None,
@@ -124,7 +125,7 @@ def _target(model: str | ModelSpec | Mapping[str, Callable[[], nn.Module]], vari
     with torch.device("meta"):  # costs no memory
         min_edge = spec.build("plain").min_input_size
     return _Target(spec.name, builders, skipped, spec.arg("in_chans"), spec.arg("num_classes"), min_edge,
-                   spec.default_img_size)
+                   spec.default_img_size, spec.arg("spatial_dims"))
 
 
 def _names(text: str | Sequence[str]) -> list[str]:
@@ -136,7 +137,7 @@ def _size(img_size: int | Sequence[int] | None, target: _Target) -> tuple[int, .
         if target.default_size is None:
             raise ValueError("img_size is needed for a custom model")
         img_size = target.default_size
-    size = (int(img_size),) * 2 if isinstance(img_size, int) else tuple(int(s) for s in img_size)
+    size = (int(img_size),) * target.spatial_dims if isinstance(img_size, int) else tuple(int(s) for s in img_size)
     if not 1 <= len(size) <= 3 or any(s < 1 for s in size):
         raise ValueError(f"input size must be 1 to 3 positive numbers (2D: H W, 3D: D H W), got {list(size)}")
     if min(size) < target.min_size:
@@ -176,6 +177,11 @@ def plan(model: str | ModelSpec | Mapping[str, Callable[[], nn.Module]] = "effi_
     if not 0 <= margin < 1:
         raise ValueError(f"margin must be at least 0 and below 1, got {margin}")
     budget_bytes = None if budget is None else parse_budget(budget)
+    if isinstance(model, str):
+        model = resolve_model(model)
+    if isinstance(model, ModelSpec) and img_size is not None and not isinstance(img_size, int) \
+            and len(img_size) != model.arg("spatial_dims"):  # a volume for a named model: its 3D (or 1D) form
+        model = ModelSpec(model.name, {**model.kwargs, "spatial_dims": len(img_size)})
     target = _target(model, variants, in_chans, num_classes, min_size)
     size = _size(img_size, target)
     step = StepSpec(in_chans=target.in_chans, num_classes=target.num_classes,
