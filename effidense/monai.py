@@ -390,7 +390,7 @@ class DenseNet(densenet.DenseNet):
                       if k in expected and isinstance(v, Tensor) and tuple(v.shape) != expected[k]]
         if mismatched or (strict and (unknown or missing)):
             hint = ""
-            if any(len(want) == len(got) + 1 == self.spatial_dims + 3 for _, got, want in mismatched):
+            if any(len(want) == len(got) + 1 == self.spatial_dims + 2 for _, got, want in mismatched):
                 hint = (" (2D weights for a 3D model? inflate them first: effidense convert --to monai --inflate "
                         "center, or effidense.convert.inflate)")
             message = describe_misfit(unknown if strict else [], missing if strict else [], mismatched)
