@@ -135,6 +135,8 @@ def test_the_head_is_monais_class_layers_so_its_cam_works():
     maps = [CAM(nn_module=m, target_layers="class_layers.relu", fc_layers="class_layers.out")(x) for m in (theirs,
                                                                                                            ours)]
     assert torch.equal(maps[0], maps[1])
+    with torch.no_grad():  # features end at norm5, before the activation, as MONAI's
+        assert torch.equal(ours.forward_features(x), theirs.features(x))
     with torch.no_grad():  # pre_logits: MONAI's class_layers before `out`
         assert torch.equal(ours.forward_head(ours.forward_features(x), pre_logits=True),
                            theirs.class_layers[:-1](theirs.features(x)))
