@@ -344,8 +344,12 @@ class DenseNet(densenet.DenseNet):
         nn.init.zeros_(self.class_layers.out.bias)
         self.num_classes = out_channels
         self.head_hidden_size = self.num_features
-        self.register_state_dict_post_hook(_save_monai_keys)
-        self.register_load_state_dict_pre_hook(_load_monai_keys)
+        if hasattr(self, "register_state_dict_post_hook"):
+            self.register_state_dict_post_hook(_save_monai_keys)
+            self.register_load_state_dict_pre_hook(_load_monai_keys)
+        else:  # torch < 2.5: the same hooks, before torch made them public (pytorch/pytorch#131690)
+            self._register_state_dict_hook(_save_monai_keys)
+            self._register_load_state_dict_pre_hook(_load_monai_keys, with_module=True)
         self.register_load_state_dict_post_hook(_report_monai_keys)
 
     # --- MONAI's head ---
