@@ -317,8 +317,12 @@ class DenseNet(densenet.DenseNet):
             *,
             memory: str = "efficient",
     ) -> None:
-        _positive_int("bn_size", bn_size)  # MONAI's dense layers always have the bottleneck
-        _positive_int("out_channels", out_channels)
+        # in MONAI's words (the core checks the rest, and these again, in its own)
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
+                            ("init_features", init_features), ("bn_size", bn_size)):  # bn_size: MONAI's layers
+            _positive_int(name, value)                                                # always have the bottleneck
+        if isinstance(dropout_prob, bool) or not isinstance(dropout_prob, (int, float)) or not 0 <= dropout_prob < 1:
+            raise ValueError(f"dropout_prob must be a number in [0, 1), got {dropout_prob!r}")
         act_fn = activation(act)
         make_norm = _norm_maker(norm, spatial_dims)
         # MONAI draws each convolution's default initialisation, then the Linear's, then each convolution's Kaiming

@@ -244,6 +244,10 @@ def one_line(error: pytest.ExceptionInfo) -> str:
     (dict(spatial_dims=0), "spatial_dims must be 1, 2 or 3, got 0"),
     (dict(bn_size=None), "bn_size must be a positive integer"),
     (dict(out_channels=0), "out_channels must be a positive integer"),
+    (dict(in_channels=0), "in_channels must be a positive integer, got 0"),
+    (dict(init_features=2.5), "init_features must be a positive integer, got 2.5"),
+    (dict(dropout_prob=1.0), "dropout_prob must be a number in [0, 1), got 1.0"),
+    (dict(block_config=()), "block_config must be a non-empty sequence"),
 ])
 def test_bad_arguments_get_one_line(kwargs, words):
     args = dict(spatial_dims=3, in_channels=1, out_channels=2, **TINY) | kwargs
