@@ -14,6 +14,8 @@ Where a change belongs:
   :mod:`effidense.benchmark`; exactness checks: :mod:`effidense.verify`; the GPU evidence run:
   :mod:`effidense.gpu_report`; the built-in trainer: :mod:`effidense.train`
 * the commands (``effidense bench|convert|gradcheck|train|...``, ``tools/*.py``): :mod:`effidense.cli`
+* MONAI's DenseNet as a drop-in (``from effidense.monai import DenseNet121``; not imported here, and MONAI is not
+  needed for it): :mod:`effidense.monai`
 """
 from __future__ import annotations
 

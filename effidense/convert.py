@@ -34,6 +34,7 @@ from .weights import (
     canonical_key,
     canonical_state_dict,
     check_output,
+    describe_misfit,
     has_layout_keys,
     has_legacy_keys,
     inflate_kernels,
@@ -308,16 +309,8 @@ def check_state_dict(state_dict: Mapping[str, Tensor], arch: Architecture, what:
                   if c in expected and tuple(state_dict[k].shape) != expected[c]]
     if not (unknown or missing or mismatched):
         return
-    parts = []
-    if mismatched:
-        parts.append(f"{len(mismatched)} mis-shaped: " + listing(
-            f"{k} {list(got)} (expected {list(want)})" for k, got, want in mismatched))
-    if missing:
-        parts.append(f"{len(missing)} missing: {listing(missing)}")
-    if unknown:
-        parts.append(f"{len(unknown)} unknown: {listing(unknown)}")
     target = what or f"DenseNet({arch.describe()})"
-    raise ConversionError(f"the weights do not fit {target}: " + "; ".join(parts),
+    raise ConversionError(f"the weights do not fit {target}: " + describe_misfit(unknown, missing, mismatched),
                           unknown=unknown, missing=missing, mismatched=mismatched)
 
 

@@ -36,9 +36,8 @@ from .fileio import (
 )
 
 __all__ = ["KEY_RULES", "PTH_SUFFIXES", "Checkpoint", "ConversionError", "KeyRule", "canonical_key",
-           "canonical_state_dict", "has_layout_keys", "inflate_kernels", "layout_key", "layout_state_dict",
-           "load_checkpoint",
-           "save_checkpoint", "timm_pretrained_filter"]
+           "canonical_state_dict", "describe_misfit", "has_layout_keys", "inflate_kernels", "layout_key",
+           "layout_state_dict", "load_checkpoint", "save_checkpoint", "timm_pretrained_filter"]
 
 
 PTH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
@@ -217,6 +216,22 @@ def listing(keys: Iterable[str]) -> str:
     keys = list(keys)
     shown = ", ".join(keys[:_SHOWN])
     return shown + (f" (+{len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else "")
+
+
+def describe_misfit(unknown: Iterable[str], missing: Iterable[str],
+                    mismatched: Iterable[tuple[str, tuple[int, ...], tuple[int, ...]]]) -> str:
+    """Weights that do not fit a model, in one line: '2 mis-shaped: k [a] (expected [b]), ...; 1 missing: ...;
+    1 unknown: ...' (empty categories left out; :data:`_SHOWN` keys listed per category)."""
+    unknown, missing, mismatched = list(unknown), list(missing), list(mismatched)
+    parts = []
+    if mismatched:
+        parts.append(f"{len(mismatched)} mis-shaped: " + listing(
+            f"{k} {list(got)} (expected {list(want)})" for k, got, want in mismatched))
+    if missing:
+        parts.append(f"{len(missing)} missing: {listing(missing)}")
+    if unknown:
+        parts.append(f"{len(unknown)} unknown: {listing(unknown)}")
+    return "; ".join(parts)
 
 
 def canonical_state_dict(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:

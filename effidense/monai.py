@@ -1,0 +1,471 @@
+"""MONAI's DenseNet, memory-efficient: change only the import.
+
+    from monai.networks.nets import DenseNet121   # before
+    from effidense.monai import DenseNet121       # after
+
+:class:`DenseNet`, :class:`DenseNet121`, :class:`DenseNet169`, :class:`DenseNet201` and :class:`DenseNet264` (and
+MONAI's aliases ``Densenet121``, ``densenet121``, ...) take MONAI 1.6's arguments (``spatial_dims, in_channels,
+out_channels, init_features, growth_rate, block_config, bn_size, act, norm, dropout_prob``; the numbered ones also
+``pretrained`` and ``progress``) plus ``memory=`` ('plain', 'efficient' (default) or 'frugal', as
+:class:`effidense.DenseNet`'s), and compute MONAI's function: stem, dense blocks, transitions, ``norm5``, then
+``class_layers`` (the activation, adaptive average pooling, flatten, ``out``: a Linear).
+
+What is MONAI's, so code written for MONAI's model keeps working:
+
+* **State-dict keys** (``features.denseblock1.denselayer1.layers.norm1.weight``, ``class_layers.out.weight``):
+  MONAI checkpoints load with ``strict=True``, and ours into MONAI's. Missing and unexpected keys are reported in
+  MONAI's names; weights that do not fit raise one line naming the keys (:class:`WeightsMismatchError`).
+* **Initial weights**: seeded alike, a model starts from MONAI's very weights (the same random draws, in its order).
+* **Parameter order** (``parameters()``), so an optimizer's state dict carries over between the two.
+* **Modules** ``class_layers.relu`` / ``.pool`` / ``.flatten`` / ``.out`` (e.g. for ``monai.visualize.CAM``'s
+  ``target_layers="class_layers.relu"``). ``norm``: 'batch' (exact running statistics in every memory mode),
+  'instance' and 'group' (no running statistics), with MONAI's arguments, e.g. ``("group", {"num_groups": 4})``.
+  ``act``: every parameter-free activation MONAI names (relu, leakyrelu, elu, celu, selu, relu6, gelu, sigmoid,
+  tanh, swish, memswish, mish), computed with the functions MONAI's modules call.
+
+What is effidense's: the modules inside a dense layer sit directly under it (``denselayer1.norm1``, not
+``denselayer1.layers.norm1``), so ``named_parameters()`` and ``get_submodule`` use those names (``layout_key`` in
+:mod:`effidense.weights`, the one key table, turns them into MONAI's). Each norm applies the activation that follows
+it, except ``norm5``, which MONAI's ``class_layers.relu`` follows. ``forward_features(x)`` computes the features up
+to the activation before pooling (``features`` is effidense's container, not a callable pipeline).
+
+MONAI itself is not needed to build, train, save or load these models; only its datasets and transforms, if you use
+them. Bad input gets one line: a wrong rank or too small a volume (the least size is named), ``spatial_dims`` not 1-3,
+an unknown ``norm`` or ``act``, ``pretrained=True`` (no hub is reachable; convert weights with ``effidense convert``).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import densenet
+from .layers import BATCH_NORM_ACT, INSTANCE_NORM_ACT, GroupNormAct, relu_
+from .weights import ConversionError, describe_misfit, layout_key
+
+__all__ = ["LAYOUT", "ACTIVATIONS", "NORMS", "Activation", "DenseNet", "DenseNet121", "DenseNet169", "DenseNet201",
+           "DenseNet264", "Densenet", "Densenet121", "Densenet169", "Densenet201", "Densenet264",
+           "WeightsMismatchError", "activation", "densenet121", "densenet169", "densenet201", "densenet264"]
+
+LAYOUT = "monai"  # the layout name in effidense.weights.KEY_RULES
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_ADAPTIVE_AVG = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
+
+
+class WeightsMismatchError(ConversionError, RuntimeError):
+    """Weights that do not fit the model: one line naming the keys (in MONAI's names). A RuntimeError, as torch's
+    ``load_state_dict`` raises, and a :class:`~effidense.weights.ConversionError` with ``unknown``, ``missing`` and
+    ``mismatched`` holding every offending key."""
+
+
+# --- activations: MONAI's names, the functions its modules call ---
+
+def _relu(x: Tensor, inplace: bool = True) -> Tensor:
+    return relu_(x)
+
+
+def _leakyrelu(x: Tensor, negative_slope: float = 0.01, inplace: bool = False) -> Tensor:
+    return F.leaky_relu(x, negative_slope, inplace)
+
+
+def _elu(x: Tensor, alpha: float = 1.0, inplace: bool = False) -> Tensor:
+    return F.elu(x, alpha, inplace)
+
+
+def _celu(x: Tensor, alpha: float = 1.0, inplace: bool = False) -> Tensor:
+    return F.celu(x, alpha, inplace)
+
+
+def _selu(x: Tensor, inplace: bool = False) -> Tensor:
+    return F.selu(x, inplace)
+
+
+def _relu6(x: Tensor, inplace: bool = False) -> Tensor:
+    return F.hardtanh(x, 0.0, 6.0, inplace)  # as nn.ReLU6
+
+
+def _gelu(x: Tensor, approximate: str = "none") -> Tensor:
+    return F.gelu(x, approximate=approximate)
+
+
+def _sigmoid(x: Tensor) -> Tensor:
+    return torch.sigmoid(x)
+
+
+def _tanh(x: Tensor) -> Tensor:
+    return torch.tanh(x)
+
+
+def _swish(x: Tensor, alpha: float = 1.0) -> Tensor:
+    return x * torch.sigmoid(alpha * x)  # as monai.networks.blocks.Swish
+
+
+def _memswish(x: Tensor, inplace: bool = False) -> Tensor:
+    return F.silu(x, inplace=inplace)  # as monai.networks.blocks.MemoryEfficientSwish
+
+
+def _mish(x: Tensor, inplace: bool = False) -> Tensor:
+    return F.mish(x, inplace=inplace)  # as monai.networks.blocks.Mish
+
+
+ACTIVATIONS: dict[str, Callable[..., Tensor]] = {
+    "relu": _relu, "leakyrelu": _leakyrelu, "elu": _elu, "celu": _celu, "selu": _selu, "relu6": _relu6,
+    "gelu": _gelu, "sigmoid": _sigmoid, "tanh": _tanh, "swish": _swish, "memswish": _memswish, "mish": _mish,
+}
+_OTHER_ACTIVATIONS = {  # the rest of MONAI's Act factory, and why they cannot be a norm's activation here
+    "prelu": "it has learnable parameters",
+    "softmax": "it is not elementwise", "logsoftmax": "it is not elementwise",
+    "geglu": "it halves the channels",
+}
+
+
+class _Act:
+    """One of MONAI's activations with its arguments: a plain callable, so a norm holds it without a submodule."""
+
+    def __init__(self, name: str, kwargs: Mapping[str, Any]) -> None:
+        self.name, self.fn, self.kwargs = name, ACTIVATIONS[name], dict(kwargs)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.fn(x, **self.kwargs)
+
+    def __repr__(self) -> str:
+        return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in self.kwargs.items())})"
+
+
+def _split(spec: Any, what: str) -> tuple[str, dict[str, Any]]:
+    """MONAI's ``split_args``: a name, or (name, {arguments}); names in any case."""
+    if isinstance(spec, str):
+        return spec.lower(), {}
+    if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str) and isinstance(spec[1], dict) \
+            and all(isinstance(k, str) for k in spec[1]):
+        return spec[0].lower(), dict(spec[1])
+    example = ("relu", {"inplace": True}) if what == "act" else ("group", {"num_groups": 8})
+    raise ValueError(f"{what}={spec!r}: expected a name or (name, {{arguments}}), as MONAI takes it, e.g. {example!r}")
+
+
+def _check_arguments(spec: Any, what: str, fn: Callable[..., Any], kwargs: Mapping[str, Any]) -> None:
+    params = [p for p in inspect.signature(fn).parameters if p != "x"]
+    unknown = [k for k in kwargs if k not in params]
+    if unknown:
+        takes = ", ".join(params) or "no arguments"
+        raise ValueError(f"{what}={spec!r}: unknown argument {', '.join(map(repr, unknown))} ({takes} accepted)")
+
+
+def activation(act: Any) -> Callable[[Tensor], Tensor] | None:
+    """MONAI's ``act`` argument ('relu', or e.g. ``("leakyrelu", {"negative_slope": 0.1})``) as the function a norm
+    applies: :func:`~effidense.layers.relu_` for 'relu' (whatever its ``inplace``), so the fast paths apply; None for
+    '' (MONAI's Identity). Raises ValueError in one line for anything else."""
+    name, kwargs = _split(act, "act")
+    if name == "":
+        return None
+    if name not in ACTIVATIONS:
+        why = _OTHER_ACTIVATIONS.get(name)
+        problem = f"MONAI's {name!r} is not supported ({why})" if why else "unknown activation"
+        raise ValueError(f"act={act!r}: {problem}; choose one of {', '.join(ACTIVATIONS)}")
+    _check_arguments(act, "act", ACTIVATIONS[name], kwargs)
+    return relu_ if name == "relu" else _Act(name, kwargs)
+
+
+class Activation(nn.Module):
+    """An activation function as a module: ``class_layers.relu``, which follows ``norm5`` as in MONAI's head."""
+
+    def __init__(self, fn: Callable[[Tensor], Tensor] | None) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x if self.fn is None else self.fn(x)
+
+    def extra_repr(self) -> str:
+        return "identity" if self.fn is None else getattr(self.fn, "__name__", repr(self.fn))
+
+
+# --- norms ---
+
+NORMS: dict[str, tuple[str, ...]] = {  # MONAI's norm names supported here, and the arguments each takes
+    "batch": ("eps", "momentum", "affine", "track_running_stats"),
+    "instance": ("eps", "momentum", "affine", "track_running_stats"),
+    "group": ("num_groups", "eps", "affine"),
+}
+_OTHER_NORMS = {  # the rest of MONAI's Norm factory
+    "syncbatch": "use 'batch', then nn.SyncBatchNorm.convert_sync_batchnorm(model)",
+    "instance_nvfuser": "use 'instance' (MONAI itself falls back to it without apex)",
+    "layer": "no running-statistics-free exact form here", "localresponse": "not a DenseNet norm here",
+    "": "a DenseNet needs its norms",
+}
+
+NormMaker = Callable[[int, Callable[[Tensor], Tensor] | None], nn.Module]
+
+
+def _norm_maker(norm: Any, spatial_dims: Any) -> NormMaker:
+    """MONAI's ``norm`` argument as ``make(channels, act)``; checked now, built once ``spatial_dims`` is known good."""
+    name, kwargs = _split(norm, "norm")
+    if name not in NORMS:
+        hint = _OTHER_NORMS.get(name)
+        problem = f"MONAI's {name!r} is not supported ({hint})" if hint else "unknown norm"
+        raise ValueError(f"norm={norm!r}: {problem}; choose one of {', '.join(map(repr, NORMS))}")
+    unknown = [k for k in kwargs if k not in NORMS[name]]
+    if unknown:
+        raise ValueError(f"norm={norm!r}: unknown argument {', '.join(map(repr, unknown))} "
+                         f"({', '.join(NORMS[name])} accepted)")
+    if name == "instance" and kwargs.get("track_running_stats"):
+        raise ValueError(f"norm={norm!r}: instance norm with running statistics is not supported (a recomputed "
+                         "segment would update them twice); use 'batch', or instance norm without them")
+    if name == "group" and "num_groups" not in kwargs:
+        raise ValueError(f"norm={norm!r}: group norm needs num_groups, e.g. ('group', {{'num_groups': 8}})")
+
+    def make(channels: int, act: Callable[[Tensor], Tensor] | None) -> nn.Module:
+        try:
+            if name == "group":
+                rest = {k: v for k, v in kwargs.items() if k != "num_groups"}
+                return GroupNormAct(kwargs["num_groups"], channels, act=act, **rest)
+            return (BATCH_NORM_ACT if name == "batch" else INSTANCE_NORM_ACT)[spatial_dims](channels, act=act,
+                                                                                            **kwargs)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"norm={norm!r} cannot normalise {channels} channels: {e}") from None
+
+    return make
+
+
+# --- keys: effidense's module names <-> MONAI's state-dict keys ---
+
+def _rename(mapping: dict[str, Any], prefix: str, rename: Callable[[str], str]) -> None:
+    """Rename, in place and keeping the order, the keys of ``mapping`` under ``prefix``."""
+    items = list(mapping.items())
+    mapping.clear()
+    for key, value in items:
+        mapping[prefix + rename(key[len(prefix):]) if key.startswith(prefix) else key] = value
+
+
+def _save_monai_keys(module: DenseNet, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    monai_key = functools.partial(layout_key, layout=LAYOUT)
+    _rename(state_dict, prefix, monai_key)
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:  # module paths, so that MONAI's model finds each norm's version
+        _rename(metadata, prefix, monai_key)
+
+
+def _load_monai_keys(module: DenseNet, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
+                     missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+    names = module.monai_names()
+    internal = {monai: ours for ours, monai in names.items()}
+    for key in list(state_dict):
+        if not key.startswith(prefix):
+            continue
+        rel = key[len(prefix):]
+        if rel in names and names[rel] != rel:  # effidense's own module path: not a key of MONAI's model
+            unexpected_keys.append(key)
+            del state_dict[key]
+    for key in list(state_dict):
+        rel = key[len(prefix):] if key.startswith(prefix) else None
+        if rel in internal and internal[rel] != rel:
+            state_dict[prefix + internal[rel]] = state_dict.pop(key)
+    full = {prefix + ours: prefix + monai for ours, monai in names.items() if ours != monai}
+    module._monai_loading = (full, error_msgs, len(error_msgs))
+
+
+def _report_monai_keys(module: DenseNet, incompatible: Any) -> None:
+    full, error_msgs, start = module.__dict__.pop("_monai_loading", ({}, [], 0))
+    incompatible.missing_keys[:] = [full.get(k, k) for k in incompatible.missing_keys]
+    for i in range(start, len(error_msgs)):  # e.g. torch's size mismatches, in MONAI's names
+        error_msgs[i] = re.sub(r"[\w.]+", lambda m: full.get(m.group(), m.group()), error_msgs[i])
+
+
+# --- the model ---
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+class DenseNet(densenet.DenseNet):
+    """MONAI's ``DenseNet`` (monai.networks.nets, 1.6) with effidense's memory modes; see the module docstring.
+
+    Args:
+        spatial_dims: 1, 2 or 3: inputs (N, C, L), (N, C, H, W) or (N, C, D, H, W).
+        in_channels: input channels.
+        out_channels: classes (outputs of ``class_layers.out``).
+        init_features: channels of the stem's convolution.
+        growth_rate: new feature maps per dense layer (k).
+        block_config: dense layers in each block.
+        bn_size: bottleneck width factor (bn_size * k channels).
+        act: activation, MONAI-style ('relu', or (name, {arguments})).
+        norm: 'batch', 'instance' or 'group', MONAI-style (e.g. ``("group", {"num_groups": 8})``).
+        dropout_prob: dropout on each dense layer's new features (whole channels in 2D and 3D, as MONAI's).
+        memory: 'plain', 'efficient' (default) or 'frugal'; all compute the same function.
+    """
+
+    def __init__(
+            self,
+            spatial_dims: int,
+            in_channels: int,
+            out_channels: int,
+            init_features: int = 64,
+            growth_rate: int = 32,
+            block_config: Sequence[int] = (6, 12, 24, 16),
+            bn_size: int = 4,
+            act: str | tuple = ("relu", {"inplace": True}),
+            norm: str | tuple = "batch",
+            dropout_prob: float = 0.0,
+            *,
+            memory: str = "efficient",
+    ) -> None:
+        # in MONAI's words (the core checks the rest, and these again, in its own)
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
+                            ("init_features", init_features), ("bn_size", bn_size)):  # bn_size: MONAI's layers
+            _positive_int(name, value)                                                # always have the bottleneck
+        if isinstance(dropout_prob, bool) or not isinstance(dropout_prob, (int, float)) or not 0 <= dropout_prob < 1:
+            raise ValueError(f"dropout_prob must be a number in [0, 1), got {dropout_prob!r}")
+        act_fn = activation(act)
+        make_norm = _norm_maker(norm, spatial_dims)
+        # MONAI draws each convolution's default initialisation, then the Linear's, then each convolution's Kaiming
+        # normal: the core's own draws are undone, and MONAI's are made below in its order.
+        with torch.random.fork_rng(devices=[]):
+            super().__init__(growth_rate, block_config, init_features, bn_size, dropout_prob, num_classes=0,
+                             in_chans=in_channels, global_pool="", memory=memory, spatial_dims=spatial_dims,
+                             norm_layer=functools.partial(make_norm, act=act_fn),
+                             drop_channels=spatial_dims in (2, 3))  # MONAI's Dropout: nn.Dropout in 1D
+        del self.global_pool, self.classifier, self.head_drop  # MONAI's head is class_layers
+        self.features.norm5 = make_norm(self.num_features, None)  # MONAI's class_layers.relu follows norm5
+        convs = [m for m in self.modules() if isinstance(m, _CONVS)]
+        for conv in convs:
+            conv.reset_parameters()
+        self.class_layers = nn.Sequential(OrderedDict([
+            ("relu", Activation(act_fn)),
+            ("pool", _ADAPTIVE_AVG[spatial_dims](1)),
+            ("flatten", nn.Flatten(1)),
+            ("out", nn.Linear(self.num_features, out_channels)),
+        ]))
+        for conv in convs:
+            nn.init.kaiming_normal_(conv.weight)
+        nn.init.zeros_(self.class_layers.out.bias)
+        self.num_classes = out_channels
+        self.head_hidden_size = self.num_features
+        if hasattr(self, "register_state_dict_post_hook"):
+            self.register_state_dict_post_hook(_save_monai_keys)
+            self.register_load_state_dict_pre_hook(_load_monai_keys)
+        else:  # torch < 2.5: the same hooks, before torch made them public (pytorch/pytorch#131690)
+            self._register_state_dict_hook(_save_monai_keys)
+            self._register_load_state_dict_pre_hook(_load_monai_keys, with_module=True)
+        self.register_load_state_dict_post_hook(_report_monai_keys)
+
+    # --- MONAI's head ---
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        return self.class_layers[:-1](x) if pre_logits else self.class_layers(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.class_layers(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.class_layers.out
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new ``class_layers.out`` for ``num_classes`` (0: none); ``global_pool`` 'avg' (MONAI's) or '' (none)."""
+        if global_pool not in (None, "avg", ""):
+            raise ValueError(f"global_pool must be 'avg' (MONAI's adaptive average) or '', got {global_pool!r}")
+        if global_pool is not None:
+            pooled = global_pool == "avg"
+            self.class_layers.pool = _ADAPTIVE_AVG[self.spatial_dims](1) if pooled else nn.Identity()
+            self.class_layers.flatten = nn.Flatten(1) if pooled else nn.Identity()
+        weight = self.features.conv0.weight
+        out = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+        self.class_layers.out = out.to(device=weight.device, dtype=weight.dtype).train(self.training)
+        self.num_classes = num_classes
+
+    # --- MONAI's keys ---
+    def monai_names(self) -> dict[str, str]:
+        """Each state-dict entry's name as a module path (``named_parameters()``) -> its key in ``state_dict()``
+        (MONAI's)."""
+        paths = [name for name, _ in self.named_parameters(remove_duplicate=False)]
+        paths += [name for name, _ in self.named_buffers(remove_duplicate=False)]
+        return {path: layout_key(path, LAYOUT) for path in paths}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict`` in MONAI's key names; weights that do not fit raise
+        :class:`WeightsMismatchError`, one line naming every unknown, missing and mis-shaped key (a shape mismatch
+        even when not ``strict``, as torch's)."""
+        expected = {k: tuple(v.shape) for k, v in self.state_dict(keep_vars=True).items()}
+        unknown = [k for k in state_dict if k not in expected]
+        missing = [k for k in expected if k not in state_dict]
+        mismatched = [(k, tuple(v.shape), expected[k]) for k, v in state_dict.items()
+                      if k in expected and isinstance(v, Tensor) and tuple(v.shape) != expected[k]]
+        if mismatched or (strict and (unknown or missing)):
+            hint = ""
+            if any(len(want) == len(got) + 1 == self.spatial_dims + 2 for _, got, want in mismatched):
+                hint = (" (2D weights for a 3D model? inflate them first: effidense convert --to monai --inflate "
+                        "center, or effidense.convert.inflate)")
+            message = describe_misfit(unknown if strict else [], missing if strict else [], mismatched)
+            raise WeightsMismatchError(f"the weights do not fit {self._describe()}: {message}{hint}",
+                                       unknown=unknown, missing=missing, mismatched=mismatched)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _describe(self) -> str:
+        """The model as a short constructor call, for messages."""
+        return (f"effidense.monai.DenseNet(spatial_dims={self.spatial_dims}, in_channels={self.in_chans}, "
+                f"out_channels={self.num_classes}, block_config={self.block_config})")
+
+
+def _refuse_pretrained(pretrained: bool, name: str) -> None:
+    if not pretrained:
+        return
+    if name == "densenet264":
+        raise ValueError("pretrained=True: there are no ImageNet weights for DenseNet-264 (MONAI has none either)")
+    raise ValueError(f"pretrained=True: effidense.monai downloads nothing; convert torchvision's {name} weights once "
+                     f"(effidense convert --checkpoint {name}.pth --output w.pth --to monai, adding --inflate center "
+                     "for spatial_dims=3), then model.load_state_dict(torch.load('w.pth', weights_only=True))")
+
+
+class DenseNet121(DenseNet):
+    """MONAI's ``DenseNet121`` with effidense's memory modes; ``pretrained=True`` is refused in one line (no hub is
+    reachable: convert weights with ``effidense convert``)."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, init_features: int = 64,
+                 growth_rate: int = 32, block_config: Sequence[int] = (6, 12, 24, 16), pretrained: bool = False,
+                 progress: bool = True, **kwargs: Any) -> None:
+        _refuse_pretrained(pretrained, "densenet121")
+        super().__init__(spatial_dims, in_channels, out_channels, init_features, growth_rate, block_config, **kwargs)
+
+
+class DenseNet169(DenseNet):
+    """MONAI's ``DenseNet169`` with effidense's memory modes (``pretrained=True`` refused, as DenseNet121's)."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, init_features: int = 64,
+                 growth_rate: int = 32, block_config: Sequence[int] = (6, 12, 32, 32), pretrained: bool = False,
+                 progress: bool = True, **kwargs: Any) -> None:
+        _refuse_pretrained(pretrained, "densenet169")
+        super().__init__(spatial_dims, in_channels, out_channels, init_features, growth_rate, block_config, **kwargs)
+
+
+class DenseNet201(DenseNet):
+    """MONAI's ``DenseNet201`` with effidense's memory modes (``pretrained=True`` refused, as DenseNet121's)."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, init_features: int = 64,
+                 growth_rate: int = 32, block_config: Sequence[int] = (6, 12, 48, 32), pretrained: bool = False,
+                 progress: bool = True, **kwargs: Any) -> None:
+        _refuse_pretrained(pretrained, "densenet201")
+        super().__init__(spatial_dims, in_channels, out_channels, init_features, growth_rate, block_config, **kwargs)
+
+
+class DenseNet264(DenseNet):
+    """MONAI's ``DenseNet264`` with effidense's memory modes (no pretrained weights exist)."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, init_features: int = 64,
+                 growth_rate: int = 32, block_config: Sequence[int] = (6, 12, 64, 48), pretrained: bool = False,
+                 progress: bool = True, **kwargs: Any) -> None:
+        _refuse_pretrained(pretrained, "densenet264")
+        super().__init__(spatial_dims, in_channels, out_channels, init_features, growth_rate, block_config, **kwargs)
+
+
+# MONAI's aliases
+Densenet = DenseNet
+Densenet121 = densenet121 = DenseNet121
+Densenet169 = densenet169 = DenseNet169
+Densenet201 = densenet201 = DenseNet201
+Densenet264 = densenet264 = DenseNet264
