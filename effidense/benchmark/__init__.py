@@ -40,9 +40,20 @@ from .report import fmt, format_table, report_to_json, write_json, write_plot
 from .runner import activation_floor, benchmark, memory_by_depth, run_benchmark
 from .timing import one_line
 from .trainer import StepRunner, Timer, make_batch, step_loss, timed_step, torch_threads, training_step
-from .variants import COMPILE_SUFFIX, PEERS, build_variant, compile_model, parse_variants, peer_unsupported
+from .variants import (
+    COMPILE_SUFFIX,
+    PEERS,
+    build_variant,
+    compile_model,
+    input_shape,
+    load_weights,
+    parse_variants,
+    peer_unsupported,
+    size_label,
+)
 
 __all__ = [
+    "input_shape", "load_weights", "size_label",
     "PEERS", "COMPILE_SUFFIX", "COMPILE_MODES", "AMP_DTYPES", "JSON_SCHEMA", "BenchConfig", "VariantResult",
     "BenchReport",
     "parse_variants", "peer_unsupported", "build_variant", "compile_model", "run_benchmark", "benchmark",

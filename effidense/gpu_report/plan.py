@@ -22,6 +22,7 @@ SECTIONS: dict[str, tuple[str, float]] = {
     "depth": ("Deepest DenseNet-BC (k=12, 32 px, batch 64) under the memory cap", 0.14),
     "host-bound": ("Host-bound check: GPU idle fraction of a step", 0.06),
     "prediction": ("The planner's predicted peak and largest batch against the measured ones", 0.06),
+    "3d": ("3D DenseNet-121 on volumes (1 channel, bf16) against MONAI's DenseNet121", 0.10),
     "correctness": ("Correctness on the device: gradcheck and pytest -m cuda", 0.13),
 }
 
@@ -30,6 +31,7 @@ VARIANTS: dict[str, str] = {
     "plain": "effidense plain",
     "efficient": "effidense efficient",
     "frugal": "effidense frugal",
+    "monai": PEERS["monai"],
     "efficient+set_compile": "effidense efficient, set_compile (regional)",
     "efficient+torch.compile": "effidense efficient, whole-model torch.compile",
 }
@@ -44,8 +46,7 @@ PAPER_DEPTH = {"plain": 160, "efficient": 480}  # ~layers that train on 12 GB (P
 GOAL_STEP_RATIO, GOAL_MEMORY_X = 1.10, 4.0
 GOAL_BATCH_X = {"efficient": 6.0, "frugal": 15.0}
 GOAL_FRUGAL_DEPTH = 2000
-
-
+GOAL_VOLUME_MEMORY_X = 4.5  # efficient keeps at least this much less than MONAI's DenseNet121 on volumes
 class OutOfTime(Exception):
     """The current section's share of the time budget is spent."""
 
@@ -157,6 +158,22 @@ def smoke_plan(time_budget_s: float = 115.0) -> Plan:
         seed_cap=Cap("1 MiB of saved activations (meter; stands in for 12 GiB)", MiB))
 
 
+
+
+VOLUME_VARIANTS = ("monai", "plain", "efficient", "frugal")
+
+
+def volume_spec(plan: Plan) -> ModelSpec:
+    """DenseNet-121 (or the smoke run's stand-in) for volumes, as MONAI's 3D classifier: 1 channel, 2 classes."""
+    return ModelSpec(f"{plan.dn121.name}, 3D", {**plan.dn121.kwargs, "spatial_dims": 3, "in_chans": 1,
+                                                  "num_classes": 2})
+
+
+def volume_settings(plan: Plan) -> tuple[tuple[int, Cell], ...]:
+    """(cube edge, cell): MONAI's tutorial volume at batch 2, and a larger one at batch 1."""
+    amp = None if plan.smoke else "bf16"
+    sizes = ((16, 2), (20, 1)) if plan.smoke else ((96, 2), (128, 1))
+    return tuple((edge, Cell(batch, amp, False, VOLUME_VARIANTS)) for edge, batch in sizes)
 
 
 def depth_spec(plan: Plan, layers_per_block: int) -> ModelSpec:

@@ -19,6 +19,7 @@ from ..benchmark import (
     fmt,
     is_oom,
     largest_batch,
+    load_weights,
     make_batch,
     one_line,
     ratio,
@@ -36,6 +37,7 @@ from .plan import (
     GOAL_FRUGAL_DEPTH,
     GOAL_MEMORY_X,
     GOAL_STEP_RATIO,
+    GOAL_VOLUME_MEMORY_X,
     SEED_MAX_BATCH,
     SEED_TIMES,
     VARIANTS,
@@ -44,6 +46,8 @@ from .plan import (
     OutOfTime,
     Plan,
     depth_spec,
+    volume_settings,
+    volume_spec,
 )
 from .prediction import goals_prediction, section_prediction
 from .state import Run
@@ -56,7 +60,7 @@ def _prepare(run: Run, name: str, spec: ModelSpec, state: dict[str, torch.Tensor
              ) -> nn.Module:
     torch.manual_seed(0)
     model = build_model(name, spec, run.plan.compile_options)
-    model.load_state_dict(state)
+    load_weights(model, name, state)
     model.to(run.device).train()
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -135,7 +139,7 @@ def _finish_rows(rows: dict[str, dict[str, Any]], samples: dict[str, list[tuple[
         row["images_per_s"] = batch / (row["step_ms"] / 1e3) if row["step_ms"] else None
         if row.get("first_step_s") is not None and name in COMPILED:
             row["compile_s"] = max(row["first_step_s"] - row["step_ms"] / 1e3, 0.0)
-    for reference, key in (("tv-plain", "vs_tv_plain"), ("plain", "vs_plain")):
+    for reference, key in (("tv-plain", "vs_tv_plain"), ("plain", "vs_plain"), ("monai", "vs_monai")):
         ref = rows.get(reference)
         if not ref or ref.get("step_ms") is None:
             continue
@@ -183,6 +187,28 @@ def _goals_step_time(run: Run, section: dict[str, Any]) -> None:
                 f"[{cell['label']}] best compiled efficient path faster than torchvision plain eager",
                 None if best is None else best["step_vs_tv_plain"] < 1.0,
                 "no compiled path finished" if best is None else f"{best['variant']}: {best['step_vs_tv_plain']:.2f}x"))
+
+
+def _section_volumes(run: Run, section: dict[str, Any]) -> None:
+    """MONAI's DenseNet121 and our modes on volumes, the same weights, taking turns (as step-time's cells)."""
+    plan, spec = run.plan, volume_spec(run.plan)
+    cells = section["data"].setdefault("cells", [])
+    section["data"]["memory"] = "peak CUDA bytes" if run.device.type == "cuda" else "meter activation bytes"
+    for edge, cell in volume_settings(plan):
+        run.check_time()
+        label = f"{edge}^3, {cell.label}"
+        entry = {"label": label, "edge": edge, "batch": cell.batch, "amp": cell.amp, "rows": {}}
+        cells.append(entry)
+        run.log(f"[3d] {label}")
+        measure_cell(run, spec, edge, cell, plan.warmup, plan.steps, entry["rows"])
+
+
+def _goals_volumes(run: Run, section: dict[str, Any]) -> None:
+    for cell in section.get("data", {}).get("cells", []):
+        less = cell["rows"].get("efficient", {}).get("memory_x_less_vs_monai")
+        section["goals"].append(goal(
+            f"[{cell['label']}] efficient keeps >= {GOAL_VOLUME_MEMORY_X:g}x less memory than MONAI's DenseNet121",
+            None if less is None else less >= GOAL_VOLUME_MEMORY_X, fmt(less, ".2f", "x")))
 
 
 def goal(text: str, passed: bool | None, detail: str) -> dict[str, Any]:
@@ -538,9 +564,10 @@ SECTION_RUNNERS: dict[str, Callable[[Run, dict[str, Any]], None]] = {
     "depth": _section_depth,
     "host-bound": _section_host_bound,
     "prediction": section_prediction,
+    "3d": _section_volumes,
     "correctness": _section_correctness,
 }
 GOALS: dict[str, Callable[[Run, dict[str, Any]], None]] = {
     "step-time": _goals_step_time, "max-batch": _goals_max_batch, "depth": _goals_depth,
-    "prediction": goals_prediction,
+    "prediction": goals_prediction, "3d": _goals_volumes,
 }

@@ -31,8 +31,9 @@ def _table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines + ["| " + " | ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) + " |" for r in rows]
 
 
-def _timing_rows(rows: dict[str, dict[str, Any]], memory: str) -> tuple[list[str], list[list[str]]]:
-    columns = ["variant", "step ms", "images/s", "step vs tv plain", f"{memory} MiB", "x less than tv plain",
+def _timing_rows(rows: dict[str, dict[str, Any]], memory: str, reference: str = "tv_plain",
+                 shown: str = "tv plain") -> tuple[list[str], list[list[str]]]:
+    columns = ["variant", "step ms", "images/s", f"step vs {shown}", f"{memory} MiB", f"x less than {shown}",
                "compile s"]
     table = []
     for row in rows.values():
@@ -40,8 +41,8 @@ def _timing_rows(rows: dict[str, dict[str, Any]], memory: str) -> tuple[list[str
             table.append([row["variant"], f"FAILED: {row.get('error')}", "", "", "", "", ""])
             continue
         table.append([row["variant"], fmt(row.get("step_ms"), ".1f"), fmt(row.get("images_per_s"), ".0f"),
-                      fmt(row.get("step_vs_tv_plain"), ".2f", "x"), _mib(row_memory(row)),
-                      fmt(row.get("memory_x_less_vs_tv_plain"), ".2f", "x"), fmt(row.get("compile_s"), ".1f")])
+                      fmt(row.get(f"step_vs_{reference}"), ".2f", "x"), _mib(row_memory(row)),
+                      fmt(row.get(f"memory_x_less_vs_{reference}"), ".2f", "x"), fmt(row.get("compile_s"), ".1f")])
     return columns, table
 
 
@@ -50,6 +51,14 @@ def _summary_step_time(data: dict[str, Any]) -> list[str]:
     lines = []
     for cell in data.get("cells", []):
         lines += ["", f"**{cell['label']}**", ""] + _table(*_timing_rows(cell["rows"], memory))
+    return lines
+
+
+def _summary_volumes(data: dict[str, Any]) -> list[str]:
+    memory = "peak" if data.get("memory", "").startswith("peak") else "activation"
+    lines = []
+    for cell in data.get("cells", []):
+        lines += ["", f"**{cell['label']}**", ""] + _table(*_timing_rows(cell["rows"], memory, "monai", "MONAI"))
     return lines
 
 
@@ -144,7 +153,7 @@ def _summary_prediction(data: dict[str, Any]) -> list[str]:
 _SUMMARIES: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "step-time": _summary_step_time, "max-batch": _summary_max_batch, "seed": _summary_seed,
     "depth": _summary_depth, "host-bound": _summary_host_bound, "prediction": _summary_prediction,
-    "correctness": _summary_correctness,
+    "3d": _summary_volumes, "correctness": _summary_correctness,
 }
 
 
