@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ast
 import inspect
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -173,7 +174,8 @@ class ModelKwargs(argparse.Action):
         for value in values:
             key, eq, text = value.partition("=")
             if not eq or not key.isidentifier():
-                raise argparse.ArgumentError(self, f"expected KEY=VALUE pairs, e.g. growth_rate=12, got {value!r}")
+                raise argparse.ArgumentError(self, f"{value!r} is not KEY=VALUE; give DenseNet arguments as timm "
+                                                   "does, e.g. growth_rate=12 block_config='(3,3,3)'")
             if text.lstrip()[:1] in "([{" and text.strip():
                 # A bracket means a literal was meant: timm would silently keep a malformed one as a string.
                 try:
@@ -191,10 +193,13 @@ class ModelKwargs(argparse.Action):
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line on stderr (``prog: error: ...``), without the usage block."""
+    """An ArgumentParser whose errors are one line on stderr (``prog: error: ...``), without the usage block.
+
+    Under torchrun every rank parses the same command line: only rank 0 (or a process outside torchrun) prints it."""
 
     def error(self, message: str) -> Any:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        primary = os.environ.get("RANK", "0") == "0"
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n" if primary else None)
 
 
 def positive_int(text: str) -> int:

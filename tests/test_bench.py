@@ -461,7 +461,7 @@ def _one_line_error(code, out, err, expected):
     (["--json", "/proc/effidense-bench.json"], "--json: cannot write /proc/effidense-bench.json"),
     (["--plot", "/proc/effidense-bench.png"], "--plot: cannot write /proc/effidense-bench.png"),
     (["--json", "/nonexistent-dir/b.json"], "--json: cannot write /nonexistent-dir/b.json: directory"),
-    (["--model-kwargs", "growth_rate"], "argument --model-kwargs: expected KEY=VALUE pairs"),
+    (["--model-kwargs", "growth_rate"], "argument --model-kwargs: 'growth_rate' is not KEY=VALUE"),
     (["--model-kwargs", "block_config=(1,1"], "argument --model-kwargs: block_config: '(1,1' is not a valid"),
     (["--host-only", "--max-batch", "--device", "cpu"], "drop --max-batch"),
 ])

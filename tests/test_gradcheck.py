@@ -194,7 +194,7 @@ def run_cli(module, argv, capsys):
     (["--nproc", "-1"], "argument --nproc: must be at least 1, got -1"),
     (["--steps", "0"], "argument --steps: must be at least 1, got 0"),
     (["--json", "/proc/effidense-gradcheck.json"], "--json: cannot write /proc/effidense-gradcheck.json"),
-    (["--model-kwargs", "growth_rate"], "argument --model-kwargs: expected KEY=VALUE pairs"),
+    (["--model-kwargs", "growth_rate"], "argument --model-kwargs: 'growth_rate' is not KEY=VALUE"),
 ])
 def test_bad_input_is_one_line_before_any_check(gradcheck, capsys, monkeypatch, argv, message):
     import effidense.cli.gradcheck as cli
