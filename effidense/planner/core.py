@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..benchmark import AMP_DTYPES, COMPILE_SUFFIX, PEERS, build_variant, one_line, parse_variants, peer_unsupported
+from ..benchmark import AMP_DTYPES, COMPILE_SUFFIX, PEERS, build_variant, parse_variants, peer_unsupported
 from ..densenet import MEMORY_MODES
+from ..errors import short_error
 from ..footprint import StepMemory, StepProbe, StepSpec
 from ..modelspec import ModelSpec, resolve_model
 from .budget import DEFAULT_MARGIN, format_bytes, parse_budget
@@ -199,7 +200,7 @@ def plan(model: str | ModelSpec | Mapping[str, Callable[[], nn.Module]] = "effi_
         except BudgetError:
             raise
         except Exception as error:
-            result.status, result.error = "failed", one_line(error)
+            result.status, result.error = "failed", short_error(error, kind=True)
         report.variants.append(result)
     order = list(target.builders) + list(target.skipped)
     report.variants.sort(key=lambda r: order.index(r.name))

@@ -260,7 +260,7 @@ class _Trainer:
                 self._restore(state)
             except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
                 raise TrainError(f"--resume {args.resume}: the training state in {self.checkpoint.state_path} does "
-                                 f"not fit this run ({type(e).__name__}: {short_error(e, 200)})") from None
+                                 f"not fit this run ({short_error(e, kind=True)})") from None
         self.kill_after_step = int(os.environ.get(_KILL_AFTER_STEP_ENV, "0"))
         # A progress bar on a terminal; plain log lines every --log-interval steps in a log file or pipe.
         self.use_bar = sys.stderr.isatty()

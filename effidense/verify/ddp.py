@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..benchmark.distributed import backend_for, check_world, free_port, process_group
 from ..densenet import MEMORY_MODES
+from ..errors import short_error
 from ..fileio import atomic_write_bytes
 from ..modelspec import ModelSpec
 from .core import (
@@ -179,10 +180,8 @@ def _ddp_rank(spec: ModelSpec, device_kind: str, local_rank: int, batch_per_rank
     try:
         mine = ddp_checks(spec, device, batch_per_rank, img_size, seed, sync_bn)
     except Exception as error:
-        first = str(error).strip().splitlines()
         mine = [Check("ddp", f"{spec.name} / DDP", "all modes", _RAN, False,
-                      detail=f"rank {torch.distributed.get_rank()}: {type(error).__name__}: "
-                             f"{first[0] if first else ''}")]
+                      detail=f"rank {torch.distributed.get_rank()}: {short_error(error, kind=True)}")]
     gathered: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, mine)
     if len({len(g) for g in gathered}) != 1:  # some rank failed early: report every rank's failures

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from ..benchmark.config import autocast
 from ..benchmark.variants import COMPILE_SUFFIX, compile_model
 from ..densenet import MEMORY_MODES
+from ..errors import short_error
 from ..modelspec import ModelSpec
 from ..progress import Progress
 from .core import (
@@ -169,9 +170,8 @@ def autograd_gradcheck(memory: str, device: str | torch.device = "cpu", seed: in
                         True, tol=tols["rtol"], detail=f"eps {tols['eps']:g}, atol {tols['atol']:g}, "
                                                        f"rtol {tols['rtol']:g}")
     except Exception as error:  # gradcheck raises GradcheckError; anything else is a failure just the same
-        first = str(error).strip().splitlines()
         verdict = Check("gradcheck", label, subject, "torch.autograd.gradcheck (input, conv1 and norm1 weights)",
-                        False, tol=tols["rtol"], detail=f"{type(error).__name__}: {first[0] if first else ''}")
+                        False, tol=tols["rtol"], detail=short_error(error, kind=True))
 
     # Directional derivative: u . (f(p + e v) - f(p - e v)) / 2e  against  <grad of u . f(p), v>.
     worst_abs = worst_rel = 0.0
@@ -235,6 +235,4 @@ def _guarded(group: str, case: str, subject: str, run: Any) -> list[Check]:
     try:
         return run()
     except Exception as error:
-        first = str(error).strip().splitlines()
-        return [Check(group, case, subject, _RAN, False,
-                      detail=f"{type(error).__name__}: {first[0] if first else ''}")]
+        return [Check(group, case, subject, _RAN, False, detail=short_error(error, kind=True))]
