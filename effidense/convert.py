@@ -10,13 +10,12 @@ or ``{'model': ...}``) and ``.safetensors``; writes ``.safetensors`` with the ar
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from torch import Tensor, nn
 
 from .densenet import DenseNet
 from .fileio import short_error
+from .modelspec import Architecture
 from .names import CONFIGS, INFLATE_METHODS, LAYOUT_ALIASES, LAYOUTS, VERIFY_TOLERANCE, unknown_model_message
 from .weights import (
     KEY_RULES,
@@ -70,45 +70,8 @@ class VerificationError(ConversionError):
 
 # --- architectures ---
 
-@dataclass(frozen=True)
-class Architecture:
-    """Everything about a DenseNet that its weights determine (dropout rates and pooling leave no trace)."""
-
-    growth_rate: int
-    block_config: tuple[int, ...]
-    num_init_features: int
-    bn_size: int | None = 4
-    compression: float = 0.5
-    small_inputs: bool = False
-    num_classes: int = 1000
-    in_chans: int = 3
-
-    def model_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for :class:`effidense.DenseNet`."""
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.model_kwargs(), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> Architecture:
-        """The inverse of :meth:`to_json` (e.g. for the ``effidense.architecture`` safetensors header entry)."""
-        values = json.loads(text)
-        return cls(**{**values, "block_config": tuple(values["block_config"])})
-
-    def describe(self) -> str:
-        bn = "none" if self.bn_size is None else self.bn_size
-        stem = ", small_inputs" if self.small_inputs else ""
-        return (f"growth_rate={self.growth_rate}, block_config={self.block_config}, "
-                f"num_init_features={self.num_init_features}, bn_size={bn}, compression={self.compression:g}"
-                f"{stem}, num_classes={self.num_classes}, in_chans={self.in_chans}")
-
-
 def _config_architecture(name: str, num_classes: int, in_chans: int) -> Architecture:
-    names = {f.name for f in fields(Architecture)} - {"num_classes", "in_chans"}
-    config = {k: v for k, v in CONFIGS[name].items() if k in names}
-    config["block_config"] = tuple(config["block_config"])
-    return Architecture(**config, num_classes=num_classes, in_chans=in_chans)
+    return Architecture.from_kwargs(CONFIGS[name], num_classes=num_classes, in_chans=in_chans)
 
 
 def resolve_model_name(name: str) -> str:
@@ -357,7 +320,7 @@ class Conversion:
 
     @property
     def spatial_dims(self) -> int:
-        return 2 if self.inflation is None else 3
+        return self.architecture.spatial_dims
 
     def metadata(self, source_file: str = "") -> dict[str, str]:
         """The safetensors header entries describing this checkpoint (all strings, as safetensors requires)."""
@@ -438,6 +401,7 @@ def convert_state_dict(
     if inflate is not None:
         out = inflate_kernels(out, inflate)
         more_notes.append(f"inflated the 2D kernels to 3D ({inflate})")
+        arch = replace(arch, spatial_dims=3)
     return Conversion(layout_state_dict(out, target), arch, name, source, target, notes + more_notes, inflate)
 
 
