@@ -27,6 +27,7 @@ from .densenet import DenseNet
 from .fileio import short_error
 from .modelspec import Architecture
 from .names import CONFIGS, INFLATE_METHODS, LAYOUT_ALIASES, LAYOUTS, VERIFY_TOLERANCE, unknown_model_message
+from .peers import build_peer, peer_limits
 from .weights import (
     KEY_RULES,
     Checkpoint,
@@ -91,23 +92,9 @@ def match_config(arch: Architecture) -> str | None:
 
 
 def layout_limits(layout: str, arch: Architecture) -> list[str]:
-    """Why ``layout``'s DenseNet class cannot hold ``arch`` (empty when it can)."""
+    """Why ``layout``'s DenseNet class cannot hold ``arch`` (empty when it can; :func:`effidense.peers.peer_limits`)."""
     layout = resolve_layout(layout)
-    if layout == "effidense":
-        return []
-    reasons = []  # MONAI's DenseNet(spatial_dims=2) takes any in_channels, init_features and growth_rate
-    if arch.small_inputs:
-        reasons.append("it has no 3x3 small-input stem (small_inputs=True)")
-    if arch.bn_size is None:
-        reasons.append("it has no dense layers without bottleneck (bn_size=None)")
-    if arch.compression != 0.5:
-        reasons.append(f"its transitions always halve the channels (compression={arch.compression:g})")
-    if layout == "torchvision" and arch.in_chans != 3:
-        reasons.append(f"it always takes 3 input channels (in_chans={arch.in_chans})")
-    if layout == "timm" and arch.num_init_features != 2 * arch.growth_rate:
-        reasons.append(f"it fixes num_init_features = 2 * growth_rate (num_init_features={arch.num_init_features},"
-                       f" growth_rate={arch.growth_rate})")
-    return reasons
+    return [] if layout == "effidense" else peer_limits(layout, arch.spec())
 
 
 def resolve_layout(name: str) -> str:
@@ -431,39 +418,16 @@ def inflate(state_dict: Mapping[str, Tensor], spatial_dims: int = 3, method: str
 # --- verifying ---
 
 def build_layout_model(layout: str, arch: Architecture) -> nn.Module:
-    """A randomly initialised 2D DenseNet of ``layout``'s own class (torchvision's, timm's, MONAI's or effidense's;
-    only this needs the peer library installed)."""
+    """A randomly initialised DenseNet of ``layout``'s own class (torchvision's, timm's, MONAI's or effidense's;
+    only this needs the peer library installed; built by :func:`effidense.peers.build_peer`)."""
     layout = resolve_layout(layout)
-    reasons = layout_limits(layout, arch)
-    if reasons:
-        raise ConversionError(f"{layout}'s DenseNet cannot hold this architecture: " + "; ".join(reasons))
     if layout == "effidense":
         return DenseNet(**arch.model_kwargs())
-    if layout == "timm":
-        from timm.models.densenet import DenseNet as TimmDenseNet
-
-        return TimmDenseNet(growth_rate=arch.growth_rate, block_config=arch.block_config, bn_size=arch.bn_size,
-                            num_classes=arch.num_classes, in_chans=arch.in_chans)
-    if layout == "monai":
-        try:
-            from monai.networks.nets import DenseNet as MonaiDenseNet
-        except ImportError:
-            raise ConversionError("building MONAI's DenseNet needs MONAI (pip install monai); converting to or from "
-                                  "its layout does not") from None
-        model = MonaiDenseNet(spatial_dims=2, in_channels=arch.in_chans, out_channels=max(arch.num_classes, 1),
-                              init_features=arch.num_init_features, growth_rate=arch.growth_rate,
-                              block_config=arch.block_config, bn_size=arch.bn_size)
-        if arch.num_classes == 0:  # as torchvision's: weights without a classifier mean "features only"
-            model.class_layers.out = nn.Identity()
-        return model
-    from torchvision.models import DenseNet as TorchvisionDenseNet
-
-    model = TorchvisionDenseNet(growth_rate=arch.growth_rate, block_config=arch.block_config,
-                                num_init_features=arch.num_init_features, bn_size=arch.bn_size,
-                                num_classes=max(arch.num_classes, 1))
-    if arch.num_classes == 0:  # torchvision always has a classifier; weights without one mean "features only"
-        model.classifier = nn.Identity()
-    return model
+    try:
+        return build_peer(layout, arch.spec("this architecture"))
+    except ValueError as e:
+        extra = "; converting to or from its layout does not" if layout == "monai" and "pip install" in str(e) else ""
+        raise ConversionError(f"{e}{extra}") from None
 
 
 def _outputs(model: nn.Module, x: Tensor) -> Tensor:

@@ -337,6 +337,8 @@ def test_cli_inflates_to_a_3d_monai_file(tmp_path, capsys):
     assert arch.spatial_dims == 3 and "spatial_dims=3" in arch.describe()
     weights, _ = convert.canonical_state_dict(convert.load_checkpoint(out_file).state_dict)
     arch.spec().build().load_state_dict(weights, strict=True)
+    # and the one peer builder makes MONAI's 3D DenseNet from it, which takes the file as it is
+    convert.build_layout_model("monai", arch).load_state_dict(convert.load_checkpoint(out_file).state_dict)
     model3d = monai_net(3).float()
     model3d.load_state_dict(convert.load_checkpoint(out_file).state_dict, strict=True)
     x2d = torch.randn(1, 3, 32, 32)

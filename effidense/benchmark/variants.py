@@ -5,15 +5,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torchvision
-from timm.models.densenet import DenseNet as TimmDenseNet
 from torch import nn
 
 from ..densenet import MEMORY_MODES
 from ..modelspec import ModelSpec
+from ..peers import build_peer, peer_limits
 
 __all__ = ["PEERS", "COMPILE_SUFFIX", "HOST_REFERENCE", "HOST_BATCH", "parse_variants", "peer_unsupported",
-           "build_variant", "compile_model", "host_img_size"]
+           "build_variant", "compile_model", "host_img_size", "PEER_LIBRARY"]
 
 
 # The one peers table: every tool (bench, gpu-report) names the peers so. tv-plain, keeping everything, is the
@@ -43,48 +42,24 @@ def parse_variants(text: str | Sequence[str], compile_all: bool = False) -> list
     return list(dict.fromkeys(names))  # drop repeats, keep order
 
 
+PEER_LIBRARY = {"tv": "torchvision", "tv-plain": "torchvision", "timm": "timm"}  # the library each peer builds with
+
+
 def peer_unsupported(spec: ModelSpec, peer: str) -> str | None:
-    """Why ``peer`` has no exact counterpart of ``spec`` (None when it has one)."""
-    reasons = []
-    if spec.arg("small_inputs"):
-        reasons.append("it has no small-input (CIFAR) stem")
-    if not spec.bottleneck:
-        reasons.append("its dense layers always have a bottleneck")
-    if spec.arg("compression") != 0.5:
-        reasons.append("its transitions always keep half the channels")
-    if peer in ("tv", "tv-plain"):
-        if spec.arg("in_chans") != 3:
-            reasons.append("it takes 3 input channels only")
-        if spec.arg("global_pool") != "avg":
-            reasons.append("it pools by average only")
-        if spec.arg("head_drop_rate"):
-            reasons.append("it has no head dropout")
-    elif peer == "timm" and spec.arg("num_init_features") != 2 * spec.arg("growth_rate"):
-        reasons.append("its stem width is always 2 * growth_rate")
-    name = "timm" if peer == "timm" else "torchvision"
-    return f"{name} cannot build {spec.name}: {'; '.join(reasons)}" if reasons else None
+    """Why ``peer`` has no exact counterpart of ``spec`` (None when it has one; see
+    :func:`effidense.peers.peer_limits`)."""
+    reasons = peer_limits(PEER_LIBRARY[peer], spec)
+    return f"{PEER_LIBRARY[peer]} cannot build {spec.name}: {'; '.join(reasons)}" if reasons else None
 
 
 def build_variant(variant: str, spec: ModelSpec) -> nn.Module:
     """An uncompiled model for ``variant`` (without ``+compile``) with fresh weights."""
     if variant in MEMORY_MODES:
         return spec.build(variant)
-    reason = peer_unsupported(spec, variant)
-    if reason:
-        raise ValueError(reason)
-    if variant in ("tv", "tv-plain"):
-        return torchvision.models.DenseNet(
-            growth_rate=spec.arg("growth_rate"), block_config=spec.block_config,
-            num_init_features=spec.arg("num_init_features"), bn_size=spec.arg("bn_size"),
-            drop_rate=spec.arg("drop_rate"), num_classes=spec.arg("num_classes"), memory_efficient=variant == "tv")
-    if variant == "timm":
-        model = TimmDenseNet(
-            growth_rate=spec.arg("growth_rate"), block_config=spec.block_config, num_classes=spec.arg("num_classes"),
-            in_chans=spec.arg("in_chans"), global_pool=spec.arg("global_pool"), bn_size=spec.arg("bn_size"),
-            drop_rate=spec.arg("head_drop_rate"), proj_drop_rate=spec.arg("drop_rate"))
-        model.set_grad_checkpointing(True)
-        return model
-    raise ValueError(f"unknown variant {variant!r}")
+    if variant not in PEER_LIBRARY:
+        raise ValueError(f"unknown variant {variant!r}")
+    return build_peer(PEER_LIBRARY[variant], spec, memory_efficient=variant == "tv",
+                      grad_checkpointing=variant == "timm")
 
 
 def compile_model(model: nn.Module, scope: str = "layers", **options: Any) -> nn.Module:
