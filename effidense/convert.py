@@ -10,13 +10,12 @@ or ``{'model': ...}``) and ``.safetensors``; writes ``.safetensors`` with the ar
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,9 @@ from torch import Tensor, nn
 
 from .densenet import DenseNet
 from .fileio import short_error
+from .modelspec import Architecture
 from .names import CONFIGS, INFLATE_METHODS, LAYOUT_ALIASES, LAYOUTS, VERIFY_TOLERANCE, unknown_model_message
+from .peers import build_peer, peer_limits
 from .weights import (
     KEY_RULES,
     Checkpoint,
@@ -71,45 +72,8 @@ class VerificationError(ConversionError):
 
 # --- architectures ---
 
-@dataclass(frozen=True)
-class Architecture:
-    """Everything about a DenseNet that its weights determine (dropout rates and pooling leave no trace)."""
-
-    growth_rate: int
-    block_config: tuple[int, ...]
-    num_init_features: int
-    bn_size: int | None = 4
-    compression: float = 0.5
-    small_inputs: bool = False
-    num_classes: int = 1000
-    in_chans: int = 3
-
-    def model_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for :class:`effidense.DenseNet`."""
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.model_kwargs(), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> Architecture:
-        """The inverse of :meth:`to_json` (e.g. for the ``effidense.architecture`` safetensors header entry)."""
-        values = json.loads(text)
-        return cls(**{**values, "block_config": tuple(values["block_config"])})
-
-    def describe(self) -> str:
-        bn = "none" if self.bn_size is None else self.bn_size
-        stem = ", small_inputs" if self.small_inputs else ""
-        return (f"growth_rate={self.growth_rate}, block_config={self.block_config}, "
-                f"num_init_features={self.num_init_features}, bn_size={bn}, compression={self.compression:g}"
-                f"{stem}, num_classes={self.num_classes}, in_chans={self.in_chans}")
-
-
 def _config_architecture(name: str, num_classes: int, in_chans: int) -> Architecture:
-    names = {f.name for f in fields(Architecture)} - {"num_classes", "in_chans"}
-    config = {k: v for k, v in CONFIGS[name].items() if k in names}
-    config["block_config"] = tuple(config["block_config"])
-    return Architecture(**config, num_classes=num_classes, in_chans=in_chans)
+    return Architecture.from_kwargs(CONFIGS[name], num_classes=num_classes, in_chans=in_chans)
 
 
 def resolve_model_name(name: str) -> str:
@@ -129,23 +93,9 @@ def match_config(arch: Architecture) -> str | None:
 
 
 def layout_limits(layout: str, arch: Architecture) -> list[str]:
-    """Why ``layout``'s DenseNet class cannot hold ``arch`` (empty when it can)."""
+    """Why ``layout``'s DenseNet class cannot hold ``arch`` (empty when it can; :func:`effidense.peers.peer_limits`)."""
     layout = resolve_layout(layout)
-    if layout == "effidense":
-        return []
-    reasons = []  # MONAI's DenseNet(spatial_dims=2) takes any in_channels, init_features and growth_rate
-    if arch.small_inputs:
-        reasons.append("it has no 3x3 small-input stem (small_inputs=True)")
-    if arch.bn_size is None:
-        reasons.append("it has no dense layers without bottleneck (bn_size=None)")
-    if arch.compression != 0.5:
-        reasons.append(f"its transitions always halve the channels (compression={arch.compression:g})")
-    if layout == "torchvision" and arch.in_chans != 3:
-        reasons.append(f"it always takes 3 input channels (in_chans={arch.in_chans})")
-    if layout == "timm" and arch.num_init_features != 2 * arch.growth_rate:
-        reasons.append(f"it fixes num_init_features = 2 * growth_rate (num_init_features={arch.num_init_features},"
-                       f" growth_rate={arch.growth_rate})")
-    return reasons
+    return [] if layout == "effidense" else peer_limits(layout, arch.spec())
 
 
 def resolve_layout(name: str) -> str:
@@ -350,7 +300,7 @@ class Conversion:
 
     @property
     def spatial_dims(self) -> int:
-        return 2 if self.inflation is None else 3
+        return self.architecture.spatial_dims
 
     def metadata(self, source_file: str = "") -> dict[str, str]:
         """The safetensors header entries describing this checkpoint (all strings, as safetensors requires)."""
@@ -431,6 +381,7 @@ def convert_state_dict(
     if inflate is not None:
         out = inflate_kernels(out, inflate)
         more_notes.append(f"inflated the 2D kernels to 3D ({inflate})")
+        arch = replace(arch, spatial_dims=3)
     return Conversion(layout_state_dict(out, target), arch, name, source, target, notes + more_notes, inflate)
 
 
@@ -460,39 +411,16 @@ def inflate(state_dict: Mapping[str, Tensor], spatial_dims: int = 3, method: str
 # --- verifying ---
 
 def build_layout_model(layout: str, arch: Architecture) -> nn.Module:
-    """A randomly initialised 2D DenseNet of ``layout``'s own class (torchvision's, timm's, MONAI's or effidense's;
-    only this needs the peer library installed)."""
+    """A randomly initialised DenseNet of ``layout``'s own class (torchvision's, timm's, MONAI's or effidense's;
+    only this needs the peer library installed; built by :func:`effidense.peers.build_peer`)."""
     layout = resolve_layout(layout)
-    reasons = layout_limits(layout, arch)
-    if reasons:
-        raise ConversionError(f"{layout}'s DenseNet cannot hold this architecture: " + "; ".join(reasons))
     if layout == "effidense":
         return DenseNet(**arch.model_kwargs())
-    if layout == "timm":
-        from timm.models.densenet import DenseNet as TimmDenseNet
-
-        return TimmDenseNet(growth_rate=arch.growth_rate, block_config=arch.block_config, bn_size=arch.bn_size,
-                            num_classes=arch.num_classes, in_chans=arch.in_chans)
-    if layout == "monai":
-        try:
-            from monai.networks.nets import DenseNet as MonaiDenseNet
-        except ImportError:
-            raise ConversionError("building MONAI's DenseNet needs MONAI (pip install monai); converting to or from "
-                                  "its layout does not") from None
-        model = MonaiDenseNet(spatial_dims=2, in_channels=arch.in_chans, out_channels=max(arch.num_classes, 1),
-                              init_features=arch.num_init_features, growth_rate=arch.growth_rate,
-                              block_config=arch.block_config, bn_size=arch.bn_size)
-        if arch.num_classes == 0:  # as torchvision's: weights without a classifier mean "features only"
-            model.class_layers.out = nn.Identity()
-        return model
-    from torchvision.models import DenseNet as TorchvisionDenseNet
-
-    model = TorchvisionDenseNet(growth_rate=arch.growth_rate, block_config=arch.block_config,
-                                num_init_features=arch.num_init_features, bn_size=arch.bn_size,
-                                num_classes=max(arch.num_classes, 1))
-    if arch.num_classes == 0:  # torchvision always has a classifier; weights without one mean "features only"
-        model.classifier = nn.Identity()
-    return model
+    try:
+        return build_peer(layout, arch.spec("this architecture"))
+    except ValueError as e:
+        extra = "; converting to or from its layout does not" if layout == "monai" and "pip install" in str(e) else ""
+        raise ConversionError(f"{e}{extra}") from None
 
 
 def _outputs(model: nn.Module, x: Tensor) -> Tensor:

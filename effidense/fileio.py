@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from .errors import short_error
+
 __all__ = ["UnreadableFileError", "UnsafeFileError", "atomic_write", "atomic_write_bytes", "check_writable",
            "file_mode", "interrupts_deferred", "load_safetensors", "load_torch_file", "publish", "short_error",
            "write_complete"]
@@ -38,12 +40,6 @@ class UnreadableFileError(ValueError):
 
 class UnsafeFileError(UnreadableFileError):
     """A torch file that holds pickled Python objects (code to run), refused by ``weights_only=True``."""
-
-
-def short_error(error: BaseException, limit: int = 200) -> str:
-    """An exception's message on one line, cut to ``limit`` characters."""
-    text = " ".join(str(error).split())
-    return (text[:limit] + "...") if len(text) > limit else (text or type(error).__name__)
 
 
 def file_mode() -> int:

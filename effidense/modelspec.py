@@ -1,27 +1,83 @@
 """Which DenseNet a tool works on: a named configuration or a custom one, parsed the same way by every tool.
 
 A :class:`ModelSpec` holds the full keyword arguments of :class:`effidense.DenseNet` (without the memory mode, which
-the tools choose per variant) and builds the model in any mode. ``add_model_arguments`` / ``spec_from_args`` give
-``tools/bench.py`` and ``tools/gradcheck.py`` the same ``--model`` and custom-config flags.
+the tools choose per variant) and builds the model in any mode. Its :attr:`ModelSpec.architecture` is the one
+answer to "which DenseNet is this": an :class:`Architecture` holds what the weights determine (the converter reads it
+off a checkpoint and writes it into a safetensors header), and :meth:`Architecture.spec` turns it back into a spec.
+``add_model_arguments`` / ``spec_from_args`` give ``tools/bench.py`` and ``tools/gradcheck.py`` the same
+``--model`` and custom-config flags.
 """
 from __future__ import annotations
 
 import argparse
 import ast
 import inspect
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .densenet import DenseNet
 from .names import CONFIGS, model_names, unknown_model_message
 
-__all__ = ["ModelSpec", "resolve_model", "model_names", "add_model_arguments", "spec_from_args", "ModelKwargs",
-           "OneLineParser", "positive_int", "non_negative_int", "float_list"]
+__all__ = ["Architecture", "ModelSpec", "resolve_model", "model_names", "add_model_arguments", "spec_from_args",
+           "ModelKwargs", "OneLineParser", "positive_int", "non_negative_int", "float_list"]
 
 _MODE_ARGS = ("memory", "efficient", "compile")  # chosen per variant by the tools, never part of a spec
 _DENSENET_ARGS = [name for name in inspect.signature(DenseNet.__init__).parameters
                   if name != "self" and name not in _MODE_ARGS]
+_DEFAULTS = {name: p.default for name, p in inspect.signature(DenseNet.__init__).parameters.items()}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Which DenseNet this is: everything its weights determine (dropout rates and pooling leave no trace).
+
+    The defaults are :class:`DenseNet`'s; :meth:`from_kwargs` reads one out of any DenseNet keyword arguments,
+    :meth:`spec` makes a :class:`ModelSpec` of it."""
+
+    growth_rate: int
+    block_config: tuple[int, ...]
+    num_init_features: int
+    bn_size: int | None = _DEFAULTS["bn_size"]
+    compression: float = _DEFAULTS["compression"]
+    small_inputs: bool = _DEFAULTS["small_inputs"]
+    num_classes: int = _DEFAULTS["num_classes"]
+    in_chans: int = _DEFAULTS["in_chans"]
+    spatial_dims: int = _DEFAULTS["spatial_dims"]
+
+    @classmethod
+    def from_kwargs(cls, kwargs: Mapping[str, Any], **changes: Any) -> Architecture:
+        """The architecture of ``DenseNet(**kwargs)`` (other arguments ignored), with ``changes`` applied."""
+        values = {f.name: kwargs.get(f.name, _DEFAULTS[f.name]) for f in fields(cls)}
+        values.update(changes)
+        return cls(**{**values, "block_config": tuple(values["block_config"])})
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :class:`effidense.DenseNet`."""
+        return asdict(self)
+
+    def spec(self, name: str = "custom") -> ModelSpec:
+        """A :class:`ModelSpec` of this architecture (no dropout, average pooling)."""
+        return ModelSpec(name, self.model_kwargs())
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_kwargs(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Architecture:
+        """The inverse of :meth:`to_json` (e.g. for the ``effidense.architecture`` safetensors header entry; one
+        written before ``spatial_dims`` was recorded describes a 2D network)."""
+        return cls.from_kwargs(json.loads(text))
+
+    def describe(self) -> str:
+        bn = "none" if self.bn_size is None else self.bn_size
+        stem = ", small_inputs" if self.small_inputs else ""
+        dims = f", spatial_dims={self.spatial_dims}" if self.spatial_dims != 2 else ""
+        return (f"growth_rate={self.growth_rate}, block_config={self.block_config}, "
+                f"num_init_features={self.num_init_features}, bn_size={bn}, compression={self.compression:g}"
+                f"{stem}, num_classes={self.num_classes}, in_chans={self.in_chans}{dims}")
 
 
 @dataclass(frozen=True)
@@ -35,7 +91,12 @@ class ModelSpec:
         """The value of a DenseNet argument, the constructor's default where the spec does not set it."""
         if key in self.kwargs:
             return self.kwargs[key]
-        return inspect.signature(DenseNet.__init__).parameters[key].default
+        return _DEFAULTS[key]
+
+    @property
+    def architecture(self) -> Architecture:
+        """Which DenseNet this is, as far as its weights tell (see :class:`Architecture`)."""
+        return Architecture.from_kwargs(self.kwargs)
 
     @property
     def block_config(self) -> tuple[int, ...]:
@@ -176,7 +237,8 @@ class ModelKwargs(argparse.Action):
         for value in values:
             key, eq, text = value.partition("=")
             if not eq or not key.isidentifier():
-                raise argparse.ArgumentError(self, f"expected KEY=VALUE pairs, e.g. growth_rate=12, got {value!r}")
+                raise argparse.ArgumentError(self, f"{value!r} is not KEY=VALUE; give DenseNet arguments as timm "
+                                                   "does, e.g. growth_rate=12 block_config='(3,3,3)'")
             if text.lstrip()[:1] in "([{" and text.strip():
                 # A bracket means a literal was meant: timm would silently keep a malformed one as a string.
                 try:
@@ -194,10 +256,13 @@ class ModelKwargs(argparse.Action):
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line on stderr (``prog: error: ...``), without the usage block."""
+    """An ArgumentParser whose errors are one line on stderr (``prog: error: ...``), without the usage block.
+
+    Under torchrun every rank parses the same command line: only rank 0 (or a process outside torchrun) prints it."""
 
     def error(self, message: str) -> Any:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        primary = os.environ.get("RANK", "0") == "0"
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n" if primary else None)
 
 
 def positive_int(text: str) -> int:

@@ -263,6 +263,10 @@ def test_peer_counterparts():
     assert "2 * growth_rate" in peer_unsupported(odd_stem, "timm")
     with pytest.raises(ValueError, match="cannot build"):
         build_variant("timm", odd_stem)
+    volumetric = resolve_model("custom", {"growth_rate": 4, "block_config": (1, 1), "num_init_features": 8,
+                                          "spatial_dims": 3})
+    for peer in ("tv", "tv-plain", "timm"):  # 2D-only peers: no silent 2D stand-in for a 3D net
+        assert "2D only (spatial_dims=3)" in peer_unsupported(volumetric, peer)
 
 
 def test_peer_models_load_our_weights():
@@ -461,7 +465,7 @@ def _one_line_error(code, out, err, expected):
     (["--json", "/proc/effidense-bench.json"], "--json: cannot write /proc/effidense-bench.json"),
     (["--plot", "/proc/effidense-bench.png"], "--plot: cannot write /proc/effidense-bench.png"),
     (["--json", "/nonexistent-dir/b.json"], "--json: cannot write /nonexistent-dir/b.json: directory"),
-    (["--model-kwargs", "growth_rate"], "argument --model-kwargs: expected KEY=VALUE pairs"),
+    (["--model-kwargs", "growth_rate"], "argument --model-kwargs: 'growth_rate' is not KEY=VALUE"),
     (["--model-kwargs", "block_config=(1,1"], "argument --model-kwargs: block_config: '(1,1' is not a valid"),
     (["--host-only", "--max-batch", "--device", "cpu"], "drop --max-batch"),
 ])

@@ -68,3 +68,23 @@ def test_models_lists_every_name(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert all(f"effi_{name} " in out for name in CONFIGS) and "19 in all" in out
+
+
+@pytest.mark.parametrize("rank, printed", [(None, True), ("0", True), ("1", False)])
+def test_usage_errors_are_one_line_from_rank_zero_only(rank, printed, monkeypatch, capsys):
+    from effidense.cli import bench, train
+
+    if rank is None:
+        monkeypatch.delenv("RANK", raising=False)
+    else:
+        monkeypatch.setenv("RANK", rank)
+    for tool in (bench, train):
+        with pytest.raises(SystemExit) as exc:
+            tool.main(["--model-kwargs", "growth_rate"])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        if printed:
+            assert len(err.strip().splitlines()) == 1
+            assert "argument --model-kwargs: 'growth_rate' is not KEY=VALUE" in err and err.strip().endswith("--help)")
+        else:
+            assert err == ""

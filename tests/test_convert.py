@@ -526,3 +526,16 @@ def test_a_pickle_that_calls_os_system_is_refused_as_unsafe_and_never_runs(tmp_p
     assert code == 1 and out == "" and err.count("\n") == 1, err
     assert "unsafe" in err and "system" in err and "corrupt" not in err and str(source) in err
     assert not marker.exists() and not (tmp_path / "out.safetensors").exists()
+
+
+def test_one_description_of_which_densenet():
+    from effidense.modelspec import resolve_model
+
+    spec = resolve_model("densenet_bc100_k12", {"num_classes": 10, "drop_rate": 0.1, "spatial_dims": 3})
+    arch = spec.architecture
+    assert isinstance(arch, Architecture) and arch.num_classes == 10 and arch.small_inputs and arch.spatial_dims == 3
+    assert arch.spec("again").architecture == arch and "drop_rate" not in arch.model_kwargs()
+    default = Architecture.from_kwargs({})  # DenseNet's own defaults
+    assert (default.growth_rate, default.block_config, default.num_init_features, default.spatial_dims) == (
+        32, (6, 12, 24, 16), 64, 2)
+    assert convert.match_config(resolve_model("densenet121").architecture) == "densenet121"

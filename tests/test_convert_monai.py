@@ -332,6 +332,13 @@ def test_cli_inflates_to_a_3d_monai_file(tmp_path, capsys):
         meta = f.metadata()
     assert meta["effidense.spatial_dims"] == "3" and meta["effidense.inflation"] == "center"
     assert meta["effidense.layout"] == "monai"
+    # the header's architecture is the 3D network's: effidense builds it from the header alone
+    arch = convert.Architecture.from_json(meta["effidense.architecture"])
+    assert arch.spatial_dims == 3 and "spatial_dims=3" in arch.describe()
+    weights, _ = convert.canonical_state_dict(convert.load_checkpoint(out_file).state_dict)
+    arch.spec().build().load_state_dict(weights, strict=True)
+    # and the one peer builder makes MONAI's 3D DenseNet from it, which takes the file as it is
+    convert.build_layout_model("monai", arch).load_state_dict(convert.load_checkpoint(out_file).state_dict)
     model3d = monai_net(3).float()
     model3d.load_state_dict(convert.load_checkpoint(out_file).state_dict, strict=True)
     x2d = torch.randn(1, 3, 32, 32)
@@ -358,4 +365,7 @@ def test_2d_conversions_record_their_spatial_dims(tmp_path):
     assert conversion.spatial_dims == 2 and conversion.inflation is None
     meta = convert.load_checkpoint(tmp_path / "out.safetensors").metadata
     assert meta["effidense.spatial_dims"] == "2" and "effidense.inflation" not in meta
+    assert convert.Architecture.from_json(meta["effidense.architecture"]).spatial_dims == 2
+    assert convert.Architecture.from_json('{"growth_rate": 4, "block_config": [2], "num_init_features": 8}') == \
+        convert.Architecture(4, (2,), 8, spatial_dims=2)  # headers written before spatial_dims was recorded
 

@@ -115,7 +115,7 @@ def test_failing_section_is_recorded_and_the_run_goes_on(tmp_path: Path, monkeyp
     report = gpu_report.run_report(smoke_plan(), tmp_path, ["depth", "seed"])
     assert list(report["sections"]) == ["seed", "depth"]  # importance order, whatever the order asked
     seed, depth = report["sections"]["seed"], report["sections"]["depth"]
-    assert (seed["status"], seed["error"], seed["data"]) == ("failed", "RuntimeError: boom", {"half": 1})
+    assert (seed["status"], seed["error"], seed["data"]) == ("failed", "RuntimeError: boom second line", {"half": 1})
     assert depth["status"] == "ok"
     assert "status: failed" in (tmp_path / "summary.md").read_text()
 

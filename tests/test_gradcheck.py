@@ -13,9 +13,9 @@ from effidense.layers.norm import BatchNormAct
 from effidense.verify import (
     TINY_BC,
     Case,
-    _compare,
     autograd_gradcheck,
     compare_modes,
+    compare_tensors,
     format_report,
     tensor_diff,
     tolerance,
@@ -152,16 +152,16 @@ def test_compare_and_report_helpers():
     assert tensor_diff(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.5])) == (0.5, 2.5)
     assert tensor_diff(torch.tensor([float("nan")]), torch.tensor([1.0]))[0] == math.inf
     assert tensor_diff(torch.tensor([float("nan")]), torch.tensor([float("nan")])) == (0.0, 0.0)
-    ok = _compare("modes", "c", "s", "grads", {"a": torch.ones(2), "b": torch.zeros(2)},
+    ok = compare_tensors("modes", "c", "s", "grads", {"a": torch.ones(2), "b": torch.zeros(2)},
                   {"a": torch.ones(2), "b": torch.zeros(2)}, 1e-6)
     assert ok.passed and ok.max_abs == 0 and "bitwise" in ok.detail
     # Relative to the largest reference magnitude of the check, so near-zero gradients do not flag noise.
-    noisy = _compare("modes", "c", "s", "grads", {"a": torch.ones(2), "b": torch.full((2,), 1e-9)},
+    noisy = compare_tensors("modes", "c", "s", "grads", {"a": torch.ones(2), "b": torch.full((2,), 1e-9)},
                      {"a": torch.ones(2), "b": torch.zeros(2)}, 1e-6)
     assert noisy.passed and noisy.max_rel == pytest.approx(1e-9)
-    counts = _compare("modes", "c", "s", "BN count", {"n": torch.tensor(2)}, {"n": torch.tensor(1)}, 0.0)
+    counts = compare_tensors("modes", "c", "s", "BN count", {"n": torch.tensor(2)}, {"n": torch.tensor(1)}, 0.0)
     assert not counts.passed and "n: 2 != 1" in counts.detail
-    missing = _compare("modes", "c", "s", "grads", {"a": None}, {"a": torch.ones(1)}, 1e-6)
+    missing = compare_tensors("modes", "c", "s", "grads", {"a": None}, {"a": torch.ones(1)}, 1e-6)
     assert not missing.passed and "a: missing" in missing.detail
     report = format_report([ok, counts])
     assert "FAIL: 1 of 2 checks failed" in report and "DIFF!" in report
@@ -194,7 +194,7 @@ def run_cli(module, argv, capsys):
     (["--nproc", "-1"], "argument --nproc: must be at least 1, got -1"),
     (["--steps", "0"], "argument --steps: must be at least 1, got 0"),
     (["--json", "/proc/effidense-gradcheck.json"], "--json: cannot write /proc/effidense-gradcheck.json"),
-    (["--model-kwargs", "growth_rate"], "argument --model-kwargs: expected KEY=VALUE pairs"),
+    (["--model-kwargs", "growth_rate"], "argument --model-kwargs: 'growth_rate' is not KEY=VALUE"),
 ])
 def test_bad_input_is_one_line_before_any_check(gradcheck, capsys, monkeypatch, argv, message):
     import effidense.cli.gradcheck as cli

@@ -216,6 +216,38 @@ def test_log_lines_when_not_a_terminal(tmp_path: Path, capsys: pytest.CaptureFix
     assert f"done: best {float(best['eval_top1']):.4f} at epoch {best['epoch']} " in captured.out
 
 
+
+def test_a_terminal_gets_the_one_progress_bar(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import effidense.progress
+
+    monkeypatch.setattr(effidense.progress, "is_terminal", lambda stream=None: True)
+    argv = [*TINY, *SYNTHETIC, "--train-num-samples", "64", "--epochs", "1", "--log-interval", "3",
+            "--output", str(tmp_path), "--experiment", "run"]
+    assert tool.main(argv) == 0
+    captured = capsys.readouterr()
+    assert not [line for line in captured.out.splitlines() if line.startswith("train: ")]  # the bar instead
+    assert "epoch 0" in captured.err and "8/8" in captured.err and "loss=" in captured.err
+
+
+def test_progress_lines_at_the_callers_cadence() -> None:
+    import io
+
+    from effidense.progress import Progress
+
+    stream, lines = io.StringIO(), io.StringIO()
+    progress = Progress(8, "epoch 0", "it", stream=stream, interval_s=None, initial=2)
+    for step in range(3, 9):
+        progress.advance()
+        if step % 3 == 0:
+            progress.log(f"step {step}", note="loss=1", file=lines)
+    progress.close()
+    assert progress.n == 8 and stream.getvalue() == "" and lines.getvalue() == "step 3\nstep 6\n"
+    silent = Progress(8, "epoch 0", "it", enabled=False, stream=stream, interval_s=None)
+    silent.log("never", file=lines)
+    silent.close()
+    assert lines.getvalue() == "step 3\nstep 6\n"
+
 # --- effidense timm ---
 
 STAND_IN = '''

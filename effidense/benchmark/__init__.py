@@ -38,7 +38,6 @@ from .distributed import backend_for, check_world, free_port, process_group, tor
 from .environment import TORCHRUN_ENV, command_line, environment
 from .report import fmt, format_table, report_to_json, write_json, write_plot
 from .runner import activation_floor, benchmark, memory_by_depth, run_benchmark
-from .timing import one_line
 from .trainer import StepRunner, Timer, make_batch, step_loss, timed_step, torch_threads, training_step
 from .variants import (
     COMPILE_SUFFIX,
@@ -62,5 +61,5 @@ __all__ = [
     "command_line", "TORCHRUN_ENV", "format_table", "report_to_json",
     "write_json", "write_plot", "torch_threads", "Timer", "StepRunner", "step_loss", "training_step", "timed_step",
     "make_batch", "free_port", "process_group", "torchrun_world", "backend_for",
-    "check_world", "atomic_write_bytes", "autocast", "one_line", "ratio",
+    "check_world", "atomic_write_bytes", "autocast", "ratio",
 ]

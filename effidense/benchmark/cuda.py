@@ -6,17 +6,11 @@ from collections.abc import Callable
 
 import torch
 
+from ..errors import is_oom
 from ..progress import Progress
 from .trainer import StepRunner
 
 __all__ = ["is_oom", "largest_batch", "release", "cuda_fits", "device_for_rank"]
-
-
-def is_oom(error: BaseException) -> bool:
-    """Whether ``error`` is the GPU running out of memory (including cuDNN/cuBLAS allocation failures)."""
-    if isinstance(error, torch.cuda.OutOfMemoryError):
-        return True
-    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
 
 
 def largest_batch(fits: Callable[[int], bool], start: int, limit: int) -> int:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..densenet import MEMORY_MODES
+from ..errors import short_error
 from ..footprint import StepProbe, StepSpec
 from ..memory import SavedTensorMeter, activation_floor_bytes, cuda_peak_bytes
 from ..progress import Progress
@@ -16,7 +17,7 @@ from .config import AMP_DTYPES, BenchConfig, BenchReport, VariantResult
 from .cuda import cuda_fits, device_for_rank, largest_batch, release
 from .distributed import backend_for, check_world, merge_ranks, process_group, spawn_benchmark, torchrun_world
 from .environment import environment
-from .timing import failed_result, one_line, time_in_rounds
+from .timing import failed_result, time_in_rounds
 from .trainer import StepRunner, Timer, run_batch, torch_threads
 from .variants import (
     COMPILE_SUFFIX,
@@ -239,7 +240,7 @@ def memory_by_depth(cfg: BenchConfig, scales: Sequence[float],
                     probe.saved_bytes(cfg.batch_size, input_shape(cfg.spec, 1, cfg.img_size)[2:]))
             except Exception as error:  # keep the other points
                 sweep["activation_bytes"][mode].append(None)
-                errors.append(f"depth {spec.depth} {mode}: {one_line(error)}")
+                errors.append(f"depth {spec.depth} {mode}: {short_error(error, kind=True)}")
     sweep["errors"] = errors
     return sweep
 

@@ -6,13 +6,13 @@ import traceback
 
 import torch
 
+from ..errors import short_error
 from ..progress import Progress
 from .config import BenchConfig, VariantResult
-from .cuda import is_oom
 from .trainer import StepRunner, Timer
 from .variants import COMPILE_SUFFIX
 
-__all__ = ["time_in_rounds", "one_line", "failed_result"]
+__all__ = ["time_in_rounds", "failed_result"]
 
 
 def time_in_rounds(cfg: BenchConfig, device: torch.device, results: dict[str, VariantResult],
@@ -56,14 +56,7 @@ def time_in_rounds(cfg: BenchConfig, device: torch.device, results: dict[str, Va
             result.compile_s = max(first_step_s[variant] - first_ms / 1000.0, 0.0)
 
 
-def one_line(error: BaseException) -> str:
-    """An error as one line: its kind ('out of memory' for an OOM) and its first line."""
-    text = str(error).strip().splitlines()
-    kind = "out of memory" if is_oom(error) else type(error).__name__
-    return f"{kind}: {text[0] if text else ''}".rstrip(": ")
-
-
 def failed_result(variant: str, error: BaseException, cfg: BenchConfig) -> VariantResult:
     if cfg.traceback:
         traceback.print_exc()
-    return VariantResult(variant, status="failed", error=one_line(error))
+    return VariantResult(variant, status="failed", error=short_error(error, kind=True))

@@ -5,16 +5,16 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torchvision
-from timm.models.densenet import DenseNet as TimmDenseNet
 from torch import nn
 
 from ..densenet import MEMORY_MODES
 from ..modelspec import ModelSpec
+from ..peers import build_peer, peer_limits
 from ..weights import layout_state_dict
 
 __all__ = ["PEERS", "COMPILE_SUFFIX", "HOST_REFERENCE", "HOST_BATCH", "parse_variants", "peer_unsupported",
-           "build_variant", "compile_model", "host_img_size", "input_shape", "load_weights", "size_label"]
+           "build_variant", "compile_model", "host_img_size", "input_shape", "load_weights", "size_label",
+           "PEER_LIBRARY"]
 
 
 # The one peers table: every tool (bench, gpu-report) names the peers so. tv-plain, keeping everything, is the
@@ -55,65 +55,25 @@ def size_label(spec: ModelSpec, img_size: int) -> str:
     return "x".join([str(img_size)] * spec.arg("spatial_dims"))
 
 
+# the library each peer builds with
+PEER_LIBRARY = {"tv": "torchvision", "tv-plain": "torchvision", "timm": "timm", "monai": "monai"}
+
+
 def peer_unsupported(spec: ModelSpec, peer: str) -> str | None:
-    """Why ``peer`` has no exact counterpart of ``spec`` (None when it has one)."""
-    reasons = []
-    if peer != "monai" and spec.arg("spatial_dims") != 2:
-        reasons.append("it is 2D only")
-    if spec.arg("small_inputs"):
-        reasons.append("it has no small-input (CIFAR) stem")
-    if not spec.bottleneck:
-        reasons.append("its dense layers always have a bottleneck")
-    if spec.arg("compression") != 0.5:
-        reasons.append("its transitions always keep half the channels")
-    if peer in ("tv", "tv-plain"):
-        if spec.arg("in_chans") != 3:
-            reasons.append("it takes 3 input channels only")
-        if spec.arg("global_pool") != "avg":
-            reasons.append("it pools by average only")
-        if spec.arg("head_drop_rate"):
-            reasons.append("it has no head dropout")
-    elif peer == "timm" and spec.arg("num_init_features") != 2 * spec.arg("growth_rate"):
-        reasons.append("its stem width is always 2 * growth_rate")
-    elif peer == "monai":
-        if spec.arg("global_pool") != "avg":
-            reasons.append("it pools by average only")
-        if spec.arg("head_drop_rate"):
-            reasons.append("it has no head dropout")
-    name = {"timm": "timm", "monai": "MONAI"}.get(peer, "torchvision")
-    return f"{name} cannot build {spec.name}: {'; '.join(reasons)}" if reasons else None
+    """Why ``peer`` has no exact counterpart of ``spec`` (None when it has one; see
+    :func:`effidense.peers.peer_limits`)."""
+    reasons = peer_limits(PEER_LIBRARY[peer], spec)
+    return f"{PEER_LIBRARY[peer]} cannot build {spec.name}: {'; '.join(reasons)}" if reasons else None
 
 
 def build_variant(variant: str, spec: ModelSpec) -> nn.Module:
     """An uncompiled model for ``variant`` (without ``+compile``) with fresh weights."""
     if variant in MEMORY_MODES:
         return spec.build(variant)
-    reason = peer_unsupported(spec, variant)
-    if reason:
-        raise ValueError(reason)
-    if variant in ("tv", "tv-plain"):
-        return torchvision.models.DenseNet(
-            growth_rate=spec.arg("growth_rate"), block_config=spec.block_config,
-            num_init_features=spec.arg("num_init_features"), bn_size=spec.arg("bn_size"),
-            drop_rate=spec.arg("drop_rate"), num_classes=spec.arg("num_classes"), memory_efficient=variant == "tv")
-    if variant == "timm":
-        model = TimmDenseNet(
-            growth_rate=spec.arg("growth_rate"), block_config=spec.block_config, num_classes=spec.arg("num_classes"),
-            in_chans=spec.arg("in_chans"), global_pool=spec.arg("global_pool"), bn_size=spec.arg("bn_size"),
-            drop_rate=spec.arg("head_drop_rate"), proj_drop_rate=spec.arg("drop_rate"))
-        model.set_grad_checkpointing(True)
-        return model
-    if variant == "monai":
-        try:
-            from monai.networks.nets import DenseNet as MonaiDenseNet
-        except ImportError:
-            raise ValueError("the 'monai' variant needs MONAI: pip install monai") from None
-        return MonaiDenseNet(
-            spatial_dims=spec.arg("spatial_dims"), in_channels=spec.arg("in_chans"),
-            out_channels=spec.arg("num_classes"), init_features=spec.arg("num_init_features"),
-            growth_rate=spec.arg("growth_rate"), block_config=spec.block_config, bn_size=spec.arg("bn_size"),
-            dropout_prob=spec.arg("drop_rate"))
-    raise ValueError(f"unknown variant {variant!r}")
+    if variant not in PEER_LIBRARY:
+        raise ValueError(f"unknown variant {variant!r}")
+    return build_peer(PEER_LIBRARY[variant], spec, memory_efficient=variant == "tv",
+                      grad_checkpointing=variant == "timm")
 
 
 def load_weights(model: nn.Module, variant: str, state: dict[str, torch.Tensor]) -> None:

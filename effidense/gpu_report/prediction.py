@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..benchmark import ratio, release
+from ..errors import short_error
 from ..footprint import StepProbe, StepSpec
 from ..planner import plan
 from .plan import EAGER, VARIANTS
@@ -80,7 +81,7 @@ def section_prediction(run: Run, section: dict[str, Any]) -> None:
             row["max_batch_ratio"] = ratio(predicted.max_batch, measured_max.get(name))
             row["status"] = "ok"
         except Exception as error:  # recorded; the other variants still run
-            row["status"], row["error"] = "failed", f"{type(error).__name__}: {error}".splitlines()[0]
+            row["status"], row["error"] = "failed", short_error(error, kind=True)
         run.save()
 
 

@@ -10,10 +10,10 @@ from typing import Any
 import torch
 
 from ..benchmark import (
-    one_line,
     release,
     torch_threads,
 )
+from ..errors import short_error
 from .plan import SECTIONS, OutOfTime, Plan
 from .sections import GOALS, SECTION_RUNNERS, goal
 from .state import Run
@@ -46,7 +46,7 @@ def _run_sections(run: Run) -> None:
         except OutOfTime as error:
             section["status"], section["error"] = "out of time", str(error)
         except Exception as error:  # recorded; the next section still runs
-            section["status"], section["error"] = "failed", one_line(error)
+            section["status"], section["error"] = "failed", short_error(error, kind=True)
         finally:
             section["seconds"] = round(time.monotonic() - start, 1)
             release(run.device)
@@ -55,7 +55,7 @@ def _run_sections(run: Run) -> None:
         try:
             GOALS.get(name, lambda r, s: None)(run, section)
         except Exception as error:  # a bug in judging goals must not cost the measurements
-            section["goals"].append(goal("judging the goals", None, one_line(error)))
+            section["goals"].append(goal("judging the goals", None, short_error(error, kind=True)))
         run.log(f"[{name}] {section['status']} in {section['seconds']:.1f} s"
                 + (f": {section['error']}" if section.get("error") else ""))
         run.save()

@@ -21,13 +21,13 @@ from ..benchmark import (
     largest_batch,
     load_weights,
     make_batch,
-    one_line,
     ratio,
     release,
     step_loss,
     timed_step,
     training_step,
 )
+from ..errors import short_error
 from ..fileio import atomic_write_bytes
 from ..memory import SavedTensorMeter, cuda_peak_bytes
 from ..modelspec import ModelSpec
@@ -105,7 +105,7 @@ def measure_cell(run: Run, spec: ModelSpec, img: int, cell: Cell, warmup: int, s
             except OutOfTime:
                 raise
             except Exception as error:
-                row.update(status="failed", error=one_line(error))
+                row.update(status="failed", error=short_error(error, kind=True))
                 model = None
                 release(device)
         samples: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
@@ -116,7 +116,7 @@ def measure_cell(run: Run, spec: ModelSpec, img: int, cell: Cell, warmup: int, s
                     try:
                         samples[name].append(timed_step(models[name], x, y, cell.amp))
                     except Exception as error:
-                        rows[name].update(status="failed", error=one_line(error))
+                        rows[name].update(status="failed", error=short_error(error, kind=True))
                         del models[name]
                         release(device)
         finally:
@@ -251,7 +251,7 @@ def search(run: Run, fits: Callable[[int], bool], start: int, limit: int, unit: 
         entry.update(status="out of time", value=bounds.good, lower_bound=True)
         raise
     except Exception as error:
-        entry.update(status="failed", error=one_line(error), value=bounds.good)
+        entry.update(status="failed", error=short_error(error, kind=True), value=bounds.good)
     finally:
         entry.update(probes=bounds.probes, first_failure=bounds.bad)
 
@@ -495,7 +495,7 @@ def _section_host_bound(run: Run, section: dict[str, Any]) -> None:
         except OutOfTime:
             raise
         except Exception as error:
-            row.update(status="failed", error=one_line(error))
+            row.update(status="failed", error=short_error(error, kind=True))
         finally:
             model = None
             release(device)

@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..benchmark import AMP_DTYPES, COMPILE_SUFFIX, PEERS, build_variant, one_line, parse_variants, peer_unsupported
+from ..benchmark import AMP_DTYPES, COMPILE_SUFFIX, PEERS, build_variant, parse_variants, peer_unsupported
 from ..densenet import MEMORY_MODES
+from ..errors import short_error
 from ..footprint import StepMemory, StepProbe, StepSpec
 from ..modelspec import ModelSpec, resolve_model
 from .budget import DEFAULT_MARGIN, format_bytes, parse_budget
@@ -114,7 +115,9 @@ def _target(model: str | ModelSpec | Mapping[str, Callable[[], nn.Module]], vari
         return _Target("custom model", {v: model[v] for v in chosen}, {}, in_chans, num_classes, min_size, None)
     spec = resolve_model(model) if isinstance(model, str) else model
     if variants is None:
-        chosen = [*MEMORY_MODES, *(p for p in PEERS if peer_unsupported(spec, p) is None)]
+        # the peers that can build the model; MONAI's only off the plane, where torchvision's and timm's cannot
+        peers = [p for p in PEERS if peer_unsupported(spec, p) is None]
+        chosen = [*MEMORY_MODES, *(p for p in peers if p != "monai" or len(peers) == 1)]
     else:
         chosen = parse_variants(variants)
     compiled = [v for v in chosen if v.endswith(COMPILE_SUFFIX)]
@@ -205,7 +208,7 @@ def plan(model: str | ModelSpec | Mapping[str, Callable[[], nn.Module]] = "effi_
         except BudgetError:
             raise
         except Exception as error:
-            result.status, result.error = "failed", one_line(error)
+            result.status, result.error = "failed", short_error(error, kind=True)
         report.variants.append(result)
     order = list(target.builders) + list(target.skipped)
     report.variants.sort(key=lambda r: order.index(r.name))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import yaml
 
 from ..densenet import MEMORY_MODES
-from ..modelspec import ModelKwargs, non_negative_int, positive_int
+from ..modelspec import ModelKwargs, OneLineParser, non_negative_int, positive_int
 from .errors import TrainError
 
 __all__ = ["build_parser", "parse_args", "args_as_dict", "args_to_yaml", "WRAPPER_HINT"]
@@ -64,27 +63,8 @@ def _smoothing(text: str) -> float:
 _CHECKED = (_non_negative, _positive, _fraction, _smoothing)
 
 
-class _ModelKwargs(ModelKwargs):
-    """timm's ``KEY=VALUE`` pairs (values read as Python literals, else as strings); anything else, such as a JSON
-    object, is a one-line error naming ``--model-kwargs``."""
-
-    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[override]
-        for value in values or []:
-            key = value.split("=", 1)[0]
-            if value and ("=" not in value or not key.isidentifier()):
-                parser.error(f"argument --model-kwargs: {value!r} is not KEY=VALUE; give create_model arguments "
-                             "as timm does, e.g. --model-kwargs growth_rate=12 block_config='(3,3,3)'")
-        super().__call__(parser, namespace, values, option_string)
-
-
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line, and whose unknown-flag error says where the other timm flags
-    are."""
-
-    def error(self, message: str):  # type: ignore[override]
-        # under torchrun every rank parses the same command line: rank 0 alone reports it
-        primary = os.environ.get("RANK", "0") == "0"
-        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n" if primary else None)
+class _Parser(OneLineParser):
+    """A one-line-error parser whose unknown-flag error says where the other timm flags are."""
 
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
         parsed, unknown = super().parse_known_args(args, namespace)
@@ -143,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "Keeps writing into that directory unless --output/--experiment name another")
     group.add_argument("--num-classes", type=positive_int, default=None, metavar="N",
                        help="label classes (default: the dataset's)")
-    group.add_argument("--model-kwargs", nargs="*", default={}, action=_ModelKwargs, metavar="KEY=VALUE",
+    group.add_argument("--model-kwargs", nargs="*", default={}, action=ModelKwargs, metavar="KEY=VALUE",
                        help="extra create_model arguments, values as Python literals, e.g. "
                             "block_config='(3,3,3)' growth_rate=12")
     group.add_argument("--drop", type=_fraction, default=0.0, metavar="PCT", help="dropout before the classifier")

@@ -44,6 +44,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..fileio import short_error
+from ..progress import Progress
 from ..weights import ConversionError, canonical_state_dict, listing, load_checkpoint
 from .args import args_as_dict, args_to_yaml
 from .checkpoint import (
@@ -260,10 +261,8 @@ class _Trainer:
                 self._restore(state)
             except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
                 raise TrainError(f"--resume {args.resume}: the training state in {self.checkpoint.state_path} does "
-                                 f"not fit this run ({type(e).__name__}: {short_error(e, 200)})") from None
+                                 f"not fit this run ({short_error(e, kind=True)})") from None
         self.kill_after_step = int(os.environ.get(_KILL_AFTER_STEP_ENV, "0"))
-        # A progress bar on a terminal; plain log lines every --log-interval steps in a log file or pipe.
-        self.use_bar = sys.stderr.isatty()
 
     # --- checkpoints ---
     def _restore(self, state: dict[str, Any]) -> None:
@@ -397,8 +396,9 @@ class _Trainer:
         self.sampler.skip(self.batch * args.batch_size)
         self.train_model.train()
         meter = self.epoch_loss
-        bar = tqdm(total=self.num_batches, initial=self.batch, desc=f"epoch {epoch}",
-                   disable=not (ctx.primary and self.use_bar), dynamic_ncols=True, leave=True)
+        # A progress bar on a terminal; plain log lines every --log-interval steps in a log file or pipe.
+        bar = Progress(self.num_batches, f"epoch {epoch}", "it", enabled=ctx.primary, interval_s=None,
+                       initial=self.batch)
         tick, tick_images = time.perf_counter(), 0
         if ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(ctx.device)
@@ -443,18 +443,15 @@ class _Trainer:
                 img_s = tick_images / max(elapsed, 1e-9)
                 mem = (f"{torch.cuda.max_memory_allocated(ctx.device) / 2**30:.2f}GiB"
                        if ctx.device.type == "cuda" else None)
-                if self.use_bar:
-                    postfix = OrderedDict(loss=f"{meter.avg:.4f}", lr=f"{self._current_lr():.3g}", img_s=f"{img_s:.1f}")
-                    if mem:
-                        postfix["mem"] = mem
-                    bar.set_postfix(postfix, refresh=False)
-                elif ctx.primary:  # as timm's train.py logs: one line per --log-interval steps
-                    print(f"train: epoch {epoch} [{batch_idx + 1:>{len(str(self.num_batches))}}"
-                          f"/{self.num_batches} ({100 * (batch_idx + 1) / self.num_batches:3.0f}%)]  loss "
-                          f"{loss_value:.4f} (avg {meter.avg:.4f})  lr {self._current_lr():.3e}  {img_s:.1f} img/s"
-                          + (f"  mem {mem}" if mem else ""), flush=True)
+                note = (f"loss={meter.avg:.4f}, lr={self._current_lr():.3g}, img_s={img_s:.1f}"
+                        + (f", mem={mem}" if mem else ""))
+                # as timm's train.py logs: one line per --log-interval steps
+                bar.log(f"train: epoch {epoch} [{batch_idx + 1:>{len(str(self.num_batches))}}/{self.num_batches} "
+                        f"({100 * (batch_idx + 1) / self.num_batches:3.0f}%)]  loss {loss_value:.4f} "
+                        f"(avg {meter.avg:.4f})  lr {self._current_lr():.3e}  {img_s:.1f} img/s"
+                        + (f"  mem {mem}" if mem else ""), note, file=sys.stdout)
                 tick, tick_images = time.perf_counter(), 0
-            bar.update(1)
+            bar.advance()
         bar.close()
         return OrderedDict(loss=meter.avg)
 

@@ -1,5 +1,6 @@
 """What every check shares: :class:`Check`, the settings (:class:`Case`, :class:`VerifyConfig`), tolerances, the
-comparison of named tensors (:func:`tensor_diff`, ``_compare``), and reading gradients and buffers out of a model."""
+comparison of named tensors (:func:`tensor_diff`, :func:`compare_tensors`), and reading gradients and buffers out
+of a model. Its helpers are public for the checks in :mod:`.local` and :mod:`.ddp`."""
 from __future__ import annotations
 
 import math
@@ -12,7 +13,10 @@ from torch import Tensor, nn
 from ..benchmark.config import AMP_DTYPES
 from ..modelspec import ModelSpec
 
-__all__ = ["Check", "Case", "VerifyConfig", "TINY_BC", "TINY_SMALL_INPUTS", "tolerance", "tensor_diff"]
+__all__ = ["Check", "Case", "VerifyConfig", "TINY_BC", "TINY_SMALL_INPUTS", "GRADCHECK_MODEL", "GRADCHECK_TOLERANCES",
+           "SGD", "TRAIN_CHECKS", "FINAL_CHECKS", "MODE_CHECK_DESCRIPTIONS", "RAN", "tolerance", "tensor_diff",
+           "compare_tensors", "batch_norms_of", "perturb_running_stats", "grads_of", "params_of", "buffers_of",
+           "input_batch", "set_deterministic"]
 
 
 # Tiny default models: one DenseNet-BC with the ImageNet stem, one plain DenseNet with the small-input stem.
@@ -21,7 +25,7 @@ TINY_BC = ModelSpec("tiny DenseNet-BC", dict(growth_rate=4, block_config=(2, 2),
 TINY_SMALL_INPUTS = ModelSpec("tiny DenseNet, small inputs", dict(
     growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=None, compression=1.0, small_inputs=True,
     num_classes=5))
-_GRADCHECK_MODEL = ModelSpec("gradcheck DenseNet-BC", dict(
+GRADCHECK_MODEL = ModelSpec("gradcheck DenseNet-BC", dict(
     growth_rate=2, block_config=(1, 1), num_init_features=4, bn_size=2, small_inputs=True, num_classes=3))
 GRADCHECK_TOLERANCES = dict(eps=1e-6, atol=1e-5, rtol=1e-3)
 SGD = dict(lr=0.1, momentum=0.9)
@@ -109,7 +113,7 @@ def tensor_diff(a: Tensor, b: Tensor) -> tuple[float, float]:
     Whether ``a`` and ``b`` can be compared at all is ``torch.testing.assert_close``'s call (same shape, NaN and
     infinities in the same places, any dtype or device): when they cannot, the difference is infinite. Only the
     size of the difference is left to measure here, since the caller's tolerance is relative to a whole group of
-    tensors (see ``_compare``) rather than per element.
+    tensors (see ``compare_tensors``) rather than per element.
     """
     a64, b64 = a.detach().double().cpu(), b.detach().double().cpu()
     try:
@@ -123,7 +127,7 @@ def tensor_diff(a: Tensor, b: Tensor) -> tuple[float, float]:
     return (a64 - b64)[finite].abs().max().item(), b64[finite].abs().max().item()
 
 
-def _compare(group: str, case: str, subject: str, what: str, got: dict[str, Tensor | None],
+def compare_tensors(group: str, case: str, subject: str, what: str, got: dict[str, Tensor | None],
              expected: dict[str, Tensor | None], tol: float) -> Check:
     """One check over many named tensors (e.g. every parameter gradient).
 
@@ -164,15 +168,15 @@ def _compare(group: str, case: str, subject: str, what: str, got: dict[str, Tens
     return Check(group, case, subject, what, passed, worst_abs, worst_rel, tol, detail)
 
 
-def _batch_norms(model: nn.Module) -> Iterator[nn.modules.batchnorm._BatchNorm]:
+def batch_norms_of(model: nn.Module) -> Iterator[nn.modules.batchnorm._BatchNorm]:
     return (m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
 
 
-def _perturb_running_stats(model: nn.Module, seed: int) -> None:
+def perturb_running_stats(model: nn.Module, seed: int) -> None:
     """Non-default running statistics, so an extra or missing update shows in every buffer."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for bn in _batch_norms(model):
+        for bn in batch_norms_of(model):
             bn.running_mean.copy_(torch.randn(bn.running_mean.shape, generator=generator) * 0.5)
             bn.running_var.copy_(torch.rand(bn.running_var.shape, generator=generator) * 1.5 + 0.5)
             bn.num_batches_tracked.fill_(7)
@@ -189,20 +193,20 @@ def _underlying(model: nn.Module) -> nn.Module:
         model = inner
 
 
-def _grads(model: nn.Module) -> dict[str, Tensor | None]:
+def grads_of(model: nn.Module) -> dict[str, Tensor | None]:
     return {n: None if p.grad is None else p.grad.detach().clone() for n, p in _underlying(model).named_parameters()}
 
 
-def _params(model: nn.Module) -> dict[str, Tensor]:
+def params_of(model: nn.Module) -> dict[str, Tensor]:
     return {n: p.detach().clone() for n, p in _underlying(model).named_parameters()}
 
 
-def _buffers(model: nn.Module, integer: bool) -> dict[str, Tensor]:
+def buffers_of(model: nn.Module, integer: bool) -> dict[str, Tensor]:
     return {n: b.detach().clone() for n, b in _underlying(model).named_buffers()
             if b.is_floating_point() != integer}
 
 
-def _batch(spec: ModelSpec, batch: int, img: int, dtype: torch.dtype, device: torch.device, seed: int,
+def input_batch(spec: ModelSpec, batch: int, img: int, dtype: torch.dtype, device: torch.device, seed: int,
            channels_last: bool = False) -> tuple[Tensor, Tensor]:
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, spec.arg("in_chans"), img, img, generator=generator, dtype=dtype)
@@ -213,7 +217,7 @@ def _batch(spec: ModelSpec, batch: int, img: int, dtype: torch.dtype, device: to
     return x, y.to(device)
 
 
-def _set_deterministic(device: torch.device) -> None:
+def set_deterministic(device: torch.device) -> None:
     # Exactness is about the model, not about kernels that may pick a different algorithm or precision per call.
     if device.type == "cuda":
         torch.backends.cudnn.deterministic = True
@@ -223,9 +227,9 @@ def _set_deterministic(device: torch.device) -> None:
 
 
 # Short names: they are the columns of the report's mode table.
-_TRAIN_CHECKS = {"output": "output", "loss": "loss", "grads": "grads", "stats": "BN stats",
+TRAIN_CHECKS = {"output": "output", "loss": "loss", "grads": "grads", "stats": "BN stats",
                  "counts": "BN count"}
-_FINAL_CHECKS = {"params": "params", "eval output": "eval output", "eval grads": "eval grads",
+FINAL_CHECKS = {"params": "params", "eval output": "eval output", "eval grads": "eval grads",
                  "eval buffers": "eval buffers"}
 MODE_CHECK_DESCRIPTIONS = {
     "output": "train-mode logits at every step",
@@ -240,4 +244,4 @@ MODE_CHECK_DESCRIPTIONS = {
 }
 
 
-_RAN = "ran without error"
+RAN = "ran without error"

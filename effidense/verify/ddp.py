@@ -16,19 +16,20 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..benchmark.distributed import backend_for, check_world, free_port, process_group
 from ..densenet import MEMORY_MODES
+from ..errors import short_error
 from ..fileio import atomic_write_bytes
 from ..modelspec import ModelSpec
 from .core import (
-    _RAN,
+    RAN,
     SGD,
     Check,
-    _batch,
-    _buffers,
-    _compare,
-    _grads,
-    _params,
-    _perturb_running_stats,
-    _set_deterministic,
+    buffers_of,
+    compare_tensors,
+    grads_of,
+    input_batch,
+    params_of,
+    perturb_running_stats,
+    set_deterministic,
     tolerance,
 )
 
@@ -59,13 +60,13 @@ def ddp_checks(spec: ModelSpec, device: torch.device, batch_per_rank: int, img_s
     """
     dist = torch.distributed
     rank, world = dist.get_rank(), dist.get_world_size()
-    _set_deterministic(device)
-    x_full, y_full = _batch(spec, batch_per_rank * world, img_size, torch.float32, device, seed + 1)
+    set_deterministic(device)
+    x_full, y_full = input_batch(spec, batch_per_rank * world, img_size, torch.float32, device, seed + 1)
     shards = list(zip(x_full.split(batch_per_rank), y_full.split(batch_per_rank), strict=True))
     x, y = shards[rank]
     torch.manual_seed(seed)
     base = spec.build("plain")
-    _perturb_running_stats(base, seed)
+    perturb_running_stats(base, seed)
     state = copy.deepcopy(base.state_dict())
     tol = tolerance(torch.float32, device.type)
     # The full batch at once sums gradient contributions in another order than shards + all-reduce.
@@ -90,57 +91,58 @@ def ddp_checks(spec: ModelSpec, device: torch.device, batch_per_rank: int, img_s
             # shard's mean, so DDP's average of the ranks' gradients is the full-batch mean's gradient.
             single = build(mode)
             loss_of(single, x_full, y_full).backward()
-            train_grads, train_stats, train_counts = _grads(single), _buffers(single, False), _buffers(single, True)
+            train_grads = grads_of(single)
+            train_stats, train_counts = buffers_of(single, False), buffers_of(single, True)
             reference, train_tol = "single process on the full batch", tol_full
         else:
             train_grads, train_stats, train_counts = {}, {}, {}
             for r, (xs, ys) in enumerate(shards):
                 single = build(mode)
                 (loss_of(single, xs, ys) / world).backward()
-                for name, grad in _grads(single).items():
+                for name, grad in grads_of(single).items():
                     if grad is not None:
                         train_grads[name] = grad if train_grads.get(name) is None else train_grads[name] + grad
                     else:
                         train_grads.setdefault(name, None)
                 if r == rank:
-                    train_stats, train_counts = _buffers(single, False), _buffers(single, True)
+                    train_stats, train_counts = buffers_of(single, False), buffers_of(single, True)
             reference, train_tol = "single process, sum over rank shards", tol
         full = build(mode, eval_mode=True)
         loss_of(full, x_full, y_full).backward()
-        full_grads = _grads(full)
+        full_grads = grads_of(full)
 
         # DDP, train mode.
         ddp = _ddp(build(mode), device, sync_bn)
         loss_of(ddp, x, y).backward()
-        grads = _grads(ddp)
-        checks.append(_compare("ddp", label, subject, f"train: gradients == {reference}", grads, train_grads,
+        grads = grads_of(ddp)
+        checks.append(compare_tensors("ddp", label, subject, f"train: gradients == {reference}", grads, train_grads,
                                train_tol))
         stats_reference = "single process on the full batch" if sync_bn else "single process on own shard"
-        checks.append(_compare("ddp", label, subject, f"train: BN running stats == {stats_reference}",
-                               _buffers(ddp, False), train_stats, train_tol))
-        checks.append(_compare("ddp", label, subject, "train: num_batches_tracked (exact)",
-                               _buffers(ddp, True), train_counts, 0.0))
+        checks.append(compare_tensors("ddp", label, subject, f"train: BN running stats == {stats_reference}",
+                               buffers_of(ddp, False), train_stats, train_tol))
+        checks.append(compare_tensors("ddp", label, subject, "train: num_batches_tracked (exact)",
+                               buffers_of(ddp, True), train_counts, 0.0))
         checks.append(_agree(label, subject, "train: gradients identical on all ranks", grads))
         optimizer = torch.optim.SGD(ddp.parameters(), **SGD)
         optimizer.step()
-        checks.append(_agree(label, subject, "parameters identical on all ranks after an SGD step", _params(ddp)))
+        checks.append(_agree(label, subject, "parameters identical on all ranks after an SGD step", params_of(ddp)))
         if mode == "plain":
             plain_grads["train"] = grads
         else:
-            checks.append(_compare("ddp", label, subject, "train: gradients == plain under DDP", grads,
+            checks.append(compare_tensors("ddp", label, subject, "train: gradients == plain under DDP", grads,
                                    plain_grads["train"], tol))
 
         # DDP, eval mode (running statistics): per-rank means average to the full-batch mean exactly.
         ddp_eval = _ddp(build(mode, eval_mode=True), device, sync_bn)
         loss_of(ddp_eval, x, y).backward()
-        eval_grads = _grads(ddp_eval)
-        checks.append(_compare("ddp", label, subject, "eval: gradients == single process on the full batch",
+        eval_grads = grads_of(ddp_eval)
+        checks.append(compare_tensors("ddp", label, subject, "eval: gradients == single process on the full batch",
                                eval_grads, full_grads, tol_full))
         checks.append(_agree(label, subject, "eval: gradients identical on all ranks", eval_grads))
         if mode == "plain":
             plain_grads["eval"] = eval_grads
         else:
-            checks.append(_compare("ddp", label, subject, "eval: gradients == plain under DDP", eval_grads,
+            checks.append(compare_tensors("ddp", label, subject, "eval: gradients == plain under DDP", eval_grads,
                                    plain_grads["eval"], tol))
     return checks
 
@@ -150,7 +152,7 @@ def _agree(case: str, subject: str, what: str, tensors: dict[str, Tensor | None]
     mine = {k: None if v is None else v.cpu() for k, v in tensors.items()}
     gathered: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, mine)
-    checks = [_compare("ddp", case, subject, what, other, gathered[0], 0.0) for other in gathered[1:]]
+    checks = [compare_tensors("ddp", case, subject, what, other, gathered[0], 0.0) for other in gathered[1:]]
     worst = max(checks, key=lambda c: (not c.passed, c.max_abs or 0.0), default=None)
     if worst is None:
         return Check("ddp", case, subject, what, True, 0.0, 0.0, 0.0, "one rank")
@@ -179,10 +181,8 @@ def _ddp_rank(spec: ModelSpec, device_kind: str, local_rank: int, batch_per_rank
     try:
         mine = ddp_checks(spec, device, batch_per_rank, img_size, seed, sync_bn)
     except Exception as error:
-        first = str(error).strip().splitlines()
-        mine = [Check("ddp", f"{spec.name} / DDP", "all modes", _RAN, False,
-                      detail=f"rank {torch.distributed.get_rank()}: {type(error).__name__}: "
-                             f"{first[0] if first else ''}")]
+        mine = [Check("ddp", f"{spec.name} / DDP", "all modes", RAN, False,
+                      detail=f"rank {torch.distributed.get_rank()}: {short_error(error, kind=True)}")]
     gathered: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, mine)
     if len({len(g) for g in gathered}) != 1:  # some rank failed early: report every rank's failures

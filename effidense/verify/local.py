@@ -14,26 +14,27 @@ from torch import Tensor, nn
 from ..benchmark.config import autocast
 from ..benchmark.variants import COMPILE_SUFFIX, compile_model
 from ..densenet import MEMORY_MODES
+from ..errors import short_error
 from ..modelspec import ModelSpec
 from ..progress import Progress
 from .core import (
-    _FINAL_CHECKS,
-    _GRADCHECK_MODEL,
-    _RAN,
-    _TRAIN_CHECKS,
+    FINAL_CHECKS,
+    GRADCHECK_MODEL,
     GRADCHECK_TOLERANCES,
+    RAN,
     SGD,
+    TRAIN_CHECKS,
     Case,
     Check,
     VerifyConfig,
-    _batch,
-    _batch_norms,
-    _buffers,
-    _compare,
-    _grads,
-    _params,
-    _perturb_running_stats,
-    _set_deterministic,
+    batch_norms_of,
+    buffers_of,
+    compare_tensors,
+    grads_of,
+    input_batch,
+    params_of,
+    perturb_running_stats,
+    set_deterministic,
     tolerance,
 )
 
@@ -60,13 +61,13 @@ def compare_modes(case: Case, variants: Sequence[str], steps: int, batch_size: i
                   device: str | torch.device = "cpu", seed: int = 0) -> list[Check]:
     """Train plain and every variant side by side for ``steps`` SGD steps; compare everything with plain's."""
     device = torch.device(device)
-    _set_deterministic(device)
+    set_deterministic(device)
 
     def build(variant: str) -> nn.Module:
         mode = variant.removesuffix(COMPILE_SUFFIX)
         model = case.spec.build(mode, drop_rate=case.drop_rate)
         if case.cumulative_bn:
-            for bn in _batch_norms(model):
+            for bn in batch_norms_of(model):
                 bn.momentum = None
         model.load_state_dict(state)
         model.to(device=device, dtype=case.dtype)
@@ -76,7 +77,7 @@ def compare_modes(case: Case, variants: Sequence[str], steps: int, batch_size: i
 
     torch.manual_seed(seed)
     reference = case.spec.build("plain", drop_rate=case.drop_rate)
-    _perturb_running_stats(reference, seed)
+    perturb_running_stats(reference, seed)
     state = copy.deepcopy(reference.state_dict())
     names = ["plain", *[v for v in variants if v != "plain"]]
     models = {v: build(v) for v in names}
@@ -90,12 +91,12 @@ def compare_modes(case: Case, variants: Sequence[str], steps: int, batch_size: i
         loss = F.cross_entropy(out.float(), y)
         loss.backward()
         return {"output": {"output": out.detach().clone()}, "loss": {"loss": loss.detach().clone()},
-                "grads": _grads(model), "stats": _buffers(model, integer=False),
-                "counts": _buffers(model, integer=True)}
+                "grads": grads_of(model), "stats": buffers_of(model, integer=False),
+                "counts": buffers_of(model, integer=True)}
 
-    per_step: dict[str, dict[str, list[Check]]] = {v: {k: [] for k in _TRAIN_CHECKS} for v in names[1:]}
+    per_step: dict[str, dict[str, list[Check]]] = {v: {k: [] for k in TRAIN_CHECKS} for v in names[1:]}
     for step in range(steps):
-        x, y = _batch(case.spec, batch_size, img_size, case.dtype, device, seed + 1 + step, case.channels_last)
+        x, y = input_batch(case.spec, batch_size, img_size, case.dtype, device, seed + 1 + step, case.channels_last)
         results = {}
         for v, model in models.items():
             model.train()
@@ -104,18 +105,18 @@ def compare_modes(case: Case, variants: Sequence[str], steps: int, batch_size: i
             optimizers[v].step()
         for v in names[1:]:
             tol = tolerance(case.dtype, device.type, case.amp, v.endswith(COMPILE_SUFFIX))
-            for key, label in _TRAIN_CHECKS.items():
-                check = _compare("modes", case.label, v, label, results[v][key], results["plain"][key],
+            for key, label in TRAIN_CHECKS.items():
+                check = compare_tensors("modes", case.label, v, label, results[v][key], results["plain"][key],
                                  0.0 if key == "counts" else tol)
                 per_step[v][key].append(replace(check, detail=f"step {step + 1}: {check.detail}"))
     for v in names[1:]:
         checks += [_worst(found) for found in per_step[v].values()]
 
-    x, y = _batch(case.spec, batch_size, img_size, case.dtype, device, seed + 999, case.channels_last)
+    x, y = input_batch(case.spec, batch_size, img_size, case.dtype, device, seed + 999, case.channels_last)
     x.requires_grad_(True)
     final = {}
     for v, model in models.items():
-        params = _params(model)
+        params = params_of(model)
         model.eval()
         optimizers[v].zero_grad(set_to_none=True)
         x.grad = None
@@ -123,12 +124,12 @@ def compare_modes(case: Case, variants: Sequence[str], steps: int, batch_size: i
             out = model(x)
         F.cross_entropy(out.float(), y).backward()
         final[v] = {"params": params, "eval output": {"output": out.detach().clone()},
-                    "eval grads": {**_grads(model), "input": x.grad.detach().clone()},
-                    "eval buffers": _buffers(model, integer=False) | _buffers(model, integer=True)}
+                    "eval grads": {**grads_of(model), "input": x.grad.detach().clone()},
+                    "eval buffers": buffers_of(model, integer=False) | buffers_of(model, integer=True)}
     for v in names[1:]:
         tol = tolerance(case.dtype, device.type, case.amp, v.endswith(COMPILE_SUFFIX))
-        for key, label in _FINAL_CHECKS.items():
-            checks.append(_compare("modes", case.label, v, label, final[v][key], final["plain"][key], tol))
+        for key, label in FINAL_CHECKS.items():
+            checks.append(compare_tensors("modes", case.label, v, label, final[v][key], final["plain"][key], tol))
     return checks
 
 
@@ -145,9 +146,9 @@ def autograd_gradcheck(memory: str, device: str | torch.device = "cpu", seed: in
     """``torch.autograd.gradcheck`` in float64 (train mode, input and two parameters inside recomputed segments),
     and a random-direction check that reports how far the analytical derivative is from central differences."""
     device = torch.device(device)
-    _set_deterministic(device)
+    set_deterministic(device)
     torch.manual_seed(seed)
-    model = _GRADCHECK_MODEL.build(memory).to(device=device, dtype=torch.float64).train()
+    model = GRADCHECK_MODEL.build(memory).to(device=device, dtype=torch.float64).train()
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 3, 6, 6, generator=generator, dtype=torch.float64).to(device).requires_grad_(True)
     # gradcheck perturbs its inputs in place, so passing the parameters themselves checks their gradients.
@@ -158,7 +159,7 @@ def autograd_gradcheck(memory: str, device: str | torch.device = "cpu", seed: in
     def fn(x: Tensor, *params: Tensor) -> Tensor:
         return model(x)
 
-    label = f"{_GRADCHECK_MODEL.name} / float64, train mode"
+    label = f"{GRADCHECK_MODEL.name} / float64, train mode"
     subject = f"{memory}"
     tols = GRADCHECK_TOLERANCES
     try:
@@ -169,9 +170,8 @@ def autograd_gradcheck(memory: str, device: str | torch.device = "cpu", seed: in
                         True, tol=tols["rtol"], detail=f"eps {tols['eps']:g}, atol {tols['atol']:g}, "
                                                        f"rtol {tols['rtol']:g}")
     except Exception as error:  # gradcheck raises GradcheckError; anything else is a failure just the same
-        first = str(error).strip().splitlines()
         verdict = Check("gradcheck", label, subject, "torch.autograd.gradcheck (input, conv1 and norm1 weights)",
-                        False, tol=tols["rtol"], detail=f"{type(error).__name__}: {first[0] if first else ''}")
+                        False, tol=tols["rtol"], detail=short_error(error, kind=True))
 
     # Directional derivative: u . (f(p + e v) - f(p - e v)) / 2e  against  <grad of u . f(p), v>.
     worst_abs = worst_rel = 0.0
@@ -235,6 +235,4 @@ def _guarded(group: str, case: str, subject: str, run: Any) -> list[Check]:
     try:
         return run()
     except Exception as error:
-        first = str(error).strip().splitlines()
-        return [Check(group, case, subject, _RAN, False,
-                      detail=f"{type(error).__name__}: {first[0] if first else ''}")]
+        return [Check(group, case, subject, RAN, False, detail=short_error(error, kind=True))]

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from typing import Any
 
-from .core import _RAN, MODE_CHECK_DESCRIPTIONS, Check
+from .core import MODE_CHECK_DESCRIPTIONS, RAN, Check
 
 __all__ = ["format_report", "checks_to_json"]
 
@@ -44,7 +44,7 @@ def format_report(checks: Iterable[Check], header: Sequence[str] = (), verbose: 
     the gradcheck and DDP checks one line each, every failure spelled out, then the verdict."""
     checks = list(checks)
     lines = list(header) + ([""] if header else [])
-    in_table = [c.group == "modes" and c.what != _RAN for c in checks]
+    in_table = [c.group == "modes" and c.what != RAN for c in checks]
     modes = [c for c, t in zip(checks, in_table, strict=True) if t]
     others = [c for c, t in zip(checks, in_table, strict=True) if not t or verbose]
     if modes:

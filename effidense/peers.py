@@ -1,0 +1,80 @@
+"""The one place that builds a peer library's DenseNet (torchvision's, timm's, MONAI's) from a DenseNet description,
+and says why a peer cannot hold one. ``effidense convert`` builds the peers to verify conversions, ``effidense bench``
+to compare against them. The peer libraries are imported only when a model is built.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .modelspec import ModelSpec
+
+__all__ = ["PEER_LIBRARIES", "peer_limits", "build_peer"]
+
+PEER_LIBRARIES = ("torchvision", "timm", "monai")
+
+
+def peer_limits(library: str, spec: ModelSpec) -> list[str]:
+    """Why ``library``'s DenseNet class cannot build ``spec`` exactly (empty when it can)."""
+    if library not in PEER_LIBRARIES:
+        raise ValueError(f"unknown peer library {library!r}; choose one of: {', '.join(PEER_LIBRARIES)}")
+    reasons = []  # MONAI's DenseNet takes any in_channels, init_features, growth_rate and spatial_dims
+    if spec.arg("small_inputs"):
+        reasons.append("it has no small-input (CIFAR) stem (small_inputs=True)")
+    if not spec.bottleneck:
+        reasons.append("its dense layers always have a bottleneck (bn_size=None)")
+    if spec.arg("compression") != 0.5:
+        reasons.append(f"its transitions always halve the channels (compression={spec.arg('compression'):g})")
+    if library != "monai" and spec.arg("spatial_dims") != 2:
+        reasons.append(f"it is 2D only (spatial_dims={spec.arg('spatial_dims')})")
+    if library == "torchvision" and spec.arg("in_chans") != 3:
+        reasons.append(f"it always takes 3 input channels (in_chans={spec.arg('in_chans')})")
+    if library != "timm" and spec.arg("global_pool") != "avg":
+        reasons.append(f"it pools by average only (global_pool={spec.arg('global_pool')})")
+    if library != "timm" and spec.arg("head_drop_rate"):
+        reasons.append(f"it has no head dropout (head_drop_rate={spec.arg('head_drop_rate'):g})")
+    if library == "timm" and spec.arg("num_init_features") != 2 * spec.arg("growth_rate"):
+        reasons.append(f"its stem width is always 2 * growth_rate (num_init_features={spec.arg('num_init_features')},"
+                       f" growth_rate={spec.arg('growth_rate')})")
+    return reasons
+
+
+def build_peer(library: str, spec: ModelSpec, memory_efficient: bool = False,
+               grad_checkpointing: bool = False) -> nn.Module:
+    """A randomly initialised DenseNet of ``library``'s own class for ``spec`` (ValueError when it has none, see
+    :func:`peer_limits`). ``memory_efficient`` is torchvision's checkpointing, ``grad_checkpointing`` timm's. A
+    model without classes (``num_classes=0``) ends at the pooled features in every library."""
+    reasons = peer_limits(library, spec)
+    if reasons:
+        raise ValueError(f"{library} cannot build {spec.name}: " + "; ".join(reasons))
+    num_classes = spec.arg("num_classes")
+    if library == "timm":
+        from timm.models.densenet import DenseNet as TimmDenseNet
+
+        model = TimmDenseNet(growth_rate=spec.arg("growth_rate"), block_config=spec.block_config,
+                             num_classes=num_classes, in_chans=spec.arg("in_chans"),
+                             global_pool=spec.arg("global_pool"), bn_size=spec.arg("bn_size"),
+                             drop_rate=spec.arg("head_drop_rate"), proj_drop_rate=spec.arg("drop_rate"))
+        if grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        return model
+    if library == "monai":
+        try:
+            from monai.networks.nets import DenseNet as MonaiDenseNet
+        except ImportError:
+            raise ValueError("building MONAI's DenseNet needs MONAI (pip install monai)") from None
+        model = MonaiDenseNet(spatial_dims=spec.arg("spatial_dims"), in_channels=spec.arg("in_chans"),
+                              out_channels=max(num_classes, 1), init_features=spec.arg("num_init_features"),
+                              growth_rate=spec.arg("growth_rate"), block_config=spec.block_config,
+                              bn_size=spec.arg("bn_size"), dropout_prob=spec.arg("drop_rate"))
+        if num_classes == 0:
+            model.class_layers.out = nn.Identity()
+        return model
+    from torchvision.models import DenseNet as TorchvisionDenseNet
+
+    model = TorchvisionDenseNet(growth_rate=spec.arg("growth_rate"), block_config=spec.block_config,
+                                num_init_features=spec.arg("num_init_features"), bn_size=spec.arg("bn_size"),
+                                drop_rate=spec.arg("drop_rate"), num_classes=max(num_classes, 1),
+                                memory_efficient=memory_efficient)
+    if num_classes == 0:  # torchvision always has a classifier
+        model.classifier = nn.Identity()
+    return model

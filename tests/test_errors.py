@@ -1,0 +1,28 @@
+"""The one error formatter: every tool turns an exception into one line the same way."""
+import torch
+
+from effidense.errors import is_oom, short_error
+from effidense.fileio import short_error as fileio_short_error
+
+
+def test_short_error_is_one_line_cut_to_the_limit():
+    error = ValueError("first line\n  second   line\n")
+    assert short_error(error) == "first line second line"
+    assert short_error(error, kind=True) == "ValueError: first line second line"
+    assert short_error(ValueError("x" * 50), limit=10) == "x" * 10 + "..."
+    assert short_error(KeyError()) == "KeyError" and short_error(KeyError(), kind=True) == "KeyError"
+
+
+def test_out_of_memory_is_named_so():
+    oom = RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported")
+    assert is_oom(oom) and is_oom(torch.cuda.OutOfMemoryError("Tried to allocate 2 GiB"))
+    assert short_error(oom, kind=True).startswith("out of memory: CUDA error: out of memory CUDA kernel")
+    assert not is_oom(ValueError("out of memory"))
+
+
+def test_one_formatter_everywhere():
+    import effidense.benchmark as benchmark
+    from effidense.benchmark import cuda
+
+    assert fileio_short_error is short_error and cuda.is_oom is is_oom
+    assert not hasattr(benchmark, "one_line")
