@@ -45,7 +45,7 @@ from .layers.norm import BATCH_NORM_ACT, AdoptsNorms, BatchNormAct
 from .layers.pool import AvgPool, MaxPool
 from .layers.recompute import checkpointed, is_tracing, run_mode
 
-__all__ = ["DenseNet", "DenseLayer", "DenseBlock", "Transition", "MEMORY_MODES", "SCRIPTING_UNSUPPORTED"]
+__all__ = ["DenseNet", "DenseLayer", "DenseBlock", "Transition", "MemoryMode", "MEMORY_MODES", "SCRIPTING_UNSUPPORTED"]
 
 SCRIPTING_UNSUPPORTED = (
     "effidense's DenseNet does not support TorchScript (torch.jit.script), which PyTorch deprecates: use "
@@ -63,7 +63,26 @@ def _cat(maps: Sequence[Tensor]) -> Tensor:
     return maps[0] if len(maps) == 1 else torch.cat(maps, 1)
 
 
-class DenseLayer(AdoptsNorms):
+class MemoryMode(nn.Module):
+    """What has a memory mode (``memory``): setting it on a module sets it on every layer below, and each layer reads
+    its own; it is never passed through a forward."""
+
+    _memory = "efficient"
+
+    @property
+    def memory(self) -> str:
+        """'plain', 'efficient' or 'frugal' (see the module docstring)."""
+        return self._memory
+
+    @memory.setter
+    def memory(self, memory: str) -> None:
+        mode = resolve_memory(memory, None)
+        for m in self.modules():
+            if isinstance(m, MemoryMode):
+                m._memory = mode
+
+
+class DenseLayer(MemoryMode, AdoptsNorms):
     """BN-ReLU-conv3x3 (DenseNet) or BN-ReLU-conv1x1-BN-ReLU-conv3x3 (DenseNet-BC, ``bn_size``) on the concatenation
     of the maps it is given; returns its new features."""
 
@@ -106,7 +125,7 @@ class DenseLayer(AdoptsNorms):
         return self._dropout(out)
 
 
-class DenseBlock(nn.ModuleDict):
+class DenseBlock(MemoryMode, nn.ModuleDict):
     """``num_layers`` dense layers, each fed every map before it: a building block for models of your own.
 
     ``forward(x)`` returns the concatenation of ``x`` and every layer's new features, or only the new features with
@@ -128,16 +147,6 @@ class DenseBlock(nn.ModuleDict):
         self.new_features_only = new_features_only
         self.memory = memory
 
-    @property
-    def memory(self) -> str:
-        return self._memory
-
-    @memory.setter
-    def memory(self, memory: str) -> None:
-        self._memory = resolve_memory(memory, None)
-        for layer in self.values():
-            layer.memory = self._memory
-
     def run(self, maps: Sequence[Tensor], cache: list | None = None) -> list[Tensor]:
         """The maps given, then each layer's new features. ``cache``: a list the norms share for their statistics
         (synchronised and regionally compiled norms), to hand on to the norm that reads the result."""
@@ -151,7 +160,7 @@ class DenseBlock(nn.ModuleDict):
         return _cat(maps[1:] if self.new_features_only else maps)
 
 
-class Transition(AdoptsNorms):
+class Transition(MemoryMode, AdoptsNorms):
     """BN-ReLU-conv1x1-avgpool between dense blocks, on the concatenation of the maps it is given."""
 
     def __init__(self, num_input_features: int, num_output_features: int, spatial_dims: int = 2,
@@ -175,7 +184,7 @@ class _Features(AdoptsNorms, nn.Sequential):
     """``features``: the stem, blocks, transitions and final norm, by torchvision's names."""
 
 
-class DenseNet(nn.Module):
+class DenseNet(MemoryMode):
     """DenseNet / DenseNet-BC with selectable memory mode, for images (``spatial_dims=2``), volumes (3) or signals (1).
 
     Args:
@@ -289,18 +298,6 @@ class DenseNet(nn.Module):
             self.set_compile(scope=compile_scope)
 
     # --- memory modes and compilation ---
-    @property
-    def memory(self) -> str:
-        """The memory mode: 'plain', 'efficient' or 'frugal'. Setting it sets it on every layer, which reads it."""
-        return self._memory
-
-    @memory.setter
-    def memory(self, memory: str) -> None:
-        self._memory = resolve_memory(memory, None)
-        for m in self.modules():
-            if isinstance(m, (DenseBlock, Transition)):
-                m.memory = self._memory
-
     def set_memory(self, memory: str | None = None, efficient: bool | None = None) -> DenseNet:
         """Switch the memory mode of a built model; returns the model."""
         self.memory = resolve_memory(memory, efficient)

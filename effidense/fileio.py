@@ -29,7 +29,8 @@ import torch
 
 from .errors import short_error
 
-__all__ = ["UnreadableFileError", "UnsafeFileError", "atomic_write", "atomic_write_bytes", "check_writable",
+__all__ = ["PLOT_FORMATS", "UnreadableFileError", "UnsafeFileError", "atomic_write", "atomic_write_bytes",
+           "check_writable", "outputs_problem",
            "file_mode", "interrupts_deferred", "load_safetensors", "load_torch_file", "publish", "short_error",
            "write_complete"]
 
@@ -116,6 +117,29 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
             f.write(data)
 
     return atomic_write(path, write)
+
+
+PLOT_FORMATS = (".png", ".pdf", ".svg")  # what the tools' --plot writes (matplotlib)
+
+
+def outputs_problem(json_path: str | None, plot_path: str | None, force: bool) -> str | None:
+    """Why a tool's ``--json``/``--plot`` outputs could not be written, checked before long work rather than after
+    it: a plot format matplotlib is not asked for here, an unwritable or existing file, one file named twice, no
+    matplotlib."""
+    if plot_path is not None and Path(plot_path).suffix.lower() not in PLOT_FORMATS:
+        return f"--plot: {plot_path} must end in {', '.join(PLOT_FORMATS)}"
+    for flag, path in (("--json", json_path), ("--plot", plot_path)):
+        problem = check_writable([path], force=force)
+        if problem:
+            return f"{flag}: {problem}"
+    if json_path is not None and plot_path is not None and Path(json_path).resolve() == Path(plot_path).resolve():
+        return "--json and --plot name the same file"
+    if plot_path is not None:
+        try:
+            import matplotlib  # noqa: F401 - an optional dependency
+        except ImportError:
+            return "--plot needs matplotlib: pip install 'effidense[plot]' (or pip install matplotlib)"
+    return None
 
 
 def check_writable(paths: Iterable[str | os.PathLike[str] | None], force: bool = True) -> str | None:

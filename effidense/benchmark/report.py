@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict
 from typing import Any
 
-from ..fileio import atomic_write_bytes
+from ..fileio import PLOT_FORMATS, atomic_write_bytes
 from ..memory import MiB
 from ..modelspec import ModelSpec
 from .config import JSON_SCHEMA, BenchReport
@@ -112,7 +112,6 @@ def write_json(path: str, report: BenchReport) -> None:
     atomic_write_bytes(path, (json.dumps(report_to_json(report), indent=2) + "\n").encode())
 
 
-PLOT_FORMATS = (".png", ".pdf", ".svg")
 _STYLES = {"plain": ("tab:red", "o", "-"), "efficient": ("tab:blue", "s", "-"), "frugal": ("tab:green", "^", "-"),
            "tv": ("tab:purple", "D", "--"), "timm": ("tab:orange", "v", "--")}
 _LABELS = {"tv": "torchvision memory_efficient", "timm": "timm grad checkpointing"}

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
@@ -35,9 +34,8 @@ from effidense.benchmark import (
     write_json,
     write_plot,
 )
-from effidense.benchmark.report import PLOT_FORMATS
 from effidense.densenet import MEMORY_MODES
-from effidense.fileio import check_writable, short_error
+from effidense.fileio import outputs_problem, short_error
 from effidense.modelspec import (
     OneLineParser,
     add_model_arguments,
@@ -120,24 +118,6 @@ def _error(message: str) -> int:
     return 2
 
 
-def _output_problem(args: argparse.Namespace) -> str | None:
-    """Why an output cannot be written, checked before the benchmark runs rather than after it."""
-    if args.plot is not None and Path(args.plot).suffix.lower() not in PLOT_FORMATS:
-        return f"--plot: {args.plot} must end in {', '.join(PLOT_FORMATS)}"
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        problem = check_writable([path], force=args.force)
-        if problem:
-            return f"{flag}: {problem}"
-    if args.json is not None and args.plot is not None and Path(args.json).resolve() == Path(args.plot).resolve():
-        return "--json and --plot name the same file"
-    if args.plot is not None:
-        try:
-            import matplotlib  # noqa: F401 - an optional dependency, checked before the long run
-        except ImportError:
-            return "--plot needs matplotlib: pip install 'effidense[plot]' (or pip install matplotlib)"
-    return None
-
-
 def _write(flag: str, path: str, write: Callable[[str, BenchReport], None], report: BenchReport) -> bool:
     """Write one output; a failure (disk full, file system gone read-only) is one line, the others still run."""
     try:
@@ -152,7 +132,7 @@ def _write(flag: str, path: str, write: Callable[[str, BenchReport], None], repo
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    problem = _output_problem(args)
+    problem = outputs_problem(args.json, args.plot, args.force)
     if problem:
         parser.error(problem)
     if args.device == "cuda" and not torch.cuda.is_available():

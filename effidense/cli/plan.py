@@ -20,18 +20,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from ..benchmark import AMP_DTYPES, PEERS, torch_threads
 from ..densenet import MEMORY_MODES
-from ..fileio import check_writable, short_error
+from ..fileio import outputs_problem, short_error
 from ..footprint import OPTIMIZERS
 from ..modelspec import OneLineParser, add_model_arguments, positive_int, spec_from_args
 from ..planner import (
     DEFAULT_MARGIN,
     DTYPES,
     GPU_PRESETS,
-    PLOT_FORMATS,
     BudgetError,
     format_table,
     parse_budget,
@@ -113,27 +111,10 @@ def _error(message: str) -> int:
     return 2
 
 
-def _output_problem(args: argparse.Namespace) -> str | None:
-    if args.plot is not None and Path(args.plot).suffix.lower() not in PLOT_FORMATS:
-        return f"--plot: {args.plot} must end in {', '.join(PLOT_FORMATS)}"
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        problem = check_writable([path], force=args.force)
-        if problem:
-            return f"{flag}: {problem}"
-    if args.json is not None and args.plot is not None and Path(args.json).resolve() == Path(args.plot).resolve():
-        return "--json and --plot name the same file"
-    if args.plot is not None:
-        try:
-            import matplotlib  # noqa: F401 - an optional dependency
-        except ImportError:
-            return "--plot needs matplotlib: pip install 'effidense[plot]' (or pip install matplotlib)"
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    problem = _output_problem(args)
+    problem = outputs_problem(args.json, args.plot, args.force)
     if problem:
         parser.error(problem)
     img_size = [args.volume] * 3 if args.volume else args.img_size

@@ -10,14 +10,13 @@ from typing import Any
 
 import torch
 
-from ..fileio import atomic_write_bytes
+from ..fileio import PLOT_FORMATS, atomic_write_bytes
 from .budget import GiB, format_bytes
 from .core import PlanReport, VariantPlan
 
 __all__ = ["JSON_SCHEMA", "PLOT_FORMATS", "format_table", "report_to_json", "write_json", "write_plot"]
 
 JSON_SCHEMA = "effidense.plan/1"
-PLOT_FORMATS = (".png", ".pdf", ".svg")
 
 
 def _size(size: list[int] | None) -> str:
