@@ -13,9 +13,9 @@ from .norm import (
     SyncBatchNormWithStats,
     relu_,
 )
-from .pool import AvgPool, MaxPool
+from .pool import AvgPool, MaxPool, avg_pool, max_pool
 from .recompute import checkpointed, is_tracing, recomputing, run_mode
 
 __all__ = ["BATCH_NORM_ACT", "INSTANCE_NORM_ACT", "AdoptsNorms", "AvgPool", "BatchNormAct", "BatchNormWithStats",
            "GroupNormAct", "MaxPool", "NormAct", "SyncBatchNormAct", "SyncBatchNormWithStats", "checkpointed",
-           "is_tracing", "recomputing", "relu_", "run_mode"]
+           "is_tracing", "recomputing", "relu_", "run_mode", "avg_pool", "max_pool"]
