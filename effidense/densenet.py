@@ -119,7 +119,10 @@ class DenseLayer(MemoryMode, AdoptsNorms):
         if mode == "frugal":
             random = self.training and self.drop_rate > 0
             return checkpointed(True, functools.partial(self._whole_layer, cache, []), *maps, random=random)
-        out = checkpointed(mode == "efficient", functools.partial(self._concat_norm_conv1, cache), *maps)
+        if mode == "plain":
+            out = self._concat_norm_conv1(cache, *maps)
+        else:
+            out = checkpointed(True, functools.partial(self._concat_norm_conv1, cache), *maps)
         if self.bottleneck:
             out = self.norm2.then_conv(self.conv2, out, light=mode == "efficient")
         return self._dropout(out)
@@ -176,8 +179,9 @@ class Transition(MemoryMode, AdoptsNorms):
 
     def forward(self, maps: Sequence[Tensor], cache: list | None = None) -> Tensor:
         # The pool keeps nothing for backward, so no mode needs to keep or recompute the convolution's output.
-        segment = functools.partial(self._concat_norm_conv, cache)
-        return self.pool(checkpointed(run_mode(self.memory) != "plain", segment, *maps))
+        if run_mode(self.memory) == "plain":
+            return self.pool(self._concat_norm_conv(cache, *maps))
+        return self.pool(checkpointed(True, functools.partial(self._concat_norm_conv, cache), *maps))
 
 
 class _Features(AdoptsNorms, nn.Sequential):

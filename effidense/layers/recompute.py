@@ -45,6 +45,8 @@ def is_tracing() -> bool:
 def run_mode(memory: str) -> str:
     """The memory mode a forward runs in: ``memory``, or 'plain' while tracing or when autograd is not recording
     (nothing is kept for backward then, so there is nothing to recompute)."""
+    if memory == "plain":  # the common case answers without asking torch: plain's host time is torchvision's
+        return memory
     return memory if torch.is_grad_enabled() and not is_tracing() else "plain"
 
 
