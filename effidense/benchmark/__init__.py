@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from ..fileio import atomic_write_bytes
 from .config import AMP_DTYPES, COMPILE_MODES, JSON_SCHEMA, BenchConfig, BenchReport, VariantResult, autocast, ratio
-from .cuda import cuda_fits, device_for_rank, is_oom, largest_batch, release
+from .cuda import bisect_fits, cuda_fits, device_for_rank, is_oom, largest_batch, release
 from .distributed import backend_for, check_world, free_port, process_group, torchrun_world
 from .environment import TORCHRUN_ENV, command_line, environment
 from .report import fmt, format_table, report_to_json, write_json, write_plot
@@ -56,7 +56,8 @@ __all__ = [
     "PEERS", "COMPILE_SUFFIX", "COMPILE_MODES", "AMP_DTYPES", "JSON_SCHEMA", "BenchConfig", "VariantResult",
     "BenchReport",
     "parse_variants", "peer_unsupported", "build_variant", "compile_model", "run_benchmark", "benchmark",
-    "memory_by_depth", "activation_floor", "largest_batch", "is_oom", "release", "cuda_fits", "device_for_rank",
+    "memory_by_depth", "activation_floor", "largest_batch", "bisect_fits", "is_oom", "release", "cuda_fits",
+    "device_for_rank",
     "environment", "fmt",
     "command_line", "TORCHRUN_ENV", "format_table", "report_to_json",
     "write_json", "write_plot", "torch_threads", "Timer", "StepRunner", "step_loss", "training_step", "timed_step",

@@ -10,7 +10,19 @@ from ..errors import is_oom
 from ..progress import Progress
 from .trainer import StepRunner
 
-__all__ = ["is_oom", "largest_batch", "release", "cuda_fits", "device_for_rank"]
+__all__ = ["is_oom", "bisect_fits", "largest_batch", "release", "cuda_fits", "device_for_rank"]
+
+
+def bisect_fits(fits: Callable[[int], bool], good: int, bad: int) -> int:
+    """The largest ``n`` in ``[good, bad)`` for which ``fits`` is true, given that ``good`` fits (or is a floor that
+    needs no probe) and ``bad`` does not, ``fits`` being monotone."""
+    while bad - good > 1:
+        probe = (good + bad) // 2
+        if fits(probe):
+            good = probe
+        else:
+            bad = probe
+    return good
 
 
 def largest_batch(fits: Callable[[int], bool], start: int, limit: int) -> int:
@@ -33,13 +45,7 @@ def largest_batch(fits: Callable[[int], bool], start: int, limit: int) -> int:
                 bad = probe
     else:
         good, bad = 0, start
-    while bad - good > 1:
-        probe = (good + bad) // 2
-        if fits(probe):
-            good = probe
-        else:
-            bad = probe
-    return good
+    return bisect_fits(fits, good, bad)
 
 
 def release(device: torch.device) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..benchmark import AMP_DTYPES, COMPILE_SUFFIX, PEERS, build_variant, parse_variants, peer_unsupported
+from ..benchmark import AMP_DTYPES, COMPILE_SUFFIX, PEERS, bisect_fits, build_variant, parse_variants, peer_unsupported
 from ..densenet import MEMORY_MODES
 from ..errors import short_error
 from ..footprint import StepMemory, StepProbe, StepSpec
@@ -336,10 +336,4 @@ def search_edge(peak: Callable[[int], int], usable: int, size: Sequence[int], pe
             lo = min_edge
         else:
             lo = hi - step
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    return bisect_fits(fits, lo, hi)
