@@ -11,7 +11,8 @@ What a reader needs, six ideas:
    :func:`~effidense.layers.recompute.checkpointed`: under non-reentrant ``torch.utils.checkpoint``, so what it makes is
    rebuilt in backward rather than kept. Convolutions end segments, so none is rerun but the stem's and frugal's.
 3. **The exact norm**, :class:`~effidense.layers.norm.BatchNormAct`: running statistics are updated on a segment's
-   first run only, and a rerun reproduces that run bitwise.
+   first run only, and a rerun reproduces that run bitwise. Its ReLU is a module after it (``relu1``), so every
+   torchvision name (module, fx node or hook) means what it means in torchvision.
 4. **The memory mode** (``memory=``): an attribute of the model, set on every layer, which each layer reads.
 
    * ``plain``: nothing is recomputed.
@@ -24,7 +25,8 @@ What a reader needs, six ideas:
 5. **Pools that keep nothing** (:mod:`effidense.layers.pool`): the stem's max-pool and the transitions' average pool
    need only shapes (and argmax indices) for backward, so no mode keeps the maps they pool.
 6. **One forward.** Tracers (fx, torch.export, ONNX, ``jit.trace``) run the same forward; segments then simply run, and
-   each block hands on its concatenation, so graphs name it after the block (``features.denseblockN``).
+   each block hands on its concatenation, so graphs name it after the block (``features.denseblockN``). fx graphs
+   write the default head's average pooling as torchvision's functions, for their node names.
 """
 from __future__ import annotations
 
@@ -63,6 +65,16 @@ def _cat(maps: Sequence[Tensor]) -> Tensor:
     return maps[0] if len(maps) == 1 else torch.cat(maps, 1)
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether ``module`` has forward hooks, which fire only if it is called: then it is, rather than taken apart."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _as_maps(maps: Sequence[Tensor] | Tensor) -> Sequence[Tensor]:
+    """A layer's input as a list of maps: one tensor is one map (``model.features(x)`` runs the layers in turn)."""
+    return [maps] if isinstance(maps, (Tensor, torch.fx.Proxy)) else maps
+
+
 class MemoryMode(nn.Module):
     """What has a memory mode (``memory``): setting it on a module sets it on every layer below, and each layer reads
     its own; it is never passed through a forward."""
@@ -84,7 +96,8 @@ class MemoryMode(nn.Module):
 
 class DenseLayer(MemoryMode, AdoptsNorms):
     """BN-ReLU-conv3x3 (DenseNet) or BN-ReLU-conv1x1-BN-ReLU-conv3x3 (DenseNet-BC, ``bn_size``) on the concatenation
-    of the maps it is given; returns its new features."""
+    of the maps it is given (a list, or one tensor); returns its new features. Modules by torchvision's names:
+    ``norm1``, ``relu1``, ``conv1``, ``norm2``, ``relu2``, ``conv2``."""
 
     def __init__(self, num_input_features: int, growth_rate: int, bn_size: int | None = 4, drop_rate: float = 0.0,
                  spatial_dims: int = 2, memory: str = "efficient", norm_layer: NormLayer | None = None,
@@ -92,9 +105,11 @@ class DenseLayer(MemoryMode, AdoptsNorms):
         super().__init__()
         norm_layer = norm_layer or BATCH_NORM_ACT[spatial_dims]
         self.norm1 = norm_layer(num_input_features)
+        self.relu1 = self.norm1.take_act()
         if bn_size:
             self.conv1 = _conv(spatial_dims, num_input_features, bn_size * growth_rate, 1)
             self.norm2 = norm_layer(bn_size * growth_rate)
+            self.relu2 = self.norm2.take_act()
             self.conv2 = _conv(spatial_dims, bn_size * growth_rate, growth_rate, 3)
         else:
             self.conv1 = _conv(spatial_dims, num_input_features, growth_rate, 3)
@@ -105,16 +120,19 @@ class DenseLayer(MemoryMode, AdoptsNorms):
 
     # Segments take (caches..., *maps): caches are lists from outside the segment, maps its recomputed inputs.
     def _concat_norm_conv1(self, cache: list | None, *maps: Tensor) -> Tensor:
-        return self.conv1(self.norm1(*maps, cache=cache))
+        return self.conv1(self.relu1(self.norm1(*maps, cache=cache)))
 
     def _whole_layer(self, cache: list | None, inner: list, *maps: Tensor) -> Tensor:
         out = self._concat_norm_conv1(cache, *maps)
-        return self._dropout(self.conv2(self.norm2(out, cache=inner)) if self.bottleneck else out)
+        return self._dropout(self.conv2(self.relu2(self.norm2(out, cache=inner))) if self.bottleneck else out)
 
     def _dropout(self, x: Tensor) -> Tensor:
         return self.dropout(x, self.drop_rate, self.training) if self.drop_rate > 0 else x
 
-    def forward(self, maps: Sequence[Tensor], cache: list | None = None) -> Tensor:
+    def forward(self, maps: Sequence[Tensor] | Tensor, cache: list | None = None) -> Tensor:
+        maps = _as_maps(maps)
+        if isinstance(maps[0], torch.fx.Proxy):  # a graph node for the concatenation, torchvision's ``cat``
+            maps = [torch.cat(maps, 1)]
         mode = run_mode(self.memory)
         if mode == "frugal":
             random = self.training and self.drop_rate > 0
@@ -124,7 +142,7 @@ class DenseLayer(MemoryMode, AdoptsNorms):
         else:
             out = checkpointed(True, functools.partial(self._concat_norm_conv1, cache), *maps)
         if self.bottleneck:
-            out = self.norm2.then_conv(self.conv2, out, light=mode == "efficient")
+            out = self.norm2.then_conv(self.relu2, self.conv2, out, light=mode == "efficient")
         return self._dropout(out)
 
 
@@ -164,20 +182,23 @@ class DenseBlock(MemoryMode, nn.ModuleDict):
 
 
 class Transition(MemoryMode, AdoptsNorms):
-    """BN-ReLU-conv1x1-avgpool between dense blocks, on the concatenation of the maps it is given."""
+    """BN-ReLU-conv1x1-avgpool between dense blocks (``norm``, ``relu``, ``conv``, ``pool``), on the concatenation
+    of the maps it is given (a list, or one tensor)."""
 
     def __init__(self, num_input_features: int, num_output_features: int, spatial_dims: int = 2,
                  memory: str = "efficient", norm_layer: NormLayer | None = None) -> None:
         super().__init__()
         self.norm = (norm_layer or BATCH_NORM_ACT[spatial_dims])(num_input_features)
+        self.relu = self.norm.take_act()
         self.conv = _conv(spatial_dims, num_input_features, num_output_features, 1)
         self.pool = AvgPool(spatial_dims)
         self.memory = memory
 
     def _concat_norm_conv(self, cache: list | None, *maps: Tensor) -> Tensor:
-        return self.conv(self.norm(*maps, cache=cache))
+        return self.conv(self.relu(self.norm(*maps, cache=cache)))
 
-    def forward(self, maps: Sequence[Tensor], cache: list | None = None) -> Tensor:
+    def forward(self, maps: Sequence[Tensor] | Tensor, cache: list | None = None) -> Tensor:
+        maps = _as_maps(maps)
         # The pool keeps nothing for backward, so no mode needs to keep or recompute the convolution's output.
         if run_mode(self.memory) == "plain":
             return self.pool(self._concat_norm_conv(cache, *maps))
@@ -185,7 +206,8 @@ class Transition(MemoryMode, AdoptsNorms):
 
 
 class _Features(AdoptsNorms, nn.Sequential):
-    """``features``: the stem, blocks, transitions and final norm, by torchvision's names."""
+    """``features``: the stem, blocks, transitions and final norm, by torchvision's names; called, it runs them in
+    turn, as torchvision's (the final norm's output, before the ReLU that ``DenseNet.relu`` applies)."""
 
 
 class DenseNet(MemoryMode):
@@ -257,12 +279,13 @@ class DenseNet(MemoryMode):
         if small_inputs:
             stem = [("conv0", _conv(dims, in_chans, num_init_features, 3))]
         else:
-            stem = [("conv0", _conv(dims, in_chans, num_init_features, 7, stride=2)),
-                    ("norm0", norm_layer(num_init_features)), ("pool0", MaxPool(dims))]
+            norm0 = norm_layer(num_init_features)
+            stem = [("conv0", _conv(dims, in_chans, num_init_features, 7, stride=2)), ("norm0", norm0),
+                    ("relu0", norm0.take_act()), ("pool0", MaxPool(dims))]
         self.features = _Features(OrderedDict(stem))
         reduction = 1 if small_inputs else 4
         self.feature_info = [dict(num_chs=num_init_features, reduction=reduction // 2 or 1,
-                                  module="features.conv0" if small_inputs else "features.norm0")]
+                                  module="features.conv0" if small_inputs else "features.relu0")]
 
         num_features = num_init_features
         for i, num_layers in enumerate(block_config):
@@ -282,7 +305,9 @@ class DenseNet(MemoryMode):
                 num_features = out_features
                 reduction *= 2
         self.features.add_module("norm5", norm_layer(num_features))
-        self.feature_info.append(dict(num_chs=num_features, reduction=reduction, module="features.norm5"))
+        # The ReLU after the final norm: torchvision's forward applies it outside ``features``, and fx names it 'relu'.
+        self.relu = self.features.norm5.take_act()
+        self.feature_info.append(dict(num_chs=num_features, reduction=reduction, module="relu"))
         self.num_features = num_features
         self._last_index = len(block_config)  # the last feature_info map the network computes (lowered by pruning)
 
@@ -319,7 +344,8 @@ class DenseNet(MemoryMode):
         * ``scope="layers"`` (regional, the default): each norm's normalisation, as
           ``torch.compile(dynamic=True, fullgraph=True, **options)``. One graph serves every norm whatever the
           depth, so it compiles in seconds; convolutions and concatenations stay eager so recomputation still never
-          reruns a convolution. It fuses BatchNorm and ReLU but keeps eager's per-layer host work.
+          reruns a convolution. Statistics are computed once per feature map, and the ReLU after each norm runs
+          as its own module (in place); eager's per-layer host work stays.
         * ``scope="model"``: the whole model in place (``nn.Module.compile``), checkpoints inside. Inductor then
           launches fused kernels from one graph, which removes most per-op host work: the path for fast GPUs, where an
           eager DenseNet is host-bound. Compiling takes minutes for a deep model. ``mode="reduce-overhead"`` adds CUDA
@@ -380,8 +406,15 @@ class DenseNet(MemoryMode):
     # --- forward ---
     def _stem(self, cache: list, pool: bool, x: Tensor) -> Tensor:
         f = self.features
-        x = f.norm0(f.conv0(x), cache=cache)
+        x = f.relu0(f.norm0(f.conv0(x), cache=cache))
         return f.pool0(x) if pool else x
+
+    def _final_norm(self, cache: list | None, *maps: Tensor) -> Tensor:
+        return self._final_relu(self.features.norm5(*maps, cache=cache))
+
+    def _final_relu(self, x: Tensor) -> Tensor:
+        relu = self._modules.get("relu")  # None where a head of its own applies it (MONAI's class_layers.relu)
+        return x if relu is None else relu(x)
 
     def _forward(self, x: Tensor, taps: Collection[int] = (), stop: int | None = None) -> tuple[Tensor, list[Tensor]]:
         """Feature map ``stop`` (``feature_info`` numbering; default the last the network has) and the maps
@@ -406,8 +439,9 @@ class DenseNet(MemoryMode):
         maps: list[Tensor] = [x]
         for i in range(1, last + 1):
             block, cache = f.get_submodule(f"denseblock{i}"), None if tracing else []
-            # Traced graphs take the block's own forward, so its output is the node named after the block.
-            maps = [block(_cat(maps))] if tracing else block.run(maps, cache)
+            # Traced graphs and hooks take the block's own forward: its output is the node named after the block, and
+            # what its hooks see (the concatenation, kept while a hook holds it).
+            maps = [block(_cat(maps))] if tracing or _hooked(block) else block.run(maps, cache)
             if i == last:
                 break
             if i in taps or i == stop:
@@ -417,12 +451,17 @@ class DenseNet(MemoryMode):
                 if i == stop:
                     return x, tapped
             maps = [f.get_submodule(f"transition{i}")(maps, cache)]
-        x = checkpointed(mode != "plain", functools.partial(f.norm5, cache=cache), *maps)
+        x = checkpointed(mode != "plain", functools.partial(self._final_norm, cache), *maps)
         if last in taps:
             tapped.append(x)
         return x, tapped
 
     def forward_features(self, x: Tensor) -> Tensor:
+        if _hooked(self.features) and self._last_index == len(self.block_config):
+            # Hooks on ``features`` see it called, as torchvision's forward calls it: its modules run in turn, each in
+            # the model's memory mode, without the stem's and final norm's segments.
+            self._check_input(x, self._last_index)
+            return self._final_relu(self.features(x))
         return self._forward(x)[0]
 
     def forward_intermediates(
@@ -445,6 +484,11 @@ class DenseNet(MemoryMode):
         return intermediates if intermediates_only else (x, intermediates)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        if isinstance(x, torch.fx.Proxy) and self._pools_like_torchvision():
+            # The same average pooling as torchvision's functions, for its node names in fx graphs
+            # ('adaptive_avg_pool2d', 'flatten'); eager calls global_pool, so hooks on it fire.
+            x = self.head_drop(torch.flatten(F.adaptive_avg_pool2d(x, (1, 1)), 1))
+            return x if pre_logits else self.classifier(x)
         if self.spatial_dims != 2 and not self.global_pool.is_identity():
             x = x.flatten(2).unsqueeze(2)  # timm's global pools are 2D: every position in one row
         x = self.head_drop(self.global_pool(x))
@@ -452,6 +496,11 @@ class DenseNet(MemoryMode):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+    def _pools_like_torchvision(self) -> bool:
+        pool = self.global_pool
+        return self.spatial_dims == 2 and getattr(pool, "pool_type", None) == "avg" and \
+            type(getattr(pool, "pool", None)) is nn.AdaptiveAvgPool2d and type(pool.flatten) is nn.Flatten
 
     def __prepare_scriptable__(self) -> nn.Module:
         """torch.jit.script calls this first: say plainly that scripting is not supported."""
@@ -519,6 +568,8 @@ class DenseNet(MemoryMode):
             for name in dropped:
                 if name in self.features._modules:
                     delattr(self.features, name)
+            if "relu" in self._modules:
+                del self.relu
             self._last_index = max_index
             self.num_features = self.feature_info[max_index]["num_chs"]
         if prune_head or max_index < last:

@@ -101,14 +101,14 @@ def activation_floor_bytes(model: nn.Module, *inputs: torch.Tensor) -> int:
     features, each kept once: what must stay resident when everything else is rebuilt during backward.
     """
     sizes = [sum(t.numel() * t.element_size() for t in inputs)]
-    block_inputs: dict[int, int] = {}
+    block_inputs: dict[int, torch.Tensor] = {}  # held, so that no id is reused for another block's input
 
     def layer_output(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         sizes.append(output.numel() * output.element_size())
 
     def block_input(module: nn.Module, args: tuple) -> None:
         first = args[0][0]  # every layer of a block reads the block's input first
-        block_inputs[id(first)] = first.numel() * first.element_size()
+        block_inputs[id(first)] = first
 
     layers = [m for m in model.modules() if isinstance(m, DenseLayer)]
     handles = [m.register_forward_hook(layer_output) for m in layers]
@@ -119,4 +119,4 @@ def activation_floor_bytes(model: nn.Module, *inputs: torch.Tensor) -> int:
     finally:
         for handle in handles:
             handle.remove()
-    return sum(sizes) + sum(block_inputs.values())
+    return sum(sizes) + sum(t.numel() * t.element_size() for t in block_inputs.values())

@@ -25,9 +25,9 @@ What is MONAI's, so code written for MONAI's model keeps working:
 
 What is effidense's: the modules inside a dense layer sit directly under it (``denselayer1.norm1``, not
 ``denselayer1.layers.norm1``), so ``named_parameters()`` and ``get_submodule`` use those names (``layout_key`` in
-:mod:`effidense.weights`, the one key table, turns them into MONAI's). Each norm applies the activation that follows
-it, except ``norm5``, which MONAI's ``class_layers.relu`` follows. ``forward_features(x)`` computes the features up
-to the activation before pooling (``features`` is effidense's container, not a callable pipeline).
+:mod:`effidense.weights`, the one key table, turns them into MONAI's). Each norm's activation is a module after it,
+by MONAI's names (``relu0``, ``relu1``, ``relu2``, ``transitionN.relu``, and ``class_layers.relu`` after ``norm5``).
+``forward_features(x)`` and ``features(x)`` compute the features up to ``norm5``, as MONAI's ``features`` does.
 
 MONAI itself is not needed to build, train, save or load these models; only its datasets and transforms, if you use
 them. Bad input gets one line: a wrong rank or too small a volume (the least size is named), ``spatial_dims`` not 1-3,
@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import densenet
-from .layers import BATCH_NORM_ACT, INSTANCE_NORM_ACT, GroupNormAct, relu_
+from .layers import BATCH_NORM_ACT, INSTANCE_NORM_ACT, Activation, GroupNormAct, relu_
 from .weights import ConversionError, describe_misfit, layout_key
 
 __all__ = ["LAYOUT", "ACTIVATIONS", "NORMS", "Activation", "DenseNet", "DenseNet121", "DenseNet169", "DenseNet201",
@@ -171,20 +171,6 @@ def activation(act: Any) -> Callable[[Tensor], Tensor] | None:
         raise ValueError(f"act={act!r}: {problem}; choose one of {', '.join(ACTIVATIONS)}")
     _check_arguments(act, "act", ACTIVATIONS[name], kwargs)
     return relu_ if name == "relu" else _Act(name, kwargs)
-
-
-class Activation(nn.Module):
-    """An activation function as a module: ``class_layers.relu``, which follows ``norm5`` as in MONAI's head."""
-
-    def __init__(self, fn: Callable[[Tensor], Tensor] | None) -> None:
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x if self.fn is None else self.fn(x)
-
-    def extra_repr(self) -> str:
-        return "identity" if self.fn is None else getattr(self.fn, "__name__", repr(self.fn))
 
 
 # --- norms ---
@@ -332,13 +318,14 @@ class DenseNet(densenet.DenseNet):
                              in_chans=in_channels, global_pool="", memory=memory, spatial_dims=spatial_dims,
                              norm_layer=functools.partial(make_norm, act=act_fn),
                              drop_channels=spatial_dims in (2, 3))  # MONAI's Dropout: nn.Dropout in 1D
-        del self.global_pool, self.classifier, self.head_drop  # MONAI's head is class_layers
-        self.features.norm5 = make_norm(self.num_features, None)  # MONAI's class_layers.relu follows norm5
+        relu = self.relu  # the activation after norm5 is MONAI's class_layers.relu
+        del self.global_pool, self.classifier, self.head_drop, self.relu  # MONAI's head is class_layers
+        self.feature_info[-1]["module"] = "features.norm5"
         convs = [m for m in self.modules() if isinstance(m, _CONVS)]
         for conv in convs:
             conv.reset_parameters()
         self.class_layers = nn.Sequential(OrderedDict([
-            ("relu", Activation(act_fn)),
+            ("relu", relu),
             ("pool", _ADAPTIVE_AVG[spatial_dims](1)),
             ("flatten", nn.Flatten(1)),
             ("out", nn.Linear(self.num_features, out_channels)),

@@ -58,8 +58,8 @@ def test_default_run_passes(gradcheck, capsys, tmp_path):
 def test_detects_double_batchnorm_update(gradcheck, capsys, monkeypatch):
     # What torchvision and timm do: the recomputed segment calls the BatchNorm module, which updates its running
     # statistics again on every recomputation.
-    monkeypatch.setattr(BatchNormAct, "forward", lambda norm, *maps, cache=None: F.relu(
-        torch.nn.modules.batchnorm._BatchNorm.forward(norm, torch.cat(maps, 1))))
+    monkeypatch.setattr(BatchNormAct, "forward", lambda norm, *maps, cache=None:
+                        torch.nn.modules.batchnorm._BatchNorm.forward(norm, torch.cat(maps, 1)))
     code, out, _ = run_main(gradcheck, ["--quiet", "--skip-gradcheck", "--steps", "1"], capsys)
     assert code == 1
     assert "FAIL:" in out

@@ -124,11 +124,20 @@ def test_intermediates_equal_timms_densenet():
     reference = TimmDenseNet(growth_rate=4, block_config=(2, 2, 2), num_classes=3).eval()
     model = timm.create_model("effi_densenet121", **TINY, num_classes=3).eval()
     model.load_state_dict(reference.state_dict())
-    assert [dict(i) for i in model.feature_info] == [dict(i) for i in reference.feature_info]
+    # The same maps; only the names of the modules that make them differ: timm's norm0 and norm5 include their ReLU,
+    # ours are torchvision's (before it), followed by the modules relu0 and relu.
+    same_map = {"features.norm0": "features.relu0", "features.norm5": "relu"}
+    assert [dict(i) for i in model.feature_info] == [
+        dict(i, module=same_map.get(i["module"], i["module"])) for i in reference.feature_info]
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model.forward_intermediates(x, intermediates_only=True),
                                    reference.forward_intermediates(x, intermediates_only=True), rtol=0, atol=1e-6)
+        hooks = timm.create_model("effi_densenet121", **TINY, features_only=True, feature_cls="hook",
+                                  out_indices=(0, 1, 2, 3)).eval()  # timm's hooks on the feature_info modules
+        hooks.body.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("classifier")})
+        torch.testing.assert_close(hooks(x), reference.forward_intermediates(x, intermediates_only=True), rtol=0,
+                                   atol=1e-6)
         torch.testing.assert_close(model(x), reference(x), rtol=0, atol=1e-6)
 
 

@@ -4,6 +4,7 @@
 from .norm import (
     BATCH_NORM_ACT,
     INSTANCE_NORM_ACT,
+    Activation,
     AdoptsNorms,
     BatchNormAct,
     BatchNormWithStats,
@@ -14,8 +15,8 @@ from .norm import (
     relu_,
 )
 from .pool import AvgPool, MaxPool, avg_pool, max_pool
-from .recompute import checkpointed, is_tracing, recomputing, run_mode
+from .recompute import checkpointed, fx_leaf, is_tracing, recomputing, run_mode
 
-__all__ = ["BATCH_NORM_ACT", "INSTANCE_NORM_ACT", "AdoptsNorms", "AvgPool", "BatchNormAct", "BatchNormWithStats",
-           "GroupNormAct", "MaxPool", "NormAct", "SyncBatchNormAct", "SyncBatchNormWithStats", "checkpointed",
-           "is_tracing", "recomputing", "relu_", "run_mode", "avg_pool", "max_pool"]
+__all__ = ["Activation", "BATCH_NORM_ACT", "INSTANCE_NORM_ACT", "AdoptsNorms", "AvgPool", "BatchNormAct",
+           "BatchNormWithStats", "GroupNormAct", "MaxPool", "NormAct", "SyncBatchNormAct", "SyncBatchNormWithStats",
+           "checkpointed", "fx_leaf", "is_tracing", "recomputing", "relu_", "run_mode", "avg_pool", "max_pool"]

@@ -35,11 +35,12 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .recompute import checkpointed, is_tracing, recomputing
+from .recompute import checkpointed, fx_leaf, is_tracing, recomputing
 
-__all__ = ["BATCH_NORM_ACT", "INSTANCE_NORM_ACT", "AdoptsNorms", "BatchNormAct", "BatchNormAct1d", "BatchNormAct2d",
-           "BatchNormAct3d", "BatchNormWithStats", "GroupNormAct", "InstanceNormAct1d", "InstanceNormAct2d",
-           "InstanceNormAct3d", "NormAct", "SyncBatchNormAct", "SyncBatchNormWithStats", "batch_stats", "relu_"]
+__all__ = ["BATCH_NORM_ACT", "INSTANCE_NORM_ACT", "Activation", "AdoptsNorms", "BatchNormAct", "BatchNormAct1d",
+           "BatchNormAct2d", "BatchNormAct3d", "BatchNormWithStats", "GroupNormAct", "InstanceNormAct1d",
+           "InstanceNormAct2d", "InstanceNormAct3d", "NormAct", "SyncBatchNormAct", "SyncBatchNormWithStats",
+           "batch_stats", "relu_"]
 
 # Per-channel mean and biased variance, the values per channel behind them, and the process group (None: local).
 Stats = tuple[Tensor, Tensor, Any, Any]
@@ -156,22 +157,39 @@ def relu_(x: Tensor) -> Tensor:
     return F.relu(x, inplace=True)
 
 
-def _normalize_relu(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor, eps: float,
-                    relu: bool) -> Tensor:
-    x = BatchNormWithStats.apply(x, weight, bias, mean, var, eps)
-    return F.relu(x, inplace=True) if relu else x
+def _normalize_with_stats(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor,
+                          eps: float) -> Tensor:
+    return BatchNormWithStats.apply(x, weight, bias, mean, var, eps)
 
 
 @functools.cache
-def _compiled_normalize_relu(options: tuple[tuple[str, Any], ...]) -> Callable[..., Tensor]:
+def _compiled_normalize(options: tuple[tuple[str, Any], ...]) -> Callable[..., Tensor]:
     # One graph serves every norm: channel counts and sizes are symbolic, so depth does not multiply compile time.
-    return torch.compile(_normalize_relu, dynamic=True, fullgraph=True, **dict(options))
+    return torch.compile(_normalize_with_stats, dynamic=True, fullgraph=True, **dict(options))
+
+
+class Activation(nn.Module):
+    """An activation function as a module of its own (``relu1``, MONAI's ``class_layers.relu``): what
+    :meth:`NormAct.take_act` makes of a function that is not ReLU. One node under ``torch.fx``, as torch.nn's
+    activations are."""
+
+    def __init__(self, fn: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: Tensor) -> Tensor:
+        node = fx_leaf(self, x)
+        return self.fn(x) if node is None else node
+
+    def extra_repr(self) -> str:
+        return getattr(self.fn, "__name__", repr(self.fn))
 
 
 class NormAct(nn.Module):
     """A norm, then its activation ``act`` (a function; default in-place ReLU, None for none), on the concatenation of
     the maps it is given: a base to mix with a norm class, as in ``class InstanceNormAct3d(NormAct,
-    nn.InstanceNorm3d)``.
+    nn.InstanceNorm3d)``. A DenseNet's layers take the activation out as a module of their own (:meth:`take_act`),
+    so that ``norm1`` means what torchvision's does and ``relu1`` follows it.
 
     ``forward(*maps, cache=None)`` concatenates ``maps`` along channels inside the norm, so inside the segment, and a
     recomputation rebuilds the concatenation rather than keeping it. ``cache`` is a list from outside the segment,
@@ -191,10 +209,21 @@ class NormAct(nn.Module):
         act = "" if self.act is relu_ else f", act={getattr(self.act, '__name__', self.act)}"
         return super().extra_repr() + act
 
+    def take_act(self) -> nn.Module:
+        """This norm's activation as a module, which from now on follows the norm instead of running inside it:
+        ``nn.ReLU(inplace=True)`` for the default (torchvision's ``relu1``), ``nn.Identity()`` for none, the module
+        itself if ``act`` is one, an :class:`Activation` otherwise."""
+        act, self.act = self.act, None
+        if act is relu_:
+            return nn.ReLU(inplace=True)
+        if act is None:
+            return nn.Identity()
+        return act if isinstance(act, nn.Module) else Activation(act)
+
     def forward(self, *maps: Tensor, cache: list[Stats] | None = None) -> Tensor:
-        if isinstance(maps[0], torch.fx.Proxy):  # torch.fx: one node, which runs this forward (a leaf module)
-            tracer = maps[0].tracer
-            return tracer.create_proxy("call_module", tracer.path_of_module(self), maps, {})
+        node = fx_leaf(self, *maps)
+        if node is not None:
+            return node
         return self._norm_act(maps[0] if len(maps) == 1 else torch.cat(maps, 1), maps, cache)
 
     def _act(self, x: Tensor) -> Tensor:
@@ -203,12 +232,12 @@ class NormAct(nn.Module):
     def _norm_act(self, x: Tensor, maps: tuple[Tensor, ...], cache: list[Stats] | None) -> Tensor:
         return self._act(super().forward(x))
 
-    def then_conv(self, conv: nn.Module, x: Tensor, light: bool) -> Tensor:
-        """``conv(self(x))``, keeping only ``x`` for backward when ``light``: the pair is checkpointed."""
+    def then_conv(self, act: nn.Module, conv: nn.Module, x: Tensor, light: bool) -> Tensor:
+        """``conv(act(self(x)))``, keeping only ``x`` for backward when ``light``: the three are checkpointed."""
         if not light or not torch.is_grad_enabled() or is_tracing():
-            return conv(self(x))
+            return conv(act(self(x)))
         cache: list[Stats] = []
-        return checkpointed(True, lambda t: conv(self(t, cache=cache)), x)
+        return checkpointed(True, lambda t: conv(act(self(t, cache=cache))), x)
 
 
 class BatchNormAct(NormAct, nn.modules.batchnorm._BatchNorm):
@@ -285,22 +314,20 @@ class BatchNormAct(NormAct, nn.modules.batchnorm._BatchNorm):
         mean, var, _, group = stats
         if group is not None:  # synchronised norms always run eagerly: their backward holds a collective
             return self._act(SyncBatchNormWithStats.apply(x, self.weight, self.bias, mean, var, self.eps, group))
-        relu = self.act is relu_  # fused into the normalisation
         if self.compile_options is None:
-            x = _normalize_relu(x, self.weight, self.bias, mean, var, self.eps, relu)
-        else:
-            # Dynamo gives parameters static shapes; plain views let one graph serve every channel count.
-            weight, bias = (None if t is None else t.view(-1) for t in (self.weight, self.bias))
-            x = _compiled_normalize_relu(self.compile_options)(x, weight, bias, mean, var, self.eps, relu)
-        return x if relu else self._act(x)
+            return self._act(_normalize_with_stats(x, self.weight, self.bias, mean, var, self.eps))
+        # Dynamo gives parameters static shapes; plain views let one graph serve every channel count.
+        weight, bias = (None if t is None else t.view(-1) for t in (self.weight, self.bias))
+        return self._act(_compiled_normalize(self.compile_options)(x, weight, bias, mean, var, self.eps))
 
-    def then_conv(self, conv: nn.Module, x: Tensor, light: bool) -> Tensor:
-        """``conv(self(x))`` keeping only ``x`` for backward when ``light``: native training-mode BatchNorm with ReLU
-        reruns in :class:`_NormActConv`, a fraction of a checkpoint's cost; otherwise the pair is checkpointed."""
-        if light and torch.is_grad_enabled() and not is_tracing() and self.act is relu_ and self._native() \
-                and self._uses_batch_stats():
-            return _NormActConv.apply(x, self.weight, self.bias, conv.weight, self, conv)
-        return super().then_conv(conv, x, light)
+    def then_conv(self, act: nn.Module, conv: nn.Module, x: Tensor, light: bool) -> Tensor:
+        """``conv(act(self(x)))`` keeping only ``x`` for backward when ``light``: native training-mode BatchNorm
+        followed by ReLU reruns in :class:`_NormActConv`, a fraction of a checkpoint's cost; otherwise the three are
+        checkpointed."""
+        if light and torch.is_grad_enabled() and not is_tracing() and self.act is None \
+                and type(act) is nn.ReLU and self._native() and self._uses_batch_stats():
+            return _NormActConv.apply(x, self.weight, self.bias, conv.weight, self, act, conv)
+        return super().then_conv(act, conv, x, light)
 
 
 class BatchNormAct1d(BatchNormAct, nn.BatchNorm1d):
@@ -370,7 +397,8 @@ class AdoptsNorms(nn.Module):
 
 
 class _NormActConv(torch.autograd.Function):
-    """``conv(ReLU(BN(x)))`` for native training-mode BatchNorm that keeps only ``x`` for backward.
+    """``conv(relu(norm(x)))`` for native training-mode BatchNorm that keeps only ``x`` for backward. Forward calls
+    the three modules (their hooks see what they would see without it).
 
     Backward rebuilds ``ReLU(BN(x))`` (never the convolution) and calls the kernels autograd calls for the plain model:
     ``convolution_backward`` on the input autocast gave the convolution, ReLU's ``threshold_backward``, and the
@@ -382,12 +410,12 @@ class _NormActConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None, conv_weight: Tensor,
-                norm: BatchNormAct, conv: nn.Module) -> Tensor:
+                norm: BatchNormAct, relu: nn.ReLU, conv: nn.Module) -> Tensor:
         device = x.device.type
         ctx.norm, ctx.conv = norm, conv
         ctx.autocast = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
         ctx.save_for_backward(x)
-        return conv(norm(x))
+        return conv(relu(norm(x)))
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -414,4 +442,4 @@ class _NormActConv(torch.autograd.Function):
             impl, x, grad_y, weight, None, None, save_mean, save_invstd, True, norm.eps, [need_x, need_w, need_b],
             reserve)
         grad_conv = None if grad_conv is None else grad_conv.to(conv.weight.dtype)
-        return grad_x, grad_w, grad_b, grad_conv, None, None
+        return grad_x, grad_w, grad_b, grad_conv, None, None, None

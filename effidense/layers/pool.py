@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .recompute import is_tracing
+from .recompute import fx_leaf, is_tracing
 
 __all__ = ["AvgPool", "MaxPool", "avg_pool", "max_pool"]
 
@@ -64,6 +64,9 @@ class _Pool(nn.Module):
         return f"spatial_dims={self.spatial_dims}"
 
     def forward(self, x: Tensor) -> Tensor:
+        node = fx_leaf(self, x)  # one node, as torch.nn's pools (torchvision's features.pool0)
+        if node is not None:
+            return node
         if self.spatial_dims == 1:  # as a height-one 2D map
             return self._pool(x.unsqueeze(-2), 2).squeeze(-2)
         return self._pool(x, self.spatial_dims)

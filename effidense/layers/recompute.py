@@ -19,7 +19,7 @@ import torch.fx
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["checkpointed", "is_tracing", "recomputing", "run_mode"]
+__all__ = ["checkpointed", "fx_leaf", "is_tracing", "recomputing", "run_mode"]
 
 # ``is_fx_tracing`` is also true under torch.export (and warns about it); the precise test is newer than torch 2.4.
 _is_fx_symbolic_tracing: Callable[[], bool] = getattr(
@@ -40,6 +40,16 @@ def is_tracing() -> bool:
         # under torch.compile too, so the flag itself is read (dynamo reads it as the constant it is at trace time).
         return torch.compiler.is_exporting() and getattr(torch.compiler, "_is_exporting_flag", True)
     return _is_fx_symbolic_tracing() or torch.jit.is_tracing()
+
+
+def fx_leaf(module: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.fx.Proxy | None:
+    """Under ``torch.fx`` symbolic tracing (``args[0]`` a Proxy), ``module``'s call as one node named by its path, as
+    torch.nn's own layers appear (``features.norm0``, ``features.pool0``); the graph then runs this very forward.
+    None otherwise. Any fx tracer takes it (torchvision's ``create_feature_extractor``, timm's ``feature_cls='fx'``)."""
+    if not isinstance(args[0], torch.fx.Proxy):
+        return None
+    tracer = args[0].tracer
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, kwargs)
 
 
 def run_mode(memory: str) -> str:

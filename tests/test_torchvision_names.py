@@ -1,0 +1,118 @@
+"""torchvision's names mean torchvision's maps: fx nodes (``create_feature_extractor``), forward hooks on its module
+names, and ``model.features(x)`` give what torchvision's DenseNet gives with the same weights, bitwise, in every
+memory mode, in training (running statistics included) and in eval."""
+import copy
+
+import pytest
+import torch
+import torchvision
+from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+import effidense
+from effidense import DenseNet
+
+TINY = dict(growth_rate=8, block_config=(2, 2), num_init_features=16, num_classes=5)
+MODES = ["plain", "efficient", "frugal"]
+# a torchvision name of each kind, and what each holds there
+HOOKED = ["features.norm0", "features.relu0", "features.pool0", "features.denseblock1.denselayer2.norm1",
+          "features.denseblock1.denselayer2.relu1", "features.denseblock1.denselayer2.relu2",
+          "features.denseblock1.denselayer2", "features.denseblock2", "features.transition1.norm",
+          "features.transition1.relu", "features.transition1", "features.norm5", "features"]
+
+
+def _pair(memory: str, **config) -> tuple[torch.nn.Module, DenseNet]:
+    torch.manual_seed(0)
+    config = dict(TINY, **config)
+    reference = torchvision.models.DenseNet(**config)
+    model = DenseNet(**config, memory=memory)
+    model.load_state_dict(reference.state_dict())
+    return reference, model
+
+
+def _buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.named_buffers()}
+
+
+def _assert_equal(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    unequal = [k for k in want if not torch.equal(got[k], want[k])]
+    assert not unequal, f"differ from torchvision's: {unequal}"
+
+
+def test_densenet121_has_every_torchvision_node_name():
+    ours = get_graph_node_names(effidense.densenet121())
+    theirs = get_graph_node_names(torchvision.models.densenet121())
+    for mine, tv in zip(ours, theirs, strict=True):  # training, eval
+        assert [n for n in tv if n not in mine] == []
+        assert [n for n in mine if n not in tv] == ["head_drop"]  # timm's head dropout (p=0 by default)
+        assert mine.index("features.relu0") < mine.index("features.pool0") < mine.index("relu") \
+            < mine.index("adaptive_avg_pool2d") < mine.index("flatten") < mine.index("classifier")
+
+
+@pytest.mark.parametrize("memory", MODES)
+@pytest.mark.parametrize("training", [False, True])
+def test_create_feature_extractor_gives_torchvisions_maps(memory, training):
+    reference, model = _pair(memory)
+    nodes = get_graph_node_names(reference)[0 if training else 1][1:]  # every node but the input
+    x = torch.randn(2, 3, 32, 32)
+    got = create_feature_extractor(model, nodes).train(training)(x)
+    want = create_feature_extractor(reference, nodes).train(training)(x)
+    _assert_equal(got, want)
+    # torchvision's ReLU after norm5 runs in place, so its graph's 'features.norm5' output is overwritten; ours too
+    assert torch.equal(got["features.norm5"], got["relu"]) and (got["relu"] >= 0).all()
+    _assert_equal(_buffers(model), _buffers(reference))  # the running statistics the graphs updated
+
+
+@pytest.mark.parametrize("memory", MODES)
+def test_forward_hooks_and_features_see_torchvisions_maps(memory):
+    """A training step with forward hooks on torchvision's module names: each hook sees torchvision's map, and the
+    outputs, input gradients and running statistics are torchvision's; ``model.features(x)`` too."""
+    x = torch.randn(2, 3, 32, 32)
+    seen: dict[str, dict[str, torch.Tensor]] = {}
+    for model in _pair(memory):
+        maps = seen.setdefault(type(model).__module__, {})
+
+        def keep(name: str, maps: dict = maps) -> object:
+            def hook(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
+                maps.setdefault(name, out.detach().clone())  # the first call's: a recomputation's is the same
+            return hook
+
+        handles = [model.get_submodule(name).register_forward_hook(keep(name)) for name in HOOKED]
+        inputs = x.clone().requires_grad_()
+        logits = model(inputs)
+        logits.square().sum().backward()
+        maps.update(out=logits.detach(), grad=inputs.grad, **_buffers(model))
+        for handle in handles:
+            handle.remove()
+        with torch.no_grad():
+            maps["features(x)"] = model.eval().features(x)
+    theirs, ours = seen.values()
+    assert set(HOOKED) <= ours.keys()
+    _assert_equal(ours, theirs)
+
+
+def test_hooks_on_a_pruned_or_monai_model_are_left_alone():
+    """Hooking ``features`` of a model pruned for timm's features_only does not run the pruned-away stem pool; MONAI's
+    drop-in keeps its activation in ``class_layers.relu`` and its features end at ``norm5``."""
+    model = DenseNet(**TINY).eval()
+    model.prune_intermediate_layers([0])
+    model.features.register_forward_hook(lambda *a: None)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert model.forward_features(x).shape[-1] == 16  # the stem's map, before its max-pool
+    from effidense.monai import DenseNet121
+    monai = DenseNet121(spatial_dims=2, in_channels=3, out_channels=2, block_config=(1, 1), init_features=8,
+                        growth_rate=4).eval()
+    assert "relu" not in monai._modules and isinstance(monai.class_layers.relu, torch.nn.ReLU)
+    with torch.no_grad():
+        assert (monai.features(x) < 0).any() and torch.equal(monai.features(x), monai.forward_features(x))
+
+
+def test_norms_hand_their_activation_to_the_module_after_them():
+    model = copy.deepcopy(DenseNet(**TINY))
+    layer = model.features.denseblock1.denselayer1
+    assert list(layer._modules) == ["norm1", "relu1", "conv1", "norm2", "relu2", "conv2"]
+    assert list(model.features.transition1._modules) == ["norm", "relu", "conv", "pool"]
+    assert list(model.features._modules)[:4] == ["conv0", "norm0", "relu0", "pool0"]
+    assert all(norm.act is None for norm in model.modules() if isinstance(norm, effidense.layers.NormAct))
+    assert not any(k.split(".")[-2].startswith("relu") for k in model.state_dict())  # no keys: parameter-free
