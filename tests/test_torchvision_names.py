@@ -63,6 +63,14 @@ def test_create_feature_extractor_gives_torchvisions_maps(memory, training):
     _assert_equal(_buffers(model), _buffers(reference))  # the running statistics the graphs updated
 
 
+def test_norm5_alone_is_before_the_relu():
+    reference, model = _pair("efficient")
+    x = torch.randn(2, 3, 32, 32)
+    got = create_feature_extractor(model, ["features.norm5"])(x)["features.norm5"]
+    assert (got < 0).any()  # the graph ends at norm5: no ReLU ran
+    assert torch.equal(got, create_feature_extractor(reference, ["features.norm5"])(x)["features.norm5"])
+
+
 @pytest.mark.parametrize("memory", MODES)
 def test_forward_hooks_and_features_see_torchvisions_maps(memory):
     """A training step with forward hooks on torchvision's module names: each hook sees torchvision's map, and the
