@@ -126,16 +126,19 @@ def test_torchvision_create_feature_extractor(name, training):
 
 @pytest.mark.parametrize("out_indices", [(0,), (0, 1, 2), (2,), (1,)])
 @pytest.mark.parametrize("small_inputs", [False, True])
-def test_timm_features_only_fx(out_indices, small_inputs):
-    """timm's features_only=True, feature_cls='fx' gives the maps of the default getter (forward_intermediates)."""
+@pytest.mark.parametrize("feature_cls", ["fx", "hook"])
+def test_timm_features_only_fx_and_hooks(out_indices, small_inputs, feature_cls):
+    """timm's features_only=True with feature_cls='fx' (graph nodes) or 'hook' (forward hooks on the feature_info
+    modules) gives the maps of the default getter (forward_intermediates)."""
     config = dict(TINY, small_inputs=small_inputs)
     del config["num_classes"]
     torch.manual_seed(0)
-    fx_net = timm.create_model("effi_densenet121", features_only=True, feature_cls="fx", out_indices=out_indices,
-                               **config)
+    fx_net = timm.create_model("effi_densenet121", features_only=True, feature_cls=feature_cls,
+                               out_indices=out_indices, **config)
     torch.manual_seed(0)
     getter = timm.create_model("effi_densenet121", features_only=True, out_indices=out_indices, **config)
-    assert type(fx_net).__name__ == "FeatureGraphNet" and type(getter).__name__ == "FeatureGetterNet"
+    kind = {"fx": "FeatureGraphNet", "hook": "FeatureHookNet"}[feature_cls]
+    assert type(fx_net).__name__ == kind and type(getter).__name__ == "FeatureGetterNet"
     assert fx_net.feature_info.channels() == getter.feature_info.channels()
     x = _input(config)
     for training in (False, True):
