@@ -43,7 +43,7 @@ from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
 from .arguments import COMPILE_SCOPES, MEMORY_MODES, check_config, check_spatial_dims, resolve_compile, resolve_memory
-from .layers.norm import BATCH_NORM_ACT, AdoptsNorms, BatchNormAct
+from .layers.norm import BATCH_NORM_ACT, AdoptsNorms, BatchNormAct, NormAct
 from .layers.pool import AvgPool, MaxPool
 from .layers.recompute import checkpointed, is_tracing, run_mode
 
@@ -63,6 +63,15 @@ def _conv(spatial_dims: int, in_channels: int, out_channels: int, kernel: int, s
 
 def _cat(maps: Sequence[Tensor]) -> Tensor:
     return maps[0] if len(maps) == 1 else torch.cat(maps, 1)
+
+
+def _norm_and_act(norm_layer: NormLayer, channels: int) -> tuple[NormAct, nn.Module]:
+    """A norm from ``norm_layer``, and its activation as the module that follows it (torchvision's layout)."""
+    norm = norm_layer(channels)
+    if not isinstance(norm, NormAct):
+        raise TypeError(f"norm_layer must make an effidense.layers.NormAct (e.g. BatchNormAct2d, GroupNormAct, "
+                        f"InstanceNormAct2d), which stays exact under recomputation; it made a {type(norm).__name__}")
+    return norm, norm.take_act()
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -104,12 +113,10 @@ class DenseLayer(MemoryMode, AdoptsNorms):
                  drop_channels: bool = False) -> None:
         super().__init__()
         norm_layer = norm_layer or BATCH_NORM_ACT[spatial_dims]
-        self.norm1 = norm_layer(num_input_features)
-        self.relu1 = self.norm1.take_act()
+        self.norm1, self.relu1 = _norm_and_act(norm_layer, num_input_features)
         if bn_size:
             self.conv1 = _conv(spatial_dims, num_input_features, bn_size * growth_rate, 1)
-            self.norm2 = norm_layer(bn_size * growth_rate)
-            self.relu2 = self.norm2.take_act()
+            self.norm2, self.relu2 = _norm_and_act(norm_layer, bn_size * growth_rate)
             self.conv2 = _conv(spatial_dims, bn_size * growth_rate, growth_rate, 3)
         else:
             self.conv1 = _conv(spatial_dims, num_input_features, growth_rate, 3)
@@ -188,8 +195,7 @@ class Transition(MemoryMode, AdoptsNorms):
     def __init__(self, num_input_features: int, num_output_features: int, spatial_dims: int = 2,
                  memory: str = "efficient", norm_layer: NormLayer | None = None) -> None:
         super().__init__()
-        self.norm = (norm_layer or BATCH_NORM_ACT[spatial_dims])(num_input_features)
-        self.relu = self.norm.take_act()
+        self.norm, self.relu = _norm_and_act(norm_layer or BATCH_NORM_ACT[spatial_dims], num_input_features)
         self.conv = _conv(spatial_dims, num_input_features, num_output_features, 1)
         self.pool = AvgPool(spatial_dims)
         self.memory = memory
@@ -235,6 +241,7 @@ class DenseNet(MemoryMode):
         spatial_dims: 2 for images (N, C, H, W), 3 for volumes (N, C, D, H, W), 1 for signals (N, C, L).
         norm_layer: makes each norm (+ activation) for a number of channels; default BatchNorm + ReLU
             (:class:`~effidense.layers.norm.BatchNormAct`); see :class:`~effidense.layers.norm.NormAct` for others.
+            Each layer takes the activation out as a module of its own after the norm (``relu1``).
         drop_channels: dense layers drop whole channels (``F.dropout2d``/``3d``, as MONAI's DenseNet) instead of
             single values.
     """
@@ -279,9 +286,9 @@ class DenseNet(MemoryMode):
         if small_inputs:
             stem = [("conv0", _conv(dims, in_chans, num_init_features, 3))]
         else:
-            norm0 = norm_layer(num_init_features)
+            norm0, relu0 = _norm_and_act(norm_layer, num_init_features)
             stem = [("conv0", _conv(dims, in_chans, num_init_features, 7, stride=2)), ("norm0", norm0),
-                    ("relu0", norm0.take_act()), ("pool0", MaxPool(dims))]
+                    ("relu0", relu0), ("pool0", MaxPool(dims))]
         self.features = _Features(OrderedDict(stem))
         reduction = 1 if small_inputs else 4
         self.feature_info = [dict(num_chs=num_init_features, reduction=reduction // 2 or 1,
@@ -304,9 +311,9 @@ class DenseNet(MemoryMode):
                 self.features.add_module(f"transition{i + 1}", transition)
                 num_features = out_features
                 reduction *= 2
-        self.features.add_module("norm5", norm_layer(num_features))
         # The ReLU after the final norm: torchvision's forward applies it outside ``features``, and fx names it 'relu'.
-        self.relu = self.features.norm5.take_act()
+        norm5, self.relu = _norm_and_act(norm_layer, num_features)
+        self.features.add_module("norm5", norm5)
         self.feature_info.append(dict(num_chs=num_features, reduction=reduction, module="relu"))
         self.num_features = num_features
         self._last_index = len(block_config)  # the last feature_info map the network computes (lowered by pruning)

@@ -185,3 +185,8 @@ def test_other_norms_activations_and_channel_dropout_stay_exact(norm):
 def test_norms_with_running_statistics_other_than_batch_norm_are_refused():
     with pytest.raises(ValueError, match="track_running_stats=True would update its running statistics"):
         INSTANCE_NORM_ACT[2](8, track_running_stats=True)
+
+
+def test_norm_layer_must_make_a_norm_act():
+    with pytest.raises(TypeError, match="norm_layer must make an effidense.layers.NormAct .* it made a BatchNorm3d"):
+        DenseNet(growth_rate=4, block_config=(1,), num_init_features=8, spatial_dims=3, norm_layer=nn.BatchNorm3d)
