@@ -31,7 +31,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
