@@ -435,6 +435,8 @@ class DenseNet(MemoryMode):
         pool = not self.small_inputs and 0 not in taps and stop != 0
         if self.small_inputs:
             x = f.conv0(x)
+        elif pool and mode != "plain":
+            x = f.norm0.between(f.conv0, f.relu0, f.pool0, x)
         else:
             x = checkpointed(mode != "plain", functools.partial(self._stem, [], pool), x)
         if 0 in taps:

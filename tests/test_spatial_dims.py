@@ -103,16 +103,29 @@ def test_absurd_configurations_are_refused_before_allocating(config, message):
         DenseNet(**dict(TINY_ND, **config))
 
 
-def test_double_backward_names_the_modes_that_support_it():
-    x = torch.randn(2, 3, 16, 16, requires_grad=True)
-    model = DenseNet(**TINY_ND, memory="efficient")
-    with pytest.raises(RuntimeError, match="memory='frugal' or memory='plain'"):
-        torch.autograd.grad(model(x).sum(), x, create_graph=True)
-    for mode in ("frugal", "plain"):
-        model.set_memory(mode)
-        (grad,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
-        grad.square().sum().backward()  # a gradient penalty
-        assert x.grad is not None
+@pytest.mark.parametrize("small_inputs", [False, True])
+def test_double_backward_works_in_every_mode(small_inputs):
+    """A gradient penalty (create_graph=True): the light paths differentiate a rerun, as a checkpoint does. First
+    gradients are bitwise plain's, second ones equal to rounding, and running statistics are updated once."""
+    torch.manual_seed(0)
+    base = DenseNet(**TINY_ND, memory="plain", small_inputs=small_inputs)
+    x = torch.randn(2, 3, 16, 16)
+    runs = {}
+    for mode in ("plain", "efficient", "frugal"):
+        model = copy.deepcopy(base).set_memory(mode)
+        inputs = x.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(model(inputs).sum(), inputs, create_graph=True)
+        grad.square().sum().backward()
+        runs[mode] = grad.detach(), inputs.grad, [p.grad for p in model.parameters()], list(model.buffers())
+    for mode in ("efficient", "frugal"):
+        (grad, penalty, params, buffers), want = runs[mode], runs["plain"]
+        assert torch.equal(grad, want[0])
+        torch.testing.assert_close(penalty, want[1], rtol=1e-5, atol=1e-7)
+        for got, expected in zip(params, want[2], strict=True):
+            assert (got is None) == (expected is None)
+            if got is not None:
+                torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+        assert all(torch.equal(a, b) for a, b in zip(buffers, want[3], strict=True))
 
 
 class TinyTiramisu(nn.Module):

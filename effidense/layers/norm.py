@@ -34,7 +34,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .recompute import checkpointed, fx_leaf, is_tracing, recomputing
+from .pool import MaxPool
+from .recompute import checkpointed, fx_leaf, is_tracing, recomputing, rerun
 
 __all__ = ["BATCH_NORM_ACT", "INSTANCE_NORM_ACT", "Activation", "AdoptsNorms", "BatchNormAct", "BatchNormAct1d",
            "BatchNormAct2d", "BatchNormAct3d", "BatchNormWithStats", "GroupNormAct", "InstanceNormAct1d",
@@ -238,6 +239,11 @@ class NormAct(nn.Module):
         cache: list[Stats] = []
         return checkpointed(True, lambda t: conv(act(self(t, cache=cache))), x)
 
+    def between(self, conv: nn.Module, act: nn.Module, pool: nn.Module, x: Tensor) -> Tensor:
+        """``pool(act(self(conv(x))))``, keeping only ``x`` for backward (a stem): the four are checkpointed."""
+        cache: list[Stats] = []
+        return checkpointed(True, lambda t: pool(act(self(conv(t), cache=cache))), x)
+
 
 class BatchNormAct(NormAct, nn.modules.batchnorm._BatchNorm):
     """BatchNorm (+ activation) for inputs with any number of spatial dims, exact under recomputation: see the module
@@ -328,6 +334,16 @@ class BatchNormAct(NormAct, nn.modules.batchnorm._BatchNorm):
             return _NormActConv.apply(x, self.weight, self.bias, conv.weight, self, act, conv)
         return super().then_conv(act, conv, x, light)
 
+    def between(self, conv: nn.Module, act: nn.Module, pool: nn.Module, x: Tensor) -> Tensor:
+        """``pool(act(self(conv(x))))`` keeping only ``x`` for backward. Native training-mode BatchNorm followed by
+        ReLU and a :class:`~effidense.layers.pool.MaxPool` reruns in :class:`_ConvNormReluPool`, whose backward holds
+        fewer maps at once than a checkpoint's (the ImageNet stem's backward sets the peak of a 3D DenseNet's step);
+        otherwise the four are checkpointed."""
+        if torch.is_grad_enabled() and not is_tracing() and self.act is None and type(act) is nn.ReLU \
+                and isinstance(pool, MaxPool) and _plain_conv(conv) and self._native() and self._uses_batch_stats():
+            return _ConvNormReluPool.apply(x, conv.weight, self.weight, self.bias, conv, self, act, pool)
+        return super().between(conv, act, pool, x)
+
 
 class BatchNormAct1d(BatchNormAct, nn.BatchNorm1d):
     """:class:`BatchNormAct` that is an ``nn.BatchNorm1d``, for code that looks for one."""
@@ -403,26 +419,26 @@ class _NormActConv(torch.autograd.Function):
     ``convolution_backward`` on the input autocast gave the convolution, ReLU's ``threshold_backward``, and the
     backward of whichever BatchNorm implementation ran (``_batch_norm_impl_index``: native or cuDNN), so gradients are
     bitwise the plain model's. BatchNorm and ReLU have no autocast policy, so only the convolution's casts are redone.
-    Running statistics are updated in forward only. It supports one backward: for a second (``create_graph=True``)
-    use memory 'frugal' or 'plain'.
+    Running statistics are updated in forward only. Under ``create_graph=True`` backward differentiates a rerun
+    instead (:func:`_differentiable_rerun`), so a second backward works.
     """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None, conv_weight: Tensor,
                 norm: BatchNormAct, relu: nn.ReLU, conv: nn.Module) -> Tensor:
         device = x.device.type
-        ctx.norm, ctx.conv = norm, conv
+        ctx.norm, ctx.relu, ctx.conv = norm, relu, conv
         ctx.autocast = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
         ctx.save_for_backward(x)
         return conv(relu(norm(x)))
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        if torch.is_grad_enabled():
-            raise RuntimeError("memory='efficient' supports one backward pass; for double backward "
-                               "(create_graph=True) use memory='frugal' or memory='plain'")
         (x,) = ctx.saved_tensors
         norm, conv = ctx.norm, ctx.conv
+        if torch.is_grad_enabled():
+            return _differentiable_rerun(ctx, grad, lambda: conv(ctx.relu(norm(x))),
+                                         (x, norm.weight, norm.bias, conv.weight))
         enabled, dtype = ctx.autocast
         need_x, need_w, need_b, need_conv = ctx.needs_input_grad[:4]
         weight, bias = norm.weight, norm.bias
@@ -442,3 +458,78 @@ class _NormActConv(torch.autograd.Function):
             reserve)
         grad_conv = None if grad_conv is None else grad_conv.to(conv.weight.dtype)
         return grad_x, grad_w, grad_b, grad_conv, None, None, None
+
+
+def _differentiable_rerun(ctx: Any, grad: Tensor, run: Callable[[], Tensor],
+                          inputs: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
+    """A Function's gradients under ``create_graph=True``: those of a rerun of its forward (under the autocast state
+    forward ran in, updating no running statistics), with a graph of their own, as a checkpoint computes them; so a
+    second backward (a gradient penalty) works. ``inputs``: the tensors given to ``apply``, in order."""
+    needs = ctx.needs_input_grad
+    wanted = [t for t, need in zip(inputs, needs, strict=False) if need]
+    enabled, dtype = ctx.autocast
+    with rerun(), torch.autocast(inputs[0].device.type, dtype=dtype, enabled=enabled):
+        out = run()
+    grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True, allow_unused=True))
+    return tuple(next(grads) if need else None for need in needs)
+
+
+def _plain_conv(conv: nn.Module) -> bool:
+    """A convolution :class:`_ConvNormReluPool` can differentiate by hand: no bias, zero padding given in numbers."""
+    return isinstance(conv, nn.modules.conv._ConvNd) and not conv.transposed and conv.bias is None \
+        and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
+
+
+class _ConvNormReluPool(torch.autograd.Function):
+    """``pool(relu(norm(conv(x))))`` for native training-mode BatchNorm that keeps only ``x`` for backward.
+
+    Forward calls the four modules (their hooks see what they would see without it). Backward reruns the
+    convolution (under the autocast state forward ran in) and ``ReLU(BN(.))``, then calls the kernels autograd calls
+    for the plain model, as :class:`_NormActConv` does: the pool's backward (argmax recomputed), ReLU's
+    ``threshold_backward`` (in place, into the pool's gradient), BatchNorm's backward and ``convolution_backward``.
+    Each map is dropped once the kernels are done with it, so at most three maps of the convolution's size are alive
+    at once, where a checkpoint's rerun holds four and a spare: gradients are bitwise the plain model's. Running
+    statistics are updated in forward only. Under ``create_graph=True`` backward differentiates a rerun instead
+    (:func:`_differentiable_rerun`), so a second backward works.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, conv_weight: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None,
+                conv: nn.Module, norm: BatchNormAct, relu: nn.ReLU, pool: MaxPool) -> Tensor:
+        device = x.device.type
+        ctx.modules = conv, norm, relu, pool
+        ctx.autocast = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+        ctx.save_for_backward(x)
+        return pool(relu(norm(conv(x))))
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        (x,) = ctx.saved_tensors
+        conv, norm, relu, pool = ctx.modules
+        if torch.is_grad_enabled():
+            return _differentiable_rerun(ctx, grad, lambda: pool(relu(norm(conv(x)))),
+                                         (x, conv.weight, norm.weight, norm.bias))
+        enabled, dtype = ctx.autocast
+        need_x, need_conv, need_w, need_b = ctx.needs_input_grad[:4]
+        with torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
+            c = conv._conv_forward(x, conv.weight, None)
+        y, save_mean, save_invstd, reserve, impl = torch._batch_norm_impl_index(
+            c, norm.weight, norm.bias, None, None, True, 0.0, norm.eps, torch.backends.cudnn.enabled)
+        y.relu_()
+        grad_y = pool.input_grad(y, grad)
+        torch.ops.aten.threshold_backward.grad_input(grad_y, y, 0, grad_input=grad_y)
+        del y
+        grad_c, grad_w, grad_b = torch.ops.aten._batch_norm_impl_index_backward(
+            impl, c, grad_y, norm.weight, None, None, save_mean, save_invstd, True, norm.eps, [True, need_w, need_b],
+            reserve)
+        del c, grad_y
+
+        def as_conv_sees(t: Tensor) -> Tensor:  # autocast casts a convolution's floating inputs to its dtype
+            return t.to(dtype) if enabled and t.is_floating_point() and t.dtype != dtype else t
+
+        grad_x, grad_conv, _ = torch.ops.aten.convolution_backward(
+            grad_c, as_conv_sees(x), as_conv_sees(conv.weight), None, list(conv.stride), list(conv.padding),
+            list(conv.dilation), False, [0] * len(conv.stride), conv.groups, [need_x, need_conv, False])
+        grad_x = None if grad_x is None else grad_x.to(x.dtype)
+        grad_conv = None if grad_conv is None else grad_conv.to(conv.weight.dtype)
+        return grad_x, grad_conv, grad_w, grad_b, None, None, None, None

@@ -89,11 +89,26 @@ class AvgPool(_Pool):
 class MaxPool(_Pool):
     """3-wide, stride-2, padding-1 max pooling (the ImageNet stem)."""
 
-    def _pool(self, x: Tensor, dims: int) -> Tensor:
+    def _window(self, dims: int) -> tuple[list[int], list[int], list[int]]:
         if self.spatial_dims == 1:
-            kernel, stride, padding = [1, 3], [1, 2], [0, 1]
-        else:
-            kernel, stride, padding = [3] * dims, [2] * dims, [1] * dims
+            return [1, 3], [1, 2], [0, 1]
+        return [3] * dims, [2] * dims, [1] * dims
+
+    def input_grad(self, x: Tensor, grad: Tensor) -> Tensor:
+        """The gradient with respect to ``x`` given ``grad``, the gradient of this pool's output: autograd's own
+        backward kernel, with the argmax recomputed from ``x`` (for a caller that rebuilds ``x`` in backward)."""
+        if self.spatial_dims == 1:
+            return self._input_grad(x.unsqueeze(-2), grad.unsqueeze(-2), 2).squeeze(-2)
+        return self._input_grad(x, grad, self.spatial_dims)
+
+    def _input_grad(self, x: Tensor, grad: Tensor, dims: int) -> Tensor:
+        kernel, stride, padding = self._window(dims)
+        forward, backward = _MAX[dims]
+        _, indices = forward(x, kernel, stride, padding)
+        return backward(grad, x, kernel, stride, padding, [1] * dims, False, indices)
+
+    def _pool(self, x: Tensor, dims: int) -> Tensor:
+        kernel, stride, padding = self._window(dims)
         if self._keeps_nothing(x):
             return _MaxPool.apply(x, kernel, stride, padding)
         return (F.max_pool2d if dims == 2 else F.max_pool3d)(x, kernel, stride, padding)

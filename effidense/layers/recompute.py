@@ -19,7 +19,7 @@ import torch.fx
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["checkpointed", "fx_leaf", "is_tracing", "recomputing", "run_mode"]
+__all__ = ["checkpointed", "fx_leaf", "is_tracing", "recomputing", "rerun", "run_mode"]
 
 # ``is_fx_tracing`` is also true under torch.export (and warns about it); the precise test is newer than torch 2.4.
 _is_fx_symbolic_tracing: Callable[[], bool] = getattr(
@@ -75,8 +75,13 @@ class _Rerun:
         _state.rerun = self.previous
 
 
-def _contexts() -> tuple[contextlib.AbstractContextManager, _Rerun]:
-    return contextlib.nullcontext(), _Rerun()
+def rerun() -> contextlib.AbstractContextManager:
+    """Marks what runs inside as a rerun (:func:`recomputing` is true), for code that reruns a segment itself."""
+    return _Rerun()
+
+
+def _contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    return contextlib.nullcontext(), rerun()
 
 
 def checkpointed(enabled: bool, fn: Callable[..., Any], *tensors: Tensor, random: bool = False) -> Any:
