@@ -125,13 +125,14 @@ class DenseLayer(MemoryMode, AdoptsNorms):
         self.dropout = _CHANNEL_DROPOUT[spatial_dims] if drop_channels else F.dropout
         self.memory = memory
 
-    # Segments take (caches..., *maps): caches are lists from outside the segment, maps its recomputed inputs.
-    def _concat_norm_conv1(self, cache: list | None, *maps: Tensor) -> Tensor:
-        return self.conv1(self.relu1(self.norm1(*maps, cache=cache)))
-
-    def _whole_layer(self, cache: list | None, inner: list, *maps: Tensor) -> Tensor:
-        out = self._concat_norm_conv1(cache, *maps)
-        return self._dropout(self.conv2(self.relu2(self.norm2(out, cache=inner))) if self.bottleneck else out)
+    def _layer(self, light: bool, cache: list | None, inner: list | None, *maps: Tensor) -> Tensor:
+        """The layer's new features; ``light``: each norm-ReLU-conv keeps only its input for backward (it reruns in
+        the norm's light Function). ``cache``, ``inner``: the norms' statistics caches, from outside the segment (see
+        :meth:`DenseBlock.run`)."""
+        out = self.norm1.then_conv(self.relu1, self.conv1, *maps, light=light, cache=cache)
+        if self.bottleneck:
+            out = self.norm2.then_conv(self.relu2, self.conv2, out, light=light, cache=inner)
+        return self._dropout(out)
 
     def _dropout(self, x: Tensor) -> Tensor:
         return self.dropout(x, self.drop_rate, self.training) if self.drop_rate > 0 else x
@@ -141,16 +142,10 @@ class DenseLayer(MemoryMode, AdoptsNorms):
         if isinstance(maps[0], torch.fx.Proxy):  # a graph node for the concatenation, torchvision's ``cat``
             maps = [torch.cat(maps, 1)]
         mode = run_mode(self.memory)
-        if mode == "frugal":
+        if mode == "frugal":  # the whole layer is a segment, whose rerun stops before conv2
             random = self.training and self.drop_rate > 0
-            return checkpointed(True, functools.partial(self._whole_layer, cache, []), *maps, random=random)
-        if mode == "plain":
-            out = self._concat_norm_conv1(cache, *maps)
-        else:
-            out = checkpointed(True, functools.partial(self._concat_norm_conv1, cache), *maps)
-        if self.bottleneck:
-            out = self.norm2.then_conv(self.relu2, self.conv2, out, light=mode == "efficient")
-        return self._dropout(out)
+            return checkpointed(True, functools.partial(self._layer, False, cache, []), *maps, random=random)
+        return self._layer(mode == "efficient", cache, None, *maps)
 
 
 class DenseBlock(MemoryMode, nn.ModuleDict):
@@ -200,15 +195,11 @@ class Transition(MemoryMode, AdoptsNorms):
         self.pool = AvgPool(spatial_dims)
         self.memory = memory
 
-    def _concat_norm_conv(self, cache: list | None, *maps: Tensor) -> Tensor:
-        return self.conv(self.relu(self.norm(*maps, cache=cache)))
-
     def forward(self, maps: Sequence[Tensor] | Tensor, cache: list | None = None) -> Tensor:
         maps = _as_maps(maps)
         # The pool keeps nothing for backward, so no mode needs to keep or recompute the convolution's output.
-        if run_mode(self.memory) == "plain":
-            return self.pool(self._concat_norm_conv(cache, *maps))
-        return self.pool(checkpointed(True, functools.partial(self._concat_norm_conv, cache), *maps))
+        light = run_mode(self.memory) != "plain"
+        return self.pool(self.norm.then_conv(self.relu, self.conv, *maps, light=light, cache=cache))
 
 
 class _Features(AdoptsNorms, nn.Sequential):

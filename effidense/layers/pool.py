@@ -104,7 +104,7 @@ class MaxPool(_Pool):
     def _input_grad(self, x: Tensor, grad: Tensor, dims: int) -> Tensor:
         kernel, stride, padding = self._window(dims)
         forward, backward = _MAX[dims]
-        _, indices = forward(x, kernel, stride, padding)
+        indices = forward(x, kernel, stride, padding)[1]  # the pooled map itself is dropped at once
         return backward(grad, x, kernel, stride, padding, [1] * dims, False, indices)
 
     def _pool(self, x: Tensor, dims: int) -> Tensor:
