@@ -7,19 +7,20 @@ What a reader needs, six ideas:
 
 1. **Feature maps stay apart.** A block keeps the list of its maps (its input and each layer's new features) and never
    concatenates them itself: each norm that reads them concatenates inside its own segment.
-2. **Segments.** A concat-BN-ReLU-conv (or a whole layer, or the whole stem) runs through
-   :func:`~effidense.layers.recompute.checkpointed`: under non-reentrant ``torch.utils.checkpoint``, so what it makes is
-   rebuilt in backward rather than kept. Convolutions end segments, so none is rerun but the stem's and frugal's.
+2. **Segments.** What a segment makes is rebuilt in backward rather than kept. A concat-BN-ReLU-conv (or the stem's
+   conv-BN-ReLU-pool) reruns in its norm's light autograd Function (``then_conv``, ``between``), which keeps only its
+   input maps; a whole layer (frugal) or the final norm runs through :func:`~effidense.layers.recompute.checkpointed`,
+   under non-reentrant ``torch.utils.checkpoint``. No convolution is rerun but the stem's and frugal's conv1.
 3. **The exact norm**, :class:`~effidense.layers.norm.BatchNormAct`: running statistics are updated on a segment's
    first run only, and a rerun reproduces that run bitwise. Its ReLU is a module after it (``relu1``), so every
    torchvision name (module, fx node or hook) means what it means in torchvision.
 4. **The memory mode** (``memory=``): an attribute of the model, set on every layer, which each layer reads.
 
    * ``plain``: nothing is recomputed.
-   * ``efficient``: every concat-BN-ReLU feeding a convolution or pool (layers, transitions, final norm) is a
-     segment; the bottleneck's BN-ReLU-conv3x3 reruns in the norm's lighter path (one checkpoint per dense layer).
-     The stem (conv-BN-ReLU-max-pool) is one segment: its convolution's output is the largest map a DenseNet makes
-     (in 3D, where it weighs most, a quarter of what efficient would otherwise keep), and it is one convolution.
+   * ``efficient``: every concat-BN-ReLU feeding a convolution or pool (layers, bottlenecks, transitions, final
+     norm) is a segment. The stem (conv-BN-ReLU-max-pool) is one segment: its convolution's output is the largest map
+     a DenseNet makes (in 3D, where it weighs most, a quarter of what efficient would otherwise keep), and it is one
+     convolution.
    * ``frugal``: as efficient, with whole dense layers as segments; only each layer's new features and each block's
      input stay.
 5. **Pools that keep nothing** (:mod:`effidense.layers.pool`): the stem's max-pool and the transitions' average pool
@@ -333,7 +334,7 @@ class DenseNet(MemoryMode):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """timm's switch (``--grad-checkpointing`` in its scripts): on selects 'frugal', the most memory-saving mode
-        (the default, 'efficient', already checkpoints every BN-ReLU segment); off selects 'plain'."""
+        (the default, 'efficient', already recomputes every BN-ReLU segment); off selects 'plain'."""
         self.memory = "frugal" if enable else "plain"
 
     def set_compile(self, enabled: bool = True, scope: str = "layers", **options: Any) -> DenseNet:

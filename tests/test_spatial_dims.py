@@ -203,3 +203,37 @@ def test_norms_with_running_statistics_other_than_batch_norm_are_refused():
 def test_norm_layer_must_make_a_norm_act():
     with pytest.raises(TypeError, match="norm_layer must make an effidense.layers.NormAct .* it made a BatchNorm3d"):
         DenseNet(growth_rate=4, block_config=(1,), num_init_features=8, spatial_dims=3, norm_layer=nn.BatchNorm3d)
+
+
+@pytest.mark.parametrize("mode", ["efficient", "frugal"])
+def test_3d_under_bf16_autocast_keeps_plains_dtypes(mode):
+    """Under autocast every module's output has plain's dtype (CPU autocast would run a no-grad 3D max-pool in
+    float32), and outputs and running statistics are plain's bitwise. (Gradients are not compared bitwise: this CPU's
+    bfloat16 3D convolution backward differs between two runs of the plain model itself.)"""
+    torch.manual_seed(0)
+    base = DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=3, spatial_dims=3,
+                    in_chans=1)
+    x = torch.randn(2, 1, 16, 16, 16)
+    runs = []
+    for memory in ("plain", mode):
+        model = copy.deepcopy(base).set_memory(memory)
+        dtypes: dict[str, torch.dtype] = {}
+
+        # leaf modules only: a hook on a block or on features would make the model call it as torchvision does
+        names = {module: name for name, module in model.named_modules() if not list(module.children())}
+
+        def record(module: nn.Module, args: tuple, out: torch.Tensor, dtypes: dict = dtypes,
+                   names: dict = names) -> None:
+            dtypes.setdefault(names[module], out.dtype)
+
+        for module in names:
+            module.register_forward_hook(record)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().square().mean().backward()
+        runs.append((out, model, dtypes))
+    (out, plain, plain_dtypes), (got, model, dtypes) = runs
+    assert dtypes == plain_dtypes and dtypes["features.pool0"] == torch.bfloat16
+    assert torch.equal(out, got)
+    for (name, b), c in zip(model.named_buffers(), plain.buffers(), strict=True):
+        assert torch.equal(b, c), name

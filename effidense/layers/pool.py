@@ -111,7 +111,9 @@ class MaxPool(_Pool):
         kernel, stride, padding = self._window(dims)
         if self._keeps_nothing(x):
             return _MaxPool.apply(x, kernel, stride, padding)
-        return (F.max_pool2d if dims == 2 else F.max_pool3d)(x, kernel, stride, padding)
+        # As the path above, with no autocast policy: CPU autocast would compute max_pool3d in float32.
+        with torch.autocast(x.device.type, enabled=False):
+            return (F.max_pool2d if dims == 2 else F.max_pool3d)(x, kernel, stride, padding)
 
 
 _AVG_POOL, _MAX_POOL = AvgPool(), MaxPool()

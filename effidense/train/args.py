@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "the default of effi_* models) or frugal (recompute whole layers, least memory)")
     group.add_argument("--grad-checkpointing", action="store_true",
                        help="model.set_grad_checkpointing(): for effi_* models selects 'frugal' (their default, "
-                            "'efficient', already checkpoints) unless --memory says otherwise")
+                            "'efficient', already recomputes) unless --memory says otherwise")
     group.add_argument("--channels-last", action="store_true", help="use the channels_last memory format")
     group.add_argument("--torchcompile", nargs="?", type=str, default=None, const="inductor", metavar="BACKEND",
                        help="compile the model with torch.compile (backend default inductor); effi_* models compile "
