@@ -1,6 +1,6 @@
 """The layers effidense's DenseNets are made of: norms (+ activation) that stay exact under recomputation
-(:mod:`.norm`), the one place segments are recomputed (:mod:`.recompute`) and pooling that keeps no input
-(:mod:`.pool`), each for 1, 2 or 3 spatial dims."""
+(:mod:`.norm`), the light autograd Functions their segments rerun in (:mod:`.light`), the one place segments are
+checkpointed (:mod:`.recompute`) and pooling that keeps no input (:mod:`.pool`), each for 1, 2 or 3 spatial dims."""
 from .norm import (
     BATCH_NORM_ACT,
     INSTANCE_NORM_ACT,

@@ -1,0 +1,166 @@
+"""Light reruns: autograd Functions that keep only their inputs for backward and rerun BatchNorm and ReLU there.
+
+A checkpoint reruns a segment through autograd and then differentiates that graph: in backward it holds the segment's
+intermediate maps and their gradients at once, and pays its own bookkeeping. These Functions run their modules once
+in forward (hooks see what they would see without them), keep only their input maps, and in backward rebuild BatchNorm
+and ReLU and call the very kernels autograd calls for the plain model, dropping each map when done: gradients are
+bitwise the plain model's, with fewer maps alive at once. Running statistics are updated in forward only. Under
+``create_graph=True`` they differentiate a rerun instead (:func:`differentiable_rerun`), so double backward works.
+
+:class:`NormReluConv` serves :meth:`~effidense.layers.norm.BatchNormAct.then_conv` (concatenation-BN-ReLU-conv),
+:class:`ConvNormReluPool` serves :meth:`~effidense.layers.norm.BatchNormAct.between` (a stem: conv-BN-ReLU-max-pool).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .pool import MaxPool
+from .recompute import rerun
+
+__all__ = ["ConvNormReluPool", "NormReluConv", "differentiable_rerun", "plain_conv"]
+
+
+class NormReluConv(torch.autograd.Function):
+    """``conv(relu(norm(*maps)))`` for native training-mode BatchNorm that keeps only ``maps`` for backward (they are
+    kept anyway: earlier layers' outputs, or a bottleneck's). Forward calls the three modules (their hooks see what
+    they would see without it); the norm concatenates the maps.
+
+    Backward rebuilds ``ReLU(BN(cat(maps)))`` (never the convolution) and calls the kernels autograd calls for the
+    plain model: ``convolution_backward`` on the input autocast gave the convolution, ReLU's ``threshold_backward`` (in
+    place, into the convolution's input gradient), the backward of whichever BatchNorm implementation ran
+    (``_batch_norm_impl_index``: native or cuDNN), and the concatenation's (views of the gradient, one per map), so
+    gradients are bitwise the plain model's. Each map is dropped once the kernels are done with it: at most three of
+    the concatenation's size are alive at once, where a checkpoint's rerun holds four. BatchNorm and ReLU have no
+    autocast policy, so only the convolution's casts are redone. Running statistics are updated in forward only.
+    Under ``create_graph=True`` backward differentiates a rerun instead (:func:`differentiable_rerun`), so a second
+    backward works.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, norm: nn.Module, relu: nn.ReLU, conv: nn.Module, bn_weight: Tensor | None,
+                bn_bias: Tensor | None, conv_weight: Tensor, *maps: Tensor) -> Tensor:
+        device = maps[0].device.type
+        ctx.modules = norm, relu, conv
+        ctx.autocast = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+        ctx.save_for_backward(*maps)
+        return conv(relu(norm(*maps)))
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        maps = ctx.saved_tensors
+        norm, relu, conv = ctx.modules
+        if torch.is_grad_enabled():
+            return differentiable_rerun(ctx, grad, lambda *t: conv(relu(norm(*t))),
+                                         (None, None, None, norm.weight, norm.bias, conv.weight), maps)
+        enabled, dtype = ctx.autocast
+        need_w, need_b, need_conv = ctx.needs_input_grad[3:6]
+        need_maps = ctx.needs_input_grad[6:]
+        x = maps[0] if len(maps) == 1 else torch.cat(maps, 1)
+        y, save_mean, save_invstd, reserve, impl = torch._batch_norm_impl_index(
+            x, norm.weight, norm.bias, None, None, True, 0.0, norm.eps, torch.backends.cudnn.enabled)
+        y.relu_()
+
+        def as_conv_sees(t: Tensor) -> Tensor:  # autocast casts a convolution's floating inputs to its dtype
+            return t.to(dtype) if enabled and t.is_floating_point() and t.dtype != dtype else t
+
+        grad_y, grad_conv, _ = torch.ops.aten.convolution_backward(
+            grad, as_conv_sees(y), as_conv_sees(conv.weight), None, list(conv.stride), list(conv.padding),
+            list(conv.dilation), False, [0] * len(conv.stride), conv.groups, [True, need_conv, False])
+        grad_y = grad_y.to(y.dtype)
+        torch.ops.aten.threshold_backward.grad_input(grad_y, y, 0, grad_input=grad_y)
+        del y
+        grad_x, grad_w, grad_b = torch.ops.aten._batch_norm_impl_index_backward(
+            impl, x, grad_y, norm.weight, None, None, save_mean, save_invstd, True, norm.eps,
+            [any(need_maps), need_w, need_b], reserve)
+        del x, grad_y
+        if grad_x is None:
+            grad_maps: tuple[Tensor | None, ...] = (None,) * len(maps)
+        else:  # the concatenation's backward: a view of the gradient per map
+            grad_maps = tuple(g if need else None for g, need in zip(
+                grad_x.split([m.shape[1] for m in maps], 1), need_maps, strict=True))
+        grad_conv = None if grad_conv is None else grad_conv.to(conv.weight.dtype)
+        return None, None, None, grad_w, grad_b, grad_conv, *grad_maps
+
+
+def differentiable_rerun(ctx: Any, grad: Tensor, run: Callable[..., Tensor], before: tuple[Tensor | None, ...],
+                          maps: tuple[Tensor, ...], after: tuple[Tensor | None, ...] = ()) -> tuple[Tensor | None, ...]:
+    """A Function's gradients under ``create_graph=True``: those of ``run(*maps)``, a rerun of its forward (under the
+    autocast state forward ran in, updating no running statistics), with a graph of their own, as a checkpoint
+    computes them; so a second backward (a gradient penalty) works. ``apply`` took ``before``, ``maps``, ``after``.
+
+    The rerun reads each map through a view: gradients are taken at the views, so where one map was computed from
+    another (a block's), neither picks up the other's path, which the outer backward follows anyway."""
+    needs = ctx.needs_input_grad
+    views = tuple(m.view_as(m) for m in maps)
+    enabled, dtype = ctx.autocast
+    with rerun(), torch.autocast(grad.device.type, dtype=dtype, enabled=enabled):
+        out = run(*views)
+    inputs = (*before, *views, *after)
+    wanted = [t for t, need in zip(inputs, needs, strict=False) if need]
+    grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True, allow_unused=True))
+    return tuple(next(grads) if need else None for need in needs)
+
+
+def plain_conv(conv: nn.Module) -> bool:
+    """A convolution :class:`ConvNormReluPool` can differentiate by hand: no bias, zero padding given in numbers."""
+    return isinstance(conv, nn.modules.conv._ConvNd) and not conv.transposed and conv.bias is None \
+        and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
+
+
+class ConvNormReluPool(torch.autograd.Function):
+    """``pool(relu(norm(conv(x))))`` for native training-mode BatchNorm that keeps only ``x`` for backward.
+
+    Forward calls the four modules (their hooks see what they would see without it). Backward reruns the
+    convolution (under the autocast state forward ran in) and ``ReLU(BN(.))``, then calls the kernels autograd calls
+    for the plain model, as :class:`NormReluConv` does: the pool's backward (argmax recomputed), ReLU's
+    ``threshold_backward`` (in place, into the pool's gradient), BatchNorm's backward and ``convolution_backward``.
+    Each map is dropped once the kernels are done with it, so at most three maps of the convolution's size are alive
+    at once, where a checkpoint's rerun holds four and a spare: gradients are bitwise the plain model's. Running
+    statistics are updated in forward only. Under ``create_graph=True`` backward differentiates a rerun instead
+    (:func:`differentiable_rerun`), so a second backward works.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, conv_weight: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None,
+                conv: nn.Module, norm: nn.Module, relu: nn.ReLU, pool: MaxPool) -> Tensor:
+        device = x.device.type
+        ctx.modules = conv, norm, relu, pool
+        ctx.autocast = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+        ctx.save_for_backward(x)
+        return pool(relu(norm(conv(x))))
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        (x,) = ctx.saved_tensors
+        conv, norm, relu, pool = ctx.modules
+        if torch.is_grad_enabled():
+            return differentiable_rerun(ctx, grad, lambda t: pool(relu(norm(conv(t)))),
+                                         (), (x,), (conv.weight, norm.weight, norm.bias))
+        enabled, dtype = ctx.autocast
+        need_x, need_conv, need_w, need_b = ctx.needs_input_grad[:4]
+        with torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
+            c = conv._conv_forward(x, conv.weight, None)
+        y, save_mean, save_invstd, reserve, impl = torch._batch_norm_impl_index(
+            c, norm.weight, norm.bias, None, None, True, 0.0, norm.eps, torch.backends.cudnn.enabled)
+        y.relu_()
+        grad_y = pool.input_grad(y, grad)
+        torch.ops.aten.threshold_backward.grad_input(grad_y, y, 0, grad_input=grad_y)
+        del y
+        grad_c, grad_w, grad_b = torch.ops.aten._batch_norm_impl_index_backward(
+            impl, c, grad_y, norm.weight, None, None, save_mean, save_invstd, True, norm.eps, [True, need_w, need_b],
+            reserve)
+        del c, grad_y
+
+        def as_conv_sees(t: Tensor) -> Tensor:  # autocast casts a convolution's floating inputs to its dtype
+            return t.to(dtype) if enabled and t.is_floating_point() and t.dtype != dtype else t
+
+        grad_x, grad_conv, _ = torch.ops.aten.convolution_backward(
+            grad_c, as_conv_sees(x), as_conv_sees(conv.weight), None, list(conv.stride), list(conv.padding),
+            list(conv.dilation), False, [0] * len(conv.stride), conv.groups, [need_x, need_conv, False])
+        grad_x = None if grad_x is None else grad_x.to(x.dtype)
+        grad_conv = None if grad_conv is None else grad_conv.to(conv.weight.dtype)
+        return grad_x, grad_conv, grad_w, grad_b, None, None, None, None
