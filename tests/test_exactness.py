@@ -318,9 +318,10 @@ def test_shared_statistics_path_takes_half_precision_parameters(dtype):
 
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("amp", [None, torch.bfloat16])
-def test_efficient_bottleneck_function_is_bitwise_plain(channels_last, amp):
-    """The bottleneck's light recompute (the norm's then_conv) runs autograd's own backward kernels: outputs, every
-    gradient and every buffer are bitwise the plain model's, with autocast and channels_last too."""
+def test_efficient_light_reruns_are_bitwise_plain(channels_last, amp):
+    """The light reruns (the norms' then_conv for every concatenation, bottleneck and transition, and between for the
+    stem) run autograd's own backward kernels: outputs, every gradient and every buffer are bitwise the plain model's,
+    with autocast and channels_last too."""
     base = DenseNet(**TINY, memory="plain")
     x = torch.randn(3, 3, 32, 32)
     if channels_last:
