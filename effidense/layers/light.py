@@ -56,34 +56,57 @@ class NormReluConv(torch.autograd.Function):
         if torch.is_grad_enabled():
             return differentiable_rerun(ctx, grad, lambda *t: conv(relu(norm(*t))),
                                          (None, None, None, norm.weight, norm.bias, conv.weight), maps)
-        enabled, dtype = ctx.autocast
         need_w, need_b, need_conv = ctx.needs_input_grad[3:6]
         need_maps = ctx.needs_input_grad[6:]
         x = maps[0] if len(maps) == 1 else torch.cat(maps, 1)
-        y, save_mean, save_invstd, reserve, impl = torch._batch_norm_impl_index(
-            x, norm.weight, norm.bias, None, None, True, 0.0, norm.eps, torch.backends.cudnn.enabled)
-        y.relu_()
-
-        def as_conv_sees(t: Tensor) -> Tensor:  # autocast casts a convolution's floating inputs to its dtype
-            return t.to(dtype) if enabled and t.is_floating_point() and t.dtype != dtype else t
-
-        grad_y, grad_conv, _ = torch.ops.aten.convolution_backward(
-            grad, as_conv_sees(y), as_conv_sees(conv.weight), None, list(conv.stride), list(conv.padding),
-            list(conv.dilation), False, [0] * len(conv.stride), conv.groups, [True, need_conv, False])
+        y, bn_saved = _batch_norm_relu(norm, x)
+        grad_y, grad_conv = _conv_backward(ctx, conv, grad, y, True, need_conv)
         grad_y = grad_y.to(y.dtype)
-        torch.ops.aten.threshold_backward.grad_input(grad_y, y, 0, grad_input=grad_y)
+        _relu_backward_(grad_y, y)
         del y
-        grad_x, grad_w, grad_b = torch.ops.aten._batch_norm_impl_index_backward(
-            impl, x, grad_y, norm.weight, None, None, save_mean, save_invstd, True, norm.eps,
-            [any(need_maps), need_w, need_b], reserve)
+        grad_x, grad_w, grad_b = _batch_norm_backward(norm, x, grad_y, bn_saved, [any(need_maps), need_w, need_b])
         del x, grad_y
         if grad_x is None:
             grad_maps: tuple[Tensor | None, ...] = (None,) * len(maps)
         else:  # the concatenation's backward: a view of the gradient per map
             grad_maps = tuple(g if need else None for g, need in zip(
                 grad_x.split([m.shape[1] for m in maps], 1), need_maps, strict=True))
-        grad_conv = None if grad_conv is None else grad_conv.to(conv.weight.dtype)
         return None, None, None, grad_w, grad_b, grad_conv, *grad_maps
+
+
+def _batch_norm_relu(norm: nn.Module, x: Tensor) -> tuple[Tensor, tuple[Any, ...]]:
+    """``ReLU(BN(x))`` with batch statistics and no running statistics, by the kernel ``F.batch_norm`` picks (native or
+    cuDNN), and what its backward needs. BatchNorm and ReLU have no autocast policy: they run as forward ran them."""
+    y, save_mean, save_invstd, reserve, impl = torch._batch_norm_impl_index(
+        x, norm.weight, norm.bias, None, None, True, 0.0, norm.eps, torch.backends.cudnn.enabled)
+    return y.relu_(), (save_mean, save_invstd, reserve, impl)
+
+
+def _batch_norm_backward(norm: nn.Module, x: Tensor, grad_y: Tensor, saved: tuple[Any, ...],
+                         mask: list[bool]) -> tuple[Tensor | None, ...]:
+    save_mean, save_invstd, reserve, impl = saved
+    return torch.ops.aten._batch_norm_impl_index_backward(
+        impl, x, grad_y, norm.weight, None, None, save_mean, save_invstd, True, norm.eps, mask, reserve)
+
+
+def _relu_backward_(grad: Tensor, y: Tensor) -> None:
+    """ReLU's backward (``threshold_backward``) written into ``grad``, which is the backward's own buffer."""
+    torch.ops.aten.threshold_backward.grad_input(grad, y, 0, grad_input=grad)
+
+
+def _conv_backward(ctx: Any, conv: nn.Module, grad: Tensor, x: Tensor, need_x: bool,
+                   need_weight: bool) -> tuple[Tensor | None, Tensor | None]:
+    """``convolution_backward`` as autograd runs it for ``conv(x)`` under the autocast state forward ran in: on the
+    inputs autocast gave the convolution, with the weight's gradient in the weight's dtype."""
+    enabled, dtype = ctx.autocast
+
+    def as_conv_sees(t: Tensor) -> Tensor:  # autocast casts a convolution's floating inputs to its dtype
+        return t.to(dtype) if enabled and t.is_floating_point() and t.dtype != dtype else t
+
+    grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad, as_conv_sees(x), as_conv_sees(conv.weight), None, list(conv.stride), list(conv.padding),
+        list(conv.dilation), False, [0] * len(conv.stride), conv.groups, [need_x, need_weight, False])
+    return grad_x, None if grad_weight is None else grad_weight.to(conv.weight.dtype)
 
 
 def differentiable_rerun(ctx: Any, grad: Tensor, run: Callable[..., Tensor], before: tuple[Tensor | None, ...],
@@ -144,23 +167,12 @@ class ConvNormReluPool(torch.autograd.Function):
         need_x, need_conv, need_w, need_b = ctx.needs_input_grad[:4]
         with torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
             c = conv._conv_forward(x, conv.weight, None)
-        y, save_mean, save_invstd, reserve, impl = torch._batch_norm_impl_index(
-            c, norm.weight, norm.bias, None, None, True, 0.0, norm.eps, torch.backends.cudnn.enabled)
-        y.relu_()
+        y, bn_saved = _batch_norm_relu(norm, c)
         grad_y = pool.input_grad(y, grad)
-        torch.ops.aten.threshold_backward.grad_input(grad_y, y, 0, grad_input=grad_y)
+        _relu_backward_(grad_y, y)
         del y
-        grad_c, grad_w, grad_b = torch.ops.aten._batch_norm_impl_index_backward(
-            impl, c, grad_y, norm.weight, None, None, save_mean, save_invstd, True, norm.eps, [True, need_w, need_b],
-            reserve)
+        grad_c, grad_w, grad_b = _batch_norm_backward(norm, c, grad_y, bn_saved, [True, need_w, need_b])
         del c, grad_y
-
-        def as_conv_sees(t: Tensor) -> Tensor:  # autocast casts a convolution's floating inputs to its dtype
-            return t.to(dtype) if enabled and t.is_floating_point() and t.dtype != dtype else t
-
-        grad_x, grad_conv, _ = torch.ops.aten.convolution_backward(
-            grad_c, as_conv_sees(x), as_conv_sees(conv.weight), None, list(conv.stride), list(conv.padding),
-            list(conv.dilation), False, [0] * len(conv.stride), conv.groups, [need_x, need_conv, False])
+        grad_x, grad_conv = _conv_backward(ctx, conv, grad_c, x, need_x, need_conv)
         grad_x = None if grad_x is None else grad_x.to(x.dtype)
-        grad_conv = None if grad_conv is None else grad_conv.to(conv.weight.dtype)
         return grad_x, grad_conv, grad_w, grad_b, None, None, None, None
