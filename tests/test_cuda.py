@@ -92,6 +92,16 @@ def test_modes_equal_plain_fp32_tf32_off(exact_cuda, channels_last):
         _assert_same(results[mode], results["plain"], tolerance(torch.float32, "cuda"), mode)
 
 
+def test_3d_modes_equal_plain_fp32_tf32_off(exact_cuda):
+    """Volumes: the light stem (conv3d, BatchNorm3d, max_pool3d) and segments on cuDNN's 3D kernels."""
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 1, 24, 24, 24, generator=generator).to(DEVICE)
+    y = torch.randint(0, 10, (2,), generator=generator).to(DEVICE)
+    results = {mode: _train_step(model, x, y) for mode, model in _models(spatial_dims=3, in_chans=1).items()}
+    for mode in ("efficient", "frugal"):
+        _assert_same(results[mode], results["plain"], tolerance(torch.float32, "cuda"), mode)
+
+
 def test_modes_equal_plain_bf16_autocast(exact_cuda):
     x, y = _data()
     results = {mode: _train_step(model, x, y, amp=True) for mode, model in _models().items()}
