@@ -403,10 +403,9 @@ class DenseNet(MemoryMode):
                              f"{'x'.join([str(size)] * self.spatial_dims)}")
 
     # --- forward ---
-    def _stem(self, cache: list, pool: bool, x: Tensor) -> Tensor:
+    def _stem(self, cache: list, x: Tensor) -> Tensor:
         f = self.features
-        x = f.relu0(f.norm0(f.conv0(x), cache=cache))
-        return f.pool0(x) if pool else x
+        return f.relu0(f.norm0(f.conv0(x), cache=cache))
 
     def _final_norm(self, cache: list | None, *maps: Tensor) -> Tensor:
         return self._final_relu(self.features.norm5(*maps, cache=cache))
@@ -424,18 +423,18 @@ class DenseNet(MemoryMode):
         mode, f, tapped, tracing = run_mode(self.memory), self.features, [], is_tracing()
         # The ImageNet stem is one segment, max-pool included unless the map before it is wanted (so that not even its
         # indices stay).
-        pool = not self.small_inputs and 0 not in taps and stop != 0
+        pooled = not self.small_inputs and 0 not in taps and stop != 0 and mode != "plain"
         if self.small_inputs:
             x = f.conv0(x)
-        elif pool and mode != "plain":
+        elif pooled:
             x = f.norm0.between(f.conv0, f.relu0, f.pool0, x)
         else:
-            x = checkpointed(mode != "plain", functools.partial(self._stem, [], pool), x)
+            x = checkpointed(mode != "plain", functools.partial(self._stem, []), x)
         if 0 in taps:
             tapped.append(x)
         if stop == 0:
             return x, tapped
-        if not self.small_inputs and not pool:
+        if not self.small_inputs and not pooled:
             x = f.pool0(x)
         maps: list[Tensor] = [x]
         for i in range(1, last + 1):
