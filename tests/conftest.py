@@ -8,6 +8,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY = dict(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=5)
+# The training commands' tiny model and quick synthetic run (a few tests add to these).
+TRAIN_TINY = ["--model", "effi_densenet_bc100_k12", "--model-kwargs", "block_config=(2,2)", "growth_rate=4",
+              "num_init_features=8"]
+TRAIN_SYNTHETIC = ["--dataset", "synthetic", "--img-size", "8", "-b", "8", "--train-num-samples", "16",
+                   "--val-num-samples", "8", "-j", "0", "--warmup-epochs", "0"]
 
 
 def load_tool(name: str) -> ModuleType:

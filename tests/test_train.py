@@ -16,7 +16,7 @@ import pytest
 import timm
 import torch
 import yaml
-from conftest import load_tool
+from conftest import TRAIN_TINY, load_tool
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -29,8 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "train.py"
 tool = load_tool("train")
 
-TINY = ["--model", "effi_densenet_bc100_k12", "--model-kwargs", "block_config=(2,2)", "growth_rate=4",
-        "num_init_features=8"]
+TINY = TRAIN_TINY
 SYNTHETIC = ["--dataset", "synthetic", "--img-size", "8", "-b", "8", "--train-num-samples", "64",
              "--val-num-samples", "21", "-j", "0", "--warmup-epochs", "0", "--log-interval", "3"]
 

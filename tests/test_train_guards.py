@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_tool
+from conftest import TRAIN_SYNTHETIC, TRAIN_TINY, load_tool
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -23,10 +23,7 @@ from effidense.train.checkpoint import find_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 tool = load_tool("train")
 
-TINY = ["--model", "effi_densenet_bc100_k12", "--model-kwargs", "block_config=(2,2)", "growth_rate=4",
-        "num_init_features=8"]
-SYNTHETIC = ["--dataset", "synthetic", "--img-size", "8", "-b", "8", "--train-num-samples", "16",
-             "--val-num-samples", "8", "-j", "0", "--warmup-epochs", "0"]
+TINY, SYNTHETIC = TRAIN_TINY, TRAIN_SYNTHETIC
 
 
 def _env() -> dict[str, str]:
