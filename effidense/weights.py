@@ -37,7 +37,7 @@ from .fileio import (
 
 __all__ = ["KEY_RULES", "PTH_SUFFIXES", "Checkpoint", "ConversionError", "KeyRule", "canonical_key",
            "canonical_state_dict", "describe_misfit", "has_layout_keys", "inflate_kernels", "layout_key",
-           "layout_state_dict", "load_checkpoint", "save_checkpoint", "timm_pretrained_filter"]
+           "layout_state_dict", "load_checkpoint", "save_checkpoint", "timm_pretrained_filter", "values_problem"]
 
 
 PTH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
@@ -209,6 +209,24 @@ def state_dict_problem(state_dict: Mapping[Any, Any]) -> str | None:
                  if v.layout != torch.strided or v.is_quantized]
     if not_dense:
         return f"{len(not_dense)} tensors are not dense (strided) tensors: {listing(not_dense)}"
+    return None
+
+
+def values_problem(state_dict: Mapping[str, Tensor]) -> str | None:
+    """Why the values of ``state_dict`` can be no trained DenseNet's (None when they can be): a floating-point tensor
+    holding NaN/inf, a BatchNorm ``running_var`` below zero (its square root would be NaN), or a weight, bias or
+    running statistic that is not floating point (only BatchNorm's ``num_batches_tracked`` counts in integers)."""
+    not_float = [f"{k} ({str(v.dtype).removeprefix('torch.')})" for k, v in state_dict.items()
+                 if not v.is_floating_point() and not is_bn_counter(k)]
+    if not_float:
+        return (f"{len(not_float)} tensor(s) are not floating point, so they are no weights: {listing(not_float)}")
+    non_finite = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if non_finite:
+        return f"{len(non_finite)} tensor(s) hold NaN/inf values: {listing(non_finite)}"
+    negative = [k for k, v in state_dict.items() if k.endswith("running_var") and bool((v < 0).any())]
+    if negative:
+        return (f"{len(negative)} BatchNorm running_var tensor(s) hold negative variances (the model would output "
+                f"NaN): {listing(negative)}")
     return None
 
 
