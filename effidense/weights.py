@@ -212,12 +212,17 @@ def state_dict_problem(state_dict: Mapping[Any, Any]) -> str | None:
     return None
 
 
+# The tensors of torch's convolutions, linear layers and norms, which are floating point in every model.
+_FLOAT_NAMES = frozenset({"weight", "bias", "running_mean", "running_var"})
+
+
 def values_problem(state_dict: Mapping[str, Tensor]) -> str | None:
-    """Why the values of ``state_dict`` can be no trained DenseNet's (None when they can be): a floating-point tensor
+    """Why the values of ``state_dict`` can be no trained model's (None when they can be): a floating-point tensor
     holding NaN/inf, a BatchNorm ``running_var`` below zero (its square root would be NaN), or a weight, bias or
-    running statistic that is not floating point (only BatchNorm's ``num_batches_tracked`` counts in integers)."""
+    running statistic that is not floating point (a model's integer buffers, such as BatchNorm's
+    ``num_batches_tracked``, have other names)."""
     not_float = [f"{k} ({str(v.dtype).removeprefix('torch.')})" for k, v in state_dict.items()
-                 if not v.is_floating_point() and not is_bn_counter(k)]
+                 if not v.is_floating_point() and k.rsplit(".", 1)[-1] in _FLOAT_NAMES]
     if not_float:
         return (f"{len(not_float)} tensor(s) are not floating point, so they are no weights: {listing(not_float)}")
     non_finite = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
