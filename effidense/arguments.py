@@ -6,8 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["COMPILE_SCOPES", "MAX_LAYERS", "MAX_PARAMETERS", "MEMORY_MODES", "SPATIAL_DIMS", "check_config",
-           "check_spatial_dims", "count_weights", "resolve_compile", "resolve_memory"]
+__all__ = ["COMPILE_SCOPES", "MAX_LAYERS", "MAX_PARAMETERS", "MEMORY_MODES", "SPATIAL_DIMS", "check_block",
+           "check_config", "check_layer", "check_spatial_dims", "check_transition", "count_weights", "resolve_compile",
+           "resolve_memory"]
 
 MEMORY_MODES = ("plain", "efficient", "frugal")
 COMPILE_SCOPES = ("layers", "model")
@@ -50,30 +51,60 @@ def resolve_compile(compile: bool | str) -> str | None:
 MAX_PARAMETERS = 2 ** 32  # 16 GiB of float32 weights before a single activation
 
 
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _fraction(name: str, value: Any, low_open: bool) -> None:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not (0 < value <= 1 if low_open else 0 <= value < 1):
+        raise ValueError(f"{name} must be a number in {'(0, 1]' if low_open else '[0, 1)'}, got {value!r}")
+
+
+def check_layer(num_input_features: int, growth_rate: int, bn_size: int | None, drop_rate: float,
+                spatial_dims: int) -> None:
+    """A dense layer's arguments (:class:`~effidense.densenet.DenseLayer`); a layer with no channels in or out
+    would build empty convolutions that fail only at the first forward, far from the mistake."""
+    _positive_int("num_input_features", num_input_features)
+    _positive_int("growth_rate", growth_rate)
+    if bn_size is not None:  # None: no bottleneck; 0 would silently mean the same, so it is refused as DenseNet does
+        _positive_int("bn_size", bn_size)
+    _fraction("drop_rate", drop_rate, low_open=False)
+    check_spatial_dims(spatial_dims)
+
+
+def check_block(num_layers: int, num_input_features: int, growth_rate: int, bn_size: int | None,
+                drop_rate: float, spatial_dims: int) -> None:
+    """A dense block's arguments (:class:`~effidense.densenet.DenseBlock`): at least one layer, each valid."""
+    _positive_int("num_layers", num_layers)
+    if num_layers > MAX_LAYERS:
+        raise ValueError(f"num_layers={num_layers} is over the {MAX_LAYERS} dense layers supported")
+    check_layer(num_input_features, growth_rate, bn_size, drop_rate, spatial_dims)
+
+
+def check_transition(num_input_features: int, num_output_features: int, spatial_dims: int) -> None:
+    """A transition's arguments (:class:`~effidense.densenet.Transition`)."""
+    _positive_int("num_input_features", num_input_features)
+    _positive_int("num_output_features", num_output_features)
+    check_spatial_dims(spatial_dims)
+
+
 def check_config(growth_rate: int, block_config: Sequence[int], num_init_features: int, bn_size: int | None,
                   compression: float, drop_rate: float, head_drop_rate: float, num_classes: int,
                   in_chans: int, small_inputs: bool, spatial_dims: int) -> None:
-    def positive_int(name: str, value: Any) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-    def fraction(name: str, value: Any, low_open: bool) -> None:
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not number or not (0 < value <= 1 if low_open else 0 <= value < 1):
-            raise ValueError(f"{name} must be a number in {'(0, 1]' if low_open else '[0, 1)'}, got {value!r}")
-
-    positive_int("growth_rate", growth_rate)
-    positive_int("num_init_features", num_init_features)
-    positive_int("in_chans", in_chans)
+    _positive_int("growth_rate", growth_rate)
+    _positive_int("num_init_features", num_init_features)
+    _positive_int("in_chans", in_chans)
     if bn_size is not None:
-        positive_int("bn_size", bn_size)
+        _positive_int("bn_size", bn_size)
     if isinstance(block_config, (str, bytes)) or not isinstance(block_config, Sequence) or not block_config:
         raise ValueError(f"block_config must be a non-empty sequence of layer counts, got {block_config!r}")
     for i, n in enumerate(block_config):
-        positive_int(f"block_config[{i}]", n)
-    fraction("compression", compression, low_open=True)
-    fraction("drop_rate", drop_rate, low_open=False)
-    fraction("head_drop_rate", head_drop_rate, low_open=False)
+        _positive_int(f"block_config[{i}]", n)
+    _fraction("compression", compression, low_open=True)
+    _fraction("drop_rate", drop_rate, low_open=False)
+    _fraction("head_drop_rate", head_drop_rate, low_open=False)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
         raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
     if not isinstance(small_inputs, bool):

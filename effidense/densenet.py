@@ -43,7 +43,16 @@ from timm.layers import create_classifier
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
-from .arguments import COMPILE_SCOPES, MEMORY_MODES, check_config, check_spatial_dims, resolve_compile, resolve_memory
+from .arguments import (
+    COMPILE_SCOPES,
+    MEMORY_MODES,
+    check_block,
+    check_config,
+    check_layer,
+    check_transition,
+    resolve_compile,
+    resolve_memory,
+)
 from .layers.norm import BATCH_NORM_ACT, AdoptsNorms, BatchNormAct, NormAct
 from .layers.pool import AvgPool, MaxPool
 from .layers.recompute import checkpointed, is_tracing, run_mode
@@ -113,6 +122,7 @@ class DenseLayer(MemoryMode, AdoptsNorms):
                  spatial_dims: int = 2, memory: str = "efficient", norm_layer: NormLayer | None = None,
                  drop_channels: bool = False) -> None:
         super().__init__()
+        check_layer(num_input_features, growth_rate, bn_size, drop_rate, spatial_dims)
         norm_layer = norm_layer or BATCH_NORM_ACT[spatial_dims]
         self.norm1, self.relu1 = _norm_and_act(norm_layer, num_input_features)
         if bn_size:
@@ -163,7 +173,7 @@ class DenseBlock(MemoryMode, nn.ModuleDict):
                  new_features_only: bool = False, norm_layer: NormLayer | None = None,
                  drop_channels: bool = False) -> None:
         super().__init__()
-        check_spatial_dims(spatial_dims)
+        check_block(num_layers, num_input_features, growth_rate, bn_size, drop_rate, spatial_dims)
         for i in range(num_layers):
             layer = DenseLayer(num_input_features + i * growth_rate, growth_rate, bn_size, drop_rate, spatial_dims,
                                memory, norm_layer, drop_channels)
@@ -191,6 +201,7 @@ class Transition(MemoryMode, AdoptsNorms):
     def __init__(self, num_input_features: int, num_output_features: int, spatial_dims: int = 2,
                  memory: str = "efficient", norm_layer: NormLayer | None = None) -> None:
         super().__init__()
+        check_transition(num_input_features, num_output_features, spatial_dims)
         self.norm, self.relu = _norm_and_act(norm_layer or BATCH_NORM_ACT[spatial_dims], num_input_features)
         self.conv = _conv(spatial_dims, num_input_features, num_output_features, 1)
         self.pool = AvgPool(spatial_dims)

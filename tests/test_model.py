@@ -6,6 +6,7 @@ from conftest import TINY
 
 import effidense
 from effidense import DenseNet
+from effidense.densenet import DenseBlock, DenseLayer, Transition
 
 
 def _num_params(model: torch.nn.Module) -> int:
@@ -139,6 +140,30 @@ def test_torchvision_positional_order_builds_the_same_network():
 def test_invalid_configuration_names_the_argument(kwargs, argument):
     with pytest.raises(ValueError, match=argument):
         DenseNet(**{**TINY, **kwargs})
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: DenseBlock(0, 8, 4), "num_layers must be a positive integer, got 0"),
+    (lambda: DenseBlock(-1, 8, 4), "num_layers must be a positive integer, got -1"),
+    (lambda: DenseBlock(2.5, 8, 4), "num_layers must be a positive integer, got 2.5"),
+    (lambda: DenseBlock(2, 8, 0), "growth_rate must be a positive integer, got 0"),
+    (lambda: DenseBlock(2, 0, 4), "num_input_features must be a positive integer, got 0"),
+    (lambda: DenseBlock(2, 8, 4, bn_size=0), "bn_size must be a positive integer, got 0"),
+    (lambda: DenseBlock(2, 8, 4, drop_rate=2.0), r"drop_rate must be a number in \[0, 1\), got 2.0"),
+    (lambda: DenseBlock(2, 8, 4, spatial_dims=4), "spatial_dims must be 1, 2 or 3, got 4"),
+    (lambda: DenseLayer(8, 0), "growth_rate must be a positive integer, got 0"),
+    (lambda: DenseLayer(8, 4, bn_size=-1), "bn_size must be a positive integer, got -1"),
+    (lambda: DenseLayer(0, 4), "num_input_features must be a positive integer, got 0"),
+    (lambda: Transition(8, 0), "num_output_features must be a positive integer, got 0"),
+    (lambda: Transition(0, 4), "num_input_features must be a positive integer, got 0"),
+])
+def test_building_blocks_refuse_impossible_sizes(build, message):
+    # The public blocks build models of one's own: an empty block or a layer adding no channels must be refused
+    # where it is made, as DenseNet refuses its own arguments, not at the first forward (or never).
+    with pytest.raises(ValueError, match=message) as caught:
+        build()
+    assert "\n" not in str(caught.value)
+    assert len(DenseBlock(1, 8, 4)) == 1 and DenseLayer(8, 4, bn_size=None).conv1.out_channels == 4
 
 
 def test_set_memory_rejects_unknown_mode():
