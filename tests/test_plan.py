@@ -219,12 +219,44 @@ def test_command_table_json_and_plot(cli, tmp_path, capsys):
     (["--img-size", "4"], "input 4x4 is too small for custom: it needs at least 5x5"),
     (["--img-size", "8", "8", "8", "8"], "--img-size takes 1 to 3 numbers"),
     (["--variants", "plain+compile"], "predicts eager steps"),
+    (["--spatial-dims", "3", "--img-size", "16", "16"], "--img-size 16 16 is a 2D input but the model is 3D"),
+    (["--spatial-dims", "1", "--img-size", "16", "16"], "--img-size 16 16 is a 2D input but the model is 1D"),
+    (["--spatial-dims", "2", "--img-size", "8", "8", "8"], "--img-size 8 8 8 is a 3D input but the model is 2D"),
+    (["--model-kwargs", "spatial_dims=3", "--img-size", "16", "16"], "is a 2D input but the model is 3D"),
     (["--margin", "1.5"], "--margin"),
 ])
 def test_bad_input_is_one_line(cli, capsys, argv, message):
     assert run(cli, CLI_TINY + argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_one_size_with_spatial_dims_3_plans_a_cube(cli, tmp_path, capsys):
+    # A 3D model is used on cubes: one --img-size is the cube's edge, as for the 3D model itself (it was a square,
+    # which planned the 2D network instead).
+    path = tmp_path / "plan.json"
+    argv = CLI_TINY + ["--spatial-dims", "3", "--img-size", "8", "--batch-size", "2", "--variants", "efficient",
+                       "--budget", "4MiB", "--json", str(path)]
+    assert run(cli, argv) == 0
+    out = capsys.readouterr().out
+    assert "batch 2, 8x8x8" in out and "max cube edge" in out
+    data = json.loads(path.read_text())
+    assert data["config"]["img_size"] == [8, 8, 8] and data["config"]["max_edge"] is True
+    assert data["variants"][0]["status"] == "ok" and data["variants"][0]["max_edge"] >= 8
+    # A signal: one number is its length.
+    assert run(cli, CLI_TINY + ["--spatial-dims", "1", "--img-size", "64", "--variants", "efficient"]) == 0
+    assert "batch 4, 64," in capsys.readouterr().out
+
+
+def test_sizes_that_contradict_a_chosen_spatial_dims_are_refused(cli, capsys):
+    argv = [a for a in CLI_TINY if a not in ("--img-size", "32")] + ["--spatial-dims", "2", "--volume", "16"]
+    assert run(cli, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--volume 16 is a 3D input but --spatial-dims is 2" in err and len(err.splitlines()) == 1
+    volume = ModelSpec("tiny 3D", {**TINY, "spatial_dims": 3})
+    with pytest.raises(ValueError, match=r"img_size \[16, 16\] is a 2D input but the model is 3D"):
+        plan(volume, variants="efficient", img_size=(16, 16))
+    assert plan(volume, variants="efficient", img_size=8, batch_size=2).config["img_size"] == [8, 8, 8]
 
 
 def test_budget_short_of_parameters_says_by_how_much(cli, capsys):

@@ -25,7 +25,7 @@ from ..benchmark import AMP_DTYPES, PEERS, torch_threads
 from ..densenet import MEMORY_MODES
 from ..fileio import outputs_problem, short_error
 from ..footprint import OPTIMIZERS
-from ..modelspec import OneLineParser, add_model_arguments, positive_int, spec_from_args
+from ..modelspec import ModelSpec, OneLineParser, add_model_arguments, positive_int, spec_from_args
 from ..planner import (
     DEFAULT_MARGIN,
     DTYPES,
@@ -77,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=positive_int, default=64, help="inputs per step (default 64)")
     size = run.add_mutually_exclusive_group()
     size.add_argument("--img-size", type=positive_int, nargs="+", metavar="N",
-                      help="input size: one number (a square), H W, or D H W for a 3D input (default: 32 for "
-                           "small-input nets, else 224)")
+                      help="input size: one number (the edge: a square, or a cube with --spatial-dims 3), H W, "
+                           "or D H W for a 3D input (default: 32 for small-input nets, else 224)")
     size.add_argument("--volume", type=positive_int, metavar="N", help="a 3D input of NxNxN (same as --img-size N N N)")
     run.add_argument("--amp", choices=tuple(AMP_DTYPES), help="autocast dtype (default: none)")
     run.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
@@ -111,17 +111,32 @@ def _error(message: str) -> int:
     return 2
 
 
+def _input_size(args: argparse.Namespace, spec: ModelSpec) -> int | list[int] | None:
+    """--img-size or --volume as plan() takes them. One number is an edge: a square, a cube or a length, as the
+    model's spatial dims say (a 3D model is used on cubes). Two or three numbers are the input's own size, which
+    makes a named model 2D or 3D; one whose dims were given (--spatial-dims, --model-kwargs) must agree."""
+    if args.volume is not None:
+        return [args.volume] * 3
+    if args.img_size is None or len(args.img_size) == 1:
+        return None if args.img_size is None else args.img_size[0]
+    dims = spec.arg("spatial_dims")
+    if "spatial_dims" in spec.kwargs and len(args.img_size) != dims:
+        want = "one number" if dims == 1 else f"one number (the edge) or {dims}"
+        raise ValueError(f"--img-size {' '.join(map(str, args.img_size))} is a {len(args.img_size)}D input but the "
+                         f"model is {dims}D (spatial_dims={dims}): give {want}")
+    return list(args.img_size)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     problem = outputs_problem(args.json, args.plot, args.force)
     if problem:
         parser.error(problem)
-    img_size = [args.volume] * 3 if args.volume else args.img_size
-    if img_size is not None and len(img_size) > 3:
-        parser.error(f"--img-size takes 1 to 3 numbers (N, H W or D H W), got {len(img_size)}")
-    if img_size is not None and len(img_size) == 1:
-        img_size = img_size * 2
+    if args.img_size is not None and len(args.img_size) > 3:
+        parser.error(f"--img-size takes 1 to 3 numbers (N, H W or D H W), got {len(args.img_size)}")
+    if args.volume is not None and args.spatial_dims not in (None, 3):
+        parser.error(f"--volume {args.volume} is a 3D input but --spatial-dims is {args.spatial_dims}")
 
     def progress(name: str) -> None:
         if not args.quiet:
@@ -129,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         spec = spec_from_args(args)
+        img_size = _input_size(args, spec)
         with torch_threads(args.threads):
             report = plan(spec, variants=args.variants, img_size=img_size, batch_size=args.batch_size,
                           amp=args.amp, dtype=args.dtype, optimizer=args.optimizer, budget=args.budget,

@@ -183,8 +183,12 @@ def plan(model: str | ModelSpec | Mapping[str, Callable[[], nn.Module]] = "effi_
     if isinstance(model, str):
         model = resolve_model(model)
     if isinstance(model, ModelSpec) and img_size is not None and not isinstance(img_size, int) \
-            and len(img_size) != model.arg("spatial_dims"):  # a volume for a named model: its 3D (or 1D) form
-        model = ModelSpec(model.name, {**model.kwargs, "spatial_dims": len(img_size)})
+            and len(img_size) != model.arg("spatial_dims"):
+        dims = model.arg("spatial_dims")
+        if "spatial_dims" in model.kwargs:  # chosen, so the sizes contradict it rather than choose
+            raise ValueError(f"img_size {list(img_size)} is a {len(img_size)}D input but the model is {dims}D "
+                             f"(spatial_dims={dims}): give one edge (an int) or {dims} sizes")
+        model = ModelSpec(model.name, {**model.kwargs, "spatial_dims": len(img_size)})  # a named model's 3D/1D form
     target = _target(model, variants, in_chans, num_classes, min_size)
     size = _size(img_size, target)
     step = StepSpec(in_chans=target.in_chans, num_classes=target.num_classes,
