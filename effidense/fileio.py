@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import pickle
 import pickletools
@@ -172,16 +173,54 @@ def _refusal_reason(error: BaseException) -> str:
 
 
 _PICKLE_OPCODES = frozenset(ord(op.code) for op in pickletools.opcodes)
+# the opcodes that import or build objects: the ones an unsafe file needs, and those of torch's own tensors
+_OBJECT_OPCODES = frozenset(ord(op.code) for op in pickletools.opcodes if op.name in (
+    "GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "BUILD", "EXT1", "EXT2", "EXT4"))
+_PICKLE_READ_LIMIT = 64 << 20  # a torch file's pickles come before its tensor bytes and are far smaller
 
 
-def _is_unsafe(error: BaseException) -> bool:
+def _pickle_bytes(path: Path) -> bytes:
+    """The bytes torch unpickles from ``path``: the zip format's ``data.pkl``, or the legacy format's leading pickles
+    (empty when the zip cannot be read)."""
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                return archive.read(name)[:_PICKLE_READ_LIMIT] if name else b""
+        except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, ValueError):
+            return b""
+    with open(path, "rb") as f:
+        return f.read(_PICKLE_READ_LIMIT)
+
+
+def _well_formed_opcodes(data: bytes) -> set[int]:
+    """The opcodes of the complete, consistent pickles at the start of ``data`` (pickletools checks each one's
+    opcodes, arguments, stack and memo), up to the first that is none: random bytes give next to nothing."""
+    stream, seen = io.BytesIO(data), set()
+    while stream.tell() < len(data):
+        start = stream.tell()
+        try:
+            pickletools.dis(stream, out=io.StringIO())
+        except Exception:  # pickletools raises ValueError, EOFError, KeyError...: these bytes are no pickle
+            break
+        seen.update(ord(op.code) for op, _, _ in pickletools.genops(data[start:stream.tell()]))
+    return seen
+
+
+def _is_unsafe(error: BaseException, path: Path) -> bool:
     """Whether torch's weights-only unpickler refused an object to build (code to run), rather than stumbled on bytes
-    that are no pickle at all: every refusal starts "Weights only load failed", so its reason decides."""
+    that are no pickle at all: every refusal starts "Weights only load failed", so its reason decides, and the file
+    must hold a well-formed pickle that does what the reason says (random bytes can spell a pickle opcode, or the
+    'PK' of a zip file that is none)."""
     text = str(error)
     operand = re.search(r"Unsupported operand (\d+)", text)
     if operand:  # an opcode it does not run (INST, OBJ, EXT*: objects) or a byte that is no opcode (random bytes)
-        return int(operand[1]) in _PICKLE_OPCODES
-    return re.search(r"global|reduce|can only build|unsupported (?:class|type)", text, re.IGNORECASE) is not None
+        needed = {int(operand[1])} & _PICKLE_OPCODES
+    elif re.search(r"global|reduce|can only build|unsupported (?:class|type)", text, re.IGNORECASE):
+        needed = set(_OBJECT_OPCODES)
+    else:
+        return False
+    return bool(needed & _well_formed_opcodes(_pickle_bytes(path)))
 
 
 def _corrupt_reason(error: BaseException) -> str:
@@ -207,7 +246,7 @@ def load_torch_file(path: str | os.PathLike[str], safe_globals: Iterable[Any] = 
         with torch.serialization.safe_globals(list(safe_globals)):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if _is_unsafe(e):  # an object to build, i.e. code to run
+        if _is_unsafe(e, path):  # an object to build, i.e. code to run
             raise UnsafeFileError(
                 f"{path}: refused to load (unsafe): the file holds pickled Python objects, not only tensors "
                 f"({_refusal_reason(e)}); torch.load(weights_only=True) protects you from code in checkpoints. "

@@ -5,7 +5,9 @@ import argparse
 import errno
 import json
 import os
+import random
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from torch import nn
 import effidense
 from effidense import convert
 from effidense.convert import Architecture, ConversionError
+from effidense.fileio import UnreadableFileError, UnsafeFileError, load_torch_file
 
 TINY = dict(growth_rate=4, block_config=(2, 2), num_init_features=8)
 TINY_ARCH = Architecture(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=10)
@@ -539,3 +542,35 @@ def test_one_description_of_which_densenet():
     assert (default.growth_rate, default.block_config, default.num_init_features, default.spatial_dims) == (
         32, (6, 12, 24, 16), 64, 2)
     assert convert.match_config(resolve_model("densenet121").architecture) == "densenet121"
+
+
+# --- corrupt or unsafe ---
+
+@pytest.mark.parametrize("head", [b"PK", b"PK\x03\x04", b"PK\x05\x06", b"\x80\x02", b"("])
+@pytest.mark.parametrize("seed", range(3))
+def test_random_bytes_after_a_header_are_corrupt_not_unsafe(tmp_path, head, seed):
+    source = tmp_path / "r.pth"
+    source.write_bytes(head + random.Random(seed).randbytes(4096))
+    with pytest.raises(UnreadableFileError, match=rf"^{re.escape(str(source))}: corrupt or truncated") as info:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns of the random "protocol" it reads
+            load_torch_file(source)
+    assert not isinstance(info.value, UnsafeFileError)
+
+
+@pytest.mark.parametrize("how", ["zip", "legacy", "pickle"])
+@pytest.mark.parametrize("payload", ["class", "os.system"])
+def test_real_pickled_objects_are_still_unsafe(tmp_path, how, payload):
+    marker = tmp_path / "pwned"
+    obj = {"state_dict": {"w": torch.zeros(2)},
+           "x": _Payload() if payload == "class" else _RunsShellCommand(f"touch {marker}")}
+    source = tmp_path / "evil.pth"
+    if how == "pickle":  # no torch.save at all: a plain pickle, as an attacker might write it
+        import pickle
+
+        source.write_bytes(pickle.dumps(obj, protocol=0))
+    else:
+        torch.save(obj, source, _use_new_zipfile_serialization=how == "zip")
+    with pytest.raises(UnsafeFileError, match=rf"^{re.escape(str(source))}: refused to load \(unsafe\)"):
+        load_torch_file(source)
+    assert not marker.exists()
