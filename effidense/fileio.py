@@ -8,6 +8,8 @@
   (:func:`interrupts_deferred`), so an interrupted program leaves no temporary file behind.
 * :func:`load_torch_file` loads with ``torch.load(weights_only=True)``, so a checkpoint can never run code, and tells
   an unsafe file (pickled objects) from a corrupt or truncated one. :func:`load_safetensors` reads safetensors.
+  Both go by the content, never the name (:func:`content_format`): each reads its format whatever the file is
+  called, and names the other format when handed it.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ import torch
 from .errors import short_error
 
 __all__ = ["PLOT_FORMATS", "UnreadableFileError", "UnsafeFileError", "atomic_write", "atomic_write_bytes",
-           "check_writable", "outputs_problem",
+           "check_writable", "content_format", "outputs_problem",
            "file_mode", "interrupts_deferred", "load_safetensors", "load_torch_file", "publish", "short_error",
            "write_complete"]
 
@@ -238,13 +240,31 @@ def _readable(path: str | os.PathLike[str]) -> Path:
     return path
 
 
+def content_format(path: str | os.PathLike[str]) -> str | None:
+    """What the first bytes of ``path`` say it is: ``"safetensors"``, ``"torch"`` (``torch.save``'s zip format, or
+    its legacy one, a protocol 2+ pickle) or None, whatever the file's name (torch.load and timm go by the name)."""
+    path = Path(path)
+    with path.open("rb") as f:
+        head = f.read(9)
+    # safetensors: an 8-byte little-endian header length, then the JSON header
+    looks_safetensors = len(head) == 9 and head[8:9] == b"{"
+    if looks_safetensors and 0 < struct.unpack("<Q", head[:8])[0] <= path.stat().st_size - 8:
+        return "safetensors"
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        return "torch"
+    return "safetensors" if looks_safetensors else None  # a header that the rest of the file does not hold
+
+
 def load_torch_file(path: str | os.PathLike[str], safe_globals: Iterable[Any] = ()) -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU; refuses pickled objects (other than ``safe_globals``) as
-    unsafe and names the file in every error."""
+    unsafe and names the file in every error. The content decides: a safetensors file is named as one."""
     path = _readable(path)
+    if content_format(path) == "safetensors":
+        raise UnreadableFileError(f"{path} is not a PyTorch checkpoint (it is a safetensors file)")
     try:
-        with torch.serialization.safe_globals(list(safe_globals)):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        # an open file, not the path: torch.load hands any path ending in .safetensors to safetensors
+        with torch.serialization.safe_globals(list(safe_globals)), path.open("rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if _is_unsafe(e, path):  # an object to build, i.e. code to run
             raise UnsafeFileError(
@@ -258,10 +278,17 @@ def load_torch_file(path: str | os.PathLike[str], safe_globals: Iterable[Any] = 
 
 
 def load_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Every tensor of a safetensors file, on the CPU, and its metadata; a malformed or truncated file names itself."""
+    """Every tensor of a safetensors file, on the CPU, and its metadata; a malformed or truncated file names itself,
+    and a file that is no safetensors file says what it is."""
     from safetensors import safe_open
 
     path = _readable(path)
+    found = content_format(path)
+    if found == "torch":
+        raise UnreadableFileError(f"{path} is not a safetensors file (it looks like a PyTorch checkpoint)")
+    if found is None:
+        raise UnreadableFileError(f"{path} is not a safetensors file (nor a PyTorch checkpoint): corrupt, or of "
+                                  "another format")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})

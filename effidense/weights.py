@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import struct
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from .fileio import (
     UnreadableFileError,
     atomic_write,
     check_writable,
+    content_format,
     load_safetensors,
     load_torch_file,
     short_error,
@@ -110,16 +110,6 @@ class Checkpoint:
     notes: list[str] = field(default_factory=list)
 
 
-def _is_safetensors(path: Path) -> bool:
-    with path.open("rb") as f:
-        head = f.read(9)
-    if len(head) < 9:
-        return False
-    (header_len,) = struct.unpack("<Q", head[:8])
-    return head[8:9] == b"{" and 0 < header_len <= path.stat().st_size - 8
-
-
-
 def _torch_load(path: Path) -> Any:
     # timm's training checkpoints store their argparse.Namespace of settings; it holds no code, so it is allowed.
     try:
@@ -176,21 +166,32 @@ def load_checkpoint(path: str | os.PathLike[str], use_ema: bool = False) -> Chec
         raise ConversionError(f"checkpoint not found: {path}" if not path.exists() else f"not a file: {path}")
     if path.stat().st_size == 0:
         raise ConversionError(f"{path}: the file is empty")
-    if _is_safetensors(path):
+    found = content_format(path)
+    if found is None:
+        raise ConversionError(f"{path}: corrupt or truncated checkpoint (neither a PyTorch nor a safetensors file)")
+    notes = []
+    named = _FORMAT_NAMES.get(_suffix_format(path))
+    if named is not None and named != _FORMAT_NAMES[found]:
+        notes.append(f"{path.name} is a {_FORMAT_NAMES[found]}, not a {named}; read as one")
+    if found == "safetensors":
         tensors, metadata = _safetensors_load(path)
-        state_dict, notes = _unwrap(tensors, path, use_ema) if tensors else ({}, [])
+        state_dict, more = _unwrap(tensors, path, use_ema) if tensors else ({}, [])
         if not state_dict:
             raise ConversionError(f"{path}: the safetensors file holds no tensors")
-        return Checkpoint(state_dict, metadata, str(path), notes)
-    with path.open("rb") as f:
-        magic = f.read(2)
-    if magic != b"PK" and magic[:1] != b"\x80":  # torch's zip format, or the legacy one (a protocol-2+ pickle)
-        raise ConversionError(f"{path}: corrupt or truncated checkpoint (neither a PyTorch nor a safetensors file)")
-    state_dict, notes = _unwrap(_torch_load(path), path, use_ema)
+    else:
+        (state_dict, more), metadata = _unwrap(_torch_load(path), path, use_ema), {}
     problem = state_dict_problem(state_dict)
     if problem:
         raise ConversionError(f"{path}: {problem}")
-    return Checkpoint(state_dict, {}, str(path), notes)
+    return Checkpoint(state_dict, metadata, str(path), notes + more)
+
+
+_FORMAT_NAMES = {"safetensors": "safetensors file", "torch": "PyTorch checkpoint"}
+
+
+def _suffix_format(path: Path) -> str | None:
+    suffix = path.suffix.lower()
+    return "safetensors" if suffix == ".safetensors" else "torch" if suffix in PTH_SUFFIXES else None
 
 
 # --- keys and shapes ---

@@ -21,7 +21,7 @@ from torch import nn
 import effidense
 from effidense import convert
 from effidense.convert import Architecture, ConversionError
-from effidense.fileio import UnreadableFileError, UnsafeFileError, load_torch_file
+from effidense.fileio import UnreadableFileError, UnsafeFileError, load_safetensors, load_torch_file
 
 TINY = dict(growth_rate=4, block_config=(2, 2), num_init_features=8)
 TINY_ARCH = Architecture(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=10)
@@ -574,3 +574,59 @@ def test_real_pickled_objects_are_still_unsafe(tmp_path, how, payload):
     with pytest.raises(UnsafeFileError, match=rf"^{re.escape(str(source))}: refused to load \(unsafe\)"):
         load_torch_file(source)
     assert not marker.exists()
+
+
+# --- files that are not what their name says ---
+
+def test_a_pytorch_checkpoint_named_safetensors_is_read_by_its_content(tmp_path, capsys):
+    state_dict = tiny_torchvision().state_dict()
+    disguised = tmp_path / "x.safetensors"
+    torch.save(state_dict, disguised)
+    loaded = convert.load_checkpoint(disguised)  # "the format is recognised from the content, not the name"
+    assert loaded.state_dict.keys() == state_dict.keys() and loaded.metadata == {}
+    assert f"{disguised.name} is a PyTorch checkpoint, not a safetensors file; read as one" in loaded.notes
+    code, out, err = run_cli(capsys, "--checkpoint", disguised, "--output", tmp_path / "out.safetensors", "--verify")
+    assert code == 0, err
+    assert "is a PyTorch checkpoint, not a safetensors file" in out and "verify: max abs difference" in out
+    assert load_torch_file(disguised).keys() == state_dict.keys()  # torch.load alone goes by the name
+
+
+def test_a_safetensors_file_named_pth_is_read_by_its_content(tmp_path):
+    from safetensors.torch import save_file
+
+    state_dict = tiny_torchvision().state_dict()
+    disguised = tmp_path / "x.pth"
+    save_file(state_dict, str(disguised))
+    loaded = convert.load_checkpoint(disguised)
+    assert loaded.state_dict.keys() == state_dict.keys()
+    assert loaded.notes == ["x.pth is a safetensors file, not a PyTorch checkpoint; read as one"]
+    assert load_safetensors(disguised)[0].keys() == state_dict.keys()
+
+
+def test_the_readers_of_one_format_say_what_the_file_is(tmp_path):
+    from safetensors.torch import save_file
+
+    state_dict = tiny_torchvision().state_dict()
+    pth, safetensors = tmp_path / "x.safetensors", tmp_path / "y.pt"
+    torch.save(state_dict, pth)
+    save_file(state_dict, str(safetensors))
+    with pytest.raises(UnreadableFileError,
+                       match=rf"^{re.escape(str(pth))} is not a safetensors file \(it looks like a PyTorch "
+                             r"checkpoint\)$"):
+        load_safetensors(pth)
+    with pytest.raises(UnreadableFileError,
+                       match=rf"^{re.escape(str(safetensors))} is not a PyTorch checkpoint \(it is a safetensors "
+                             r"file\)$"):
+        load_torch_file(safetensors)
+
+
+@pytest.mark.parametrize("head", [b"PK", b"PK\x03\x04", b"\x80\x02", b"{}"])
+def test_random_bytes_named_safetensors_are_one_line(tmp_path, capsys, head):
+    source = tmp_path / "r.safetensors"
+    source.write_bytes(head + random.Random(1).randbytes(4096))
+    code, out, err = run_cli(capsys, "--checkpoint", source, "--output", tmp_path / "out.safetensors")
+    assert code == 1 and out == "" and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"{source}" in err and ("corrupt" in err or "not a safetensors file" in err) and "unsafe" not in err
+    with pytest.raises(UnreadableFileError, match=rf"^{re.escape(str(source))}"):
+        load_safetensors(source)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.safetensors"]
