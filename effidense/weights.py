@@ -32,7 +32,8 @@ from .fileio import (
     content_format,
     load_safetensors,
     load_torch_file,
-    short_error,
+    save_torch_file,
+    write_failure,
 )
 
 __all__ = ["KEY_RULES", "PTH_SUFFIXES", "Checkpoint", "ConversionError", "KeyRule", "canonical_key",
@@ -380,18 +381,18 @@ def save_checkpoint(
 
                 save_file(tensors, tmp, metadata=dict(metadata or {}))
             else:
-                torch.save(tensors, tmp)
+                save_torch_file(tensors, tmp)
         except (SafetensorError, RuntimeError) as e:
             # both serialisers report a failed write (a full disk) in their own types; atomic_write then cleans up
-            raise OSError(short_error(e)) from None
+            raise OSError(write_failure(e)) from None
         if check is not None:
             check(Path(tmp))
 
     try:
         atomic_write(path, write)
     except OSError as e:
-        # strerror alone: the message should name the output, not the temporary file beside it
-        raise ConversionError(f"cannot write {path}: {e.strerror or short_error(e)}") from None
+        # the system's reason alone: the message should name the output, not the temporary file beside it
+        raise ConversionError(f"cannot write {path}: {write_failure(e)}") from None
     return path
 
 

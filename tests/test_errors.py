@@ -26,3 +26,24 @@ def test_one_formatter_everywhere():
 
     assert fileio_short_error is short_error and cuda.is_oom is is_oom
     assert not hasattr(benchmark, "one_line")
+
+
+def test_a_failed_write_reports_the_systems_reason():
+    import errno
+    import os
+
+    from effidense.fileio import write_failure
+
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/tmp/.out.pth.x.tmp")
+    assert write_failure(full) == "No space left on device"  # the reason, not the temporary file's name
+    try:
+        try:
+            raise full
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
+    except RuntimeError as wrapped:  # torch's writer, failing after the system's error
+        assert write_failure(wrapped) == "No space left on device"
+    quoted = RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
+                          'left on device" })')
+    assert write_failure(quoted) == "No space left on device"
+    assert write_failure(RuntimeError("file write failed\n")) == "file write failed"
