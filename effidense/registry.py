@@ -6,6 +6,7 @@ such as :func:`densenet121` build the same networks without timm's machinery.
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -15,7 +16,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from .densenet import DenseNet
 from .names import CONFIGS, unknown_model_message
-from .weights import timm_pretrained_filter
+from .weights import PTH_SUFFIXES, timm_pretrained_filter
 
 __all__ = ["CONFIGS", "TORCHVISION_WEIGHTS", "create", "resolve_weights", "weight_tags",
            "densenet121", "densenet161", "densenet169", "densenet201", "densenet264",
@@ -113,6 +114,10 @@ def resolve_weights(name: str, weights: Any = None, pretrained: bool | None = No
                              f"torchvision.models.{expected}.IMAGENET1K_V1"])
     else:
         choices = "None (no pretrained weights exist for this model)"
+    if is_file_path(weights):
+        path = os.fspath(weights)
+        raise ValueError(f"{name}: weights={path!r} names a file, but weights= takes a name: {choices}; load a file "
+                         f"with model.load_state_dict(effidense.weights.load_checkpoint({path!r}).state_dict)")
     if owner and owner != expected:
         raise ValueError(f"{name}: weights {label} are {owner}'s, not {expected}'s; choose one of: {choices}")
     if not tags:
@@ -122,6 +127,17 @@ def resolve_weights(name: str, weights: Any = None, pretrained: bool | None = No
     if tag not in tags:
         raise ValueError(f"{name}: unknown weights {label!r}; choose one of: {choices}")
     return tag, text == "DEFAULT" or text in TORCHVISION_WEIGHTS
+
+
+def is_file_path(weights: Any) -> bool:
+    """Whether ``weights`` names a file rather than weights (a path, a name with a directory or a checkpoint's
+    suffix): torchvision's names never have either."""
+    if isinstance(weights, os.PathLike):
+        return True
+    if not isinstance(weights, str):
+        return False
+    return ("/" in weights or os.sep in weights or weights.lower().endswith((".safetensors", *PTH_SUFFIXES))
+            or os.path.isfile(weights))
 
 
 def weights_label(weights: Any) -> str:

@@ -2,6 +2,7 @@
 torchvision's interface (weights=, progress=, the deprecated pretrained=), loaded with an offline hub cache."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import huggingface_hub
@@ -163,3 +164,22 @@ def test_drop_rate_keeps_torchvisions_meaning_with_weights(offline_hub):
     # torchvision's drop_rate is dropout after each dense layer; timm.create_model reads it as the head's dropout
     model = effidense.densenet121(weights="DEFAULT", drop_rate=0.2)
     assert model.features.denseblock1.denselayer1.drop_rate == 0.2 and model.head_drop.p == 0.0
+
+
+@pytest.mark.parametrize("path", ["/x/y.pth", "y.safetensors", "runs/best", Path("/x/y.pth")])
+def test_a_file_for_weights_is_told_how_to_load_a_file(load, path):
+    shown = re.escape(repr(str(path)))
+    with pytest.raises(ValueError, match=rf"^densenet121: weights={shown} names a file, but weights= takes a name: "
+                                         rf"None, 'DEFAULT', .*; load a file with model.load_state_dict\(effidense"
+                                         rf"\.weights\.load_checkpoint\({shown}\)\.state_dict\)$"):
+        load("densenet121", weights=path)
+    with pytest.raises(ValueError, match=rf"^densenet264: weights={shown} names a file, but weights= takes a name: "
+                                         r"None \(no pretrained weights exist for this model\); load a file with"):
+        load("densenet264", weights=path)
+
+
+def test_the_way_a_file_is_loaded_works(tmp_path):
+    path = tmp_path / "w.pth"
+    torch.save(effidense.densenet_bc100_k12(**TINY).state_dict(), path)
+    model = effidense.densenet_bc100_k12(**TINY)
+    model.load_state_dict(effidense.weights.load_checkpoint(str(path)).state_dict)
