@@ -246,3 +246,52 @@ def test_an_image_size_too_small_for_the_model_is_refused_up_front(gradcheck, ca
     code, out, err = run_cli(gradcheck, ["--quiet", "--img-size", "1"], capsys)
     assert code == 2 and out == ""
     assert err.strip() == "effidense gradcheck: error: --img-size 1: tiny DenseNet-BC needs inputs of at least 5x5"
+
+
+def test_spatial_dims_3_checks_the_tiny_models_on_volumes(gradcheck, capsys):
+    # --spatial-dims was ignored for the default models (2D checks reported as 3D ones), and a 3D model was fed
+    # images: every check failed, a false report that the memory modes are wrong.
+    argv = ["--quiet", "--skip-gradcheck", "--spatial-dims", "3", "--img-size", "16", "--steps", "1",
+            "--batch-size", "2", "--threads", "1"]
+    code, out, _ = run_cli(gradcheck, argv, capsys)
+    assert code == 0, out
+    assert "batch 2, 16x16x16," in out and "PASS: all" in out
+    assert "tiny DenseNet-BC, 3D / channels_last_3d" in out and "spatial_dims=3" in out
+
+
+def test_a_custom_3d_model_and_a_1d_one_pass(gradcheck, capsys):
+    custom = ["--quiet", "--skip-gradcheck", "--steps", "1", "--batch-size", "2", "--threads", "1",
+              "--growth-rate", "4", "--block-config", "1,1", "--num-init-features", "8", "--small-inputs"]
+    code, out, _ = run_cli(gradcheck, custom + ["--spatial-dims", "3", "--img-size", "8"], capsys)
+    assert code == 0, out
+    assert "8x8x8" in out and "custom / channels_last_3d" in out and "PASS: all" in out
+    code, out, _ = run_cli(gradcheck, custom + ["--spatial-dims", "1", "--img-size", "16", "--in-chans", "2"], capsys)
+    assert code == 0, out
+    assert "batch 2, 16," in out and "PASS: all" in out
+    assert "channels_last" not in out  # a signal has no channels-last layout: that case is left out, not failed
+
+
+def test_too_small_a_volume_is_refused_in_its_own_shape(gradcheck, capsys, monkeypatch):
+    monkeypatch.setattr(gradcheck, "run_local_checks", lambda *a, **k: pytest.fail("checks ran"))
+    code, out, err = run_cli(gradcheck, ["--quiet", "--spatial-dims", "3", "--img-size", "1"], capsys)
+    assert code == 2 and out == ""
+    assert err.strip() == "effidense gradcheck: error: --img-size 1: tiny DenseNet-BC, 3D needs inputs of at least " \
+                          "5x5x5"
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_autograd_gradcheck_in_the_models_spatial_dims(dims, monkeypatch):
+    from effidense.verify import VerifyConfig, local, run_local_checks
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny float64 convolutions run fastest on one thread
+    try:
+        checks = autograd_gradcheck("efficient", spatial_dims=dims)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(c.passed for c in checks) and f"{dims}D / float64" in checks[0].case
+    seen = []
+    monkeypatch.setattr(local, "autograd_gradcheck", lambda mode, device, seed, d: seen.append((mode, d)) or [])
+    spec = TINY_BC.__class__("tiny", {**TINY_BC.kwargs, "spatial_dims": dims})
+    run_local_checks(VerifyConfig(specs=[spec], modes=False))
+    assert seen == [("plain", dims), ("efficient", dims), ("frugal", dims)]

@@ -3,7 +3,8 @@
 Trains plain, efficient and frugal copies side by side (and compiled copies with --compile) and compares outputs,
 loss, every parameter gradient and every buffer (BatchNorm running stats, num_batches_tracked exactly) after each
 SGD step, in train and eval mode, under several settings (non-default running stats, dropout, BN momentum=None,
-channels_last, fp64, autocast); runs torch.autograd.gradcheck in float64 on a tiny model; with --nproc N (or under
+channels_last (channels_last_3d for volumes, none for signals), fp64, autocast); runs torch.autograd.gradcheck in
+float64 on a tiny model in the same spatial dims (2D images, 3D volumes, 1D signals); with --nproc N (or under
 torchrun) checks DistributedDataParallel gradients against single-process ones and that all ranks agree, with
 --sync-bn for a model converted with nn.SyncBatchNorm.convert_sync_batchnorm.
 Prints PASS/FAIL per check with the differences and tolerances; exits 0 only if every check passes.
@@ -13,6 +14,7 @@ Examples:
   python tools/gradcheck.py --compile --nproc 2
   python tools/gradcheck.py --nproc 2 --sync-bn --skip-modes
   python tools/gradcheck.py --device cuda --model effi_densenet121 --img-size 64
+  python tools/gradcheck.py --spatial-dims 3 --img-size 16
   torchrun --nproc_per_node 2 tools/gradcheck.py --device cuda
 """
 from __future__ import annotations
@@ -25,13 +27,14 @@ import torch
 
 from effidense.benchmark import AMP_DTYPES, environment, torchrun_world
 from effidense.fileio import atomic_write_bytes, check_writable, short_error
-from effidense.modelspec import OneLineParser, add_model_arguments, positive_int, spec_from_args
+from effidense.modelspec import ModelSpec, OneLineParser, add_model_arguments, positive_int, spec_from_args
 from effidense.verify import (
     TINY_BC,
     TINY_SMALL_INPUTS,
     VerifyConfig,
     checks_to_json,
     format_report,
+    input_shape,
     run_ddp,
     run_local_checks,
 )
@@ -41,15 +44,29 @@ _MODEL_FLAGS = ("model", "growth_rate", "block_config", "num_init_features", "bn
                 "num_classes", "small_inputs")
 
 
+def _shaped(spec: ModelSpec, args: argparse.Namespace) -> ModelSpec:
+    """A default tiny model in the input's form that --spatial-dims and --in-chans ask for (a 3D run checks 3D
+    models on volumes), named so the report says which."""
+    changes = {k: v for k in ("spatial_dims", "in_chans") if (v := getattr(args, k)) is not None}
+    if not changes:
+        return spec
+    dims = changes.get("spatial_dims", 2)
+    name = spec.name if dims == 2 else f"{spec.name}, {dims}D"
+    return ModelSpec(name, {**spec.kwargs, **changes})  # checked where main builds it, as every spec is
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser, None, "two tiny DenseNets, see below")
     run = parser.add_argument_group("what to check (default model: two tiny DenseNets, one DenseNet-BC with the "
-                                    "ImageNet stem and one plain DenseNet with the small-input stem)")
+                                    "ImageNet stem and one plain DenseNet with the small-input stem; --spatial-dims "
+                                    "and --in-chans apply to them too)")
     run.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
     run.add_argument("--steps", type=positive_int, default=2, help="SGD steps per comparison (default 2)")
     run.add_argument("--batch-size", type=positive_int, default=4, help="images per step (per rank for DDP; default 4)")
-    run.add_argument("--img-size", type=positive_int, default=32, help="input height and width (default 32)")
+    run.add_argument("--img-size", type=positive_int, default=32,
+                     help="input edge along every spatial dim: an image's height and width, a volume's depth too "
+                          "(--spatial-dims 3), a signal's length (--spatial-dims 1); default 32")
     run.add_argument("--seed", type=int, default=0, help="seed for weights, data and dropout (default 0)")
     run.add_argument("--compile", action="store_true",
                      help="also compare compiled copies (model.set_compile(True) where available, else "
@@ -86,12 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     threads_before = torch.get_num_threads()
     try:
         given = any(getattr(args, k) is not None for k in _MODEL_FLAGS) or args.model_kwargs
-        specs = [spec_from_args(args)] if given else [TINY_BC, TINY_SMALL_INPUTS]
+        specs = [spec_from_args(args)] if given else [_shaped(s, args) for s in (TINY_BC, TINY_SMALL_INPUTS)]
         for spec in specs:  # refused up front, not once per check
             smallest = spec.build().min_input_size
             if args.img_size < smallest:
                 raise ValueError(f"--img-size {args.img_size}: {spec.name} needs inputs of at least "
-                                 f"{smallest}x{smallest}")
+                                 f"{input_shape(smallest, spec.arg('spatial_dims'))}")
         threads = args.threads or (None if given else 1)
         if threads is not None:
             torch.set_num_threads(threads)
@@ -118,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(args.device, argv, launched[2] if launched else max(args.nproc, 1))
     header = [f"effidense gradcheck: torch {env['torch']}, {args.device} ({env['device_name']}), {args.steps} SGD "
               f"step{'s' if args.steps > 1 else ''} (lr 0.1, momentum 0.9), batch {args.batch_size}, "
-              f"{args.img_size}x{args.img_size}, seed {args.seed}",
+              f"{input_shape(args.img_size, specs[0].arg('spatial_dims'))}, seed {args.seed}",
               "models: " + "; ".join(s.describe() for s in specs)]
     print(format_report(checks, header, verbose=args.verbose))
     if args.json:

@@ -33,6 +33,7 @@ from .core import (
     Check,
     VerifyConfig,
     compare_tensors,
+    input_shape,
     tensor_diff,
     tolerance,
 )
@@ -43,4 +44,4 @@ from .report import checks_to_json, format_report
 __all__ = ["Check", "Case", "VerifyConfig", "TINY_BC", "TINY_SMALL_INPUTS", "GRADCHECK_TOLERANCES", "SGD",
            "MODE_CHECK_DESCRIPTIONS", "tolerance", "tensor_diff", "default_cases", "compare_modes",
            "autograd_gradcheck", "ddp_checks", "run_local_checks", "run_ddp", "format_report", "checks_to_json",
-           "compare_tensors"]
+           "compare_tensors", "input_shape"]

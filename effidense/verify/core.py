@@ -16,7 +16,7 @@ from ..modelspec import ModelSpec
 __all__ = ["Check", "Case", "VerifyConfig", "TINY_BC", "TINY_SMALL_INPUTS", "GRADCHECK_MODEL", "GRADCHECK_TOLERANCES",
            "SGD", "TRAIN_CHECKS", "FINAL_CHECKS", "MODE_CHECK_DESCRIPTIONS", "RAN", "tolerance", "tensor_diff",
            "compare_tensors", "batch_norms_of", "perturb_running_stats", "grads_of", "params_of", "buffers_of",
-           "input_batch", "set_deterministic"]
+           "CHANNELS_LAST", "input_batch", "input_shape", "set_deterministic"]
 
 
 # Tiny default models: one DenseNet-BC with the ImageNet stem, one plain DenseNet with the small-input stem.
@@ -206,14 +206,25 @@ def buffers_of(model: nn.Module, integer: bool) -> dict[str, Tensor]:
             if b.is_floating_point() != integer}
 
 
+# The channels-last layout of each input rank; a signal (N, C, L) has none.
+CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
+
+
+def input_shape(img: int, spatial_dims: int) -> str:
+    """An input's spatial size as the report shows it: ``32x32``, ``16x16x16`` or ``64``."""
+    return "x".join([str(img)] * spatial_dims)
+
+
 def input_batch(spec: ModelSpec, batch: int, img: int, dtype: torch.dtype, device: torch.device, seed: int,
            channels_last: bool = False) -> tuple[Tensor, Tensor]:
+    """A batch the spec's model takes: ``img`` along each of its spatial dims (a square, a cube or a length)."""
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, spec.arg("in_chans"), img, img, generator=generator, dtype=dtype)
+    dims = spec.arg("spatial_dims")
+    x = torch.randn(batch, spec.arg("in_chans"), *(img,) * dims, generator=generator, dtype=dtype)
     y = torch.randint(0, max(spec.arg("num_classes"), 1), (batch,), generator=generator)
     x = x.to(device)
     if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=CHANNELS_LAST[dims])
     return x, y.to(device)
 
 

@@ -18,6 +18,7 @@ from ..errors import short_error
 from ..modelspec import ModelSpec
 from ..progress import Progress
 from .core import (
+    CHANNELS_LAST,
     FINAL_CHECKS,
     GRADCHECK_MODEL,
     GRADCHECK_TOLERANCES,
@@ -51,8 +52,10 @@ def default_cases(specs: Sequence[ModelSpec], amp: str = "bf16") -> list[Case]:
                   Case("dropout 0.2", spec, drop_rate=0.2, with_compiled=i == 0),
                   Case("BN momentum=None", spec, cumulative_bn=True)]
         if i == 0:
-            cases += [Case("channels_last", spec, channels_last=True),
-                      Case("fp64", spec, dtype=torch.float64),
+            dims = spec.arg("spatial_dims")
+            if dims in CHANNELS_LAST:  # a signal has no channels-last layout
+                cases.append(Case("channels_last" if dims == 2 else "channels_last_3d", spec, channels_last=True))
+            cases += [Case("fp64", spec, dtype=torch.float64),
                       Case(f"autocast {amp}", spec, amp=amp)]
     return cases
 
@@ -72,7 +75,7 @@ def compare_modes(case: Case, variants: Sequence[str], steps: int, batch_size: i
         model.load_state_dict(state)
         model.to(device=device, dtype=case.dtype)
         if case.channels_last:
-            model.to(memory_format=torch.channels_last)
+            model.to(memory_format=CHANNELS_LAST[case.spec.arg("spatial_dims")])
         return compile_model(model) if variant.endswith(COMPILE_SUFFIX) else model
 
     torch.manual_seed(seed)
@@ -142,15 +145,25 @@ def _worst(checks: Sequence[Check]) -> Check:
     return replace(worst, passed=all(c.passed for c in checks))
 
 
-def autograd_gradcheck(memory: str, device: str | torch.device = "cpu", seed: int = 0) -> list[Check]:
+# gradcheck's input edge per spatial dims: every element is perturbed twice, so a volume's is kept small.
+GRADCHECK_EDGE = {1: 6, 2: 6, 3: 4}
+
+
+def autograd_gradcheck(memory: str, device: str | torch.device = "cpu", seed: int = 0,
+                       spatial_dims: int = 2) -> list[Check]:
     """``torch.autograd.gradcheck`` in float64 (train mode, input and two parameters inside recomputed segments),
-    and a random-direction check that reports how far the analytical derivative is from central differences."""
+    and a random-direction check that reports how far the analytical derivative is from central differences, on
+    the tiny model in ``spatial_dims`` (signals, images or volumes)."""
     device = torch.device(device)
     set_deterministic(device)
     torch.manual_seed(seed)
-    model = GRADCHECK_MODEL.build(memory).to(device=device, dtype=torch.float64).train()
+    spec = GRADCHECK_MODEL if spatial_dims == 2 else ModelSpec(
+        f"{GRADCHECK_MODEL.name} {spatial_dims}D", {**GRADCHECK_MODEL.kwargs, "spatial_dims": spatial_dims})
+    model = spec.build(memory).to(device=device, dtype=torch.float64).train()
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 3, 6, 6, generator=generator, dtype=torch.float64).to(device).requires_grad_(True)
+    edge = GRADCHECK_EDGE[spatial_dims]
+    x = torch.randn(2, 3, *(edge,) * spatial_dims, generator=generator, dtype=torch.float64)
+    x = x.to(device).requires_grad_(True)
     # gradcheck perturbs its inputs in place, so passing the parameters themselves checks their gradients.
     weight = model.features.denseblock2.denselayer1.conv1.weight
     norm = model.features.denseblock1.denselayer1.norm1.weight
@@ -159,7 +172,7 @@ def autograd_gradcheck(memory: str, device: str | torch.device = "cpu", seed: in
     def fn(x: Tensor, *params: Tensor) -> Tensor:
         return model(x)
 
-    label = f"{GRADCHECK_MODEL.name} / float64, train mode"
+    label = f"{spec.name} / float64, train mode"
     subject = f"{memory}"
     tols = GRADCHECK_TOLERANCES
     try:
@@ -209,21 +222,23 @@ def run_local_checks(cfg: VerifyConfig, progress: bool = False) -> list[Check]:
     jobs: list[tuple[str, Any]] = []
     if cfg.modes:
         jobs += [("modes", c) for c in default_cases(cfg.specs, cfg.amp)]
-    if cfg.gradcheck:
-        jobs += [("gradcheck", m) for m in MEMORY_MODES]
+    if cfg.gradcheck:  # in the checked models' spatial dims: a 3D run checks 3D gradients
+        jobs += [("gradcheck", (m, d)) for d in sorted({s.arg("spatial_dims") for s in cfg.specs})
+                 for m in MEMORY_MODES]
     bar = Progress(len(jobs), "gradcheck", "checks", enabled=progress)
     checks: list[Check] = []
     try:
         for kind, job in jobs:
-            bar.describe(f"gradcheck {job.label if kind == 'modes' else 'autograd ' + job}")
+            bar.describe(f"gradcheck {job.label if kind == 'modes' else 'autograd ' + job[0]}")
             if kind == "modes":
                 these = variants + (compiled if job.with_compiled else [])
                 checks += _guarded("modes", job.label, ", ".join(these),
                                    lambda job=job, these=these: compare_modes(
                                        job, these, cfg.steps, cfg.batch_size, cfg.img_size, device, cfg.seed))
             else:
-                checks += _guarded("gradcheck", "float64", job, lambda job=job: autograd_gradcheck(job, device,
-                                                                                                    cfg.seed))
+                mode, dims = job
+                checks += _guarded("gradcheck", "float64", mode, lambda mode=mode, dims=dims: autograd_gradcheck(
+                    mode, device, cfg.seed, dims))
             bar.advance()
     finally:
         bar.close()
