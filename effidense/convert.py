@@ -47,6 +47,7 @@ from .weights import (
     output_format,
     save_checkpoint,
     timm_pretrained_filter,
+    values_problem,
 )
 
 __all__ = [
@@ -356,6 +357,9 @@ def convert_state_dict(
     if source != "auto":
         source = resolve_layout(source)
     canonical, notes = canonical_state_dict(state_dict)
+    problem = values_problem(canonical)
+    if problem:  # NaN or integer "weights" would convert (and verify) without a complaint
+        raise ConversionError(problem)
     naming = source if source != "auto" else "monai" if has_layout_keys(state_dict, "monai") else "effidense"
     name = None
     if model is not None:
@@ -504,12 +508,9 @@ def convert_checkpoint(
         source_weights, _ = canonical_state_dict(loaded.state_dict)
         diff.append(verify_conversion(source_weights, conversion.source, reread, conversion.target,
                                       conversion.architecture))
-        if not math.isfinite(diff[-1]):  # NaN/inf outputs compare to nothing: say where they come from
-            bad = [key for key, value in source_weights.items()
-                   if value.is_floating_point() and not torch.isfinite(value).all()]
-            cause = (f"the source weights hold NaN/inf values in {len(bad)} tensor(s): {listing(bad)}" if bad else
-                     "the models' outputs are not finite on the verification batch")
-            raise VerificationError(f"verification impossible: {cause}; {output} not written", diff[-1])
+        if not math.isfinite(diff[-1]):  # finite weights (checked on load) can still overflow: say so, not "nan"
+            raise VerificationError("verification impossible: the models' outputs are not finite on the verification "
+                                    f"batch; {output} not written", diff[-1])
         if not diff[-1] <= tolerance:
             raise VerificationError(f"verification failed: max abs difference {diff[-1]:.3g} between the "
                                     f"{conversion.source} and {conversion.target} models exceeds {tolerance:g}; "

@@ -160,7 +160,9 @@ def load_checkpoint(path: str | os.PathLike[str], use_ema: bool = False) -> Chec
     """Read a state dict from a ``.safetensors`` or torch (``.pth``/``.pt``/``.bin``) file, safely.
 
     The format is recognised from the content, not the name. Training checkpoints are unwrapped (``state_dict``,
-    ``model``, ``model_state_dict``; with ``use_ema`` the EMA weights). Keys are returned as stored.
+    ``model``, ``model_state_dict``; with ``use_ema`` the EMA weights). Keys are returned as stored; values that no
+    trained model has (:func:`values_problem`: NaN/inf, integer or bool weights, negative running variances) are
+    refused.
     """
     path = Path(path)
     if not path.is_file():
@@ -181,7 +183,8 @@ def load_checkpoint(path: str | os.PathLike[str], use_ema: bool = False) -> Chec
             raise ConversionError(f"{path}: the safetensors file holds no tensors")
     else:
         (state_dict, more), metadata = _unwrap(_torch_load(path), path, use_ema), {}
-    problem = state_dict_problem(state_dict)
+    # refused here, on load, so that no reader (convert, the trainer) takes values that no trained model has
+    problem = state_dict_problem(state_dict) or values_problem(state_dict)
     if problem:
         raise ConversionError(f"{path}: {problem}")
     return Checkpoint(state_dict, metadata, str(path), notes + more)

@@ -387,17 +387,59 @@ def test_failed_verification_writes_nothing(tmp_path, capsys, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.pth"]
 
 
-def test_verifying_nan_weights_names_them_instead_of_a_nan_difference(tmp_path, capsys):
-    model = tiny_torchvision()
-    state = model.state_dict()
-    state["features.norm5.running_var"][0] = float("nan")
-    source = tmp_path / "tiny.pth"
-    torch.save(state, source)
-    code, _, err = run_cli(capsys, "--checkpoint", source, "--output", tmp_path / "out.safetensors", "--verify")
-    assert code == 3
-    assert "features.norm5.running_var" in err and "NaN/inf" in err and "difference nan" not in err
-    assert len(err.strip().splitlines()) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.pth"]
+def damaged(state_dict: dict[str, torch.Tensor], damage: str) -> dict[str, torch.Tensor]:
+    """``state_dict`` with values no trained model has (see effidense.weights.values_problem)."""
+    state_dict = {k: v.clone() for k, v in state_dict.items()}
+    key = "features.norm5.running_var" if damage in ("nan", "negative_var") else "features.conv0.weight"
+    if damage == "nan":
+        state_dict[key][0] = float("nan")
+    elif damage == "inf":
+        state_dict[key].view(-1)[3] = float("-inf")
+    elif damage == "negative_var":
+        state_dict[key][2] = -0.5
+    else:
+        state_dict[key] = state_dict[key].to(getattr(torch, damage))
+    return state_dict
+
+
+DAMAGES = {
+    "nan": "1 tensor(s) hold NaN/inf values: features.norm5.running_var",
+    "inf": "1 tensor(s) hold NaN/inf values: features.conv0.weight",
+    "bool": "1 tensor(s) are not floating point, so they are no weights: features.conv0.weight (bool)",
+    "int64": "1 tensor(s) are not floating point, so they are no weights: features.conv0.weight (int64)",
+    "negative_var": "1 BatchNorm running_var tensor(s) hold negative variances (the model would output NaN): "
+                    "features.norm5.running_var",
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+@pytest.mark.parametrize("verify", [False, True])
+def test_values_no_model_has_are_refused_on_load_and_nothing_is_written(tmp_path, capsys, damage, fmt, verify):
+    from safetensors.torch import save_file
+
+    bad = damaged(tiny_torchvision().state_dict(), damage)
+    source = tmp_path / f"tiny.{fmt}"
+    if fmt == "pth":
+        torch.save(bad, source)
+    else:
+        save_file(bad, str(source))
+    code, out, err = run_cli(capsys, "--checkpoint", source, "--output", tmp_path / "out.safetensors",
+                             *(["--verify"] if verify else []))
+    assert code == 1 and out == "" and "Traceback" not in err, err
+    assert err == f"error: {source}: {DAMAGES[damage]}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [source.name]
+    with pytest.raises(ConversionError, match=rf"^{re.escape(str(source))}: {re.escape(DAMAGES[damage])}$"):
+        convert.load_checkpoint(source)
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_values_no_model_has_are_refused_from_python(damage):
+    bad = damaged(tiny_torchvision().state_dict(), damage)
+    with pytest.raises(ConversionError, match=rf"^{re.escape(DAMAGES[damage])}$"):
+        convert.convert_state_dict(bad)
+    with pytest.raises(ConversionError, match=rf"^{re.escape(DAMAGES[damage])}$"):
+        convert.inflate(bad)
 
 
 def test_verification_detects_a_wrong_model(tmp_path):
