@@ -320,9 +320,15 @@ def is_bn_counter(key: str) -> bool:
 
 
 def timm_pretrained_filter(state_dict: Mapping[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
-    """timm's ``pretrained_filter_fn`` for the ``effi_*`` models: apply :data:`KEY_RULES` and fill BatchNorm counters
-    old checkpoints lack. Shape problems are left to timm's (strict or not) ``load_state_dict``."""
+    """timm's ``pretrained_filter_fn`` for the ``effi_*`` models: apply :data:`KEY_RULES`, refuse values no trained
+    model has (:func:`values_problem`, naming the file or hub repository) and fill BatchNorm counters old checkpoints
+    lack. Shape problems are left to timm's (strict or not) ``load_state_dict``."""
     canonical, _ = canonical_state_dict(state_dict)
+    problem = values_problem(canonical)
+    if problem:  # the hub's weights and a pretrained_cfg file come here, and through no other check
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        source = cfg.get("file") or cfg.get("hf_hub_id") or cfg.get("url") or "the pretrained weights"
+        raise ConversionError(f"{source}: {problem}")
     for key, value in model.state_dict().items():
         if is_bn_counter(key) and key not in canonical and key.rsplit(".", 1)[0] + ".weight" in canonical:
             canonical[key] = torch.zeros_like(value, device="cpu")

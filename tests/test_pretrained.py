@@ -143,3 +143,28 @@ def test_environment_variables_point_a_fresh_process_at_the_cache(tmp_path, dens
     done = subprocess.run([sys.executable, "-c", script, str(expected)], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "same", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("damage", ["nan", "negative_var"])
+def test_pretrained_weights_no_model_has_are_refused(tmp_path, monkeypatch, densenet121_weights, damage):
+    from effidense.weights import ConversionError
+
+    key = "features.norm5.running_var"
+    bad = {**densenet121_weights, key: densenet121_weights[key].clone()}
+    bad[key][0] = float("nan") if damage == "nan" else -1.0
+    cache = hub_cache(tmp_path / "hub", "timm/densenet121.tv_in1k", bad)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    problem = (r"1 tensor\(s\) hold NaN/inf values" if damage == "nan" else
+               r"1 BatchNorm running_var tensor\(s\) hold negative variances \(the model would output NaN\)")
+    with pytest.raises(ConversionError, match=rf"^timm/densenet121.tv_in1k: {problem}: {key}$"):
+        effidense.densenet121(weights="DEFAULT")
+    # a local file through timm's pretrained_cfg_overlay meets the same check
+    tiny = dict(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=10)
+    weights = timm.create_model("effi_densenet121", **tiny).state_dict()
+    weights["features.norm5.running_var"][0] = float("nan") if damage == "nan" else -1.0
+    path = tmp_path / "tiny.safetensors"
+    save_file(weights, str(path))
+    with pytest.raises(ConversionError, match=rf"^{path}: {problem}: {key}$"):
+        timm.create_model("effi_densenet121", pretrained=True, **tiny,
+                          pretrained_cfg_overlay=dict(file=str(path), num_classes=10))
