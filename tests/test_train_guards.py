@@ -166,7 +166,7 @@ def _images(root: Path, layout: dict[str, int], corrupt: bool = False) -> Path:
 
 
 @pytest.mark.parametrize("case, message", [
-    ("img-size", "--img-size 1: too small for effi_densenet_bc100_k12"),
+    ("img-size", "--img-size 1: effi_densenet_bc100_k12 cannot take one 3x1x1 image (input of 1x1 is too small"),
     ("corrupt", "cannot read the training images"),
     ("one-class", "the training data has a single class (a); a classifier needs at least two"),
 ])

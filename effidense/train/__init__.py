@@ -13,7 +13,8 @@ from .. import registry  # noqa: F401 (the trainer creates effi_* models through
 from .args import args_to_yaml, build_parser, parse_args
 from .checkpoint import load_training_checkpoint, resolve_resume
 from .errors import TrainError, TrainingDiverged, TrainingInterrupted
-from .trainer import build_model, train
+from .model import build_model
+from .trainer import train
 from .wrapper import run_timm_script
 
 __all__ = ["TrainError", "TrainingDiverged", "TrainingInterrupted", "args_to_yaml", "build_model", "build_parser",

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from ..densenet import MEMORY_MODES
-from ..modelspec import ModelKwargs, OneLineParser, non_negative_int, positive_int
+from ..modelspec import ModelKwargs, OneLineParser
 from .errors import TrainError
 
 __all__ = ["build_parser", "parse_args", "args_as_dict", "args_to_yaml", "WRAPPER_HINT"]
@@ -40,6 +40,30 @@ def _number(text: str, low: float, high: float, need: str, high_open: bool = Fal
     return value
 
 
+# Counts reach torch, numpy and the data loader as C integers; none is meaningful beyond a 32-bit one.
+_INT32_MAX = 2**31 - 1
+_SEED_MAX = 2**32 - 1  # numpy's seeds (timm seeds numpy, torch and Python alike)
+_WORKERS_MAX = 256  # data-loading processes per training process: far past what any machine gains from
+
+
+def _integer(low: int, high: int) -> Any:
+    """An argparse type for integers in [low, high]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {value}")
+        return value
+
+    return parse
+
+
+_count = _integer(1, _INT32_MAX)
+_count_or_zero = _integer(0, _INT32_MAX)
+
+
 def _non_negative(text: str) -> float:
     """A finite number >= 0 that a float32 holds: a learning rate, momentum, weight decay, decay rate."""
     return _number(text, 0.0, _FLOAT32_MAX, "a finite number >= 0")
@@ -58,9 +82,6 @@ def _fraction(text: str) -> float:
 
 def _smoothing(text: str) -> float:
     return _number(text, 0.0, 1.0, "in [0, 1) (label smoothing)", high_open=True)
-
-
-_CHECKED = (_non_negative, _positive, _fraction, _smoothing)
 
 
 class _Parser(OneLineParser):
@@ -102,9 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: validation)")
     group.add_argument("--dataset-download", action="store_true",
                        help="allow torchvision to download torch/cifar10 or torch/cifar100 (never done otherwise)")
-    group.add_argument("--train-num-samples", type=positive_int, default=1024, metavar="N",
+    group.add_argument("--train-num-samples", type=_count, default=1024, metavar="N",
                        help="images in the synthetic training set (default: 1024)")
-    group.add_argument("--val-num-samples", type=positive_int, default=256, metavar="N",
+    group.add_argument("--val-num-samples", type=_count, default=256, metavar="N",
                        help="images in the synthetic validation set (default: 256)")
 
     group = parser.add_argument_group("Model")
@@ -121,13 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "complete checkpoint (a run killed before its first checkpoint starts from the "
                             "beginning), with the run's own arguments (its args.yaml; flags given here override them). "
                             "Keeps writing into that directory unless --output/--experiment name another")
-    group.add_argument("--num-classes", type=positive_int, default=None, metavar="N",
+    group.add_argument("--num-classes", type=_count, default=None, metavar="N",
                        help="label classes (default: the dataset's)")
     group.add_argument("--model-kwargs", nargs="*", default={}, action=ModelKwargs, metavar="KEY=VALUE",
                        help="extra create_model arguments, values as Python literals, e.g. "
                             "block_config='(3,3,3)' growth_rate=12")
     group.add_argument("--drop", type=_fraction, default=0.0, metavar="PCT", help="dropout before the classifier")
-    group.add_argument("--img-size", type=positive_int, default=None, metavar="N",
+    group.add_argument("--img-size", type=_count, default=None, metavar="N",
                        help="image size (default: the model's pretrained_cfg input size)")
     group.add_argument("--memory", choices=MEMORY_MODES, default=None,
                        help="effidense memory mode: plain (keep everything), efficient (recompute concat-BN-ReLU, "
@@ -159,34 +180,35 @@ def build_parser() -> argparse.ArgumentParser:
                        help="learning-rate schedule (default: cosine)")
     group.add_argument("--sched-on-updates", action="store_true",
                        help="update the schedule after every optimizer step instead of every epoch")
-    group.add_argument("--epochs", type=positive_int, default=300, metavar="N", help="epochs (default: 300)")
-    group.add_argument("--warmup-epochs", type=non_negative_int, default=5, metavar="N",
+    group.add_argument("--epochs", type=_count, default=300, metavar="N", help="epochs (default: 300)")
+    group.add_argument("--warmup-epochs", type=_count_or_zero, default=5, metavar="N",
                        help="linear warm-up epochs (default: 5)")
     group.add_argument("--warmup-lr", type=_non_negative, default=1e-5, metavar="LR",
                        help="warm-up start lr (default: 1e-5)")
     group.add_argument("--min-lr", type=_non_negative, default=0.0, metavar="LR",
                        help="lowest lr of cosine/poly (default: 0)")
     group.add_argument("--decay-epochs", type=_positive, default=90, metavar="N", help="step schedule interval")
-    group.add_argument("--decay-milestones", type=int, nargs="+", default=[90, 180, 270], metavar="EPOCH",
+    group.add_argument("--decay-milestones", type=_count_or_zero, nargs="+", default=[90, 180, 270], metavar="EPOCH",
                        help="multistep schedule: epochs at which the lr is multiplied by --decay-rate")
     group.add_argument("--decay-rate", "--dr", type=_non_negative, default=0.1, metavar="RATE", help="lr decay factor")
-    group.add_argument("--cooldown-epochs", type=non_negative_int, default=0, metavar="N",
+    group.add_argument("--cooldown-epochs", type=_count_or_zero, default=0, metavar="N",
                        help="epochs at min lr after the schedule ends")
-    group.add_argument("--grad-accum-steps", type=positive_int, default=1, metavar="N",
+    group.add_argument("--grad-accum-steps", type=_count, default=1, metavar="N",
                        help="accumulate gradients over N batches per optimizer step")
 
     group = parser.add_argument_group("Augmentation and regularisation")
     group.add_argument("--no-aug", action="store_true", help="no training augmentation (resize and crop only)")
-    group.add_argument("--scale", type=float, nargs=2, default=[0.08, 1.0], metavar="PCT",
+    group.add_argument("--scale", type=_fraction, nargs=2, default=[0.08, 1.0], metavar="PCT",
                        help="random-resized-crop area range (default: 0.08 1.0)")
-    group.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability (default: 0.5)")
-    group.add_argument("--color-jitter", type=float, default=0.4, metavar="PCT", help="colour jitter (default: 0.4)")
+    group.add_argument("--hflip", type=_fraction, default=0.5, help="horizontal flip probability (default: 0.5)")
+    group.add_argument("--color-jitter", type=_non_negative, default=0.4, metavar="PCT",
+                       help="colour jitter (default: 0.4)")
     group.add_argument("--smoothing", type=_smoothing, default=0.1, help="label smoothing in [0, 1) (default: 0.1)")
 
     group = parser.add_argument_group("Precision, EMA, batches")
-    group.add_argument("-b", "--batch-size", type=positive_int, default=128, metavar="N",
+    group.add_argument("-b", "--batch-size", type=_count, default=128, metavar="N",
                        help="batch size per process (default: 128)")
-    group.add_argument("-vb", "--validation-batch-size", type=positive_int, default=None, metavar="N",
+    group.add_argument("-vb", "--validation-batch-size", type=_count, default=None, metavar="N",
                        help="validation batch size (default: --batch-size)")
     group.add_argument("--amp", action="store_true", help="automatic mixed precision (torch.amp.autocast)")
     group.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"),
@@ -204,13 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start a new run in a directory that already holds one (its files are replaced)")
     group.add_argument("--eval-metric", default="top1", choices=("top1", "top5", "loss"),
                        help="validation metric that picks model_best (default: top1)")
-    group.add_argument("--checkpoint-interval", "--recovery-interval", type=non_negative_int, default=0,
+    group.add_argument("--checkpoint-interval", "--recovery-interval", type=_count_or_zero, default=0,
                        metavar="N", help="also save last.* every N optimizer steps inside an epoch, so a killed run "
                                          "loses at most N steps (default: 0, epoch ends only)")
-    group.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
-    group.add_argument("-j", "--workers", type=non_negative_int, default=4, metavar="N",
+    group.add_argument("--seed", type=_integer(0, _SEED_MAX), default=42, help="random seed (default: 42)")
+    group.add_argument("-j", "--workers", type=_integer(0, _WORKERS_MAX), default=4, metavar="N",
                        help="data loading processes per training process (default: 4)")
-    group.add_argument("--log-interval", type=positive_int, default=50, metavar="N",
+    group.add_argument("--log-interval", type=_count, default=50, metavar="N",
                        help="batches between progress-bar updates (default: 50)")
     group.add_argument("--device", default=None, help="torch device type (default: cuda if available, else cpu)")
     return parser
@@ -227,13 +249,58 @@ def _load_config(path: str | Path, parser: argparse.ArgumentParser, source: str)
         raise TrainError(f"{source}: {file} is not valid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(config, dict):
         raise TrainError(f"{source}: {file}: expected a mapping of flag names to values, got {type(config).__name__}")
-    known = {action.dest for action in parser._actions}
+    actions = {action.dest: action for action in parser._actions if action.option_strings and action.dest != "help"}
     config = {str(key).replace("-", "_"): value for key, value in config.items()}
-    unknown = sorted(key for key in config if key not in known)
+    unknown = sorted(key for key in config if key not in actions)
     if unknown:
         raise TrainError(f"{source}: {file}: unsupported key(s) {', '.join(unknown)}; {WRAPPER_HINT}")
     config.pop("config", None)
-    return config
+    return {key: _checked_value(value, actions[key], f"{source}: {file}") for key, value in config.items()}
+
+
+def _flag(action: argparse.Action) -> str:
+    return max(action.option_strings, key=len)
+
+
+def _checked_value(value: Any, action: argparse.Action, source: str) -> Any:
+    """``value`` from a YAML file for ``action``, put through what the flag's value goes through on the command line
+    (its type, choices and count of values), so that no value skips the checks by coming from a file."""
+    def fail(why: str) -> TrainError:
+        return TrainError(f"{source}: {_flag(action)} {value!r}: {why}")
+
+    if isinstance(action, ModelKwargs):
+        if not isinstance(value, dict):
+            raise fail("expected a mapping of create_model arguments")
+        return value
+    if action.nargs == 0:  # a switch (store_true)
+        if not isinstance(value, bool):
+            raise fail("expected true or false")
+        return value
+    if value is None:
+        if action.default is not None and action.nargs != "?":
+            raise fail(f"a value is needed (the default is {action.default!r})")
+        return value
+    if action.nargs in (None, "?"):
+        return _one_value(value, action, fail)
+    if not isinstance(value, (list, tuple)):
+        raise fail("expected a list of values")
+    if (isinstance(action.nargs, int) and len(value) != action.nargs) or (action.nargs == "+" and not value):
+        raise fail(f"expected {action.nargs if isinstance(action.nargs, int) else 'one or more'} values")
+    return [_one_value(item, action, fail) for item in value]
+
+
+def _one_value(value: Any, action: argparse.Action, fail: Any) -> Any:
+    if isinstance(value, (list, tuple, dict)):
+        raise fail("expected a single value")
+    if isinstance(value, bool) and action.type not in (None, str):
+        raise fail("expected a number, not true/false")
+    try:
+        converted = action.type(str(value)) if callable(action.type) else str(value)
+    except (argparse.ArgumentTypeError, ValueError) as e:
+        raise fail(str(e)) from None
+    if action.choices is not None and converted not in action.choices:
+        raise fail(f"choose from {', '.join(map(str, action.choices))}")
+    return converted
 
 
 # What a resumed run does not take from its own args.yaml: where it is and how it was started.
@@ -268,16 +335,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if isinstance(args.model_kwargs, list):  # `--model-kwargs` given with no pairs
         args.model_kwargs = {}
-    for action in parser._actions:  # values from --config (or the resumed run's args.yaml) skip `type`
-        value = getattr(args, action.dest, None)
-        if action.type in _CHECKED and value is not None:
-            try:
-                action.type(str(value))
-            except (argparse.ArgumentTypeError, ValueError) as e:
-                raise TrainError(f"{max(action.option_strings, key=len)} {value}: {e}") from None
-    if not isinstance(args.model_kwargs, dict):  # from --config or args.yaml
-        raise TrainError(f"--config {known.config or known.resume}: model_kwargs must be a mapping of create_model "
-                         f"arguments, got {args.model_kwargs!r}")
+    if not 0 < args.scale[1] or args.scale[0] > args.scale[1]:
+        raise TrainError(f"--scale {args.scale[0]} {args.scale[1]}: expected MIN MAX with 0 <= MIN <= MAX and "
+                         "MAX > 0 (fractions of the image area)")
     return args
 
 

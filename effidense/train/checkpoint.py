@@ -296,17 +296,18 @@ def settle(checkpoint: TrainingCheckpoint, directory: Path, name: str = "last") 
 def resolve_resume(path: str) -> Path:
     """The training-state file that ``--resume PATH`` names: a run directory, NAME.state.pt or NAME.safetensors.
 
-    The file itself need not exist (a run killed before its first checkpoint has none yet); the directory must.
+    Neither need exist: a run killed before its first checkpoint has none yet, and one killed in its first seconds
+    not even its directory (``PATH`` is then taken for the run directory, unless it names a checkpoint file).
     """
     candidate = Path(path)
-    if candidate.is_dir():
+    if candidate.is_dir() or not (candidate.exists() or candidate.name.endswith((_STATE_SUFFIX, ".safetensors"))):
         candidate = candidate / ("last" + _STATE_SUFFIX)
     elif candidate.suffix == ".safetensors":
         candidate = candidate.with_name(candidate.stem + _STATE_SUFFIX)
     if not candidate.name.endswith(_STATE_SUFFIX):
         raise TrainError(f"--resume {path}: expected a run directory or a checkpoint (last.state.pt, last.safetensors)")
-    if not candidate.parent.is_dir():
-        raise TrainError(f"--resume {path}: no such run directory")
+    if candidate.parent.exists() and not candidate.parent.is_dir():
+        raise TrainError(f"--resume {path}: {candidate.parent} is not a directory")
     return candidate
 
 

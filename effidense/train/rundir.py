@@ -1,9 +1,16 @@
 """The run directory: where it is, its lock, its summary, and clearing what an earlier run or a kill left there.
 
-Rank 0 holds an exclusive ``fcntl.flock`` on ``RUN/.lock`` for the whole run, so a second run into the same directory
-is refused. ``summary.csv`` has one row per epoch, in timm's columns (``epoch`` counted from 0, ``train_*``,
-``eval_*``, ``lr``); it is rewritten atomically, never left with half a row, and is written here rather than by
-timm's ``update_summary``/``trim_summary``, which older timm releases lack or write without a header.
+Rank 0 holds an exclusive POSIX record lock (``fcntl.lockf``) on ``RUN/.lock`` for the whole run, so a second run
+into the same directory is refused. Unlike ``flock``, such a lock belongs to the process alone: data-loader workers
+forked from it do not inherit it, so the moment a killed run dies its directory can be resumed.
+
+A run that has no checkpoint to continue from starts again from the beginning only where that destroys nothing
+(:func:`fresh_start_problem`): in a directory that does not exist yet, is empty, or holds no more than what a run
+leaves before its first checkpoint.
+
+``summary.csv`` has one row per epoch, in timm's columns (``epoch`` counted from 0, ``train_*``, ``eval_*``,
+``lr``); it is rewritten atomically, never left with half a row, and is written here rather than by timm's
+``update_summary``/``trim_summary``, which older timm releases lack or write without a header.
 """
 from __future__ import annotations
 
@@ -19,15 +26,19 @@ from pathlib import Path
 
 from timm.models import safe_model_name
 
+from ..fileio import UnreadableFileError, load_safetensors
 from .checkpoint import TrainingCheckpoint, checkpoint_files, settle, write_file
 from .distributed import Processes, broadcast
 from .errors import TrainError
 
-__all__ = ["RUN_FILES", "LOCK_FILE", "run_directory", "lock_run_directory", "prepare_run_directory",
-           "append_summary", "trim_summary"]
+__all__ = ["RUN_FILES", "LOCK_FILE", "ARGS_FILE", "run_directory", "lock_run_directory", "fresh_start_problem",
+           "prepare_run_directory", "append_summary", "trim_summary"]
 
 RUN_FILES = ("last.state.pt", "last.safetensors", "model_best.safetensors", "summary.csv")
 LOCK_FILE = ".lock"
+ARGS_FILE = "args.yaml"
+# POSIX locks never conflict within one process: the run directories this process holds, for a second run in it.
+_held: set[Path] = set()
 
 
 def run_directory(args: argparse.Namespace, resume_path: Path | None, img_size: int, procs: Processes) -> Path:
@@ -50,16 +61,66 @@ def lock_run_directory(out: Path, procs: Processes, stack: contextlib.ExitStack)
         except OSError as e:
             error = f"cannot create the run directory {out}: {e.strerror or e}"
         else:
+            key = out.resolve()
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                stack.callback(os.close, fd)  # closing the descriptor releases the lock (also when killed)
+                if key in _held:
+                    raise BlockingIOError
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 os.close(fd)
                 error = (f"another run is writing {out} (it holds {out / LOCK_FILE}); wait for it to end, or pick "
                          "another --output/--experiment")
+            else:
+                _held.add(key)
+                stack.callback(_held.discard, key)
+                stack.callback(os.close, fd)  # closing the descriptor releases the lock (the process's death too)
     error = broadcast(error, procs)
     if error:
         raise TrainError(error)
+
+
+def _own_temporaries(out: Path) -> list[Path]:
+    """Temporary files of the run's own atomic writes and checkpoint commits that a kill may have left in ``out``."""
+    names = (*RUN_FILES, ARGS_FILE)
+    return [*(p for p in checkpoint_files(out, "last")[2:] if p.exists()),
+            *(p for p in out.glob(".*.tmp") if any(p.name.startswith(f".{name}.") for name in names))]
+
+
+def _summary_epochs(path: Path) -> list[str]:
+    rows = _read_rows(path)
+    if not rows:
+        return []
+    return [row[0] for row in rows[1:]] if rows[0][:1] == ["epoch"] else ["not a summary of this trainer"]
+
+
+def fresh_start_problem(out: Path) -> str | None:
+    """Why starting a run from the beginning in ``out`` would destroy something (None when it would not).
+
+    Nothing is destroyed in a directory that does not exist or is empty, nor in one holding only what a run leaves
+    before its first checkpoint: its lock, its ``args.yaml``, temporaries of writes a kill cut short and, if it was
+    killed between its first epoch's end and that epoch's checkpoint, epoch 0's summary row and best model (which
+    starting again writes anew). Anything else (later epochs' results, files of another program) is listed.
+    """
+    if not out.is_dir():
+        return None
+    allowed = {out / LOCK_FILE, out / ARGS_FILE, *_own_temporaries(out)}
+    problems = []
+    summary, best = out / "summary.csv", out / "model_best.safetensors"
+    if summary.exists():
+        epochs = _summary_epochs(summary)
+        if epochs and epochs != ["0"]:
+            problems.append(f"summary.csv ({'epochs ' if epochs[0][:1].isdigit() else ''}{', '.join(epochs)})")
+        allowed.add(summary)
+    if best.exists():
+        try:
+            epoch = load_safetensors(best)[1].get("epoch")
+        except UnreadableFileError:
+            epoch = "unreadable"
+        if epoch != "0":
+            problems.append(f"model_best.safetensors (epoch {epoch})")
+        allowed.add(best)
+    problems += sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if p not in allowed)
+    return ", ".join(problems) or None
 
 
 def prepare_run_directory(out: Path, checkpoint: TrainingCheckpoint | None, continuing: bool,
@@ -72,9 +133,7 @@ def prepare_run_directory(out: Path, checkpoint: TrainingCheckpoint | None, cont
         if replace:
             for name in RUN_FILES:
                 (out / name).unlink(missing_ok=True)
-        for tmp in checkpoint_files(out, "last")[2:]:  # partial files of a first commit cut short
-            tmp.unlink(missing_ok=True)
-    for tmp in out.glob(".*.tmp"):  # temporaries of atomic writes cut short by a kill
+    for tmp in _own_temporaries(out):  # of writes a kill cut short (a first commit's files too); no one else's
         tmp.unlink(missing_ok=True)
 
 

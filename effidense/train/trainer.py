@@ -22,7 +22,6 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 import torch.distributed as dist
 from timm.data import resolve_data_config
@@ -45,11 +44,12 @@ from tqdm import tqdm
 
 from ..fileio import short_error
 from ..progress import Progress
-from ..weights import ConversionError, canonical_state_dict, listing, load_checkpoint
+from ..weights import listing, values_problem
 from .args import args_as_dict, args_to_yaml
 from .checkpoint import (
     TrainingCheckpoint,
     all_finite,
+    checkpoint_files,
     find_checkpoint,
     resolve_resume,
     rng_state,
@@ -61,91 +61,23 @@ from .checkpoint import (
 from .data import ResumableSampler, build_datasets, check_readable, eval_loader, set_transforms, train_loader
 from .distributed import Processes, init_processes, reduce_sum
 from .errors import TrainError, TrainingDiverged, TrainingInterrupted
+from .model import build_model, check_input_size
 from .rundir import (
     RUN_FILES,
     append_summary,
+    fresh_start_problem,
     lock_run_directory,
     prepare_run_directory,
     run_directory,
     trim_summary,
 )
 
-__all__ = ["train", "build_model", "read_weights_file"]
+__all__ = ["train"]
 
 # Testing hook: SIGKILL this process right after optimizer step N, to test resuming a killed run.
 _KILL_AFTER_STEP_ENV = "EFFIDENSE_TEST_KILL_AFTER_STEP"
 # The flags that shape the optimizer's state: a resumed run must keep them.
 _OPTIMIZER_ARGS = ("opt", "weight_decay", "momentum")
-
-
-def _check_input_size(model: nn.Module, input_size: tuple[int, ...], args: argparse.Namespace) -> None:
-    """Refuse an input size the model cannot take before any training: its ``min_input_size``, or else (for a size
-    other than its default) one evaluation forward of a single zero image."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    minimum = cfg.get("min_input_size")
-    if minimum is not None and any(s < m for s, m in zip(input_size[1:], minimum[1:], strict=False)):
-        raise TrainError(f"--img-size {input_size[-1]}: {args.model} needs at least {minimum[-1]} pixels "
-                         f"(min_input_size {tuple(minimum)})")
-    if tuple(input_size) == tuple(cfg.get("input_size", ())):
-        return
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, *input_size))
-    except (ValueError, RuntimeError) as e:
-        raise TrainError(f"--img-size {input_size[-1]}: too small for {args.model} ({' '.join(str(e).split())})") from e
-    finally:
-        model.train(was_training)
-
-
-def read_weights_file(flag: str, path: str) -> dict[str, torch.Tensor]:
-    """The state dict in ``path`` (``--initial-checkpoint``/``--pretrained-path``), read by effidense's safe loader
-    (safetensors, or ``torch.load(weights_only=True)``) whatever timm's version; keys in timm's names, every
-    floating-point tensor finite. Anything else is a :class:`TrainError` naming ``flag`` and the file."""
-    try:
-        state_dict, _ = canonical_state_dict(load_checkpoint(path).state_dict)
-    except ConversionError as e:
-        raise TrainError(f"{flag} {path}: {e}") from None
-    bad = [key for key, value in state_dict.items() if value.is_floating_point() and not torch.isfinite(value).all()]
-    if bad:
-        raise TrainError(f"{flag} {path}: {len(bad)} tensor(s) hold NaN/inf values: {listing(bad)}")
-    return state_dict
-
-
-def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
-    """``timm.create_model`` with the trainer's model flags applied (weights files, memory mode, grad checkpointing,
-    SyncBN). Weights files are read by :func:`read_weights_file`, never by timm's loaders."""
-    initial = read_weights_file("--initial-checkpoint", args.initial_checkpoint) if args.initial_checkpoint else None
-    # as timm's train.py: the file's weights, with a new classifier (num_classes=-1 forces the adaptation)
-    overlay = (dict(state_dict=read_weights_file("--pretrained-path", args.pretrained_path), num_classes=-1)
-               if args.pretrained_path else None)
-    try:
-        model = timm.create_model(
-            args.model, pretrained=args.pretrained or bool(args.pretrained_path), num_classes=num_classes,
-            drop_rate=args.drop, pretrained_cfg_overlay=overlay, **args.model_kwargs)
-    except (RuntimeError, ValueError, TypeError, KeyError, FileNotFoundError) as e:
-        hint = ("; pretrained effi_* weights come from the Hugging Face Hub (timm/densenet*); offline, put them in the "
-                "hub cache or pass --pretrained-path FILE") if args.pretrained and not args.pretrained_path else ""
-        raise TrainError(f"cannot create model {args.model!r}: {short_error(e, 300)}{hint}") from e
-    if initial is not None:
-        try:
-            model.load_state_dict(initial)
-        except RuntimeError as e:
-            raise TrainError(f"--initial-checkpoint {args.initial_checkpoint}: the weights do not fit {args.model} "
-                             f"({short_error(e, 300)})") from None
-    if args.memory is not None or args.grad_checkpointing:
-        if args.memory is not None and not hasattr(model, "set_memory"):
-            raise TrainError(f"--memory applies to effidense models; {args.model} has no memory modes")
-        if args.memory == "plain" and args.grad_checkpointing:
-            raise TrainError("--memory plain contradicts --grad-checkpointing; pass only one of them")
-        if args.grad_checkpointing:
-            model.set_grad_checkpointing(True)
-        if args.memory is not None:
-            model.set_memory(args.memory)
-    if args.sync_bn:  # effidense synchronises converted norms itself, exactly, in every memory mode
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return model
 
 
 def _base_lr(args: argparse.Namespace, world_size: int) -> float:
@@ -180,15 +112,22 @@ class _Trainer:
         resume_path = resolve_resume(args.resume) if args.resume else None
 
         random_seed(args.seed, ctx.rank)
-        model = build_model(args, args.num_classes or num_classes)
+        notes: list[str] = []
+        model = build_model(args, args.num_classes or num_classes, notes)
+        for note in notes if ctx.primary else ():
+            tqdm.write(note)
         self.data_config = resolve_data_config(dict(img_size=args.img_size), model=model)
-        _check_input_size(model, tuple(self.data_config["input_size"]), args)
+        check_input_size(model, tuple(self.data_config["input_size"]), args)
         set_transforms(train_set, val_set, self.data_config, args)
         check_readable(train_set, "training")
         check_readable(val_set, "validation")
 
         # From here on this process owns the run directory (until train() returns).
         self.output_dir = out = run_directory(args, resume_path, self.data_config["input_size"][-1], ctx)
+        checkpoint_name = resume_path.name[: -len(".state.pt")] if resume_path is not None else "last"
+        if resume_path is not None and not any(p.exists() for p in checkpoint_files(resume_path.parent,
+                                                                                    checkpoint_name)):
+            self._check_fresh_start(resume_path)  # before the lock file is made: a refusal leaves no trace
         lock_run_directory(out, ctx, stack)
         self.continuing = resume_path is not None and out.resolve() == resume_path.parent.resolve()
         existing = [f for f in RUN_FILES if (out / f).exists()]
@@ -197,17 +136,21 @@ class _Trainer:
                              "it, another --experiment, or --force to replace it")
         self.checkpoint: TrainingCheckpoint | None = None
         if resume_path is not None:
-            self.checkpoint = find_checkpoint(resume_path.parent, resume_path.name[: -len(".state.pt")])
-            if self.checkpoint is None and ctx.primary:
-                tqdm.write(f"--resume {args.resume}: no complete checkpoint yet, starting the run from the beginning")
+            self.checkpoint = find_checkpoint(resume_path.parent, checkpoint_name)
+            if self.checkpoint is None:
+                self._check_fresh_start(resume_path)
+                if ctx.primary:
+                    tqdm.write(f"--resume {args.resume}: no complete checkpoint yet, starting the run from the "
+                               "beginning")
         state = self.checkpoint.state if self.checkpoint is not None else None
         if state is not None:
             if state["model"] != args.model:
                 raise TrainError(f"--resume {args.resume}: the checkpoint is of {state['model']}, not --model "
                                  f"{args.model}")
-            if not (all_finite(self.checkpoint.weights) and all_finite(state.get("ema"))):
-                raise TrainError(f"--resume {args.resume}: {self.checkpoint.weights_path} holds non-finite (NaN/inf) "
-                                 "weights; it is no good checkpoint")
+            problem = values_problem(self.checkpoint.weights) or values_problem(state.get("ema") or {})
+            if problem:
+                raise TrainError(f"--resume {args.resume}: {self.checkpoint.weights_path} is no good checkpoint: "
+                                 f"{problem}")
             try:
                 model.load_state_dict(self.checkpoint.weights)
             except RuntimeError as e:
@@ -265,6 +208,17 @@ class _Trainer:
         self.kill_after_step = int(os.environ.get(_KILL_AFTER_STEP_ENV, "0"))
 
     # --- checkpoints ---
+    def _check_fresh_start(self, resume_path: Path) -> None:
+        """Resuming is a way to continue a run, never one around the refusal to write over one: with no checkpoint
+        to continue from, the run starts again only where that destroys nothing (or --force says to)."""
+        problem = None if self.args.force else fresh_start_problem(self.output_dir)
+        if problem:
+            raise TrainError(
+                f"--resume {self.args.resume}: {self.output_dir} has no checkpoint to continue from (no "
+                f"{resume_path.name}), and starting the run again there would replace what it holds: {problem}. "
+                "Restore the checkpoint, start a new run with another --experiment, or pass --force to start this "
+                "one again, replacing them")
+
     def _restore(self, state: dict[str, Any]) -> None:
         args = self.args
         if state["batch"] and (state["batch_size"], state["world_size"], state["grad_accum_steps"]) != (
@@ -478,8 +432,19 @@ class _Trainer:
             top1.update(round(acc1.item() * n / 100), 1)  # counts of correct images: exact sums
             top5.update(round(acc5.item() * n / 100), 1)
         loss_sum, correct1, correct5, count = reduce_sum([loss.sum, top1.sum, top5.sum, loss.count], self.ctx)
-        count = max(count, 1)
+        if not count:
+            raise TrainError("the validation set holds no images: there is nothing to evaluate")
         return OrderedDict(loss=loss_sum / count, top1=100 * correct1 / count, top5=100 * correct5 / count)
+
+    def _evaluation_failed(self, metrics: OrderedDict[str, float], which: str) -> TrainError | None:
+        """A non-finite validation loss is a failed evaluation (its accuracy means nothing): the error that stops
+        the run before anything of this epoch is reported or saved."""
+        if all(math.isfinite(value) for value in metrics.values()):
+            return None
+        return TrainingDiverged(
+            f"the evaluation of {which} failed at epoch {self.epoch}: eval loss {metrics['loss']} (the model's "
+            "outputs are not finite in eval mode: its weights or BatchNorm running statistics have gone bad); "
+            f"stopped without saving this epoch. Last good checkpoint: {self.last_good or 'none (nothing was saved)'}")
 
     def fit(self) -> dict[str, Any]:
         args, ctx = self.args, self.ctx
@@ -487,7 +452,7 @@ class _Trainer:
             dist.barrier()  # every rank has read the checkpoint before rank 0 may rename its files
         if ctx.primary:
             prepare_run_directory(self.output_dir, self.checkpoint, self.continuing,
-                                  replace=args.force and not args.resume)
+                                  replace=args.force and not (self.continuing and self.checkpoint is not None))
             if self.continuing and self.checkpoint is not None:
                 self.last_good = self.output_dir / "last.safetensors"
             write_file(self.output_dir / "args.yaml", lambda tmp: Path(tmp).write_text(args_to_yaml(args)))
@@ -508,10 +473,14 @@ class _Trainer:
             if ctx.distributed and not args.sync_bn:
                 distribute_bn(self.model, ctx.world_size, reduce=True)
             eval_metrics = self.evaluate(self.model)
+            failed = self._evaluation_failed(eval_metrics, "the model")
             if self.ema is not None:
                 if ctx.distributed:
                     distribute_bn(self.ema.module, ctx.world_size, reduce=True)
                 eval_metrics = self.evaluate(self.ema.module)  # timm picks the best on the EMA's metrics
+                failed = failed or self._evaluation_failed(eval_metrics, "the EMA weights")
+            if failed:
+                raise failed
             self.check_finite()  # distribute_bn averaged the BN statistics
             self.scheduler.step(self.epoch + 1, eval_metrics[args.eval_metric])
             improved = _is_better(eval_metrics[args.eval_metric], self.best_metric, args.eval_metric)
