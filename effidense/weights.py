@@ -374,11 +374,15 @@ def save_checkpoint(
     """Write ``state_dict`` atomically as ``.safetensors`` (with ``metadata`` in the header) or a ``.pth`` state dict.
 
     ``fmt`` defaults to what the suffix says (safetensors when it says nothing). The file appears only when
-    complete, and after ``check(temporary_path)`` passes; an existing file is kept unless ``force``.
+    complete, and after ``check(temporary_path)`` passes; an existing file is kept unless ``force``. Only what
+    :func:`load_checkpoint` reads is written: tensors whose values a trained model can have (:func:`values_problem`).
     """
     path = Path(path)
     fmt = output_format(path, fmt)
     check_output(path, force)
+    problem = state_dict_problem(state_dict) or values_problem(state_dict)
+    if problem:
+        raise ConversionError(f"cannot write {path}: {problem}")
     tensors = {key: value.detach().contiguous() for key, value in state_dict.items()}
 
     from safetensors import SafetensorError

@@ -442,6 +442,19 @@ def test_values_no_model_has_are_refused_from_python(damage):
         convert.inflate(bad)
 
 
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_save_checkpoint_writes_only_what_load_checkpoint_reads(tmp_path, damage):
+    bad = damaged(tiny_torchvision().state_dict(), damage)
+    for name in ("bad.safetensors", "bad.pth"):
+        output = tmp_path / name
+        with pytest.raises(ConversionError, match=rf"^cannot write {re.escape(str(output))}: "
+                                                  rf"{re.escape(DAMAGES[damage])}$"):
+            convert.save_checkpoint(bad, output)
+    with pytest.raises(ConversionError, match="not a state dict: 1 entries are not tensors: step"):
+        convert.save_checkpoint({"step": 3}, tmp_path / "step.pth")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_verification_detects_a_wrong_model(tmp_path):
     tv = tiny_torchvision()
     converted = convert.convert_state_dict(tv.state_dict())
