@@ -88,3 +88,52 @@ def test_usage_errors_are_one_line_from_rank_zero_only(rank, printed, monkeypatc
             assert "argument --model-kwargs: 'growth_rate' is not KEY=VALUE" in err and err.strip().endswith("--help)")
         else:
             assert err == ""
+
+
+def interrupted_while_starting(route: list[str]) -> tuple[int, str]:
+    """Start ``route`` (a command that loads torch for seconds), send Ctrl-C as soon as effidense's dispatcher is
+    loaded and again every 0.1 s until it exits; its exit code and stderr (without the import-time lines)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}  # stderr says when effidense.cli is loaded
+    process = subprocess.Popen(route, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    lines: list[str] = []
+    loaded = threading.Event()
+
+    def drain() -> None:  # a full pipe would stall the command
+        for line in process.stderr:
+            lines.append(line)
+            if line.rstrip().endswith("| effidense.cli"):
+                loaded.set()
+        loaded.set()
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        assert loaded.wait(30), "the command never loaded effidense.cli"
+        time.sleep(0.05)
+        deadline = time.monotonic() + 30
+        while process.poll() is None and time.monotonic() < deadline:
+            process.send_signal(signal.SIGINT)
+            time.sleep(0.1)
+        assert process.poll() is not None, "Ctrl-C did not stop the command"
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        reader.join(5)
+    return process.returncode, "".join(line for line in lines if not line.startswith("import time:"))
+
+
+@pytest.mark.parametrize("route", [[sys.executable, "-m", "effidense", "plan", "--variants", "plain", "--quiet"],
+                                   ["effidense", "gradcheck", "--quiet"]], ids=["python -m", "console script"])
+def test_ctrl_c_while_a_command_starts_is_one_line_and_130(route):
+    # The first signal lands while the command imports torch (seconds), where Ctrl-C printed a traceback.
+    if not shutil.which(route[0]):
+        pytest.skip(f"{route[0]} is not installed")
+    code, err = interrupted_while_starting(route)
+    assert "Traceback" not in err, err
+    assert (code, err.strip()) == (130, "effidense: interrupted (Ctrl-C)"), (code, err)

@@ -8,6 +8,7 @@ usage errors answer at once; ``tests/test_cli.py`` counts the modules they impor
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -31,7 +32,22 @@ def _usage() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    """Run ``effidense COMMAND ...`` (``argv``: the arguments, default ``sys.argv[1:]``); returns the exit code.
+
+    Ctrl-C anywhere in it, the seconds a command spends importing torch included, is one line on stderr and the
+    shell's code for SIGINT (130), not a traceback."""
+    entry = argv is None  # the process's own command (console script, python -m), not a call from Python code
+    try:
+        return _run(sys.argv[1:] if argv is None else list(argv))
+    except KeyboardInterrupt:
+        if entry:
+            # The process is ending: a second Ctrl-C while it does (torch's exit handlers) would print a traceback.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        print("effidense: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
+
+
+def _run(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
