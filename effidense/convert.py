@@ -322,17 +322,28 @@ class Conversion:
 
 
 def _detect_source(raw_keys: Iterable[str], metadata: Mapping[str, str], arch: Architecture) -> tuple[str, str]:
-    layout = metadata.get(_META_PREFIX + "layout")
-    if layout in LAYOUTS:
-        return layout, "from the file's metadata"
     keys = dict.fromkeys(raw_keys)
-    if has_layout_keys(keys, "monai"):
-        return "monai", "MONAI key names"
+    monai_names = has_layout_keys(keys, "monai")
+    claimed, overruled = metadata.get(_META_PREFIX + "layout"), ""
+    if claimed in LAYOUTS:
+        # the header is only as true as whoever wrote it: the weights themselves have the last word
+        limits = layout_limits(claimed, arch)
+        if claimed == "monai" and not monai_names:
+            overruled = "its keys are not MONAI's"
+        elif claimed != "monai" and monai_names:
+            overruled = "its keys are MONAI's"
+        elif limits:
+            overruled = f"{claimed}'s DenseNet cannot hold these weights ({'; '.join(limits)})"
+        else:
+            return claimed, "from the file's metadata"
+        overruled = f"; the file's metadata says {claimed}, but {overruled}"
+    if monai_names:
+        return "monai", "MONAI key names" + overruled
     if has_legacy_keys(keys):
-        return "torchvision", "legacy torchvision key names"
+        return "torchvision", "legacy torchvision key names" + overruled
     if layout_limits("torchvision", arch):
-        return "effidense", "only effidense has this architecture"
-    return "torchvision", "modern torchvision and timm keys are identical; torchvision assumed"
+        return "effidense", "only effidense has this architecture" + overruled
+    return "torchvision", "modern torchvision and timm keys are identical; torchvision assumed" + overruled
 
 
 def convert_state_dict(

@@ -225,6 +225,29 @@ def test_safetensors_header_metadata(tmp_path):
     assert conversion.source == "timm"
 
 
+def test_header_metadata_that_the_weights_contradict_does_not_decide(tmp_path):
+    from safetensors.torch import save_file
+
+    cifar = effidense.DenseNet(**TINY, small_inputs=True, num_classes=3).state_dict()  # only effidense has it
+    save_file(cifar, str(tmp_path / "cifar.safetensors"), metadata={"effidense.layout": "torchvision"})
+    conversion, _ = convert.convert_checkpoint(tmp_path / "cifar.safetensors", tmp_path / "out1.safetensors")
+    assert conversion.source == "effidense"
+    assert conversion.notes[0] == (
+        "source layout effidense (only effidense has this architecture; the file's metadata says torchvision, but "
+        "torchvision's DenseNet cannot hold these weights (it has no small-input (CIFAR) stem (small_inputs=True)))")
+    tv = tiny_torchvision().state_dict()
+    save_file(tv, str(tmp_path / "tv.safetensors"), metadata={"effidense.layout": "monai"})
+    conversion, _ = convert.convert_checkpoint(tmp_path / "tv.safetensors", tmp_path / "out2.safetensors")
+    assert conversion.source == "torchvision" and "the file's metadata says monai, but its keys are not MONAI's" in \
+        conversion.notes[0]
+    monai = {k.replace("denselayer1.", "denselayer1.layers.").replace("denselayer2.", "denselayer2.layers."): v
+             for k, v in tv.items()}
+    save_file(monai, str(tmp_path / "monai.safetensors"), metadata={"effidense.layout": "timm"})
+    conversion, _ = convert.convert_checkpoint(tmp_path / "monai.safetensors", tmp_path / "out3.safetensors")
+    assert conversion.source == "monai" and "the file's metadata says timm, but its keys are MONAI's" in \
+        conversion.notes[0]
+
+
 def test_seed_usage_and_format_from_suffix(tmp_path, capsys):
     source = tmp_path / "densenet121-a639ec97.pth"
     save_legacy(tiny_torchvision(), source)
