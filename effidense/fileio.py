@@ -279,12 +279,26 @@ def content_format(path: str | os.PathLike[str]) -> str | None:
     return "safetensors" if looks_safetensors else None  # a header that the rest of the file does not hold
 
 
+def _is_torchscript(path: Path) -> bool:
+    # torch.jit.save's zip holds the model's code and constants beside the pickled data that torch.save writes
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/constants.pkl") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return False
+
+
 def load_torch_file(path: str | os.PathLike[str], safe_globals: Iterable[Any] = ()) -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU; refuses pickled objects (other than ``safe_globals``) as
     unsafe and names the file in every error. The content decides: a safetensors file is named as one."""
     path = _readable(path)
     if content_format(path) == "safetensors":
         raise UnreadableFileError(f"{path} is not a PyTorch checkpoint (it is a safetensors file)")
+    if _is_torchscript(path):  # torch.load would warn, then fail as if the file were corrupt
+        raise UnreadableFileError(f"{path} is a TorchScript archive (a scripted or traced model), not a checkpoint of "
+                                  "weights: load it with torch.jit.load and save its state_dict() with torch.save")
     try:
         # an open file, not the path: torch.load hands any path ending in .safetensors to safetensors
         with torch.serialization.safe_globals(list(safe_globals)), path.open("rb") as f:

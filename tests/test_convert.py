@@ -653,6 +653,19 @@ def test_one_description_of_which_densenet():
     assert convert.match_config(resolve_model("densenet121").architecture) == "densenet121"
 
 
+def test_a_torchscript_archive_is_named_as_one_not_corrupt(tmp_path, capsys):
+    source = tmp_path / "model.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript's deprecation notices
+        torch.jit.save(torch.jit.script(nn.Linear(2, 2)), str(source))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not even torch's "dispatching to torch.jit.load"
+        code, out, err = run_cli(capsys, "--checkpoint", source, "--output", tmp_path / "out.safetensors")
+    assert code == 1 and out == ""
+    assert err == (f"error: {source} is a TorchScript archive (a scripted or traced model), not a checkpoint of "
+                   "weights: load it with torch.jit.load and save its state_dict() with torch.save\n")
+
+
 # --- corrupt or unsafe ---
 
 @pytest.mark.parametrize("head", [b"PK", b"PK\x03\x04", b"PK\x05\x06", b"\x80\x02", b"("])
