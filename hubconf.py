@@ -5,7 +5,8 @@ The entry points are effidense's builders (:func:`effidense.registry.create`), w
 (``None``, ``"DEFAULT"``, ``"IMAGENET1K_V1"``, torchvision's enum member, or a timm tag such as ``"ra_in1k"``),
 ``progress=`` and the deprecated ``pretrained=``; weights come from timm's Hugging Face hub repositories (or their
 cache), as with ``timm.create_model("effi_<name>.<tag>", pretrained=True)``. Other keyword arguments go to the model
-(``num_classes``, ``in_chans``, ``memory``, ``memory_efficient``, ...).
+(``num_classes``, ``in_chans``, ``memory``, ``memory_efficient``, ...). ``weights=`` takes names, not files: load a
+file with ``model.load_state_dict(effidense.weights.load_checkpoint(path).state_dict)``.
 """
 from effidense.registry import (  # noqa: F401 (the entry points)
     densenet40_k12,

@@ -27,8 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert DenseNet weights between torchvision, timm, MONAI (2D) and effidense layouts, and "
                     "optionally inflate them to 3D (--inflate). The architecture is "
                     "read off the weights (or checked against --model) and every unknown, missing or mis-shaped key "
-                    "is reported by name. Inputs are read safely (torch.load(weights_only=True) or safetensors); "
-                    "the output is written atomically and never overwrites a file without --force.",
+                    "is reported by name. Inputs are read safely (torch.load(weights_only=True) or safetensors) "
+                    "and refused when their values are no trained model's (NaN/inf, integer or bool weights, "
+                    "negative BatchNorm running variances); the output is written atomically and never overwrites a "
+                    "file without --force.",
         epilog="Exit status: 0 ok, 1 conversion error, 2 bad arguments, 3 --verify found a difference.")
     layouts = list(LAYOUTS) + list(LAYOUT_ALIASES)
     parser.add_argument("--checkpoint", required=True, metavar="IN",
