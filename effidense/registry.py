@@ -15,8 +15,9 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from .densenet import DenseNet
+from .fileio import content_format
 from .names import CONFIGS, unknown_model_message
-from .weights import PTH_SUFFIXES, timm_pretrained_filter
+from .weights import PTH_SUFFIXES, ConversionError, timm_pretrained_filter
 
 __all__ = ["CONFIGS", "TORCHVISION_WEIGHTS", "create", "resolve_weights", "weight_tags",
            "densenet121", "densenet161", "densenet169", "densenet201", "densenet264",
@@ -195,7 +196,35 @@ def create(name: str, *, weights: Any = None, progress: bool = True, pretrained:
 
 # --- timm registry: `import effidense` makes timm.create_model('effi_densenet121') work ---
 
+def _pretrained_file_problem(path: str) -> str | None:
+    """Why timm would fail to read ``path`` as a pretrained file (None when it can): timm picks its reader by the
+    name (``.safetensors`` or ``torch.load``), so a file whose content is the other format, or neither, fails there
+    with a traceback (``header too large``)."""
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return None  # timm's own error names a missing file
+    found = content_format(path)
+    named = "safetensors" if path.endswith(".safetensors") else "torch"
+    if found == named:
+        return None
+    if found is None:
+        return f"{path}: corrupt or truncated checkpoint (neither a PyTorch nor a safetensors file)"
+    what = "a PyTorch checkpoint" if found == "torch" else "a safetensors file"
+    suffix = ".pth" if found == "torch" else ".safetensors"
+    return f"{path} is {what} despite its name, and timm reads a pretrained file by its name: name it {suffix}"
+
+
+def _pretrained_file(kwargs: dict[str, Any]) -> str | None:
+    # the file timm will load: pretrained_cfg_overlay=dict(file=...) or a pretrained_cfg that names one
+    cfg = kwargs.get("pretrained_cfg")
+    cfg_file = cfg.get("file") if isinstance(cfg, dict) else getattr(cfg, "file", None)
+    return (kwargs.get("pretrained_cfg_overlay") or {}).get("file") or cfg_file
+
+
 def _create(name: str, pretrained: bool, **kwargs: Any) -> DenseNet:
+    file = _pretrained_file(kwargs) if pretrained else None
+    problem = _pretrained_file_problem(os.fspath(file)) if file else None
+    if problem:
+        raise ConversionError(problem)
     # timm's meanings: drop_rate is dropout before the classifier, proj_drop_rate after each dense layer.
     if "drop_rate" in kwargs:
         kwargs["head_drop_rate"] = kwargs.pop("drop_rate")

@@ -168,3 +168,27 @@ def test_pretrained_weights_no_model_has_are_refused(tmp_path, monkeypatch, dens
     with pytest.raises(ConversionError, match=rf"^{path}: {problem}: {key}$"):
         timm.create_model("effi_densenet121", pretrained=True, **tiny,
                           pretrained_cfg_overlay=dict(file=str(path), num_classes=10))
+
+
+@pytest.mark.parametrize("name, write, said", [
+    ("w.safetensors", "torch", r"is a PyTorch checkpoint despite its name, and timm reads a pretrained file by its "
+                               r"name: name it \.pth$"),
+    ("w.pth", "safetensors", r"is a safetensors file despite its name, and timm reads a pretrained file by its name: "
+                             r"name it \.safetensors$"),
+    ("w.pth", "random", r": corrupt or truncated checkpoint \(neither a PyTorch nor a safetensors file\)$"),
+])
+def test_a_pretrained_file_whose_name_lies_is_one_line(tmp_path, name, write, said):
+    from effidense.weights import ConversionError
+
+    tiny = dict(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=10)
+    weights = timm.create_model("effi_densenet121", **tiny).state_dict()
+    path = tmp_path / name
+    if write == "torch":
+        torch.save(weights, path)
+    elif write == "safetensors":
+        save_file(weights, str(path))
+    else:
+        path.write_bytes(b"\x00not weights" * 100)
+    with pytest.raises(ConversionError, match=rf"^{path}{' ' if write != 'random' else ''}{said}"):
+        timm.create_model("effi_densenet121", pretrained=True, **tiny,
+                          pretrained_cfg_overlay=dict(file=str(path), num_classes=10))
