@@ -113,16 +113,30 @@ def check_config(growth_rate: int, block_config: Sequence[int], num_init_feature
     if sum(block_config) > MAX_LAYERS:
         raise ValueError(f"block_config {tuple(block_config)} has {sum(block_config)} dense layers; at most "
                          f"{MAX_LAYERS} are supported (DenseNet-264 has 130)")
-    parameters = count_weights(growth_rate, block_config, num_init_features, bn_size, compression, spatial_dims)
+    parts = _weights(growth_rate, block_config, num_init_features, bn_size, compression, spatial_dims, in_chans,
+                     num_classes, small_inputs)
+    parameters = sum(parts.values())
     if parameters > MAX_PARAMETERS:
-        raise ValueError(f"this configuration would have about {parameters:.3g} convolution weights "
-                         f"({parameters * 4 / 2 ** 30:.3g} GiB in float32), over the {MAX_PARAMETERS:.3g} supported")
+        # Named after the part that holds most of them, so the message points at the argument to change.
+        cause = {"stem": f"in_chans={in_chans}", "classifier": f"num_classes={num_classes}",
+                 "blocks": f"growth_rate={growth_rate}, block_config={tuple(block_config)}"}[max(parts, key=parts.get)]
+        raise ValueError(f"{cause} makes about {parameters:.3g} weights ({parameters * 4 / 2 ** 30:.3g} GiB in "
+                         f"float32), over the {MAX_PARAMETERS:.3g} supported")
 
 
 def count_weights(growth_rate: int, block_config: Sequence[int], channels: int, bn_size: int | None,
-                   compression: float, spatial_dims: int) -> int:
-    """The dense layers' and transitions' convolution weights, counted without building them."""
+                   compression: float, spatial_dims: int, in_chans: int = 0, num_classes: int = 0,
+                   small_inputs: bool = False) -> int:
+    """The weights of the convolutions and the classifier, counted without building them."""
+    return sum(_weights(growth_rate, block_config, channels, bn_size, compression, spatial_dims, in_chans,
+                        num_classes, small_inputs).values())
+
+
+def _weights(growth_rate: int, block_config: Sequence[int], channels: int, bn_size: int | None, compression: float,
+             spatial_dims: int, in_chans: int, num_classes: int, small_inputs: bool) -> dict[str, int]:
+    """The stem's weights (from ``in_chans``), the dense layers' and transitions', the classifier's."""
     k, total, window = growth_rate, 0, 3 ** spatial_dims
+    stem = in_chans * channels * (3 if small_inputs else 7) ** spatial_dims
     for i, n in enumerate(block_config):
         inputs = n * channels + k * n * (n - 1) // 2  # the layers' input channels, summed
         total += inputs * bn_size * k + n * bn_size * k * k * window if bn_size else inputs * k * window
@@ -130,4 +144,4 @@ def count_weights(growth_rate: int, block_config: Sequence[int], channels: int, 
         if i < len(block_config) - 1:
             total += channels * int(channels * compression)
             channels = int(channels * compression)
-    return total
+    return {"stem": stem, "blocks": total, "classifier": channels * num_classes}

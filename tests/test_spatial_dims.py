@@ -96,7 +96,11 @@ def test_spatial_dims_must_be_one_two_or_three(spatial_dims):
 
 @pytest.mark.parametrize(("config", "message"), [
     (dict(block_config=(10 ** 9,)), "1000000000 dense layers; at most 10000"),
-    (dict(growth_rate=10 ** 6), r"convolution weights .* GiB in float32"),
+    (dict(growth_rate=10 ** 6), r"growth_rate=1000000, block_config=\(2, 2\) makes about .* GiB in float32"),
+    # The classifier and the stem are weights too: these allocated petabytes (or failed to) before any check.
+    (dict(num_classes=10 ** 14), r"^num_classes=100000000000000 makes about 1.6e\+15 weights .* over the 4.29e\+09 "
+                                 r"supported$"),
+    (dict(in_chans=10 ** 12), r"^in_chans=1000000000000 makes about .* weights"),
 ])
 def test_absurd_configurations_are_refused_before_allocating(config, message):
     with pytest.raises(ValueError, match=message):
