@@ -35,3 +35,11 @@ def _one_thread():
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def one_line_error(err: str) -> str:
+    """The one line a command printed on stderr (and no traceback)."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]

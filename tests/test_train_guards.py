@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TRAIN_SYNTHETIC, TRAIN_TINY, load_tool
+from conftest import TRAIN_SYNTHETIC, TRAIN_TINY, load_tool, one_line_error
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -34,13 +34,6 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _one_line_error(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
-
-
 def _all_finite(tensors: dict[str, torch.Tensor]) -> bool:
     return all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
 
@@ -54,7 +47,7 @@ def test_non_finite_weights_are_never_saved_with_no_good_checkpoint(tmp_path: Pa
     argv = [*TINY, *SYNTHETIC, "--train-num-samples", "8", "--epochs", "3", "--lr", "3e38", "--weight-decay", "100",
             "--smoothing", "0", "--checkpoint-interval", "1", "--output", str(tmp_path), "--experiment", "run"]
     assert tool.main(argv) == 1
-    line = _one_line_error(capsys.readouterr().err)
+    line = one_line_error(capsys.readouterr().err)
     assert "non-finite" in line and "Last good checkpoint: none" in line
     run = tmp_path / "run"
     assert not any((run / name).exists() for name in ("last.safetensors", "last.state.pt", "model_best.safetensors"))
@@ -67,7 +60,7 @@ def test_non_finite_weights_name_the_last_finite_checkpoint(tmp_path: Path,
             "--weight-decay", "100", "--checkpoint-interval", "1", "--model-ema", "--output", str(tmp_path),
             "--experiment", "run"]
     assert tool.main(argv) == 1
-    line = _one_line_error(capsys.readouterr().err)
+    line = one_line_error(capsys.readouterr().err)
     run = tmp_path / "run"
     assert f"Last good checkpoint: {run / 'last.safetensors'}" in line
     found = find_checkpoint(run)
@@ -93,7 +86,7 @@ def test_second_run_into_the_same_directory_is_refused(tmp_path: Path) -> None:
         running = next(p for p in procs if p is not refused[0])
         out, err = refused[0].communicate()
         assert refused[0].returncode == 1
-        line = _one_line_error(err)
+        line = one_line_error(err)
         assert line.startswith("error: another run is writing") and str(tmp_path / "run") in line
         assert "training" not in out
         args_yaml = (tmp_path / "run" / "args.yaml").read_text()
@@ -125,7 +118,7 @@ def test_resume_from_a_damaged_checkpoint_is_one_line(finished_run, damage: str,
     before = {p.name: p.read_bytes() for p in run.iterdir()}
     capsys.readouterr()
     assert tool.main([*argv, "--epochs", "2", "--resume", str(run)]) == 1
-    line = _one_line_error(capsys.readouterr().err)
+    line = one_line_error(capsys.readouterr().err)
     assert line.startswith("error: ") and str(weights) in line
     assert ("truncated" in line) if damage == "truncate" else ("empty" in line)
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
@@ -142,7 +135,7 @@ def test_bad_flags_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[st
     with pytest.raises(SystemExit) as exc:
         tool.main([*TINY, *SYNTHETIC, *flags, "--output", str(tmp_path / "out")])
     assert exc.value.code == 2
-    line = _one_line_error(capsys.readouterr().err)
+    line = one_line_error(capsys.readouterr().err)
     assert message in line
     assert not (tmp_path / "out").exists()
 
@@ -184,7 +177,7 @@ def test_bad_data_or_size_is_one_line_before_any_output(tmp_path: Path, capsys: 
     argv = [*TINY, "--data-dir", str(data), "--img-size", size, "-b", "4", "-j", "0", "--epochs", "1",
             "--output", str(tmp_path / "out"), "--experiment", "run"]
     assert tool.main(argv) == 1
-    line = _one_line_error(capsys.readouterr().err)
+    line = one_line_error(capsys.readouterr().err)
     assert line.startswith("error: ") and message in line
     assert not (tmp_path / "out").exists()
 
@@ -284,5 +277,5 @@ def test_effidense_timm_usage_and_missing_script(tmp_path: Path, capsys: pytest.
     assert effidense_main(["timm"]) == 2
     assert "usage: effidense timm" in capsys.readouterr().out
     assert effidense_main(["timm", str(tmp_path / "validate.py")]) == 1
-    line = _one_line_error(capsys.readouterr().err)
+    line = one_line_error(capsys.readouterr().err)
     assert "validate.py: no such file" in line

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import TRAIN_SYNTHETIC, TRAIN_TINY, load_tool
+from conftest import TRAIN_SYNTHETIC, TRAIN_TINY, load_tool, one_line_error
 from safetensors.torch import save_file
 
 import effidense  # noqa: F401  (registers effi_* with timm)
@@ -28,13 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 tool = load_tool("train")
 
 TINY, SYNTHETIC = TRAIN_TINY, TRAIN_SYNTHETIC
-
-
-def _one_line_error(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def _tiny_weights(num_classes: int = 10) -> dict[str, torch.Tensor]:
@@ -65,7 +58,7 @@ def test_a_pickle_payload_in_a_weights_file_never_runs(tmp_path: Path, capsys: p
     assert not marker.exists()
     argv = [*TINY, *SYNTHETIC, "--epochs", "1", flag, str(evil), "--output", str(tmp_path / "out")]
     assert tool.main(argv) == 1
-    line = _one_line_error(capsys.readouterr().err)
+    line = one_line_error(capsys.readouterr().err)
     assert line.startswith(f"error: {flag} {evil}:") and "unsafe" in line
     assert not marker.exists()
     assert not (tmp_path / "out").exists()
@@ -78,7 +71,7 @@ def test_a_truncated_safetensors_weights_file_is_one_line(tmp_path: Path, capsys
     save_file(_tiny_weights(), weights)
     os.truncate(weights, weights.stat().st_size // 2)
     assert tool.main([*TINY, *SYNTHETIC, "--epochs", "1", flag, str(weights), "--output", str(tmp_path / "out")]) == 1
-    line = _one_line_error(capsys.readouterr().err)
+    line = one_line_error(capsys.readouterr().err)
     assert line.startswith(f"error: {flag} {weights}:") and "truncated" in line
 
 
@@ -90,7 +83,7 @@ def test_a_nan_batchnorm_buffer_in_the_initial_weights_is_named(tmp_path: Path,
     save_file(weights, path)
     assert tool.main([*TINY, *SYNTHETIC, "--epochs", "1", "--initial-checkpoint", str(path),
                       "--output", str(tmp_path / "out")]) == 1
-    line = _one_line_error(capsys.readouterr().err)
+    line = one_line_error(capsys.readouterr().err)
     assert "features.denseblock1.denselayer1.norm1.running_mean" in line and "NaN/inf" in line and "--lr" not in line
 
 
@@ -116,7 +109,7 @@ def test_non_finite_or_overflowing_hyperparameters_are_refused(tmp_path: Path, c
     with pytest.raises(SystemExit) as exc:
         tool.main([*TINY, *SYNTHETIC, flag, value, "--output", str(tmp_path / "out")])
     assert exc.value.code == 2
-    line = _one_line_error(capsys.readouterr().err)
+    line = one_line_error(capsys.readouterr().err)
     assert f"argument {flag}: must be a finite number" in line and f"got {value}" in line
     assert not (tmp_path / "out").exists()
 
@@ -156,7 +149,7 @@ def test_resume_with_another_optimizer_is_one_line(finished_run: Path, capsys: p
     before = {p.name: p.read_bytes() for p in finished_run.iterdir()}
     capsys.readouterr()
     assert tool.main(["--resume", str(finished_run), "--epochs", "2", *flags]) == 1
-    line = _one_line_error(capsys.readouterr().err)
+    line = one_line_error(capsys.readouterr().err)
     assert line.startswith(f"error: --resume {finished_run}: the run was trained with {named};")
     assert {p.name: p.read_bytes() for p in finished_run.iterdir()} == before
 
@@ -174,7 +167,7 @@ def test_a_hand_edited_state_file_is_one_line(finished_run: Path, capsys: pytest
     torch.save(state, path)
     capsys.readouterr()
     assert tool.main(["--resume", str(finished_run), "--epochs", "2"]) == 1
-    line = _one_line_error(capsys.readouterr().err)
+    line = one_line_error(capsys.readouterr().err)
     assert str(path) in line and message in line
 
 
@@ -183,7 +176,7 @@ def test_random_bytes_are_called_corrupt_not_unsafe(finished_run: Path, capsys: 
     path.write_bytes(random.Random(0).randbytes(4096))  # its first byte is no pickle opcode
     capsys.readouterr()
     assert tool.main(["--resume", str(finished_run), "--epochs", "2"]) == 1
-    line = _one_line_error(capsys.readouterr().err)
+    line = one_line_error(capsys.readouterr().err)
     assert f"{path}: corrupt or truncated" in line
     assert "pickle" not in line and "unsafe" not in line and "global" not in line
 
@@ -225,7 +218,7 @@ def test_a_full_disk_during_training_is_one_line_and_leaves_no_temporary_file(tm
                            "--output", str(tmp_path), "--experiment", "run"], env=env, capture_output=True, text=True,
                           timeout=300, preexec_fn=_limit_file_size(30_000))
     assert proc.returncode == 1
-    line = _one_line_error(proc.stderr)
+    line = one_line_error(proc.stderr)
     assert line.startswith(f"error: cannot write {tmp_path / 'run' / 'last.state.pt'}: ")
     assert _leftovers(tmp_path / "run") == []
     assert (tmp_path / "run" / "summary.csv").exists() and not (tmp_path / "run" / "last.state.pt").exists()
@@ -248,7 +241,7 @@ def test_ctrl_c_finishes_the_write_and_exits_with_one_line(tmp_path: Path) -> No
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 130, err
-        line = _one_line_error(err)
+        line = one_line_error(err)
         assert line.startswith("interrupted (Ctrl-C);") and f"--resume {run}" in line
         assert _leftovers(run) == []
         assert find_checkpoint(run) is not None
@@ -265,7 +258,7 @@ def test_a_nan_batchnorm_buffer_during_training_is_not_blamed_on_the_lr(tmp_path
 
     monkeypatch.setattr(trainer._Trainer, "train_epoch", poisoned)
     assert tool.main([*TINY, *SYNTHETIC, "--epochs", "1", "--output", str(tmp_path), "--experiment", "run"]) == 1
-    line = _one_line_error(capsys.readouterr().err)
+    line = one_line_error(capsys.readouterr().err)
     assert "BatchNorm statistics became non-finite" in line and "denselayer1.norm1.running_mean" in line
     assert "--lr" not in line
 

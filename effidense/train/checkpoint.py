@@ -46,8 +46,9 @@ from ..fileio import (
     load_safetensors,
     load_torch_file,
     publish,
-    short_error,
+    save_torch_file,
     write_complete,
+    write_failure,
 )
 from .errors import TrainError
 
@@ -83,8 +84,7 @@ _WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 
 def _write_error(path: Path, error: BaseException) -> TrainError:
-    reason = error.strerror if isinstance(error, OSError) and error.strerror else short_error(error, 160)
-    return TrainError(f"cannot write {path}: {reason}")
+    return TrainError(f"cannot write {path}: {write_failure(error)}")
 
 
 def write_file(path: Path, write: Callable[[str], None]) -> None:
@@ -152,7 +152,7 @@ def save_training_checkpoint(directory: Path, name: str, model_state: Mapping[st
     with interrupts_deferred():
         writing = state
         try:
-            write_complete(state_tmp, lambda tmp: torch.save(train_state, tmp))
+            write_complete(state_tmp, lambda tmp: save_torch_file(train_state, tmp))
             fault_point(state_tmp)
             fault_point()
             writing = weights

@@ -23,7 +23,6 @@ from ..weights import (
     describe_misfit,
     is_bn_counter,
     load_checkpoint,
-    values_problem,
 )
 from .errors import TrainError
 
@@ -56,15 +55,12 @@ def check_input_size(model: nn.Module, input_size: tuple[int, ...], args: argpar
 def read_weights_file(flag: str, path: str) -> dict[str, torch.Tensor]:
     """The state dict in ``path`` (``--initial-checkpoint``/``--pretrained-path``), read by effidense's safe loader
     (safetensors, or ``torch.load(weights_only=True)``) whatever timm's version; keys in timm's names, values a trained
-    model can hold (:func:`effidense.weights.values_problem`). Anything else is a :class:`TrainError` naming ``flag``
+    model can hold (``load_checkpoint`` checks them). Anything else is a :class:`TrainError` naming ``flag``
     and the file."""
     try:
         state_dict, _ = canonical_state_dict(load_checkpoint(path).state_dict)
     except ConversionError as e:
         raise TrainError(f"{flag} {path}: {e}") from None
-    problem = values_problem(state_dict)
-    if problem:
-        raise TrainError(f"{flag} {path}: {problem}")
     return state_dict
 
 
