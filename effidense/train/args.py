@@ -134,14 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--pretrained", action="store_true", help="start from the model's pretrained weights")
     group.add_argument("--pretrained-path", default=None, metavar="PATH",
                        help="start from the weights in this file (implies --pretrained; as timm does, the "
-                            "classifier is re-initialised and in_chans adapted)")
+                            "classifier is re-initialised and in_chans adapted). Every other tensor must come from "
+                            "the file: one that does not fit the model is refused")
     group.add_argument("--initial-checkpoint", default="", metavar="PATH",
                        help="initialise the model from this checkpoint (.safetensors or .pth, loaded strictly)")
     group.add_argument("--resume", default="", metavar="PATH",
                        help="continue a run: a run directory, or its last.state.pt / last.safetensors, from its newest "
-                            "complete checkpoint (a run killed before its first checkpoint starts from the "
-                            "beginning), with the run's own arguments (its args.yaml; flags given here override them). "
-                            "Keeps writing into that directory unless --output/--experiment name another")
+                            "complete checkpoint, with the run's own arguments (its args.yaml; flags given here "
+                            "override them). A run killed before its first checkpoint (or before its directory "
+                            "existed) starts from the beginning; a directory holding results without their "
+                            "checkpoint is refused unless --force. Keeps writing into that directory unless "
+                            "--output/--experiment name another")
     group.add_argument("--num-classes", type=_count, default=None, metavar="N",
                        help="label classes (default: the dataset's)")
     group.add_argument("--model-kwargs", nargs="*", default={}, action=ModelKwargs, metavar="KEY=VALUE",
