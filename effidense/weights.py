@@ -352,13 +352,9 @@ def output_format(path: Path, fmt: str | None) -> str:
 
 
 def check_output(path: Path, force: bool) -> None:
-    if path.exists() and not force:
-        raise ConversionError(f"output exists: {path} (pass --force / force=True to overwrite)")
-    if path.is_dir():
-        raise ConversionError(f"output is a directory: {path}")
-    if not path.parent.is_dir():
-        raise ConversionError(f"output directory does not exist: {path.parent}")
-    reason = check_writable([path])  # a read-only directory fails here, before any work
+    """:func:`effidense.fileio.check_writable` (the one output check) as a :class:`ConversionError`: before any
+    work, not after it."""
+    reason = check_writable([path], force=force)
     if reason:
         raise ConversionError(reason)
 
