@@ -111,7 +111,8 @@ def check_config(growth_rate: int, block_config: Sequence[int], num_init_feature
         raise ValueError(f"small_inputs must be True or False, got {small_inputs!r}")
     check_spatial_dims(spatial_dims)
     if sum(block_config) > MAX_LAYERS:
-        raise ValueError(f"block_config {tuple(block_config)} has {sum(block_config)} dense layers; at most "
+        shown = ", ".join(map(_count, block_config))
+        raise ValueError(f"block_config ({shown}) has {_count(sum(block_config))} dense layers; at most "
                          f"{MAX_LAYERS} are supported (DenseNet-264 has 130)")
     parts = _weights(growth_rate, block_config, num_init_features, bn_size, compression, spatial_dims, in_chans,
                      num_classes, small_inputs)
@@ -122,6 +123,11 @@ def check_config(growth_rate: int, block_config: Sequence[int], num_init_feature
                  "blocks": f"growth_rate={growth_rate}, block_config={tuple(block_config)}"}[max(parts, key=parts.get)]
         raise ValueError(f"{cause} makes about {parameters:.3g} weights ({parameters * 4 / 2 ** 30:.3g} GiB in "
                          f"float32), over the {MAX_PARAMETERS:.3g} supported")
+
+
+def _count(n: int) -> str:
+    """A count as a message shows it: in full, or as 2e+300 where the digits would fill the line."""
+    return str(n) if n < 10 ** 15 else f"{n:.3g}"
 
 
 def count_weights(growth_rate: int, block_config: Sequence[int], channels: int, bn_size: int | None,

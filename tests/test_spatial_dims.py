@@ -96,6 +96,7 @@ def test_spatial_dims_must_be_one_two_or_three(spatial_dims):
 
 @pytest.mark.parametrize(("config", "message"), [
     (dict(block_config=(10 ** 9,)), "1000000000 dense layers; at most 10000"),
+    (dict(block_config=(2 * 10 ** 300, 5)), r"^block_config \(2e\+300, 5\) has 2e\+300 dense layers; at most 10000 "),
     (dict(growth_rate=10 ** 6), r"growth_rate=1000000, block_config=\(2, 2\) makes about .* GiB in float32"),
     # The classifier and the stem are weights too: these allocated petabytes (or failed to) before any check.
     (dict(num_classes=10 ** 14), r"^num_classes=100000000000000 makes about 1.6e\+15 weights .* over the 4.29e\+09 "
