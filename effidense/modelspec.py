@@ -13,6 +13,7 @@ import argparse
 import ast
 import inspect
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -22,12 +23,16 @@ from .densenet import DenseNet
 from .names import CONFIGS, model_names, unknown_model_message
 
 __all__ = ["Architecture", "ModelSpec", "resolve_model", "model_names", "add_model_arguments", "spec_from_args",
-           "ModelKwargs", "OneLineParser", "positive_int", "non_negative_int", "float_list"]
+           "ModelKwargs", "OneLineParser", "positive_int", "non_negative_int", "float_list", "seed", "thread_count",
+           "max_threads", "SEED_RANGE"]
 
 _MODE_ARGS = ("memory", "efficient", "compile")  # chosen per variant by the tools, never part of a spec
 _DENSENET_ARGS = [name for name in inspect.signature(DenseNet.__init__).parameters
                   if name != "self" and name not in _MODE_ARGS]
 _DEFAULTS = {name: p.default for name, p in inspect.signature(DenseNet.__init__).parameters.items()}
+
+
+MAX_TENSOR_BYTES = 2 ** 63 - 1  # torch counts a tensor's elements and bytes in int64
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,30 @@ class ModelSpec:
         """Layer count as the papers count it: stem conv, dense-layer convs, transition convs, classifier."""
         per_layer = 2 if self.bottleneck else 1
         return 1 + per_layer * sum(self.block_config) + len(self.block_config) - 1 + 1
+
+    @property
+    def widest_channels(self) -> int:
+        """The most channels any map of the network has: the input's, the stem's, a bottleneck's, a block's output."""
+        channels, k, bn_size = self.arg("num_init_features"), self.arg("growth_rate"), self.arg("bn_size")
+        widest = max(self.arg("in_chans"), channels, (bn_size or 0) * k)
+        for i, n in enumerate(self.block_config):
+            channels += n * k
+            widest = max(widest, channels)
+            if i < len(self.block_config) - 1:
+                channels = int(channels * self.arg("compression"))
+        return widest
+
+    def size_problem(self, batch: int, size: Sequence[int]) -> str | None:
+        """Why a batch of ``batch`` inputs of spatial ``size`` is too large for torch's 64-bit sizes, or None.
+
+        No map of a step is larger than batch x :attr:`widest_channels` x the input's spatial size; past 2**63 - 1
+        bytes torch cannot describe a tensor, and fails with messages about its internals."""
+        values = batch * self.widest_channels * math.prod(size)
+        if values * 8 <= MAX_TENSOR_BYTES:  # 8: float64, the widest dtype the tools use
+            return None
+        return (f"batch {batch} of {'x'.join(map(str, size))} inputs is too large: the step's maps could hold up to "
+                f"{values:.3g} values ({self.widest_channels} channels), more than torch's 64-bit sizes are sure to "
+                f"hold")
 
     @property
     def default_img_size(self) -> int:
@@ -281,6 +310,33 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+# torch.manual_seed's range is [-2**63, 2**64); the tools add small offsets (per step, per rank) to the seed.
+SEED_RANGE = (-(2 ** 63), 2 ** 63 - 1)
+
+
+def seed(text: str) -> int:
+    """argparse type for a random seed: an integer torch.manual_seed takes, with room for the tools' offsets."""
+    value = _int(text)
+    if not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+        raise argparse.ArgumentTypeError(f"must be between {SEED_RANGE[0]} and {SEED_RANGE[1]}, got {value}")
+    return value
+
+
+def max_threads() -> int:
+    """The most torch CPU threads a tool accepts: torch crashes (segfault) when it cannot start the threads it was
+    told to use, and more threads than cores only contend for them."""
+    return max(1024, os.cpu_count() or 1)
+
+
+def thread_count(text: str) -> int:
+    """argparse type for torch CPU threads: 1 to :func:`max_threads`."""
+    value = positive_int(text)
+    if value > max_threads():
+        raise argparse.ArgumentTypeError(f"must be at most {max_threads()} (this machine has {os.cpu_count()} "
+                                         f"cores), got {value}")
+    return value
+
+
 def _int(text: str) -> int:
     try:
         return int(text)
@@ -289,11 +345,11 @@ def _int(text: str) -> int:
 
 
 def float_list(text: str) -> Sequence[float]:
-    """argparse type for comma-separated positive numbers."""
+    """argparse type for comma-separated positive (finite) numbers."""
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
+    if not values or not all(0 < v < math.inf for v in values):  # NaN fails both comparisons
         raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
     return values

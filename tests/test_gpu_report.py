@@ -182,6 +182,9 @@ def test_busy_time_is_the_union_of_intervals():
 @pytest.mark.parametrize("argv, message", [
     (["--smoke", "--sections", "step-time,bogus"], "unknown section(s) bogus"),
     (["--smoke", "--time-budget", "0"], "must be positive"),
+    (["--smoke", "--time-budget", "inf"], "argument --time-budget: must be positive and finite, got 'inf'"),
+    (["--smoke", "--time-budget", "1e400"], "argument --time-budget: must be positive and finite, got '1e400'"),
+    (["--smoke", "--time-budget", "nan"], "argument --time-budget: must be positive and finite, got 'nan'"),
     (["--smoke", "--out", "/nonexistent-dir/x"], "parent directory /nonexistent-dir does not exist"),
 ])
 def test_bad_arguments_get_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv, message):
@@ -191,7 +194,7 @@ def test_bad_arguments_get_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
         tool.main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "r").exists()
 
 

@@ -189,6 +189,12 @@ def test_budget_parsing():
     for bad in ("h100", "24 parsecs", "", "-3GB", "0"):
         with pytest.raises(ValueError):
             parse_budget(bad)
+    # Past 2**63 bytes a budget is no machine's; 1e400 is inf, which int() cannot take (a traceback).
+    for bad in ("1e400", "1e30GiB", float("inf"), 2 ** 70):
+        with pytest.raises(ValueError, match="more bytes than a 64-bit machine addresses"):
+            parse_budget(bad)
+    with pytest.raises(ValueError, match="budget must be a number of bytes, got nan"):
+        parse_budget(float("nan"))
 
 
 def test_command_table_json_and_plot(cli, tmp_path, capsys):
@@ -219,6 +225,11 @@ def test_command_table_json_and_plot(cli, tmp_path, capsys):
     (["--img-size", "4"], "input 4x4 is too small for custom: it needs at least 5x5"),
     (["--img-size", "8", "8", "8", "8"], "--img-size takes 1 to 3 numbers"),
     (["--variants", "plain+compile"], "predicts eager steps"),
+    (["--budget", "1e400"], "argument --budget: budget '1e400' is more bytes than a 64-bit machine addresses"),
+    (["--threads", "100000000000"], "argument --threads: must be at most"),
+    (["--batch-size", str(4 * 10 ** 18)], f"batch {4 * 10 ** 18} of 32x32 inputs is too large: the step's maps "
+                                          "could hold up to"),
+    (["--img-size", str(10 ** 11)], f"batch 4 of {10 ** 11}x{10 ** 11} inputs is too large"),
     (["--spatial-dims", "3", "--img-size", "16", "16"], "--img-size 16 16 is a 2D input but the model is 3D"),
     (["--spatial-dims", "1", "--img-size", "16", "16"], "--img-size 16 16 is a 2D input but the model is 1D"),
     (["--spatial-dims", "2", "--img-size", "8", "8", "8"], "--img-size 8 8 8 is a 3D input but the model is 2D"),
@@ -257,6 +268,24 @@ def test_sizes_that_contradict_a_chosen_spatial_dims_are_refused(cli, capsys):
     with pytest.raises(ValueError, match=r"img_size \[16, 16\] is a 2D input but the model is 3D"):
         plan(volume, variants="efficient", img_size=(16, 16))
     assert plan(volume, variants="efficient", img_size=8, batch_size=2).config["img_size"] == [8, 8, 8]
+
+
+def test_a_negative_count_fails_the_variant(monkeypatch):
+    # Sizes that wrap around in torch's int64 gave negative figures that were printed as predictions.
+    from effidense.footprint import StepProbe as Probe
+
+    measure = Probe.measure
+
+    def wrapped(self, batch, size):
+        memory = measure(self, batch, size)
+        memory.saved_activation_bytes = -5 * 2 ** 60
+        return memory
+
+    monkeypatch.setattr(Probe, "measure", wrapped)
+    r = plan(SPEC, variants="efficient", img_size=32, batch_size=2).variants[0]
+    assert r.status == "failed" and r.peak_bytes is None
+    assert r.error == f"RuntimeError: batch 2 at 32x32 counted {-5 * 2 ** 60} bytes of saved activations: a size " \
+                      "overflowed"
 
 
 def test_budget_short_of_parameters_says_by_how_much(cli, capsys):

@@ -13,6 +13,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ import torch
 
 from effidense.fileio import check_writable
 from effidense.gpu_report import REPORT_JSON, SECTIONS, SUMMARY_MD, format_summary, gpu_plan, run_report, smoke_plan
+from effidense.modelspec import OneLineParser
 
 DEFAULT_BUDGET = {"gpu": 510.0, "smoke": 115.0}
 
@@ -40,14 +42,14 @@ def _seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    if not 0 < value < math.inf:  # an infinite budget never ends a section; NaN fails both comparisons
+        raise argparse.ArgumentTypeError(f"must be positive and finite, got {text!r}")
     return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="effidense gpu-report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="effidense gpu-report", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="directory for report.json, summary.md and the logs (created if missing; its parent "
                              "must exist)")

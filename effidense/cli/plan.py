@@ -25,7 +25,7 @@ from ..benchmark import AMP_DTYPES, PEERS, torch_threads
 from ..densenet import MEMORY_MODES
 from ..fileio import outputs_problem, short_error
 from ..footprint import OPTIMIZERS
-from ..modelspec import ModelSpec, OneLineParser, add_model_arguments, positive_int, spec_from_args
+from ..modelspec import ModelSpec, OneLineParser, add_model_arguments, positive_int, spec_from_args, thread_count
 from ..planner import (
     DEFAULT_MARGIN,
     DTYPES,
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                           f"{DEFAULT_MARGIN:g})")
     run.add_argument("--max-edge", action="store_true",
                      help="also search the largest square/cube edge at --batch-size (always on for 3D inputs)")
-    run.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    run.add_argument("--threads", type=thread_count, help="torch CPU threads (default: torch's choice)")
     out = parser.add_argument_group("output")
     out.add_argument("--json", metavar="FILE", help="write every predicted figure to FILE (schema effidense.plan/1, "
                                                     "see docs/planner.md)")

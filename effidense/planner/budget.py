@@ -44,6 +44,10 @@ def parse_budget(text: str | int | float) -> int:
     if isinstance(text, bool):
         raise ValueError(f"budget must be a size such as 24GiB or a preset, got {text!r}")
     if isinstance(text, int | float):
+        if text != text:  # NaN
+            raise ValueError(f"budget must be a number of bytes, got {text!r}")
+        if not text < 2 ** 63:
+            raise ValueError(f"budget {text!r} is more bytes than a 64-bit machine addresses")
         value = int(text)
     else:
         name = text.strip().lower()
@@ -53,7 +57,10 @@ def parse_budget(text: str | int | float) -> int:
         if not match or match.group(2) not in _UNITS:
             raise ValueError(f"cannot read budget {text!r}: give a size such as 24GiB, 80GB (= GiB) or 12e9 (bytes), "
                              f"or a GPU preset: {', '.join(GPU_PRESETS)}")
-        value = int(float(match.group(1)) * _UNITS[match.group(2)])
+        number = float(match.group(1)) * _UNITS[match.group(2)]
+        if not number < 2 ** 63:  # 1e400 is inf
+            raise ValueError(f"budget {text!r} is more bytes than a 64-bit machine addresses")
+        value = int(number)
     if value <= 0:
         raise ValueError(f"budget must be positive, got {text!r}")
     return value

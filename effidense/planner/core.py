@@ -103,6 +103,10 @@ class _Target:
     min_size: int
     default_size: int | None
     spatial_dims: int = 2
+    spec: ModelSpec | None = None  # None for a mapping of builders, whose widths the planner cannot know
+
+    def size_problem(self, batch: int, size: Sequence[int]) -> str | None:
+        return None if self.spec is None else self.spec.size_problem(batch, size)
 
 
 def _target(model: str | ModelSpec | Mapping[str, Callable[[], nn.Module]], variants: str | Sequence[str] | None,
@@ -128,7 +132,7 @@ def _target(model: str | ModelSpec | Mapping[str, Callable[[], nn.Module]], vari
     with torch.device("meta"):  # costs no memory
         min_edge = spec.build("plain").min_input_size
     return _Target(spec.name, builders, skipped, spec.arg("in_chans"), spec.arg("num_classes"), min_edge,
-                   spec.default_img_size, spec.arg("spatial_dims"))
+                   spec.default_img_size, spec.arg("spatial_dims"), spec)
 
 
 def _names(text: str | Sequence[str]) -> list[str]:
@@ -191,6 +195,9 @@ def plan(model: str | ModelSpec | Mapping[str, Callable[[], nn.Module]] = "effi_
         model = ModelSpec(model.name, {**model.kwargs, "spatial_dims": len(img_size)})  # a named model's 3D/1D form
     target = _target(model, variants, in_chans, num_classes, min_size)
     size = _size(img_size, target)
+    problem = target.size_problem(batch_size, size)
+    if problem:
+        raise ValueError(problem)
     step = StepSpec(in_chans=target.in_chans, num_classes=target.num_classes,
                     amp=AMP_DTYPES[amp] if amp else None, dtype=DTYPES[dtype], optimizer=optimizer)
     edge_search = len(size) == 3 if max_edge is None else max_edge
@@ -229,7 +236,15 @@ class _Peaks:
     def step(self, batch: int, size: tuple[int, ...]) -> StepMemory:
         key = (batch, size)
         if key not in self.cache:
-            self.cache[key] = memory = self.probe.measure(batch, size)
+            memory = self.probe.measure(batch, size)
+            counts = {"peak": memory.peak_bytes, "parameters": memory.parameter_bytes, "input": memory.input_bytes,
+                      "saved activations": memory.saved_activation_bytes, **memory.at_peak}
+            negative = {name: n for name, n in counts.items() if n < 0}
+            if negative:  # torch's int64 sizes wrapped around somewhere: no figure of this step can be trusted
+                name, n = next(iter(negative.items()))
+                raise RuntimeError(f"batch {batch} at {'x'.join(map(str, size))} counted {n} bytes of {name}: "
+                                   "a size overflowed")
+            self.cache[key] = memory
             self.result.probes.append({"batch": batch, "size": list(size), "peak_bytes": memory.peak_bytes})
         return self.cache[key]
 
