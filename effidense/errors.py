@@ -7,10 +7,12 @@ __all__ = ["is_oom", "short_error"]
 
 
 def is_oom(error: BaseException) -> bool:
-    """Whether ``error`` is the GPU running out of memory (including cuDNN/cuBLAS allocation failures)."""
-    if isinstance(error, torch.cuda.OutOfMemoryError):
+    """Whether ``error`` is running out of memory: the GPU's (including cuDNN/cuBLAS allocation failures) or the
+    host's (torch's CPU allocator, Python's MemoryError)."""
+    if isinstance(error, torch.cuda.OutOfMemoryError | MemoryError):
         return True
-    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 def short_error(error: BaseException, limit: int = 200, kind: bool = False) -> str:

@@ -468,6 +468,13 @@ def _one_line_error(code, out, err, expected):
     (["--model-kwargs", "growth_rate"], "argument --model-kwargs: 'growth_rate' is not KEY=VALUE"),
     (["--model-kwargs", "block_config=(1,1"], "argument --model-kwargs: block_config: '(1,1' is not a valid"),
     (["--host-only", "--max-batch", "--device", "cpu"], "drop --max-batch"),
+    (["--seed", str(2 ** 70)], f"argument --seed: must be between {-2 ** 63} and {2 ** 63 - 1}, got {2 ** 70}"),
+    (["--threads", "100000000"], "argument --threads: must be at most"),
+    (["--plot-scales", "inf"], "argument --plot-scales: expected positive numbers, got 'inf'"),
+    (["--plot-scales", "0.5,nan"], "argument --plot-scales: expected positive numbers, got '0.5,nan'"),
+    (["--batch-size", str(10 ** 17)], f"batch {10 ** 17} of 8x8 inputs is too large: the step's maps could hold up "
+                                      "to"),
+    (["--spatial-dims", "1", "--channels-last"], "--channels-last: a 1D input (a signal) has no channels-last"),
 ])
 def test_bad_input_is_one_line_before_any_work(bench, capsys, monkeypatch, argv, message):
     if "--host-only" not in argv:
@@ -588,3 +595,51 @@ def test_volumes_with_monai_as_the_peer(bench, tmp_path, capsys):
     assert results["monai"]["status"] == "ok" and results["monai"]["same_function_rel_diff"] < 1e-5
     kept = {name: results[name]["activation_bytes"] for name in ("plain", "efficient", "frugal", "monai")}
     assert kept["monai"] >= kept["plain"] > kept["efficient"] > kept["frugal"], kept
+
+
+def test_a_depth_sweep_too_deep_to_build_is_refused_before_the_run(bench, capsys, monkeypatch, tmp_path):
+    # The sweep runs last and built torchvision's peer with 2e300 layers (for ever) after the whole benchmark.
+    _no_benchmark(monkeypatch)
+    argv = TINY_SMALL + ["--plot", str(tmp_path / "b.png"), "--plot-scales", "1,1e300"]
+    code, out, err = run_cli(bench, argv, capsys)
+    _one_line_error(code, out, err, "--plot-scales 1e+300: block_config (1e+300, 1e+300) has 2e+300 dense layers; "
+                                    "at most 10000")
+
+
+def test_running_out_of_memory_before_any_variant_is_one_line(bench, capsys, monkeypatch):
+    import effidense.benchmark.runner as runner
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried "
+                           "to allocate 240000000000000000 bytes")
+
+    monkeypatch.setattr(runner, "run_batch", no_memory)
+    code, out, err = run_cli(bench, TINY_SMALL + ["--variants", "plain"], capsys)
+    assert code == 1
+    _one_line_error(code, out, err, "effidense bench: error: out of memory: [enforce fail")
+    assert "(a smaller --batch-size or --img-size needs less)" in err
+
+
+def test_channels_last_volumes_use_the_3d_format(bench, capsys):
+    # torch.channels_last is for 4D tensors only: a 3D run with --channels-last ended in a traceback.
+    argv = TINY_SMALL[:11] + ["--spatial-dims", "3", "--img-size", "8", "--batch-size", "2", "--warmup", "0",
+                             "--steps", "1", "--threads", "1", "--quiet", "--channels-last",
+                             "--variants", "plain,efficient"]
+    code, out, err = run_cli(bench, argv, capsys)
+    assert code == 0, out + err
+    assert "8x8x8, fp32, channels_last" in out and "FAILED" not in out
+
+
+def test_a_plain_reference_that_is_not_finite_fails_every_variant_by_name(bench, capsys, monkeypatch):
+    from effidense.densenet import DenseNet
+
+    forward = DenseNet.forward
+
+    def nan_in_eval(model, x):  # a non-finite reference made every variant "differ by nan"
+        out = forward(model, x)
+        return out * float("nan") if not model.training else out
+
+    monkeypatch.setattr(DenseNet, "forward", nan_in_eval)
+    code, out, err = run_cli(bench, TINY_SMALL + ["--variants", "plain,efficient"], capsys)
+    assert code == 1
+    assert out.count("the plain model's eval output is not finite (NaN or inf): nothing to check against") == 2, out

@@ -18,6 +18,11 @@ def test_out_of_memory_is_named_so():
     assert is_oom(oom) and is_oom(torch.cuda.OutOfMemoryError("Tried to allocate 2 GiB"))
     assert short_error(oom, kind=True).startswith("out of memory: CUDA error: out of memory CUDA kernel")
     assert not is_oom(ValueError("out of memory"))
+    # The host's allocator runs out too (a batch too large for the CPU), and Python's MemoryError.
+    cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                       "tried to allocate 240000000000000000 bytes. Error code 12 (Cannot allocate memory)")
+    assert is_oom(cpu) and is_oom(MemoryError()) and short_error(cpu, kind=True).startswith("out of memory: [enforce")
+    assert not is_oom(RuntimeError("Storage size calculation overflowed"))
 
 
 def test_one_formatter_everywhere():

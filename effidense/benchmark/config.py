@@ -13,10 +13,13 @@ import torch
 from ..modelspec import ModelSpec
 from .variants import HOST_REFERENCE
 
-__all__ = ["AMP_DTYPES", "COMPILE_MODES", "JSON_SCHEMA", "BenchConfig", "VariantResult", "BenchReport"]
+__all__ = ["AMP_DTYPES", "CHANNELS_LAST", "COMPILE_MODES", "JSON_SCHEMA", "BenchConfig", "VariantResult",
+           "BenchReport"]
 
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# The channels-last memory format of each spatial dims (a model's and its input's); a signal (N, C, L) has none.
+CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
 # torch.compile's modes (torch._inductor.list_mode_options()); "reduce-overhead" adds CUDA graphs on a GPU
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 JSON_SCHEMA = "effidense.bench/1"
@@ -59,6 +62,12 @@ class BenchConfig:
             raise ValueError(f"compile_scope must be 'layers' or 'model', got {self.compile_scope!r}")
         if self.compile_mode is not None and self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
+        problem = self.spec.size_problem(self.batch_size, (self.img_size,) * self.spec.arg("spatial_dims"))
+        if problem:
+            raise ValueError(problem)
+        if self.channels_last and self.spec.arg("spatial_dims") not in CHANNELS_LAST:
+            raise ValueError(f"--channels-last: a {self.spec.arg('spatial_dims')}D input (a signal) has no "
+                             "channels-last memory format")
         if self.max_batch and self.host_only:
             raise ValueError("--host-only times the tiny host-overhead step alone; drop --max-batch")
         if self.max_batch and self.device != "cuda":

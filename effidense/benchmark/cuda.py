@@ -8,6 +8,7 @@ import torch
 
 from ..errors import is_oom
 from ..progress import Progress
+from .config import CHANNELS_LAST
 from .trainer import StepRunner
 
 __all__ = ["is_oom", "bisect_fits", "largest_batch", "release", "cuda_fits", "device_for_rank"]
@@ -61,7 +62,7 @@ def _probe_step(trainer: StepRunner, template: torch.Tensor, batch: int, num_cla
     # A function of its own, so that its tensors and autograd graph die with its frame when it raises.
     x = torch.randn((batch, *template.shape[1:]), device=template.device, dtype=template.dtype)
     if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=CHANNELS_LAST[x.dim() - 2])
     y = torch.randint(0, max(num_classes, 1), (batch,), device=template.device)
     trainer.step(x, y)
     torch.cuda.synchronize(template.device)

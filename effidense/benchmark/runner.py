@@ -13,7 +13,7 @@ from ..errors import short_error
 from ..footprint import StepProbe, StepSpec
 from ..memory import SavedTensorMeter, activation_floor_bytes, cuda_peak_bytes
 from ..progress import Progress
-from .config import AMP_DTYPES, BenchConfig, BenchReport, VariantResult
+from .config import AMP_DTYPES, CHANNELS_LAST, BenchConfig, BenchReport, VariantResult
 from .cuda import cuda_fits, device_for_rank, largest_batch, release
 from .distributed import backend_for, check_world, merge_ranks, process_group, spawn_benchmark, torchrun_world
 from .environment import environment
@@ -39,6 +39,8 @@ _SAME_FUNCTION_TOL = 1e-3
 
 
 def _check_same_function(model: nn.Module, x: torch.Tensor, reference: torch.Tensor) -> float:
+    if not reference.isfinite().all():  # every difference would be NaN: no variant can be checked against it
+        raise RuntimeError("the plain model's eval output is not finite (NaN or inf): nothing to check against")
     model.eval()
     with torch.no_grad():
         out = model(x)
@@ -75,7 +77,7 @@ def _run_benchmark(cfg: BenchConfig, local_rank: int) -> list[VariantResult]:
     probe = x[: min(2, len(x))]
     base.to(device).eval()
     if cfg.channels_last:
-        base.to(memory_format=torch.channels_last)
+        base.to(memory_format=CHANNELS_LAST[cfg.spec.arg("spatial_dims")])
     with torch.no_grad():
         reference = base(probe).float()
     del base
@@ -144,7 +146,7 @@ def _prepare_variant(variant: str, cfg: BenchConfig, device: torch.device, state
         load_weights(model, base_variant, state)
         model.to(device).train()
         if cfg.channels_last:
-            model.to(memory_format=torch.channels_last)
+            model.to(memory_format=CHANNELS_LAST[cfg.spec.arg("spatial_dims")])
         if not compiled:  # compiling an eval graph just for this check would double the compile time
             result.same_function_rel_diff = _check_same_function(model, probe, reference)
         model = _wrap(model, compiled, device, cfg.compile_scope, cfg.compile_mode)

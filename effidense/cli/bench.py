@@ -35,6 +35,7 @@ from effidense.benchmark import (
     write_plot,
 )
 from effidense.densenet import MEMORY_MODES
+from effidense.errors import is_oom
 from effidense.fileio import outputs_problem, short_error
 from effidense.modelspec import (
     OneLineParser,
@@ -42,7 +43,10 @@ from effidense.modelspec import (
     float_list,
     non_negative_int,
     positive_int,
+    resolve_model,
+    seed,
     spec_from_args,
+    thread_count,
 )
 
 DEFAULT_MODEL = "effi_densenet_bc100_k12"
@@ -87,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--steps", type=positive_int,
                      help="timed rounds, each one step of every variant in turn; medians are reported (default 3 "
                           "cpu, 20 cuda)")
-    run.add_argument("--seed", type=int, default=0, help="seed for weights and data (default 0)")
-    run.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    run.add_argument("--seed", type=seed, default=0, help="seed for weights and data (default 0)")
+    run.add_argument("--threads", type=thread_count, help="torch CPU threads (default: torch's choice)")
     run.add_argument("--max-batch", action="store_true",
                      help="GPU only: search the largest batch that trains one step without running out of memory, "
                           "per variant (doubling from --batch-size, then bisection), and its ratio to plain's")
@@ -139,6 +143,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--device cuda: torch sees no CUDA device (torch.cuda.is_available() is False)")
     try:
         spec = spec_from_args(args)
+        for scale in args.plot_scales if args.plot else ():  # the depth sweep runs last: its models are checked first
+            try:
+                resolve_model("custom", spec.scaled(scale).kwargs)
+            except ValueError as e:
+                raise ValueError(f"--plot-scales {scale:g}: {e}") from None
         if args.variants is None:
             selected = [*MEMORY_MODES, *(p for p in PEERS if peer_unsupported(spec, p) is None)]
         else:
@@ -157,6 +166,12 @@ def main(argv: list[str] | None = None) -> int:
                            depth_scales=args.plot_scales if args.plot else None)
     except ValueError as e:
         return _error(str(e))
+    except Exception as e:  # the run's own batch and reference model, before any variant (each reports its own)
+        if not is_oom(e):
+            raise
+        print(f"{PROG}: error: {short_error(e, kind=True)} (a smaller --batch-size or --img-size needs less)",
+              file=sys.stderr)
+        return 1
     if report is None:  # a torchrun rank other than 0: rank 0 reports
         return 0
     print(format_table(report))
