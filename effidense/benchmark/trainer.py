@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modelspec import ModelSpec
-from .config import BenchConfig, autocast
+from .config import CHANNELS_LAST, BenchConfig, autocast
 from .variants import input_shape
 
 __all__ = ["Timer", "StepRunner", "step_loss", "training_step", "timed_step", "make_batch", "run_batch",
@@ -106,7 +106,7 @@ def make_batch(spec: ModelSpec, batch_size: int, img_size: int, device: torch.de
     y = torch.randint(0, max(spec.arg("num_classes"), 1), (batch_size,), generator=generator)
     x = x.to(device)
     if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+        x = x.contiguous(memory_format=CHANNELS_LAST[x.dim() - 2])
     return x, y.to(device)
 
 
