@@ -195,6 +195,10 @@ def run_cli(module, argv, capsys):
     (["--steps", "0"], "argument --steps: must be at least 1, got 0"),
     (["--json", "/proc/effidense-gradcheck.json"], "--json: cannot write /proc/effidense-gradcheck.json"),
     (["--model-kwargs", "growth_rate"], "argument --model-kwargs: 'growth_rate' is not KEY=VALUE"),
+    (["--seed", str(10 ** 23)], f"argument --seed: must be between {-2 ** 63} and {2 ** 63 - 1}, got {10 ** 23}"),
+    (["--threads", "100000000000"], "argument --threads: must be at most"),
+    (["--batch-size", str(4 * 10 ** 18)], f"batch {4 * 10 ** 18} of 32x32 inputs is too large: the step's maps"),
+    (["--spatial-dims", "3", "--img-size", str(3 * 10 ** 6)], "inputs is too large"),
 ])
 def test_bad_input_is_one_line_before_any_check(gradcheck, capsys, monkeypatch, argv, message):
     import effidense.cli.gradcheck as cli
@@ -295,3 +299,39 @@ def test_autograd_gradcheck_in_the_models_spatial_dims(dims, monkeypatch):
     spec = TINY_BC.__class__("tiny", {**TINY_BC.kwargs, "spatial_dims": dims})
     run_local_checks(VerifyConfig(specs=[spec], modes=False))
     assert seen == [("plain", dims), ("efficient", dims), ("frugal", dims)]
+
+
+def test_running_out_of_memory_is_one_error_line_not_a_fail_per_check(gradcheck, capsys, monkeypatch):
+    # Every check failed with the allocator's message, a report that the modes were wrong.
+    from effidense.verify import local
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried "
+                           "to allocate 1228800000000000 bytes")
+
+    monkeypatch.setattr(local, "input_batch", no_memory)
+    code, out, err = run_cli(gradcheck, ["--quiet", "--skip-gradcheck"], capsys)
+    assert code == 1 and out == "" and "Traceback" not in err
+    assert err.strip().startswith("effidense gradcheck: error: out of memory: [enforce fail")
+    assert err.strip().endswith("(a smaller --batch-size or --img-size needs less)") and len(err.splitlines()) == 1
+
+
+def test_a_reference_that_is_not_finite_is_a_failure_not_bitwise_equal():
+    nan = torch.tensor([float("nan"), 1.0])
+    check = compare_tensors("modes", "c", "efficient", "output", {"output": nan.clone()}, {"output": nan}, 1e-6)
+    assert not check.passed and "output: plain's is not finite" in check.detail and "bitwise" not in check.detail
+
+
+def test_a_non_finite_derivative_fails_the_directional_check(monkeypatch):
+    # max() drops a NaN: the random-direction check passed with a rel of 0 on a model that computes NaN.
+    monkeypatch.setattr(BatchNormAct, "forward", lambda norm, *maps, cache=None: float("nan") * F.batch_norm(
+        torch.cat(maps, 1), None, None, norm.weight, norm.bias, True, 0.0, norm.eps))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        checks = autograd_gradcheck("plain", spatial_dims=1)
+    finally:
+        torch.set_num_threads(threads)
+    directional = checks[1]
+    assert directional.what == "random-direction derivative vs central differences"
+    assert not directional.passed and directional.max_rel == math.inf

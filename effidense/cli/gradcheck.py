@@ -26,8 +26,17 @@ import sys
 import torch
 
 from effidense.benchmark import AMP_DTYPES, environment, torchrun_world
+from effidense.errors import is_oom
 from effidense.fileio import atomic_write_bytes, check_writable, short_error
-from effidense.modelspec import ModelSpec, OneLineParser, add_model_arguments, positive_int, spec_from_args
+from effidense.modelspec import (
+    ModelSpec,
+    OneLineParser,
+    add_model_arguments,
+    positive_int,
+    seed,
+    spec_from_args,
+    thread_count,
+)
 from effidense.verify import (
     TINY_BC,
     TINY_SMALL_INPUTS,
@@ -67,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--img-size", type=positive_int, default=32,
                      help="input edge along every spatial dim: an image's height and width, a volume's depth too "
                           "(--spatial-dims 3), a signal's length (--spatial-dims 1); default 32")
-    run.add_argument("--seed", type=int, default=0, help="seed for weights, data and dropout (default 0)")
+    run.add_argument("--seed", type=seed, default=0, help="seed for weights, data and dropout (default 0)")
     run.add_argument("--compile", action="store_true",
                      help="also compare compiled copies (model.set_compile(True) where available, else "
                           "torch.compile) in the fp32 and dropout cases, with a looser tolerance")
@@ -78,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--sync-bn", action="store_true",
                      help="DDP checks with the norms converted to nn.SyncBatchNorm: train-mode gradients and BN "
                           "buffers must then equal the full batch's in one process (needs --nproc N or torchrun)")
-    run.add_argument("--threads", type=positive_int,
+    run.add_argument("--threads", type=thread_count,
                      help="torch CPU threads (default: 1 for the default tiny models, which run fastest on one "
                           "thread, else torch's choice)")
     run.add_argument("--skip-modes", action="store_true", help="skip the mode-vs-plain training comparisons")
@@ -130,6 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if not is_oom(e):
+            raise
+        print(f"{PROG}: error: {short_error(e, kind=True)} (a smaller --batch-size or --img-size needs less)",
+              file=sys.stderr)
+        return 1
     finally:
         torch.set_num_threads(threads_before)  # main() also runs in-process (tests)
     env = environment(args.device, argv, launched[2] if launched else max(args.nproc, 1))

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..benchmark.config import AMP_DTYPES
+from ..benchmark.config import AMP_DTYPES, CHANNELS_LAST
 from ..modelspec import ModelSpec
 
 __all__ = ["Check", "Case", "VerifyConfig", "TINY_BC", "TINY_SMALL_INPUTS", "GRADCHECK_MODEL", "GRADCHECK_TOLERANCES",
@@ -87,6 +87,10 @@ class VerifyConfig:
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.amp not in AMP_DTYPES:
             raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)}, got {self.amp!r}")
+        for spec in self.specs:
+            problem = spec.size_problem(self.batch_size, (self.img_size,) * spec.arg("spatial_dims"))
+            if problem:
+                raise ValueError(problem)
 
 
 def tolerance(dtype: torch.dtype, device: str, amp: str | None = None, compiled: bool = False) -> float:
@@ -151,6 +155,10 @@ def compare_tensors(group: str, case: str, subject: str, what: str, got: dict[st
                                 f"{b.tolist() if b.numel() == 1 else '...'}")
                 worst_abs, worst_name = max(worst_abs, math.inf), worst_name or name
             continue
+        if not b.isfinite().all():  # NaN == NaN would pass as "bitwise equal" without comparing anything
+            problems.append(f"{name}: plain's is not finite")
+            worst_abs, worst_name = math.inf, worst_name or name
+            continue
         max_abs, magnitude = tensor_diff(a, b)
         scale = max(scale, magnitude)
         if max_abs > worst_abs:
@@ -204,10 +212,6 @@ def params_of(model: nn.Module) -> dict[str, Tensor]:
 def buffers_of(model: nn.Module, integer: bool) -> dict[str, Tensor]:
     return {n: b.detach().clone() for n, b in _underlying(model).named_buffers()
             if b.is_floating_point() != integer}
-
-
-# The channels-last layout of each input rank; a signal (N, C, L) has none.
-CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
 
 
 def input_shape(img: int, spatial_dims: int) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -14,7 +15,7 @@ from torch import Tensor, nn
 from ..benchmark.config import autocast
 from ..benchmark.variants import COMPILE_SUFFIX, compile_model
 from ..densenet import MEMORY_MODES
-from ..errors import short_error
+from ..errors import is_oom, short_error
 from ..modelspec import ModelSpec
 from ..progress import Progress
 from .core import (
@@ -205,8 +206,11 @@ def autograd_gradcheck(memory: str, device: str | torch.device = "cpu", seed: in
                 t.add_(v, alpha=eps)
         numerical = (plus - minus) / (2 * eps)
         diff = abs(numerical - analytical)
+        rel = diff / max(abs(numerical), 1e-12)
+        if not (math.isfinite(diff) and math.isfinite(rel)):  # max() would drop a NaN, and the check pass
+            diff = rel = math.inf
         worst_abs = max(worst_abs, diff)
-        worst_rel = max(worst_rel, diff / max(abs(numerical), 1e-12))
+        worst_rel = max(worst_rel, rel)
     directional = Check("gradcheck", label, subject, "random-direction derivative vs central differences",
                         worst_rel <= tols["rtol"], worst_abs, worst_rel, tols["rtol"], f"4 directions, eps {eps:g}")
     return [verdict, directional]
@@ -246,8 +250,11 @@ def run_local_checks(cfg: VerifyConfig, progress: bool = False) -> list[Check]:
 
 
 def _guarded(group: str, case: str, subject: str, run: Any) -> list[Check]:
-    """Run a check function; an exception becomes one failed check instead of ending the whole run."""
+    """Run a check function; an exception becomes one failed check instead of ending the whole run. Running out of
+    memory ends it: that says nothing about the modes, and every other check would run out too."""
     try:
         return run()
     except Exception as error:
+        if is_oom(error):
+            raise
         return [Check(group, case, subject, RAN, False, detail=short_error(error, kind=True))]
