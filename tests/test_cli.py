@@ -129,7 +129,9 @@ def interrupted_while_starting(route: list[str]) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("route", [[sys.executable, "-m", "effidense", "plan", "--variants", "plain", "--quiet"],
-                                   ["effidense", "gradcheck", "--quiet"]], ids=["python -m", "console script"])
+                                   ["effidense", "gradcheck", "--quiet"],
+                                   [sys.executable, str(ROOT / "tools" / "bench.py"), "--quiet"]],
+                         ids=["python -m", "console script", "tools front"])
 def test_ctrl_c_while_a_command_starts_is_one_line_and_130(route):
     # The first signal lands while the command imports torch (seconds), where Ctrl-C printed a traceback.
     if not shutil.which(route[0]):

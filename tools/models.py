@@ -4,7 +4,7 @@ import sys
 
 EFFIDENSE_COMMAND = True  # effidense/__init__.py: torch and timm load once the arguments parse
 
-from effidense.cli.models import main  # noqa: E402 (after the marker)
+from effidense.cli import run_front  # noqa: E402 (after the marker)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_front("models"))  # the command loads inside, where Ctrl-C is one line

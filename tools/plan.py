@@ -2,7 +2,9 @@
 """Front for ``effidense plan``, the installed command (logic: effidense/cli/plan.py); ``--help`` explains."""
 import sys
 
-from effidense.cli.plan import main
+EFFIDENSE_COMMAND = True  # effidense/__init__.py: torch and timm load once the arguments parse
+
+from effidense.cli import run_front  # noqa: E402 (after the marker)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_front("plan"))  # the command loads inside, where Ctrl-C is one line

@@ -36,9 +36,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Ctrl-C anywhere in it, the seconds a command spends importing torch included, is one line on stderr and the
     shell's code for SIGINT (130), not a traceback."""
-    entry = argv is None  # the process's own command (console script, python -m), not a call from Python code
+    # argv None: the process's own command (console script, python -m), not a call from Python code
+    return _interruptible(sys.argv[1:] if argv is None else list(argv), entry=argv is None)
+
+
+def run_front(command: str) -> int:
+    """What a ``tools/COMMAND.py`` front runs: ``effidense COMMAND`` with this process's arguments. The front
+    imports only this module, so that the command's own imports (torch) happen where Ctrl-C is answered."""
+    return _interruptible([command, *sys.argv[1:]], entry=True)
+
+
+def _interruptible(argv: list[str], entry: bool) -> int:
     try:
-        return _run(sys.argv[1:] if argv is None else list(argv))
+        return _run(argv)
     except KeyboardInterrupt:
         if entry:
             # The process is ending: a second Ctrl-C while it does (torch's exit handlers) would print a traceback.
