@@ -190,8 +190,27 @@ class DenseBlock(MemoryMode, nn.ModuleDict):
         return maps
 
     def forward(self, x: Tensor) -> Tensor:
+        apart = self.__dict__.pop("_apart", None)
+        if apart is not None and apart[0] is x:  # called by run_hooked: the maps x concatenates stay apart
+            maps = self.run(apart[1], apart[2])
+            out = _cat(maps[1:] if self.new_features_only else maps)
+            self.__dict__["_apart"] = out, maps
+            return out
         maps = self.run([x], None if is_tracing() else [])
         return _cat(maps[1:] if self.new_features_only else maps)
+
+    def run_hooked(self, maps: Sequence[Tensor], cache: list | None = None) -> list[Tensor]:
+        """:meth:`run` through a call of the block, so that its hooks fire and see what torchvision's see (the
+        concatenations in and out), while the maps stay apart as :meth:`run` keeps them: a hook costs no memory
+        beyond what it holds on to. A hook that replaces the input or output is obeyed."""
+        x = _cat(maps)
+        self.__dict__["_apart"] = x, list(maps), cache
+        try:
+            out = self(x)
+            handed = self.__dict__.get("_apart")
+        finally:
+            self.__dict__.pop("_apart", None)
+        return handed[1] if handed is not None and handed[0] is out else [out]
 
 
 class Transition(MemoryMode, AdoptsNorms):
@@ -216,7 +235,38 @@ class Transition(MemoryMode, AdoptsNorms):
 
 class _Features(AdoptsNorms, nn.Sequential):
     """``features``: the stem, blocks, transitions and final norm, by torchvision's names; called, it runs them in
-    turn, as torchvision's (the final norm's output, before the ReLU that ``DenseNet.relu`` applies)."""
+    turn, as torchvision's (the final norm's output, before the ReLU that ``DenseNet.relu`` applies). Called by its
+    model, it takes the model's own path (segments, maps apart), so that hooks on it cost no memory."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        path = self.__dict__.pop("_path", None)
+        return path(x) if path is not None else super().forward(x)
+
+
+class _ReluKeepingSign(torch.autograd.Function):
+    """``relu(x)`` by the ReLU module (its hooks fire) that keeps one bit per element for backward, not its output:
+    the gradient is ReLU's own (``threshold_backward``: zero where the output is <= 0), bitwise."""
+
+    @staticmethod
+    def forward(ctx: Any, relu: nn.Module, x: Tensor) -> Tensor:
+        y = relu(x)
+        if y is x:  # an in-place ReLU (torchvision's)
+            ctx.mark_dirty(x)
+        positive = ~(y <= 0).flatten()
+        positive = F.pad(positive, (0, -positive.numel() % 8)).view(-1, 8).to(torch.uint8)
+        ctx.save_for_backward((positive << _BITS.to(positive.device)).sum(1, dtype=torch.uint8))
+        ctx.shape = y.shape
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor]:
+        (packed,) = ctx.saved_tensors
+        positive = ((packed.unsqueeze(1) >> _BITS.to(packed.device)) & 1).flatten()[:grad.numel()].bool()
+        zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
+        return None, torch.where(positive.view(ctx.shape), grad, zero)
+
+
+_BITS = torch.arange(8, dtype=torch.uint8)
 
 
 class DenseNet(MemoryMode):
@@ -418,16 +468,19 @@ class DenseNet(MemoryMode):
         f = self.features
         return f.relu0(f.norm0(f.conv0(x), cache=cache))
 
-    def _final_norm(self, cache: list | None, *maps: Tensor) -> Tensor:
-        return self._final_relu(self.features.norm5(*maps, cache=cache))
+    def _final_norm(self, cache: list | None, activate: bool, *maps: Tensor) -> Tensor:
+        x = self.features.norm5(*maps, cache=cache)
+        return self._final_relu(x) if activate else x
 
     def _final_relu(self, x: Tensor) -> Tensor:
         relu = self._modules.get("relu")  # None where a head of its own applies it (MONAI's class_layers.relu)
         return x if relu is None else relu(x)
 
-    def _forward(self, x: Tensor, taps: Collection[int] = (), stop: int | None = None) -> tuple[Tensor, list[Tensor]]:
+    def _forward(self, x: Tensor, taps: Collection[int] = (), stop: int | None = None,
+                 activate: bool = True) -> tuple[Tensor, list[Tensor]]:
         """Feature map ``stop`` (``feature_info`` numbering; default the last the network has) and the maps
-        numbered in ``taps``; nothing after map ``stop`` is computed."""
+        numbered in ``taps``; nothing after map ``stop`` is computed. ``activate=False``: the last map before the
+        final ReLU (what ``features`` outputs)."""
         last = len(self.block_config)
         stop = self._last_index if stop is None else min(stop, self._last_index)
         self._check_input(x, stop)
@@ -452,7 +505,10 @@ class DenseNet(MemoryMode):
             block, cache = f.get_submodule(f"denseblock{i}"), None if tracing else []
             # Traced graphs and hooks take the block's own forward: its output is the node named after the block, and
             # what its hooks see (the concatenation, kept while a hook holds it).
-            maps = [block(_cat(maps))] if tracing or _hooked(block) else block.run(maps, cache)
+            if tracing:
+                maps = [block(_cat(maps))]
+            else:
+                maps = block.run_hooked(maps, cache) if _hooked(block) else block.run(maps, cache)
             if i == last:
                 break
             if i in taps or i == stop:
@@ -462,17 +518,26 @@ class DenseNet(MemoryMode):
                 if i == stop:
                     return x, tapped
             maps = [f.get_submodule(f"transition{i}")(maps, cache)]
-        x = checkpointed(mode != "plain", functools.partial(self._final_norm, cache), *maps)
+        x = checkpointed(mode != "plain", functools.partial(self._final_norm, cache, activate), *maps)
         if last in taps:
             tapped.append(x)
         return x, tapped
 
     def forward_features(self, x: Tensor) -> Tensor:
         if _hooked(self.features) and self._last_index == len(self.block_config):
-            # Hooks on ``features`` see it called, as torchvision's forward calls it: its modules run in turn, each in
-            # the model's memory mode, without the stem's and final norm's segments.
-            self._check_input(x, self._last_index)
-            return self._final_relu(self.features(x))
+            if is_tracing():
+                return self._final_relu(self.features(x))
+            # Hooks on ``features`` see it called, as torchvision's forward calls it, and it takes this model's path;
+            # the final ReLU then keeps its output's sign, not the output, as the final segment would keep nothing.
+            self.features.__dict__["_path"] = lambda x: self._forward(x, activate=False)[0]
+            try:
+                x = self.features(x)
+            finally:
+                self.features.__dict__.pop("_path", None)
+            relu = self._modules.get("relu")
+            if relu is None or run_mode(self.memory) == "plain":
+                return self._final_relu(x)
+            return _ReluKeepingSign.apply(relu, x)
         return self._forward(x)[0]
 
     def forward_intermediates(
