@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from typing import Any
 
 __all__ = ["COMPILE_SCOPES", "MAX_LAYERS", "MAX_PARAMETERS", "MEMORY_MODES", "SPATIAL_DIMS", "check_block",
-           "check_config", "check_layer", "check_spatial_dims", "check_transition", "count_weights", "resolve_compile",
-           "resolve_memory"]
+           "check_config", "check_input", "check_layer", "check_spatial_dims", "check_transition", "count_weights",
+           "map_size", "min_input_size", "resolve_compile", "resolve_memory"]
 
 MEMORY_MODES = ("plain", "efficient", "frugal")
 COMPILE_SCOPES = ("layers", "model")
@@ -151,3 +151,36 @@ def _weights(growth_rate: int, block_config: Sequence[int], channels: int, bn_si
             total += channels * int(channels * compression)
             channels = int(channels * compression)
     return {"stem": stem, "blocks": total, "classifier": channels * num_classes}
+
+
+def map_size(size: int, index: int, small_inputs: bool) -> int:
+    """Size along one axis of feature map ``index`` (``feature_info`` numbering) for an input of ``size``."""
+    if not small_inputs:
+        size = (size - 1) // 2 + 1  # conv0 7/2, padding 3
+        if index == 0:
+            return size
+        size = (size - 1) // 2 + 1  # max-pool 3/2, padding 1
+    for _ in range(max(index - 1, 0)):
+        size //= 2  # transition avg-pool 2
+    return size
+
+
+def min_input_size(index: int, small_inputs: bool) -> int:
+    """Smallest input size along an axis for which feature map ``index`` has at least one position."""
+    size = 1
+    while map_size(size, index, small_inputs) < 1:
+        size += 1
+    return size
+
+
+def check_input(shape: tuple[int, ...], spatial_dims: int, in_chans: int, last_index: int, small_inputs: bool) -> None:
+    """Refuse an input the network cannot take: another shape, or too small for feature map ``last_index``."""
+    axes = ("L",) if spatial_dims == 1 else ("D", "H", "W")[-spatial_dims:]
+    if len(shape) != spatial_dims + 2 or shape[1] != in_chans:
+        raise ValueError(f"expected an input of shape (N, {in_chans}, {', '.join(axes)}), got {shape} "
+                         f"(spatial_dims={spatial_dims})")
+    sizes = shape[2:]
+    if map_size(min(sizes), last_index, small_inputs) < 1:
+        size = min_input_size(last_index, small_inputs)
+        raise ValueError(f"input of {'x'.join(map(str, sizes))} is too small for this DenseNet: needs at least "
+                         f"{'x'.join([str(size)] * spatial_dims)}")

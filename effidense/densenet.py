@@ -48,11 +48,14 @@ from .arguments import (
     MEMORY_MODES,
     check_block,
     check_config,
+    check_input,
     check_layer,
     check_transition,
+    min_input_size,
     resolve_compile,
     resolve_memory,
 )
+from .layers.light import ReluKeepingSign
 from .layers.norm import BATCH_NORM_ACT, AdoptsNorms, BatchNormAct, NormAct
 from .layers.pool import AvgPool, MaxPool
 from .layers.recompute import checkpointed, is_tracing, run_mode
@@ -143,10 +146,7 @@ class DenseLayer(MemoryMode, AdoptsNorms):
         out = self.norm1.then_conv(self.relu1, self.conv1, *maps, light=light, cache=cache)
         if self.bottleneck:
             out = self.norm2.then_conv(self.relu2, self.conv2, out, light=light, cache=inner)
-        return self._dropout(out)
-
-    def _dropout(self, x: Tensor) -> Tensor:
-        return self.dropout(x, self.drop_rate, self.training) if self.drop_rate > 0 else x
+        return self.dropout(out, self.drop_rate, self.training) if self.drop_rate > 0 else out
 
     def forward(self, maps: Sequence[Tensor] | Tensor, cache: list | None = None) -> Tensor:
         maps = _as_maps(maps)
@@ -191,13 +191,12 @@ class DenseBlock(MemoryMode, nn.ModuleDict):
 
     def forward(self, x: Tensor) -> Tensor:
         apart = self.__dict__.pop("_apart", None)
-        if apart is not None and apart[0] is x:  # called by run_hooked: the maps x concatenates stay apart
-            maps = self.run(apart[1], apart[2])
-            out = _cat(maps[1:] if self.new_features_only else maps)
+        hooked = apart is not None and apart[0] is x  # called by run_hooked: the maps x concatenates stay apart
+        maps = self.run(apart[1], apart[2]) if hooked else self.run([x], None if is_tracing() else [])
+        out = _cat(maps[1:] if self.new_features_only else maps)
+        if hooked:
             self.__dict__["_apart"] = out, maps
-            return out
-        maps = self.run([x], None if is_tracing() else [])
-        return _cat(maps[1:] if self.new_features_only else maps)
+        return out
 
     def run_hooked(self, maps: Sequence[Tensor], cache: list | None = None) -> list[Tensor]:
         """:meth:`run` through a call of the block, so that its hooks fire and see what torchvision's see (the
@@ -241,32 +240,6 @@ class _Features(AdoptsNorms, nn.Sequential):
     def forward(self, x: Tensor) -> Tensor:
         path = self.__dict__.pop("_path", None)
         return path(x) if path is not None else super().forward(x)
-
-
-class _ReluKeepingSign(torch.autograd.Function):
-    """``relu(x)`` by the ReLU module (its hooks fire) that keeps one bit per element for backward, not its output:
-    the gradient is ReLU's own (``threshold_backward``: zero where the output is <= 0), bitwise."""
-
-    @staticmethod
-    def forward(ctx: Any, relu: nn.Module, x: Tensor) -> Tensor:
-        y = relu(x)
-        if y is x:  # an in-place ReLU (torchvision's)
-            ctx.mark_dirty(x)
-        positive = ~(y <= 0).flatten()
-        positive = F.pad(positive, (0, -positive.numel() % 8)).view(-1, 8).to(torch.uint8)
-        ctx.save_for_backward((positive << _BITS.to(positive.device)).sum(1, dtype=torch.uint8))
-        ctx.shape = y.shape
-        return y
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor]:
-        (packed,) = ctx.saved_tensors
-        positive = ((packed.unsqueeze(1) >> _BITS.to(packed.device)) & 1).flatten()[:grad.numel()].bool()
-        zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
-        return None, torch.where(positive.view(ctx.shape), grad, zero)
-
-
-_BITS = torch.arange(8, dtype=torch.uint8)
 
 
 class DenseNet(MemoryMode):
@@ -431,37 +404,11 @@ class DenseNet(MemoryMode):
     @property
     def min_input_size(self) -> int:
         """Smallest size along each spatial axis the network accepts (every block must see at least one position)."""
-        return self._min_size(self._last_index)
-
-    def _min_size(self, index: int) -> int:
-        size = 1
-        while self._map_size(size, index) < 1:
-            size += 1
-        return size
-
-    def _map_size(self, size: int, index: int) -> int:
-        """Size along one axis of feature map ``index`` (``feature_info`` numbering) for an input of ``size``."""
-        if not self.small_inputs:
-            size = (size - 1) // 2 + 1  # conv0 7/2, padding 3
-            if index == 0:
-                return size
-            size = (size - 1) // 2 + 1  # max-pool 3/2, padding 1
-        for _ in range(max(index - 1, 0)):
-            size //= 2  # transition avg-pool 2
-        return size
+        return min_input_size(self._last_index, self.small_inputs)
 
     def _check_input(self, x: Tensor, last_index: int) -> None:
-        if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing():
-            return  # shapes are graph values there; torch.export still checks
-        axes = ("L",) if self.spatial_dims == 1 else ("D", "H", "W")[-self.spatial_dims:]
-        if x.dim() != self.spatial_dims + 2 or x.shape[1] != self.in_chans:
-            raise ValueError(f"expected an input of shape (N, {self.in_chans}, {', '.join(axes)}), got "
-                             f"{tuple(x.shape)} (spatial_dims={self.spatial_dims})")
-        sizes = x.shape[2:]
-        if self._map_size(min(sizes), last_index) < 1:
-            size = self._min_size(last_index)
-            raise ValueError(f"input of {'x'.join(map(str, sizes))} is too small for this DenseNet: needs at least "
-                             f"{'x'.join([str(size)] * self.spatial_dims)}")
+        if not (isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing()):  # there shapes are graph values
+            check_input(tuple(x.shape), self.spatial_dims, self.in_chans, last_index, self.small_inputs)
 
     # --- forward ---
     def _stem(self, cache: list, x: Tensor) -> Tensor:
@@ -535,9 +482,8 @@ class DenseNet(MemoryMode):
             finally:
                 self.features.__dict__.pop("_path", None)
             relu = self._modules.get("relu")
-            if relu is None or run_mode(self.memory) == "plain":
-                return self._final_relu(x)
-            return _ReluKeepingSign.apply(relu, x)
+            light = relu is not None and run_mode(self.memory) != "plain"
+            return ReluKeepingSign.apply(relu, x) if light else self._final_relu(x)
         return self._forward(x)[0]
 
     def forward_intermediates(
