@@ -59,6 +59,19 @@ def test_whole_model_compile_with_inductor_trains_like_eager(mode):
     assert compiled.features.norm5.num_batches_tracked.item() == 2
 
 
+@pytest.mark.parametrize("mode", ["efficient", "frugal"])
+def test_a_new_input_size_recompiles_with_symbolic_sizes_and_stays_exact(mode):
+    """A second size (a last, smaller batch) recompiles with symbolic sizes, which the light Functions' backward
+    traces too. aot_eager: the tracing is the same as inductor's, the second compile takes a second, not a minute."""
+    base = DenseNet(**TINY, memory=mode)
+    compiled = copy.deepcopy(base).train().set_compile(backend="aot_eager", fullgraph=True)
+    eager = copy.deepcopy(base).train()
+    for x in (torch.randn(4, 3, 16, 16), torch.randn(3, 3, 24, 20)):
+        outs = [_step(model, x) for model in (compiled, eager)]
+        _assert_same_step(compiled, eager, outs)
+    assert _unique_graphs() == 2
+
+
 def test_set_compile_round_trip_and_the_removed_scope():
     """``set_compile()`` is nn.Module.compile of the whole model, ``set_compile(False)`` eager again; ``scope="model"``
     and ``compile="model"`` still mean the whole model, 'layers' is refused in one line. aot_eager keeps this quick

@@ -85,6 +85,9 @@ def _batch_norm_relu(norm: nn.Module, x: Tensor) -> tuple[Tensor, tuple[Any, ...
 def _batch_norm_backward(norm: nn.Module, x: Tensor, grad_y: Tensor, saved: tuple[Any, ...],
                          mask: list[bool]) -> tuple[Tensor | None, ...]:
     save_mean, save_invstd, reserve, impl = saved
+    if impl == 0:  # native: the kernel the dispatcher below calls, which compiles with symbolic sizes (it does not)
+        return torch.ops.aten.native_batch_norm_backward(
+            grad_y, x, norm.weight, None, None, save_mean, save_invstd, True, norm.eps, mask)
     return torch.ops.aten._batch_norm_impl_index_backward(
         impl, x, grad_y, norm.weight, None, None, save_mean, save_invstd, True, norm.eps, mask, reserve)
 
