@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from typing import Any
 
 __all__ = ["MAX_LAYERS", "MAX_PARAMETERS", "MEMORY_MODES", "SPATIAL_DIMS", "check_block", "check_compile",
-           "check_config", "check_layer", "check_spatial_dims", "check_transition", "count_weights", "resolve_memory"]
+           "check_config", "check_layer", "check_spatial_dims", "check_transition", "count_weights", "map_size",
+           "min_input_size", "resolve_memory"]
 
 MEMORY_MODES = ("plain", "efficient", "frugal")
 SPATIAL_DIMS = (1, 2, 3)
@@ -46,6 +47,26 @@ def check_compile(value: Any, name: str = "compile") -> None:
     if value == "model" or (name == "compile" and isinstance(value, bool)):
         return
     raise ValueError(f"{name} must be {'True or False' if name == 'compile' else repr('model')}, got {value!r}")
+
+
+def map_size(size: int, index: int, small_inputs: bool) -> int:
+    """Size along one axis of feature map ``index`` (``feature_info`` numbering) for an input of ``size``."""
+    if not small_inputs:
+        size = (size - 1) // 2 + 1  # conv0 7/2, padding 3
+        if index == 0:
+            return size
+        size = (size - 1) // 2 + 1  # max-pool 3/2, padding 1
+    for _ in range(max(index - 1, 0)):
+        size //= 2  # transition avg-pool 2
+    return size
+
+
+def min_input_size(index: int, small_inputs: bool) -> int:
+    """Smallest size along each spatial axis for which feature map ``index`` has at least one position."""
+    size = 1
+    while map_size(size, index, small_inputs) < 1:
+        size += 1
+    return size
 
 
 MAX_PARAMETERS = 2 ** 32  # 16 GiB of float32 weights before a single activation

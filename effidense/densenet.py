@@ -50,8 +50,11 @@ from .arguments import (
     check_config,
     check_layer,
     check_transition,
+    map_size,
+    min_input_size,
     resolve_memory,
 )
+from .layers.light import ReluKeepingSign
 from .layers.norm import BATCH_NORM_ACT, AdoptsNorms, NormAct
 from .layers.pool import AvgPool, MaxPool
 from .layers.recompute import checkpointed, is_tracing, run_mode
@@ -242,32 +245,6 @@ class _Features(AdoptsNorms, nn.Sequential):
         return path(x) if path is not None else super().forward(x)
 
 
-class _ReluKeepingSign(torch.autograd.Function):
-    """``relu(x)`` by the ReLU module (its hooks fire) that keeps one bit per element for backward, not its output:
-    the gradient is ReLU's own (``threshold_backward``: zero where the output is <= 0), bitwise."""
-
-    @staticmethod
-    def forward(ctx: Any, relu: nn.Module, x: Tensor) -> Tensor:
-        y = relu(x)
-        if y is x:  # an in-place ReLU (torchvision's)
-            ctx.mark_dirty(x)
-        positive = ~(y <= 0).flatten()
-        positive = F.pad(positive, (0, -positive.numel() % 8)).view(-1, 8).to(torch.uint8)
-        ctx.save_for_backward((positive << _BITS.to(positive.device)).sum(1, dtype=torch.uint8))
-        ctx.shape = y.shape
-        return y
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor]:
-        (packed,) = ctx.saved_tensors
-        positive = ((packed.unsqueeze(1) >> _BITS.to(packed.device)) & 1).flatten()[:grad.numel()].bool()
-        zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
-        return None, torch.where(positive.view(ctx.shape), grad, zero)
-
-
-_BITS = torch.arange(8, dtype=torch.uint8)
-
-
 class DenseNet(MemoryMode):
     """DenseNet / DenseNet-BC with selectable memory mode, for images (``spatial_dims=2``), volumes (3) or signals (1).
 
@@ -414,24 +391,7 @@ class DenseNet(MemoryMode):
     @property
     def min_input_size(self) -> int:
         """Smallest size along each spatial axis the network accepts (every block must see at least one position)."""
-        return self._min_size(self._last_index)
-
-    def _min_size(self, index: int) -> int:
-        size = 1
-        while self._map_size(size, index) < 1:
-            size += 1
-        return size
-
-    def _map_size(self, size: int, index: int) -> int:
-        """Size along one axis of feature map ``index`` (``feature_info`` numbering) for an input of ``size``."""
-        if not self.small_inputs:
-            size = (size - 1) // 2 + 1  # conv0 7/2, padding 3
-            if index == 0:
-                return size
-            size = (size - 1) // 2 + 1  # max-pool 3/2, padding 1
-        for _ in range(max(index - 1, 0)):
-            size //= 2  # transition avg-pool 2
-        return size
+        return min_input_size(self._last_index, self.small_inputs)
 
     def _check_input(self, x: Tensor, last_index: int) -> None:
         if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing():
@@ -441,8 +401,8 @@ class DenseNet(MemoryMode):
             raise ValueError(f"expected an input of shape (N, {self.in_chans}, {', '.join(axes)}), got "
                              f"{tuple(x.shape)} (spatial_dims={self.spatial_dims})")
         sizes = x.shape[2:]
-        if self._map_size(min(sizes), last_index) < 1:
-            size = self._min_size(last_index)
+        if map_size(min(sizes), last_index, self.small_inputs) < 1:
+            size = min_input_size(last_index, self.small_inputs)
             raise ValueError(f"input of {'x'.join(map(str, sizes))} is too small for this DenseNet: needs at least "
                              f"{'x'.join([str(size)] * self.spatial_dims)}")
 
@@ -520,7 +480,7 @@ class DenseNet(MemoryMode):
             relu = self._modules.get("relu")
             if relu is None or run_mode(self.memory) == "plain":
                 return self._final_relu(x)
-            return _ReluKeepingSign.apply(relu, x)
+            return ReluKeepingSign.apply(relu, x)
         return self._forward(x)[0]
 
     def forward_intermediates(

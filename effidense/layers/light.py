@@ -8,7 +8,8 @@ bitwise the plain model's, with fewer maps alive at once. Running statistics are
 ``create_graph=True`` they differentiate a rerun instead (:func:`differentiable_rerun`), so double backward works.
 
 :class:`NormReluConv` serves :meth:`~effidense.layers.norm.BatchNormAct.then_conv` (concatenation-BN-ReLU-conv),
-:class:`ConvNormReluPool` serves :meth:`~effidense.layers.norm.BatchNormAct.between` (a stem: conv-BN-ReLU-max-pool).
+:class:`ConvNormReluPool` serves :meth:`~effidense.layers.norm.BatchNormAct.between` (a stem: conv-BN-ReLU-max-pool),
+:class:`ReluKeepingSign` the final ReLU after hooked ``features``.
 """
 from __future__ import annotations
 
@@ -16,12 +17,13 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .pool import MaxPool
 from .recompute import rerun
 
-__all__ = ["ConvNormReluPool", "NormReluConv", "differentiable_rerun", "plain_conv"]
+__all__ = ["ConvNormReluPool", "NormReluConv", "ReluKeepingSign", "differentiable_rerun", "plain_conv"]
 
 
 class NormReluConv(torch.autograd.Function):
@@ -179,3 +181,29 @@ class ConvNormReluPool(torch.autograd.Function):
         grad_x, grad_conv = _conv_backward(ctx, conv, grad_c, x, need_x, need_conv)
         grad_x = None if grad_x is None else grad_x.to(x.dtype)
         return grad_x, grad_conv, grad_w, grad_b, None, None, None, None
+
+
+_BITS = torch.arange(8, dtype=torch.uint8)
+
+
+class ReluKeepingSign(torch.autograd.Function):
+    """``relu(x)`` by the ReLU module (its hooks fire) that keeps one bit per element for backward, not its output:
+    the gradient is ReLU's own (``threshold_backward``: zero where the output is <= 0), bitwise."""
+
+    @staticmethod
+    def forward(ctx: Any, relu: nn.Module, x: Tensor) -> Tensor:
+        y = relu(x)
+        if y is x:  # an in-place ReLU (torchvision's)
+            ctx.mark_dirty(x)
+        positive = ~(y <= 0).flatten()
+        positive = F.pad(positive, (0, -positive.numel() % 8)).view(-1, 8).to(torch.uint8)
+        ctx.save_for_backward((positive << _BITS.to(positive.device)).sum(1, dtype=torch.uint8))
+        ctx.shape = y.shape
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor]:
+        (packed,) = ctx.saved_tensors
+        positive = ((packed.unsqueeze(1) >> _BITS.to(packed.device)) & 1).flatten()[:grad.numel()].bool()
+        zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
+        return None, torch.where(positive.view(ctx.shape), grad, zero)
