@@ -2,9 +2,9 @@
 
 Where a change belongs:
 
-* the network (layers, blocks, transitions, memory modes, compile scopes, 1-3 spatial dims): :mod:`effidense.densenet`
-* the exact norm (recomputation, SyncBatchNorm, regional compilation), where segments are recomputed, pooling that
-  keeps no input: :mod:`effidense.layers`
+* the network (layers, blocks, transitions, memory modes, compilation, 1-3 spatial dims): :mod:`effidense.densenet`
+* the exact norm (recomputation, SyncBatchNorm), where segments are recomputed, pooling that keeps no input:
+  :mod:`effidense.layers`
 * named configurations, builders, timm registry and pretrained tags: :mod:`effidense.registry`
 * checkpoint keys, safe state-dict reading and writing: :mod:`effidense.weights`; architecture inference and
   conversion between layouts: :mod:`effidense.convert`; atomic writes and safe loads for every tool:

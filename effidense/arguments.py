@@ -1,17 +1,16 @@
 """The arguments a DenseNet takes, checked before anything is built: the memory mode's spellings (the one place a
-mode is chosen), compile scopes, spatial dims and the configuration's bounds. Each failure is one ``ValueError``
+mode is chosen), compilation, spatial dims and the configuration's bounds. Each failure is one ``ValueError``
 line that names the argument."""
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["COMPILE_SCOPES", "MAX_LAYERS", "MAX_PARAMETERS", "MEMORY_MODES", "SPATIAL_DIMS", "check_block",
+__all__ = ["MAX_LAYERS", "MAX_PARAMETERS", "MEMORY_MODES", "SPATIAL_DIMS", "check_block", "check_compile",
            "check_config", "check_input", "check_layer", "check_spatial_dims", "check_transition", "count_weights",
-           "map_size", "min_input_size", "resolve_compile", "resolve_memory"]
+           "map_size", "min_input_size", "resolve_memory"]
 
 MEMORY_MODES = ("plain", "efficient", "frugal")
-COMPILE_SCOPES = ("layers", "model")
 SPATIAL_DIMS = (1, 2, 3)
 MAX_LAYERS = 10_000  # DenseNet-264 has 130 dense layers; far more only exhausts memory while building
 
@@ -39,13 +38,35 @@ def resolve_memory(memory: str | None, efficient: bool | None, memory_efficient:
     return memory or ("efficient" if flag else "plain")
 
 
-def resolve_compile(compile: bool | str) -> str | None:
-    """The compile scope that ``compile=`` asks for: None, 'layers' (True) or 'model'."""
-    if isinstance(compile, bool):
-        return "layers" if compile else None
-    if compile in COMPILE_SCOPES:
-        return compile
-    raise ValueError(f"compile must be True, False or one of {', '.join(map(repr, COMPILE_SCOPES))}, got {compile!r}")
+def check_compile(value: Any, name: str = "compile") -> None:
+    """``compile=`` takes True or False, ``scope=`` 'model' (the whole model, the one compiled path); ``compile=``
+    also takes 'model'."""
+    if value == "layers":
+        raise ValueError(f"{name}='layers': regional compile was removed because it was slower than eager; "
+                         "set_compile() compiles the whole model")
+    if value == "model" or (name == "compile" and isinstance(value, bool)):
+        return
+    raise ValueError(f"{name} must be {'True or False' if name == 'compile' else repr('model')}, got {value!r}")
+
+
+def map_size(size: int, index: int, small_inputs: bool) -> int:
+    """Size along one axis of feature map ``index`` (``feature_info`` numbering) for an input of ``size``."""
+    if not small_inputs:
+        size = (size - 1) // 2 + 1  # conv0 7/2, padding 3
+        if index == 0:
+            return size
+        size = (size - 1) // 2 + 1  # max-pool 3/2, padding 1
+    for _ in range(max(index - 1, 0)):
+        size //= 2  # transition avg-pool 2
+    return size
+
+
+def min_input_size(index: int, small_inputs: bool) -> int:
+    """Smallest size along each spatial axis for which feature map ``index`` has at least one position."""
+    size = 1
+    while map_size(size, index, small_inputs) < 1:
+        size += 1
+    return size
 
 
 MAX_PARAMETERS = 2 ** 32  # 16 GiB of float32 weights before a single activation
@@ -151,26 +172,6 @@ def _weights(growth_rate: int, block_config: Sequence[int], channels: int, bn_si
             total += channels * int(channels * compression)
             channels = int(channels * compression)
     return {"stem": stem, "blocks": total, "classifier": channels * num_classes}
-
-
-def map_size(size: int, index: int, small_inputs: bool) -> int:
-    """Size along one axis of feature map ``index`` (``feature_info`` numbering) for an input of ``size``."""
-    if not small_inputs:
-        size = (size - 1) // 2 + 1  # conv0 7/2, padding 3
-        if index == 0:
-            return size
-        size = (size - 1) // 2 + 1  # max-pool 3/2, padding 1
-    for _ in range(max(index - 1, 0)):
-        size //= 2  # transition avg-pool 2
-    return size
-
-
-def min_input_size(index: int, small_inputs: bool) -> int:
-    """Smallest input size along an axis for which feature map ``index`` has at least one position."""
-    size = 1
-    while map_size(size, index, small_inputs) < 1:
-        size += 1
-    return size
 
 
 def check_input(shape: tuple[int, ...], spatial_dims: int, in_chans: int, last_index: int, small_inputs: bool) -> None:

@@ -44,19 +44,18 @@ from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
 from .arguments import (
-    COMPILE_SCOPES,
     MEMORY_MODES,
     check_block,
+    check_compile,
     check_config,
     check_input,
     check_layer,
     check_transition,
     min_input_size,
-    resolve_compile,
     resolve_memory,
 )
 from .layers.light import ReluKeepingSign
-from .layers.norm import BATCH_NORM_ACT, AdoptsNorms, BatchNormAct, NormAct
+from .layers.norm import BATCH_NORM_ACT, AdoptsNorms, NormAct
 from .layers.pool import AvgPool, MaxPool
 from .layers.recompute import checkpointed, is_tracing, run_mode
 
@@ -183,7 +182,7 @@ class DenseBlock(MemoryMode, nn.ModuleDict):
 
     def run(self, maps: Sequence[Tensor], cache: list | None = None) -> list[Tensor]:
         """The maps given, then each layer's new features. ``cache``: a list the norms share for their statistics
-        (synchronised and regionally compiled norms), to hand on to the norm that reads the result."""
+        (synchronised norms), to hand on to the norm that reads the result."""
         maps = list(maps)
         for layer in self.values():
             maps.append(layer(maps, cache))
@@ -263,7 +262,7 @@ class DenseNet(MemoryMode):
         small_inputs: one 3x3 stride-1 conv stem for 32x32 images instead of the ImageNet 7x7/2 conv + 3x3/2 max-pool.
         memory: 'plain', 'efficient' (default) or 'frugal'; see the module docstring.
         efficient: the seed projects' spelling: True for 'efficient', False for 'plain'.
-        compile: True or 'layers' compiles the BN-ReLU segments, 'model' the whole model (see :meth:`set_compile`).
+        compile: True compiles the whole model (see :meth:`set_compile`).
         spatial_dims: 2 for images (N, C, H, W), 3 for volumes (N, C, D, H, W), 1 for signals (N, C, L).
         norm_layer: makes each norm (+ activation) for a number of channels; default BatchNorm + ReLU
             (:class:`~effidense.layers.norm.BatchNormAct`); see :class:`~effidense.layers.norm.NormAct` for others.
@@ -298,9 +297,7 @@ class DenseNet(MemoryMode):
         check_config(growth_rate, block_config, num_init_features, bn_size, compression, drop_rate,
                       head_drop_rate, num_classes, in_chans, small_inputs, spatial_dims)
         mode = resolve_memory(memory, efficient, memory_efficient)
-        compile_scope = resolve_compile(compile)
-        self.compile_options: tuple[tuple[str, Any], ...] | None = None
-        self.compile_scope: str | None = None
+        check_compile(compile)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.small_inputs = small_inputs
@@ -356,8 +353,8 @@ class DenseNet(MemoryMode):
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
         self.memory = mode
-        if compile_scope is not None:
-            self.set_compile(scope=compile_scope)
+        if compile:
+            self.set_compile()
 
     # --- memory modes and compilation ---
     def set_memory(self, memory: str | None = None, efficient: bool | None = None) -> DenseNet:
@@ -371,32 +368,18 @@ class DenseNet(MemoryMode):
         (the default, 'efficient', already recomputes every BN-ReLU segment); off selects 'plain'."""
         self.memory = "frugal" if enable else "plain"
 
-    def set_compile(self, enabled: bool = True, scope: str = "layers", **options: Any) -> DenseNet:
-        """Compile with torch.compile; ``options`` go to it. Returns the model.
+    def set_compile(self, enabled: bool = True, scope: str = "model", **options: Any) -> DenseNet:
+        """Compile the whole model in place (``nn.Module.compile(**options)``), checkpoints and light Functions
+        inside; ``set_compile(False)`` returns to eager. Returns the model.
 
-        * ``scope="layers"`` (regional, the default): each norm's normalisation, as
-          ``torch.compile(dynamic=True, fullgraph=True, **options)``. One graph serves every norm whatever the
-          depth, so it compiles in seconds; convolutions and concatenations stay eager so recomputation still never
-          reruns a convolution. Statistics are computed once per feature map, and the ReLU after each norm runs
-          as its own module (in place); eager's per-layer host work stays.
-        * ``scope="model"``: the whole model in place (``nn.Module.compile``), checkpoints inside. Inductor then
-          launches fused kernels from one graph, which removes most per-op host work: the path for fast GPUs, where an
-          eager DenseNet is host-bound. Compiling takes minutes for a deep model. ``mode="reduce-overhead"`` adds CUDA
-          graphs (awaiting GPU evidence).
-
-        Both keep BatchNorm running statistics exact and gradients equal to eager within float32 tolerance. Norms
-        synchronised across processes stay eager under ``scope="layers"``: their backward all-reduces.
-        ``set_compile(False)`` returns to eager. The options live in ``compile_options``; the norms read them.
+        Inductor launches fused kernels from one graph, which removes most per-op host work: it pays where an eager
+        DenseNet is host-bound (fast GPUs), and compiling takes minutes for a deep model, so measure it first
+        (``effidense bench --compile`` compares each compiled mode with its eager self). BatchNorm running statistics
+        stay exact and gradients equal eager's within float32 tolerance. ``scope`` accepts only ``"model"``.
         """
-        if scope not in COMPILE_SCOPES:
-            raise ValueError(f"scope must be one of {', '.join(map(repr, COMPILE_SCOPES))}, got {scope!r}")
-        self._compiled_call_impl = None  # nn.Module.compile's slot: undo a previous whole-model compile
-        self.compile_options = tuple(sorted(options.items())) if enabled and scope == "layers" else None
-        for m in self.modules():
-            if isinstance(m, BatchNormAct):
-                m.compile_options = self.compile_options
-        self.compile_scope = scope if enabled else None
-        if enabled and scope == "model":
+        check_compile(scope, "scope")
+        self._compiled_call_impl = None  # nn.Module.compile's slot: undo a previous compile
+        if enabled:
             self.compile(**options)
         return self
 

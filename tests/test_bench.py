@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import statistics
 import sys
@@ -121,41 +122,80 @@ def test_existing_outputs_need_force(bench, tmp_path, capsys):
 
 
 def test_compile_variant(bench, tmp_path, capsys):
+    """A compiled variant is timed beside its eager self (which it brings along), with its compile time and a line
+    saying whether compiling pays."""
     json_path = tmp_path / "compiled.json"
-    code, out, _ = run_main(bench, TINY_SMALL + ["--variants", "efficient", "--compile", "--json", str(json_path)],
+    code, out, _ = run_main(bench, TINY_SMALL + ["--variants", "efficient+compile", "--json", str(json_path)],
                             capsys)
     assert code == 0, out
-    assert "+compile: effidense scope 'layers' (peers: the whole model), torch.compile mode 'default'" in out
-    assert "compile s" in next(line for line in out.splitlines() if line.startswith("| variant"))
-    results = {r["variant"]: r for r in json.loads(json_path.read_text())["results"]}
+    assert "+compile: the whole model (torch.compile mode 'default')" in out
+    header = next(line for line in out.splitlines() if line.startswith("| variant"))
+    assert "vs eager" in header and "compile s" in header
+    data = json.loads(json_path.read_text())
+    results = {r["variant"]: r for r in data["results"]}
     assert list(results) == ["efficient", "efficient+compile"]
     compiled = results["efficient+compile"]
     assert compiled["status"] == "ok", compiled["error"]
     assert compiled["compile_s"] is not None and compiled["compile_s"] >= 0
-    assert compiled["activation_bytes"] > 0
-    assert results["efficient"]["compile_s"] is None
+    assert compiled["activation_bytes"] > 0 and compiled["vs_eager"] > 0
+    assert results["efficient"]["compile_s"] is None and results["efficient"]["vs_eager"] is None
+    assert len(data["compile_verdicts"]) == 1 and data["compile_verdicts"][0] in out
+    assert data["compile_verdicts"][0].startswith("compiled efficient is ")
 
 
-@pytest.mark.parametrize("scope", ["layers", "model"])
-def test_compile_scope_reaches_the_model(bench, capsys, monkeypatch, scope):
-    """--compile-scope model compiles the whole effidense model (outside DDP, as for the peers); layers is regional."""
+def _fake_timing(monkeypatch, compiled_ms: float) -> None:
+    """Steps of 10 ms eager and ``compiled_ms`` compiled (forward and backward halves), compiled with aot_eager (no
+    inductor: seconds): the verdict then depends on these numbers alone."""
+    import effidense.benchmark.runner as runner
+    from effidense.benchmark import StepRunner
+
+    real_compile = torch.compile
+    monkeypatch.setattr(runner.torch, "compile", lambda model, **kwargs: real_compile(model, backend="aot_eager"))
+
+    def timed_step(self, timer):
+        ms = compiled_ms if isinstance(self.model, torch._dynamo.eval_frame.OptimizedModule) else 10.0
+        return ms / 2, ms / 2
+
+    monkeypatch.setattr(StepRunner, "timed_step", timed_step)
+
+
+def test_compile_that_does_not_pay_says_so(bench, capsys, monkeypatch):
+    _fake_timing(monkeypatch, compiled_ms=13.0)
+    code, out, _ = run_main(bench, TINY_SMALL + ["--variants", "frugal", "--compile", "--steps", "3"], capsys)
+    assert code == 0, out
+    assert re.search(r"^compiled frugal is 1\.30x slower than eager on cpu \(step\) after a \d+(\.\d)? s compile: "
+                     r"don't compile on this device$", out, re.MULTILINE), out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| frugal")}
+    assert "1.30x" in rows["frugal+compile"]
+
+
+def test_compile_that_pays_says_how_much(bench, capsys, monkeypatch):
+    _fake_timing(monkeypatch, compiled_ms=8.0)
+    code, out, _ = run_main(bench, TINY_SMALL + ["--variants", "efficient+compile"], capsys)
+    assert code == 0, out
+    assert re.search(r"^compiled efficient is 1\.25x faster than eager on cpu \(step\) after a \d+(\.\d)? s "
+                     r"compile$", out, re.MULTILINE), out
+    assert "don't compile" not in out
+
+
+def test_compile_mode_reaches_torch_compile(bench, capsys, monkeypatch):
+    """Effidense models and peers alike: torch.compile of the whole model (outside DDP) with the mode asked for."""
     import effidense.benchmark.runner as runner
     from effidense import DenseNet
 
-    whole, regional = [], []
-    # torch.compile of a module is the whole-model path; set_compile compiles a function (the regional graph)
-    monkeypatch.setattr(runner.torch, "compile", lambda fn, **kwargs: (
-        whole.append((type(fn), kwargs)) if isinstance(fn, torch.nn.Module) else None) or fn)
-    real = DenseNet.set_compile
-    monkeypatch.setattr(DenseNet, "set_compile", lambda self, *a, **k: regional.append(k) or real(
-        self, *a, **{**k, "backend": "eager", "mode": None}))
-    code, out, _ = run_main(bench, TINY_SMALL + ["--variants", "efficient+compile", "--compile-scope", scope,
-                                                 "--compile-mode", "reduce-overhead"], capsys)
+    calls = []
+    monkeypatch.setattr(runner.torch, "compile", lambda model, **kwargs: calls.append((type(model), kwargs)) or model)
+    code, out, _ = run_main(bench, TINY_SMALL + ["--variants", "efficient+compile", "--compile-mode",
+                                                 "reduce-overhead"], capsys)
     assert code == 0, out
-    mode = {"mode": "reduce-overhead"}
-    assert (whole, regional) == (([(DenseNet, mode)], []) if scope == "model" else
-                                 ([], [{"scope": "layers", **mode}]))
-    assert f"+compile: effidense scope '{scope}' (peers: the whole model), torch.compile mode 'reduce-overhead'" in out
+    assert calls == [(DenseNet, {"mode": "reduce-overhead"})]
+    assert "+compile: the whole model (torch.compile mode 'reduce-overhead')" in out
+
+
+def test_compile_scope_is_gone(bench, capsys):
+    code, _, err = run_cli(bench, TINY_SMALL + ["--variants", "efficient+compile", "--compile-scope", "layers"],
+                           capsys)
+    assert code == 2 and "unrecognized arguments: --compile-scope" in err
 
 
 def test_compile_mode_is_checked(bench, capsys):
@@ -284,7 +324,8 @@ def test_peer_models_load_our_weights():
 def test_parse_variants():
     assert parse_variants("plain, efficient,plain") == ["plain", "efficient"]
     assert parse_variants("plain,tv", compile_all=True) == ["plain", "tv", "plain+compile"]
-    assert parse_variants("tv+compile") == ["tv+compile"]
+    assert parse_variants("tv+compile") == ["tv", "tv+compile"]  # a compiled variant brings its eager self
+    assert parse_variants("efficient+compile,plain,efficient") == ["efficient", "efficient+compile", "plain"]
     with pytest.raises(ValueError, match="no variants"):
         parse_variants(" , ")
 

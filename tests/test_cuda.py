@@ -152,7 +152,7 @@ def _tiny_plan(cap_mib: int = 256):
     bc = ModelSpec("tiny BC", dict(growth_rate=4, block_config=(2, 2, 2), num_init_features=8, small_inputs=True,
                                    num_classes=10))
     cells = (Cell(8, "bf16", True, ("tv-plain", "tv", "timm", "plain", "efficient", "frugal",
-                                    "efficient+set_compile", "efficient+torch.compile")),
+                                    "efficient+torch.compile")),
              Cell(8, None, False, ("tv-plain", "plain", "efficient")))
     return dataclasses.replace(
         gpu_plan(300), dn121=TINY_SPEC, img_size=32, cells=cells, steps=2, warmup=1,

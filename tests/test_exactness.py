@@ -297,15 +297,16 @@ def test_half_precision_models_train_like_plain(dtype, mode):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_shared_statistics_path_takes_half_precision_parameters(dtype):
-    """The statistics path (synchronised or compiled norms) keeps statistics in float32 and gives the half-precision
-    affine parameters gradients in their own dtype, close to native BatchNorm's."""
+def test_synchronised_statistics_path_takes_half_precision_parameters(dtype, monkeypatch):
+    """The synchronised norms' path keeps statistics in float32 and gives the half-precision affine parameters
+    gradients in their own dtype, close to native BatchNorm's (one process: its sums are the group's)."""
+    monkeypatch.setattr(norm_module.dist, "all_reduce", lambda tensor, group=None: None)
     norm = torch.nn.BatchNorm2d(6).to(dtype).train()
     torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
     x = torch.randn(4, 6, 5, 5, dtype=dtype, requires_grad=True)
     mean, var, _, _ = norm_module.batch_stats(x)
     assert mean.dtype == torch.float32
-    out = norm_module.BatchNormWithStats.apply(x, norm.weight, norm.bias, mean, var, norm.eps)
+    out = norm_module.SyncBatchNormWithStats.apply(x, norm.weight, norm.bias, mean, var, norm.eps, None)
     probe = torch.rand(out.shape) + 0.5  # a loss without cancellation, so half-precision rounding stays relative
     grads = torch.autograd.grad((out.float() * probe).sum(), (x, norm.weight, norm.bias))
     reference = torch.nn.functional.batch_norm(x.float(), None, None, norm.weight.float(), norm.bias.float(), True)

@@ -10,7 +10,8 @@ step sees the same weights). ``--max-batch`` searches run last.
 
 Variants: ``plain``, ``efficient``, ``frugal`` (our memory modes), ``tv`` (torchvision's DenseNet with
 ``memory_efficient=True``), ``timm`` (timm's DenseNet after ``set_grad_checkpointing()``), and any of them with a
-``+compile`` suffix. The peers exist only for configurations their DenseNet classes can build exactly (ImageNet
+``+compile`` suffix: the whole model compiled, always timed beside its eager self, so that the output says whether
+compiling pays on the device. The peers exist only for configurations their DenseNet classes can build exactly (ImageNet
 stem, bottleneck layers, compression 0.5; timm also needs ``num_init_features == 2 * growth_rate``), so e.g.
 DenseNet-121/161/169/201/264 have both, the CIFAR nets have neither, and timm's ``densenet264d`` (deep stem) is not
 a counterpart of anything here.
@@ -36,7 +37,7 @@ from .config import AMP_DTYPES, COMPILE_MODES, JSON_SCHEMA, BenchConfig, BenchRe
 from .cuda import bisect_fits, cuda_fits, device_for_rank, is_oom, largest_batch, release
 from .distributed import backend_for, check_world, free_port, process_group, torchrun_world
 from .environment import TORCHRUN_ENV, command_line, environment
-from .report import fmt, format_table, report_to_json, write_json, write_plot
+from .report import compile_verdicts, fmt, format_table, report_to_json, write_json, write_plot
 from .runner import activation_floor, benchmark, memory_by_depth, run_benchmark
 from .trainer import StepRunner, Timer, make_batch, step_loss, timed_step, torch_threads, training_step
 from .variants import (
@@ -58,7 +59,7 @@ __all__ = [
     "parse_variants", "peer_unsupported", "build_variant", "compile_model", "run_benchmark", "benchmark",
     "memory_by_depth", "activation_floor", "largest_batch", "bisect_fits", "is_oom", "release", "cuda_fits",
     "device_for_rank",
-    "environment", "fmt",
+    "environment", "fmt", "compile_verdicts",
     "command_line", "TORCHRUN_ENV", "format_table", "report_to_json",
     "write_json", "write_plot", "torch_threads", "Timer", "StepRunner", "step_loss", "training_step", "timed_step",
     "make_batch", "free_port", "process_group", "torchrun_world", "backend_for",

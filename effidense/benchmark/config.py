@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..modelspec import ModelSpec
-from .variants import HOST_REFERENCE
+from .variants import COMPILE_SUFFIX, HOST_REFERENCE
 
 __all__ = ["AMP_DTYPES", "CHANNELS_LAST", "COMPILE_MODES", "JSON_SCHEMA", "BenchConfig", "VariantResult",
            "BenchReport"]
@@ -45,7 +45,6 @@ class BenchConfig:
     progress: bool = True
     traceback: bool = False  # print the full traceback of a failing variant to stderr
     host_only: bool = False  # time only the host-overhead step (tiny input), not the full-size step or its memory
-    compile_scope: str = "layers"  # "+compile" on effidense models: set_compile's scope, "layers" or "model"
     compile_mode: str | None = None  # torch.compile's mode for "+compile" variants; None: its default
 
     def __post_init__(self) -> None:
@@ -58,8 +57,6 @@ class BenchConfig:
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.amp is not None and self.amp not in AMP_DTYPES:
             raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)} or None, got {self.amp!r}")
-        if self.compile_scope not in ("layers", "model"):
-            raise ValueError(f"compile_scope must be 'layers' or 'model', got {self.compile_scope!r}")
         if self.compile_mode is not None and self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
         problem = self.spec.size_problem(self.batch_size, (self.img_size,) * self.spec.arg("spatial_dims"))
@@ -96,6 +93,7 @@ class VariantResult:
     samples: dict[str, list[float]] = field(default_factory=dict)
     # Filled in by BenchReport: relative to 'plain', and host time relative to BenchReport.host_reference.
     step_vs_plain: float | None = None
+    vs_eager: float | None = None  # a compiled variant's step (host step with host_only) over its eager self's
     host_vs_ref: float | None = None
     activation_x_less: float | None = None
     peak_x_less: float | None = None
@@ -129,6 +127,13 @@ class BenchReport:
                 r.host_vs_ref = _paired_ratio(r.samples.get("host_ms"), reference.samples.get("host_ms"))
                 if r.host_vs_ref is None:
                     r.host_vs_ref = ratio(r.host_ms, reference.host_ms)
+        key = "host_ms" if self.config.host_only else "step_ms"
+        for r in ok.values():
+            eager = ok.get(r.variant.removesuffix(COMPILE_SUFFIX))
+            if r.variant.endswith(COMPILE_SUFFIX) and eager is not None:
+                r.vs_eager = _paired_ratio(r.samples.get(key), eager.samples.get(key))
+                if r.vs_eager is None:
+                    r.vs_eager = ratio(getattr(r, key), getattr(eager, key))
         plain = ok.get("plain")
         if plain is None:
             return

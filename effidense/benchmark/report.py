@@ -12,7 +12,7 @@ from ..modelspec import ModelSpec
 from .config import JSON_SCHEMA, BenchReport
 from .variants import COMPILE_SUFFIX, HOST_BATCH, HOST_REFERENCE, host_img_size, size_label
 
-__all__ = ["fmt", "format_table", "report_to_json", "write_json", "write_plot"]
+__all__ = ["compile_verdicts", "fmt", "format_table", "report_to_json", "write_json", "write_plot"]
 
 
 def fmt(value: float | None, spec: str, suffix: str = "") -> str:
@@ -30,7 +30,7 @@ def format_table(report: BenchReport) -> str:
     if cuda:
         columns += ["peak MiB", "peak x less"]
     if show_compile:
-        columns += ["compile s"]
+        columns += ["vs eager", "compile s"]
     if cfg.max_batch:
         columns += ["max batch", "max batch x"]
     rows = []
@@ -46,7 +46,7 @@ def format_table(report: BenchReport) -> str:
             row += [fmt(None if r.peak_bytes is None else r.peak_bytes / MiB, ".1f"),
                     fmt(r.peak_x_less, ".2f", "x")]
         if show_compile:
-            row += [fmt(r.compile_s, ".1f")]
+            row += [fmt(r.vs_eager, ".2f", "x"), fmt(r.compile_s, ".1f")]
         if cfg.max_batch:
             row += [fmt(r.max_batch, "d"), fmt(r.max_batch_x, ".2f", "x")]
         rows.append(row)
@@ -56,6 +56,7 @@ def format_table(report: BenchReport) -> str:
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)) + " |",
              "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     lines += ["| " + " | ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) + " |" for row in rows]
+    lines += ["", *compile_verdicts(report)] if show_compile else []
     per_rank = f" per rank, {report.world_size} DDP ranks (images/s is their total)" if report.world_size > 1 else ""
     header = [
         f"model: {cfg.spec.describe()}",
@@ -69,8 +70,9 @@ def format_table(report: BenchReport) -> str:
         "",
     ]
     if show_compile:
-        header.insert(2, f"+compile: effidense scope {cfg.compile_scope!r} (peers: the whole model), torch.compile "
-                         f"mode {cfg.compile_mode or 'default'!r}")
+        header.insert(2, f"+compile: the whole model (torch.compile mode {cfg.compile_mode or 'default'!r}); "
+                         "vs eager: its step over its eager self's, median of per-round ratios; compile s: its first "
+                         "step less its median step")
     host_size = host_img_size(cfg.spec)
     notes = ["", "Variants take turns: each round times one step of every variant. x less: plain's activation (peak) "
              "memory divided by the variant's; step vs plain: median over rounds of the variant's step time divided by "
@@ -89,6 +91,31 @@ def format_table(report: BenchReport) -> str:
     return "\n".join(header + lines + notes)
 
 
+def compile_verdicts(report: BenchReport) -> list[str]:
+    """One line per compiled variant that ran beside its eager self: whether compiling pays on this device, and
+    after how long a compile."""
+    cfg = report.config
+    step = "host-overhead step" if cfg.host_only else "step"
+    lines = []
+    for r in report.results:
+        if not r.ok or not r.variant.endswith(COMPILE_SUFFIX) or r.vs_eager is None:
+            continue
+        base = r.variant.removesuffix(COMPILE_SUFFIX)
+        after = "" if r.compile_s is None else f" after a {_seconds(r.compile_s)} compile"
+        if r.vs_eager >= 1:
+            how = "no faster than" if r.vs_eager < 1.005 else f"{r.vs_eager:.2f}x slower than"
+            lines.append(f"compiled {base} is {how} eager on {cfg.device} ({step}){after}: don't compile on this "
+                         "device")
+        else:
+            lines.append(f"compiled {base} is {1 / r.vs_eager:.2f}x faster than eager on {cfg.device} ({step})"
+                         f"{after}")
+    return lines
+
+
+def _seconds(s: float) -> str:
+    return f"{s:.0f} s" if s >= 10 else f"{s:.1f} s"
+
+
 def report_to_json(report: BenchReport) -> dict[str, Any]:
     """Every number of the run and its environment, JSON-serialisable."""
     cfg = report.config
@@ -104,6 +131,7 @@ def report_to_json(report: BenchReport) -> dict[str, Any]:
         "depth_sweep": report.depth_sweep,
         "floor_bytes": report.floor_bytes,
         "host_reference": report.host_reference,
+        "compile_verdicts": compile_verdicts(report),
         "host_input": {"batch_size": HOST_BATCH, "img_size": host_img_size(cfg.spec)},
     }
 

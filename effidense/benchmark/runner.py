@@ -24,7 +24,6 @@ from .variants import (
     HOST_BATCH,
     PEERS,
     build_variant,
-    compile_model,
     host_img_size,
     input_shape,
     load_weights,
@@ -149,7 +148,7 @@ def _prepare_variant(variant: str, cfg: BenchConfig, device: torch.device, state
             model.to(memory_format=CHANNELS_LAST[cfg.spec.arg("spatial_dims")])
         if not compiled:  # compiling an eval graph just for this check would double the compile time
             result.same_function_rel_diff = _check_same_function(model, probe, reference)
-        model = _wrap(model, compiled, device, cfg.compile_scope, cfg.compile_mode)
+        model = _wrap(model, compiled, device, cfg.compile_mode)
         trainer = StepRunner(model, *batch, cfg.amp, host_batch)
         timer = Timer(device)
 
@@ -188,22 +187,15 @@ def _prepare_variant(variant: str, cfg: BenchConfig, device: torch.device, state
         return failed_result(variant, error, cfg), None, None
 
 
-def _wrap(model: nn.Module, compiled: bool, device: torch.device, scope: str = "layers",
-          mode: str | None = None) -> nn.Module:
-    """Compile (with torch.compile's ``mode``) and/or wrap in DDP. Regional compile goes inside DDP; whole-model
-    torch.compile (peers, and effidense with ``scope="model"``, which is the same as its
-    ``set_compile(scope="model")``) goes outside it."""
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    regional = compiled and hasattr(model, "set_compile") and scope == "layers"
-    options = {} if mode is None else {"mode": mode}
-    if regional:
-        model = compile_model(model, **options)
-    if distributed:
+def _wrap(model: nn.Module, compiled: bool, device: torch.device, mode: str | None = None) -> nn.Module:
+    """Wrap in DDP, then compile the whole model (with torch.compile's ``mode``), effidense's and the peers' alike:
+    torch compiles a DDP model from outside, and effidense's ``set_compile`` traces the same whole graph."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if compiled and not regional:
-        model = torch.compile(model, **options)
+    if compiled:
+        model = torch.compile(model, **({} if mode is None else {"mode": mode}))
     return model
 
 

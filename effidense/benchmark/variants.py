@@ -31,7 +31,8 @@ COMPILE_SUFFIX = "+compile"
 
 
 def parse_variants(text: str | Sequence[str], compile_all: bool = False) -> list[str]:
-    """Variant names from ``"plain,efficient,tv"``; ``compile_all`` appends ``+compile`` copies of our modes."""
+    """Variant names from ``"plain,efficient,tv"``; ``compile_all`` appends ``+compile`` copies of our modes. A
+    compiled variant brings its eager self, so that every run can say whether compiling pays."""
     names = [v.strip() for v in (text.split(",") if isinstance(text, str) else text) if v.strip()]
     known = (*MEMORY_MODES, *PEERS)
     for name in names:
@@ -42,6 +43,7 @@ def parse_variants(text: str | Sequence[str], compile_all: bool = False) -> list
         raise ValueError("no variants given")
     if compile_all:
         names += [n + COMPILE_SUFFIX for n in names if n in MEMORY_MODES]
+    names = [m for n in names for m in ((n.removesuffix(COMPILE_SUFFIX), n) if n.endswith(COMPILE_SUFFIX) else (n,))]
     return list(dict.fromkeys(names))  # drop repeats, keep order
 
 
@@ -81,11 +83,11 @@ def load_weights(model: nn.Module, variant: str, state: dict[str, torch.Tensor])
     model.load_state_dict(layout_state_dict(state, "monai") if variant == "monai" else state)
 
 
-def compile_model(model: nn.Module, scope: str = "layers", **options: Any) -> nn.Module:
-    """Compiled ``model``: its own ``set_compile(scope=...)`` when it has one, else ``torch.compile`` of the whole;
+def compile_model(model: nn.Module, **options: Any) -> nn.Module:
+    """``model`` compiled whole: its own ``set_compile`` (in place) when it has one, else ``torch.compile``;
     ``options`` go to torch.compile."""
     if hasattr(model, "set_compile"):
-        return model.set_compile(True, scope=scope, **options)
+        return model.set_compile(True, **options)
     return torch.compile(model, **options)
 
 

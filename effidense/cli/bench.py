@@ -66,16 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "model exactly: tv = torchvision memory_efficient=True, timm = set_grad_checkpointing(), "
                           "tv-plain = torchvision memory_efficient=False, the reference of host time)")
     run.add_argument("--compile", action="store_true",
-                     help="also run a compiled copy of each selected memory mode (model.set_compile(True) where "
-                          "available, else torch.compile); compile time is reported separately")
-    run.add_argument("--compile-scope", choices=("layers", "model"), default="layers",
-                     help="what '+compile' compiles in effidense models: 'layers' (set_compile's regional graphs, "
-                          "seconds) or 'model' (the whole model with its checkpoints, minutes: the path for fast "
-                          "GPUs). Default: layers")
+                     help="also run a compiled copy (the whole model, torch.compile) of each selected memory mode; "
+                          "each compiled variant is timed beside its eager self, with its compile time, and a line "
+                          "says whether compiling pays on this device")
     run.add_argument("--compile-mode", choices=COMPILE_MODES,
                      help="torch.compile's mode for '+compile' variants (default: torch's). 'reduce-overhead' adds "
-                          "CUDA graphs on a GPU: use it with --compile-scope model (regional graphs run once per "
-                          "layer); on the CPU it compiles as the default does")
+                          "CUDA graphs on a GPU; on the CPU it compiles as the default does")
     run.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
     run.add_argument("--gpus", "--nproc", dest="gpus", type=positive_int, default=1, metavar="N",
                      help="DDP over N spawned processes, one per GPU (nccl); with --device cpu, N gloo processes "
@@ -160,8 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             amp=args.amp, channels_last=args.channels_last, warmup=warmup if args.warmup is None else args.warmup,
             steps=steps if args.steps is None else args.steps, seed=args.seed, max_batch=args.max_batch,
             max_batch_limit=args.max_batch_limit, threads=args.threads, progress=not args.quiet,
-            traceback=args.traceback, host_only=args.host_only, compile_scope=args.compile_scope,
-            compile_mode=args.compile_mode)
+            traceback=args.traceback, host_only=args.host_only, compile_mode=args.compile_mode)
         report = benchmark(cfg, processes=args.gpus, argv=argv,
                            depth_scales=args.plot_scales if args.plot else None)
     except ValueError as e:

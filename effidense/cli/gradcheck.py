@@ -78,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(--spatial-dims 3), a signal's length (--spatial-dims 1); default 32")
     run.add_argument("--seed", type=seed, default=0, help="seed for weights, data and dropout (default 0)")
     run.add_argument("--compile", action="store_true",
-                     help="also compare compiled copies (model.set_compile(True) where available, else "
-                          "torch.compile) in the fp32 and dropout cases, with a looser tolerance")
+                     help="also compare compiled copies (the whole model, model.set_compile(True)) in the fp32 "
+                          "case, with a looser tolerance")
     run.add_argument("--amp", choices=tuple(AMP_DTYPES), default="bf16",
                      help="autocast dtype of the autocast case (default bf16; fp16 needs a GPU)")
     run.add_argument("--nproc", type=positive_int, default=1, metavar="N",

@@ -5,9 +5,9 @@ and the step-time section also after each of its cells, so a run cut short keeps
 
 1. ``step-time``: DenseNet-121, 224 px, batch 64 and 256, bf16 autocast and fp32 (TF32 on), channels_last on and
    off: step time, images/s and peak memory of torchvision (plain and ``memory_efficient=True``), timm
-   (``set_grad_checkpointing()``), effidense plain / efficient / frugal and two compiled paths of efficient
-   (``set_compile`` regional, whole-model ``torch.compile``). The compiled paths run in the first cell (bf16,
-   channels_last, batch 64) and in a last fp32 cell, so that their compile time does not starve the eager cells.
+   (``set_grad_checkpointing()``), effidense plain / efficient / frugal and efficient compiled
+   whole (``torch.compile``, what ``set_compile`` does in place). The compiled path runs in the first cell (bf16,
+   channels_last, batch 64) and in a last fp32 cell, so that its compile time does not starve the eager cells.
 2. ``max-batch``: largest batch (doubling, then bisection; only running out of memory counts as "does not fit") of
    DenseNet-121, 224 px, bf16, under a 12 GiB cap (``torch.cuda.set_per_process_memory_fraction``) and on the whole
    GPU.
@@ -16,7 +16,7 @@ and the step-time section also after each of its cells, so a run cut short keeps
 4. ``depth``: the deepest DenseNet-BC (k=12, 3 equal blocks, 32 px, batch 64) that trains one step under the cap,
    by bisection over the layers per block.
 5. ``host-bound``: the fraction of a step the GPU is idle (torch.profiler: union of kernel intervals against the
-   step's wall time) for efficient and the best compiled path.
+   step's wall time) for efficient and its compiled path.
 6. ``prediction``: the planner's (:func:`effidense.planner.plan`) predicted peak of each mode at two batch sizes
    against ``torch.cuda.max_memory_allocated`` of the same step, and its predicted largest batch under the 12 GiB cap
    against the max-batch section's measured one (goal: peaks within 10%).

@@ -32,11 +32,10 @@ VARIANTS: dict[str, str] = {
     "efficient": "effidense efficient",
     "frugal": "effidense frugal",
     "monai": PEERS["monai"],
-    "efficient+set_compile": "effidense efficient, set_compile (regional)",
     "efficient+torch.compile": "effidense efficient, whole-model torch.compile",
 }
 EAGER = ("tv-plain", "tv", "timm", "plain", "efficient", "frugal")
-COMPILED = ("efficient+set_compile", "efficient+torch.compile")
+COMPILED = ("efficient+torch.compile",)
 
 # The seed project's published 1080 Ti table (DenseNet-BC (12,12,12), k=12, 32 px, batch 128, fp32), in ms.
 SEED_TIMES = {"plain": (38.0, 77.9), "efficient": (38.0, 103.5)}
@@ -112,7 +111,7 @@ class Plan:
 def _cells(batches: Sequence[int]) -> tuple[Cell, ...]:
     """The step-time matrix, most important first: batch 64 before 256, bf16 before fp32, channels_last first.
 
-    The compiled paths join the first cell, and a last fp32 cell of their own (with torchvision plain to compare).
+    The compiled path joins the first cell, and a last fp32 cell of its own (with torchvision plain to compare).
     """
     small, large = batches
     cells = []

@@ -448,7 +448,7 @@ def busy_time(intervals: Sequence[tuple[float, float]]) -> float:
 
 
 def _best_compiled(run: Run) -> str:
-    """The compiled path that was fastest in the first step-time cell, else regional compile."""
+    """The compiled path that was fastest in the first step-time cell, else the first."""
     cells = run.report["sections"].get("step-time", {}).get("data", {}).get("cells", [])
     rows = cells[0]["rows"] if cells else {}
     timed = [rows[c] for c in COMPILED if rows.get(c, {}).get("step_ms") is not None]

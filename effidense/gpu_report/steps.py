@@ -22,8 +22,6 @@ def build_model(name: str, spec: ModelSpec, compile_options: dict[str, Any]) -> 
 
 
 def compile_variant(name: str, model: nn.Module, compile_options: dict[str, Any]) -> nn.Module:
-    if name == "efficient+set_compile":
-        return model.set_compile(True, **compile_options)
     if name == "efficient+torch.compile":
         return torch.compile(model, **compile_options)
     return model

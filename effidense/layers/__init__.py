@@ -7,7 +7,6 @@ from .norm import (
     Activation,
     AdoptsNorms,
     BatchNormAct,
-    BatchNormWithStats,
     GroupNormAct,
     NormAct,
     SyncBatchNormAct,
@@ -18,5 +17,5 @@ from .pool import AvgPool, MaxPool, avg_pool, max_pool
 from .recompute import checkpointed, fx_leaf, is_tracing, recomputing, run_mode
 
 __all__ = ["Activation", "BATCH_NORM_ACT", "INSTANCE_NORM_ACT", "AdoptsNorms", "AvgPool", "BatchNormAct",
-           "BatchNormWithStats", "GroupNormAct", "MaxPool", "NormAct", "SyncBatchNormAct", "SyncBatchNormWithStats",
+           "GroupNormAct", "MaxPool", "NormAct", "SyncBatchNormAct", "SyncBatchNormWithStats",
            "checkpointed", "fx_leaf", "is_tracing", "recomputing", "relu_", "run_mode", "avg_pool", "max_pool"]

@@ -8,7 +8,8 @@ bitwise the plain model's, with fewer maps alive at once. Running statistics are
 ``create_graph=True`` they differentiate a rerun instead (:func:`differentiable_rerun`), so double backward works.
 
 :class:`NormReluConv` serves :meth:`~effidense.layers.norm.BatchNormAct.then_conv` (concatenation-BN-ReLU-conv),
-:class:`ConvNormReluPool` serves :meth:`~effidense.layers.norm.BatchNormAct.between` (a stem: conv-BN-ReLU-max-pool).
+:class:`ConvNormReluPool` serves :meth:`~effidense.layers.norm.BatchNormAct.between` (a stem: conv-BN-ReLU-max-pool),
+:class:`ReluKeepingSign` the final ReLU after hooked ``features``.
 """
 from __future__ import annotations
 
@@ -86,6 +87,9 @@ def _batch_norm_relu(norm: nn.Module, x: Tensor) -> tuple[Tensor, tuple[Any, ...
 def _batch_norm_backward(norm: nn.Module, x: Tensor, grad_y: Tensor, saved: tuple[Any, ...],
                          mask: list[bool]) -> tuple[Tensor | None, ...]:
     save_mean, save_invstd, reserve, impl = saved
+    if impl == 0:  # native: the kernel the dispatcher below calls, which compiles with symbolic sizes (it does not)
+        return torch.ops.aten.native_batch_norm_backward(
+            grad_y, x, norm.weight, None, None, save_mean, save_invstd, True, norm.eps, mask)
     return torch.ops.aten._batch_norm_impl_index_backward(
         impl, x, grad_y, norm.weight, None, None, save_mean, save_invstd, True, norm.eps, mask, reserve)
 
@@ -179,6 +183,9 @@ class ConvNormReluPool(torch.autograd.Function):
         return grad_x, grad_conv, grad_w, grad_b, None, None, None, None
 
 
+_BITS = torch.arange(8, dtype=torch.uint8)
+
+
 class ReluKeepingSign(torch.autograd.Function):
     """``relu(x)`` by the ReLU module (its hooks fire) that keeps one bit per element for backward, not its output:
     the gradient is ReLU's own (``threshold_backward``: zero where the output is <= 0), bitwise."""
@@ -200,6 +207,3 @@ class ReluKeepingSign(torch.autograd.Function):
         positive = ((packed.unsqueeze(1) >> _BITS.to(packed.device)) & 1).flatten()[:grad.numel()].bool()
         zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
         return None, torch.where(positive.view(ctx.shape), grad, zero)
-
-
-_BITS = torch.arange(8, dtype=torch.uint8)

@@ -5,27 +5,25 @@ torchvision and timm update them again on every rerun (pytorch/pytorch#96136); :
 
 How each path keeps the rule (:meth:`BatchNormAct.forward`):
 
-* Native (eager, not synchronised): ``F.batch_norm`` with the running buffers on the first run; a rerun
+* Native (not synchronised): ``F.batch_norm`` with the running buffers on the first run; a rerun
   (:func:`~effidense.layers.recompute.recomputing`) hands it throwaway copies, so it saves the same tensors and
   normalises bitwise alike. Same kernels as ``nn.BatchNorm2d``, one op per norm. Under ``torch.compile`` of the whole
   model this path is traced as it is: the compiled graph applies buffer updates once, however it recomputes.
-* With statistics (``nn.SyncBatchNorm`` under torch.distributed, and regional compilation): batch statistics are
-  computed on the first run and kept in a ``cache`` handed in from outside the segment, one entry per feature map; a
-  rerun reuses them, so it runs no collective and no statistics. A block shares one cache between its norms, since a
+* Synchronised (``nn.SyncBatchNorm`` under torch.distributed): batch statistics are computed on the first run, with
+  their collectives, and kept in a ``cache`` handed in from outside the segment, one entry per feature map; a rerun
+  reuses them, so it runs no collective and no statistics. A block shares one cache between its norms, since a
   channel's statistics are the same in every layer that normalises it: a synchronised model runs its forward
   collectives once per feature map. Normalising with given statistics backpropagates through them
-  (:class:`BatchNormWithStats`, native BatchNorm's training-mode backward; :class:`SyncBatchNormWithStats`,
-  ``nn.SyncBatchNorm``'s, on any device and backend).
+  (:class:`SyncBatchNormWithStats`, ``nn.SyncBatchNorm``'s backward, on any device and backend).
 
 ``nn.SyncBatchNorm.convert_sync_batchnorm(model)`` works as it does elsewhere: the dense layers, transitions and the
 model's ``features`` adopt the ``nn.SyncBatchNorm`` it puts in place of a norm (:class:`AdoptsNorms`), keeping its
 parameters, buffers and process group. In training under torch.distributed with more than one process in the group,
 statistics are those of every process's batch (ranks may hold different batch sizes) and backward all-reduces the
-per-channel gradient sums; synchronised norms never run compiled. Unlike torch's SyncBatchNorm this also runs on CPU.
+per-channel gradient sums. Unlike torch's SyncBatchNorm this also runs on CPU.
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -39,9 +37,8 @@ from .pool import MaxPool
 from .recompute import checkpointed, fx_leaf, is_tracing, recomputing
 
 __all__ = ["BATCH_NORM_ACT", "INSTANCE_NORM_ACT", "Activation", "AdoptsNorms", "BatchNormAct", "BatchNormAct1d",
-           "BatchNormAct2d", "BatchNormAct3d", "BatchNormWithStats", "GroupNormAct", "InstanceNormAct1d",
-           "InstanceNormAct2d", "InstanceNormAct3d", "NormAct", "SyncBatchNormAct", "SyncBatchNormWithStats",
-           "batch_stats", "relu_"]
+           "BatchNormAct2d", "BatchNormAct3d", "GroupNormAct", "InstanceNormAct1d", "InstanceNormAct2d",
+           "InstanceNormAct3d", "NormAct", "SyncBatchNormAct", "SyncBatchNormWithStats", "batch_stats", "relu_"]
 
 # Per-channel mean and biased variance, the values per channel behind them, and the process group (None: local).
 Stats = tuple[Tensor, Tensor, Any, Any]
@@ -64,35 +61,7 @@ def normalize(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tenso
     """(x - mean) / sqrt(var + eps) * weight + bias, per channel. Half-precision affine parameters are used in the
     statistics' precision (float32), as cuDNN's BatchNorm keeps them."""
     weight, bias = _like_stats(weight, mean), _like_stats(bias, mean)
-    if not torch.compiler.is_compiling():
-        return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
-    # Traced batch_norm fixes the channel count; this arithmetic keeps it symbolic and fuses just the same.
-    scale = torch.rsqrt(var + eps)
-    scale = scale if weight is None else scale * weight
-    shift = -mean * scale if bias is None else bias - mean * scale
-    return x * _channel_view(scale, x.dim()).to(x.dtype) + _channel_view(shift, x.dim()).to(x.dtype)
-
-
-class BatchNormWithStats(torch.autograd.Function):
-    """Training-mode BatchNorm given its batch statistics: normalises only; backward is native BatchNorm's
-    training-mode backward, which includes the gradient through the statistics."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor,
-                eps: float) -> Tensor:
-        ctx.eps = eps
-        ctx.dtypes = tuple(None if t is None else t.dtype for t in (weight, bias))
-        ctx.save_for_backward(x, _like_stats(weight, mean), mean, torch.rsqrt(var + eps))
-        return normalize(x, weight, bias, mean, var, eps)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, mean, invstd = ctx.saved_tensors
-        grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-            grad, x, weight, None, None, mean, invstd, True, ctx.eps, list(ctx.needs_input_grad[:3]))
-        grad_weight, grad_bias = (g if g is None else g.to(dtype) for g, dtype in zip((grad_weight, grad_bias),
-                                                                                       ctx.dtypes, strict=True))
-        return grad_x, grad_weight, grad_bias, None, None, None
+    return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
 
 
 class SyncBatchNormWithStats(torch.autograd.Function):
@@ -156,17 +125,6 @@ def batch_stats(x: Tensor, group: Any = None) -> Stats:
 def relu_(x: Tensor) -> Tensor:
     """In-place ReLU, the default activation: a norm's output is its own, so overwriting it is safe."""
     return F.relu(x, inplace=True)
-
-
-def _normalize_with_stats(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor,
-                          eps: float) -> Tensor:
-    return BatchNormWithStats.apply(x, weight, bias, mean, var, eps)
-
-
-@functools.cache
-def _compiled_normalize(options: tuple[tuple[str, Any], ...]) -> Callable[..., Tensor]:
-    # One graph serves every norm: channel counts and sizes are symbolic, so depth does not multiply compile time.
-    return torch.compile(_normalize_with_stats, dynamic=True, fullgraph=True, **dict(options))
 
 
 class Activation(nn.Module):
@@ -256,8 +214,6 @@ class BatchNormAct(NormAct, nn.modules.batchnorm._BatchNorm):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, **kwargs: Any) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, **kwargs)
-        # torch.compile options for the normalisation (regional compilation, set by DenseNet.set_compile); None: eager
-        self.compile_options: tuple[tuple[str, Any], ...] | None = None
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
@@ -277,7 +233,7 @@ class BatchNormAct(NormAct, nn.modules.batchnorm._BatchNorm):
         return self.training or not self.track_running_stats
 
     def _native(self) -> bool:
-        return self.compile_options is None and self.sync_group() is None
+        return self.sync_group() is None
 
     def _momentum(self) -> float:
         """nn.BatchNorm's bookkeeping for a training batch: count it; return the running statistics' update factor.
@@ -291,7 +247,7 @@ class BatchNormAct(NormAct, nn.modules.batchnorm._BatchNorm):
         if not self._uses_batch_stats():
             return self._act(normalize(x, self.weight, self.bias, self.running_mean, self.running_var, self.eps))
         if not self._native():
-            return self._norm_act_with_stats(x, self._stats(maps, cache))
+            return self._norm_act_synchronised(x, self._stats(maps, cache))
         running_mean, running_var, factor = self.running_mean, self.running_var, 0.0
         if not recomputing():
             factor = self._momentum()
@@ -318,15 +274,9 @@ class BatchNormAct(NormAct, nn.modules.batchnorm._BatchNorm):
                     self.running_var.mul_(1 - factor).add_(var * (count / (count - 1)), alpha=factor)
         return mean, var, count, group
 
-    def _norm_act_with_stats(self, x: Tensor, stats: Stats) -> Tensor:
+    def _norm_act_synchronised(self, x: Tensor, stats: Stats) -> Tensor:
         mean, var, _, group = stats
-        if group is not None:  # synchronised norms always run eagerly: their backward holds a collective
-            return self._act(SyncBatchNormWithStats.apply(x, self.weight, self.bias, mean, var, self.eps, group))
-        if self.compile_options is None:
-            return self._act(_normalize_with_stats(x, self.weight, self.bias, mean, var, self.eps))
-        # Dynamo gives parameters static shapes; plain views let one graph serve every channel count.
-        weight, bias = (None if t is None else t.view(-1) for t in (self.weight, self.bias))
-        return self._act(_compiled_normalize(self.compile_options)(x, weight, bias, mean, var, self.eps))
+        return self._act(SyncBatchNormWithStats.apply(x, self.weight, self.bias, mean, var, self.eps, group))
 
     def then_conv(self, act: nn.Module, conv: nn.Module, *maps: Tensor, light: bool = True,
                   cache: list[Stats] | None = None) -> Tensor:

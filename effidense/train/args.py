@@ -161,11 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "'efficient', already recomputes) unless --memory says otherwise")
     group.add_argument("--channels-last", action="store_true", help="use the channels_last memory format")
     group.add_argument("--torchcompile", nargs="?", type=str, default=None, const="inductor", metavar="BACKEND",
-                       help="compile the model with torch.compile (backend default inductor); effi_* models compile "
-                            "as --compile-scope says")
-    group.add_argument("--compile-scope", choices=("layers", "model"), default="layers",
-                       help="effi_* models: 'layers' compiles the BN-ReLU segments (seconds), 'model' the whole model "
-                            "(minutes; least host overhead on a fast GPU). Default: layers")
+                       help="compile the whole model with torch.compile (backend default inductor; effi_* models "
+                            "in place, so checkpoints keep their keys). Compiling a deep model takes minutes and pays "
+                            "only where the eager step is host-bound: check with 'effidense bench --compile' first")
     group.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (CUDA only)")
 
     group = parser.add_argument_group("Optimizer and schedule")

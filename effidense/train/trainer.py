@@ -172,7 +172,7 @@ class _Trainer:
 
         if args.torchcompile:
             if hasattr(model, "set_compile"):
-                model.set_compile(True, scope=args.compile_scope, backend=args.torchcompile)
+                model.set_compile(True, backend=args.torchcompile)
             else:
                 model = torch.compile(model, backend=args.torchcompile)
         self.train_model: nn.Module = model

@@ -47,10 +47,10 @@ def default_cases(specs: Sequence[ModelSpec], amp: str = "bf16") -> list[Case]:
     """The first spec under every setting, the others under the basic ones."""
     cases: list[Case] = []
     for i, spec in enumerate(specs):
-        # Compiled copies (regional: set_compile compiles the BN-ReLU segments, dropout stays eager) join the fp32
-        # and dropout cases; each case compiles them afresh, so the other cases leave them out.
+        # Compiled copies (the whole model) join the fp32 case alone: each case compiles them afresh, and inductor
+        # draws dropout's random numbers its own way, so no compiled model matches plain under dropout.
         cases += [Case("fp32", spec, with_compiled=i == 0),
-                  Case("dropout 0.2", spec, drop_rate=0.2, with_compiled=i == 0),
+                  Case("dropout 0.2", spec, drop_rate=0.2),
                   Case("BN momentum=None", spec, cumulative_bn=True)]
         if i == 0:
             dims = spec.arg("spatial_dims")
