@@ -261,26 +261,3 @@ def test_a_nan_batchnorm_buffer_during_training_is_not_blamed_on_the_lr(tmp_path
     line = one_line_error(capsys.readouterr().err)
     assert "BatchNorm statistics became non-finite" in line and "denselayer1.norm1.running_mean" in line
     assert "--lr" not in line
-
-
-# --- one of each thing ---
-
-def test_one_atomic_writer_and_modules_under_600_lines() -> None:
-    package = ROOT / "effidense"
-    renames = [str(p.relative_to(ROOT)) for p in package.rglob("*.py")
-               if "os.replace(" in p.read_text() and p.name != "fileio.py"]
-    assert renames == []  # effidense.fileio.publish is the one rename: the trainer's checkpoints commit through it
-    long = [str(p.relative_to(ROOT)) for p in package.rglob("*.py") if len(p.read_text().splitlines()) >= 600]
-    assert long == []
-
-
-def test_no_private_name_is_imported_across_modules() -> None:
-    import ast
-
-    private = []
-    for path in [*(ROOT / "effidense").rglob("*.py"), *(ROOT / "tests").rglob("*.py"), *(ROOT / "tools").rglob("*.py")]:
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom):
-                private += [f"{path.relative_to(ROOT)}:{node.lineno} {alias.name}" for alias in node.names
-                            if alias.name.startswith("_") and not alias.name.startswith("__")]
-    assert private == []

@@ -1,0 +1,81 @@
+"""The house rules that code review would otherwise have to remember: one atomic writer, short modules, no private
+names across modules, no import cycle, and a library that never imports the tooling."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "effidense"
+# The commands and what only they use; the library (models, layers, weights, conversion, the meter) stands alone.
+TOOLING = ("benchmark", "verify", "gpu_report", "cli", "train", "__main__")
+# The planner predicts with the benchmark's variants and peers, which it shares with bench until they move to a
+# package of their own.
+BUILT_ON_TOOLING = ("planner",)
+
+
+def _module(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """The effidense modules ``path`` imports (relative imports resolved)."""
+    package = _module(path).split(".") if path.name == "__init__.py" else _module(path).split(".")[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, *(node.module.split(".") if node.module else [])])
+            found |= {module} | {f"{module}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+    return {name for name in found if name.split(".")[0] == "effidense"}
+
+
+def test_one_atomic_writer_and_modules_under_600_lines() -> None:
+    renames = [str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py")
+               if "os.replace(" in p.read_text() and p.name != "fileio.py"]
+    assert renames == []  # effidense.fileio.publish is the one rename: the trainer's checkpoints commit through it
+    long = [str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py") if len(p.read_text().splitlines()) >= 600]
+    assert long == []
+
+
+def test_no_private_name_is_imported_across_modules() -> None:
+    private = []
+    for path in [*PACKAGE.rglob("*.py"), *(ROOT / "tests").rglob("*.py"), *(ROOT / "tools").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                private += [f"{path.relative_to(ROOT)}:{node.lineno} {alias.name}" for alias in node.names
+                            if alias.name.startswith("_") and not alias.name.startswith("__")]
+    assert private == []
+
+
+def test_the_library_never_imports_the_tooling() -> None:
+    tooling = tuple(f"effidense.{room}" for room in TOOLING)
+    library = [p for p in PACKAGE.rglob("*.py")
+               if not _module(p).startswith((*tooling, *(f"effidense.{r}" for r in BUILT_ON_TOOLING)))]
+    assert len(library) > 10
+    crossing = sorted(f"{_module(p)} imports {name}" for p in library for name in _imports(p)
+                      if name.startswith(tooling))
+    assert crossing == []
+
+
+def test_no_import_cycle_among_modules() -> None:
+    modules = {_module(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {name: {m for m in modules if m != name and any(i == m or i.startswith(f"{m}.") for i in _imports(path))
+                    and not name.startswith(f"{m}.")} for name, path in modules.items()}
+    seen: dict[str, int] = {}
+
+    def visit(name: str, stack: list[str]) -> list[str] | None:
+        seen[name] = 1
+        for nxt in sorted(graph[name]):
+            if seen.get(nxt) == 1:
+                return [*stack, name, nxt]
+            if nxt not in seen and (cycle := visit(nxt, [*stack, name])):
+                return cycle
+        seen[name] = 2
+        return None
+
+    cycles = [cycle for name in sorted(modules) if name not in seen and (cycle := visit(name, []))]
+    assert cycles == []
