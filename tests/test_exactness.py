@@ -212,9 +212,7 @@ def test_peers_update_bn_twice_but_we_do_not():
 
 
 POOLS = {"max": (pool.MaxPool(), lambda t: F.max_pool2d(t, 3, 2, 1)),
-         "avg": (pool.AvgPool(), lambda t: F.avg_pool2d(t, 2)),
-         "max (earlier function name)": (pool.max_pool, lambda t: F.max_pool2d(t, 3, 2, 1)),
-         "avg (earlier function name)": (pool.avg_pool, lambda t: F.avg_pool2d(t, 2))}
+         "avg": (pool.AvgPool(), lambda t: F.avg_pool2d(t, 2))}
 
 
 @pytest.mark.parametrize("pool", POOLS)

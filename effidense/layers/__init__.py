@@ -13,9 +13,9 @@ from .norm import (
     SyncBatchNormWithStats,
     relu_,
 )
-from .pool import AvgPool, MaxPool, avg_pool, max_pool
+from .pool import AvgPool, MaxPool
 from .recompute import checkpointed, fx_leaf, is_tracing, recomputing, run_mode
 
 __all__ = ["Activation", "BATCH_NORM_ACT", "INSTANCE_NORM_ACT", "AdoptsNorms", "AvgPool", "BatchNormAct",
            "GroupNormAct", "MaxPool", "NormAct", "SyncBatchNormAct", "SyncBatchNormWithStats",
-           "checkpointed", "fx_leaf", "is_tracing", "recomputing", "relu_", "run_mode", "avg_pool", "max_pool"]
+           "checkpointed", "fx_leaf", "is_tracing", "recomputing", "relu_", "run_mode"]

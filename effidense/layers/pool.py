@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .recompute import fx_leaf, is_tracing
 
-__all__ = ["AvgPool", "MaxPool", "avg_pool", "max_pool"]
+__all__ = ["AvgPool", "MaxPool"]
 
 _AVG = {2: (F.avg_pool2d, torch.ops.aten.avg_pool2d_backward), 3: (F.avg_pool3d, torch.ops.aten.avg_pool3d_backward)}
 _MAX = {2: (torch.ops.aten.max_pool2d_with_indices, torch.ops.aten.max_pool2d_with_indices_backward),
@@ -114,16 +114,3 @@ class MaxPool(_Pool):
         # As the path above, with no autocast policy: CPU autocast would compute max_pool3d in float32.
         with torch.autocast(x.device.type, enabled=False):
             return (F.max_pool2d if dims == 2 else F.max_pool3d)(x, kernel, stride, padding)
-
-
-_AVG_POOL, _MAX_POOL = AvgPool(), MaxPool()
-
-
-def avg_pool(x: Tensor) -> Tensor:
-    """2x2 average pooling that keeps nothing of ``x`` (the earlier name of :class:`AvgPool`'s 2D case)."""
-    return _AVG_POOL(x)
-
-
-def max_pool(x: Tensor) -> Tensor:
-    """3x3/2 max pooling that keeps only the argmax (the earlier name of :class:`MaxPool`'s 2D case)."""
-    return _MAX_POOL(x)
