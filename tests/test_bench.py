@@ -159,12 +159,16 @@ def _fake_timing(monkeypatch, compiled_ms: float) -> None:
     monkeypatch.setattr(StepRunner, "timed_step", timed_step)
 
 
+# what the partitioner's choice adds to a verdict where a compiled mode keeps more than its eager self (see below)
+KEEPS_MORE = r"(; but it keeps \d+\.\dx the memory eager \w+ keeps)?"
+
+
 def test_compile_that_does_not_pay_says_so(bench, capsys, monkeypatch):
     _fake_timing(monkeypatch, compiled_ms=13.0)
     code, out, _ = run_main(bench, TINY_SMALL + ["--variants", "frugal", "--compile", "--steps", "3"], capsys)
     assert code == 0, out
-    assert re.search(r"^compiled frugal is 1\.30x slower than eager on cpu \(step\) after a \d+(\.\d)? s compile: "
-                     r"don't compile on this device$", out, re.MULTILINE), out
+    assert re.search(r"^compiled frugal is 1\.30x slower than eager on cpu \(step\) after a \d+(\.\d)? s compile"
+                     rf"{KEEPS_MORE}: don't compile on this device$", out, re.MULTILINE), out
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| frugal")}
     assert "1.30x" in rows["frugal+compile"]
 
@@ -174,7 +178,7 @@ def test_compile_that_pays_says_how_much(bench, capsys, monkeypatch):
     code, out, _ = run_main(bench, TINY_SMALL + ["--variants", "efficient+compile"], capsys)
     assert code == 0, out
     assert re.search(r"^compiled efficient is 1\.25x faster than eager on cpu \(step\) after a \d+(\.\d)? s "
-                     r"compile$", out, re.MULTILINE), out
+                     rf"compile{KEEPS_MORE}$", out, re.MULTILINE), out
     assert "don't compile" not in out
 
 
@@ -684,3 +688,22 @@ def test_a_plain_reference_that_is_not_finite_fails_every_variant_by_name(bench,
     code, out, err = run_cli(bench, TINY_SMALL + ["--variants", "plain,efficient"], capsys)
     assert code == 1
     assert out.count("the plain model's eval output is not finite (NaN or inf): nothing to check against") == 2, out
+
+
+def test_a_compiled_mode_that_keeps_more_than_its_eager_self_says_so():
+    """The partitioner decides what a compiled graph keeps: a verdict that only spoke of speed would hide a mode that
+    lost its memory savings."""
+    from types import SimpleNamespace
+
+    from effidense.benchmark import compile_verdicts
+
+    def result(variant, kept, vs_eager=None, compile_s=None):
+        return SimpleNamespace(ok=True, variant=variant, activation_bytes=kept, vs_eager=vs_eager, compile_s=compile_s)
+
+    report = SimpleNamespace(config=SimpleNamespace(host_only=False, device="cpu"), results=[
+        result("efficient", 100), result("efficient+compile", 630, vs_eager=0.8, compile_s=119.4),
+        result("frugal", 100), result("frugal+compile", 105, vs_eager=1.3, compile_s=12.0)])
+    assert compile_verdicts(report) == [
+        "compiled efficient is 1.25x faster than eager on cpu (step) after a 119 s compile; but it keeps 6.3x the "
+        "memory eager efficient keeps",
+        "compiled frugal is 1.30x slower than eager on cpu (step) after a 12 s compile: don't compile on this device"]

@@ -96,19 +96,24 @@ def compile_verdicts(report: BenchReport) -> list[str]:
     after how long a compile."""
     cfg = report.config
     step = "host-overhead step" if cfg.host_only else "step"
+    eager = {r.variant: r for r in report.results if r.ok}
     lines = []
     for r in report.results:
         if not r.ok or not r.variant.endswith(COMPILE_SUFFIX) or r.vs_eager is None:
             continue
         base = r.variant.removesuffix(COMPILE_SUFFIX)
         after = "" if r.compile_s is None else f" after a {_seconds(r.compile_s)} compile"
+        # The partitioner decides what a compiled graph keeps: a mode may lose what it saves eagerly.
+        kept, own = r.activation_bytes, getattr(eager.get(base), "activation_bytes", None)
+        more = f"; but it keeps {kept / own:.1f}x the memory eager {base} keeps" if kept and own and kept > 1.1 * own \
+            else ""
         if r.vs_eager >= 1:
             how = "no faster than" if r.vs_eager < 1.005 else f"{r.vs_eager:.2f}x slower than"
-            lines.append(f"compiled {base} is {how} eager on {cfg.device} ({step}){after}: don't compile on this "
-                         "device")
+            lines.append(f"compiled {base} is {how} eager on {cfg.device} ({step}){after}{more}: don't compile on "
+                         "this device")
         else:
             lines.append(f"compiled {base} is {1 / r.vs_eager:.2f}x faster than eager on {cfg.device} ({step})"
-                         f"{after}")
+                         f"{after}{more}")
     return lines
 
 
