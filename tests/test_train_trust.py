@@ -271,3 +271,13 @@ def test_numbers_out_of_range_are_refused_up_front(tmp_path: Path, capsys: pytes
 def test_a_scale_range_upside_down_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert tool.main([*TRAIN_TINY, *TRAIN_SYNTHETIC, "--scale", "0.9", "0.1"]) == 1
     assert "--scale 0.9 0.1: expected MIN MAX" in one_line_error(capsys.readouterr().err)
+
+
+def test_a_run_whose_args_yaml_holds_a_retired_flag_still_resumes(three_epochs: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    for name, data in _files(three_epochs).items():
+        (run / name).write_bytes(data)
+    (run / "args.yaml").write_text((run / "args.yaml").read_text() + "compile_scope: layers\n")
+    assert tool.main(["--resume", str(run), "--epochs", "4"]) == 0
+    assert (run / "summary.csv").read_text().count("\n") == 5

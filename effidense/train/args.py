@@ -239,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_config(path: str | Path, parser: argparse.ArgumentParser, source: str) -> dict[str, Any]:
+def _load_config(path: str | Path, parser: argparse.ArgumentParser, source: str,
+                 retired: tuple[str, ...] = ()) -> dict[str, Any]:
     """The flag values in the YAML file ``path``; errors name ``source`` (``--config FILE``, ``--resume RUN``)."""
     file = Path(path)
     if not file.is_file():
@@ -252,6 +253,8 @@ def _load_config(path: str | Path, parser: argparse.ArgumentParser, source: str)
         raise TrainError(f"{source}: {file}: expected a mapping of flag names to values, got {type(config).__name__}")
     actions = {action.dest: action for action in parser._actions if action.option_strings and action.dest != "help"}
     config = {str(key).replace("-", "_"): value for key, value in config.items()}
+    for key in retired:
+        config.pop(key, None)
     unknown = sorted(key for key in config if key not in actions)
     if unknown:
         raise TrainError(f"{source}: {file}: unsupported key(s) {', '.join(unknown)}; {WRAPPER_HINT}")
@@ -308,13 +311,18 @@ def _one_value(value: Any, action: argparse.Action, fail: Any) -> Any:
 _NOT_RESUMED = ("config", "resume", "output", "experiment", "force", "timm_script")
 
 
+# Flags the trainer no longer takes, which args.yaml files of earlier runs still hold: a run resumes without them
+# (compile_scope: whole-model compile is the one compile path).
+_RETIRED = ("compile_scope",)
+
+
 def _run_arguments(resume: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
     """The arguments a run was started with (its ``args.yaml``), for ``--resume RUN``; empty when it has none."""
     path = Path(resume)
     file = (path if path.is_dir() else path.parent) / "args.yaml"
     if not file.exists():
         return {}
-    run_args = _load_config(file, parser, f"--resume {resume}")
+    run_args = _load_config(file, parser, f"--resume {resume}", retired=_RETIRED)
     for key in _NOT_RESUMED:
         run_args.pop(key, None)
     return run_args
