@@ -11,7 +11,8 @@ from torch.export import Dim
 from torchvision.models.feature_extraction import create_feature_extractor
 
 import effidense.registry  # noqa: F401  (registers effi_* with timm)
-from effidense import DenseNet, trace
+from effidense import DenseNet
+from effidense.layers.recompute import is_tracing
 
 TINY = dict(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=3)
 # ImageNet stem and small_inputs stem, bottleneck layers (DenseNet-BC) and not (DenseNet)
@@ -230,7 +231,7 @@ def test_only_tracers_take_the_traceable_path():
 
     class Probe(torch.nn.Module):
         def forward(self, x):
-            seen.append(trace.is_tracing())
+            seen.append(is_tracing())
             return x + 1
 
     x = torch.ones(2)
@@ -251,9 +252,9 @@ def test_compile_is_not_export_where_dynamo_folds_is_exporting(monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
     monkeypatch.setattr(torch.compiler, "_is_exporting_flag", False)
-    assert not trace.is_tracing()
+    assert not is_tracing()
     monkeypatch.setattr(torch.compiler, "_is_exporting_flag", True)
-    assert trace.is_tracing()
+    assert is_tracing()
 
 
 def test_traced_input_check_still_applies_to_export():
