@@ -123,6 +123,22 @@ def test_channels_last(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("size", [8, 12])
+def test_channels_last_with_1x1_maps_is_bitwise(mode, size):
+    """Where the last maps are 1x1, channels_last and contiguous strides coincide: the light Functions' backward must
+    still hand BatchNorm's backward the layout autograd does, or the bits differ."""
+    base = DenseNet(**TINY).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, size, size).contiguous(memory_format=torch.channels_last)
+    grads = {}
+    for m in ("plain", mode):
+        model = copy.deepcopy(base).set_memory(m)
+        out = model(x)
+        grads[m] = (out, *torch.autograd.grad(out.square().sum(), list(model.parameters())))
+    for a, b in zip(grads[mode], grads["plain"], strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_cpu_bf16_autocast(mode):
     base = DenseNet(**TINY)
     x = torch.randn(4, 3, 16, 16)

@@ -32,14 +32,14 @@ class NormReluConv(torch.autograd.Function):
     they would see without it); the norm concatenates the maps.
 
     Backward rebuilds ``ReLU(BN(cat(maps)))`` (never the convolution) and calls the kernels autograd calls for the
-    plain model: ``convolution_backward`` on the input autocast gave the convolution, ReLU's ``threshold_backward`` (in
-    place, into the convolution's input gradient), the backward of whichever BatchNorm implementation ran
-    (``_batch_norm_impl_index``: native or cuDNN), and the concatenation's (views of the gradient, one per map), so
-    gradients are bitwise the plain model's. Each map is dropped once the kernels are done with it: at most three of
-    the concatenation's size are alive at once, where a checkpoint's rerun holds four. BatchNorm and ReLU have no
-    autocast policy, so only the convolution's casts are redone. Running statistics are updated in forward only.
-    Under ``create_graph=True`` backward differentiates a rerun instead (:func:`differentiable_rerun`), so a second
-    backward works.
+    plain model: ``convolution_backward`` on the input autocast gave the convolution, ReLU's ``threshold_backward``
+    (in place, into the convolution's input gradient, where the layouts agree), the backward of whichever BatchNorm
+    implementation ran (``_batch_norm_impl_index``: native or cuDNN), and the concatenation's (views of the
+    gradient, one per map), so gradients are bitwise the plain model's. Each map is dropped once the kernels are
+    done with it: at most three of the concatenation's size are alive at once, where a checkpoint's rerun holds
+    four. BatchNorm and ReLU have no autocast policy, so only the convolution's casts are redone. Running statistics
+    are updated in forward only. Under ``create_graph=True`` backward differentiates a rerun instead
+    (:func:`differentiable_rerun`), so a second backward works.
     """
 
     @staticmethod
@@ -64,7 +64,7 @@ class NormReluConv(torch.autograd.Function):
         y, bn_saved = _batch_norm_relu(norm, x)
         grad_y, grad_conv = _conv_backward(ctx, conv, grad, y, True, need_conv)
         grad_y = grad_y.to(y.dtype)
-        _relu_backward_(grad_y, y)
+        grad_y = _relu_backward(grad_y, y)
         del y
         grad_x, grad_w, grad_b = _batch_norm_backward(norm, x, grad_y, bn_saved, [any(need_maps), need_w, need_b])
         del x, grad_y
@@ -94,9 +94,14 @@ def _batch_norm_backward(norm: nn.Module, x: Tensor, grad_y: Tensor, saved: tupl
         impl, x, grad_y, norm.weight, None, None, save_mean, save_invstd, True, norm.eps, mask, reserve)
 
 
-def _relu_backward_(grad: Tensor, y: Tensor) -> None:
-    """ReLU's backward (``threshold_backward``) written into ``grad``, which is the backward's own buffer."""
-    torch.ops.aten.threshold_backward.grad_input(grad, y, 0, grad_input=grad)
+def _relu_backward(grad: Tensor, y: Tensor) -> Tensor:
+    """ReLU's backward (``threshold_backward``), written into ``grad`` (the backward's own buffer) where that gives
+    the layout autograd's would, i.e. where the strides agree. Otherwise (1x1 maps under channels_last, whose strides
+    are ambiguous) it is made anew, as autograd makes it: BatchNorm's backward then sees the same layout, and gives
+    the same bits."""
+    if grad.stride() != y.stride():
+        return torch.ops.aten.threshold_backward(grad, y, 0)
+    return torch.ops.aten.threshold_backward.grad_input(grad, y, 0, grad_input=grad)
 
 
 def _conv_backward(ctx: Any, conv: nn.Module, grad: Tensor, x: Tensor, need_x: bool,
@@ -142,14 +147,14 @@ def plain_conv(conv: nn.Module) -> bool:
 class ConvNormReluPool(torch.autograd.Function):
     """``pool(relu(norm(conv(x))))`` for native training-mode BatchNorm that keeps only ``x`` for backward.
 
-    Forward calls the four modules (their hooks see what they would see without it). Backward reruns the
-    convolution (under the autocast state forward ran in) and ``ReLU(BN(.))``, then calls the kernels autograd calls
-    for the plain model, as :class:`NormReluConv` does: the pool's backward (argmax recomputed), ReLU's
-    ``threshold_backward`` (in place, into the pool's gradient), BatchNorm's backward and ``convolution_backward``.
-    Each map is dropped once the kernels are done with it, so at most three maps of the convolution's size are alive
-    at once, where a checkpoint's rerun holds four and a spare: gradients are bitwise the plain model's. Running
-    statistics are updated in forward only. Under ``create_graph=True`` backward differentiates a rerun instead
-    (:func:`differentiable_rerun`), so a second backward works.
+    Forward calls the four modules (their hooks see what they would see without it). Backward reruns the convolution
+    (under the autocast state forward ran in) and ``ReLU(BN(.))``, then calls the kernels autograd calls for the
+    plain model, as :class:`NormReluConv` does: the pool's backward (argmax recomputed), ReLU's
+    ``threshold_backward`` (in place, into the pool's gradient, where the layouts agree), BatchNorm's backward and
+    ``convolution_backward``. Each map is dropped once the kernels are done with it, so at most three maps of the
+    convolution's size are alive at once, where a checkpoint's rerun holds four and a spare: gradients are bitwise
+    the plain model's. Running statistics are updated in forward only. Under ``create_graph=True`` backward
+    differentiates a rerun instead (:func:`differentiable_rerun`), so a second backward works.
     """
 
     @staticmethod
@@ -174,7 +179,7 @@ class ConvNormReluPool(torch.autograd.Function):
             c = conv._conv_forward(x, conv.weight, None)
         y, bn_saved = _batch_norm_relu(norm, c)
         grad_y = pool.input_grad(y, grad)
-        _relu_backward_(grad_y, y)
+        grad_y = _relu_backward(grad_y, y)
         del y
         grad_c, grad_w, grad_b = _batch_norm_backward(norm, c, grad_y, bn_saved, [True, need_w, need_b])
         del c, grad_y
