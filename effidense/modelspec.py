@@ -15,7 +15,7 @@ import inspect
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -23,7 +23,8 @@ from .densenet import DenseNet
 from .names import CONFIGS, model_names, unknown_model_message
 
 __all__ = ["Architecture", "ModelSpec", "resolve_model", "model_names", "add_model_arguments", "spec_from_args",
-           "ModelKwargs", "OneLineParser", "positive_int", "non_negative_int", "float_list", "seed", "thread_count",
+           "ModelKwargs", "OneLineParser", "positive_int", "non_negative_int", "integer_in", "float_list", "seed",
+           "thread_count",
            "max_threads", "SEED_RANGE"]
 
 _MODE_ARGS = ("memory", "efficient", "compile")  # chosen per variant by the tools, never part of a spec
@@ -308,6 +309,17 @@ def non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
+
+
+def integer_in(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type for integers from ``low`` to ``high``."""
+    def parse(text: str) -> int:
+        value = _int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {value}")
+        return value
+
+    return parse
 
 
 # torch.manual_seed's range is [-2**63, 2**64); the tools add small offsets (per step, per rank) to the seed.

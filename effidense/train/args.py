@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from ..densenet import MEMORY_MODES
-from ..modelspec import ModelKwargs, OneLineParser
+from ..modelspec import ModelKwargs, OneLineParser, integer_in
 from .errors import TrainError
 
 __all__ = ["build_parser", "parse_args", "args_as_dict", "args_to_yaml", "WRAPPER_HINT"]
@@ -46,22 +46,8 @@ _SEED_MAX = 2**32 - 1  # numpy's seeds (timm seeds numpy, torch and Python alike
 _WORKERS_MAX = 256  # data-loading processes per training process: far past what any machine gains from
 
 
-def _integer(low: int, high: int) -> Any:
-    """An argparse type for integers in [low, high]."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {value}")
-        return value
-
-    return parse
-
-
-_count = _integer(1, _INT32_MAX)
-_count_or_zero = _integer(0, _INT32_MAX)
+_count = integer_in(1, _INT32_MAX)
+_count_or_zero = integer_in(0, _INT32_MAX)
 
 
 def _non_negative(text: str) -> float:
@@ -230,8 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--checkpoint-interval", "--recovery-interval", type=_count_or_zero, default=0,
                        metavar="N", help="also save last.* every N optimizer steps inside an epoch, so a killed run "
                                          "loses at most N steps (default: 0, epoch ends only)")
-    group.add_argument("--seed", type=_integer(0, _SEED_MAX), default=42, help="random seed (default: 42)")
-    group.add_argument("-j", "--workers", type=_integer(0, _WORKERS_MAX), default=4, metavar="N",
+    group.add_argument("--seed", type=integer_in(0, _SEED_MAX), default=42, help="random seed (default: 42)")
+    group.add_argument("-j", "--workers", type=integer_in(0, _WORKERS_MAX), default=4, metavar="N",
                        help="data loading processes per training process (default: 4)")
     group.add_argument("--log-interval", type=_count, default=50, metavar="N",
                        help="batches between progress-bar updates (default: 50)")
