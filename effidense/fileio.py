@@ -315,9 +315,10 @@ def load_torch_file(path: str | os.PathLike[str], safe_globals: Iterable[Any] = 
         raise UnreadableFileError(f"{path}: corrupt or truncated checkpoint ({short_error(e)})") from None
 
 
-def load_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Every tensor of a safetensors file, on the CPU, and its metadata; a malformed or truncated file names itself,
-    and a file that is no safetensors file says what it is."""
+def load_safetensors(path: str | os.PathLike[str],
+                     tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of a safetensors file (none with ``tensors=False``: its header alone), on the CPU, and its
+    metadata; a malformed or truncated file names itself, and a file that is no safetensors file says what it is."""
     from safetensors import safe_open
 
     path = _readable(path)
@@ -330,7 +331,7 @@ def load_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tens
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
-            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+            read = {key: f.get_tensor(key) for key in f.keys()} if tensors else {}  # noqa: SIM118 (not a dict)
     except Exception as e:  # safetensors raises its own SafetensorError for every malformed file
         raise UnreadableFileError(f"{path}: corrupt or truncated safetensors file ({short_error(e)})") from None
-    return tensors, metadata
+    return read, metadata

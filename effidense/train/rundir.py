@@ -113,7 +113,7 @@ def fresh_start_problem(out: Path) -> str | None:
         allowed.add(summary)
     if best.exists():
         try:
-            epoch = load_safetensors(best)[1].get("epoch")
+            epoch = load_safetensors(best, tensors=False)[1].get("epoch")
         except UnreadableFileError:
             epoch = "unreadable"
         if epoch != "0":
