@@ -1,39 +1,31 @@
 """DenseNet and DenseNet-BC, for 1, 2 or 3 spatial dims, with exact memory-efficient dense layers.
 
 Huang et al., "Densely Connected Convolutional Networks" (2017); Pleiss et al., "Memory-Efficient Implementation of
-DenseNets" (2017). State-dict keys follow torchvision's and timm's layout, so their weights load without renaming.
+DenseNets" (2017). Module names, state-dict keys and fx nodes are torchvision's, so its weights and tools apply.
 
-What a reader needs, six ideas:
+Six ideas:
 
-1. **Feature maps stay apart.** A block keeps the list of its maps (its input and each layer's new features) and never
-   concatenates them itself: each norm that reads them concatenates inside its own segment.
-2. **Segments.** What a segment makes is rebuilt in backward rather than kept. A concat-BN-ReLU-conv (or the stem's
-   conv-BN-ReLU-pool) reruns in its norm's light autograd Function (``then_conv``, ``between``), which keeps only its
-   input maps; a whole layer (frugal) or the final norm runs through :func:`~effidense.layers.recompute.checkpointed`,
-   under non-reentrant ``torch.utils.checkpoint``. No convolution is rerun but the stem's and frugal's conv1.
-3. **The exact norm**, :class:`~effidense.layers.norm.BatchNormAct`: running statistics are updated on a segment's
-   first run only, and a rerun reproduces that run bitwise. Its ReLU is a module after it (``relu1``), so every
-   torchvision name (module, fx node or hook) means what it means in torchvision.
-4. **The memory mode** (``memory=``): an attribute of the model, set on every layer, which each layer reads.
-
-   * ``plain``: nothing is recomputed.
-   * ``efficient``: every concat-BN-ReLU feeding a convolution or pool (layers, bottlenecks, transitions, final
-     norm) is a segment. The stem (conv-BN-ReLU-max-pool) is one segment: its convolution's output is the largest map
-     a DenseNet makes (in 3D, where it weighs most, a quarter of what efficient would otherwise keep), and it is one
-     convolution.
-   * ``frugal``: as efficient, with whole dense layers as segments; only each layer's new features and each block's
-     input stay.
-5. **Pools that keep nothing** (:mod:`effidense.layers.pool`): the stem's max-pool and the transitions' average pool
-   need only shapes (and argmax indices) for backward, so no mode keeps the maps they pool.
-6. **One forward.** Tracers (fx, torch.export, ONNX, ``jit.trace``) run the same forward; segments then simply run, and
-   each block hands on its concatenation, so graphs name it after the block (``features.denseblockN``). fx graphs
-   write the default head's average pooling as torchvision's functions, for their node names.
+1. **Maps stay apart.** A block keeps the list of its maps (its input and each layer's new features) and never
+   concatenates them itself: the norm that reads them concatenates inside its own segment.
+2. **Segments.** What a segment makes is rebuilt in backward rather than kept: a concat-norm-ReLU-conv, or the stem's
+   conv-norm-ReLU-pool (:mod:`effidense.layers.light`: a light autograd Function for BatchNorm-ReLU, else a
+   checkpoint), or a whole layer and the final norm, under non-reentrant ``torch.utils.checkpoint``
+   (:func:`~effidense.layers.recompute.checkpointed`).
+3. **The exact norm** (:mod:`effidense.layers.norm`): running statistics are updated on a segment's first run only,
+   and a rerun reproduces that run bitwise. Its activation is a module after it (``relu1``), as in torchvision.
+4. **The memory mode** (``memory=``), set on every layer, which each layer reads: ``plain`` recomputes nothing;
+   ``efficient`` makes every concat-norm-ReLU feeding a convolution or pool a segment, and the ImageNet stem one
+   (its convolution's output is the largest map a DenseNet makes); ``frugal`` adds whole dense layers, so only each
+   layer's new features and each block's input stay.
+5. **Pools that keep nothing** (:mod:`effidense.layers.pool`): their backward needs only shapes and argmax indices.
+6. **One forward.** Tracers (fx, torch.export, ONNX, ``jit.trace``) and hooks run the same forward; segments then
+   simply run, and a traced or hooked block hands on its concatenation, as torchvision's does.
 """
 from __future__ import annotations
 
 import functools
-from collections import OrderedDict
-from collections.abc import Callable, Collection, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -54,7 +46,7 @@ from .arguments import (
     min_input_size,
     resolve_memory,
 )
-from .layers.light import ReluKeepingSign
+from .layers.light import ReluKeepingSign, concat_norm_conv, conv_norm_pool
 from .layers.norm import BATCH_NORM_ACT, AdoptsNorms, NormAct
 from .layers.pool import AvgPool, MaxPool
 from .layers.recompute import checkpointed, is_tracing, run_mode
@@ -65,7 +57,6 @@ SCRIPTING_UNSUPPORTED = (
     "effidense's DenseNet does not support TorchScript (torch.jit.script), which PyTorch deprecates: use "
     "torch.export.export, torch.onnx.export or torch.compile, or torch.jit.trace for a TorchScript module")
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-_CHANNEL_DROPOUT = {1: F.dropout1d, 2: F.dropout2d, 3: F.dropout3d}
 NormLayer = Callable[[int], nn.Module]  # a norm (+ activation) for a number of channels, as layers.norm.NormAct
 
 
@@ -96,9 +87,17 @@ def _as_maps(maps: Sequence[Tensor] | Tensor) -> Sequence[Tensor]:
     return [maps] if isinstance(maps, (Tensor, torch.fx.Proxy)) else maps
 
 
+def _handoff(module: nn.Module, value: Any = None) -> Any:
+    """A one-shot value beside a module's call, for its forward: set with ``value``, taken (and cleared) without.
+    Kept in ``__dict__``, never a submodule, buffer or state."""
+    if value is not None:
+        module.__dict__["_handoff"] = value
+        return None
+    return module.__dict__.pop("_handoff", None)
+
+
 class MemoryMode(nn.Module):
-    """What has a memory mode (``memory``): setting it on a module sets it on every layer below, and each layer reads
-    its own; it is never passed through a forward."""
+    """What has a memory mode (``memory``): setting it on a module sets it on every layer below."""
 
     _memory = "efficient"
 
@@ -118,7 +117,8 @@ class MemoryMode(nn.Module):
 class DenseLayer(MemoryMode, AdoptsNorms):
     """BN-ReLU-conv3x3 (DenseNet) or BN-ReLU-conv1x1-BN-ReLU-conv3x3 (DenseNet-BC, ``bn_size``) on the concatenation
     of the maps it is given (a list, or one tensor); returns its new features. Modules by torchvision's names:
-    ``norm1``, ``relu1``, ``conv1``, ``norm2``, ``relu2``, ``conv2``."""
+    ``norm1``, ``relu1``, ``conv1``, ``norm2``, ``relu2``, ``conv2``. ``drop_channels``: dropout drops whole channels
+    (``F.dropout2d``/``3d``, as MONAI's)."""
 
     def __init__(self, num_input_features: int, growth_rate: int, bn_size: int | None = 4, drop_rate: float = 0.0,
                  spatial_dims: int = 2, memory: str = "efficient", norm_layer: NormLayer | None = None,
@@ -127,44 +127,38 @@ class DenseLayer(MemoryMode, AdoptsNorms):
         check_layer(num_input_features, growth_rate, bn_size, drop_rate, spatial_dims)
         norm_layer = norm_layer or BATCH_NORM_ACT[spatial_dims]
         self.norm1, self.relu1 = _norm_and_act(norm_layer, num_input_features)
+        width = bn_size * growth_rate if bn_size else growth_rate
+        self.conv1 = _conv(spatial_dims, num_input_features, width, 1 if bn_size else 3)
         if bn_size:
-            self.conv1 = _conv(spatial_dims, num_input_features, bn_size * growth_rate, 1)
-            self.norm2, self.relu2 = _norm_and_act(norm_layer, bn_size * growth_rate)
-            self.conv2 = _conv(spatial_dims, bn_size * growth_rate, growth_rate, 3)
-        else:
-            self.conv1 = _conv(spatial_dims, num_input_features, growth_rate, 3)
+            self.norm2, self.relu2 = _norm_and_act(norm_layer, width)
+            self.conv2 = _conv(spatial_dims, width, growth_rate, 3)
         self.bottleneck = bool(bn_size)
         self.drop_rate = drop_rate
-        self.dropout = _CHANNEL_DROPOUT[spatial_dims] if drop_channels else F.dropout
+        self.dropout = (F.dropout1d, F.dropout2d, F.dropout3d)[spatial_dims - 1] if drop_channels else F.dropout
         self.memory = memory
 
-    def _layer(self, light: bool, cache: list | None, inner: list | None, *maps: Tensor) -> Tensor:
-        """The layer's new features; ``light``: each norm-ReLU-conv keeps only its input for backward (it reruns in
-        the norm's light Function). ``cache``, ``inner``: the norms' statistics caches, from outside the segment (see
-        :meth:`DenseBlock.run`)."""
-        out = self.norm1.then_conv(self.relu1, self.conv1, *maps, light=light, cache=cache)
+    def new_features(self, *maps: Tensor, light: bool = False) -> Tensor:
+        """The layer's new features from ``maps``; ``light``: each norm-ReLU-conv keeps only its input for backward."""
+        out = concat_norm_conv(self.norm1, self.relu1, self.conv1, *maps, light=light)
         if self.bottleneck:
-            out = self.norm2.then_conv(self.relu2, self.conv2, out, light=light, cache=inner)
+            out = concat_norm_conv(self.norm2, self.relu2, self.conv2, out, light=light)
         return self.dropout(out, self.drop_rate, self.training) if self.drop_rate > 0 else out
 
-    def forward(self, maps: Sequence[Tensor] | Tensor, cache: list | None = None) -> Tensor:
-        maps = _as_maps(maps)
+    def forward(self, maps: Sequence[Tensor] | Tensor) -> Tensor:
+        maps, mode = _as_maps(maps), run_mode(self.memory)
         if isinstance(maps[0], torch.fx.Proxy):  # a graph node for the concatenation, torchvision's ``cat``
             maps = [torch.cat(maps, 1)]
-        mode = run_mode(self.memory)
-        if mode == "frugal":  # the whole layer is a segment, whose rerun stops before conv2
-            random = self.training and self.drop_rate > 0
-            return checkpointed(True, functools.partial(self._layer, False, cache, []), *maps, random=random)
-        return self._layer(mode == "efficient", cache, None, *maps)
+        if mode == "frugal":  # the whole layer is a segment
+            return checkpointed(True, self.new_features, *maps, random=self.training and self.drop_rate > 0)
+        return self.new_features(*maps, light=mode == "efficient")
 
 
 class DenseBlock(MemoryMode, nn.ModuleDict):
     """``num_layers`` dense layers, each fed every map before it: a building block for models of your own.
 
     ``forward(x)`` returns the concatenation of ``x`` and every layer's new features, or only the new features with
-    ``new_features_only=True`` (the up-path of FC-DenseNet, "Tiramisu"). Its memory mode (``memory``, settable) is
-    exact in every mode, like :class:`DenseNet`'s. :meth:`run` keeps the maps apart, for a next segment that
-    concatenates them inside its own recomputation, as :class:`DenseNet` does.
+    ``new_features_only=True`` (the up-path of FC-DenseNet, "Tiramisu"); exact in every memory mode (``memory``,
+    settable). :meth:`run` keeps the maps apart, for a next segment that concatenates them in its own rerun.
     """
 
     def __init__(self, num_layers: int, num_input_features: int, growth_rate: int, bn_size: int | None = 4,
@@ -174,40 +168,38 @@ class DenseBlock(MemoryMode, nn.ModuleDict):
         super().__init__()
         check_block(num_layers, num_input_features, growth_rate, bn_size, drop_rate, spatial_dims)
         for i in range(num_layers):
-            layer = DenseLayer(num_input_features + i * growth_rate, growth_rate, bn_size, drop_rate, spatial_dims,
-                               memory, norm_layer, drop_channels)
-            self.add_module(f"denselayer{i + 1}", layer)
+            self.add_module(f"denselayer{i + 1}", DenseLayer(
+                num_input_features + i * growth_rate, growth_rate, bn_size, drop_rate, spatial_dims, memory,
+                norm_layer, drop_channels))
         self.new_features_only = new_features_only
         self.memory = memory
 
-    def run(self, maps: Sequence[Tensor], cache: list | None = None) -> list[Tensor]:
-        """The maps given, then each layer's new features. ``cache``: a list the norms share for their statistics
-        (synchronised norms), to hand on to the norm that reads the result."""
+    def run(self, maps: Sequence[Tensor]) -> list[Tensor]:
+        """The maps given, then each layer's new features."""
         maps = list(maps)
         for layer in self.values():
-            maps.append(layer(maps, cache))
+            maps.append(layer(maps))
         return maps
 
     def forward(self, x: Tensor) -> Tensor:
-        apart = self.__dict__.pop("_apart", None)
+        apart = _handoff(self)
         hooked = apart is not None and apart[0] is x  # called by run_hooked: the maps x concatenates stay apart
-        maps = self.run(apart[1], apart[2]) if hooked else self.run([x], None if is_tracing() else [])
+        maps = self.run(apart[1] if hooked else [x])
         out = _cat(maps[1:] if self.new_features_only else maps)
         if hooked:
-            self.__dict__["_apart"] = out, maps
+            _handoff(self, (out, maps))
         return out
 
-    def run_hooked(self, maps: Sequence[Tensor], cache: list | None = None) -> list[Tensor]:
-        """:meth:`run` through a call of the block, so that its hooks fire and see what torchvision's see (the
-        concatenations in and out), while the maps stay apart as :meth:`run` keeps them: a hook costs no memory
-        beyond what it holds on to. A hook that replaces the input or output is obeyed."""
+    def run_hooked(self, maps: Sequence[Tensor]) -> list[Tensor]:
+        """:meth:`run` through a call of the block, so that its hooks fire and see what torchvision's see, while the
+        maps stay apart: a hook costs no memory beyond what it holds. A hook that replaces a value is obeyed."""
         x = _cat(maps)
-        self.__dict__["_apart"] = x, list(maps), cache
+        _handoff(self, (x, list(maps)))
         try:
             out = self(x)
-            handed = self.__dict__.get("_apart")
+            handed = _handoff(self)
         finally:
-            self.__dict__.pop("_apart", None)
+            _handoff(self)
         return handed[1] if handed is not None and handed[0] is out else [out]
 
 
@@ -224,20 +216,18 @@ class Transition(MemoryMode, AdoptsNorms):
         self.pool = AvgPool(spatial_dims)
         self.memory = memory
 
-    def forward(self, maps: Sequence[Tensor] | Tensor, cache: list | None = None) -> Tensor:
-        maps = _as_maps(maps)
+    def forward(self, maps: Sequence[Tensor] | Tensor) -> Tensor:
         # The pool keeps nothing for backward, so no mode needs to keep or recompute the convolution's output.
         light = run_mode(self.memory) != "plain"
-        return self.pool(self.norm.then_conv(self.relu, self.conv, *maps, light=light, cache=cache))
+        return self.pool(concat_norm_conv(self.norm, self.relu, self.conv, *_as_maps(maps), light=light))
 
 
 class _Features(AdoptsNorms, nn.Sequential):
     """``features``: the stem, blocks, transitions and final norm, by torchvision's names; called, it runs them in
-    turn, as torchvision's (the final norm's output, before the ReLU that ``DenseNet.relu`` applies). Called by its
-    model, it takes the model's own path (segments, maps apart), so that hooks on it cost no memory."""
+    turn, as torchvision's. Called by its model, it takes the model's path, so that hooks on it cost no memory."""
 
     def forward(self, x: Tensor) -> Tensor:
-        path = self.__dict__.pop("_path", None)
+        path = _handoff(self)
         return path(x) if path is not None else super().forward(x)
 
 
@@ -394,80 +384,61 @@ class DenseNet(MemoryMode):
             check_input(tuple(x.shape), self.spatial_dims, self.in_chans, last_index, self.small_inputs)
 
     # --- forward ---
-    def _stem(self, cache: list, x: Tensor) -> Tensor:
-        f = self.features
-        return f.relu0(f.norm0(f.conv0(x), cache=cache))
+    def _maps(self, x: Tensor, stem_map: bool = False, activate: bool = True) -> Iterator[Sequence[Tensor]]:
+        """Feature maps in ``feature_info`` order, each as the maps it concatenates; nothing after the map where the
+        caller stops is computed. ``stem_map``: map 0 is wanted (else the stem's pool may run inside its segment, and
+        map 0 is then the pooled one). ``activate=False``: the last map before the final ReLU (``features``')."""
+        mode, f, tracing = run_mode(self.memory), self.features, is_tracing()
+        if self.small_inputs:
+            x = f.conv0(x)
+        elif mode != "plain" and not stem_map:
+            x = conv_norm_pool(f.conv0, f.norm0, f.relu0, f.pool0, x)
+        else:
+            x = checkpointed(mode != "plain", lambda t: f.relu0(f.norm0(f.conv0(t))), x)
+        yield [x]
+        maps = [f.pool0(x) if not self.small_inputs and (stem_map or mode == "plain") else x]
+        for i in range(1, self._last_index + 1):
+            if i > 1:
+                maps = [f.get_submodule(f"transition{i - 1}")(maps)]
+            block = f.get_submodule(f"denseblock{i}")
+            # Traced graphs and hooks take the block's own forward: its output is the node named after the block.
+            maps = [block(_cat(maps))] if tracing else block.run_hooked(maps) if _hooked(block) else block.run(maps)
+            if i == len(self.block_config):
+                yield [checkpointed(mode != "plain", functools.partial(self._final, activate), *maps)]
+                return
+            yield maps
 
-    def _final_norm(self, cache: list | None, activate: bool, *maps: Tensor) -> Tensor:
-        x = self.features.norm5(*maps, cache=cache)
+    def _final(self, activate: bool, *maps: Tensor) -> Tensor:
+        x = self.features.norm5(*maps)
         return self._final_relu(x) if activate else x
 
     def _final_relu(self, x: Tensor) -> Tensor:
         relu = self._modules.get("relu")  # None where a head of its own applies it (MONAI's class_layers.relu)
         return x if relu is None else relu(x)
 
-    def _forward(self, x: Tensor, taps: Collection[int] = (), stop: int | None = None,
-                 activate: bool = True) -> tuple[Tensor, list[Tensor]]:
-        """Feature map ``stop`` (``feature_info`` numbering; default the last the network has) and the maps
-        numbered in ``taps``; nothing after map ``stop`` is computed. ``activate=False``: the last map before the
-        final ReLU (what ``features`` outputs)."""
-        last = len(self.block_config)
-        stop = self._last_index if stop is None else min(stop, self._last_index)
-        self._check_input(x, stop)
-        mode, f, tapped, tracing = run_mode(self.memory), self.features, [], is_tracing()
-        # The ImageNet stem is one segment, max-pool included unless the map before it is wanted (so that not even its
-        # indices stay).
-        pooled = not self.small_inputs and 0 not in taps and stop != 0 and mode != "plain"
-        if self.small_inputs:
-            x = f.conv0(x)
-        elif pooled:
-            x = f.norm0.between(f.conv0, f.relu0, f.pool0, x)
-        else:
-            x = checkpointed(mode != "plain", functools.partial(self._stem, []), x)
-        if 0 in taps:
-            tapped.append(x)
-        if stop == 0:
-            return x, tapped
-        if not self.small_inputs and not pooled:
-            x = f.pool0(x)
-        maps: list[Tensor] = [x]
-        for i in range(1, last + 1):
-            block, cache = f.get_submodule(f"denseblock{i}"), None if tracing else []
-            # Traced graphs and hooks take the block's own forward: its output is the node named after the block, and
-            # what its hooks see (the concatenation, kept while a hook holds it).
-            if tracing:
-                maps = [block(_cat(maps))]
-            else:
-                maps = block.run_hooked(maps, cache) if _hooked(block) else block.run(maps, cache)
-            if i == last:
-                break
-            if i in taps or i == stop:
-                x = _cat(maps)
-                if i in taps:
-                    tapped.append(x)
-                if i == stop:
-                    return x, tapped
-            maps = [f.get_submodule(f"transition{i}")(maps, cache)]
-        x = checkpointed(mode != "plain", functools.partial(self._final_norm, cache, activate), *maps)
-        if last in taps:
-            tapped.append(x)
-        return x, tapped
+    def _check_input(self, x: Tensor, last_index: int) -> None:
+        if not (isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing()):  # there shapes are graph values
+            check_input(tuple(x.shape), self.spatial_dims, self.in_chans, last_index, self.small_inputs)
+
+    def _features(self, x: Tensor, activate: bool = True) -> Tensor:
+        self._check_input(x, self._last_index)
+        return _cat(deque(self._maps(x, activate=activate), maxlen=1)[0])  # the last map, dropping the rest
 
     def forward_features(self, x: Tensor) -> Tensor:
-        if _hooked(self.features) and self._last_index == len(self.block_config):
-            if is_tracing():
-                return self._final_relu(self.features(x))
-            # Hooks on ``features`` see it called, as torchvision's forward calls it, and it takes this model's path;
-            # the final ReLU then keeps its output's sign, not the output, as the final segment would keep nothing.
-            self.features.__dict__["_path"] = lambda x: self._forward(x, activate=False)[0]
-            try:
-                x = self.features(x)
-            finally:
-                self.features.__dict__.pop("_path", None)
-            relu = self._modules.get("relu")
-            light = relu is not None and run_mode(self.memory) != "plain"
-            return ReluKeepingSign.apply(relu, x) if light else self._final_relu(x)
-        return self._forward(x)[0]
+        if not (_hooked(self.features) and self._last_index == len(self.block_config)):
+            return self._features(x)
+        if is_tracing():
+            return self._final_relu(self.features(x))
+        # Hooks on ``features`` see it called, as torchvision's forward calls it, and it takes this model's path; the
+        # final ReLU then keeps its output's sign, not the output, as the final segment would keep nothing.
+        _handoff(self.features, functools.partial(self._features, activate=False))
+        try:
+            x = self.features(x)
+        finally:
+            _handoff(self.features)
+        relu = self._modules.get("relu")
+        light = relu is not None and run_mode(self.memory) != "plain"
+        return ReluKeepingSign.apply(relu, x) if light else self._final_relu(x)
 
     def forward_intermediates(
             self,
@@ -484,8 +455,16 @@ class DenseNet(MemoryMode):
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        stop = max_index if stop_early or intermediates_only else None
-        x, intermediates = self._forward(x, taps=set(take_indices), stop=stop)
+        stop = max_index if stop_early or intermediates_only else self._last_index
+        self._check_input(x, stop)
+        wanted, intermediates = set(take_indices), []
+        for i, maps in enumerate(self._maps(x, stem_map=0 in wanted)):
+            if i in wanted or i == stop:
+                x = _cat(maps)
+                if i in wanted:
+                    intermediates.append(x)
+            if i == stop:
+                break
         return intermediates if intermediates_only else (x, intermediates)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:

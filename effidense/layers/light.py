@@ -1,15 +1,12 @@
-"""Light reruns: autograd Functions that keep only their inputs for backward and rerun BatchNorm and ReLU there.
+"""Segments, and the light autograd Functions most of them rerun in.
 
-A checkpoint reruns a segment through autograd and then differentiates that graph: in backward it holds the segment's
-intermediate maps and their gradients at once, and pays its own bookkeeping. These Functions run their modules once
-in forward (hooks see what they would see without them), keep only their input maps, and in backward rebuild BatchNorm
-and ReLU and call the very kernels autograd calls for the plain model, dropping each map when done: gradients are
-bitwise the plain model's, with fewer maps alive at once. Running statistics are updated in forward only. Under
-``create_graph=True`` they differentiate a rerun instead (:func:`differentiable_rerun`), so double backward works.
-
-:class:`NormReluConv` serves :meth:`~effidense.layers.norm.BatchNormAct.then_conv` (concatenation-BN-ReLU-conv),
-:class:`ConvNormReluPool` serves :meth:`~effidense.layers.norm.BatchNormAct.between` (a stem: conv-BN-ReLU-max-pool),
-:class:`ReluKeepingSign` the final ReLU after hooked ``features``.
+A concatenation-norm-activation-convolution (:func:`concat_norm_conv`) or a stem's convolution-norm-activation-pool
+(:func:`conv_norm_pool`) keeps only its input for backward. Native training-mode BatchNorm with ReLU reruns in a light
+Function: forward calls the modules once (their hooks fire), keeps only the input maps, and backward rebuilds BatchNorm
+and ReLU and calls the very kernels autograd calls for the plain model, dropping each map when done, so gradients are
+bitwise the plain model's with fewer maps alive at once than a checkpoint's rerun. Any other norm or activation is
+checkpointed (:func:`~.recompute.checkpointed`). Under ``create_graph=True`` the Functions differentiate a rerun
+instead (:func:`differentiable_rerun`), so double backward works.
 """
 from __future__ import annotations
 
@@ -20,10 +17,35 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .norm import BatchNormAct
 from .pool import MaxPool
-from .recompute import rerun
+from .recompute import checkpointed, is_tracing, rerun
 
-__all__ = ["ConvNormReluPool", "NormReluConv", "ReluKeepingSign", "differentiable_rerun", "plain_conv"]
+__all__ = ["ConvNormReluPool", "NormReluConv", "ReluKeepingSign", "concat_norm_conv", "conv_norm_pool",
+           "differentiable_rerun", "plain_conv"]
+
+
+def _light(norm: nn.Module, act: nn.Module, conv: nn.Module) -> bool:
+    """Whether ``norm``, ``act`` and ``conv`` can rerun in a light Function: native training-mode BatchNorm, ReLU, a
+    convolution differentiated by hand, autograd recording and nobody tracing."""
+    return isinstance(norm, BatchNormAct) and norm.act is None and type(act) is nn.ReLU and plain_conv(conv) \
+        and torch.is_grad_enabled() and not is_tracing() and norm.native_training()
+
+
+def concat_norm_conv(norm: nn.Module, act: nn.Module, conv: nn.Module, *maps: Tensor, light: bool) -> Tensor:
+    """``conv(act(norm(*maps)))``; when ``light``, keeping only ``maps`` for backward."""
+    if not light:
+        return conv(act(norm(*maps)))
+    if _light(norm, act, conv):
+        return NormReluConv.apply(norm, act, conv, norm.weight, norm.bias, conv.weight, *maps)
+    return checkpointed(True, lambda *t: conv(act(norm(*t))), *maps)
+
+
+def conv_norm_pool(conv: nn.Module, norm: nn.Module, act: nn.Module, pool: nn.Module, x: Tensor) -> Tensor:
+    """``pool(act(norm(conv(x))))``, keeping only ``x`` for backward."""
+    if isinstance(pool, MaxPool) and _light(norm, act, conv):
+        return ConvNormReluPool.apply(x, conv.weight, norm.weight, norm.bias, conv, norm, act, pool)
+    return checkpointed(True, lambda t: pool(act(norm(conv(t)))), x)
 
 
 class NormReluConv(torch.autograd.Function):

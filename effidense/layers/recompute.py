@@ -1,15 +1,14 @@
-"""Where recomputation happens: the one call of ``torch.utils.checkpoint``, the rerun flag that norms read, and the
-tracing test that bypasses both.
+"""Where recomputation happens: the one call of ``torch.utils.checkpoint``, the rerun flag norms read, what a segment's
+first run hands its rerun, and the tracing test that bypasses them all.
 
 A segment runs under non-reentrant ``torch.utils.checkpoint``: what it makes is dropped after forward and rebuilt in
-backward by running it again. :func:`recomputing` tells code inside the segment which run it is in, so that a norm
-updates its running statistics on the first run only (:mod:`effidense.layers.norm`). While the model is traced or
-exported for another tool (:func:`is_tracing`), and whenever autograd is not recording, segments simply run: a graph
-handed to another tool gains nothing from recomputation, and ``torch.fx`` cannot trace through it.
+backward by running it again. :func:`recomputing` tells code inside which run it is in, so that a norm updates its
+running statistics on the first run only; :func:`handed` carries values the first run computed (a synchronised norm's
+statistics) to the rerun, which reuses them instead of computing them again. While the model is traced or exported
+(:func:`is_tracing`), and whenever autograd is not recording, segments simply run.
 """
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -19,82 +18,87 @@ import torch.fx
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["checkpointed", "fx_leaf", "is_tracing", "recomputing", "rerun", "run_mode"]
+__all__ = ["checkpointed", "fx_leaf", "handed", "is_tracing", "recomputing", "rerun", "run_mode"]
 
 # ``is_fx_tracing`` is also true under torch.export (and warns about it); the precise test is newer than torch 2.4.
 _is_fx_symbolic_tracing: Callable[[], bool] = getattr(
     torch.fx._symbolic_trace, "is_fx_symbolic_tracing", torch.fx._symbolic_trace.is_fx_tracing)
-
-# Per thread: autograd reruns a segment on the thread that runs its backward.
-_state = threading.local()
+_state = threading.local()  # per thread: autograd reruns a segment on the thread that runs its backward
 
 
 def is_tracing() -> bool:
-    """True while the model is traced or exported for another tool: ``torch.fx`` symbolic tracing, ``torch.export``
-    (strict or not, and so ONNX's dynamo exporter) and ``torch.jit.trace`` (ONNX's TorchScript exporter).
-
-    ``torch.compile`` is not: it compiles the exact memory-efficient path, checkpoints included.
-    """
+    """True while the model is traced or exported for another tool (``torch.fx``, ``torch.export`` and so ONNX,
+    ``torch.jit.trace``), which gains nothing from recomputation. ``torch.compile`` is not: it compiles the
+    memory-efficient path, checkpoints included."""
     if torch.compiler.is_compiling():  # dynamo or export; under dynamo nothing after this is evaluated
-        # torch.export sets this flag around tracing. Dynamo in torch 2.11 (not 2.14) folds is_exporting() to True
-        # under torch.compile too, so the flag itself is read (dynamo reads it as the constant it is at trace time).
+        # Dynamo in torch 2.11 folds is_exporting() to True under torch.compile too, so the flag itself is read.
         return torch.compiler.is_exporting() and getattr(torch.compiler, "_is_exporting_flag", True)
     return _is_fx_symbolic_tracing() or torch.jit.is_tracing()
 
 
-def fx_leaf(module: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.fx.Proxy | None:
-    """Under ``torch.fx`` symbolic tracing (``args[0]`` a Proxy), ``module``'s call as one node named by its path, as
-    torch.nn's own layers appear (``features.norm0``, ``features.pool0``); the graph then runs this very forward.
-    None otherwise. Any fx tracer takes it (torchvision's ``create_feature_extractor``, timm's ``feature_cls='fx'``)."""
+def fx_leaf(module: torch.nn.Module, *args: Any) -> torch.fx.Proxy | None:
+    """Under ``torch.fx`` symbolic tracing, ``module``'s call as one node named by its path, as torch.nn's layers
+    appear (``features.norm0``); the graph then runs this very forward. None otherwise."""
     if not isinstance(args[0], torch.fx.Proxy):
         return None
     tracer = args[0].tracer
-    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, kwargs)
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, {})
 
 
 def run_mode(memory: str) -> str:
-    """The memory mode a forward runs in: ``memory``, or 'plain' while tracing or when autograd is not recording
-    (nothing is kept for backward then, so there is nothing to recompute)."""
-    if memory == "plain":  # the common case answers without asking torch: plain's host time is torchvision's
+    """The mode a forward runs in: ``memory``, or 'plain' while tracing or when autograd is not recording."""
+    if memory == "plain":  # answers without asking torch: plain's host time is torchvision's
         return memory
     return memory if torch.is_grad_enabled() and not is_tracing() else "plain"
 
 
 def recomputing() -> bool:
     """True while a segment is rerun in backward (never in compiled code, where no rerun flag is set)."""
-    return not torch.compiler.is_compiling() and getattr(_state, "rerun", False)
+    return not torch.compiler.is_compiling() and getattr(_state, "rerun", None) is not None
 
 
-class _Rerun:
-    """Marks a rerun; reusable, since a segment reruns once per backward that needs it (``retain_graph=True``)."""
+def handed() -> list | None:
+    """Within a checkpointed segment, the list its first run appends to, and in its rerun a copy of that list to
+    ``pop(0)`` from, in the same order; None outside segments."""
+    replay = getattr(_state, "rerun", None)
+    return replay if replay is not None else getattr(_state, "handing", None)
+
+
+class _Run:
+    """Enters a segment's first run (``rerun=False``) or a rerun: reusable, since a segment reruns once per backward
+    that needs it (``retain_graph=True``)."""
+
+    def __init__(self, values: list, rerun: bool) -> None:
+        self.values, self.rerun = values, rerun
 
     def __enter__(self) -> None:
-        self.previous, _state.rerun = recomputing(), True
+        self.saved = getattr(_state, "rerun", None), getattr(_state, "handing", None)
+        if self.rerun:
+            _state.rerun, _state.handing = list(self.values), None
+        else:
+            _state.rerun, _state.handing = None, self.values
 
     def __exit__(self, *exc: object) -> None:
-        _state.rerun = self.previous
+        _state.rerun, _state.handing = self.saved
 
 
-def rerun() -> contextlib.AbstractContextManager:
+def rerun() -> _Run:
     """Marks what runs inside as a rerun (:func:`recomputing` is true), for code that reruns a segment itself."""
-    return _Rerun()
-
-
-def _contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-    return contextlib.nullcontext(), rerun()
+    return _Run([], rerun=True)
 
 
 def checkpointed(enabled: bool, fn: Callable[..., Any], *tensors: Tensor, random: bool = False) -> Any:
     """``fn(*tensors)``, dropped after forward and rerun in backward when ``enabled`` (and autograd records).
 
-    Tensors go in as separate arguments: checkpoint keeps those properly, a list would be held by reference only.
-    ``random`` segments (dropout) replay their RNG state when rerun. Segments are deterministic and save the same
-    tensors when rerun (the norms see to it), so checkpoint's per-tensor metadata check is skipped: it costs ~7% of an
-    efficient step's host time. Under torch.compile the rerun flag is not needed (a compiled graph applies buffer
-    updates once, however its partitioner recomputes) and dynamo accepts no ``context_fn`` of this kind.
+    Tensors go in as separate arguments: checkpoint keeps those properly. ``random`` segments (dropout) replay their
+    RNG state. Segments save the same tensors when rerun (the norms see to it), so checkpoint's metadata check, ~7% of
+    an efficient step's host time, is skipped. Under torch.compile no rerun flag is needed (a compiled graph applies
+    buffer updates once) and dynamo accepts no ``context_fn`` of this kind.
     """
     if not enabled or not torch.is_grad_enabled() or is_tracing():
         return fn(*tensors)
-    contexts = {} if torch.compiler.is_compiling() else {"context_fn": _contexts}
+    values: list = []
+    contexts = {} if torch.compiler.is_compiling() else {
+        "context_fn": lambda: (_Run(values, rerun=False), _Run(values, rerun=True))}
     return checkpoint(fn, *tensors, use_reentrant=False, preserve_rng_state=random, determinism_check="none",
                       **contexts)
