@@ -234,68 +234,33 @@ class _Features(AdoptsNorms, nn.Sequential):
 class DenseNet(MemoryMode):
     """DenseNet / DenseNet-BC with selectable memory mode, for images (``spatial_dims=2``), volumes (3) or signals (1).
 
-    Args:
-        growth_rate: new feature maps per dense layer (k).
-        block_config: number of dense layers in each block.
-        num_init_features: channels of the stem's convolution.
-        bn_size: bottleneck width factor (DenseNet-BC); None for the original DenseNet layer (BN-ReLU-conv3x3).
-        drop_rate: dropout on each dense layer's new features.
-        num_classes: classifier outputs; 0 for no classifier.
-        memory_efficient: torchvision's and timm's spelling: True for 'efficient', False for 'plain'.
+    Positional, in torchvision's order: ``growth_rate`` (k), ``block_config`` (dense layers per block),
+    ``num_init_features`` (the stem's channels), ``bn_size`` (bottleneck width factor of DenseNet-BC; None for the
+    original BN-ReLU-conv3x3 layer), ``drop_rate`` (dropout on each layer's new features), ``num_classes`` (0: no
+    classifier), ``memory_efficient`` (torchvision's and timm's spelling: True for 'efficient', False for 'plain').
 
-    The arguments above take torchvision's positional order; the rest are keyword-only:
-
-        compression: fraction of channels a transition keeps (the paper's theta).
-        head_drop_rate: dropout before the classifier.
-        in_chans: input channels.
-        global_pool: 'avg', 'max' or '' (no pooling); any timm pool type works.
-        small_inputs: one 3x3 stride-1 conv stem for 32x32 images instead of the ImageNet 7x7/2 conv + 3x3/2 max-pool.
-        memory: 'plain', 'efficient' (default) or 'frugal'; see the module docstring.
-        efficient: the seed projects' spelling: True for 'efficient', False for 'plain'.
-        compile: True compiles the whole model (see :meth:`set_compile`).
-        spatial_dims: 2 for images (N, C, H, W), 3 for volumes (N, C, D, H, W), 1 for signals (N, C, L).
-        norm_layer: makes each norm (+ activation) for a number of channels; default BatchNorm + ReLU
-            (:class:`~effidense.layers.norm.BatchNormAct`); see :class:`~effidense.layers.norm.NormAct` for others.
-            Each layer takes the activation out as a module of its own after the norm (``relu1``).
-        drop_channels: dense layers drop whole channels (``F.dropout2d``/``3d``, as MONAI's DenseNet) instead of
-            single values.
+    Keyword-only: ``compression`` (fraction of channels a transition keeps), ``head_drop_rate``, ``in_chans``,
+    ``global_pool`` (any timm pool type; '' for none), ``small_inputs`` (one 3x3 stride-1 conv stem for 32x32 images),
+    ``memory`` ('plain', 'efficient' (default) or 'frugal'; the module docstring), ``efficient`` (the seed projects'
+    spelling), ``compile`` (see :meth:`set_compile`), ``spatial_dims``, ``norm_layer`` (makes each norm + activation
+    for a number of channels, a :class:`~effidense.layers.norm.NormAct`; default BatchNorm + ReLU), ``drop_channels``
+    (dropout drops whole channels, as MONAI's).
     """
 
-    def __init__(
-            self,
-            growth_rate: int = 32,
-            block_config: Sequence[int] = (6, 12, 24, 16),
-            num_init_features: int = 64,
-            bn_size: int | None = 4,
-            drop_rate: float = 0.0,
-            num_classes: int = 1000,
-            memory_efficient: bool | None = None,
-            *,
-            compression: float = 0.5,
-            head_drop_rate: float = 0.0,
-            in_chans: int = 3,
-            global_pool: str = "avg",
-            small_inputs: bool = False,
-            memory: str | None = None,
-            efficient: bool | None = None,
-            compile: bool | str = False,
-            spatial_dims: int = 2,
-            norm_layer: NormLayer | None = None,
-            drop_channels: bool = False,
-    ) -> None:
+    def __init__(self, growth_rate: int = 32, block_config: Sequence[int] = (6, 12, 24, 16),
+                 num_init_features: int = 64, bn_size: int | None = 4, drop_rate: float = 0.0, num_classes: int = 1000,
+                 memory_efficient: bool | None = None, *, compression: float = 0.5, head_drop_rate: float = 0.0,
+                 in_chans: int = 3, global_pool: str = "avg", small_inputs: bool = False, memory: str | None = None,
+                 efficient: bool | None = None, compile: bool | str = False, spatial_dims: int = 2,
+                 norm_layer: NormLayer | None = None, drop_channels: bool = False) -> None:
         super().__init__()
         check_config(growth_rate, block_config, num_init_features, bn_size, compression, drop_rate,
-                      head_drop_rate, num_classes, in_chans, small_inputs, spatial_dims)
+                     head_drop_rate, num_classes, in_chans, small_inputs, spatial_dims)
         mode = resolve_memory(memory, efficient, memory_efficient)
         check_compile(compile)
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.small_inputs = small_inputs
-        self.block_config = tuple(block_config)
-        self.spatial_dims = spatial_dims
-        dims = spatial_dims
-        norm_layer = norm_layer or BATCH_NORM_ACT[dims]
-
+        self.num_classes, self.in_chans, self.small_inputs = num_classes, in_chans, small_inputs
+        self.block_config, self.spatial_dims = tuple(block_config), spatial_dims
+        dims, norm_layer = spatial_dims, norm_layer or BATCH_NORM_ACT[spatial_dims]
         if small_inputs:
             stem = [("conv0", _conv(dims, in_chans, num_init_features, 3))]
         else:
@@ -303,37 +268,30 @@ class DenseNet(MemoryMode):
             stem = [("conv0", _conv(dims, in_chans, num_init_features, 7, stride=2)), ("norm0", norm0),
                     ("relu0", relu0), ("pool0", MaxPool(dims))]
         self.features = _Features(OrderedDict(stem))
-        reduction = 1 if small_inputs else 4
-        self.feature_info = [dict(num_chs=num_init_features, reduction=reduction // 2 or 1,
+        reduction, channels = 1 if small_inputs else 4, num_init_features
+        self.feature_info = [dict(num_chs=channels, reduction=reduction // 2 or 1,
                                   module="features.conv0" if small_inputs else "features.relu0")]
-
-        num_features = num_init_features
-        for i, num_layers in enumerate(block_config):
-            block = DenseBlock(num_layers, num_features, growth_rate, bn_size, drop_rate, dims,
-                               norm_layer=norm_layer, drop_channels=drop_channels)
-            self.features.add_module(f"denseblock{i + 1}", block)
-            num_features += num_layers * growth_rate
-            if i < len(block_config) - 1:
-                self.feature_info.append(dict(num_chs=num_features, reduction=reduction,
-                                              module=f"features.denseblock{i + 1}"))
-                out_features = int(num_features * compression)
-                if out_features < 1:
-                    raise ValueError(f"compression={compression!r} leaves transition{i + 1} no channels (of "
-                                     f"{num_features}); it must keep at least one")
-                transition = Transition(num_features, out_features, dims, norm_layer=norm_layer)
-                self.features.add_module(f"transition{i + 1}", transition)
-                num_features = out_features
-                reduction *= 2
+        for i, num_layers in enumerate(block_config, 1):
+            self.features.add_module(f"denseblock{i}", DenseBlock(
+                num_layers, channels, growth_rate, bn_size, drop_rate, dims, norm_layer=norm_layer,
+                drop_channels=drop_channels))
+            channels += num_layers * growth_rate
+            if i < len(block_config):
+                self.feature_info.append(dict(num_chs=channels, reduction=reduction, module=f"features.denseblock{i}"))
+                if int(channels * compression) < 1:
+                    raise ValueError(f"compression={compression!r} leaves transition{i} no channels (of "
+                                     f"{channels}); it must keep at least one")
+                self.features.add_module(f"transition{i}", Transition(
+                    channels, int(channels * compression), dims, norm_layer=norm_layer))
+                channels, reduction = int(channels * compression), reduction * 2
         # The ReLU after the final norm: torchvision's forward applies it outside ``features``, and fx names it 'relu'.
-        norm5, self.relu = _norm_and_act(norm_layer, num_features)
+        norm5, self.relu = _norm_and_act(norm_layer, channels)
         self.features.add_module("norm5", norm5)
-        self.feature_info.append(dict(num_chs=num_features, reduction=reduction, module="relu"))
-        self.num_features = num_features
+        self.feature_info.append(dict(num_chs=channels, reduction=reduction, module="relu"))
+        self.num_features = channels
         self._last_index = len(block_config)  # the last feature_info map the network computes (lowered by pruning)
-
         self._create_head(num_classes, global_pool)
         self.head_drop = nn.Dropout(head_drop_rate)
-
         for m in self.modules():  # torchvision's initialisation
             if isinstance(m, nn.modules.conv._ConvNd):
                 nn.init.kaiming_normal_(m.weight)
@@ -346,7 +304,6 @@ class DenseNet(MemoryMode):
         if compile:
             self.set_compile()
 
-    # --- memory modes and compilation ---
     def set_memory(self, memory: str | None = None, efficient: bool | None = None) -> DenseNet:
         """Switch the memory mode of a built model; returns the model."""
         self.memory = resolve_memory(memory, efficient)
@@ -354,34 +311,26 @@ class DenseNet(MemoryMode):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """timm's switch (``--grad-checkpointing`` in its scripts): on selects 'frugal', the most memory-saving mode
-        (the default, 'efficient', already recomputes every BN-ReLU segment); off selects 'plain'."""
-        self.memory = "frugal" if enable else "plain"
+        """timm's switch (``--grad-checkpointing``): on selects 'frugal', the most memory-saving mode; off the
+        default, 'efficient', which already recomputes every BN-ReLU segment (``set_memory('plain')`` keeps all)."""
+        self.memory = "frugal" if enable else "efficient"
 
     def set_compile(self, enabled: bool = True, scope: str = "model", **options: Any) -> DenseNet:
         """Compile the whole model in place (``nn.Module.compile(**options)``), checkpoints and light Functions
-        inside; ``set_compile(False)`` returns to eager. Returns the model.
-
-        Inductor launches fused kernels from one graph, which removes most per-op host work: it pays where an eager
-        DenseNet is host-bound (fast GPUs), and compiling takes minutes for a deep model, so measure it first
-        (``effidense bench --compile`` compares each compiled mode with its eager self). BatchNorm running statistics
-        stay exact and gradients equal eager's within float32 tolerance. ``scope`` accepts only ``"model"``.
-        """
+        inside; ``set_compile(False)`` returns to eager. Returns the model. It pays where an eager DenseNet is
+        host-bound (fast GPUs) and takes minutes to compile a deep model: ``effidense bench --compile`` compares each
+        compiled mode with its eager self. Running statistics stay exact; gradients equal eager's within float32
+        tolerance. ``scope`` accepts only ``"model"``."""
         check_compile(scope, "scope")
         self._compiled_call_impl = None  # nn.Module.compile's slot: undo a previous compile
         if enabled:
             self.compile(**options)
         return self
 
-    # --- shapes ---
     @property
     def min_input_size(self) -> int:
         """Smallest size along each spatial axis the network accepts (every block must see at least one position)."""
         return min_input_size(self._last_index, self.small_inputs)
-
-    def _check_input(self, x: Tensor, last_index: int) -> None:
-        if not (isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing()):  # there shapes are graph values
-            check_input(tuple(x.shape), self.spatial_dims, self.in_chans, last_index, self.small_inputs)
 
     # --- forward ---
     def _maps(self, x: Tensor, stem_map: bool = False, activate: bool = True) -> Iterator[Sequence[Tensor]]:
@@ -440,15 +389,9 @@ class DenseNet(MemoryMode):
         light = relu is not None and run_mode(self.memory) != "plain"
         return ReluKeepingSign.apply(relu, x) if light else self._final_relu(x)
 
-    def forward_intermediates(
-            self,
-            x: Tensor,
-            indices: int | list[int] | None = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = "NCHW",
-            intermediates_only: bool = False,
-    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+    def forward_intermediates(self, x: Tensor, indices: int | list[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False,
+                              ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
         """timm's feature API: index 0 is the stem's map, 1..n-1 each block's output before its transition,
         n the final norm's output. With ``stop_early`` the returned final map is the last one asked for.
         ``norm`` is accepted for timm's sake; the last map is already normalised."""
@@ -493,14 +436,10 @@ class DenseNet(MemoryMode):
     # --- timm model API ---
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        return dict(
-            stem=r"^features\.conv0|^features\.norm0",
-            blocks=r"^features\.(?:denseblock|transition)(\d+)" if coarse else [
-                (r"^features\.denseblock(\d+)\.denselayer(\d+)", None),
-                (r"^features\.transition(\d+)", (99999,)),
-                (r"^features\.norm5", (99999,)),
-            ],
-        )
+        blocks = r"^features\.(?:denseblock|transition)(\d+)" if coarse else [
+            (r"^features\.denseblock(\d+)\.denselayer(\d+)", None), (r"^features\.transition(\d+)", (99999,)),
+            (r"^features\.norm5", (99999,))]
+        return dict(stem=r"^features\.conv0|^features\.norm0", blocks=blocks)
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -517,8 +456,7 @@ class DenseNet(MemoryMode):
         except (AssertionError, ValueError, NotImplementedError) as e:  # timm asserts on unknown pool types
             raise ValueError(f"global_pool={global_pool!r} is not a timm pool type (e.g. 'avg', 'max', "
                              f"'avgmax', 'catavgmax', ''): {e}") from None
-        self.num_classes = num_classes
-        self.global_pool, self.classifier = pool, classifier
+        self.num_classes, self.global_pool, self.classifier = num_classes, pool, classifier
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
@@ -530,17 +468,11 @@ class DenseNet(MemoryMode):
         self.global_pool.train(self.training)
         self.classifier.train(self.training)
 
-    def prune_intermediate_layers(
-            self,
-            indices: int | list[int] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> list[int]:
-        """Drop the layers that feature maps ``indices`` do not need (timm's ``features_only`` calls this).
-
-        The network then ends at the last wanted map; the head goes with ``prune_head`` or whenever the end moved,
-        since the classifier was sized for the final features. Returns the kept indices.
-        """
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the layers that feature maps ``indices`` do not need (timm's ``features_only``): the network then ends
+        at the last wanted map; the head goes with ``prune_head`` or whenever the end moved (the classifier was sized
+        for the final features). Returns the kept indices."""
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
         if max_index > self._last_index:
             raise ValueError(f"feature map {max_index} was already pruned away (the network ends at map "
@@ -549,11 +481,8 @@ class DenseNet(MemoryMode):
         if max_index < self._last_index:
             dropped = [f"denseblock{i}" for i in range(max_index + 1, last + 1)]
             dropped += [f"transition{i}" for i in range(max(max_index, 1), last)] + ["norm5"]
-            for name in dropped:
-                if name in self.features._modules:
-                    delattr(self.features, name)
-            if "relu" in self._modules:
-                del self.relu
+            for module, name in [(self.features, name) for name in dropped] + [(self, "relu")]:
+                module._modules.pop(name, None)
             self._last_index = max_index
             self.num_features = self.feature_info[max_index]["num_chs"]
         if prune_head or max_index < last:

@@ -1,21 +1,20 @@
-"""The layers effidense's DenseNets are made of: norms (+ activation) that stay exact under recomputation
-(:mod:`.norm`), the light autograd Functions their segments rerun in (:mod:`.light`), the one place segments are
-checkpointed (:mod:`.recompute`) and pooling that keeps no input (:mod:`.pool`), each for 1, 2 or 3 spatial dims."""
+"""The layers effidense's DenseNets are made of, for 1, 2 or 3 spatial dims: norms (+ activation) exact under
+recomputation (:mod:`.norm`), segments and the light autograd Functions they rerun in (:mod:`.light`), the one place
+segments are checkpointed (:mod:`.recompute`), and pooling that keeps no input (:mod:`.pool`)."""
 from .norm import (
-    BATCH_NORM_ACT,
-    INSTANCE_NORM_ACT,
-    Activation,
-    AdoptsNorms,
-    BatchNormAct,
-    GroupNormAct,
-    NormAct,
-    SyncBatchNormAct,
-    SyncBatchNormWithStats,
-    relu_,
+                   BATCH_NORM_ACT,
+                   INSTANCE_NORM_ACT,
+                   Activation,
+                   AdoptsNorms,
+                   BatchNormAct,
+                   GroupNormAct,
+                   NormAct,
+                   SyncBatchNormAct,
+                   relu_,
 )
 from .pool import AvgPool, MaxPool
-from .recompute import checkpointed, fx_leaf, is_tracing, recomputing, run_mode
+from .recompute import checkpointed, is_tracing, recomputing
 
 __all__ = ["Activation", "BATCH_NORM_ACT", "INSTANCE_NORM_ACT", "AdoptsNorms", "AvgPool", "BatchNormAct",
-           "GroupNormAct", "MaxPool", "NormAct", "SyncBatchNormAct", "SyncBatchNormWithStats",
-           "checkpointed", "fx_leaf", "is_tracing", "recomputing", "relu_", "run_mode"]
+           "GroupNormAct", "MaxPool", "NormAct", "SyncBatchNormAct", "checkpointed", "is_tracing", "recomputing",
+           "relu_"]

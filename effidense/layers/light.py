@@ -48,59 +48,50 @@ def conv_norm_pool(conv: nn.Module, norm: nn.Module, act: nn.Module, pool: nn.Mo
     return checkpointed(True, lambda t: pool(act(norm(conv(t)))), x)
 
 
-class NormReluConv(torch.autograd.Function):
-    """``conv(relu(norm(*maps)))`` for native training-mode BatchNorm that keeps only ``maps`` for backward (they are
-    kept anyway: earlier layers' outputs, or a bottleneck's). Forward calls the three modules (their hooks see what
-    they would see without it); the norm concatenates the maps.
+class _Light(torch.autograd.Function):
+    """Records the autocast state forward ran in (the convolution's casts are redone in backward) and the modules."""
 
-    Backward rebuilds ``ReLU(BN(cat(maps)))`` (never the convolution) and calls the kernels autograd calls for the
-    plain model: ``convolution_backward`` on the input autocast gave the convolution, ReLU's ``threshold_backward``
-    (in place, into the convolution's input gradient, where the layouts agree), the backward of whichever BatchNorm
-    implementation ran (``_batch_norm_impl_index``: native or cuDNN), and the concatenation's (views of the
-    gradient, one per map), so gradients are bitwise the plain model's. Each map is dropped once the kernels are
-    done with it: at most three of the concatenation's size are alive at once, where a checkpoint's rerun holds
-    four. BatchNorm and ReLU have no autocast policy, so only the convolution's casts are redone. Running statistics
-    are updated in forward only. Under ``create_graph=True`` backward differentiates a rerun instead
-    (:func:`differentiable_rerun`), so a second backward works.
-    """
+    @staticmethod
+    def setup(ctx: Any, x: Tensor, *modules: nn.Module) -> None:
+        ctx.modules = modules
+        ctx.autocast = torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type)
+
+
+class NormReluConv(_Light):
+    """``conv(relu(norm(*maps)))``, keeping only ``maps`` (kept anyway: earlier layers' outputs, or a bottleneck's).
+    Backward rebuilds ``ReLU(BN(cat(maps)))``, never the convolution, and calls ``convolution_backward``, ReLU's
+    ``threshold_backward``, the backward of whichever BatchNorm ran (native or cuDNN) and the concatenation's (a view
+    per map): at most three maps of the concatenation's size are alive at once, where a checkpoint holds four."""
 
     @staticmethod
     def forward(ctx: Any, norm: nn.Module, relu: nn.ReLU, conv: nn.Module, bn_weight: Tensor | None,
                 bn_bias: Tensor | None, conv_weight: Tensor, *maps: Tensor) -> Tensor:
-        device = maps[0].device.type
-        ctx.modules = norm, relu, conv
-        ctx.autocast = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+        _Light.setup(ctx, maps[0], norm, relu, conv)
         ctx.save_for_backward(*maps)
         return conv(relu(norm(*maps)))
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        maps = ctx.saved_tensors
-        norm, relu, conv = ctx.modules
+        maps, (norm, relu, conv) = ctx.saved_tensors, ctx.modules
         if torch.is_grad_enabled():
             return differentiable_rerun(ctx, grad, lambda *t: conv(relu(norm(*t))),
-                                         (None, None, None, norm.weight, norm.bias, conv.weight), maps)
-        need_w, need_b, need_conv = ctx.needs_input_grad[3:6]
-        need_maps = ctx.needs_input_grad[6:]
+                                        (None, None, None, norm.weight, norm.bias, conv.weight), maps)
+        need_w, need_b, need_conv, *need_maps = ctx.needs_input_grad[3:]
         x = maps[0] if len(maps) == 1 else torch.cat(maps, 1)
         y, bn_saved = _batch_norm_relu(norm, x)
         grad_y, grad_conv = _conv_backward(ctx, conv, grad, y, True, need_conv)
-        grad_y = grad_y.to(y.dtype)
-        grad_y = _relu_backward(grad_y, y)
+        grad_y = _relu_backward(grad_y.to(y.dtype), y)
         del y
         grad_x, grad_w, grad_b = _batch_norm_backward(norm, x, grad_y, bn_saved, [any(need_maps), need_w, need_b])
         del x, grad_y
-        if grad_x is None:
-            grad_maps: tuple[Tensor | None, ...] = (None,) * len(maps)
-        else:  # the concatenation's backward: a view of the gradient per map
-            grad_maps = tuple(g if need else None for g, need in zip(
-                grad_x.split([m.shape[1] for m in maps], 1), need_maps, strict=True))
+        grad_maps = [None] * len(maps) if grad_x is None else [g if need else None for g, need in zip(
+            grad_x.split([m.shape[1] for m in maps], 1), need_maps, strict=True)]
         return None, None, None, grad_w, grad_b, grad_conv, *grad_maps
 
 
 def _batch_norm_relu(norm: nn.Module, x: Tensor) -> tuple[Tensor, tuple[Any, ...]]:
     """``ReLU(BN(x))`` with batch statistics and no running statistics, by the kernel ``F.batch_norm`` picks (native or
-    cuDNN), and what its backward needs. BatchNorm and ReLU have no autocast policy: they run as forward ran them."""
+    cuDNN), and what its backward needs."""
     y, save_mean, save_invstd, reserve, impl = torch._batch_norm_impl_index(
         x, norm.weight, norm.bias, None, None, True, 0.0, norm.eps, torch.backends.cudnn.enabled)
     return y.relu_(), (save_mean, save_invstd, reserve, impl)
@@ -117,10 +108,9 @@ def _batch_norm_backward(norm: nn.Module, x: Tensor, grad_y: Tensor, saved: tupl
 
 
 def _relu_backward(grad: Tensor, y: Tensor) -> Tensor:
-    """ReLU's backward (``threshold_backward``), written into ``grad`` (the backward's own buffer) where that gives
-    the layout autograd's would, i.e. where the strides agree. Otherwise (1x1 maps under channels_last, whose strides
-    are ambiguous) it is made anew, as autograd makes it: BatchNorm's backward then sees the same layout, and gives
-    the same bits."""
+    """ReLU's backward, written into ``grad`` (the backward's own buffer) where the strides agree, so the layout is
+    autograd's; otherwise (1x1 maps under channels_last) made anew, as autograd makes it, so BatchNorm's backward
+    sees the same layout and gives the same bits."""
     if grad.stride() != y.stride():
         return torch.ops.aten.threshold_backward(grad, y, 0)
     return torch.ops.aten.threshold_backward.grad_input(grad, y, 0, grad_input=grad)
@@ -128,11 +118,11 @@ def _relu_backward(grad: Tensor, y: Tensor) -> Tensor:
 
 def _conv_backward(ctx: Any, conv: nn.Module, grad: Tensor, x: Tensor, need_x: bool,
                    need_weight: bool) -> tuple[Tensor | None, Tensor | None]:
-    """``convolution_backward`` as autograd runs it for ``conv(x)`` under the autocast state forward ran in: on the
-    inputs autocast gave the convolution, with the weight's gradient in the weight's dtype."""
+    """``convolution_backward`` as autograd runs it under forward's autocast state: on the inputs autocast gave the
+    convolution, with the weight's gradient in the weight's dtype."""
     enabled, dtype = ctx.autocast
 
-    def as_conv_sees(t: Tensor) -> Tensor:  # autocast casts a convolution's floating inputs to its dtype
+    def as_conv_sees(t: Tensor) -> Tensor:
         return t.to(dtype) if enabled and t.is_floating_point() and t.dtype != dtype else t
 
     grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
@@ -142,72 +132,55 @@ def _conv_backward(ctx: Any, conv: nn.Module, grad: Tensor, x: Tensor, need_x: b
 
 
 def differentiable_rerun(ctx: Any, grad: Tensor, run: Callable[..., Tensor], before: tuple[Tensor | None, ...],
-                          maps: tuple[Tensor, ...], after: tuple[Tensor | None, ...] = ()) -> tuple[Tensor | None, ...]:
-    """A Function's gradients under ``create_graph=True``: those of ``run(*maps)``, a rerun of its forward (under the
-    autocast state forward ran in, updating no running statistics), with a graph of their own, as a checkpoint
-    computes them; so a second backward (a gradient penalty) works. ``apply`` took ``before``, ``maps``, ``after``.
-
-    The rerun reads each map through a view: gradients are taken at the views, so where one map was computed from
-    another (a block's), neither picks up the other's path, which the outer backward follows anyway."""
-    needs = ctx.needs_input_grad
+                         maps: tuple[Tensor, ...], after: tuple[Tensor | None, ...] = ()) -> tuple[Tensor | None, ...]:
+    """Gradients under ``create_graph=True``: those of ``run(*maps)``, a rerun of forward (under its autocast state,
+    updating no running statistics) with a graph of its own, so a second backward works. ``apply`` took ``before``,
+    ``maps``, ``after``. Each map is read through a view, so where one map was computed from another neither picks up
+    the other's path, which the outer backward follows anyway."""
     views = tuple(m.view_as(m) for m in maps)
     enabled, dtype = ctx.autocast
     with rerun(), torch.autocast(grad.device.type, dtype=dtype, enabled=enabled):
         out = run(*views)
-    inputs = (*before, *views, *after)
-    wanted = [t for t, need in zip(inputs, needs, strict=False) if need]
+    needs = ctx.needs_input_grad
+    wanted = [t for t, need in zip((*before, *views, *after), needs, strict=False) if need]
     grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True, allow_unused=True))
     return tuple(next(grads) if need else None for need in needs)
 
 
 def plain_conv(conv: nn.Module) -> bool:
-    """A convolution :class:`ConvNormReluPool` can differentiate by hand: no bias, zero padding given in numbers."""
+    """A convolution differentiated by hand here: no bias, zero padding given in numbers."""
     return isinstance(conv, nn.modules.conv._ConvNd) and not conv.transposed and conv.bias is None \
         and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
 
 
-class ConvNormReluPool(torch.autograd.Function):
-    """``pool(relu(norm(conv(x))))`` for native training-mode BatchNorm that keeps only ``x`` for backward.
-
-    Forward calls the four modules (their hooks see what they would see without it). Backward reruns the convolution
-    (under the autocast state forward ran in) and ``ReLU(BN(.))``, then calls the kernels autograd calls for the
-    plain model, as :class:`NormReluConv` does: the pool's backward (argmax recomputed), ReLU's
-    ``threshold_backward`` (in place, into the pool's gradient, where the layouts agree), BatchNorm's backward and
-    ``convolution_backward``. Each map is dropped once the kernels are done with it, so at most three maps of the
-    convolution's size are alive at once, where a checkpoint's rerun holds four and a spare: gradients are bitwise
-    the plain model's. Running statistics are updated in forward only. Under ``create_graph=True`` backward
-    differentiates a rerun instead (:func:`differentiable_rerun`), so a second backward works.
-    """
+class ConvNormReluPool(_Light):
+    """``pool(relu(norm(conv(x))))``, keeping only ``x``. Backward reruns the convolution and ``ReLU(BN(.))``, then
+    calls autograd's kernels as :class:`NormReluConv` does, the pool's first (argmax recomputed): at most three maps
+    of the convolution's size are alive at once, where a checkpoint holds four and a spare."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, conv_weight: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None,
                 conv: nn.Module, norm: nn.Module, relu: nn.ReLU, pool: MaxPool) -> Tensor:
-        device = x.device.type
-        ctx.modules = conv, norm, relu, pool
-        ctx.autocast = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+        _Light.setup(ctx, x, conv, norm, relu, pool)
         ctx.save_for_backward(x)
         return pool(relu(norm(conv(x))))
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        (x,) = ctx.saved_tensors
-        conv, norm, relu, pool = ctx.modules
+        (x,), (conv, norm, relu, pool) = ctx.saved_tensors, ctx.modules
         if torch.is_grad_enabled():
             return differentiable_rerun(ctx, grad, lambda t: pool(relu(norm(conv(t)))),
-                                         (), (x,), (conv.weight, norm.weight, norm.bias))
-        enabled, dtype = ctx.autocast
+                                        (), (x,), (conv.weight, norm.weight, norm.bias))
         need_x, need_conv, need_w, need_b = ctx.needs_input_grad[:4]
-        with torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
+        with torch.autocast(x.device.type, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
             c = conv._conv_forward(x, conv.weight, None)
         y, bn_saved = _batch_norm_relu(norm, c)
-        grad_y = pool.input_grad(y, grad)
-        grad_y = _relu_backward(grad_y, y)
+        grad_y = _relu_backward(pool.input_grad(y, grad), y)
         del y
         grad_c, grad_w, grad_b = _batch_norm_backward(norm, c, grad_y, bn_saved, [True, need_w, need_b])
         del c, grad_y
         grad_x, grad_conv = _conv_backward(ctx, conv, grad_c, x, need_x, need_conv)
-        grad_x = None if grad_x is None else grad_x.to(x.dtype)
-        return grad_x, grad_conv, grad_w, grad_b, None, None, None, None
+        return None if grad_x is None else grad_x.to(x.dtype), grad_conv, grad_w, grad_b, None, None, None, None
 
 
 _BITS = torch.arange(8, dtype=torch.uint8)

@@ -153,10 +153,6 @@ class BatchNormAct(NormAct, nn.modules.batchnorm._BatchNorm):
     """BatchNorm (+ activation) for any number of spatial dims, exact under recomputation (the module docstring).
     State-dict keys are ``nn.BatchNorm2d``'s."""
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, **kwargs: Any) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, **kwargs)
-
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
             raise ValueError(f"expected an input with channels in dim 1, got shape {tuple(input.shape)}")

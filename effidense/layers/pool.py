@@ -1,9 +1,8 @@
 """Pooling for 1, 2 or 3 spatial dims that keeps nothing of its input for backward.
 
-Native pooling saves its input for backward, yet the backward kernels read only the input's shape and strides (and,
-for max pooling, the argmax indices). These modules call the same kernels, so gradients are bitwise native, and no
-memory mode has to keep, or recompute, the maps they pool. One spatial dim runs as two with a height of one, as torch's
-own 1D pooling does.
+Native pooling saves its input, yet its backward kernels read only the input's shape and strides (and, for max
+pooling, the argmax indices). These modules call the same kernels, so gradients are bitwise native, and no memory mode
+has to keep, or recompute, the maps they pool. One spatial dim runs as two with a height of one, as torch's does.
 """
 from __future__ import annotations
 
@@ -23,24 +22,16 @@ _MAX = {2: (torch.ops.aten.max_pool2d_with_indices, torch.ops.aten.max_pool2d_wi
         3: (torch.ops.aten.max_pool3d_with_indices, torch.ops.aten.max_pool3d_with_indices_backward)}
 
 
-class _AvgPool(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, kernel: list[int]) -> Tensor:
-        ctx.layout, ctx.kernel = (x.shape, x.stride()), kernel
-        return _AVG[len(kernel)][0](x, kernel)
+class _Pooled(torch.autograd.Function):
+    """Max (``indexed``) or average pooling that keeps the input's shape and strides (and max's argmax) only."""
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        like = grad.new_empty_strided(*ctx.layout)  # never read: shape and strides only
-        kernel = ctx.kernel
-        return _AVG[len(kernel)][1](grad, like, kernel, kernel, [0] * len(kernel), False, True, None), None
-
-
-class _MaxPool(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, kernel: list[int], stride: list[int], padding: list[int]) -> Tensor:
+    def forward(ctx: Any, x: Tensor, kernel: list[int], stride: list[int], padding: list[int],
+                indexed: bool) -> Tensor:
+        ctx.layout, ctx.window, ctx.indexed = (x.shape, x.stride()), (kernel, stride, padding), indexed
+        if not indexed:
+            return _AVG[len(kernel)][0](x, kernel)
         out, indices = _MAX[len(kernel)][0](x, kernel, stride, padding)
-        ctx.layout, ctx.window = (x.shape, x.stride()), (kernel, stride, padding)
         if math.prod(x.shape[2:]) <= torch.iinfo(torch.int32).max:  # indices count positions within one map
             indices = indices.to(torch.int32)
         ctx.save_for_backward(indices)
@@ -48,14 +39,19 @@ class _MaxPool(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        (indices,) = ctx.saved_tensors
         like = grad.new_empty_strided(*ctx.layout)  # never read: shape and strides only
         kernel, stride, padding = ctx.window
+        if not ctx.indexed:
+            return _AVG[len(kernel)][1](grad, like, kernel, kernel, [0] * len(kernel), False, True, None), \
+                None, None, None, None
+        (indices,) = ctx.saved_tensors
         grad_x = _MAX[len(kernel)][1](grad, like, kernel, stride, padding, [1] * len(kernel), False, indices.long())
-        return grad_x, None, None, None
+        return grad_x, None, None, None, None
 
 
 class _Pool(nn.Module):
+    indexed = False
+
     def __init__(self, spatial_dims: int = 2) -> None:
         super().__init__()
         self.spatial_dims = spatial_dims
@@ -63,54 +59,51 @@ class _Pool(nn.Module):
     def extra_repr(self) -> str:
         return f"spatial_dims={self.spatial_dims}"
 
+    def window(self) -> tuple[list[int], list[int], list[int]]:
+        raise NotImplementedError
+
     def forward(self, x: Tensor) -> Tensor:
         node = fx_leaf(self, x)  # one node, as torch.nn's pools (torchvision's features.pool0)
         if node is not None:
             return node
-        if self.spatial_dims == 1:  # as a height-one 2D map
-            return self._pool(x.unsqueeze(-2), 2).squeeze(-2)
-        return self._pool(x, self.spatial_dims)
-
-    def _keeps_nothing(self, x: Tensor) -> bool:
-        return not is_tracing() and torch.is_grad_enabled() and x.requires_grad
-
-    def _pool(self, x: Tensor, dims: int) -> Tensor:
-        raise NotImplementedError
+        flat = self.spatial_dims == 1  # as a height-one 2D map
+        x = x.unsqueeze(-2) if flat else x
+        kernel, stride, padding = self.window()
+        if not is_tracing() and torch.is_grad_enabled() and x.requires_grad:
+            out = _Pooled.apply(x, kernel, stride, padding, self.indexed)
+        elif not self.indexed:
+            out = _AVG[len(kernel)][0](x, kernel)
+        else:  # with no autocast policy, as the path above: CPU autocast would compute max_pool3d in float32
+            with torch.autocast(x.device.type, enabled=False):
+                out = (F.max_pool2d if len(kernel) == 2 else F.max_pool3d)(x, kernel, stride, padding)
+        return out.squeeze(-2) if flat else out
 
 
 class AvgPool(_Pool):
     """2-wide, stride-2 average pooling (transitions)."""
 
-    def _pool(self, x: Tensor, dims: int) -> Tensor:
-        kernel = [2] * dims if self.spatial_dims > 1 else [1, 2]
-        return _AvgPool.apply(x, kernel) if self._keeps_nothing(x) else _AVG[dims][0](x, kernel)
+    def window(self) -> tuple[list[int], list[int], list[int]]:
+        kernel = [1, 2] if self.spatial_dims == 1 else [2] * self.spatial_dims
+        return kernel, kernel, [0] * len(kernel)
 
 
 class MaxPool(_Pool):
     """3-wide, stride-2, padding-1 max pooling (the ImageNet stem)."""
 
-    def _window(self, dims: int) -> tuple[list[int], list[int], list[int]]:
+    indexed = True
+
+    def window(self) -> tuple[list[int], list[int], list[int]]:
         if self.spatial_dims == 1:
             return [1, 3], [1, 2], [0, 1]
-        return [3] * dims, [2] * dims, [1] * dims
+        return [3] * self.spatial_dims, [2] * self.spatial_dims, [1] * self.spatial_dims
 
     def input_grad(self, x: Tensor, grad: Tensor) -> Tensor:
-        """The gradient with respect to ``x`` given ``grad``, the gradient of this pool's output: autograd's own
-        backward kernel, with the argmax recomputed from ``x`` (for a caller that rebuilds ``x`` in backward)."""
-        if self.spatial_dims == 1:
-            return self._input_grad(x.unsqueeze(-2), grad.unsqueeze(-2), 2).squeeze(-2)
-        return self._input_grad(x, grad, self.spatial_dims)
-
-    def _input_grad(self, x: Tensor, grad: Tensor, dims: int) -> Tensor:
-        kernel, stride, padding = self._window(dims)
-        forward, backward = _MAX[dims]
+        """The gradient with respect to ``x`` given that of this pool's output: autograd's own kernel, with the
+        argmax recomputed from ``x`` (for a caller that rebuilds ``x`` in backward)."""
+        flat = self.spatial_dims == 1
+        x, grad = (x.unsqueeze(-2), grad.unsqueeze(-2)) if flat else (x, grad)
+        kernel, stride, padding = self.window()
+        forward, backward = _MAX[len(kernel)]
         indices = forward(x, kernel, stride, padding)[1]  # the pooled map itself is dropped at once
-        return backward(grad, x, kernel, stride, padding, [1] * dims, False, indices)
-
-    def _pool(self, x: Tensor, dims: int) -> Tensor:
-        kernel, stride, padding = self._window(dims)
-        if self._keeps_nothing(x):
-            return _MaxPool.apply(x, kernel, stride, padding)
-        # As the path above, with no autocast policy: CPU autocast would compute max_pool3d in float32.
-        with torch.autocast(x.device.type, enabled=False):
-            return (F.max_pool2d if dims == 2 else F.max_pool3d)(x, kernel, stride, padding)
+        grad_x = backward(grad, x, kernel, stride, padding, [1] * len(kernel), False, indices)
+        return grad_x.squeeze(-2) if flat else grad_x
