@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["MEMORY_MODES", "check_block", "check_compile", "check_config", "check_input", "check_layer",
+__all__ = ["MEMORY_MODES", "check_block", "check_compile", "check_slices", "check_config", "check_input", "check_layer",
            "check_transition", "map_size", "min_input_size", "resolve_memory"]
 
 MEMORY_MODES = ("plain", "efficient", "frugal")
@@ -38,6 +38,13 @@ def check_compile(value: Any, name: str = "compile") -> None:
                          "set_compile() compiles the whole model")
     if value != "model" and not (name == "compile" and isinstance(value, bool)):
         raise ValueError(f"{name} must be {'True or False' if name == 'compile' else repr('model')}, got {value!r}")
+
+
+def check_slices(value: Any) -> None:
+    """``backward_slices``: 'auto', None (never sliced) or a number of slices (at most the batch is used)."""
+    if value not in ("auto", None) and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"backward_slices must be 'auto', None (not sliced) or a positive number of slices, got "
+                         f"{value!r}")
 
 
 def map_size(size: int, index: int, small_inputs: bool) -> int:

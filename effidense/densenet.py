@@ -42,11 +42,12 @@ from .arguments import (
     check_config,
     check_input,
     check_layer,
+    check_slices,
     check_transition,
     min_input_size,
     resolve_memory,
 )
-from .layers.light import ReluKeepingSign, concat_norm_conv, conv_norm_pool
+from .layers.light import ReluKeepingSign, concat_norm_conv, conv_norm_pool, run_sliced, slice_count
 from .layers.norm import BATCH_NORM_ACT, AdoptsNorms, NormAct
 from .layers.pool import AvgPool, MaxPool
 from .layers.recompute import checkpointed, is_tracing, run_mode
@@ -97,9 +98,10 @@ def _handoff(module: nn.Module, value: Any = None) -> Any:
 
 
 class MemoryMode(nn.Module):
-    """What has a memory mode (``memory``): setting it on a module sets it on every layer below."""
+    """What has a memory mode (``memory``) and a backward that may go through the batch in slices
+    (``backward_slices``): setting either on a module sets it on every layer below."""
 
-    _memory = "efficient"
+    _memory, _slices = "efficient", "auto"
 
     @property
     def memory(self) -> str:
@@ -108,10 +110,27 @@ class MemoryMode(nn.Module):
 
     @memory.setter
     def memory(self, memory: str) -> None:
-        mode = resolve_memory(memory, None)
+        self._set("_memory", resolve_memory(memory, None))
+
+    @property
+    def backward_slices(self) -> int | str | None:
+        """'auto' (frugal slices a rerun that would hold more than it reads), a number of slices, or None."""
+        return self._slices
+
+    @backward_slices.setter
+    def backward_slices(self, slices: int | str | None) -> None:
+        check_slices(slices)
+        self._set("_slices", slices)
+
+    def _set(self, name: str, value: Any) -> None:
         for m in self.modules():
             if isinstance(m, MemoryMode):
-                m._memory = mode
+                setattr(m, name, value)
+
+    def slices(self, maps: Sequence[Tensor], transient: float = 3.0) -> int:
+        """The slices of a rerun of ``maps`` whose backward holds ``transient`` times their bytes, in this mode."""
+        reads = sum(t.nbytes for t in maps)
+        return slice_count(self._slices, self._memory == "frugal", maps[0].shape[0], transient * reads, reads)
 
 
 class DenseLayer(MemoryMode, AdoptsNorms):
@@ -137,20 +156,34 @@ class DenseLayer(MemoryMode, AdoptsNorms):
         self.dropout = (F.dropout1d, F.dropout2d, F.dropout3d)[spatial_dims - 1] if drop_channels else F.dropout
         self.memory = memory
 
-    def new_features(self, *maps: Tensor, light: bool = False) -> Tensor:
-        """The layer's new features from ``maps``; ``light``: each norm-ReLU-conv keeps only its input for backward."""
-        out = concat_norm_conv(self.norm1, self.relu1, self.conv1, *maps, light=light)
+    def new_features(self, *maps: Tensor, light: bool = False, slices: int = 1) -> Tensor:
+        """The layer's new features from ``maps``; ``light``: each norm-ReLU-conv keeps only its input for backward,
+        which goes through ``slices`` of the batch."""
+        out = concat_norm_conv(self.norm1, self.relu1, self.conv1, *maps, light=light, slices=slices)
         if self.bottleneck:
-            out = concat_norm_conv(self.norm2, self.relu2, self.conv2, out, light=light)
-        return self.dropout(out, self.drop_rate, self.training) if self.drop_rate > 0 else out
+            out = concat_norm_conv(self.norm2, self.relu2, self.conv2, out, light=light, slices=slices)
+        return self._dropout(out)
+
+    def _dropout(self, x: Tensor) -> Tensor:
+        return self.dropout(x, self.drop_rate, self.training) if self.drop_rate > 0 else x
 
     def forward(self, maps: Sequence[Tensor] | Tensor) -> Tensor:
         maps, mode = _as_maps(maps), run_mode(self.memory)
         if isinstance(maps[0], torch.fx.Proxy):  # a graph node for the concatenation, torchvision's ``cat``
             maps = [torch.cat(maps, 1)]
-        if mode == "frugal":  # the whole layer is a segment
-            return checkpointed(True, self.new_features, *maps, random=self.training and self.drop_rate > 0)
-        return self.new_features(*maps, light=mode == "efficient")
+        if mode == "plain":
+            return self.new_features(*maps)
+        if mode == "efficient":
+            return self.new_features(*maps, light=True, slices=self.slices(maps, 0.0))
+        stages = [(self.norm1, self.relu1, self.conv1)]
+        if self.bottleneck:
+            stages.append((self.norm2, self.relu2, self.conv2))
+        # frugal: the whole layer is a segment; sliced, its dropout runs after it (keeping its mask)
+        width = self.conv1.out_channels * self.bottleneck / self.conv1.in_channels
+        out = run_sliced(stages, *maps, slices=self.slices(maps, 3 * (1 + width)))
+        if out is not None:
+            return self._dropout(out)
+        return checkpointed(True, self.new_features, *maps, random=self.training and self.drop_rate > 0)
 
 
 class DenseBlock(MemoryMode, nn.ModuleDict):
@@ -163,8 +196,8 @@ class DenseBlock(MemoryMode, nn.ModuleDict):
 
     def __init__(self, num_layers: int, num_input_features: int, growth_rate: int, bn_size: int | None = 4,
                  drop_rate: float = 0.0, spatial_dims: int = 2, memory: str = "efficient",
-                 new_features_only: bool = False, norm_layer: NormLayer | None = None,
-                 drop_channels: bool = False) -> None:
+                 new_features_only: bool = False, norm_layer: NormLayer | None = None, drop_channels: bool = False,
+                 backward_slices: int | str | None = "auto") -> None:
         super().__init__()
         check_block(num_layers, num_input_features, growth_rate, bn_size, drop_rate, spatial_dims)
         for i in range(num_layers):
@@ -172,7 +205,7 @@ class DenseBlock(MemoryMode, nn.ModuleDict):
                 num_input_features + i * growth_rate, growth_rate, bn_size, drop_rate, spatial_dims, memory,
                 norm_layer, drop_channels))
         self.new_features_only = new_features_only
-        self.memory = memory
+        self.memory, self.backward_slices = memory, backward_slices
 
     def run(self, maps: Sequence[Tensor]) -> list[Tensor]:
         """The maps given, then each layer's new features."""
@@ -218,8 +251,9 @@ class Transition(MemoryMode, AdoptsNorms):
 
     def forward(self, maps: Sequence[Tensor] | Tensor) -> Tensor:
         # The pool keeps nothing for backward, so no mode needs to keep or recompute the convolution's output.
-        light = run_mode(self.memory) != "plain"
-        return self.pool(concat_norm_conv(self.norm, self.relu, self.conv, *_as_maps(maps), light=light))
+        maps, light = _as_maps(maps), run_mode(self.memory) != "plain"
+        slices = self.slices(maps) if light else 1
+        return self.pool(concat_norm_conv(self.norm, self.relu, self.conv, *maps, light=light, slices=slices))
 
 
 class _Features(AdoptsNorms, nn.Sequential):
@@ -244,7 +278,8 @@ class DenseNet(MemoryMode):
     ``memory`` ('plain', 'efficient' (default) or 'frugal'; the module docstring), ``efficient`` (the seed projects'
     spelling), ``compile`` (see :meth:`set_compile`), ``spatial_dims``, ``norm_layer`` (makes each norm + activation
     for a number of channels, a :class:`~effidense.layers.norm.NormAct`; default BatchNorm + ReLU), ``drop_channels``
-    (dropout drops whole channels, as MONAI's).
+    (dropout drops whole channels, as MONAI's), ``backward_slices`` ('auto': frugal's reruns go through the batch in
+    slices where they would hold more than they read; a number of slices for efficient's and frugal's; None: never).
     """
 
     def __init__(self, growth_rate: int = 32, block_config: Sequence[int] = (6, 12, 24, 16),
@@ -252,7 +287,8 @@ class DenseNet(MemoryMode):
                  memory_efficient: bool | None = None, *, compression: float = 0.5, head_drop_rate: float = 0.0,
                  in_chans: int = 3, global_pool: str = "avg", small_inputs: bool = False, memory: str | None = None,
                  efficient: bool | None = None, compile: bool | str = False, spatial_dims: int = 2,
-                 norm_layer: NormLayer | None = None, drop_channels: bool = False) -> None:
+                 norm_layer: NormLayer | None = None, drop_channels: bool = False,
+                 backward_slices: int | str | None = "auto") -> None:
         super().__init__()
         check_config(growth_rate, block_config, num_init_features, bn_size, compression, drop_rate,
                      head_drop_rate, num_classes, in_chans, small_inputs, spatial_dims)
@@ -300,7 +336,7 @@ class DenseNet(MemoryMode):
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
-        self.memory = mode
+        self.memory, self.backward_slices = mode, backward_slices
         if compile:
             self.set_compile()
 
@@ -340,8 +376,9 @@ class DenseNet(MemoryMode):
         mode, f, tracing = run_mode(self.memory), self.features, is_tracing()
         if self.small_inputs:
             x = f.conv0(x)
-        elif mode != "plain" and not stem_map:
-            x = conv_norm_pool(f.conv0, f.norm0, f.relu0, f.pool0, x)
+        elif mode != "plain" and not stem_map:  # the rerun holds 3 maps of the convolution's output
+            growth = 3 * f.conv0.out_channels / f.conv0.in_channels / 2 ** self.spatial_dims
+            x = conv_norm_pool(f.conv0, f.norm0, f.relu0, f.pool0, x, slices=self.slices([x], growth))
         else:
             x = checkpointed(mode != "plain", lambda t: f.relu0(f.norm0(f.conv0(t))), x)
         yield [x]

@@ -10,42 +10,85 @@ instead (:func:`differentiable_rerun`), so double backward works.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .norm import BatchNormAct
+from .norm import BatchNormAct, grad_sums, input_grad
 from .pool import MaxPool
 from .recompute import checkpointed, is_tracing, rerun
 
-__all__ = ["ConvNormReluPool", "NormReluConv", "ReluKeepingSign", "concat_norm_conv", "conv_norm_pool",
-           "differentiable_rerun", "plain_conv"]
+__all__ = ["ConvNormReluPool", "NormReluConv", "ReluKeepingSign", "SlicedChain", "concat_norm_conv", "conv_norm_pool",
+           "differentiable_rerun", "plain_conv", "slice_count"]
+
+SLICE_FLOOR = 32 * 2 ** 20  # bytes: a smaller rerun costs little memory, and slicing it would cost kernel launches
 
 
 def _light(norm: nn.Module, act: nn.Module, conv: nn.Module) -> bool:
     """Whether ``norm``, ``act`` and ``conv`` can rerun in a light Function: native training-mode BatchNorm, ReLU, a
-    convolution differentiated by hand, autograd recording and nobody tracing."""
-    return isinstance(norm, BatchNormAct) and norm.act is None and type(act) is nn.ReLU and plain_conv(conv) \
-        and torch.is_grad_enabled() and not is_tracing() and norm.native_training()
+    convolution differentiated by hand (or a max-pool), autograd recording and nobody tracing."""
+    return isinstance(norm, BatchNormAct) and norm.act is None and type(act) is nn.ReLU and \
+        (plain_conv(conv) or isinstance(conv, MaxPool)) and torch.is_grad_enabled() and not is_tracing() and \
+        norm.native_training()
 
 
-def concat_norm_conv(norm: nn.Module, act: nn.Module, conv: nn.Module, *maps: Tensor, light: bool) -> Tensor:
-    """``conv(act(norm(*maps)))``; when ``light``, keeping only ``maps`` for backward."""
+def slice_count(setting: int | str | None, frugal: bool, batch: int, transient: float, reads: float) -> int:
+    """How many slices of the batch a rerun's backward goes through: ``setting`` (a count, at most the batch), or for
+    'auto' in frugal mode as many as keep a slice's transient (``transient`` bytes for the whole batch) within what
+    the rerun reads (``reads``), which frugal keeps anyway; one (not sliced) below :data:`SLICE_FLOOR`."""
+    if setting == "auto":
+        setting = math.ceil(transient / reads) if frugal and transient > SLICE_FLOOR and reads else 1
+    return 1 if setting is None else max(1, min(setting, batch))
+
+
+def run_sliced(stages: Sequence[tuple[nn.Module, nn.Module, nn.Module]], *maps: Tensor, slices: int,
+               pre: nn.Module | None = None) -> Tensor | None:
+    """``stages`` (norm, ReLU, convolution or max-pool) run in turn on the concatenated ``maps`` (or on ``pre`` of
+    the one map), through :class:`SlicedChain` when ``slices`` > 1 and every norm can rerun light and has no hooks
+    (which fire only if the norm is called); None where it cannot."""
+    if slices < 2 or not all(_light(*stage) and not stage[0]._forward_hooks and not stage[0]._forward_pre_hooks
+                             for stage in stages):
+        return None
+    params = [] if pre is None else [pre.weight]
+    for norm, _, post in stages:
+        params += [norm.weight, norm.bias, post.weight if isinstance(post, nn.modules.conv._ConvNd) else None]
+    return SlicedChain.apply(slices, pre, tuple(stages), len(params), *params, *maps)
+
+
+def concat_norm_conv(norm: nn.Module, act: nn.Module, conv: nn.Module, *maps: Tensor, light: bool,
+                     slices: int = 1) -> Tensor:
+    """``conv(act(norm(*maps)))``; when ``light``, keeping only ``maps`` for backward, whose backward goes through the
+    batch in ``slices``."""
     if not light:
         return conv(act(norm(*maps)))
+    out = run_sliced([(norm, act, conv)], *maps, slices=slices)
+    if out is not None:
+        return out
     if _light(norm, act, conv):
         return NormReluConv.apply(norm, act, conv, norm.weight, norm.bias, conv.weight, *maps)
     return checkpointed(True, lambda *t: conv(act(norm(*t))), *maps)
 
 
-def conv_norm_pool(conv: nn.Module, norm: nn.Module, act: nn.Module, pool: nn.Module, x: Tensor) -> Tensor:
-    """``pool(act(norm(conv(x))))``, keeping only ``x`` for backward."""
+def conv_norm_pool(conv: nn.Module, norm: nn.Module, act: nn.Module, pool: nn.Module, x: Tensor,
+                   slices: int = 1) -> Tensor:
+    """``pool(act(norm(conv(x))))``, keeping only ``x`` for backward, whose backward goes through ``slices``."""
+    out = run_sliced([(norm, act, pool)], x, slices=slices, pre=conv) if plain_conv(conv) else None
+    if out is not None:
+        return out
     if isinstance(pool, MaxPool) and _light(norm, act, conv):
         return ConvNormReluPool.apply(x, conv.weight, norm.weight, norm.bias, conv, norm, act, pool)
     return checkpointed(True, lambda t: pool(act(norm(conv(t)))), x)
+
+
+def _run_chain(pre: nn.Module | None, stages: Sequence[tuple[nn.Module, ...]], *maps: Tensor) -> Tensor:
+    x = pre(maps[0]) if pre is not None else maps
+    for norm, act, post in stages:
+        x = post(act(norm(*x) if isinstance(x, tuple) else norm(x)))
+    return x
 
 
 class _Light(torch.autograd.Function):
@@ -181,6 +224,125 @@ class ConvNormReluPool(_Light):
         del c, grad_y
         grad_x, grad_conv = _conv_backward(ctx, conv, grad_c, x, need_x, need_conv)
         return None if grad_x is None else grad_x.to(x.dtype), grad_conv, grad_w, grad_b, None, None, None, None
+
+
+class SlicedChain(_Light):
+    """``stages`` (BatchNorm, ReLU, then a convolution or max-pool) in turn on the concatenated maps, or on ``pre``
+    (a convolution) of the one map, keeping only the maps and each norm's batch statistics (two values per channel).
+
+    Forward is the plain model's, by the same kernels: outputs and running statistics are bitwise equal. Backward
+    goes through the batch in ``slices``, rebuilding each slice's maps from the saved statistics, so that it holds a
+    slice's maps at a time rather than the batch's. A BatchNorm couples the samples through two per-channel sums,
+    so a chain of ``m`` norms takes ``m + 1`` sweeps: the sums of the last norm's gradients over every slice first,
+    then of the one before (through the last, now known), and so on, and finally each slice's input gradient.
+    Weight gradients are summed slice by slice. Gradients therefore equal the plain model's up to the order of
+    floating-point sums. Under ``create_graph=True`` backward differentiates a whole-batch rerun instead.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, slices: int, pre: nn.Module | None, stages: tuple, n_params: int, *tensors: Tensor) -> Tensor:
+        maps = tensors[n_params:]
+        _Light.setup(ctx, maps[0], pre, stages)
+        x, stats = pre(maps[0]) if pre is not None else torch.cat(maps, 1) if len(maps) > 1 else maps[0], []
+        for norm, act, post in stages:  # F.batch_norm's very kernel, with its statistics
+            y, mean, invstd, _, _ = torch._batch_norm_impl_index(
+                x, norm.weight, norm.bias, norm.running_mean, norm.running_var, True, norm.count_batch(), norm.eps,
+                torch.backends.cudnn.enabled)
+            stats += [mean, invstd]
+            x = post(act(y))
+        ctx.slices, ctx.n_params = slices, n_params
+        ctx.save_for_backward(*maps, *stats)
+        return x
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        pre, stages = ctx.modules
+        saved, m = ctx.saved_tensors, len(stages)
+        maps, stats = saved[:-2 * m], saved[-2 * m:]
+        params = ctx.needs_input_grad[4:4 + ctx.n_params]
+        if torch.is_grad_enabled():
+            weights = [] if pre is None else [pre.weight]
+            for norm, _, post in stages:
+                weights += [norm.weight, norm.bias, getattr(post, "weight", None)]
+            return differentiable_rerun(ctx, grad, lambda *t: _run_chain(pre, stages, *t),
+                                        (None, None, None, None, *weights), maps)
+        needs = list(ctx.needs_input_grad[4 + ctx.n_params:])
+        grads: list[Tensor | None] = [None] * (4 + ctx.n_params)
+        grad_maps = [torch.empty_like(t) if need else None for t, need in zip(maps, needs, strict=True)]
+        sums: list[tuple[Tensor, Tensor]] = []
+        first = 5 if pre is not None else 4  # where stage 0's norm weight sits among apply's arguments
+        batch = grad.shape[0]
+        for k in range(m - 1, -2, -1):  # sweep k sums norm k's gradients; the last sweep forms the input's
+            for a, b in _bounds(batch, ctx.slices):
+                with torch.autocast(grad.device.type, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
+                    x = pre._conv_forward(maps[0][a:b], pre.weight, None) if pre is not None else \
+                        torch.cat([t[a:b] for t in maps], 1)
+                    ins, outs = [], []
+                    for j, (norm, _, post) in enumerate(stages):
+                        ins.append(x)
+                        outs.append(_normalize_relu(x, norm, stats[2 * j], stats[2 * j + 1]))
+                        if j < m - 1:  # convolutions and pools run by their kernels: hooks fired in forward
+                            x = post._conv_forward(outs[-1], post.weight, None)
+                g = grad[a:b]
+                for j in range(m - 1, max(k, 0) - 1, -1):
+                    norm, _, post = stages[j]
+                    if isinstance(post, MaxPool):
+                        g = post.input_grad(outs[j], g)
+                    else:
+                        g, grad_w = _conv_backward(ctx, post, g, outs[j], True, j == k and params[3 * j + 2 + (
+                            pre is not None)])
+                        if grad_w is not None:
+                            index = first + 3 * j + 2
+                            grads[index] = grad_w if grads[index] is None else grads[index].add_(grad_w)
+                    g = torch.ops.aten.threshold_backward(g.to(outs[j].dtype), outs[j], 0)
+                    mean, invstd = stats[2 * j], stats[2 * j + 1]
+                    if j == k:
+                        part_sums = grad_sums(g, ins[j], mean, invstd)
+                        if len(sums) < m - k:
+                            sums.append(part_sums)
+                        else:
+                            sums[-1] = (sums[-1][0] + part_sums[0], sums[-1][1] + part_sums[1])
+                        break
+                    total_dy, total_dy_xhat = sums[m - 1 - j]
+                    g = input_grad(g, ins[j], mean, invstd, norm.weight, total_dy, total_dy_xhat,
+                                   batch * math.prod(ins[j].shape[2:]))
+                if k >= 0:
+                    continue
+                if pre is not None:
+                    g, grad_w = _conv_backward(ctx, pre, g, maps[0][a:b], needs[0], params[0])
+                    if grad_w is not None:
+                        grads[4] = grad_w if grads[4] is None else grads[4].add_(grad_w)
+                    if needs[0]:
+                        grad_maps[0][a:b] = g
+                    continue
+                for t, part_grad in zip(grad_maps, g.split([m_.shape[1] for m_ in maps], 1), strict=True):
+                    if t is not None:
+                        t[a:b] = part_grad
+        for j, (norm, _, _) in enumerate(stages):
+            total_dy, total_dy_xhat = sums[m - 1 - j]
+            index = first + 3 * j
+            if norm.weight is not None and params[index - 4]:
+                grads[index] = total_dy_xhat.to(norm.weight.dtype)
+            if norm.bias is not None and params[index - 3]:
+                grads[index + 1] = total_dy.to(norm.bias.dtype)
+        return *grads, *grad_maps
+
+
+def _bounds(batch: int, slices: int) -> list[tuple[int, int]]:
+    """``slices`` consecutive parts of the batch, as equal as can be (as ``tensor_split``)."""
+    size, extra = divmod(batch, min(slices, batch))
+    starts = [i * size + min(i, extra) for i in range(min(slices, batch) + 1)]
+    return list(zip(starts, starts[1:], strict=False))
+
+
+def _normalize_relu(x: Tensor, norm: nn.Module, mean: Tensor, invstd: Tensor) -> Tensor:
+    """``ReLU(BN(x))`` with the statistics forward saved, in their precision, as the kernels compute it."""
+    shape = (1, -1, *([1] * (x.dim() - 2)))
+    scale = invstd if norm.weight is None else invstd * norm.weight.to(invstd.dtype)
+    y = (x.to(mean.dtype) - mean.view(shape)) * scale.view(shape)
+    if norm.bias is not None:
+        y = y + norm.bias.to(mean.dtype).view(shape)
+    return y.relu_().to(x.dtype)
 
 
 _BITS = torch.arange(8, dtype=torch.uint8)

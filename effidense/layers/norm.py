@@ -28,7 +28,8 @@ from .recompute import fx_leaf, handed, recomputing
 
 __all__ = ["BATCH_NORM_ACT", "INSTANCE_NORM_ACT", "Activation", "AdoptsNorms", "BatchNormAct", "BatchNormAct1d",
            "BatchNormAct2d", "BatchNormAct3d", "GroupNormAct", "InstanceNormAct1d", "InstanceNormAct2d",
-           "InstanceNormAct3d", "NormAct", "SyncBatchNormAct", "SyncBatchNormWithStats", "batch_stats", "relu_"]
+           "InstanceNormAct3d", "NormAct", "SyncBatchNormAct", "SyncBatchNormWithStats", "batch_stats", "grad_sums",
+           "input_grad", "relu_"]
 
 
 def _per_channel(t: Tensor, dims: int) -> Tensor:
@@ -56,21 +57,37 @@ class SyncBatchNormWithStats(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, mean, invstd = ctx.saved_tensors
-        dims = x.dim()
-        grad = grad.to(mean.dtype)
-        xhat = (x.to(mean.dtype) - _per_channel(mean, dims)) * _per_channel(invstd, dims)
-        sum_dy, sum_dy_xhat = grad.sum(_reduced(x)), (grad * xhat).sum(_reduced(x))
+        sum_dy, sum_dy_xhat = grad_sums(grad, x, mean, invstd)
         grad_x = None
         if ctx.needs_input_grad[0]:
             sums = torch.cat([sum_dy, sum_dy_xhat, sum_dy.new_full((1,), x.numel() // x.size(1))])
             dist.all_reduce(sums, group=ctx.group)
             total_dy, total_dy_xhat, count = sums.split([sum_dy.numel(), sum_dy.numel(), 1])
-            scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-            grad_x = grad - _per_channel(total_dy / count, dims) - xhat * _per_channel(total_dy_xhat / count, dims)
-            grad_x = (grad_x * _per_channel(scale, dims)).to(x.dtype)
+            grad_x = input_grad(grad, x, mean, invstd, weight, total_dy, total_dy_xhat, count)
         grad_weight = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         grad_bias = sum_dy.to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
         return grad_x, grad_weight, grad_bias, None, None, None, None
+
+
+def _xhat(x: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:
+    return (x.to(mean.dtype) - _per_channel(mean, x.dim())) * _per_channel(invstd, x.dim())
+
+
+def grad_sums(grad: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
+    """Training-mode BatchNorm's backward, its first half: per channel, the sums of the output's gradient and of
+    the gradient times the normalised input, over this part of the batch, in the statistics' precision."""
+    grad = grad.to(mean.dtype)
+    return grad.sum(_reduced(x)), (grad * _xhat(x, mean, invstd)).sum(_reduced(x))
+
+
+def input_grad(grad: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, sum_dy: Tensor,
+               sum_dy_xhat: Tensor, count: Tensor | int) -> Tensor:
+    """Its second half: the input's gradient, given the sums over the whole batch (``count`` values per channel)."""
+    dims = x.dim()
+    grad_x = grad.to(mean.dtype) - _per_channel(sum_dy / count, dims) \
+        - _xhat(x, mean, invstd) * _per_channel(sum_dy_xhat / count, dims)
+    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    return (grad_x * _per_channel(scale, dims)).to(x.dtype)
 
 
 @torch.no_grad()
@@ -169,7 +186,7 @@ class BatchNormAct(NormAct, nn.modules.batchnorm._BatchNorm):
         """Whether it normalises with this process's batch statistics, by torch's own kernel."""
         return (self.training or not self.track_running_stats) and self.sync_group() is None
 
-    def _momentum(self) -> float:
+    def count_batch(self) -> float:
         """nn.BatchNorm's bookkeeping for a training batch: count it; return the update factor. Called on a
         segment's first run only."""
         if not (self.training and self.track_running_stats):
@@ -185,7 +202,7 @@ class BatchNormAct(NormAct, nn.modules.batchnorm._BatchNorm):
             return self._synchronised(x, group)
         running_mean, running_var, factor = self.running_mean, self.running_var, 0.0
         if not recomputing():
-            factor = self._momentum()
+            factor = self.count_batch()
         elif running_mean is not None:  # a rerun updates throwaway copies: it saves what the first run saved
             running_mean, running_var = torch.zeros_like(running_mean), torch.ones_like(running_var)
         return F.batch_norm(x, running_mean, running_var, self.weight, self.bias, True, factor, self.eps)
@@ -196,7 +213,7 @@ class BatchNormAct(NormAct, nn.modules.batchnorm._BatchNorm):
             mean, var = values.pop(0)
         else:
             mean, var, count = batch_stats(x, group)
-            factor = self._momentum()
+            factor = self.count_batch()
             if factor:
                 with torch.no_grad():
                     self.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
