@@ -3,7 +3,8 @@
 ``SavedTensorMeter`` counts the bytes autograd keeps for backward while a forward pass runs: every tensor that
 reaches ``save_for_backward`` (directly or through a non-reentrant checkpoint's saved inputs), deduplicated by
 storage, with the model's parameters and buffers left out. The count is deterministic and device-independent,
-so tests can assert on it; ``cuda_peak_bytes`` is the allocator's view for benchmarks on a GPU.
+so tests can assert on it. A step's peak is the allocator's: ``cuda_peak_bytes`` on a GPU, ``cpu_peak_bytes`` on
+the CPU.
 """
 from __future__ import annotations
 
@@ -92,6 +93,24 @@ def cuda_peak_bytes(step: Callable[[], object], device: torch.device | str | Non
     step()
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) - before
+
+
+def cpu_peak_bytes(step: Callable[[], object]) -> int:
+    """Peak CPU memory allocated while ``step()`` runs, above what was allocated before it: the allocator's own
+    allocation and free events, as ``torch.profiler`` records them with ``profile_memory=True``, summed in order. It
+    sees what kernels allocate inside themselves (BatchNorm's and oneDNN convolution's scratch), which no count of
+    tensors does."""
+    from torch.profiler import ProfilerActivity, profile  # the profiler is loaded only where a peak is measured
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+                    and e.device_type() == torch.autograd.DeviceType.CPU)
+    current = peak = 0
+    for _, size in events:
+        current += size
+        peak = max(peak, current)
+    return peak
 
 
 def activation_floor_bytes(model: nn.Module, *inputs: torch.Tensor) -> int:

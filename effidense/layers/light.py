@@ -38,10 +38,11 @@ def _light(norm: nn.Module, act: nn.Module, conv: nn.Module) -> bool:
 
 def slice_count(setting: int | str | None, frugal: bool, batch: int, transient: float, reads: float) -> int:
     """How many slices of the batch a rerun's backward goes through: ``setting`` (a count, at most the batch), or for
-    'auto' in frugal mode as many as keep a slice's transient (``transient`` bytes for the whole batch) within what
-    the rerun reads (``reads``), which frugal keeps anyway; one (not sliced) below :data:`SLICE_FLOOR`."""
+    'auto' in frugal mode, where the rerun would hold more than :data:`SLICE_FLOOR` (``transient`` bytes for the
+    whole batch), as many as keep a slice's maps within a quarter of what the rerun reads (``reads``), which frugal
+    keeps anyway. Once a rerun is sliced, more slices cost no arithmetic, only kernel launches."""
     if setting == "auto":
-        setting = math.ceil(transient / reads) if frugal and transient > SLICE_FLOOR and reads else 1
+        setting = math.ceil(4 * transient / reads) if frugal and transient > SLICE_FLOOR and reads else 1
     return 1 if setting is None else max(1, min(setting, batch))
 
 
@@ -227,16 +228,17 @@ class ConvNormReluPool(_Light):
 
 
 class SlicedChain(_Light):
-    """``stages`` (BatchNorm, ReLU, then a convolution or max-pool) in turn on the concatenated maps, or on ``pre``
-    (a convolution) of the one map, keeping only the maps and each norm's batch statistics (two values per channel).
+    """One or two stages (BatchNorm, ReLU, then a convolution or max-pool) in turn on the concatenated maps, or on
+    ``pre`` (a convolution) of the one map, keeping only the maps and each norm's batch statistics (two values per
+    channel). Forward is the plain model's, by the same kernels: outputs and running statistics are bitwise equal.
 
-    Forward is the plain model's, by the same kernels: outputs and running statistics are bitwise equal. Backward
-    goes through the batch in ``slices``, rebuilding each slice's maps from the saved statistics, so that it holds a
-    slice's maps at a time rather than the batch's. A BatchNorm couples the samples through two per-channel sums,
-    so a chain of ``m`` norms takes ``m + 1`` sweeps: the sums of the last norm's gradients over every slice first,
-    then of the one before (through the last, now known), and so on, and finally each slice's input gradient.
-    Weight gradients are summed slice by slice. Gradients therefore equal the plain model's up to the order of
-    floating-point sums. Under ``create_graph=True`` backward differentiates a whole-batch rerun instead.
+    Backward goes through the batch in ``slices``, rebuilding each slice's maps from the saved statistics, so that it
+    holds a slice's maps rather than the batch's. A BatchNorm couples the samples through two per-channel sums of its
+    gradients, so each norm takes a sweep to sum them before any input gradient can be formed: with two stages, the
+    first sweep sums the second norm's, keeping that norm's input and gradient (the bottleneck's width, not the
+    concatenation's); the next sums the first norm's; the last forms each slice's input gradient. Weight gradients
+    are summed slice by slice, so gradients equal the plain model's up to the order of floating-point sums. Under
+    ``create_graph=True`` backward differentiates a whole-batch rerun instead.
     """
 
     @staticmethod
@@ -248,84 +250,89 @@ class SlicedChain(_Light):
             y, mean, invstd, _, _ = torch._batch_norm_impl_index(
                 x, norm.weight, norm.bias, norm.running_mean, norm.running_var, True, norm.count_batch(), norm.eps,
                 torch.backends.cudnn.enabled)
-            stats += [mean, invstd]
+            stats.append((mean, invstd))
             x = post(act(y))
-        ctx.slices, ctx.n_params = slices, n_params
-        ctx.save_for_backward(*maps, *stats)
+        ctx.slices, ctx.n_params, ctx.stats = slices, n_params, stats
+        ctx.save_for_backward(*maps)
         return x
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        pre, stages = ctx.modules
-        saved, m = ctx.saved_tensors, len(stages)
-        maps, stats = saved[:-2 * m], saved[-2 * m:]
-        params = ctx.needs_input_grad[4:4 + ctx.n_params]
+        (pre, stages), maps = ctx.modules, ctx.saved_tensors
+        weights = [] if pre is None else [pre.weight]
+        for norm, _, post in stages:
+            weights += [norm.weight, norm.bias, getattr(post, "weight", None)]
         if torch.is_grad_enabled():
-            weights = [] if pre is None else [pre.weight]
-            for norm, _, post in stages:
-                weights += [norm.weight, norm.bias, getattr(post, "weight", None)]
             return differentiable_rerun(ctx, grad, lambda *t: _run_chain(pre, stages, *t),
                                         (None, None, None, None, *weights), maps)
-        needs = list(ctx.needs_input_grad[4 + ctx.n_params:])
-        grads: list[Tensor | None] = [None] * (4 + ctx.n_params)
-        grad_maps = [torch.empty_like(t) if need else None for t, need in zip(maps, needs, strict=True)]
-        sums: list[tuple[Tensor, Tensor]] = []
-        first = 5 if pre is not None else 4  # where stage 0's norm weight sits among apply's arguments
-        batch = grad.shape[0]
-        for k in range(m - 1, -2, -1):  # sweep k sums norm k's gradients; the last sweep forms the input's
-            for a, b in _bounds(batch, ctx.slices):
-                with torch.autocast(grad.device.type, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
-                    x = pre._conv_forward(maps[0][a:b], pre.weight, None) if pre is not None else \
-                        torch.cat([t[a:b] for t in maps], 1)
-                    ins, outs = [], []
-                    for j, (norm, _, post) in enumerate(stages):
-                        ins.append(x)
-                        outs.append(_normalize_relu(x, norm, stats[2 * j], stats[2 * j + 1]))
-                        if j < m - 1:  # convolutions and pools run by their kernels: hooks fired in forward
-                            x = post._conv_forward(outs[-1], post.weight, None)
-                g = grad[a:b]
-                for j in range(m - 1, max(k, 0) - 1, -1):
-                    norm, _, post = stages[j]
-                    if isinstance(post, MaxPool):
-                        g = post.input_grad(outs[j], g)
-                    else:
-                        g, grad_w = _conv_backward(ctx, post, g, outs[j], True, j == k and params[3 * j + 2 + (
-                            pre is not None)])
-                        if grad_w is not None:
-                            index = first + 3 * j + 2
-                            grads[index] = grad_w if grads[index] is None else grads[index].add_(grad_w)
-                    g = torch.ops.aten.threshold_backward(g.to(outs[j].dtype), outs[j], 0)
-                    mean, invstd = stats[2 * j], stats[2 * j + 1]
-                    if j == k:
-                        part_sums = grad_sums(g, ins[j], mean, invstd)
-                        if len(sums) < m - k:
-                            sums.append(part_sums)
-                        else:
-                            sums[-1] = (sums[-1][0] + part_sums[0], sums[-1][1] + part_sums[1])
-                        break
-                    total_dy, total_dy_xhat = sums[m - 1 - j]
-                    g = input_grad(g, ins[j], mean, invstd, norm.weight, total_dy, total_dy_xhat,
-                                   batch * math.prod(ins[j].shape[2:]))
-                if k >= 0:
-                    continue
-                if pre is not None:
-                    g, grad_w = _conv_backward(ctx, pre, g, maps[0][a:b], needs[0], params[0])
-                    if grad_w is not None:
-                        grads[4] = grad_w if grads[4] is None else grads[4].add_(grad_w)
-                    if needs[0]:
-                        grad_maps[0][a:b] = g
-                    continue
-                for t, part_grad in zip(grad_maps, g.split([m_.shape[1] for m_ in maps], 1), strict=True):
-                    if t is not None:
-                        t[a:b] = part_grad
-        for j, (norm, _, _) in enumerate(stages):
-            total_dy, total_dy_xhat = sums[m - 1 - j]
-            index = first + 3 * j
-            if norm.weight is not None and params[index - 4]:
-                grads[index] = total_dy_xhat.to(norm.weight.dtype)
-            if norm.bias is not None and params[index - 3]:
-                grads[index + 1] = total_dy.to(norm.bias.dtype)
-        return *grads, *grad_maps
+        needs = ctx.needs_input_grad
+        grads = {id(w): None for w, need in zip(weights, needs[4:], strict=False) if w is not None and need}
+        grad_maps = [torch.empty_like(t) if need else None for t, need in zip(maps, needs[4 + ctx.n_params:],
+                                                                              strict=True)]
+        parts, batch = _bounds(grad.shape[0], ctx.slices), grad.shape[0]
+
+        def accumulate(weight: Tensor, g: Tensor | None) -> None:
+            if g is not None:
+                grads[id(weight)] = g if grads[id(weight)] is None else grads[id(weight)].add_(g)
+
+        def conv(module: nn.Module, x: Tensor) -> Tensor:  # as forward ran it, without calling its hooks again
+            with torch.autocast(grad.device.type, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
+                return module._conv_forward(x, module.weight, None)
+
+        def front(a: int, b: int) -> tuple[Tensor, Tensor]:  # a slice's chain input and first normalised map
+            x = conv(pre, maps[0][a:b]) if pre is not None else torch.cat([t[a:b] for t in maps], 1)
+            return x, _normalize_relu(x, stages[0][0], *ctx.stats[0])
+
+        def through(stage: tuple, g: Tensor, y: Tensor, weight: bool) -> Tensor:  # a stage's post, then its ReLU
+            post = stage[2]
+            if isinstance(post, MaxPool):
+                g = post.input_grad(y, g)
+            else:
+                g, grad_w = _conv_backward(ctx, post, g, y, True, weight and id(post.weight) in grads)
+                accumulate(post.weight, grad_w)
+            return torch.ops.aten.threshold_backward(g.to(y.dtype), y, 0)
+
+        def summed(stage: int, gz: Tensor, x: Tensor, total: list) -> None:
+            sums = grad_sums(gz, x, *ctx.stats[stage])
+            total[:] = sums if not total else [t + s for t, s in zip(total, sums, strict=True)]
+
+        top, totals = grad, [[] for _ in stages]
+        if len(stages) == 2:  # the second norm's sums, keeping its input and gradient, then that input's gradient
+            inputs, top = None, None
+            for a, b in parts:
+                x1 = conv(stages[0][2], front(a, b)[1])
+                y1 = _normalize_relu(x1, stages[1][0], *ctx.stats[1])
+                gz1 = through(stages[1], grad[a:b], y1, True)
+                summed(1, gz1, x1, totals[1])
+                if top is None:
+                    inputs, top = x1.new_empty((batch, *x1.shape[1:])), gz1.new_empty((batch, *gz1.shape[1:]))
+                inputs[a:b], top[a:b] = x1, gz1
+            count = batch * math.prod(inputs.shape[2:])
+            for a, b in parts:
+                top[a:b] = input_grad(top[a:b], inputs[a:b], *ctx.stats[1], stages[1][0].weight, *totals[1], count)
+            del inputs
+        for a, b in parts:  # the first norm's sums
+            x, y = front(a, b)
+            summed(0, through(stages[0], top[a:b], y, True), x, totals[0])
+        count = batch * math.prod(x.shape[2:])
+        for a, b in parts:  # each slice's input gradient
+            x, y = front(a, b)
+            g = input_grad(through(stages[0], top[a:b], y, False), x, *ctx.stats[0], stages[0][0].weight,
+                           *totals[0], count)
+            if pre is not None:
+                g, grad_w = _conv_backward(ctx, pre, g, maps[0][a:b], grad_maps[0] is not None, id(pre.weight) in grads)
+                accumulate(pre.weight, grad_w)
+                if grad_maps[0] is not None:
+                    grad_maps[0][a:b] = g
+                continue
+            for t, part in zip(grad_maps, g.split([t.shape[1] for t in maps], 1), strict=True):
+                if t is not None:
+                    t[a:b] = part
+        for (norm, _, _), (total_dy, total_dy_xhat) in zip(stages, totals, strict=True):
+            for param, total in ((norm.weight, total_dy_xhat), (norm.bias, total_dy)):
+                if param is not None and id(param) in grads:
+                    grads[id(param)] = total.to(param.dtype)
+        return None, None, None, None, *[None if w is None else grads.get(id(w)) for w in weights], *grad_maps
 
 
 def _bounds(batch: int, slices: int) -> list[tuple[int, int]]:

@@ -1,0 +1,172 @@
+"""A backward that goes through the batch in slices (``backward_slices``): forward stays bitwise the plain model's
+(outputs and running statistics), gradients equal the plain model's up to the order of floating-point sums, and the
+step's peak, by the CPU allocator, falls."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import TINY, one_line_error
+
+import effidense.layers.light as light
+from effidense import DenseBlock, DenseNet
+from effidense.memory import cpu_peak_bytes
+
+# Gradients differ from the plain model's only by the order of floating-point sums: |a - b| <= TOL * the largest
+# gradient of the model (a single gradient can be a cancellation of terms far larger than itself).
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+SIZES = {1: 48, 2: 24, 3: 14}
+
+
+def _close(sliced: torch.nn.Module, plain: torch.nn.Module, dtype: torch.dtype) -> None:
+    scale = max(float(p.grad.abs().max()) for p in plain.parameters())
+    for (name, a), b in zip(sliced.named_parameters(), plain.parameters(), strict=True):
+        assert float((a.grad - b.grad).abs().max()) <= TOL[dtype] * scale, name
+
+
+def _pair(model: torch.nn.Module, mode: str, slices: object) -> tuple[torch.nn.Module, torch.nn.Module]:
+    plain = copy.deepcopy(model)
+    plain.memory = "plain"
+    sliced = copy.deepcopy(model)
+    sliced.memory, sliced.backward_slices = mode, slices
+    return sliced, plain
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("mode", ["efficient", "frugal"])
+def test_model_forward_bitwise_and_gradients_within_sum_order(mode, dims, dtype):
+    """Three SGD steps, slices of 2, 2 and 1 samples: outputs and running statistics bitwise, gradients (and so
+    weights) within the tolerance of the order of sums."""
+    sliced, plain = _pair(DenseNet(**TINY, spatial_dims=dims, drop_rate=0.2).to(dtype), mode, 3)
+    x = torch.randn(5, 3, *[SIZES[dims]] * dims, dtype=dtype)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (sliced, plain)]
+    for step in range(3):
+        outs = []
+        for model, optimizer in zip((sliced, plain), optimizers, strict=True):
+            torch.manual_seed(step)  # the same dropout draws
+            optimizer.zero_grad()
+            out = model(x)
+            out.square().mean().backward()
+            outs.append(out)
+        if step == 0:
+            assert torch.equal(outs[0], outs[1])
+            for a, b in zip(sliced.buffers(), plain.buffers(), strict=True):
+                assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(outs[0], outs[1], rtol=1e3 * TOL[dtype], atol=1e3 * TOL[dtype])
+        _close(sliced, plain, dtype)
+        for optimizer in optimizers:
+            optimizer.step()
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("mode", ["efficient", "frugal"])
+def test_dense_block_input_gradient(mode, dims):
+    """A DenseBlock alone, with the gradient of its input too (the concatenation's backward, slice by slice)."""
+    sliced, plain = _pair(DenseBlock(3, 6, 4, spatial_dims=dims).double(), mode, 2)
+    x = torch.randn(3, 6, *[6] * dims, dtype=torch.float64)
+    grads = []
+    for block in (sliced, plain):
+        xi = x.clone().requires_grad_()
+        out = block(xi)
+        (out * torch.arange(out.numel(), dtype=out.dtype).view_as(out).sin()).sum().backward()
+        grads.append(xi.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-12 * float(grads[1].abs().max()))
+    _close(sliced, plain, torch.float64)
+
+
+def test_eval_mode_and_double_backward():
+    """Eval mode (running statistics: nothing couples the samples) and a gradient penalty (create_graph=True)
+    give the plain model's results."""
+    sliced, plain = _pair(DenseNet(**TINY).double(), "frugal", 2)
+    x = torch.randn(4, 3, 24, 24, dtype=torch.float64)
+    for model in (sliced, plain):
+        model.eval()
+        model(x).sum().backward()
+    _close(sliced, plain, torch.float64)
+    penalties = []
+    for model in (sliced, plain):
+        model.train().zero_grad()
+        xi = x.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(model(xi).square().sum(), xi, create_graph=True)
+        grad.square().sum().backward()
+        penalties.append(grad)
+    torch.testing.assert_close(penalties[0], penalties[1], rtol=1e-9, atol=1e-12)
+    _close(sliced, plain, torch.float64)
+
+
+def test_autocast_and_channels_last_stay_close():
+    sliced, plain = _pair(DenseNet(**TINY).to(memory_format=torch.channels_last), "frugal", 3)
+    x = torch.randn(4, 3, 24, 24).to(memory_format=torch.channels_last)
+    outs = []
+    for model in (sliced, plain):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().square().mean().backward()
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    scale = max(float(p.grad.abs().max()) for p in plain.parameters())
+    for a, b in zip(sliced.parameters(), plain.parameters(), strict=True):
+        assert float((a.grad - b.grad).abs().max()) <= 2e-2 * scale  # bfloat16's own rounding
+
+
+def test_slices_off_below_the_floor_or_one_sample_are_bitwise():
+    """'auto' leaves reruns under the floor whole, and so does a batch of one sample: bitwise the plain model's."""
+    for slices, batch in (("auto", 4), (None, 4), (3, 1)):
+        sliced, plain = _pair(DenseNet(**TINY), "frugal", slices)
+        x = torch.randn(batch, 3, 24, 24)
+        for model in (sliced, plain):
+            model(x).square().mean().backward()
+        for a, b in zip(sliced.parameters(), plain.parameters(), strict=True):
+            assert torch.equal(a.grad, b.grad)
+
+
+def test_auto_slice_counts():
+    """'auto' slices frugal's reruns that would hold more than the floor, so that a slice holds a quarter of what the
+    rerun reads; efficient is sliced only when asked; a count above the batch takes the batch."""
+    big = 2 * light.SLICE_FLOOR
+    assert light.slice_count("auto", True, 64, big, big / 3) == 12
+    assert light.slice_count("auto", True, 8, big, big / 3) == 8
+    assert light.slice_count("auto", True, 64, light.SLICE_FLOOR, 1) == 1
+    assert light.slice_count("auto", False, 64, big, big / 3) == 1
+    assert light.slice_count(5, False, 64, 0, 0) == 5
+    assert light.slice_count(100, False, 3, 0, 0) == 3
+    assert light.slice_count(None, True, 64, big, 1) == 1
+
+
+def test_hooked_norm_is_not_sliced():
+    """A norm with hooks is called, so its hooks fire: its layer then reruns whole, bitwise."""
+    sliced, plain = _pair(DenseNet(**TINY), "frugal", None)
+    sliced.features.denseblock1.denselayer1.backward_slices = 3
+    seen = []
+    sliced.features.denseblock1.denselayer1.norm1.register_forward_hook(lambda m, a, o: seen.append(o.shape))
+    x = torch.randn(4, 3, 24, 24)
+    for model in (sliced, plain):
+        model(x).sum().backward()
+    assert seen
+    for a, b in zip(sliced.parameters(), plain.parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "half"])
+def test_bad_slice_settings_get_one_line(bad):
+    model = DenseNet(**TINY)
+    with pytest.raises(ValueError) as err:
+        model.backward_slices = bad
+    assert one_line_error(str(err.value)).startswith("backward_slices must be 'auto', None")
+    with pytest.raises(ValueError, match="backward_slices"):
+        DenseNet(**TINY, backward_slices=bad)
+
+
+def test_sliced_backward_lowers_the_allocators_peak():
+    """The allocator's peak of a frugal step falls with slices: a rerun holds a slice's maps, not the batch's."""
+    model = DenseNet(growth_rate=8, block_config=(4, 2), num_init_features=16, num_classes=5, memory="frugal")
+    x = torch.randn(8, 3, 64, 64)
+    peaks = {}
+    for slices in (None, 8):
+        model.backward_slices = slices
+        model(x).sum().backward()  # gradients exist, as in training after the first step
+        peaks[slices] = cpu_peak_bytes(lambda: model(x).sum().backward())
+    assert peaks[8] < 0.8 * peaks[None]
