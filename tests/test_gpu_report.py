@@ -9,10 +9,10 @@ import torch
 from conftest import load_tool
 
 from effidense import SavedTensorMeter, gpu_report
-from effidense.benchmark import step_loss
 from effidense.gpu_report import OutOfTime, build_model, busy_time, depth_spec, search, smoke_plan
 from effidense.gpu_report.sections import SECTION_RUNNERS
 from effidense.gpu_report.state import Run
+from effidense.harness import step_loss
 
 tool = load_tool("gpu_report")
 
@@ -234,8 +234,8 @@ def test_smoke_compares_the_planners_prediction_with_a_measured_step(smoke):
 
 
 def test_peer_names_mean_what_they_mean_in_bench():
-    from effidense.benchmark import PEERS, build_variant
     from effidense.gpu_report import VARIANTS
+    from effidense.harness import PEERS, build_variant
     from effidense.modelspec import resolve_model
 
     spec = resolve_model("custom", dict(growth_rate=4, block_config=(1, 1), num_init_features=8))

@@ -21,22 +21,11 @@ from collections.abc import Callable
 import torch
 
 import effidense.registry  # noqa: F401 - registers the effi_* timm models
-from effidense.benchmark import (
-    AMP_DTYPES,
-    COMPILE_MODES,
-    PEERS,
-    BenchConfig,
-    BenchReport,
-    benchmark,
-    format_table,
-    parse_variants,
-    peer_unsupported,
-    write_json,
-    write_plot,
-)
+from effidense.benchmark import COMPILE_MODES, BenchConfig, BenchReport, benchmark, format_table, write_json, write_plot
 from effidense.densenet import MEMORY_MODES
 from effidense.errors import is_oom
 from effidense.fileio import outputs_problem, short_error
+from effidense.harness import AMP_DTYPES, PEERS, parse_variants, peer_unsupported
 from effidense.modelspec import (
     OneLineParser,
     add_model_arguments,

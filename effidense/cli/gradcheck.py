@@ -25,9 +25,10 @@ import sys
 
 import torch
 
-from effidense.benchmark import AMP_DTYPES, environment, torchrun_world
 from effidense.errors import is_oom
 from effidense.fileio import atomic_write_bytes, check_writable, short_error
+from effidense.harness import AMP_DTYPES, environment
+from effidense.harness.distributed import torchrun_world
 from effidense.modelspec import (
     ModelSpec,
     OneLineParser,

@@ -21,10 +21,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..benchmark import AMP_DTYPES, PEERS, torch_threads
 from ..densenet import MEMORY_MODES
 from ..fileio import outputs_problem, short_error
-from ..footprint import OPTIMIZERS
+from ..harness import AMP_DTYPES, OPTIMIZERS, PEERS, torch_threads
 from ..modelspec import ModelSpec, OneLineParser, add_model_arguments, positive_int, spec_from_args, thread_count
 from ..planner import (
     DEFAULT_MARGIN,

@@ -5,7 +5,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..benchmark.variants import PEERS
+from ..harness import PEERS
 from ..memory import MiB
 from ..modelspec import ModelSpec, resolve_model
 

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from ..benchmark import ratio, release
+from ..benchmark import ratio
 from ..errors import short_error
-from ..footprint import StepProbe, StepSpec
+from ..harness import StepProbe, StepSpec, release, training_step
 from ..planner import plan
 from .plan import EAGER, VARIANTS
 from .state import Run
@@ -37,11 +37,7 @@ def _measured_peak(run: Run, name: str, batch: int, img: int) -> int:
     try:
         torch.cuda.synchronize(run.device)
         torch.cuda.reset_peak_memory_stats(run.device)
-        model.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(x)
-        torch.nn.functional.cross_entropy(out.float(), y).backward()
-        del out
+        training_step(model, x, y, "bf16")
         torch.cuda.synchronize(run.device)
         return torch.cuda.max_memory_allocated(run.device)
     finally:

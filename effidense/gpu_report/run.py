@@ -9,11 +9,8 @@ from typing import Any
 
 import torch
 
-from ..benchmark import (
-    release,
-    torch_threads,
-)
 from ..errors import short_error
+from ..harness import release, torch_threads
 from .plan import SECTIONS, OutOfTime, Plan
 from .sections import GOALS, SECTION_RUNNERS, goal
 from .state import Run

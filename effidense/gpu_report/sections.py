@@ -14,21 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..benchmark import (
-    Timer,
-    fmt,
-    is_oom,
-    largest_batch,
-    load_weights,
-    make_batch,
-    ratio,
-    release,
-    step_loss,
-    timed_step,
-    training_step,
-)
-from ..errors import short_error
+from ..benchmark import fmt, ratio
+from ..errors import is_oom, short_error
 from ..fileio import atomic_write_bytes
+from ..harness import Timer, largest_batch, load_weights, make_batch, release, step_loss, training_step
 from ..memory import SavedTensorMeter, cuda_peak_bytes
 from ..modelspec import ModelSpec
 from .plan import (
@@ -114,7 +103,8 @@ def measure_cell(run: Run, spec: ModelSpec, img: int, cell: Cell, warmup: int, s
                 run.check_time()
                 for name in list(models):
                     try:
-                        samples[name].append(timed_step(models[name], x, y, cell.amp))
+                        step = training_step(models[name], x, y, cell.amp, timer=Timer(device))
+                        samples[name].append((step.forward_ms, step.backward_ms))
                     except Exception as error:
                         rows[name].update(status="failed", error=short_error(error, kind=True))
                         del models[name]

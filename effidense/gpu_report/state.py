@@ -9,10 +9,8 @@ from typing import Any
 
 import torch
 
-from ..benchmark import (
-    environment,
-)
 from ..fileio import atomic_write_bytes
+from ..harness import environment
 from .plan import REPORT_JSON, SCHEMA, SECTIONS, SUMMARY_MD, OutOfTime, Plan, plan_to_json
 from .summary import format_summary
 

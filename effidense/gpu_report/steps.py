@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..benchmark import build_variant
+from ..harness import build_variant
 from ..modelspec import ModelSpec
 from .plan import VARIANTS
 
