@@ -23,11 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .configs import CONFIGS, unknown_model_message
 from .densenet import DenseNet
 from .fileio import short_error
 from .harness.variants import build_peer, peer_limits
+from .layouts import INFLATE_METHODS, LAYOUT_ALIASES, LAYOUTS, VERIFY_TOLERANCE
 from .modelspec import Architecture
-from .names import CONFIGS, INFLATE_METHODS, LAYOUT_ALIASES, LAYOUTS, VERIFY_TOLERANCE, unknown_model_message
 from .weights import (
     KEY_RULES,
     Checkpoint,

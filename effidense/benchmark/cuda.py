@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..errors import is_oom
+from ..failures import is_oom
 from ..harness.step import CHANNELS_LAST, release
 from ..progress import Progress
 from .timing import StepRunner

@@ -6,7 +6,7 @@ import traceback
 
 import torch
 
-from ..errors import short_error
+from ..failures import short_error
 from ..harness.step import Timer, make_batch, training_step
 from ..harness.variants import COMPILE_SUFFIX
 from ..progress import Progress

@@ -68,7 +68,7 @@ def _run(argv: list[str]) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        from ..names import suggest
+        from ..configs import suggest
 
         hint = suggest(command, list(COMMANDS)) or f"choose one of: {', '.join(COMMANDS)}"
         print(f"error: unknown command {command!r}; {hint} (effidense --help)", file=sys.stderr)

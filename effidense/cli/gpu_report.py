@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
+from effidense.cli.flags import OneLineParser
 from effidense.fileio import check_writable
 from effidense.gpu_report import REPORT_JSON, SECTIONS, SUMMARY_MD, format_summary, gpu_plan, run_report, smoke_plan
-from effidense.modelspec import OneLineParser
 
 DEFAULT_BUDGET = {"gpu": 510.0, "smoke": 115.0}
 

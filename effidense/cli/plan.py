@@ -24,7 +24,7 @@ import sys
 from ..densenet import MEMORY_MODES
 from ..fileio import outputs_problem, short_error
 from ..harness import AMP_DTYPES, OPTIMIZERS, PEERS, torch_threads
-from ..modelspec import ModelSpec, OneLineParser, add_model_arguments, positive_int, spec_from_args, thread_count
+from ..modelspec import ModelSpec
 from ..planner import (
     DEFAULT_MARGIN,
     DTYPES,
@@ -36,6 +36,7 @@ from ..planner import (
     write_json,
     write_plot,
 )
+from .flags import OneLineParser, add_model_arguments, positive_int, spec_from_args, thread_count
 
 PROG = "effidense plan"
 DEFAULT_MODEL = "effi_densenet121"

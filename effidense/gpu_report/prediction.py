@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..benchmark import ratio
-from ..errors import short_error
+from ..failures import short_error
 from ..harness import StepProbe, StepSpec, release, training_step
 from ..planner import plan
 from .plan import EAGER, VARIANTS

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..errors import short_error
+from ..failures import short_error
 from ..harness import release, torch_threads
 from .plan import SECTIONS, OutOfTime, Plan
 from .sections import GOALS, SECTION_RUNNERS, goal

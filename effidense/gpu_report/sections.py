@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..benchmark import fmt, ratio
-from ..errors import is_oom, short_error
+from ..failures import is_oom, short_error
 from ..fileio import atomic_write_bytes
 from ..harness import Timer, largest_batch, load_weights, make_batch, release, step_loss, training_step
 from ..memory import SavedTensorMeter, cuda_peak_bytes

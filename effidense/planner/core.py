@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..densenet import MEMORY_MODES
-from ..errors import short_error
+from ..failures import short_error
 from ..harness import (
     AMP_DTYPES,
     COMPILE_SUFFIX,

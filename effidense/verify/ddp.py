@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..densenet import MEMORY_MODES
-from ..errors import short_error
+from ..failures import short_error
 from ..fileio import atomic_write_bytes
 from ..harness.distributed import backend_for, check_world, free_port, process_group
 from ..harness.step import training_step

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..densenet import MEMORY_MODES
-from ..errors import is_oom, short_error
+from ..failures import is_oom, short_error
 from ..harness import COMPILE_SUFFIX, compile_model, training_step
 from ..modelspec import ModelSpec
 from ..progress import Progress
