@@ -58,6 +58,14 @@ def test_the_library_never_imports_the_tooling() -> None:
     assert crossing == []
 
 
+def test_the_tools_share_the_harness_not_each_other() -> None:
+    # bench, plan, gradcheck and gpu-report are built on effidense.harness; only the bench command uses bench's room.
+    users = sorted(_module(p) for p in PACKAGE.rglob("*.py") if not _module(p).startswith("effidense.benchmark")
+                   and any(name.startswith("effidense.benchmark") for name in _imports(p)))
+    assert users == ["effidense.cli.bench"]
+    assert any(name.startswith("effidense.harness") for name in _imports(PACKAGE / "planner" / "core.py"))
+
+
 def test_no_import_cycle_among_modules() -> None:
     modules = {_module(p): p for p in PACKAGE.rglob("*.py")}
     graph = {name: {m for m in modules if m != name and any(i == m or i.startswith(f"{m}.") for i in _imports(path))
