@@ -36,8 +36,8 @@ _EXPORTS = {
     **dict.fromkeys(_NORMS, "layers.norm"),
     **dict.fromkeys(["SavedTensorMeter", "saved_activation_bytes", "activation_floor_bytes", "cuda_peak_bytes"],
                     "memory"),
-    "CONFIGS": "names",
-    "plan": "planner",  # the planner imports the benchmark's peers (torchvision): loaded on first use like the rest
+    "CONFIGS": "configs",
+    "plan": "planner",  # the planner imports the harness's peers (torchvision): loaded on first use like the rest
 }
 
 

@@ -23,11 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .configs import CONFIGS, unknown_model_message
 from .densenet import DenseNet
 from .fileio import short_error
+from .harness.variants import build_peer, peer_limits
+from .layouts import INFLATE_METHODS, LAYOUT_ALIASES, LAYOUTS, VERIFY_TOLERANCE
 from .modelspec import Architecture
-from .names import CONFIGS, INFLATE_METHODS, LAYOUT_ALIASES, LAYOUTS, VERIFY_TOLERANCE, unknown_model_message
-from .peers import build_peer, peer_limits
 from .weights import (
     KEY_RULES,
     Checkpoint,
@@ -94,7 +95,7 @@ def match_config(arch: Architecture) -> str | None:
 
 
 def layout_limits(layout: str, arch: Architecture) -> list[str]:
-    """Why ``layout``'s DenseNet class cannot hold ``arch`` (empty when it can; :func:`effidense.peers.peer_limits`)."""
+    """Why ``layout``'s DenseNet class cannot hold ``arch`` (empty when it can; :func:`.harness.peer_limits`)."""
     layout = resolve_layout(layout)
     return [] if layout == "effidense" else peer_limits(layout, arch.spec())
 
@@ -427,7 +428,7 @@ def inflate(state_dict: Mapping[str, Tensor], spatial_dims: int = 3, method: str
 
 def build_layout_model(layout: str, arch: Architecture) -> nn.Module:
     """A randomly initialised DenseNet of ``layout``'s own class (torchvision's, timm's, MONAI's or effidense's;
-    only this needs the peer library installed; built by :func:`effidense.peers.build_peer`)."""
+    only this needs the peer library installed; built by :func:`effidense.harness.build_peer`)."""
     layout = resolve_layout(layout)
     if layout == "effidense":
         return DenseNet(**arch.model_kwargs())

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .errors import short_error
+from .failures import short_error
 
 __all__ = ["PLOT_FORMATS", "UnreadableFileError", "UnsafeFileError", "atomic_write", "atomic_write_bytes",
            "check_writable", "content_format", "outputs_problem",

@@ -1,28 +1,77 @@
-"""The one memory meter of effidense.
+"""The one memory meter of effidense: one count of storages, with two views.
 
-``SavedTensorMeter`` counts the bytes autograd keeps for backward while a forward pass runs: every tensor that
-reaches ``save_for_backward`` (directly or through a non-reentrant checkpoint's saved inputs), deduplicated by
-storage, with the model's parameters and buffers left out. The count is deterministic and device-independent,
-so tests can assert on it. A step's peak is the allocator's: ``cuda_peak_bytes`` on a GPU, ``cpu_peak_bytes`` on
-the CPU.
+:class:`StorageCount` is the count both views share: storages told apart by identity, each counted once however many
+tensors view it, some left out (a model's parameters and buffers).
+
+* :class:`SavedTensorMeter` counts the bytes autograd keeps for backward while a forward pass runs: every tensor that
+  reaches ``save_for_backward`` (directly or through a non-reentrant checkpoint's saved inputs), with the model's
+  parameters and buffers left out. The count is deterministic and device-independent, so tests can assert on it.
+* :class:`StorageTracker` is a ``TorchDispatchMode`` that follows every storage an operator's output holds from the op
+  that makes it until its last reference dies (a weakref finalizer on the storage), independent of any allocator, so
+  the same count runs on real tensors and on ``FakeTensorMode``'s, which carry shapes, dtypes and strides but no
+  data. It sees what autograd's backward makes as well, the recompute buffers of non-reentrant checkpoints included:
+  the peak of a training step (:mod:`effidense.harness.footprint`).
+
+A step's peak is the allocator's: ``cuda_peak_bytes`` on a GPU, ``cpu_peak_bytes`` on the CPU (its memory events,
+which see the scratch kernels allocate inside themselves, as no count of tensors does).
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from .densenet import DenseLayer
 
+__all__ = ["MiB", "KINDS", "StorageCount", "SavedTensorMeter", "StorageTracker", "saved_activation_bytes",
+           "cuda_peak_bytes", "activation_floor_bytes", "storage_key"]
+
 MiB = 1024 * 1024
+# What a live storage is, for the breakdown of a step's peak.
+KINDS = ("parameters", "gradients", "optimizer_state", "input", "saved_activations", "transient")
+
+StorageKey = tuple[str, int]
 
 
-def _storage_key(t: torch.Tensor) -> tuple[str, int]:
-    # The storage's identity (its StorageImpl), not its data pointer: fake tensors (effidense.footprint) all have a
-    # data pointer of 0, and reading it is deprecated for them.
+def storage_key(t: torch.Tensor) -> StorageKey:
+    """The identity of ``t``'s storage while it lives: its StorageImpl, not its data pointer (fake tensors all have a
+    data pointer of 0, and reading it is deprecated for them)."""
     return str(t.device), t.untyped_storage()._cdata
+
+
+class StorageCount:
+    """Bytes of storages, each counted once however many tensors (views, in-place results) share it; the storages
+    of ``exclude`` are never counted."""
+
+    def __init__(self, exclude: Iterable[torch.Tensor] = ()) -> None:
+        self.excluded = {storage_key(t) for t in exclude}
+        self.sizes: dict[StorageKey, int] = {}
+
+    def add(self, t: torch.Tensor) -> StorageKey | None:
+        """Count ``t``'s storage at its size now (unless excluded); its key when it was not counted before."""
+        key = storage_key(t)
+        if key in self.excluded:
+            return None
+        new = key not in self.sizes
+        self.sizes[key] = t.untyped_storage().nbytes()
+        return key if new else None
+
+    def remove(self, key: StorageKey) -> None:
+        self.sizes.pop(key, None)
+
+    def clear(self) -> None:
+        self.sizes.clear()
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.sizes.values())
 
 
 class SavedTensorMeter:
@@ -37,14 +86,11 @@ class SavedTensorMeter:
 
     def __init__(self, exclude: nn.Module | Iterable[torch.Tensor] = ()) -> None:
         tensors = list(exclude.parameters()) + list(exclude.buffers()) if isinstance(exclude, nn.Module) else exclude
-        self._excluded = {_storage_key(t) for t in tensors}
-        self._storages: dict[tuple[str, int], int] = {}
+        self._count = StorageCount(tensors)
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        key = _storage_key(t)
-        if key not in self._excluded:
-            self._storages[key] = t.untyped_storage().nbytes()
+        self._count.add(t)
         return t
 
     @staticmethod
@@ -53,7 +99,7 @@ class SavedTensorMeter:
 
     @property
     def bytes(self) -> int:
-        return sum(self._storages.values())
+        return self._count.bytes
 
     @property
     def mib(self) -> float:
@@ -61,21 +107,132 @@ class SavedTensorMeter:
 
     @property
     def num_storages(self) -> int:
-        return len(self._storages)
+        return len(self._count.sizes)
 
     @property
-    def keys(self) -> set[int]:
-        """The identities of the storages counted."""
-        return {key for _, key in self._storages}
+    def keys(self) -> set[StorageKey]:
+        """The identities of the storages counted (:func:`storage_key`)."""
+        return set(self._count.sizes)
 
     def __enter__(self) -> SavedTensorMeter:
-        self._storages.clear()
+        self._count.clear()
         self._hooks.__enter__()
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self._hooks.__exit__(exc_type, exc, tb)
+
+
+@dataclass
+class _Record:
+    nbytes: int
+    kind: str
+    born: int
+    died: int | None = None
+
+
+class StorageTracker(TorchDispatchMode):
+    """Counts the bytes of live storages: those given to :meth:`add` and every one an op's output holds.
+
+    ``current`` and ``peak`` are bytes; :meth:`at_peak` splits the peak by kind (see :data:`KINDS`). Storages are
+    told apart by identity (:class:`StorageCount`), so views and in-place results are counted once.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current = 0
+        self.peak = 0
+        self._events = 0
+        self._peak_event = 0
+        self._count = StorageCount()  # the live storages
+        self._records: list[_Record] = []
+        self._live: dict[StorageKey, int] = {}  # storage key -> index in _records
+        self._finalizers: list[weakref.finalize] = []
+
+    def add(self, tensors: Iterable[Any], kind: str = "transient") -> None:
+        """Count the storages of ``tensors`` (non-tensors are ignored) as ``kind`` from now on, if not yet counted."""
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                self._track(t, kind)
+
+    def relabel(self, tensors: Iterable[Any], kind: str) -> None:
+        """Mark the live storages of ``tensors`` as ``kind`` (e.g. the gradients autograd made)."""
+        self.relabel_keys((storage_key(t) for t in tensors if isinstance(t, torch.Tensor)), kind)
+
+    def relabel_keys(self, keys: Iterable[StorageKey], kind: str) -> None:
+        for key in keys:
+            if key in self._live:
+                self._records[self._live[key]].kind = kind
+
+    def saved_meter(self, exclude: nn.Module | Iterable[torch.Tensor] = ()) -> SavedTensorMeter:
+        """A :class:`SavedTensorMeter` that, when its block ends, marks what it counted as saved activations here."""
+        return _LabellingMeter(self, exclude)
+
+    def _track(self, t: torch.Tensor, kind: str) -> None:
+        key = self._count.add(t)
+        if key is None:
+            return
+        storage = t.untyped_storage()
+        nbytes = self._count.sizes[key]
+        self._events += 1
+        self._live[key] = len(self._records)
+        self._records.append(_Record(nbytes, kind, self._events))
+        self._finalizers.append(weakref.finalize(storage, self._free, key))
+        self.current += nbytes
+        if self.current > self.peak:
+            self.peak = self.current
+            self._peak_event = self._events
+
+    def _free(self, key: StorageKey) -> None:
+        index = self._live.pop(key, None)
+        if index is None:
+            return
+        self._count.remove(key)
+        self._events += 1
+        record = self._records[index]
+        record.died = self._events
+        self.current -= record.nbytes
+
+    @property
+    def count(self) -> int:
+        """Storages counted so far (live or freed)."""
+        return len(self._records)
+
+    def at_peak(self) -> dict[str, int]:
+        """Bytes live at the peak, by kind (the values sum to ``peak``)."""
+        split = dict.fromkeys(KINDS, 0)
+        for r in self._records:
+            if r.born <= self._peak_event and (r.died is None or r.died > self._peak_event):
+                split[r.kind] = split.get(r.kind, 0) + r.nbytes
+        return split
+
+    def live_bytes(self, kind: str) -> int:
+        return sum(self._records[i].nbytes for i in self._live.values() if self._records[i].kind == kind)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._track(t, "transient")
+        return out
+
+    def close(self) -> None:
+        """Stop following storages (the counts stay as they are)."""
+        for f in self._finalizers:
+            f.detach()
+        self._finalizers.clear()
+
+
+class _LabellingMeter(SavedTensorMeter):
+    def __init__(self, tracker: StorageTracker, exclude: nn.Module | Iterable[torch.Tensor]) -> None:
+        super().__init__(exclude)
+        self._tracker = tracker
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        super().__exit__(exc_type, exc, tb)
+        self._tracker.relabel_keys(self.keys, "saved_activations")
 
 
 def saved_activation_bytes(model: nn.Module, *inputs: torch.Tensor) -> int:

@@ -14,9 +14,9 @@ from typing import Any
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from .configs import CONFIGS, unknown_model_message
 from .densenet import DenseNet
 from .fileio import content_format
-from .names import CONFIGS, unknown_model_message
 from .weights import PTH_SUFFIXES, ConversionError, timm_pretrained_filter
 
 __all__ = ["CONFIGS", "TORCHVISION_WEIGHTS", "create", "resolve_weights", "weight_tags",

@@ -7,11 +7,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "effidense"
-# The commands and what only they use; the library (models, layers, weights, conversion, the meter) stands alone.
+# The commands and what only they use; the library (models, layers, weights, conversion, the meter, the planner and
+# the harness the tools share) stands alone.
 TOOLING = ("benchmark", "verify", "gpu_report", "cli", "train", "__main__")
-# The planner predicts with the benchmark's variants and peers, which it shares with bench until they move to a
-# package of their own.
-BUILT_ON_TOOLING = ("planner",)
 
 
 def _module(path: Path) -> str:
@@ -53,12 +51,19 @@ def test_no_private_name_is_imported_across_modules() -> None:
 
 def test_the_library_never_imports_the_tooling() -> None:
     tooling = tuple(f"effidense.{room}" for room in TOOLING)
-    library = [p for p in PACKAGE.rglob("*.py")
-               if not _module(p).startswith((*tooling, *(f"effidense.{r}" for r in BUILT_ON_TOOLING)))]
+    library = [p for p in PACKAGE.rglob("*.py") if not _module(p).startswith(tooling)]
     assert len(library) > 10
     crossing = sorted(f"{_module(p)} imports {name}" for p in library for name in _imports(p)
                       if name.startswith(tooling))
     assert crossing == []
+
+
+def test_the_tools_share_the_harness_not_each_other() -> None:
+    # bench, plan, gradcheck and gpu-report are built on effidense.harness; only the bench command uses bench's room.
+    users = sorted(_module(p) for p in PACKAGE.rglob("*.py") if not _module(p).startswith("effidense.benchmark")
+                   and any(name.startswith("effidense.benchmark") for name in _imports(p)))
+    assert users == ["effidense.cli.bench"]
+    assert any(name.startswith("effidense.harness") for name in _imports(PACKAGE / "planner" / "core.py"))
 
 
 def test_no_import_cycle_among_modules() -> None:

@@ -11,13 +11,8 @@ import pytest
 import torch
 from conftest import load_tool
 
-from effidense.benchmark import (
-    BenchConfig,
-    build_variant,
-    largest_batch,
-    parse_variants,
-    peer_unsupported,
-)
+from effidense.benchmark import BenchConfig
+from effidense.harness import build_variant, largest_batch, parse_variants, peer_unsupported
 from effidense.modelspec import resolve_model
 
 TINY = ["--model", "custom", "--growth-rate", "4", "--block-config", "2,2", "--num-init-features", "8",
@@ -374,7 +369,7 @@ def test_max_batch_probe_treats_only_oom_as_not_fitting(monkeypatch):
 
 
 def test_variants_take_turns_and_a_failing_step_drops_only_its_variant(bench, capsys, monkeypatch):
-    from effidense.benchmark import trainer
+    from effidense.benchmark import timing as trainer
 
     order, real = [], trainer.StepRunner.timed_step
 
@@ -404,7 +399,7 @@ def run_cli(module, argv, capsys):
 
 
 def test_host_time_for_every_variant_against_torchvision_plain(bench, tmp_path, capsys, monkeypatch):
-    from effidense.benchmark import trainer
+    from effidense.benchmark import timing as trainer
 
     calls, real = [], trainer.StepRunner.timed_host_step
 
@@ -437,7 +432,7 @@ def test_host_time_for_every_variant_against_torchvision_plain(bench, tmp_path, 
 
 
 def test_host_only_skips_full_size_steps(bench, tmp_path, capsys, monkeypatch):
-    from effidense.benchmark import trainer
+    from effidense.benchmark import timing as trainer
 
     full, host = [], []
     real_host = trainer.StepRunner.timed_host_step
@@ -458,7 +453,7 @@ def test_host_only_skips_full_size_steps(bench, tmp_path, capsys, monkeypatch):
 
 
 def test_host_input_is_at_least_the_models_minimum():
-    from effidense.benchmark.variants import host_img_size
+    from effidense.benchmark.config import host_img_size
 
     assert host_img_size(resolve_model("effi_densenet121")) == 32
     assert host_img_size(resolve_model("densenet_bc100_k12")) == 32
@@ -594,7 +589,7 @@ def test_depth_sweep_counts_the_meters_bytes_on_tensors_that_allocate_nothing():
 
 
 def test_command_line_records_the_launcher_and_the_real_argv():
-    from effidense.benchmark import command_line
+    from effidense.harness import command_line
 
     worker = ["/usr/bin/python3", "-u", "tools/bench.py", "--device", "cuda"]
     environ = {"TORCHELASTIC_RUN_ID": "abc", "LOCAL_RANK": "1", "RANK": "1", "WORLD_SIZE": "4", "PATH": "/bin"}

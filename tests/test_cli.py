@@ -63,7 +63,7 @@ def test_a_mistyped_command_or_model_gets_the_nearest_name(capsys):
 
 
 def test_models_lists_every_name(capsys):
-    from effidense.names import CONFIGS
+    from effidense.configs import CONFIGS
 
     assert main(["models"]) == 0
     out = capsys.readouterr().out

@@ -8,7 +8,6 @@ Tolerances are relative (max |a - b| / max |reference|), from :func:`effidense.v
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from conftest import load_tool
 
 from effidense import DenseNet, SavedTensorMeter
-from effidense.gpu_report import Cap, Cell, gpu_plan, run_report
+from effidense.gpu_report import gpu_plan, run_report
 from effidense.memory import MiB
 from effidense.modelspec import ModelSpec
 from effidense.verify import tensor_diff, tolerance
@@ -147,40 +146,20 @@ def test_compiled_paths_equal_eager(exact_cuda, how):
 TINY_SPEC = ModelSpec("tiny DenseNet-BC", TINY_BC)
 
 
-def _tiny_plan(cap_mib: int = 256):
-    """The GPU plan scaled down to seconds: tiny models, small caps; the code path is the real one."""
-    bc = ModelSpec("tiny BC", dict(growth_rate=4, block_config=(2, 2, 2), num_init_features=8, small_inputs=True,
-                                   num_classes=10))
-    cells = (Cell(8, "bf16", True, ("tv-plain", "tv", "timm", "plain", "efficient", "frugal",
-                                    "efficient+torch.compile")),
-             Cell(8, None, False, ("tv-plain", "plain", "efficient")))
-    return dataclasses.replace(
-        gpu_plan(300), dn121=TINY_SPEC, img_size=32, cells=cells, steps=2, warmup=1,
-        caps=(Cap(f"{cap_mib} MiB", cap_mib * MiB), Cap("whole GPU", None)), batch_unit=1, batch_start=8,
-        batch_limit=4096, seed_spec=bc, seed_batch=16, depth_growth=4, depth_start=2, depth_limit=64, depth_batch=4)
-
-
-def test_max_batch_search_under_a_cap(tmp_path: Path):
-    plan = dataclasses.replace(_tiny_plan(), caps=(Cap("128 MiB", 128 * MiB),))
-    report = run_report(plan, tmp_path, ["max-batch"])
-    section = report["sections"]["max-batch"]
-    assert section["status"] == "ok", section.get("error")
-    found = {e["variant"]: e for e in section["data"]["searches"]}
-    assert all(e["status"] == "ok" and e["first_failure"] == e["value"] + 1 for e in found.values()), found
-    assert found["frugal"]["value"] > found["efficient"]["value"] > found["plain"]["value"] > 0
-    assert torch.cuda.memory_allocated() < 64 * MiB  # the probes leave nothing behind
-
-
 def test_tiny_gpu_report_runs_every_section_but_correctness(tmp_path: Path):
-    """Every section's GPU code (CUDA events, peak memory, real caps, the CUDA profiler) on tiny models; the
-    correctness section would run this very test file again, so it is left out."""
-    sections = ["step-time", "max-batch", "seed", "depth", "host-bound"]
-    report = run_report(_tiny_plan(), tmp_path, sections)
-    assert {n: s["status"] for n, s in report["sections"].items()} == dict.fromkeys(sections, "ok")
-    rows = report["sections"]["step-time"]["data"]["cells"][0]["rows"]
-    assert all(r["status"] == "ok" and r["peak_bytes"] > 0 and r["step_ms"] > 0 for r in rows.values()), rows
-    host = report["sections"]["host-bound"]["data"]["rows"]
-    assert all(0.0 <= r["idle_fraction"] < 1.0 and r["events"] > 0 for r in host), host
+    """Every section's GPU path (bench on the device, its largest-batch search, the planner against
+    max_memory_allocated, volumes against MONAI) on a tiny model; the correctness section would run this very test
+    file again, so it is left out."""
+    sections = ["step-time", "max-batch", "prediction", "3d"]
+    plan = gpu_plan(300, "custom", TINY_BC, img_size=32, batch=8, edge=16)
+    report = run_report(plan, tmp_path, sections)
+    assert {n: s["status"] for n, s in report["sections"].items()} == dict.fromkeys(sections, "ok"), report
+    rows = report["sections"]["step-time"]["data"]["commands"][0]["result"]["results"]
+    assert all(r["status"] == "ok" and r["peak_bytes"] > 0 and r["step_ms"] > 0 for r in rows), rows
+    searched = report["sections"]["max-batch"]["data"]["commands"][0]["result"]["results"]
+    assert all(r["max_batch"] > 0 for r in searched), searched
+    points = [p for r in report["sections"]["prediction"]["data"]["rows"] for p in r["points"]]
+    assert len(points) == 12 and all(p["measured_bytes"] > 0 for p in points)
     assert json.loads((tmp_path / "report.json").read_text())["complete"]
 
 

@@ -1,7 +1,7 @@
 """The one error formatter: every tool turns an exception into one line the same way."""
 import torch
 
-from effidense.errors import is_oom, short_error
+from effidense.failures import is_oom, short_error
 from effidense.fileio import short_error as fileio_short_error
 
 

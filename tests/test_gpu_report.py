@@ -1,4 +1,4 @@
-"""tools/gpu_report.py: the smoke run end to end, partial results, time budgets, failures, searches, bad input."""
+"""tools/gpu_report.py: the smoke run end to end, partial results, time budgets, failures, bad input."""
 from __future__ import annotations
 
 import json
@@ -8,25 +8,14 @@ import pytest
 import torch
 from conftest import load_tool
 
-from effidense import SavedTensorMeter, gpu_report
-from effidense.benchmark import step_loss
-from effidense.gpu_report import OutOfTime, build_model, busy_time, depth_spec, search, smoke_plan
-from effidense.gpu_report.sections import SECTION_RUNNERS
-from effidense.gpu_report.state import Run
+from effidense import gpu_report
+from effidense.gpu_report import SECTION_RUNNERS, smoke_plan
 
 tool = load_tool("gpu_report")
 
 
 def _report(out: Path) -> dict:
     return json.loads((out / "report.json").read_text())
-
-
-def _meter_bytes(model: torch.nn.Module, batch: int, img: int, amp: str | None) -> int:
-    """What a search probe counts: the saved bytes of a training forward and its loss."""
-    x, y = torch.randn(batch, 3, img, img), torch.zeros(batch, dtype=torch.long)
-    with SavedTensorMeter(exclude=model) as meter:
-        step_loss(model.train(), x, y, amp)
-    return meter.bytes
 
 
 @pytest.fixture(scope="module")
@@ -48,49 +37,45 @@ def test_smoke_runs_every_section_and_prints_the_summary_last(smoke):
     report = _report(out)
     assert report["complete"] and report["smoke"]
     assert list(report["sections"]) == list(gpu_report.SECTIONS)  # most important first
-    assert {s["status"] for s in report["sections"].values()} == {"ok"}
+    statuses = {name: s["status"] for name, s in report["sections"].items()}
+    assert statuses == {**dict.fromkeys(gpu_report.SECTIONS, "ok"), "max-batch": "skipped"}  # it needs a GPU
     assert printed.strip() == (out / "summary.md").read_text().strip()
-    cells = report["sections"]["step-time"]["data"]["cells"]
-    assert len(cells) == len(smoke_plan().cells) == 9
-    first = cells[0]["rows"]
-    assert set(first) == set(gpu_report.VARIANTS) - {"monai"}  # MONAI runs in the 3d section only
-    assert all(r["status"] == "ok" and r["rounds"] == 2 and r["step_ms"] > 0 for r in first.values()), first
-    assert first["tv-plain"]["step_vs_tv_plain"] == 1.0 and first["efficient"]["memory_x_less_vs_tv_plain"] > 1.5
-    goals = [g["goal"] for s in report["sections"].values() for g in s.get("goals", [])]
-    assert any("best compiled efficient path" in g for g in goals) and any("frugal trains" in g for g in goals)
-    seed = report["sections"]["seed"]["data"]
-    assert seed["rows"]["efficient"]["ratio_b_f"] > 0 and seed["seed_table"]["plain"]["backward_ms"] == 77.9
-    seed_batch = {e["variant"]: e["value"] for e in seed["searches"]}
-    assert seed_batch["efficient"] > seed_batch["plain"] > 0
-    host = report["sections"]["host-bound"]["data"]["rows"]
-    assert [r["variant"] for r in host][0] == "efficient" and all(0 <= r["idle_fraction"] < 1 for r in host)
-    checks = {c["check"]: c for c in report["sections"]["correctness"]["data"]["checks"]}
+    bench = report["sections"]["step-time"]["data"]["commands"][0]
+    assert bench["command"].split()[1:4] == ["-m", "effidense", "bench"] and bench["passed"]
+    results = {r["variant"]: r for r in bench["result"]["results"]}  # bench's own JSON, kept in the report
+    assert list(results) == list(gpu_report.EAGER)
+    assert all(r["status"] == "ok" and r["step_ms"] > 0 for r in results.values()), results
+    assert results["efficient"]["activation_bytes"] < results["tv-plain"]["activation_bytes"]
+    assert (out / bench["json"]).is_file() and (out / bench["log"]).is_file()
+    assert "| efficient " in (out / "summary.md").read_text()  # bench's table, as bench prints it
+    checks = {c["check"]: c for c in report["sections"]["correctness"]["data"]["commands"]}
     assert checks["gradcheck"]["passed"] and "all" in checks["gradcheck"]["last_line"]
+    assert checks["gradcheck"]["result"]["checks"]
     assert checks["pytest -m cuda"]["rc"] == 0  # selected and skipped without a GPU (rc 5 if none were selected)
     assert "skipped" in checks["pytest -m cuda"]["last_line"] or torch.cuda.is_available()
-    assert (out / checks["gradcheck"]["log"]).is_file()
 
 
 @pytest.mark.slow
-def test_smoke_searches_really_bisect_the_meter_budget(smoke):
-    """The max-batch and depth answers are the exact edge of the meter budget: the answer fits, one more does not."""
+def test_smoke_compares_the_planners_prediction_with_a_measured_step(smoke):
     out, _ = smoke
-    report, plan = _report(out), smoke_plan()
-    caps = {c.label: c.bytes for c in plan.caps}
-    searches = report["sections"]["max-batch"]["data"]["searches"]
-    assert len(searches) == 8 and all(e["status"] == "ok" and e["probes"] > 2 for e in searches)
-    for e in searches[:4]:
-        model = build_model(e["variant"], plan.dn121, {})
-        cap = caps[e["cap"]]
-        assert _meter_bytes(model, e["value"], plan.img_size, "bf16") <= cap < \
-            _meter_bytes(model, e["value"] + 1, plan.img_size, "bf16"), e
-    depth = {e["variant"]: e for e in report["sections"]["depth"]["data"]["searches"]}
-    assert depth["frugal"]["value"] > depth["efficient"]["value"] > depth["plain"]["value"] >= 1
-    n = depth["efficient"]["value"]
-    fit, over = (_meter_bytes(depth_spec(plan, k).build("efficient"), plan.depth_batch, plan.depth_img, None)
-                 for k in (n, n + 1))
-    assert fit <= plan.cap.bytes < over
-    assert depth["efficient"]["depth"] == 6 * n + 4
+    section = _report(out)["sections"]["prediction"]
+    rows = {r["variant"]: r for r in section["data"]["rows"]}
+    assert set(rows) == {"tv-plain", "tv", "timm", "plain", "efficient", "frugal"}
+    for row in rows.values():
+        assert row["status"] == "ok" and len(row["points"]) == 2, row
+        assert all(abs(p["rel_error"]) <= 0.10 for p in row["points"]), row
+    assert "predicted peak MiB" in (out / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_smoke_measures_volumes_against_monai(smoke):
+    out, _ = smoke
+    command = _report(out)["sections"]["3d"]["data"]["commands"][0]
+    assert "spatial_dims=3" in command["command"] and command["passed"]
+    results = {r["variant"]: r for r in command["result"]["results"]}
+    assert list(results) == ["monai", "plain", "efficient", "frugal"]
+    assert all(r["status"] == "ok" for r in results.values()), results
+    assert results["efficient"]["activation_bytes"] < results["monai"]["activation_bytes"]
 
 
 def test_time_budget_spent_is_recorded_per_section(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
@@ -98,7 +83,8 @@ def test_time_budget_spent_is_recorded_per_section(tmp_path: Path, capsys: pytes
     assert tool.main(["--out", str(out), "--smoke", "--time-budget", "1e-6", "--quiet"]) == 1
     report = _report(out)
     assert report["complete"]
-    assert {s["status"] for s in report["sections"].values()} == {"out of time"}
+    statuses = {s["status"] for name, s in report["sections"].items() if name != "max-batch"}
+    assert statuses == {"out of time"}
     assert "status: out of time" in capsys.readouterr().out
 
 
@@ -108,75 +94,51 @@ def test_failing_section_is_recorded_and_the_run_goes_on(tmp_path: Path, monkeyp
         raise RuntimeError("boom\nsecond line")
 
     def fine(run, section):
-        section["data"]["searches"] = [{"cap": "c", "variant": "plain", "value": 3, "status": "ok"}]
+        section["data"]["commands"] = [{"check": "c", "passed": True, "last_line": "all good"}]
 
-    monkeypatch.setitem(SECTION_RUNNERS, "seed", boom)
-    monkeypatch.setitem(SECTION_RUNNERS, "depth", fine)
-    report = gpu_report.run_report(smoke_plan(), tmp_path, ["depth", "seed"])
-    assert list(report["sections"]) == ["seed", "depth"]  # importance order, whatever the order asked
-    seed, depth = report["sections"]["seed"], report["sections"]["depth"]
-    assert (seed["status"], seed["error"], seed["data"]) == ("failed", "RuntimeError: boom second line", {"half": 1})
-    assert depth["status"] == "ok"
+    monkeypatch.setitem(SECTION_RUNNERS, "step-time", boom)
+    monkeypatch.setitem(SECTION_RUNNERS, "3d", fine)
+    report = gpu_report.run_report(smoke_plan(), tmp_path, ["3d", "step-time"])
+    assert list(report["sections"]) == ["step-time", "3d"]  # importance order, whatever the order asked
+    first, volumes = report["sections"]["step-time"], report["sections"]["3d"]
+    assert (first["status"], first["error"], first["data"]) == ("failed", "RuntimeError: boom second line",
+                                                                {"half": 1})
+    assert volumes["status"] == "ok"
     assert "status: failed" in (tmp_path / "summary.md").read_text()
+
+
+def test_a_failing_command_fails_its_section_with_its_last_line(tmp_path: Path):
+    plan = smoke_plan()
+    broken = {**plan.commands, "step-time": (("bench", ("bench", "--variants", "nope")),)}
+    import dataclasses
+
+    report = gpu_report.run_report(dataclasses.replace(plan, commands=broken), tmp_path, ["step-time"])
+    section = report["sections"]["step-time"]
+    assert section["status"] == "failed" and "exited with status 2" in section["error"]
+    assert "unknown variant 'nope'" in section["data"]["commands"][0]["last_line"]
 
 
 def test_a_run_cut_short_leaves_the_finished_sections(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     def measured(run, section):
-        section["data"]["searches"] = [{"cap": "c", "variant": "plain", "value": 7, "status": "ok"}]
+        section["data"]["commands"] = [{"check": "bench", "passed": True, "last_line": "7"}]
 
     def killed(run, section):
-        section["data"]["searches"] = [{"cap": "c", "variant": "frugal", "value": 9, "status": "ok"}]
-        run.save()  # what sections do after each cell or search
+        section["data"]["commands"] = [{"check": "bench 3d", "passed": True, "last_line": "9"}]
+        run.save()  # what sections do after each command
         raise KeyboardInterrupt
 
-    monkeypatch.setitem(SECTION_RUNNERS, "max-batch", measured)
-    monkeypatch.setitem(SECTION_RUNNERS, "depth", killed)
+    monkeypatch.setitem(SECTION_RUNNERS, "step-time", measured)
+    monkeypatch.setitem(SECTION_RUNNERS, "3d", killed)
     with pytest.raises(KeyboardInterrupt):
-        gpu_report.run_report(smoke_plan(), tmp_path, ["max-batch", "depth", "correctness"])
+        gpu_report.run_report(smoke_plan(), tmp_path, ["step-time", "3d", "correctness"])
     report = _report(tmp_path)
     assert not report["complete"]
     sections = report["sections"]
-    assert sections["max-batch"]["status"] == "ok" and sections["max-batch"]["data"]["searches"][0]["value"] == 7
-    assert sections["depth"]["status"] == "running" and sections["depth"]["data"]["searches"][0]["value"] == 9
+    assert sections["step-time"]["status"] == "ok" and sections["step-time"]["data"]["commands"][0]["last_line"] == "7"
+    assert sections["3d"]["status"] == "running" and sections["3d"]["data"]["commands"][0]["last_line"] == "9"
     assert sections["correctness"]["status"] == "pending"
     assert "INCOMPLETE" in (tmp_path / "summary.md").read_text()
     assert not list(tmp_path.glob("*.tmp"))
-
-
-def test_search_doubles_bisects_and_keeps_bounds_when_cut_short(tmp_path: Path):
-    run = Run(smoke_plan(), tmp_path, ["depth"], "", lambda text: None)
-    run.deadline = float("inf")
-    probes = []
-
-    def fits(n: int) -> bool:
-        probes.append(n)
-        return n <= 37
-
-    entry = {}
-    search(run, fits, 4, 1024, 1, entry)
-    assert (entry["value"], entry["first_failure"], entry["status"]) == (37, 38, "ok")
-    assert probes[:5] == [4, 8, 16, 32, 64] and entry["probes"] == len(probes) <= 10
-    entry = {}
-    search(run, fits, 8, 1024, 8, entry)  # in units of 8: the largest multiple of 8 that fits
-    assert entry["value"] == 32
-
-    def slow_fits(n: int) -> bool:
-        if len(probes) >= 3:
-            raise OutOfTime("spent")
-        probes.append(n)
-        return True
-
-    probes.clear()
-    entry = {}
-    with pytest.raises(OutOfTime):
-        search(run, slow_fits, 4, 1024, 1, entry)
-    assert (entry["status"], entry["value"], entry["lower_bound"]) == ("out of time", 16, True)
-
-
-def test_busy_time_is_the_union_of_intervals():
-    assert busy_time([]) == 0
-    assert busy_time([(0, 2), (1, 3), (5, 6)]) == 4  # overlapping kernels count once
-    assert busy_time([(0, 10), (2, 3), (4, 12)]) == 12  # nested CPU ops too
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -220,43 +182,17 @@ def test_dispatcher_reaches_the_command(capsys: pytest.CaptureFixture[str]):
     assert capsys.readouterr().out.startswith("usage: effidense gpu-report")
 
 
-@pytest.mark.slow
-def test_smoke_compares_the_planners_prediction_with_a_measured_step(smoke):
-    out, _ = smoke
-    section = _report(out)["sections"]["prediction"]
-    rows = {r["variant"]: r for r in section["data"]["rows"]}
-    assert set(rows) == {"tv-plain", "tv", "timm", "plain", "efficient", "frugal"}
-    for row in rows.values():
-        assert row["status"] == "ok" and len(row["points"]) == 2, row
-        assert all(abs(p["rel_error"]) <= 0.10 for p in row["points"]), row
-    assert [g["passed"] for g in section["goals"]] == [True]
-    assert "predicted peak MiB" in (out / "summary.md").read_text()
+def test_the_gpu_plan_composes_bench_and_gradcheck_on_the_gpu():
+    plan = gpu_report.gpu_plan()
+    step = dict(plan.commands["step-time"])["bench"]
+    assert "efficient+compile" in step[step.index("--variants") + 1] and "--max-batch" in dict(
+        plan.commands["max-batch"])["bench --max-batch"]
+    assert plan.spec.name == "densenet121" and plan.model_flags("3d")[-3:] == ["spatial_dims=3", "in_chans=1",
+                                                                              "num_classes=2"]
 
 
 def test_peer_names_mean_what_they_mean_in_bench():
-    from effidense.benchmark import PEERS, build_variant
     from effidense.gpu_report import VARIANTS
-    from effidense.modelspec import resolve_model
+    from effidense.harness import PEERS
 
-    spec = resolve_model("custom", dict(growth_rate=4, block_config=(1, 1), num_init_features=8))
-    for peer, description in PEERS.items():
-        assert VARIANTS[peer] == description
-        ours, bench = build_model(peer, spec, {}), build_variant(peer, spec)
-        assert type(ours) is type(bench)
-        flags = {m.memory_efficient for m in ours.modules() if hasattr(m, "memory_efficient")}
-        assert flags == ({peer == "tv"} if peer in ("tv", "tv-plain") else set())  # timm's and MONAI's have none
-
-
-@pytest.mark.slow
-def test_smoke_measures_volumes_against_monai(smoke):
-    out, _ = smoke
-    section = _report(out)["sections"]["3d"]
-    cells = section["data"]["cells"]
-    assert [c["edge"] for c in cells] == [16, 20]
-    for cell in cells:
-        rows = cell["rows"]
-        assert set(rows) == {"monai", "plain", "efficient", "frugal"}
-        assert all(r["status"] == "ok" for r in rows.values()), rows
-        assert rows["efficient"]["memory_x_less_vs_monai"] > 1 and rows["frugal"]["memory_x_less_vs_monai"] > 1
-    assert len(section["goals"]) == 2
-    assert "x less than MONAI" in (out / "summary.md").read_text()
+    assert all(VARIANTS[peer] == description for peer, description in PEERS.items())

@@ -10,9 +10,8 @@ from conftest import TINY, load_tool
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from effidense.benchmark import build_variant
-from effidense.footprint import StepProbe, StepSpec, StorageTracker
-from effidense.memory import SavedTensorMeter
+from effidense.harness import StepProbe, StepSpec, build_variant
+from effidense.memory import SavedTensorMeter, StorageTracker
 from effidense.modelspec import ModelSpec
 from effidense.planner import GPU_PRESETS, JSON_SCHEMA, parse_budget, plan, search_batch, search_edge
 
@@ -272,7 +271,7 @@ def test_sizes_that_contradict_a_chosen_spatial_dims_are_refused(cli, capsys):
 
 def test_a_negative_count_fails_the_variant(monkeypatch):
     # Sizes that wrap around in torch's int64 gave negative figures that were printed as predictions.
-    from effidense.footprint import StepProbe as Probe
+    from effidense.harness import StepProbe as Probe
 
     measure = Probe.measure
 

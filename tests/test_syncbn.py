@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from effidense import MEMORY_MODES, DenseNet
-from effidense.benchmark import free_port
+from effidense.harness import free_port
 
 WORLD = 2
 BATCH = 4  # per rank

@@ -2,7 +2,6 @@
 :class:`BenchReport`, which fills in every ratio to the reference variants)."""
 from __future__ import annotations
 
-import contextlib
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -10,16 +9,18 @@ from typing import Any
 
 import torch
 
+from ..harness.step import AMP_DTYPES, CHANNELS_LAST
+from ..harness.variants import COMPILE_SUFFIX
 from ..modelspec import ModelSpec
-from .variants import COMPILE_SUFFIX, HOST_REFERENCE
 
-__all__ = ["AMP_DTYPES", "CHANNELS_LAST", "COMPILE_MODES", "JSON_SCHEMA", "BenchConfig", "VariantResult",
-           "BenchReport"]
+__all__ = ["COMPILE_MODES", "JSON_SCHEMA", "HOST_REFERENCE", "HOST_BATCH", "BenchConfig", "VariantResult",
+           "BenchReport", "host_img_size", "size_label"]
 
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# The channels-last memory format of each spatial dims (a model's and its input's); a signal (N, C, L) has none.
-CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
+# tv-plain, keeping everything, is the reference for host overhead (the framework's own cost of a step, before any
+# arithmetic).
+HOST_REFERENCE = "tv-plain"
+HOST_BATCH = 2  # images per host-overhead step: BatchNorm needs two values per channel
 # torch.compile's modes (torch._inductor.list_mode_options()); "reduce-overhead" adds CUDA graphs on a GPU
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 JSON_SCHEMA = "effidense.bench/1"
@@ -88,7 +89,7 @@ class VariantResult:
     peak_bytes: int | None = None
     compile_s: float | None = None
     max_batch: int | None = None
-    host_ms: float | None = None  # one training step at a tiny input (see variants.host_img_size): the host's cost
+    host_ms: float | None = None  # one training step at a tiny input (see host_img_size): the host's cost
     same_function_rel_diff: float | None = None
     samples: dict[str, list[float]] = field(default_factory=dict)
     # Filled in by BenchReport: relative to 'plain', and host time relative to BenchReport.host_reference.
@@ -157,9 +158,15 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def autocast(device: torch.device, amp: str | None) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` to ``AMP_DTYPES[amp]`` on ``device``'s type, or nothing for fp32 (``amp`` None)."""
-    return torch.autocast(device.type, dtype=AMP_DTYPES[amp]) if amp else contextlib.nullcontext()
+def host_img_size(spec: ModelSpec) -> int:
+    """Image size of the host-overhead step: 32, or the model's ``min_input_size`` if larger."""
+    with torch.device("meta"):  # building on the meta device costs no memory
+        return max(32, spec.build("plain").min_input_size)
+
+
+def size_label(spec: ModelSpec, img_size: int) -> str:
+    """``224x224``, ``96x96x96``: the input's spatial size."""
+    return "x".join([str(img_size)] * spec.arg("spatial_dims"))
 
 
 def _paired_ratio(a: Sequence[float] | None, b: Sequence[float] | None) -> float | None:

@@ -1,60 +1,17 @@
-"""GPU memory: telling out-of-memory from other errors, and the largest batch that trains without running out."""
+"""GPU memory: the probe of the largest batch that trains without running out (only out-of-memory means "does not
+fit"), and the device of each rank."""
 from __future__ import annotations
 
-import gc
 from collections.abc import Callable
 
 import torch
 
-from ..errors import is_oom
+from ..failures import is_oom
+from ..harness.step import CHANNELS_LAST, release
 from ..progress import Progress
-from .config import CHANNELS_LAST
-from .trainer import StepRunner
+from .timing import StepRunner
 
-__all__ = ["is_oom", "bisect_fits", "largest_batch", "release", "cuda_fits", "device_for_rank"]
-
-
-def bisect_fits(fits: Callable[[int], bool], good: int, bad: int) -> int:
-    """The largest ``n`` in ``[good, bad)`` for which ``fits`` is true, given that ``good`` fits (or is a floor that
-    needs no probe) and ``bad`` does not, ``fits`` being monotone."""
-    while bad - good > 1:
-        probe = (good + bad) // 2
-        if fits(probe):
-            good = probe
-        else:
-            bad = probe
-    return good
-
-
-def largest_batch(fits: Callable[[int], bool], start: int, limit: int) -> int:
-    """Largest batch in [1, limit] for which ``fits`` is true, assuming it is monotone; 0 if none fits.
-
-    Doubles from ``start`` until a batch fails (or ``limit``), then bisects between the last success and the first
-    failure: about 2 * log2(answer / start) probes.
-    """
-    if start < 1 or limit < start:
-        raise ValueError(f"need 1 <= start <= limit, got start={start}, limit={limit}")
-    if fits(start):
-        good, bad = start, None
-        while bad is None:
-            if good == limit:
-                return good
-            probe = min(good * 2, limit)
-            if fits(probe):
-                good = probe
-            else:
-                bad = probe
-    else:
-        good, bad = 0, start
-    return bisect_fits(fits, good, bad)
-
-
-def release(device: torch.device) -> None:
-    """Return a failed or finished model's GPU memory to the device (a full gc is too slow to run per probe on the
-    CPU, where nothing needs returning)."""
-    if device.type == "cuda":
-        gc.collect()
-        torch.cuda.empty_cache()
+__all__ = ["is_oom", "cuda_fits", "device_for_rank"]
 
 
 def _probe_step(trainer: StepRunner, template: torch.Tensor, batch: int, num_classes: int,

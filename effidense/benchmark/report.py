@@ -7,10 +7,10 @@ from dataclasses import asdict
 from typing import Any
 
 from ..fileio import PLOT_FORMATS, atomic_write_bytes
+from ..harness.variants import COMPILE_SUFFIX
 from ..memory import MiB
 from ..modelspec import ModelSpec
-from .config import JSON_SCHEMA, BenchReport
-from .variants import COMPILE_SUFFIX, HOST_BATCH, HOST_REFERENCE, host_img_size, size_label
+from .config import HOST_BATCH, HOST_REFERENCE, JSON_SCHEMA, BenchReport, host_img_size, size_label
 
 __all__ = ["compile_verdicts", "fmt", "format_table", "report_to_json", "write_json", "write_plot"]
 

@@ -9,26 +9,35 @@ import torch
 from torch import nn
 
 from ..densenet import MEMORY_MODES
-from ..errors import short_error
-from ..footprint import StepProbe, StepSpec
-from ..memory import SavedTensorMeter, activation_floor_bytes, cuda_peak_bytes
-from ..progress import Progress
-from .config import AMP_DTYPES, CHANNELS_LAST, BenchConfig, BenchReport, VariantResult
-from .cuda import cuda_fits, device_for_rank, largest_batch, release
-from .distributed import backend_for, check_world, merge_ranks, process_group, spawn_benchmark, torchrun_world
-from .environment import environment
-from .timing import failed_result, time_in_rounds
-from .trainer import StepRunner, Timer, run_batch, torch_threads
-from .variants import (
+from ..failures import short_error
+from ..harness import (
+    AMP_DTYPES,
+    CHANNELS_LAST,
     COMPILE_SUFFIX,
-    HOST_BATCH,
     PEERS,
+    StepProbe,
+    StepSpec,
+    Timer,
+    backend_for,
     build_variant,
-    host_img_size,
+    check_world,
+    environment,
     input_shape,
+    largest_batch,
     load_weights,
     peer_unsupported,
+    process_group,
+    release,
+    torch_threads,
+    torchrun_world,
+    training_step,
 )
+from ..memory import SavedTensorMeter, activation_floor_bytes, cuda_peak_bytes
+from ..progress import Progress
+from .config import HOST_BATCH, BenchConfig, BenchReport, VariantResult, host_img_size
+from .cuda import cuda_fits, device_for_rank
+from .distributed import merge_ranks, spawn_benchmark
+from .timing import StepRunner, failed_result, run_batch, time_in_rounds
 
 __all__ = ["run_benchmark", "benchmark", "memory_by_depth", "activation_floor"]
 
@@ -169,17 +178,14 @@ def _prepare_variant(variant: str, cfg: BenchConfig, device: torch.device, state
         if cfg.host_only:
             return result, trainer, first_step_s
 
-        model.zero_grad(set_to_none=True)
-        with SavedTensorMeter(exclude=model) as meter:
-            loss = trainer.loss()
-        loss.backward()  # DDP expects every forward to be followed by its backward
-        del loss
+        meter = SavedTensorMeter(exclude=model)
+        training_step(model, *batch, cfg.amp, meter=meter)  # with its backward, as DDP expects of every forward
         result.activation_bytes = meter.bytes
         progress.advance()
 
         if device.type == "cuda":
             model.zero_grad(set_to_none=True)
-            result.peak_bytes = cuda_peak_bytes(lambda: trainer.loss().backward(), device)
+            result.peak_bytes = cuda_peak_bytes(trainer.step, device)
             model.zero_grad(set_to_none=True)
             progress.advance()
         return result, trainer, first_step_s
@@ -209,7 +215,7 @@ def memory_by_depth(cfg: BenchConfig, scales: Sequence[float],
     The family scales every block's layer count of ``cfg.spec`` by each factor in ``scales``; batch, image size and
     autocast are the run's. ``modes`` are variants (our modes and peers, uncompiled); a peer that cannot build the
     family is left out, with the reason under ``"skipped"``. The forwards run on tensors that allocate nothing
-    (:class:`effidense.footprint.StepProbe`, ``FakeTensorMode`` on the CPU): the meter's count is device-independent,
+    (:class:`effidense.harness.StepProbe`, ``FakeTensorMode`` on the CPU): the meter's count is device-independent,
     so the sweep takes seconds and next to no memory at any depth or batch.
     """
     specs = {s.block_config: s for s in (cfg.spec.scaled(f) for f in scales)}

@@ -6,13 +6,46 @@ import traceback
 
 import torch
 
-from ..errors import short_error
+from ..failures import short_error
+from ..harness.step import Timer, make_batch, training_step
+from ..harness.variants import COMPILE_SUFFIX
 from ..progress import Progress
 from .config import BenchConfig, VariantResult
-from .trainer import StepRunner, Timer
-from .variants import COMPILE_SUFFIX
 
-__all__ = ["time_in_rounds", "failed_result"]
+__all__ = ["StepRunner", "run_batch", "time_in_rounds", "failed_result"]
+
+
+class StepRunner:
+    """Training steps (:func:`effidense.harness.step.training_step`) of one model on one batch (and the tiny host
+    batch), with the run's autocast."""
+
+    def __init__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, amp: str | None,
+                 host_batch: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        self.model, self.x, self.y, self.amp = model, x, y, amp
+        self.host_batch = host_batch  # the tiny batch of the host-overhead step
+
+    def step(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None) -> None:
+        training_step(self.model, self.x if x is None else x, self.y if y is None else y, self.amp)
+
+    def timed_step(self, timer: Timer) -> tuple[float, float]:
+        """(forward ms, backward ms) of one step."""
+        step = training_step(self.model, self.x, self.y, self.amp, timer=timer)
+        return step.forward_ms, step.backward_ms
+
+    def timed_host_step(self, timer: Timer) -> float:
+        """Milliseconds of one step on the tiny host batch, where arithmetic costs almost nothing: what is left is
+        the framework's and the model's Python/dispatch/launch overhead."""
+        if self.host_batch is None:
+            raise RuntimeError("this runner has no host batch")
+        step = training_step(self.model, *self.host_batch, self.amp, timer=timer)
+        return step.forward_ms + step.backward_ms
+
+
+def run_batch(cfg: BenchConfig, device: torch.device, rank: int, batch_size: int | None = None,
+              img_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The run's batch for ``rank`` (or one of ``batch_size`` images of ``img_size``), on ``device``."""
+    return make_batch(cfg.spec, batch_size or cfg.batch_size, img_size or cfg.img_size, device, cfg.channels_last,
+                      cfg.seed + 1 + rank)
 
 
 def time_in_rounds(cfg: BenchConfig, device: torch.device, results: dict[str, VariantResult],

@@ -17,7 +17,7 @@ COMMANDS = {
     "convert": "convert DenseNet weights between torchvision, timm and effidense (safetensors or .pth)",
     "gradcheck": "check that every memory mode computes the plain model's outputs, gradients and BN statistics",
     "train": "train with the built-in timm-based trainer (timm's train.py flags)",
-    "gpu-report": "the GPU evidence run: step time, max batch, depth, idle time, correctness (--smoke: on the CPU)",
+    "gpu-report": "the GPU evidence run: bench, max batch, the planner's prediction, 3D, gradcheck (--smoke: CPU)",
     "plan": "predict a training step's peak memory and the largest batch that fits a GPU, without the GPU",
     "timm": "run timm's own train.py/validate.py/benchmark.py/inference.py with the effi_* models registered",
     "models": "list the model names --model takes",
@@ -68,7 +68,7 @@ def _run(argv: list[str]) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        from ..names import suggest
+        from ..configs import suggest
 
         hint = suggest(command, list(COMMANDS)) or f"choose one of: {', '.join(COMMANDS)}"
         print(f"error: unknown command {command!r}; {hint} (effidense --help)", file=sys.stderr)

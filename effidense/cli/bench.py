@@ -21,33 +21,22 @@ from collections.abc import Callable
 import torch
 
 import effidense.registry  # noqa: F401 - registers the effi_* timm models
-from effidense.benchmark import (
-    AMP_DTYPES,
-    COMPILE_MODES,
-    PEERS,
-    BenchConfig,
-    BenchReport,
-    benchmark,
-    format_table,
-    parse_variants,
-    peer_unsupported,
-    write_json,
-    write_plot,
-)
-from effidense.densenet import MEMORY_MODES
-from effidense.errors import is_oom
-from effidense.fileio import outputs_problem, short_error
-from effidense.modelspec import (
+from effidense.benchmark import COMPILE_MODES, BenchConfig, BenchReport, benchmark, format_table, write_json, write_plot
+from effidense.cli.flags import (
     OneLineParser,
     add_model_arguments,
     float_list,
     non_negative_int,
     positive_int,
-    resolve_model,
     seed,
     spec_from_args,
     thread_count,
 )
+from effidense.densenet import MEMORY_MODES
+from effidense.failures import is_oom
+from effidense.fileio import outputs_problem, short_error
+from effidense.harness import AMP_DTYPES, PEERS, parse_variants, peer_unsupported
+from effidense.modelspec import resolve_model
 
 DEFAULT_MODEL = "effi_densenet_bc100_k12"
 # (batch size, warm-up steps, timed rounds) when not given. Batch 64 is a training step of the CIFAR default; on a

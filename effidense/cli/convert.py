@@ -18,7 +18,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from effidense.names import INFLATE_METHODS, LAYOUT_ALIASES, LAYOUTS, VERIFY_TOLERANCE
+from effidense.layouts import INFLATE_METHODS, LAYOUT_ALIASES, LAYOUTS, VERIFY_TOLERANCE
 
 
 def build_parser() -> argparse.ArgumentParser:

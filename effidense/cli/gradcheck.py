@@ -25,18 +25,12 @@ import sys
 
 import torch
 
-from effidense.benchmark import AMP_DTYPES, environment, torchrun_world
-from effidense.errors import is_oom
+from effidense.cli.flags import OneLineParser, add_model_arguments, positive_int, seed, spec_from_args, thread_count
+from effidense.failures import is_oom
 from effidense.fileio import atomic_write_bytes, check_writable, short_error
-from effidense.modelspec import (
-    ModelSpec,
-    OneLineParser,
-    add_model_arguments,
-    positive_int,
-    seed,
-    spec_from_args,
-    thread_count,
-)
+from effidense.harness import AMP_DTYPES, environment
+from effidense.harness.distributed import torchrun_world
+from effidense.modelspec import ModelSpec
 from effidense.verify import (
     TINY_BC,
     TINY_SMALL_INPUTS,

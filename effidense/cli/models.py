@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from effidense.names import CONFIGS, model_names
+from effidense.configs import CONFIGS, model_names
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,11 +21,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..benchmark import AMP_DTYPES, PEERS, torch_threads
 from ..densenet import MEMORY_MODES
 from ..fileio import outputs_problem, short_error
-from ..footprint import OPTIMIZERS
-from ..modelspec import ModelSpec, OneLineParser, add_model_arguments, positive_int, spec_from_args, thread_count
+from ..harness import AMP_DTYPES, OPTIMIZERS, PEERS, torch_threads
+from ..modelspec import ModelSpec
 from ..planner import (
     DEFAULT_MARGIN,
     DTYPES,
@@ -37,6 +36,7 @@ from ..planner import (
     write_json,
     write_plot,
 )
+from .flags import OneLineParser, add_model_arguments, positive_int, spec_from_args, thread_count
 
 PROG = "effidense plan"
 DEFAULT_MODEL = "effi_densenet121"

@@ -1,13 +1,13 @@
 """Will it fit? Predict a training step's peak memory and the largest batch for a GPU, without the GPU.
 
-:func:`plan` builds each variant (bench's names: our memory modes and the torchvision/timm peers) on tensors that
-allocate nothing (``FakeTensorMode`` on the CPU) and runs training steps under
-:class:`effidense.footprint.StorageTracker`, which counts every live storage as ops make and free them, backward
-and checkpoint recomputation included. The peak of a step is affine in the batch (convex in general), so two steps
-give the line and a third confirms the largest batch that fits the budget; for 3D inputs the largest cube edge at
-the given batch is searched too. Saved activations are the meter's count. Figures are device-independent bytes:
-what the CUDA context, library workspaces and the allocator add is not counted (:data:`NOT_COUNTED`), and a safety
-margin (:data:`DEFAULT_MARGIN`, 5%) of the budget is held back.
+:func:`plan` builds each variant (the harness's names: our memory modes and the torchvision/timm peers) on tensors
+that allocate nothing (``FakeTensorMode`` on the CPU) and runs the tools' one training step under
+:class:`effidense.memory.StorageTracker`, which counts every live storage as ops make and free them, backward and
+checkpoint recomputation included (:class:`effidense.harness.StepProbe`). The peak of a step is affine in the batch
+(convex in general), so two steps give the line and a third confirms the largest batch that fits the budget; for 3D
+inputs the largest cube edge at the given batch is searched too. Saved activations are the meter's count. Figures are
+device-independent bytes: what the CUDA context, library workspaces and the allocator add is not counted
+(:data:`NOT_COUNTED`), and a safety margin (:data:`DEFAULT_MARGIN`, 5%) of the budget is held back.
 
 Modules: :mod:`.budget` (sizes, GPU presets, the margin), :mod:`.core` (:func:`plan` and the searches),
 :mod:`.report` (table, JSON schema ``effidense.plan/1``, plot). ``effidense plan`` is the command

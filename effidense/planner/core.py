@@ -9,10 +9,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..benchmark import AMP_DTYPES, COMPILE_SUFFIX, PEERS, bisect_fits, build_variant, parse_variants, peer_unsupported
 from ..densenet import MEMORY_MODES
-from ..errors import short_error
-from ..footprint import StepMemory, StepProbe, StepSpec
+from ..failures import short_error
+from ..harness import (
+    AMP_DTYPES,
+    COMPILE_SUFFIX,
+    PEERS,
+    StepMemory,
+    StepProbe,
+    StepSpec,
+    bisect_fits,
+    build_variant,
+    parse_variants,
+    peer_unsupported,
+)
 from ..modelspec import ModelSpec, resolve_model
 from .budget import DEFAULT_MARGIN, format_bytes, parse_budget
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..benchmark.config import AMP_DTYPES, CHANNELS_LAST
+from ..harness.step import AMP_DTYPES, CHANNELS_LAST, make_batch
 from ..modelspec import ModelSpec
 
 __all__ = ["Check", "Case", "VerifyConfig", "TINY_BC", "TINY_SMALL_INPUTS", "GRADCHECK_MODEL", "GRADCHECK_TOLERANCES",
@@ -221,15 +221,9 @@ def input_shape(img: int, spatial_dims: int) -> str:
 
 def input_batch(spec: ModelSpec, batch: int, img: int, dtype: torch.dtype, device: torch.device, seed: int,
            channels_last: bool = False) -> tuple[Tensor, Tensor]:
-    """A batch the spec's model takes: ``img`` along each of its spatial dims (a square, a cube or a length)."""
-    generator = torch.Generator().manual_seed(seed)
-    dims = spec.arg("spatial_dims")
-    x = torch.randn(batch, spec.arg("in_chans"), *(img,) * dims, generator=generator, dtype=dtype)
-    y = torch.randint(0, max(spec.arg("num_classes"), 1), (batch,), generator=generator)
-    x = x.to(device)
-    if channels_last:
-        x = x.contiguous(memory_format=CHANNELS_LAST[dims])
-    return x, y.to(device)
+    """A batch the spec's model takes: ``img`` along each of its spatial dims (a square, a cube or a length), of
+    ``dtype`` (the harness's batch)."""
+    return make_batch(spec, batch, img, device, channels_last, seed, dtype)
 
 
 def set_deterministic(device: torch.device) -> None:

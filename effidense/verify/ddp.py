@@ -10,14 +10,14 @@ from typing import Any
 
 import torch
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..benchmark.distributed import backend_for, check_world, free_port, process_group
 from ..densenet import MEMORY_MODES
-from ..errors import short_error
+from ..failures import short_error
 from ..fileio import atomic_write_bytes
+from ..harness.distributed import backend_for, check_world, free_port, process_group
+from ..harness.step import training_step
 from ..modelspec import ModelSpec
 from .core import (
     RAN,
@@ -80,9 +80,6 @@ def ddp_checks(spec: ModelSpec, device: torch.device, batch_per_rank: int, img_s
         model.load_state_dict(state)
         return model.to(device).train(not eval_mode)
 
-    def loss_of(model: nn.Module, xs: Tensor, ys: Tensor) -> Tensor:
-        return F.cross_entropy(model(xs), ys)
-
     for mode in MEMORY_MODES:
         subject = f"{mode}"
         # Single-process references.
@@ -90,7 +87,7 @@ def ddp_checks(spec: ModelSpec, device: torch.device, batch_per_rank: int, img_s
             # Statistics over every rank's shard: the full batch at once in train mode. Each rank's loss is its
             # shard's mean, so DDP's average of the ranks' gradients is the full-batch mean's gradient.
             single = build(mode)
-            loss_of(single, x_full, y_full).backward()
+            training_step(single, x_full, y_full)
             train_grads = grads_of(single)
             train_stats, train_counts = buffers_of(single, False), buffers_of(single, True)
             reference, train_tol = "single process on the full batch", tol_full
@@ -98,7 +95,7 @@ def ddp_checks(spec: ModelSpec, device: torch.device, batch_per_rank: int, img_s
             train_grads, train_stats, train_counts = {}, {}, {}
             for r, (xs, ys) in enumerate(shards):
                 single = build(mode)
-                (loss_of(single, xs, ys) / world).backward()
+                training_step(single, xs, ys, shards=world)
                 for name, grad in grads_of(single).items():
                     if grad is not None:
                         train_grads[name] = grad if train_grads.get(name) is None else train_grads[name] + grad
@@ -108,12 +105,12 @@ def ddp_checks(spec: ModelSpec, device: torch.device, batch_per_rank: int, img_s
                     train_stats, train_counts = buffers_of(single, False), buffers_of(single, True)
             reference, train_tol = "single process, sum over rank shards", tol
         full = build(mode, eval_mode=True)
-        loss_of(full, x_full, y_full).backward()
+        training_step(full, x_full, y_full)
         full_grads = grads_of(full)
 
         # DDP, train mode.
         ddp = _ddp(build(mode), device, sync_bn)
-        loss_of(ddp, x, y).backward()
+        training_step(ddp, x, y)
         grads = grads_of(ddp)
         checks.append(compare_tensors("ddp", label, subject, f"train: gradients == {reference}", grads, train_grads,
                                train_tol))
@@ -134,7 +131,7 @@ def ddp_checks(spec: ModelSpec, device: torch.device, batch_per_rank: int, img_s
 
         # DDP, eval mode (running statistics): per-rank means average to the full-batch mean exactly.
         ddp_eval = _ddp(build(mode, eval_mode=True), device, sync_bn)
-        loss_of(ddp_eval, x, y).backward()
+        training_step(ddp_eval, x, y)
         eval_grads = grads_of(ddp_eval)
         checks.append(compare_tensors("ddp", label, subject, "eval: gradients == single process on the full batch",
                                eval_grads, full_grads, tol_full))

@@ -9,13 +9,11 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..benchmark.config import autocast
-from ..benchmark.variants import COMPILE_SUFFIX, compile_model
 from ..densenet import MEMORY_MODES
-from ..errors import is_oom, short_error
+from ..failures import is_oom, short_error
+from ..harness import COMPILE_SUFFIX, compile_model, training_step
 from ..modelspec import ModelSpec
 from ..progress import Progress
 from .core import (
@@ -88,13 +86,11 @@ def compare_modes(case: Case, variants: Sequence[str], steps: int, batch_size: i
     optimizers = {v: torch.optim.SGD(m.parameters(), **SGD) for v, m in models.items()}
     checks: list[Check] = []
 
-    def record(model: nn.Module, x: Tensor, y: Tensor, step_seed: int) -> dict[str, Any]:
+    def record(v: str, x: Tensor, y: Tensor, step_seed: int) -> dict[str, Any]:
+        model = models[v]
         torch.manual_seed(step_seed)  # the same dropout masks in every variant
-        with autocast(device, case.amp):
-            out = model(x)
-        loss = F.cross_entropy(out.float(), y)
-        loss.backward()
-        return {"output": {"output": out.detach().clone()}, "loss": {"loss": loss.detach().clone()},
+        step = training_step(model, x, y, case.amp, optimizer=optimizers[v], keep=True)
+        return {"output": {"output": step.output.clone()}, "loss": {"loss": step.loss.clone()},
                 "grads": grads_of(model), "stats": buffers_of(model, integer=False),
                 "counts": buffers_of(model, integer=True)}
 
@@ -104,9 +100,7 @@ def compare_modes(case: Case, variants: Sequence[str], steps: int, batch_size: i
         results = {}
         for v, model in models.items():
             model.train()
-            optimizers[v].zero_grad(set_to_none=True)
-            results[v] = record(model, x, y, seed + 1000 + step)
-            optimizers[v].step()
+            results[v] = record(v, x, y, seed + 1000 + step)
         for v in names[1:]:
             tol = tolerance(case.dtype, device.type, case.amp, v.endswith(COMPILE_SUFFIX))
             for key, label in TRAIN_CHECKS.items():
@@ -121,13 +115,9 @@ def compare_modes(case: Case, variants: Sequence[str], steps: int, batch_size: i
     final = {}
     for v, model in models.items():
         params = params_of(model)
-        model.eval()
-        optimizers[v].zero_grad(set_to_none=True)
         x.grad = None
-        with autocast(device, case.amp):
-            out = model(x)
-        F.cross_entropy(out.float(), y).backward()
-        final[v] = {"params": params, "eval output": {"output": out.detach().clone()},
+        out = training_step(model.eval(), x, y, case.amp, keep=True).output
+        final[v] = {"params": params, "eval output": {"output": out.clone()},
                     "eval grads": {**grads_of(model), "input": x.grad.detach().clone()},
                     "eval buffers": buffers_of(model, integer=False) | buffers_of(model, integer=True)}
     for v in names[1:]:

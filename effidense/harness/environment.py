@@ -10,9 +10,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import timm
 import torch
-import torchvision
 
 from .. import __version__
 
@@ -54,6 +52,9 @@ def command_line(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
 def environment(device: str, argv: Sequence[str] | None = None, world_size: int = 1) -> dict[str, Any]:
     """Versions, hardware and how the run was started (:func:`command_line`), for the JSON output and the table
     header; ``argv`` is what the command parsed."""
+    import timm
+    import torchvision
+
     env: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **command_line(argv),

@@ -1,15 +1,11 @@
 """The memory of one training step, counted storage by storage, on tensors that allocate nothing or on real ones.
 
-:class:`StorageTracker` is a ``TorchDispatchMode``: every storage an operator's output holds is counted from the op
-that makes it until its last reference dies (a weakref finalizer on the storage), independent of any allocator, so
-the same count runs on real tensors and on ``FakeTensorMode``'s, which carry shapes, dtypes and strides but no data.
-It sees what autograd's backward makes as well, the recompute buffers of non-reentrant checkpoints included.
-
 :class:`StepProbe` builds a model once (under ``FakeTensorMode`` by default) with its optimizer state, and
-:meth:`StepProbe.measure` runs one training step at a batch and input size under the tracker: zero_grad, forward
-(under autocast if asked) with cross-entropy loss, backward, optimizer step. It returns a :class:`StepMemory`: the
-peak, what was live at the peak by kind, and the bytes saved for backward counted by the meter
-(:class:`effidense.SavedTensorMeter`'s rule). A DenseNet-121 step at any batch takes about two seconds of host time.
+:meth:`StepProbe.measure` runs the one training step (:func:`effidense.harness.step.training_step`) at a batch and
+input size under :class:`effidense.memory.StorageTracker`, which follows every storage on real and fake tensors alike.
+It returns a :class:`StepMemory`: the peak, what was live at the peak by kind, and the bytes saved for backward
+counted by the meter (:class:`effidense.SavedTensorMeter`). A DenseNet-121 step at any batch takes about two seconds
+of host time.
 
 Not counted, on any device: what kernels allocate internally without returning it (cuDNN and cuBLAS workspaces,
 im2col buffers), the CUDA context, allocator rounding and fragmentation, communication buffers. :mod:`effidense.planner`
@@ -18,128 +14,21 @@ names these and adds a safety margin.
 from __future__ import annotations
 
 import contextlib
-import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
-from .memory import SavedTensorMeter
+from ..memory import KINDS, SavedTensorMeter, StorageTracker
+from .step import step_loss, training_step
 
-__all__ = ["OPTIMIZERS", "KINDS", "StorageTracker", "StepSpec", "StepMemory", "StepProbe"]
+__all__ = ["OPTIMIZERS", "KINDS", "StepSpec", "StepMemory", "StepProbe"]
 
 # Optimizers whose state a step holds: plain SGD has none, momentum one buffer per parameter, AdamW two (and a
 # step count per parameter). "none" is bench's step: no optimizer update.
 OPTIMIZERS = ("none", "sgd", "sgd-momentum", "adamw")
-# What a live storage is, for the breakdown of the peak.
-KINDS = ("parameters", "gradients", "optimizer_state", "input", "saved_activations", "transient")
-
-
-def _key(t: torch.Tensor) -> int:
-    """The identity of ``t``'s storage (its StorageImpl), valid for real and fake tensors alike while it lives."""
-    return t.untyped_storage()._cdata
-
-
-@dataclass
-class _Record:
-    nbytes: int
-    kind: str
-    born: int
-    died: int | None = None
-
-
-class StorageTracker(TorchDispatchMode):
-    """Counts the bytes of live storages: those given to :meth:`add` and every one an op's output holds.
-
-    ``current`` and ``peak`` are bytes; :meth:`at_peak` splits the peak by kind (see :data:`KINDS`). Storages are
-    told apart by identity, so views and in-place results are counted once.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.current = 0
-        self.peak = 0
-        self._events = 0
-        self._peak_event = 0
-        self._records: list[_Record] = []
-        self._live: dict[int, int] = {}  # storage key -> index in _records
-        self._finalizers: list[weakref.finalize] = []
-
-    def add(self, tensors: Iterable[Any], kind: str = "transient") -> None:
-        """Count the storages of ``tensors`` (non-tensors are ignored) as ``kind`` from now on, if not yet counted."""
-        for t in tensors:
-            if isinstance(t, torch.Tensor):
-                self._track(t, kind)
-
-    def relabel(self, tensors: Iterable[Any], kind: str) -> None:
-        """Mark the live storages of ``tensors`` as ``kind`` (e.g. the gradients autograd made)."""
-        for t in tensors:
-            if isinstance(t, torch.Tensor) and _key(t) in self._live:
-                self._records[self._live[_key(t)]].kind = kind
-
-    def relabel_keys(self, keys: Iterable[int], kind: str) -> None:
-        for key in keys:
-            if key in self._live:
-                self._records[self._live[key]].kind = kind
-
-    def _track(self, t: torch.Tensor, kind: str) -> None:
-        storage = t.untyped_storage()
-        key = storage._cdata
-        if key in self._live:
-            return
-        nbytes = storage.nbytes()
-        self._events += 1
-        self._live[key] = len(self._records)
-        self._records.append(_Record(nbytes, kind, self._events))
-        self._finalizers.append(weakref.finalize(storage, self._free, key))
-        self.current += nbytes
-        if self.current > self.peak:
-            self.peak = self.current
-            self._peak_event = self._events
-
-    def _free(self, key: int) -> None:
-        index = self._live.pop(key, None)
-        if index is None:
-            return
-        self._events += 1
-        record = self._records[index]
-        record.died = self._events
-        self.current -= record.nbytes
-
-    @property
-    def count(self) -> int:
-        """Storages counted so far (live or freed)."""
-        return len(self._records)
-
-    def at_peak(self) -> dict[str, int]:
-        """Bytes live at the peak, by kind (the values sum to ``peak``)."""
-        split = dict.fromkeys(KINDS, 0)
-        for r in self._records:
-            if r.born <= self._peak_event and (r.died is None or r.died > self._peak_event):
-                split[r.kind] = split.get(r.kind, 0) + r.nbytes
-        return split
-
-    def live_bytes(self, kind: str) -> int:
-        return sum(self._records[i].nbytes for i in self._live.values() if self._records[i].kind == kind)
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self._track(t, "transient")
-        return out
-
-    def close(self) -> None:
-        """Stop following storages (the counts stay as they are)."""
-        for f in self._finalizers:
-            f.detach()
-        self._finalizers.clear()
 
 
 @dataclass(frozen=True)
@@ -221,10 +110,6 @@ class StepProbe:
         y = torch.randint(0, max(spec.num_classes, 1), (batch,))
         return x, y
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        amp = self.step_spec.amp
-        return torch.autocast("cpu", dtype=amp) if amp is not None else contextlib.nullcontext()
-
     def _state(self) -> list[torch.Tensor]:
         if self.optimizer is None:
             return []
@@ -235,14 +120,9 @@ class StepProbe:
         with self._context(), torch.enable_grad():
             x, y = self._batch(batch, size)
             with SavedTensorMeter(exclude=self.model) as meter:
-                loss = self._loss(x, y)
+                loss = step_loss(self.model, x, y, self.step_spec.amp)
             del loss
             return meter.bytes
-
-    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with self._autocast():
-            out = self.model(x)
-        return F.cross_entropy(out.float(), y)
 
     def measure(self, batch: int, size: Sequence[int]) -> StepMemory:
         """Track one training step at ``batch`` inputs of spatial ``size``."""
@@ -256,11 +136,12 @@ class StepProbe:
             tracker.add((x, y), "input")
             try:
                 with tracker:
-                    saved = self._forward_backward(tracker, x, y)
+                    meter = tracker.saved_meter(exclude=model)
+                    training_step(model, x, y, self.step_spec.amp, optimizer=self.optimizer, meter=meter)
+                    saved = meter.bytes
                     grads = [p.grad for p in model.parameters() if p.grad is not None]
+                    tracker.relabel(grads, "gradients")
                     gradient_bytes = sum(g.untyped_storage().nbytes() for g in grads)
-                    if self.optimizer is not None:
-                        self.optimizer.step()
                     del grads
                     end = tracker.current
                     model.zero_grad(set_to_none=True)
@@ -273,13 +154,3 @@ class StepProbe:
                 optimizer_state_bytes=sum(t.untyped_storage().nbytes() for t in self._state()),
                 input_bytes=x.untyped_storage().nbytes() + y.untyped_storage().nbytes(),
                 saved_activation_bytes=saved, end_bytes=end)
-
-    def _forward_backward(self, tracker: StorageTracker, x: torch.Tensor, y: torch.Tensor) -> int:
-        self.model.zero_grad(set_to_none=True)
-        with SavedTensorMeter(exclude=self.model) as meter:
-            loss = self._loss(x, y)
-        tracker.relabel_keys(meter.keys, "saved_activations")
-        loss.backward()
-        del loss
-        tracker.relabel((p.grad for p in self.model.parameters()), "gradients")
-        return meter.bytes

@@ -1,8 +1,6 @@
-"""Names and constants that need no torch, timm or torchvision: what a command needs before its heavy imports.
-
-The named configurations (:data:`CONFIGS`, re-exported by :mod:`effidense.registry`), the names ``--model`` takes,
-the one-line message for an unknown model name, and the checkpoint layouts of :mod:`effidense.convert`. The
-``effidense`` command reads these to answer ``--help``, list models and refuse bad names in well under a second.
+"""The named configurations (:data:`CONFIGS`, re-exported by :mod:`effidense.registry`), the names ``--model`` takes
+and the one-line message for an unknown name, without torch: the ``effidense`` command reads them to answer
+``--help``, list models and refuse bad names in well under a second.
 """
 from __future__ import annotations
 
@@ -10,8 +8,7 @@ import difflib
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["CONFIGS", "INFLATE_METHODS", "LAYOUTS", "LAYOUT_ALIASES", "VERIFY_TOLERANCE", "model_names",
-           "unknown_model_message", "suggest"]
+__all__ = ["CONFIGS", "model_names", "unknown_model_message", "suggest"]
 
 # name: DenseNet arguments (growth_rate, block_config, num_init_features, and where they differ from DenseNet's
 # defaults bn_size, compression, small_inputs, num_classes)
@@ -31,13 +28,6 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "densenet_bc190_k40": dict(growth_rate=40, block_config=(31, 31, 31), num_init_features=80,
                                small_inputs=True, num_classes=10),
 }
-
-# checkpoint layouts effidense.convert reads and writes (2D), and the seed converter's --to spellings
-LAYOUTS = ("effidense", "torchvision", "timm", "monai")
-INFLATE_METHODS = ("mean", "center")  # effidense.convert.inflate: 2D kernels to 3D
-LAYOUT_ALIASES = {"efficient": "effidense", "normal": "torchvision"}
-VERIFY_TOLERANCE = 1e-5  # the largest output difference `convert --verify` accepts
-
 
 def model_names() -> list[str]:
     """Names ``--model`` accepts: every timm name ``effi_<config>``, the bare config names, and ``custom``."""

@@ -1,15 +1,55 @@
-"""The one place that builds a peer library's DenseNet (torchvision's, timm's, MONAI's) from a DenseNet description,
-and says why a peer cannot hold one. ``effidense convert`` builds the peers to verify conversions, ``effidense bench``
-to compare against them. The peer libraries are imported only when a model is built.
+"""The variants the tools compare: our memory modes, the peers (torchvision's, timm's and MONAI's DenseNets),
+compiled copies.
+
+This is the one place that builds a peer library's DenseNet from a DenseNet description, and says why a peer cannot
+hold one: ``effidense convert`` builds the peers to verify conversions, bench, plan and gpu-report to compare
+against them. The peer libraries are imported only when a model is built.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
+import torch
 from torch import nn
 
-from .modelspec import ModelSpec
+from ..densenet import MEMORY_MODES
+from ..modelspec import ModelSpec
+from ..weights import layout_state_dict
 
-__all__ = ["PEER_LIBRARIES", "peer_limits", "build_peer"]
+__all__ = ["PEERS", "COMPILE_SUFFIX", "PEER_LIBRARY", "PEER_LIBRARIES", "parse_variants", "peer_limits",
+           "peer_unsupported", "build_peer", "build_variant", "compile_model", "load_weights"]
 
+
+# The one peers table: every tool (bench, plan, gpu-report) names the peers so.
+PEERS = {
+    "tv": "torchvision memory_efficient=True",
+    "timm": "timm set_grad_checkpointing()",
+    "tv-plain": "torchvision plain",
+    "monai": "MONAI DenseNet (keeps everything; 1-3 spatial dims)",
+}
+COMPILE_SUFFIX = "+compile"
+
+
+def parse_variants(text: str | Sequence[str], compile_all: bool = False) -> list[str]:
+    """Variant names from ``"plain,efficient,tv"``; ``compile_all`` appends ``+compile`` copies of our modes. A
+    compiled variant brings its eager self, so that every run can say whether compiling pays."""
+    names = [v.strip() for v in (text.split(",") if isinstance(text, str) else text) if v.strip()]
+    known = (*MEMORY_MODES, *PEERS)
+    for name in names:
+        if name.removesuffix(COMPILE_SUFFIX) not in known:
+            raise ValueError(f"unknown variant {name!r}; choose from {', '.join(known)}, each optionally with "
+                             f"{COMPILE_SUFFIX!r}")
+    if not names:
+        raise ValueError("no variants given")
+    if compile_all:
+        names += [n + COMPILE_SUFFIX for n in names if n in MEMORY_MODES]
+    names = [m for n in names for m in ((n.removesuffix(COMPILE_SUFFIX), n) if n.endswith(COMPILE_SUFFIX) else (n,))]
+    return list(dict.fromkeys(names))  # drop repeats, keep order
+
+
+# the library each peer builds with
+PEER_LIBRARY = {"tv": "torchvision", "tv-plain": "torchvision", "timm": "timm", "monai": "monai"}
 PEER_LIBRARIES = ("torchvision", "timm", "monai")
 
 
@@ -78,3 +118,33 @@ def build_peer(library: str, spec: ModelSpec, memory_efficient: bool = False,
     if num_classes == 0:  # torchvision always has a classifier
         model.classifier = nn.Identity()
     return model
+
+
+def peer_unsupported(spec: ModelSpec, peer: str) -> str | None:
+    """Why ``peer`` has no exact counterpart of ``spec`` (None when it has one; see
+    :func:`peer_limits`)."""
+    reasons = peer_limits(PEER_LIBRARY[peer], spec)
+    return f"{PEER_LIBRARY[peer]} cannot build {spec.name}: {'; '.join(reasons)}" if reasons else None
+
+
+def build_variant(variant: str, spec: ModelSpec) -> nn.Module:
+    """An uncompiled model for ``variant`` (without ``+compile``) with fresh weights."""
+    if variant in MEMORY_MODES:
+        return spec.build(variant)
+    if variant not in PEER_LIBRARY:
+        raise ValueError(f"unknown variant {variant!r}")
+    return build_peer(PEER_LIBRARY[variant], spec, memory_efficient=variant == "tv",
+                      grad_checkpointing=variant == "timm")
+
+
+def load_weights(model: nn.Module, variant: str, state: dict[str, torch.Tensor]) -> None:
+    """Load effidense's (torchvision's) state dict into ``variant``'s model: MONAI's names its keys otherwise."""
+    model.load_state_dict(layout_state_dict(state, "monai") if variant == "monai" else state)
+
+
+def compile_model(model: nn.Module, **options: Any) -> nn.Module:
+    """``model`` compiled whole: its own ``set_compile`` (in place) when it has one, else ``torch.compile``;
+    ``options`` go to torch.compile."""
+    if hasattr(model, "set_compile"):
+        return model.set_compile(True, **options)
+    return torch.compile(model, **options)

@@ -1,4 +1,5 @@
-"""The one way an exception becomes one line of text, for every tool's error message and report entry."""
+"""How a failure is told: any exception as one line of text (every tool's error message and report entry), and
+whether it is running out of memory."""
 from __future__ import annotations
 
 import torch

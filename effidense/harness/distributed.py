@@ -1,0 +1,49 @@
+"""Process groups for the tools that run under DDP (bench, gradcheck): rendezvous, the group, torchrun's world."""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Iterator
+
+import torch
+
+__all__ = ["free_port", "process_group", "torchrun_world", "backend_for", "check_world"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a process group's rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def process_group(backend: str, rank: int, world_size: int, init_method: str) -> Iterator[None]:
+    """An initialised default process group for the duration of the block."""
+    torch.distributed.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def torchrun_world() -> tuple[int, int, int] | None:
+    """(rank, local_rank, world_size) when this process was started by torchrun with more than one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or "RANK" not in os.environ:
+        return None
+    return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"])), world
+
+
+def backend_for(device: str) -> str:
+    """nccl between GPUs, gloo between CPU processes."""
+    return "nccl" if device == "cuda" else "gloo"
+
+
+def check_world(device: str, world: int) -> None:
+    """Raise ValueError when ``world`` processes cannot each get their own ``device``."""
+    if world < 1:
+        raise ValueError(f"the number of processes must be at least 1, got {world}")
+    if device == "cuda" and world > 1 and torch.cuda.device_count() < world:
+        raise ValueError(f"{world} processes need {world} GPUs, torch sees {torch.cuda.device_count()}")
