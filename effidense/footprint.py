@@ -242,6 +242,8 @@ class StepProbe:
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with self._autocast():
             out = self.model(x)
+        if out.dim() > 2:  # a segmentation model's logits: a label map, each sample's label at all its positions
+            y = y.view(-1, *[1] * (out.dim() - 2)).expand(out.shape[:1] + out.shape[2:]).contiguous()
         return F.cross_entropy(out.float(), y)
 
     def measure(self, batch: int, size: Sequence[int]) -> StepMemory:

@@ -8,13 +8,20 @@ FCDenseNet's, so ``reference.load_state_dict(fcdensenet.state_dict())`` gives th
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ReferenceTiramisu"]
+from .densenet import MEMORY_MODES
+from .fcdensenet import FCDENSENET_CONFIGS, FCDenseNet
+
+__all__ = ["ReferenceTiramisu", "SEGMENTATION_MODELS", "segmentation_variants"]
+
+SEGMENTATION_MODELS = tuple(FCDENSENET_CONFIGS)
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _CONV_UP = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
@@ -112,3 +119,23 @@ class ReferenceTiramisu(nn.Module):
         for i, (up, block) in enumerate(zip(self.transitions_up, self.up, strict=True)):
             x = block(up(x, skips[-1 - i]))
         return self.classifier(x)
+
+
+def segmentation_variants(name: str, spatial_dims: int, in_channels: int, out_channels: int,
+                          **kwargs: Any) -> tuple[dict[str, Callable[[], nn.Module]], int]:
+    """What the planner compares for FC-DenseNet ``name`` (``fcdensenet103``): a builder for each memory mode and
+    for the ``reference`` port, with ``kwargs`` for FCDenseNet; and the smallest input edge the model takes."""
+    if name not in FCDENSENET_CONFIGS:
+        raise ValueError(f"unknown FC-DenseNet {name!r}; choose one of {', '.join(FCDENSENET_CONFIGS)}")
+    config = {**FCDENSENET_CONFIGS[name], **kwargs}
+    model = functools.partial(FCDenseNet, spatial_dims, in_channels, out_channels, **config)
+    with torch.device("meta"):  # checks the arguments at no cost, and gives the smallest input
+        min_size = model().min_input_size
+    builders: dict[str, Callable[[], nn.Module]] = {mode: functools.partial(model, memory=mode)
+                                                     for mode in MEMORY_MODES}
+    unsupported = sorted(set(config) - {"down_blocks", "up_blocks", "bottleneck_layers", "growth_rate",
+                                        "init_features", "drop_rate"})
+    if not unsupported:  # the port knows BatchNorm layers without bottleneck only
+        builders["reference"] = functools.partial(ReferenceTiramisu, spatial_dims, in_channels, out_channels,
+                                                  **config)
+    return builders, min_size
