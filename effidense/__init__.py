@@ -5,6 +5,7 @@ Where a change belongs:
 * the network (layers, blocks, transitions, memory modes, compilation, 1-3 spatial dims): :mod:`effidense.densenet`
 * the exact norm (recomputation, SyncBatchNorm), where segments are recomputed, pooling that keeps no input:
   :mod:`effidense.layers`
+* FC-DenseNet ("Tiramisu") for segmentation, built on the dense blocks: :mod:`effidense.fcdensenet`
 * named configurations, builders, timm registry and pretrained tags: :mod:`effidense.registry`
 * checkpoint keys, safe state-dict reading and writing: :mod:`effidense.weights`; architecture inference and
   conversion between layouts: :mod:`effidense.convert`; atomic writes and safe loads for every tool:
@@ -26,6 +27,7 @@ from typing import Any
 
 _BUILDERS = ["densenet40_k12", "densenet121", "densenet161", "densenet169", "densenet201", "densenet264",
              "densenet_bc100_k12", "densenet_bc190_k40", "densenet_bc250_k24"]
+_SEGMENTATION = ["fcdensenet56", "fcdensenet67", "fcdensenet103"]
 _NORMS = ["NormAct", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "SyncBatchNormAct", "GroupNormAct",
           "InstanceNormAct1d", "InstanceNormAct2d", "InstanceNormAct3d"]
 
@@ -33,6 +35,7 @@ _NORMS = ["NormAct", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "Sync
 _EXPORTS = {
     **dict.fromkeys(["DenseNet", "DenseBlock", "DenseLayer", "Transition", "MEMORY_MODES"], "densenet"),
     **dict.fromkeys(_BUILDERS, "registry"),
+    **dict.fromkeys(["FCDenseNet", *_SEGMENTATION], "fcdensenet"),
     **dict.fromkeys(_NORMS, "layers.norm"),
     **dict.fromkeys(["SavedTensorMeter", "saved_activation_bytes", "activation_floor_bytes", "cuda_peak_bytes"],
                     "memory"),
@@ -72,11 +75,11 @@ if not _imported_by_the_command():
 
 __version__ = "0.1.0"
 
-# The public face: the models, their parts, the norms a norm_layer= may make, the meter, the planner and the
-# converter. MEMORY_MODES, CONFIGS, activation_floor_bytes and cuda_peak_bytes stay reachable as attributes for the
-# docs that name them.
+# The public face: the models (classifiers and FC-DenseNet), their parts, the norms a norm_layer= may make, the
+# meter, the planner and the converter. MEMORY_MODES, CONFIGS, activation_floor_bytes and cuda_peak_bytes stay
+# reachable as attributes for the docs that name them.
 __all__ = [
-    "DenseNet", "DenseBlock", "DenseLayer", "Transition", *_BUILDERS, *_NORMS,
+    "DenseNet", "DenseBlock", "DenseLayer", "Transition", *_BUILDERS, "FCDenseNet", *_SEGMENTATION, *_NORMS,
     "SavedTensorMeter", "saved_activation_bytes", "plan", "convert",
 ]
 

@@ -15,15 +15,21 @@ Examples:
   effidense plan --model effi_densenet121 --amp bf16 --budget rtx4090-24gb --optimizer adamw --json plan.json
   effidense plan --model effi_densenet_bc100_k12 --batch-size 64 --budget 12gb --plot plan.png
   python tools/plan.py --model effi_densenet121 --budget 24GiB --variants efficient,frugal,tv --margin 0.1
+  effidense plan --model fcdensenet103 --img-size 360 480 --batch-size 1 --budget 12GiB
+
+FC-DenseNet (--model fcdensenet56, 67 or 103: segmentation, a label per position) compares its memory modes with
+`reference`, a port that concatenates as the common PyTorch ports do; --model-kwargs go to FCDenseNet.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from ..densenet import MEMORY_MODES
 from ..fileio import outputs_problem, short_error
 from ..harness import AMP_DTYPES, OPTIMIZERS, PEERS, torch_threads
+from ..harness.tiramisu import SEGMENTATION_MODELS, segmentation_variants
 from ..modelspec import ModelSpec
 from ..planner import (
     DEFAULT_MARGIN,
@@ -127,6 +133,36 @@ def _input_size(args: argparse.Namespace, spec: ModelSpec) -> int | list[int] | 
     return list(args.img_size)
 
 
+# DenseNet flags that FC-DenseNet takes, under its own names; the other DenseNet flags do not apply to it
+_SEGMENTATION_FLAGS = {"growth_rate": "growth_rate", "num_init_features": "init_features", "bn_size": "bn_size",
+                       "drop_rate": "drop_rate"}
+
+
+def _segmentation(args: argparse.Namespace) -> dict[str, Any]:
+    """plan()'s arguments for an FC-DenseNet: its variants, name, channels, classes and input size."""
+    unused = [f"--{key.replace('_', '-')}" for key in ("block_config", "compression", "small_inputs")
+              if getattr(args, key) is not None]
+    if unused:
+        raise ValueError(f"{', '.join(unused)} do not apply to {args.model}; give FCDenseNet's arguments with "
+                         "--model-kwargs (e.g. down_blocks=\"(4,4)\")")
+    kwargs = dict(args.model_kwargs)
+    for flag, key in _SEGMENTATION_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            kwargs[key] = None if value == "none" else value
+    size = [args.volume] * 3 if args.volume is not None else list(args.img_size or [224])
+    dims = args.spatial_dims or (len(size) if len(size) > 1 else 2)
+    if len(size) == 1:
+        size *= dims
+    elif len(size) != dims:
+        raise ValueError(f"--img-size {' '.join(map(str, size))} is a {len(size)}D input but --spatial-dims is {dims}")
+    in_chans = 3 if args.in_chans is None else args.in_chans
+    classes = 11 if args.num_classes is None else args.num_classes
+    builders, min_size = segmentation_variants(args.model, dims, in_chans, classes, **kwargs)
+    return {"model": builders, "name": args.model, "in_chans": in_chans, "num_classes": classes,
+            "min_size": min_size, "img_size": size}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -143,10 +179,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"plan: {name} ...", file=sys.stderr, flush=True)
 
     try:
-        spec = spec_from_args(args)
-        img_size = _input_size(args, spec)
+        if args.model in SEGMENTATION_MODELS:
+            model = _segmentation(args)
+        else:
+            spec = spec_from_args(args)
+            model = {"model": spec, "img_size": _input_size(args, spec)}
         with torch_threads(args.threads):
-            report = plan(spec, variants=args.variants, img_size=img_size, batch_size=args.batch_size,
+            report = plan(**model, variants=args.variants, batch_size=args.batch_size,
                           amp=args.amp, dtype=args.dtype, optimizer=args.optimizer, budget=args.budget,
                           margin=args.margin, max_edge=True if args.max_edge else None, progress=progress)
     except BudgetError as e:

@@ -71,6 +71,8 @@ def _forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
              amp: str | torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
     with autocast(x.device, amp):
         out = model(x)
+    if out.dim() > 2 and y.dim() == 1:  # a segmentation model's logits: each sample's label at all its positions
+        y = y.view(-1, *[1] * (out.dim() - 2)).expand(out.shape[:1] + out.shape[2:]).contiguous()
     return out, F.cross_entropy(out.float(), y)
 
 

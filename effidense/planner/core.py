@@ -120,13 +120,14 @@ class _Target:
 
 
 def _target(model: str | ModelSpec | Mapping[str, Callable[[], nn.Module]], variants: str | Sequence[str] | None,
-            in_chans: int, num_classes: int, min_size: int) -> _Target:
+            in_chans: int, num_classes: int, min_size: int, name: str | None = None) -> _Target:
     if isinstance(model, Mapping):
         chosen = list(model) if variants is None else _names(variants)
         unknown = [v for v in chosen if v not in model]
         if unknown:
             raise ValueError(f"unknown variant(s) {', '.join(unknown)}; the model offers {', '.join(model)}")
-        return _Target("custom model", {v: model[v] for v in chosen}, {}, in_chans, num_classes, min_size, None)
+        return _Target(name or "custom model", {v: model[v] for v in chosen}, {}, in_chans, num_classes, min_size,
+                       None)
     spec = resolve_model(model) if isinstance(model, str) else model
     if variants is None:
         # the peers that can build the model; MONAI's only off the plane, where torchvision's and timm's cannot
@@ -169,14 +170,16 @@ def plan(model: str | ModelSpec | Mapping[str, Callable[[], nn.Module]] = "effi_
          batch_size: int = 64, amp: str | None = None, dtype: str = "fp32", optimizer: str = "sgd",
          budget: str | int | None = None, margin: float = DEFAULT_MARGIN, max_edge: bool | None = None,
          in_chans: int = 3, num_classes: int = 1000, min_size: int = 1, fake: bool = True,
-         progress: Callable[[str], None] | None = None) -> PlanReport:
+         progress: Callable[[str], None] | None = None, name: str | None = None) -> PlanReport:
     """Predict each variant's peak memory for one training step, and the largest batch that fits ``budget``.
 
     ``model``: an ``effi_*`` or config name, a :class:`~effidense.modelspec.ModelSpec`, or a mapping from variant
     name to a function building the model (then ``in_chans``, ``num_classes`` and ``min_size``, the smallest edge
-    the network accepts, describe it). ``variants``: bench's names (``plain``, ``efficient``, ``frugal``, ``tv``,
-    ``tv-plain``, ``timm``; default: our modes and the peers that can build the model). ``img_size``: an int (a
-    square) or the spatial size, 2D ``(H, W)`` or 3D ``(D, H, W)``. ``amp``: autocast dtype ``bf16``/``fp16``;
+    the network accepts, describe it, and ``name`` names it; a model whose output has spatial dims is trained
+    with a label per position, as segmentation is). ``variants``: bench's names (``plain``, ``efficient``,
+    ``frugal``, ``tv``, ``tv-plain``, ``timm``; default: our modes and the peers that can build the model).
+    ``img_size``: an int (a square) or the spatial size, 2D ``(H, W)`` or 3D ``(D, H, W)``. ``amp``: autocast
+    dtype ``bf16``/``fp16``;
     ``dtype``: the parameters' and input's dtype. ``optimizer``: ``none``, ``sgd``, ``sgd-momentum`` or ``adamw``.
     ``budget``: bytes, a size (``24GiB``) or a GPU preset (``h100-80gb``); the search uses ``1 - margin`` of it.
     ``max_edge``: also search the largest cube edge at ``batch_size`` (default: for 3D inputs).
@@ -203,7 +206,7 @@ def plan(model: str | ModelSpec | Mapping[str, Callable[[], nn.Module]] = "effi_
             raise ValueError(f"img_size {list(img_size)} is a {len(img_size)}D input but the model is {dims}D "
                              f"(spatial_dims={dims}): give one edge (an int) or {dims} sizes")
         model = ModelSpec(model.name, {**model.kwargs, "spatial_dims": len(img_size)})  # a named model's 3D/1D form
-    target = _target(model, variants, in_chans, num_classes, min_size)
+    target = _target(model, variants, in_chans, num_classes, min_size, name)
     size = _size(img_size, target)
     problem = target.size_problem(batch_size, size)
     if problem:

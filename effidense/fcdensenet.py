@@ -1,0 +1,256 @@
+"""FC-DenseNet ("Tiramisu"), for dense prediction (segmentation) on images, volumes or signals, in every memory mode.
+
+Jégou et al., "The One Hundred Layers Tiramisu: Fully Convolutional DenseNets for Semantic Segmentation" (2017).
+A 3x3 convolution of 48 channels, a down path of dense blocks (BN-ReLU-conv3x3-dropout layers, no bottleneck) each
+followed by a transition down (BN-ReLU-conv1x1-dropout-max-pool 2), a bottleneck block, then an up path: a 3x3
+stride-2 transposed convolution of the previous block's new features, centre-cropped to the skip and concatenated
+with it, and a dense block. Blocks below the top of the up path hand on only their new features; the last block's
+whole stack goes to the 1x1 classifier.
+
+Built from :class:`~effidense.densenet.DenseBlock`, so the memory mode (``memory=``) is the DenseNet's:
+
+* ``plain``: nothing is recomputed.
+* ``efficient``: the dense layers keep only their input maps; the transitions down, the transitions up and the
+  classifier each run as one segment that keeps only the maps it reads (the skips and new features, which stay
+  anyway), so no concatenation of them is ever kept: maps stay apart from block to block.
+* ``frugal``: as efficient, with whole dense layers as segments.
+
+Every mode computes the plain model's function bitwise (BatchNorm running statistics are updated once, and a rerun
+with dropout draws the mask forward drew).
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .densenet import MEMORY_MODES, DenseBlock
+from .layers import BATCH_NORM_ACT, NormAct, checkpointed
+
+__all__ = ["FCDenseNet", "FCDENSENET_CONFIGS", "fcdensenet56", "fcdensenet67", "fcdensenet103"]
+
+NormLayer = Callable[[int], nn.Module]
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_CONV_UP = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+_MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+
+# The paper's table: growth rate and layers per block (down path, bottleneck, up path), first convolution 48.
+FCDENSENET_CONFIGS: dict[str, dict[str, Any]] = {
+    "fcdensenet56": dict(growth_rate=12, down_blocks=(4,) * 5, bottleneck_layers=4, up_blocks=(4,) * 5),
+    "fcdensenet67": dict(growth_rate=16, down_blocks=(5,) * 5, bottleneck_layers=5, up_blocks=(5,) * 5),
+    "fcdensenet103": dict(growth_rate=16, down_blocks=(4, 5, 7, 10, 12), bottleneck_layers=15,
+                          up_blocks=(12, 10, 7, 5, 4)),
+}
+
+
+def _cat(maps: Sequence[Tensor]) -> Tensor:
+    return maps[0] if len(maps) == 1 else torch.cat(list(maps), 1)
+
+
+def _count(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _counts(name: str, value: Any) -> tuple[int, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
+        raise ValueError(f"{name} must be a non-empty sequence of layer counts, got {value!r}")
+    return tuple(_count(f"{name}[{i}]", n) for i, n in enumerate(value))
+
+
+class TransitionDown(nn.Module):
+    """BN-ReLU-conv1x1-dropout-max-pool 2 (``norm``, ``relu``, ``conv``) on the concatenation of the maps it is
+    given. Outside plain mode it is one segment: the concatenation, the convolution's output and the pool's input
+    are rebuilt in backward rather than kept (each is as large as the skip it reads)."""
+
+    def __init__(self, channels: int, spatial_dims: int, drop_rate: float, norm_layer: NormLayer) -> None:
+        super().__init__()
+        norm = norm_layer(channels)
+        if not isinstance(norm, NormAct):
+            raise TypeError(f"norm_layer must make an effidense.layers.NormAct (e.g. BatchNormAct2d, GroupNormAct), "
+                            f"which stays exact under recomputation; it made a {type(norm).__name__}")
+        self.norm, self.relu = norm, norm.take_act()
+        self.conv = _CONV[spatial_dims](channels, channels, 1, bias=False)
+        self.drop_rate = drop_rate
+        self.spatial_dims = spatial_dims
+
+    def _run(self, *maps: Tensor) -> Tensor:
+        x = self.conv(self.relu(self.norm(*maps)))
+        if self.drop_rate > 0:
+            x = F.dropout(x, self.drop_rate, self.training)
+        return _MAX_POOL[self.spatial_dims](x, 2)
+
+    def forward(self, maps: Sequence[Tensor], segment: bool = False) -> Tensor:
+        random = self.training and self.drop_rate > 0
+        return checkpointed(segment, self._run, *maps, random=random)
+
+
+class TransitionUp(nn.Module):
+    """A 3x3 stride-2 transposed convolution (``conv``) of the concatenated maps it is given, centre-cropped to
+    ``size`` as the reference implementations crop: it makes ``2n + 1`` positions from ``n``, at least the skip's
+    size whether that was even or odd. Outside plain mode the concatenation is rebuilt in backward, not kept."""
+
+    def __init__(self, in_channels: int, out_channels: int, spatial_dims: int) -> None:
+        super().__init__()
+        self.conv = _CONV_UP[spatial_dims](in_channels, out_channels, 3, stride=2)
+
+    def _run(self, *maps: Tensor) -> Tensor:
+        return self.conv(_cat(maps))
+
+    def forward(self, maps: Sequence[Tensor], size: Sequence[int], segment: bool = False) -> Tensor:
+        x = checkpointed(segment, self._run, *maps)
+        for axis, want in enumerate(size, start=2):  # a view: the crop keeps nothing
+            start = (x.shape[axis] - want) // 2
+            x = x.narrow(axis, start, want)
+        return x
+
+
+class FCDenseNet(nn.Module):
+    """FC-DenseNet ("Tiramisu") for segmentation: logits of ``out_channels`` classes at every input position.
+
+    Args:
+        spatial_dims: 2 for images (N, C, H, W), 3 for volumes (N, C, D, H, W), 1 for signals (N, C, L).
+        in_channels: input channels.
+        out_channels: classes (the 1x1 classifier's outputs; no softmax is applied).
+        down_blocks: dense layers in each block of the down path; each is followed by a transition down.
+        up_blocks: dense layers in each block of the up path, as many as ``down_blocks``.
+        bottleneck_layers: dense layers of the block between the paths.
+        growth_rate: new feature maps per dense layer (k).
+        init_features: channels of the first 3x3 convolution.
+        drop_rate: dropout after every dense layer and transition down (the paper's 0.2).
+        bn_size: None (the paper's BN-ReLU-conv3x3 layers), or a bottleneck factor (DenseNet-BC layers).
+        norm_layer: makes each norm (+ activation) for a number of channels; default BatchNorm + ReLU.
+        memory: 'plain', 'efficient' (default) or 'frugal' (see the module docstring); settable later.
+
+    An input needs at least ``2 ** len(down_blocks)`` positions along every axis (32 for the paper's five
+    poolings); any size from there works, even or odd.
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int,
+                 down_blocks: Sequence[int] = (4, 5, 7, 10, 12), up_blocks: Sequence[int] = (12, 10, 7, 5, 4),
+                 bottleneck_layers: int = 15, growth_rate: int = 16, init_features: int = 48,
+                 drop_rate: float = 0.2, bn_size: int | None = None, norm_layer: NormLayer | None = None,
+                 memory: str = "efficient") -> None:
+        super().__init__()
+        if isinstance(spatial_dims, bool) or spatial_dims not in _CONV:
+            raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
+        in_channels, out_channels = _count("in_channels", in_channels), _count("out_channels", out_channels)
+        init_features, growth_rate = _count("init_features", init_features), _count("growth_rate", growth_rate)
+        down, up = _counts("down_blocks", down_blocks), _counts("up_blocks", up_blocks)
+        bottleneck_layers = _count("bottleneck_layers", bottleneck_layers)
+        if len(down) != len(up):
+            raise ValueError(f"up_blocks must have as many blocks as down_blocks ({len(down)}), got {len(up)}: each "
+                             "up block takes the skip of one down block")
+        self.spatial_dims, self.in_channels, self.out_channels = spatial_dims, in_channels, out_channels
+        self.down_blocks, self.up_blocks, self.bottleneck_layers = down, up, bottleneck_layers
+        norm_layer = norm_layer or BATCH_NORM_ACT[spatial_dims]
+        block = functools.partial(DenseBlock, growth_rate=growth_rate, bn_size=bn_size, drop_rate=drop_rate,
+                                  spatial_dims=spatial_dims, memory="plain", norm_layer=norm_layer)
+
+        self.stem = _CONV[spatial_dims](in_channels, init_features, 3, padding=1)
+        self.down = nn.ModuleList()
+        self.transitions_down = nn.ModuleList()
+        channels, skips = init_features, []
+        for n in down:
+            self.down.append(block(n, channels))
+            channels += n * growth_rate
+            skips.append(channels)
+            self.transitions_down.append(TransitionDown(channels, spatial_dims, drop_rate, norm_layer))
+        self.bottleneck = block(bottleneck_layers, channels, new_features_only=True)
+        self.transitions_up = nn.ModuleList()
+        self.up = nn.ModuleList()
+        new = bottleneck_layers * growth_rate  # the new features the previous block hands on
+        for i, n in enumerate(up):
+            self.transitions_up.append(TransitionUp(new, new, spatial_dims))
+            channels = new + skips[-1 - i]
+            last = i == len(up) - 1
+            self.up.append(block(n, channels, new_features_only=not last))
+            new = n * growth_rate
+        self.num_features = channels + new  # what the classifier reads: the last block's whole stack
+        self.classifier = _CONV[spatial_dims](self.num_features, out_channels, 1)
+
+        for m in self.modules():
+            if isinstance(m, (nn.modules.conv._ConvNd)):
+                nn.init.kaiming_uniform_(m.weight, nonlinearity="relu")  # the paper's HeUniform
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        self.memory = memory
+
+    @property
+    def memory(self) -> str:
+        """'plain', 'efficient' or 'frugal'; setting it sets every block's."""
+        return self._memory
+
+    @memory.setter
+    def memory(self, memory: str) -> None:
+        if memory not in MEMORY_MODES:
+            raise ValueError(f"memory must be one of {', '.join(map(repr, MEMORY_MODES))}, got {memory!r}")
+        self._memory = memory
+        for block in [*self.down, self.bottleneck, *self.up]:
+            block.memory = memory
+
+    def set_memory(self, memory: str) -> FCDenseNet:
+        """Switch the memory mode of a built model; returns the model."""
+        self.memory = memory
+        return self
+
+    @property
+    def min_input_size(self) -> int:
+        """Smallest size along each axis: every max-pool of the down path must leave at least one position."""
+        return 2 ** len(self.down_blocks)
+
+    def check_input(self, x: Tensor) -> None:
+        """Refuse, in one line, an input of another shape or one too small for the down path."""
+        axes = ("L",) if self.spatial_dims == 1 else ("D", "H", "W")[-self.spatial_dims:]
+        if x.dim() != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected an input of shape (N, {self.in_channels}, {', '.join(axes)}), got "
+                             f"{tuple(x.shape)} (spatial_dims={self.spatial_dims}, in_channels={self.in_channels})")
+        sizes = tuple(x.shape[2:])
+        if min(sizes) < self.min_input_size:
+            raise ValueError(f"input of {'x'.join(map(str, sizes))} does not survive the down path: its "
+                             f"{len(self.down_blocks)} max-pools need at least {self.min_input_size} positions along "
+                             "every axis")
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_input(x)
+        # Segments only where autograd records (checkpointed itself runs them plainly otherwise).
+        segment = self._memory != "plain"
+        maps, skips = [self.stem(x)], []
+        for block, down in zip(self.down, self.transitions_down, strict=True):
+            maps = block.run(maps)  # the skip, its maps apart
+            skips.append(maps)
+            maps = [down(maps, segment)]
+        new = self.bottleneck.run(maps)[len(maps):]
+        for i, (up, block) in enumerate(zip(self.transitions_up, self.up, strict=True)):
+            skip = skips[-1 - i]
+            maps = [up(new, skip[0].shape[2:], segment), *skip]
+            stack = block.run(maps)
+            new = stack[len(maps):]
+        return checkpointed(segment, self._classify, *stack)
+
+    def _classify(self, *maps: Tensor) -> Tensor:
+        return self.classifier(_cat(maps))
+
+
+def _build(name: str, spatial_dims: int, in_channels: int, out_channels: int, **kwargs: Any) -> FCDenseNet:
+    return FCDenseNet(spatial_dims, in_channels, out_channels, **{**FCDENSENET_CONFIGS[name], **kwargs})
+
+
+def fcdensenet56(spatial_dims: int = 2, in_channels: int = 3, out_channels: int = 11, **kwargs: Any) -> FCDenseNet:
+    """FC-DenseNet56 (k=12, 4 layers per block): about 1.4M parameters. Default 11 classes (CamVid's)."""
+    return _build("fcdensenet56", spatial_dims, in_channels, out_channels, **kwargs)
+
+
+def fcdensenet67(spatial_dims: int = 2, in_channels: int = 3, out_channels: int = 11, **kwargs: Any) -> FCDenseNet:
+    """FC-DenseNet67 (k=16, 5 layers per block): about 3.5M parameters. Default 11 classes (CamVid's)."""
+    return _build("fcdensenet67", spatial_dims, in_channels, out_channels, **kwargs)
+
+
+def fcdensenet103(spatial_dims: int = 2, in_channels: int = 3, out_channels: int = 11, **kwargs: Any) -> FCDenseNet:
+    """FC-DenseNet103 (k=16, blocks 4-5-7-10-12, bottleneck 15): about 9.4M parameters. Default 11 classes."""
+    return _build("fcdensenet103", spatial_dims, in_channels, out_channels, **kwargs)

@@ -1,0 +1,149 @@
+"""FC-DenseNet: the paper's architecture, exact in every memory mode, in 2D and 3D, and one line per bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import effidense
+from effidense.fcdensenet import FCDenseNet, fcdensenet56, fcdensenet67, fcdensenet103
+from effidense.harness.tiramisu import ReferenceTiramisu
+from effidense.layers.norm import GroupNormAct
+
+# Two poolings: inputs need at least 4 positions per axis. Odd sizes make the up path crop.
+TINY = dict(down_blocks=(2, 2), up_blocks=(2, 2), bottleneck_layers=2, growth_rate=4, init_features=8)
+SIZES = {2: (13, 10), 3: (9, 6, 7)}
+
+
+def _step_all(models: dict[str, FCDenseNet], dims: int, steps: int = 3) -> dict[str, list[torch.Tensor]]:
+    """``steps`` SGD steps of each model on the same batches, each forward under the same seed (dropout)."""
+    opts = {name: torch.optim.SGD(m.parameters(), lr=0.1) for name, m in models.items()}
+    outputs: dict[str, list[torch.Tensor]] = {name: [] for name in models}
+    for step in range(steps):
+        gen = torch.Generator().manual_seed(step)
+        x = torch.randn(2, 2, *SIZES[dims], generator=gen)
+        y = torch.randint(0, 3, (2, *SIZES[dims]), generator=gen)
+        for name, model in models.items():
+            torch.manual_seed(100 + step)
+            out = model(x)
+            F.cross_entropy(out, y).backward()
+            outputs[name] += [out.detach(), *(p.grad.clone() for p in model.parameters())]
+            opts[name].step()
+            opts[name].zero_grad()
+    return outputs
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_efficient_and_frugal_are_bitwise_plain_after_three_sgd_steps(dims: int) -> None:
+    plain = FCDenseNet(dims, 2, 3, **TINY, memory="plain")
+    models = {"plain": plain}
+    for mode in ("efficient", "frugal"):
+        models[mode] = FCDenseNet(dims, 2, 3, **TINY, memory=mode)
+        models[mode].load_state_dict(plain.state_dict())
+    outputs = _step_all(models, dims)
+    for mode in ("efficient", "frugal"):
+        assert all(torch.equal(a, b) for a, b in zip(outputs["plain"], outputs[mode], strict=True)), mode
+        for (key, a), b in zip(plain.state_dict().items(), models[mode].state_dict().values(), strict=True):
+            assert torch.equal(a, b), (mode, key)  # weights, running statistics, batch counts
+    assert plain.state_dict()["down.0.denselayer1.norm1.num_batches_tracked"] == 3
+
+
+def test_dropout_is_drawn_so_the_equality_above_covers_its_masks() -> None:
+    model = FCDenseNet(2, 2, 3, **TINY, memory="frugal")
+    x = torch.randn(2, 2, *SIZES[2])
+    torch.manual_seed(1)
+    a = model(x)
+    torch.manual_seed(2)
+    assert not torch.equal(a, model(x))  # dropout is on: a rerun with another mask would change the gradients
+
+
+def test_a_rerun_uses_the_mask_forward_drew() -> None:
+    """Frugal's backward reruns each layer and transition after forward has moved the RNG on: its gradients still
+    equal plain's."""
+    plain = FCDenseNet(2, 2, 3, **TINY, drop_rate=0.5, memory="plain")
+    frugal = FCDenseNet(2, 2, 3, **TINY, drop_rate=0.5, memory="frugal")
+    frugal.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 2, *SIZES[2])
+    for model in (plain, frugal):
+        torch.manual_seed(7)
+        out = model(x)
+        torch.rand(1000)  # the RNG moves on between forward and backward
+        out.square().sum().backward()
+    for p, q in zip(plain.parameters(), frugal.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_the_reference_port_computes_the_same_function(dims: int) -> None:
+    size = {1: (11,), 2: (13, 10), 3: (9, 6, 7)}[dims]
+    model = FCDenseNet(dims, 2, 3, **TINY, drop_rate=0.0)
+    reference = ReferenceTiramisu(dims, 2, 3, **TINY, drop_rate=0.0)
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(2, 2, *size)
+    out = model(x)
+    assert out.shape == (2, 3, *size)
+    torch.testing.assert_close(out, reference(x))
+
+
+def test_odd_sizes_crop_to_every_skip() -> None:
+    model = FCDenseNet(2, 1, 2, **TINY, memory="efficient")
+    for size in ((4, 4), (5, 7), (15, 8), (4, 33)):
+        out = model(torch.randn(2, 1, *size))
+        assert out.shape == (2, 2, *size)
+        out.sum().backward()
+
+
+def test_parameter_counts_match_the_paper() -> None:
+    """The paper: 1.5M, 3.5M and 9.4M (counted with BatchNorm's running statistics, 11 classes)."""
+    def counted(model: FCDenseNet) -> float:
+        running = sum(b.numel() for k, b in model.named_buffers() if "running" in k)
+        return (sum(p.numel() for p in model.parameters()) + running) / 1e6
+
+    with torch.device("meta"):
+        assert counted(fcdensenet103()) == pytest.approx(9.4, abs=0.05)
+        assert counted(fcdensenet67()) == pytest.approx(3.5, abs=0.05)
+        assert counted(fcdensenet56()) == pytest.approx(1.4, abs=0.05)  # the paper says 1.5M; see segmentation.md
+
+
+def test_builders_are_public_and_take_monai_style_arguments() -> None:
+    assert effidense.FCDenseNet is FCDenseNet and effidense.fcdensenet103 is fcdensenet103
+    with torch.device("meta"):
+        model = effidense.fcdensenet56(spatial_dims=3, in_channels=1, out_channels=2, memory="frugal")
+    assert model.memory == "frugal" and model.bottleneck.memory == "frugal"
+    assert model.classifier.out_channels == 2 and model.stem.in_channels == 1 and model.min_input_size == 32
+
+
+def test_another_norm_and_the_bottleneck_layer_stay_exact() -> None:
+    kwargs = dict(**TINY, bn_size=2, norm_layer=lambda c: GroupNormAct(2, c))
+    plain = FCDenseNet(2, 2, 3, **kwargs, memory="plain")
+    frugal = FCDenseNet(2, 2, 3, **kwargs, memory="frugal")
+    frugal.load_state_dict(plain.state_dict())
+    outputs = _step_all({"plain": plain, "frugal": frugal}, 2, steps=1)
+    assert all(torch.equal(a, b) for a, b in zip(outputs["plain"], outputs["frugal"], strict=True))
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: FCDenseNet(4, 1, 2), "spatial_dims must be 1, 2 or 3, got 4"),
+    (lambda: FCDenseNet(2, 0, 2), "in_channels must be a positive integer, got 0"),
+    (lambda: FCDenseNet(2, 1, 2, down_blocks=(2, 2), up_blocks=(2,)),
+     "up_blocks must have as many blocks as down_blocks (2), got 1"),
+    (lambda: FCDenseNet(2, 1, 2, bn_size=0), "bn_size must be a positive integer, got 0"),
+    (lambda: FCDenseNet(2, 1, 2, drop_rate=1.0), "drop_rate must be a number in [0, 1), got 1.0"),
+    (lambda: FCDenseNet(2, 1, 2, memory="lean"), "memory must be one of 'plain', 'efficient', 'frugal'"),
+    (lambda: FCDenseNet(2, 1, 2, norm_layer=torch.nn.BatchNorm2d), "norm_layer must make an effidense"),
+])
+def test_bad_settings_get_one_line(build, message: str) -> None:
+    with torch.device("meta"), pytest.raises((ValueError, TypeError)) as info:
+        build()
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_bad_inputs_get_one_line() -> None:
+    model = FCDenseNet(2, 2, 3, **TINY)
+    with pytest.raises(ValueError, match=r"^input of 3x9 does not survive the down path: its 2 max-pools need at "
+                                         r"least 4 positions along every axis$"):
+        model(torch.randn(2, 2, 3, 9))
+    with pytest.raises(ValueError, match=r"^expected an input of shape \(N, 2, H, W\), got \(2, 3, 8, 8\)"):
+        model(torch.randn(2, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"expected an input of shape \(N, 2, H, W\), got \(2, 2, 8, 8, 8\)"):
+        model(torch.randn(2, 2, 8, 8, 8))
