@@ -15,15 +15,20 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-__all__ = ["TORCHVISION_WEIGHTS", "WeightsNotFoundError", "not_found_message", "torchvision_cache_file",
-           "torchvision_weights"]
+__all__ = ["TORCHVISION_WEIGHTS", "WeightsNotFoundError", "not_found_error", "searched_places",
+           "torchvision_cache_file", "torchvision_weights"]
 
 # torchvision's weight names (DenseNet121_Weights.IMAGENET1K_V1) -> our tag for the same weights
 TORCHVISION_WEIGHTS = {"IMAGENET1K_V1": "tv_in1k"}
 
 
 class WeightsNotFoundError(FileNotFoundError):
-    """Pretrained weights are in no cache and cannot be downloaded; the message says where they were looked for."""
+    """Pretrained weights are in no cache and cannot be downloaded; the message says where they were looked for
+    (``places``, the same in words)."""
+
+    def __init__(self, message: str, places: str = "") -> None:
+        super().__init__(message)
+        self.places = places
 
 
 def torchvision_weights(name: str, tag: str | None) -> Any:
@@ -49,9 +54,8 @@ def torchvision_cache_file(weights: Any) -> Path:
     return Path(get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
 
 
-def not_found_message(model: str, tag: str | None, hf_hub_id: str | None, torchvision_file: Path | None) -> str:
-    """One line: model ``model``'s weights ``tag`` are in neither cache, where each was looked for, and the two ways
-    forward (a local file through timm's ``pretrained_cfg_overlay``, or one converted with ``effidense convert``)."""
+def searched_places(hf_hub_id: str | None, torchvision_file: Path | None) -> str:
+    """Where weights were looked for, in words: torchvision's cached file, the Hugging Face cache and repository."""
     import huggingface_hub
 
     places = []
@@ -59,8 +63,16 @@ def not_found_message(model: str, tag: str | None, hf_hub_id: str | None, torchv
         places.append(f"torchvision's cache ({torchvision_file})")
     if hf_hub_id:
         places.append(f"the Hugging Face cache ({huggingface_hub.constants.HF_HUB_CACHE}, {hf_hub_id})")
-    where = " and ".join(places) or "no cache"
+    return " and ".join(places) or "no cache"
+
+
+def not_found_error(model: str, tag: str | None, hf_hub_id: str | None,
+                    torchvision_file: Path | None) -> WeightsNotFoundError:
+    """One line: model ``model``'s weights ``tag`` are in neither cache, where each was looked for, and the two ways
+    forward (a local file through timm's ``pretrained_cfg_overlay``, or one converted with ``effidense convert``)."""
+    places = searched_places(hf_hub_id, torchvision_file)
     label = f"{model}.{tag}" if tag else model
-    return (f"{label}: no pretrained weights offline, and the hub cannot be reached; looked in {where}. Pass a local "
-            f"file: pretrained_cfg_overlay=dict(file='{model}.safetensors'), or convert one first: effidense convert "
-            f"--checkpoint <weights.pth> --output {model}.safetensors")
+    return WeightsNotFoundError(
+        f"{label}: no pretrained weights offline, and the hub cannot be reached; looked in {places}. Pass a local "
+        f"file: pretrained_cfg_overlay=dict(file='{model}.safetensors'), or convert one first: effidense convert "
+        f"--checkpoint <weights.pth> --output {model}.safetensors", places)

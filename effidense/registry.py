@@ -21,8 +21,7 @@ from .fileio import content_format
 from .names import CONFIGS, unknown_model_message
 from .pretrained import (
     TORCHVISION_WEIGHTS,
-    WeightsNotFoundError,
-    not_found_message,
+    not_found_error,
     torchvision_cache_file,
     torchvision_weights,
 )
@@ -265,7 +264,7 @@ def _create(name: str, pretrained: bool, **kwargs: Any) -> DenseNet:
             DenseNet, f"effi_{name}", pretrained, feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
             pretrained_filter_fn=timm_pretrained_filter, **kwargs)
     except LocalEntryNotFoundError:  # the hub's own error says neither where else to look nor what to do
-        raise WeightsNotFoundError(not_found_message(name, tag, hf_hub_id, torchvision_file)) from None
+        raise not_found_error(name, tag, hf_hub_id, torchvision_file) from None
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
