@@ -191,3 +191,9 @@ def test_the_recipe_in_docs_3d_works_as_written(cached, tmp_path, monkeypatch, c
         model = scope["model"]
         assert (model.spatial_dims, model.in_chans, model.num_classes) == (3, 1, 2)
         assert model.features.conv0.weight.abs().sum() > 0
+
+
+def test_the_command_list_says_convert_handles_monai():
+    from effidense.cli import COMMANDS
+
+    assert "MONAI (2D and 3D)" in COMMANDS["convert"] and "3D" in cli.build_parser().description
