@@ -13,8 +13,8 @@ out_channels, init_features, growth_rate, block_config, bn_size, act, norm, drop
 What is MONAI's, so code written for MONAI's model keeps working:
 
 * **State-dict keys** (``features.denseblock1.denselayer1.layers.norm1.weight``, ``class_layers.out.weight``):
-  MONAI checkpoints load with ``strict=True``, and ours into MONAI's. Missing and unexpected keys are reported in
-  MONAI's names; weights that do not fit raise one line naming the keys (:class:`WeightsMismatchError`).
+  MONAI checkpoints load with ``strict=True``, and ours into MONAI's; weights that do not fit raise one line naming
+  the keys (:class:`WeightsMismatchError`).
 * **Initial weights**: seeded alike, a model starts from MONAI's very weights (the same random draws, in its order).
 * **Parameter order** (``parameters()``), so an optimizer's state dict carries over between the two.
 * **Modules** ``class_layers.relu`` / ``.pool`` / ``.flatten`` / ``.out`` (e.g. for ``monai.visualize.CAM``'s
@@ -23,11 +23,14 @@ What is MONAI's, so code written for MONAI's model keeps working:
   ``act``: every parameter-free activation MONAI names (relu, leakyrelu, elu, celu, selu, relu6, gelu, sigmoid,
   tanh, swish, memswish, mish), computed with the functions MONAI's modules call.
 
-What is effidense's: the modules inside a dense layer sit directly under it (``denselayer1.norm1``, not
-``denselayer1.layers.norm1``), so ``named_parameters()`` and ``get_submodule`` use those names (``layout_key`` in
-:mod:`effidense.weights`, the one key table, turns them into MONAI's). Each norm's activation is a module after it,
-by MONAI's names (``relu0``, ``relu1``, ``relu2``, ``transitionN.relu``, and ``class_layers.relu`` after ``norm5``).
-``forward_features(x)`` and ``features(x)`` compute the features up to ``norm5``, as MONAI's ``features`` does.
+* **Module and parameter names** (``named_modules()``, ``named_parameters()``, ``get_submodule``): a dense layer's
+  modules sit in its ``layers`` (``denselayer1.layers.norm1``, ``layers.dropout`` when there is dropout, the module
+  applied), so code that freezes or groups parameters by name, or aims ``monai.visualize`` at a layer, works as is.
+
+What is effidense's: the module types (a norm holds its statistics and reruns exactly in every memory mode); each
+norm's activation is a module after it, by MONAI's names (``relu0``, ``relu1``, ``relu2``, ``transitionN.relu``, and
+``class_layers.relu`` after ``norm5``). ``forward_features(x)`` and ``features(x)`` compute the features up to
+``norm5``, as MONAI's ``features`` does.
 
 What goes beyond MONAI's: ``pretrained=True`` starts DenseNet121/169/201 from torchvision's ImageNet weights in 2D
 *and* 3D (MONAI refuses 3D), for any ``in_channels``: ``DenseNet121(spatial_dims=3, in_channels=1, out_channels=2,
@@ -43,7 +46,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -54,7 +56,7 @@ from torch import Tensor, nn
 
 from . import densenet
 from .adapt import adapt_state_dict
-from .layers import BATCH_NORM_ACT, INSTANCE_NORM_ACT, Activation, GroupNormAct, relu_
+from .layers import BATCH_NORM_ACT, INSTANCE_NORM_ACT, Activation, AdoptsNorms, GroupNormAct, relu_
 from .pretrained import WeightsNotFoundError, torchvision_cache_file, torchvision_weights
 from .weights import ConversionError, canonical_key, describe_misfit, layout_key, layout_state_dict
 
@@ -228,48 +230,42 @@ def _norm_maker(norm: Any, spatial_dims: Any) -> NormMaker:
     return make
 
 
-# --- keys: effidense's module names <-> MONAI's state-dict keys ---
+# --- MONAI's module names: each dense layer's modules under `layers` ---
 
-def _rename(mapping: dict[str, Any], prefix: str, rename: Callable[[str], str]) -> None:
-    """Rename, in place and keeping the order, the keys of ``mapping`` under ``prefix``."""
-    items = list(mapping.items())
-    mapping.clear()
-    for key, value in items:
-        mapping[prefix + rename(key[len(prefix):]) if key.startswith(prefix) else key] = value
+class _Layers(AdoptsNorms, nn.Sequential):
+    """MONAI's ``_DenseLayer.layers``: the dense layer's modules, by MONAI's names and in MONAI's order (a norm that
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` replaces here keeps its activation, as in the layer itself)."""
 
 
-def _save_monai_keys(module: DenseNet, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-    monai_key = functools.partial(layout_key, layout=LAYOUT)
-    _rename(state_dict, prefix, monai_key)
-    metadata = getattr(state_dict, "_metadata", None)
-    if metadata is not None:  # module paths, so that MONAI's model finds each norm's version
-        _rename(metadata, prefix, monai_key)
+_DROPOUT = {1: nn.Dropout, 2: nn.Dropout2d, 3: nn.Dropout3d}  # MONAI's Dropout factory, by spatial_dims
 
 
-def _load_monai_keys(module: DenseNet, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
-                     missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
-    names = module.monai_names()
-    internal = {monai: ours for ours, monai in names.items()}
-    for key in list(state_dict):
-        if not key.startswith(prefix):
-            continue
-        rel = key[len(prefix):]
-        if rel in names and names[rel] != rel:  # effidense's own module path: not a key of MONAI's model
-            unexpected_keys.append(key)
-            del state_dict[key]
-    for key in list(state_dict):
-        rel = key[len(prefix):] if key.startswith(prefix) else None
-        if rel in internal and internal[rel] != rel:
-            state_dict[prefix + internal[rel]] = state_dict.pop(key)
-    full = {prefix + ours: prefix + monai for ours, monai in names.items() if ours != monai}
-    module._monai_loading = (full, error_msgs, len(error_msgs))
+class _DenseLayer(densenet.DenseLayer):
+    """effidense's dense layer (same computation, same memory modes) whose modules sit in ``layers``, as MONAI's:
+    ``named_modules()``, ``named_parameters()``, ``state_dict()`` and ``get_submodule`` all say
+    ``denselayer1.layers.norm1``. The layer's own code still reaches them as ``self.norm1``."""
 
+    def __getattr__(self, name: str) -> Any:
+        layers = self.__dict__["_modules"].get("layers")
+        if layers is not None and name in layers._modules:
+            return layers._modules[name]
+        return super().__getattr__(name)
 
-def _report_monai_keys(module: DenseNet, incompatible: Any) -> None:
-    full, error_msgs, start = module.__dict__.pop("_monai_loading", ({}, [], 0))
-    incompatible.missing_keys[:] = [full.get(k, k) for k in incompatible.missing_keys]
-    for i in range(start, len(error_msgs)):  # e.g. torch's size mismatches, in MONAI's names
-        error_msgs[i] = re.sub(r"[\w.]+", lambda m: full.get(m.group(), m.group()), error_msgs[i])
+    def dropout(self, x: Tensor, p: float, training: bool) -> Tensor:
+        # MONAI's dropout module (layers.dropout) is the one applied: its p and its train/eval mode
+        return self.layers.dropout(x)
+
+    @classmethod
+    def nest(cls, layer: densenet.DenseLayer, dropout_prob: float, spatial_dims: int) -> None:
+        """Move ``layer``'s modules into ``layer.layers`` (the same objects, so nothing is re-initialised), add
+        MONAI's dropout module when there is dropout, and make ``layer`` one of these."""
+        layers = _Layers(OrderedDict(layer._modules))
+        if dropout_prob > 0:
+            layers.add_module("dropout", _DROPOUT[spatial_dims](dropout_prob))
+        layer._modules.clear()
+        layer.__class__ = cls
+        layer.__dict__.pop("dropout", None)  # the core's dropout function: the method above applies the module
+        layer.add_module("layers", layers)
 
 
 # --- the model ---
@@ -353,13 +349,8 @@ class DenseNet(densenet.DenseNet):
         nn.init.zeros_(self.class_layers.out.bias)
         self.num_classes = out_channels
         self.head_hidden_size = self.num_features
-        if hasattr(self, "register_state_dict_post_hook"):
-            self.register_state_dict_post_hook(_save_monai_keys)
-            self.register_load_state_dict_pre_hook(_load_monai_keys)
-        else:  # torch < 2.5: the same hooks, before torch made them public (pytorch/pytorch#131690)
-            self._register_state_dict_hook(_save_monai_keys)
-            self._register_load_state_dict_pre_hook(_load_monai_keys, with_module=True)
-        self.register_load_state_dict_post_hook(_report_monai_keys)
+        for layer in [m for m in self.modules() if isinstance(m, densenet.DenseLayer)]:
+            _DenseLayer.nest(layer, dropout_prob, spatial_dims)
 
     # --- MONAI's head ---
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
@@ -385,13 +376,6 @@ class DenseNet(densenet.DenseNet):
         self.num_classes = num_classes
 
     # --- MONAI's keys ---
-    def monai_names(self) -> dict[str, str]:
-        """Each state-dict entry's name as a module path (``named_parameters()``) -> its key in ``state_dict()``
-        (MONAI's)."""
-        paths = [name for name, _ in self.named_parameters(remove_duplicate=False)]
-        paths += [name for name, _ in self.named_buffers(remove_duplicate=False)]
-        return {path: layout_key(path, LAYOUT) for path in paths}
-
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """``nn.Module.load_state_dict`` in MONAI's key names; weights that do not fit raise
         :class:`WeightsMismatchError`, one line naming every unknown, missing and mis-shaped key (a shape mismatch

@@ -18,6 +18,7 @@ import effidense.monai as em
 from effidense import convert
 from effidense.adapt import adapt_input_channels
 from effidense.convert import ConversionError
+from effidense.weights import canonical_key
 
 cli = load_tool("convert")
 TINY = dict(init_features=8, growth_rate=4, block_config=(2, 2), bn_size=2)
@@ -48,13 +49,11 @@ def test_3d_one_channel_start_is_the_inflated_imagenet_network_with_a_fresh_head
     fresh = em.DenseNet121(spatial_dims=3, in_channels=1, out_channels=2)
     assert torch.equal(after, torch.rand(1))  # the generator is where a random start leaves it
     assert model.memory == fresh.memory == "efficient"
-    state = model.state_dict()
-    for path, key in model.monai_names().items():  # module path -> state-dict key
-        value = state[key]
+    for path, value in model.state_dict().items():  # MONAI's names: 'denselayer1.layers.norm1.weight'
         if path.startswith("class_layers.out."):  # the head: as initialised, not ImageNet's 1000 classes
             assert torch.equal(value, fresh.get_parameter(path)), path
             continue
-        source = imagenet[path]
+        source = imagenet[canonical_key(path)]
         if path == "features.conv0.weight":
             source = source.sum(1, keepdim=True)
         if value.dim() == 5:  # I3D's mean: the 2D kernel over k depth taps, divided by k
