@@ -3,8 +3,9 @@
 
 The entry points are effidense's builders (:func:`effidense.registry.create`), which take torchvision's ``weights=``
 (``None``, ``"DEFAULT"``, ``"IMAGENET1K_V1"``, torchvision's enum member, or a timm tag such as ``"ra_in1k"``),
-``progress=`` and the deprecated ``pretrained=``; weights come from timm's Hugging Face hub repositories (or their
-cache), as with ``timm.create_model("effi_<name>.<tag>", pretrained=True)``. Other keyword arguments go to the model
+``progress=`` and the deprecated ``pretrained=``; weights come as with ``timm.create_model("effi_<name>.<tag>",
+pretrained=True)``: torchvision's weights from torchvision's own cache (``$TORCH_HOME/hub/checkpoints``) when it
+holds them, else from timm's Hugging Face hub repositories (or their cache). Other keyword arguments go to the model
 (``num_classes``, ``in_chans``, ``memory``, ``memory_efficient``, ...). ``weights=`` takes names, not files: load a
 file with ``model.load_state_dict(effidense.weights.load_checkpoint(path).state_dict)``.
 """

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .adapt import adapt_state_dict
 from .configs import CONFIGS, unknown_model_message
 from .densenet import DenseNet
 from .fileio import short_error
@@ -39,7 +40,6 @@ from .weights import (
     describe_misfit,
     has_layout_keys,
     has_legacy_keys,
-    inflate_kernels,
     is_bn_counter,
     layout_key,
     layout_state_dict,
@@ -181,10 +181,9 @@ def infer_architecture(state_dict: Mapping[str, Tensor]) -> Architecture:
     unexplained, the candidates are the named :data:`effidense.CONFIGS` and each single change to a number that some
     key voted for; the one with the fewest disagreeing keys wins, so a corrupt tensor is blamed, not its neighbours.
     """
-    conv0 = state_dict.get("features.conv0.weight")
-    if isinstance(conv0, Tensor) and conv0.dim() == 5:
-        raise ConversionError("'features.conv0.weight' is 5-d: these are 3D weights, and conversion reads 2D DenseNet "
-                              "weights (inflate 2D weights to 3D with inflate() / --inflate instead)")
+    dims = _spatial_dims(state_dict)
+    if dims != 2:  # 1D or 3D weights: the same numbers as the 2D network with square kernels
+        return replace(infer_architecture(_planar(state_dict, dims)), spatial_dims=dims)
     if _shape(state_dict, "features.conv0.weight", 4) is None:
         raise ConversionError("not a DenseNet checkpoint: no 4-d 'features.conv0.weight' "
                               f"(keys: {listing(state_dict)})")
@@ -235,6 +234,18 @@ def infer_architecture(state_dict: Mapping[str, Tensor]) -> Architecture:
     if best is None:
         raise ConversionError(f"the weights describe no valid DenseNet: {first_error}") from None
     return best
+
+
+def _spatial_dims(state_dict: Mapping[str, Tensor]) -> int:
+    """The spatial dimensions of DenseNet weights, from the stem's kernel (2 when it tells none)."""
+    conv0 = state_dict.get("features.conv0.weight")
+    return conv0.dim() - 2 if isinstance(conv0, Tensor) and conv0.dim() in (3, 5) else 2
+
+
+def _planar(state_dict: Mapping[str, Tensor], dims: int) -> dict[str, Tensor]:
+    """Shapes only (meta tensors): each kernel of ``dims``-D weights as a 2D one of its last side."""
+    return {key: torch.empty(tuple(value.shape[:2]) + (value.shape[-1],) * 2, device="meta")
+            if value.dim() == dims + 2 else value for key, value in state_dict.items()}
 
 
 @functools.lru_cache(maxsize=32)
@@ -347,6 +358,12 @@ def _detect_source(raw_keys: Iterable[str], metadata: Mapping[str, str], arch: A
     return "torchvision", "modern torchvision and timm keys are identical; torchvision assumed" + overruled
 
 
+def _check_limits(layout: str, role: str, arch: Architecture) -> None:
+    reasons = layout_limits(layout, arch)
+    if reasons:
+        raise ConversionError(f"{role} layout {layout}: its DenseNet cannot hold these weights: " + "; ".join(reasons))
+
+
 def convert_state_dict(
         state_dict: Mapping[str, Tensor],
         source: str = "auto",
@@ -354,14 +371,17 @@ def convert_state_dict(
         model: str | None = None,
         metadata: Mapping[str, str] | None = None,
         inflate: str | None = None,
+        in_chans: int | None = None,
+        num_classes: int | None = None,
 ) -> Conversion:
     """Convert a state dict from ``source`` layout (``auto`` detects it) to ``target``.
 
-    The architecture is inferred from the weights; with ``model`` (a :data:`effidense.CONFIGS` name, ``effi_``
-    prefix allowed) the weights must fit that network instead. Keys that do not fit are named as in
-    ``state_dict`` (missing ones in the source layout's names). With ``inflate`` (``"mean"`` or ``"center"``, see
-    :func:`inflate`) the 2D weights become 3D ones for the same network with 3D layers. Raises
-    :class:`ConversionError`.
+    The weights may be 1D, 2D or 3D (MONAI's 3D checkpoints, effidense's). The architecture is inferred from the
+    weights; with ``model`` (a :data:`effidense.CONFIGS` name, ``effi_`` prefix allowed) the weights must fit that
+    network instead. Keys that do not fit are named as in ``state_dict`` (missing ones in the source layout's
+    names). With ``inflate`` (``"mean"`` or ``"center"``, see :func:`inflate`) 2D weights become 3D ones for the same
+    network with 3D layers; ``in_chans`` adapts the first convolution and ``num_classes`` gives a fresh classifier
+    (:func:`effidense.adapt.adapt_state_dict`). Raises :class:`ConversionError`.
     """
     target = resolve_layout(target)
     if inflate is not None and inflate not in INFLATE_METHODS:
@@ -376,37 +396,38 @@ def convert_state_dict(
     name = None
     if model is not None:
         name = resolve_model_name(model)
-        conv0 = _shape(canonical, "features.conv0.weight", 4)
+        conv0 = canonical.get("features.conv0.weight")
         classifier = _shape(canonical, "classifier.weight", 2)
-        arch = _config_architecture(name, classifier[0] if classifier else 0, conv0[1] if conv0 else 3)
+        channels = conv0.shape[1] if isinstance(conv0, Tensor) and conv0.dim() >= 2 else 3
+        arch = replace(_config_architecture(name, classifier[0] if classifier else 0, channels),
+                       spatial_dims=_spatial_dims(canonical))
         check_state_dict(state_dict, arch, what=name, layout=naming)
     else:
         arch = infer_architecture(canonical)
-        name = match_config(arch)
+        name = match_config(replace(arch, spatial_dims=2))
         check_state_dict(state_dict, arch, what=f"{name or 'DenseNet'}({arch.describe()}), the architecture that "
                                                 "explains the most keys", layout=naming)
     if source == "auto":
         source, why = _detect_source(state_dict, metadata or {}, arch)
         notes.insert(0, f"source layout {source} ({why})")
-    for layout, role in ((source, "source"), (target, "target")):
-        reasons = layout_limits(layout, arch)
-        if reasons:
-            raise ConversionError(f"{role} layout {layout}: its DenseNet cannot hold these weights: "
-                                  + "; ".join(reasons))
+    _check_limits(source, "source", arch)
     out, more_notes = _complete(canonical, arch)
-    if inflate is not None:
-        out = inflate_kernels(out, inflate)
-        more_notes.append(f"inflated the 2D kernels to 3D ({inflate})")
-        arch = replace(arch, spatial_dims=3)
+    if inflate is not None or in_chans is not None or num_classes is not None:
+        out, adapted = adapt_state_dict(out, method=inflate, in_chans=in_chans, num_classes=num_classes)
+        more_notes += adapted
+        conv0, classifier = out["features.conv0.weight"], out.get("classifier.weight")
+        arch = replace(arch, spatial_dims=conv0.dim() - 2, in_chans=conv0.shape[1],
+                       num_classes=classifier.shape[0] if classifier is not None else 0)
+    _check_limits(target, "target", arch)  # what is written: 3D weights are no torchvision's, say
     return Conversion(layout_state_dict(out, target), arch, name, source, target, notes + more_notes, inflate)
 
 
 # --- 2D -> 3D ---
 
-def inflate(state_dict: Mapping[str, Tensor], spatial_dims: int = 3, method: str = "mean") -> dict[str, Tensor]:
-    """A 2D DenseNet state dict (torchvision, timm, effidense or MONAI 2D names, kept as they are) as 3D weights
-    for the same network with 3D layers (I3D inflation, Carreira & Zisserman 2017). Everything but the kernels is
-    copied; each k x k kernel becomes k x k x k:
+def inflate(state_dict: Mapping[str, Tensor], spatial_dims: int = 3, method: str = "mean", *, to: str | None = None,
+            in_chans: int | None = None, num_classes: int | None = None) -> dict[str, Tensor]:
+    """A 2D DenseNet state dict as 3D weights for the same network with 3D layers (I3D inflation, Carreira &
+    Zisserman 2017). Everything but the kernels is copied; each k x k kernel becomes k x k x k:
 
     * ``"mean"`` (I3D's): the kernel repeated over a depth of k and divided by k. On an input that is constant along
       depth the 3D network computes the 2D one's features on every slice, except near the first and last slices,
@@ -414,14 +435,24 @@ def inflate(state_dict: Mapping[str, Tensor], spatial_dims: int = 3, method: str
     * ``"center"``: the kernel at the middle depth tap, the other taps zero: exact on such an input at every slice,
       so the pooled features equal the 2D network's on one slice.
 
+    ``to`` names the layout whose keys the result has (``"monai"`` for :mod:`effidense.monai` and MONAI's
+    ``DenseNet``, ``"effidense"``, ...); None keeps the keys as given (torchvision, timm, effidense or MONAI names).
+    ``in_chans`` adapts the first convolution to that many input channels (the sum over RGB, shared out:
+    :func:`effidense.adapt.adapt_input_channels`) and ``num_classes`` puts a fresh classifier on (0: none), so the
+    result loads with ``strict=True`` into e.g. ``effidense.monai.DenseNet121(spatial_dims=3, in_channels=1,
+    out_channels=2)``.
+
     The weights are checked first (unknown, missing and mis-shaped keys are named). Raises :class:`ConversionError`.
     """
     if spatial_dims != 3:
         raise ConversionError(f"spatial_dims={spatial_dims!r}: 2D kernels inflate to 3D only (spatial_dims=3)")
     if method not in INFLATE_METHODS:
         raise ConversionError(f"unknown inflation method {method!r}; choose one of: {', '.join(INFLATE_METHODS)}")
-    convert_state_dict(state_dict)  # a 2D DenseNet whose every key fits, or one line saying why not
-    return inflate_kernels(state_dict, method)
+    if to is not None:
+        return convert_state_dict(state_dict, target=to, inflate=method, in_chans=in_chans,
+                                  num_classes=num_classes).state_dict
+    convert_state_dict(state_dict)  # a DenseNet whose every key fits, or one line saying why not
+    return adapt_state_dict(state_dict, method=method, in_chans=in_chans, num_classes=num_classes)[0]
 
 
 # --- verifying ---
@@ -474,10 +505,11 @@ def verify_conversion(
         except RuntimeError as e:
             raise ConversionError(f"{layout} model refused the weights: {short_error(e)}") from None
         models.append(model.float().eval())
-    size = 32 if arch.small_inputs else 64
-    size = max(size, models[-1].min_input_size) if hasattr(models[-1], "min_input_size") else size
+    # volumes are small: a 32^3 batch already runs DenseNet-121 down to 1^3
+    size = 32 if arch.small_inputs or arch.spatial_dims == 3 else 64
+    size = max([size, *(model.min_input_size for model in models if hasattr(model, "min_input_size"))])
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch_size, arch.in_chans, size, size, generator=generator)
+    x = torch.randn(batch_size, arch.in_chans, *(size,) * arch.spatial_dims, generator=generator)
     with torch.no_grad():
         reference, converted = (_outputs(model, x) for model in models)
     return (reference - converted).abs().max().item()
@@ -495,23 +527,27 @@ def convert_checkpoint(
         force: bool = False,
         tolerance: float = VERIFY_TOLERANCE,
         inflate: str | None = None,
+        in_chans: int | None = None,
+        num_classes: int | None = None,
 ) -> tuple[Conversion, float | None]:
     """Read ``checkpoint``, convert it to ``target`` layout and write ``output`` (see :func:`convert_state_dict`;
-    ``inflate`` writes 3D weights, see :func:`inflate`).
+    ``inflate`` writes 3D weights, see :func:`inflate`; ``in_chans`` and ``num_classes`` adapt the first convolution
+    and give a fresh classifier).
 
     With ``verify`` the written file is read back and checked with :func:`verify_conversion` before it replaces
     anything; a difference above ``tolerance`` raises :class:`VerificationError` and leaves no output. Returns the
     conversion and the measured difference (None without ``verify``).
     """
     output = Path(output)
-    if verify and inflate is not None:
-        raise ConversionError("verify compares 2D models and cannot check inflated 3D weights; verify a 2D "
-                              "conversion, then inflate")
+    if verify and (inflate is not None or in_chans is not None or num_classes is not None):
+        raise ConversionError("verify compares models that compute the same function, and inflating, adapting the "
+                              "input channels or a fresh classifier changes it; verify a plain conversion, then adapt")
     fmt = output_format(output, fmt)
     check_output(output, force)  # fail before the work, not after it
     loaded = load_checkpoint(checkpoint, use_ema=use_ema)
     conversion = convert_state_dict(loaded.state_dict, source=source, target=target, model=model,
-                                     metadata=loaded.metadata, inflate=inflate)
+                                     metadata=loaded.metadata, inflate=inflate, in_chans=in_chans,
+                                     num_classes=num_classes)
     conversion.notes[:0] = loaded.notes
     diff: list[float] = []
 

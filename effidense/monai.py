@@ -13,8 +13,8 @@ out_channels, init_features, growth_rate, block_config, bn_size, act, norm, drop
 What is MONAI's, so code written for MONAI's model keeps working:
 
 * **State-dict keys** (``features.denseblock1.denselayer1.layers.norm1.weight``, ``class_layers.out.weight``):
-  MONAI checkpoints load with ``strict=True``, and ours into MONAI's. Missing and unexpected keys are reported in
-  MONAI's names; weights that do not fit raise one line naming the keys (:class:`WeightsMismatchError`).
+  MONAI checkpoints load with ``strict=True``, and ours into MONAI's; weights that do not fit raise one line naming
+  the keys (:class:`WeightsMismatchError`).
 * **Initial weights**: seeded alike, a model starts from MONAI's very weights (the same random draws, in its order).
 * **Parameter order** (``parameters()``), so an optimizer's state dict carries over between the two.
 * **Modules** ``class_layers.relu`` / ``.pool`` / ``.flatten`` / ``.out`` (e.g. for ``monai.visualize.CAM``'s
@@ -23,21 +23,29 @@ What is MONAI's, so code written for MONAI's model keeps working:
   ``act``: every parameter-free activation MONAI names (relu, leakyrelu, elu, celu, selu, relu6, gelu, sigmoid,
   tanh, swish, memswish, mish), computed with the functions MONAI's modules call.
 
-What is effidense's: the modules inside a dense layer sit directly under it (``denselayer1.norm1``, not
-``denselayer1.layers.norm1``), so ``named_parameters()`` and ``get_submodule`` use those names (``layout_key`` in
-:mod:`effidense.weights`, the one key table, turns them into MONAI's). Each norm's activation is a module after it,
-by MONAI's names (``relu0``, ``relu1``, ``relu2``, ``transitionN.relu``, and ``class_layers.relu`` after ``norm5``).
-``forward_features(x)`` and ``features(x)`` compute the features up to ``norm5``, as MONAI's ``features`` does.
+* **Module and parameter names** (``named_modules()``, ``named_parameters()``, ``get_submodule``): a dense layer's
+  modules sit in its ``layers`` (``denselayer1.layers.norm1``, ``layers.dropout`` when there is dropout, the module
+  applied), so code that freezes or groups parameters by name, or aims ``monai.visualize`` at a layer, works as is.
+
+What is effidense's: the module types (a norm holds its statistics and reruns exactly in every memory mode); each
+norm's activation is a module after it, by MONAI's names (``relu0``, ``relu1``, ``relu2``, ``transitionN.relu``, and
+``class_layers.relu`` after ``norm5``). ``forward_features(x)`` and ``features(x)`` compute the features up to
+``norm5``, as MONAI's ``features`` does.
+
+What goes beyond MONAI's: ``pretrained=True`` starts DenseNet121/169/201 from torchvision's ImageNet weights in 2D
+*and* 3D (MONAI refuses 3D), for any ``in_channels``: ``DenseNet121(spatial_dims=3, in_channels=1, out_channels=2,
+pretrained=True)``. The kernels are inflated to 3D by I3D's mean, the first convolution gets the sum over RGB shared
+out over ``in_channels``, the head is fresh; nothing else changes. The weights come from torchvision's cache or
+timm's hub (:mod:`effidense.pretrained`).
 
 MONAI itself is not needed to build, train, save or load these models; only its datasets and transforms, if you use
 them. Bad input gets one line: a wrong rank or too small a volume (the least size is named), ``spatial_dims`` not 1-3,
-an unknown ``norm`` or ``act``, ``pretrained=True`` (no hub is reachable; convert weights with ``effidense convert``).
+an unknown ``norm`` or ``act``, ``pretrained=True`` where no weights exist or none are cached offline.
 """
 from __future__ import annotations
 
 import functools
 import inspect
-import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -47,8 +55,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import densenet
-from .layers import BATCH_NORM_ACT, INSTANCE_NORM_ACT, Activation, GroupNormAct, relu_
-from .weights import ConversionError, describe_misfit, layout_key
+from .adapt import adapt_state_dict
+from .layers import BATCH_NORM_ACT, INSTANCE_NORM_ACT, Activation, AdoptsNorms, GroupNormAct, relu_
+from .pretrained import WeightsNotFoundError, torchvision_cache_file, torchvision_weights
+from .weights import ConversionError, canonical_key, describe_misfit, layout_key, layout_state_dict
 
 __all__ = ["LAYOUT", "ACTIVATIONS", "NORMS", "Activation", "DenseNet", "DenseNet121", "DenseNet169", "DenseNet201",
            "DenseNet264", "Densenet", "Densenet121", "Densenet169", "Densenet201", "Densenet264",
@@ -220,51 +230,55 @@ def _norm_maker(norm: Any, spatial_dims: Any) -> NormMaker:
     return make
 
 
-# --- keys: effidense's module names <-> MONAI's state-dict keys ---
+# --- MONAI's module names: each dense layer's modules under `layers` ---
 
-def _rename(mapping: dict[str, Any], prefix: str, rename: Callable[[str], str]) -> None:
-    """Rename, in place and keeping the order, the keys of ``mapping`` under ``prefix``."""
-    items = list(mapping.items())
-    mapping.clear()
-    for key, value in items:
-        mapping[prefix + rename(key[len(prefix):]) if key.startswith(prefix) else key] = value
+class _Layers(AdoptsNorms, nn.Sequential):
+    """MONAI's ``_DenseLayer.layers``: the dense layer's modules, by MONAI's names and in MONAI's order (a norm that
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` replaces here keeps its activation, as in the layer itself)."""
 
 
-def _save_monai_keys(module: DenseNet, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-    monai_key = functools.partial(layout_key, layout=LAYOUT)
-    _rename(state_dict, prefix, monai_key)
-    metadata = getattr(state_dict, "_metadata", None)
-    if metadata is not None:  # module paths, so that MONAI's model finds each norm's version
-        _rename(metadata, prefix, monai_key)
+_DROPOUT = {1: nn.Dropout, 2: nn.Dropout2d, 3: nn.Dropout3d}  # MONAI's Dropout factory, by spatial_dims
 
 
-def _load_monai_keys(module: DenseNet, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
-                     missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
-    names = module.monai_names()
-    internal = {monai: ours for ours, monai in names.items()}
-    for key in list(state_dict):
-        if not key.startswith(prefix):
-            continue
-        rel = key[len(prefix):]
-        if rel in names and names[rel] != rel:  # effidense's own module path: not a key of MONAI's model
-            unexpected_keys.append(key)
-            del state_dict[key]
-    for key in list(state_dict):
-        rel = key[len(prefix):] if key.startswith(prefix) else None
-        if rel in internal and internal[rel] != rel:
-            state_dict[prefix + internal[rel]] = state_dict.pop(key)
-    full = {prefix + ours: prefix + monai for ours, monai in names.items() if ours != monai}
-    module._monai_loading = (full, error_msgs, len(error_msgs))
+class _DenseLayer(densenet.DenseLayer):
+    """effidense's dense layer (same computation, same memory modes) whose modules sit in ``layers``, as MONAI's:
+    ``named_modules()``, ``named_parameters()``, ``state_dict()`` and ``get_submodule`` all say
+    ``denselayer1.layers.norm1``. The layer's own code still reaches them as ``self.norm1``."""
 
+    def __getattr__(self, name: str) -> Any:
+        layers = self.__dict__["_modules"].get("layers")
+        if layers is not None and name in layers._modules:
+            return layers._modules[name]
+        return super().__getattr__(name)
 
-def _report_monai_keys(module: DenseNet, incompatible: Any) -> None:
-    full, error_msgs, start = module.__dict__.pop("_monai_loading", ({}, [], 0))
-    incompatible.missing_keys[:] = [full.get(k, k) for k in incompatible.missing_keys]
-    for i in range(start, len(error_msgs)):  # e.g. torch's size mismatches, in MONAI's names
-        error_msgs[i] = re.sub(r"[\w.]+", lambda m: full.get(m.group(), m.group()), error_msgs[i])
+    def dropout(self, x: Tensor, p: float, training: bool) -> Tensor:
+        # MONAI's dropout module (layers.dropout) is the one applied: its p and its train/eval mode
+        return self.layers.dropout(x)
+
+    @classmethod
+    def nest(cls, layer: densenet.DenseLayer, dropout_prob: float, spatial_dims: int) -> None:
+        """Move ``layer``'s modules into ``layer.layers`` (the same objects, so nothing is re-initialised), add
+        MONAI's dropout module when there is dropout, and make ``layer`` one of these."""
+        layers = _Layers(OrderedDict(layer._modules))
+        if dropout_prob > 0:
+            layers.add_module("dropout", _DROPOUT[spatial_dims](dropout_prob))
+        layer._modules.clear()
+        layer.__class__ = cls
+        layer.__dict__.pop("dropout", None)  # the core's dropout function: the method above applies the module
+        layer.add_module("layers", layers)
 
 
 # --- the model ---
+
+def _misfit(state_dict: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]]) -> tuple[
+        list[str], list[str], list[tuple[str, tuple[int, ...], tuple[int, ...]]]]:
+    """The unknown, missing and mis-shaped keys of ``state_dict`` for a model whose shapes are ``expected``."""
+    unknown = [k for k in state_dict if k not in expected]
+    missing = [k for k in expected if k not in state_dict]
+    mismatched = [(k, tuple(v.shape), expected[k]) for k, v in state_dict.items()
+                  if k in expected and isinstance(v, Tensor) and tuple(v.shape) != expected[k]]
+    return unknown, missing, mismatched
+
 
 def _positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -335,13 +349,8 @@ class DenseNet(densenet.DenseNet):
         nn.init.zeros_(self.class_layers.out.bias)
         self.num_classes = out_channels
         self.head_hidden_size = self.num_features
-        if hasattr(self, "register_state_dict_post_hook"):
-            self.register_state_dict_post_hook(_save_monai_keys)
-            self.register_load_state_dict_pre_hook(_load_monai_keys)
-        else:  # torch < 2.5: the same hooks, before torch made them public (pytorch/pytorch#131690)
-            self._register_state_dict_hook(_save_monai_keys)
-            self._register_load_state_dict_pre_hook(_load_monai_keys, with_module=True)
-        self.register_load_state_dict_post_hook(_report_monai_keys)
+        for layer in [m for m in self.modules() if isinstance(m, densenet.DenseLayer)]:
+            _DenseLayer.nest(layer, dropout_prob, spatial_dims)
 
     # --- MONAI's head ---
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
@@ -367,31 +376,48 @@ class DenseNet(densenet.DenseNet):
         self.num_classes = num_classes
 
     # --- MONAI's keys ---
-    def monai_names(self) -> dict[str, str]:
-        """Each state-dict entry's name as a module path (``named_parameters()``) -> its key in ``state_dict()``
-        (MONAI's)."""
-        paths = [name for name, _ in self.named_parameters(remove_duplicate=False)]
-        paths += [name for name, _ in self.named_buffers(remove_duplicate=False)]
-        return {path: layout_key(path, LAYOUT) for path in paths}
-
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """``nn.Module.load_state_dict`` in MONAI's key names; weights that do not fit raise
         :class:`WeightsMismatchError`, one line naming every unknown, missing and mis-shaped key (a shape mismatch
         even when not ``strict``, as torch's)."""
         expected = {k: tuple(v.shape) for k, v in self.state_dict(keep_vars=True).items()}
-        unknown = [k for k in state_dict if k not in expected]
-        missing = [k for k in expected if k not in state_dict]
-        mismatched = [(k, tuple(v.shape), expected[k]) for k, v in state_dict.items()
-                      if k in expected and isinstance(v, Tensor) and tuple(v.shape) != expected[k]]
+        unknown, missing, mismatched = _misfit(state_dict, expected)
         if mismatched or (strict and (unknown or missing)):
-            hint = ""
-            if any(len(want) == len(got) + 1 == self.spatial_dims + 2 for _, got, want in mismatched):
-                hint = (" (2D weights for a 3D model? inflate them first: effidense convert --to monai --inflate "
-                        "center, or effidense.convert.inflate)")
+            shapes = mismatched
             message = describe_misfit(unknown if strict else [], missing if strict else [], mismatched)
-            raise WeightsMismatchError(f"the weights do not fit {self._describe()}: {message}{hint}",
-                                       unknown=unknown, missing=missing, mismatched=mismatched)
+            # keys of another layout (torchvision's, timm's, effidense's) that MONAI's names would fit
+            foreign = [k for k in unknown if layout_key(canonical_key(k), LAYOUT) in expected]
+            if foreign:
+                renamed = {layout_key(canonical_key(k), LAYOUT): v for k, v in state_dict.items()}
+                unknown2, missing2, shapes = _misfit(renamed, expected)
+                rest = describe_misfit(unknown2 if strict else [], missing2 if strict else [], shapes)
+                message = (f"{len(foreign)} keys are in torchvision/timm/effidense names, not MONAI's (e.g. "
+                           f"{foreign[0]!r}); write MONAI's with effidense convert --to monai or "
+                           "effidense.convert.inflate(..., to='monai')")
+                message += f"; in MONAI's names: {rest}" if rest else ""
+            raise WeightsMismatchError(f"the weights do not fit {self._describe()}: {message}"
+                                       f"{self._adapt_hint(shapes)}", unknown=unknown, missing=missing,
+                                       mismatched=mismatched)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _adapt_hint(self, mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]]) -> str:
+        """What would make ImageNet-shaped weights fit: inflation, other input channels, a fresh head."""
+        steps = []
+        if any(len(want) == len(got) + 1 == self.spatial_dims + 2 for _, got, want in mismatched):
+            steps.append(("--inflate mean", "to='monai'"))
+        shapes = {k: (got, want) for k, got, want in mismatched}
+        conv0 = shapes.get("features.conv0.weight")
+        if conv0 and conv0[0][1] != conv0[1][1]:
+            steps.append((f"--in-chans {self.in_chans}", f"in_chans={self.in_chans}"))
+        head = shapes.get("class_layers.out.weight")
+        if head and head[0][0] != head[1][0]:
+            steps.append((f"--num-classes {self.num_classes}", f"num_classes={self.num_classes}"))
+        if not steps:
+            return ""
+        flags = " ".join(flag for flag, _ in steps)
+        args = ", ".join(["to='monai'", *(arg for _, arg in steps if arg != "to='monai'")])
+        return (f" (adapt them first: effidense convert --to monai {flags}, or effidense.convert.inflate(..., {args}); "
+                "for an ImageNet start, pretrained=True)")
 
     def _describe(self) -> str:
         """The model as a short constructor call, for messages."""
@@ -399,55 +425,104 @@ class DenseNet(densenet.DenseNet):
                 f"out_channels={self.num_classes}, block_config={self.block_config})")
 
 
-def _refuse_pretrained(pretrained: bool, name: str) -> None:
+def _check_pretrained(pretrained: bool, name: str, spatial_dims: Any, norm: Any) -> None:
+    """Refuse, before any work, an ImageNet start the weights cannot give."""
     if not pretrained:
         return
     if name == "densenet264":
         raise ValueError("pretrained=True: there are no ImageNet weights for DenseNet-264 (MONAI has none either)")
-    raise ValueError(f"pretrained=True: effidense.monai downloads nothing; convert torchvision's {name} weights once "
-                     f"(effidense convert --checkpoint {name}.pth --output w.pth --to monai, adding --inflate center "
-                     "for spatial_dims=3), then model.load_state_dict(torch.load('w.pth', weights_only=True))")
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"pretrained=True: ImageNet weights start 2D and 3D models (inflated), not "
+                         f"spatial_dims={spatial_dims!r}")
+    if _split(norm, "norm")[0] != "batch":
+        raise ValueError(f"pretrained=True: ImageNet weights come with BatchNorm statistics, so norm must be 'batch', "
+                         f"not {norm!r}")
 
 
-class DenseNet121(DenseNet):
-    """MONAI's ``DenseNet121`` with effidense's memory modes; ``pretrained=True`` is refused in one line (no hub is
-    reachable: convert weights with ``effidense convert``)."""
+class _Pretrainable(DenseNet):
+    """A numbered DenseNet, which ``pretrained=True`` starts from torchvision's ImageNet weights."""
+
+    imagenet = ""  # the effidense.CONFIGS name of the ImageNet network
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, init_features: int, growth_rate: int,
+                 block_config: Sequence[int], pretrained: bool, progress: bool, **kwargs: Any) -> None:
+        _check_pretrained(pretrained, self.imagenet, spatial_dims, kwargs.get("norm", "batch"))
+        super().__init__(spatial_dims, in_channels, out_channels, init_features, growth_rate, block_config, **kwargs)
+        if pretrained:
+            self.start_from_imagenet(progress)
+
+    def start_from_imagenet(self, progress: bool = True) -> None:
+        """Load torchvision's ImageNet weights (from torchvision's cache, else timm's hub or its cache, as
+        ``effidense.densenet121(weights="tv_in1k")``): inflated to 3D by I3D's mean for ``spatial_dims=3``, the first
+        convolution adapted to ``in_channels`` (the sum over RGB, shared out: :func:`effidense.adapt.
+        adapt_input_channels`), the head (``class_layers.out``) left as initialised. Nothing else changes."""
+        from .registry import create
+
+        try:
+            with torch.random.fork_rng(devices=[]):  # the generator is left as after a random start
+                imagenet = create(self.imagenet, weights="tv_in1k", progress=progress).state_dict()
+        except WeightsNotFoundError as e:
+            file = torchvision_cache_file(torchvision_weights(self.imagenet, "tv_in1k")).name
+            raise WeightsNotFoundError(
+                f"pretrained=True: no ImageNet weights for {self.imagenet} offline, and the hub cannot be reached; "
+                f"looked in {e.places}. Put torchvision's {file} there, or convert it yourself: effidense convert "
+                f"--checkpoint {file} --output w.pth --to monai --in-chans {self.in_chans} --num-classes "
+                f"{self.num_classes}{' --inflate mean' if self.spatial_dims == 3 else ''}, then "
+                "model.load_state_dict(torch.load('w.pth', weights_only=True))", e.places) from None
+        weights, _ = adapt_state_dict(imagenet, method="mean" if self.spatial_dims == 3 else None,
+                                      in_chans=self.in_chans, num_classes=0)
+        weights = layout_state_dict(weights, LAYOUT)
+        weights.update((k, v) for k, v in self.state_dict().items() if k.startswith("class_layers.out."))
+        self.load_state_dict(weights, strict=True)
+
+
+class DenseNet121(_Pretrainable):
+    """MONAI's ``DenseNet121`` with effidense's memory modes; ``pretrained=True`` starts from torchvision's ImageNet
+    weights for any ``spatial_dims`` 2 or 3 and ``in_channels`` (:meth:`start_from_imagenet`)."""
+
+    imagenet = "densenet121"
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, init_features: int = 64,
                  growth_rate: int = 32, block_config: Sequence[int] = (6, 12, 24, 16), pretrained: bool = False,
                  progress: bool = True, **kwargs: Any) -> None:
-        _refuse_pretrained(pretrained, "densenet121")
-        super().__init__(spatial_dims, in_channels, out_channels, init_features, growth_rate, block_config, **kwargs)
+        super().__init__(spatial_dims, in_channels, out_channels, init_features, growth_rate, block_config,
+                         pretrained, progress, **kwargs)
 
 
-class DenseNet169(DenseNet):
-    """MONAI's ``DenseNet169`` with effidense's memory modes (``pretrained=True`` refused, as DenseNet121's)."""
+class DenseNet169(_Pretrainable):
+    """MONAI's ``DenseNet169`` with effidense's memory modes (``pretrained=True`` as DenseNet121's)."""
+
+    imagenet = "densenet169"
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, init_features: int = 64,
                  growth_rate: int = 32, block_config: Sequence[int] = (6, 12, 32, 32), pretrained: bool = False,
                  progress: bool = True, **kwargs: Any) -> None:
-        _refuse_pretrained(pretrained, "densenet169")
-        super().__init__(spatial_dims, in_channels, out_channels, init_features, growth_rate, block_config, **kwargs)
+        super().__init__(spatial_dims, in_channels, out_channels, init_features, growth_rate, block_config,
+                         pretrained, progress, **kwargs)
 
 
-class DenseNet201(DenseNet):
-    """MONAI's ``DenseNet201`` with effidense's memory modes (``pretrained=True`` refused, as DenseNet121's)."""
+class DenseNet201(_Pretrainable):
+    """MONAI's ``DenseNet201`` with effidense's memory modes (``pretrained=True`` as DenseNet121's)."""
+
+    imagenet = "densenet201"
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, init_features: int = 64,
                  growth_rate: int = 32, block_config: Sequence[int] = (6, 12, 48, 32), pretrained: bool = False,
                  progress: bool = True, **kwargs: Any) -> None:
-        _refuse_pretrained(pretrained, "densenet201")
-        super().__init__(spatial_dims, in_channels, out_channels, init_features, growth_rate, block_config, **kwargs)
+        super().__init__(spatial_dims, in_channels, out_channels, init_features, growth_rate, block_config,
+                         pretrained, progress, **kwargs)
 
 
-class DenseNet264(DenseNet):
+class DenseNet264(_Pretrainable):
     """MONAI's ``DenseNet264`` with effidense's memory modes (no pretrained weights exist)."""
+
+    imagenet = "densenet264"
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, init_features: int = 64,
                  growth_rate: int = 32, block_config: Sequence[int] = (6, 12, 64, 48), pretrained: bool = False,
                  progress: bool = True, **kwargs: Any) -> None:
-        _refuse_pretrained(pretrained, "densenet264")
-        super().__init__(spatial_dims, in_channels, out_channels, init_features, growth_rate, block_config, **kwargs)
+        super().__init__(spatial_dims, in_channels, out_channels, init_features, growth_rate, block_config,
+                         pretrained, progress, **kwargs)
 
 
 # MONAI's aliases

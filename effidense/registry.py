@@ -9,14 +9,22 @@ import contextlib
 import os
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+from huggingface_hub.errors import LocalEntryNotFoundError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 
 from .configs import CONFIGS, unknown_model_message
 from .densenet import DenseNet
 from .fileio import content_format
+from .pretrained import (
+    TORCHVISION_WEIGHTS,
+    not_found_error,
+    torchvision_cache_file,
+    torchvision_weights,
+)
 from .weights import PTH_SUFFIXES, ConversionError, timm_pretrained_filter
 
 __all__ = ["CONFIGS", "TORCHVISION_WEIGHTS", "create", "resolve_weights", "weight_tags",
@@ -71,8 +79,6 @@ def densenet_bc190_k40(*, weights: Any = None, progress: bool = True, **kwargs: 
 
 # --- weights: torchvision's interface over timm's tags ---
 
-# torchvision's weight names (DenseNet121_Weights.IMAGENET1K_V1) are torchvision's weights: our tv_in1k tag
-TORCHVISION_WEIGHTS = {"IMAGENET1K_V1": "tv_in1k"}
 TORCHVISION_CLASSES = 1000  # the classes of every torchvision weight (ImageNet-1k)
 
 
@@ -171,8 +177,11 @@ def create(name: str, *, weights: Any = None, progress: bool = True, pretrained:
     entry point (``hubconf.py``) comes here.
 
     ``weights`` as in :func:`resolve_weights` (``pretrained=`` is torchvision's deprecated spelling); the weights come
-    from timm's Hugging Face hub repositories, or its cache (``HF_HUB_CACHE``, ``HF_HUB_OFFLINE=1``), as with
-    ``timm.create_model("effi_<name>.<tag>", pretrained=True)``; ``progress`` shows the download. With torchvision's
+    as with ``timm.create_model("effi_<name>.<tag>", pretrained=True)``: torchvision's own cached file
+    (``$TORCH_HOME/hub/checkpoints/densenet121-a639ec97.pth``) for torchvision's weights, else timm's Hugging Face hub
+    repositories or their cache (``HF_HUB_CACHE``, ``HF_HUB_OFFLINE=1``); ``progress`` shows the download. Where
+    neither cache has them and the hub cannot be reached, :class:`effidense.pretrained.WeightsNotFoundError` says in
+    one line where they were looked for. With torchvision's
     spellings ``num_classes`` must be 1000, as in torchvision; with a timm tag another ``num_classes`` gets a new,
     randomly initialised classifier, as in timm. Other keyword arguments go to :class:`DenseNet` with its meanings
     (``drop_rate`` is dropout after each dense layer, as in torchvision). The model carries timm's ``pretrained_cfg``
@@ -220,7 +229,24 @@ def _pretrained_file(kwargs: dict[str, Any]) -> str | None:
     return (kwargs.get("pretrained_cfg_overlay") or {}).get("file") or cfg_file
 
 
+def _torchvision_cached(name: str, kwargs: dict[str, Any]) -> tuple[str | None, str | None, Path | None]:
+    """The tag and hub repository of the weights timm would load, and torchvision's cached file of the same weights
+    when it names one (None where torchvision has no such weights)."""
+    cfg = resolve_pretrained_cfg(f"effi_{name}", pretrained_cfg=kwargs.get("pretrained_cfg"),
+                                 pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"))
+    weights = torchvision_weights(name, cfg.tag)
+    return cfg.tag, cfg.hf_hub_id, torchvision_cache_file(weights) if weights is not None else None
+
+
 def _create(name: str, pretrained: bool, **kwargs: Any) -> DenseNet:
+    tag = hf_hub_id = torchvision_file = None
+    if pretrained and not _pretrained_file(kwargs) and not (kwargs.get("pretrained_cfg_overlay") or {}).get(
+            "state_dict"):
+        tag, hf_hub_id, torchvision_file = _torchvision_cached(name, kwargs)
+        if torchvision_file is not None and torchvision_file.is_file():
+            # torchvision's own download of these weights: read offline, its legacy keys fixed by the filter below
+            kwargs["pretrained_cfg_overlay"] = {**(kwargs.get("pretrained_cfg_overlay") or {}),
+                                                "file": str(torchvision_file)}
     file = _pretrained_file(kwargs) if pretrained else None
     problem = _pretrained_file_problem(os.fspath(file)) if file else None
     if problem:
@@ -233,9 +259,12 @@ def _create(name: str, pretrained: bool, **kwargs: Any) -> DenseNet:
     kwargs = {**CONFIGS[name], **kwargs}
     # every feature map by default: the stem, each block but the last, the final norm (timm assumes five)
     out_indices = tuple(range(len(kwargs["block_config"]) + 1))
-    return build_model_with_cfg(
-        DenseNet, f"effi_{name}", pretrained, feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
-        pretrained_filter_fn=timm_pretrained_filter, **kwargs)
+    try:
+        return build_model_with_cfg(
+            DenseNet, f"effi_{name}", pretrained, feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
+            pretrained_filter_fn=timm_pretrained_filter, **kwargs)
+    except LocalEntryNotFoundError:  # the hub's own error says neither where else to look nor what to do
+        raise not_found_error(name, tag, hf_hub_id, torchvision_file) from None
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
@@ -264,7 +293,8 @@ def _cifar_cfg(**kwargs: Any) -> dict[str, Any]:
 
 
 # Tags name where weights come from: tv_in1k = torchvision's ImageNet weights, ra_in1k = timm's (densenet121 only).
-# Both are fetched from timm's own Hugging Face hub repositories (hf_hub_id), whose state dicts have exactly our keys;
+# tv_in1k comes from torchvision's own cache when torchvision downloaded it (effidense.pretrained); otherwise both are
+# fetched from timm's own Hugging Face hub repositories (hf_hub_id), whose state dicts have exactly our keys;
 # the preprocessing (input size, crop, interpolation, mean/std, test size) is timm's for the same tag, which
 # tests/test_pretrained.py checks. torchvision itself evaluated its weights with bilinear resize 256 / crop 224;
 # timm's cfg says bicubic, and so do we. A local file still wins: pretrained_cfg_overlay=dict(file=...).

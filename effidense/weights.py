@@ -37,7 +37,7 @@ from .fileio import (
 )
 
 __all__ = ["KEY_RULES", "PTH_SUFFIXES", "Checkpoint", "ConversionError", "KeyRule", "canonical_key",
-           "canonical_state_dict", "describe_misfit", "has_layout_keys", "inflate_kernels", "layout_key",
+           "canonical_state_dict", "describe_misfit", "has_layout_keys", "layout_key",
            "layout_state_dict", "load_checkpoint", "save_checkpoint", "timm_pretrained_filter", "values_problem"]
 
 
@@ -403,24 +403,3 @@ def save_checkpoint(
         # the system's reason alone: the message should name the output, not the temporary file beside it
         raise ConversionError(f"cannot write {path}: {write_failure(e)}") from None
     return path
-
-
-def inflate_kernels(state_dict: Mapping[str, Tensor], method: str) -> dict[str, Tensor]:
-    """``state_dict`` with every 2D kernel made 3D by ``method`` (see :func:`effidense.convert.inflate`), the rest
-    copied."""
-    out = {}
-    for key, value in state_dict.items():
-        if value.dim() != 4:
-            out[key] = value.clone()
-            continue
-        k, kw = value.shape[-2:]
-        if k != kw:
-            raise ConversionError(f"cannot inflate {key} {list(value.shape)}: its kernel is not square")
-        if method == "mean":
-            out[key] = value.unsqueeze(2).repeat(1, 1, k, 1, 1).div(k)
-        else:
-            if k % 2 == 0:
-                raise ConversionError(f"cannot centre {key} {list(value.shape)}: an even kernel has no middle tap")
-            out[key] = value.new_zeros(value.shape[:2] + (k,) + value.shape[2:])
-            out[key][:, :, k // 2] = value
-    return out

@@ -309,7 +309,8 @@ def test_inflate_refuses_bad_input_in_one_line():
     with pytest.raises(ConversionError, match=r"^unknown inflation method 'max'; choose one of: mean, center$"):
         convert.inflate(state_dict, method="max")
     inflated = convert.inflate(state_dict)
-    with pytest.raises(ConversionError, match=r"'features.conv0.weight' is 5-d: these are 3D weights"):
+    with pytest.raises(ConversionError, match=r"^'features.conv0.weight' is 5-d: these are 3D weights already, and "
+                                              r"only 2D kernels inflate; convert them without --inflate / inflate"):
         convert.inflate(inflated)
     bad = dict(state_dict)
     bad["features.denseblock1.denselayer2.conv2.weight"] = torch.zeros(4, 8, 5, 5)  # a 5x5 kernel where the net has 3x3
@@ -346,14 +347,16 @@ def test_cli_inflates_to_a_3d_monai_file(tmp_path, capsys):
     torch.testing.assert_close(monai_outputs(model3d, x3d)[1], effidense_outputs(model2d, x2d)[1],
                                rtol=1e-5, atol=1e-5)
 
-    # the 3D file is no input for another conversion, and --verify cannot check 3D weights
-    code, out, err = run_cli(capsys, "--checkpoint", out_file, "--output", tmp_path / "again.safetensors")
-    assert code == 1 and out == "" and err.count("\n") == 1 and "is 5-d: these are 3D weights" in err, err
+    # the 3D file is not inflated again (one line, no advice to --inflate), and --verify cannot check an inflation
+    code, out, err = run_cli(capsys, "--checkpoint", out_file, "--output", tmp_path / "again.safetensors",
+                             "--inflate", "mean")
+    assert code == 1 and out == "" and err.count("\n") == 1 and "these are 3D weights already" in err, err
+    assert "convert them without --inflate" in err
     with pytest.raises(SystemExit) as info:
         cli.main(["--checkpoint", str(source), "--output", str(tmp_path / "x.pth"), "--inflate", "mean", "--verify"])
     assert info.value.code == 2
-    assert "--verify compares 2D models" in capsys.readouterr().err
-    with pytest.raises(ConversionError, match="verify compares 2D models"):
+    assert "--verify compares models that compute the same function" in capsys.readouterr().err
+    with pytest.raises(ConversionError, match="verify compares models that compute the same function"):
         convert.convert_checkpoint(source, tmp_path / "y.pth", inflate="mean", verify=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["effi2d.pth", "monai3d.safetensors"]
 

@@ -42,6 +42,12 @@ def weights() -> dict[str, dict[str, torch.Tensor]]:
     return {"tv_in1k": tv, "ra_in1k": ra}
 
 
+@pytest.fixture(autouse=True)
+def no_torchvision_cache(tmp_path, monkeypatch) -> None:
+    """An empty torchvision cache of the test's own: weights come from the hub cache below, never the user's."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+
 @pytest.fixture
 def offline_hub(tmp_path, monkeypatch, weights) -> Path:
     cache = tmp_path / "hub"

@@ -20,7 +20,7 @@ from torch import nn
 import effidense.monai as em
 from effidense import MEMORY_MODES
 from effidense.memory import SavedTensorMeter
-from effidense.weights import ConversionError, layout_key
+from effidense.weights import ConversionError
 
 monai_nets = pytest.importorskip("monai.networks.nets")
 
@@ -98,11 +98,26 @@ def test_keys_load_strictly_both_ways_and_parameters_come_in_monais_order():
     for model in (ours, theirs):
         state = model.state_dict()
         assert all(torch.equal(state[k], v) for k, v in other_theirs.state_dict().items())
-    # module paths are effidense's; the one key table turns them into MONAI's, in the same order
-    names = [name for name, _ in ours.named_parameters()]
-    assert [layout_key(n, "monai") for n in names] == [name for name, _ in theirs.named_parameters()]
-    assert ours.monai_names()["features.denseblock1.denselayer1.norm1.weight"] == \
-        "features.denseblock1.denselayer1.layers.norm1.weight"
+    assert [name for name, _ in ours.named_parameters()] == [name for name, _ in theirs.named_parameters()]
+
+
+@pytest.mark.parametrize("spatial_dims", [1, 2, 3])
+@pytest.mark.parametrize("dropout_prob", [0.0, 0.2])
+def test_module_and_parameter_names_are_monais(spatial_dims, dropout_prob):
+    """Code that freezes or groups parameters by name, or aims monai.visualize at a layer by name, works unchanged:
+    MONAI's 'denselayer1.layers.norm1', and its 'layers.dropout' module, the one applied."""
+    theirs, ours = pair(spatial_dims, dropout_prob=dropout_prob, **TINY)
+    assert [n for n, _ in ours.named_modules()] == [n for n, _ in theirs.named_modules()]
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    assert [n for n, _ in ours.named_buffers()] == [n for n, _ in theirs.named_buffers()]
+    norm = ours.get_submodule("features.denseblock1.denselayer1.layers.norm1")
+    assert norm is ours.features.denseblock1.denselayer1.norm1  # the layer's own code reaches the same module
+    if dropout_prob:
+        layer = ours.features.denseblock2.denselayer1
+        layer.layers.dropout.p = 0.0  # MONAI's module is the dropout applied: off here, the layer is deterministic
+        layer.train()
+        x = torch.randn(2, layer.layers.norm1.num_features, *(8,) * spatial_dims)
+        torch.testing.assert_close(layer(x), layer(x), rtol=0, atol=0)
 
 
 def test_an_optimizer_state_carries_over_from_monais_model():
@@ -256,11 +271,17 @@ def test_bad_arguments_get_one_line(kwargs, words):
     assert words in one_line(error)
 
 
-@pytest.mark.parametrize("cls", ["DenseNet121", "DenseNet264"])
-def test_pretrained_is_refused_in_one_line(cls):
+@pytest.mark.parametrize("cls, kwargs, words", [
+    ("DenseNet264", {}, "there are no ImageNet weights for DenseNet-264"),
+    ("DenseNet121", dict(spatial_dims=1), "ImageNet weights start 2D and 3D models (inflated), not spatial_dims=1"),
+    ("DenseNet169", dict(norm="instance"), "so norm must be 'batch', not 'instance'"),
+])
+def test_pretrained_without_weights_to_give_is_refused_before_any_work(cls, kwargs, words):
+    # refused before the weights are looked for: no cache is read, no hub asked (tests/test_imagenet_start.py
+    # loads them)
     with pytest.raises(ValueError, match="pretrained=True") as error:
-        getattr(em, cls)(3, 1, 2, pretrained=True)
-    assert ("effidense convert" in one_line(error)) == (cls == "DenseNet121")
+        getattr(em, cls)(**{"spatial_dims": 3, "in_channels": 1, "out_channels": 2, **kwargs}, pretrained=True)
+    assert words in one_line(error)
     getattr(em, cls)(2, 1, 2, block_config=(1, 1), init_features=4, growth_rate=2, pretrained=False, progress=False)
 
 

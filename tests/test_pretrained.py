@@ -1,7 +1,9 @@
-"""Pretrained weights from timm's Hugging Face hub repositories, tested offline with a hub cache built in tmp."""
+"""Pretrained weights from torchvision's cache and timm's Hugging Face hub repositories, tested offline with caches
+built in tmp."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +12,11 @@ import huggingface_hub
 import pytest
 import timm
 import torch
+import torchvision
 from safetensors.torch import save_file
 
 import effidense  # noqa: F401 (registers the effi_* models)
+from effidense.pretrained import WeightsNotFoundError
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -40,6 +44,28 @@ def hub_cache(root: Path, repo_id: str, state_dict: dict[str, torch.Tensor]) -> 
     save_file({k: v.contiguous() for k, v in state_dict.items()}, str(snapshot / "model.safetensors"))
     (snapshot / "config.json").write_text('{"architecture": "densenet121", "num_classes": 1000}')
     return root
+
+
+def torchvision_cache(torch_home: Path, file: str, state_dict: dict[str, torch.Tensor]) -> Path:
+    """torchvision's download of ``file`` as it sits in ``$TORCH_HOME/hub/checkpoints``: its legacy dense-layer names
+    ('denselayer1.norm.1.weight'), no BatchNorm counters, torch's legacy (pre-zip) serialization, as the ImageNet
+    files torchvision serves are."""
+    legacy = {re.sub(r"(\.denselayer\d+\.)(norm|relu|conv)([12])\.", r"\1\2.\3.", key): value
+              for key, value in state_dict.items() if not key.endswith("num_batches_tracked")}
+    assert any(".norm.1." in key for key in legacy)
+    path = torch_home / "hub" / "checkpoints" / file
+    path.parent.mkdir(parents=True)
+    torch.save(legacy, path, _use_new_zipfile_serialization=False)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def no_real_caches(tmp_path, monkeypatch) -> Path:
+    """Every test here sees an empty torchvision cache of its own, never the user's, and the hub offline."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return tmp_path / "torch"
 
 
 def randomize(model: torch.nn.Module) -> torch.nn.Module:
@@ -116,12 +142,64 @@ def test_pretrained_from_the_hub_with_a_new_classifier(offline_hub, densenet121_
                                    rtol=0, atol=1e-5)
 
 
-def test_pretrained_without_cached_weights_asks_the_hub(tmp_path, monkeypatch):
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    # offline with an empty cache: the hub is asked for timm's file (no more "No pretrained weights exist")
-    with pytest.raises(huggingface_hub.errors.LocalEntryNotFoundError):
+def test_pretrained_without_cached_weights_says_where_it_looked(tmp_path):
+    # offline with empty caches: one line naming both places and both ways forward, not the hub's generic error
+    with pytest.raises(WeightsNotFoundError) as raised:
         timm.create_model("effi_densenet169", pretrained=True)
+    message = str(raised.value)
+    assert "\n" not in message and isinstance(raised.value, FileNotFoundError)
+    assert message.startswith("densenet169.tv_in1k: no pretrained weights offline")
+    assert f"torchvision's cache ({tmp_path / 'torch' / 'hub' / 'checkpoints' / 'densenet169-b2777c0a.pth'})" in message
+    assert f"the Hugging Face cache ({tmp_path / 'empty_hub'}, timm/densenet169.tv_in1k)" in message
+    assert "pretrained_cfg_overlay=dict(file=" in message and "effidense convert --checkpoint" in message
+    with pytest.raises(WeightsNotFoundError, match=r"^densenet121.ra_in1k: .*looked in the Hugging Face cache \("):
+        effidense.densenet121(weights="ra_in1k")  # timm's own weights: torchvision has none to look for
+
+
+@pytest.fixture
+def torchvision_weights(no_real_caches, densenet121_weights) -> Path:
+    """torchvision's DenseNet-121 weights in the (temporary) torchvision cache, nothing in the hub's."""
+    return torchvision_cache(no_real_caches, "densenet121-a639ec97.pth", densenet121_weights)
+
+
+@pytest.mark.filterwarnings("ignore:densenet121. pretrained= is deprecated")
+def test_torchvisions_cached_weights_load_offline_as_torchvision_loads_them(torchvision_weights):
+    """torchvision itself, offline from the same cache, is the referee: its file name and its legacy key fix."""
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        reference = torchvision.models.densenet121(weights="DEFAULT").eval()(x)
+        models = [effidense.densenet121(weights="DEFAULT"), effidense.densenet121(pretrained=True),
+                  timm.create_model("effi_densenet121", pretrained=True),
+                  torch.hub.load(str(ROOT), "densenet121", source="local", weights="DEFAULT")]
+        for model in models:
+            assert model.pretrained_cfg["file"] == str(torchvision_weights)
+            torch.testing.assert_close(model.eval()(x), reference, rtol=0, atol=1e-5)
+
+
+def test_torchvisions_cached_weights_with_a_new_head(torchvision_weights, densenet121_weights):
+    model = effidense.densenet121(weights="tv_in1k", num_classes=4, in_chans=1)
+    assert model.classifier.out_features == 4 and model.features.conv0.in_channels == 1
+    assert torch.equal(model.features.norm5.running_var, densenet121_weights["features.norm5.running_var"])
+    # timm's adaptation of the first convolution: one channel is the sum over RGB
+    torch.testing.assert_close(model.features.conv0.weight,
+                               densenet121_weights["features.conv0.weight"].sum(1, keepdim=True))
+
+
+def test_a_local_file_wins_over_torchvisions_cache(torchvision_weights, densenet121_weights, tmp_path):
+    mine = {k: -v if k == "features.conv0.weight" else v for k, v in densenet121_weights.items()}
+    path = tmp_path / "mine.safetensors"
+    save_file(mine, str(path))
+    model = effidense.densenet121(weights="DEFAULT", pretrained_cfg_overlay=dict(file=str(path)))
+    assert torch.equal(model.features.conv0.weight, mine["features.conv0.weight"])
+
+
+def test_corrupt_torchvision_cache_is_named(no_real_caches, densenet121_weights):
+    from effidense.weights import ConversionError
+
+    bad = {**densenet121_weights, "features.norm5.running_var": -densenet121_weights["features.norm5.running_var"]}
+    path = torchvision_cache(no_real_caches, "densenet121-a639ec97.pth", bad)
+    with pytest.raises(ConversionError, match=rf"^{re.escape(str(path))}: 1 BatchNorm running_var tensor"):
+        effidense.densenet121(weights="DEFAULT")
 
 
 def test_environment_variables_point_a_fresh_process_at_the_cache(tmp_path, densenet121_weights):

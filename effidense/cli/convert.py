@@ -7,7 +7,9 @@ Examples::
     python tools/convert.py --to efficient --checkpoint densenet121-a639ec97.pth --output densenet121_effi.pth
     python tools/convert.py --checkpoint effi.safetensors --output tv.pth --to torchvision
     python tools/convert.py --checkpoint densenet121-a639ec97.pth --output monai2d.pth --to monai --verify
-    python tools/convert.py --checkpoint densenet121-a639ec97.pth --output monai3d.pth --to monai --inflate center
+    python tools/convert.py --checkpoint densenet121-a639ec97.pth --output monai3d.pth --to monai --inflate mean \
+        --in-chans 1 --num-classes 2
+    python tools/convert.py --checkpoint monai3d.pth --output effi3d.safetensors --verify
 
 Exit status: 0 on success, 1 when the input cannot be read or converted or the output cannot be written,
 2 for bad arguments, 3 when --verify finds a difference above the tolerance (nothing is written then).
@@ -24,8 +26,9 @@ from effidense.layouts import INFLATE_METHODS, LAYOUT_ALIASES, LAYOUTS, VERIFY_T
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="effidense convert",
-        description="Convert DenseNet weights between torchvision, timm, MONAI (2D) and effidense layouts, and "
-                    "optionally inflate them to 3D (--inflate). The architecture is "
+        description="Convert DenseNet weights between torchvision, timm, MONAI (2D and 3D) and effidense layouts, "
+                    "and optionally inflate 2D weights to 3D (--inflate), adapt the first convolution to other input "
+                    "channels (--in-chans) and put on a fresh classifier (--num-classes). The architecture is "
                     "read off the weights (or checked against --model) and every unknown, missing or mis-shaped key "
                     "is reported by name. Inputs are read safely (torch.load(weights_only=True) or safetensors) "
                     "and refused when their values are no trained model's (NaN/inf, integer or bool weights, "
@@ -50,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "checkpoint): 'mean' repeats each k x k kernel over a depth of k and divides by k (I3D's; "
                              "inexact near the first and last slices, where zero padding enters), 'center' puts it "
                              "at the middle depth tap with zeros elsewhere (exact on depth-constant inputs)")
+    # plain int, checked after parsing: the shared argparse types live beside torch, which --help must not import
+    parser.add_argument("--in-chans", type=int, default=None, metavar="N",
+                        help="adapt the first convolution to N input channels: each gets the sum over RGB divided by "
+                             "N, so a grey image gives the RGB network's activations on it (e.g. 1 for CT or MRI)")
+    parser.add_argument("--num-classes", type=int, default=None, metavar="N",
+                        help="a fresh N-class classifier (seeded, zero bias; 0: none) in place of the checkpoint's, "
+                             "so the file loads strictly into e.g. MONAI's DenseNet121(..., out_channels=N)")
     parser.add_argument("--format", choices=["safetensors", "pth"], default=None, dest="fmt",
                         help="output format (default: from the output's suffix, .safetensors or .pth/.pt/.bin; "
                              "safetensors when the suffix says nothing); safetensors files carry the architecture, "
@@ -70,15 +80,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.verify and args.inflate:
-        parser.error("--verify compares 2D models and cannot check --inflate's 3D weights; verify a 2D conversion, "
-                     "then inflate")
+    if args.verify and (args.inflate or args.in_chans is not None or args.num_classes is not None):
+        parser.error("--verify compares models that compute the same function, and --inflate, --in-chans and "
+                     "--num-classes change it; verify a plain conversion, then adapt its output")
+    if args.in_chans is not None and args.in_chans < 1:
+        parser.error(f"argument --in-chans: must be at least 1, got {args.in_chans}")
+    if args.num_classes is not None and args.num_classes < 0:
+        parser.error(f"argument --num-classes: must be 0 or more, got {args.num_classes}")
     from effidense.convert import ConversionError, VerificationError, convert_checkpoint  # torch: after --help
 
     try:
         conversion, diff = convert_checkpoint(
             args.checkpoint, args.output, target=args.target, source=args.source, fmt=args.fmt, model=args.model,
-            use_ema=args.ema, verify=args.verify, force=args.force, inflate=args.inflate)
+            use_ema=args.ema, verify=args.verify, force=args.force, inflate=args.inflate, in_chans=args.in_chans,
+            num_classes=args.num_classes)
     except VerificationError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
