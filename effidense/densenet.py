@@ -128,8 +128,11 @@ class MemoryMode(nn.Module):
                 setattr(m, name, value)
 
     def slices(self, maps: Sequence[Tensor], transient: float = 3.0) -> int:
-        """The slices of a rerun of ``maps`` whose backward holds ``transient`` times their bytes, in this mode."""
-        reads = sum(t.nbytes for t in maps)
+        """The slices of a rerun of ``maps`` whose backward holds ``transient`` times their bytes, in this mode (a
+        compiled model is not sliced: its graph is traced whole)."""
+        if torch.compiler.is_compiling():
+            return 1
+        reads = sum(t.numel() * t.element_size() for t in maps)
         return slice_count(self._slices, self._memory == "frugal", maps[0].shape[0], transient * reads, reads)
 
 
