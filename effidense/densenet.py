@@ -47,7 +47,7 @@ from .arguments import (
     min_input_size,
     resolve_memory,
 )
-from .layers.light import ReluKeepingSign, concat_norm_conv, conv_norm_pool, run_sliced, slice_count
+from .layers.light import ReluKeepingSign, concat_norm_conv, conv_norm_pool, light_segment, slice_count
 from .layers.norm import BATCH_NORM_ACT, AdoptsNorms, NormAct
 from .layers.pool import AvgPool, MaxPool
 from .layers.recompute import checkpointed, is_tracing, run_mode
@@ -183,7 +183,7 @@ class DenseLayer(MemoryMode, AdoptsNorms):
             stages.append((self.norm2, self.relu2, self.conv2))
         # frugal: the whole layer is a segment; sliced, its dropout runs after it (keeping its mask)
         width = self.conv1.out_channels * self.bottleneck / self.conv1.in_channels
-        out = run_sliced(stages, *maps, slices=self.slices(maps, 3 * (1 + width)))
+        out = light_segment(stages, *maps, slices=self.slices(maps, 3 * (1 + width)))
         if out is not None:
             return self._dropout(out)
         return checkpointed(True, self.new_features, *maps, random=self.training and self.drop_rate > 0)
