@@ -35,7 +35,7 @@ __all__ = ["MiB", "KINDS", "StorageCount", "SavedTensorMeter", "StorageTracker",
 
 MiB = 1024 * 1024
 # What a live storage is, for the breakdown of a step's peak.
-KINDS = ("parameters", "gradients", "optimizer_state", "input", "saved_activations", "transient")
+KINDS = ("parameters", "gradients", "optimizer_state", "input", "saved_activations", "transient", "scratch")
 
 StorageKey = tuple[str, int]
 
@@ -137,10 +137,15 @@ class StorageTracker(TorchDispatchMode):
 
     ``current`` and ``peak`` are bytes; :meth:`at_peak` splits the peak by kind (see :data:`KINDS`). Storages are
     told apart by identity (:class:`StorageCount`), so views and in-place results are counted once.
+
+    ``scratch``, a function of an op, its arguments, keyword arguments and outputs, gives the bytes its kernel holds
+    inside itself beside the outputs (a model of a device's kernels: no tensor shows them); they count as kind
+    "scratch" for the moment the op runs.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, scratch: Callable[[Any, tuple, dict, Any], int] | None = None) -> None:
         super().__init__()
+        self.scratch = scratch
         self.current = 0
         self.peak = 0
         self._events = 0
@@ -215,7 +220,20 @@ class StorageTracker(TorchDispatchMode):
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self._track(t, "transient")
+        if self.scratch is not None:
+            self._moment(self.scratch(func, args, kwargs or {}, out))
         return out
+
+    def _moment(self, nbytes: int) -> None:
+        """A kernel's scratch: live beside everything now, freed before the next op."""
+        if nbytes <= 0:
+            return
+        self._events += 1
+        self._records.append(_Record(nbytes, "scratch", self._events, self._events + 1))
+        if self.current + nbytes > self.peak:
+            self.peak = self.current + nbytes
+            self._peak_event = self._events
+        self._events += 1
 
     def close(self) -> None:
         """Stop following storages (the counts stay as they are)."""

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from ..memory import KINDS, SavedTensorMeter, StorageTracker
+from ..memory import KINDS, SavedTensorMeter, StorageTracker, cpu_peak_bytes, cuda_peak_bytes
 from .step import step_loss, training_step
 
 __all__ = ["OPTIMIZERS", "KINDS", "StepSpec", "StepMemory", "StepProbe"]
@@ -83,11 +83,17 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 class StepProbe:
-    """A model built once, on fake tensors (``fake=True``) or real ones, ready to measure training steps."""
+    """A model built once, on fake tensors (``fake=True``) or real ones on ``device``, ready to measure training
+    steps. ``scratch`` models what kernels allocate inside themselves (:class:`effidense.memory.StorageTracker`)."""
 
-    def __init__(self, build: Callable[[], nn.Module], step: StepSpec, fake: bool = True) -> None:
+    def __init__(self, build: Callable[[], nn.Module], step: StepSpec, fake: bool = True,
+                 scratch: Callable[..., int] | None = None, device: str | torch.device = "cpu") -> None:
         self.step_spec = step
         self.fake = fake
+        self.scratch = scratch
+        self.device = torch.device(device)
+        if fake and self.device.type != "cpu":
+            raise ValueError("fake steps run on the CPU")
         self._mode = FakeTensorMode() if fake else None
         with self._context(), _default_dtype(step.dtype):
             # Built in the dtype rather than converted: Module.to cannot swap fake parameters.
@@ -102,7 +108,7 @@ class StepProbe:
                 self.optimizer.zero_grad(set_to_none=True)
 
     def _context(self) -> contextlib.AbstractContextManager:
-        return self._mode if self._mode is not None else contextlib.nullcontext()
+        return self._mode if self._mode is not None else self.device
 
     def _batch(self, batch: int, size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         spec = self.step_spec
@@ -130,7 +136,7 @@ class StepProbe:
         model = self.model
         with self._context(), torch.enable_grad():
             x, y = self._batch(batch, size)
-            tracker = StorageTracker()
+            tracker = StorageTracker(self.scratch)
             tracker.add([*model.parameters(), *model.buffers()], "parameters")
             tracker.add(self._state(), "optimizer_state")
             tracker.add((x, y), "input")
@@ -154,3 +160,23 @@ class StepProbe:
                 optimizer_state_bytes=sum(t.untyped_storage().nbytes() for t in self._state()),
                 input_bytes=x.untyped_storage().nbytes() + y.untyped_storage().nbytes(),
                 saved_activation_bytes=saved, end_bytes=end)
+
+    def allocator_peak(self, batch: int, size: Sequence[int]) -> int:
+        """The peak of one real training step by the device's allocator (its events on the CPU,
+        ``max_memory_allocated`` on CUDA) plus what was allocated before it and lives through it: parameters, buffers,
+        optimizer state and the batch. The referee of :meth:`measure`'s peak."""
+        if self.fake:
+            raise ValueError("an allocator's peak needs real tensors (fake=False)")
+        model = self.model
+        model.zero_grad(set_to_none=True)
+        with self._context(), torch.enable_grad():
+            x, y = self._batch(batch, tuple(int(s) for s in size))
+            before = sum(t.untyped_storage().nbytes() for t in (*model.parameters(), *model.buffers(), *self._state(),
+                                                                  x, y))
+
+            def step() -> None:
+                training_step(model, x, y, self.step_spec.amp, optimizer=self.optimizer)
+
+            peak = cuda_peak_bytes(step, self.device) if self.device.type == "cuda" else cpu_peak_bytes(step)
+            model.zero_grad(set_to_none=True)
+        return before + peak
