@@ -7,7 +7,7 @@ tensors view it, some left out (a model's parameters and buffers).
   reaches ``save_for_backward`` (directly or through a non-reentrant checkpoint's saved inputs), with the model's
   parameters and buffers left out. The count is deterministic and device-independent, so tests can assert on it.
 * :class:`StorageTracker` is a ``TorchDispatchMode`` that follows every storage an operator's output holds from the op
-  that makes it until its last reference dies (a weakref finalizer on the storage), independent of any allocator, so
+  that makes it until its last reference dies (a weak reference's callback on the storage), independent of any allocator, so
   the same count runs on real tensors and on ``FakeTensorMode``'s, which carry shapes, dtypes and strides but no
   data. It sees what autograd's backward makes as well, the recompute buffers of non-reentrant checkpoints included:
   the peak of a training step (:mod:`effidense.harness.footprint`).
@@ -153,7 +153,8 @@ class StorageTracker(TorchDispatchMode):
         self._count = StorageCount()  # the live storages
         self._records: list[_Record] = []
         self._live: dict[StorageKey, int] = {}  # storage key -> index in _records
-        self._finalizers: list[weakref.finalize] = []
+        # weak references whose callbacks free the counts; a plain weakref costs a tenth of a weakref.finalize
+        self._refs: dict[StorageKey, weakref.ref] = {}
 
     def add(self, tensors: Iterable[Any], kind: str = "transient") -> None:
         """Count the storages of ``tensors`` (non-tensors are ignored) as ``kind`` from now on, if not yet counted."""
@@ -183,13 +184,14 @@ class StorageTracker(TorchDispatchMode):
         self._events += 1
         self._live[key] = len(self._records)
         self._records.append(_Record(nbytes, kind, self._events))
-        self._finalizers.append(weakref.finalize(storage, self._free, key))
+        self._refs[key] = weakref.ref(storage, lambda _, key=key: self._free(key))
         self.current += nbytes
         if self.current > self.peak:
             self.peak = self.current
             self._peak_event = self._events
 
     def _free(self, key: StorageKey) -> None:
+        self._refs.pop(key, None)
         index = self._live.pop(key, None)
         if index is None:
             return
@@ -237,9 +239,7 @@ class StorageTracker(TorchDispatchMode):
 
     def close(self) -> None:
         """Stop following storages (the counts stay as they are)."""
-        for f in self._finalizers:
-            f.detach()
-        self._finalizers.clear()
+        self._refs.clear()  # a dropped weak reference calls nothing
 
 
 class _LabellingMeter(SavedTensorMeter):

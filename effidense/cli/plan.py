@@ -7,8 +7,14 @@ backward and the optimizer's update. The peak is affine in the batch: two steps 
 largest batch that fits --budget less the safety margin. With a 3D input (--img-size D H W, or --volume N) the
 largest cube edge at --batch-size is searched too. Seconds on a CPU, no GPU needed.
 
-Every figure is PREDICTED. Not counted: the CUDA context, cuDNN/cuBLAS workspaces, the allocator's rounding and
-fragmentation, NCCL buffers: --margin (default 5%) holds back part of the budget for them.
+Every figure is PREDICTED. --device says what the step runs on: cuda (default) or cpu, whose kernels' scratch
+(BatchNorm backward's temporary, oneDNN's reorders) is counted at --threads. Not counted on CUDA: the context,
+cuDNN/cuBLAS workspaces, the allocator's rounding and fragmentation, NCCL buffers: --margin (default 5% on cuda,
+2% on the cpu) holds back part of the budget for them.
+
+--check N runs one real step of each variant at batch N (default 2) on this machine's device (the GPU if torch
+sees one, else the CPU) and prints the predicted peak beside the allocator's (torch.cuda.max_memory_allocated on a
+GPU, the CPU allocator's events by torch.profiler), so you see in seconds how far to trust the plan.
 Examples:
 
   effidense plan --model effi_densenet121 --img-size 224 --batch-size 64 --amp bf16 --budget h100-80gb
@@ -16,6 +22,7 @@ Examples:
   effidense plan --model effi_densenet_bc100_k12 --batch-size 64 --budget 12gb --plot plan.png
   python tools/plan.py --model effi_densenet121 --budget 24GiB --variants efficient,frugal,tv --margin 0.1
   effidense plan --model fcdensenet103 --img-size 360 480 --batch-size 1 --budget 12GiB
+  effidense plan --model effi_densenet121 --img-size 112 --check 4
 
 FC-DenseNet (--model fcdensenet56, 67 or 103: segmentation, a label per position) compares its memory modes with
 `reference`, a port that concatenates as the common PyTorch ports do; --model-kwargs go to FCDenseNet.
@@ -32,11 +39,14 @@ from ..harness import AMP_DTYPES, OPTIMIZERS, PEERS, torch_threads
 from ..harness.tiramisu import SEGMENTATION_MODELS, segmentation_variants
 from ..modelspec import ModelSpec
 from ..planner import (
-    DEFAULT_MARGIN,
+    DEFAULT_MARGINS,
+    DEVICES,
     DTYPES,
     GPU_PRESETS,
     BudgetError,
+    format_check,
     format_table,
+    recommendation,
     parse_budget,
     plan,
     write_json,
@@ -96,9 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"memory to fit: a size (24GiB; units are binary, 80GB = 80GiB as GPUs are labelled; 12e9 is "
                           f"bytes) or a GPU preset: "
                           f"{', '.join(GPU_PRESETS)}. Without it only the peak at --batch-size is predicted")
-    run.add_argument("--margin", type=_margin, default=DEFAULT_MARGIN,
-                     help=f"fraction of the budget held back for what the prediction does not count (default "
-                          f"{DEFAULT_MARGIN:g})")
+    run.add_argument("--device", choices=DEVICES, default="cuda",
+                     help="what the step runs on, whose kernels' scratch is counted: cuda (default) or cpu (at "
+                          "--threads)")
+    run.add_argument("--margin", type=_margin,
+                     help="fraction of the budget held back for what the prediction does not count (default: "
+                          + ", ".join(f"{m:g} on {d}" for d, m in DEFAULT_MARGINS.items()) + ")")
+    run.add_argument("--check", type=positive_int, nargs="?", const=2, metavar="N",
+                     help="run one real step of each variant at batch N (default 2) on this machine's GPU, else its "
+                          "CPU, and print the predicted peak against the allocator's")
     run.add_argument("--max-edge", action="store_true",
                      help="also search the largest square/cube edge at --batch-size (always on for 3D inputs)")
     run.add_argument("--threads", type=thread_count, help="torch CPU threads (default: torch's choice)")
@@ -173,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--img-size takes 1 to 3 numbers (N, H W or D H W), got {len(args.img_size)}")
     if args.volume is not None and args.spatial_dims not in (None, 3):
         parser.error(f"--volume {args.volume} is a 3D input but --spatial-dims is {args.spatial_dims}")
+    if args.check is not None and args.budget is not None:
+        parser.error("--check measures one step at its own batch; plan the largest batch without it (drop --budget)")
 
     def progress(name: str) -> None:
         if not args.quiet:
@@ -184,15 +202,22 @@ def main(argv: list[str] | None = None) -> int:
         else:
             spec = spec_from_args(args)
             model = {"model": spec, "img_size": _input_size(args, spec)}
+        device = args.device
+        if args.check is not None:
+            import torch  # the device this machine would measure on
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         with torch_threads(args.threads):
-            report = plan(**model, variants=args.variants, batch_size=args.batch_size,
+            report = plan(**model, variants=args.variants,
+                          batch_size=args.batch_size if args.check is None else args.check,
                           amp=args.amp, dtype=args.dtype, optimizer=args.optimizer, budget=args.budget,
-                          margin=args.margin, max_edge=True if args.max_edge else None, progress=progress)
+                          margin=args.margin, max_edge=True if args.max_edge else None, progress=progress,
+                          device=device, measure=args.check is not None)
     except BudgetError as e:
         return _error(f"--budget: {e}")
     except ValueError as e:
         return _error(str(e))
-    print(format_table(report))
+    print(format_check(report) if args.check is not None else format_table(report))
     status = 0
     for r in report.variants:
         if r.status == "does-not-fit":
@@ -212,6 +237,11 @@ def main(argv: list[str] | None = None) -> int:
             status = 1
             continue
         print(f"wrote {path}")
+    if args.check is None:
+        line = recommendation(report, args.model if args.model not in (None, "custom") and not args.model_kwargs
+                              else None)
+        if line:
+            print(line)
     return status
 
 

@@ -13,10 +13,21 @@ Modules: :mod:`.budget` (sizes, GPU presets, the margin), :mod:`.core` (:func:`p
 :mod:`.report` (table, JSON schema ``effidense.plan/1``, plot). ``effidense plan`` is the command
 (:mod:`effidense.cli.plan`).
 """
-from .budget import DEFAULT_MARGIN, GPU_PRESETS, format_bytes, parse_budget
+from .budget import DEFAULT_MARGIN, DEFAULT_MARGINS, GPU_PRESETS, format_bytes, parse_budget
 from .core import DTYPES, NOT_COUNTED, BudgetError, PlanReport, VariantPlan, plan, search_batch, search_edge
-from .report import JSON_SCHEMA, PLOT_FORMATS, format_table, report_to_json, write_json, write_plot
+from .report import (
+    JSON_SCHEMA,
+    PLOT_FORMATS,
+    format_check,
+    format_table,
+    recommendation,
+    report_to_json,
+    write_json,
+    write_plot,
+)
+from .scratch import DEVICES, scratch_model
 
-__all__ = ["plan", "PlanReport", "VariantPlan", "BudgetError", "DEFAULT_MARGIN", "GPU_PRESETS", "DTYPES",
-           "NOT_COUNTED", "JSON_SCHEMA", "PLOT_FORMATS", "parse_budget", "format_bytes", "format_table",
-           "report_to_json", "write_json", "write_plot", "search_batch", "search_edge"]
+__all__ = ["plan", "PlanReport", "VariantPlan", "BudgetError", "DEFAULT_MARGIN", "DEFAULT_MARGINS", "DEVICES",
+           "GPU_PRESETS", "DTYPES", "NOT_COUNTED", "JSON_SCHEMA", "PLOT_FORMATS", "parse_budget", "format_bytes",
+           "format_table", "format_check", "recommendation", "report_to_json", "write_json", "write_plot",
+           "search_batch", "search_edge", "scratch_model"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["GiB", "MiB", "GPU_PRESETS", "DEFAULT_MARGIN", "parse_budget", "format_bytes"]
+__all__ = ["GiB", "MiB", "GPU_PRESETS", "DEFAULT_MARGIN", "DEFAULT_MARGINS", "parse_budget", "format_bytes"]
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -27,9 +27,13 @@ GPU_PRESETS: dict[str, int] = {
     **{f"{n}gb": n * GiB for n in (8, 12, 16, 24, 32, 40, 48, 80)},
 }
 
-# Fraction of the budget held back for what no prediction counts (the CUDA context, cuDNN/cuBLAS workspaces,
-# allocator rounding and fragmentation, NCCL buffers).
-DEFAULT_MARGIN = 0.05
+# Fraction of the budget held back, by the device the plan is for. On the CPU the plan counts kernel scratch and
+# comes within a fraction of a percent of the allocator's peak (docs/planner.md): the margin is the largest measured
+# error, twice over. On CUDA it also holds back what no prediction counts there (the CUDA context, cuDNN/cuBLAS
+# workspaces, allocator rounding and fragmentation, NCCL buffers), unmeasured here: `effidense plan --check` on a GPU
+# measures it.
+DEFAULT_MARGINS = {"cpu": 0.02, "cuda": 0.05}
+DEFAULT_MARGIN = DEFAULT_MARGINS["cuda"]
 
 # Binary throughout: GPU memory is labelled in GB that are GiB (an "80GB" H100 holds 80 GiB), and a preset "24gb" must
 # mean the same as a size "24GB".

@@ -5,12 +5,16 @@ their outputs. Each model below was fitted to the CPU allocator's events (:func:
 around the one kernel, over the shapes a DenseNet step gives it (docs/planner.md has the measurements):
 
 * ``native_batch_norm_backward``: a temporary of the input's size whenever it forms the input's gradient.
-* ``convolution`` and ``convolution_backward`` by oneDNN (torch's ``use_mkldnn`` rule, below): the input reordered to
-  oneDNN's blocked layout, forward the weight too, backward the output's gradient too (made contiguous first when
-  it is a view, as a concatenation's gradient is); with a plain input layout (a stem of 1 to 4 channels) the output
-  (or its gradient) instead. With more than one thread, each further thread sums a weight gradient of its own.
+* ``convolution`` and ``convolution_backward`` by oneDNN (torch's ``use_mkldnn`` rule, below): forward, the input and
+  the weight reordered to oneDNN's blocked layout; backward, the output's gradient (made contiguous first when it
+  is a view, as a concatenation's gradient is) and the larger of the input's reorder and the weight gradient's; with
+  a plain input layout (a stem of 1 to 4 channels) the output (or its gradient) instead of the input. With more than
+  one thread, each further thread sums a weight gradient of its own.
 * The native fallback (``slow_conv2d``): im2col's columns for kernels larger than 1, the contiguous copy of a view's
-  gradient; ``slow_conv3d`` backward: an input-sized buffer.
+  gradient; ``slow_conv3d`` backward: the input's size less the weight's.
+
+Not fitted: maps of 2 or fewer positions a side under a 3x3x3 kernel (oneDNN takes several weights' worth there),
+and channel counts that are not multiples of 16, which oneDNN's blocked layout pads.
 
 On CUDA, cuDNN picks convolution algorithms whose workspace fits the free memory and reports none through torch's
 tensors, and native BatchNorm's backward reduces per channel; neither is modelled, and the safety margin covers them
@@ -83,10 +87,11 @@ def _conv_backward(threads: int, args: tuple, out: tuple) -> int:
         per_thread = (threads - 1) * _nbytes(weight) if mask[1] else 0
         if x.shape[1] <= PLAIN_SOURCE_CHANNELS:
             return copy + _nbytes(grad) + per_thread + (_nbytes(x) if mask[0] else 0)
-        return copy + _nbytes(x) + _nbytes(grad) + per_thread
+        # the input's reorder, or the weight gradient's where the weight is the larger (small maps)
+        return copy + max(_nbytes(x), _nbytes(weight)) + _nbytes(grad) + per_thread
     if x.dim() == 4:
         return copy + _columns(x, weight, grad.shape)
-    return copy + (_nbytes(x) if mask[0] else 0)
+    return copy + (max(_nbytes(x) - _nbytes(weight), 0) if mask[0] else 0)
 
 
 def _batch_norm_backward(threads: int, args: tuple, out: tuple) -> int:
