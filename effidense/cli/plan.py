@@ -37,7 +37,7 @@ from ..densenet import MEMORY_MODES
 from ..fileio import outputs_problem, short_error
 from ..harness import AMP_DTYPES, OPTIMIZERS, PEERS, torch_threads
 from ..harness.tiramisu import SEGMENTATION_MODELS, segmentation_variants
-from ..modelspec import ModelSpec
+from ..modelspec import ModelSpec, resolve_model
 from ..planner import (
     DEFAULT_MARGINS,
     DEVICES,
@@ -46,9 +46,9 @@ from ..planner import (
     BudgetError,
     format_check,
     format_table,
-    recommendation,
     parse_budget,
     plan,
+    recommendation,
     write_json,
     write_plot,
 )
@@ -106,9 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"memory to fit: a size (24GiB; units are binary, 80GB = 80GiB as GPUs are labelled; 12e9 is "
                           f"bytes) or a GPU preset: "
                           f"{', '.join(GPU_PRESETS)}. Without it only the peak at --batch-size is predicted")
-    run.add_argument("--device", choices=DEVICES, default="cuda",
-                     help="what the step runs on, whose kernels' scratch is counted: cuda (default) or cpu (at "
-                          "--threads)")
+    run.add_argument("--device", choices=DEVICES,
+                     help="what the step runs on, whose kernels' scratch is counted: cuda or cpu (at --threads). "
+                          "Default: cuda; with --check, this machine's GPU if torch sees one, else its CPU")
     run.add_argument("--margin", type=_margin,
                      help="fraction of the budget held back for what the prediction does not count (default: "
                           + ", ".join(f"{m:g} on {d}" for d, m in DEFAULT_MARGINS.items()) + ")")
@@ -197,13 +197,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"plan: {name} ...", file=sys.stderr, flush=True)
 
     try:
+        named = False
         if args.model in SEGMENTATION_MODELS:
             model = _segmentation(args)
         else:
             spec = spec_from_args(args)
             model = {"model": spec, "img_size": _input_size(args, spec)}
-        device = args.device
-        if args.check is not None:
+            # a name the train command builds as planned: no flag changed it, and images, not volumes
+            named = args.model != "custom" and spec == resolve_model(args.model) and spec.arg("spatial_dims") == 2 \
+                and not isinstance(model["img_size"], list)
+        device = args.device or "cuda"
+        if args.check is not None and args.device is None:
             import torch  # the device this machine would measure on
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -238,8 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"wrote {path}")
     if args.check is None:
-        line = recommendation(report, args.model if args.model not in (None, "custom") and not args.model_kwargs
-                              else None)
+        line = recommendation(report, args.model if named else None)
         if line:
             print(line)
     return status

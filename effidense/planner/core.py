@@ -255,7 +255,7 @@ def plan(model: str | ModelSpec | Mapping[str, Callable[[], nn.Module]] = "effi_
         result = VariantPlan(name, batch=batch_size, size=list(size))
         try:
             _plan_variant(result, StepProbe(target.builders[name], step, fake, scratch), batch_size, size, usable,
-                          budget_bytes, margin, target, edge_search, exact=scratch is not None)
+                          budget_bytes, margin, target, edge_search, exact=scratch is not None, slope=not measure)
         except BudgetError:
             raise
         except Exception as error:
@@ -335,7 +335,8 @@ class _Peaks:
 
 
 def _plan_variant(result: VariantPlan, probe: StepProbe, batch: int, size: tuple[int, ...], usable: int | None,
-                  budget: int | None, margin: float, target: _Target, edge_search: bool, exact: bool) -> None:
+                  budget: int | None, margin: float, target: _Target, edge_search: bool, exact: bool,
+                  slope: bool = True) -> None:
     peaks = _Peaks(probe, result)
     first = peaks.step(batch, size)
     result.peak_bytes = first.peak_bytes
@@ -345,6 +346,8 @@ def _plan_variant(result: VariantPlan, probe: StepProbe, batch: int, size: tuple
     result.optimizer_state_bytes = first.optimizer_state_bytes
     result.saved_activation_bytes = first.saved_activation_bytes
     result.input_bytes = first.input_bytes
+    if usable is None and not slope:  # a check compares the one batch; the line costs a step more
+        return
     second = 2 * batch
     result.bytes_per_sample = (peaks(second, size) - first.peak_bytes) / (second - batch)
     result.intercept_bytes = first.peak_bytes - result.bytes_per_sample * batch

@@ -52,7 +52,7 @@ def format_table(report: PlanReport) -> str:
         lines.append(f"Budget {format_bytes(report.budget_bytes)}, {format_bytes(report.usable_bytes)} usable after "
                      f"a {report.margin:.0%} safety margin.")
     lines.append("")
-    columns = ["variant", "predicted peak", "= params+grads+optimizer", "+ input", "+ saved activations",
+    columns = ["variant", "predicted peak", "= params+grads+optimizer", "+ batch and saved activations",
                "+ backward temporaries", "+ kernel scratch", "predicted max batch"]
     if edge:
         columns.append(f"predicted max cube edge at batch {cfg['batch_size']}")
@@ -71,14 +71,16 @@ def format_table(report: PlanReport) -> str:
             row.append("-" if r.max_edge is None else str(r.max_edge))
         row.append(f"{r.max_batch / plain.max_batch:.2f}x" if plain and r.max_batch else "-")
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "Columns after the peak: what is live at that moment (saved activations: those still held; the "
+    lines += ["", "Columns after the peak: what is live at that moment, summing to it (saved activations: those still "
+                  "held; the "
                   f"kernel scratch counted on {cfg.get('device', 'cuda')}: {report.scratch}).",
               "Not counted (the safety margin is for these): " + "; ".join(report.not_counted) + "."]
     return "\n".join(lines)
 
 
 # The at-peak kinds of each column after the peak, which sum to it
-_COLUMNS = (("parameters", "gradients", "optimizer_state"), ("input",), ("saved_activations",), ("transient",),
+# (the batch is saved for backward by the first convolution: the meter counts it with the saved activations)
+_COLUMNS = (("parameters", "gradients", "optimizer_state"), ("input", "saved_activations"), ("transient",),
             ("scratch",))
 
 
