@@ -10,8 +10,9 @@ around the one kernel, over the shapes a DenseNet step gives it (docs/planner.md
   is a view, as a concatenation's gradient is) and the larger of the input's reorder and the weight gradient's; with
   a plain input layout (a stem of 1 to 4 channels) the output (or its gradient) instead of the input. With more than
   one thread, each further thread sums a weight gradient of its own.
-* The native fallback (``slow_conv2d``): im2col's columns for kernels larger than 1, the contiguous copy of a view's
-  gradient; ``slow_conv3d`` backward: the input's size less the weight's.
+* The native fallback (``slow_conv2d``, ``slow_conv3d``; a batch of 1 with small maps takes it even for 3x3 kernels):
+  im2col's (vol2col's) columns for kernels larger than 1, the contiguous copy of a view's gradient; ``slow_conv3d``'s
+  backward of a 1x1x1 kernel: the input's size less the weight's.
 
 Not fitted: maps of 2 or fewer positions a side under a 3x3x3 kernel (oneDNN takes several weights' worth there),
 and channel counts that are not multiples of 16, which oneDNN's blocked layout pads.
@@ -63,7 +64,7 @@ def _use_mkldnn(x: torch.Tensor, weight: torch.Tensor, stride: list[int], dilati
 
 
 def _columns(x: torch.Tensor, weight: torch.Tensor, out_shape: torch.Size) -> int:
-    """im2col's buffer of the native kernels: every output position's receptive field."""
+    """im2col's (vol2col's) buffer of the native kernels: every output position's receptive field."""
     if all(k == 1 for k in weight.shape[2:]):
         return 0
     return x.shape[0] * x.shape[1] * math.prod(weight.shape[2:]) * math.prod(out_shape[2:]) * x.element_size()
@@ -75,7 +76,7 @@ def _conv_forward(threads: int, args: tuple, out: torch.Tensor) -> int:
         return 0
     if _use_mkldnn(x, weight, stride, dilation, groups, threads):
         return _nbytes(out) if x.shape[1] <= PLAIN_SOURCE_CHANNELS else _nbytes(x) + _nbytes(weight)
-    return _columns(x, weight, out.shape) if x.dim() == 4 else 0
+    return _columns(x, weight, out.shape)
 
 
 def _conv_backward(threads: int, args: tuple, out: tuple) -> int:
@@ -89,8 +90,9 @@ def _conv_backward(threads: int, args: tuple, out: tuple) -> int:
             return copy + _nbytes(grad) + per_thread + (_nbytes(x) if mask[0] else 0)
         # the input's reorder, or the weight gradient's where the weight is the larger (small maps)
         return copy + max(_nbytes(x), _nbytes(weight)) + _nbytes(grad) + per_thread
-    if x.dim() == 4:
-        return copy + _columns(x, weight, grad.shape)
+    columns = _columns(x, weight, grad.shape)
+    if columns or x.dim() == 4:
+        return copy + columns
     return copy + (max(_nbytes(x) - _nbytes(weight), 0) if mask[0] else 0)
 
 
