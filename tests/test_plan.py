@@ -476,3 +476,30 @@ def test_table_columns_sum_to_the_peak(cli, capsys, tmp_path):
     header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| variant"))
     assert "= params+grads+optimizer | + batch and saved activations | + backward temporaries | + kernel scratch" \
         in header
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "effi_densenet12"], "did you mean 'effi_densenet121'?"),
+    (["--budget", "h100"], "cannot read budget 'h100'"),
+])
+def test_a_typo_is_refused_before_torch_loads(argv, message):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "effidense", "plan", *argv],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert message in lines[-1]
+    imported = [line.split("|")[-1].strip() for line in lines if line.startswith("import time:")]
+    assert "effidense.cli.flags" in imported and not any(m.split(".")[0] == "torch" for m in imported)
+
+
+def test_the_torch_free_names_are_the_libraries():
+    from effidense import choices
+    from effidense.fcdensenet import FCDENSENET_CONFIGS
+    from effidense.harness import OPTIMIZERS
+    from effidense.planner import DTYPES
+
+    assert choices.SEGMENTATION_MODELS == tuple(FCDENSENET_CONFIGS)
+    assert choices.OPTIMIZERS == OPTIMIZERS and choices.DTYPE_NAMES == tuple(DTYPES)

@@ -31,28 +31,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..densenet import MEMORY_MODES
-from ..fileio import outputs_problem, short_error
-from ..harness import AMP_DTYPES, OPTIMIZERS, PEERS, torch_threads
-from ..harness.tiramisu import SEGMENTATION_MODELS, segmentation_variants
-from ..modelspec import ModelSpec, resolve_model
-from ..planner import (
-    DEFAULT_MARGINS,
-    DEVICES,
-    DTYPES,
-    GPU_PRESETS,
-    BudgetError,
-    format_check,
-    format_table,
-    parse_budget,
-    plan,
-    recommendation,
-    write_json,
-    write_plot,
-)
+from ..choices import AMP_NAMES, DTYPE_NAMES, MEMORY_MODES, OPTIMIZERS, PEERS, SEGMENTATION_MODELS
+from ..configs import model_names, unknown_model_message
+from ..planner.budget import DEFAULT_MARGINS, DEVICES, GPU_PRESETS, parse_budget
 from .flags import OneLineParser, add_model_arguments, positive_int, spec_from_args, thread_count
+
+if TYPE_CHECKING:
+    from ..modelspec import ModelSpec
 
 PROG = "effidense plan"
 DEFAULT_MODEL = "effi_densenet121"
@@ -96,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="input size: one number (the edge: a square, or a cube with --spatial-dims 3), H W, "
                            "or D H W for a 3D input (default: 32 for small-input nets, else 224)")
     size.add_argument("--volume", type=positive_int, metavar="N", help="a 3D input of NxNxN (same as --img-size N N N)")
-    run.add_argument("--amp", choices=tuple(AMP_DTYPES), help="autocast dtype (default: none)")
-    run.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+    run.add_argument("--amp", choices=AMP_NAMES, help="autocast dtype (default: none)")
+    run.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32",
                      help="the parameters' and the input's dtype (default fp32)")
     run.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
                      help="the update whose state the step holds: sgd (none), sgd-momentum (one buffer per "
@@ -174,6 +161,8 @@ def _segmentation(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--img-size {' '.join(map(str, size))} is a {len(size)}D input but --spatial-dims is {dims}")
     in_chans = 3 if args.in_chans is None else args.in_chans
     classes = 11 if args.num_classes is None else args.num_classes
+    from ..harness.tiramisu import segmentation_variants
+
     builders, min_size = segmentation_variants(args.model, dims, in_chans, classes, **kwargs)
     return {"model": builders, "name": args.model, "in_chans": in_chans, "num_classes": classes,
             "min_size": min_size, "img_size": size}
@@ -182,15 +171,23 @@ def _segmentation(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    problem = outputs_problem(args.json, args.plot, args.force)
-    if problem:
-        parser.error(problem)
+    if args.model not in (*model_names(), *SEGMENTATION_MODELS):  # refused before torch loads
+        parser.error(unknown_model_message(args.model, [*model_names(), *SEGMENTATION_MODELS]))
     if args.img_size is not None and len(args.img_size) > 3:
         parser.error(f"--img-size takes 1 to 3 numbers (N, H W or D H W), got {len(args.img_size)}")
     if args.volume is not None and args.spatial_dims not in (None, 3):
         parser.error(f"--volume {args.volume} is a 3D input but --spatial-dims is {args.spatial_dims}")
     if args.check is not None and args.budget is not None:
         parser.error("--check measures one step at its own batch; plan the largest batch without it (drop --budget)")
+    # torch, torchvision and timm load here, once the arguments are known to be good
+    from ..fileio import outputs_problem, short_error
+    from ..harness import torch_threads
+    from ..modelspec import resolve_model
+    from ..planner import BudgetError, format_check, format_table, plan, recommendation, write_json, write_plot
+
+    problem = outputs_problem(args.json, args.plot, args.force)
+    if problem:
+        parser.error(problem)
 
     def progress(name: str) -> None:
         if not args.quiet:

@@ -21,14 +21,14 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from ..choices import OPTIMIZERS
 from ..memory import KINDS, SavedTensorMeter, StorageTracker, cpu_peak_bytes, cuda_peak_bytes
 from .step import step_loss, training_step
 
 __all__ = ["OPTIMIZERS", "KINDS", "StepSpec", "StepMemory", "StepProbe"]
 
-# Optimizers whose state a step holds: plain SGD has none, momentum one buffer per parameter, AdamW two (and a
-# step count per parameter). "none" is bench's step: no optimizer update.
-OPTIMIZERS = ("none", "sgd", "sgd-momentum", "adamw")
+# OPTIMIZERS: those whose state a step holds: plain SGD has none, momentum one buffer per parameter, AdamW two (and
+# a step count per parameter). "none" is bench's step: no optimizer update.
 
 
 @dataclass(frozen=True)

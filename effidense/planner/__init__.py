@@ -13,21 +13,32 @@ Modules: :mod:`.budget` (sizes, GPU presets, the margin), :mod:`.core` (:func:`p
 :mod:`.report` (table, JSON schema ``effidense.plan/1``, plot). ``effidense plan`` is the command
 (:mod:`effidense.cli.plan`).
 """
-from .budget import DEFAULT_MARGIN, DEFAULT_MARGINS, GPU_PRESETS, format_bytes, parse_budget
-from .core import DTYPES, NOT_COUNTED, BudgetError, PlanReport, VariantPlan, plan, search_batch, search_edge
-from .report import (
-    JSON_SCHEMA,
-    PLOT_FORMATS,
-    format_check,
-    format_table,
-    recommendation,
-    report_to_json,
-    write_json,
-    write_plot,
-)
-from .scratch import DEVICES, scratch_model
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .budget import DEFAULT_MARGIN, DEFAULT_MARGINS, DEVICES, GPU_PRESETS, format_bytes, parse_budget
+
+# name -> the submodule that defines it, imported on first use: the budget's names need no torch, so that the command
+# reads (and refuses) a budget before loading it
+_LAZY = {
+    **dict.fromkeys(["DTYPES", "NOT_COUNTED", "BudgetError", "PlanReport", "VariantPlan", "plan", "search_batch",
+                     "search_edge"], "core"),
+    **dict.fromkeys(["JSON_SCHEMA", "PLOT_FORMATS", "format_check", "format_table", "recommendation",
+                     "report_to_json", "write_json", "write_plot"], "report"),
+    "scratch_model": "scratch",
+}
 
 __all__ = ["plan", "PlanReport", "VariantPlan", "BudgetError", "DEFAULT_MARGIN", "DEFAULT_MARGINS", "DEVICES",
            "GPU_PRESETS", "DTYPES", "NOT_COUNTED", "JSON_SCHEMA", "PLOT_FORMATS", "parse_budget", "format_bytes",
            "format_table", "format_check", "recommendation", "report_to_json", "write_json", "write_plot",
            "search_batch", "search_edge", "scratch_model"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value

@@ -1,9 +1,11 @@
-"""Memory budgets: byte sizes (``24GiB``, ``80 GB``, ``12e9``), GPU presets and the safety margin."""
+"""Memory budgets: byte sizes (``24GiB``, ``80 GB``, ``12e9``), GPU presets, the devices and their safety margins.
+Torch-free, so that ``effidense plan`` refuses a budget it cannot read before torch loads."""
 from __future__ import annotations
 
 import re
 
-__all__ = ["GiB", "MiB", "GPU_PRESETS", "DEFAULT_MARGIN", "DEFAULT_MARGINS", "parse_budget", "format_bytes"]
+__all__ = ["GiB", "MiB", "GPU_PRESETS", "DEVICES", "DEFAULT_MARGIN", "DEFAULT_MARGINS", "parse_budget",
+           "format_bytes"]
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -32,7 +34,8 @@ GPU_PRESETS: dict[str, int] = {
 # error, twice over. On CUDA it also holds back what no prediction counts there (the CUDA context, cuDNN/cuBLAS
 # workspaces, allocator rounding and fragmentation, NCCL buffers), unmeasured here: `effidense plan --check` on a GPU
 # measures it.
-DEFAULT_MARGINS = {"cpu": 0.02, "cuda": 0.05}
+DEFAULT_MARGINS = {"cuda": 0.05, "cpu": 0.02}
+DEVICES = tuple(DEFAULT_MARGINS)  # what a planned step runs on
 DEFAULT_MARGIN = DEFAULT_MARGINS["cuda"]
 
 # Binary throughout: GPU memory is labelled in GB that are GiB (an "80GB" H100 holds 80 GiB), and a preset "24gb" must

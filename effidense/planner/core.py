@@ -25,8 +25,8 @@ from ..harness import (
     peer_unsupported,
 )
 from ..modelspec import ModelSpec, resolve_model
-from .budget import DEFAULT_MARGINS, format_bytes, parse_budget
-from .scratch import DEVICES, KERNEL_SCRATCH, scratch_model
+from .budget import DEFAULT_MARGINS, DEVICES, format_bytes, parse_budget
+from .scratch import KERNEL_SCRATCH, scratch_model
 
 __all__ = ["DTYPES", "NOT_COUNTED", "BudgetError", "VariantPlan", "PlanReport", "plan", "search_batch", "search_edge"]
 

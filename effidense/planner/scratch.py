@@ -29,9 +29,10 @@ from typing import Any
 
 import torch
 
+from .budget import DEVICES
+
 __all__ = ["DEVICES", "KERNEL_SCRATCH", "scratch_model"]
 
-DEVICES = ("cuda", "cpu")
 # What each device's model counts, for the report and the docs.
 KERNEL_SCRATCH = {
     "cpu": "BatchNorm backward's input-sized temporary; oneDNN convolution's reorders (input, weight, output "
