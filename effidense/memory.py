@@ -7,10 +7,11 @@ tensors view it, some left out (a model's parameters and buffers).
   reaches ``save_for_backward`` (directly or through a non-reentrant checkpoint's saved inputs), with the model's
   parameters and buffers left out. The count is deterministic and device-independent, so tests can assert on it.
 * :class:`StorageTracker` is a ``TorchDispatchMode`` that follows every storage an operator's output holds from the op
-  that makes it until its last reference dies (a weak reference's callback on the storage), independent of any allocator, so
-  the same count runs on real tensors and on ``FakeTensorMode``'s, which carry shapes, dtypes and strides but no
-  data. It sees what autograd's backward makes as well, the recompute buffers of non-reentrant checkpoints included:
-  the peak of a training step (:mod:`effidense.harness.footprint`).
+  that makes it until its last reference dies (a weak reference's callback on the storage), independent of any
+  allocator, so the same count runs on real tensors and on ``FakeTensorMode``'s, which carry shapes, dtypes and
+  strides but no data. It sees what autograd's backward makes as well, the recompute buffers of non-reentrant
+  checkpoints included: the peak of a training step (:mod:`effidense.harness.footprint`). A model of a device's
+  kernels may add the scratch they take inside themselves (:mod:`effidense.planner.scratch`).
 
 A step's peak is the allocator's: ``cuda_peak_bytes`` on a GPU, ``cpu_peak_bytes`` on the CPU (its memory events,
 which see the scratch kernels allocate inside themselves, as no count of tensors does).
