@@ -10,7 +10,7 @@ largest cube edge at --batch-size is searched too. Seconds on a CPU, no GPU need
 Every figure is PREDICTED. --device says what the step runs on: cuda (default) or cpu, whose kernels' scratch
 (BatchNorm backward's temporary, oneDNN's reorders) is counted at --threads. Not counted on CUDA: the context,
 cuDNN/cuBLAS workspaces, the allocator's rounding and fragmentation, NCCL buffers: --margin (default 5% on cuda,
-2% on the cpu) holds back part of the budget for them.
+1% on the cpu) holds back part of the budget for them.
 
 --check N runs one real step of each variant at batch N (default 2) on this machine's device (the GPU if torch
 sees one, else the CPU) and prints the predicted peak beside the allocator's (torch.cuda.max_memory_allocated on a

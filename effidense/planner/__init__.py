@@ -5,13 +5,15 @@ that allocate nothing (``FakeTensorMode`` on the CPU) and runs the tools' one tr
 :class:`effidense.memory.StorageTracker`, which counts every live storage as ops make and free them, backward and
 checkpoint recomputation included (:class:`effidense.harness.StepProbe`). The peak of a step is affine in the batch
 (convex in general), so two steps give the line and a third confirms the largest batch that fits the budget; for 3D
-inputs the largest cube edge at the given batch is searched too. Saved activations are the meter's count. Figures are
-device-independent bytes: what the CUDA context, library workspaces and the allocator add is not counted
-(:data:`NOT_COUNTED`), and a safety margin (:data:`DEFAULT_MARGIN`, 5%) of the budget is held back.
+inputs the largest cube edge at the given batch is searched too. Saved activations are the meter's count. On the CPU
+the scratch that kernels take inside themselves is modelled (:mod:`.scratch`); on CUDA what the context, library
+workspaces and the allocator add is not counted (:data:`NOT_COUNTED`). A safety margin of the budget is held back
+(:data:`DEFAULT_MARGINS`: 5% on CUDA, 1% on the CPU). ``plan(..., measure=True)`` (``effidense plan --check``) runs
+one real step of each variant and records the allocator's peak beside the prediction.
 
-Modules: :mod:`.budget` (sizes, GPU presets, the margin), :mod:`.core` (:func:`plan` and the searches),
-:mod:`.report` (table, JSON schema ``effidense.plan/1``, plot). ``effidense plan`` is the command
-(:mod:`effidense.cli.plan`).
+Modules: :mod:`.budget` (sizes, GPU presets, devices, margins; torch-free), :mod:`.core` (:func:`plan` and the
+searches), :mod:`.scratch` (kernel scratch), :mod:`.report` (tables, JSON schema ``effidense.plan/1``, plot).
+``effidense plan`` is the command (:mod:`effidense.cli.plan`).
 """
 from __future__ import annotations
 
