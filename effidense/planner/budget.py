@@ -31,9 +31,9 @@ GPU_PRESETS: dict[str, int] = {
 
 # Fraction of the budget held back, by the device the plan is for (docs/planner.md has the measurements). On the CPU
 # the plan counts kernel scratch and its largest miss below the allocator's peak over DenseNet-121's modes, peers,
-# sizes and optimizers is a fraction of a percent: 1% covers it with room for shapes outside the fit. On CUDA the margin holds back
-# what no prediction counts there (the CUDA context, cuDNN/cuBLAS workspaces, allocator rounding, NCCL buffers); no
-# GPU has measured it yet, so it stays at 5% until `effidense plan --check` on one does.
+# sizes and optimizers is a fraction of a percent: 1% covers it with room for shapes outside the fit. On CUDA the
+# margin holds back what no prediction counts there (the CUDA context, cuDNN/cuBLAS workspaces, allocator rounding,
+# NCCL buffers); no GPU has measured it yet, so it stays at 5% until `effidense plan --check` on one does.
 DEFAULT_MARGINS = {"cuda": 0.05, "cpu": 0.01}
 DEVICES = tuple(DEFAULT_MARGINS)  # what a planned step runs on
 DEFAULT_MARGIN = DEFAULT_MARGINS["cuda"]
