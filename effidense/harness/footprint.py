@@ -7,8 +7,10 @@ It returns a :class:`StepMemory`: the peak, what was live at the peak by kind, a
 counted by the meter (:class:`effidense.SavedTensorMeter`). A DenseNet-121 step at any batch takes about two seconds
 of host time.
 
-Not counted, on any device: what kernels allocate internally without returning it (cuDNN and cuBLAS workspaces,
-im2col buffers), the CUDA context, allocator rounding and fragmentation, communication buffers. :mod:`effidense.planner`
+What kernels allocate internally without returning it (BatchNorm's backward temporary, oneDNN's reorders, cuDNN's
+workspaces) no tensor shows: a ``scratch`` model adds it (:mod:`effidense.planner.scratch` has the CPU's), and
+:meth:`StepProbe.allocator_peak` measures a real step by the device's allocator, which sees it. Not counted on any
+device: the CUDA context, allocator rounding and fragmentation, communication buffers; :mod:`effidense.planner`
 names these and adds a safety margin.
 """
 from __future__ import annotations

@@ -96,8 +96,8 @@ class VariantPlan:
 
     @property
     def transient_bytes(self) -> int | None:
-        """What the peak holds besides parameters, gradients, optimizer state, saved activations and the input:
-        the backward's temporaries and the recompute buffers."""
+        """What the peak holds besides parameters, gradients, optimizer state, saved activations, the input and
+        kernel scratch: the backward's temporaries and the recompute buffers."""
         return None if self.at_peak is None else self.at_peak["transient"]
 
 
