@@ -14,10 +14,8 @@ from typing import TYPE_CHECKING, Any
 from ..configs import model_names
 
 if TYPE_CHECKING:
-    from ..modelspec import ModelSpec
-
-if TYPE_CHECKING:
     from ..harness.segmentation import SegmentationSpec
+    from ..modelspec import ModelSpec
 
 __all__ = ["add_model_arguments", "spec_from_args", "segmentation_spec_from_args", "ModelKwargs", "OneLineParser",
            "positive_int", "non_negative_int", "integer_in", "float_list", "seed", "thread_count", "max_threads",
