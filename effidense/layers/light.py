@@ -39,10 +39,10 @@ def _light(norm: nn.Module, act: nn.Module, conv: nn.Module) -> bool:
 def slice_count(setting: int | str | None, frugal: bool, batch: int, transient: float, reads: float) -> int:
     """How many slices of the batch a rerun's backward goes through: ``setting`` (a count, at most the batch), or for
     'auto' in frugal mode, where the rerun would hold more than :data:`SLICE_FLOOR` (``transient`` bytes for the
-    whole batch), as many as keep a slice's maps within a quarter of what the rerun reads (``reads``), which frugal
-    keeps anyway. Once a rerun is sliced, more slices cost no arithmetic, only kernel launches."""
+    whole batch), as many as keep a slice's maps within half of what the rerun reads (``reads``), which frugal keeps
+    anyway. Once a rerun is sliced, more slices cost no arithmetic, only kernel launches (and host time)."""
     if setting == "auto":
-        setting = math.ceil(4 * transient / reads) if frugal and transient > SLICE_FLOOR and reads else 1
+        setting = math.ceil(2 * transient / reads) if frugal and transient > SLICE_FLOOR and reads else 1
     return 1 if setting is None else max(1, min(setting, batch))
 
 
