@@ -255,7 +255,7 @@ def plan(model: str | ModelSpec | Mapping[str, Callable[[], nn.Module]] = "effi_
         result = VariantPlan(name, batch=batch_size, size=list(size))
         try:
             _plan_variant(result, StepProbe(target.builders[name], step, fake, scratch), batch_size, size, usable,
-                          budget_bytes, margin, target, edge_search, exact=scratch is not None, slope=not measure)
+                          budget_bytes, margin, target, edge_search, exact=True, slope=not measure)
         except BudgetError:
             raise
         except Exception as error:
@@ -384,9 +384,10 @@ def search_batch(peak: Callable[[int], int], usable: int, measured: Sequence[int
     measurements and measures there; convexity bounds the answer on both sides (a chord lies above the curve, its
     extension below), so the search usually ends after one confirming step.
 
-    ``exact``: where kernels switch with the batch (torch's CPU convolutions turn to oneDNN, with its scratch, from
-    batch 16 on one thread), the peak jumps and is no longer convex: the answer and the batch above it are then
-    measured, and bisection between measured batches (the peak still grows with the batch) settles it."""
+    ``exact``: where the step changes with the batch (torch's CPU convolutions turn to oneDNN, with its scratch, from
+    batch 16 on one thread; a frugal backward is sliced from a batch of 2, and where its reruns pass 32 MiB), the peak
+    jumps and is no longer convex: the answer and the batch above it are then measured, and bisection between
+    measured batches (the peak still grows with the batch) settles it. The planner always asks for it."""
     points: dict[int, int] = {n: peak(n) for n in measured}
     lo, hi = 0, limit + 1  # lo fits (batch 0 trivially), hi does not
     last: list[int] = list(measured)
