@@ -1,6 +1,7 @@
 """The commands' shared flags and argparse types: ``--model`` and the custom-config flags that describe a
 :class:`~effidense.modelspec.ModelSpec` (:func:`add_model_arguments`, :func:`spec_from_args`), timm's
-``--model-kwargs``, a parser whose errors are one line, and the numeric types (counts, seeds, threads)."""
+``--model-kwargs``, a parser whose errors are one line, and the numeric types (counts, seeds, threads). Torch-free
+until a spec is resolved: the commands build their parsers from it and answer ``--help`` before importing torch."""
 from __future__ import annotations
 
 import argparse
@@ -8,10 +9,12 @@ import ast
 import math
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..configs import model_names
-from ..modelspec import ModelSpec, resolve_model
+
+if TYPE_CHECKING:
+    from ..modelspec import ModelSpec
 
 __all__ = ["add_model_arguments", "spec_from_args", "ModelKwargs", "OneLineParser", "positive_int",
            "non_negative_int", "integer_in", "float_list", "seed", "thread_count", "max_threads", "SEED_RANGE"]
@@ -48,6 +51,8 @@ _FLAG_ARGS = ("growth_rate", "block_config", "num_init_features", "bn_size", "co
 
 def spec_from_args(args: argparse.Namespace) -> ModelSpec:
     """The spec the parsed flags of :func:`add_model_arguments` describe."""
+    from ..modelspec import resolve_model  # torch: once the arguments parse, so that --help needs none
+
     overrides = dict(args.model_kwargs)
     for key in _FLAG_ARGS:
         value = getattr(args, key)
