@@ -724,3 +724,26 @@ def test_a_compiled_mode_that_keeps_more_than_its_eager_self_says_so():
         "compiled efficient is 1.25x faster than eager on cpu (step) after a 119 s compile; but it keeps 6.3x the "
         "memory eager efficient keeps",
         "compiled frugal is 1.30x slower than eager on cpu (step) after a 12 s compile: don't compile on this device"]
+
+
+def test_the_default_run_is_quick_and_full_is_the_whole_matrix(bench, monkeypatch):
+    """Without flags: DenseNet-121, small enough for a CPU in a couple of minutes, our modes beside every peer that
+    builds it; --full: the model's own input size, a training batch, more rounds and compiled copies of our modes;
+    flags given alongside win. Only the configuration is checked: the benchmark itself does not run."""
+    import effidense.benchmark
+
+    runs = []
+    monkeypatch.setattr(effidense.benchmark, "benchmark", lambda cfg, **kwargs: runs.append(cfg))  # None: no report
+    dn121 = resolve_model("densenet121")
+    peers = [p for p in ("tv", "timm", "tv-plain", "monai") if peer_unsupported(dn121, p) is None]
+    for argv in ([], ["--full"], ["--full", "--batch-size", "8", "--variants", "plain"],
+                 ["--model", "effi_densenet_bc100_k12"]):
+        assert bench.main([*argv, "--quiet"]) == 0
+    quick, full, chosen, cifar = [(cfg.spec.name, cfg.img_size, cfg.batch_size, cfg.steps, cfg.variants)
+                                  for cfg in runs]
+    modes = ["plain", "efficient", "frugal"]
+    assert quick == ("effi_densenet121", 64, 8, 3, [*modes, *peers]) and {"tv", "timm", "tv-plain"} <= set(peers)
+    assert full[:4] == ("effi_densenet121", 224, 64, 5)
+    assert full[4] == [*modes, *peers, *(f"{m}+compile" for m in modes)]
+    assert chosen[1:] == (224, 8, 5, ["plain", "plain+compile"])
+    assert cifar == ("effi_densenet_bc100_k12", 32, 8, 3, modes)  # no peer builds the CIFAR stem

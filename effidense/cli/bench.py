@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--full", action="store_true",
                      help="the full matrix: every variant at the model's own input size (224 px for DenseNet-121), "
                           "batch 64, 5 timed rounds on the CPU, plus a compiled copy of each memory mode (as "
-                          "--compile); tens of minutes on a CPU. Flags given alongside still win")
+                          "--compile): a long run on a CPU. Flags given alongside still win")
     run.add_argument("--compile-mode", choices=COMPILE_MODES,
                      help="torch.compile's mode for '+compile' variants (default: torch's). 'reduce-overhead' adds "
                           "CUDA graphs on a GPU; on the CPU it compiles as the default does")
