@@ -10,10 +10,13 @@ Where a change belongs:
 * checkpoint keys, safe state-dict reading and writing: :mod:`effidense.weights`; architecture inference and
   conversion between layouts: :mod:`effidense.convert`; atomic writes and safe loads for every tool:
   :mod:`effidense.fileio`
-* the memory meter: :mod:`effidense.memory`; a step's memory on fake tensors: :mod:`effidense.footprint`; the
-  memory planner (``effidense.plan``, loaded on first use): :mod:`effidense.planner`; benchmarks:
-  :mod:`effidense.benchmark`; exactness checks: :mod:`effidense.verify`; the GPU evidence run:
-  :mod:`effidense.gpu_report`; the built-in trainer: :mod:`effidense.train`
+* the memory meter and the allocator's peak: :mod:`effidense.memory`; what every tool runs a model with (the one
+  training step, the variants and peers, a step's memory on fake tensors): :mod:`effidense.harness`; the memory
+  planner (``effidense.plan``, loaded on first use): :mod:`effidense.planner`; benchmarks: :mod:`effidense.benchmark`;
+  exactness checks: :mod:`effidense.verify`; the GPU evidence run: :mod:`effidense.gpu_report`; the built-in trainer:
+  :mod:`effidense.train`
+* pretrained weights offline (torchvision's and the hub's caches): :mod:`effidense.pretrained`; adapting weights
+  (inflation, input channels, a fresh head): :mod:`effidense.adapt`
 * the commands (``effidense bench|convert|gradcheck|train|...``, ``tools/*.py``): :mod:`effidense.cli`
 * MONAI's DenseNet as a drop-in (``from effidense.monai import DenseNet121``; not imported here, and MONAI is not
   needed for it): :mod:`effidense.monai`

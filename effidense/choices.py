@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from .arguments import MEMORY_MODES
 
-__all__ = ["MEMORY_MODES", "PEERS", "COMPILE_SUFFIX", "COMPILE_MODES", "AMP_NAMES"]
+__all__ = ["MEMORY_MODES", "PEERS", "COMPILE_SUFFIX", "COMPILE_MODES", "AMP_NAMES", "OPTIMIZERS", "DTYPE_NAMES",
+           "SEGMENTATION_MODELS"]
 
 # The one peers table: every tool (bench, plan, gpu-report) names the peers so.
 PEERS = {
@@ -18,3 +19,8 @@ COMPILE_SUFFIX = "+compile"
 # torch.compile's modes (torch._inductor.list_mode_options()); "reduce-overhead" adds CUDA graphs on a GPU
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 AMP_NAMES = ("bf16", "fp16")  # --amp's choices; effidense.harness.AMP_DTYPES maps them to torch's dtypes
+# The planner's: the optimizer whose state a step holds (effidense.harness.StepSpec), the parameters' dtype
+# (effidense.planner.DTYPES maps them) and FC-DenseNet's configurations (effidense.fcdensenet.FCDENSENET_CONFIGS)
+OPTIMIZERS = ("none", "sgd", "sgd-momentum", "adamw")
+DTYPE_NAMES = ("fp32", "bf16", "fp16")
+SEGMENTATION_MODELS = ("fcdensenet56", "fcdensenet67", "fcdensenet103")

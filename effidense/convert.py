@@ -26,6 +26,13 @@ from torch import Tensor, nn
 from .adapt import adapt_state_dict
 from .configs import CONFIGS, unknown_model_message
 from .densenet import DenseNet
+from .fcdensenet import FCDENSENET_CONFIGS
+from .fcdensenet_weights import (
+    FCDenseNetArchitecture,
+    convert_fcdensenet_state_dict,
+    is_fcdensenet_state_dict,
+    verify_fcdensenet,
+)
 from .fileio import short_error
 from .harness.variants import build_peer, peer_limits
 from .layouts import INFLATE_METHODS, LAYOUT_ALIASES, LAYOUTS, VERIFY_TOLERANCE
@@ -34,9 +41,11 @@ from .weights import (
     KEY_RULES,
     Checkpoint,
     ConversionError,
+    VerificationError,
     canonical_key,
     canonical_state_dict,
     check_output,
+    complete_state_dict,
     describe_misfit,
     has_layout_keys,
     has_legacy_keys,
@@ -64,14 +73,6 @@ FORMAT_VERSION = "1"
 _META_PREFIX = "effidense."
 
 
-class VerificationError(ConversionError):
-    """The converted model's outputs differ from the source model's by more than the tolerance."""
-
-    def __init__(self, message: str, max_abs_diff: float) -> None:
-        super().__init__(message)
-        self.max_abs_diff = max_abs_diff
-
-
 # --- architectures ---
 
 def _config_architecture(name: str, num_classes: int, in_chans: int) -> Architecture:
@@ -81,6 +82,8 @@ def _config_architecture(name: str, num_classes: int, in_chans: int) -> Architec
 def resolve_model_name(name: str) -> str:
     """``densenet121`` or ``effi_densenet121`` -> the :data:`effidense.CONFIGS` key."""
     key = name.removeprefix("effi_")
+    if key in FCDENSENET_CONFIGS:  # FC-DenseNet weights never ask: they are checked on their own path
+        raise ConversionError(f"{name} is an FC-DenseNet, but the weights are a DenseNet's ('features.*' keys)")
     if key not in CONFIGS:
         raise ConversionError(unknown_model_message(name, [f"effi_{n}" for n in CONFIGS] + list(CONFIGS)))
     return key
@@ -185,7 +188,8 @@ def infer_architecture(state_dict: Mapping[str, Tensor]) -> Architecture:
     if dims != 2:  # 1D or 3D weights: the same numbers as the 2D network with square kernels
         return replace(infer_architecture(_planar(state_dict, dims)), spatial_dims=dims)
     if _shape(state_dict, "features.conv0.weight", 4) is None:
-        raise ConversionError("not a DenseNet checkpoint: no 4-d 'features.conv0.weight' "
+        raise ConversionError("not a DenseNet or FC-DenseNet checkpoint: no 4-d 'features.conv0.weight' (a "
+                              "DenseNet's first convolution) and no 'stem.weight' (an FC-DenseNet's) "
                               f"(keys: {listing(state_dict)})")
     small_inputs = "features.norm0.weight" not in state_dict
     layers: dict[int, int] = {}
@@ -277,26 +281,6 @@ def check_state_dict(state_dict: Mapping[str, Tensor], arch: Architecture, what:
                           unknown=unknown, missing=missing, mismatched=mismatched)
 
 
-def _complete(state_dict: Mapping[str, Tensor], arch: Architecture) -> tuple[dict[str, Tensor], list[str]]:
-    """The state dict in the model's key order, with absent BatchNorm counters set to 0 and no shared storage
-    (safetensors refuses tensors that share memory)."""
-    out: dict[str, Tensor] = {}
-    filled = 0
-    seen: set[tuple[str, int]] = set()
-    for key in _expected_shapes(arch):
-        if key not in state_dict:
-            out[key] = torch.zeros((), dtype=torch.long)
-            filled += 1
-            continue
-        tensor = state_dict[key].detach()
-        storage = (str(tensor.device), tensor.untyped_storage().data_ptr())
-        tensor = tensor.clone() if storage in seen else tensor.contiguous()
-        seen.add(storage)
-        out[key] = tensor
-    notes = [f"set {filled} missing BatchNorm num_batches_tracked counters to 0"] if filled else []
-    return out, notes
-
-
 # --- converting ---
 
 @dataclass
@@ -304,7 +288,7 @@ class Conversion:
     """A converted state dict and what is known about it."""
 
     state_dict: dict[str, Tensor]
-    architecture: Architecture
+    architecture: Architecture | FCDenseNetArchitecture
     model_name: str | None
     source: str
     target: str
@@ -322,6 +306,7 @@ class Conversion:
             _META_PREFIX + "format_version": FORMAT_VERSION,
             _META_PREFIX + "layout": self.target,
             _META_PREFIX + "source_layout": self.source,
+            _META_PREFIX + "network": getattr(self.architecture, "network", "DenseNet"),
             _META_PREFIX + "architecture": self.architecture.to_json(),
             _META_PREFIX + "model": self.model_name or "",
             _META_PREFIX + "spatial_dims": str(self.spatial_dims),
@@ -392,6 +377,10 @@ def convert_state_dict(
     problem = values_problem(canonical)
     if problem:  # NaN or integer "weights" would convert (and verify) without a complaint
         raise ConversionError(problem)
+    if is_fcdensenet_state_dict(canonical):  # the segmentation network: its own architecture, one layout
+        adapt = inflate is not None or in_chans is not None or num_classes is not None
+        out, fcd, name, more = convert_fcdensenet_state_dict(canonical, source, target, model, adapt=adapt)
+        return Conversion(out, fcd, name, "effidense", "effidense", notes + more)
     naming = source if source != "auto" else "monai" if has_layout_keys(state_dict, "monai") else "effidense"
     name = None
     if model is not None:
@@ -411,7 +400,7 @@ def convert_state_dict(
         source, why = _detect_source(state_dict, metadata or {}, arch)
         notes.insert(0, f"source layout {source} ({why})")
     _check_limits(source, "source", arch)
-    out, more_notes = _complete(canonical, arch)
+    out, more_notes = complete_state_dict(canonical, _expected_shapes(arch))
     if inflate is not None or in_chans is not None or num_classes is not None:
         out, adapted = adapt_state_dict(out, method=inflate, in_chans=in_chans, num_classes=num_classes)
         more_notes += adapted
@@ -554,14 +543,23 @@ def convert_checkpoint(
     def check(written: Path) -> None:
         reread = load_checkpoint(written).state_dict
         source_weights, _ = canonical_state_dict(loaded.state_dict)
-        diff.append(verify_conversion(source_weights, conversion.source, reread, conversion.target,
-                                      conversion.architecture))
+        between = f"{conversion.source} and {conversion.target} models"
+        if isinstance(conversion.architecture, FCDenseNetArchitecture):  # every memory mode against plain
+            diffs = verify_fcdensenet(source_weights, reread, conversion.architecture)
+            which = max(diffs, key=lambda k: math.inf if math.isnan(diffs[k]) else diffs[k])  # a NaN is the worst
+            diff.append(diffs[which])
+            between = f"plain FCDenseNet and the {which}"
+            compared = ", ".join(list(diffs)[:-1]) + f" and {list(diffs)[-1]}"
+            conversion.notes.append(f"verify compared {compared} with the plain FCDenseNet of the input weights")
+        else:
+            diff.append(verify_conversion(source_weights, conversion.source, reread, conversion.target,
+                                          conversion.architecture))
         if not math.isfinite(diff[-1]):  # finite weights (checked on load) can still overflow: say so, not "nan"
             raise VerificationError("verification impossible: the models' outputs are not finite on the verification "
                                     f"batch; {output} not written", diff[-1])
         if not diff[-1] <= tolerance:
             raise VerificationError(f"verification failed: max abs difference {diff[-1]:.3g} between the "
-                                    f"{conversion.source} and {conversion.target} models exceeds {tolerance:g}; "
+                                    f"{between} exceeds {tolerance:g}; "
                                     f"{output} not written", diff[-1])
 
     save_checkpoint(conversion.state_dict, output, fmt=fmt, metadata=conversion.metadata(str(checkpoint)),

@@ -181,11 +181,12 @@ class DenseLayer(MemoryMode, AdoptsNorms):
         stages = [(self.norm1, self.relu1, self.conv1)]
         if self.bottleneck:
             stages.append((self.norm2, self.relu2, self.conv2))
-        # frugal: the whole layer is a segment; sliced, its dropout runs after it (keeping its mask)
+        # frugal: the whole layer is a segment, its dropout included
         width = self.conv1.out_channels * self.bottleneck / self.conv1.in_channels
-        out = light_segment(stages, *maps, slices=self.slices(maps, 3 * (1 + width)))
+        dropout = self._dropout if self.training and self.drop_rate > 0 else None
+        out = light_segment(stages, *maps, slices=self.slices(maps, 3 * (1 + width)), dropout=dropout)
         if out is not None:
-            return self._dropout(out)
+            return out
         return checkpointed(True, self.new_features, *maps, random=self.training and self.drop_rate > 0)
 
 

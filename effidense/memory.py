@@ -7,10 +7,11 @@ tensors view it, some left out (a model's parameters and buffers).
   reaches ``save_for_backward`` (directly or through a non-reentrant checkpoint's saved inputs), with the model's
   parameters and buffers left out. The count is deterministic and device-independent, so tests can assert on it.
 * :class:`StorageTracker` is a ``TorchDispatchMode`` that follows every storage an operator's output holds from the op
-  that makes it until its last reference dies (a weakref finalizer on the storage), independent of any allocator, so
-  the same count runs on real tensors and on ``FakeTensorMode``'s, which carry shapes, dtypes and strides but no
-  data. It sees what autograd's backward makes as well, the recompute buffers of non-reentrant checkpoints included:
-  the peak of a training step (:mod:`effidense.harness.footprint`).
+  that makes it until its last reference dies (a weak reference's callback on the storage), independent of any
+  allocator, so the same count runs on real tensors and on ``FakeTensorMode``'s, which carry shapes, dtypes and
+  strides but no data. It sees what autograd's backward makes as well, the recompute buffers of non-reentrant
+  checkpoints included: the peak of a training step (:mod:`effidense.harness.footprint`). A model of a device's
+  kernels may add the scratch they take inside themselves (:mod:`effidense.planner.scratch`).
 
 A step's peak is the allocator's: ``cuda_peak_bytes`` on a GPU, ``cpu_peak_bytes`` on the CPU (its memory events,
 which see the scratch kernels allocate inside themselves, as no count of tensors does).
@@ -35,7 +36,7 @@ __all__ = ["MiB", "KINDS", "StorageCount", "SavedTensorMeter", "StorageTracker",
 
 MiB = 1024 * 1024
 # What a live storage is, for the breakdown of a step's peak.
-KINDS = ("parameters", "gradients", "optimizer_state", "input", "saved_activations", "transient")
+KINDS = ("parameters", "gradients", "optimizer_state", "input", "saved_activations", "transient", "scratch")
 
 StorageKey = tuple[str, int]
 
@@ -137,10 +138,15 @@ class StorageTracker(TorchDispatchMode):
 
     ``current`` and ``peak`` are bytes; :meth:`at_peak` splits the peak by kind (see :data:`KINDS`). Storages are
     told apart by identity (:class:`StorageCount`), so views and in-place results are counted once.
+
+    ``scratch``, a function of an op, its arguments, keyword arguments and outputs, gives the bytes its kernel holds
+    inside itself beside the outputs (a model of a device's kernels: no tensor shows them); they count as kind
+    "scratch" for the moment the op runs.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, scratch: Callable[[Any, tuple, dict, Any], int] | None = None) -> None:
         super().__init__()
+        self.scratch = scratch
         self.current = 0
         self.peak = 0
         self._events = 0
@@ -148,7 +154,8 @@ class StorageTracker(TorchDispatchMode):
         self._count = StorageCount()  # the live storages
         self._records: list[_Record] = []
         self._live: dict[StorageKey, int] = {}  # storage key -> index in _records
-        self._finalizers: list[weakref.finalize] = []
+        # weak references whose callbacks free the counts; a plain weakref costs a tenth of a weakref.finalize
+        self._refs: dict[StorageKey, weakref.ref] = {}
 
     def add(self, tensors: Iterable[Any], kind: str = "transient") -> None:
         """Count the storages of ``tensors`` (non-tensors are ignored) as ``kind`` from now on, if not yet counted."""
@@ -178,13 +185,14 @@ class StorageTracker(TorchDispatchMode):
         self._events += 1
         self._live[key] = len(self._records)
         self._records.append(_Record(nbytes, kind, self._events))
-        self._finalizers.append(weakref.finalize(storage, self._free, key))
+        self._refs[key] = weakref.ref(storage, lambda _, key=key: self._free(key))
         self.current += nbytes
         if self.current > self.peak:
             self.peak = self.current
             self._peak_event = self._events
 
     def _free(self, key: StorageKey) -> None:
+        self._refs.pop(key, None)
         index = self._live.pop(key, None)
         if index is None:
             return
@@ -215,13 +223,24 @@ class StorageTracker(TorchDispatchMode):
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self._track(t, "transient")
+        if self.scratch is not None:
+            self._moment(self.scratch(func, args, kwargs or {}, out))
         return out
+
+    def _moment(self, nbytes: int) -> None:
+        """A kernel's scratch: live beside everything now, freed before the next op."""
+        if nbytes <= 0:
+            return
+        self._events += 1
+        self._records.append(_Record(nbytes, "scratch", self._events, self._events + 1))
+        if self.current + nbytes > self.peak:
+            self.peak = self.current + nbytes
+            self._peak_event = self._events
+        self._events += 1
 
     def close(self) -> None:
         """Stop following storages (the counts stay as they are)."""
-        for f in self._finalizers:
-            f.detach()
-        self._finalizers.clear()
+        self._refs.clear()  # a dropped weak reference calls nothing
 
 
 class _LabellingMeter(SavedTensorMeter):

@@ -36,9 +36,10 @@ from .fileio import (
     write_failure,
 )
 
-__all__ = ["KEY_RULES", "PTH_SUFFIXES", "Checkpoint", "ConversionError", "KeyRule", "canonical_key",
-           "canonical_state_dict", "describe_misfit", "has_layout_keys", "layout_key",
-           "layout_state_dict", "load_checkpoint", "save_checkpoint", "timm_pretrained_filter", "values_problem"]
+__all__ = ["KEY_RULES", "PTH_SUFFIXES", "Checkpoint", "ConversionError", "KeyRule", "VerificationError",
+           "canonical_key", "canonical_state_dict", "complete_state_dict", "describe_misfit", "has_layout_keys",
+           "layout_key", "layout_state_dict", "load_checkpoint", "save_checkpoint", "timm_pretrained_filter",
+           "values_problem"]
 
 
 PTH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
@@ -95,6 +96,14 @@ class ConversionError(ValueError):
         self.unknown = list(unknown)
         self.missing = list(missing)
         self.mismatched = list(mismatched)
+
+
+class VerificationError(ConversionError):
+    """The converted model's outputs differ from the source model's by more than the tolerance."""
+
+    def __init__(self, message: str, max_abs_diff: float) -> None:
+        super().__init__(message)
+        self.max_abs_diff = max_abs_diff
 
 
 
@@ -317,6 +326,28 @@ def has_legacy_keys(state_dict: Mapping[str, Any]) -> bool:
 
 def is_bn_counter(key: str) -> bool:
     return key.endswith(".num_batches_tracked")
+
+
+def complete_state_dict(state_dict: Mapping[str, Tensor],
+                        keys: Iterable[str]) -> tuple[dict[str, Tensor], list[str]]:
+    """The state dict in a model's key order (``keys``, all of which the caller has checked are present but BatchNorm
+    counters), with absent BatchNorm counters set to 0 and no shared storage (safetensors refuses tensors that share
+    memory); and a note on the counters it set."""
+    out: dict[str, Tensor] = {}
+    filled = 0
+    seen: set[tuple[str, int]] = set()
+    for key in keys:
+        if key not in state_dict:
+            out[key] = torch.zeros((), dtype=torch.long)
+            filled += 1
+            continue
+        tensor = state_dict[key].detach()
+        storage = (str(tensor.device), tensor.untyped_storage().data_ptr())
+        tensor = tensor.clone() if storage in seen else tensor.contiguous()
+        seen.add(storage)
+        out[key] = tensor
+    notes = [f"set {filled} missing BatchNorm num_batches_tracked counters to 0"] if filled else []
+    return out, notes
 
 
 def timm_pretrained_filter(state_dict: Mapping[str, Tensor], model: nn.Module) -> dict[str, Tensor]:

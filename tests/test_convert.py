@@ -336,7 +336,8 @@ def test_inference_blames_exactly_the_corrupt_key(key):
 
 
 def test_not_a_densenet():
-    with pytest.raises(ConversionError, match="not a DenseNet checkpoint: no 4-d 'features.conv0.weight'"):
+    with pytest.raises(ConversionError,
+                       match="not a DenseNet or FC-DenseNet checkpoint: no 4-d 'features.conv0.weight'"):
         convert.convert_state_dict(torchvision.models.resnet18().state_dict())
     with pytest.raises(ConversionError, match=r"keys 'module.classifier.bias' and 'classifier.bias' both mean"):
         convert.canonical_state_dict({"module.classifier.bias": torch.zeros(1), "classifier.bias": torch.zeros(1)})

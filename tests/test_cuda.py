@@ -171,3 +171,18 @@ def test_one_trainer_step_on_cuda(tmp_path: Path):
             "--amp", "--amp-dtype", "bfloat16", "--channels-last", "--output", str(tmp_path), "--experiment", "cuda"]
     assert tool.main(argv) == 0
     assert (tmp_path / "cuda" / "summary.csv").is_file()
+
+
+@pytest.mark.parametrize("amp", [False, True])
+@pytest.mark.parametrize("mode", ["efficient", "frugal"])
+def test_sliced_backward_on_cuda(mode, amp, exact_cuda):
+    """The sliced backward on the device (cuDNN's BatchNorm, its statistics saved from forward), fp32 and bf16
+    autocast: the plain model's step, within the order of float sums (bf16's own rounding under autocast)."""
+    torch.manual_seed(0)
+    base = DenseNet(**TINY_BC).to(DEVICE)
+    x = torch.randn(6, 3, 64, 64, device=DEVICE)
+    y = torch.randint(0, 10, (6,), device=DEVICE)
+    ref = _train_step(copy.deepcopy(base).set_memory("plain"), x, y, amp)
+    sliced = copy.deepcopy(base).set_memory(mode)
+    sliced.backward_slices = 3
+    _assert_same(_train_step(sliced, x, y, amp), ref, 2e-2 if amp else 1e-4, f"{mode} sliced")

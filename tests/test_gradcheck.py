@@ -294,7 +294,8 @@ def test_autograd_gradcheck_in_the_models_spatial_dims(dims, monkeypatch):
         torch.set_num_threads(threads)
     assert all(c.passed for c in checks) and f"{dims}D / float64" in checks[0].case
     seen = []
-    monkeypatch.setattr(local, "autograd_gradcheck", lambda mode, device, seed, d: seen.append((mode, d)) or [])
+    monkeypatch.setattr(local, "autograd_gradcheck",
+                        lambda mode, device, seed, d, segmentation: seen.append((mode, d)) or [])
     spec = TINY_BC.__class__("tiny", {**TINY_BC.kwargs, "spatial_dims": dims})
     run_local_checks(VerifyConfig(specs=[spec], modes=False))
     assert seen == [("plain", dims), ("efficient", dims), ("frugal", dims)]

@@ -10,13 +10,26 @@ from conftest import TINY, load_tool
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from effidense.harness import StepProbe, StepSpec, build_variant
+from effidense.harness import StepProbe, StepSpec, build_variant, torch_threads
 from effidense.memory import SavedTensorMeter, StorageTracker
 from effidense.modelspec import ModelSpec
-from effidense.planner import GPU_PRESETS, JSON_SCHEMA, parse_budget, plan, search_batch, search_edge
+from effidense.planner import (
+    DEFAULT_MARGINS,
+    GPU_PRESETS,
+    JSON_SCHEMA,
+    parse_budget,
+    plan,
+    recommendation,
+    search_batch,
+    search_edge,
+)
 
 SPEC = ModelSpec("tiny", TINY)
 VARIANTS = ("plain", "efficient", "frugal", "tv", "tv-plain", "timm")
+# Small DenseNets whose channels are multiples of 16, as a DenseNet-121's are (oneDNN pads other counts)
+SMALL = ModelSpec("small", dict(growth_rate=16, block_config=(2, 2), num_init_features=32, num_classes=5))
+SMALL_3D = ModelSpec("small 3D", dict(growth_rate=16, block_config=(2, 2), num_init_features=32, num_classes=5,
+                                      spatial_dims=3, in_chans=1))
 CLI_TINY = ["--model", "custom", "--growth-rate", "4", "--block-config", "2,2", "--num-init-features", "8",
             "--num-classes", "5", "--img-size", "32", "--batch-size", "4", "--quiet"]
 
@@ -361,3 +374,132 @@ def test_a_volume_plans_the_3d_densenet_and_its_monai_peer():
     with torch.device("meta"):
         model = build_variant("efficient", ModelSpec("tiny 3D", {**TINY, "spatial_dims": 3}))
     assert isinstance(model.features.conv0, nn.Conv3d)
+
+
+@pytest.mark.parametrize("spec, size, batch, optimizer, variants", [
+    (SMALL, 32, 4, "sgd", ",".join(VARIANTS)),
+    (SMALL_3D, 32, 2, "adamw", "plain,efficient,frugal,monai"),
+])
+def test_cpu_plan_is_within_3_percent_of_the_allocator(spec, size, batch, optimizer, variants):
+    """Every mode and peer, 2D and 3D, SGD and AdamW: the predicted peak against a real step's by the CPU
+    allocator's events (torch.profiler), one thread so that the kernels' choice is the same everywhere."""
+    with torch_threads(1):
+        report = plan(spec, variants=variants, img_size=size, batch_size=batch, optimizer=optimizer, device="cpu",
+                      measure=True)
+    assert report.config["threads"] == 1 and report.config["device"] == "cpu"
+    for r in report.variants:
+        assert r.ok, r.error
+        assert abs(r.measured_error) <= 0.03, (r.name, r.peak_bytes, r.measured_peak_bytes)
+        assert r.at_peak["scratch"] >= 0 and sum(r.at_peak.values()) == r.peak_bytes
+
+
+def test_kernel_scratch_is_what_the_op_count_misses():
+    """Without the CPU's scratch (the plan for CUDA) the recomputing modes' peak misses the allocator's by more
+    than the margin: BatchNorm's backward temporary and oneDNN's reorders sit where their backward peaks."""
+    with torch_threads(1):
+        real = StepProbe(lambda: build_variant("efficient", SMALL), StepSpec(num_classes=5),
+                         fake=False).allocator_peak(4, (32, 32))
+        counted = plan(SMALL, variants="efficient", img_size=32, batch_size=4, device="cuda").variants[0]
+        modelled = plan(SMALL, variants="efficient", img_size=32, batch_size=4, device="cpu").variants[0]
+    assert counted.at_peak["scratch"] == 0 and modelled.at_peak["scratch"] > 0
+    assert (real - counted.peak_bytes) / real > DEFAULT_MARGINS["cpu"]
+    assert abs(modelled.peak_bytes - real) <= 0.005 * real
+
+
+def test_largest_cpu_batch_fits_by_the_allocator_and_the_next_does_not():
+    """At a small budget, by the allocator: without a margin the plan's largest batch is the allocator's (across
+    batch 16, where one thread's 1x1 convolutions turn to oneDNN); with the default margin it fits."""
+    size = (32, 32)
+    with torch_threads(1):
+        exact = plan(SMALL, variants="plain,efficient", img_size=32, batch_size=4, budget="6MiB", margin=0.0,
+                     device="cpu")
+        safe = plan(SMALL, variants="plain,efficient", img_size=32, batch_size=4, budget="6MiB", device="cpu")
+        for r, default in zip(exact.variants, safe.variants, strict=True):
+            assert 16 <= r.max_batch and default.max_batch <= r.max_batch, (r.name, r.max_batch)
+            probe = StepProbe(lambda name=r.name: build_variant(name, SMALL), StepSpec(num_classes=5), fake=False)
+            assert probe.allocator_peak(r.max_batch, size) <= exact.budget_bytes, r.name
+            assert probe.allocator_peak(r.max_batch + 1, size) > exact.budget_bytes, r.name
+            assert probe.allocator_peak(default.max_batch, size) <= safe.usable_bytes / (1 - safe.margin)
+    assert safe.margin == DEFAULT_MARGINS["cpu"]
+
+
+def test_check_prints_predicted_against_measured(cli, capsys, tmp_path):
+    path = tmp_path / "check.json"
+    assert run(cli, CLI_TINY + ["--check", "2", "--variants", "plain,efficient", "--device", "cpu", "--threads", "1",
+                                "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "| variant | predicted peak | measured peak | predicted - measured |" in out
+    assert "the CPU allocator's events" in out and "batch 2" in out
+    data = json.loads(path.read_text())
+    assert data["config"]["device"] == "cpu" and data["config"]["batch_size"] == 2
+    for v in data["variants"]:
+        assert v["measured_peak_bytes"] > 0 and v["measured_error"] == (v["peak_bytes"] - v["measured_peak_bytes"]) \
+            / v["measured_peak_bytes"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--check", "2", "--budget", "1GiB"], "--check measures one step at its own batch"),
+    (["--check", str(10 ** 9), "--img-size", "224", "--device", "cpu", "--variants", "efficient"],
+     f"batch {10 ** 9} does not fit this machine"),
+    (["--check", "2", "--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"],
+     "needs a CUDA GPU" if not torch.cuda.is_available() else "invalid choice"),
+])
+def test_check_refuses_in_one_line(cli, capsys, argv, message):
+    assert run(cli, CLI_TINY + argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_the_output_ends_with_the_command_for_the_recommended_mode(cli, capsys):
+    """The fastest of our modes that fits the planned batch, at its largest batch: as a train command for a named
+    model (one that flags change is described by its flags only)."""
+    assert run(cli, CLI_TINY + ["--budget", "2MiB", "--variants", "plain,efficient,frugal"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    plain = next(line for line in out if line.startswith("| plain |"))
+    max_batch = plain.split("|")[-3].strip()
+    assert out[-1] == f"Recommended: --memory plain -b {max_batch} (predicted)"
+    report = plan(SPEC, variants="plain,efficient,frugal", img_size=32, batch_size=4, budget="2MiB")
+    assert recommendation(report, "densenet121") == f"Recommended (predicted): effidense train --model densenet121 " \
+                                                    f"--img-size 32 --memory plain -b {max_batch}"
+    big = plan(SPEC, variants="plain,efficient,frugal", img_size=32, batch_size=int(max_batch) + 1, budget="2MiB")
+    assert "--memory efficient" in recommendation(big, None)  # plain no longer fits the batch asked for
+
+
+def test_table_columns_sum_to_the_peak(cli, capsys, tmp_path):
+    path = tmp_path / "plan.json"
+    assert run(cli, CLI_TINY + ["--device", "cpu", "--json", str(path)]) == 0
+    for v in json.loads(path.read_text())["variants"]:
+        at = v["at_peak"]
+        assert sum(at.values()) == v["peak_bytes"] and set(at) == {"parameters", "gradients", "optimizer_state",
+                                                                    "input", "saved_activations", "transient",
+                                                                    "scratch"}
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| variant"))
+    assert "= params+grads+optimizer | + batch and saved activations | + backward temporaries | + kernel scratch" \
+        in header
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "effi_densenet12"], "did you mean 'effi_densenet121'?"),
+    (["--budget", "h100"], "cannot read budget 'h100'"),
+])
+def test_a_typo_is_refused_before_torch_loads(argv, message):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "effidense", "plan", *argv],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert message in lines[-1]
+    imported = [line.split("|")[-1].strip() for line in lines if line.startswith("import time:")]
+    assert "effidense.cli.flags" in imported and not any(m.split(".")[0] == "torch" for m in imported)
+
+
+def test_the_torch_free_names_are_the_libraries():
+    from effidense import choices
+    from effidense.fcdensenet import FCDENSENET_CONFIGS
+    from effidense.harness import OPTIMIZERS
+    from effidense.planner import DTYPES
+
+    assert choices.SEGMENTATION_MODELS == tuple(FCDENSENET_CONFIGS)
+    assert choices.OPTIMIZERS == OPTIMIZERS and choices.DTYPE_NAMES == tuple(DTYPES)

@@ -124,11 +124,11 @@ def test_slices_off_below_the_floor_or_one_sample_are_bitwise():
 
 
 def test_auto_slice_counts():
-    """'auto' slices frugal's reruns that would hold more than the floor, so that a slice holds a quarter of what the
+    """'auto' slices frugal's reruns that would hold more than the floor, so that a slice holds half of what the
     rerun reads; efficient is sliced only when asked; a count above the batch takes the batch."""
     big = 2 * light.SLICE_FLOOR
-    assert light.slice_count("auto", True, 64, big, big / 3) == 12
-    assert light.slice_count("auto", True, 8, big, big / 3) == 8
+    assert light.slice_count("auto", True, 64, big, big / 3) == 6
+    assert light.slice_count("auto", True, 4, big, big / 3) == 4
     assert light.slice_count("auto", True, 64, light.SLICE_FLOOR, 1) == 1
     assert light.slice_count("auto", False, 64, big, big / 3) == 1
     assert light.slice_count(5, False, 64, 0, 0) == 5

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 COMMANDS = {
     "bench": "benchmark memory modes side by side with torchvision's and timm's DenseNets",
-    "convert": "convert DenseNet weights between torchvision, timm, MONAI (2D and 3D) and effidense; inflate 2D to 3D",
+    "convert": ("convert DenseNet and FC-DenseNet weights between torchvision, timm, MONAI (2D and 3D) and effidense; "
+                "inflate 2D to 3D"),
     "gradcheck": "check that every memory mode computes the plain model's outputs, gradients and BN statistics",
     "train": "train with the built-in timm-based trainer (timm's train.py flags)",
     "gpu-report": "the GPU evidence run: bench, max batch, the planner's prediction, 3D, gradcheck (--smoke: CPU)",

@@ -1,5 +1,5 @@
 """Convert DenseNet weights between torchvision, timm, MONAI and effidense layouts (.pth / .safetensors), and
-inflate 2D weights to 3D.
+inflate 2D weights to 3D; convert FC-DenseNet (segmentation) weights to and from safetensors.
 
 Examples::
 
@@ -10,6 +10,7 @@ Examples::
     python tools/convert.py --checkpoint densenet121-a639ec97.pth --output monai3d.pth --to monai --inflate mean \
         --in-chans 1 --num-classes 2
     python tools/convert.py --checkpoint monai3d.pth --output effi3d.safetensors --verify
+    python tools/convert.py --checkpoint tiramisu.pth --output tiramisu.safetensors --verify
 
 Exit status: 0 on success, 1 when the input cannot be read or converted or the output cannot be written,
 2 for bad arguments, 3 when --verify finds a difference above the tolerance (nothing is written then).
@@ -27,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="effidense convert",
         description="Convert DenseNet weights between torchvision, timm, MONAI (2D and 3D) and effidense layouts, "
-                    "and optionally inflate 2D weights to 3D (--inflate), adapt the first convolution to other input "
+                    "and FC-DenseNet (segmentation) weights to and from safetensors; "
+                    "optionally inflate 2D weights to 3D (--inflate), adapt the first convolution to other input "
                     "channels (--in-chans) and put on a fresh classifier (--num-classes). The architecture is "
                     "read off the weights (or checked against --model) and every unknown, missing or mis-shaped key "
                     "is reported by name. Inputs are read safely (torch.load(weights_only=True) or safetensors) "
@@ -66,13 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
                              "source layout and format version in their header")
     parser.add_argument("--model", default=None, metavar="NAME",
                         help="require the weights to fit this network (e.g. densenet121 or effi_densenet121) instead "
-                             "of only inferring the architecture; mis-shaped keys are listed")
+                             "of only inferring the architecture; mis-shaped keys are listed; fcdensenet56, 67 or 103 "
+                             "for FC-DenseNet weights")
     parser.add_argument("--ema", action="store_true",
                         help="convert the EMA weights of a training checkpoint (state_dict_ema / model_ema)")
     parser.add_argument("--verify", action="store_true",
                         help="build the source layout's model with the input weights and the target layout's model "
                              "with the written file, run one random batch through both in eval mode and require a max "
-                             f"abs difference <= {VERIFY_TOLERANCE:g}; on failure nothing is written")
+                             f"abs difference <= {VERIFY_TOLERANCE:g}; on failure nothing is written. For an "
+                             "FC-DenseNet: the plain, efficient and frugal FCDenseNet with the written file and a "
+                             "reference port with the input weights, each against plain FCDenseNet with the input's")
     parser.add_argument("--force", action="store_true", help="overwrite --output if it exists")
     return parser
 

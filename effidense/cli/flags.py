@@ -14,10 +14,12 @@ from typing import TYPE_CHECKING, Any
 from ..configs import model_names
 
 if TYPE_CHECKING:
+    from ..harness.segmentation import SegmentationSpec
     from ..modelspec import ModelSpec
 
-__all__ = ["add_model_arguments", "spec_from_args", "ModelKwargs", "OneLineParser", "positive_int",
-           "non_negative_int", "integer_in", "float_list", "seed", "thread_count", "max_threads", "SEED_RANGE"]
+__all__ = ["add_model_arguments", "spec_from_args", "segmentation_spec_from_args", "ModelKwargs", "OneLineParser",
+           "positive_int", "non_negative_int", "integer_in", "float_list", "seed", "thread_count", "max_threads",
+           "SEED_RANGE"]
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, default_model: str | None,
@@ -59,6 +61,31 @@ def spec_from_args(args: argparse.Namespace) -> ModelSpec:
         if value is not None:
             overrides[key] = None if value == "none" else value
     return resolve_model(args.model, overrides)
+
+
+# DenseNet flags an FC-DenseNet takes, under FCDenseNet's names; block_config, compression and small_inputs have no
+# counterpart (its blocks are --model-kwargs down_blocks=... up_blocks=... bottleneck_layers=...)
+_SEGMENTATION_FLAGS = {"growth_rate": "growth_rate", "num_init_features": "init_features", "bn_size": "bn_size",
+                       "drop_rate": "drop_rate", "num_classes": "out_channels", "in_chans": "in_channels",
+                       "spatial_dims": "spatial_dims"}
+
+
+def segmentation_spec_from_args(args: argparse.Namespace) -> SegmentationSpec:
+    """The :class:`~effidense.harness.segmentation.SegmentationSpec` of ``--model fcdensenet56|67|103`` and the flags
+    of :func:`add_model_arguments` (``--model-kwargs`` in FCDenseNet's names)."""
+    from ..harness.segmentation import segmentation_spec  # the harness only for the commands that ask for one
+
+    unused = [f"--{key.replace('_', '-')}" for key in ("block_config", "compression", "small_inputs")
+              if getattr(args, key) is not None]
+    if unused:
+        raise ValueError(f"{', '.join(unused)} do not apply to {args.model}; give FCDenseNet's arguments with "
+                         "--model-kwargs (e.g. down_blocks=\"(2,2)\" up_blocks=\"(2,2)\" bottleneck_layers=2)")
+    overrides = dict(args.model_kwargs)
+    for flag, key in _SEGMENTATION_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            overrides[key] = None if value == "none" else value
+    return segmentation_spec(args.model, overrides)
 
 
 def _int_list(text: str) -> tuple[int, ...]:

@@ -15,6 +15,14 @@ Examples:
   python tools/gradcheck.py --nproc 2 --sync-bn --skip-modes
   python tools/gradcheck.py --device cuda --model effi_densenet121 --img-size 64
   python tools/gradcheck.py --spatial-dims 3 --img-size 16
+  python tools/gradcheck.py --model fcdensenet56
+  python tools/gradcheck.py --model fcdensenet103 --spatial-dims 3 --img-size 32 --device cuda
+
+--model fcdensenet56, fcdensenet67 or fcdensenet103 checks an FC-DenseNet (segmentation: a logit per class at every
+position, each sample's label at all of its positions) with the same checks; its autograd gradcheck runs on a tiny
+FC-DenseNet. --growth-rate, --num-init-features, --bn-size, --drop-rate, --in-chans, --num-classes and
+--spatial-dims apply to it; its blocks are --model-kwargs in FCDenseNet's names, e.g. down_blocks="(2,2)"
+up_blocks="(2,2)" bottleneck_layers=2.
   torchrun --nproc_per_node 2 tools/gradcheck.py --device cuda
 """
 from __future__ import annotations
@@ -24,8 +32,16 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from ..choices import AMP_NAMES
-from .flags import OneLineParser, add_model_arguments, positive_int, seed, spec_from_args, thread_count
+from ..choices import AMP_NAMES, SEGMENTATION_MODELS
+from .flags import (
+    OneLineParser,
+    add_model_arguments,
+    positive_int,
+    seed,
+    segmentation_spec_from_args,
+    spec_from_args,
+    thread_count,
+)
 
 if TYPE_CHECKING:
     from ..modelspec import ModelSpec
@@ -114,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     threads_before = torch.get_num_threads()
     try:
         given = any(getattr(args, k) is not None for k in _MODEL_FLAGS) or args.model_kwargs
-        specs = [spec_from_args(args)] if given else [_shaped(s, args) for s in (TINY_BC, TINY_SMALL_INPUTS)]
+        if args.model in SEGMENTATION_MODELS:
+            specs = [segmentation_spec_from_args(args)]
+        else:
+            specs = [spec_from_args(args)] if given else [_shaped(s, args) for s in (TINY_BC, TINY_SMALL_INPUTS)]
         for spec in specs:  # refused up front, not once per check
             smallest = spec.build().min_input_size
             if args.img_size < smallest:

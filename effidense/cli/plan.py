@@ -7,8 +7,14 @@ backward and the optimizer's update. The peak is affine in the batch: two steps 
 largest batch that fits --budget less the safety margin. With a 3D input (--img-size D H W, or --volume N) the
 largest cube edge at --batch-size is searched too. Seconds on a CPU, no GPU needed.
 
-Every figure is PREDICTED. Not counted: the CUDA context, cuDNN/cuBLAS workspaces, the allocator's rounding and
-fragmentation, NCCL buffers: --margin (default 5%) holds back part of the budget for them.
+Every figure is PREDICTED. --device says what the step runs on: cuda (default) or cpu, whose kernels' scratch
+(BatchNorm backward's temporary, oneDNN's reorders) is counted at --threads. Not counted on CUDA: the context,
+cuDNN/cuBLAS workspaces, the allocator's rounding and fragmentation, NCCL buffers: --margin (default 5% on cuda,
+1% on the cpu) holds back part of the budget for them.
+
+--check N runs one real step of each variant at batch N (default 2) on this machine's device (the GPU if torch
+sees one, else the CPU) and prints the predicted peak beside the allocator's (torch.cuda.max_memory_allocated on a
+GPU, the CPU allocator's events by torch.profiler), so you see in seconds how far to trust the plan.
 Examples:
 
   effidense plan --model effi_densenet121 --img-size 224 --batch-size 64 --amp bf16 --budget h100-80gb
@@ -16,6 +22,7 @@ Examples:
   effidense plan --model effi_densenet_bc100_k12 --batch-size 64 --budget 12gb --plot plan.png
   python tools/plan.py --model effi_densenet121 --budget 24GiB --variants efficient,frugal,tv --margin 0.1
   effidense plan --model fcdensenet103 --img-size 360 480 --batch-size 1 --budget 12GiB
+  effidense plan --model effi_densenet121 --img-size 112 --check 4
 
 FC-DenseNet (--model fcdensenet56, 67 or 103: segmentation, a label per position) compares its memory modes with
 `reference`, a port that concatenates as the common PyTorch ports do; --model-kwargs go to FCDenseNet.
@@ -24,25 +31,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..densenet import MEMORY_MODES
-from ..fileio import outputs_problem, short_error
-from ..harness import AMP_DTYPES, OPTIMIZERS, PEERS, torch_threads
-from ..harness.tiramisu import SEGMENTATION_MODELS, segmentation_variants
-from ..modelspec import ModelSpec
-from ..planner import (
-    DEFAULT_MARGIN,
-    DTYPES,
-    GPU_PRESETS,
-    BudgetError,
-    format_table,
-    parse_budget,
-    plan,
-    write_json,
-    write_plot,
-)
+from ..choices import AMP_NAMES, DTYPE_NAMES, MEMORY_MODES, OPTIMIZERS, PEERS, SEGMENTATION_MODELS
+from ..configs import model_names, unknown_model_message
+from ..planner.budget import DEFAULT_MARGINS, DEVICES, GPU_PRESETS, parse_budget
 from .flags import OneLineParser, add_model_arguments, positive_int, spec_from_args, thread_count
+
+if TYPE_CHECKING:
+    from ..modelspec import ModelSpec
 
 PROG = "effidense plan"
 DEFAULT_MODEL = "effi_densenet121"
@@ -86,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="input size: one number (the edge: a square, or a cube with --spatial-dims 3), H W, "
                            "or D H W for a 3D input (default: 32 for small-input nets, else 224)")
     size.add_argument("--volume", type=positive_int, metavar="N", help="a 3D input of NxNxN (same as --img-size N N N)")
-    run.add_argument("--amp", choices=tuple(AMP_DTYPES), help="autocast dtype (default: none)")
-    run.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+    run.add_argument("--amp", choices=AMP_NAMES, help="autocast dtype (default: none)")
+    run.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32",
                      help="the parameters' and the input's dtype (default fp32)")
     run.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
                      help="the update whose state the step holds: sgd (none), sgd-momentum (one buffer per "
@@ -96,9 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"memory to fit: a size (24GiB; units are binary, 80GB = 80GiB as GPUs are labelled; 12e9 is "
                           f"bytes) or a GPU preset: "
                           f"{', '.join(GPU_PRESETS)}. Without it only the peak at --batch-size is predicted")
-    run.add_argument("--margin", type=_margin, default=DEFAULT_MARGIN,
-                     help=f"fraction of the budget held back for what the prediction does not count (default "
-                          f"{DEFAULT_MARGIN:g})")
+    run.add_argument("--device", choices=DEVICES,
+                     help="what the step runs on, whose kernels' scratch is counted: cuda or cpu (at --threads). "
+                          "Default: cuda; with --check, this machine's GPU if torch sees one, else its CPU")
+    run.add_argument("--margin", type=_margin,
+                     help="fraction of the budget held back for what the prediction does not count (default: "
+                          + ", ".join(f"{m:g} on {d}" for d, m in DEFAULT_MARGINS.items()) + ")")
+    run.add_argument("--check", type=positive_int, nargs="?", const=2, metavar="N",
+                     help="run one real step of each variant at batch N (default 2) on this machine's GPU, else its "
+                          "CPU, and print the predicted peak against the allocator's")
     run.add_argument("--max-edge", action="store_true",
                      help="also search the largest square/cube edge at --batch-size (always on for 3D inputs)")
     run.add_argument("--threads", type=thread_count, help="torch CPU threads (default: torch's choice)")
@@ -158,6 +161,8 @@ def _segmentation(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--img-size {' '.join(map(str, size))} is a {len(size)}D input but --spatial-dims is {dims}")
     in_chans = 3 if args.in_chans is None else args.in_chans
     classes = 11 if args.num_classes is None else args.num_classes
+    from ..harness.tiramisu import segmentation_variants
+
     builders, min_size = segmentation_variants(args.model, dims, in_chans, classes, **kwargs)
     return {"model": builders, "name": args.model, "in_chans": in_chans, "num_classes": classes,
             "min_size": min_size, "img_size": size}
@@ -166,33 +171,54 @@ def _segmentation(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    problem = outputs_problem(args.json, args.plot, args.force)
-    if problem:
-        parser.error(problem)
+    if args.model not in (*model_names(), *SEGMENTATION_MODELS):  # refused before torch loads
+        parser.error(unknown_model_message(args.model, [*model_names(), *SEGMENTATION_MODELS]))
     if args.img_size is not None and len(args.img_size) > 3:
         parser.error(f"--img-size takes 1 to 3 numbers (N, H W or D H W), got {len(args.img_size)}")
     if args.volume is not None and args.spatial_dims not in (None, 3):
         parser.error(f"--volume {args.volume} is a 3D input but --spatial-dims is {args.spatial_dims}")
+    if args.check is not None and args.budget is not None:
+        parser.error("--check measures one step at its own batch; plan the largest batch without it (drop --budget)")
+    # torch, torchvision and timm load here, once the arguments are known to be good
+    from ..fileio import outputs_problem, short_error
+    from ..harness import torch_threads
+    from ..modelspec import resolve_model
+    from ..planner import BudgetError, format_check, format_table, plan, recommendation, write_json, write_plot
+
+    problem = outputs_problem(args.json, args.plot, args.force)
+    if problem:
+        parser.error(problem)
 
     def progress(name: str) -> None:
         if not args.quiet:
             print(f"plan: {name} ...", file=sys.stderr, flush=True)
 
     try:
+        named = False
         if args.model in SEGMENTATION_MODELS:
             model = _segmentation(args)
         else:
             spec = spec_from_args(args)
             model = {"model": spec, "img_size": _input_size(args, spec)}
+            # a name the train command builds as planned: no flag changed it, and images, not volumes
+            named = args.model != "custom" and spec == resolve_model(args.model) and spec.arg("spatial_dims") == 2 \
+                and not isinstance(model["img_size"], list)
+        device = args.device or "cuda"
+        if args.check is not None and args.device is None:
+            import torch  # the device this machine would measure on
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         with torch_threads(args.threads):
-            report = plan(**model, variants=args.variants, batch_size=args.batch_size,
+            report = plan(**model, variants=args.variants,
+                          batch_size=args.batch_size if args.check is None else args.check,
                           amp=args.amp, dtype=args.dtype, optimizer=args.optimizer, budget=args.budget,
-                          margin=args.margin, max_edge=True if args.max_edge else None, progress=progress)
+                          margin=args.margin, max_edge=True if args.max_edge else None, progress=progress,
+                          device=device, measure=args.check is not None)
     except BudgetError as e:
         return _error(f"--budget: {e}")
     except ValueError as e:
         return _error(str(e))
-    print(format_table(report))
+    print(format_check(report) if args.check is not None else format_table(report))
     status = 0
     for r in report.variants:
         if r.status == "does-not-fit":
@@ -212,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
             status = 1
             continue
         print(f"wrote {path}")
+    if args.check is None:
+        line = recommendation(report, args.model if named else None)
+        if line:
+            print(line)
     return status
 
 

@@ -1,5 +1,5 @@
-"""What a GPU evidence run measures: its sections, each a command of bench, gradcheck and pytest (or the planner's
-prediction against a measured step), and the GPU plan or its tiny CPU stand-in."""
+"""What a GPU evidence run measures: its sections, each a command of bench, plan --check, gradcheck and pytest, and
+the GPU plan or its tiny CPU stand-in."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -16,7 +16,7 @@ REPORT_JSON, SUMMARY_MD = "report.json", "summary.md"
 SECTIONS: dict[str, tuple[str, float]] = {
     "step-time": ("Step time, images/s and memory beside torchvision and timm (effidense bench)", 0.35),
     "max-batch": ("Largest batch that trains on the whole GPU (effidense bench --max-batch)", 0.20),
-    "prediction": ("The planner's predicted peak against a measured step", 0.10),
+    "prediction": ("The planner's predicted peak against a measured step (effidense plan --check)", 0.10),
     "3d": ("Volumes: our modes against MONAI's DenseNet (effidense bench --spatial-dims 3)", 0.15),
     "correctness": ("Correctness on the device: effidense gradcheck and pytest -m cuda", 0.20),
 }
@@ -69,6 +69,9 @@ def _commands(batch: int, img: int, amp: str | None, eager_extra: tuple[str, ...
         "max-batch": (("bench --max-batch", ("bench", *step, "--channels-last", "--variants",
                                             "plain,efficient,frugal,tv", "--max-batch", "--warmup", "1",
                                             "--steps", "1")),) if gpu else (),
+        "prediction": (("plan --check", ("plan", "--check", str(batch), "--img-size", str(img),
+                                         *(("--amp", amp) if amp else ()), "--optimizer", "none", "--variants",
+                                         ",".join(EAGER))),),
         "3d": (("bench 3d", ("bench", "--batch-size", str(volume_batch), "--img-size", str(edge),
                              *(("--amp", amp) if amp else ()), "--variants", "monai,plain,efficient,frugal")),),
         "correctness": (("gradcheck", ("gradcheck", "--quiet")), ("pytest -m cuda", ("pytest", "-m", "cuda"))),

@@ -1,5 +1,5 @@
 """Running the sections in order, each under its share of the time budget: the commands as subprocesses (a crash or
-an exhausted GPU ends only its command), the prediction in this process; the report is written after each."""
+an exhausted GPU ends only its command); the report is written after each."""
 from __future__ import annotations
 
 import json
@@ -15,18 +15,8 @@ import torch
 
 from ..failures import short_error
 from ..fileio import atomic_write_bytes
-from ..harness import (
-    StepProbe,
-    StepSpec,
-    build_variant,
-    environment,
-    make_batch,
-    release,
-    torch_threads,
-    training_step,
-)
-from ..planner import plan as predict
-from .plan import EAGER, REPORT_JSON, SCHEMA, SECTIONS, SUMMARY_MD, OutOfTime, Plan
+from ..harness import environment, release, torch_threads
+from .plan import REPORT_JSON, SCHEMA, SECTIONS, SUMMARY_MD, OutOfTime, Plan
 from .summary import format_summary
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout (or site-packages) that holds this package
@@ -77,7 +67,7 @@ def _argv(run: Run, section: str, label: str, command: Sequence[str]) -> tuple[l
         return [sys.executable, "-m", "pytest", *command[1:], "-q", "-p", "no:cacheprovider", str(ROOT / "tests")], None
     plan, path = run.plan, run.out_dir / f"{section}-{label.replace(' ', '-').replace('--', '')}.json"
     argv = [sys.executable, "-m", "effidense", *command, "--device", plan.device, "--json", str(path), "--force"]
-    if command[0] == "bench":
+    if command[0] in ("bench", "plan"):
         argv[4:4] = plan.model_flags(section)
     if plan.threads:
         argv += ["--threads", str(plan.threads)]
@@ -132,63 +122,8 @@ def _text(data: bytes | str | None) -> str:
     return data.decode(errors="replace") if isinstance(data, bytes) else data
 
 
-def _measured_peak(run: Run, name: str, batch: int) -> int:
-    """Peak bytes of one real bf16 training step without the optimizer update (model, batch and gradients
-    included): ``max_memory_allocated`` on a GPU, the planner's storage count on real tensors on the CPU."""
-    plan, spec = run.plan, run.plan.spec
-    if run.device.type != "cuda":
-        step = StepSpec(in_chans=spec.arg("in_chans"), num_classes=spec.arg("num_classes"),
-                        amp=torch.bfloat16 if plan.amp else None, optimizer="none")
-        size = (plan.img_size,) * spec.arg("spatial_dims")
-        return StepProbe(lambda: build_variant(name, spec), step, fake=False).measure(batch, size).peak_bytes
-    release(run.device)
-    model = build_variant(name, spec).to(run.device).train()
-    x, y = make_batch(spec, batch, plan.img_size, run.device)
-    try:
-        torch.cuda.synchronize(run.device)
-        torch.cuda.reset_peak_memory_stats(run.device)
-        training_step(model, x, y, plan.amp)
-        torch.cuda.synchronize(run.device)
-        return torch.cuda.max_memory_allocated(run.device)
-    finally:
-        del model, x, y
-        release(run.device)
-
-
-def _prediction(run: Run, section: dict[str, Any]) -> None:
-    """The planner's predicted peak of each eager variant at the plan's batch and twice it, against a measured step;
-    its predicted largest batch on the whole GPU beside the max-batch section's measured one."""
-    plan, rows = run.plan, section["data"].setdefault("rows", [])
-    measured_max = {r["variant"]: r.get("max_batch") for c in run.report["sections"].get("max-batch", {})
-                    .get("data", {}).get("commands", []) for r in c.get("result", {}).get("results", [])}
-    budget = torch.cuda.get_device_properties(run.device).total_memory if run.device.type == "cuda" else None
-    section["data"]["setting"] = (f"{plan.spec.name}, {plan.img_size} px, {plan.amp or 'fp32'}, no optimizer "
-                                  "update" + (", largest batch on the whole GPU (no margin)" if budget else ""))
-    for name in EAGER:
-        run.check_time()
-        run.log(f"[prediction] {name}")
-        row: dict[str, Any] = {"variant": name, "points": []}
-        rows.append(row)
-        try:
-            predicted = predict(plan.spec, variants=name, img_size=plan.img_size, batch_size=plan.batch,
-                                amp=plan.amp, optimizer="none", budget=budget, margin=0.0).variants[0]
-            if not predicted.ok:
-                raise RuntimeError(predicted.error)
-            for batch in (plan.batch, 2 * plan.batch):
-                guess = round(predicted.intercept_bytes + predicted.bytes_per_sample * batch)
-                real = _measured_peak(run, name, batch)
-                row["points"].append({"batch": batch, "predicted_bytes": guess, "measured_bytes": real,
-                                      "rel_error": (guess - real) / real})
-            row.update(status="ok", predicted_max_batch=predicted.max_batch, measured_max_batch=measured_max.get(name))
-        except OutOfTime:
-            raise
-        except Exception as error:  # recorded; the other variants still run
-            row.update(status="failed", error=short_error(error, kind=True))
-        run.save()
-
-
 SECTION_RUNNERS: dict[str, Callable[[Run, dict[str, Any]], None]] = {
-    "step-time": _run_commands, "max-batch": _run_commands, "prediction": _prediction, "3d": _run_commands,
+    "step-time": _run_commands, "max-batch": _run_commands, "prediction": _run_commands, "3d": _run_commands,
     "correctness": _run_commands,
 }
 

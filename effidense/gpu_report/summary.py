@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..memory import MiB
-
 __all__ = ["format_summary"]
 
 
@@ -18,21 +16,6 @@ def _commands(data: dict[str, Any]) -> list[str]:
         lines += ["", *table] if table else ["", f"    {e.get('last_line', '')}"]
     if data.get("skipped"):
         lines += ["", f"skipped: {data['skipped']}"]
-    return lines
-
-
-def _prediction(data: dict[str, Any]) -> list[str]:
-    lines = ["", f"Every 'predicted' figure is the planner's ({data.get('setting', '')}).", "",
-             "| variant | batch | predicted peak MiB | measured peak MiB | error | predicted max batch | "
-             "measured max batch |", "|---|---|---|---|---|---|---|"]
-    for row in data.get("rows", []):
-        if row.get("status") != "ok":
-            lines.append(f"| {row['variant']} | FAILED: {row.get('error')} | | | | | |")
-            continue
-        for p in row["points"]:
-            lines.append(f"| {row['variant']} | {p['batch']} | {p['predicted_bytes'] / MiB:.1f} | "
-                         f"{p['measured_bytes'] / MiB:.1f} | {p['rel_error']:+.1%} | "
-                         f"{row.get('predicted_max_batch') or '-'} | {row.get('measured_max_batch') or '-'} |")
     return lines
 
 
@@ -51,5 +34,5 @@ def format_summary(report: dict[str, Any]) -> str:
         lines += ["", f"## {i}. {section['title']} [{name}]", "",
                   f"status: {section['status']}{timing}" + (f" ({section['error']})" if section.get("error") else "")]
         data = section.get("data", {})
-        lines += _prediction(data) if name == "prediction" else _commands(data)
+        lines += _commands(data)
     return "\n".join(lines)

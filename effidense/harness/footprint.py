@@ -7,8 +7,10 @@ It returns a :class:`StepMemory`: the peak, what was live at the peak by kind, a
 counted by the meter (:class:`effidense.SavedTensorMeter`). A DenseNet-121 step at any batch takes about two seconds
 of host time.
 
-Not counted, on any device: what kernels allocate internally without returning it (cuDNN and cuBLAS workspaces,
-im2col buffers), the CUDA context, allocator rounding and fragmentation, communication buffers. :mod:`effidense.planner`
+What kernels allocate internally without returning it (BatchNorm's backward temporary, oneDNN's reorders, cuDNN's
+workspaces) no tensor shows: a ``scratch`` model adds it (:mod:`effidense.planner.scratch` has the CPU's), and
+:meth:`StepProbe.allocator_peak` measures a real step by the device's allocator, which sees it. Not counted on any
+device: the CUDA context, allocator rounding and fragmentation, communication buffers; :mod:`effidense.planner`
 names these and adds a safety margin.
 """
 from __future__ import annotations
@@ -21,14 +23,14 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from ..memory import KINDS, SavedTensorMeter, StorageTracker
+from ..choices import OPTIMIZERS
+from ..memory import KINDS, SavedTensorMeter, StorageTracker, cpu_peak_bytes, cuda_peak_bytes
 from .step import step_loss, training_step
 
 __all__ = ["OPTIMIZERS", "KINDS", "StepSpec", "StepMemory", "StepProbe"]
 
-# Optimizers whose state a step holds: plain SGD has none, momentum one buffer per parameter, AdamW two (and a
-# step count per parameter). "none" is bench's step: no optimizer update.
-OPTIMIZERS = ("none", "sgd", "sgd-momentum", "adamw")
+# OPTIMIZERS: those whose state a step holds: plain SGD has none, momentum one buffer per parameter, AdamW two (and
+# a step count per parameter). "none" is bench's step: no optimizer update.
 
 
 @dataclass(frozen=True)
@@ -83,11 +85,17 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 class StepProbe:
-    """A model built once, on fake tensors (``fake=True``) or real ones, ready to measure training steps."""
+    """A model built once, on fake tensors (``fake=True``) or real ones on ``device``, ready to measure training
+    steps. ``scratch`` models what kernels allocate inside themselves (:class:`effidense.memory.StorageTracker`)."""
 
-    def __init__(self, build: Callable[[], nn.Module], step: StepSpec, fake: bool = True) -> None:
+    def __init__(self, build: Callable[[], nn.Module], step: StepSpec, fake: bool = True,
+                 scratch: Callable[..., int] | None = None, device: str | torch.device = "cpu") -> None:
         self.step_spec = step
         self.fake = fake
+        self.scratch = scratch
+        self.device = torch.device(device)
+        if fake and self.device.type != "cpu":
+            raise ValueError("fake steps run on the CPU")
         self._mode = FakeTensorMode() if fake else None
         with self._context(), _default_dtype(step.dtype):
             # Built in the dtype rather than converted: Module.to cannot swap fake parameters.
@@ -102,7 +110,7 @@ class StepProbe:
                 self.optimizer.zero_grad(set_to_none=True)
 
     def _context(self) -> contextlib.AbstractContextManager:
-        return self._mode if self._mode is not None else contextlib.nullcontext()
+        return self._mode if self._mode is not None else self.device
 
     def _batch(self, batch: int, size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         spec = self.step_spec
@@ -130,7 +138,7 @@ class StepProbe:
         model = self.model
         with self._context(), torch.enable_grad():
             x, y = self._batch(batch, size)
-            tracker = StorageTracker()
+            tracker = StorageTracker(self.scratch)
             tracker.add([*model.parameters(), *model.buffers()], "parameters")
             tracker.add(self._state(), "optimizer_state")
             tracker.add((x, y), "input")
@@ -154,3 +162,23 @@ class StepProbe:
                 optimizer_state_bytes=sum(t.untyped_storage().nbytes() for t in self._state()),
                 input_bytes=x.untyped_storage().nbytes() + y.untyped_storage().nbytes(),
                 saved_activation_bytes=saved, end_bytes=end)
+
+    def allocator_peak(self, batch: int, size: Sequence[int]) -> int:
+        """The peak of one real training step by the device's allocator (its events on the CPU,
+        ``max_memory_allocated`` on CUDA) plus what was allocated before it and lives through it: parameters, buffers,
+        optimizer state and the batch. The referee of :meth:`measure`'s peak."""
+        if self.fake:
+            raise ValueError("an allocator's peak needs real tensors (fake=False)")
+        model = self.model
+        model.zero_grad(set_to_none=True)
+        with self._context(), torch.enable_grad():
+            x, y = self._batch(batch, tuple(int(s) for s in size))
+            before = sum(t.untyped_storage().nbytes() for t in (*model.parameters(), *model.buffers(), *self._state(),
+                                                                  x, y))
+
+            def step() -> None:
+                training_step(model, x, y, self.step_spec.amp, optimizer=self.optimizer)
+
+            peak = cuda_peak_bytes(step, self.device) if self.device.type == "cuda" else cpu_peak_bytes(step)
+            model.zero_grad(set_to_none=True)
+        return before + peak

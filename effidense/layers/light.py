@@ -39,19 +39,19 @@ def _light(norm: nn.Module, act: nn.Module, conv: nn.Module) -> bool:
 def slice_count(setting: int | str | None, frugal: bool, batch: int, transient: float, reads: float) -> int:
     """How many slices of the batch a rerun's backward goes through: ``setting`` (a count, at most the batch), or for
     'auto' in frugal mode, where the rerun would hold more than :data:`SLICE_FLOOR` (``transient`` bytes for the
-    whole batch), as many as keep a slice's maps within a quarter of what the rerun reads (``reads``), which frugal
-    keeps anyway. Once a rerun is sliced, more slices cost no arithmetic, only kernel launches."""
+    whole batch), as many as keep a slice's maps within half of what the rerun reads (``reads``), which frugal keeps
+    anyway. Once a rerun is sliced, more slices cost no arithmetic, only kernel launches (and host time)."""
     if setting == "auto":
-        setting = math.ceil(4 * transient / reads) if frugal and transient > SLICE_FLOOR and reads else 1
+        setting = math.ceil(2 * transient / reads) if frugal and transient > SLICE_FLOOR and reads else 1
     return 1 if setting is None else max(1, min(setting, batch))
 
 
 def light_segment(stages: Sequence[tuple[nn.Module, nn.Module, nn.Module]], *maps: Tensor, slices: int = 1,
-                  pre: nn.Module | None = None) -> Tensor | None:
+                  pre: nn.Module | None = None, dropout: Callable[[Tensor], Tensor] | None = None) -> Tensor | None:
     """``stages`` (norm, ReLU, then a convolution or max-pool) in turn on the concatenated ``maps``, or on ``pre`` (a
-    convolution) of the one map, in :class:`LightSegment`, whose backward goes through ``slices`` of the batch; None
-    where the norms cannot rerun light (the caller then checkpoints). A norm with hooks is called, so that they fire,
-    and so its segment is not sliced."""
+    convolution) of the one map, then ``dropout``, in :class:`LightSegment`, whose backward goes through ``slices`` of
+    the batch; None where the norms cannot rerun light (the caller then checkpoints). A norm with hooks is called, so
+    that they fire, and so its segment is not sliced."""
     if not all(_light(*stage) for stage in stages) or (pre is not None and not plain_conv(pre)):
         return None
     if any(norm._forward_hooks or norm._forward_pre_hooks for norm, _, _ in stages):
@@ -59,7 +59,7 @@ def light_segment(stages: Sequence[tuple[nn.Module, nn.Module, nn.Module]], *map
     params = [] if pre is None else [pre.weight]
     for norm, _, post in stages:
         params += [norm.weight, norm.bias, getattr(post, "weight", None)]
-    return LightSegment.apply(slices, pre, tuple(stages), params, *params, *maps)
+    return LightSegment.apply(slices, (pre, tuple(stages), dropout), params, *params, *maps)
 
 
 def concat_norm_conv(norm: nn.Module, act: nn.Module, conv: nn.Module, *maps: Tensor, light: bool,
@@ -106,34 +106,41 @@ class LightSegment(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, slices: int, pre: nn.Module | None, stages: tuple, params: list, *tensors: Tensor) -> Tensor:
-        maps = tensors[len(params):]
+    def forward(ctx: Any, slices: int, modules: tuple, params: list, *tensors: Tensor) -> Tensor:
+        (pre, stages, dropout), maps = modules, tensors[len(params):]
         device = maps[0].device.type
         ctx.modules, ctx.slices, ctx.stats = (pre, stages, params), slices, []
         ctx.autocast = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
         ctx.save_for_backward(*maps)
         if slices == 1:
-            return _run(pre, stages, *maps)
-        x = pre(maps[0]) if pre is not None else torch.cat(maps, 1) if len(maps) > 1 else maps[0]
-        for norm, act, post in stages:  # F.batch_norm's very kernel, with its statistics
-            y, mean, invstd, _, _ = torch._batch_norm_impl_index(
-                x, norm.weight, norm.bias, norm.running_mean, norm.running_var, True, norm.count_batch(), norm.eps,
-                torch.backends.cudnn.enabled)
-            ctx.stats.append((mean, invstd))
-            x = post(act(y))
+            x = _run(pre, stages, *maps)
+        else:
+            x = pre(maps[0]) if pre is not None else torch.cat(maps, 1) if len(maps) > 1 else maps[0]
+            for norm, act, post in stages:  # F.batch_norm's very kernel, with its statistics
+                y, mean, invstd, _, _ = torch._batch_norm_impl_index(
+                    x, norm.weight, norm.bias, norm.running_mean, norm.running_var, True, norm.count_batch(),
+                    norm.eps, torch.backends.cudnn.enabled)
+                ctx.stats.append((mean, invstd))
+                x = post(act(y))
+        ctx.dropout = None
+        if dropout is not None:  # its mask is drawn again in backward, from the random state it was drawn from
+            ctx.dropout = dropout, _random_state(x.device), (x.shape, x.stride(), x.dtype, x.device)
+            x = dropout(x)
         return x
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         (pre, stages, params), maps = ctx.modules, ctx.saved_tensors
+        if ctx.dropout is not None:
+            grad = grad * _replayed(*ctx.dropout)
         if torch.is_grad_enabled():
-            return differentiable_rerun(ctx, grad, lambda *t: _run(pre, stages, *t), (None,) * 4 + tuple(params), maps)
+            return differentiable_rerun(ctx, grad, lambda *t: _run(pre, stages, *t), (None,) * 3 + tuple(params), maps)
         needs = ctx.needs_input_grad
-        grads = {id(w): None for w, need in zip(params, needs[4:], strict=False) if w is not None and need}
-        need_maps = needs[4 + len(params):]
+        grads = {id(w): None for w, need in zip(params, needs[3:], strict=False) if w is not None and need}
+        need_maps = needs[3 + len(params):]
         grad_maps = LightSegment.sliced(ctx, grad, grads, need_maps) if ctx.slices > 1 else \
             LightSegment.whole(ctx, grad, grads, need_maps)
-        return None, None, None, None, *[None if w is None else grads.get(id(w)) for w in params], *grad_maps
+        return None, None, None, *[None if w is None else grads.get(id(w)) for w in params], *grad_maps
 
     @staticmethod
     def whole(ctx: Any, grad: Tensor, grads: dict, need_maps: Sequence[bool]) -> list[Tensor | None]:
@@ -225,6 +232,22 @@ class LightSegment(torch.autograd.Function):
                 if param is not None and id(param) in grads:
                     grads[id(param)] = total.to(param.dtype)
         return grad_maps
+
+
+def _random_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _replayed(dropout: Callable[[Tensor], Tensor], state: tuple, like: tuple) -> Tensor:
+    """The dropout's scaled mask (0 or 1/(1-p)), drawn again from the state forward drew it from, on a tensor laid
+    out as its input was, so the same elements draw the same numbers."""
+    shape, stride, dtype, device = like
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], device)
+        return dropout(torch.empty_strided(shape, stride, dtype=dtype, device=device).fill_(1))
 
 
 def _accumulate(grads: dict, weight: Tensor, grad: Tensor | None) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,18 +25,22 @@ from ..harness import (
     peer_unsupported,
 )
 from ..modelspec import ModelSpec, resolve_model
-from .budget import DEFAULT_MARGIN, format_bytes, parse_budget
+from .budget import DEFAULT_MARGINS, DEVICES, format_bytes, parse_budget
+from .scratch import KERNEL_SCRATCH, scratch_model
 
 __all__ = ["DTYPES", "NOT_COUNTED", "BudgetError", "VariantPlan", "PlanReport", "plan", "search_batch", "search_edge"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# What a prediction leaves out: it counts the tensors a step makes, nothing a device or library adds.
+# What a prediction leaves out: it counts the tensors a step makes and, on the CPU, the scratch of the kernels a
+# DenseNet step calls (.scratch); nothing a device's runtime or another library adds.
 NOT_COUNTED = (
     "the CUDA context (a few hundred MiB per process, before any tensor)",
-    "cuDNN and cuBLAS workspaces (scratch memory kernels allocate internally)",
+    "cuDNN and cuBLAS workspaces (scratch memory kernels allocate internally on a GPU)",
     "the caching allocator's rounding (blocks of 512 bytes and up) and fragmentation",
     "NCCL buffers under DDP, and anything else held by other processes or libraries",
 )
+NOT_COUNTED_CPU = ("scratch of kernels other than BatchNorm's and the convolutions' (small in a DenseNet step)",
+                   "memory held by other processes or libraries")
 MAX_BATCH_LIMIT = 1 << 24
 MAX_EDGE_LIMIT = 1 << 14
 
@@ -69,6 +74,14 @@ class VariantPlan:
     max_edge: int | None = None  # largest cube edge at ``batch`` (3D inputs, or when asked)
     max_edge_peak_bytes: int | None = None
     probes: list[dict[str, Any]] = field(default_factory=list)  # every measured step: batch, size, peak_bytes
+    measured_peak_bytes: int | None = None  # a real step's peak at ``batch`` by the device's allocator (measure=True)
+
+    @property
+    def measured_error(self) -> float | None:
+        """(predicted - measured) / measured of the peak at ``batch``, where a real step was measured."""
+        if not self.measured_peak_bytes or self.peak_bytes is None:
+            return None
+        return (self.peak_bytes - self.measured_peak_bytes) / self.measured_peak_bytes
 
     @property
     def ok(self) -> bool:
@@ -83,8 +96,8 @@ class VariantPlan:
 
     @property
     def transient_bytes(self) -> int | None:
-        """What the peak holds besides parameters, gradients, optimizer state, saved activations and the input:
-        the backward's temporaries and the recompute buffers."""
+        """What the peak holds besides parameters, gradients, optimizer state, saved activations, the input and
+        kernel scratch: the backward's temporaries and the recompute buffers."""
         return None if self.at_peak is None else self.at_peak["transient"]
 
 
@@ -97,6 +110,7 @@ class PlanReport:
     margin: float
     variants: list[VariantPlan]
     not_counted: tuple[str, ...] = NOT_COUNTED
+    scratch: str = KERNEL_SCRATCH["cuda"]  # what the device's kernel scratch model counts
 
     @property
     def usable_bytes(self) -> int | None:
@@ -168,9 +182,10 @@ def _size(img_size: int | Sequence[int] | None, target: _Target) -> tuple[int, .
 def plan(model: str | ModelSpec | Mapping[str, Callable[[], nn.Module]] = "effi_densenet121", *,
          variants: str | Sequence[str] | None = None, img_size: int | Sequence[int] | None = None,
          batch_size: int = 64, amp: str | None = None, dtype: str = "fp32", optimizer: str = "sgd",
-         budget: str | int | None = None, margin: float = DEFAULT_MARGIN, max_edge: bool | None = None,
+         budget: str | int | None = None, max_edge: bool | None = None,
          in_chans: int = 3, num_classes: int = 1000, min_size: int = 1, fake: bool = True,
-         progress: Callable[[str], None] | None = None, name: str | None = None) -> PlanReport:
+         progress: Callable[[str], None] | None = None, name: str | None = None, device: str = "cuda",
+         margin: float | None = None, measure: bool = False) -> PlanReport:
     """Predict each variant's peak memory for one training step, and the largest batch that fits ``budget``.
 
     ``model``: an ``effi_*`` or config name, a :class:`~effidense.modelspec.ModelSpec`, or a mapping from variant
@@ -181,7 +196,12 @@ def plan(model: str | ModelSpec | Mapping[str, Callable[[], nn.Module]] = "effi_
     ``img_size``: an int (a square) or the spatial size, 2D ``(H, W)`` or 3D ``(D, H, W)``. ``amp``: autocast
     dtype ``bf16``/``fp16``;
     ``dtype``: the parameters' and input's dtype. ``optimizer``: ``none``, ``sgd``, ``sgd-momentum`` or ``adamw``.
-    ``budget``: bytes, a size (``24GiB``) or a GPU preset (``h100-80gb``); the search uses ``1 - margin`` of it.
+    ``budget``: bytes, a size (``24GiB``) or a GPU preset (``h100-80gb``); the search uses ``1 - margin`` of it
+    (default: the device's, :data:`~.budget.DEFAULT_MARGINS`). ``device``: what the step runs on, ``cuda`` or
+    ``cpu``, whose kernels' scratch is modelled (:mod:`.scratch`; on the CPU at the current torch thread count).
+    ``measure``: then run one real step of each variant at ``batch_size`` on ``device`` (the current CUDA device)
+    and record its peak by the allocator (``measured_peak_bytes``), after checking the predicted peaks fit the
+    device's free memory.
     ``max_edge``: also search the largest cube edge at ``batch_size`` (default: for 3D inputs).
     ``fake=False`` runs the same steps on real tensors (to validate the prediction at small sizes).
 
@@ -194,6 +214,9 @@ def plan(model: str | ModelSpec | Mapping[str, Callable[[], nn.Module]] = "effi_
         raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)} or None, got {amp!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    margin = DEFAULT_MARGINS[device] if margin is None else margin
     if not 0 <= margin < 1:
         raise ValueError(f"margin must be at least 0 and below 1, got {margin}")
     budget_bytes = None if budget is None else parse_budget(budget)
@@ -216,8 +239,12 @@ def plan(model: str | ModelSpec | Mapping[str, Callable[[], nn.Module]] = "effi_
     edge_search = len(size) == 3 if max_edge is None else max_edge
     config = {"model": target.name, "img_size": list(size), "batch_size": batch_size, "amp": amp, "dtype": dtype,
               "optimizer": optimizer, "max_edge": edge_search, "min_size": target.min_size,
-              "tensors": "fake" if fake else "real"}
-    report = PlanReport(config, budget_bytes, margin, [])
+              "tensors": "fake" if fake else "real", "device": device}
+    if device == "cpu":
+        config["threads"] = torch.get_num_threads()
+    report = PlanReport(config, budget_bytes, margin, [], NOT_COUNTED_CPU if device == "cpu" else NOT_COUNTED,
+                        KERNEL_SCRATCH[device])
+    scratch = scratch_model(device)
     usable = report.usable_bytes
     for name in [*target.builders, *target.skipped]:
         if name in target.skipped:
@@ -227,8 +254,8 @@ def plan(model: str | ModelSpec | Mapping[str, Callable[[], nn.Module]] = "effi_
             progress(name)
         result = VariantPlan(name, batch=batch_size, size=list(size))
         try:
-            _plan_variant(result, StepProbe(target.builders[name], step, fake), batch_size, size, usable,
-                          budget_bytes, margin, target, edge_search)
+            _plan_variant(result, StepProbe(target.builders[name], step, fake, scratch), batch_size, size, usable,
+                          budget_bytes, margin, target, edge_search, exact=True, slope=not measure)
         except BudgetError:
             raise
         except Exception as error:
@@ -236,7 +263,49 @@ def plan(model: str | ModelSpec | Mapping[str, Callable[[], nn.Module]] = "effi_
         report.variants.append(result)
     order = list(target.builders) + list(target.skipped)
     report.variants.sort(key=lambda r: order.index(r.name))
+    if measure:
+        _measure(report, target, step, size, progress)
     return report
+
+
+def free_bytes(device: str) -> int:
+    """Memory a step could take now: the CUDA device's free memory, or the CPU's available memory."""
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    try:  # Linux: what can be allocated without swapping, page cache included
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _measure(report: PlanReport, target: _Target, step: StepSpec, size: tuple[int, ...],
+             progress: Callable[[str], None] | None) -> None:
+    """One real step of each planned variant on the report's device, measured by its allocator."""
+    device = report.config["device"]
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("measuring a step on cuda needs a CUDA GPU, and torch sees none: measure on the cpu")
+    batch = report.config["batch_size"]
+    planned = [r for r in report.variants if r.ok]
+    need = max((r.peak_bytes for r in planned), default=0)
+    free = free_bytes(device)
+    if need > free:
+        worst = next(r.name for r in planned if r.peak_bytes == need)
+        raise ValueError(f"batch {batch} does not fit this machine: {worst} needs a predicted {format_bytes(need)} "
+                         f"and {device} has {format_bytes(free)} free; measure a smaller batch")
+    for r in planned:
+        if progress is not None:
+            progress(f"{r.name} (a real step)")
+        try:
+            probe = StepProbe(target.builders[r.name], step, fake=False, device=device)
+            r.measured_peak_bytes = probe.allocator_peak(batch, size)
+        except Exception as error:
+            r.status, r.error = "failed", f"the real step: {short_error(error, kind=True)}"
+        finally:
+            probe = None
 
 
 class _Peaks:
@@ -266,7 +335,8 @@ class _Peaks:
 
 
 def _plan_variant(result: VariantPlan, probe: StepProbe, batch: int, size: tuple[int, ...], usable: int | None,
-                  budget: int | None, margin: float, target: _Target, edge_search: bool) -> None:
+                  budget: int | None, margin: float, target: _Target, edge_search: bool, exact: bool,
+                  slope: bool = True) -> None:
     peaks = _Peaks(probe, result)
     first = peaks.step(batch, size)
     result.peak_bytes = first.peak_bytes
@@ -276,6 +346,8 @@ def _plan_variant(result: VariantPlan, probe: StepProbe, batch: int, size: tuple
     result.optimizer_state_bytes = first.optimizer_state_bytes
     result.saved_activation_bytes = first.saved_activation_bytes
     result.input_bytes = first.input_bytes
+    if usable is None and not slope:  # a check compares the one batch; the line costs a step more
+        return
     second = 2 * batch
     result.bytes_per_sample = (peaks(second, size) - first.peak_bytes) / (second - batch)
     result.intercept_bytes = first.peak_bytes - result.bytes_per_sample * batch
@@ -286,7 +358,7 @@ def _plan_variant(result: VariantPlan, probe: StepProbe, batch: int, size: tuple
             f"budget {format_bytes(budget)} ({format_bytes(usable)} after the {margin:.0%} safety margin) is "
             f"smaller than the parameters alone ({format_bytes(first.parameter_bytes)} for {target.name}): short "
             f"by {format_bytes(first.parameter_bytes - usable)}")
-    result.max_batch = search_batch(lambda n: peaks(n, size), usable, [batch, second], MAX_BATCH_LIMIT)
+    result.max_batch = search_batch(lambda n: peaks(n, size), usable, [batch, second], MAX_BATCH_LIMIT, exact)
     if result.max_batch == 0:
         result.status = "does-not-fit"
         result.error = (f"does not fit even at batch 1: predicted peak {format_bytes(peaks(1, size))} > "
@@ -303,13 +375,19 @@ def _plan_variant(result: VariantPlan, probe: StepProbe, batch: int, size: tuple
             result.max_edge_peak_bytes = peaks(batch, (edge,) * len(size))
 
 
-def search_batch(peak: Callable[[int], int], usable: int, measured: Sequence[int], limit: int) -> int:
+def search_batch(peak: Callable[[int], int], usable: int, measured: Sequence[int], limit: int,
+                 exact: bool = False) -> int:
     """The largest batch in ``[0, limit]`` whose ``peak(batch)`` is at most ``usable`` (0: not even batch 1).
 
     A step's peak is the largest of its moments' live bytes, each affine in the batch with a non-negative slope, so
     it is convex in the batch (and affine in practice). Each round solves the line through the two latest
     measurements and measures there; convexity bounds the answer on both sides (a chord lies above the curve, its
-    extension below), so the search usually ends after one confirming step."""
+    extension below), so the search usually ends after one confirming step.
+
+    ``exact``: where the step changes with the batch (torch's CPU convolutions turn to oneDNN, with its scratch, from
+    batch 16 on one thread; a frugal backward is sliced from a batch of 2, and where its reruns pass 32 MiB), the peak
+    jumps and is no longer convex: the answer and the batch above it are then measured, and bisection between
+    measured batches (the peak still grows with the batch) settles it. The planner always asks for it."""
     points: dict[int, int] = {n: peak(n) for n in measured}
     lo, hi = 0, limit + 1  # lo fits (batch 0 trivially), hi does not
     last: list[int] = list(measured)
@@ -328,7 +406,7 @@ def search_batch(peak: Callable[[int], int], usable: int, measured: Sequence[int
             if pb <= usable and slope > 0:  # the chord's extension lies below the curve beyond b
                 hi = min(hi, b + math.floor((usable - pb) / slope) + 1)
         if hi - lo <= 1:
-            return min(lo, limit)
+            return _measured_bound(peak, usable, points, lo, limit) if exact else min(lo, limit)
         a, b = sorted(last[-2:])
         slope = (points[b] - points[a]) / (b - a) if b != a else 0
         guess = a + math.floor((usable - points[a]) / slope) if slope > 0 else hi - 1
@@ -337,6 +415,18 @@ def search_batch(peak: Callable[[int], int], usable: int, measured: Sequence[int
             guess = (lo + hi) // 2
         points[guess] = peak(guess)
         last.append(guess)
+
+
+def _measured_bound(peak: Callable[[int], int], usable: int, points: dict[int, int], guess: int, limit: int) -> int:
+    """The largest batch that fits by measurement alone: ``guess`` and the batch above it first, then bisection
+    between the largest measured batch that fits and the smallest above it that does not."""
+    while True:
+        fits = max([0, *(n for n, p in points.items() if p <= usable)])
+        over = min([limit + 1, *(n for n, p in points.items() if p > usable and n > fits)])
+        if over - fits <= 1:
+            return min(fits, limit)
+        n = next(n for n in (guess, guess + 1, (fits + over) // 2) if fits < n < over and n not in points)
+        points[n] = peak(n)
 
 
 def search_edge(peak: Callable[[int], int], usable: int, size: Sequence[int], peak_at_size: int, static: int,

@@ -14,7 +14,9 @@ from ..fileio import PLOT_FORMATS, atomic_write_bytes
 from .budget import GiB, format_bytes
 from .core import PlanReport, VariantPlan
 
-__all__ = ["JSON_SCHEMA", "PLOT_FORMATS", "format_table", "report_to_json", "write_json", "write_plot"]
+__all__ = ["JSON_SCHEMA", "PLOT_FORMATS", "format_table", "format_check", "recommendation", "report_to_json",
+           "write_json", "write_plot"]
+MODES = ("plain", "efficient", "frugal")  # fastest first
 
 JSON_SCHEMA = "effidense.plan/1"
 
@@ -29,19 +31,29 @@ def _max_batch(r: VariantPlan) -> str:
     return f">= {r.max_batch}" if r.max_batch_at_limit else str(r.max_batch)
 
 
+def _device(cfg: dict[str, Any]) -> str:
+    return f"cpu, {cfg['threads']} thread{'s' * (cfg['threads'] != 1)}" if cfg.get("device") == "cpu" else \
+        cfg.get("device", "cuda")
+
+
+def _setting(cfg: dict[str, Any]) -> str:
+    return (f"{cfg['model']}, batch {cfg['batch_size']}, {_size(cfg['img_size'])}, "
+            f"{cfg['amp'] + ' autocast' if cfg['amp'] else cfg['dtype']}, optimizer {cfg['optimizer']}, "
+            f"on {_device(cfg)}")
+
+
 def format_table(report: PlanReport) -> str:
-    """Markdown: per variant, the predicted peak at the batch and what it holds, and the predicted largest batch."""
+    """Markdown: per variant, the predicted peak at the batch and what is live at that moment (the columns after
+    the peak sum to it), and the predicted largest batch."""
     cfg = report.config
     edge = cfg["max_edge"]
-    size = _size(cfg["img_size"])
-    lines = [f"**Predicted** memory of one training step: {cfg['model']}, batch {cfg['batch_size']}, {size}, "
-             f"{cfg['amp'] + ' autocast' if cfg['amp'] else cfg['dtype']}, optimizer {cfg['optimizer']}"]
+    lines = [f"**Predicted** memory of one training step: {_setting(cfg)}"]
     if report.budget_bytes is not None:
         lines.append(f"Budget {format_bytes(report.budget_bytes)}, {format_bytes(report.usable_bytes)} usable after "
                      f"a {report.margin:.0%} safety margin.")
     lines.append("")
-    columns = ["variant", "predicted peak", "params+grads+optimizer", "saved activations (meter)",
-               "transient at peak", "predicted max batch"]
+    columns = ["variant", "predicted peak", "= params+grads+optimizer", "+ batch and saved activations",
+               "+ backward temporaries", "+ kernel scratch", "predicted max batch"]
     if edge:
         columns.append(f"predicted max cube edge at batch {cfg['batch_size']}")
     columns.append("max batch x plain")
@@ -51,16 +63,59 @@ def format_table(report: PlanReport) -> str:
         if r.status in ("skipped", "failed"):
             lines.append(f"| {r.name} | {r.status}: {r.error} |" + " |" * (len(columns) - 2))
             continue
-        row = [r.name, format_bytes(r.peak_bytes), format_bytes(r.static_bytes),
-               format_bytes(r.saved_activation_bytes), format_bytes(r.transient_bytes),
+        at = r.at_peak or {}
+        row = [r.name, format_bytes(r.peak_bytes),
+               *(format_bytes(sum(at.get(k, 0) for k in kinds)) for kinds in _COLUMNS),
                "does not fit" if r.status == "does-not-fit" else _max_batch(r)]
         if edge:
             row.append("-" if r.max_edge is None else str(r.max_edge))
         row.append(f"{r.max_batch / plain.max_batch:.2f}x" if plain and r.max_batch else "-")
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "Not counted (the safety margin is for these): " + "; ".join(report.not_counted) + "."]
+    lines += ["", "Columns after the peak: what is live at that moment, summing to it (saved activations: those still "
+                  "held; the "
+                  f"kernel scratch counted on {cfg.get('device', 'cuda')}: {report.scratch}).",
+              "Not counted (the safety margin is for these): " + "; ".join(report.not_counted) + "."]
     return "\n".join(lines)
 
+
+# The at-peak kinds of each column after the peak, which sum to it
+# (the batch is saved for backward by the first convolution: the meter counts it with the saved activations)
+_COLUMNS = (("parameters", "gradients", "optimizer_state"), ("input", "saved_activations"), ("transient",),
+            ("scratch",))
+
+
+def format_check(report: PlanReport) -> str:
+    """Markdown: per variant, the predicted peak at the batch against a real step's, measured by the allocator."""
+    cfg = report.config
+    meter = "torch.cuda.max_memory_allocated" if cfg.get("device") == "cuda" else \
+        "the CPU allocator's events (torch.profiler)"
+    lines = [f"**Check**: one real training step against the plan: {_setting(cfg)}. Measured by {meter}, plus "
+             "what the step starts with (parameters, optimizer state, the batch).", "",
+             "| variant | predicted peak | measured peak | predicted - measured |", "|---|---|---|---|"]
+    for r in report.variants:
+        if r.measured_error is None:
+            lines.append(f"| {r.name} | {r.status}: {r.error} | | |")
+            continue
+        lines.append(f"| {r.name} | {format_bytes(r.peak_bytes)} | {format_bytes(r.measured_peak_bytes)} | "
+                     f"{r.measured_error:+.2%} |")
+    return "\n".join(lines)
+
+
+def recommendation(report: PlanReport, model: str | None) -> str | None:
+    """The last line of a plan with a budget: the fastest of our memory modes that fits the planned batch (the
+    most frugal where none does), with its largest batch, as the command that trains it."""
+    fits = {r.name: r for r in report.variants if r.name in MODES and r.ok and r.max_batch}
+    if not fits:
+        return None
+    batch = report.config["batch_size"]
+    chosen = next((fits[m] for m in MODES if m in fits and fits[m].max_batch >= batch),
+                  max(fits.values(), key=lambda r: r.max_batch))
+    flags = f"--memory {chosen.name} -b {chosen.max_batch}"
+    size = report.config["img_size"]
+    if model is None or len(set(size)) != 1:
+        return f"Recommended: {flags} (predicted)"
+    amp = {"bf16": " --amp --amp-dtype bfloat16", "fp16": " --amp"}.get(report.config["amp"] or "", "")
+    return f"Recommended (predicted): effidense train --model {model} --img-size {size[0]} {flags}{amp}"
 
 def report_to_json(report: PlanReport) -> dict[str, Any]:
     """The JSON document: ``{"schema", "predicted": true, "config", "budget_bytes", "usable_bytes", "margin",
@@ -70,10 +125,12 @@ def report_to_json(report: PlanReport) -> dict[str, Any]:
         data = asdict(r)
         data["static_bytes"] = r.static_bytes
         data["transient_bytes"] = r.transient_bytes
+        data["measured_error"] = r.measured_error
         variants.append(data)
     return {
         "schema": JSON_SCHEMA, "predicted": True, "config": report.config, "budget_bytes": report.budget_bytes,
         "usable_bytes": report.usable_bytes, "margin": report.margin, "not_counted": list(report.not_counted),
+        "kernel_scratch": report.scratch,
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "date": datetime.date.today().isoformat()},
         "variants": variants,

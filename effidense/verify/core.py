@@ -10,10 +10,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..harness.segmentation import SegmentationSpec
 from ..harness.step import AMP_DTYPES, CHANNELS_LAST, make_batch
 from ..modelspec import ModelSpec
 
-__all__ = ["Check", "Case", "VerifyConfig", "TINY_BC", "TINY_SMALL_INPUTS", "GRADCHECK_MODEL", "GRADCHECK_TOLERANCES",
+__all__ = ["Check", "Case", "VerifyConfig", "TINY_BC", "TINY_SMALL_INPUTS", "GRADCHECK_MODEL", "GRADCHECK_SEGMENTATION",
+           "GRADCHECK_PARAMETERS", "GRADCHECK_TOLERANCES",
            "SGD", "TRAIN_CHECKS", "FINAL_CHECKS", "MODE_CHECK_DESCRIPTIONS", "RAN", "tolerance", "tensor_diff",
            "compare_tensors", "batch_norms_of", "perturb_running_stats", "grads_of", "params_of", "buffers_of",
            "CHANNELS_LAST", "input_batch", "input_shape", "set_deterministic"]
@@ -27,6 +29,16 @@ TINY_SMALL_INPUTS = ModelSpec("tiny DenseNet, small inputs", dict(
     num_classes=5))
 GRADCHECK_MODEL = ModelSpec("gradcheck DenseNet-BC", dict(
     growth_rate=2, block_config=(1, 1), num_init_features=4, bn_size=2, small_inputs=True, num_classes=3))
+# The smallest FC-DenseNet: one pooling, one layer per block (every part: stem, down, bottleneck, up, classifier).
+GRADCHECK_SEGMENTATION = SegmentationSpec("gradcheck FC-DenseNet", dict(
+    spatial_dims=2, in_channels=3, out_channels=3, down_blocks=(1,), up_blocks=(1,), bottleneck_layers=1,
+    growth_rate=2, init_features=4, drop_rate=0.0))
+# The parameters gradcheck perturbs besides the input: a convolution and a norm inside recomputed segments.
+GRADCHECK_PARAMETERS = {
+    GRADCHECK_MODEL.name: ("features.denseblock2.denselayer1.conv1.weight",
+                           "features.denseblock1.denselayer1.norm1.weight"),
+    GRADCHECK_SEGMENTATION.name: ("up.0.denselayer1.conv1.weight", "transitions_down.0.norm.weight"),
+}
 GRADCHECK_TOLERANCES = dict(eps=1e-6, atol=1e-5, rtol=1e-3)
 SGD = dict(lr=0.1, momentum=0.9)
 
@@ -51,7 +63,7 @@ class Case:
     """Settings one mode comparison runs under."""
 
     name: str
-    spec: ModelSpec
+    spec: ModelSpec | SegmentationSpec
     dtype: torch.dtype = torch.float32
     channels_last: bool = False
     drop_rate: float = 0.0
@@ -68,7 +80,7 @@ class Case:
 class VerifyConfig:
     """What ``tools/gradcheck.py`` checks."""
 
-    specs: list[ModelSpec] = field(default_factory=lambda: [TINY_BC, TINY_SMALL_INPUTS])
+    specs: list[ModelSpec | SegmentationSpec] = field(default_factory=lambda: [TINY_BC, TINY_SMALL_INPUTS])
     device: str = "cpu"
     steps: int = 2
     batch_size: int = 4

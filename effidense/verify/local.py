@@ -14,12 +14,15 @@ from torch import Tensor, nn
 from ..densenet import MEMORY_MODES
 from ..failures import is_oom, short_error
 from ..harness import COMPILE_SUFFIX, compile_model, training_step
+from ..harness.segmentation import SegmentationSpec
 from ..modelspec import ModelSpec
 from ..progress import Progress
 from .core import (
     CHANNELS_LAST,
     FINAL_CHECKS,
     GRADCHECK_MODEL,
+    GRADCHECK_PARAMETERS,
+    GRADCHECK_SEGMENTATION,
     GRADCHECK_TOLERANCES,
     RAN,
     SGD,
@@ -41,7 +44,7 @@ from .core import (
 __all__ = ["default_cases", "compare_modes", "autograd_gradcheck", "run_local_checks"]
 
 
-def default_cases(specs: Sequence[ModelSpec], amp: str = "bf16") -> list[Case]:
+def default_cases(specs: Sequence[ModelSpec | SegmentationSpec], amp: str = "bf16") -> list[Case]:
     """The first spec under every setting, the others under the basic ones."""
     cases: list[Case] = []
     for i, spec in enumerate(specs):
@@ -141,40 +144,42 @@ GRADCHECK_EDGE = {1: 6, 2: 6, 3: 4}
 
 
 def autograd_gradcheck(memory: str, device: str | torch.device = "cpu", seed: int = 0,
-                       spatial_dims: int = 2) -> list[Check]:
+                       spatial_dims: int = 2, segmentation: bool = False) -> list[Check]:
     """``torch.autograd.gradcheck`` in float64 (train mode, input and two parameters inside recomputed segments),
     and a random-direction check that reports how far the analytical derivative is from central differences, on
-    the tiny model in ``spatial_dims`` (signals, images or volumes)."""
+    the tiny model in ``spatial_dims`` (signals, images or volumes): a DenseNet, or with ``segmentation`` an
+    FC-DenseNet."""
     device = torch.device(device)
     set_deterministic(device)
     torch.manual_seed(seed)
-    spec = GRADCHECK_MODEL if spatial_dims == 2 else ModelSpec(
-        f"{GRADCHECK_MODEL.name} {spatial_dims}D", {**GRADCHECK_MODEL.kwargs, "spatial_dims": spatial_dims})
+    base = GRADCHECK_SEGMENTATION if segmentation else GRADCHECK_MODEL
+    spec = base if spatial_dims == 2 else type(base)(
+        f"{base.name} {spatial_dims}D", {**base.kwargs, "spatial_dims": spatial_dims})
     model = spec.build(memory).to(device=device, dtype=torch.float64).train()
     generator = torch.Generator().manual_seed(seed)
     edge = GRADCHECK_EDGE[spatial_dims]
     x = torch.randn(2, 3, *(edge,) * spatial_dims, generator=generator, dtype=torch.float64)
     x = x.to(device).requires_grad_(True)
     # gradcheck perturbs its inputs in place, so passing the parameters themselves checks their gradients.
-    weight = model.features.denseblock2.denselayer1.conv1.weight
-    norm = model.features.denseblock1.denselayer1.norm1.weight
-    inputs = (x, weight, norm)
+    inputs = (x, *(model.get_parameter(name) for name in GRADCHECK_PARAMETERS[base.name]))
 
     def fn(x: Tensor, *params: Tensor) -> Tensor:
         return model(x)
 
     label = f"{spec.name} / float64, train mode"
+    what = "torch.autograd.gradcheck (input, conv1 and norm1 weights)" if not segmentation else \
+        "torch.autograd.gradcheck (input, a conv1 and a norm weight)"
     subject = f"{memory}"
     tols = GRADCHECK_TOLERANCES
     try:
         # GPU backward kernels may add with atomics (different rounding per call); the CPU must be deterministic.
         torch.autograd.gradcheck(fn, inputs, eps=tols["eps"], atol=tols["atol"], rtol=tols["rtol"],
                                  nondet_tol=0.0 if device.type == "cpu" else 1e-10)
-        verdict = Check("gradcheck", label, subject, "torch.autograd.gradcheck (input, conv1 and norm1 weights)",
+        verdict = Check("gradcheck", label, subject, what,
                         True, tol=tols["rtol"], detail=f"eps {tols['eps']:g}, atol {tols['atol']:g}, "
                                                        f"rtol {tols['rtol']:g}")
     except Exception as error:  # gradcheck raises GradcheckError; anything else is a failure just the same
-        verdict = Check("gradcheck", label, subject, "torch.autograd.gradcheck (input, conv1 and norm1 weights)",
+        verdict = Check("gradcheck", label, subject, what,
                         False, tol=tols["rtol"], detail=short_error(error, kind=True))
 
     # Directional derivative: u . (f(p + e v) - f(p - e v)) / 2e  against  <grad of u . f(p), v>.
@@ -217,8 +222,8 @@ def run_local_checks(cfg: VerifyConfig, progress: bool = False) -> list[Check]:
     if cfg.modes:
         jobs += [("modes", c) for c in default_cases(cfg.specs, cfg.amp)]
     if cfg.gradcheck:  # in the checked models' spatial dims: a 3D run checks 3D gradients
-        jobs += [("gradcheck", (m, d)) for d in sorted({s.arg("spatial_dims") for s in cfg.specs})
-                 for m in MEMORY_MODES]
+        kinds = sorted({(s.arg("spatial_dims"), isinstance(s, SegmentationSpec)) for s in cfg.specs})
+        jobs += [("gradcheck", (m, d, seg)) for d, seg in kinds for m in MEMORY_MODES]
     bar = Progress(len(jobs), "gradcheck", "checks", enabled=progress)
     checks: list[Check] = []
     try:
@@ -230,9 +235,9 @@ def run_local_checks(cfg: VerifyConfig, progress: bool = False) -> list[Check]:
                                    lambda job=job, these=these: compare_modes(
                                        job, these, cfg.steps, cfg.batch_size, cfg.img_size, device, cfg.seed))
             else:
-                mode, dims = job
-                checks += _guarded("gradcheck", "float64", mode, lambda mode=mode, dims=dims: autograd_gradcheck(
-                    mode, device, cfg.seed, dims))
+                mode, dims, seg = job
+                checks += _guarded("gradcheck", "float64", mode, lambda mode=mode, dims=dims, seg=seg:
+                                   autograd_gradcheck(mode, device, cfg.seed, dims, segmentation=seg))
             bar.advance()
     finally:
         bar.close()
