@@ -116,25 +116,42 @@ def test_existing_outputs_need_force(bench, tmp_path, capsys):
     assert existing.read_text() == "keep me"
 
 
-def test_compile_variant(bench, tmp_path, capsys):
+def test_compile_variant(bench, tmp_path, capsys, monkeypatch):
     """A compiled variant is timed beside its eager self (which it brings along), with its compile time and a line
-    saying whether compiling pays."""
+    saying whether compiling pays. Each compiled variant compiles cold: the second reuses nothing the first traced
+    (it once showed 0.0 s), and the first, whose graphs that drops, still runs its rounds. aot_eager: the same path
+    as inductor through the bench, in seconds."""
+    import torch._functorch.config
+    import torch._inductor.config
+
+    import effidense.benchmark.runner as runner
+
+    aot_eager, caches = torch._dynamo.lookup_backend("aot_eager"), []
+
+    def backend(graph, inputs):  # what a compile could reuse from disk
+        caches.append((torch._inductor.config.fx_graph_cache, torch._functorch.config.enable_autograd_cache))
+        return aot_eager(graph, inputs)
+
+    real_compile = torch.compile
+    monkeypatch.setattr(runner.torch, "compile", lambda model, **kwargs: real_compile(model, backend=backend))
     json_path = tmp_path / "compiled.json"
-    code, out, _ = run_main(bench, TINY_SMALL + ["--variants", "efficient+compile", "--json", str(json_path)],
-                            capsys)
+    code, out, _ = run_main(bench, TINY_SMALL + ["--variants", "efficient+compile,plain+compile",
+                                                 "--json", str(json_path)], capsys)
     assert code == 0, out
     assert "+compile: the whole model (torch.compile mode 'default')" in out
     header = next(line for line in out.splitlines() if line.startswith("| variant"))
     assert "vs eager" in header and "compile s" in header
     data = json.loads(json_path.read_text())
     results = {r["variant"]: r for r in data["results"]}
-    assert list(results) == ["efficient", "efficient+compile"]
-    compiled = results["efficient+compile"]
-    assert compiled["status"] == "ok", compiled["error"]
-    assert compiled["compile_s"] is not None and compiled["compile_s"] >= 0
-    assert compiled["activation_bytes"] > 0 and compiled["vs_eager"] > 0
-    assert results["efficient"]["compile_s"] is None and results["efficient"]["vs_eager"] is None
-    assert len(data["compile_verdicts"]) == 1 and data["compile_verdicts"][0] in out
+    assert list(results) == ["efficient", "efficient+compile", "plain", "plain+compile"]
+    for mode in ("efficient", "plain"):
+        compiled = results[f"{mode}+compile"]
+        assert compiled["status"] == "ok", compiled["error"]
+        assert compiled["compile_s"] > 0 and len(compiled["samples"]["step_ms"]) == 1  # its round ran
+        assert compiled["activation_bytes"] > 0 and compiled["vs_eager"] > 0
+        assert results[mode]["compile_s"] is None and results[mode]["vs_eager"] is None
+    assert caches.count((False, False)) >= 2  # each variant's timed first step: no on-disk cache
+    assert len(data["compile_verdicts"]) == 2 and all(v in out for v in data["compile_verdicts"])
     assert data["compile_verdicts"][0].startswith("compiled efficient is ")
 
 
@@ -479,12 +496,12 @@ def test_plot_formats(bench, tmp_path, capsys, suffix, magic):
 
 
 def _no_benchmark(monkeypatch):
-    import effidense.cli.bench as cli
+    import effidense.benchmark
 
     def fail(*args, **kwargs):
         raise AssertionError("the benchmark ran before the error")
 
-    monkeypatch.setattr(cli, "benchmark", fail)
+    monkeypatch.setattr(effidense.benchmark, "benchmark", fail)  # where the command looks it up, once parsed
 
 
 def _one_line_error(code, out, err, expected):
@@ -614,10 +631,15 @@ def test_progress_off_a_terminal_is_plain_lines(bench, capsys):
     progress.advance(2)
     progress.close()
     assert stream.getvalue() == "bench plain: 1/3 step (33%) warm-up\nbench plain: 3/3 step (100%) warm-up\n"
-    # the whole command with stderr captured (no terminal): no tqdm frames, a last progress line
+    # the whole command with stderr captured (no terminal): no tqdm frames, a last progress line that counts every
+    # step once, a skipped variant's included
     argv = [a for a in TINY_SMALL if a != "--quiet"]
-    code, _, err = run_main(bench, argv + ["--variants", "plain"], capsys)
-    assert code == 0 and "\r" not in err and "bench plain: " in err
+    code, _, err = run_main(bench, argv + ["--variants", "plain,efficient,tv"], capsys)
+    assert code == 0 and "\r" not in err
+    counts = [re.search(r"^bench \S+: (\d+)/(\d+) step \((\d+)%\)", line) for line in err.splitlines()]
+    counts = [tuple(map(int, m.groups())) for m in counts if m]
+    assert counts and all(n <= total for n, total, _ in counts), err
+    assert counts[-1] == (counts[-1][1], counts[-1][1], 100), err
 
 
 def test_volumes_with_monai_as_the_peer(bench, tmp_path, capsys):
@@ -702,3 +724,26 @@ def test_a_compiled_mode_that_keeps_more_than_its_eager_self_says_so():
         "compiled efficient is 1.25x faster than eager on cpu (step) after a 119 s compile; but it keeps 6.3x the "
         "memory eager efficient keeps",
         "compiled frugal is 1.30x slower than eager on cpu (step) after a 12 s compile: don't compile on this device"]
+
+
+def test_the_default_run_is_quick_and_full_is_the_whole_matrix(bench, monkeypatch):
+    """Without flags: DenseNet-121, small enough for a CPU in a couple of minutes, our modes beside every peer that
+    builds it; --full: the model's own input size, a training batch, more rounds and compiled copies of our modes;
+    flags given alongside win. Only the configuration is checked: the benchmark itself does not run."""
+    import effidense.benchmark
+
+    runs = []
+    monkeypatch.setattr(effidense.benchmark, "benchmark", lambda cfg, **kwargs: runs.append(cfg))  # None: no report
+    dn121 = resolve_model("densenet121")
+    peers = [p for p in ("tv", "timm", "tv-plain", "monai") if peer_unsupported(dn121, p) is None]
+    for argv in ([], ["--full"], ["--full", "--batch-size", "8", "--variants", "plain"],
+                 ["--model", "effi_densenet_bc100_k12"]):
+        assert bench.main([*argv, "--quiet"]) == 0
+    quick, full, chosen, cifar = [(cfg.spec.name, cfg.img_size, cfg.batch_size, cfg.steps, cfg.variants)
+                                  for cfg in runs]
+    modes = ["plain", "efficient", "frugal"]
+    assert quick == ("effi_densenet121", 64, 8, 3, [*modes, *peers]) and {"tv", "timm", "tv-plain"} <= set(peers)
+    assert full[:4] == ("effi_densenet121", 224, 64, 5)
+    assert full[4] == [*modes, *peers, *(f"{m}+compile" for m in modes)]
+    assert chosen[1:] == (224, 8, 5, ["plain", "plain+compile"])
+    assert cifar == ("effi_densenet_bc100_k12", 32, 8, 3, modes)  # no peer builds the CIFAR stem

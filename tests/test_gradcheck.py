@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import load_tool
 
+import effidense.verify
 from effidense.layers.norm import BatchNormAct
 from effidense.verify import (
     TINY_BC,
@@ -201,9 +202,7 @@ def run_cli(module, argv, capsys):
     (["--spatial-dims", "3", "--img-size", str(3 * 10 ** 6)], "inputs is too large"),
 ])
 def test_bad_input_is_one_line_before_any_check(gradcheck, capsys, monkeypatch, argv, message):
-    import effidense.cli.gradcheck as cli
-
-    monkeypatch.setattr(cli, "run_local_checks", lambda *a, **k: pytest.fail("checks ran before the error"))
+    monkeypatch.setattr(effidense.verify, "run_local_checks", lambda *a, **k: pytest.fail("checks ran before error"))
     code, out, err = run_cli(gradcheck, ["--quiet"] + argv, capsys)
     assert code == 2 and out == "" and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and message in err
@@ -219,12 +218,12 @@ def test_device_cuda_without_gpu(gradcheck, capsys, monkeypatch):
 def test_json_write_failure_is_one_line(gradcheck, capsys, monkeypatch, tmp_path):
     import errno
 
-    import effidense.cli.gradcheck as cli
+    import effidense.fileio
 
     def full(path, data):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(cli, "atomic_write_bytes", full)
+    monkeypatch.setattr(effidense.fileio, "atomic_write_bytes", full)  # where the command looks it up
     path = tmp_path / "checks.json"
     argv = ["--quiet", "--skip-modes", "--json", str(path)]
     code, out, err = run_cli(gradcheck, argv, capsys)
@@ -246,7 +245,7 @@ def test_an_image_size_too_small_for_the_model_is_refused_up_front(gradcheck, ca
     def no_checks(*args, **kwargs):
         raise AssertionError("checks ran with an image the model cannot take")
 
-    monkeypatch.setattr(gradcheck, "run_local_checks", no_checks)
+    monkeypatch.setattr(effidense.verify, "run_local_checks", no_checks)
     code, out, err = run_cli(gradcheck, ["--quiet", "--img-size", "1"], capsys)
     assert code == 2 and out == ""
     assert err.strip() == "effidense gradcheck: error: --img-size 1: tiny DenseNet-BC needs inputs of at least 5x5"
@@ -276,7 +275,7 @@ def test_a_custom_3d_model_and_a_1d_one_pass(gradcheck, capsys):
 
 
 def test_too_small_a_volume_is_refused_in_its_own_shape(gradcheck, capsys, monkeypatch):
-    monkeypatch.setattr(gradcheck, "run_local_checks", lambda *a, **k: pytest.fail("checks ran"))
+    monkeypatch.setattr(effidense.verify, "run_local_checks", lambda *a, **k: pytest.fail("checks ran"))
     code, out, err = run_cli(gradcheck, ["--quiet", "--spatial-dims", "3", "--img-size", "1"], capsys)
     assert code == 2 and out == ""
     assert err.strip() == "effidense gradcheck: error: --img-size 1: tiny DenseNet-BC, 3D needs inputs of at least " \

@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import load_tool, one_line_error
 
+import effidense.verify
 from effidense import fcdensenet
 from effidense.verify import autograd_gradcheck
 
@@ -83,7 +84,7 @@ def test_volumes_and_signals(gradcheck, capsys):
     (["--model-kwargs", "block_config=(1,)"], "unknown FCDenseNet argument(s) block_config"),
 ])
 def test_bad_input_is_one_line_before_any_check(gradcheck, capsys, monkeypatch, argv, message):
-    monkeypatch.setattr(gradcheck, "run_local_checks", lambda *a, **k: pytest.fail("checks ran"))
+    monkeypatch.setattr(effidense.verify, "run_local_checks", lambda *a, **k: pytest.fail("checks ran"))
     code, out, err = run(gradcheck, [*TINY, *argv], capsys)
     assert code == 2 and out == ""
     assert message in one_line_error(err)

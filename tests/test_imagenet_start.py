@@ -192,7 +192,14 @@ def test_the_recipe_in_docs_3d_works_as_written(cached, tmp_path, monkeypatch, c
         assert model.features.conv0.weight.abs().sum() > 0
 
 
-def test_the_command_list_says_convert_handles_monai():
-    from effidense.cli import COMMANDS
+def test_the_help_says_convert_handles_monai_in_3d(capsys):
+    from effidense.cli import main
 
-    assert "MONAI (2D and 3D)" in COMMANDS["convert"] and "3D" in cli.build_parser().description
+    assert main(["--help"]) == 0
+    listed = next(line for line in capsys.readouterr().out.splitlines() if line.split()[:1] == ["convert"])
+    assert "MONAI (2D and 3D)" in listed
+    with pytest.raises(SystemExit) as done:
+        main(["convert", "--help"])
+    assert done.value.code == 0
+    described = " ".join(capsys.readouterr().out.split())
+    assert "MONAI (2D and 3D)" in described and "inflate 2D weights to 3D" in described

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
+from ..choices import COMPILE_MODES, COMPILE_SUFFIX
 from ..harness.step import AMP_DTYPES, CHANNELS_LAST
-from ..harness.variants import COMPILE_SUFFIX
 from ..modelspec import ModelSpec
 
 __all__ = ["COMPILE_MODES", "JSON_SCHEMA", "HOST_REFERENCE", "HOST_BATCH", "BenchConfig", "VariantResult",
@@ -21,8 +21,6 @@ __all__ = ["COMPILE_MODES", "JSON_SCHEMA", "HOST_REFERENCE", "HOST_BATCH", "Benc
 # arithmetic).
 HOST_REFERENCE = "tv-plain"
 HOST_BATCH = 2  # images per host-overhead step: BatchNorm needs two values per channel
-# torch.compile's modes (torch._inductor.list_mode_options()); "reduce-overhead" adds CUDA graphs on a GPU
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 JSON_SCHEMA = "effidense.bench/1"
 
 

@@ -72,7 +72,7 @@ def format_table(report: BenchReport) -> str:
     if show_compile:
         header.insert(2, f"+compile: the whole model (torch.compile mode {cfg.compile_mode or 'default'!r}); "
                          "vs eager: its step over its eager self's, median of per-round ratios; compile s: its first "
-                         "step less its median step")
+                         "step less its median step, compiled cold (dynamo reset, inductor's on-disk caches off)")
     host_size = host_img_size(cfg.spec)
     notes = ["", "Variants take turns: each round times one step of every variant. x less: plain's activation (peak) "
              "memory divided by the variant's; step vs plain: median over rounds of the variant's step time divided by "

@@ -1,6 +1,7 @@
 """The per-process benchmark (:func:`run_benchmark`), the whole run (:func:`benchmark`) and the depth sweep."""
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -92,22 +93,38 @@ def _run_benchmark(cfg: BenchConfig, local_rank: int) -> list[VariantResult]:
 
     # Warm-up steps (at least one), the host step's warm-up, and at full size the metered step(s).
     prepare_steps = max(cfg.warmup, 1) + 1 + (0 if cfg.host_only else 1 + (device.type == "cuda"))
-    progress = Progress((prepare_steps + cfg.steps) * len(cfg.variants), "bench", "step", cfg.progress and rank == 0)
+    # Each compiled variant compiles cold, which drops what the compiled variants before it compiled: they compile
+    # again, untimed, before the rounds.
+    recompiled = [v for v in cfg.variants if v.endswith(COMPILE_SUFFIX)][:-1]
+    total = (prepare_steps + cfg.steps) * len(cfg.variants) + len(recompiled)
+    progress = Progress(total, "bench", "step", cfg.progress and rank == 0)
     results: dict[str, VariantResult] = {}
     trainers: dict[str, StepRunner] = {}
     first_step_s: dict[str, float | None] = {}
     try:
         for variant in cfg.variants:
             progress.describe(f"bench {variant}")
-            before = progress.bar.n if progress.bar is not None else 0
+            before = progress.n
             results[variant], trainer, first_step_s[variant] = _prepare_variant(
                 variant, cfg, device, state, (x, y), host_batch, probe, reference, progress)
             if trainer is not None:
                 trainers[variant] = trainer
             elif device.type == "cuda":  # what a variant that ran out of memory left behind
                 release(device)
-            done = (progress.bar.n if progress.bar is not None else 0) - before
-            progress.advance(prepare_steps - done + (cfg.steps if trainer is None else 0))
+            # a variant that failed or was skipped part-way counts its remaining steps, and its rounds, as done
+            progress.advance(prepare_steps - (progress.n - before) + (cfg.steps if trainer is None else 0))
+        for variant in recompiled:
+            if variant in trainers:
+                progress.describe(f"bench {variant}")
+                progress.note("compiling again (untimed)")
+                try:
+                    _warm(trainers[variant], cfg, host_batch)
+                except Exception as error:
+                    results[variant] = failed_result(variant, error, cfg)
+                    del trainers[variant]
+                    progress.advance(cfg.steps)
+                progress.note("")
+            progress.advance()
         time_in_rounds(cfg, device, results, trainers, first_step_s, progress)
         if cfg.max_batch:
             for variant, trainer in trainers.items():
@@ -162,12 +179,15 @@ def _prepare_variant(variant: str, cfg: BenchConfig, device: torch.device, state
         timer = Timer(device)
 
         first_step_s = None
+        if compiled:
+            torch._dynamo.reset()  # nothing another variant, or an earlier run in this process, traced is reused
         for i in range(max(cfg.warmup, 1 if compiled else 0)):
             progress.note("compiling (first step)" if compiled and i == 0 else "warm-up")
-            timer.sync()
-            start = time.perf_counter()
-            trainer.step(*host_batch) if cfg.host_only else trainer.step()
-            timer.sync()
+            with _cold_compile() if compiled and i == 0 else contextlib.nullcontext():
+                timer.sync()
+                start = time.perf_counter()
+                trainer.step(*host_batch) if cfg.host_only else trainer.step()
+                timer.sync()
             if i == 0:
                 first_step_s = time.perf_counter() - start
             progress.advance()
@@ -191,6 +211,25 @@ def _prepare_variant(variant: str, cfg: BenchConfig, device: torch.device, state
         return result, trainer, first_step_s
     except Exception as error:
         return failed_result(variant, error, cfg), None, None
+
+
+def _cold_compile() -> contextlib.AbstractContextManager:
+    """Compile as on a fresh machine: without inductor's and AOTAutograd's on-disk caches, which would otherwise
+    serve the kernels an earlier run compiled (and show a compile time near zero)."""
+    import torch._functorch.config
+    import torch._inductor.config
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch._inductor.config.patch(fx_graph_cache=False))
+    stack.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
+    return stack
+
+
+def _warm(trainer: StepRunner, cfg: BenchConfig, host_batch: Batch) -> None:
+    """One step at each size the rounds time: a compiled model whose graphs were dropped compiles them again."""
+    if not cfg.host_only:
+        trainer.step()
+    trainer.step(*host_batch)
 
 
 def _wrap(model: nn.Module, compiled: bool, device: torch.device, mode: str | None = None) -> nn.Module:

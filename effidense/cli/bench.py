@@ -2,12 +2,14 @@
 
 Prints a markdown table (forward/backward/step time, images/s, activation memory, host time per step at a tiny input
 and, on a GPU, peak memory and the largest trainable batch), optionally writes every number to JSON and a plot of
-activation memory against depth. Defaults run a training-sized step of DenseNet-BC-100 (k=12): 32x32, batch 64, on
-the CPU in under a minute on 2 idle cores.
+activation memory against depth. With no arguments: DenseNet-121 in every memory mode beside the peers that build it
+(torchvision, timm, MONAI), one training step each at 64x64, batch 8, three timed rounds: a couple of minutes on 2
+CPU cores. --full is the training-sized run (224x224, batch 64) with compiled copies, for a long run or a GPU.
 Examples:
 
   python tools/bench.py
-  python tools/bench.py --model effi_densenet121 --batch-size 8 --variants plain,efficient,frugal,tv,timm,tv-plain
+  python tools/bench.py --full
+  python tools/bench.py --model effi_densenet_bc100_k12 --batch-size 64 --variants plain,efficient,frugal
   python tools/bench.py --model effi_densenet121 --host-only --steps 20
   python tools/bench.py --device cuda --model effi_densenet121 --batch-size 64 --amp bf16 --compile --max-batch
   torchrun --nproc_per_node 4 tools/bench.py --device cuda --model effi_densenet121 --batch-size 64
@@ -17,12 +19,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import torch
-
-import effidense.registry  # noqa: F401 - registers the effi_* timm models
-from effidense.benchmark import COMPILE_MODES, BenchConfig, BenchReport, benchmark, format_table, write_json, write_plot
-from effidense.cli.flags import (
+from ..choices import AMP_NAMES, COMPILE_MODES, MEMORY_MODES, PEERS
+from .flags import (
     OneLineParser,
     add_model_arguments,
     float_list,
@@ -32,16 +32,16 @@ from effidense.cli.flags import (
     spec_from_args,
     thread_count,
 )
-from effidense.densenet import MEMORY_MODES
-from effidense.failures import is_oom
-from effidense.fileio import outputs_problem, short_error
-from effidense.harness import AMP_DTYPES, PEERS, parse_variants, peer_unsupported
-from effidense.modelspec import resolve_model
 
-DEFAULT_MODEL = "effi_densenet_bc100_k12"
-# (batch size, warm-up steps, timed rounds) when not given. Batch 64 is a training step of the CIFAR default; on a
-# CPU one warm-up and three rounds keep the default run under a minute, a GPU gets steadier medians.
-DEVICE_DEFAULTS = {"cpu": (64, 1, 3), "cuda": (64, 5, 20)}
+if TYPE_CHECKING:
+    from ..benchmark import BenchReport
+
+DEFAULT_MODEL = "effi_densenet121"  # the network every peer builds: the default run compares them all
+# What a run does when not told: (input edge, batch size, warm-up steps, timed rounds); an edge of None is the
+# model's own input size (224 px for ImageNet stems, 32 for CIFAR ones). On the CPU the default answers in a
+# couple of minutes at 64 px, batch 8; --full runs the training-sized step of every variant, compiled copies too.
+QUICK = {"cpu": (64, 8, 1, 3), "cuda": (None, 64, 5, 20)}
+FULL = {"cpu": (None, 64, 1, 5), "cuda": (None, 64, 5, 20)}
 PROG = "effidense bench"
 
 
@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also run a compiled copy (the whole model, torch.compile) of each selected memory mode; "
                           "each compiled variant is timed beside its eager self, with its compile time, and a line "
                           "says whether compiling pays on this device")
+    run.add_argument("--full", action="store_true",
+                     help="the full matrix: every variant at the model's own input size (224 px for DenseNet-121), "
+                          "batch 64, 5 timed rounds on the CPU, plus a compiled copy of each memory mode (as "
+                          "--compile): a long run on a CPU. Flags given alongside still win")
     run.add_argument("--compile-mode", choices=COMPILE_MODES,
                      help="torch.compile's mode for '+compile' variants (default: torch's). 'reduce-overhead' adds "
                           "CUDA graphs on a GPU; on the CPU it compiles as the default does")
@@ -66,16 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="DDP over N spawned processes, one per GPU (nccl); with --device cpu, N gloo processes "
                           "sharing the cores (tests the DDP path). Memory is per rank, images/s the total. "
                           "Under torchrun the process count comes from torchrun instead")
-    run.add_argument("--batch-size", type=positive_int, help="images per step (per rank under DDP; default 64)")
+    run.add_argument("--batch-size", type=positive_int,
+                     help="images per step (per rank under DDP; default 8 on cpu, 64 on cuda and with --full)")
     run.add_argument("--img-size", type=positive_int,
-                     help="input height and width (default: 32 for small-input nets, else 224)")
-    run.add_argument("--amp", choices=tuple(AMP_DTYPES), help="autocast dtype (default: none, fp32)")
+                     help="input height and width (default on cpu: 64, or 32 for small-input nets; on cuda and "
+                          "with --full the model's own: 32 for small-input nets, else 224)")
+    run.add_argument("--amp", choices=AMP_NAMES, help="autocast dtype (default: none, fp32)")
     run.add_argument("--channels-last", action="store_true", help="channels_last memory format for model and input")
     run.add_argument("--warmup", type=non_negative_int,
-                     help="untimed steps per variant first (default 1 on cpu, 5 on cuda)")
+                     help="untimed steps per variant first (default 1 on cpu, 5 on cuda); a compiled variant's first "
+                          "step compiles, and its cold compile time is reported")
     run.add_argument("--steps", type=positive_int,
                      help="timed rounds, each one step of every variant in turn; medians are reported (default 3 "
-                          "cpu, 20 cuda)")
+                          "cpu, 5 with --full, 20 cuda)")
     run.add_argument("--seed", type=seed, default=0, help="seed for weights and data (default 0)")
     run.add_argument("--threads", type=thread_count, help="torch CPU threads (default: torch's choice)")
     run.add_argument("--max-batch", action="store_true",
@@ -109,6 +116,8 @@ def _error(message: str) -> int:
 
 def _write(flag: str, path: str, write: Callable[[str, BenchReport], None], report: BenchReport) -> bool:
     """Write one output; a failure (disk full, file system gone read-only) is one line, the others still run."""
+    from ..fileio import short_error
+
     try:
         write(path, report)
     except OSError as e:
@@ -121,6 +130,16 @@ def _write(flag: str, path: str, write: Callable[[str, BenchReport], None], repo
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # torch and timm load once the arguments parse: --help and usage errors answer without them
+    import torch
+
+    from .. import registry  # noqa: F401 - registers the effi_* timm models
+    from ..benchmark import BenchConfig, benchmark
+    from ..failures import is_oom
+    from ..fileio import outputs_problem, short_error
+    from ..harness import parse_variants, peer_unsupported
+    from ..modelspec import resolve_model
+
     problem = outputs_problem(args.json, args.plot, args.force)
     if problem:
         parser.error(problem)
@@ -137,11 +156,12 @@ def main(argv: list[str] | None = None) -> int:
             selected = [*MEMORY_MODES, *(p for p in PEERS if peer_unsupported(spec, p) is None)]
         else:
             selected = args.variants
-        variants = parse_variants(selected, compile_all=args.compile)
-        batch, warmup, steps = DEVICE_DEFAULTS[args.device]
+        variants = parse_variants(selected, compile_all=args.compile or args.full)
+        edge, batch, warmup, steps = (FULL if args.full else QUICK)[args.device]
+        edge = spec.default_img_size if edge is None else min(edge, spec.default_img_size)
         cfg = BenchConfig(
             spec=spec, variants=variants, batch_size=batch if args.batch_size is None else args.batch_size,
-            img_size=spec.default_img_size if args.img_size is None else args.img_size, device=args.device,
+            img_size=edge if args.img_size is None else args.img_size, device=args.device,
             amp=args.amp, channels_last=args.channels_last, warmup=warmup if args.warmup is None else args.warmup,
             steps=steps if args.steps is None else args.steps, seed=args.seed, max_batch=args.max_batch,
             max_batch_limit=args.max_batch_limit, threads=args.threads, progress=not args.quiet,
@@ -156,6 +176,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {short_error(e, kind=True)} (a smaller --batch-size or --img-size needs less)",
               file=sys.stderr)
         return 1
+    return _print_report(report, args)
+
+
+def _print_report(report: BenchReport | None, args: argparse.Namespace) -> int:
+    from ..benchmark import format_table, write_json, write_plot
+
     if report is None:  # a torchrun rank other than 0: rank 0 reports
         return 0
     print(format_table(report))

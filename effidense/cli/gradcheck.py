@@ -30,10 +30,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
-import torch
-
-from effidense.cli.flags import (
+from ..choices import AMP_NAMES, SEGMENTATION_MODELS
+from .flags import (
     OneLineParser,
     add_model_arguments,
     positive_int,
@@ -42,22 +42,9 @@ from effidense.cli.flags import (
     spec_from_args,
     thread_count,
 )
-from effidense.failures import is_oom
-from effidense.fileio import atomic_write_bytes, check_writable, short_error
-from effidense.harness import AMP_DTYPES, environment
-from effidense.harness.distributed import torchrun_world
-from effidense.harness.tiramisu import SEGMENTATION_MODELS
-from effidense.modelspec import ModelSpec
-from effidense.verify import (
-    TINY_BC,
-    TINY_SMALL_INPUTS,
-    VerifyConfig,
-    checks_to_json,
-    format_report,
-    input_shape,
-    run_ddp,
-    run_local_checks,
-)
+
+if TYPE_CHECKING:
+    from ..modelspec import ModelSpec
 
 PROG = "effidense gradcheck"
 _MODEL_FLAGS = ("model", "growth_rate", "block_config", "num_init_features", "bn_size", "compression", "drop_rate",
@@ -70,6 +57,8 @@ def _shaped(spec: ModelSpec, args: argparse.Namespace) -> ModelSpec:
     changes = {k: v for k in ("spatial_dims", "in_chans") if (v := getattr(args, k)) is not None}
     if not changes:
         return spec
+    from ..modelspec import ModelSpec
+
     dims = changes.get("spatial_dims", 2)
     name = spec.name if dims == 2 else f"{spec.name}, {dims}D"
     return ModelSpec(name, {**spec.kwargs, **changes})  # checked where main builds it, as every spec is
@@ -91,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--compile", action="store_true",
                      help="also compare compiled copies (the whole model, model.set_compile(True)) in the fp32 "
                           "case, with a looser tolerance")
-    run.add_argument("--amp", choices=tuple(AMP_DTYPES), default="bf16",
+    run.add_argument("--amp", choices=AMP_NAMES, default="bf16",
                      help="autocast dtype of the autocast case (default bf16; fp16 needs a GPU)")
     run.add_argument("--nproc", type=positive_int, default=1, metavar="N",
                      help="also run the DDP checks in N spawned processes (gloo on cpu, nccl on cuda, one GPU each)")
@@ -114,6 +103,24 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # torch loads once the arguments parse: --help and usage errors answer without it
+    import torch
+
+    from ..failures import is_oom
+    from ..fileio import atomic_write_bytes, check_writable, short_error
+    from ..harness import environment
+    from ..harness.distributed import torchrun_world
+    from ..verify import (
+        TINY_BC,
+        TINY_SMALL_INPUTS,
+        VerifyConfig,
+        checks_to_json,
+        format_report,
+        input_shape,
+        run_ddp,
+        run_local_checks,
+    )
+
     problem = check_writable([args.json], force=args.force)  # before the checks run, not after
     if problem:
         parser.error(f"--json: {problem}")

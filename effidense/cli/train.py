@@ -17,7 +17,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from effidense.train import TrainError, TrainingInterrupted, parse_args, train
+from ..train.args import parse_args
+from ..train.errors import TrainError, TrainingInterrupted
 
 
 def _primary() -> bool:
@@ -28,7 +29,10 @@ def _primary() -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        result = train(parse_args(argv))
+        args = parse_args(argv)
+        from ..train.trainer import train  # torch and timm: once the arguments parse, so --help answers at once
+
+        result = train(args)
     except TrainingInterrupted as e:
         if _primary():
             print(e, file=sys.stderr)

@@ -17,12 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..choices import AMP_NAMES
 from ..modelspec import ModelSpec
 
 __all__ = ["AMP_DTYPES", "CHANNELS_LAST", "Step", "Timer", "autocast", "step_loss", "training_step", "input_shape",
            "make_batch", "torch_threads", "release"]
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_DTYPES = dict(zip(AMP_NAMES, (torch.bfloat16, torch.float16), strict=True))
 # The channels-last memory format of each spatial dims (a model's and its input's); a signal (N, C, L) has none.
 CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..densenet import MEMORY_MODES
+from ..choices import COMPILE_SUFFIX, MEMORY_MODES, PEERS
 from ..modelspec import ModelSpec
 from ..weights import layout_state_dict
 
@@ -21,14 +21,6 @@ __all__ = ["PEERS", "COMPILE_SUFFIX", "PEER_LIBRARY", "PEER_LIBRARIES", "parse_v
            "peer_unsupported", "build_peer", "build_variant", "compile_model", "load_weights"]
 
 
-# The one peers table: every tool (bench, plan, gpu-report) names the peers so.
-PEERS = {
-    "tv": "torchvision memory_efficient=True",
-    "timm": "timm set_grad_checkpointing()",
-    "tv-plain": "torchvision plain",
-    "monai": "MONAI DenseNet (keeps everything; 1-3 spatial dims)",
-}
-COMPILE_SUFFIX = "+compile"
 
 
 def parse_variants(text: str | Sequence[str], compile_all: bool = False) -> list[str]:

@@ -9,13 +9,32 @@
 ``effidense train`` (``tools/train.py``) is the command line front of built-in mode; ``effidense timm`` of wrapper
 mode.
 """
-from .. import registry  # noqa: F401 (the trainer creates effi_* models through timm)
-from .args import args_to_yaml, build_parser, parse_args
-from .checkpoint import load_training_checkpoint, resolve_resume
-from .errors import TrainError, TrainingDiverged, TrainingInterrupted
-from .model import build_model
-from .trainer import train
-from .wrapper import run_timm_script
+from __future__ import annotations
 
-__all__ = ["TrainError", "TrainingDiverged", "TrainingInterrupted", "args_to_yaml", "build_model", "build_parser",
-           "load_training_checkpoint", "parse_args", "resolve_resume", "run_timm_script", "train"]
+import importlib
+from typing import Any
+
+# name -> the module that defines it, imported on first use: `effidense train --help` reads the arguments (.args)
+# without the trainer's torch and timm
+_EXPORTS = {
+    **dict.fromkeys(["args_to_yaml", "build_parser", "parse_args"], "args"),
+    **dict.fromkeys(["load_training_checkpoint", "resolve_resume"], "checkpoint"),
+    **dict.fromkeys(["TrainError", "TrainingDiverged", "TrainingInterrupted"], "errors"),
+    "build_model": "model",
+    "train": "trainer",
+    "run_timm_script": "wrapper",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
+from ..choices import MEMORY_MODES
 from ..cli.flags import ModelKwargs, OneLineParser, integer_in
-from ..densenet import MEMORY_MODES
 from .errors import TrainError
 
 __all__ = ["build_parser", "parse_args", "args_as_dict", "args_to_yaml", "WRAPPER_HINT"]

@@ -16,6 +16,7 @@ import timm
 import torch
 from torch import nn
 
+from .. import registry  # noqa: F401 (the trainer creates effi_* models through timm)
 from ..fileio import short_error
 from ..weights import (
     ConversionError,
