@@ -6,7 +6,7 @@ from __future__ import annotations
 from .arguments import MEMORY_MODES
 
 __all__ = ["MEMORY_MODES", "PEERS", "COMPILE_SUFFIX", "COMPILE_MODES", "AMP_NAMES", "OPTIMIZERS", "DTYPE_NAMES",
-           "SEGMENTATION_MODELS"]
+           "SEGMENTATION_MODELS", "REPORT_SECTIONS"]
 
 # The one peers table: every tool (bench, plan, gpu-report) names the peers so.
 PEERS = {
@@ -24,3 +24,13 @@ AMP_NAMES = ("bf16", "fp16")  # --amp's choices; effidense.harness.AMP_DTYPES ma
 OPTIMIZERS = ("none", "sgd", "sgd-momentum", "adamw")
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
 SEGMENTATION_MODELS = ("fcdensenet56", "fcdensenet67", "fcdensenet103")
+
+# gpu-report's sections, in the order they run: (title, share of the time budget). Shares are of what is left when the
+# section starts, so time one section leaves unused goes to the later ones.
+REPORT_SECTIONS: dict[str, tuple[str, float]] = {
+    "step-time": ("Step time, images/s and memory beside torchvision and timm (effidense bench)", 0.35),
+    "max-batch": ("Largest batch that trains on the whole GPU (effidense bench --max-batch)", 0.20),
+    "prediction": ("The planner's predicted peak against a measured step (effidense plan --check)", 0.10),
+    "3d": ("Volumes: our modes against MONAI's DenseNet (effidense bench --spatial-dims 3)", 0.15),
+    "correctness": ("Correctness on the device: effidense gradcheck and pytest -m cuda", 0.20),
+}

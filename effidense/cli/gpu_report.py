@@ -20,11 +20,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
+from effidense.choices import REPORT_SECTIONS as SECTIONS
 from effidense.cli.flags import OneLineParser
-from effidense.fileio import check_writable
-from effidense.gpu_report import REPORT_JSON, SECTIONS, SUMMARY_MD, format_summary, gpu_plan, run_report, smoke_plan
 
 DEFAULT_BUDGET = {"gpu": 510.0, "smoke": 115.0}
 
@@ -69,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    import torch  # the report's modules load torch: only once the arguments parse, so --help answers at once
+
+    from effidense.fileio import check_writable
+    from effidense.gpu_report import REPORT_JSON, SUMMARY_MD, format_summary, gpu_plan, run_report, smoke_plan
+
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         parser.error(f"--out: {out} is not a directory")

@@ -7,9 +7,8 @@ so a run cut short keeps what it measured):
    ``memory_efficient=True``), timm (``set_grad_checkpointing()``), effidense plain / efficient / frugal and
    efficient compiled whole, side by side.
 2. ``max-batch``: ``effidense bench --max-batch``: the largest batch of each mode and torchvision's on the whole GPU.
-3. ``prediction``: :func:`effidense.plan`'s predicted peak of each eager variant at two batch sizes against
-   ``torch.cuda.max_memory_allocated`` of the same step (the harness's one training step), and its predicted largest
-   batch beside the measured one.
+3. ``prediction``: ``effidense plan --check``: the planner's predicted peak of each eager variant against
+   ``torch.cuda.max_memory_allocated`` of the same step (the harness's one training step).
 4. ``3d``: ``effidense bench --spatial-dims 3`` of our modes against MONAI's DenseNet on 96^3 volumes.
 5. ``correctness``: ``effidense gradcheck --device cuda`` and ``python -m pytest -m cuda``.
 

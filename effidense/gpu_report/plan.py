@@ -5,21 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..choices import REPORT_SECTIONS
 from ..harness import PEERS
 from ..modelspec import ModelSpec, resolve_model
 
 SCHEMA = "effidense.gpu_report/2"
 REPORT_JSON, SUMMARY_MD = "report.json", "summary.md"
 
-# Section name: (title, share of the time budget). Shares are of what is left when the section starts, so time one
-# section leaves unused goes to the later ones.
-SECTIONS: dict[str, tuple[str, float]] = {
-    "step-time": ("Step time, images/s and memory beside torchvision and timm (effidense bench)", 0.35),
-    "max-batch": ("Largest batch that trains on the whole GPU (effidense bench --max-batch)", 0.20),
-    "prediction": ("The planner's predicted peak against a measured step (effidense plan --check)", 0.10),
-    "3d": ("Volumes: our modes against MONAI's DenseNet (effidense bench --spatial-dims 3)", 0.15),
-    "correctness": ("Correctness on the device: effidense gradcheck and pytest -m cuda", 0.20),
-}
+SECTIONS = REPORT_SECTIONS
 # The variants of bench, plan and gpu-report are the harness's, with its peers' names.
 EAGER = ("tv-plain", "tv", "timm", "plain", "efficient", "frugal")
 VARIANTS: dict[str, str] = {**PEERS, "plain": "effidense plain", "efficient": "effidense efficient",
