@@ -43,7 +43,7 @@ def test_plan_takes_a_volume_and_refuses_densenet_flags(capsys) -> None:
     assert plan(["--model", "fcdensenet103", "--block-config", "2,2", "--quiet"]) == 2
     assert one_line_error(capsys.readouterr().err) == (
         "effidense plan: error: --block-config do not apply to fcdensenet103; give FCDenseNet's arguments with "
-        "--model-kwargs (e.g. down_blocks=\"(4,4)\")")
+        "--model-kwargs (e.g. down_blocks=\"(2,2)\" up_blocks=\"(2,2)\" bottleneck_layers=2)")
     assert plan(["--model", "fcdensenet56", "--img-size", "16", "--quiet"]) == 2
     assert one_line_error(capsys.readouterr().err) == (
         "effidense plan: error: input 16x16 is too small for fcdensenet56: it needs at least 32x32")

@@ -63,11 +63,26 @@ def spec_from_args(args: argparse.Namespace) -> ModelSpec:
     return resolve_model(args.model, overrides)
 
 
-# DenseNet flags an FC-DenseNet takes, under FCDenseNet's names; block_config, compression and small_inputs have no
-# counterpart (its blocks are --model-kwargs down_blocks=... up_blocks=... bottleneck_layers=...)
+# DenseNet flags an FC-DenseNet's architecture takes, under FCDenseNet's names; block_config, compression and
+# small_inputs have no counterpart (its blocks are --model-kwargs down_blocks=... up_blocks=... bottleneck_layers=...)
 _SEGMENTATION_FLAGS = {"growth_rate": "growth_rate", "num_init_features": "init_features", "bn_size": "bn_size",
-                       "drop_rate": "drop_rate", "num_classes": "out_channels", "in_chans": "in_channels",
-                       "spatial_dims": "spatial_dims"}
+                       "drop_rate": "drop_rate"}
+
+
+def segmentation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """FCDenseNet's architecture arguments from ``--model-kwargs`` and the DenseNet flags that have a counterpart;
+    the ones that have none are refused in one line."""
+    unused = [f"--{key.replace('_', '-')}" for key in ("block_config", "compression", "small_inputs")
+              if getattr(args, key) is not None]
+    if unused:
+        raise ValueError(f"{', '.join(unused)} do not apply to {args.model}; give FCDenseNet's arguments with "
+                         "--model-kwargs (e.g. down_blocks=\"(2,2)\" up_blocks=\"(2,2)\" bottleneck_layers=2)")
+    kwargs = dict(args.model_kwargs)
+    for flag, key in _SEGMENTATION_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            kwargs[key] = None if value == "none" else value
+    return kwargs
 
 
 def segmentation_spec_from_args(args: argparse.Namespace) -> SegmentationSpec:
@@ -75,16 +90,10 @@ def segmentation_spec_from_args(args: argparse.Namespace) -> SegmentationSpec:
     of :func:`add_model_arguments` (``--model-kwargs`` in FCDenseNet's names)."""
     from ..harness.segmentation import segmentation_spec  # the harness only for the commands that ask for one
 
-    unused = [f"--{key.replace('_', '-')}" for key in ("block_config", "compression", "small_inputs")
-              if getattr(args, key) is not None]
-    if unused:
-        raise ValueError(f"{', '.join(unused)} do not apply to {args.model}; give FCDenseNet's arguments with "
-                         "--model-kwargs (e.g. down_blocks=\"(2,2)\" up_blocks=\"(2,2)\" bottleneck_layers=2)")
-    overrides = dict(args.model_kwargs)
-    for flag, key in _SEGMENTATION_FLAGS.items():
-        value = getattr(args, flag)
-        if value is not None:
-            overrides[key] = None if value == "none" else value
+    overrides = segmentation_kwargs(args)
+    for flag, key in (("num_classes", "out_channels"), ("in_chans", "in_channels"), ("spatial_dims", "spatial_dims")):
+        if getattr(args, flag) is not None:
+            overrides[key] = getattr(args, flag)
     return segmentation_spec(args.model, overrides)
 
 

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from ..choices import AMP_NAMES, DTYPE_NAMES, MEMORY_MODES, OPTIMIZERS, PEERS, SEGMENTATION_MODELS
 from ..configs import model_names, unknown_model_message
 from ..planner.budget import DEFAULT_MARGINS, DEVICES, GPU_PRESETS, parse_budget
-from .flags import OneLineParser, add_model_arguments, positive_int, spec_from_args, thread_count
+from .flags import OneLineParser, add_model_arguments, positive_int, segmentation_kwargs, spec_from_args, thread_count
 
 if TYPE_CHECKING:
     from ..modelspec import ModelSpec
@@ -136,23 +136,9 @@ def _input_size(args: argparse.Namespace, spec: ModelSpec) -> int | list[int] | 
     return list(args.img_size)
 
 
-# DenseNet flags that FC-DenseNet takes, under its own names; the other DenseNet flags do not apply to it
-_SEGMENTATION_FLAGS = {"growth_rate": "growth_rate", "num_init_features": "init_features", "bn_size": "bn_size",
-                       "drop_rate": "drop_rate"}
-
-
 def _segmentation(args: argparse.Namespace) -> dict[str, Any]:
     """plan()'s arguments for an FC-DenseNet: its variants, name, channels, classes and input size."""
-    unused = [f"--{key.replace('_', '-')}" for key in ("block_config", "compression", "small_inputs")
-              if getattr(args, key) is not None]
-    if unused:
-        raise ValueError(f"{', '.join(unused)} do not apply to {args.model}; give FCDenseNet's arguments with "
-                         "--model-kwargs (e.g. down_blocks=\"(4,4)\")")
-    kwargs = dict(args.model_kwargs)
-    for flag, key in _SEGMENTATION_FLAGS.items():
-        value = getattr(args, flag)
-        if value is not None:
-            kwargs[key] = None if value == "none" else value
+    kwargs = segmentation_kwargs(args)
     size = [args.volume] * 3 if args.volume is not None else list(args.img_size or [224])
     dims = args.spatial_dims or (len(size) if len(size) > 1 else 2)
     if len(size) == 1:
