@@ -130,8 +130,9 @@ class MemoryMode(nn.Module):
     def slices(self, maps: Sequence[Tensor], transient: float = 3.0) -> int:
         """The slices of a rerun of ``maps`` whose backward holds ``transient`` times their bytes, in this mode (a
         compiled model is not sliced: its graph is traced whole)."""
-        if torch.compiler.is_compiling():
-            return 1
+        if self._slices is None or (self._slices == "auto" and self._memory != "frugal") or \
+                torch.compiler.is_compiling():
+            return 1  # answered before any tensor is read: efficient's layers ask on every forward
         reads = sum(t.numel() * t.element_size() for t in maps)
         return slice_count(self._slices, self._memory == "frugal", maps[0].shape[0], transient * reads, reads)
 
