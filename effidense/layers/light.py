@@ -1,11 +1,11 @@
-"""Segments, and the light autograd Functions most of them rerun in.
+"""Segments, and the one light autograd Function they rerun in.
 
-A concatenation-norm-activation-convolution (:func:`concat_norm_conv`) or a stem's convolution-norm-activation-pool
-(:func:`conv_norm_pool`) keeps only its input for backward. Native training-mode BatchNorm with ReLU reruns in a light
-Function: forward calls the modules once (their hooks fire), keeps only the input maps, and backward rebuilds BatchNorm
-and ReLU and calls the very kernels autograd calls for the plain model, dropping each map when done, so gradients are
-bitwise the plain model's with fewer maps alive at once than a checkpoint's rerun. Any other norm or activation is
-checkpointed (:func:`~.recompute.checkpointed`). Under ``create_graph=True`` the Functions differentiate a rerun
+A concatenation-norm-activation-convolution (:func:`concat_norm_conv`), a stem's convolution-norm-activation-pool
+(:func:`conv_norm_pool`) or a frugal dense layer (:func:`light_segment`) keeps only its input for backward. Native
+training-mode BatchNorm with ReLU reruns in :class:`LightSegment`: forward calls the modules once (their hooks fire),
+keeps only the input maps, and backward rebuilds BatchNorm and ReLU and calls the very kernels autograd calls for the
+plain model (or goes through the batch in slices), dropping each map when done. Any other norm or activation is
+checkpointed (:func:`~.recompute.checkpointed`). Under ``create_graph=True`` the Function differentiates a rerun
 instead (:func:`differentiable_rerun`), so double backward works.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .norm import BatchNormAct, grad_sums, input_grad
+from .norm import BatchNormAct, grad_sums, input_grad, normalized
 from .pool import MaxPool
 from .recompute import checkpointed, is_tracing, rerun
 
@@ -186,7 +186,7 @@ class LightSegment(torch.autograd.Function):
         def front(a: int, b: int) -> tuple[Tensor, Tensor]:  # a slice's segment input and first normalised map
             x = _conv(ctx, pre, maps[0][a:b], params[0]) if pre is not None else \
                 torch.cat([t[a:b] for t in maps], 1)
-            return x, _normalize_relu(x, *weights[0][:2], *ctx.stats[0])
+            return x, normalized(x, *weights[0][:2], *ctx.stats[0]).relu_()
 
         def summed(stage: int, gz: Tensor, x: Tensor, total: list) -> None:
             sums = grad_sums(gz, x, *ctx.stats[stage])
@@ -201,7 +201,7 @@ class LightSegment(torch.autograd.Function):
             inputs, top = None, None
             for a, b in parts:
                 x1 = _conv(ctx, stages[0][2], front(a, b)[1], weights[0][2])
-                gz1 = through(1, grad[a:b], _normalize_relu(x1, *weights[1][:2], *ctx.stats[1]), True)
+                gz1 = through(1, grad[a:b], normalized(x1, *weights[1][:2], *ctx.stats[1]).relu_(), True)
                 summed(1, gz1, x1, totals[1])
                 if top is None:
                     inputs, top = x1.new_empty((batch, *x1.shape[1:])), gz1.new_empty((batch, *gz1.shape[1:]))
@@ -347,16 +347,6 @@ def _bounds(batch: int, slices: int) -> list[tuple[int, int]]:
     size, extra = divmod(batch, min(slices, batch))
     starts = [i * size + min(i, extra) for i in range(min(slices, batch) + 1)]
     return list(zip(starts, starts[1:], strict=False))
-
-
-def _normalize_relu(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, invstd: Tensor) -> Tensor:
-    """``ReLU(BN(x))`` with the statistics forward saved, in their precision, as the kernels compute it."""
-    shape = (1, -1, *([1] * (x.dim() - 2)))
-    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-    y = (x.to(mean.dtype) - mean.view(shape)) * scale.view(shape)
-    if bias is not None:
-        y = y + bias.to(mean.dtype).view(shape)
-    return y.relu_().to(x.dtype)
 
 
 _BITS = torch.arange(8, dtype=torch.uint8)

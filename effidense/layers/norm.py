@@ -29,7 +29,7 @@ from .recompute import fx_leaf, handed, recomputing
 __all__ = ["BATCH_NORM_ACT", "INSTANCE_NORM_ACT", "Activation", "AdoptsNorms", "BatchNormAct", "BatchNormAct1d",
            "BatchNormAct2d", "BatchNormAct3d", "GroupNormAct", "InstanceNormAct1d", "InstanceNormAct2d",
            "InstanceNormAct3d", "NormAct", "SyncBatchNormAct", "SyncBatchNormWithStats", "batch_stats", "grad_sums",
-           "input_grad", "relu_"]
+           "input_grad", "normalized", "relu_"]
 
 
 def _per_channel(t: Tensor, dims: int) -> Tensor:
@@ -71,6 +71,16 @@ class SyncBatchNormWithStats(torch.autograd.Function):
 
 def _xhat(x: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:
     return (x.to(mean.dtype) - _per_channel(mean, x.dim())) * _per_channel(invstd, x.dim())
+
+
+def normalized(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, invstd: Tensor) -> Tensor:
+    """Training-mode BatchNorm's output given the statistics its forward used, computed in their precision and
+    returned in ``x``'s dtype: a part of the batch rebuilt as the whole batch's forward normalised it."""
+    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    y = (x.to(mean.dtype) - _per_channel(mean, x.dim())) * _per_channel(scale, x.dim())
+    if bias is not None:
+        y = y + _per_channel(bias.to(mean.dtype), x.dim())
+    return y.to(x.dtype)
 
 
 def grad_sums(grad: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
