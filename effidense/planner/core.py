@@ -255,7 +255,7 @@ def plan(model: str | ModelSpec | Mapping[str, Callable[[], nn.Module]] = "effi_
         result = VariantPlan(name, batch=batch_size, size=list(size))
         try:
             _plan_variant(result, StepProbe(target.builders[name], step, fake, scratch), batch_size, size, usable,
-                          budget_bytes, margin, target, edge_search, exact=True, slope=not measure)
+                          budget_bytes, margin, target, edge_search, slope=not measure)
         except BudgetError:
             raise
         except Exception as error:
@@ -335,7 +335,7 @@ class _Peaks:
 
 
 def _plan_variant(result: VariantPlan, probe: StepProbe, batch: int, size: tuple[int, ...], usable: int | None,
-                  budget: int | None, margin: float, target: _Target, edge_search: bool, exact: bool,
+                  budget: int | None, margin: float, target: _Target, edge_search: bool,
                   slope: bool = True) -> None:
     peaks = _Peaks(probe, result)
     first = peaks.step(batch, size)
@@ -358,7 +358,7 @@ def _plan_variant(result: VariantPlan, probe: StepProbe, batch: int, size: tuple
             f"budget {format_bytes(budget)} ({format_bytes(usable)} after the {margin:.0%} safety margin) is "
             f"smaller than the parameters alone ({format_bytes(first.parameter_bytes)} for {target.name}): short "
             f"by {format_bytes(first.parameter_bytes - usable)}")
-    result.max_batch = search_batch(lambda n: peaks(n, size), usable, [batch, second], MAX_BATCH_LIMIT, exact)
+    result.max_batch = search_batch(lambda n: peaks(n, size), usable, [batch, second], MAX_BATCH_LIMIT, exact=True)
     if result.max_batch == 0:
         result.status = "does-not-fit"
         result.error = (f"does not fit even at batch 1: predicted peak {format_bytes(peaks(1, size))} > "
