@@ -37,6 +37,17 @@ def _seed():
     yield
 
 
+def perturb_norm(norm: torch.nn.Module, generator: torch.Generator) -> None:
+    """Non-default running statistics, affine parameters and batch count for a BatchNorm, drawn from ``generator``,
+    so that eval outputs depend on every tensor it holds."""
+    with torch.no_grad():
+        norm.running_mean.copy_(torch.randn(norm.num_features, generator=generator) * 0.5)
+        norm.running_var.copy_(torch.rand(norm.num_features, generator=generator) + 0.5)
+        norm.weight.copy_(1 + 0.2 * torch.randn(norm.num_features, generator=generator))
+        norm.bias.copy_(0.2 * torch.randn(norm.num_features, generator=generator))
+        norm.num_batches_tracked.fill_(7)
+
+
 def one_line_error(err: str) -> str:
     """The one line a command printed on stderr (and no traceback)."""
     lines = [line for line in err.splitlines() if line.strip()]

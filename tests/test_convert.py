@@ -14,7 +14,7 @@ import pytest
 import timm
 import torch
 import torchvision
-from conftest import load_tool
+from conftest import load_tool, perturb_norm
 from safetensors import safe_open
 from torch import nn
 
@@ -37,11 +37,7 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=generator) * 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
-                m.weight.copy_(1 + 0.2 * torch.randn(m.num_features, generator=generator))
-                m.bias.copy_(0.2 * torch.randn(m.num_features, generator=generator))
-                m.num_batches_tracked.fill_(7)
+                perturb_norm(m, generator)
             elif isinstance(m, nn.Linear):
                 m.bias.copy_(torch.randn(m.out_features, generator=generator))
     return model.eval()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_tool, one_line_error
+from conftest import load_tool, one_line_error, perturb_norm
 from safetensors import safe_open
 from torch import nn
 
@@ -30,11 +30,7 @@ def tiny(spatial_dims: int = 2, in_channels: int = 2, out_channels: int = 5, see
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=generator) * 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
-                m.weight.copy_(1 + 0.2 * torch.randn(m.num_features, generator=generator))
-                m.bias.copy_(0.2 * torch.randn(m.num_features, generator=generator))
-                m.num_batches_tracked.fill_(7)
+                perturb_norm(m, generator)
     return model.eval()
 
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 import torchvision
-from conftest import ROOT, load_tool
+from conftest import ROOT, load_tool, perturb_norm
 from safetensors import safe_open
 from torch import nn
 
@@ -36,11 +36,7 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=generator) * 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
-                m.weight.copy_(1 + 0.2 * torch.randn(m.num_features, generator=generator))
-                m.bias.copy_(0.2 * torch.randn(m.num_features, generator=generator))
-                m.num_batches_tracked.fill_(7)
+                perturb_norm(m, generator)
             elif isinstance(m, (nn.Conv2d, nn.Linear)):
                 m.weight.copy_(torch.randn(m.weight.shape, generator=generator) / m.weight[0].numel() ** 0.5)
                 if m.bias is not None:
