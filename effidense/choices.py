@@ -6,7 +6,7 @@ from __future__ import annotations
 from .arguments import MEMORY_MODES
 
 __all__ = ["MEMORY_MODES", "PEERS", "COMPILE_SUFFIX", "COMPILE_MODES", "AMP_NAMES", "OPTIMIZERS", "DTYPE_NAMES",
-           "SEGMENTATION_MODELS", "REPORT_SECTIONS"]
+           "SEGMENTATION_MODELS", "MONAI_MODELS", "REPORT_SECTIONS"]
 
 # The one peers table: every tool (bench, plan, gpu-report) names the peers so.
 PEERS = {
@@ -24,6 +24,7 @@ AMP_NAMES = ("bf16", "fp16")  # --amp's choices; effidense.harness.AMP_DTYPES ma
 OPTIMIZERS = ("none", "sgd", "sgd-momentum", "adamw")
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
 SEGMENTATION_MODELS = ("fcdensenet56", "fcdensenet67", "fcdensenet103")
+MONAI_MODELS = ("DenseNet121", "DenseNet169", "DenseNet201", "DenseNet264")  # effidense.monai's, as MONAI names them
 
 # gpu-report's sections, in the order they run: (title, share of the time budget). Shares are of what is left when the
 # section starts, so time one section leaves unused goes to the later ones.

@@ -6,11 +6,12 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, load_tool
+from conftest import TINY, load_tool, one_line_error
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from effidense.harness import StepProbe, StepSpec, build_variant, torch_threads
+from effidense import DenseNet
+from effidense.harness import StepProbe, StepSpec, build_variant, monai_variants, torch_threads
 from effidense.memory import SavedTensorMeter, StorageTracker
 from effidense.modelspec import ModelSpec
 from effidense.planner import (
@@ -503,3 +504,50 @@ def test_the_torch_free_names_are_the_libraries():
 
     assert choices.SEGMENTATION_MODELS == tuple(FCDENSENET_CONFIGS)
     assert choices.OPTIMIZERS == OPTIMIZERS and choices.DTYPE_NAMES == tuple(DTYPES)
+
+
+@pytest.mark.parametrize("slices", [4, 6])
+def test_a_fake_sliced_backward_counts_what_every_slice_allocates(slices):
+    """On fake tensors a sliced backward goes through a few representative slices; the step's tracked peak is still
+    the real step's, byte for byte, with slices of two sizes (22 samples in 4 or 6 slices)."""
+    def build() -> nn.Module:
+        return DenseNet(growth_rate=8, block_config=(2,), num_init_features=16, num_classes=5, memory="frugal",
+                        backward_slices=slices)
+
+    peaks = [StepProbe(build, StepSpec(num_classes=5), fake=fake).measure(22, (32, 32)).peak_bytes
+             for fake in (True, False)]
+    assert peaks[0] == peaks[1]
+
+
+def test_variants_planned_side_by_side_match_those_planned_in_turn():
+    """Forked workers plan what one process plans, variant by variant, in the same order."""
+    kwargs = dict(variants=VARIANTS, img_size=32, batch_size=4, budget="3MiB")
+    in_turn, side_by_side = plan(SPEC, workers=1, **kwargs), plan(SPEC, workers=2, **kwargs)
+    assert [r.name for r in side_by_side.variants] == [r.name for r in in_turn.variants]
+    for a, b in zip(side_by_side.variants, in_turn.variants, strict=True):
+        assert a.ok and (a.peak_bytes, a.max_batch, a.probes) == (b.peak_bytes, b.max_batch, b.probes), a.name
+
+
+MONAI_SMALL = ["--model-kwargs", "init_features=8", "growth_rate=4", "block_config=(2,2)"]
+
+
+def test_monai_names_plan_the_drop_in_as_built_beside_monai(capsys) -> None:
+    """``--model DenseNet121`` plans effidense.monai's class itself in each mode, and MONAI's own, with MONAI's
+    arguments; the prediction is that very model's step, counted on real tensors."""
+    pytest.importorskip("monai")
+    assert load_tool("plan").main(["--model", "DenseNet121", "--volume", "16", "--batch-size", "2", "--quiet",
+                                   *MONAI_SMALL]) == 0
+    out = capsys.readouterr().out
+    assert "DenseNet121 (effidense.monai, 3D), batch 2, 16x16x16" in out
+    rows = {line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")}
+    assert {"plain", "efficient", "frugal", "monai"} <= rows
+    builders, min_size = monai_variants("DenseNet121", 3, 1, 2, init_features=8, growth_rate=4, block_config=(2, 2))
+    kwargs = dict(variants="efficient,monai", img_size=(16, 16, 16), batch_size=2, in_chans=1, num_classes=2,
+                  min_size=min_size, workers=1)
+    predicted, real = plan(builders, **kwargs), plan(builders, fake=False, **kwargs)
+    for p, r in zip(predicted.variants, real.variants, strict=True):
+        assert p.ok and p.peak_bytes == r.peak_bytes, p.name
+    assert load_tool("plan").main(["--model", "DenseNet121", "--growth-rate", "8", "--quiet"]) == 2
+    assert one_line_error(capsys.readouterr().err) == (
+        "effidense plan: error: --growth-rate do not apply to DenseNet121; give MONAI's arguments with "
+        "--model-kwargs (e.g. init_features=32 growth_rate=16 norm=instance)")

@@ -26,6 +26,13 @@ Examples:
 
 FC-DenseNet (--model fcdensenet56, 67 or 103: segmentation, a label per position) compares its memory modes with
 `reference`, a port that concatenates as the common PyTorch ports do; --model-kwargs go to FCDenseNet.
+
+MONAI's names (--model DenseNet121, DenseNet169, DenseNet201 or DenseNet264) plan effidense.monai's drop-in exactly
+as `effidense.monai.DenseNet121(spatial_dims, in_channels, out_channels, memory=...)` builds it, beside MONAI's own
+class (`monai`), with --model-kwargs in MONAI's names (init_features=, norm=, ...); --in-chans defaults to 1 and
+--num-classes to 2, and --volume N (or --spatial-dims 3) makes it 3D:
+  effidense plan --model DenseNet121 --volume 96 --batch-size 2 --amp bf16 --budget a100-80gb
+torchvision's builder names (densenet121, densenet161, ...) are the bare config names above.
 """
 from __future__ import annotations
 
@@ -33,7 +40,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
-from ..choices import AMP_NAMES, DTYPE_NAMES, MEMORY_MODES, OPTIMIZERS, PEERS, SEGMENTATION_MODELS
+from ..choices import AMP_NAMES, DTYPE_NAMES, MEMORY_MODES, MONAI_MODELS, OPTIMIZERS, PEERS, SEGMENTATION_MODELS
 from ..configs import model_names, unknown_model_message
 from ..planner.budget import DEFAULT_MARGINS, DEVICES, GPU_PRESETS, parse_budget
 from .flags import OneLineParser, add_model_arguments, positive_int, segmentation_kwargs, spec_from_args, thread_count
@@ -136,15 +143,22 @@ def _input_size(args: argparse.Namespace, spec: ModelSpec) -> int | list[int] | 
     return list(args.img_size)
 
 
-def _segmentation(args: argparse.Namespace) -> dict[str, Any]:
-    """plan()'s arguments for an FC-DenseNet: its variants, name, channels, classes and input size."""
-    kwargs = segmentation_kwargs(args)
+def _built_size(args: argparse.Namespace) -> tuple[list[int], int]:
+    """The input size and spatial dims of a model planned as its own class builds it: --volume, or --img-size (one
+    edge, or the input's own sizes, which choose the dims), or 224 in 2D."""
     size = [args.volume] * 3 if args.volume is not None else list(args.img_size or [224])
     dims = args.spatial_dims or (len(size) if len(size) > 1 else 2)
     if len(size) == 1:
         size *= dims
     elif len(size) != dims:
         raise ValueError(f"--img-size {' '.join(map(str, size))} is a {len(size)}D input but --spatial-dims is {dims}")
+    return size, dims
+
+
+def _segmentation(args: argparse.Namespace) -> dict[str, Any]:
+    """plan()'s arguments for an FC-DenseNet: its variants, name, channels, classes and input size."""
+    kwargs = segmentation_kwargs(args)
+    size, dims = _built_size(args)
     in_chans = 3 if args.in_chans is None else args.in_chans
     classes = 11 if args.num_classes is None else args.num_classes
     from ..harness.tiramisu import segmentation_variants
@@ -154,11 +168,30 @@ def _segmentation(args: argparse.Namespace) -> dict[str, Any]:
             "min_size": min_size, "img_size": size}
 
 
+def _monai(args: argparse.Namespace) -> dict[str, Any]:
+    """plan()'s arguments for MONAI's name: effidense.monai's drop-in in each mode and MONAI's own class."""
+    unused = [f"--{key.replace('_', '-')}" for key in ("growth_rate", "block_config", "num_init_features", "bn_size",
+                                                       "compression", "drop_rate", "small_inputs")
+              if getattr(args, key) is not None]
+    if unused:
+        raise ValueError(f"{', '.join(unused)} do not apply to {args.model}; give MONAI's arguments with "
+                         "--model-kwargs (e.g. init_features=32 growth_rate=16 norm=instance)")
+    size, dims = _built_size(args)
+    in_chans = 1 if args.in_chans is None else args.in_chans
+    classes = 2 if args.num_classes is None else args.num_classes
+    from ..harness import monai_variants
+
+    builders, min_size = monai_variants(args.model, dims, in_chans, classes, **args.model_kwargs)
+    return {"model": builders, "name": f"{args.model} (effidense.monai, {dims}D)", "in_chans": in_chans,
+            "num_classes": classes, "min_size": min_size, "img_size": size}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.model not in (*model_names(), *SEGMENTATION_MODELS):  # refused before torch loads
-        parser.error(unknown_model_message(args.model, [*model_names(), *SEGMENTATION_MODELS]))
+    known = [*model_names(), *SEGMENTATION_MODELS, *MONAI_MODELS]
+    if args.model not in known:  # refused before torch loads
+        parser.error(unknown_model_message(args.model, known))
     if args.img_size is not None and len(args.img_size) > 3:
         parser.error(f"--img-size takes 1 to 3 numbers (N, H W or D H W), got {len(args.img_size)}")
     if args.volume is not None and args.spatial_dims not in (None, 3):
@@ -177,12 +210,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def progress(name: str) -> None:
         if not args.quiet:
-            print(f"plan: {name} ...", file=sys.stderr, flush=True)
+            print(f"plan: {name}", file=sys.stderr, flush=True)
 
     try:
         named = False
         if args.model in SEGMENTATION_MODELS:
             model = _segmentation(args)
+        elif args.model in MONAI_MODELS:
+            model = _monai(args)
         else:
             spec = spec_from_args(args)
             model = {"model": spec, "img_size": _input_size(args, spec)}

@@ -36,6 +36,7 @@ from .variants import (
     build_variant,
     compile_model,
     load_weights,
+    monai_variants,
     parse_variants,
     peer_limits,
     peer_unsupported,
@@ -44,6 +45,7 @@ from .variants import (
 __all__ = ["AMP_DTYPES", "CHANNELS_LAST", "COMPILE_SUFFIX", "OPTIMIZERS", "PEERS", "PEER_LIBRARIES", "PEER_LIBRARY",
            "TORCHRUN_ENV", "Step", "StepMemory", "StepProbe", "StepSpec", "Timer", "autocast", "bisect_fits",
            "build_peer", "build_variant", "command_line", "compile_model", "environment", "input_shape",
-           "largest_batch", "load_weights", "make_batch", "parse_variants", "peer_limits", "peer_unsupported",
+           "largest_batch", "load_weights", "make_batch", "monai_variants", "parse_variants", "peer_limits",
+           "peer_unsupported",
            "release", "step_loss", "torch_threads", "training_step", "backend_for", "check_world", "free_port",
            "process_group", "torchrun_world"]

@@ -7,18 +7,19 @@ against them. The peer libraries are imported only when a model is built.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..choices import COMPILE_SUFFIX, MEMORY_MODES, PEERS
+from ..choices import COMPILE_SUFFIX, MEMORY_MODES, MONAI_MODELS, PEERS
 from ..modelspec import ModelSpec
 from ..weights import layout_state_dict
 
 __all__ = ["PEERS", "COMPILE_SUFFIX", "PEER_LIBRARY", "PEER_LIBRARIES", "parse_variants", "peer_limits",
-           "peer_unsupported", "build_peer", "build_variant", "compile_model", "load_weights"]
+           "peer_unsupported", "build_peer", "build_variant", "compile_model", "load_weights", "monai_variants"]
 
 
 
@@ -127,6 +128,28 @@ def build_variant(variant: str, spec: ModelSpec) -> nn.Module:
         raise ValueError(f"unknown variant {variant!r}")
     return build_peer(PEER_LIBRARY[variant], spec, memory_efficient=variant == "tv",
                       grad_checkpointing=variant == "timm")
+
+
+def monai_variants(name: str, spatial_dims: int, in_channels: int, out_channels: int,
+                   **kwargs: Any) -> tuple[dict[str, Callable[[], nn.Module]], int]:
+    """What the planner compares for MONAI's ``name`` (``DenseNet121``): :mod:`effidense.monai`'s drop-in in each
+    memory mode, exactly as a user builds it with ``kwargs`` (MONAI's names), and MONAI's own class as the ``monai``
+    peer where MONAI is installed; and the smallest input edge the model takes."""
+    from .. import monai as drop_in
+
+    if name not in MONAI_MODELS:
+        raise ValueError(f"unknown MONAI DenseNet {name!r}; choose one of {', '.join(MONAI_MODELS)}")
+    model = functools.partial(getattr(drop_in, name), spatial_dims, in_channels, out_channels, **kwargs)
+    with torch.device("meta"):  # checks the arguments at no cost, and gives the smallest input
+        min_size = model().min_input_size
+    builders: dict[str, Callable[[], nn.Module]] = {mode: functools.partial(model, memory=mode)
+                                                     for mode in MEMORY_MODES}
+    try:
+        from monai.networks import nets
+    except ImportError:
+        return builders, min_size
+    builders["monai"] = functools.partial(getattr(nets, name), spatial_dims, in_channels, out_channels, **kwargs)
+    return builders, min_size
 
 
 def load_weights(model: nn.Module, variant: str, state: dict[str, torch.Tensor]) -> None:

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
+import pickle
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -185,7 +188,7 @@ def plan(model: str | ModelSpec | Mapping[str, Callable[[], nn.Module]] = "effi_
          budget: str | int | None = None, max_edge: bool | None = None,
          in_chans: int = 3, num_classes: int = 1000, min_size: int = 1, fake: bool = True,
          progress: Callable[[str], None] | None = None, name: str | None = None, device: str = "cuda",
-         margin: float | None = None, measure: bool = False) -> PlanReport:
+         margin: float | None = None, measure: bool = False, workers: int | None = None) -> PlanReport:
     """Predict each variant's peak memory for one training step, and the largest batch that fits ``budget``.
 
     ``model``: an ``effi_*`` or config name, a :class:`~effidense.modelspec.ModelSpec`, or a mapping from variant
@@ -204,6 +207,8 @@ def plan(model: str | ModelSpec | Mapping[str, Callable[[], nn.Module]] = "effi_
     device's free memory.
     ``max_edge``: also search the largest cube edge at ``batch_size`` (default: for 3D inputs).
     ``fake=False`` runs the same steps on real tensors (to validate the prediction at small sizes).
+    ``workers``: how many variants are planned at once, each in a process of its own (default: one per CPU core
+    this process may use; real steps, and a ``measure`` run, go one at a time).
 
     Every figure is a prediction from tensors that allocate nothing (``FakeTensorMode``), counted storage by
     storage; :data:`NOT_COUNTED` names what it leaves out. Raises ValueError for bad input (one line each).
@@ -246,12 +251,11 @@ def plan(model: str | ModelSpec | Mapping[str, Callable[[], nn.Module]] = "effi_
                         KERNEL_SCRATCH[device])
     scratch = scratch_model(device)
     usable = report.usable_bytes
-    for name in [*target.builders, *target.skipped]:
-        if name in target.skipped:
-            report.variants.append(VariantPlan(name, status="skipped", error=target.skipped[name]))
-            continue
+    report.variants += [VariantPlan(name, status="skipped", error=why) for name, why in target.skipped.items()]
+
+    def planned(name: str) -> VariantPlan:
         if progress is not None:
-            progress(name)
+            progress(f"{name} ...")
         result = VariantPlan(name, batch=batch_size, size=list(size))
         try:
             _plan_variant(result, StepProbe(target.builders[name], step, fake, scratch), batch_size, size, usable,
@@ -260,12 +264,49 @@ def plan(model: str | ModelSpec | Mapping[str, Callable[[], nn.Module]] = "effi_
             raise
         except Exception as error:
             result.status, result.error = "failed", short_error(error, kind=True)
-        report.variants.append(result)
+        return result
+
+    job = dict(model=model, img_size=img_size, batch_size=batch_size, amp=amp, dtype=dtype, optimizer=optimizer,
+               budget=budget, max_edge=max_edge, in_chans=in_chans, num_classes=num_classes, min_size=min_size,
+               name=name, device=device, margin=margin)
+    report.variants += _side_by_side(planned, list(target.builders), workers if fake and not measure else 1, job,
+                                     progress)
     order = list(target.builders) + list(target.skipped)
     report.variants.sort(key=lambda r: order.index(r.name))
     if measure:
         _measure(report, target, step, size, progress)
     return report
+
+
+def _plan_in_worker(job: dict, threads: int, name: str) -> VariantPlan:
+    torch.set_num_threads(threads)  # the CPU scratch model reads it, as the planning process set it
+    return plan(**job, variants=name, workers=1).variants[0]
+
+
+def _side_by_side(planned: Callable[[str], VariantPlan], names: list[str], workers: int | None, job: dict,
+                  progress: Callable[[str], None] | None) -> list[VariantPlan]:
+    """``planned(name)`` for each name, or ``plan(**job)`` for each in worker processes side by side: fake steps are
+    host-bound Python, one core each. Workers are spawned (autograd's threads do not survive a fork), so the job
+    must pickle; where it does not (a model built by a local function), the variants are planned in turn."""
+    if workers is None:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = min(workers, len(names))
+    try:
+        pickle.dumps(job)
+    except (pickle.PicklingError, AttributeError, TypeError):
+        workers = 1
+    if workers <= 1 or multiprocessing.current_process().daemon:
+        return [planned(name) for name in names]
+    results = {}
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_plan_in_worker, job, torch.get_num_threads(), name): name for name in names}
+        if progress is not None:
+            progress(f"{', '.join(names)}: {workers} at a time, in processes of their own ...")
+        for done, future in enumerate(as_completed(futures), 1):
+            results[futures[future]] = future.result()
+            if progress is not None:
+                progress(f"{futures[future]} planned ({done}/{len(names)})")
+    return [results[name] for name in names]
 
 
 def free_bytes(device: str) -> int:
@@ -298,7 +339,7 @@ def _measure(report: PlanReport, target: _Target, step: StepSpec, size: tuple[in
                          f"and {device} has {format_bytes(free)} free; measure a smaller batch")
     for r in planned:
         if progress is not None:
-            progress(f"{r.name} (a real step)")
+            progress(f"{r.name}: a real step ...")
         try:
             probe = StepProbe(target.builders[r.name], step, fake=False, device=device)
             r.measured_peak_bytes = probe.allocator_peak(batch, size)
