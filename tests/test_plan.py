@@ -520,9 +520,9 @@ def test_a_fake_sliced_backward_counts_what_every_slice_allocates(slices):
 
 
 def test_variants_planned_side_by_side_match_those_planned_in_turn():
-    """Forked workers plan what one process plans, variant by variant, in the same order."""
+    """Worker processes plan what one process plans, variant by variant, in the same order."""
     kwargs = dict(variants=VARIANTS, img_size=32, batch_size=4, budget="3MiB")
-    in_turn, side_by_side = plan(SPEC, workers=1, **kwargs), plan(SPEC, workers=2, **kwargs)
+    in_turn, side_by_side = plan(SPEC, **kwargs), plan(SPEC, workers=2, **kwargs)
     assert [r.name for r in side_by_side.variants] == [r.name for r in in_turn.variants]
     for a, b in zip(side_by_side.variants, in_turn.variants, strict=True):
         assert a.ok and (a.peak_bytes, a.max_batch, a.probes) == (b.peak_bytes, b.max_batch, b.probes), a.name
@@ -543,7 +543,7 @@ def test_monai_names_plan_the_drop_in_as_built_beside_monai(capsys) -> None:
     assert {"plain", "efficient", "frugal", "monai"} <= rows
     builders, min_size = monai_variants("DenseNet121", 3, 1, 2, init_features=8, growth_rate=4, block_config=(2, 2))
     kwargs = dict(variants="efficient,monai", img_size=(16, 16, 16), batch_size=2, in_chans=1, num_classes=2,
-                  min_size=min_size, workers=1)
+                  min_size=min_size)
     predicted, real = plan(builders, **kwargs), plan(builders, fake=False, **kwargs)
     for p, r in zip(predicted.variants, real.variants, strict=True):
         assert p.ok and p.peak_bytes == r.peak_bytes, p.name

@@ -188,7 +188,7 @@ def plan(model: str | ModelSpec | Mapping[str, Callable[[], nn.Module]] = "effi_
          budget: str | int | None = None, max_edge: bool | None = None,
          in_chans: int = 3, num_classes: int = 1000, min_size: int = 1, fake: bool = True,
          progress: Callable[[str], None] | None = None, name: str | None = None, device: str = "cuda",
-         margin: float | None = None, measure: bool = False, workers: int | None = None) -> PlanReport:
+         margin: float | None = None, measure: bool = False, workers: int | None = 1) -> PlanReport:
     """Predict each variant's peak memory for one training step, and the largest batch that fits ``budget``.
 
     ``model``: an ``effi_*`` or config name, a :class:`~effidense.modelspec.ModelSpec`, or a mapping from variant
@@ -207,8 +207,10 @@ def plan(model: str | ModelSpec | Mapping[str, Callable[[], nn.Module]] = "effi_
     device's free memory.
     ``max_edge``: also search the largest cube edge at ``batch_size`` (default: for 3D inputs).
     ``fake=False`` runs the same steps on real tensors (to validate the prediction at small sizes).
-    ``workers``: how many variants are planned at once, each in a process of its own (default: one per CPU core
-    this process may use; real steps, and a ``measure`` run, go one at a time).
+    ``workers``: how many variants are planned at once, each in a spawned process of its own (None: one per CPU
+    core this process may use; real steps, and a ``measure`` run, go one at a time). Spawned processes import the
+    calling script again, so a script that asks for more than one guards its top level (``if __name__ ==
+    "__main__":``), as ``multiprocessing`` requires; the ``effidense plan`` command does.
 
     Every figure is a prediction from tensors that allocate nothing (``FakeTensorMode``), counted storage by
     storage; :data:`NOT_COUNTED` names what it leaves out. Raises ValueError for bad input (one line each).
