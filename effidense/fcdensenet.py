@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .densenet import MEMORY_MODES, DenseBlock
+from .densenet import DenseBlock, MemoryMode
 from .layers import BATCH_NORM_ACT, NormAct, checkpointed
 
 __all__ = ["FCDenseNet", "FCDENSENET_CONFIGS", "fcdensenet56", "fcdensenet67", "fcdensenet103"]
@@ -110,7 +110,7 @@ class TransitionUp(nn.Module):
         return x
 
 
-class FCDenseNet(nn.Module):
+class FCDenseNet(MemoryMode):
     """FC-DenseNet ("Tiramisu") for segmentation: logits of ``out_channels`` classes at every input position.
 
     Args:
@@ -126,6 +126,8 @@ class FCDenseNet(nn.Module):
         bn_size: None (the paper's BN-ReLU-conv3x3 layers), or a bottleneck factor (DenseNet-BC layers).
         norm_layer: makes each norm (+ activation) for a number of channels; default BatchNorm + ReLU.
         memory: 'plain', 'efficient' (default) or 'frugal' (see the module docstring); settable later.
+        backward_slices: 'auto' (frugal's reruns go through the batch in slices where they would hold more than they
+            read), a number of slices for efficient's and frugal's, or None (never); settable later, as DenseNet's.
 
     An input needs at least ``2 ** len(down_blocks)`` positions along every axis (32 for the paper's five
     poolings); any size from there works, even or odd.
@@ -135,7 +137,7 @@ class FCDenseNet(nn.Module):
                  down_blocks: Sequence[int] = (4, 5, 7, 10, 12), up_blocks: Sequence[int] = (12, 10, 7, 5, 4),
                  bottleneck_layers: int = 15, growth_rate: int = 16, init_features: int = 48,
                  drop_rate: float = 0.2, bn_size: int | None = None, norm_layer: NormLayer | None = None,
-                 memory: str = "efficient") -> None:
+                 memory: str = "efficient", backward_slices: int | str | None = "auto") -> None:
         super().__init__()
         if isinstance(spatial_dims, bool) or spatial_dims not in _CONV:
             raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
@@ -179,20 +181,7 @@ class FCDenseNet(nn.Module):
                 nn.init.kaiming_uniform_(m.weight, nonlinearity="relu")  # the paper's HeUniform
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        self.memory = memory
-
-    @property
-    def memory(self) -> str:
-        """'plain', 'efficient' or 'frugal'; setting it sets every block's."""
-        return self._memory
-
-    @memory.setter
-    def memory(self, memory: str) -> None:
-        if memory not in MEMORY_MODES:
-            raise ValueError(f"memory must be one of {', '.join(map(repr, MEMORY_MODES))}, got {memory!r}")
-        self._memory = memory
-        for block in [*self.down, self.bottleneck, *self.up]:
-            block.memory = memory
+        self.memory, self.backward_slices = memory, backward_slices
 
     def set_memory(self, memory: str) -> FCDenseNet:
         """Switch the memory mode of a built model; returns the model."""

@@ -122,6 +122,27 @@ def test_another_norm_and_the_bottleneck_layer_stay_exact() -> None:
     assert all(torch.equal(a, b) for a, b in zip(outputs["plain"], outputs["frugal"], strict=True))
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_a_sliced_backward_keeps_forward_bitwise_and_gradients_within_sum_order(dims: int) -> None:
+    """``backward_slices``, as on DenseNet, reaches every layer: outputs and running statistics stay bitwise plain's,
+    gradients equal plain's up to the order of float sums (DenseNet's tolerance, tests/test_slicing.py)."""
+    plain = FCDenseNet(dims, 2, 3, **TINY, memory="plain", drop_rate=0.0)
+    models = {"plain": plain}
+    for mode in ("efficient", "frugal"):
+        models[mode] = FCDenseNet(dims, 2, 3, **TINY, memory=mode, drop_rate=0.0, backward_slices=2)
+        models[mode].load_state_dict(plain.state_dict())
+        assert {m.backward_slices for m in models[mode].modules() if hasattr(m, "backward_slices")} == {2}
+    outputs = _step_all(models, dims, steps=1)
+    count = 1 + len(list(plain.parameters()))
+    scale = max(float(g.abs().max()) for g in outputs["plain"][1:count])
+    for mode in ("efficient", "frugal"):
+        assert torch.equal(outputs["plain"][0], outputs[mode][0]), mode
+        for a, b in zip(outputs["plain"][1:count], outputs[mode][1:count], strict=True):
+            assert float((a - b).abs().max()) <= 1e-5 * scale, mode
+        for (key, a), b in zip(plain.state_dict().items(), models[mode].state_dict().values(), strict=True):
+            assert "running" not in key or torch.equal(a, b), (mode, key)
+
+
 @pytest.mark.parametrize("build, message", [
     (lambda: FCDenseNet(4, 1, 2), "spatial_dims must be 1, 2 or 3, got 4"),
     (lambda: FCDenseNet(2, 0, 2), "in_channels must be a positive integer, got 0"),
@@ -130,6 +151,7 @@ def test_another_norm_and_the_bottleneck_layer_stay_exact() -> None:
     (lambda: FCDenseNet(2, 1, 2, bn_size=0), "bn_size must be a positive integer, got 0"),
     (lambda: FCDenseNet(2, 1, 2, drop_rate=1.0), "drop_rate must be a number in [0, 1), got 1.0"),
     (lambda: FCDenseNet(2, 1, 2, memory="lean"), "memory must be one of 'plain', 'efficient', 'frugal'"),
+    (lambda: FCDenseNet(2, 1, 2, backward_slices=0), "backward_slices must be 'auto', None (not sliced) or a"),
     (lambda: FCDenseNet(2, 1, 2, norm_layer=torch.nn.BatchNorm2d), "norm_layer must make an effidense"),
 ])
 def test_bad_settings_get_one_line(build, message: str) -> None:
