@@ -551,3 +551,16 @@ def test_monai_names_plan_the_drop_in_as_built_beside_monai(capsys) -> None:
     assert one_line_error(capsys.readouterr().err) == (
         "effidense plan: error: --growth-rate do not apply to DenseNet121; give MONAI's arguments with "
         "--model-kwargs (e.g. init_features=32 growth_rate=16 norm=instance)")
+
+
+def test_worker_processes_answer_raise_and_die_apart():
+    """A call's result comes back by name; one that raises raises in the caller; a process that dies fails its call
+    alone, with its exit code."""
+    from effidense.planner.workers import in_processes
+
+    # eval: one builtin function (it pickles by name) for a call that answers and one whose process exits
+    results = in_processes(eval, [("a", ("2 ** 5",)), ("gone", ("__import__('os')._exit(3)",))], 2)
+    assert results["a"] == 32
+    assert isinstance(results["gone"], ChildProcessError) and "exit code 3" in str(results["gone"])
+    with pytest.raises(ValueError, match="invalid literal"):
+        in_processes(int, [("bad", ("x",))], 1)

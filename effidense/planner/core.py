@@ -4,9 +4,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
-import pickle
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +28,7 @@ from ..harness import (
 from ..modelspec import ModelSpec, resolve_model
 from .budget import DEFAULT_MARGINS, DEVICES, format_bytes, parse_budget
 from .scratch import KERNEL_SCRATCH, scratch_model
+from .workers import cores, in_processes, pickles
 
 __all__ = ["DTYPES", "NOT_COUNTED", "BudgetError", "VariantPlan", "PlanReport", "plan", "search_batch", "search_edge"]
 
@@ -287,28 +286,23 @@ def _plan_in_worker(job: dict, threads: int, name: str) -> VariantPlan:
 
 def _side_by_side(planned: Callable[[str], VariantPlan], names: list[str], workers: int | None, job: dict,
                   progress: Callable[[str], None] | None) -> list[VariantPlan]:
-    """``planned(name)`` for each name, or ``plan(**job)`` for each in worker processes side by side: fake steps are
-    host-bound Python, one core each. Workers are spawned (autograd's threads do not survive a fork), so the job
-    must pickle; where it does not (a model built by a local function), the variants are planned in turn."""
-    if workers is None:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    workers = min(workers, len(names))
-    try:
-        pickle.dumps(job)
-    except (pickle.PicklingError, AttributeError, TypeError):
-        workers = 1
-    if workers <= 1 or multiprocessing.current_process().daemon:
+    """``planned(name)`` for each name in turn, or ``plan(**job)`` for each in worker processes side by side
+    (:mod:`.workers`), where more than one is asked for and the job pickles (not a model built by a local
+    function)."""
+    workers = min(cores() if workers is None else workers, len(names))
+    if workers <= 1 or multiprocessing.current_process().daemon or not pickles(job):
         return [planned(name) for name in names]
-    results = {}
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_plan_in_worker, job, torch.get_num_threads(), name): name for name in names}
+    if progress is not None:
+        progress(f"{', '.join(names)}: {workers} at a time, in processes of their own ...")
+
+    def done(name: str, count: int) -> None:
         if progress is not None:
-            progress(f"{', '.join(names)}: {workers} at a time, in processes of their own ...")
-        for done, future in enumerate(as_completed(futures), 1):
-            results[futures[future]] = future.result()
-            if progress is not None:
-                progress(f"{futures[future]} planned ({done}/{len(names)})")
-    return [results[name] for name in names]
+            progress(f"{name} planned ({count}/{len(names)})")
+
+    threads = torch.get_num_threads()
+    results = in_processes(_plan_in_worker, [(name, (job, threads, name)) for name in names], workers, done)
+    return [VariantPlan(name, status="failed", error=str(r)) if isinstance(r, ChildProcessError) else r
+            for name, r in ((name, results[name]) for name in names)]
 
 
 def free_bytes(device: str) -> int:
