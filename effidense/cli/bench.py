@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
     from ..benchmark import BenchReport
     from ..harness.segmentation import SegmentationSpec
+    from ..modelspec import ModelSpec
 
 DEFAULT_MODEL = "effi_densenet121"  # the network every peer builds: the default run compares them all
 # What a run does when not told: (input edge, batch size, warm-up steps, timed rounds); an edge of None is the
@@ -138,24 +139,11 @@ def _write(flag: str, path: str, write: Callable[[str, BenchReport], None], repo
     return True
 
 
-def _img_size(args: argparse.Namespace) -> int | tuple[int, ...] | None:
-    """--img-size as BenchConfig takes it: one edge, or the input's own size, which makes the model 2D or 3D (by
-    setting --spatial-dims) unless its dims were given, when they must agree."""
-    if args.img_size is None or len(args.img_size) == 1:
-        return None if args.img_size is None else args.img_size[0]
-    size = tuple(args.img_size)
-    dims = args.spatial_dims or args.model_kwargs.get("spatial_dims")
-    if dims is None:
-        args.spatial_dims = len(size)
-    elif dims != len(size):
-        raise ValueError(f"--img-size {' '.join(map(str, size))} is a {len(size)}D input but the model is {dims}D "
-                         f"(spatial_dims={dims}): give one number (the edge) or {dims}")
-    return size
-
-
-def _segmentation(args: argparse.Namespace) -> tuple[SegmentationSpec, dict[str, Callable[[], nn.Module]]]:
-    """An FC-DenseNet's spec (its input, classes and name) and the variants plan compares for it: our modes and the
-    reference port, built from the spec's own arguments."""
+def _model(args: argparse.Namespace) -> tuple[ModelSpec | SegmentationSpec, dict[str, Callable[[], nn.Module]] | None]:
+    """The model the flags describe, and its variants' builders where the DenseNet peers do not build it: an
+    FC-DenseNet's memory modes and reference port, as plan compares them, from the spec's own arguments."""
+    if args.model not in SEGMENTATION_MODELS:
+        return spec_from_args(args), None
     from ..harness.tiramisu import segmentation_variants
 
     spec = segmentation_spec_from_args(args)
@@ -163,6 +151,24 @@ def _segmentation(args: argparse.Namespace) -> tuple[SegmentationSpec, dict[str,
     builders, _ = segmentation_variants(args.model, spec.arg("spatial_dims"), spec.arg("in_chans"),
                                         spec.arg("num_classes"), **config)
     return spec, builders
+
+
+def _model_and_size(args: argparse.Namespace) -> tuple[ModelSpec | SegmentationSpec,
+                                                        dict[str, Callable[[], nn.Module]] | None,
+                                                        int | tuple[int, ...] | None]:
+    """:func:`_model`, and --img-size as BenchConfig takes it: one edge, or the input's own size, which makes the
+    model 3D (or 2D) unless its dims were given, when they must agree."""
+    spec, builders = _model(args)
+    if args.img_size is None or len(args.img_size) == 1:
+        return spec, builders, None if args.img_size is None else args.img_size[0]
+    size, dims = tuple(args.img_size), spec.arg("spatial_dims")
+    if len(size) != dims:
+        if args.spatial_dims is not None or "spatial_dims" in args.model_kwargs:
+            raise ValueError(f"--img-size {' '.join(map(str, size))} is a {len(size)}D input but the model is {dims}D "
+                             f"(spatial_dims={dims}): give one number (the edge) or {dims}")
+        args.spatial_dims = len(size)
+        spec, builders = _model(args)
+    return spec, builders, size
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,11 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device (torch.cuda.is_available() is False)")
     try:
-        img_size = _img_size(args)
-        if args.model in SEGMENTATION_MODELS:
-            spec, builders = _segmentation(args)
-        else:
-            spec, builders = spec_from_args(args), None
+        spec, builders, img_size = _model_and_size(args)
         # the depth sweep (a DenseNet family's) runs last: its models are checked first
         sweep = args.plot_scales if args.plot and builders is None else None
         for scale in sweep or ():
