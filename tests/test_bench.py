@@ -344,6 +344,10 @@ def test_parse_variants():
     assert parse_variants("efficient+compile,plain,efficient") == ["efficient", "efficient+compile", "plain"]
     with pytest.raises(ValueError, match="no variants"):
         parse_variants(" , ")
+    with pytest.raises(ValueError, match="unknown variant 'reference'"):
+        parse_variants("reference")
+    assert parse_variants("reference+compile,plain", offered=["plain", "reference"]) == [
+        "reference", "reference+compile", "plain"]
 
 
 def test_config_validation():
@@ -352,6 +356,20 @@ def test_config_validation():
         BenchConfig(spec, ["plain"], batch_size=0)
     with pytest.raises(ValueError, match="amp"):
         BenchConfig(spec, ["plain"], amp="fp8")
+    with pytest.raises(ValueError, match=r"img_size \[8, 8, 8\] is a 3D input but the model is 2D"):
+        BenchConfig(spec, ["plain"], img_size=(8, 8, 8))
+    with pytest.raises(ValueError, match="img_size must be at least 1"):
+        BenchConfig(spec, ["plain"], img_size=(8, 0))
+    with pytest.raises(ValueError, match="builders must offer 'plain'"):
+        BenchConfig(spec, ["frugal"], builders={"frugal": lambda: spec.build("frugal")})
+
+
+@pytest.mark.parametrize("size, shown", [(["12", "8"], "batch 2, 12x8,"), (["8", "8", "6"], "batch 2, 8x8x6,")])
+def test_img_size_takes_the_inputs_own_size(bench, capsys, size, shown):
+    """Two or three numbers are the input's size: a non-square image, or a volume that makes the model 3D."""
+    code, out, err = run_main(bench, TINY_SMALL + ["--img-size", *size, "--variants", "plain"], capsys)
+    assert code == 0, err
+    assert shown in out and "| plain" in out and "FAILED" not in out
 
 
 def test_max_batch_probe_treats_only_oom_as_not_fitting(monkeypatch):

@@ -16,6 +16,10 @@ stem, bottleneck layers, compression 0.5; timm also needs ``num_init_features ==
 DenseNet-121/161/169/201/264 have both, the CIFAR nets have neither, and timm's ``densenet264d`` (deep stem) is not
 a counterpart of anything here.
 
+With ``BenchConfig.builders`` the variants are instead what a mapping builds by name, for a model no DenseNet peer
+builds: ``effidense bench --model fcdensenet103`` times an FC-DenseNet's memory modes beside ``reference``, the port
+:func:`effidense.harness.tiramisu.segmentation_variants` builds.
+
 ``tools/bench.py`` is the command-line front; :func:`run_benchmark` is the per-process core (DDP ranks call it too).
 The variants, the step and the environment are :mod:`effidense.harness`'s, shared with plan, gradcheck and gpu-report.
 

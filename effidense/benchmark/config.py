@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..choices import COMPILE_MODES, COMPILE_SUFFIX
-from ..harness.step import AMP_DTYPES, CHANNELS_LAST
+from ..harness.segmentation import SegmentationSpec
+from ..harness.step import AMP_DTYPES, CHANNELS_LAST, input_shape
 from ..modelspec import ModelSpec
 
 __all__ = ["COMPILE_MODES", "JSON_SCHEMA", "HOST_REFERENCE", "HOST_BATCH", "BenchConfig", "VariantResult",
@@ -26,12 +28,19 @@ JSON_SCHEMA = "effidense.bench/1"
 
 @dataclass
 class BenchConfig:
-    """Everything a benchmark run measures; the same on every DDP rank."""
+    """Everything a benchmark run measures; the same on every DDP rank.
 
-    spec: ModelSpec
+    ``spec`` describes the model (its input, classes and name); the variants are its memory modes and the peers
+    that build it, or, with ``builders``, the models that mapping builds by variant name (it must offer ``plain``,
+    which every variant is checked against): an FC-DenseNet's modes and its reference port, say, which no DenseNet
+    peer builds. ``img_size`` is an edge (a square, a cube or a length, as the model's spatial dims say) or the
+    input's spatial size.
+    """
+
+    spec: ModelSpec | SegmentationSpec
     variants: list[str]
     batch_size: int = 8
-    img_size: int = 32
+    img_size: int | tuple[int, ...] = 32
     device: str = "cpu"
     amp: str | None = None
     channels_last: bool = False
@@ -45,11 +54,23 @@ class BenchConfig:
     traceback: bool = False  # print the full traceback of a failing variant to stderr
     host_only: bool = False  # time only the host-overhead step (tiny input), not the full-size step or its memory
     compile_mode: str | None = None  # torch.compile's mode for "+compile" variants; None: its default
+    builders: Mapping[str, Callable[[], nn.Module]] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "img_size", "steps", "max_batch_limit"):
+        for name in ("batch_size", "steps", "max_batch_limit"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not isinstance(self.img_size, int):
+            self.img_size = tuple(self.img_size)
+        size = input_shape(self.spec, 1, self.img_size)[2:]
+        if min(size) < 1:
+            raise ValueError(f"img_size must be at least 1, got {self.img_size}")
+        dims = self.spec.arg("spatial_dims")
+        if len(size) != dims:
+            raise ValueError(f"img_size {list(size)} is a {len(size)}D input but the model is {dims}D: give one edge "
+                             f"or {dims} sizes")
+        if self.builders is not None and "plain" not in self.builders:
+            raise ValueError("builders must offer 'plain': every variant is checked against its output")
         if self.warmup < 0:
             raise ValueError(f"warmup must be non-negative, got {self.warmup}")
         if self.device not in ("cpu", "cuda"):
@@ -58,7 +79,7 @@ class BenchConfig:
             raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)} or None, got {self.amp!r}")
         if self.compile_mode is not None and self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
-        problem = self.spec.size_problem(self.batch_size, (self.img_size,) * self.spec.arg("spatial_dims"))
+        problem = self.spec.size_problem(self.batch_size, size)
         if problem:
             raise ValueError(problem)
         if self.channels_last and self.spec.arg("spatial_dims") not in CHANNELS_LAST:
@@ -156,15 +177,15 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def host_img_size(spec: ModelSpec) -> int:
+def host_img_size(spec: ModelSpec | SegmentationSpec) -> int:
     """Image size of the host-overhead step: 32, or the model's ``min_input_size`` if larger."""
     with torch.device("meta"):  # building on the meta device costs no memory
         return max(32, spec.build("plain").min_input_size)
 
 
-def size_label(spec: ModelSpec, img_size: int) -> str:
-    """``224x224``, ``96x96x96``: the input's spatial size."""
-    return "x".join([str(img_size)] * spec.arg("spatial_dims"))
+def size_label(spec: ModelSpec | SegmentationSpec, img_size: int | Sequence[int]) -> str:
+    """``224x224``, ``96x96x96``, ``360x480``: the input's spatial size."""
+    return "x".join(map(str, input_shape(spec, 1, img_size)[2:]))
 
 
 def _paired_ratio(a: Sequence[float] | None, b: Sequence[float] | None) -> float | None:

@@ -124,7 +124,7 @@ def _seconds(s: float) -> str:
 def report_to_json(report: BenchReport) -> dict[str, Any]:
     """Every number of the run and its environment, JSON-serialisable."""
     cfg = report.config
-    config = {k: v for k, v in asdict(cfg).items() if k not in ("spec", "progress", "traceback")}
+    config = {k: v for k, v in asdict(cfg).items() if k not in ("spec", "progress", "traceback", "builders")}
     config["model"] = {"name": cfg.spec.name, "depth": cfg.spec.depth,
                        "kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.spec.kwargs.items()}}
     return {
@@ -152,7 +152,8 @@ _LABELS = {"tv": "torchvision memory_efficient", "timm": "timm grad checkpointin
 
 def write_plot(path: str, report: BenchReport) -> None:
     """A figure (format by suffix: .png, .pdf or .svg): activation memory against depth for our modes and the
-    torchvision/timm peers (left), median step time per variant with the min-max spread of the rounds (right)."""
+    torchvision/timm peers (left, where the run swept depths), median step time per variant with the min-max spread
+    of the rounds (right)."""
     suffix = path[path.rfind("."):].lower() if "." in path else ""
     if suffix not in PLOT_FORMATS:
         raise ValueError(f"plot format must be one of {', '.join(PLOT_FORMATS)}, got {path!r}")
@@ -161,8 +162,11 @@ def write_plot(path: str, report: BenchReport) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 6.4))
-    _plot_depth(left, report)
+    if report.depth_sweep:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(13, 6.4))
+        _plot_depth(left, report)
+    else:
+        fig, right = plt.subplots(figsize=(6.5, 6.4))
     _plot_times(right, report)
     fig.tight_layout()
     buffer = io.BytesIO()
@@ -173,9 +177,6 @@ def write_plot(path: str, report: BenchReport) -> None:
 
 def _plot_depth(ax: Any, report: BenchReport) -> None:
     cfg, sweep = report.config, report.depth_sweep
-    if not sweep:
-        ax.set_axis_off()
-        return
     series = sweep["activation_bytes"]
     # The gap at the deepest point (how many times less than plain, and than each peer) goes into the legend, below
     # the axes: beside the curves it overlapped the peers' curves, inside the axes the legend overlaps plain's.

@@ -15,6 +15,7 @@ from ..harness import (
     AMP_DTYPES,
     CHANNELS_LAST,
     COMPILE_SUFFIX,
+    PEER_LIBRARY,
     PEERS,
     StepProbe,
     StepSpec,
@@ -79,7 +80,7 @@ def _run_benchmark(cfg: BenchConfig, local_rank: int) -> list[VariantResult]:
         torch.backends.cudnn.benchmark = True
 
     torch.manual_seed(cfg.seed)
-    base = cfg.spec.build("plain")
+    base = _build("plain", cfg)
     state = {k: v.detach().clone() for k, v in base.state_dict().items()}
     x, y = run_batch(cfg, device, rank)
     host_batch = run_batch(cfg, device, rank, HOST_BATCH, host_img_size(cfg.spec))
@@ -160,14 +161,13 @@ def _prepare_variant(variant: str, cfg: BenchConfig, device: torch.device, state
     result = VariantResult(variant)
     base_variant = variant.removesuffix(COMPILE_SUFFIX)
     compiled = variant.endswith(COMPILE_SUFFIX)
-    if base_variant in PEERS:
-        reason = peer_unsupported(cfg.spec, base_variant)
-        if reason:
-            result.status, result.error = "skipped", reason
-            return result, None, None
+    reason = _unsupported(base_variant, cfg)
+    if reason:
+        result.status, result.error = "skipped", reason
+        return result, None, None
     try:
         torch.manual_seed(cfg.seed)
-        model = build_variant(base_variant, cfg.spec)
+        model = _build(base_variant, cfg)
         load_weights(model, base_variant, state)
         model.to(device).train()
         if cfg.channels_last:
@@ -211,6 +211,20 @@ def _prepare_variant(variant: str, cfg: BenchConfig, device: torch.device, state
         return result, trainer, first_step_s
     except Exception as error:
         return failed_result(variant, error, cfg), None, None
+
+
+def _unsupported(variant: str, cfg: BenchConfig) -> str | None:
+    """Why ``variant`` (without ``+compile``) has no model for ``cfg``, or None when it has one."""
+    if cfg.builders is not None:
+        if variant in cfg.builders:
+            return None
+        return f"{PEER_LIBRARY.get(variant, variant)} has no counterpart of {cfg.spec.name}"
+    return peer_unsupported(cfg.spec, variant) if variant in PEERS else None
+
+
+def _build(variant: str, cfg: BenchConfig) -> nn.Module:
+    """A fresh, uncompiled model for ``variant`` (without ``+compile``)."""
+    return build_variant(variant, cfg.spec) if cfg.builders is None else cfg.builders[variant]()
 
 
 def _cold_compile() -> contextlib.AbstractContextManager:
@@ -321,6 +335,6 @@ def benchmark(cfg: BenchConfig, processes: int = 1, argv: Sequence[str] | None =
 def activation_floor(cfg: BenchConfig) -> int:
     """:func:`effidense.activation_floor_bytes` for one rank's batch in fp32 (measured on one image, every term
     is linear in the batch size)."""
-    model = cfg.spec.build("plain").eval()
+    model = _build("plain", cfg).eval()
     image = torch.zeros(input_shape(cfg.spec, 1, cfg.img_size))
     return activation_floor_bytes(model, image) * cfg.batch_size

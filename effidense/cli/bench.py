@@ -13,6 +13,12 @@ Examples:
   python tools/bench.py --model effi_densenet121 --host-only --steps 20
   python tools/bench.py --device cuda --model effi_densenet121 --batch-size 64 --amp bf16 --compile --max-batch
   torchrun --nproc_per_node 4 tools/bench.py --device cuda --model effi_densenet121 --batch-size 64
+
+FC-DenseNet (--model fcdensenet56, 67 or 103: segmentation, a label per position) runs its memory modes beside
+`reference`, a port that concatenates as the common PyTorch ports do (as plan compares them); --in-chans defaults to
+3, --num-classes to 11, and its blocks are --model-kwargs in FCDenseNet's names (down_blocks="(2,2)" up_blocks="(2,2)"
+bottleneck_layers=2 growth_rate=... init_features=...). Its plot has the step times alone:
+  effidense bench --model fcdensenet103 --img-size 360 480 --batch-size 1
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..choices import AMP_NAMES, COMPILE_MODES, MEMORY_MODES, PEERS
+from ..choices import AMP_NAMES, COMPILE_MODES, MEMORY_MODES, PEERS, SEGMENTATION_MODELS
 from .flags import (
     OneLineParser,
     add_model_arguments,
@@ -29,12 +35,17 @@ from .flags import (
     non_negative_int,
     positive_int,
     seed,
+    segmentation_spec_from_args,
     spec_from_args,
     thread_count,
 )
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from ..benchmark import BenchReport
+    from ..harness.segmentation import SegmentationSpec
+    from ..modelspec import ModelSpec
 
 DEFAULT_MODEL = "effi_densenet121"  # the network every peer builds: the default run compares them all
 # What a run does when not told: (input edge, batch size, warm-up steps, timed rounds); an edge of None is the
@@ -72,9 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "Under torchrun the process count comes from torchrun instead")
     run.add_argument("--batch-size", type=positive_int,
                      help="images per step (per rank under DDP; default 8 on cpu, 64 on cuda and with --full)")
-    run.add_argument("--img-size", type=positive_int,
-                     help="input height and width (default on cpu: 64, or 32 for small-input nets; on cuda and "
-                          "with --full the model's own: 32 for small-input nets, else 224)")
+    run.add_argument("--img-size", type=positive_int, nargs="+", metavar="N",
+                     help="input size: one number (the edge: a square, or a cube with --spatial-dims 3), H W, or "
+                          "D H W for a 3D input (default on cpu: 64, or 32 for small-input nets; on cuda and with "
+                          "--full the model's own: 32 for small-input nets, else 224)")
     run.add_argument("--amp", choices=AMP_NAMES, help="autocast dtype (default: none, fp32)")
     run.add_argument("--channels-last", action="store_true", help="channels_last memory format for model and input")
     run.add_argument("--warmup", type=non_negative_int,
@@ -99,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--plot", metavar="FILE",
                      help="write a plot (.png, .pdf or .svg, by suffix; needs matplotlib, the 'plot' extra): "
                           "activation memory against depth for plain/efficient/frugal and the torchvision/timm peers "
-                          "(the model's family, blocks scaled by --plot-scales), and step time per variant with the "
-                          "spread of the rounds")
+                          "(the model's family, blocks scaled by --plot-scales; DenseNets only), and step time per "
+                          "variant with the spread of the rounds")
     out.add_argument("--plot-scales", type=float_list, default=[0.25, 0.5, 1, 1.5, 2],
                      help="factors for each block's layer count in the depth sweep (default 0.25,0.5,1,1.5,2)")
     out.add_argument("--force", action="store_true", help="overwrite existing --json/--plot files")
@@ -127,9 +139,43 @@ def _write(flag: str, path: str, write: Callable[[str, BenchReport], None], repo
     return True
 
 
+def _model(args: argparse.Namespace) -> tuple[ModelSpec | SegmentationSpec, dict[str, Callable[[], nn.Module]] | None]:
+    """The model the flags describe, and its variants' builders where the DenseNet peers do not build it: an
+    FC-DenseNet's memory modes and reference port, as plan compares them, from the spec's own arguments."""
+    if args.model not in SEGMENTATION_MODELS:
+        return spec_from_args(args), None
+    from ..harness.tiramisu import segmentation_variants
+
+    spec = segmentation_spec_from_args(args)
+    config = {k: v for k, v in spec.kwargs.items() if k not in ("spatial_dims", "in_channels", "out_channels")}
+    builders, _ = segmentation_variants(args.model, spec.arg("spatial_dims"), spec.arg("in_chans"),
+                                        spec.arg("num_classes"), **config)
+    return spec, builders
+
+
+def _model_and_size(args: argparse.Namespace) -> tuple[ModelSpec | SegmentationSpec,
+                                                        dict[str, Callable[[], nn.Module]] | None,
+                                                        int | tuple[int, ...] | None]:
+    """:func:`_model`, and --img-size as BenchConfig takes it: one edge, or the input's own size, which makes the
+    model 3D (or 2D) unless its dims were given, when they must agree."""
+    spec, builders = _model(args)
+    if args.img_size is None or len(args.img_size) == 1:
+        return spec, builders, None if args.img_size is None else args.img_size[0]
+    size, dims = tuple(args.img_size), spec.arg("spatial_dims")
+    if len(size) != dims:
+        if args.spatial_dims is not None or "spatial_dims" in args.model_kwargs:
+            raise ValueError(f"--img-size {' '.join(map(str, size))} is a {len(size)}D input but the model is {dims}D "
+                             f"(spatial_dims={dims}): give one number (the edge) or {dims}")
+        args.spatial_dims = len(size)
+        spec, builders = _model(args)
+    return spec, builders, size
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.img_size is not None and len(args.img_size) > 3:
+        parser.error(f"--img-size takes 1 to 3 numbers (N, H W or D H W), got {len(args.img_size)}")
     # torch and timm load once the arguments parse: --help and usage errors answer without them
     import torch
 
@@ -146,28 +192,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device (torch.cuda.is_available() is False)")
     try:
-        spec = spec_from_args(args)
-        for scale in args.plot_scales if args.plot else ():  # the depth sweep runs last: its models are checked first
+        spec, builders, img_size = _model_and_size(args)
+        # the depth sweep (a DenseNet family's) runs last: its models are checked first
+        sweep = args.plot_scales if args.plot and builders is None else None
+        for scale in sweep or ():
             try:
                 resolve_model("custom", spec.scaled(scale).kwargs)
             except ValueError as e:
                 raise ValueError(f"--plot-scales {scale:g}: {e}") from None
-        if args.variants is None:
-            selected = [*MEMORY_MODES, *(p for p in PEERS if peer_unsupported(spec, p) is None)]
-        else:
+        if args.variants is not None:
             selected = args.variants
-        variants = parse_variants(selected, compile_all=args.compile or args.full)
+        elif builders is not None:
+            selected = list(builders)
+        else:
+            selected = [*MEMORY_MODES, *(p for p in PEERS if peer_unsupported(spec, p) is None)]
+        variants = parse_variants(selected, compile_all=args.compile or args.full, offered=list(builders or ()))
         edge, batch, warmup, steps = (FULL if args.full else QUICK)[args.device]
         edge = spec.default_img_size if edge is None else min(edge, spec.default_img_size)
         cfg = BenchConfig(
             spec=spec, variants=variants, batch_size=batch if args.batch_size is None else args.batch_size,
-            img_size=edge if args.img_size is None else args.img_size, device=args.device,
+            img_size=edge if img_size is None else img_size, device=args.device,
             amp=args.amp, channels_last=args.channels_last, warmup=warmup if args.warmup is None else args.warmup,
             steps=steps if args.steps is None else args.steps, seed=args.seed, max_batch=args.max_batch,
             max_batch_limit=args.max_batch_limit, threads=args.threads, progress=not args.quiet,
-            traceback=args.traceback, host_only=args.host_only, compile_mode=args.compile_mode)
-        report = benchmark(cfg, processes=args.gpus, argv=argv,
-                           depth_scales=args.plot_scales if args.plot else None)
+            traceback=args.traceback, host_only=args.host_only, compile_mode=args.compile_mode, builders=builders)
+        report = benchmark(cfg, processes=args.gpus, argv=argv, depth_scales=sweep)
     except ValueError as e:
         return _error(str(e))
     except Exception as e:  # the run's own batch and reference model, before any variant (each reports its own)

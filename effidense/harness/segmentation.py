@@ -1,7 +1,8 @@
 """An FC-DenseNet as the tools take one: :class:`SegmentationSpec` answers what they ask of a
-:class:`~effidense.modelspec.ModelSpec` (``name``, ``arg``, ``build``, ``size_problem``, ``describe``), so gradcheck's
-checks, batches and training step run on :class:`effidense.FCDenseNet` unchanged. Its logits have a class per position;
-the harness's step gives each sample's label to all of its positions.
+:class:`~effidense.modelspec.ModelSpec` (``name``, ``arg``, ``build``, ``size_problem``, ``describe``, ``depth``,
+``default_img_size``), so gradcheck's checks, batches and training step, and bench's, run on
+:class:`effidense.FCDenseNet` unchanged. Its logits have a class per position; the harness's step gives each
+sample's label to all of its positions.
 """
 from __future__ import annotations
 
@@ -45,6 +46,19 @@ class SegmentationSpec:
         kwargs = {**_DEFAULTS, **self.kwargs, **overrides}
         kwargs.pop("memory", None)
         return FCDenseNet(**kwargs, memory=memory)
+
+    @property
+    def depth(self) -> int:
+        """Layer count as the paper counts it (103 for FC-DenseNet-103): the first convolution, the dense layers'
+        convolutions, one per transition down and up, and the classifier."""
+        per_layer = 2 if self.arg("bn_size") else 1
+        layers = sum(self.arg("down_blocks")) + self.arg("bottleneck_layers") + sum(self.arg("up_blocks"))
+        return 2 + per_layer * layers + 2 * len(self.arg("down_blocks"))
+
+    @property
+    def default_img_size(self) -> int:
+        """The input edge when none is given: the paper's 224x224 training crops."""
+        return 224
 
     @property
     def widest_channels(self) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,13 +115,16 @@ def training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: str |
     return result
 
 
-def input_shape(spec: ModelSpec, batch_size: int, img_size: int) -> tuple[int, ...]:
-    """(N, C, *spatial) of a batch for ``spec``: an image, a volume or a signal of side ``img_size``."""
-    return (batch_size, spec.arg("in_chans"), *(img_size,) * spec.arg("spatial_dims"))
+def input_shape(spec: ModelSpec, batch_size: int, img_size: int | Sequence[int]) -> tuple[int, ...]:
+    """(N, C, *spatial) of a batch for ``spec``: an image, a volume or a signal of side ``img_size``, or of the
+    spatial size ``img_size`` when it is a sequence (``(360, 480)``)."""
+    size = (img_size,) * spec.arg("spatial_dims") if isinstance(img_size, int) else tuple(img_size)
+    return (batch_size, spec.arg("in_chans"), *size)
 
 
-def make_batch(spec: ModelSpec, batch_size: int, img_size: int, device: torch.device, channels_last: bool = False,
-               seed: int = 1, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def make_batch(spec: ModelSpec, batch_size: int, img_size: int | Sequence[int], device: torch.device,
+               channels_last: bool = False, seed: int = 1,
+               dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A random batch for ``spec`` (inputs of ``dtype``, default torch's, and labels) from ``seed``, on ``device``."""
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(input_shape(spec, batch_size, img_size), generator=generator, dtype=dtype)

@@ -24,11 +24,12 @@ __all__ = ["PEERS", "COMPILE_SUFFIX", "PEER_LIBRARY", "PEER_LIBRARIES", "parse_v
 
 
 
-def parse_variants(text: str | Sequence[str], compile_all: bool = False) -> list[str]:
+def parse_variants(text: str | Sequence[str], compile_all: bool = False, offered: Sequence[str] = ()) -> list[str]:
     """Variant names from ``"plain,efficient,tv"``; ``compile_all`` appends ``+compile`` copies of our modes. A
-    compiled variant brings its eager self, so that every run can say whether compiling pays."""
+    compiled variant brings its eager self, so that every run can say whether compiling pays. ``offered``: names a
+    model's own builders know besides our modes and the peers (an FC-DenseNet's ``reference``)."""
     names = [v.strip() for v in (text.split(",") if isinstance(text, str) else text) if v.strip()]
-    known = (*MEMORY_MODES, *PEERS)
+    known = tuple(dict.fromkeys((*MEMORY_MODES, *PEERS, *offered)))
     for name in names:
         if name.removesuffix(COMPILE_SUFFIX) not in known:
             raise ValueError(f"unknown variant {name!r}; choose from {', '.join(known)}, each optionally with "
