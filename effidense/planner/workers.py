@@ -1,10 +1,10 @@
-"""Calls run side by side, each in a spawned process of its own: a step on fake tensors is host-bound Python, so each
-variant the planner plans takes one core.
+"""Calls run side by side in spawned worker processes: a step on fake tensors is host-bound Python, so each variant
+the planner plans takes one core.
 
 Processes are spawned, not forked (autograd's worker threads do not survive a fork), so a call's function and
 arguments must pickle, and a spawned process imports the calling script again: a script guards its top level
 (``if __name__ == "__main__":``), as :mod:`multiprocessing` asks. A process that dies (out of memory, a signal) fails
-its call alone; an interrupt, or any error in the caller, terminates every process still running.
+its call alone; an interrupt, or any error in the caller, terminates every worker.
 """
 from __future__ import annotations
 
@@ -35,12 +35,14 @@ def pickles(value: Any) -> bool:
     return True
 
 
-def _answer(sender: Connection, function: Callable[..., Any], args: tuple) -> None:
-    try:
-        answer = (True, function(*args))
-    except BaseException as error:  # handed back whole, so the caller raises what the call raised
-        answer = (False, error if pickles(error) else RuntimeError(f"{type(error).__name__}: {error}"))
-    sender.send(answer)
+def _serve(channel: Connection, function: Callable[..., Any]) -> None:
+    """A worker: ``function(*args)`` for each ``args`` the caller sends, until it sends None."""
+    while (args := channel.recv()) is not None:
+        try:
+            answer = (True, function(*args))
+        except BaseException as error:  # handed back whole, so the caller raises what the call raised
+            answer = (False, error if pickles(error) else RuntimeError(f"{type(error).__name__}: {error}"))
+        channel.send(answer)
 
 
 @contextlib.contextmanager
@@ -57,36 +59,47 @@ def _interrupts_ignored() -> Iterator[None]:
 
 def in_processes(function: Callable[..., Any], calls: Sequence[tuple[str, tuple]], workers: int,
                  done: Callable[[str, int], None] | None = None) -> dict[str, Any]:
-    """``function(*args)`` for each ``(name, args)`` of ``calls``, at most ``workers`` at a time, each in a process of
-    its own; the results by name. A call that raised raises here; a process that died without answering gives a
-    :class:`ChildProcessError` as its result. ``done(name, count)`` is told of each call as it ends."""
+    """``function(*args)`` for each ``(name, args)`` of ``calls``, in at most ``workers`` processes, each taking the
+    next call as it finishes one (so what it imported and cached serves the next); the results by name. A call that
+    raised raises here; a process that died without answering gives a :class:`ChildProcessError` as its call's
+    result, and a fresh process takes the calls left. ``done(name, count)`` is told of each call as it ends."""
     context = multiprocessing.get_context("spawn")
-    waiting, running, results = list(calls), {}, {}
+
+    def start() -> tuple[Connection, Any]:
+        channel, theirs = context.Pipe()
+        process = context.Process(target=_serve, args=(theirs, function), daemon=True)
+        with _interrupts_ignored():  # inherited: Ctrl-C is the caller's to answer, by terminating them
+            process.start()
+        theirs.close()  # the worker's end: the caller's then reads the end of the pipe if the worker dies
+        return channel, process
+
+    waiting, results = list(calls), {}
+    idle = [start() for _ in range(min(workers, len(waiting)))]
+    busy: dict[Connection, tuple[str, Any]] = {}
     try:
-        while waiting or running:
-            while waiting and len(running) < workers:
+        while waiting or busy:
+            while waiting and idle:
+                channel, process = idle.pop()
                 name, args = waiting.pop(0)
-                receiver, sender = context.Pipe(duplex=False)
-                process = context.Process(target=_answer, args=(sender, function, args), daemon=True)
-                with _interrupts_ignored():  # inherited: Ctrl-C is the caller's to answer, by terminating them
-                    process.start()
-                sender.close()  # the child's end: the parent's receiver then sees the end if the child dies
-                running[receiver] = name, process
-            for receiver in wait(list(running)):
-                name, process = running.pop(receiver)
+                channel.send(args)
+                busy[channel] = name, process
+            for channel in wait(list(busy)):
+                name, process = busy.pop(channel)
                 try:
-                    answered, value = receiver.recv()
+                    answered, value = channel.recv()
+                    idle.append((channel, process))
                 except EOFError:
                     process.join()
                     answered, value = True, ChildProcessError(
                         f"its worker process died without an answer (exit code {process.exitcode})")
-                process.join()
+                    if waiting:
+                        idle.append(start())
                 if not answered:
                     raise value
                 results[name] = value
                 if done is not None:
                     done(name, len(results))
     finally:
-        for _, process in running.values():
+        for _, process in [*idle, *busy.values()]:
             process.terminate()
     return results
