@@ -12,7 +12,8 @@ workspaces and the allocator add is not counted (:data:`NOT_COUNTED`). A safety 
 one real step of each variant and records the allocator's peak beside the prediction.
 
 Modules: :mod:`.budget` (sizes, GPU presets, devices, margins; torch-free), :mod:`.core` (:func:`plan` and the
-searches), :mod:`.scratch` (kernel scratch), :mod:`.report` (tables, JSON schema ``effidense.plan/1``, plot).
+searches), :mod:`.scratch` (kernel scratch), :mod:`.workers` (variants planned side by side in spawned processes),
+:mod:`.report` (tables, JSON schema ``effidense.plan/1``, plot).
 ``effidense plan`` is the command (:mod:`effidense.cli.plan`).
 """
 from __future__ import annotations
