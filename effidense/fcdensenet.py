@@ -183,6 +183,16 @@ class FCDenseNet(MemoryMode):
                     nn.init.zeros_(m.bias)
         self.memory, self.backward_slices = memory, backward_slices
 
+    def set_compile(self, enabled: bool = True, **options: Any) -> FCDenseNet:
+        """Compile the whole model in place (``nn.Module.compile(**options)``), its segments inside;
+        ``set_compile(False)`` returns to eager. Returns the model. Sizes are static unless ``dynamic=`` says
+        otherwise, so each new input size compiles anew: with symbolic sizes torch 2.14's inductor fails on this
+        model's backward ("Cannot convert expression to float")."""
+        self._compiled_call_impl = None  # nn.Module.compile's slot: undo a previous compile
+        if enabled:
+            self.compile(**{"dynamic": False, **options})
+        return self
+
     def set_memory(self, memory: str) -> FCDenseNet:
         """Switch the memory mode of a built model; returns the model."""
         self.memory = memory

@@ -204,7 +204,7 @@ def test_compile_mode_reaches_torch_compile(bench, capsys, monkeypatch):
     code, out, _ = run_main(bench, TINY_SMALL + ["--variants", "efficient+compile", "--compile-mode",
                                                  "reduce-overhead"], capsys)
     assert code == 0, out
-    assert calls == [(DenseNet, {"mode": "reduce-overhead"})]
+    assert calls == [(DenseNet, {"dynamic": False, "mode": "reduce-overhead"})]
     assert "+compile: the whole model (torch.compile mode 'reduce-overhead')" in out
 
 

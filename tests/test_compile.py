@@ -116,3 +116,18 @@ def test_whole_model_compile_keeps_the_memory_modes_savings():
         kept[mode] = meter.bytes
     # How much less is the partitioner's choice (torch 2.15: efficient 0.43x, frugal 0.11x plain; 2.11: 0.29x, 0.20x)
     assert kept["efficient"] < 0.6 * kept["plain"] and kept["frugal"] < 0.6 * kept["plain"], kept
+
+
+@pytest.mark.slow
+def test_fcdensenet_compiles_per_input_size_and_trains_like_eager():
+    """FC-DenseNet's ``set_compile`` compiles with static sizes (inductor fails on its backward with symbolic ones),
+    so an odd second size, which makes the up path crop, compiles anew and still matches eager."""
+    from effidense import FCDenseNet
+
+    base = FCDenseNet(2, 3, 5, down_blocks=(1, 1), up_blocks=(1, 1), bottleneck_layers=1, growth_rate=4,
+                      init_features=8, drop_rate=0.0, memory="efficient")
+    compiled, eager = copy.deepcopy(base).set_compile(), copy.deepcopy(base)
+    for x in (torch.randn(2, 3, 16, 16), torch.randn(2, 3, 13, 10)):
+        outs = [_step(model, x) for model in (compiled, eager)]
+        _assert_same_step(compiled, eager, outs)
+    assert _unique_graphs() == 2

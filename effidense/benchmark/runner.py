@@ -248,13 +248,15 @@ def _warm(trainer: StepRunner, cfg: BenchConfig, host_batch: Batch) -> None:
 
 def _wrap(model: nn.Module, compiled: bool, device: torch.device, mode: str | None = None) -> nn.Module:
     """Wrap in DDP, then compile the whole model (with torch.compile's ``mode``), effidense's and the peers' alike:
-    torch compiles a DDP model from outside, and effidense's ``set_compile`` traces the same whole graph."""
+    torch compiles a DDP model from outside, and effidense's ``set_compile`` traces the same whole graph. Sizes are
+    static, as a training run's fixed input size is: each size the rounds time compiles once for itself (with
+    symbolic sizes torch 2.14's inductor fails on FC-DenseNet's backward)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if compiled:
-        model = torch.compile(model, **({} if mode is None else {"mode": mode}))
+        model = torch.compile(model, dynamic=False, **({} if mode is None else {"mode": mode}))
     return model
 
 
