@@ -519,13 +519,23 @@ def test_a_fake_sliced_backward_counts_what_every_slice_allocates(slices):
     assert peaks[0] == peaks[1]
 
 
-def test_variants_planned_side_by_side_match_those_planned_in_turn():
-    """Worker processes plan what one process plans, variant by variant, in the same order."""
-    kwargs = dict(variants=VARIANTS, img_size=32, batch_size=4, budget="3MiB")
-    in_turn, side_by_side = plan(SPEC, **kwargs), plan(SPEC, workers=2, **kwargs)
-    assert [r.name for r in side_by_side.variants] == [r.name for r in in_turn.variants]
-    for a, b in zip(side_by_side.variants, in_turn.variants, strict=True):
-        assert a.ok and (a.peak_bytes, a.max_batch, a.probes) == (b.peak_bytes, b.max_batch, b.probes), a.name
+def test_variants_planned_side_by_side_match_those_planned_in_turn(monkeypatch):
+    """Worker processes plan what one process plans, variant by variant, in the same order: asked for (``workers=2``),
+    or left to the planner once the first variant took longer than a worker takes to start, which a tiny model's
+    does not."""
+    import effidense.planner.core as core
+
+    kwargs = dict(variants="plain,efficient,frugal", img_size=32, batch_size=4, budget="3MiB")
+    lines = []
+    in_turn = plan(SPEC, workers=None, progress=lines.append, **kwargs)
+    assert not any("processes" in line for line in lines)
+    monkeypatch.setattr(core, "WORKER_START_S", 0.0)
+    monkeypatch.setattr(core, "cores", lambda: 2)  # as on a 2-core machine, whatever this one has
+    for side_by_side in (plan(SPEC, workers=2, **kwargs), plan(SPEC, workers=None, progress=lines.append, **kwargs)):
+        assert [r.name for r in side_by_side.variants] == [r.name for r in in_turn.variants]
+        for a, b in zip(side_by_side.variants, in_turn.variants, strict=True):
+            assert a.ok and (a.peak_bytes, a.max_batch, a.probes) == (b.peak_bytes, b.max_batch, b.probes), a.name
+    assert any(line.startswith("efficient, frugal: 2 at a time") for line in lines), lines
 
 
 MONAI_SMALL = ["--model-kwargs", "init_features=8", "growth_rate=4", "block_config=(2,2)"]

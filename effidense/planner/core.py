@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -207,7 +208,8 @@ def plan(model: str | ModelSpec | Mapping[str, Callable[[], nn.Module]] = "effi_
     ``max_edge``: also search the largest cube edge at ``batch_size`` (default: for 3D inputs).
     ``fake=False`` runs the same steps on real tensors (to validate the prediction at small sizes).
     ``workers``: how many variants are planned at once, each in a spawned process of its own (None: one per CPU
-    core this process may use; real steps, and a ``measure`` run, go one at a time). Spawned processes import the
+    core this process may use, once the first variant, planned here, shows that a variant takes longer than a
+    worker takes to start; real steps, and a ``measure`` run, go one at a time). Spawned processes import the
     calling script again, so a script that asks for more than one guards its top level (``if __name__ ==
     "__main__":``), as ``multiprocessing`` requires; the ``effidense plan`` command does.
 
@@ -284,14 +286,26 @@ def _plan_in_worker(job: dict, threads: int, name: str) -> VariantPlan:
     return plan(**job, variants=name, workers=1).variants[0]
 
 
+# Seconds a worker process takes to start (importing torch and effidense): variants planned faster than this are
+# planned in turn when the number of workers is left to the planner.
+WORKER_START_S = 5.0
+
+
 def _side_by_side(planned: Callable[[str], VariantPlan], names: list[str], workers: int | None, job: dict,
                   progress: Callable[[str], None] | None) -> list[VariantPlan]:
     """``planned(name)`` for each name in turn, or ``plan(**job)`` for each in worker processes side by side
     (:mod:`.workers`), where more than one is asked for and the job pickles (not a model built by a local
-    function)."""
-    workers = min(cores() if workers is None else workers, len(names))
+    function). Left to the planner (``workers=None``), the first variant is planned here, and the rest go to a
+    worker per core only if it took longer than a worker takes to start."""
+    results = []
+    if workers is None and len(names) > 1:
+        started = time.perf_counter()
+        results.append(planned(names[0]))
+        names = names[1:]
+        workers = cores() if time.perf_counter() - started > WORKER_START_S else 1
+    workers = min(workers or 1, len(names))
     if workers <= 1 or multiprocessing.current_process().daemon or not pickles(job):
-        return [planned(name) for name in names]
+        return results + [planned(name) for name in names]
     if progress is not None:
         progress(f"{', '.join(names)}: {workers} at a time, in processes of their own ...")
 
@@ -300,9 +314,9 @@ def _side_by_side(planned: Callable[[str], VariantPlan], names: list[str], worke
             progress(f"{name} planned ({count}/{len(names)})")
 
     threads = torch.get_num_threads()
-    results = in_processes(_plan_in_worker, [(name, (job, threads, name)) for name in names], workers, done)
-    return [VariantPlan(name, status="failed", error=str(r)) if isinstance(r, ChildProcessError) else r
-            for name, r in ((name, results[name]) for name in names)]
+    answers = in_processes(_plan_in_worker, [(name, (job, threads, name)) for name in names], workers, done)
+    return results + [VariantPlan(name, status="failed", error=str(a)) if isinstance(a, ChildProcessError) else a
+                      for name, a in ((name, answers[name]) for name in names)]
 
 
 def free_bytes(device: str) -> int:
