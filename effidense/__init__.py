@@ -23,10 +23,10 @@ Where a change belongs:
 """
 from __future__ import annotations
 
-import importlib
 import os
 import sys
-from typing import Any
+
+from .lazy import lazy_exports
 
 _BUILDERS = ["densenet40_k12", "densenet121", "densenet161", "densenet169", "densenet201", "densenet264",
              "densenet_bc100_k12", "densenet_bc190_k40", "densenet_bc250_k24"]
@@ -47,15 +47,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    elif name == "convert":
-        value = importlib.import_module(".convert", __name__)
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS, modules=("convert",))
 
 
 def _imported_by_the_command() -> bool:

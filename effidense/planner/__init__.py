@@ -18,9 +18,7 @@ searches), :mod:`.scratch` (kernel scratch), :mod:`.workers` (variants planned s
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from ..lazy import lazy_exports
 from .budget import DEFAULT_MARGIN, DEFAULT_MARGINS, DEVICES, GPU_PRESETS, format_bytes, parse_budget
 
 # name -> the submodule that defines it, imported on first use: the budget's names need no torch, so that the command
@@ -39,9 +37,4 @@ __all__ = ["plan", "PlanReport", "VariantPlan", "BudgetError", "DEFAULT_MARGIN",
            "search_batch", "search_edge", "scratch_model"]
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _LAZY)
