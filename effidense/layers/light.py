@@ -181,7 +181,6 @@ class LightSegment(torch.autograd.Function):
         """A slice of the batch at a time, in sweeps (the class docstring)."""
         (pre, stages, params), maps = ctx.modules, ctx.saved_tensors
         weights = _stage_weights(pre, params)
-        grad_maps = [torch.empty_like(t) if need else None for t, need in zip(maps, need_maps, strict=True)]
         parts, batch = _bounds(grad.shape[0], ctx.slices), grad.shape[0]
         if isinstance(grad, FakeTensor) and len(parts) > 3:
             # No values to compute, only allocations: the first slice, the second (held beside the first's leftovers,
@@ -199,8 +198,8 @@ class LightSegment(torch.autograd.Function):
             total[:] = sums if not total else [t + s for t, s in zip(total, sums, strict=True)]
 
         def through(j: int, g: Tensor, y: Tensor, weight: bool) -> Tensor:  # a stage's post, then its ReLU
-            g = _post_backward(ctx, stages[j][2], g, y, grads if weight else {}, weights[j][2])
-            return torch.ops.aten.threshold_backward(g.to(y.dtype), y, 0)
+            return _relu_backward(_post_backward(ctx, stages[j][2], g, y, grads if weight else {}, weights[j][2])
+                                  .to(y.dtype), y)
 
         top, totals = grad, [[] for _ in stages]
         if len(stages) == 2:  # the second norm's sums, keeping its input and gradient, then that input's gradient
@@ -212,27 +211,33 @@ class LightSegment(torch.autograd.Function):
                 if top is None:
                     inputs, top = x1.new_empty((batch, *x1.shape[1:])), gz1.new_empty((batch, *gz1.shape[1:]))
                 inputs[a:b], top[a:b] = x1, gz1
+                del x1, gz1  # each loop drops a slice's maps before the next is made
             count = batch * math.prod(inputs.shape[2:])
             for a, b in parts:
                 top[a:b] = input_grad(top[a:b], inputs[a:b], *ctx.stats[1], weights[1][0], *totals[1], count)
             del inputs
         for a, b in parts:  # the first norm's sums
             x, y = front(a, b)
+            count = batch * math.prod(x.shape[2:])
             summed(0, through(0, top[a:b], y, True), x, totals[0])
-        count = batch * math.prod(x.shape[2:])
+            del x, y
+        # made only now, so that they never sit beside the second norm's input
+        grad_maps = [torch.empty_like(t) if need else None for t, need in zip(maps, need_maps, strict=True)]
         for a, b in parts:  # each slice's input gradient
             x, y = front(a, b)
-            g = input_grad(through(0, top[a:b], y, False), x, *ctx.stats[0], weights[0][0], *totals[0], count)
+            g = through(0, top[a:b], y, False)
+            del y
+            g = input_grad(g, x, *ctx.stats[0], weights[0][0], *totals[0], count)
+            del x
             if pre is not None:
                 g, grad_w = _conv_backward(ctx, pre, g, maps[0][a:b], need_maps[0], id(params[0]) in grads,
                                            params[0])
                 _accumulate(grads, params[0], grad_w)
-                if grad_maps[0] is not None:
-                    grad_maps[0][a:b] = g
-                continue
-            for t, part in zip(grad_maps, g.split([t.shape[1] for t in maps], 1), strict=True):
+            for t, part in zip(grad_maps, [g] if pre is not None else g.split([t.shape[1] for t in maps], 1),
+                               strict=True):
                 if t is not None:
                     t[a:b] = part
+            del g, part
         for (weight, bias, _), (total_dy, total_dy_xhat) in zip(weights, totals, strict=True):
             for param, total in ((weight, total_dy_xhat), (bias, total_dy)):
                 if param is not None and id(param) in grads:

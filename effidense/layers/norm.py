@@ -70,16 +70,18 @@ class SyncBatchNormWithStats(torch.autograd.Function):
 
 
 def _xhat(x: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:
-    return (x.to(mean.dtype) - _per_channel(mean, x.dim())) * _per_channel(invstd, x.dim())
+    """The normalised input, in a tensor of its own in the statistics' precision (free to overwrite)."""
+    return x.to(mean.dtype, copy=True).sub_(_per_channel(mean, x.dim())).mul_(_per_channel(invstd, x.dim()))
 
 
 def normalized(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, invstd: Tensor) -> Tensor:
     """Training-mode BatchNorm's output given the statistics its forward used, computed in their precision and
-    returned in ``x``'s dtype: a part of the batch rebuilt as the whole batch's forward normalised it."""
+    returned in ``x``'s dtype: a part of the batch rebuilt as the whole batch's forward normalised it. In place
+    where it can, since a slice's temporaries are what a sliced backward holds beside what it must."""
     scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-    y = (x.to(mean.dtype) - _per_channel(mean, x.dim())) * _per_channel(scale, x.dim())
+    y = x.to(mean.dtype, copy=True).sub_(_per_channel(mean, x.dim())).mul_(_per_channel(scale, x.dim()))
     if bias is not None:
-        y = y + _per_channel(bias.to(mean.dtype), x.dim())
+        y.add_(_per_channel(bias.to(mean.dtype), x.dim()))
     return y.to(x.dtype)
 
 
@@ -87,17 +89,18 @@ def grad_sums(grad: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Te
     """Training-mode BatchNorm's backward, its first half: per channel, the sums of the output's gradient and of
     the gradient times the normalised input, over this part of the batch, in the statistics' precision."""
     grad = grad.to(mean.dtype)
-    return grad.sum(_reduced(x)), (grad * _xhat(x, mean, invstd)).sum(_reduced(x))
+    return grad.sum(_reduced(x)), _xhat(x, mean, invstd).mul_(grad).sum(_reduced(x))
 
 
 def input_grad(grad: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, sum_dy: Tensor,
                sum_dy_xhat: Tensor, count: Tensor | int) -> Tensor:
     """Its second half: the input's gradient, given the sums over the whole batch (``count`` values per channel)."""
     dims = x.dim()
-    grad_x = grad.to(mean.dtype) - _per_channel(sum_dy / count, dims) \
-        - _xhat(x, mean, invstd) * _per_channel(sum_dy_xhat / count, dims)
+    grad_x = _xhat(x, mean, invstd).mul_(_per_channel(sum_dy_xhat / count, dims))
+    torch.sub(grad.to(mean.dtype) if grad.dtype == torch.float64 else grad, grad_x, out=grad_x)  # one buffer
+    grad_x.sub_(_per_channel(sum_dy / count, dims))
     scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-    return (grad_x * _per_channel(scale, dims)).to(x.dtype)
+    return grad_x.mul_(_per_channel(scale, dims)).to(x.dtype)
 
 
 @torch.no_grad()
