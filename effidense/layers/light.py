@@ -122,6 +122,7 @@ class LightSegment(torch.autograd.Function):
                     x, norm.weight, norm.bias, norm.running_mean, norm.running_var, True, norm.count_batch(),
                     norm.eps, torch.backends.cudnn.enabled)
                 ctx.stats.append((mean, invstd))
+                del x  # not held beside the next stage's output
                 x = post(act(y))
         ctx.dropout = None
         if dropout is not None:  # its mask is drawn again in backward, from the random state it was drawn from
