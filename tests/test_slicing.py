@@ -170,3 +170,28 @@ def test_sliced_backward_lowers_the_allocators_peak():
         model(x).sum().backward()  # gradients exist, as in training after the first step
         peaks[slices] = cpu_peak_bytes(lambda: model(x).sum().backward())
     assert peaks[8] < 0.8 * peaks[None]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "batch_inner"])
+def test_bottleneck_gradient_waiting_in_the_input_gradients_memory(layout, monkeypatch):
+    """Where a layer reads at least its bottleneck's width, the bottleneck's gradient waits for the last sweep inside
+    the memory of the slice's input gradients, which that sweep then overwrites: gradients stay within the order of
+    sums, in any layout, and an input whose samples are not each one run in memory keeps it apart."""
+    parked = []
+    park = light._park
+    monkeypatch.setattr(light, "_park", lambda *args: parked.append(park(*args)) or parked[-1])
+    sliced, plain = _pair(DenseBlock(3, 20, 4).double(), "frugal", 3)  # reads 20, 24, 28 channels; bottleneck 16
+    x = torch.randn(5, 20, 6, 7, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "batch_inner":
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)
+    grads = []
+    for block in (sliced, plain):
+        xi = x.clone(memory_format=torch.preserve_format).requires_grad_()
+        out = block(xi)
+        (out * torch.arange(out.numel(), dtype=out.dtype).view_as(out).cos()).sum().backward()
+        grads.append(xi.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-12 * float(grads[1].abs().max()))
+    _close(sliced, plain, torch.float64)
+    assert any(isinstance(top, tuple) for top in parked) == (layout != "batch_inner")

@@ -202,31 +202,33 @@ class LightSegment(torch.autograd.Function):
             return _relu_backward(_post_backward(ctx, stages[j][2], g, y, grads if weight else {}, weights[j][2])
                                   .to(y.dtype), y)
 
-        top, totals = grad, [[] for _ in stages]
-        if len(stages) == 2:  # the second norm's sums, keeping its input and gradient, then that input's gradient
-            inputs, top = None, None
-            for a, b in parts:
+        grad_maps = [torch.empty_like(t) if need else None for t, need in zip(maps, need_maps, strict=True)]
+        tops, totals = [grad[a:b] for a, b in parts], [[] for _ in stages]
+        if len(stages) == 2:  # the second norm's sums, keeping its output's gradient; then its input's gradient
+            for i, (a, b) in enumerate(parts):
                 x1 = _conv(ctx, stages[0][2], front(a, b)[1], weights[0][2])
-                gz1 = through(1, grad[a:b], normalized(x1, *weights[1][:2], *ctx.stats[1]).relu_(), True)
+                gz1 = through(1, tops[i], normalized(x1, *weights[1][:2], *ctx.stats[1]).relu_(), True)
                 summed(1, gz1, x1, totals[1])
-                if top is None:
-                    inputs, top = x1.new_empty((batch, *x1.shape[1:])), gz1.new_empty((batch, *gz1.shape[1:]))
-                inputs[a:b], top[a:b] = x1, gz1
-                del x1, gz1  # each loop drops a slice's maps before the next is made
-            count = batch * math.prod(inputs.shape[2:])
-            for a, b in parts:
-                top[a:b] = input_grad(top[a:b], inputs[a:b], *ctx.stats[1], weights[1][0], *totals[1], count)
-            del inputs
-        for a, b in parts:  # the first norm's sums
+                tops[i] = _park(grad_maps, a, b, gz1)
+                del x1, gz1  # each sweep drops a slice's maps before the next slice's are made
+            for i, (a, b) in enumerate(parts):  # its input rebuilt rather than kept
+                x1 = _conv(ctx, stages[0][2], front(a, b)[1], weights[0][2])
+                count = batch * math.prod(x1.shape[2:])
+                gx1 = input_grad(_unpark(tops[i]), x1, *ctx.stats[1], weights[1][0], *totals[1], count)
+                tops[i] = _park(grad_maps, a, b, gx1)
+                del gx1
+                del x1
+        for (a, b), top in zip(parts, tops, strict=True):  # the first norm's sums
             x, y = front(a, b)
             count = batch * math.prod(x.shape[2:])
-            summed(0, through(0, top[a:b], y, True), x, totals[0])
-            del x, y
-        # made only now, so that they never sit beside the second norm's input
-        grad_maps = [torch.empty_like(t) if need else None for t, need in zip(maps, need_maps, strict=True)]
-        for a, b in parts:  # each slice's input gradient
+            g = through(0, _unpark(top), y, True)
+            del y
+            summed(0, g, x, totals[0])
+            del x, g
+        for i, (a, b) in enumerate(parts):  # each slice's input gradient
             x, y = front(a, b)
-            g = through(0, top[a:b], y, False)
+            g = through(0, _unpark(tops[i]), y, False)
+            tops[i] = None
             del y
             g = input_grad(g, x, *ctx.stats[0], weights[0][0], *totals[0], count)
             del x
@@ -244,6 +246,36 @@ class LightSegment(torch.autograd.Function):
                 if param is not None and id(param) in grads:
                     grads[id(param)] = total.to(param.dtype)
         return grad_maps
+
+
+def _park(grad_maps: Sequence[Tensor | None], a: int, b: int, g: Tensor) -> Tensor | tuple:
+    """Slice ``a:b`` of a bottleneck's gradient, waiting for a sliced backward's last sweep in the memory that the
+    slice's input gradients (``grad_maps``) take then, where it fits: the two are then never held side by side.
+    ``g`` itself where it does not fit; :func:`_unpark` gives it back."""
+    runs = [_flat_run(t[a:b]) for t in grad_maps if t is not None and t.dtype == g.dtype]
+    flat = _flat_run(g)
+    if flat is None or None in runs or sum(r.numel() for r in runs) < flat.numel():
+        return g
+    pieces, start = [], 0
+    for run in runs:
+        n = min(run.numel(), flat.numel() - start)
+        pieces += [run[:n].copy_(flat[start:start + n])] if n else []
+        start += n
+    return pieces, g.shape, g.dim_order()
+
+
+def _unpark(top: Tensor | tuple) -> Tensor:
+    if isinstance(top, Tensor):
+        return top
+    pieces, shape, order = top
+    inverse = [order.index(d) for d in range(len(order))]
+    return torch.cat(pieces).view([shape[d] for d in order]).permute(inverse)
+
+
+def _flat_run(t: Tensor) -> Tensor | None:
+    """``t``'s elements as one flat view in the order they lie in memory, or None where they are not one dense run."""
+    flat = t.permute(t.dim_order())
+    return flat.view(-1) if flat.is_contiguous() else None
 
 
 def _random_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
