@@ -162,14 +162,17 @@ class DenseLayer(MemoryMode, AdoptsNorms):
 
     def new_features(self, *maps: Tensor, light: bool = False, slices: int = 1) -> Tensor:
         """The layer's new features from ``maps``; ``light``: each norm-ReLU-conv keeps only its input for backward,
-        which goes through ``slices`` of the batch."""
-        out = concat_norm_conv(self.norm1, self.relu1, self.conv1, *maps, light=light, slices=slices)
+        which goes through ``slices`` of the batch, and the last draws its dropout's mask again rather than keep it."""
+        dropout = self._dropout if self.training and self.drop_rate > 0 else None
+        out = concat_norm_conv(self.norm1, self.relu1, self.conv1, *maps, light=light, slices=slices,
+                               dropout=None if self.bottleneck else dropout)
         if self.bottleneck:
-            out = concat_norm_conv(self.norm2, self.relu2, self.conv2, out, light=light, slices=slices)
-        return self._dropout(out)
+            out = concat_norm_conv(self.norm2, self.relu2, self.conv2, out, light=light, slices=slices,
+                                   dropout=dropout)
+        return out
 
     def _dropout(self, x: Tensor) -> Tensor:
-        return self.dropout(x, self.drop_rate, self.training) if self.drop_rate > 0 else x
+        return self.dropout(x, self.drop_rate, self.training)
 
     def forward(self, maps: Sequence[Tensor] | Tensor) -> Tensor:
         maps, mode = _as_maps(maps), run_mode(self.memory)

@@ -64,12 +64,14 @@ def light_segment(stages: Sequence[tuple[nn.Module, nn.Module, nn.Module]], *map
 
 
 def concat_norm_conv(norm: nn.Module, act: nn.Module, conv: nn.Module, *maps: Tensor, light: bool,
-                     slices: int = 1) -> Tensor:
-    """``conv(act(norm(*maps)))``; when ``light``, keeping only ``maps`` for backward, which goes through ``slices``."""
-    out = light_segment([(norm, act, conv)], *maps, slices=slices) if light else None
+                     slices: int = 1, dropout: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """``dropout(conv(act(norm(*maps))))`` (no dropout when None); when ``light``, keeping only ``maps`` for backward,
+    which goes through ``slices`` and draws the dropout's mask again rather than keeping it."""
+    out = light_segment([(norm, act, conv)], *maps, slices=slices, dropout=dropout) if light else None
     if out is not None:
         return out
-    return checkpointed(light, lambda *t: conv(act(norm(*t))), *maps)
+    out = checkpointed(light, lambda *t: conv(act(norm(*t))), *maps)
+    return out if dropout is None else dropout(out)
 
 
 def conv_norm_pool(conv: nn.Module, norm: nn.Module, act: nn.Module, pool: nn.Module, x: Tensor,
@@ -134,7 +136,7 @@ class LightSegment(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         (pre, stages, params), maps = ctx.modules, ctx.saved_tensors
         if ctx.dropout is not None:
-            grad = grad * _replayed(*ctx.dropout)
+            grad = _replayed(*ctx.dropout).mul_(grad)
         if torch.is_grad_enabled():
             return differentiable_rerun(ctx, grad, lambda *t: _run(pre, stages, *t), (None,) * 3 + tuple(params), maps)
         needs = ctx.needs_input_grad
