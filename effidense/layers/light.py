@@ -191,9 +191,10 @@ class LightSegment(torch.autograd.Function):
             # allocate as all of them do.
             parts = [*parts[:2], parts[-1]]
 
+        sliced_maps = {(a, b): [t[a:b] for t in maps] for a, b in parts}  # views, made once for every sweep
+
         def front(a: int, b: int) -> tuple[Tensor, Tensor]:  # a slice's segment input and first normalised map
-            x = _conv(ctx, pre, maps[0][a:b], params[0]) if pre is not None else \
-                torch.cat([t[a:b] for t in maps], 1)
+            x = _conv(ctx, pre, maps[0][a:b], params[0]) if pre is not None else torch.cat(sliced_maps[a, b], 1)
             return x, normalized(x, *weights[0][:2], *ctx.stats[0]).relu_()
 
         def summed(stage: int, gz: Tensor, x: Tensor, total: list) -> None:
@@ -238,11 +239,11 @@ class LightSegment(torch.autograd.Function):
                 g, grad_w = _conv_backward(ctx, pre, g, maps[0][a:b], need_maps[0], id(params[0]) in grads,
                                            params[0])
                 _accumulate(grads, params[0], grad_w)
-            for t, part in zip(grad_maps, [g] if pre is not None else g.split([t.shape[1] for t in maps], 1),
-                               strict=True):
-                if t is not None:
-                    t[a:b] = part
-            del g, part
+            parts_of_g = [g] if pre is not None else g.split([t.shape[1] for t in maps], 1)
+            targets = [(t[a:b], part) for t, part in zip(grad_maps, parts_of_g, strict=True) if t is not None]
+            if targets:  # one op for every map
+                torch._foreach_copy_([t for t, _ in targets], [part for _, part in targets])
+            del g, parts_of_g, targets
         for (weight, bias, _), (total_dy, total_dy_xhat) in zip(weights, totals, strict=True):
             for param, total in ((weight, total_dy_xhat), (bias, total_dy)):
                 if param is not None and id(param) in grads:
@@ -254,15 +255,21 @@ def _park(grad_maps: Sequence[Tensor | None], a: int, b: int, g: Tensor) -> Tens
     """Slice ``a:b`` of a bottleneck's gradient, waiting for a sliced backward's last sweep in the memory that the
     slice's input gradients (``grad_maps``) take then, where it fits: the two are then never held side by side.
     ``g`` itself where it does not fit; :func:`_unpark` gives it back."""
-    runs = [_flat_run(t[a:b]) for t in grad_maps if t is not None and t.dtype == g.dtype]
     flat = _flat_run(g)
-    if flat is None or None in runs or sum(r.numel() for r in runs) < flat.numel():
+    if flat is None:
+        return g
+    runs, room = [], 0
+    for t in grad_maps:  # as many maps as it takes
+        run = _flat_run(t[a:b]) if t is not None and t.dtype == g.dtype and room < flat.numel() else None
+        if run is not None:
+            runs.append(run[:flat.numel() - room])
+            room += runs[-1].numel()
+    if room < flat.numel():
         return g
     pieces, start = [], 0
     for run in runs:
-        n = min(run.numel(), flat.numel() - start)
-        pieces += [run[:n].copy_(flat[start:start + n])] if n else []
-        start += n
+        pieces.append(run.copy_(flat[start:start + run.numel()]))
+        start += run.numel()
     return pieces, g.shape, g.dim_order()
 
 
