@@ -10,10 +10,12 @@ whole stack goes to the 1x1 classifier.
 Built from :class:`~effidense.densenet.DenseBlock`, so the memory mode (``memory=``) is the DenseNet's:
 
 * ``plain``: nothing is recomputed.
-* ``efficient``: the dense layers keep only their input maps; the transitions down, the transitions up and the
-  classifier each run as one segment that keeps only the maps it reads (the skips and new features, which stay
-  anyway), so no concatenation of them is ever kept: maps stay apart from block to block.
-* ``frugal``: as efficient, with whole dense layers as segments.
+* ``efficient``: each dense layer (one BN-ReLU-conv-dropout here) is a segment that keeps only its input maps, its
+  dropout's mask drawn again in backward; the transitions down, the transitions up and the classifier each run as
+  one segment that keeps only the maps it reads (the skips and new features, which stay anyway), so no
+  concatenation of them is ever kept: maps stay apart from block to block.
+* ``frugal``: keeps what efficient keeps (a layer has no bottleneck to rerun), and goes through its large reruns a
+  slice of the batch at a time (``backward_slices='auto'``).
 
 Every mode computes the plain model's function bitwise (BatchNorm running statistics are updated once, and a rerun
 with dropout draws the mask forward drew).

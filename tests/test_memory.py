@@ -103,3 +103,15 @@ def test_a_no_op_forward_hook_on_any_module_moves_no_memory_and_no_bit(mode):
             assert torch.equal(p.grad, q.grad), (name, key)
         for (key, b), c in zip(model.named_buffers(), reference.buffers(), strict=True):
             assert torch.equal(b, c), (name, key)
+
+
+@pytest.mark.parametrize("bn_size", [4, None])
+def test_efficient_and_frugal_keep_no_dropout_mask(bn_size):
+    """A dense layer's dropout runs inside its last segment, whose backward draws the mask again: with dropout the
+    modes keep exactly what they keep without it, where plain keeps each mask too."""
+    x = torch.randn(2, 3, 32, 32)
+    config = dict(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=5, bn_size=bn_size)
+    for mode in ("plain", "efficient", "frugal"):
+        dropped, kept = (saved_activation_bytes(DenseNet(**config, drop_rate=p, memory=mode).train(), x)
+                         for p in (0.2, 0.0))
+        assert dropped > kept if mode == "plain" else dropped == kept, mode
