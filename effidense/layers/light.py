@@ -51,8 +51,10 @@ def light_segment(stages: Sequence[tuple[nn.Module, nn.Module, nn.Module]], *map
                   pre: nn.Module | None = None, dropout: Callable[[Tensor], Tensor] | None = None) -> Tensor | None:
     """``stages`` (norm, ReLU, then a convolution or max-pool) in turn on the concatenated ``maps``, or on ``pre`` (a
     convolution) of the one map, then ``dropout``, in :class:`LightSegment`, whose backward goes through ``slices`` of
-    the batch; None where the norms cannot rerun light (the caller then checkpoints). A norm with hooks is called, so
-    that they fire, and so its segment is not sliced."""
+    the batch and draws the dropout's mask again; None where the norms cannot rerun light (the caller then
+    checkpoints). A norm with hooks is called, so that they fire, and so its segment is not sliced. Under
+    ``torch.compile``, which cannot trace reading the random state, the dropout follows the segment and its mask is
+    kept."""
     if not all(_light(*stage) for stage in stages) or (pre is not None and not plain_conv(pre)):
         return None
     if any(norm._forward_hooks or norm._forward_pre_hooks for norm, _, _ in stages):
@@ -60,6 +62,8 @@ def light_segment(stages: Sequence[tuple[nn.Module, nn.Module, nn.Module]], *map
     params = [] if pre is None else [pre.weight]
     for norm, _, post in stages:
         params += [norm.weight, norm.bias, getattr(post, "weight", None)]
+    if dropout is not None and torch.compiler.is_compiling():
+        return dropout(LightSegment.apply(slices, (pre, tuple(stages), None), params, *params, *maps))
     return LightSegment.apply(slices, (pre, tuple(stages), dropout), params, *params, *maps)
 
 
