@@ -72,6 +72,16 @@ def test_a_new_input_size_recompiles_with_symbolic_sizes_and_stays_exact(mode):
     assert _unique_graphs() == 2
 
 
+def test_frugal_with_dropout_compiles_and_keeps_its_mask():
+    """A compiled graph cannot read the random state that drawing a dropout mask again needs: a light segment's
+    dropout then follows it and keeps its mask, and the step is eager's (aot_eager keeps eager's dropout)."""
+    base = DenseNet(**TINY, memory="frugal", drop_rate=0.2)
+    x = torch.randn(4, 3, 16, 16)
+    model = copy.deepcopy(base).train().set_compile(backend="aot_eager", fullgraph=True)
+    eager = copy.deepcopy(base).train()
+    _assert_same_step(model, eager, [_step(model, x), _step(eager, x)])
+
+
 def test_set_compile_round_trip_and_the_removed_scope():
     """``set_compile()`` is nn.Module.compile of the whole model, ``set_compile(False)`` eager again; ``scope="model"``
     and ``compile="model"`` still mean the whole model, 'layers' is refused in one line. aot_eager keeps this quick
