@@ -18,7 +18,7 @@ from typing import Any
 from .configs import CONFIGS, unknown_model_message
 from .densenet import DenseNet
 
-__all__ = ["Architecture", "ModelSpec", "resolve_model"]
+__all__ = ["Architecture", "ModelSpec", "dims_of_size", "resolve_model"]
 
 _MODE_ARGS = ("memory", "efficient", "compile")  # chosen per variant by the tools, never part of a spec
 _DENSENET_ARGS = [name for name in inspect.signature(DenseNet.__init__).parameters
@@ -181,6 +181,16 @@ def resolve_model(name: str | None = None, overrides: dict[str, Any] | None = No
     spec = ModelSpec(label, {**base, **overrides})
     _validate(spec)
     return spec
+
+
+def dims_of_size(size: Sequence[int], dims: int, chosen: bool, named: str) -> int:
+    """The spatial dims that an input of ``size`` (its own sizes, several numbers) gives a model of ``dims``: as many
+    as the sizes, which make a named model 2D or 3D, unless its dims were ``chosen``, when the two must agree.
+    ``named`` is how the size reads in the message (``"--img-size 16 16"``)."""
+    if len(size) != dims and chosen:
+        want = "one number" if dims == 1 else f"one number (the edge) or {dims}"
+        raise ValueError(f"{named} is a {len(size)}D input but the model is {dims}D (spatial_dims={dims}): give {want}")
+    return len(size)
 
 
 def _validate(spec: ModelSpec) -> None:

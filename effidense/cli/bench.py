@@ -161,11 +161,11 @@ def _model_and_size(args: argparse.Namespace) -> tuple[ModelSpec | SegmentationS
     spec, builders = _model(args)
     if args.img_size is None or len(args.img_size) == 1:
         return spec, builders, None if args.img_size is None else args.img_size[0]
+    from ..modelspec import dims_of_size
+
     size, dims = tuple(args.img_size), spec.arg("spatial_dims")
-    if len(size) != dims:
-        if args.spatial_dims is not None or "spatial_dims" in args.model_kwargs:
-            raise ValueError(f"--img-size {' '.join(map(str, size))} is a {len(size)}D input but the model is {dims}D "
-                             f"(spatial_dims={dims}): give one number (the edge) or {dims}")
+    chosen = args.spatial_dims is not None or "spatial_dims" in args.model_kwargs
+    if dims_of_size(size, dims, chosen, f"--img-size {' '.join(map(str, size))}") != dims:
         args.spatial_dims = len(size)
         spec, builders = _model(args)
     return spec, builders, size

@@ -135,11 +135,9 @@ def _input_size(args: argparse.Namespace, spec: ModelSpec) -> int | list[int] | 
         return [args.volume] * 3
     if args.img_size is None or len(args.img_size) == 1:
         return None if args.img_size is None else args.img_size[0]
-    dims = spec.arg("spatial_dims")
-    if "spatial_dims" in spec.kwargs and len(args.img_size) != dims:
-        want = "one number" if dims == 1 else f"one number (the edge) or {dims}"
-        raise ValueError(f"--img-size {' '.join(map(str, args.img_size))} is a {len(args.img_size)}D input but the "
-                         f"model is {dims}D (spatial_dims={dims}): give {want}")
+    from ..modelspec import dims_of_size
+
+    dims_of_size(args.img_size, spec.arg("spatial_dims"), "spatial_dims" in spec.kwargs, _named(args.img_size))
     return list(args.img_size)
 
 
@@ -147,12 +145,15 @@ def _built_size(args: argparse.Namespace) -> tuple[list[int], int]:
     """The input size and spatial dims of a model planned as its own class builds it: --volume, or --img-size (one
     edge, or the input's own sizes, which choose the dims), or 224 in 2D."""
     size = [args.volume] * 3 if args.volume is not None else list(args.img_size or [224])
-    dims = args.spatial_dims or (len(size) if len(size) > 1 else 2)
     if len(size) == 1:
-        size *= dims
-    elif len(size) != dims:
-        raise ValueError(f"--img-size {' '.join(map(str, size))} is a {len(size)}D input but --spatial-dims is {dims}")
-    return size, dims
+        return size * (args.spatial_dims or 2), args.spatial_dims or 2
+    from ..modelspec import dims_of_size
+
+    return size, dims_of_size(size, args.spatial_dims or 2, args.spatial_dims is not None, _named(size))
+
+
+def _named(size: list[int]) -> str:
+    return f"--img-size {' '.join(map(str, size))}"
 
 
 def _segmentation(args: argparse.Namespace) -> dict[str, Any]:

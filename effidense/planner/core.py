@@ -26,7 +26,7 @@ from ..harness import (
     parse_variants,
     peer_unsupported,
 )
-from ..modelspec import ModelSpec, resolve_model
+from ..modelspec import ModelSpec, dims_of_size, resolve_model
 from .budget import DEFAULT_MARGINS, DEVICES, format_bytes, parse_budget
 from .scratch import KERNEL_SCRATCH, scratch_model
 from .workers import cores, in_processes, pickles
@@ -230,13 +230,11 @@ def plan(model: str | ModelSpec | Mapping[str, Callable[[], nn.Module]] = "effi_
     budget_bytes = None if budget is None else parse_budget(budget)
     if isinstance(model, str):
         model = resolve_model(model)
-    if isinstance(model, ModelSpec) and img_size is not None and not isinstance(img_size, int) \
-            and len(img_size) != model.arg("spatial_dims"):
-        dims = model.arg("spatial_dims")
-        if "spatial_dims" in model.kwargs:  # chosen, so the sizes contradict it rather than choose
-            raise ValueError(f"img_size {list(img_size)} is a {len(img_size)}D input but the model is {dims}D "
-                             f"(spatial_dims={dims}): give one edge (an int) or {dims} sizes")
-        model = ModelSpec(model.name, {**model.kwargs, "spatial_dims": len(img_size)})  # a named model's 3D/1D form
+    if isinstance(model, ModelSpec) and img_size is not None and not isinstance(img_size, int):
+        dims = dims_of_size(img_size, model.arg("spatial_dims"), "spatial_dims" in model.kwargs,
+                            f"img_size {list(img_size)}")
+        if dims != model.arg("spatial_dims"):  # a named model's 3D (or 1D) form
+            model = ModelSpec(model.name, {**model.kwargs, "spatial_dims": dims})
     target = _target(model, variants, in_chans, num_classes, min_size, name)
     size = _size(img_size, target)
     problem = target.size_problem(batch_size, size)
