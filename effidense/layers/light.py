@@ -223,8 +223,7 @@ class LightSegment(torch.autograd.Function):
                 count = batch * math.prod(x1.shape[2:])
                 gx1 = input_grad(_unpark(tops[i]), x1, *ctx.stats[1], weights[1][0], *totals[1], count)
                 tops[i] = _park(grad_maps, a, b, gx1)
-                del gx1
-                del x1
+                del gx1, x1
         for (a, b), top in zip(parts, tops, strict=True):  # the first norm's sums
             x, y = front(a, b)
             count = batch * math.prod(x.shape[2:])
