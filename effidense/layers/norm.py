@@ -97,7 +97,9 @@ def input_grad(grad: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Te
     """Its second half: the input's gradient, given the sums over the whole batch (``count`` values per channel)."""
     dims = x.dim()
     grad_x = _xhat(x, mean, invstd).mul_(_per_channel(sum_dy_xhat / count, dims))
-    torch.sub(grad.to(mean.dtype) if grad.dtype == torch.float64 else grad, grad_x, out=grad_x)  # one buffer
+    # into the same buffer; a gradient of lower precision is read as it is, widened exactly, with no copy
+    exact = torch.promote_types(grad.dtype, mean.dtype) == mean.dtype
+    torch.sub(grad if exact else grad.to(mean.dtype), grad_x, out=grad_x)
     grad_x.sub_(_per_channel(sum_dy / count, dims))
     scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
     return grad_x.mul_(_per_channel(scale, dims)).to(x.dtype)
