@@ -91,6 +91,18 @@ def test_modes_equal_plain_fp32_tf32_off(exact_cuda, channels_last):
         _assert_same(results[mode], results["plain"], tolerance(torch.float32, "cuda"), mode)
 
 
+def test_modes_with_dropout_equal_plain(exact_cuda):
+    """Efficient and frugal draw each layer's dropout mask again in backward, from the CUDA random state forward drew
+    it from (the fused kernel's seed and offset): the step is plain's, whose autograd keeps the mask."""
+    x, y = _data()
+    results = {}
+    for mode, model in _models(drop_rate=0.2).items():
+        torch.manual_seed(3)  # the same draws for every mode
+        results[mode] = _train_step(model, x, y)
+    for mode in ("efficient", "frugal"):
+        _assert_same(results[mode], results["plain"], tolerance(torch.float32, "cuda"), mode)
+
+
 def test_3d_modes_equal_plain_fp32_tf32_off(exact_cuda):
     """Volumes: the light stem (conv3d, BatchNorm3d, max_pool3d) and segments on cuDNN's 3D kernels."""
     generator = torch.Generator().manual_seed(1)
