@@ -32,6 +32,8 @@ from .flags import (
     OneLineParser,
     add_model_arguments,
     float_list,
+    img_size_flag,
+    img_size_problem,
     non_negative_int,
     positive_int,
     seed,
@@ -165,7 +167,7 @@ def _model_and_size(args: argparse.Namespace) -> tuple[ModelSpec | SegmentationS
 
     size, dims = tuple(args.img_size), spec.arg("spatial_dims")
     chosen = args.spatial_dims is not None or "spatial_dims" in args.model_kwargs
-    if dims_of_size(size, dims, chosen, f"--img-size {' '.join(map(str, size))}") != dims:
+    if dims_of_size(size, dims, chosen, img_size_flag(size)) != dims:
         args.spatial_dims = len(size)
         spec, builders = _model(args)
     return spec, builders, size
@@ -174,8 +176,8 @@ def _model_and_size(args: argparse.Namespace) -> tuple[ModelSpec | SegmentationS
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.img_size is not None and len(args.img_size) > 3:
-        parser.error(f"--img-size takes 1 to 3 numbers (N, H W or D H W), got {len(args.img_size)}")
+    if problem := img_size_problem(args.img_size):
+        parser.error(problem)
     # torch and timm load once the arguments parse: --help and usage errors answer without them
     import torch
 

@@ -155,6 +155,18 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n" if primary else None)
 
 
+def img_size_problem(sizes: Sequence[int] | None) -> str | None:
+    """What is wrong with the numbers given to an --img-size that takes an edge, H W or D H W, if anything."""
+    if sizes is not None and len(sizes) > 3:
+        return f"--img-size takes 1 to 3 numbers (N, H W or D H W), got {len(sizes)}"
+    return None
+
+
+def img_size_flag(sizes: Sequence[int]) -> str:
+    """--img-size as it was typed, for a message."""
+    return f"--img-size {' '.join(map(str, sizes))}"
+
+
 def positive_int(text: str) -> int:
     """argparse type for integers >= 1."""
     value = _int(text)

@@ -43,7 +43,16 @@ from typing import TYPE_CHECKING, Any
 from ..choices import AMP_NAMES, DTYPE_NAMES, MEMORY_MODES, MONAI_MODELS, OPTIMIZERS, PEERS, SEGMENTATION_MODELS
 from ..configs import model_names, unknown_model_message
 from ..planner.budget import DEFAULT_MARGINS, DEVICES, GPU_PRESETS, parse_budget
-from .flags import OneLineParser, add_model_arguments, positive_int, segmentation_kwargs, spec_from_args, thread_count
+from .flags import (
+    OneLineParser,
+    add_model_arguments,
+    img_size_flag,
+    img_size_problem,
+    positive_int,
+    segmentation_kwargs,
+    spec_from_args,
+    thread_count,
+)
 
 if TYPE_CHECKING:
     from ..modelspec import ModelSpec
@@ -137,7 +146,8 @@ def _input_size(args: argparse.Namespace, spec: ModelSpec) -> int | list[int] | 
         return None if args.img_size is None else args.img_size[0]
     from ..modelspec import dims_of_size
 
-    dims_of_size(args.img_size, spec.arg("spatial_dims"), "spatial_dims" in spec.kwargs, _named(args.img_size))
+    chosen = "spatial_dims" in spec.kwargs
+    dims_of_size(args.img_size, spec.arg("spatial_dims"), chosen, img_size_flag(args.img_size))
     return list(args.img_size)
 
 
@@ -149,11 +159,7 @@ def _built_size(args: argparse.Namespace) -> tuple[list[int], int]:
         return size * (args.spatial_dims or 2), args.spatial_dims or 2
     from ..modelspec import dims_of_size
 
-    return size, dims_of_size(size, args.spatial_dims or 2, args.spatial_dims is not None, _named(size))
-
-
-def _named(size: list[int]) -> str:
-    return f"--img-size {' '.join(map(str, size))}"
+    return size, dims_of_size(size, args.spatial_dims or 2, args.spatial_dims is not None, img_size_flag(size))
 
 
 def _segmentation(args: argparse.Namespace) -> dict[str, Any]:
@@ -193,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     known = [*model_names(), *SEGMENTATION_MODELS, *MONAI_MODELS]
     if args.model not in known:  # refused before torch loads
         parser.error(unknown_model_message(args.model, known))
-    if args.img_size is not None and len(args.img_size) > 3:
-        parser.error(f"--img-size takes 1 to 3 numbers (N, H W or D H W), got {len(args.img_size)}")
+    if problem := img_size_problem(args.img_size):
+        parser.error(problem)
     if args.volume is not None and args.spatial_dims not in (None, 3):
         parser.error(f"--volume {args.volume} is a 3D input but --spatial-dims is {args.spatial_dims}")
     if args.check is not None and args.budget is not None:
