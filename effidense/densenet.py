@@ -163,7 +163,7 @@ class DenseLayer(MemoryMode, AdoptsNorms):
     def new_features(self, *maps: Tensor, light: bool = False, slices: int = 1) -> Tensor:
         """The layer's new features from ``maps``; ``light``: each norm-ReLU-conv keeps only its input for backward,
         which goes through ``slices`` of the batch, and the last draws its dropout's mask again rather than keep it."""
-        dropout = self._dropout if self.training and self.drop_rate > 0 else None
+        dropout = self._drawn_dropout()
         out = concat_norm_conv(self.norm1, self.relu1, self.conv1, *maps, light=light, slices=slices,
                                dropout=None if self.bottleneck else dropout)
         if self.bottleneck:
@@ -173,6 +173,10 @@ class DenseLayer(MemoryMode, AdoptsNorms):
 
     def _dropout(self, x: Tensor) -> Tensor:
         return self.dropout(x, self.drop_rate, self.training)
+
+    def _drawn_dropout(self) -> Callable[[Tensor], Tensor] | None:
+        """The dropout this forward draws: None in eval mode or at a drop rate of 0."""
+        return self._dropout if self.training and self.drop_rate > 0 else None
 
     def forward(self, maps: Sequence[Tensor] | Tensor) -> Tensor:
         maps, mode = _as_maps(maps), run_mode(self.memory)
@@ -187,11 +191,11 @@ class DenseLayer(MemoryMode, AdoptsNorms):
             stages.append((self.norm2, self.relu2, self.conv2))
         # frugal: the whole layer is a segment, its dropout included
         width = self.conv1.out_channels * self.bottleneck / self.conv1.in_channels
-        dropout = self._dropout if self.training and self.drop_rate > 0 else None
+        dropout = self._drawn_dropout()
         out = light_segment(stages, *maps, slices=self.slices(maps, 3 * (1 + width)), dropout=dropout)
         if out is not None:
             return out
-        return checkpointed(True, self.new_features, *maps, random=self.training and self.drop_rate > 0)
+        return checkpointed(True, self.new_features, *maps, random=dropout is not None)
 
 
 class DenseBlock(MemoryMode, nn.ModuleDict):

@@ -198,7 +198,7 @@ class LightSegment(torch.autograd.Function):
         sliced_maps = {(a, b): [t[a:b] for t in maps] for a, b in parts}  # views, made once for every sweep
 
         def front(a: int, b: int) -> tuple[Tensor, Tensor]:  # a slice's segment input and first normalised map
-            x = _conv(ctx, pre, maps[0][a:b], params[0]) if pre is not None else torch.cat(sliced_maps[a, b], 1)
+            x = _conv(ctx, pre, sliced_maps[a, b][0], params[0]) if pre is not None else torch.cat(sliced_maps[a, b], 1)
             return x, normalized(x, *weights[0][:2], *ctx.stats[0]).relu_()
 
         def summed(stage: int, gz: Tensor, x: Tensor, total: list) -> None:
@@ -239,7 +239,7 @@ class LightSegment(torch.autograd.Function):
             g = input_grad(g, x, *ctx.stats[0], weights[0][0], *totals[0], count)
             del x
             if pre is not None:
-                g, grad_w = _conv_backward(ctx, pre, g, maps[0][a:b], need_maps[0], id(params[0]) in grads,
+                g, grad_w = _conv_backward(ctx, pre, g, sliced_maps[a, b][0], need_maps[0], id(params[0]) in grads,
                                            params[0])
                 _accumulate(grads, params[0], grad_w)
             parts_of_g = [g] if pre is not None else g.split([t.shape[1] for t in maps], 1)
