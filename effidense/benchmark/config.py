@@ -13,7 +13,7 @@ from torch import nn
 from ..choices import COMPILE_MODES, COMPILE_SUFFIX
 from ..harness.segmentation import SegmentationSpec
 from ..harness.step import AMP_DTYPES, CHANNELS_LAST, input_shape
-from ..modelspec import ModelSpec
+from ..modelspec import ModelSpec, dims_of_size
 
 __all__ = ["COMPILE_MODES", "JSON_SCHEMA", "HOST_REFERENCE", "HOST_BATCH", "BenchConfig", "VariantResult",
            "BenchReport", "host_img_size", "size_label"]
@@ -65,10 +65,7 @@ class BenchConfig:
         size = input_shape(self.spec, 1, self.img_size)[2:]
         if min(size) < 1:
             raise ValueError(f"img_size must be at least 1, got {self.img_size}")
-        dims = self.spec.arg("spatial_dims")
-        if len(size) != dims:
-            raise ValueError(f"img_size {list(size)} is a {len(size)}D input but the model is {dims}D: give one edge "
-                             f"or {dims} sizes")
+        dims_of_size(size, self.spec.arg("spatial_dims"), True, f"img_size {list(size)}")  # the spec's dims stand
         if self.builders is not None and "plain" not in self.builders:
             raise ValueError("builders must offer 'plain': every variant is checked against its output")
         if self.warmup < 0:
