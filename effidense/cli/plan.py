@@ -241,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
                           batch_size=args.batch_size if args.check is None else args.check,
                           amp=args.amp, dtype=args.dtype, optimizer=args.optimizer, budget=args.budget,
                           margin=args.margin, max_edge=True if args.max_edge else None, progress=progress,
-                          device=device, measure=args.check is not None, workers=None)
+                          device=device, measure=args.check is not None, workers=None,
+                          line=args.plot is not None)
     except BudgetError as e:
         return _error(f"--budget: {e}")
     except ValueError as e:

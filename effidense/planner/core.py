@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -188,7 +187,7 @@ def plan(model: str | ModelSpec | Mapping[str, Callable[[], nn.Module]] = "effi_
          budget: str | int | None = None, max_edge: bool | None = None,
          in_chans: int = 3, num_classes: int = 1000, min_size: int = 1, fake: bool = True,
          progress: Callable[[str], None] | None = None, name: str | None = None, device: str = "cuda",
-         margin: float | None = None, measure: bool = False, workers: int | None = 1) -> PlanReport:
+         margin: float | None = None, measure: bool = False, workers: int | None = 1, line: bool = False) -> PlanReport:
     """Predict each variant's peak memory for one training step, and the largest batch that fits ``budget``.
 
     ``model``: an ``effi_*`` or config name, a :class:`~effidense.modelspec.ModelSpec`, or a mapping from variant
@@ -205,12 +204,14 @@ def plan(model: str | ModelSpec | Mapping[str, Callable[[], nn.Module]] = "effi_
     ``measure``: then run one real step of each variant at ``batch_size`` on ``device`` (the current CUDA device)
     and record its peak by the allocator (``measured_peak_bytes``), after checking the predicted peaks fit the
     device's free memory.
-    ``max_edge``: also search the largest cube edge at ``batch_size`` (default: for 3D inputs).
+    ``max_edge``: also search the largest cube edge at ``batch_size`` (default: for 3D inputs). ``line``: fit the
+    peak's line in the batch (``bytes_per_sample``, ``intercept_bytes``) without a budget too, at a step more for each
+    variant (a budget's search fits it anyway).
     ``fake=False`` runs the same steps on real tensors (to validate the prediction at small sizes).
-    ``workers``: how many variants are planned at once, each in a spawned process of its own (None: one per CPU
-    core this process may use, once the first variant, planned here, shows that a variant takes longer than a
-    worker takes to start; real steps, and a ``measure`` run, go one at a time). Spawned processes import the
-    calling script again, so a script that asks for more than one guards its top level (``if __name__ ==
+    ``workers``: how many variants are planned at once, each in a spawned process of its own (None: this process
+    plans too, beside a worker for each further CPU core this process may use, started once the plan has taken
+    longer than a worker takes to start; real steps, and a ``measure`` run, go one at a time). Spawned processes
+    import the calling script again, so a script that asks for more than one guards its top level (``if __name__ ==
     "__main__":``), as ``multiprocessing`` requires; the ``effidense plan`` command does.
 
     Every figure is a prediction from tensors that allocate nothing (``FakeTensorMode``), counted storage by
@@ -260,7 +261,7 @@ def plan(model: str | ModelSpec | Mapping[str, Callable[[], nn.Module]] = "effi_
         result = VariantPlan(name, batch=batch_size, size=list(size))
         try:
             _plan_variant(result, StepProbe(target.builders[name], step, fake, scratch), batch_size, size, usable,
-                          budget_bytes, margin, target, edge_search, slope=not measure)
+                          budget_bytes, margin, target, edge_search, line)
         except BudgetError:
             raise
         except Exception as error:
@@ -269,9 +270,10 @@ def plan(model: str | ModelSpec | Mapping[str, Callable[[], nn.Module]] = "effi_
 
     job = dict(model=model, img_size=img_size, batch_size=batch_size, amp=amp, dtype=dtype, optimizer=optimizer,
                budget=budget, max_edge=max_edge, in_chans=in_chans, num_classes=num_classes, min_size=min_size,
-               name=name, device=device, margin=margin)
-    report.variants += _side_by_side(planned, list(target.builders), workers if fake and not measure else 1, job,
-                                     progress)
+               name=name, device=device, margin=margin, line=line)
+    # frugal's sliced backward makes the longest steps: planned first, the others fill the time beside it
+    first = sorted(target.builders, key=lambda name: name != "frugal")
+    report.variants += _side_by_side(planned, first, workers if fake and not measure else 1, job, progress)
     order = list(target.builders) + list(target.skipped)
     report.variants.sort(key=lambda r: order.index(r.name))
     if measure:
@@ -284,37 +286,38 @@ def _plan_in_worker(job: dict, threads: int, name: str) -> VariantPlan:
     return plan(**job, variants=name, workers=1).variants[0]
 
 
-# Seconds a worker process takes to start (importing torch and effidense): variants planned faster than this are
-# planned in turn when the number of workers is left to the planner.
-WORKER_START_S = 5.0
+# Seconds a worker process takes to start (importing torch and effidense): when the number of workers is left to the
+# planner, it starts them only once the variants have taken this long with some still waiting.
+WORKER_START_S = 2.0
 
 
 def _side_by_side(planned: Callable[[str], VariantPlan], names: list[str], workers: int | None, job: dict,
                   progress: Callable[[str], None] | None) -> list[VariantPlan]:
-    """``planned(name)`` for each name in turn, or ``plan(**job)`` for each in worker processes side by side
-    (:mod:`.workers`), where more than one is asked for and the job pickles (not a model built by a local
-    function). Left to the planner (``workers=None``), the first variant is planned here, and the rest go to a
-    worker per core only if it took longer than a worker takes to start."""
-    results = []
-    if workers is None and len(names) > 1:
-        started = time.perf_counter()
-        results.append(planned(names[0]))
-        names = names[1:]
-        workers = cores() if time.perf_counter() - started > WORKER_START_S else 1
-    workers = min(workers or 1, len(names))
-    if workers <= 1 or multiprocessing.current_process().daemon or not pickles(job):
-        return results + [planned(name) for name in names]
-    if progress is not None:
+    """``planned(name)`` for each name in turn, here, or side by side in worker processes (:mod:`.workers`), each
+    running ``plan(**job)`` for a variant, where the job pickles (not a model built by a local function).
+    ``workers``: that many processes, this one waiting for them. None: this process plans too, and a worker for each
+    further core takes variants from the same queue once the plan has taken longer than a worker takes to start (a
+    tiny model's never does)."""
+    here = workers is None
+    workers = cores() - 1 if here else min(workers, len(names))
+    if workers < 1 or len(names) < 2 or multiprocessing.current_process().daemon or not pickles(job):
+        return [planned(name) for name in names]
+    if progress is not None and not here:
         progress(f"{', '.join(names)}: {workers} at a time, in processes of their own ...")
+
+    def taken(name: str) -> None:
+        if progress is not None:
+            progress(f"{name} ... (in a worker process)")
 
     def done(name: str, count: int) -> None:
         if progress is not None:
             progress(f"{name} planned ({count}/{len(names)})")
 
     threads = torch.get_num_threads()
-    answers = in_processes(_plan_in_worker, [(name, (job, threads, name)) for name in names], workers, done)
-    return results + [VariantPlan(name, status="failed", error=str(a)) if isinstance(a, ChildProcessError) else a
-                      for name, a in ((name, answers[name]) for name in names)]
+    answers = in_processes(_plan_in_worker, [(name, (job, threads, name)) for name in names], workers, done,
+                           here=planned if here else None, wait=WORKER_START_S, taken=taken if here else None)
+    return [VariantPlan(name, status="failed", error=str(a)) if isinstance(a, ChildProcessError) else a
+            for name, a in ((name, answers[name]) for name in names)]
 
 
 def free_bytes(device: str) -> int:
@@ -385,7 +388,7 @@ class _Peaks:
 
 def _plan_variant(result: VariantPlan, probe: StepProbe, batch: int, size: tuple[int, ...], usable: int | None,
                   budget: int | None, margin: float, target: _Target, edge_search: bool,
-                  slope: bool = True) -> None:
+                  line: bool = False) -> None:
     peaks = _Peaks(probe, result)
     first = peaks.step(batch, size)
     result.peak_bytes = first.peak_bytes
@@ -395,7 +398,7 @@ def _plan_variant(result: VariantPlan, probe: StepProbe, batch: int, size: tuple
     result.optimizer_state_bytes = first.optimizer_state_bytes
     result.saved_activation_bytes = first.saved_activation_bytes
     result.input_bytes = first.input_bytes
-    if usable is None and not slope:  # a check compares the one batch; the line costs a step more
+    if usable is None and not line:  # the line costs a step more
         return
     second = 2 * batch
     result.bytes_per_sample = (peaks(second, size) - first.peak_bytes) / (second - batch)

@@ -8,14 +8,13 @@ its call alone; an interrupt, or any error in the caller, terminates every worke
 """
 from __future__ import annotations
 
-import contextlib
 import multiprocessing
 import os
 import pickle
 import signal
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from multiprocessing.connection import Connection, wait
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection
 from typing import Any
 
 __all__ = ["cores", "in_processes", "pickles"]
@@ -36,8 +35,8 @@ def pickles(value: Any) -> bool:
 
 
 def _serve(channel: Connection, function: Callable[..., Any]) -> None:
-    """A worker: ``function(*args)`` for each ``args`` the caller sends, until it sends None."""
-    while (args := channel.recv()) is not None:
+    """A worker: ``function(*args)`` for each ``args`` the caller sends, until it sends None or goes."""
+    while (args := _received(channel)) is not None:
         try:
             answer = (True, function(*args))
         except BaseException as error:  # handed back whole, so the caller raises what the call raised
@@ -45,61 +44,100 @@ def _serve(channel: Connection, function: Callable[..., Any]) -> None:
         channel.send(answer)
 
 
-@contextlib.contextmanager
-def _interrupts_ignored() -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():  # only the main thread sets handlers
-        yield
-        return
-    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _received(channel: Connection) -> Any:
     try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, before)
+        return channel.recv()
+    except EOFError:  # the caller ended
+        return None
+
+
+def _blocked_interrupts() -> None:
+    """Block Ctrl-C in this thread: processes it spawns inherit the mask, so an interrupt is the caller's alone to
+    answer (it terminates them)."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
 
 
 def in_processes(function: Callable[..., Any], calls: Sequence[tuple[str, tuple]], workers: int,
-                 done: Callable[[str, int], None] | None = None) -> dict[str, Any]:
-    """``function(*args)`` for each ``(name, args)`` of ``calls``, in at most ``workers`` processes, each taking the
-    next call as it finishes one (so what it imported and cached serves the next); the results by name. A call that
-    raised raises here; a process that died without answering gives a :class:`ChildProcessError` as its call's
-    result, and a fresh process takes the calls left. ``done(name, count)`` is told of each call as it ends."""
+                 done: Callable[[str, int], None] | None = None, here: Callable[[str], Any] | None = None,
+                 wait: float = 0.0, taken: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """``function(*args)`` for each ``(name, args)`` of ``calls``, in at most ``workers`` spawned processes, each
+    taking the next call as it finishes one (so what it imported and cached serves the next); the results by name.
+
+    With ``here``, this process takes calls too, by ``here(name)``, from the same queue, and the processes start
+    only once ``wait`` seconds have passed with calls still waiting: a job done sooner than a process takes to start
+    never starts one. A call that raised raises here (no further call is taken); a process that died without
+    answering gives a :class:`ChildProcessError` as its call's result, and a fresh process takes the calls left.
+    ``taken(name)`` is told of each call a process takes, ``done(name, count)`` of each call as it ends."""
     context = multiprocessing.get_context("spawn")
+    waiting, results, raised = list(calls), {}, []
+    lock, finished = threading.Lock(), threading.Event()
+    processes: list[Any] = []
+
+    def take() -> tuple[str, tuple] | None:
+        with lock:
+            return waiting.pop(0) if waiting and not raised else None
+
+    def record(name: str, answered: bool, value: Any) -> None:
+        with lock:
+            if not answered:
+                raised.append(value)
+                return
+            results[name] = value
+            count = len(results)
+        if done is not None:
+            done(name, count)
 
     def start() -> tuple[Connection, Any]:
         channel, theirs = context.Pipe()
         process = context.Process(target=_serve, args=(theirs, function), daemon=True)
-        with _interrupts_ignored():  # inherited: Ctrl-C is the caller's to answer, by terminating them
-            process.start()
+        process.start()
+        processes.append(process)
         theirs.close()  # the worker's end: the caller's then reads the end of the pipe if the worker dies
         return channel, process
 
-    waiting, results = list(calls), {}
-    idle = [start() for _ in range(min(workers, len(waiting)))]
-    busy: dict[Connection, tuple[str, Any]] = {}
-    try:
-        while waiting or busy:
-            while waiting and idle:
-                channel, process = idle.pop()
-                name, args = waiting.pop(0)
+    def serve() -> None:  # one process's calls, from a thread of this process
+        _blocked_interrupts()
+        if here is not None and finished.wait(wait) or not waiting:
+            return
+        worker = None
+        while (call := take()) is not None:
+            name, args = call
+            if taken is not None:
+                taken(name)
+            if worker is None:
+                worker = start()
+            channel, process = worker
+            try:
                 channel.send(args)
-                busy[channel] = name, process
-            for channel in wait(list(busy)):
-                name, process = busy.pop(channel)
-                try:
-                    answered, value = channel.recv()
-                    idle.append((channel, process))
-                except EOFError:
-                    process.join()
-                    answered, value = True, ChildProcessError(
-                        f"its worker process died without an answer (exit code {process.exitcode})")
-                    if waiting:
-                        idle.append(start())
-                if not answered:
-                    raise value
-                results[name] = value
-                if done is not None:
-                    done(name, len(results))
+                answered, value = channel.recv()
+            except (EOFError, OSError):
+                process.join()
+                answered, value = True, ChildProcessError(
+                    f"its worker process died without an answer (exit code {process.exitcode})")
+                worker = None
+            record(name, answered, value)
+        if worker is not None:
+            worker[0].send(None)
+
+    threads = [threading.Thread(target=serve, daemon=True) for _ in range(min(workers, len(waiting)))]
+    for thread in threads:
+        thread.start()
+    try:
+        while here is not None and (call := take()) is not None:
+            try:
+                answer = (True, here(call[0]))
+            except Exception as error:
+                answer = (False, error)
+            record(call[0], *answer)
+        finished.set()
+        for thread in threads:
+            while thread.is_alive() and not raised:  # a call that raised ends the job at once
+                thread.join(0.1)
+        if raised:
+            raise raised[0]
     finally:
-        for _, process in [*idle, *busy.values()]:
+        finished.set()
+        for process in processes:
             process.terminate()
     return results
