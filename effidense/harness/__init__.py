@@ -6,6 +6,7 @@ another.
 * :mod:`.variants` the variants the tools compare: our memory modes, the torchvision/timm/MONAI peers (the one place
   that builds them and says why one cannot hold a model), ``+compile`` copies
 * :mod:`.footprint` the step's memory counted storage by storage, on fake or real tensors (:class:`StepProbe`)
+* :mod:`.shapes` fake kernels' answers remembered across batch sizes, so a fake step at a new batch is quick
 * :mod:`.search` the largest batch (or depth) that fits, by doubling and bisection
 * :mod:`.distributed` process groups for the tools that run under DDP
 * :mod:`.environment` versions, hardware and the command line of a run

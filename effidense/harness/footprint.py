@@ -4,8 +4,8 @@
 :meth:`StepProbe.measure` runs the one training step (:func:`effidense.harness.step.training_step`) at a batch and
 input size under :class:`effidense.memory.StorageTracker`, which follows every storage on real and fake tensors alike.
 It returns a :class:`StepMemory`: the peak, what was live at the peak by kind, and the bytes saved for backward
-counted by the meter (:class:`effidense.SavedTensorMeter`). A DenseNet-121 step at any batch takes about two seconds
-of host time.
+counted by the meter (:class:`effidense.SavedTensorMeter`). A fake DenseNet-121 step takes about two seconds of host
+time, and one at another batch size about one (:mod:`.shapes` answers most of its kernels from the first).
 
 What kernels allocate internally without returning it (BatchNorm's backward temporary, oneDNN's reorders, cuDNN's
 workspaces) no tensor shows: a ``scratch`` model adds it (:mod:`effidense.planner.scratch` has the CPU's), and
@@ -25,6 +25,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..choices import OPTIMIZERS
 from ..memory import KINDS, SavedTensorMeter, StorageTracker, cpu_peak_bytes, cuda_peak_bytes
+from .shapes import BatchFreeShapes
 from .step import step_loss, training_step
 
 __all__ = ["OPTIMIZERS", "KINDS", "StepSpec", "StepMemory", "StepProbe"]
@@ -143,7 +144,7 @@ class StepProbe:
             tracker.add(self._state(), "optimizer_state")
             tracker.add((x, y), "input")
             try:
-                with tracker:
+                with BatchFreeShapes() if self.fake else contextlib.nullcontext(), tracker:
                     meter = tracker.saved_meter(exclude=model)
                     training_step(model, x, y, self.step_spec.amp, optimizer=self.optimizer, meter=meter)
                     saved = meter.bytes
