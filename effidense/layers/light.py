@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensor
 
-from .norm import BatchNormAct, grad_sums, input_grad, normalized
+from .norm import BatchNormAct, affine, grad_sums, input_grad, normalized
 from .pool import MaxPool
 from .recompute import checkpointed, is_tracing, rerun
 
@@ -196,13 +196,14 @@ class LightSegment(torch.autograd.Function):
             parts = [*parts[:2], parts[-1]]
 
         sliced_maps = {(a, b): [t[a:b] for t in maps] for a, b in parts}  # views, made once for every sweep
+        norms = [affine(*stats, *weight[:2], maps[0].dim()) for stats, weight in zip(ctx.stats, weights, strict=True)]
 
         def front(a: int, b: int) -> tuple[Tensor, Tensor]:  # a slice's segment input and first normalised map
             x = _conv(ctx, pre, sliced_maps[a, b][0], params[0]) if pre is not None else torch.cat(sliced_maps[a, b], 1)
-            return x, normalized(x, *weights[0][:2], *ctx.stats[0]).relu_()
+            return x, normalized(x, norms[0]).relu_()
 
         def summed(stage: int, gz: Tensor, x: Tensor, total: list) -> None:
-            sums = grad_sums(gz, x, *ctx.stats[stage])
+            sums = grad_sums(gz, x, norms[stage])
             total[:] = sums if not total else [t + s for t, s in zip(total, sums, strict=True)]
 
         def through(j: int, g: Tensor, y: Tensor, weight: bool) -> Tensor:  # a stage's post, then its ReLU
@@ -214,14 +215,14 @@ class LightSegment(torch.autograd.Function):
         if len(stages) == 2:  # the second norm's sums, keeping its output's gradient; then its input's gradient
             for i, (a, b) in enumerate(parts):
                 x1 = _conv(ctx, stages[0][2], front(a, b)[1], weights[0][2])
-                gz1 = through(1, tops[i], normalized(x1, *weights[1][:2], *ctx.stats[1]).relu_(), True)
+                gz1 = through(1, tops[i], normalized(x1, norms[1]).relu_(), True)
                 summed(1, gz1, x1, totals[1])
                 tops[i] = _park(grad_maps, a, b, gz1)
                 del x1, gz1  # each sweep drops a slice's maps before the next slice's are made
             for i, (a, b) in enumerate(parts):  # its input rebuilt rather than kept
                 x1 = _conv(ctx, stages[0][2], front(a, b)[1], weights[0][2])
                 count = batch * math.prod(x1.shape[2:])
-                gx1 = input_grad(_unpark(tops[i]), x1, *ctx.stats[1], weights[1][0], *totals[1], count)
+                gx1 = input_grad(_unpark(tops[i]), x1, norms[1], *totals[1], count)
                 tops[i] = _park(grad_maps, a, b, gx1)
                 del gx1, x1
         for (a, b), top in zip(parts, tops, strict=True):  # the first norm's sums
@@ -236,7 +237,7 @@ class LightSegment(torch.autograd.Function):
             g = through(0, _unpark(tops[i]), y, False)
             tops[i] = None
             del y
-            g = input_grad(g, x, *ctx.stats[0], weights[0][0], *totals[0], count)
+            g = input_grad(g, x, norms[0], *totals[0], count)
             del x
             if pre is not None:
                 g, grad_w = _conv_backward(ctx, pre, g, sliced_maps[a, b][0], need_maps[0], id(params[0]) in grads,

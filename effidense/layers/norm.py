@@ -17,7 +17,7 @@ and the replaced norm's activation. Unlike torch's SyncBatchNorm this also runs 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -26,10 +26,10 @@ from torch import Tensor, nn
 
 from .recompute import fx_leaf, handed, recomputing
 
-__all__ = ["BATCH_NORM_ACT", "INSTANCE_NORM_ACT", "Activation", "AdoptsNorms", "BatchNormAct", "BatchNormAct1d",
-           "BatchNormAct2d", "BatchNormAct3d", "GroupNormAct", "InstanceNormAct1d", "InstanceNormAct2d",
-           "InstanceNormAct3d", "NormAct", "SyncBatchNormAct", "SyncBatchNormWithStats", "batch_stats", "grad_sums",
-           "input_grad", "normalized", "relu_"]
+__all__ = ["BATCH_NORM_ACT", "INSTANCE_NORM_ACT", "Activation", "AdoptsNorms", "Affine", "BatchNormAct",
+           "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "GroupNormAct", "InstanceNormAct1d",
+           "InstanceNormAct2d", "InstanceNormAct3d", "NormAct", "SyncBatchNormAct", "SyncBatchNormWithStats", "affine",
+           "batch_stats", "grad_sums", "input_grad", "normalized", "relu_"]
 
 
 def _per_channel(t: Tensor, dims: int) -> Tensor:
@@ -57,52 +57,66 @@ class SyncBatchNormWithStats(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, mean, invstd = ctx.saved_tensors
-        sum_dy, sum_dy_xhat = grad_sums(grad, x, mean, invstd)
+        stats = affine(mean, invstd, weight, None, x.dim())
+        sum_dy, sum_dy_xhat = grad_sums(grad, x, stats)
         grad_x = None
         if ctx.needs_input_grad[0]:
             sums = torch.cat([sum_dy, sum_dy_xhat, sum_dy.new_full((1,), x.numel() // x.size(1))])
             dist.all_reduce(sums, group=ctx.group)
             total_dy, total_dy_xhat, count = sums.split([sum_dy.numel(), sum_dy.numel(), 1])
-            grad_x = input_grad(grad, x, mean, invstd, weight, total_dy, total_dy_xhat, count)
+            grad_x = input_grad(grad, x, stats, total_dy, total_dy_xhat, count)
         grad_weight = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         grad_bias = sum_dy.to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
         return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
-def _xhat(x: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:
+class Affine(NamedTuple):
+    """A training-mode BatchNorm's batch statistics and affine parameters, shaped to broadcast over its input and in
+    the statistics' precision: worked out once, read by every part of the batch rebuilt from them."""
+
+    mean: Tensor
+    invstd: Tensor
+    scale: Tensor  # invstd times the weight
+    shift: Tensor | None  # the bias
+
+
+def affine(mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None, dims: int) -> Affine:
+    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    shift = None if bias is None else _per_channel(bias.to(mean.dtype), dims)
+    return Affine(_per_channel(mean, dims), _per_channel(invstd, dims), _per_channel(scale, dims), shift)
+
+
+def _xhat(x: Tensor, a: Affine) -> Tensor:
     """The normalised input, in a tensor of its own in the statistics' precision (free to overwrite)."""
-    return x.to(mean.dtype, copy=True).sub_(_per_channel(mean, x.dim())).mul_(_per_channel(invstd, x.dim()))
+    return x.to(a.mean.dtype, copy=True).sub_(a.mean).mul_(a.invstd)
 
 
-def normalized(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, invstd: Tensor) -> Tensor:
+def normalized(x: Tensor, a: Affine) -> Tensor:
     """Training-mode BatchNorm's output given the statistics its forward used, computed in their precision and
     returned in ``x``'s dtype: a part of the batch rebuilt as the whole batch's forward normalised it. In place
     where it can, since a slice's temporaries are what a sliced backward holds beside what it must."""
-    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-    y = x.to(mean.dtype, copy=True).sub_(_per_channel(mean, x.dim())).mul_(_per_channel(scale, x.dim()))
-    if bias is not None:
-        y.add_(_per_channel(bias.to(mean.dtype), x.dim()))
+    y = x.to(a.mean.dtype, copy=True).sub_(a.mean).mul_(a.scale)
+    if a.shift is not None:
+        y.add_(a.shift)
     return y.to(x.dtype)
 
 
-def grad_sums(grad: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
+def grad_sums(grad: Tensor, x: Tensor, a: Affine) -> tuple[Tensor, Tensor]:
     """Training-mode BatchNorm's backward, its first half: per channel, the sums of the output's gradient and of
     the gradient times the normalised input, over this part of the batch, in the statistics' precision."""
-    grad = grad.to(mean.dtype)
-    return grad.sum(_reduced(x)), _xhat(x, mean, invstd).mul_(grad).sum(_reduced(x))
+    grad = grad.to(a.mean.dtype)
+    return grad.sum(_reduced(x)), _xhat(x, a).mul_(grad).sum(_reduced(x))
 
 
-def input_grad(grad: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, sum_dy: Tensor,
-               sum_dy_xhat: Tensor, count: Tensor | int) -> Tensor:
+def input_grad(grad: Tensor, x: Tensor, a: Affine, sum_dy: Tensor, sum_dy_xhat: Tensor, count: Tensor | int) -> Tensor:
     """Its second half: the input's gradient, given the sums over the whole batch (``count`` values per channel)."""
     dims = x.dim()
-    grad_x = _xhat(x, mean, invstd).mul_(_per_channel(sum_dy_xhat / count, dims))
+    grad_x = _xhat(x, a).mul_(_per_channel(sum_dy_xhat / count, dims))
     # into the same buffer; a gradient of lower precision is read as it is, widened exactly, with no copy
-    exact = torch.promote_types(grad.dtype, mean.dtype) == mean.dtype
-    torch.sub(grad if exact else grad.to(mean.dtype), grad_x, out=grad_x)
+    exact = torch.promote_types(grad.dtype, a.mean.dtype) == a.mean.dtype
+    torch.sub(grad if exact else grad.to(a.mean.dtype), grad_x, out=grad_x)
     grad_x.sub_(_per_channel(sum_dy / count, dims))
-    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-    return grad_x.mul_(_per_channel(scale, dims)).to(x.dtype)
+    return grad_x.mul_(a.scale).to(x.dtype)
 
 
 @torch.no_grad()
