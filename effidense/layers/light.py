@@ -211,19 +211,20 @@ class LightSegment(torch.autograd.Function):
                                   .to(y.dtype), y)
 
         grad_maps = [torch.empty_like(t) if need else None for t, need in zip(maps, need_maps, strict=True)]
+        sliced_grads = {(a, b): [None if t is None else t[a:b] for t in grad_maps] for a, b in parts}
         tops, totals = [grad[a:b] for a, b in parts], [[] for _ in stages]
         if len(stages) == 2:  # the second norm's sums, keeping its output's gradient; then its input's gradient
             for i, (a, b) in enumerate(parts):
                 x1 = _conv(ctx, stages[0][2], front(a, b)[1], weights[0][2])
                 gz1 = through(1, tops[i], normalized(x1, norms[1]).relu_(), True)
                 summed(1, gz1, x1, totals[1])
-                tops[i] = _park(grad_maps, a, b, gz1)
+                tops[i] = _park(sliced_grads[a, b], gz1)
                 del x1, gz1  # each sweep drops a slice's maps before the next slice's are made
             for i, (a, b) in enumerate(parts):  # its input rebuilt rather than kept
                 x1 = _conv(ctx, stages[0][2], front(a, b)[1], weights[0][2])
                 count = batch * math.prod(x1.shape[2:])
                 gx1 = input_grad(_unpark(tops[i]), x1, norms[1], *totals[1], count)
-                tops[i] = _park(grad_maps, a, b, gx1)
+                tops[i] = _park(sliced_grads[a, b], gx1)
                 del gx1, x1
         for (a, b), top in zip(parts, tops, strict=True):  # the first norm's sums
             x, y = front(a, b)
@@ -244,7 +245,7 @@ class LightSegment(torch.autograd.Function):
                                            params[0])
                 _accumulate(grads, params[0], grad_w)
             parts_of_g = [g] if pre is not None else g.split([t.shape[1] for t in maps], 1)
-            targets = [(t[a:b], part) for t, part in zip(grad_maps, parts_of_g, strict=True) if t is not None]
+            targets = [(t, part) for t, part in zip(sliced_grads[a, b], parts_of_g, strict=True) if t is not None]
             if targets:  # one op for every map
                 torch._foreach_copy_([t for t, _ in targets], [part for _, part in targets])
             del g, parts_of_g, targets
@@ -255,16 +256,16 @@ class LightSegment(torch.autograd.Function):
         return grad_maps
 
 
-def _park(grad_maps: Sequence[Tensor | None], a: int, b: int, g: Tensor) -> Tensor | tuple:
-    """Slice ``a:b`` of a bottleneck's gradient, waiting for a sliced backward's last sweep in the memory that the
-    slice's input gradients (``grad_maps``) take then, where it fits: the two are then never held side by side.
-    ``g`` itself where it does not fit; :func:`_unpark` gives it back."""
+def _park(grad_maps: Sequence[Tensor | None], g: Tensor) -> Tensor | tuple:
+    """A slice's bottleneck gradient, waiting for a sliced backward's last sweep in the memory that the slice's input
+    gradients (``grad_maps``) take then, where it fits: the two are then never held side by side. ``g`` itself where
+    it does not fit; :func:`_unpark` gives it back."""
     flat = _flat_run(g)
     if flat is None:
         return g
     runs, room = [], 0
     for t in grad_maps:  # as many maps as it takes
-        run = _flat_run(t[a:b]) if t is not None and t.dtype == g.dtype and room < flat.numel() else None
+        run = _flat_run(t) if t is not None and t.dtype == g.dtype and room < flat.numel() else None
         if run is not None:
             runs.append(run[:flat.numel() - room])
             room += runs[-1].numel()
@@ -278,11 +279,14 @@ def _park(grad_maps: Sequence[Tensor | None], a: int, b: int, g: Tensor) -> Tens
 
 
 def _unpark(top: Tensor | tuple) -> Tensor:
+    """The parked gradient, read in place where it lies in one piece (it is only read before the last sweep
+    overwrites it)."""
     if isinstance(top, Tensor):
         return top
     pieces, shape, order = top
     inverse = [order.index(d) for d in range(len(order))]
-    return torch.cat(pieces).view([shape[d] for d in order]).permute(inverse)
+    flat = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    return flat.view([shape[d] for d in order]).permute(inverse)
 
 
 def _flat_run(t: Tensor) -> Tensor | None:
