@@ -288,7 +288,7 @@ def _plan_in_worker(job: dict, threads: int, name: str) -> VariantPlan:
 
 # Seconds a worker process takes to start (importing torch and effidense): when the number of workers is left to the
 # planner, it starts them only once the variants have taken this long with some still waiting.
-WORKER_START_S = 2.0
+WORKER_START_S = 1.0
 
 
 def _side_by_side(planned: Callable[[str], VariantPlan], names: list[str], workers: int | None, job: dict,
@@ -400,7 +400,7 @@ def _plan_variant(result: VariantPlan, probe: StepProbe, batch: int, size: tuple
     result.input_bytes = first.input_bytes
     if usable is None and not line:  # the line costs a step more
         return
-    second = 2 * batch
+    second = _toward(first, usable)
     result.bytes_per_sample = (peaks(second, size) - first.peak_bytes) / (second - batch)
     result.intercept_bytes = first.peak_bytes - result.bytes_per_sample * batch
     if usable is None:
@@ -425,6 +425,18 @@ def _plan_variant(result: VariantPlan, probe: StepProbe, batch: int, size: tuple
         result.max_edge = edge
         if edge:
             result.max_edge_peak_bytes = peaks(batch, (edge,) * len(size))
+
+
+def _toward(first: StepMemory, usable: int | None) -> int:
+    """The batch of a variant's second step: twice the first's without a budget; with one, the batch that would
+    reach it if all that grows with the batch at the first step's peak (all but parameters, gradients and optimizer
+    state) grew in proportion. That lies near the answer, so the line through the two steps misses it by little."""
+    batch = first.batch
+    static = sum(first.at_peak.get(kind, 0) for kind in ("parameters", "gradients", "optimizer_state"))
+    if usable is None or first.peak_bytes <= static:
+        return 2 * batch
+    guess = min(max(math.floor((usable - static) * batch / (first.peak_bytes - static)), 1), MAX_BATCH_LIMIT)
+    return guess if guess != batch else batch + 1 if batch < MAX_BATCH_LIMIT else batch - 1
 
 
 def search_batch(peak: Callable[[int], int], usable: int, measured: Sequence[int], limit: int,
