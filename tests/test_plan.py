@@ -522,7 +522,10 @@ def test_a_fake_sliced_backward_counts_what_every_slice_allocates(slices):
 def test_variants_planned_side_by_side_match_those_planned_in_turn(monkeypatch):
     """Worker processes plan what one process plans, variant by variant, in the same order: asked for (``workers=2``),
     or left to the planner, which starts them beside itself once the plan has taken longer than a worker takes to
-    start, which a tiny model's does not."""
+    start, which a tiny model's does not. A worker takes variants once it is ready; here the planning process is
+    slowed (by its progress callback) so that it is."""
+    import time
+
     import effidense.planner.core as core
 
     kwargs = dict(variants="plain,efficient,frugal", img_size=32, batch_size=4, budget="3MiB")
@@ -531,7 +534,13 @@ def test_variants_planned_side_by_side_match_those_planned_in_turn(monkeypatch):
     assert not any("processes" in line for line in lines)
     monkeypatch.setattr(core, "WORKER_START_S", 0.0)
     monkeypatch.setattr(core, "cores", lambda: 2)  # as on a 2-core machine, whatever this one has
-    for side_by_side in (plan(SPEC, workers=2, **kwargs), plan(SPEC, workers=None, progress=lines.append, **kwargs)):
+
+    def slowly(line: str) -> None:  # told as this process starts a variant
+        lines.append(line)
+        if line.endswith(" ..."):
+            time.sleep(4)
+
+    for side_by_side in (plan(SPEC, workers=2, **kwargs), plan(SPEC, workers=None, progress=slowly, **kwargs)):
         assert [r.name for r in side_by_side.variants] == [r.name for r in in_turn.variants]
         for a, b in zip(side_by_side.variants, in_turn.variants, strict=True):
             assert a.ok and (a.peak_bytes, a.max_batch, a.probes) == (b.peak_bytes, b.max_batch, b.probes), a.name

@@ -3,9 +3,10 @@
 Each variant (our memory modes and the torchvision/timm peers, as in bench) runs training steps on tensors that
 allocate nothing (torch's FakeTensorMode on the CPU): every tensor storage the step makes and frees is counted,
 backward and checkpoint recomputation included. A step is zero_grad, forward (autocast with --amp), cross-entropy,
-backward and the optimizer's update. The peak is affine in the batch: two steps give the line, a third confirms the
-largest batch that fits --budget less the safety margin. With a 3D input (--img-size D H W, or --volume N) the
-largest cube edge at --batch-size is searched too. Seconds on a CPU, no GPU needed.
+backward and the optimizer's update. The peak is affine in the batch: a step at --batch-size and one near the
+budget give the line, and the largest batch that fits --budget less the safety margin is measured, with the batch
+above it. With a 3D input (--img-size D H W, or --volume N) the largest cube edge at --batch-size is searched too.
+Seconds on a CPU, no GPU needed.
 
 Every figure is PREDICTED. --device says what the step runs on: cuda (default) or cpu, whose kernels' scratch
 (BatchNorm backward's temporary, oneDNN's reorders) is counted at --threads. Not counted on CUDA: the context,

@@ -288,7 +288,7 @@ def _plan_in_worker(job: dict, threads: int, name: str) -> VariantPlan:
 
 # Seconds a worker process takes to start (importing torch and effidense): when the number of workers is left to the
 # planner, it starts them only once the variants have taken this long with some still waiting.
-WORKER_START_S = 1.0
+WORKER_START_S = 0.5
 
 
 def _side_by_side(planned: Callable[[str], VariantPlan], names: list[str], workers: int | None, job: dict,

@@ -35,7 +35,9 @@ def pickles(value: Any) -> bool:
 
 
 def _serve(channel: Connection, function: Callable[..., Any]) -> None:
-    """A worker: ``function(*args)`` for each ``args`` the caller sends, until it sends None or goes."""
+    """A worker: ready once ``function``'s module is imported (it says so), then ``function(*args)`` for each
+    ``args`` the caller sends, until it sends None or goes."""
+    channel.send(True)
     while (args := _received(channel)) is not None:
         try:
             answer = (True, function(*args))
@@ -66,12 +68,13 @@ def in_processes(function: Callable[..., Any], calls: Sequence[tuple[str, tuple]
 
     With ``here``, this process takes calls too, by ``here(name)``, from the same queue, and the processes start
     only once ``wait`` seconds have passed with calls still waiting: a job done sooner than a process takes to start
-    never starts one. A call that raised raises here (no further call is taken); a process that died without
-    answering gives a :class:`ChildProcessError` as its call's result, and a fresh process takes the calls left.
+    never starts one, and a process takes calls only once it is ready, so one still starting holds none up. A call
+    that raised raises here (no further call is taken); a process that died without answering gives a
+    :class:`ChildProcessError` as its call's result, and a fresh process takes the calls left.
     ``taken(name)`` is told of each call a process takes, ``done(name, count)`` of each call as it ends."""
     context = multiprocessing.get_context("spawn")
     waiting, results, raised = list(calls), {}, []
-    lock, finished = threading.Lock(), threading.Event()
+    lock, finished, settled = threading.Lock(), threading.Event(), threading.Event()
     processes: list[Any] = []
 
     def take() -> tuple[str, tuple] | None:
@@ -82,9 +85,12 @@ def in_processes(function: Callable[..., Any], calls: Sequence[tuple[str, tuple]
         with lock:
             if not answered:
                 raised.append(value)
+                settled.set()
                 return
             results[name] = value
             count = len(results)
+            if count == len(calls):
+                settled.set()
         if done is not None:
             done(name, count)
 
@@ -96,29 +102,37 @@ def in_processes(function: Callable[..., Any], calls: Sequence[tuple[str, tuple]
         theirs.close()  # the worker's end: the caller's then reads the end of the pipe if the worker dies
         return channel, process
 
+    def died(process: Any) -> ChildProcessError:
+        process.join()
+        return ChildProcessError(f"its worker process died without an answer (exit code {process.exitcode})")
+
     def serve() -> None:  # one process's calls, from a thread of this process
         _blocked_interrupts()
         if here is not None and finished.wait(wait) or not waiting:
             return
         worker = None
-        while (call := take()) is not None:
+        while True:
+            if worker is None:  # calls are taken once it is ready, so a process still starting holds none up
+                worker = start()
+                if _received(worker[0]) is None:  # it died starting
+                    failure, worker = died(worker[1]), None
+                    if here is not None or (call := take()) is None:
+                        return  # this process plans what is left
+                    record(call[0], True, failure)  # fails a call, so that a job planned in workers alone ends
+                    continue
+            if (call := take()) is None:
+                break
             name, args = call
             if taken is not None:
                 taken(name)
-            if worker is None:
-                worker = start()
             channel, process = worker
             try:
                 channel.send(args)
                 answered, value = channel.recv()
             except (EOFError, OSError):
-                process.join()
-                answered, value = True, ChildProcessError(
-                    f"its worker process died without an answer (exit code {process.exitcode})")
-                worker = None
+                answered, value, worker = True, died(process), None
             record(name, answered, value)
-        if worker is not None:
-            worker[0].send(None)
+        worker[0].send(None)
 
     threads = [threading.Thread(target=serve, daemon=True) for _ in range(min(workers, len(waiting)))]
     for thread in threads:
@@ -131,13 +145,15 @@ def in_processes(function: Callable[..., Any], calls: Sequence[tuple[str, tuple]
                 answer = (False, error)
             record(call[0], *answer)
         finished.set()
-        for thread in threads:
-            while thread.is_alive() and not raised:  # a call that raised ends the job at once
-                thread.join(0.1)
+        # every call answered, or one raised (which ends the job at once); not a process still starting, idle
+        while len(results) < len(calls) and not raised and any(thread.is_alive() for thread in threads):
+            settled.wait(0.1)
         if raised:
             raise raised[0]
     finally:
         finished.set()
         for process in processes:
             process.terminate()
+        for process in processes:
+            process.join(1.0)
     return results
