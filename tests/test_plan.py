@@ -583,3 +583,24 @@ def test_worker_processes_answer_raise_and_die_apart():
     assert isinstance(results["gone"], ChildProcessError) and "exit code 3" in str(results["gone"])
     with pytest.raises(ValueError, match="invalid literal"):
         in_processes(int, [("bad", ("x",))], 1)
+
+
+def test_this_process_and_ready_workers_share_one_queue():
+    """With ``here``, this process takes calls too, and a worker takes them only once it is ready: every call is
+    answered once, by one or the other, and a job this process finishes alone starts no worker."""
+    import time
+
+    from effidense.planner.workers import in_processes
+
+    def slowly(name: str) -> int:
+        time.sleep(1.0)
+        return int(name) * 2
+
+    calls = [(str(i), (f"{i} * 2",)) for i in range(6)]
+    by_worker = []
+    results = in_processes(eval, calls, 1, here=slowly, wait=0.0, taken=by_worker.append)
+    assert results == {str(i): i * 2 for i in range(6)}
+    assert 0 < len(by_worker) < 6
+    by_worker.clear()
+    assert in_processes(eval, calls, 1, here=lambda name: int(name) * 2, wait=30.0, taken=by_worker.append) == results
+    assert not by_worker

@@ -8,6 +8,7 @@ its call alone; an interrupt, or any error in the caller, terminates every worke
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import pickle
@@ -132,7 +133,8 @@ def in_processes(function: Callable[..., Any], calls: Sequence[tuple[str, tuple]
             except (EOFError, OSError):
                 answered, value, worker = True, died(process), None
             record(name, answered, value)
-        worker[0].send(None)
+        with contextlib.suppress(OSError):  # a process that has gone needs no word
+            worker[0].send(None)
 
     threads = [threading.Thread(target=serve, daemon=True) for _ in range(min(workers, len(waiting)))]
     for thread in threads:
