@@ -159,6 +159,31 @@ def test_search_edge_respects_the_minimum():
     assert search_edge(peak, 100 + 2 * 7 ** 3 - 1, (16, 16, 16), peak(16), 100, 7, 4096) is None
 
 
+def test_search_edge_finds_the_largest_edge_where_the_peak_jumps():
+    """Peaks that grow with the volume, with a jump somewhere (a step that changes with the input's size): the answer
+    is brute force's, in a few steps."""
+    import random
+
+    rng = random.Random(0)
+    steps = []
+    for _ in range(300):
+        dims, static, k = rng.choice([2, 3]), rng.randint(0, 10 ** 6), rng.uniform(0.5, 100)
+        at, jump, per_edge = rng.randint(5, 1500), rng.choice([0, 1, 100]) * rng.randint(0, 10 ** 5), rng.randint(0, 50)
+
+        def peak(e, dims=dims, static=static, k=k, at=at, jump=jump, per_edge=per_edge):
+            return static + int(k * e ** dims) + (jump if e >= at else 0) + e * per_edge
+
+        size, min_edge = (rng.randint(4, 64),) * dims, 3
+        usable = rng.randint(static + 1, static + int(k * 2000 ** dims))
+        measured = []
+        got = search_edge(lambda e, peak=peak, measured=measured: measured.append(e) or peak(e), usable, size,
+                          peak(size[0]), static, min_edge, 2048)
+        fits = [e for e in range(min_edge, 2049) if peak(e) <= usable]
+        assert got == (max(fits) if fits else None)
+        steps.append(len(measured))
+    assert sum(steps) / len(steps) < 4
+
+
 def _stand_in_3d() -> nn.Module:
     """A tiny 3D network with a checkpointed segment, standing in for a 3D DenseNet."""
     class Net(nn.Module):

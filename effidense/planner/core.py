@@ -20,7 +20,6 @@ from ..harness import (
     StepMemory,
     StepProbe,
     StepSpec,
-    bisect_fits,
     build_variant,
     parse_variants,
     peer_unsupported,
@@ -494,32 +493,32 @@ def _measured_bound(peak: Callable[[int], int], usable: int, points: dict[int, i
 
 
 def search_edge(peak: Callable[[int], int], usable: int, size: Sequence[int], peak_at_size: int, static: int,
-                 min_edge: int, limit: int) -> int | None:
+                min_edge: int, limit: int) -> int | None:
     """The largest cube edge in ``[min_edge, limit]`` whose ``peak(edge)`` fits ``usable`` (None: not even the
-    smallest). First guess: what grows with the input scales with its volume, from the step at ``size``; then
-    steps away from the guess that double until they cross the budget, and bisection."""
-    volume = math.prod(size)
+    smallest), the peak growing with the edge. What grows with the input scales with its volume: the first guess
+    scales the step at ``size``, and each next one solves the line in the volume through the nearest steps on either
+    side of the budget (the two latest until both sides have one), kept strictly between the largest edge measured
+    to fit and the smallest measured not to, so the search ends with the answer and the edge above it both measured.
+    After six steps it bisects."""
     dims = len(size)
     grows = max(peak_at_size - static, 1)
+    volume = math.prod(size)
     guess = math.floor((volume * max(usable - static, 0) / grows) ** (1 / dims)) if usable > static else min_edge
-    guess = min(max(guess, min_edge), limit)
-
-    def fits(edge: int) -> bool:
-        return peak(edge) <= usable
-
-    if fits(guess):
-        lo, step = guess, 1
-        while lo + step <= limit and fits(lo + step):
-            lo, step = lo + step, step * 2
-        hi = min(lo + step, limit + 1)
-    else:
-        hi, step = guess, 1
-        while hi - step >= min_edge and not fits(hi - step):
-            hi, step = hi - step, step * 2
-        if hi - step < min_edge:
-            if not fits(min_edge):
-                return None
-            lo = min_edge
+    lo, hi = min_edge - 1, limit + 1  # lo fits (min_edge - 1: nothing is known to), hi does not
+    below = (volume, peak_at_size) if peak_at_size <= usable else None  # (volume, peak) nearest under the budget
+    above = None if below else (volume, peak_at_size)  # and over it
+    latest = [(volume, peak_at_size)]
+    while hi - lo > 1:
+        if len(latest) > 6:  # a curve the line does not follow: halve the interval
+            guess = (lo + hi) // 2
+        guess = min(max(guess, lo + 1), hi - 1)  # every measured edge lies at lo or below, or at hi or above
+        measured = peak(guess)
+        if measured <= usable:
+            lo, below = guess, (guess ** dims, measured)
         else:
-            lo = hi - step
-    return bisect_fits(fits, lo, hi)
+            hi, above = guess, (guess ** dims, measured)
+        latest.append((guess ** dims, measured))
+        (v0, p0), (v1, p1) = (below, above) if below and above else latest[-2:]
+        slope = (p1 - p0) / (v1 - v0) if v1 != v0 else 0
+        guess = math.floor(max(v1 + (usable - p1) / slope, 0) ** (1 / dims)) if slope > 0 else (lo + hi) // 2
+    return lo if lo >= min_edge else None
