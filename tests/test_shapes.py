@@ -49,7 +49,8 @@ def test_a_step_counts_the_same_with_remembered_shapes(monkeypatch, name):
 
 
 def test_the_batch_must_be_told_apart_to_be_remembered():
-    """A batch that equals another dim, a concatenation of samples, or a batch of one is left to the fake kernel."""
+    """A batch that equals another dim, a concatenation of samples, a batch of one, or an output resized to fit is
+    left to the fake kernel."""
     def remembered(func):
         return sum(key[0] is func for key in BatchFreeShapes.remembered)
 
@@ -68,6 +69,11 @@ def test_the_batch_must_be_told_apart_to_be_remembered():
         assert remembered(aten.native_batch_norm.default) == 2  # another layout is another call
         answered = aten.native_batch_norm(torch.randn(9, 6, 3, 3), weight, weight, None, None, True, 0.1, 1e-5)
         assert remembered(aten.native_batch_norm.default) == 2
+        resized = torch.empty(0)  # an output resized to fit is a new storage each time: never answered from memory
+        torch.sub(x, x, out=resized)
+        assert resized.shape == x.shape and remembered(aten.sub.out) == 0
+        torch.sub(x, x, out=resized)
+        assert remembered(aten.sub.out) == 1
     assert answered[0].shape == (9, 6, 3, 3) and answered[0].stride() == out[0].stride()
     assert [t.shape for t in answered[1:]] == [t.shape for t in out[1:]]
     assert again[0].stride() != answered[0].stride()

@@ -88,7 +88,7 @@ def _concatenates_samples(func: Any, args: tuple, kwargs: dict) -> bool:
     if func is not aten.cat.default:
         return False
     dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
-    return dim % max(args[0][0].dim(), 1) == 0
+    return not args[0] or dim % max(args[0][0].dim(), 1) == 0  # an empty list is torch's to refuse
 
 
 class BatchFreeShapes(TorchDispatchMode):
@@ -107,15 +107,17 @@ class BatchFreeShapes(TorchDispatchMode):
             if batch < 2:  # a batch of one leaves its stride free
                 raise _Ambiguous
             key = func, _key(args, batch), _key(kwargs, batch)
+            written = _written(func, args, kwargs) if func in WRITING else None
         except _Ambiguous:
             return func(*args, **kwargs)
         layouts = self.remembered.get(key)
         if layouts is not None:
-            return _written(func, args, kwargs) if func in WRITING else _made(layouts, batch)
+            return written if written is not None else _made(layouts, batch)
+        before = None if written is None else _key(written, batch)
         out = func(*args, **kwargs)
         try:
-            if func in WRITING:
-                if out is _written(func, args, kwargs):
+            if written is not None:  # remembered where it wrote in place, not where it resized what it wrote into
+                if out is written and _key(written, batch) == before:
                     self.remembered[key] = True
             else:
                 self.remembered[key] = _layouts(out, batch)

@@ -271,8 +271,8 @@ def plan(model: str | ModelSpec | Mapping[str, Callable[[], nn.Module]] = "effi_
                budget=budget, max_edge=max_edge, in_chans=in_chans, num_classes=num_classes, min_size=min_size,
                name=name, device=device, margin=margin, line=line)
     # frugal's sliced backward makes the longest steps: planned first, the others fill the time beside it
-    first = sorted(target.builders, key=lambda name: name != "frugal")
-    report.variants += _side_by_side(planned, first, workers if fake and not measure else 1, job, progress)
+    queue = sorted(target.builders, key=lambda name: name != "frugal")
+    report.variants += _side_by_side(planned, queue, workers if fake and not measure else 1, job, progress)
     order = list(target.builders) + list(target.skipped)
     report.variants.sort(key=lambda r: order.index(r.name))
     if measure:
