@@ -114,7 +114,8 @@ class MemoryMode(nn.Module):
 
     @property
     def backward_slices(self) -> int | str | None:
-        """'auto' (frugal slices a rerun that would hold more than it reads), a number of slices, or None."""
+        """'auto' (a rerun that would hold more than the mode keeps beside it is sliced), a number of slices, or
+        None."""
         return self._slices
 
     @backward_slices.setter
@@ -127,14 +128,16 @@ class MemoryMode(nn.Module):
             if isinstance(m, MemoryMode):
                 setattr(m, name, value)
 
-    def slices(self, maps: Sequence[Tensor], transient: float = 3.0) -> int:
-        """The slices of a rerun of ``maps`` whose backward holds ``transient`` times their bytes, in this mode (a
-        compiled model is not sliced: its graph is traced whole)."""
-        if self._slices is None or (self._slices == "auto" and self._memory != "frugal") or \
-                torch.compiler.is_compiling():
-            return 1  # answered before any tensor is read: efficient's layers ask on every forward
+    def slices(self, maps: Sequence[Tensor], transient: float = 3.0, keeps: float | None = None) -> int:
+        """The slices of a rerun of ``maps`` whose backward holds ``transient`` times their bytes, in this mode; under
+        'auto', where it would hold more than ``keeps`` times their bytes (what the mode keeps beside it; None:
+        frugal's reruns only). A compiled model is not sliced: its graph is traced whole."""
+        if self._slices is None or self._memory == "plain" or torch.compiler.is_compiling() or \
+                (self._slices == "auto" and keeps is None and self._memory != "frugal"):
+            return 1  # answered before any tensor is read: efficient's transitions ask on every forward
         reads = sum(t.numel() * t.element_size() for t in maps)
-        return slice_count(self._slices, self._memory == "frugal", maps[0].shape[0], transient * reads, reads)
+        return slice_count(self._slices, self._memory == "frugal", maps[0].shape[0], transient * reads, reads,
+                           None if keeps is None else keeps * reads)
 
 
 class DenseLayer(MemoryMode, AdoptsNorms):
@@ -156,6 +159,7 @@ class DenseLayer(MemoryMode, AdoptsNorms):
             self.norm2, self.relu2 = _norm_and_act(norm_layer, width)
             self.conv2 = _conv(spatial_dims, width, growth_rate, 3)
         self.bottleneck = bool(bn_size)
+        self.block_shape = num_input_features, 1  # its block's input channels and layers (a block sets its own)
         self.drop_rate = drop_rate
         self.dropout = (F.dropout1d, F.dropout2d, F.dropout3d)[spatial_dims - 1] if drop_channels else F.dropout
         self.memory = memory
@@ -174,6 +178,16 @@ class DenseLayer(MemoryMode, AdoptsNorms):
     def _dropout(self, x: Tensor) -> Tensor:
         return self.dropout(x, self.drop_rate, self.training)
 
+    def _block_keeps(self) -> float:
+        """What this mode keeps for the layer's whole block, over what the layer reads (both are maps of one size):
+        the block's input and every layer's new features, and in efficient mode every layer's bottleneck too. 'auto'
+        slices a rerun that would hold more than that: an efficient DenseNet-BC layer's never does (its bottlenecks
+        keep more), a layer without a bottleneck's (FC-DenseNet's) does, as frugal's do."""
+        (block_input, layers), growth = self.block_shape, self.conv1.out_channels
+        if self.bottleneck:
+            growth = self.conv2.out_channels + (growth if self.memory == "efficient" else 0)
+        return (block_input + layers * growth) / self.conv1.in_channels
+
     def _drawn_dropout(self) -> Callable[[Tensor], Tensor] | None:
         """The dropout this forward draws: None in eval mode or at a drop rate of 0."""
         return self._dropout if self.training and self.drop_rate > 0 else None
@@ -185,14 +199,15 @@ class DenseLayer(MemoryMode, AdoptsNorms):
         if mode == "plain":
             return self.new_features(*maps)
         if mode == "efficient":
-            return self.new_features(*maps, light=True, slices=self.slices(maps, 0.0))
+            return self.new_features(*maps, light=True, slices=self.slices(maps, 3.0, self._block_keeps()))
         stages = [(self.norm1, self.relu1, self.conv1)]
         if self.bottleneck:
             stages.append((self.norm2, self.relu2, self.conv2))
         # frugal: the whole layer is a segment, its dropout included
         width = self.conv1.out_channels * self.bottleneck / self.conv1.in_channels
         dropout = self._drawn_dropout()
-        out = light_segment(stages, *maps, slices=self.slices(maps, 3 * (1 + width)), dropout=dropout)
+        out = light_segment(stages, *maps, slices=self.slices(maps, 3 * (1 + width), self._block_keeps()),
+                            dropout=dropout)
         if out is not None:
             return out
         return checkpointed(True, self.new_features, *maps, random=dropout is not None)
@@ -216,6 +231,8 @@ class DenseBlock(MemoryMode, nn.ModuleDict):
             self.add_module(f"denselayer{i + 1}", DenseLayer(
                 num_input_features + i * growth_rate, growth_rate, bn_size, drop_rate, spatial_dims, memory,
                 norm_layer, drop_channels))
+        for layer in self.values():
+            layer.block_shape = num_input_features, num_layers
         self.new_features_only = new_features_only
         self.memory, self.backward_slices = memory, backward_slices
 
@@ -290,8 +307,9 @@ class DenseNet(MemoryMode):
     ``memory`` ('plain', 'efficient' (default) or 'frugal'; the module docstring), ``efficient`` (the seed projects'
     spelling), ``compile`` (see :meth:`set_compile`), ``spatial_dims``, ``norm_layer`` (makes each norm + activation
     for a number of channels, a :class:`~effidense.layers.norm.NormAct`; default BatchNorm + ReLU), ``drop_channels``
-    (dropout drops whole channels, as MONAI's), ``backward_slices`` ('auto': frugal's reruns go through the batch in
-    slices where they would hold more than they read; a number of slices for efficient's and frugal's; None: never).
+    (dropout drops whole channels, as MONAI's), ``backward_slices`` ('auto': a rerun goes through the batch in slices
+    where it would hold more than 32 MiB and more than the mode keeps beside it: frugal's, and efficient's dense layers
+    without a bottleneck; a number of slices for every rerun of efficient and frugal; None: never).
     """
 
     def __init__(self, growth_rate: int = 32, block_config: Sequence[int] = (6, 12, 24, 16),

@@ -14,11 +14,13 @@ Built from :class:`~effidense.densenet.DenseBlock`, so the memory mode (``memory
   dropout's mask drawn again in backward; the transitions down, the transitions up and the classifier each run as
   one segment that keeps only the maps it reads (the skips and new features, which stay anyway), so no
   concatenation of them is ever kept: maps stay apart from block to block.
-* ``frugal``: keeps what efficient keeps (a layer has no bottleneck to rerun), and goes through its large reruns a
-  slice of the batch at a time (``backward_slices='auto'``).
+* ``frugal``: the same as efficient here: a layer has no bottleneck to rerun.
 
-Every mode computes the plain model's function bitwise (BatchNorm running statistics are updated once, and a rerun
-with dropout draws the mask forward drew).
+Both go through a layer's large rerun a slice of the batch at a time (``backward_slices='auto'``: one that would hold
+more than its block keeps, as every layer without a bottleneck's would, and more than 32 MiB). Every mode computes the
+plain model's function, outputs and BatchNorm running statistics bitwise (they are updated once, and a rerun with
+dropout draws the mask forward drew), gradients bitwise where not sliced and up to the order of float sums where
+sliced.
 """
 from __future__ import annotations
 
@@ -128,8 +130,8 @@ class FCDenseNet(MemoryMode):
         bn_size: None (the paper's BN-ReLU-conv3x3 layers), or a bottleneck factor (DenseNet-BC layers).
         norm_layer: makes each norm (+ activation) for a number of channels; default BatchNorm + ReLU.
         memory: 'plain', 'efficient' (default) or 'frugal' (see the module docstring); settable later.
-        backward_slices: 'auto' (frugal's reruns go through the batch in slices where they would hold more than they
-            read), a number of slices for efficient's and frugal's, or None (never); settable later, as DenseNet's.
+        backward_slices: 'auto' (a layer's rerun goes through the batch in slices where it would hold more than its
+            block keeps, and more than 32 MiB), a number of slices, or None (never); settable later, as DenseNet's.
 
     An input needs at least ``2 ** len(down_blocks)`` positions along every axis (32 for the paper's five
     poolings); any size from there works, even or odd.

@@ -124,16 +124,50 @@ def test_slices_off_below_the_floor_or_one_sample_are_bitwise():
 
 
 def test_auto_slice_counts():
-    """'auto' slices frugal's reruns that would hold more than the floor, so that a slice holds half of what the
-    rerun reads; efficient is sliced only when asked; a count above the batch takes the batch."""
+    """'auto' slices a rerun that would hold more than the floor and more than the mode keeps beside it (or, given
+    no keep, frugal's), so that a slice holds half of what the rerun reads; a count above the batch takes the batch."""
     big = 2 * light.SLICE_FLOOR
     assert light.slice_count("auto", True, 64, big, big / 3) == 6
     assert light.slice_count("auto", True, 4, big, big / 3) == 4
     assert light.slice_count("auto", True, 64, light.SLICE_FLOOR, 1) == 1
     assert light.slice_count("auto", False, 64, big, big / 3) == 1
+    assert light.slice_count("auto", False, 64, big, big / 3, keeps=big / 2) == 6
+    assert light.slice_count("auto", True, 64, big, big / 3, keeps=big) == 1
+    assert light.slice_count("auto", False, 64, light.SLICE_FLOOR, 1, keeps=0) == 1
     assert light.slice_count(5, False, 64, 0, 0) == 5
     assert light.slice_count(100, False, 3, 0, 0) == 3
     assert light.slice_count(None, True, 64, big, 1) == 1
+
+
+def _slices_run(model: torch.nn.Module, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The slices each dense layer's light segment was given in one training forward of ``model``."""
+    seen, apply = [], light.LightSegment.apply
+    monkeypatch.setattr(light, "SLICE_FLOOR", 0)  # every rerun is large enough to slice
+
+    def spy(slices, *args):
+        seen.append(slices)
+        return apply(slices, *args)
+
+    monkeypatch.setattr(light.LightSegment, "apply", spy)
+    model(x)
+    monkeypatch.undo()
+    return seen
+
+
+def test_auto_slices_where_a_layer_would_hold_more_than_its_block_keeps(monkeypatch):
+    """'auto', past the floor: frugal slices every dense layer; efficient slices none of DenseNet-BC's (each layer's
+    bottleneck is kept, which outweighs a rerun) and every one without a bottleneck (FC-DenseNet's, whose reruns
+    hold three times what they read, more than their block keeps)."""
+    from effidense import FCDenseNet
+    bc = dict(growth_rate=8, block_config=(3, 3), num_init_features=16, num_classes=3, small_inputs=True)
+    x = torch.randn(2, 3, 16, 16)
+    assert set(_slices_run(DenseNet(**bc, memory="frugal"), x, monkeypatch)) == {2}
+    assert set(_slices_run(DenseNet(**bc, memory="efficient"), x, monkeypatch)) == {1}
+    fc = dict(down_blocks=(2, 2), up_blocks=(2, 2), bottleneck_layers=2, growth_rate=4, init_features=8)
+    efficient = _slices_run(FCDenseNet(2, 3, 2, **fc), x, monkeypatch)
+    assert efficient.count(2) == 10 and set(efficient) == {2}
+    bc_no_bottleneck = _slices_run(DenseNet(**{**bc, "bn_size": None}, memory="efficient"), x, monkeypatch)
+    assert bc_no_bottleneck.count(2) == 6
 
 
 def test_hooked_norm_is_not_sliced():

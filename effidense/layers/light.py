@@ -37,13 +37,16 @@ def _light(norm: nn.Module, act: nn.Module, conv: nn.Module) -> bool:
         norm.native_training()
 
 
-def slice_count(setting: int | str | None, frugal: bool, batch: int, transient: float, reads: float) -> int:
+def slice_count(setting: int | str | None, frugal: bool, batch: int, transient: float, reads: float,
+                keeps: float | None = None) -> int:
     """How many slices of the batch a rerun's backward goes through: ``setting`` (a count, at most the batch), or for
-    'auto' in frugal mode, where the rerun would hold more than :data:`SLICE_FLOOR` (``transient`` bytes for the
-    whole batch), as many as keep a slice's maps within half of what the rerun reads (``reads``), which frugal keeps
-    anyway. Once a rerun is sliced, more slices cost no arithmetic, only kernel launches (and host time)."""
+    'auto', where the rerun would hold more than :data:`SLICE_FLOOR` (``transient`` bytes for the whole batch) and
+    more than the mode keeps beside it (``keeps`` bytes; None: frugal's reruns only), as many as keep a slice's maps
+    within half of what the rerun reads (``reads``), which is kept anyway. Once a rerun is sliced, more slices cost
+    no arithmetic, only kernel launches (and host time)."""
     if setting == "auto":
-        setting = math.ceil(2 * transient / reads) if frugal and transient > SLICE_FLOOR and reads else 1
+        wanted = frugal if keeps is None else transient > keeps
+        setting = math.ceil(2 * transient / reads) if wanted and transient > SLICE_FLOOR and reads else 1
     return 1 if setting is None else max(1, min(setting, batch))
 
 
