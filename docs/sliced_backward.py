@@ -1,12 +1,13 @@
 """The peak and the time of one training step, by memory mode and backward slices, beside torchvision's DenseNet.
 
-Each variant of DenseNet-121 is built once on the CPU with the same weights. Its peak is the CPU allocator's
+Each variant of DenseNet-121 (or, with ``--model fcdensenet56``, of FC-DenseNet56, 11 classes, labels per position) is
+built once on the CPU with the same weights. Its peak is the CPU allocator's
 (``StepProbe.allocator_peak``: torch.profiler's memory events, plus the parameters, gradients and batch that live
 through the step). Its time is the one training step's (SGD), the variants run in turns for ``--rounds`` rounds after
 a warm-up, and each is given as the median over rounds of its step over plain's in the same round. docs/benchmarks.md
 holds the table.
 
-    python docs/sliced_backward.py [--img-size 224] [--batch-size 8] [--rounds 5] [--threads 1]
+    python docs/sliced_backward.py [--model densenet121] [--img-size 224] [--batch-size 8] [--rounds 5] [--threads 1]
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import time
 
 import torch
 
+import effidense
 from effidense.harness.footprint import StepProbe, StepSpec
 from effidense.harness.step import training_step
 from effidense.harness.variants import build_variant
@@ -25,37 +27,42 @@ from effidense.modelspec import resolve_model
 VARIANTS = [("torchvision plain", "tv-plain", None), ("torchvision memory_efficient", "tv", None),
             ("plain", "plain", None), ("efficient", "efficient", None), ("efficient, 8 slices", "efficient", 8),
             ("frugal, not sliced", "frugal", None), ("frugal ('auto')", "frugal", "auto")]
+# FC-DenseNet's layers have no bottleneck: 'auto' slices efficient's large reruns as frugal's
+FC_VARIANTS = [("plain", "plain", None), ("efficient, not sliced", "efficient", None),
+               ("efficient ('auto')", "efficient", "auto"), ("frugal ('auto')", "frugal", "auto")]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["densenet121", "fcdensenet56"], default="densenet121")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    spec = resolve_model("densenet121", {})
+    fc = args.model == "fcdensenet56"
+    spec, classes = (None, 11) if fc else (resolve_model("densenet121", {}), 1000)
     size = (args.img_size, args.img_size)
     state = None
     probes = {}
-    for label, variant, slices in VARIANTS:
+    for label, variant, slices in FC_VARIANTS if fc else VARIANTS:
         def build(variant: str = variant, slices: object = slices) -> torch.nn.Module:
-            model = build_variant(variant, spec)
+            model = effidense.fcdensenet56(out_channels=classes, memory=variant) if fc else build_variant(variant, spec)
             if slices is not None or variant in ("efficient", "frugal"):
                 model.backward_slices = slices
             return model
         torch.manual_seed(0)
-        probe = StepProbe(build, StepSpec(), fake=False)
+        probe = StepProbe(build, StepSpec(num_classes=classes), fake=False)
         state = state or probe.model.state_dict()
         probe.model.load_state_dict(state)
         probes[label] = probe
-    print(f"torch {torch.__version__}, {args.threads} thread(s), DenseNet-121, {args.img_size} px, "
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.model}, {args.img_size} px, "
           f"batch {args.batch_size}, fp32, SGD\n", flush=True)
     peaks = {label: probe.allocator_peak(args.batch_size, size) for label, probe in probes.items()}
     torch.manual_seed(0)
     x = torch.randn(args.batch_size, 3, *size)
-    y = torch.randint(0, 1000, (args.batch_size,))
+    y = torch.randint(0, classes, (args.batch_size,))
     times: dict[str, list[float]] = {label: [] for label in probes}
     for round_ in range(args.rounds + 1):
         for label, probe in probes.items():
