@@ -16,7 +16,8 @@ Six ideas:
 4. **The memory mode** (``memory=``), set on every layer, which each layer reads: ``plain`` recomputes nothing;
    ``efficient`` makes every concat-norm-ReLU feeding a convolution or pool a segment, and the ImageNet stem one
    (its convolution's output is the largest map a DenseNet makes); ``frugal`` adds whole dense layers, so only each
-   layer's new features and each block's input stay.
+   layer's new features and each block's input stay, and its sliced layers sum each map's gradient in one place
+   (:class:`~effidense.layers.light.GradSlot`) rather than leave autograd a second set to add.
 5. **Pools that keep nothing** (:mod:`effidense.layers.pool`): their backward needs only shapes and argmax indices.
 6. **One forward.** Tracers (fx, torch.export, ONNX, ``jit.trace``) and hooks run the same forward; segments then
    simply run, and a traced or hooked block hands on its concatenation, as torchvision's does.
@@ -47,7 +48,7 @@ from .arguments import (
     min_input_size,
     resolve_memory,
 )
-from .layers.light import ReluKeepingSign, concat_norm_conv, conv_norm_pool, light_segment, slice_count
+from .layers.light import ReluKeepingSign, concat_norm_conv, conv_norm_pool, gathered, light_segment, slice_count
 from .layers.norm import BATCH_NORM_ACT, AdoptsNorms, NormAct
 from .layers.pool import AvgPool, MaxPool
 from .layers.recompute import checkpointed, is_tracing, run_mode
@@ -178,6 +179,17 @@ class DenseLayer(MemoryMode, AdoptsNorms):
     def _dropout(self, x: Tensor) -> Tensor:
         return self.dropout(x, self.drop_rate, self.training)
 
+    def _frugal_slices(self, maps: Sequence[Tensor]) -> int:
+        width = self.conv1.out_channels * self.bottleneck / self.conv1.in_channels
+        return self.slices(maps, 3 * (1 + width), self._block_keeps())
+
+    def gathers(self, maps: Sequence[Tensor]) -> bool:
+        """Whether the layer's segment, on ``maps``, goes through the batch in slices and gathers the gradients of
+        the maps it reads where their makers take them (:class:`~effidense.layers.light.GradSlot`): frugal's, not
+        hooked."""
+        return run_mode(self.memory) == "frugal" and torch.is_grad_enabled() and not _hooked(self) and \
+            not is_tracing() and self._frugal_slices(maps) > 1
+
     def _block_keeps(self) -> float:
         """What this mode keeps for the layer's whole block, over what the layer reads (both are maps of one size):
         the block's input and every layer's new features, and in efficient mode every layer's bottleneck too. 'auto'
@@ -204,10 +216,9 @@ class DenseLayer(MemoryMode, AdoptsNorms):
         if self.bottleneck:
             stages.append((self.norm2, self.relu2, self.conv2))
         # frugal: the whole layer is a segment, its dropout included
-        width = self.conv1.out_channels * self.bottleneck / self.conv1.in_channels
         dropout = self._drawn_dropout()
-        out = light_segment(stages, *maps, slices=self.slices(maps, 3 * (1 + width), self._block_keeps()),
-                            dropout=dropout)
+        out = light_segment(stages, *maps, slices=self._frugal_slices(maps), dropout=dropout,
+                            gather=not _hooked(self))
         if out is not None:
             return out
         return checkpointed(True, self.new_features, *maps, random=dropout is not None)
@@ -237,8 +248,12 @@ class DenseBlock(MemoryMode, nn.ModuleDict):
         self.memory, self.backward_slices = memory, backward_slices
 
     def run(self, maps: Sequence[Tensor]) -> list[Tensor]:
-        """The maps given, then each layer's new features."""
+        """The maps given, then each layer's new features. Where the first layer gathers its maps' gradients (a sliced
+        frugal block), the maps given get slots for theirs too."""
         maps = list(maps)
+        first = next(iter(self.values()))
+        if first.gathers(maps):
+            maps = [gathered(m) for m in maps]
         for layer in self.values():
             maps.append(layer(maps))
         return maps

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from .densenet import DenseBlock, MemoryMode
 from .layers import BATCH_NORM_ACT, NormAct, checkpointed
+from .layers.light import concat_conv
 
 __all__ = ["FCDenseNet", "FCDENSENET_CONFIGS", "fcdensenet56", "fcdensenet67", "fcdensenet103"]
 
@@ -234,10 +235,7 @@ class FCDenseNet(MemoryMode):
             maps = [up(new, skip[0].shape[2:], segment), *skip]
             stack = block.run(maps)
             new = stack[len(maps):]
-        return checkpointed(segment, self._classify, *stack)
-
-    def _classify(self, *maps: Tensor) -> Tensor:
-        return self.classifier(_cat(maps))
+        return concat_conv(self.classifier, *stack, light=segment)
 
 
 def _build(name: str, spatial_dims: int, in_channels: int, out_channels: int, **kwargs: Any) -> FCDenseNet:

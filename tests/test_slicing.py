@@ -229,3 +229,42 @@ def test_bottleneck_gradient_waiting_in_the_input_gradients_memory(layout, monke
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-12 * float(grads[1].abs().max()))
     _close(sliced, plain, torch.float64)
     assert any(isinstance(top, tuple) for top in parked) == (layout != "batch_inner")
+
+
+FC_TINY = dict(down_blocks=(2, 2), up_blocks=(2, 2), bottleneck_layers=2, growth_rate=4, init_features=8)
+
+
+def test_frugal_gathers_each_maps_gradient_in_one_place(monkeypatch):
+    """Sliced frugal layers, and FC-DenseNet's classifier, add their gradients for the maps they read to the sums
+    for those maps (``GradSlot``) rather than handing autograd a second set to add once they return: a frugal
+    FC-DenseNet step peaks lower than an efficient one, which keeps the same maps and slices the same reruns."""
+    from effidense import FCDenseNet
+    from effidense.harness.footprint import StepProbe, StepSpec
+    monkeypatch.setattr(light, "SLICE_FLOOR", 0)  # every rerun is large enough to slice
+    config = dict(down_blocks=(3, 3), up_blocks=(3, 3), bottleneck_layers=2, growth_rate=8, init_features=8)
+    peaks = {}
+    for mode in ("efficient", "frugal"):
+        probe = StepProbe(lambda mode=mode: FCDenseNet(2, 3, 4, **config, memory=mode), StepSpec(num_classes=4))
+        peaks[mode] = probe.measure(8, (32, 32)).peak_bytes
+    assert peaks["frugal"] < 0.85 * peaks["efficient"]
+
+
+def test_gathered_gradients_belong_to_their_backward():
+    """A backward that stops part-way (the classifier's weight only) leaves sums in the slots; the next backward
+    starts afresh, and a retained graph gives the same gradients twice, those of a model that never stopped."""
+    from effidense import FCDenseNet
+    torch.manual_seed(0)
+    models = [FCDenseNet(2, 2, 3, **FC_TINY, memory="frugal", backward_slices=2) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    x, y = torch.randn(4, 2, 12, 12), torch.randint(0, 3, (4, 12, 12))
+    grads = []
+    for i, model in enumerate(models):
+        torch.manual_seed(1)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        if i == 0:
+            torch.autograd.grad(loss, [model.classifier.weight], retain_graph=True)
+        for _ in range(2 - i):
+            model.zero_grad()
+            loss.backward(retain_graph=True)
+            grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(*grads, strict=True))

@@ -23,8 +23,8 @@ from .norm import BatchNormAct, affine, grad_sums, input_grad, normalized
 from .pool import MaxPool
 from .recompute import checkpointed, is_tracing, rerun
 
-__all__ = ["LightSegment", "ReluKeepingSign", "concat_norm_conv", "conv_norm_pool", "differentiable_rerun",
-           "light_segment", "plain_conv", "slice_count"]
+__all__ = ["GradSlot", "LightSegment", "ReluKeepingSign", "concat_conv", "concat_norm_conv", "conv_norm_pool",
+           "differentiable_rerun", "gathered", "light_segment", "plain_conv", "slice_count", "slot_of"]
 
 SLICE_FLOOR = 32 * 2 ** 20  # bytes: a smaller rerun costs little memory, and slicing it would cost kernel launches
 
@@ -50,14 +50,82 @@ def slice_count(setting: int | str | None, frugal: bool, batch: int, transient: 
     return 1 if setting is None else max(1, min(setting, batch))
 
 
+class GradSlot:
+    """A map's gradient, summed where the segments that read it are (in place, a slice at a time where sliced) and
+    taken by the segment that made it. Autograd would hold a segment's new gradients for the maps it read beside those
+    summed for them so far until the segment returns: two sets of a block's map gradients at once. Only sliced frugal
+    layers gather so (their gradients are already within the order of float sums of plain's; the sum's order is
+    then not autograd's). A slot filled in an earlier backward pass (one given up part-way) counts as empty."""
+
+    __slots__ = ("grad", "task")
+
+    def __init__(self) -> None:
+        self.grad: Tensor | None = None
+        self.task = None
+
+    def held(self) -> Tensor | None:
+        """The gradient summed so far in this backward pass, or None."""
+        return self.grad if self.grad is not None and self.task == torch._C._current_graph_task_id() else None
+
+    def hold(self, grad: Tensor) -> Tensor:
+        """Hold ``grad`` as the sum so far (the first reader's, or a buffer the reader fills); returns it."""
+        self.grad, self.task = grad, torch._C._current_graph_task_id()
+        return grad
+
+    def add(self, grad: Tensor) -> None:
+        held = self.held()
+        if held is None:
+            self.hold(grad)
+        else:
+            held.add_(grad)
+
+    def take(self, grad: Tensor | None) -> Tensor | None:
+        """The map's whole gradient: what was gathered here plus ``grad``, what autograd summed from other readers."""
+        held, self.grad = self.held(), None
+        return grad if held is None else held if grad is None else held.add_(grad)
+
+
+def slot_of(t: Tensor) -> GradSlot | None:
+    """The slot where the gradient of map ``t`` is gathered, if its maker gathers."""
+    return None if torch.compiler.is_compiling() else getattr(t, "_grad_slot", None)
+
+
+def _with_slot(t: Tensor, slot: GradSlot) -> Tensor:
+    t._grad_slot = slot
+    return t
+
+
+class _Gathered(torch.autograd.Function):
+    """The map itself (a view), whose gradient gathered in ``slot`` joins autograd's here."""
+
+    @staticmethod
+    def forward(ctx: Any, slot: GradSlot, x: Tensor) -> Tensor:
+        ctx.slot = slot
+        ctx.set_materialize_grads(False)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor | None) -> tuple[None, Tensor | None]:
+        return None, ctx.slot.take(grad)
+
+
+def gathered(x: Tensor) -> Tensor:
+    """``x``, with a slot for its gradient: the maps a block reads from outside, where its layers gather."""
+    if slot_of(x) is not None:
+        return x
+    slot = GradSlot()
+    return _with_slot(_Gathered.apply(slot, x), slot)
+
+
 def light_segment(stages: Sequence[tuple[nn.Module, nn.Module, nn.Module]], *maps: Tensor, slices: int = 1,
-                  pre: nn.Module | None = None, dropout: Callable[[Tensor], Tensor] | None = None) -> Tensor | None:
+                  pre: nn.Module | None = None, dropout: Callable[[Tensor], Tensor] | None = None,
+                  gather: bool = False) -> Tensor | None:
     """``stages`` (norm, ReLU, then a convolution or max-pool) in turn on the concatenated ``maps``, or on ``pre`` (a
     convolution) of the one map, then ``dropout``, in :class:`LightSegment`, whose backward goes through ``slices`` of
     the batch and draws the dropout's mask again; None where the norms cannot rerun light (the caller then
     checkpoints). A norm with hooks is called, so that they fire, and so its segment is not sliced. Under
     ``torch.compile``, which cannot trace reading the random state, the dropout follows the segment and its mask is
-    kept."""
+    kept. ``gather``: a sliced segment's output gets a :class:`GradSlot`, where its readers gather its gradient."""
     if not all(_light(*stage) for stage in stages) or (pre is not None and not plain_conv(pre)):
         return None
     if any(norm._forward_hooks or norm._forward_pre_hooks for norm, _, _ in stages):
@@ -65,9 +133,12 @@ def light_segment(stages: Sequence[tuple[nn.Module, nn.Module, nn.Module]], *map
     params = [] if pre is None else [pre.weight]
     for norm, _, post in stages:
         params += [norm.weight, norm.bias, getattr(post, "weight", None)]
+    slots = tuple(slot_of(t) for t in maps)
     if dropout is not None and torch.compiler.is_compiling():
-        return dropout(LightSegment.apply(slices, (pre, tuple(stages), None), params, *params, *maps))
-    return LightSegment.apply(slices, (pre, tuple(stages), dropout), params, *params, *maps)
+        return dropout(LightSegment.apply(slices, (pre, tuple(stages), None, slots, None), params, *params, *maps))
+    slot = GradSlot() if gather and slices > 1 and not torch.compiler.is_compiling() else None
+    out = LightSegment.apply(slices, (pre, tuple(stages), dropout, slots, slot), params, *params, *maps)
+    return out if slot is None else _with_slot(out, slot)
 
 
 def concat_norm_conv(norm: nn.Module, act: nn.Module, conv: nn.Module, *maps: Tensor, light: bool,
@@ -79,6 +150,61 @@ def concat_norm_conv(norm: nn.Module, act: nn.Module, conv: nn.Module, *maps: Te
         return out
     out = checkpointed(light, lambda *t: conv(act(norm(*t))), *maps)
     return out if dropout is None else dropout(out)
+
+
+def concat_conv(conv: nn.Module, *maps: Tensor, light: bool) -> Tensor:
+    """``conv`` (a convolution, with a bias or not: a classifier) of the concatenated ``maps``; when ``light``,
+    keeping only the maps for backward. Where the maps' gradients are gathered (:class:`GradSlot`), its share is
+    added there rather than handed to autograd."""
+    slots = tuple(slot_of(t) for t in maps)
+    if not light or not any(slots) or not torch.is_grad_enabled() or is_tracing() or \
+            conv.padding_mode != "zeros" or not isinstance(conv.padding, tuple) or conv.groups != 1:
+        return checkpointed(light, lambda *t: conv(torch.cat(t, 1) if len(t) > 1 else t[0]), *maps)
+    return _GatheringConv.apply(conv, slots, conv.weight, conv.bias, *maps)
+
+
+class _GatheringConv(torch.autograd.Function):
+    """:func:`concat_conv`: forward calls the module (its hooks fire) and keeps the maps; backward calls
+    ``convolution_backward`` under forward's autocast state map by map, on the weight's channels for the map, so
+    neither the concatenation nor its gradient is ever made whole: each map's gradient is a tensor of its own, freed
+    once the map's maker has taken it."""
+
+    @staticmethod
+    def forward(ctx: Any, conv: nn.Module, slots: tuple, weight: Tensor, bias: Tensor | None, *maps: Tensor) -> Tensor:
+        device = maps[0].device.type
+        ctx.conv, ctx.slots = conv, slots
+        ctx.autocast = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+        ctx.save_for_backward(weight, bias, *maps)
+        return conv(torch.cat(maps, 1) if len(maps) > 1 else maps[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        conv, (weight, bias, *maps) = ctx.conv, ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: gradients by a rerun, handed to autograd
+            return differentiable_rerun(ctx, grad, lambda *t: conv._conv_forward(torch.cat(t, 1), weight, bias),
+                                        (None, None, weight, bias), tuple(maps))
+        enabled, dtype = ctx.autocast
+
+        def as_conv_sees(t: Tensor) -> Tensor:
+            return t.to(dtype) if enabled and t.is_floating_point() and t.dtype != dtype else t
+
+        needs, grad_maps, grad_ws, grad_b, start = ctx.needs_input_grad, [], [], None, 0
+        for i, (t, slot, need) in enumerate(zip(maps, ctx.slots, needs[4:], strict=True)):
+            part = as_conv_sees(weight[:, start:start + t.shape[1]])
+            start += t.shape[1]
+            with_bias = i == 0 and bias is not None and needs[3]
+            grad_x, grad_w, grad_bias = torch.ops.aten.convolution_backward(
+                grad, as_conv_sees(t), part, [bias.shape[0]] if with_bias else None, list(conv.stride),
+                list(conv.padding), list(conv.dilation), False, [0] * len(conv.stride), conv.groups,
+                [need, needs[2], with_bias])
+            grad_ws.append(grad_w)
+            grad_b = grad_bias if with_bias else grad_b
+            if grad_x is not None and slot is not None:
+                slot.add(grad_x.to(t.dtype))
+                grad_x = None
+            grad_maps.append(grad_x)
+        grad_w = torch.cat(grad_ws, 1).to(weight.dtype) if needs[2] else None
+        return None, None, grad_w, None if grad_b is None else grad_b.to(bias.dtype), *grad_maps
 
 
 def conv_norm_pool(conv: nn.Module, norm: nn.Module, act: nn.Module, pool: nn.Module, x: Tensor,
@@ -117,9 +243,10 @@ class LightSegment(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, slices: int, modules: tuple, params: list, *tensors: Tensor) -> Tensor:
-        (pre, stages, dropout), maps = modules, tensors[len(params):]
+        (pre, stages, dropout, ctx.slots, ctx.slot), maps = modules, tensors[len(params):]
         device = maps[0].device.type
         ctx.modules, ctx.slices, ctx.stats = (pre, stages, params), slices, []
+        ctx.set_materialize_grads(False)  # a gradient gathered in a slot comes with none from autograd
         ctx.autocast = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
         ctx.save_for_backward(*maps)
         if slices == 1:
@@ -140,8 +267,12 @@ class LightSegment(torch.autograd.Function):
         return x
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad: Tensor | None) -> tuple[Tensor | None, ...]:
         (pre, stages, params), maps = ctx.modules, ctx.saved_tensors
+        if ctx.slot is not None:
+            grad = ctx.slot.take(grad)
+        if grad is None:
+            return (None,) * (3 + len(params) + len(maps))
         if ctx.dropout is not None:
             grad = _replayed(*ctx.dropout).mul_(grad)
         if torch.is_grad_enabled():
@@ -151,6 +282,11 @@ class LightSegment(torch.autograd.Function):
         need_maps = needs[3 + len(params):]
         grad_maps = LightSegment.sliced(ctx, grad, grads, need_maps) if ctx.slices > 1 else \
             LightSegment.whole(ctx, grad, grads, need_maps)
+        for i, slot in enumerate(ctx.slots):  # gathered where the map's maker takes it
+            if slot is not None and grad_maps[i] is not None:
+                if grad_maps[i] is not slot.held():
+                    slot.add(grad_maps[i])
+                grad_maps[i] = None
         return None, None, None, *[None if w is None else grads.get(id(w)) for w in params], *grad_maps
 
     @staticmethod
@@ -213,8 +349,17 @@ class LightSegment(torch.autograd.Function):
             return _relu_backward(_post_backward(ctx, stages[j][2], g, y, grads if weight else {}, weights[j][2])
                                   .to(y.dtype), y)
 
-        grad_maps = [torch.empty_like(t) if need else None for t, need in zip(maps, need_maps, strict=True)]
-        sliced_grads = {(a, b): [None if t is None else t[a:b] for t in grad_maps] for a, b in parts}
+        # where a map's gradient is gathered, this segment's adds to what is there; else it is made here
+        held = [None if slot is None or not need else slot.held() for slot, need in zip(ctx.slots, need_maps,
+                                                                                         strict=True)]
+        grad_maps = [h if h is not None else torch.empty_like(t) if need else None
+                     for t, need, h in zip(maps, need_maps, held, strict=True)]
+        for slot, g, h in zip(ctx.slots, grad_maps, held, strict=True):
+            if slot is not None and g is not None and h is None:
+                slot.hold(g)
+        sliced_grads = {(a, b): [None if t is None or h is not None else t[a:b] for t, h in
+                                 zip(grad_maps, held, strict=True)] for a, b in parts}  # filled by this segment
+        sliced_sums = {(a, b): [None if h is None else h[a:b] for h in held] for a, b in parts}  # added to
         tops, totals = [grad[a:b] for a, b in parts], [[] for _ in stages]
         if len(stages) == 2:  # the second norm's sums, keeping its output's gradient; then its input's gradient
             for i, (a, b) in enumerate(parts):
@@ -248,10 +393,12 @@ class LightSegment(torch.autograd.Function):
                                            params[0])
                 _accumulate(grads, params[0], grad_w)
             parts_of_g = [g] if pre is not None else g.split([t.shape[1] for t in maps], 1)
-            targets = [(t, part) for t, part in zip(sliced_grads[a, b], parts_of_g, strict=True) if t is not None]
-            if targets:  # one op for every map
-                torch._foreach_copy_([t for t, _ in targets], [part for _, part in targets])
-            del g, parts_of_g, targets
+            for targets, write in ((sliced_grads[a, b], torch._foreach_copy_),
+                                   (sliced_sums[a, b], torch._foreach_add_)):
+                pairs = [(t, part) for t, part in zip(targets, parts_of_g, strict=True) if t is not None]
+                if pairs:  # one op for every map
+                    write([t for t, _ in pairs], [part for _, part in pairs])
+            del g, parts_of_g, pairs
         for (weight, bias, _), (total_dy, total_dy_xhat) in zip(weights, totals, strict=True):
             for param, total in ((weight, total_dy_xhat), (bias, total_dy)):
                 if param is not None and id(param) in grads:
