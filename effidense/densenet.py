@@ -17,7 +17,7 @@ Six ideas:
    ``efficient`` makes every concat-norm-ReLU feeding a convolution or pool a segment, and the ImageNet stem one
    (its convolution's output is the largest map a DenseNet makes); ``frugal`` adds whole dense layers, so only each
    layer's new features and each block's input stay, and its sliced layers sum each map's gradient in one place
-   (:class:`~effidense.layers.light.GradSlot`) rather than leave autograd a second set to add.
+   (:class:`~effidense.layers.gather.GradSlot`) rather than leave autograd a second set to add.
 5. **Pools that keep nothing** (:mod:`effidense.layers.pool`): their backward needs only shapes and argmax indices.
 6. **One forward.** Tracers (fx, torch.export, ONNX, ``jit.trace``) and hooks run the same forward; segments then
    simply run, and a traced or hooked block hands on its concatenation, as torchvision's does.
@@ -48,7 +48,15 @@ from .arguments import (
     min_input_size,
     resolve_memory,
 )
-from .layers.light import ReluKeepingSign, concat_norm_conv, conv_norm_pool, gathered, light_segment, slice_count
+from .layers.gather import gathered
+from .layers.light import (
+    ReluKeepingSign,
+    concat_norm_conv,
+    concat_norm_conv_pool,
+    conv_norm_pool,
+    light_segment,
+    slice_count,
+)
 from .layers.norm import BATCH_NORM_ACT, AdoptsNorms, NormAct
 from .layers.pool import AvgPool, MaxPool
 from .layers.recompute import checkpointed, is_tracing, run_mode
@@ -185,7 +193,7 @@ class DenseLayer(MemoryMode, AdoptsNorms):
 
     def gathers(self, maps: Sequence[Tensor]) -> bool:
         """Whether the layer's segment, on ``maps``, goes through the batch in slices and gathers the gradients of
-        the maps it reads where their makers take them (:class:`~effidense.layers.light.GradSlot`): frugal's, not
+        the maps it reads where their makers take them (:class:`~effidense.layers.gather.GradSlot`): frugal's, not
         hooked."""
         return run_mode(self.memory) == "frugal" and torch.is_grad_enabled() and not _hooked(self) and \
             not is_tracing() and self._frugal_slices(maps) > 1
@@ -297,7 +305,7 @@ class Transition(MemoryMode, AdoptsNorms):
         # The pool keeps nothing for backward, so no mode needs to keep or recompute the convolution's output.
         maps, light = _as_maps(maps), run_mode(self.memory) != "plain"
         slices = self.slices(maps) if light else 1
-        return self.pool(concat_norm_conv(self.norm, self.relu, self.conv, *maps, light=light, slices=slices))
+        return concat_norm_conv_pool(self.norm, self.relu, self.conv, self.pool, *maps, light=light, slices=slices)
 
 
 class _Features(AdoptsNorms, nn.Sequential):

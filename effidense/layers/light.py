@@ -19,12 +19,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensor
 
+from .gather import GradSlot, slot_of, with_slot
 from .norm import BatchNormAct, affine, grad_sums, input_grad, normalized
 from .pool import MaxPool
 from .recompute import checkpointed, is_tracing, rerun
 
-__all__ = ["GradSlot", "LightSegment", "ReluKeepingSign", "concat_conv", "concat_norm_conv", "conv_norm_pool",
-           "differentiable_rerun", "gathered", "light_segment", "plain_conv", "slice_count", "slot_of"]
+__all__ = ["LightSegment", "ReluKeepingSign", "concat_conv", "concat_norm_conv", "concat_norm_conv_pool",
+           "conv_norm_pool", "differentiable_rerun", "light_segment", "plain_conv", "slice_count"]
 
 SLICE_FLOOR = 32 * 2 ** 20  # bytes: a smaller rerun costs little memory, and slicing it would cost kernel launches
 
@@ -33,8 +34,8 @@ def _light(norm: nn.Module, act: nn.Module, conv: nn.Module) -> bool:
     """Whether ``norm``, ``act`` and ``conv`` can rerun in a light Function: native training-mode BatchNorm, ReLU, a
     convolution differentiated by hand (or a max-pool), autograd recording and nobody tracing."""
     return isinstance(norm, BatchNormAct) and norm.act is None and type(act) is nn.ReLU and \
-        (plain_conv(conv) or isinstance(conv, MaxPool)) and torch.is_grad_enabled() and not is_tracing() and \
-        norm.native_training()
+        (plain_conv(conv) or isinstance(conv, MaxPool) or isinstance(conv, _PooledConv) and plain_conv(conv.conv)) \
+        and torch.is_grad_enabled() and not is_tracing() and norm.native_training()
 
 
 def slice_count(setting: int | str | None, frugal: bool, batch: int, transient: float, reads: float,
@@ -48,73 +49,6 @@ def slice_count(setting: int | str | None, frugal: bool, batch: int, transient: 
         wanted = frugal if keeps is None else transient > keeps
         setting = math.ceil(2 * transient / reads) if wanted and transient > SLICE_FLOOR and reads else 1
     return 1 if setting is None else max(1, min(setting, batch))
-
-
-class GradSlot:
-    """A map's gradient, summed where the segments that read it are (in place, a slice at a time where sliced) and
-    taken by the segment that made it. Autograd would hold a segment's new gradients for the maps it read beside those
-    summed for them so far until the segment returns: two sets of a block's map gradients at once. Only sliced frugal
-    layers gather so (their gradients are already within the order of float sums of plain's; the sum's order is
-    then not autograd's). A slot filled in an earlier backward pass (one given up part-way) counts as empty."""
-
-    __slots__ = ("grad", "task")
-
-    def __init__(self) -> None:
-        self.grad: Tensor | None = None
-        self.task = None
-
-    def held(self) -> Tensor | None:
-        """The gradient summed so far in this backward pass, or None."""
-        return self.grad if self.grad is not None and self.task == torch._C._current_graph_task_id() else None
-
-    def hold(self, grad: Tensor) -> Tensor:
-        """Hold ``grad`` as the sum so far (the first reader's, or a buffer the reader fills); returns it."""
-        self.grad, self.task = grad, torch._C._current_graph_task_id()
-        return grad
-
-    def add(self, grad: Tensor) -> None:
-        held = self.held()
-        if held is None:
-            self.hold(grad)
-        else:
-            held.add_(grad)
-
-    def take(self, grad: Tensor | None) -> Tensor | None:
-        """The map's whole gradient: what was gathered here plus ``grad``, what autograd summed from other readers."""
-        held, self.grad = self.held(), None
-        return grad if held is None else held if grad is None else held.add_(grad)
-
-
-def slot_of(t: Tensor) -> GradSlot | None:
-    """The slot where the gradient of map ``t`` is gathered, if its maker gathers."""
-    return None if torch.compiler.is_compiling() else getattr(t, "_grad_slot", None)
-
-
-def _with_slot(t: Tensor, slot: GradSlot) -> Tensor:
-    t._grad_slot = slot
-    return t
-
-
-class _Gathered(torch.autograd.Function):
-    """The map itself (a view), whose gradient gathered in ``slot`` joins autograd's here."""
-
-    @staticmethod
-    def forward(ctx: Any, slot: GradSlot, x: Tensor) -> Tensor:
-        ctx.slot = slot
-        ctx.set_materialize_grads(False)
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor | None) -> tuple[None, Tensor | None]:
-        return None, ctx.slot.take(grad)
-
-
-def gathered(x: Tensor) -> Tensor:
-    """``x``, with a slot for its gradient: the maps a block reads from outside, where its layers gather."""
-    if slot_of(x) is not None:
-        return x
-    slot = GradSlot()
-    return _with_slot(_Gathered.apply(slot, x), slot)
 
 
 def light_segment(stages: Sequence[tuple[nn.Module, nn.Module, nn.Module]], *maps: Tensor, slices: int = 1,
@@ -138,7 +72,7 @@ def light_segment(stages: Sequence[tuple[nn.Module, nn.Module, nn.Module]], *map
         return dropout(LightSegment.apply(slices, (pre, tuple(stages), None, slots, None), params, *params, *maps))
     slot = GradSlot() if gather and slices > 1 and not torch.compiler.is_compiling() else None
     out = LightSegment.apply(slices, (pre, tuple(stages), dropout, slots, slot), params, *params, *maps)
-    return out if slot is None else _with_slot(out, slot)
+    return out if slot is None else with_slot(out, slot)
 
 
 def concat_norm_conv(norm: nn.Module, act: nn.Module, conv: nn.Module, *maps: Tensor, light: bool,
@@ -150,6 +84,32 @@ def concat_norm_conv(norm: nn.Module, act: nn.Module, conv: nn.Module, *maps: Te
         return out
     out = checkpointed(light, lambda *t: conv(act(norm(*t))), *maps)
     return out if dropout is None else dropout(out)
+
+
+class _PooledConv:
+    """A convolution, then an average pool (a transition's), as one stage's post in a sliced segment: its backward
+    then pools a slice's gradient back, never the whole batch's. Not a module: it calls the two modules."""
+
+    def __init__(self, conv: nn.Module, pool: nn.Module) -> None:
+        self.conv, self.pool, self.weight = conv, pool, conv.weight
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.pool(self.conv(x))
+
+    def input_grad(self, y: Tensor, grad: Tensor) -> Tensor:
+        """The gradient of the convolution's output, laid out as ``y`` (its input) is, given the pool's output's."""
+        like = torch.empty_permuted((y.shape[0], self.conv.out_channels, *y.shape[2:]), y.dim_order(),
+                                    dtype=grad.dtype, device=grad.device)  # never read: shape and strides only
+        return self.pool.input_grad(like, grad)
+
+
+def concat_norm_conv_pool(norm: nn.Module, act: nn.Module, conv: nn.Module, pool: nn.Module, *maps: Tensor,
+                          light: bool, slices: int = 1) -> Tensor:
+    """``pool(conv(act(norm(*maps))))``, a transition, with the pool keeping nothing for backward; when ``light``,
+    keeping only ``maps``, and when also sliced, pooling back a slice's gradient at a time."""
+    out = light_segment([(norm, act, _PooledConv(conv, pool))], *maps, slices=slices) if light and slices > 1 \
+        else None
+    return out if out is not None else pool(concat_norm_conv(norm, act, conv, *maps, light=light, slices=slices))
 
 
 def concat_conv(conv: nn.Module, *maps: Tensor, light: bool) -> Tensor:
@@ -483,6 +443,8 @@ def _post_backward(ctx: Any, post: nn.Module, grad: Tensor, y: Tensor, grads: di
     where wanted) or max-pool."""
     if isinstance(post, MaxPool):
         return post.input_grad(y, grad)
+    if isinstance(post, _PooledConv):
+        grad, post = post.input_grad(y, grad), post.conv
     grad, grad_w = _conv_backward(ctx, post, grad, y, True, id(weight) in grads, weight)
     _accumulate(grads, weight, grad_w)
     return grad

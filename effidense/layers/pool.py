@@ -86,6 +86,15 @@ class AvgPool(_Pool):
         kernel = [1, 2] if self.spatial_dims == 1 else [2] * self.spatial_dims
         return kernel, kernel, [0] * len(kernel)
 
+    def input_grad(self, like: Tensor, grad: Tensor) -> Tensor:
+        """The gradient with respect to the pool's input, laid out as ``like`` (read for its shape and strides only),
+        given that of its output: autograd's own kernel."""
+        flat = self.spatial_dims == 1
+        like, grad = (like.unsqueeze(-2), grad.unsqueeze(-2)) if flat else (like, grad)
+        kernel = self.window()[0]
+        grad_x = _AVG[len(kernel)][1](grad, like, kernel, kernel, [0] * len(kernel), False, True, None)
+        return grad_x.squeeze(-2) if flat else grad_x
+
 
 class MaxPool(_Pool):
     """3-wide, stride-2, padding-1 max pooling (the ImageNet stem)."""
