@@ -97,9 +97,12 @@ def test_eval_mode_and_double_backward():
     _close(sliced, plain, torch.float64)
 
 
-def test_autocast_and_channels_last_stay_close():
-    sliced, plain = _pair(DenseNet(**TINY).to(memory_format=torch.channels_last), "frugal", 3)
-    x = torch.randn(4, 3, 24, 24).to(memory_format=torch.channels_last)
+@pytest.mark.parametrize("dims", [2, 3])
+def test_autocast_and_channels_last_stay_close(dims):
+    """bf16 autocast, channels_last; in 3D CPU autocast pools in float32 between bfloat16 convolutions."""
+    layout = torch.channels_last if dims == 2 else torch.channels_last_3d
+    sliced, plain = _pair(DenseNet(**TINY, spatial_dims=dims).to(memory_format=layout), "frugal", 3)
+    x = torch.randn(4, 3, *[SIZES[dims]] * dims).to(memory_format=layout)
     outs = []
     for model in (sliced, plain):
         with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -443,8 +443,8 @@ def _post_backward(ctx: Any, post: nn.Module, grad: Tensor, y: Tensor, grads: di
     where wanted) or max-pool."""
     if isinstance(post, MaxPool):
         return post.input_grad(y, grad)
-    if isinstance(post, _PooledConv):
-        grad, post = post.input_grad(y, grad), post.conv
+    if isinstance(post, _PooledConv):  # the pool may have run in float32 (CPU autocast's avg_pool3d), not the conv
+        grad, post = post.input_grad(y, grad).to(ctx.autocast[1] if ctx.autocast[0] else y.dtype), post.conv
     grad, grad_w = _conv_backward(ctx, post, grad, y, True, id(weight) in grads, weight)
     _accumulate(grads, weight, grad_w)
     return grad
