@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from conftest import load_tool
 
-from effidense import DenseNet, SavedTensorMeter
+from effidense import DenseNet, FCDenseNet, SavedTensorMeter
 from effidense.gpu_report import gpu_plan, run_report
 from effidense.memory import MiB
 from effidense.modelspec import ModelSpec
@@ -198,3 +198,18 @@ def test_sliced_backward_on_cuda(mode, amp, exact_cuda):
     sliced = copy.deepcopy(base).set_memory(mode)
     sliced.backward_slices = 3
     _assert_same(_train_step(sliced, x, y, amp), ref, 2e-2 if amp else 1e-4, f"{mode} sliced")
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_fcdensenet_sliced_frugal_on_cuda(amp, exact_cuda):
+    """FC-DenseNet's sliced frugal step on the device: its layers and classifier sum each map's gradient in one place
+    (``GradSlot``); the plain model's step within the order of float sums."""
+    torch.manual_seed(0)
+    base = FCDenseNet(2, 3, 4, down_blocks=(2, 2), up_blocks=(2, 2), bottleneck_layers=2, growth_rate=4,
+                      init_features=8, drop_rate=0.0).to(DEVICE)
+    x = torch.randn(4, 3, 32, 32, device=DEVICE)
+    y = torch.randint(0, 4, (4, 32, 32), device=DEVICE)
+    ref = _train_step(copy.deepcopy(base).set_memory("plain"), x, y, amp)
+    sliced = copy.deepcopy(base).set_memory("frugal")
+    sliced.backward_slices = 2
+    _assert_same(_train_step(sliced, x, y, amp), ref, 2e-2 if amp else 1e-4, "FC-DenseNet frugal sliced")
