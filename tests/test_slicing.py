@@ -99,10 +99,12 @@ def test_eval_mode_and_double_backward():
 
 @pytest.mark.parametrize("dims", [2, 3])
 def test_autocast_and_channels_last_stay_close(dims):
-    """bf16 autocast, channels_last; in 3D CPU autocast pools in float32 between bfloat16 convolutions."""
+    """bf16 autocast, channels_last; in 3D CPU autocast pools in float32 between bfloat16 convolutions. (24³, not
+    14³: oneDNN's bf16 conv3d backward on 2³ maps, as block 2 would get, now and then gives the plain model garbage
+    weight gradients, torch 2.14 on this CPU.)"""
     layout = torch.channels_last if dims == 2 else torch.channels_last_3d
     sliced, plain = _pair(DenseNet(**TINY, spatial_dims=dims).to(memory_format=layout), "frugal", 3)
-    x = torch.randn(4, 3, *[SIZES[dims]] * dims).to(memory_format=layout)
+    x = torch.randn(4, 3, *[SIZES[dims] if dims == 2 else 24] * dims).to(memory_format=layout)
     outs = []
     for model in (sliced, plain):
         with torch.autocast("cpu", dtype=torch.bfloat16):
