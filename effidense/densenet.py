@@ -153,7 +153,8 @@ class DenseLayer(MemoryMode, AdoptsNorms):
     """BN-ReLU-conv3x3 (DenseNet) or BN-ReLU-conv1x1-BN-ReLU-conv3x3 (DenseNet-BC, ``bn_size``) on the concatenation
     of the maps it is given (a list, or one tensor); returns its new features. Modules by torchvision's names:
     ``norm1``, ``relu1``, ``conv1``, ``norm2``, ``relu2``, ``conv2``. ``drop_channels``: dropout drops whole channels
-    (``F.dropout2d``/``3d``, as MONAI's)."""
+    (``F.dropout2d``/``3d``, as MONAI's). ``block_shape``: its block's input channels and number of layers, which
+    ``backward_slices='auto'`` weighs a rerun against (a :class:`DenseBlock` sets it; alone, the layer is its block)."""
 
     def __init__(self, num_input_features: int, growth_rate: int, bn_size: int | None = 4, drop_rate: float = 0.0,
                  spatial_dims: int = 2, memory: str = "efficient", norm_layer: NormLayer | None = None,
