@@ -119,7 +119,7 @@ def concat_conv(conv: nn.Module, *maps: Tensor, light: bool) -> Tensor:
     slots = tuple(slot_of(t) for t in maps)
     if not light or not any(slots) or not torch.is_grad_enabled() or is_tracing() or \
             conv.padding_mode != "zeros" or not isinstance(conv.padding, tuple) or conv.groups != 1:
-        return checkpointed(light, lambda *t: conv(torch.cat(t, 1) if len(t) > 1 else t[0]), *maps)
+        return checkpointed(light, lambda *t: conv(_cat(t)), *maps)
     return _GatheringConv.apply(conv, slots, conv.weight, conv.bias, *maps)
 
 
@@ -131,30 +131,23 @@ class _GatheringConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, conv: nn.Module, slots: tuple, weight: Tensor, bias: Tensor | None, *maps: Tensor) -> Tensor:
-        device = maps[0].device.type
-        ctx.conv, ctx.slots = conv, slots
-        ctx.autocast = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+        ctx.conv, ctx.slots, ctx.autocast = conv, slots, _autocast_state(maps[0])
         ctx.save_for_backward(weight, bias, *maps)
-        return conv(torch.cat(maps, 1) if len(maps) > 1 else maps[0])
+        return conv(_cat(maps))
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         conv, (weight, bias, *maps) = ctx.conv, ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: gradients by a rerun, handed to autograd
-            return differentiable_rerun(ctx, grad, lambda *t: conv._conv_forward(torch.cat(t, 1), weight, bias),
+            return differentiable_rerun(ctx, grad, lambda *t: conv._conv_forward(_cat(t), weight, bias),
                                         (None, None, weight, bias), tuple(maps))
-        enabled, dtype = ctx.autocast
-
-        def as_conv_sees(t: Tensor) -> Tensor:
-            return t.to(dtype) if enabled and t.is_floating_point() and t.dtype != dtype else t
-
         needs, grad_maps, grad_ws, grad_b, start = ctx.needs_input_grad, [], [], None, 0
         for i, (t, slot, need) in enumerate(zip(maps, ctx.slots, needs[4:], strict=True)):
-            part = as_conv_sees(weight[:, start:start + t.shape[1]])
+            part = _as_conv_sees(ctx, weight[:, start:start + t.shape[1]])
             start += t.shape[1]
             with_bias = i == 0 and bias is not None and needs[3]
             grad_x, grad_w, grad_bias = torch.ops.aten.convolution_backward(
-                grad, as_conv_sees(t), part, [bias.shape[0]] if with_bias else None, list(conv.stride),
+                grad, _as_conv_sees(ctx, t), part, [bias.shape[0]] if with_bias else None, list(conv.stride),
                 list(conv.padding), list(conv.dilation), False, [0] * len(conv.stride), conv.groups,
                 [need, needs[2], with_bias])
             grad_ws.append(grad_w)
@@ -204,15 +197,14 @@ class LightSegment(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, slices: int, modules: tuple, params: list, *tensors: Tensor) -> Tensor:
         (pre, stages, dropout, ctx.slots, ctx.slot), maps = modules, tensors[len(params):]
-        device = maps[0].device.type
         ctx.modules, ctx.slices, ctx.stats = (pre, stages, params), slices, []
         ctx.set_materialize_grads(False)  # a gradient gathered in a slot comes with none from autograd
-        ctx.autocast = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+        ctx.autocast = _autocast_state(maps[0])
         ctx.save_for_backward(*maps)
         if slices == 1:
             x = _run(pre, stages, *maps)
         else:
-            x = pre(maps[0]) if pre is not None else torch.cat(maps, 1) if len(maps) > 1 else maps[0]
+            x = pre(maps[0]) if pre is not None else _cat(maps)
             for norm, act, post in stages:  # F.batch_norm's very kernel, with its statistics
                 y, mean, invstd, _, _ = torch._batch_norm_impl_index(
                     x, norm.weight, norm.bias, norm.running_mean, norm.running_var, True, norm.count_batch(),
@@ -254,8 +246,7 @@ class LightSegment(torch.autograd.Function):
         """The whole batch at once, by autograd's own kernels."""
         (pre, stages, params), maps = ctx.modules, ctx.saved_tensors
         weights = _stage_weights(pre, params)
-        x = _conv(ctx, pre, maps[0], params[0]) if pre is not None else maps[0] if len(maps) == 1 else \
-            torch.cat(maps, 1)
+        x = _conv(ctx, pre, maps[0], params[0]) if pre is not None else _cat(maps)
         inputs, outs, saved = [], [], []
         for j, (norm, _, post) in enumerate(stages):
             y, bn_saved = _batch_norm_relu(norm, x, *weights[j][:2])
@@ -432,6 +423,21 @@ def _stage_weights(pre: nn.Module | None, params: list) -> list[list]:
     return [params[i:i + 3] for i in range(0, len(params), 3)]
 
 
+def _cat(maps: Sequence[Tensor]) -> Tensor:
+    return maps[0] if len(maps) == 1 else torch.cat(maps, 1)
+
+
+def _autocast_state(t: Tensor) -> tuple[bool, torch.dtype]:
+    """Forward's autocast state on ``t``'s device, which backward's kernels are run as."""
+    return torch.is_autocast_enabled(t.device.type), torch.get_autocast_dtype(t.device.type)
+
+
+def _as_conv_sees(ctx: Any, t: Tensor) -> Tensor:
+    """``t`` as a convolution saw it under forward's autocast state (``ctx.autocast``): in autocast's dtype if on."""
+    enabled, dtype = ctx.autocast
+    return t.to(dtype) if enabled and t.is_floating_point() and t.dtype != dtype else t
+
+
 def _conv(ctx: Any, conv: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
     """A convolution as forward ran it (under its autocast state), by its kernel: its hooks fired in forward."""
     with torch.autocast(x.device.type, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
@@ -444,7 +450,7 @@ def _post_backward(ctx: Any, post: nn.Module, grad: Tensor, y: Tensor, grads: di
     if isinstance(post, MaxPool):
         return post.input_grad(y, grad)
     if isinstance(post, _PooledConv):  # the pool may have run in float32 (CPU autocast's avg_pool3d), not the conv
-        grad, post = post.input_grad(y, grad).to(ctx.autocast[1] if ctx.autocast[0] else y.dtype), post.conv
+        grad, post = _as_conv_sees(ctx, post.input_grad(y, grad)), post.conv
     grad, grad_w = _conv_backward(ctx, post, grad, y, True, id(weight) in grads, weight)
     _accumulate(grads, weight, grad_w)
     return grad
@@ -482,13 +488,8 @@ def _conv_backward(ctx: Any, conv: nn.Module, grad: Tensor, x: Tensor, need_x: b
                    weight: Tensor) -> tuple[Tensor | None, Tensor | None]:
     """``convolution_backward`` as autograd runs it under forward's autocast state: on the inputs autocast gave the
     convolution, with the weight's gradient in the weight's dtype."""
-    enabled, dtype = ctx.autocast
-
-    def as_conv_sees(t: Tensor) -> Tensor:
-        return t.to(dtype) if enabled and t.is_floating_point() and t.dtype != dtype else t
-
     grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
-        grad, as_conv_sees(x), as_conv_sees(weight), None, list(conv.stride), list(conv.padding),
+        grad, _as_conv_sees(ctx, x), _as_conv_sees(ctx, weight), None, list(conv.stride), list(conv.padding),
         list(conv.dilation), False, [0] * len(conv.stride), conv.groups, [need_x, need_weight, False])
     return grad_x, None if grad_weight is None else grad_weight.to(weight.dtype)
 

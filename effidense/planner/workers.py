@@ -109,11 +109,13 @@ def in_processes(function: Callable[..., Any], calls: Sequence[tuple[str, tuple]
 
     def serve() -> None:  # one process's calls, from a thread of this process
         _blocked_interrupts()
-        if here is not None and finished.wait(wait) or not waiting:
+        if here is not None and finished.wait(wait):
             return
         worker = None
         while True:
             if worker is None:  # calls are taken once it is ready, so a process still starting holds none up
+                if not waiting or raised:  # only ever shrinks: nothing left for a fresh process
+                    return
                 worker = start()
                 if _received(worker[0]) is None:  # it died starting
                     failure, worker = died(worker[1]), None
