@@ -10,6 +10,7 @@ instead (:func:`differentiable_rerun`), so double backward works.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -204,14 +205,14 @@ class LightSegment(torch.autograd.Function):
         if slices == 1:
             x = _run(pre, stages, *maps)
         else:
-            x = pre(maps[0]) if pre is not None else _cat(maps)
+            x = [pre(maps[0])] if pre is not None else maps
             for norm, act, post in stages:  # F.batch_norm's very kernel, with its statistics
-                y, mean, invstd, _, _ = torch._batch_norm_impl_index(
-                    x, norm.weight, norm.bias, norm.running_mean, norm.running_var, True, norm.count_batch(),
-                    norm.eps, torch.backends.cudnn.enabled)
+                y, mean, invstd = _batch_norm_apart(norm, x, norm.count_batch())
                 ctx.stats.append((mean, invstd))
-                del x  # not held beside the next stage's output
-                x = post(act(y))
+                del x  # neither is held beside the next map
+                x = [post(act(y))]
+                del y
+            x = x[0]
         ctx.dropout = None
         if dropout is not None:  # its mask is drawn again in backward, from the random state it was drawn from
             ctx.dropout = dropout, _random_state(x.device), (x.shape, x.stride(), x.dtype, x.device)
@@ -454,6 +455,44 @@ def _post_backward(ctx: Any, post: nn.Module, grad: Tensor, y: Tensor, grads: di
     grad, grad_w = _conv_backward(ctx, post, grad, y, True, id(weight) in grads, weight)
     _accumulate(grads, weight, grad_w)
     return grad
+
+
+def _batch_norm_apart(norm: nn.Module, maps: Sequence[Tensor], factor: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Training-mode BatchNorm of the maps' concatenation (updating the running statistics by ``factor``), by the
+    kernel ``F.batch_norm`` calls, and its batch statistics. Where the maps are laid out alike, the kernel runs on each
+    map's channels in turn, writing into one output: per channel the very statistics and values of the whole, but the
+    concatenation is never held beside the output."""
+    layout = _layout(maps[0])
+    if len(maps) == 1 or layout is None or any(_layout(t) != layout for t in maps):
+        y, mean, invstd, _, _ = torch._batch_norm_impl_index(
+            _cat(maps), norm.weight, norm.bias, norm.running_mean, norm.running_var, True, factor, norm.eps,
+            torch.backends.cudnn.enabled)
+        return y, mean, invstd
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in maps])  # the concatenation's
+    y = torch.empty((maps[0].shape[0], sum(t.shape[1] for t in maps), *maps[0].shape[2:]), dtype=dtype,
+                    device=maps[0].device, memory_format=layout)
+    stats, start = [], 0
+    for t in maps:
+        part, start = slice(start, start + t.shape[1]), start + t.shape[1]
+        weight, bias, mean, var = (None if p is None else p[part] for p in (
+            norm.weight, norm.bias, norm.running_mean, norm.running_var))
+        out, *kept, _, _ = torch._batch_norm_impl_index(t.to(dtype), weight, bias, mean, var, True, factor, norm.eps,
+                                                        torch.backends.cudnn.enabled)
+        y[:, part] = out
+        stats.append(kept)
+        del out
+    return y, *(torch.cat(s) for s in zip(*stats, strict=True))
+
+
+def _layout(t: Tensor) -> torch.memory_format | None:
+    """The memory format ``t`` is dense in, where that is beyond doubt (a map of one channel or position is dense in
+    both, and which one a concatenation takes then hangs on its strides)."""
+    if t.shape[1] == 1 or math.prod(t.shape[2:]) == 1:
+        return None
+    if t.is_contiguous():
+        return torch.contiguous_format
+    channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+    return channels_last if channels_last is not None and t.is_contiguous(memory_format=channels_last) else None
 
 
 def _batch_norm_relu(norm: nn.Module, x: Tensor, weight: Tensor | None,
