@@ -51,6 +51,7 @@ from .arguments import (
 from .layers.gather import gathered
 from .layers.light import (
     ReluKeepingSign,
+    cat_maps,
     concat_norm_conv,
     concat_norm_conv_pool,
     conv_norm_pool,
@@ -72,10 +73,6 @@ NormLayer = Callable[[int], nn.Module]  # a norm (+ activation) for a number of 
 
 def _conv(spatial_dims: int, in_channels: int, out_channels: int, kernel: int, stride: int = 1) -> nn.Module:
     return _CONV[spatial_dims](in_channels, out_channels, kernel, stride=stride, padding=kernel // 2, bias=False)
-
-
-def _cat(maps: Sequence[Tensor]) -> Tensor:
-    return maps[0] if len(maps) == 1 else torch.cat(maps, 1)
 
 
 def _norm_and_act(norm_layer: NormLayer, channels: int) -> tuple[NormAct, nn.Module]:
@@ -271,7 +268,7 @@ class DenseBlock(MemoryMode, nn.ModuleDict):
         apart = _handoff(self)
         hooked = apart is not None and apart[0] is x  # called by run_hooked: the maps x concatenates stay apart
         maps = self.run(apart[1] if hooked else [x])
-        out = _cat(maps[1:] if self.new_features_only else maps)
+        out = cat_maps(maps[1:] if self.new_features_only else maps)
         if hooked:
             _handoff(self, (out, maps))
         return out
@@ -279,7 +276,7 @@ class DenseBlock(MemoryMode, nn.ModuleDict):
     def run_hooked(self, maps: Sequence[Tensor]) -> list[Tensor]:
         """:meth:`run` through a call of the block, so that its hooks fire and see what torchvision's see, while the
         maps stay apart: a hook costs no memory beyond what it holds. A hook that replaces a value is obeyed."""
-        x = _cat(maps)
+        x = cat_maps(maps)
         _handoff(self, (x, list(maps)))
         try:
             out = self(x)
@@ -442,7 +439,7 @@ class DenseNet(MemoryMode):
                 maps = [f.get_submodule(f"transition{i - 1}")(maps)]
             block = f.get_submodule(f"denseblock{i}")
             # Traced graphs and hooks take the block's own forward: its output is the node named after the block.
-            maps = [block(_cat(maps))] if tracing else block.run_hooked(maps) if _hooked(block) else block.run(maps)
+            maps = [block(cat_maps(maps))] if tracing else block.run_hooked(maps) if _hooked(block) else block.run(maps)
             if i == len(self.block_config):
                 yield [checkpointed(mode != "plain", functools.partial(self._final, activate), *maps)]
                 return
@@ -462,7 +459,7 @@ class DenseNet(MemoryMode):
 
     def _features(self, x: Tensor, activate: bool = True) -> Tensor:
         self._check_input(x, self._last_index)
-        return _cat(deque(self._maps(x, activate=activate), maxlen=1)[0])  # the last map, dropping the rest
+        return cat_maps(deque(self._maps(x, activate=activate), maxlen=1)[0])  # the last map, dropping the rest
 
     def forward_features(self, x: Tensor) -> Tensor:
         if not (_hooked(self.features) and self._last_index == len(self.block_config)):
@@ -494,7 +491,7 @@ class DenseNet(MemoryMode):
         wanted, intermediates = set(take_indices), []
         for i, maps in enumerate(self._maps(x, stem_map=0 in wanted)):
             if i in wanted or i == stop:
-                x = _cat(maps)
+                x = cat_maps(maps)
                 if i in wanted:
                     intermediates.append(x)
             if i == stop:

@@ -34,7 +34,9 @@ from torch import Tensor, nn
 
 from .densenet import DenseBlock, MemoryMode
 from .layers import BATCH_NORM_ACT, NormAct, checkpointed
-from .layers.light import concat_conv
+from .layers.gather import slot_of
+from .layers.light import as_conv_sees, autocast_state, cat_maps, differentiable_rerun
+from .layers.recompute import is_tracing
 
 __all__ = ["FCDenseNet", "FCDENSENET_CONFIGS", "fcdensenet56", "fcdensenet67", "fcdensenet103"]
 
@@ -236,6 +238,54 @@ class FCDenseNet(MemoryMode):
             stack = block.run(maps)
             new = stack[len(maps):]
         return concat_conv(self.classifier, *stack, light=segment)
+
+
+def concat_conv(conv: nn.Module, *maps: Tensor, light: bool) -> Tensor:
+    """``conv`` (a convolution, with a bias or not: a classifier) of the concatenated ``maps``; when ``light``,
+    keeping only the maps for backward. Where the maps' gradients are gathered (:class:`GradSlot`), its share is
+    added there rather than handed to autograd."""
+    slots = tuple(slot_of(t) for t in maps)
+    if not light or not any(slots) or not torch.is_grad_enabled() or is_tracing() or \
+            conv.padding_mode != "zeros" or not isinstance(conv.padding, tuple) or conv.groups != 1:
+        return checkpointed(light, lambda *t: conv(cat_maps(t)), *maps)
+    return _GatheringConv.apply(conv, slots, conv.weight, conv.bias, *maps)
+
+
+class _GatheringConv(torch.autograd.Function):
+    """:func:`concat_conv`: forward calls the module (its hooks fire) and keeps the maps; backward calls
+    ``convolution_backward`` under forward's autocast state map by map, on the weight's channels for the map, so
+    neither the concatenation nor its gradient is ever made whole: each map's gradient is a tensor of its own, freed
+    once the map's maker has taken it."""
+
+    @staticmethod
+    def forward(ctx: Any, conv: nn.Module, slots: tuple, weight: Tensor, bias: Tensor | None, *maps: Tensor) -> Tensor:
+        ctx.conv, ctx.slots, ctx.autocast = conv, slots, autocast_state(maps[0])
+        ctx.save_for_backward(weight, bias, *maps)
+        return conv(cat_maps(maps))
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        conv, (weight, bias, *maps) = ctx.conv, ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: gradients by a rerun, handed to autograd
+            return differentiable_rerun(ctx, grad, lambda *t: conv._conv_forward(cat_maps(t), weight, bias),
+                                        (None, None, weight, bias), tuple(maps))
+        needs, grad_maps, grad_ws, grad_b, start = ctx.needs_input_grad, [], [], None, 0
+        for i, (t, slot, need) in enumerate(zip(maps, ctx.slots, needs[4:], strict=True)):
+            part = as_conv_sees(ctx, weight[:, start:start + t.shape[1]])
+            start += t.shape[1]
+            with_bias = i == 0 and bias is not None and needs[3]
+            grad_x, grad_w, grad_bias = torch.ops.aten.convolution_backward(
+                grad, as_conv_sees(ctx, t), part, [bias.shape[0]] if with_bias else None, list(conv.stride),
+                list(conv.padding), list(conv.dilation), False, [0] * len(conv.stride), conv.groups,
+                [need, needs[2], with_bias])
+            grad_ws.append(grad_w)
+            grad_b = grad_bias if with_bias else grad_b
+            if grad_x is not None and slot is not None:
+                slot.add(grad_x.to(t.dtype))
+                grad_x = None
+            grad_maps.append(grad_x)
+        grad_w = torch.cat(grad_ws, 1).to(weight.dtype) if needs[2] else None
+        return None, None, grad_w, None if grad_b is None else grad_b.to(bias.dtype), *grad_maps
 
 
 def _build(name: str, spatial_dims: int, in_channels: int, out_channels: int, **kwargs: Any) -> FCDenseNet:

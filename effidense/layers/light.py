@@ -25,8 +25,10 @@ from .norm import BatchNormAct, affine, grad_sums, input_grad, normalized
 from .pool import MaxPool
 from .recompute import checkpointed, is_tracing, rerun
 
-__all__ = ["LightSegment", "ReluKeepingSign", "concat_conv", "concat_norm_conv", "concat_norm_conv_pool",
-           "conv_norm_pool", "differentiable_rerun", "light_segment", "plain_conv", "slice_count"]
+__all__ = ["LightSegment", "ReluKeepingSign", "as_conv_sees", "autocast_state", "cat_maps",
+           "concat_norm_conv",
+           "concat_norm_conv_pool", "conv_norm_pool", "differentiable_rerun", "light_segment", "plain_conv",
+           "slice_count"]
 
 SLICE_FLOOR = 32 * 2 ** 20  # bytes: a smaller rerun costs little memory, and slicing it would cost kernel launches
 
@@ -113,54 +115,6 @@ def concat_norm_conv_pool(norm: nn.Module, act: nn.Module, conv: nn.Module, pool
     return out if out is not None else pool(concat_norm_conv(norm, act, conv, *maps, light=light, slices=slices))
 
 
-def concat_conv(conv: nn.Module, *maps: Tensor, light: bool) -> Tensor:
-    """``conv`` (a convolution, with a bias or not: a classifier) of the concatenated ``maps``; when ``light``,
-    keeping only the maps for backward. Where the maps' gradients are gathered (:class:`GradSlot`), its share is
-    added there rather than handed to autograd."""
-    slots = tuple(slot_of(t) for t in maps)
-    if not light or not any(slots) or not torch.is_grad_enabled() or is_tracing() or \
-            conv.padding_mode != "zeros" or not isinstance(conv.padding, tuple) or conv.groups != 1:
-        return checkpointed(light, lambda *t: conv(_cat(t)), *maps)
-    return _GatheringConv.apply(conv, slots, conv.weight, conv.bias, *maps)
-
-
-class _GatheringConv(torch.autograd.Function):
-    """:func:`concat_conv`: forward calls the module (its hooks fire) and keeps the maps; backward calls
-    ``convolution_backward`` under forward's autocast state map by map, on the weight's channels for the map, so
-    neither the concatenation nor its gradient is ever made whole: each map's gradient is a tensor of its own, freed
-    once the map's maker has taken it."""
-
-    @staticmethod
-    def forward(ctx: Any, conv: nn.Module, slots: tuple, weight: Tensor, bias: Tensor | None, *maps: Tensor) -> Tensor:
-        ctx.conv, ctx.slots, ctx.autocast = conv, slots, _autocast_state(maps[0])
-        ctx.save_for_backward(weight, bias, *maps)
-        return conv(_cat(maps))
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        conv, (weight, bias, *maps) = ctx.conv, ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph: gradients by a rerun, handed to autograd
-            return differentiable_rerun(ctx, grad, lambda *t: conv._conv_forward(_cat(t), weight, bias),
-                                        (None, None, weight, bias), tuple(maps))
-        needs, grad_maps, grad_ws, grad_b, start = ctx.needs_input_grad, [], [], None, 0
-        for i, (t, slot, need) in enumerate(zip(maps, ctx.slots, needs[4:], strict=True)):
-            part = _as_conv_sees(ctx, weight[:, start:start + t.shape[1]])
-            start += t.shape[1]
-            with_bias = i == 0 and bias is not None and needs[3]
-            grad_x, grad_w, grad_bias = torch.ops.aten.convolution_backward(
-                grad, _as_conv_sees(ctx, t), part, [bias.shape[0]] if with_bias else None, list(conv.stride),
-                list(conv.padding), list(conv.dilation), False, [0] * len(conv.stride), conv.groups,
-                [need, needs[2], with_bias])
-            grad_ws.append(grad_w)
-            grad_b = grad_bias if with_bias else grad_b
-            if grad_x is not None and slot is not None:
-                slot.add(grad_x.to(t.dtype))
-                grad_x = None
-            grad_maps.append(grad_x)
-        grad_w = torch.cat(grad_ws, 1).to(weight.dtype) if needs[2] else None
-        return None, None, grad_w, None if grad_b is None else grad_b.to(bias.dtype), *grad_maps
-
-
 def conv_norm_pool(conv: nn.Module, norm: nn.Module, act: nn.Module, pool: nn.Module, x: Tensor,
                    slices: int = 1) -> Tensor:
     """``pool(act(norm(conv(x))))``, keeping only ``x`` for backward, which goes through ``slices``."""
@@ -200,7 +154,7 @@ class LightSegment(torch.autograd.Function):
         (pre, stages, dropout, ctx.slots, ctx.slot), maps = modules, tensors[len(params):]
         ctx.modules, ctx.slices, ctx.stats = (pre, stages, params), slices, []
         ctx.set_materialize_grads(False)  # a gradient gathered in a slot comes with none from autograd
-        ctx.autocast = _autocast_state(maps[0])
+        ctx.autocast = autocast_state(maps[0])
         ctx.save_for_backward(*maps)
         if slices == 1:
             x = _run(pre, stages, *maps)
@@ -247,7 +201,7 @@ class LightSegment(torch.autograd.Function):
         """The whole batch at once, by autograd's own kernels."""
         (pre, stages, params), maps = ctx.modules, ctx.saved_tensors
         weights = _stage_weights(pre, params)
-        x = _conv(ctx, pre, maps[0], params[0]) if pre is not None else _cat(maps)
+        x = _conv(ctx, pre, maps[0], params[0]) if pre is not None else cat_maps(maps)
         inputs, outs, saved = [], [], []
         for j, (norm, _, post) in enumerate(stages):
             y, bn_saved = _batch_norm_relu(norm, x, *weights[j][:2])
@@ -424,16 +378,17 @@ def _stage_weights(pre: nn.Module | None, params: list) -> list[list]:
     return [params[i:i + 3] for i in range(0, len(params), 3)]
 
 
-def _cat(maps: Sequence[Tensor]) -> Tensor:
+def cat_maps(maps: Sequence[Tensor]) -> Tensor:
+    """One map, or the maps' concatenation along the channels."""
     return maps[0] if len(maps) == 1 else torch.cat(maps, 1)
 
 
-def _autocast_state(t: Tensor) -> tuple[bool, torch.dtype]:
+def autocast_state(t: Tensor) -> tuple[bool, torch.dtype]:
     """Forward's autocast state on ``t``'s device, which backward's kernels are run as."""
     return torch.is_autocast_enabled(t.device.type), torch.get_autocast_dtype(t.device.type)
 
 
-def _as_conv_sees(ctx: Any, t: Tensor) -> Tensor:
+def as_conv_sees(ctx: Any, t: Tensor) -> Tensor:
     """``t`` as a convolution saw it under forward's autocast state (``ctx.autocast``): in autocast's dtype if on."""
     enabled, dtype = ctx.autocast
     return t.to(dtype) if enabled and t.is_floating_point() and t.dtype != dtype else t
@@ -451,7 +406,7 @@ def _post_backward(ctx: Any, post: nn.Module, grad: Tensor, y: Tensor, grads: di
     if isinstance(post, MaxPool):
         return post.input_grad(y, grad)
     if isinstance(post, _PooledConv):  # the pool may have run in float32 (CPU autocast's avg_pool3d), not the conv
-        grad, post = _as_conv_sees(ctx, post.input_grad(y, grad)), post.conv
+        grad, post = as_conv_sees(ctx, post.input_grad(y, grad)), post.conv
     grad, grad_w = _conv_backward(ctx, post, grad, y, True, id(weight) in grads, weight)
     _accumulate(grads, weight, grad_w)
     return grad
@@ -465,7 +420,7 @@ def _batch_norm_apart(norm: nn.Module, maps: Sequence[Tensor], factor: float) ->
     layout = _layout(maps[0])
     if len(maps) == 1 or layout is None or any(_layout(t) != layout for t in maps):
         y, mean, invstd, _, _ = torch._batch_norm_impl_index(
-            _cat(maps), norm.weight, norm.bias, norm.running_mean, norm.running_var, True, factor, norm.eps,
+            cat_maps(maps), norm.weight, norm.bias, norm.running_mean, norm.running_var, True, factor, norm.eps,
             torch.backends.cudnn.enabled)
         return y, mean, invstd
     dtype = functools.reduce(torch.promote_types, [t.dtype for t in maps])  # the concatenation's
@@ -528,7 +483,7 @@ def _conv_backward(ctx: Any, conv: nn.Module, grad: Tensor, x: Tensor, need_x: b
     """``convolution_backward`` as autograd runs it under forward's autocast state: on the inputs autocast gave the
     convolution, with the weight's gradient in the weight's dtype."""
     grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
-        grad, _as_conv_sees(ctx, x), _as_conv_sees(ctx, weight), None, list(conv.stride), list(conv.padding),
+        grad, as_conv_sees(ctx, x), as_conv_sees(ctx, weight), None, list(conv.stride), list(conv.padding),
         list(conv.dilation), False, [0] * len(conv.stride), conv.groups, [need_x, need_weight, False])
     return grad_x, None if grad_weight is None else grad_weight.to(weight.dtype)
 
