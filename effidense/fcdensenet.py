@@ -54,10 +54,6 @@ FCDENSENET_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def _cat(maps: Sequence[Tensor]) -> Tensor:
-    return maps[0] if len(maps) == 1 else torch.cat(list(maps), 1)
-
-
 def _count(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -107,7 +103,7 @@ class TransitionUp(nn.Module):
         self.conv = _CONV_UP[spatial_dims](in_channels, out_channels, 3, stride=2)
 
     def _run(self, *maps: Tensor) -> Tensor:
-        return self.conv(_cat(maps))
+        return self.conv(cat_maps(maps))
 
     def forward(self, maps: Sequence[Tensor], size: Sequence[int], segment: bool = False) -> Tensor:
         x = checkpointed(segment, self._run, *maps)

@@ -211,14 +211,16 @@ def test_sliced_backward_lowers_the_allocators_peak():
     assert peaks[8] < 0.8 * peaks[None]
 
 
-@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "cropped"])
 def test_sliced_forward_normalises_each_map_into_one_output(layout, monkeypatch):
     """A sliced segment's forward runs BatchNorm's kernel on each map's channels, writing into one output: bitwise
     the output and running statistics of the kernel run on the concatenation, and the concatenation is never held
-    beside the output, so a frugal block's forward peaks lower by about half a concatenation. Maps laid out apart,
-    or of one position (dense in either layout), are concatenated first."""
+    beside the output, so a frugal block's forward peaks lower by about half a concatenation. A cropped map (as
+    FC-DenseNet's up path makes) is laid out as in the concatenation first; maps laid out apart, or of one position
+    (dense in either layout), are concatenated."""
     block = DenseBlock(3, 64, 32, bn_size=2, memory="frugal", backward_slices=2)  # reads 64, 96, 128 channels
-    x = torch.randn(4, 64, 32, 32).to(memory_format=layout).requires_grad_()
+    x = torch.randn(4, 64, 33, 33)[..., :32, :32] if layout == "cropped" else torch.randn(4, 64, 32, 32)
+    x = (x.to(memory_format=torch.channels_last) if layout == "channels_last" else x).requires_grad_()
     runs = {}
     for apart in (True, False):
         if not apart:

@@ -11,6 +11,7 @@ instead (:func:`differentiable_rerun`), so double backward works.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -424,30 +425,35 @@ def _batch_norm_apart(norm: nn.Module, maps: Sequence[Tensor], factor: float) ->
             torch.backends.cudnn.enabled)
         return y, mean, invstd
     dtype = functools.reduce(torch.promote_types, [t.dtype for t in maps])  # the concatenation's
-    y = torch.empty((maps[0].shape[0], sum(t.shape[1] for t in maps), *maps[0].shape[2:]), dtype=dtype,
-                    device=maps[0].device, memory_format=layout)
-    stats, start = [], 0
-    for t in maps:
-        part, start = slice(start, start + t.shape[1]), start + t.shape[1]
+    ends = list(itertools.accumulate(t.shape[1] for t in maps))
+    y, stats = None, [None] * len(maps)
+    # a map not laid out as in the concatenation (a crop) is copied so first, before the output is made
+    for i in sorted(range(len(maps)), key=lambda i: maps[i].is_contiguous(memory_format=layout)):
+        part = slice(ends[i] - maps[i].shape[1], ends[i])
         weight, bias, mean, var = (None if p is None else p[part] for p in (
             norm.weight, norm.bias, norm.running_mean, norm.running_var))
-        out, *kept, _, _ = torch._batch_norm_impl_index(t.to(dtype), weight, bias, mean, var, True, factor, norm.eps,
-                                                        torch.backends.cudnn.enabled)
+        x = maps[i].to(dtype).contiguous(memory_format=layout)
+        out, *stats[i], _, _ = torch._batch_norm_impl_index(x, weight, bias, mean, var, True, factor, norm.eps,
+                                                            torch.backends.cudnn.enabled)
+        del x
+        if y is None:
+            y = torch.empty((out.shape[0], ends[-1], *out.shape[2:]), dtype=dtype, device=out.device,
+                            memory_format=layout)
         y[:, part] = out
-        stats.append(kept)
         del out
     return y, *(torch.cat(s) for s in zip(*stats, strict=True))
 
 
 def _layout(t: Tensor) -> torch.memory_format | None:
-    """The memory format ``t`` is dense in, where that is beyond doubt (a map of one channel or position is dense in
-    both, and which one a concatenation takes then hangs on its strides)."""
+    """The memory format a concatenation of maps like ``t`` takes, by the order of its strides (a crop's too), where
+    that is beyond doubt: not for a map of one channel or position, where it hangs on strides that do not matter."""
     if t.shape[1] == 1 or math.prod(t.shape[2:]) == 1:
         return None
-    if t.is_contiguous():
+    order = tuple(t.dim_order())
+    if order == tuple(range(t.dim())):
         return torch.contiguous_format
     channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
-    return channels_last if channels_last is not None and t.is_contiguous(memory_format=channels_last) else None
+    return channels_last if channels_last is not None and order == (0, *range(2, t.dim()), 1) else None
 
 
 def _batch_norm_relu(norm: nn.Module, x: Tensor, weight: Tensor | None,
