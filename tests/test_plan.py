@@ -149,6 +149,23 @@ def test_search_batch_on_affine_and_convex_peaks():
     assert search_batch(lambda n: 5 * n, 1 << 40, [1, 2], 1000) == 1000  # the limit
 
 
+def test_search_batch_steps_up_from_a_guess_that_fits_with_the_batch_above():
+    """Where the peak grows more slowly past the batches it was measured at (a frugal step's slices grow with the
+    batch), the answer and the batch above it can both fit: the search steps up from there in doubling steps rather
+    than bisect from the limit, so it never measures a batch far beyond the answer."""
+    for usable in (107_000, 150_000):
+        calls = []
+
+        def kinked(n, calls=calls):
+            calls.append(n)
+            return 1000 * n if n <= 100 else 100_000 + 700 * (n - 100)
+
+        brute = max(n for n in range(10_000) if kinked(n) <= usable)
+        calls.clear()
+        assert search_batch(kinked, usable, [4, 8], 1 << 24, exact=True) == brute
+        assert max(calls) <= 2 * brute and len(calls) <= 12
+
+
 def test_search_edge_respects_the_minimum():
     def peak(edge):
         return 100 + 2 * edge ** 3

@@ -481,14 +481,21 @@ def search_batch(peak: Callable[[int], int], usable: int, measured: Sequence[int
 
 
 def _measured_bound(peak: Callable[[int], int], usable: int, points: dict[int, int], guess: int, limit: int) -> int:
-    """The largest batch that fits by measurement alone: ``guess`` and the batch above it first, then bisection
-    between the largest measured batch that fits and the smallest above it that does not."""
+    """The largest batch that fits by measurement alone: ``guess``, then while no batch above the largest that fits
+    is known not to, steps up from it of 1, 2, 4, ... (the answer lies near the guess), then bisection between the
+    largest measured batch that fits and the smallest above it that does not."""
+    step = 1
     while True:
         fits = max([0, *(n for n, p in points.items() if p <= usable)])
         over = min([limit + 1, *(n for n, p in points.items() if p > usable and n > fits)])
         if over - fits <= 1:
             return min(fits, limit)
-        n = next(n for n in (guess, guess + 1, (fits + over) // 2) if fits < n < over and n not in points)
+        if fits < guess < over and guess not in points:
+            n = guess
+        elif over > limit:
+            n, step = min(fits + step, limit), 2 * step
+        else:
+            n = (fits + over) // 2
         points[n] = peak(n)
 
 
