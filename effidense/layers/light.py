@@ -145,8 +145,9 @@ class LightSegment(torch.autograd.Function):
     **Sliced** (``slices`` > 1), it goes through the batch a slice at a time, rebuilding each slice from the saved
     statistics, so it holds a slice's maps rather than the batch's. A BatchNorm couples the samples through two
     per-channel sums of its gradients, so each norm takes a sweep to sum them before an input gradient can be formed:
-    with two stages the first sweep sums the second norm's, keeping that norm's input and gradient (the
-    bottleneck's width); the next sums the first's; the last forms each slice's input gradient. Weight gradients are
+    with two stages the first sweep sums the second norm's, keeping its output's gradient (the bottleneck's
+    width), and the next forms its input's gradient; then one sums the first norm's; the last forms each slice's
+    input gradient. Weight gradients are
     summed slice by slice: gradients equal the plain model's up to the order of floating-point sums.
     """
 
@@ -273,24 +274,23 @@ class LightSegment(torch.autograd.Function):
                 x1 = _conv(ctx, stages[0][2], front(a, b)[1], weights[0][2])
                 gz1 = through(1, tops[i], normalized(x1, norms[1]).relu_(), True)
                 summed(1, gz1, x1, totals[1])
-                tops[i] = _park(sliced_grads[a, b], gz1)
+                tops[i] = gz1
                 del x1, gz1  # each sweep drops a slice's maps before the next slice's are made
             for i, (a, b) in enumerate(parts):  # its input rebuilt rather than kept
                 x1 = _conv(ctx, stages[0][2], front(a, b)[1], weights[0][2])
                 count = batch * math.prod(x1.shape[2:])
-                gx1 = input_grad(_unpark(tops[i]), x1, norms[1], *totals[1], count)
-                tops[i] = _park(sliced_grads[a, b], gx1)
-                del gx1, x1
+                tops[i] = input_grad(tops[i], x1, norms[1], *totals[1], count)
+                del x1
         for (a, b), top in zip(parts, tops, strict=True):  # the first norm's sums
             x, y = front(a, b)
             count = batch * math.prod(x.shape[2:])
-            g = through(0, _unpark(top), y, True)
+            g = through(0, top, y, True)
             del y
             summed(0, g, x, totals[0])
             del x, g
         for i, (a, b) in enumerate(parts):  # each slice's input gradient
             x, y = front(a, b)
-            g = through(0, _unpark(tops[i]), y, False)
+            g = through(0, tops[i], y, False)
             tops[i] = None
             del y
             g = input_grad(g, x, norms[0], *totals[0], count)
@@ -311,45 +311,6 @@ class LightSegment(torch.autograd.Function):
                 if param is not None and id(param) in grads:
                     grads[id(param)] = total.to(param.dtype)
         return grad_maps
-
-
-def _park(grad_maps: Sequence[Tensor | None], g: Tensor) -> Tensor | tuple:
-    """A slice's bottleneck gradient, waiting for a sliced backward's last sweep in the memory that the slice's input
-    gradients (``grad_maps``) take then, where it fits: the two are then never held side by side. ``g`` itself where
-    it does not fit; :func:`_unpark` gives it back."""
-    flat = _flat_run(g)
-    if flat is None:
-        return g
-    runs, room = [], 0
-    for t in grad_maps:  # as many maps as it takes
-        run = _flat_run(t) if t is not None and t.dtype == g.dtype and room < flat.numel() else None
-        if run is not None:
-            runs.append(run[:flat.numel() - room])
-            room += runs[-1].numel()
-    if room < flat.numel():
-        return g
-    pieces, start = [], 0
-    for run in runs:
-        pieces.append(run.copy_(flat[start:start + run.numel()]))
-        start += run.numel()
-    return pieces, g.shape, g.dim_order()
-
-
-def _unpark(top: Tensor | tuple) -> Tensor:
-    """The parked gradient, read in place where it lies in one piece (it is only read before the last sweep
-    overwrites it)."""
-    if isinstance(top, Tensor):
-        return top
-    pieces, shape, order = top
-    inverse = [order.index(d) for d in range(len(order))]
-    flat = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-    return flat.view([shape[d] for d in order]).permute(inverse)
-
-
-def _flat_run(t: Tensor) -> Tensor | None:
-    """``t``'s elements as one flat view in the order they lie in memory, or None where they are not one dense run."""
-    flat = t.permute(t.dim_order())
-    return flat.view(-1) if flat.is_contiguous() else None
 
 
 def _random_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
