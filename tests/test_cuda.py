@@ -201,6 +201,28 @@ def test_sliced_backward_on_cuda(mode, amp, exact_cuda):
 
 
 @pytest.mark.parametrize("amp", [False, True])
+def test_sliced_forward_normalises_each_map_as_the_whole_on_cuda(amp, exact_cuda, monkeypatch):
+    """A sliced segment's forward runs BatchNorm's kernel (cuDNN's where it applies) on each map's channels: the
+    outputs and running statistics of the kernel run on the concatenation, bitwise, in fp32 and bf16 autocast."""
+    import effidense.layers.light as light
+    from effidense import DenseBlock
+    torch.manual_seed(0)
+    base = DenseBlock(3, 64, 32, bn_size=2, memory="frugal", backward_slices=2).to(DEVICE)
+    x = torch.randn(4, 64, 32, 32, device=DEVICE, requires_grad=True)
+    runs = []
+    for apart in (True, False):
+        if not apart:
+            monkeypatch.setattr(light, "_layout", lambda t: None)
+        block = copy.deepcopy(base)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            maps = block.run([x])
+        runs.append((maps, block.state_dict()))
+    (maps, state), (whole_maps, whole_state) = runs
+    assert all(torch.equal(a, b) for a, b in zip(maps, whole_maps, strict=True))
+    assert all(torch.equal(state[k], whole_state[k]) for k in state)
+
+
+@pytest.mark.parametrize("amp", [False, True])
 def test_fcdensenet_sliced_frugal_on_cuda(amp, exact_cuda):
     """FC-DenseNet's sliced frugal step on the device: its layers and classifier sum each map's gradient in one place
     (``GradSlot``); the plain model's step within the order of float sums."""
