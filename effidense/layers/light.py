@@ -166,7 +166,10 @@ class LightSegment(torch.autograd.Function):
                 y, mean, invstd = _batch_norm_apart(norm, x, norm.count_batch())
                 ctx.stats.append((mean, invstd))
                 del x  # neither is held beside the next map
-                x = [post(act(y))]
+                y = act(y)
+                if isinstance(post, _PooledConv):  # nor the normalised map beside the pooled one
+                    y, post = post.conv(y), post.pool
+                x = [post(y)]
                 del y
             x = x[0]
         ctx.dropout = None
@@ -245,12 +248,31 @@ class LightSegment(torch.autograd.Function):
         sliced_maps = {(a, b): [t[a:b] for t in maps] for a, b in parts}  # views, made once for every sweep
         norms = [affine(*stats, *weight[:2], maps[0].dim()) for stats, weight in zip(ctx.stats, weights, strict=True)]
 
-        def front(a: int, b: int) -> tuple[Tensor, Tensor]:  # a slice's segment input and first normalised map
-            x = _conv(ctx, pre, sliced_maps[a, b][0], params[0]) if pre is not None else torch.cat(sliced_maps[a, b], 1)
-            return x, normalized(x, norms[0]).relu_()
+        # The first norm reads the maps apart where forward's did, so a slice's concatenation is never made.
+        layout = _layout(maps[0]) if pre is None and len(maps) > 1 else None
+        layout = layout if layout is not None and all(_layout(t) == layout for t in maps) else None
+        ends = list(itertools.accumulate(t.shape[1] for t in maps)) if layout is not None else [None]
+        channels = [slice(end - t.shape[1], end) for t, end in zip(maps, ends, strict=False)] if layout is not None \
+            else [slice(None)]
+        firsts = [norms[0].channels(part) for part in channels]
 
-        def summed(stage: int, gz: Tensor, x: Tensor, total: list) -> None:
-            sums = grad_sums(gz, x, norms[stage])
+        def front(a: int, b: int) -> tuple[list[Tensor], Tensor]:  # a slice's segment input and first normalised map
+            if pre is not None or layout is None:
+                x = _conv(ctx, pre, sliced_maps[a, b][0], params[0]) if pre is not None else \
+                    torch.cat(sliced_maps[a, b], 1)
+                return [x], normalized(x, norms[0]).relu_()
+            xs = sliced_maps[a, b]
+            y = torch.empty((b - a, ends[-1], *xs[0].shape[2:]), device=xs[0].device, memory_format=layout,
+                            dtype=functools.reduce(torch.promote_types, [t.dtype for t in xs]))
+            for x, part, first in zip(xs, channels, firsts, strict=True):
+                y[:, part] = normalized(x, first)
+            return xs, y.relu_()
+
+        def summed(stage: int, gz: Tensor, xs: list[Tensor], total: list) -> None:
+            parts = [grad_sums(gz[:, part], x, a) for x, part, a in
+                     zip(xs, channels if stage == 0 else [slice(None)], firsts if stage == 0 else norms[1:],
+                         strict=True)]
+            sums = [torch.cat(s) for s in zip(*parts, strict=True)] if len(parts) > 1 else parts[0]
             total[:] = sums if not total else [t + s for t, s in zip(total, sums, strict=True)]
 
         def through(j: int, g: Tensor, y: Tensor, weight: bool) -> Tensor:  # a stage's post, then its ReLU
@@ -273,7 +295,7 @@ class LightSegment(torch.autograd.Function):
             for i, (a, b) in enumerate(parts):
                 x1 = _conv(ctx, stages[0][2], front(a, b)[1], weights[0][2])
                 gz1 = through(1, tops[i], normalized(x1, norms[1]).relu_(), True)
-                summed(1, gz1, x1, totals[1])
+                summed(1, gz1, [x1], totals[1])
                 tops[i] = gz1
                 del x1, gz1  # each sweep drops a slice's maps before the next slice's are made
             for i, (a, b) in enumerate(parts):  # its input rebuilt rather than kept
@@ -282,30 +304,34 @@ class LightSegment(torch.autograd.Function):
                 tops[i] = input_grad(tops[i], x1, norms[1], *totals[1], count)
                 del x1
         for (a, b), top in zip(parts, tops, strict=True):  # the first norm's sums
-            x, y = front(a, b)
-            count = batch * math.prod(x.shape[2:])
+            xs, y = front(a, b)
+            count = batch * math.prod(xs[0].shape[2:])
             g = through(0, top, y, True)
             del y
-            summed(0, g, x, totals[0])
-            del x, g
+            summed(0, g, xs, totals[0])
+            del xs, g
         for i, (a, b) in enumerate(parts):  # each slice's input gradient
-            x, y = front(a, b)
+            xs, y = front(a, b)
             g = through(0, tops[i], y, False)
             tops[i] = None
             del y
-            g = input_grad(g, x, norms[0], *totals[0], count)
-            del x
+            parts_of_g = [input_grad(g[:, part], x, first, *(t[part] for t in totals[0]), count)
+                          for x, part, first in zip(xs, channels, firsts, strict=True)]
+            del xs, g
             if pre is not None:
-                g, grad_w = _conv_backward(ctx, pre, g, sliced_maps[a, b][0], need_maps[0], id(params[0]) in grads,
-                                           params[0])
+                g, grad_w = _conv_backward(ctx, pre, parts_of_g[0], sliced_maps[a, b][0], need_maps[0],
+                                           id(params[0]) in grads, params[0])
                 _accumulate(grads, params[0], grad_w)
-            parts_of_g = [g] if pre is not None else g.split([t.shape[1] for t in maps], 1)
+                parts_of_g = [g]
+                del g
+            elif layout is None:
+                parts_of_g = parts_of_g[0].split([t.shape[1] for t in maps], 1)
             for targets, write in ((sliced_grads[a, b], torch._foreach_copy_),
                                    (sliced_sums[a, b], torch._foreach_add_)):
                 pairs = [(t, part) for t, part in zip(targets, parts_of_g, strict=True) if t is not None]
                 if pairs:  # one op for every map
                     write([t for t, _ in pairs], [part for _, part in pairs])
-            del g, parts_of_g, pairs
+            del parts_of_g, pairs
         for (weight, bias, _), (total_dy, total_dy_xhat) in zip(weights, totals, strict=True):
             for param, total in ((weight, total_dy_xhat), (bias, total_dy)):
                 if param is not None and id(param) in grads:

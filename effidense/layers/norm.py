@@ -79,6 +79,10 @@ class Affine(NamedTuple):
     scale: Tensor  # invstd times the weight
     shift: Tensor | None  # the bias
 
+    def channels(self, part: slice) -> Affine:
+        """These statistics and parameters for the channels ``part``."""
+        return Affine(*(None if t is None else t[:, part] for t in self))
+
 
 def affine(mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None, dims: int) -> Affine:
     scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
