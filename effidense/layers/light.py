@@ -143,7 +143,8 @@ class LightSegment(torch.autograd.Function):
     once than a checkpoint's rerun. Under ``create_graph=True`` it differentiates a rerun instead.
 
     **Sliced** (``slices`` > 1), it goes through the batch a slice at a time, rebuilding each slice from the saved
-    statistics, so it holds a slice's maps rather than the batch's. A BatchNorm couples the samples through two
+    statistics, so it holds a slice's maps rather than the batch's; forward and backward normalise the maps apart
+    (:func:`_batch_norm_apart`), never making their concatenation. A BatchNorm couples the samples through two
     per-channel sums of its gradients, so each norm takes a sweep to sum them before an input gradient can be formed:
     with two stages the first sweep sums the second norm's, keeping its output's gradient (the bottleneck's
     width), and the next forms its input's gradient; then one sums the first norm's; the last forms each slice's
