@@ -629,3 +629,17 @@ def test_this_process_and_ready_workers_share_one_queue():
     by_worker.clear()
     assert in_processes(eval, calls, 1, here=lambda name: int(name) * 2, wait=30.0, taken=by_worker.append) == results
     assert not by_worker
+
+
+def test_one_worker_plans_in_this_process(monkeypatch):
+    """``workers=1`` (the default), and every real plan, plans the variants one at a time here: a single spawned
+    worker with this process waiting for it would only add its start."""
+    import effidense.planner.core as core
+
+    def no_process(*args, **kwargs):
+        raise AssertionError("a worker process was started")
+
+    monkeypatch.setattr(core, "in_processes", no_process)
+    for fake in (True, False):
+        report = plan(SPEC, variants="plain,efficient", img_size=8, batch_size=2, budget="1MiB", fake=fake)
+        assert [r.name for r in report.variants] == ["plain", "efficient"] and all(r.ok for r in report.variants)
