@@ -548,7 +548,7 @@ def test_variants_planned_side_by_side_match_those_planned_in_turn(monkeypatch):
     """Worker processes plan what one process plans, variant by variant, in the same order: asked for (``workers=2``),
     or left to the planner, which starts them beside itself once the plan has taken longer than a worker takes to
     start, which a tiny model's does not. A worker takes variants once it is ready; here the planning process is
-    slowed (by its progress callback) so that it is."""
+    slowed (by its progress callback: each variant it starts waits until a worker has taken one) so that it is."""
     import time
 
     import effidense.planner.core as core
@@ -560,10 +560,12 @@ def test_variants_planned_side_by_side_match_those_planned_in_turn(monkeypatch):
     monkeypatch.setattr(core, "WORKER_START_S", 0.0)
     monkeypatch.setattr(core, "cores", lambda: 2)  # as on a 2-core machine, whatever this one has
 
-    def slowly(line: str) -> None:  # told as this process starts a variant
+    def slowly(line: str) -> None:  # told as this process starts a variant, and as a worker takes one
         lines.append(line)
-        if line.endswith(" ..."):
-            time.sleep(4)
+        deadline = time.monotonic() + 60
+        while line.endswith(" ...") and time.monotonic() < deadline and not any(
+                taken.endswith("(in a worker process)") for taken in lines):
+            time.sleep(0.05)
 
     for side_by_side in (plan(SPEC, workers=2, **kwargs), plan(SPEC, workers=None, progress=slowly, **kwargs)):
         assert [r.name for r in side_by_side.variants] == [r.name for r in in_turn.variants]
