@@ -100,7 +100,7 @@ def _write_digits(root: Path, per_class: tuple[int, int] | None = None, size: in
 
 @pytest.fixture
 def stand_in(tmp_path: Path) -> Path:
-    script = tmp_path / "timm_train.py"
+    script = tmp_path / "train.py"  # named as timm's own
     script.write_text(STAND_IN)
     return script
 
