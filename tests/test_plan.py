@@ -643,5 +643,5 @@ def test_one_worker_plans_in_this_process(monkeypatch):
 
     monkeypatch.setattr(core, "in_processes", no_process)
     for fake in (True, False):
-        report = plan(SPEC, variants="plain,efficient", img_size=8, batch_size=2, budget="1MiB", fake=fake)
+        report = plan(SPEC, variants="plain,efficient", img_size=8, batch_size=2, fake=fake)
         assert [r.name for r in report.variants] == ["plain", "efficient"] and all(r.ok for r in report.variants)
