@@ -113,7 +113,9 @@ def test_whole_model_compile_keeps_the_memory_modes_savings():
     """Compiled whole, each mode still keeps what it keeps eagerly (checkpoints inside the graph), not the plain
     model's activations. Under torch 2.11's dynamo the model once took the traceable plain path when compiled: the
     outputs are the same, so only memory shows it. aot_eager runs AOTAutograd's partitioner without inductor."""
-    config = dict(TINY, growth_rate=8, block_config=(3, 3), num_init_features=16)
+    # Two layers a block: the partitioner keeps the same share of plain's as with three (torch 2.14: efficient 0.50x,
+    # frugal 0.36x either way), in two thirds of the tracing.
+    config = dict(TINY, growth_rate=8, block_config=(2, 2), num_init_features=16)
     x = torch.randn(4, 3, 32, 32)
     kept = {}
     for mode in ("plain", "efficient", "frugal"):
@@ -124,7 +126,8 @@ def test_whole_model_compile_keeps_the_memory_modes_savings():
         with SavedTensorMeter(exclude=model) as meter:
             compiled(x)
         kept[mode] = meter.bytes
-    # How much less is the partitioner's choice (torch 2.15: efficient 0.43x, frugal 0.11x plain; 2.11: 0.29x, 0.20x)
+    # How much less is the partitioner's choice (three layers a block, torch 2.15: efficient 0.43x, frugal 0.11x plain;
+    # 2.11: 0.29x, 0.20x)
     assert kept["efficient"] < 0.6 * kept["plain"] and kept["frugal"] < 0.6 * kept["plain"], kept
 
 

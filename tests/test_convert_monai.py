@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 import torchvision
-from conftest import ROOT, load_tool, perturb_norm
+from conftest import QUICK_EXIT, ROOT, load_tool, perturb_norm
 from safetensors import safe_open
 from torch import nn
 
@@ -227,7 +227,8 @@ def test_conversion_to_and_from_monai_never_imports_monai(tmp_path):
         "except convert.ConversionError as e:\n"
         "    print(e)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code + QUICK_EXIT], capture_output=True, text=True, cwd=ROOT,
+                            timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("building MONAI's DenseNet needs MONAI (pip install monai)")
 

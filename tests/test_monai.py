@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT
+from conftest import QUICK_EXIT, ROOT
 from torch import nn
 
 import effidense.monai as em
@@ -189,7 +189,8 @@ def test_effidense_monai_needs_no_monai():
         "m(torch.randn(2, 1, 20, 20, 20)).sum().backward()\n"
         "m.load_state_dict(m.state_dict())\n"
         "print('ok')\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code + QUICK_EXIT], capture_output=True, text=True, cwd=ROOT,
+                            timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
 

@@ -565,7 +565,7 @@ def test_variants_planned_side_by_side_match_those_planned_in_turn(monkeypatch):
     """Worker processes plan what one process plans, variant by variant, in the same order: asked for (``workers=2``),
     or left to the planner, which starts them beside itself once the plan has taken longer than a worker takes to
     start, which a tiny model's does not. A worker takes variants once it is ready; here the planning process is
-    slowed (by its progress callback) so that it is."""
+    slowed (by its progress callback: each variant it starts waits until a worker has taken one) so that it is."""
     import time
 
     import effidense.planner.core as core
@@ -577,10 +577,12 @@ def test_variants_planned_side_by_side_match_those_planned_in_turn(monkeypatch):
     monkeypatch.setattr(core, "WORKER_START_S", 0.0)
     monkeypatch.setattr(core, "cores", lambda: 2)  # as on a 2-core machine, whatever this one has
 
-    def slowly(line: str) -> None:  # told as this process starts a variant
+    def slowly(line: str) -> None:  # told as this process starts a variant, and as a worker takes one
         lines.append(line)
-        if line.endswith(" ..."):
-            time.sleep(4)
+        deadline = time.monotonic() + 60
+        while line.endswith(" ...") and time.monotonic() < deadline and not any(
+                taken.endswith("(in a worker process)") for taken in lines):
+            time.sleep(0.05)
 
     for side_by_side in (plan(SPEC, workers=2, **kwargs), plan(SPEC, workers=None, progress=slowly, **kwargs)):
         assert [r.name for r in side_by_side.variants] == [r.name for r in in_turn.variants]
@@ -646,3 +648,17 @@ def test_this_process_and_ready_workers_share_one_queue():
     by_worker.clear()
     assert in_processes(eval, calls, 1, here=lambda name: int(name) * 2, wait=30.0, taken=by_worker.append) == results
     assert not by_worker
+
+
+def test_one_worker_plans_in_this_process(monkeypatch):
+    """``workers=1`` (the default), and every real plan, plans the variants one at a time here: a single spawned
+    worker with this process waiting for it would only add its start."""
+    import effidense.planner.core as core
+
+    def no_process(*args, **kwargs):
+        raise AssertionError("a worker process was started")
+
+    monkeypatch.setattr(core, "in_processes", no_process)
+    for fake in (True, False):
+        report = plan(SPEC, variants="plain,efficient", img_size=8, batch_size=2, fake=fake)
+        assert [r.name for r in report.variants] == ["plain", "efficient"] and all(r.ok for r in report.variants)

@@ -13,6 +13,7 @@ import pytest
 import timm
 import torch
 import torchvision
+from conftest import QUICK_EXIT
 from safetensors.torch import save_file
 
 import effidense  # noqa: F401 (registers the effi_* models)
@@ -218,8 +219,8 @@ def test_environment_variables_point_a_fresh_process_at_the_cache(tmp_path, dens
               "torch.testing.assert_close(m(d['x']), d['y'], rtol=0, atol=1e-5); print('same')")
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
            "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", script, str(expected)], env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run([sys.executable, "-c", script + QUICK_EXIT, str(expected)], env=env, capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "same", done.stderr[-2000:]
 
 

@@ -67,8 +67,8 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, objec
     return _files(out / "ref"), points
 
 
-def _killed_at(point: int, argv: list[str]) -> int:
-    """Run the trainer in a forked child that SIGKILLs itself at write point ``point``; its wait status."""
+def _fork_killed_at(point: int, argv: list[str]) -> int:
+    """Start the trainer in a forked child that SIGKILLs itself at write point ``point``; its pid."""
     pid = os.fork()
     if pid == 0:  # the child: no pytest teardown, no finally blocks after the kill
         try:
@@ -80,7 +80,7 @@ def _killed_at(point: int, argv: list[str]) -> int:
             code = tool.main(argv)
         finally:
             os._exit(100 + (locals().get("code") or 0))
-    return os.waitpid(pid, 0)[1]
+    return pid
 
 
 def test_write_points_cover_every_file(reference) -> None:
@@ -93,21 +93,31 @@ def test_kill_at_every_write_point_then_resume_equals_unbroken(reference, tmp_pa
                                                                 capfd: pytest.CaptureFixture[str]) -> None:
     expected, points = reference
     started_fresh = 0
-    for point in range(1, points + 1):
-        out = tmp_path / f"kill{point}"
-        argv = _argv(out, "run")
-        status = _killed_at(point, argv)
-        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (point, status)
-        run = out / "run"
-        assert not (run / "last.safetensors").exists() or find_checkpoint(run) is not None, point
+    # Two write points at a time, each in a directory of its own: their killed children run side by side (one core
+    # each), then their final resumes run here in turn.
+    for first in range(1, points + 1, 2):
+        pair = [point for point in (first, first + 1) if point <= points]
+        argvs = {point: _argv(tmp_path / f"kill{point}", "run") for point in pair}
+        runs = {point: tmp_path / f"kill{point}" / "run" for point in pair}
+        pids = {point: _fork_killed_at(point, argvs[point]) for point in pair}
+        for point, pid in pids.items():
+            status = os.waitpid(pid, 0)[1]
+            assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (point, status)
+            run = runs[point]
+            assert not (run / "last.safetensors").exists() or find_checkpoint(run) is not None, point
         capfd.readouterr()
         # A second kill during the resume, at the same point of the resumed run, then the final resume.
-        status = _killed_at(point, [*argv, "--resume", str(run)])
-        assert os.WIFSIGNALED(status) or os.WEXITSTATUS(status) == 100, (point, status)
-        assert tool.main([*argv, "--resume", str(run)]) == 0, point
-        started_fresh += "no complete checkpoint yet, starting the run from the beginning" in capfd.readouterr().out
-        _assert_same(_files(run), expected, f"killed at write point {point}")
-        assert not list(run.glob("*.tmp")) and not list(run.glob(".*.tmp")), point
+        pids = {point: _fork_killed_at(point, [*argvs[point], "--resume", str(runs[point])]) for point in pair}
+        for point, pid in pids.items():
+            status = os.waitpid(pid, 0)[1]
+            assert os.WIFSIGNALED(status) or os.WEXITSTATUS(status) == 100, (point, status)
+        for point in pair:
+            run = runs[point]
+            capfd.readouterr()
+            assert tool.main([*argvs[point], "--resume", str(run)]) == 0, point
+            started_fresh += "no complete checkpoint yet, starting the run from the beginning" in capfd.readouterr().out
+            _assert_same(_files(run), expected, f"killed at write point {point}")
+            assert not list(run.glob("*.tmp")) and not list(run.glob(".*.tmp")), point
     assert started_fresh >= 1  # some kills came before the first checkpoint was complete
 
 

@@ -262,15 +262,9 @@ def test_effidense_timm_runs_a_script_with_effi_models(tmp_path: Path, name: str
                              "4"], name="__main__", model="effidense.densenet")
 
 
-def test_effidense_timm_in_a_fresh_interpreter(tmp_path: Path) -> None:
-    script = tmp_path / "train.py"
-    script.write_text(STAND_IN)
-    record = tmp_path / "record.json"
-    # A fresh interpreter: only the command can have imported effidense before the script's create_model.
-    proc = subprocess.run([sys.executable, "-m", "effidense", "timm", str(script), "--model", "effi_densenet40_k12",
-                           "--record", str(record)], env=_env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(record.read_text())["model"] == "effidense.densenet"
+# `python -m effidense timm train.py ...` in a fresh interpreter (only the command can have imported effidense before
+# the script's create_model): test_train.py's test_wrapper_runs_script_as_main_with_effidense_registered, which runs
+# that very command and checks the model's class, the script's argv, __name__ and exit code.
 
 
 def test_effidense_timm_usage_and_missing_script(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

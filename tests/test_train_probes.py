@@ -184,17 +184,27 @@ def test_random_bytes_are_called_corrupt_not_unsafe(finished_run: Path, capsys: 
 def test_errors_under_torchrun_are_printed_once(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
-    with socket.socket() as s:
+    with socket.socket() as s, socket.socket() as t:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for args in (["--lr", "nan"], ["--data-dir", str(tmp_path / "missing")]):  # argparse's error, then a TrainError
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        t.bind(("127.0.0.1", 0))
+        ports = [s.getsockname()[1], t.getsockname()[1]]
+    # argparse's error, then a TrainError: two launches at once, each with its own port
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                                "--master_addr", "127.0.0.1", "--master_port", str(port),
-                               str(ROOT / "tools" / "train.py"),
-                               *TINY, *args], env=env, capture_output=True, text=True, timeout=180)
-        assert proc.returncode != 0
-        ours = [line for line in proc.stderr.splitlines() if "error: " in line and "elastic" not in line]
-        assert len(ours) == 1, proc.stderr[-3000:]
+                               str(ROOT / "tools" / "train.py"), *TINY, *args],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for port, args in zip(ports, (["--lr", "nan"], ["--data-dir", str(tmp_path / "missing")]), strict=True)]
+    try:
+        for proc in procs:
+            _, err = proc.communicate(timeout=180)
+            assert proc.returncode != 0
+            ours = [line for line in err.splitlines() if "error: " in line and "elastic" not in line]
+            assert len(ours) == 1, err[-3000:]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
 
 
 # --- writes that fail or are interrupted ---

@@ -4,7 +4,10 @@ import sys
 
 EFFIDENSE_COMMAND = True  # effidense/__init__.py: torch and timm load once the arguments parse
 
+from effidense.cli import prepare_exit  # noqa: E402
 from effidense.cli.train import main  # noqa: E402 (after the marker)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    prepare_exit()
+    sys.exit(code)

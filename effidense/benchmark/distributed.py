@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import os
 import tempfile
@@ -32,6 +33,8 @@ def _bench_worker(rank: int, run: RankRunner, world: int, cfg: BenchConfig, init
         results = run(cfg, rank)
     if rank == 0:
         atomic_write_bytes(result_path, json.dumps([asdict(r) for r in results]).encode())
+    gc.collect()  # this process is done: its exit need not walk torch's objects (effidense.cli.prepare_exit)
+    gc.freeze()
 
 
 def spawn_benchmark(run: RankRunner, cfg: BenchConfig, world: int) -> list[VariantResult]:

@@ -207,11 +207,12 @@ def plan(model: str | ModelSpec | Mapping[str, Callable[[], nn.Module]] = "effi_
     peak's line in the batch (``bytes_per_sample``, ``intercept_bytes``) without a budget too, at a step more for each
     variant (a budget's search fits it anyway).
     ``fake=False`` runs the same steps on real tensors (to validate the prediction at small sizes).
-    ``workers``: how many variants are planned at once, each in a spawned process of its own (None: this process
-    plans too, beside a worker for each further CPU core this process may use, started once the plan has taken
-    longer than a worker takes to start; real steps, and a ``measure`` run, go one at a time). Spawned processes
-    import the calling script again, so a script that asks for more than one guards its top level (``if __name__ ==
-    "__main__":``), as ``multiprocessing`` requires; the ``effidense plan`` command does.
+    ``workers``: how many variants are planned at once, each in a spawned process of its own (1: one at a time, in
+    this process; None: this process plans too, beside a worker for each further CPU core this process may use,
+    started once the plan has taken longer than a worker takes to start; real steps, and a ``measure`` run, go one at
+    a time, in this process). Spawned processes import the calling script again, so a script that asks for more than
+    one guards its top level (``if __name__ == "__main__":``), as ``multiprocessing`` requires; the ``effidense plan``
+    command does.
 
     Every figure is a prediction from tensors that allocate nothing (``FakeTensorMode``), counted storage by
     storage; :data:`NOT_COUNTED` names what it leaves out. Raises ValueError for bad input (one line each).
@@ -299,7 +300,8 @@ def _side_by_side(planned: Callable[[str], VariantPlan], names: list[str], worke
     tiny model's never does)."""
     here = workers is None
     workers = cores() - 1 if here else min(workers, len(names))
-    if workers < 1 or len(names) < 2 or multiprocessing.current_process().daemon or not pickles(job):
+    # one worker and this process waiting for it would plan one variant at a time, as this process does alone
+    if workers < (1 if here else 2) or len(names) < 2 or multiprocessing.current_process().daemon or not pickles(job):
         return [planned(name) for name in names]
     if progress is not None and not here:
         progress(f"{', '.join(names)}: {workers} at a time, in processes of their own ...")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import os
 import tempfile
@@ -195,6 +196,8 @@ def _ddp_worker(rank: int, world: int, device_kind: str, spec: ModelSpec, batch_
         checks = _ddp_rank(spec, device_kind, rank, batch_per_rank, img_size, seed, sync_bn)
     if rank == 0:
         atomic_write_bytes(result_path, json.dumps([asdict(c) for c in checks]).encode())
+    gc.collect()  # this process is done: its exit need not walk torch's objects (effidense.cli.prepare_exit)
+    gc.freeze()
 
 
 def run_ddp(spec: ModelSpec, device: str, nproc: int, batch_per_rank: int, img_size: int, seed: int = 0,
