@@ -32,7 +32,7 @@ __all__ = ["LightSegment", "ReluKeepingSign", "as_conv_sees", "autocast_state", 
            "slice_count"]
 
 SLICE_FLOOR = 32 * 2 ** 20  # bytes: a smaller rerun costs little memory, and slicing it would cost kernel launches
-APART_FLOOR = SLICE_FLOOR  # bytes: a slice's smaller concatenation is made in backward rather than avoided
+APART_FLOOR = SLICE_FLOOR  # bytes a map: a slice's concatenation of smaller maps is made in backward, not avoided
 
 
 def _light(norm: nn.Module, act: nn.Module, conv: nn.Module) -> bool:
@@ -250,10 +250,10 @@ class LightSegment(torch.autograd.Function):
         sliced_maps = {(a, b): [t[a:b] for t in maps] for a, b in parts}  # views, made once for every sweep
         norms = [affine(*stats, *weight[:2], maps[0].dim()) for stats, weight in zip(ctx.stats, weights, strict=True)]
 
-        # The first norm reads the maps apart where forward's did, so a slice's concatenation is never made, where it
-        # would be worth more than the kernels the maps apart take (several a map, for every slice in every sweep).
+        # The first norm reads the maps apart where forward's did, so a slice's concatenation is never made, where its
+        # maps are large enough to be worth the kernels they take apart (several a map, for every slice and sweep).
         size = sum(t.element_size() * t[parts[0][0]:parts[0][1]].numel() for t in maps)
-        layout = _layout(maps[0]) if pre is None and len(maps) > 1 and size > APART_FLOOR else None
+        layout = _layout(maps[0]) if pre is None and len(maps) > 1 and size > len(maps) * APART_FLOOR else None
         layout = layout if layout is not None and all(_layout(t) == layout for t in maps) else None
         ends = list(itertools.accumulate(t.shape[1] for t in maps)) if layout is not None else [None]
         channels = [slice(end - t.shape[1], end) for t, end in zip(maps, ends, strict=False)] if layout is not None \
