@@ -14,7 +14,7 @@ import functools
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensor
 
 from .gather import GradSlot, slot_of, with_slot
-from .norm import BatchNormAct, affine, grad_sums, input_grad, normalized
+from .norm import Affine, BatchNormAct, affine, grad_sums, input_grad, normalized
 from .pool import MaxPool
 from .recompute import checkpointed, is_tracing, rerun
 
@@ -253,29 +253,24 @@ class LightSegment(torch.autograd.Function):
         # The first norm reads the maps apart where forward's did, so a slice's concatenation is never made, where its
         # maps are large enough to be worth the kernels they take apart (several a map, for every slice and sweep).
         size = sum(t.element_size() * t[parts[0][0]:parts[0][1]].numel() for t in maps)
-        layout = _layout(maps[0]) if pre is None and len(maps) > 1 and size > len(maps) * APART_FLOOR else None
-        layout = layout if layout is not None and all(_layout(t) == layout for t in maps) else None
-        ends = list(itertools.accumulate(t.shape[1] for t in maps)) if layout is not None else [None]
-        channels = [slice(end - t.shape[1], end) for t, end in zip(maps, ends, strict=False)] if layout is not None \
-            else [slice(None)]
+        apart = _apart(maps) if pre is None and size > len(maps) * APART_FLOOR else None
+        channels = apart.channels if apart is not None else [slice(None)]
         firsts = [norms[0].channels(part) for part in channels]
 
         def front(a: int, b: int) -> tuple[list[Tensor], Tensor]:  # a slice's segment input and first normalised map
-            if pre is not None or layout is None:
+            if apart is None:
                 x = _conv(ctx, pre, sliced_maps[a, b][0], params[0]) if pre is not None else \
                     torch.cat(sliced_maps[a, b], 1)
                 return [x], normalized(x, norms[0]).relu_()
             xs = sliced_maps[a, b]
-            y = torch.empty((b - a, ends[-1], *xs[0].shape[2:]), device=xs[0].device, memory_format=layout,
-                            dtype=functools.reduce(torch.promote_types, [t.dtype for t in xs]))
+            y = apart.output(xs[0])
             for x, part, first in zip(xs, channels, firsts, strict=True):
                 y[:, part] = normalized(x, first)
             return xs, y.relu_()
 
-        def summed(stage: int, gz: Tensor, xs: list[Tensor], total: list) -> None:
+        def summed(gz: Tensor, xs: list[Tensor], stats: list[Affine], total: list) -> None:  # a norm's two sums
             parts = [grad_sums(gz[:, part], x, a) for x, part, a in
-                     zip(xs, channels if stage == 0 else [slice(None)], firsts if stage == 0 else norms[1:],
-                         strict=True)]
+                     zip(xs, channels if len(xs) > 1 else [slice(None)], stats, strict=True)]
             sums = [torch.cat(s) for s in zip(*parts, strict=True)] if len(parts) > 1 else parts[0]
             total[:] = sums if not total else [t + s for t, s in zip(total, sums, strict=True)]
 
@@ -299,7 +294,7 @@ class LightSegment(torch.autograd.Function):
             for i, (a, b) in enumerate(parts):
                 x1 = _conv(ctx, stages[0][2], front(a, b)[1], weights[0][2])
                 gz1 = through(1, tops[i], normalized(x1, norms[1]).relu_(), True)
-                summed(1, gz1, [x1], totals[1])
+                summed(gz1, [x1], [norms[1]], totals[1])
                 tops[i] = gz1
                 del x1, gz1  # each sweep drops a slice's maps before the next slice's are made
             for i, (a, b) in enumerate(parts):  # its input rebuilt rather than kept
@@ -312,7 +307,7 @@ class LightSegment(torch.autograd.Function):
             count = batch * math.prod(xs[0].shape[2:])
             g = through(0, top, y, True)
             del y
-            summed(0, g, xs, totals[0])
+            summed(g, xs, firsts, totals[0])
             del xs, g
         for i, (a, b) in enumerate(parts):  # each slice's input gradient
             xs, y = front(a, b)
@@ -328,7 +323,7 @@ class LightSegment(torch.autograd.Function):
                 _accumulate(grads, params[0], grad_w)
                 parts_of_g = [g]
                 del g
-            elif layout is None:
+            elif apart is None:
                 parts_of_g = parts_of_g[0].split([t.shape[1] for t in maps], 1)
             for targets, write in ((sliced_grads[a, b], torch._foreach_copy_),
                                    (sliced_sums[a, b], torch._foreach_add_)):
@@ -406,33 +401,54 @@ def _post_backward(ctx: Any, post: nn.Module, grad: Tensor, y: Tensor, grads: di
 
 def _batch_norm_apart(norm: nn.Module, maps: Sequence[Tensor], factor: float) -> tuple[Tensor, Tensor, Tensor]:
     """Training-mode BatchNorm of the maps' concatenation (updating the running statistics by ``factor``), by the
-    kernel ``F.batch_norm`` calls, and its batch statistics. Where the maps are laid out alike, the kernel runs on each
-    map's channels in turn, writing into one output: per channel the very statistics and values of the whole, but the
-    concatenation is never held beside the output."""
-    layout = _layout(maps[0])
-    if len(maps) == 1 or layout is None or any(_layout(t) != layout for t in maps):
+    kernel ``F.batch_norm`` calls, and its batch statistics. Where the maps are laid out alike (:func:`_apart`), the
+    kernel runs on each map's channels in turn, writing into one output: per channel the very statistics and values
+    of the whole, but the concatenation is never held beside the output."""
+    apart = _apart(maps)
+    if apart is None:
         y, mean, invstd, _, _ = torch._batch_norm_impl_index(
             cat_maps(maps), norm.weight, norm.bias, norm.running_mean, norm.running_var, True, factor, norm.eps,
             torch.backends.cudnn.enabled)
         return y, mean, invstd
-    dtype = functools.reduce(torch.promote_types, [t.dtype for t in maps])  # the concatenation's
-    ends = list(itertools.accumulate(t.shape[1] for t in maps))
     y, stats = None, [None] * len(maps)
     # a map not laid out as in the concatenation (a crop) is copied so first, before the output is made
-    for i in sorted(range(len(maps)), key=lambda i: maps[i].is_contiguous(memory_format=layout)):
-        part = slice(ends[i] - maps[i].shape[1], ends[i])
+    for i in sorted(range(len(maps)), key=lambda i: maps[i].is_contiguous(memory_format=apart.layout)):
+        part = apart.channels[i]
         weight, bias, mean, var = (None if p is None else p[part] for p in (
             norm.weight, norm.bias, norm.running_mean, norm.running_var))
-        x = maps[i].to(dtype).contiguous(memory_format=layout)
+        x = maps[i].to(apart.dtype).contiguous(memory_format=apart.layout)
         out, *stats[i], _, _ = torch._batch_norm_impl_index(x, weight, bias, mean, var, True, factor, norm.eps,
                                                             torch.backends.cudnn.enabled)
         del x
         if y is None:
-            y = torch.empty((out.shape[0], ends[-1], *out.shape[2:]), dtype=dtype, device=out.device,
-                            memory_format=layout)
+            y = apart.output(out)
         y[:, part] = out
         del out
     return y, *(torch.cat(s) for s in zip(*stats, strict=True))
+
+
+class _Apart(NamedTuple):
+    """How maps read apart lie in their concatenation: its memory format and dtype, and each map's channels."""
+
+    layout: torch.memory_format
+    dtype: torch.dtype
+    channels: list[slice]
+
+    def output(self, like: Tensor) -> Tensor:
+        """An empty map of the concatenation's channels, layout and dtype, with ``like``'s batch and positions."""
+        return torch.empty((like.shape[0], self.channels[-1].stop, *like.shape[2:]), dtype=self.dtype,
+                           device=like.device, memory_format=self.layout)
+
+
+def _apart(maps: Sequence[Tensor]) -> _Apart | None:
+    """Where more than one map is laid out alike beyond doubt (:func:`_layout`), how they lie in their concatenation;
+    None otherwise (they are concatenated)."""
+    layout = _layout(maps[0])
+    if len(maps) == 1 or layout is None or any(_layout(t) != layout for t in maps):
+        return None
+    ends = itertools.accumulate(t.shape[1] for t in maps)
+    return _Apart(layout, functools.reduce(torch.promote_types, [t.dtype for t in maps]),
+                  [slice(end - t.shape[1], end) for t, end in zip(maps, ends, strict=True)])
 
 
 def _layout(t: Tensor) -> torch.memory_format | None:
