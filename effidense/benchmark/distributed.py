@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import gc
 import json
 import os
 import tempfile
@@ -14,7 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 from ..fileio import atomic_write_bytes
-from ..harness.distributed import backend_for, free_port, process_group
+from ..harness.distributed import backend_for, free_port, process_group, rank_done
 from .config import BenchConfig, VariantResult
 
 __all__ = ["merge_ranks", "spawn_benchmark"]
@@ -33,8 +32,7 @@ def _bench_worker(rank: int, run: RankRunner, world: int, cfg: BenchConfig, init
         results = run(cfg, rank)
     if rank == 0:
         atomic_write_bytes(result_path, json.dumps([asdict(r) for r in results]).encode())
-    gc.collect()  # this process is done: its exit need not walk torch's objects (effidense.cli.prepare_exit)
-    gc.freeze()
+    rank_done()
 
 
 def spawn_benchmark(run: RankRunner, cfg: BenchConfig, world: int) -> list[VariantResult]:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import gc
 import json
 import os
 import tempfile
@@ -17,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..densenet import MEMORY_MODES
 from ..failures import short_error
 from ..fileio import atomic_write_bytes
-from ..harness.distributed import backend_for, check_world, free_port, process_group
+from ..harness.distributed import backend_for, check_world, free_port, process_group, rank_done
 from ..harness.step import training_step
 from ..modelspec import ModelSpec
 from .core import (
@@ -196,8 +195,7 @@ def _ddp_worker(rank: int, world: int, device_kind: str, spec: ModelSpec, batch_
         checks = _ddp_rank(spec, device_kind, rank, batch_per_rank, img_size, seed, sync_bn)
     if rank == 0:
         atomic_write_bytes(result_path, json.dumps([asdict(c) for c in checks]).encode())
-    gc.collect()  # this process is done: its exit need not walk torch's objects (effidense.cli.prepare_exit)
-    gc.freeze()
+    rank_done()
 
 
 def run_ddp(spec: ModelSpec, device: str, nproc: int, batch_per_rank: int, img_size: int, seed: int = 0,
