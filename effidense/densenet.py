@@ -300,9 +300,12 @@ class Transition(MemoryMode, AdoptsNorms):
         self.memory = memory
 
     def forward(self, maps: Sequence[Tensor] | Tensor) -> Tensor:
-        # The pool keeps nothing for backward, so no mode needs to keep or recompute the convolution's output.
+        # The pool keeps nothing for backward, so no mode needs to keep or recompute the convolution's output. The
+        # rerun is weighed as a dense layer's, by what it reads and what its convolution makes: the first transition
+        # reads the largest concatenation a DenseNet makes, and its forward, which holds it whole, should set the peak.
         maps, light = _as_maps(maps), run_mode(self.memory) != "plain"
-        slices = self.slices(maps) if light else 1
+        width = self.conv.out_channels / self.conv.in_channels
+        slices = self.slices(maps, 3 * (1 + width)) if light else 1
         return concat_norm_conv_pool(self.norm, self.relu, self.conv, self.pool, *maps, light=light, slices=slices)
 
 

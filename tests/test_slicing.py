@@ -217,6 +217,18 @@ def test_sliced_backward_lowers_the_allocators_peak():
     assert peaks[8] < 0.8 * peaks[None]
 
 
+def test_frugal_densenet121_peaks_in_forward_at_a_large_batch():
+    """Sliced, frugal's backward holds less than its forward must: the first transition's forward holds the norm's
+    output and the convolution's for the whole batch (a forward bitwise the plain model's cannot slice them), and its
+    rerun in backward, weighed as a dense layer's, goes through slices small enough to stay below that. Fake tensors,
+    bf16 autocast: no parameter has its gradient yet at the step's peak."""
+    from effidense import densenet121
+    from effidense.harness import StepProbe, StepSpec
+    probe = StepProbe(lambda: densenet121(memory="frugal", num_classes=10), StepSpec(num_classes=10,
+                                                                                      amp=torch.bfloat16))
+    assert probe.measure(2048, (224, 224)).at_peak["gradients"] == 0
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "cropped"])
 def test_sliced_forward_normalises_each_map_into_one_output(layout, monkeypatch):
     """A sliced segment's forward runs BatchNorm's kernel on each map's channels, writing into one output: bitwise
