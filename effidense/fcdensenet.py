@@ -14,7 +14,9 @@ Built from :class:`~effidense.densenet.DenseBlock`, so the memory mode (``memory
   dropout's mask drawn again in backward; the transitions down, the transitions up and the classifier each run as
   one segment that keeps only the maps it reads (the skips and new features, which stay anyway), so no
   concatenation of them is ever kept: maps stay apart from block to block.
-* ``frugal``: the same as efficient here: a layer has no bottleneck to rerun.
+* ``frugal``: the same as efficient here (a layer has no bottleneck to rerun), but the transitions down go through
+  their reruns a slice of the batch at a time, keeping their dropout's masks (a bit a value), and each map's gradient
+  is summed in one place.
 
 Both go through a layer's large rerun a slice of the batch at a time (``backward_slices='auto'``: one that would hold
 more than its block keeps, as every layer without a bottleneck's would, and more than 32 MiB). Every mode computes the
@@ -35,7 +37,18 @@ from torch import Tensor, nn
 from .densenet import DenseBlock, MemoryMode
 from .layers import BATCH_NORM_ACT, NormAct, checkpointed
 from .layers.gather import slot_of
-from .layers.light import as_conv_sees, autocast_state, cat_maps, differentiable_rerun
+from .layers.light import (
+    PooledConv,
+    as_conv_sees,
+    autocast_state,
+    cat_maps,
+    differentiable_rerun,
+    light_segment,
+    pack_bits,
+    random_state,
+    replayed,
+    unpack_bits,
+)
 from .layers.recompute import is_tracing
 
 __all__ = ["FCDenseNet", "FCDENSENET_CONFIGS", "fcdensenet56", "fcdensenet67", "fcdensenet103"]
@@ -44,6 +57,8 @@ NormLayer = Callable[[int], nn.Module]
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _CONV_UP = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 _MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+_MAX_POOL_KERNELS = {2: (torch.ops.aten.max_pool2d_with_indices, torch.ops.aten.max_pool2d_with_indices_backward),
+                     3: (torch.ops.aten.max_pool3d_with_indices, torch.ops.aten.max_pool3d_with_indices_backward)}
 
 # The paper's table: growth rate and layers per block (down path, bottleneck, up path), first convolution 48.
 FCDENSENET_CONFIGS: dict[str, dict[str, Any]] = {
@@ -66,10 +81,12 @@ def _counts(name: str, value: Any) -> tuple[int, ...]:
     return tuple(_count(f"{name}[{i}]", n) for i, n in enumerate(value))
 
 
-class TransitionDown(nn.Module):
+class TransitionDown(MemoryMode):
     """BN-ReLU-conv1x1-dropout-max-pool 2 (``norm``, ``relu``, ``conv``) on the concatenation of the maps it is
     given. Outside plain mode it is one segment: the concatenation, the convolution's output and the pool's input
-    are rebuilt in backward rather than kept (each is as large as the skip it reads)."""
+    are rebuilt in backward rather than kept (each is as large as the skip it reads). In frugal mode, where its rerun
+    would hold more than 32 MiB (``backward_slices``, as DenseNet's transitions), a slice of the batch at a time, its
+    dropout's mask then kept at one bit a value."""
 
     def __init__(self, channels: int, spatial_dims: int, drop_rate: float, norm_layer: NormLayer) -> None:
         super().__init__()
@@ -89,8 +106,67 @@ class TransitionDown(nn.Module):
         return _MAX_POOL[self.spatial_dims](x, 2)
 
     def forward(self, maps: Sequence[Tensor], segment: bool = False) -> Tensor:
-        random = self.training and self.drop_rate > 0
-        return checkpointed(segment, self._run, *maps, random=random)
+        # Its rerun holds the normalised map, the convolution's output and the pool's input, and their gradients:
+        # weighed as a dense layer's, and sliced in frugal mode, as DenseNet's transitions are. Efficient's peak is at
+        # the top of the up path, where the dropout masks sliced transitions keep would only add to it.
+        slices = self.slices(maps, 3 * (1 + self.conv.out_channels / self.conv.in_channels)) if segment else 1
+        if slices > 1:
+            out = light_segment([(self.norm, self.relu, _DroppedPool(self))], *maps, slices=slices)
+            if out is not None:
+                return out
+        return checkpointed(segment, self._run, *maps, random=self.training and self.drop_rate > 0)
+
+
+class _DroppedPool(PooledConv):
+    """A transition down's convolution, dropout and max-pool, as its norm's post in a sliced segment (made for one
+    forward). Forward runs the plain model's dropout on the whole batch, after drawing its mask once more (from the
+    same random state, so the plain model's stream is untouched) to keep at one bit a value. Backward rebuilds a
+    slice's pool input from its convolution and the mask, recomputes the argmax, and goes back through the pool and
+    the dropout by the kernels autograd calls for the plain model; a rerun (double backward) applies the kept mask."""
+
+    def __init__(self, down: TransitionDown) -> None:
+        super().__init__(down.conv, self._drop_and_pool)
+        self.rate = down.drop_rate if down.training else 0.0
+        self.dims, self.autocast = down.spatial_dims, None
+
+    def _drop_and_pool(self, z: Tensor) -> Tensor:
+        if self.autocast is None:
+            self.autocast = autocast_state(z)
+        if self.rate > 0 and not self.kept:
+            state, like = random_state(z.device), (z.shape, z.stride(), z.dtype, z.device)
+            # In place only on the CPU, whose dropout draws alike either way; a GPU's fused kernel draws otherwise.
+            inplace = z.device.type == "cpu"
+            noise = replayed(functools.partial(F.dropout, p=self.rate, training=True, inplace=inplace), state, like)
+            self.kept = pack_bits(noise.ne(0)), noise.max()  # noise is 0 or the scale, 1 / (1 - rate)
+            del noise
+            z = F.dropout(z, self.rate, True)
+        elif self.kept:  # a rerun
+            z = z * self._noise(z.shape, None)
+        return _MAX_POOL[self.dims](z, 2)
+
+    def _noise(self, shape: Sequence[int], part: tuple[int, int] | None) -> Tensor:
+        """The dropout's noise (0 or its scale, in the convolution's dtype) of ``shape``, for the samples ``part`` of
+        the batch (None: all)."""
+        bits, scale = self.kept
+        return unpack_bits(bits if part is None else bits[part[0]:part[1]], shape) * scale
+
+    def input_grad(self, y: Tensor, grad: Tensor, part: tuple[int, int] | None) -> Tensor:
+        enabled, dtype = self.autocast
+        with torch.autocast(y.device.type, dtype=dtype, enabled=enabled):
+            z = self.conv._conv_forward(y, self.conv.weight, None)
+        noise, dtype = self._noise(z.shape, part) if self.kept else None, z.dtype
+        if noise is not None:
+            z.mul_(noise)
+        z = z.to(grad.dtype)  # the pool may have run in float32 (CPU autocast's max_pool3d)
+        flat = self.dims == 1  # one spatial dim runs as two with a height of one, as torch's max_pool1d does
+        z, grad = (z.unsqueeze(-2), grad.unsqueeze(-2)) if flat else (z, grad)
+        kernel = [1, 2] if flat else [2] * self.dims
+        forward, backward = _MAX_POOL_KERNELS[len(kernel)]
+        indices = forward(z, kernel, kernel, [0] * len(kernel))[1]
+        grad_z = backward(grad, z, kernel, kernel, [0] * len(kernel), [1] * len(kernel), False, indices)
+        del z, indices
+        grad_z = (grad_z.squeeze(-2) if flat else grad_z).to(dtype)
+        return grad_z if noise is None else grad_z.mul_(noise)
 
 
 class TransitionUp(nn.Module):

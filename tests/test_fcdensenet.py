@@ -12,7 +12,7 @@ from effidense.layers.norm import GroupNormAct
 
 # Two poolings: inputs need at least 4 positions per axis. Odd sizes make the up path crop.
 TINY = dict(down_blocks=(2, 2), up_blocks=(2, 2), bottleneck_layers=2, growth_rate=4, init_features=8)
-SIZES = {2: (13, 10), 3: (9, 6, 7)}
+SIZES = {1: (13,), 2: (13, 10), 3: (9, 6, 7)}
 
 
 def _step_all(models: dict[str, FCDenseNet], dims: int, steps: int = 3) -> dict[str, list[torch.Tensor]]:
@@ -122,14 +122,16 @@ def test_another_norm_and_the_bottleneck_layer_stay_exact() -> None:
     assert all(torch.equal(a, b) for a, b in zip(outputs["plain"], outputs["frugal"], strict=True))
 
 
-@pytest.mark.parametrize("dims", [2, 3])
-def test_a_sliced_backward_keeps_forward_bitwise_and_gradients_within_sum_order(dims: int) -> None:
-    """``backward_slices``, as on DenseNet, reaches every layer: outputs and running statistics stay bitwise plain's,
-    gradients equal plain's up to the order of float sums (DenseNet's tolerance, tests/test_slicing.py)."""
-    plain = FCDenseNet(dims, 2, 3, **TINY, memory="plain", drop_rate=0.0)
+@pytest.mark.parametrize("drop_rate", [0.0, 0.2])
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_a_sliced_backward_keeps_forward_bitwise_and_gradients_within_sum_order(dims: int, drop_rate: float) -> None:
+    """``backward_slices``, as on DenseNet, reaches every layer and transition down (whose dropout's mask is kept,
+    and whose pool goes back a slice at a time): outputs and running statistics stay bitwise plain's, gradients equal
+    plain's up to the order of float sums (DenseNet's tolerance, tests/test_slicing.py)."""
+    plain = FCDenseNet(dims, 2, 3, **TINY, memory="plain", drop_rate=drop_rate)
     models = {"plain": plain}
     for mode in ("efficient", "frugal"):
-        models[mode] = FCDenseNet(dims, 2, 3, **TINY, memory=mode, drop_rate=0.0, backward_slices=2)
+        models[mode] = FCDenseNet(dims, 2, 3, **TINY, memory=mode, drop_rate=drop_rate, backward_slices=2)
         models[mode].load_state_dict(plain.state_dict())
         assert {m.backward_slices for m in models[mode].modules() if hasattr(m, "backward_slices")} == {2}
     outputs = _step_all(models, dims, steps=1)
@@ -141,6 +143,49 @@ def test_a_sliced_backward_keeps_forward_bitwise_and_gradients_within_sum_order(
             assert float((a - b).abs().max()) <= 1e-5 * scale, mode
         for (key, a), b in zip(plain.state_dict().items(), models[mode].state_dict().values(), strict=True):
             assert "running" not in key or torch.equal(a, b), (mode, key)
+
+
+def test_a_sliced_transition_down_uses_its_kept_mask_and_reruns_under_double_backward() -> None:
+    """A sliced transition down's backward, after forward has moved the RNG on, and a gradient penalty
+    (``create_graph=True``, which reruns it whole with the kept mask): the plain model's gradients within float64's
+    order of sums."""
+    plain = FCDenseNet(2, 2, 3, **TINY, drop_rate=0.5, memory="plain").double()
+    sliced = FCDenseNet(2, 2, 3, **TINY, drop_rate=0.5, memory="frugal", backward_slices=None).double()
+    sliced.load_state_dict(plain.state_dict())
+    for down in sliced.transitions_down:
+        down.backward_slices = 3
+    x = torch.randn(5, 2, *SIZES[2], dtype=torch.float64)
+    penalties = []
+    for model in (plain, sliced):
+        torch.manual_seed(7)
+        out = model(x)
+        torch.rand(1000)  # the RNG moves on between forward and backward
+        out.square().sum().backward()
+        torch.manual_seed(8)
+        xi = x.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(model(xi).square().sum(), xi, create_graph=True)
+        grad.square().sum().backward()
+        penalties.append(grad)
+    torch.testing.assert_close(penalties[1], penalties[0], rtol=1e-9, atol=1e-12)
+    scale = max(float(p.grad.abs().max()) for p in plain.parameters())
+    for p, q in zip(plain.parameters(), sliced.parameters(), strict=True):
+        assert float((p.grad - q.grad).abs().max()) <= 1e-12 * scale
+
+
+def test_a_sliced_transition_down_lowers_the_allocators_peak() -> None:
+    """Where the first transition down sets the step's peak (a wide first block), slicing it lowers the peak by the
+    CPU allocator: its rerun no longer holds the batch's normalised map, convolution output, pool input and their
+    gradients at once."""
+    from effidense.memory import cpu_peak_bytes
+    model = FCDenseNet(2, 3, 2, down_blocks=(4, 1), up_blocks=(1, 1), bottleneck_layers=1, growth_rate=16,
+                       init_features=32, memory="frugal", backward_slices=4)
+    x = torch.randn(8, 3, 64, 64)
+    peaks = {}
+    for slices in (None, 4):
+        model.transitions_down[0].backward_slices = slices
+        model(x).sum().backward()  # gradients exist, as in training after the first step
+        peaks[slices] = cpu_peak_bytes(lambda: model(x).sum().backward())
+    assert peaks[4] < 0.85 * peaks[None]
 
 
 @pytest.mark.parametrize("build, message", [

@@ -26,10 +26,9 @@ from .norm import Affine, BatchNormAct, affine, grad_sums, input_grad, normalize
 from .pool import MaxPool
 from .recompute import checkpointed, is_tracing, rerun
 
-__all__ = ["LightSegment", "ReluKeepingSign", "as_conv_sees", "autocast_state", "cat_maps",
-           "concat_norm_conv",
-           "concat_norm_conv_pool", "conv_norm_pool", "differentiable_rerun", "light_segment", "plain_conv",
-           "slice_count"]
+__all__ = ["LightSegment", "PooledConv", "ReluKeepingSign", "as_conv_sees", "autocast_state", "cat_maps",
+           "concat_norm_conv", "concat_norm_conv_pool", "conv_norm_pool", "differentiable_rerun", "light_segment",
+           "pack_bits", "plain_conv", "random_state", "replayed", "slice_count", "unpack_bits"]
 
 SLICE_FLOOR = 32 * 2 ** 20  # bytes: a smaller rerun costs little memory, and slicing it would cost kernel launches
 APART_FLOOR = SLICE_FLOOR  # bytes a map: a slice's concatenation of smaller maps is made in backward, not avoided
@@ -39,7 +38,7 @@ def _light(norm: nn.Module, act: nn.Module, conv: nn.Module) -> bool:
     """Whether ``norm``, ``act`` and ``conv`` can rerun in a light Function: native training-mode BatchNorm, ReLU, a
     convolution differentiated by hand (or a max-pool), autograd recording and nobody tracing."""
     return isinstance(norm, BatchNormAct) and norm.act is None and type(act) is nn.ReLU and \
-        (plain_conv(conv) or isinstance(conv, MaxPool) or isinstance(conv, _PooledConv) and plain_conv(conv.conv)) \
+        (plain_conv(conv) or isinstance(conv, MaxPool) or isinstance(conv, PooledConv) and plain_conv(conv.conv)) \
         and torch.is_grad_enabled() and not is_tracing() and norm.native_training()
 
 
@@ -91,18 +90,23 @@ def concat_norm_conv(norm: nn.Module, act: nn.Module, conv: nn.Module, *maps: Te
     return out if dropout is None else dropout(out)
 
 
-class _PooledConv:
+class PooledConv:
     """A convolution, then an average pool (a transition's), as one stage's post in a sliced segment: its backward
-    then pools a slice's gradient back, never the whole batch's. Not a module: it calls the two modules."""
+    then pools a slice's gradient back, never the whole batch's. Not a module: it calls the two modules. A subclass
+    may pool otherwise (``pool``: any function of the convolution's output) and go back through it in
+    :meth:`input_grad`."""
 
-    def __init__(self, conv: nn.Module, pool: nn.Module) -> None:
+    kept: Sequence[Tensor] = ()  # what a subclass's pool keeps for backward: its segment saves it
+
+    def __init__(self, conv: nn.Module, pool: Callable[[Tensor], Tensor]) -> None:
         self.conv, self.pool, self.weight = conv, pool, conv.weight
 
     def __call__(self, x: Tensor) -> Tensor:
         return self.pool(self.conv(x))
 
-    def input_grad(self, y: Tensor, grad: Tensor) -> Tensor:
-        """The gradient of the convolution's output, laid out as ``y`` (its input) is, given the pool's output's."""
+    def input_grad(self, y: Tensor, grad: Tensor, part: tuple[int, int] | None) -> Tensor:
+        """The gradient of the convolution's output, laid out as ``y`` (its input) is, given the pool's output's, for
+        the samples ``part`` of the batch (None: all of them)."""
         like = torch.empty_permuted((y.shape[0], self.conv.out_channels, *y.shape[2:]), y.dim_order(),
                                     dtype=grad.dtype, device=grad.device)  # never read: shape and strides only
         return self.pool.input_grad(like, grad)
@@ -112,7 +116,7 @@ def concat_norm_conv_pool(norm: nn.Module, act: nn.Module, conv: nn.Module, pool
                           light: bool, slices: int = 1) -> Tensor:
     """``pool(conv(act(norm(*maps))))``, a transition, with the pool keeping nothing for backward; when ``light``,
     keeping only ``maps``, and when also sliced, pooling back a slice's gradient at a time."""
-    out = light_segment([(norm, act, _PooledConv(conv, pool))], *maps, slices=slices) if light and slices > 1 \
+    out = light_segment([(norm, act, PooledConv(conv, pool))], *maps, slices=slices) if light and slices > 1 \
         else None
     return out if out is not None else pool(concat_norm_conv(norm, act, conv, *maps, light=light, slices=slices))
 
@@ -159,7 +163,6 @@ class LightSegment(torch.autograd.Function):
         ctx.modules, ctx.slices, ctx.stats = (pre, stages, params), slices, []
         ctx.set_materialize_grads(False)  # a gradient gathered in a slot comes with none from autograd
         ctx.autocast = autocast_state(maps[0])
-        ctx.save_for_backward(*maps)
         if slices == 1:
             x = _run(pre, stages, *maps)
         else:
@@ -169,26 +172,44 @@ class LightSegment(torch.autograd.Function):
                 ctx.stats.append((mean, invstd))
                 del x  # neither is held beside the next map
                 y = act(y)
-                if isinstance(post, _PooledConv):  # nor the normalised map beside the pooled one
+                if isinstance(post, PooledConv):  # nor the normalised map beside the pooled one
                     y, post = post.conv(y), post.pool
                 x = [post(y)]
                 del y
             x = x[0]
+        # what a pooled stage keeps beside the maps (a dropout's mask) is saved with them, so saved-tensor hooks see it
+        pooled = stages[-1][2] if isinstance(stages[-1][2], PooledConv) else None
+        ctx.save_for_backward(*maps, *(pooled.kept if pooled is not None else ()))
+        ctx.maps = len(maps)
+        if pooled is not None:
+            pooled.kept = ()
         ctx.dropout = None
         if dropout is not None:  # its mask is drawn again in backward, from the random state it was drawn from
-            ctx.dropout = dropout, _random_state(x.device), (x.shape, x.stride(), x.dtype, x.device)
+            ctx.dropout = dropout, random_state(x.device), (x.shape, x.stride(), x.dtype, x.device)
             x = dropout(x)
         return x
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor | None) -> tuple[Tensor | None, ...]:
-        (pre, stages, params), maps = ctx.modules, ctx.saved_tensors
+        stages, saved = ctx.modules[1], ctx.saved_tensors
+        maps = saved[:ctx.maps]
+        if len(saved) > ctx.maps:  # handed back to the pooled stage for this backward only
+            stages[-1][2].kept = saved[ctx.maps:]
+        try:
+            return LightSegment._backward(ctx, grad, maps)
+        finally:
+            if len(saved) > ctx.maps:
+                stages[-1][2].kept = ()
+
+    @staticmethod
+    def _backward(ctx: Any, grad: Tensor | None, maps: Sequence[Tensor]) -> tuple[Tensor | None, ...]:
+        pre, stages, params = ctx.modules
         if ctx.slot is not None:
             grad = ctx.slot.take(grad)
         if grad is None:
             return (None,) * (3 + len(params) + len(maps))
         if ctx.dropout is not None:
-            grad = _replayed(*ctx.dropout).mul_(grad)
+            grad = replayed(*ctx.dropout).mul_(grad)
         if torch.is_grad_enabled():
             return differentiable_rerun(ctx, grad, lambda *t: _run(pre, stages, *t), (None,) * 3 + tuple(params), maps)
         needs = ctx.needs_input_grad
@@ -206,7 +227,7 @@ class LightSegment(torch.autograd.Function):
     @staticmethod
     def whole(ctx: Any, grad: Tensor, grads: dict, need_maps: Sequence[bool]) -> list[Tensor | None]:
         """The whole batch at once, by autograd's own kernels."""
-        (pre, stages, params), maps = ctx.modules, ctx.saved_tensors
+        (pre, stages, params), maps = ctx.modules, ctx.saved_tensors[:ctx.maps]
         weights = _stage_weights(pre, params)
         x = _conv(ctx, pre, maps[0], params[0]) if pre is not None else cat_maps(maps)
         inputs, outs, saved = [], [], []
@@ -238,7 +259,7 @@ class LightSegment(torch.autograd.Function):
     @staticmethod
     def sliced(ctx: Any, grad: Tensor, grads: dict, need_maps: Sequence[bool]) -> list[Tensor | None]:
         """A slice of the batch at a time, in sweeps (the class docstring)."""
-        (pre, stages, params), maps = ctx.modules, ctx.saved_tensors
+        (pre, stages, params), maps = ctx.modules, ctx.saved_tensors[:ctx.maps]
         weights = _stage_weights(pre, params)
         parts, batch = _bounds(grad.shape[0], ctx.slices), grad.shape[0]
         if isinstance(grad, FakeTensor) and len(parts) > 3:
@@ -274,8 +295,8 @@ class LightSegment(torch.autograd.Function):
             sums = [torch.cat(s) for s in zip(*parts, strict=True)] if len(parts) > 1 else parts[0]
             total[:] = sums if not total else [t + s for t, s in zip(total, sums, strict=True)]
 
-        def through(j: int, g: Tensor, y: Tensor, weight: bool) -> Tensor:  # a stage's post, then its ReLU
-            return _relu_backward(_post_backward(ctx, stages[j][2], g, y, grads if weight else {}, weights[j][2])
+        def through(j: int, g: Tensor, y: Tensor, weight: bool, part: tuple[int, int]) -> Tensor:  # post, then ReLU
+            return _relu_backward(_post_backward(ctx, stages[j][2], g, y, grads if weight else {}, weights[j][2], part)
                                   .to(y.dtype), y)
 
         # where a map's gradient is gathered, this segment's adds to what is there; else it is made here
@@ -293,7 +314,7 @@ class LightSegment(torch.autograd.Function):
         if len(stages) == 2:  # the second norm's sums, keeping its output's gradient; then its input's gradient
             for i, (a, b) in enumerate(parts):
                 x1 = _conv(ctx, stages[0][2], front(a, b)[1], weights[0][2])
-                gz1 = through(1, tops[i], normalized(x1, norms[1]).relu_(), True)
+                gz1 = through(1, tops[i], normalized(x1, norms[1]).relu_(), True, (a, b))
                 summed(gz1, [x1], [norms[1]], totals[1])
                 tops[i] = gz1
                 del x1, gz1  # each sweep drops a slice's maps before the next slice's are made
@@ -305,13 +326,13 @@ class LightSegment(torch.autograd.Function):
         for (a, b), top in zip(parts, tops, strict=True):  # the first norm's sums
             xs, y = front(a, b)
             count = batch * math.prod(xs[0].shape[2:])
-            g = through(0, top, y, True)
+            g = through(0, top, y, True, (a, b))
             del y
             summed(g, xs, firsts, totals[0])
             del xs, g
         for i, (a, b) in enumerate(parts):  # each slice's input gradient
             xs, y = front(a, b)
-            g = through(0, tops[i], y, False)
+            g = through(0, tops[i], y, False, (a, b))
             tops[i] = None
             del y
             parts_of_g = [input_grad(g[:, part], x, first, *(t[part] for t in totals[0]), count)
@@ -338,11 +359,11 @@ class LightSegment(torch.autograd.Function):
         return grad_maps
 
 
-def _random_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+def random_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
     return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
-def _replayed(dropout: Callable[[Tensor], Tensor], state: tuple, like: tuple) -> Tensor:
+def replayed(dropout: Callable[[Tensor], Tensor], state: tuple, like: tuple) -> Tensor:
     """The dropout's scaled mask (0 or 1/(1-p)), drawn again from the state forward drew it from, on a tensor laid
     out as its input was, so the same elements draw the same numbers."""
     shape, stride, dtype, device = like
@@ -387,13 +408,14 @@ def _conv(ctx: Any, conv: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
         return conv._conv_forward(x, weight, None)
 
 
-def _post_backward(ctx: Any, post: nn.Module, grad: Tensor, y: Tensor, grads: dict, weight: Tensor | None) -> Tensor:
-    """The gradient of a stage's normalised map ``y`` through its convolution (its weight's summed into ``grads``
-    where wanted) or max-pool."""
+def _post_backward(ctx: Any, post: nn.Module, grad: Tensor, y: Tensor, grads: dict, weight: Tensor | None,
+                   part: tuple[int, int] | None = None) -> Tensor:
+    """The gradient of a stage's normalised map ``y`` (the samples ``part`` of the batch; None: all) through its
+    convolution (its weight's summed into ``grads`` where wanted) or max-pool."""
     if isinstance(post, MaxPool):
         return post.input_grad(y, grad)
-    if isinstance(post, _PooledConv):  # the pool may have run in float32 (CPU autocast's avg_pool3d), not the conv
-        grad, post = as_conv_sees(ctx, post.input_grad(y, grad)), post.conv
+    if isinstance(post, PooledConv):  # the pool may have run in float32 (CPU autocast's avg_pool3d), not the conv
+        grad, post = as_conv_sees(ctx, post.input_grad(y, grad, part)), post.conv
     grad, grad_w = _conv_backward(ctx, post, grad, y, True, id(weight) in grads, weight)
     _accumulate(grads, weight, grad_w)
     return grad
@@ -530,7 +552,22 @@ def _bounds(batch: int, slices: int) -> list[tuple[int, int]]:
     return list(zip(starts, starts[1:], strict=False))
 
 
-_BITS = torch.arange(8, dtype=torch.uint8)
+def _bits(device: torch.device) -> Tensor:
+    return torch.arange(8, dtype=torch.uint8, device=device)  # made where it is used: a fake one under fake tensors
+
+
+def pack_bits(mask: Tensor) -> Tensor:
+    """A bool tensor at one bit an element, each sample (along the first dim) in whole bytes of its own, so that
+    samples can be unpacked apart: uint8, (samples, bytes)."""
+    flat = mask.reshape(mask.shape[0], -1)
+    flat = F.pad(flat, (0, -flat.shape[1] % 8)).view(flat.shape[0], -1, 8).to(torch.uint8)
+    return (flat << _bits(flat.device)).sum(2, dtype=torch.uint8)
+
+
+def unpack_bits(packed: Tensor, shape: Sequence[int]) -> Tensor:
+    """The bool tensor of ``shape`` (contiguous) whose samples :func:`pack_bits` packed into ``packed``."""
+    bits = (packed.unsqueeze(2) >> _bits(packed.device)) & 1
+    return bits.flatten(1)[:, :math.prod(shape[1:])].bool().view(shape)
 
 
 class ReluKeepingSign(torch.autograd.Function):
@@ -542,15 +579,12 @@ class ReluKeepingSign(torch.autograd.Function):
         y = relu(x)
         if y is x:  # an in-place ReLU (torchvision's)
             ctx.mark_dirty(x)
-        positive = ~(y <= 0).flatten()
-        positive = F.pad(positive, (0, -positive.numel() % 8)).view(-1, 8).to(torch.uint8)
-        ctx.save_for_backward((positive << _BITS.to(positive.device)).sum(1, dtype=torch.uint8))
+        ctx.save_for_backward(pack_bits(~(y <= 0)))
         ctx.shape = y.shape
         return y
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor]:
         (packed,) = ctx.saved_tensors
-        positive = ((packed.unsqueeze(1) >> _BITS.to(packed.device)) & 1).flatten()[:grad.numel()].bool()
         zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
-        return None, torch.where(positive.view(ctx.shape), grad, zero)
+        return None, torch.where(unpack_bits(packed, ctx.shape), grad, zero)
