@@ -286,8 +286,10 @@ def _plan_in_worker(job: dict, threads: int, name: str) -> VariantPlan:
     return plan(**job, variants=name, workers=1).variants[0]
 
 
-# Seconds a worker process takes to start (importing torch and effidense): when the number of workers is left to the
-# planner, it starts them only once the variants have taken this long with some still waiting.
+# Seconds the variants run in this process alone before worker processes start for those still waiting (when the
+# planner picks the number of workers): a tiny model's plan is done sooner and starts none. A worker takes seconds
+# to start (importing torch and effidense), but starts beside this process's planning and takes a variant only once
+# ready, so an early start costs a core's import, never a wait.
 WORKER_START_S = 0.5
 
 
