@@ -172,6 +172,29 @@ def test_a_sliced_transition_down_uses_its_kept_mask_and_reruns_under_double_bac
         assert float((p.grad - q.grad).abs().max()) <= 1e-12 * scale
 
 
+def test_a_sliced_transition_down_saves_its_mask_where_saved_tensor_hooks_see_it() -> None:
+    """The mask a sliced transition down keeps (one bit a value, each sample in bytes of its own) goes through
+    autograd's saved-tensor hooks, as the maps do, so the meter counts it and offloading hooks move it; bf16 autocast
+    and channels_last stay bitwise plain's forward."""
+    plain = FCDenseNet(2, 2, 3, **TINY, memory="plain").to(memory_format=torch.channels_last)
+    sliced = FCDenseNet(2, 2, 3, **TINY, memory="frugal", backward_slices=None).to(memory_format=torch.channels_last)
+    sliced.load_state_dict(plain.state_dict())
+    sliced.transitions_down[0].backward_slices = 2
+    x = torch.randn(4, 2, 16, 16).to(memory_format=torch.channels_last)
+    packed = []
+    outs = []
+    for model in (plain, sliced):
+        torch.manual_seed(3)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append((model, t.dtype, t.shape)) or t,
+                                                      lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().square().sum().backward()
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    channels = TINY["init_features"] + 2 * TINY["growth_rate"]  # the first transition down's: 16 at 16x16
+    assert (sliced, torch.uint8, (4, channels * 16 * 16 // 8)) in packed
+
+
 def test_a_sliced_transition_down_lowers_the_allocators_peak() -> None:
     """Where the first transition down sets the step's peak (a wide first block), slicing it lowers the peak by the
     CPU allocator: its rerun no longer holds the batch's normalised map, convolution output, pool input and their
