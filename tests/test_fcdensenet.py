@@ -185,7 +185,7 @@ def test_a_sliced_transition_down_saves_its_mask_where_saved_tensor_hooks_see_it
     outs = []
     for model in (plain, sliced):
         torch.manual_seed(3)
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append((model, t.dtype, t.shape)) or t,
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, model=model: packed.append((model, t.dtype, t.shape)) or t,
                                                       lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(x)
         out.float().square().sum().backward()
