@@ -185,8 +185,13 @@ def test_a_sliced_transition_down_saves_its_mask_where_saved_tensor_hooks_see_it
     outs = []
     for model in (plain, sliced):
         torch.manual_seed(3)
-        with torch.autograd.graph.saved_tensors_hooks(lambda t, model=model: packed.append((model, t.dtype, t.shape)) or t,
-                                                      lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+
+        def pack(t: torch.Tensor, model: FCDenseNet = model) -> torch.Tensor:
+            packed.append((model, t.dtype, t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(x)
         out.float().square().sum().backward()
         outs.append(out)
