@@ -181,17 +181,32 @@ def test_random_bytes_are_called_corrupt_not_unsafe(finished_run: Path, capsys: 
     assert "pickle" not in line and "unsafe" not in line and "global" not in line
 
 
+def _kill_processes_naming(marker: str) -> None:
+    """Kill every process whose command line names ``marker``: ranks a killed torchrun left behind, which would hold
+    its pipes open (Linux /proc)."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if marker in cmdline.read_bytes().decode(errors="replace"):
+                os.kill(int(cmdline.parent.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass  # gone meanwhile, or not ours
+
+
 def test_errors_under_torchrun_are_printed_once(tmp_path: Path) -> None:
+    """Rank 0 prints the error, however much sooner another rank meets it (a rank that exited first would have
+    torchrun end rank 0 before it printed)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
     with socket.socket() as s, socket.socket() as t:
         s.bind(("127.0.0.1", 0))
         t.bind(("127.0.0.1", 0))
         ports = [s.getsockname()[1], t.getsockname()[1]]
-    # argparse's error, then a TrainError: two launches at once, each with its own port
+    # argparse's error, then a TrainError: two launches at once, each with its own port; the output directory names
+    # this test's launches in every rank's command line
+    marker = str(tmp_path / "out")
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                                "--master_addr", "127.0.0.1", "--master_port", str(port),
-                               str(ROOT / "tools" / "train.py"), *TINY, *args],
+                               str(ROOT / "tools" / "train.py"), *TINY, "--output", marker, *args],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for port, args in zip(ports, (["--lr", "nan"], ["--data-dir", str(tmp_path / "missing")]), strict=True)]
     try:
@@ -204,7 +219,9 @@ def test_errors_under_torchrun_are_printed_once(tmp_path: Path) -> None:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
-                proc.communicate()
+        _kill_processes_naming(marker)
+        for proc in procs:
+            proc.communicate(timeout=60)
 
 
 # --- writes that fail or are interrupted ---

@@ -8,6 +8,8 @@ import argparse
 import ast
 import math
 import os
+import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +21,21 @@ if TYPE_CHECKING:
 
 __all__ = ["add_model_arguments", "spec_from_args", "segmentation_spec_from_args", "ModelKwargs", "OneLineParser",
            "positive_int", "non_negative_int", "integer_in", "float_list", "seed", "thread_count", "max_threads",
-           "SEED_RANGE"]
+           "SEED_RANGE", "report_once"]
+
+# Seconds a rank other than torchrun's rank 0 leaves an error to rank 0 before it prints the error itself.
+RANK_WAIT_S = 60.0
+
+
+def report_once(message: str) -> None:
+    """Print the run's error ``message`` on stderr, once for all of torchrun's ranks. Every rank parses the same
+    arguments and reads the same files, so each meets the same error, and rank 0 (or a process outside torchrun)
+    prints it. Another rank that exited at once would have torchrun end rank 0 before it printed: so another rank
+    waits, for torchrun to end it once rank 0 has failed. One still waiting after :data:`RANK_WAIT_S` met an error
+    rank 0 did not, and prints it."""
+    if os.environ.get("RANK", "0") != "0":
+        time.sleep(RANK_WAIT_S)
+    print(message, file=sys.stderr)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, default_model: str | None,
@@ -148,11 +164,11 @@ class ModelKwargs(argparse.Action):
 class OneLineParser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line on stderr (``prog: error: ...``), without the usage block.
 
-    Under torchrun every rank parses the same command line: only rank 0 (or a process outside torchrun) prints it."""
+    Under torchrun every rank parses the same command line: it is printed once (:func:`report_once`)."""
 
     def error(self, message: str) -> Any:
-        primary = os.environ.get("RANK", "0") == "0"
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n" if primary else None)
+        report_once(f"{self.prog}: error: {message} (see --help)")
+        self.exit(2)
 
 
 def img_size_problem(sizes: Sequence[int] | None) -> str | None:

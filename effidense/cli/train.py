@@ -8,8 +8,8 @@ Built-in mode (no timm checkout needed), single process or `torchrun --nproc_per
 
 timm's own scripts (train.py, validate.py, ...) with effidense's models registered: `effidense timm SCRIPT ARGS`.
 
-`--help` lists the built-in trainer's flags; see README.md, section "Training". Errors are one line (under torchrun
-from rank 0 only, which meets the same ones); Ctrl-C finishes the file being written, then stops with one line.
+`--help` lists the built-in trainer's flags; see README.md, section "Training". Errors are one line, printed once under
+torchrun (by rank 0, which meets the same ones); Ctrl-C finishes the file being written, then stops with one line.
 """
 from __future__ import annotations
 
@@ -19,10 +19,11 @@ from collections.abc import Sequence
 
 from ..train.args import parse_args
 from ..train.errors import TrainError, TrainingInterrupted
+from .flags import report_once
 
 
 def _primary() -> bool:
-    # torchrun's RANK; every rank parses the same arguments and shares the run's errors, so rank 0 alone reports them
+    # torchrun's RANK: Ctrl-C reaches every rank, and rank 0 alone says so
     return os.environ.get("RANK", "0") == "0"
 
 
@@ -38,8 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(e, file=sys.stderr)
         return 130
     except TrainError as e:
-        if _primary():
-            print(f"error: {e}", file=sys.stderr)
+        report_once(f"error: {e}")
         return 1
     except KeyboardInterrupt:  # before the run directory was written
         if _primary():
