@@ -235,3 +235,26 @@ def test_fcdensenet_sliced_frugal_on_cuda(amp, exact_cuda):
     sliced = copy.deepcopy(base).set_memory("frugal")
     sliced.backward_slices = 2
     _assert_same(_train_step(sliced, x, y, amp), ref, 2e-2 if amp else 1e-4, "FC-DenseNet frugal sliced")
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_fcdensenet_sliced_transition_down_with_dropout_on_cuda(amp, exact_cuda):
+    """A frugal transition down, sliced, with dropout on the device: forward runs the plain model's fused dropout
+    (its output bitwise plain's under the same seed), the mask drawn once more beside it and kept as bits; backward
+    goes back through the pool and the mask a slice at a time: the plain model's step within the order of float
+    sums."""
+    torch.manual_seed(0)
+    base = FCDenseNet(2, 3, 4, down_blocks=(2, 2), up_blocks=(2, 2), bottleneck_layers=2, growth_rate=4,
+                      init_features=8, drop_rate=0.3).to(DEVICE)
+    x = torch.randn(4, 3, 32, 32, device=DEVICE)
+    y = torch.randint(0, 4, (4, 32, 32), device=DEVICE)
+    torch.manual_seed(1)
+    ref = _train_step(copy.deepcopy(base).set_memory("plain"), x, y, amp)
+    sliced = copy.deepcopy(base).set_memory("frugal")
+    sliced.backward_slices = None
+    for down in sliced.transitions_down:
+        down.backward_slices = 2
+    torch.manual_seed(1)
+    got = _train_step(sliced, x, y, amp)
+    assert torch.equal(got["out"], ref["out"])
+    _assert_same(got, ref, 2e-2 if amp else 1e-4, "FC-DenseNet sliced transition down")
