@@ -449,6 +449,28 @@ def test_kernel_scratch_is_what_the_op_count_misses():
     assert abs(modelled.peak_bytes - real) <= 0.005 * real
 
 
+@pytest.mark.parametrize("channels", [(37, 12), (180, 12), (100, 36)])
+def test_scratch_counts_onednn_padding_channels_to_whole_blocks(channels):
+    """oneDNN's blocked layout pads channels to whole blocks: the reorders of a convolution whose channels do not fill
+    them, and the padded output (forward) or weight gradient (backward) it makes first, are the allocator's peak."""
+    from effidense.memory import cpu_peak_bytes
+    from effidense.planner.scratch import scratch_model
+    aten = torch.ops.aten
+    cin, cout = channels
+    with torch_threads(1):
+        model = scratch_model("cpu", 1)
+        x, w = torch.randn(8, cin, 24, 24), torch.randn(cout, cin, 3, 3)
+        args = (x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+        out = aten.convolution(*args)
+        back = (torch.randn_like(out), x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False])
+        grads = aten.convolution_backward(*back)
+        for op, call, made in ((aten.convolution.default, args, out), (aten.convolution_backward.default, back,
+                                                                        grads)):
+            outputs = [made] if isinstance(made, torch.Tensor) else [t for t in made if t is not None]
+            predicted = sum(t.numel() * t.element_size() for t in outputs) + model(op, call, {}, made)
+            assert predicted == cpu_peak_bytes(lambda op=op, call=call: op(*call)), op
+
+
 def test_largest_cpu_batch_fits_by_the_allocator_and_the_next_does_not():
     """At a small budget, by the allocator: without a margin the plan's largest batch is the allocator's (across
     batch 16, where one thread's 1x1 convolutions turn to oneDNN); with the default margin it fits."""

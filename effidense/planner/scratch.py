@@ -9,13 +9,15 @@ around the one kernel, over the shapes a DenseNet step gives it (docs/planner.md
   the weight reordered to oneDNN's blocked layout; backward, the output's gradient (made contiguous first when it
   is a view, as a concatenation's gradient is) and the larger of the input's reorder and the weight gradient's; with
   a plain input layout (a stem of 1 to 4 channels) the output (or its gradient) instead of the input. With more than
-  one thread, each further thread sums a weight gradient of its own.
+  one thread, each further thread sums a weight gradient of its own. The blocked layout pads channels to whole
+  blocks (16 with AVX-512, 8 without): so does each reorder, and a forward whose output channels do not fill their
+  blocks writes a padded output first.
 * The native fallback (``slow_conv2d``, ``slow_conv3d``; a batch of 1 with small maps takes it even for 3x3 kernels):
   im2col's (vol2col's) columns for kernels larger than 1, the contiguous copy of a view's gradient; ``slow_conv3d``'s
   backward of a 1x1x1 kernel: the input's size less the weight's.
 
 Not fitted: maps of 2 or fewer positions a side under a 3x3x3 kernel (oneDNN takes several weights' worth there),
-and channel counts that are not multiples of 16, which oneDNN's blocked layout pads.
+bf16 and channels_last, which oneDNN reorders otherwise (channels_last not at all: the plan over-counts it).
 
 On CUDA, cuDNN picks convolution algorithms whose workspace fits the free memory and reports none through torch's
 tensors, and native BatchNorm's backward reduces per channel; neither is modelled, and the safety margin covers them
@@ -23,6 +25,7 @@ tensors, and native BatchNorm's backward reduces per channel; neither is modelle
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -46,6 +49,21 @@ aten = torch.ops.aten
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+@functools.cache
+def _block() -> int:
+    """Channels a block of oneDNN's blocked layout holds, to which it pads a tensor's channels."""
+    return 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
+
+
+def _blocked(t: torch.Tensor, dims: tuple[int, ...] = (1,)) -> int:
+    """``t``'s bytes in oneDNN's blocked layout: its ``dims`` (channels; a weight's output and input channels) padded
+    to whole blocks."""
+    shape = list(t.shape)
+    for d in dims:
+        shape[d] = -(-shape[d] // _block()) * _block()
+    return math.prod(shape) * t.element_size()
 
 
 def _use_mkldnn(x: torch.Tensor, weight: torch.Tensor, stride: list[int], dilation: list[int], groups: int,
@@ -76,7 +94,9 @@ def _conv_forward(threads: int, args: tuple, out: torch.Tensor) -> int:
     if transposed:
         return 0
     if _use_mkldnn(x, weight, stride, dilation, groups, threads):
-        return _nbytes(out) if x.shape[1] <= PLAIN_SOURCE_CHANNELS else _nbytes(x) + _nbytes(weight)
+        if x.shape[1] <= PLAIN_SOURCE_CHANNELS:
+            return _blocked(out)
+        return _blocked(x) + _blocked(weight, (0, 1)) + _blocked(out) - _nbytes(out)
     return _columns(x, weight, out.shape)
 
 
@@ -88,9 +108,11 @@ def _conv_backward(threads: int, args: tuple, out: tuple) -> int:
     if _use_mkldnn(x, weight, stride, dilation, groups, threads):
         per_thread = (threads - 1) * _nbytes(weight) if mask[1] else 0
         if x.shape[1] <= PLAIN_SOURCE_CHANNELS:
-            return copy + _nbytes(grad) + per_thread + (_nbytes(x) if mask[0] else 0)
-        # the input's reorder, or the weight gradient's where the weight is the larger (small maps)
-        return copy + max(_nbytes(x), _nbytes(weight)) + _nbytes(grad) + per_thread
+            return copy + _blocked(grad) + per_thread + (_nbytes(x) if mask[0] else 0)
+        # the input's reorder, or the weight gradient's where the weight is the larger (small maps); a weight
+        # gradient whose channels do not fill their blocks is made padded first
+        padding = _blocked(weight, (0, 1)) - _nbytes(weight) if mask[1] else 0
+        return copy + max(_blocked(x), _blocked(weight, (0, 1))) + _blocked(grad) + per_thread + padding
     columns = _columns(x, weight, grad.shape)
     if columns or x.dim() == 4:
         return copy + columns
