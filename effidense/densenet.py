@@ -145,6 +145,11 @@ class MemoryMode(nn.Module):
         return slice_count(self._slices, self._memory == "frugal", maps[0].shape[0], transient * reads, reads,
                            None if keeps is None else keeps * reads)
 
+    def conv_slices(self, maps: Sequence[Tensor], conv: nn.Module) -> int:
+        """:meth:`slices` of a transition's rerun over ``maps`` (norm, ReLU, ``conv``, pool), weighed as a dense
+        layer's: three times what it reads and what its convolution makes (frugal's reruns, under 'auto')."""
+        return self.slices(maps, 3 * (1 + conv.out_channels / conv.in_channels))
+
 
 class DenseLayer(MemoryMode, AdoptsNorms):
     """BN-ReLU-conv3x3 (DenseNet) or BN-ReLU-conv1x1-BN-ReLU-conv3x3 (DenseNet-BC, ``bn_size``) on the concatenation
@@ -301,11 +306,10 @@ class Transition(MemoryMode, AdoptsNorms):
 
     def forward(self, maps: Sequence[Tensor] | Tensor) -> Tensor:
         # The pool keeps nothing for backward, so no mode needs to keep or recompute the convolution's output. The
-        # rerun is weighed as a dense layer's, by what it reads and what its convolution makes: the first transition
-        # reads the largest concatenation a DenseNet makes, and its forward, which holds it whole, should set the peak.
+        # rerun is weighed as a dense layer's: the first transition reads the largest concatenation a DenseNet makes,
+        # and its forward, which holds it whole, should set the peak, not its backward.
         maps, light = _as_maps(maps), run_mode(self.memory) != "plain"
-        width = self.conv.out_channels / self.conv.in_channels
-        slices = self.slices(maps, 3 * (1 + width)) if light else 1
+        slices = self.conv_slices(maps, self.conv) if light else 1
         return concat_norm_conv_pool(self.norm, self.relu, self.conv, self.pool, *maps, light=light, slices=slices)
 
 

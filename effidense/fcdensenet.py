@@ -49,6 +49,7 @@ from .layers.light import (
     replayed,
     unpack_bits,
 )
+from .layers.pool import max_pool_input_grad
 from .layers.recompute import is_tracing
 
 __all__ = ["FCDenseNet", "FCDENSENET_CONFIGS", "fcdensenet56", "fcdensenet67", "fcdensenet103"]
@@ -57,8 +58,6 @@ NormLayer = Callable[[int], nn.Module]
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _CONV_UP = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 _MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
-_MAX_POOL_KERNELS = {2: (torch.ops.aten.max_pool2d_with_indices, torch.ops.aten.max_pool2d_with_indices_backward),
-                     3: (torch.ops.aten.max_pool3d_with_indices, torch.ops.aten.max_pool3d_with_indices_backward)}
 
 # The paper's table: growth rate and layers per block (down path, bottleneck, up path), first convolution 48.
 FCDENSENET_CONFIGS: dict[str, dict[str, Any]] = {
@@ -107,9 +106,9 @@ class TransitionDown(MemoryMode):
 
     def forward(self, maps: Sequence[Tensor], segment: bool = False) -> Tensor:
         # Its rerun holds the normalised map, the convolution's output and the pool's input, and their gradients:
-        # weighed as a dense layer's, and sliced in frugal mode, as DenseNet's transitions are. Efficient's peak is at
-        # the top of the up path, where the dropout masks sliced transitions keep would only add to it.
-        slices = self.slices(maps, 3 * (1 + self.conv.out_channels / self.conv.in_channels)) if segment else 1
+        # sliced in frugal mode, as DenseNet's transitions are. Efficient's peak is at the top of the up path, where
+        # the dropout masks sliced transitions keep would only add to it.
+        slices = self.conv_slices(maps, self.conv) if segment else 1
         if slices > 1:
             out = light_segment([(self.norm, self.relu, _DroppedPool(self))], *maps, slices=slices)
             if out is not None:
@@ -127,11 +126,9 @@ class _DroppedPool(PooledConv):
     def __init__(self, down: TransitionDown) -> None:
         super().__init__(down.conv, self._drop_and_pool)
         self.rate = down.drop_rate if down.training else 0.0
-        self.dims, self.autocast = down.spatial_dims, None
+        self.dims = down.spatial_dims
 
     def _drop_and_pool(self, z: Tensor) -> Tensor:
-        if self.autocast is None:
-            self.autocast = autocast_state(z)
         if self.rate > 0 and not self.kept:
             state, like = random_state(z.device), (z.shape, z.stride(), z.dtype, z.device)
             # In place only on the CPU, whose dropout draws alike either way; a GPU's fused kernel draws otherwise.
@@ -150,22 +147,16 @@ class _DroppedPool(PooledConv):
         bits, scale = self.kept
         return unpack_bits(bits if part is None else bits[part[0]:part[1]], shape) * scale
 
-    def input_grad(self, y: Tensor, grad: Tensor, part: tuple[int, int] | None) -> Tensor:
-        enabled, dtype = self.autocast
-        with torch.autocast(y.device.type, dtype=dtype, enabled=enabled):
-            z = self.conv._conv_forward(y, self.conv.weight, None)
+    def input_grad(self, ctx: Any, y: Tensor, grad: Tensor, part: tuple[int, int] | None) -> Tensor:
+        z = self.conv._conv_forward(as_conv_sees(ctx, y), as_conv_sees(ctx, self.conv.weight), None)  # as forward ran
         noise, dtype = self._noise(z.shape, part) if self.kept else None, z.dtype
         if noise is not None:
             z.mul_(noise)
-        z = z.to(grad.dtype)  # the pool may have run in float32 (CPU autocast's max_pool3d)
-        flat = self.dims == 1  # one spatial dim runs as two with a height of one, as torch's max_pool1d does
-        z, grad = (z.unsqueeze(-2), grad.unsqueeze(-2)) if flat else (z, grad)
-        kernel = [1, 2] if flat else [2] * self.dims
-        forward, backward = _MAX_POOL_KERNELS[len(kernel)]
-        indices = forward(z, kernel, kernel, [0] * len(kernel))[1]
-        grad_z = backward(grad, z, kernel, kernel, [0] * len(kernel), [1] * len(kernel), False, indices)
-        del z, indices
-        grad_z = (grad_z.squeeze(-2) if flat else grad_z).to(dtype)
+        # the pool may have run in float32 (CPU autocast's max_pool3d); one spatial dim pools as torch's max_pool1d,
+        # a height-one 2D map
+        window = [1, 2] if self.dims == 1 else [2] * self.dims
+        grad_z = max_pool_input_grad(z.to(grad.dtype), grad, window, window, [0] * len(window)).to(dtype)
+        del z
         return grad_z if noise is None else grad_z.mul_(noise)
 
 

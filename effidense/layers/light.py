@@ -104,9 +104,9 @@ class PooledConv:
     def __call__(self, x: Tensor) -> Tensor:
         return self.pool(self.conv(x))
 
-    def input_grad(self, y: Tensor, grad: Tensor, part: tuple[int, int] | None) -> Tensor:
+    def input_grad(self, ctx: Any, y: Tensor, grad: Tensor, part: tuple[int, int] | None) -> Tensor:
         """The gradient of the convolution's output, laid out as ``y`` (its input) is, given the pool's output's, for
-        the samples ``part`` of the batch (None: all of them)."""
+        the samples ``part`` of the batch (None: all of them); ``ctx``: its segment's (its autocast state)."""
         like = torch.empty_permuted((y.shape[0], self.conv.out_channels, *y.shape[2:]), y.dim_order(),
                                     dtype=grad.dtype, device=grad.device)  # never read: shape and strides only
         return self.pool.input_grad(like, grad)
@@ -415,7 +415,7 @@ def _post_backward(ctx: Any, post: nn.Module, grad: Tensor, y: Tensor, grads: di
     if isinstance(post, MaxPool):
         return post.input_grad(y, grad)
     if isinstance(post, PooledConv):  # the pool may have run in float32 (CPU autocast's avg_pool3d), not the conv
-        grad, post = as_conv_sees(ctx, post.input_grad(y, grad, part)), post.conv
+        grad, post = as_conv_sees(ctx, post.input_grad(ctx, y, grad, part)), post.conv
     grad, grad_w = _conv_backward(ctx, post, grad, y, True, id(weight) in grads, weight)
     _accumulate(grads, weight, grad_w)
     return grad

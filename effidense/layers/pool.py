@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .recompute import fx_leaf, is_tracing
 
-__all__ = ["AvgPool", "MaxPool"]
+__all__ = ["AvgPool", "MaxPool", "max_pool_input_grad"]
 
 _AVG = {2: (F.avg_pool2d, torch.ops.aten.avg_pool2d_backward), 3: (F.avg_pool3d, torch.ops.aten.avg_pool3d_backward)}
 _MAX = {2: (torch.ops.aten.max_pool2d_with_indices, torch.ops.aten.max_pool2d_with_indices_backward),
@@ -107,12 +107,17 @@ class MaxPool(_Pool):
         return [3] * self.spatial_dims, [2] * self.spatial_dims, [1] * self.spatial_dims
 
     def input_grad(self, x: Tensor, grad: Tensor) -> Tensor:
-        """The gradient with respect to ``x`` given that of this pool's output: autograd's own kernel, with the
-        argmax recomputed from ``x`` (for a caller that rebuilds ``x`` in backward)."""
-        flat = self.spatial_dims == 1
-        x, grad = (x.unsqueeze(-2), grad.unsqueeze(-2)) if flat else (x, grad)
-        kernel, stride, padding = self.window()
-        forward, backward = _MAX[len(kernel)]
-        indices = forward(x, kernel, stride, padding)[1]  # the pooled map itself is dropped at once
-        grad_x = backward(grad, x, kernel, stride, padding, [1] * len(kernel), False, indices)
-        return grad_x.squeeze(-2) if flat else grad_x
+        """The gradient with respect to ``x`` given that of this pool's output (:func:`max_pool_input_grad`)."""
+        return max_pool_input_grad(x, grad, *self.window())
+
+
+def max_pool_input_grad(x: Tensor, grad: Tensor, kernel: list[int], stride: list[int], padding: list[int]) -> Tensor:
+    """The gradient with respect to ``x`` of max pooling by this window (one spatial dim given as two, the first of
+    height one), given that of its output: autograd's own kernel, with the argmax recomputed from ``x`` (for a caller
+    that rebuilds ``x`` in backward)."""
+    flat = x.dim() == len(kernel) + 1  # one spatial dim, pooled as a height-one 2D map
+    x, grad = (x.unsqueeze(-2), grad.unsqueeze(-2)) if flat else (x, grad)
+    forward, backward = _MAX[len(kernel)]
+    indices = forward(x, kernel, stride, padding)[1]  # the pooled map itself is dropped at once
+    grad_x = backward(grad, x, kernel, stride, padding, [1] * len(kernel), False, indices)
+    return grad_x.squeeze(-2) if flat else grad_x
