@@ -12,8 +12,9 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
+from ..cli import prepare_exit
 from ..fileio import atomic_write_bytes
-from ..harness.distributed import backend_for, free_port, process_group, rank_done
+from ..harness.distributed import backend_for, free_port, process_group
 from .config import BenchConfig, VariantResult
 
 __all__ = ["merge_ranks", "spawn_benchmark"]
@@ -32,7 +33,7 @@ def _bench_worker(rank: int, run: RankRunner, world: int, cfg: BenchConfig, init
         results = run(cfg, rank)
     if rank == 0:
         atomic_write_bytes(result_path, json.dumps([asdict(r) for r in results]).encode())
-    rank_done()
+    prepare_exit()  # a spawned rank exits once its work is done
 
 
 def spawn_benchmark(run: RankRunner, cfg: BenchConfig, world: int) -> list[VariantResult]:

@@ -49,10 +49,10 @@ def run_front(command: str) -> int:
 
 
 def prepare_exit() -> None:
-    """For a process about to exit once its command is done: collect its garbage now (0.2 s once torch and timm are
-    loaded) and freeze the rest out of the collector. The interpreter's exit otherwise spends about a second in
-    collections that walk every object those libraries made. What is alive is torn down as before; only objects in
-    reference cycles are left unfinalized, which no exit promises to finalize."""
+    """For a process about to exit once its command (or a spawned DDP rank's work) is done: collect its garbage now
+    (0.2 s once torch and timm are loaded) and freeze the rest out of the collector. The interpreter's exit otherwise
+    spends about a second in collections that walk every object those libraries made. What is alive is torn down as
+    before; only objects in reference cycles are left unfinalized, which no exit promises to finalize."""
     gc.collect()
     gc.freeze()
 

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import socket
 from collections.abc import Iterator
 
 import torch
 
-__all__ = ["free_port", "process_group", "torchrun_world", "backend_for", "check_world", "rank_done"]
+__all__ = ["free_port", "process_group", "torchrun_world", "backend_for", "check_world"]
 
 
 def free_port() -> int:
@@ -48,11 +47,3 @@ def check_world(device: str, world: int) -> None:
         raise ValueError(f"the number of processes must be at least 1, got {world}")
     if device == "cuda" and world > 1 and torch.cuda.device_count() < world:
         raise ValueError(f"{world} processes need {world} GPUs, torch sees {torch.cuda.device_count()}")
-
-
-def rank_done() -> None:
-    """For a spawned rank whose work is done: collect its garbage now and freeze the rest out of the collector, so the
-    interpreter's exit does not spend about a second walking every object torch made. (Commands do the same in
-    ``effidense.cli.prepare_exit``, which cannot import this module without loading torch for ``--help``.)"""
-    gc.collect()
-    gc.freeze()

@@ -13,10 +13,11 @@ import torch.multiprocessing as mp
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..cli import prepare_exit
 from ..densenet import MEMORY_MODES
 from ..failures import short_error
 from ..fileio import atomic_write_bytes
-from ..harness.distributed import backend_for, check_world, free_port, process_group, rank_done
+from ..harness.distributed import backend_for, check_world, free_port, process_group
 from ..harness.step import training_step
 from ..modelspec import ModelSpec
 from .core import (
@@ -195,7 +196,7 @@ def _ddp_worker(rank: int, world: int, device_kind: str, spec: ModelSpec, batch_
         checks = _ddp_rank(spec, device_kind, rank, batch_per_rank, img_size, seed, sync_bn)
     if rank == 0:
         atomic_write_bytes(result_path, json.dumps([asdict(c) for c in checks]).encode())
-    rank_done()
+    prepare_exit()  # a spawned rank exits once its work is done
 
 
 def run_ddp(spec: ModelSpec, device: str, nproc: int, batch_per_rank: int, img_size: int, seed: int = 0,
