@@ -215,8 +215,8 @@ class LightSegment(torch.autograd.Function):
         needs = ctx.needs_input_grad
         grads = {id(w): None for w, need in zip(params, needs[3:], strict=False) if w is not None and need}
         need_maps = needs[3 + len(params):]
-        grad_maps = LightSegment.sliced(ctx, grad, grads, need_maps) if ctx.slices > 1 else \
-            LightSegment.whole(ctx, grad, grads, need_maps)
+        grad_maps = LightSegment.sliced(ctx, maps, grad, grads, need_maps) if ctx.slices > 1 else \
+            LightSegment.whole(ctx, maps, grad, grads, need_maps)
         for i, slot in enumerate(ctx.slots):  # gathered where the map's maker takes it
             if slot is not None and grad_maps[i] is not None:
                 if grad_maps[i] is not slot.held():
@@ -225,9 +225,10 @@ class LightSegment(torch.autograd.Function):
         return None, None, None, *[None if w is None else grads.get(id(w)) for w in params], *grad_maps
 
     @staticmethod
-    def whole(ctx: Any, grad: Tensor, grads: dict, need_maps: Sequence[bool]) -> list[Tensor | None]:
+    def whole(ctx: Any, maps: Sequence[Tensor], grad: Tensor, grads: dict,
+              need_maps: Sequence[bool]) -> list[Tensor | None]:
         """The whole batch at once, by autograd's own kernels."""
-        (pre, stages, params), maps = ctx.modules, ctx.saved_tensors[:ctx.maps]
+        pre, stages, params = ctx.modules
         weights = _stage_weights(pre, params)
         x = _conv(ctx, pre, maps[0], params[0]) if pre is not None else cat_maps(maps)
         inputs, outs, saved = [], [], []
@@ -257,9 +258,10 @@ class LightSegment(torch.autograd.Function):
                                                        strict=True)]
 
     @staticmethod
-    def sliced(ctx: Any, grad: Tensor, grads: dict, need_maps: Sequence[bool]) -> list[Tensor | None]:
+    def sliced(ctx: Any, maps: Sequence[Tensor], grad: Tensor, grads: dict,
+               need_maps: Sequence[bool]) -> list[Tensor | None]:
         """A slice of the batch at a time, in sweeps (the class docstring)."""
-        (pre, stages, params), maps = ctx.modules, ctx.saved_tensors[:ctx.maps]
+        pre, stages, params = ctx.modules
         weights = _stage_weights(pre, params)
         parts, batch = _bounds(grad.shape[0], ctx.slices), grad.shape[0]
         if isinstance(grad, FakeTensor) and len(parts) > 3:
