@@ -17,7 +17,9 @@ Six ideas:
    ``efficient`` makes every concat-norm-ReLU feeding a convolution or pool a segment, and the ImageNet stem one
    (its convolution's output is the largest map a DenseNet makes); ``frugal`` adds whole dense layers, so only each
    layer's new features and each block's input stay, and its sliced layers sum each map's gradient in one place
-   (:class:`~effidense.layers.gather.GradSlot`) rather than leave autograd a second set to add.
+   (:class:`~effidense.layers.gather.GradSlot`) rather than leave autograd a second set to add. A block's last layer
+   and a sliced transition after it are one segment: the transition's forward, which must hold its norm's and
+   convolution's outputs for the whole batch, drops the layer's features once normalised.
 5. **Pools that keep nothing** (:mod:`effidense.layers.pool`): their backward needs only shapes and argmax indices.
 6. **One forward.** Tracers (fx, torch.export, ONNX, ``jit.trace``) and hooks run the same forward; segments then
    simply run, and a traced or hooked block hands on its concatenation, as torchvision's does.
@@ -43,24 +45,25 @@ from .arguments import (
     check_config,
     check_input,
     check_layer,
-    check_slices,
     check_transition,
     min_input_size,
     resolve_memory,
 )
 from .layers.gather import gathered
 from .layers.light import (
-    ReluKeepingSign,
     cat_maps,
     concat_norm_conv,
     concat_norm_conv_pool,
     conv_norm_pool,
     light_segment,
-    slice_count,
+    runs_light,
+    saved_only,
 )
+from .layers.masks import ReluKeepingSign
+from .layers.mode import MemoryMode
 from .layers.norm import BATCH_NORM_ACT, AdoptsNorms, NormAct
 from .layers.pool import AvgPool, MaxPool
-from .layers.recompute import checkpointed, is_tracing, run_mode
+from .layers.recompute import checkpointed, is_tracing, recomputing, run_mode
 
 __all__ = ["DenseNet", "DenseLayer", "DenseBlock", "Transition", "MemoryMode", "MEMORY_MODES", "SCRIPTING_UNSUPPORTED"]
 
@@ -101,54 +104,6 @@ def _handoff(module: nn.Module, value: Any = None) -> Any:
         module.__dict__["_handoff"] = value
         return None
     return module.__dict__.pop("_handoff", None)
-
-
-class MemoryMode(nn.Module):
-    """What has a memory mode (``memory``) and a backward that may go through the batch in slices
-    (``backward_slices``): setting either on a module sets it on every layer below."""
-
-    _memory, _slices = "efficient", "auto"
-
-    @property
-    def memory(self) -> str:
-        """'plain', 'efficient' or 'frugal' (see the module docstring)."""
-        return self._memory
-
-    @memory.setter
-    def memory(self, memory: str) -> None:
-        self._set("_memory", resolve_memory(memory, None))
-
-    @property
-    def backward_slices(self) -> int | str | None:
-        """'auto' (a rerun that would hold more than the mode keeps beside it is sliced), a number of slices, or
-        None."""
-        return self._slices
-
-    @backward_slices.setter
-    def backward_slices(self, slices: int | str | None) -> None:
-        check_slices(slices)
-        self._set("_slices", slices)
-
-    def _set(self, name: str, value: Any) -> None:
-        for m in self.modules():
-            if isinstance(m, MemoryMode):
-                setattr(m, name, value)
-
-    def slices(self, maps: Sequence[Tensor], transient: float = 3.0, keeps: float | None = None) -> int:
-        """The slices of a rerun of ``maps`` whose backward holds ``transient`` times their bytes, in this mode; under
-        'auto', where it would hold more than ``keeps`` times their bytes (what the mode keeps beside it; None:
-        frugal's reruns only). A compiled model is not sliced: its graph is traced whole."""
-        if self._slices is None or self._memory == "plain" or torch.compiler.is_compiling() or \
-                (self._slices == "auto" and keeps is None and self._memory != "frugal"):
-            return 1  # answered before any tensor is read: efficient's transitions ask on every forward
-        reads = sum(t.numel() * t.element_size() for t in maps)
-        return slice_count(self._slices, self._memory == "frugal", maps[0].shape[0], transient * reads, reads,
-                           None if keeps is None else keeps * reads)
-
-    def conv_slices(self, maps: Sequence[Tensor], conv: nn.Module) -> int:
-        """:meth:`slices` of a transition's rerun over ``maps`` (norm, ReLU, ``conv``, pool), weighed as a dense
-        layer's: three times what it reads and what its convolution makes (frugal's reruns, under 'auto')."""
-        return self.slices(maps, 3 * (1 + conv.out_channels / conv.in_channels))
 
 
 class DenseLayer(MemoryMode, AdoptsNorms):
@@ -258,14 +213,14 @@ class DenseBlock(MemoryMode, nn.ModuleDict):
         self.new_features_only = new_features_only
         self.memory, self.backward_slices = memory, backward_slices
 
-    def run(self, maps: Sequence[Tensor]) -> list[Tensor]:
-        """The maps given, then each layer's new features. Where the first layer gathers its maps' gradients (a sliced
-        frugal block), the maps given get slots for theirs too."""
+    def run(self, maps: Sequence[Tensor], last: bool = True) -> list[Tensor]:
+        """The maps given, then each layer's new features (the last layer's only with ``last``). Where the first layer
+        gathers its maps' gradients (a sliced frugal block), the maps given get slots for theirs too."""
         maps = list(maps)
-        first = next(iter(self.values()))
-        if first.gathers(maps):
+        layers = list(self.values())
+        if layers[0].gathers(maps):
             maps = [gathered(m) for m in maps]
-        for layer in self.values():
+        for layer in layers if last else layers[:-1]:
             maps.append(layer(maps))
         return maps
 
@@ -304,13 +259,24 @@ class Transition(MemoryMode, AdoptsNorms):
         self.pool = AvgPool(spatial_dims)
         self.memory = memory
 
-    def forward(self, maps: Sequence[Tensor] | Tensor) -> Tensor:
+    def forward(self, maps: Sequence[Tensor] | Tensor, frees: int = 0) -> Tensor:
+        """``frees``: a sliced rerun empties the last ``frees`` maps once it has normalised them (they must be read by
+        nothing else, and rebuilt for its backward: :meth:`DenseNet._last_layer_then`)."""
         # The pool keeps nothing for backward, so no mode needs to keep or recompute the convolution's output. The
         # rerun is weighed as a dense layer's: the first transition reads the largest concatenation a DenseNet makes,
-        # and its forward, which holds it whole, should set the peak, not its backward.
+        # and its forward, which holds it whole, should set the peak, not its backward. Where the forward empties a
+        # map, its backward, which holds every map and their gradients, would set it instead: it is weighed twice.
         maps, light = _as_maps(maps), run_mode(self.memory) != "plain"
-        slices = self.conv_slices(maps, self.conv) if light else 1
-        return concat_norm_conv_pool(self.norm, self.relu, self.conv, self.pool, *maps, light=light, slices=slices)
+        slices = self.conv_slices(maps, self.conv, 2 if frees else 1) if light else 1
+        return concat_norm_conv_pool(self.norm, self.relu, self.conv, self.pool, *maps, light=light, slices=slices,
+                                     frees=frees)
+
+    def frees_after(self, layer: DenseLayer, maps: Sequence[Tensor]) -> bool:
+        """Whether this transition and ``layer`` before it, on ``maps`` (all but the layer's), run as one segment in
+        which the transition empties the layer's new features once normalised: frugal, unhooked, sliced, light."""
+        return run_mode(self.memory) == "frugal" and run_mode(layer.memory) == "frugal" and \
+            not any(_hooked(m) for module in (self, layer) for m in module.modules()) and \
+            runs_light(self.norm, self.relu, self.conv) and self.conv_slices(maps, self.conv) > 1
 
 
 class _Features(AdoptsNorms, nn.Sequential):
@@ -427,10 +393,13 @@ class DenseNet(MemoryMode):
         return min_input_size(self._last_index, self.small_inputs)
 
     # --- forward ---
-    def _maps(self, x: Tensor, stem_map: bool = False, activate: bool = True) -> Iterator[Sequence[Tensor]]:
+    def _maps(self, x: Tensor, stem_map: bool = False, activate: bool = True,
+              last_only: bool = False) -> Iterator[Sequence[Tensor]]:
         """Feature maps in ``feature_info`` order, each as the maps it concatenates; nothing after the map where the
         caller stops is computed. ``stem_map``: map 0 is wanted (else the stem's pool may run inside its segment, and
-        map 0 is then the pooled one). ``activate=False``: the last map before the final ReLU (``features``')."""
+        map 0 is then the pooled one). ``activate=False``: the last map before the final ReLU (``features``').
+        ``last_only``: only the last map is read, so a block whose last layer runs with the transition after it
+        (:meth:`Transition.frees_after`) yields nothing."""
         mode, f, tracing = run_mode(self.memory), self.features, is_tracing()
         if self.small_inputs:
             x = f.conv0(x)
@@ -441,16 +410,38 @@ class DenseNet(MemoryMode):
             x = checkpointed(mode != "plain", lambda t: f.relu0(f.norm0(f.conv0(t))), x)
         yield [x]
         maps = [f.pool0(x) if not self.small_inputs and (stem_map or mode == "plain") else x]
+        held = None  # a block's last layer, run with the transition after it
         for i in range(1, self._last_index + 1):
             if i > 1:
-                maps = [f.get_submodule(f"transition{i - 1}")(maps)]
-            block = f.get_submodule(f"denseblock{i}")
+                transition = f.get_submodule(f"transition{i - 1}")
+                maps = [transition(maps) if held is None else checkpointed(
+                    True, functools.partial(self._last_layer_then, transition, held), *maps,
+                    random=held._drawn_dropout() is not None)]
+            block, held = f.get_submodule(f"denseblock{i}"), None
             # Traced graphs and hooks take the block's own forward: its output is the node named after the block.
-            maps = [block(cat_maps(maps))] if tracing else block.run_hooked(maps) if _hooked(block) else block.run(maps)
+            if tracing or _hooked(block):
+                maps = [block(cat_maps(maps))] if tracing else block.run_hooked(maps)
+            else:
+                holds = last_only and mode == "frugal" and i < self._last_index
+                maps = block.run(maps, last=not holds)
+                if holds:
+                    held = list(block.values())[-1]
+                    if not f.get_submodule(f"transition{i}").frees_after(held, maps):
+                        maps.append(held(maps))
+                        held = None
             if i == len(self.block_config):
                 yield [checkpointed(mode != "plain", functools.partial(self._final, activate), *maps)]
                 return
-            yield maps
+            if held is None:
+                yield maps
+
+    @staticmethod
+    def _last_layer_then(transition: Transition, layer: DenseLayer, *maps: Tensor) -> Tensor:
+        """A block's last ``layer`` on ``maps``, then ``transition`` on them and its new features, which it empties
+        once normalised: frugal's forward then never holds a block's every map beside the transition's output. Run as
+        one checkpoint, whose rerun rebuilds the layer's features and saves what the transition's backward reads."""
+        maps = [*maps, layer(list(maps))]
+        return saved_only(*maps) if recomputing() else transition(maps, frees=1)
 
     def _final(self, activate: bool, *maps: Tensor) -> Tensor:
         x = self.features.norm5(*maps)
@@ -466,7 +457,7 @@ class DenseNet(MemoryMode):
 
     def _features(self, x: Tensor, activate: bool = True) -> Tensor:
         self._check_input(x, self._last_index)
-        return cat_maps(deque(self._maps(x, activate=activate), maxlen=1)[0])  # the last map, dropping the rest
+        return cat_maps(deque(self._maps(x, activate=activate, last_only=True), maxlen=1)[0])  # dropping the rest
 
     def forward_features(self, x: Tensor) -> Tensor:
         if not (_hooked(self.features) and self._last_index == len(self.block_config)):

@@ -44,11 +44,8 @@ from .layers.light import (
     cat_maps,
     differentiable_rerun,
     light_segment,
-    pack_bits,
-    random_state,
-    replayed,
-    unpack_bits,
 )
+from .layers.masks import pack_bits, random_state, replayed, unpack_bits
 from .layers.pool import max_pool_input_grad
 from .layers.recompute import is_tracing
 

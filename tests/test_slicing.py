@@ -10,8 +10,8 @@ import torch
 from conftest import TINY, one_line_error
 
 import effidense.layers.light as light
-from effidense import DenseBlock, DenseNet
-from effidense.memory import cpu_peak_bytes
+from effidense import DenseBlock, DenseNet, Transition
+from effidense.memory import StorageTracker, cpu_peak_bytes
 
 # Gradients differ from the plain model's only by the order of floating-point sums: |a - b| <= TOL * the largest
 # gradient of the model (a single gradient can be a cancellation of terms far larger than itself).
@@ -217,16 +217,52 @@ def test_sliced_backward_lowers_the_allocators_peak():
     assert peaks[8] < 0.8 * peaks[None]
 
 
-def test_frugal_densenet121_peaks_in_forward_at_a_large_batch():
-    """Sliced, frugal's backward holds less than its forward must: the first transition's forward holds the norm's
-    output and the convolution's for the whole batch (a forward bitwise the plain model's cannot slice them), and its
-    rerun in backward, weighed as a dense layer's, goes through slices small enough to stay below that. Fake tensors,
-    bf16 autocast: no parameter has its gradient yet at the step's peak."""
+def test_frugal_densenet121_first_transition_forward_holds_less_than_its_whole_batch():
+    """Frugal's first transition reads DenseNet-121's largest concatenation, and its forward (bitwise the plain
+    model's, so not sliced) holds the norm's and the convolution's outputs for the whole batch. Run with the block's
+    last layer as one checkpoint, it empties that layer's features once normalised, and its sliced backward stays
+    below: the step's peak is under the input, block 1's maps, the norm's output and the convolution's, which the
+    transition's forward held at once before. Fake tensors, bf16 autocast, a batch where activations dwarf weights."""
     from effidense import densenet121
     from effidense.harness import StepProbe, StepSpec
     probe = StepProbe(lambda: densenet121(memory="frugal", num_classes=10), StepSpec(num_classes=10,
                                                                                       amp=torch.bfloat16))
-    assert probe.measure(2048, (224, 224)).at_peak["gradients"] == 0
+    batch, bf16 = 2048, 2
+    whole_forward = batch * (3 * 224 * 224 * 4 + (256 + 256 + 128) * 56 * 56 * bf16)
+    assert probe.measure(batch, (224, 224)).peak_bytes < whole_forward
+
+
+def test_frugal_transition_empties_its_blocks_last_map(monkeypatch):
+    """A frugal block's last layer and the sliced transition after it run as one checkpoint: the transition's forward
+    empties the layer's new features once normalised, and the checkpoint's rerun rebuilds them (counting no batch in
+    the running statistics). Outputs, running statistics and gradients (double backward included) are bitwise those of
+    the two run apart, and the forward's peak (counted by tensors: on this scale the CPU's convolution scratch sets the
+    allocator's) falls by that map."""
+    model = DenseNet(growth_rate=16, block_config=(4, 1), num_init_features=8, bn_size=None, num_classes=5,
+                     drop_rate=0.2, small_inputs=True, memory="frugal", backward_slices=2).double()
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    runs = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(Transition, "frees_after", lambda *args: False)
+        copy_ = copy.deepcopy(model)
+        with StorageTracker() as tracker:
+            copy_(x)
+        peak = tracker.peak
+        copy_ = copy.deepcopy(model)
+        torch.manual_seed(0)
+        out = copy_(x)
+        out.square().sum().backward()
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(1)
+        (grad,) = torch.autograd.grad(copy_(xi).square().sum(), xi, create_graph=True)
+        grad.square().sum().backward()  # on top of the first step's gradients
+        runs.append((out, grad, copy_.state_dict(), [p.grad for p in copy_.parameters()], peak))
+    (out, grad, state, grads, peak), (out_apart, grad_apart, state_apart, grads_apart, peak_apart) = runs
+    assert torch.equal(out, out_apart) and torch.equal(grad, grad_apart)
+    assert all(torch.equal(state[k], state_apart[k]) for k in state)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_apart, strict=True))
+    assert peak == peak_apart - 4 * 16 * 32 * 32 * 8  # the last layer's features
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "cropped"])

@@ -17,24 +17,24 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensor
 
 from .gather import GradSlot, slot_of, with_slot
+from .masks import random_state, replayed
 from .norm import Affine, BatchNormAct, affine, grad_sums, input_grad, normalized
 from .pool import MaxPool
-from .recompute import checkpointed, is_tracing, rerun
+from .recompute import checkpointed, is_tracing, recomputing, rerun
 
-__all__ = ["LightSegment", "PooledConv", "ReluKeepingSign", "as_conv_sees", "autocast_state", "cat_maps",
-           "concat_norm_conv", "concat_norm_conv_pool", "conv_norm_pool", "differentiable_rerun", "light_segment",
-           "pack_bits", "plain_conv", "random_state", "replayed", "slice_count", "unpack_bits"]
+__all__ = ["LightSegment", "PooledConv", "as_conv_sees", "autocast_state", "cat_maps", "concat_norm_conv",
+           "concat_norm_conv_pool", "conv_norm_pool", "differentiable_rerun", "light_segment", "plain_conv",
+           "runs_light", "saved_only", "slice_count"]
 
 SLICE_FLOOR = 32 * 2 ** 20  # bytes: a smaller rerun costs little memory, and slicing it would cost kernel launches
 APART_FLOOR = SLICE_FLOOR  # bytes a map: a slice's concatenation of smaller maps is made in backward, not avoided
 
 
-def _light(norm: nn.Module, act: nn.Module, conv: nn.Module) -> bool:
+def runs_light(norm: nn.Module, act: nn.Module, conv: nn.Module) -> bool:
     """Whether ``norm``, ``act`` and ``conv`` can rerun in a light Function: native training-mode BatchNorm, ReLU, a
     convolution differentiated by hand (or a max-pool), autograd recording and nobody tracing."""
     return isinstance(norm, BatchNormAct) and norm.act is None and type(act) is nn.ReLU and \
@@ -57,14 +57,16 @@ def slice_count(setting: int | str | None, frugal: bool, batch: int, transient: 
 
 def light_segment(stages: Sequence[tuple[nn.Module, nn.Module, nn.Module]], *maps: Tensor, slices: int = 1,
                   pre: nn.Module | None = None, dropout: Callable[[Tensor], Tensor] | None = None,
-                  gather: bool = False) -> Tensor | None:
+                  gather: bool = False, frees: int = 0) -> Tensor | None:
     """``stages`` (norm, ReLU, then a convolution or max-pool) in turn on the concatenated ``maps``, or on ``pre`` (a
     convolution) of the one map, then ``dropout``, in :class:`LightSegment`, whose backward goes through ``slices`` of
     the batch and draws the dropout's mask again; None where the norms cannot rerun light (the caller then
     checkpoints). A norm with hooks is called, so that they fire, and so its segment is not sliced. Under
     ``torch.compile``, which cannot trace reading the random state, the dropout follows the segment and its mask is
-    kept. ``gather``: a sliced segment's output gets a :class:`GradSlot`, where its readers gather its gradient."""
-    if not all(_light(*stage) for stage in stages) or (pre is not None and not plain_conv(pre)):
+    kept. ``gather``: a sliced segment's output gets a :class:`GradSlot`, where its readers gather its gradient.
+    ``frees``: a sliced segment empties its last ``frees`` maps once it has normalised them (they are then read by
+    nothing else, and a rerun rebuilds them: :func:`saved_only`)."""
+    if not all(runs_light(*stage) for stage in stages) or (pre is not None and not plain_conv(pre)):
         return None
     if any(norm._forward_hooks or norm._forward_pre_hooks for norm, _, _ in stages):
         slices = 1
@@ -73,9 +75,9 @@ def light_segment(stages: Sequence[tuple[nn.Module, nn.Module, nn.Module]], *map
         params += [norm.weight, norm.bias, getattr(post, "weight", None)]
     slots = tuple(slot_of(t) for t in maps)
     if dropout is not None and torch.compiler.is_compiling():
-        return dropout(LightSegment.apply(slices, (pre, tuple(stages), None, slots, None), params, *params, *maps))
+        return dropout(LightSegment.apply(slices, (pre, tuple(stages), None, slots, None, 0), params, *params, *maps))
     slot = GradSlot() if gather and slices > 1 and not torch.compiler.is_compiling() else None
-    out = LightSegment.apply(slices, (pre, tuple(stages), dropout, slots, slot), params, *params, *maps)
+    out = LightSegment.apply(slices, (pre, tuple(stages), dropout, slots, slot, frees), params, *params, *maps)
     return out if slot is None else with_slot(out, slot)
 
 
@@ -113,11 +115,12 @@ class PooledConv:
 
 
 def concat_norm_conv_pool(norm: nn.Module, act: nn.Module, conv: nn.Module, pool: nn.Module, *maps: Tensor,
-                          light: bool, slices: int = 1) -> Tensor:
+                          light: bool, slices: int = 1, frees: int = 0) -> Tensor:
     """``pool(conv(act(norm(*maps))))``, a transition, with the pool keeping nothing for backward; when ``light``,
-    keeping only ``maps``, and when also sliced, pooling back a slice's gradient at a time."""
-    out = light_segment([(norm, act, PooledConv(conv, pool))], *maps, slices=slices) if light and slices > 1 \
-        else None
+    keeping only ``maps``, and when also sliced, pooling back a slice's gradient at a time (and emptying the last
+    ``frees`` maps once normalised: :func:`light_segment`)."""
+    out = light_segment([(norm, act, PooledConv(conv, pool))], *maps, slices=slices, frees=frees) \
+        if light and slices > 1 else None
     return out if out is not None else pool(concat_norm_conv(norm, act, conv, *maps, light=light, slices=slices))
 
 
@@ -159,7 +162,7 @@ class LightSegment(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, slices: int, modules: tuple, params: list, *tensors: Tensor) -> Tensor:
-        (pre, stages, dropout, ctx.slots, ctx.slot), maps = modules, tensors[len(params):]
+        (pre, stages, dropout, ctx.slots, ctx.slot, frees), maps = modules, tensors[len(params):]
         ctx.modules, ctx.slices, ctx.stats = (pre, stages, params), slices, []
         ctx.set_materialize_grads(False)  # a gradient gathered in a slot comes with none from autograd
         ctx.autocast = autocast_state(maps[0])
@@ -168,9 +171,11 @@ class LightSegment(torch.autograd.Function):
         else:
             x = [pre(maps[0])] if pre is not None else maps
             for norm, act, post in stages:  # F.batch_norm's very kernel, with its statistics
-                y, mean, invstd = _batch_norm_apart(norm, x, norm.count_batch())
+                y, mean, invstd = _batch_norm_apart(norm, x, not recomputing())
                 ctx.stats.append((mean, invstd))
                 del x  # neither is held beside the next map
+                for t in maps[len(maps) - frees:] if frees else ():
+                    t.set_()
                 y = act(y)
                 if isinstance(post, PooledConv):  # nor the normalised map beside the pooled one
                     y, post = post.conv(y), post.pool
@@ -361,20 +366,22 @@ class LightSegment(torch.autograd.Function):
         return grad_maps
 
 
-def random_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+class _SavedOnly(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, *maps: Tensor) -> Tensor:
+        ctx.save_for_backward(*maps)
+        return maps[0].new_empty(0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, ...]:
+        raise RuntimeError("a rerun's stand-in is never differentiated")
 
 
-def replayed(dropout: Callable[[Tensor], Tensor], state: tuple, like: tuple) -> Tensor:
-    """The dropout's scaled mask (0 or 1/(1-p)), drawn again from the state forward drew it from, on a tensor laid
-    out as its input was, so the same elements draw the same numbers."""
-    shape, stride, dtype, device = like
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, device_type=device.type):
-        torch.set_rng_state(state[0])
-        if state[1] is not None:
-            torch.cuda.set_rng_state(state[1], device)
-        return dropout(torch.empty_strided(shape, stride, dtype=dtype, device=device).fill_(1))
+def saved_only(*maps: Tensor) -> Tensor:
+    """In the rerun of a checkpoint whose last segment read ``maps``, that segment's stand-in: it saves ``maps``, as
+    the segment saved them, and computes nothing (a rerun's output is never read), so rebuilding what the segment's
+    backward reads never holds what its forward held. An empty tensor."""
+    return _SavedOnly.apply(*maps)
 
 
 def _accumulate(grads: dict, weight: Tensor, grad: Tensor | None) -> None:
@@ -423,15 +430,19 @@ def _post_backward(ctx: Any, post: nn.Module, grad: Tensor, y: Tensor, grads: di
     return grad
 
 
-def _batch_norm_apart(norm: nn.Module, maps: Sequence[Tensor], factor: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Training-mode BatchNorm of the maps' concatenation (updating the running statistics by ``factor``), by the
-    kernel ``F.batch_norm`` calls, and its batch statistics. Where the maps are laid out alike (:func:`_apart`), the
+def _batch_norm_apart(norm: nn.Module, maps: Sequence[Tensor], first: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Training-mode BatchNorm of the maps' concatenation, by the kernel ``F.batch_norm`` calls, and its batch
+    statistics; on a segment's ``first`` run it counts the batch and updates the running statistics, while a rerun
+    updates throwaway copies, as the norm's own forward does. Where the maps are laid out alike (:func:`_apart`), the
     kernel runs on each map's channels in turn, writing into one output: per channel the very statistics and values
     of the whole, but the concatenation is never held beside the output."""
+    factor, running_mean, running_var = norm.count_batch() if first else 0.0, norm.running_mean, norm.running_var
+    if not first and running_mean is not None:
+        running_mean, running_var = torch.zeros_like(running_mean), torch.ones_like(running_var)
     apart = _apart(maps)
     if apart is None:
         y, mean, invstd, _, _ = torch._batch_norm_impl_index(
-            cat_maps(maps), norm.weight, norm.bias, norm.running_mean, norm.running_var, True, factor, norm.eps,
+            cat_maps(maps), norm.weight, norm.bias, running_mean, running_var, True, factor, norm.eps,
             torch.backends.cudnn.enabled)
         return y, mean, invstd
     y, stats = None, [None] * len(maps)
@@ -439,7 +450,7 @@ def _batch_norm_apart(norm: nn.Module, maps: Sequence[Tensor], factor: float) ->
     for i in sorted(range(len(maps)), key=lambda i: maps[i].is_contiguous(memory_format=apart.layout)):
         part = apart.channels[i]
         weight, bias, mean, var = (None if p is None else p[part] for p in (
-            norm.weight, norm.bias, norm.running_mean, norm.running_var))
+            norm.weight, norm.bias, running_mean, running_var))
         x = maps[i].to(apart.dtype).contiguous(memory_format=apart.layout)
         out, *stats[i], _, _ = torch._batch_norm_impl_index(x, weight, bias, mean, var, True, factor, norm.eps,
                                                             torch.backends.cudnn.enabled)
@@ -552,41 +563,3 @@ def _bounds(batch: int, slices: int) -> list[tuple[int, int]]:
     size, extra = divmod(batch, min(slices, batch))
     starts = [i * size + min(i, extra) for i in range(min(slices, batch) + 1)]
     return list(zip(starts, starts[1:], strict=False))
-
-
-def _bits(device: torch.device) -> Tensor:
-    return torch.arange(8, dtype=torch.uint8, device=device)  # made where it is used: a fake one under fake tensors
-
-
-def pack_bits(mask: Tensor) -> Tensor:
-    """A bool tensor at one bit an element, each sample (along the first dim) in whole bytes of its own, so that
-    samples can be unpacked apart: uint8, (samples, bytes)."""
-    flat = mask.reshape(mask.shape[0], -1)
-    flat = F.pad(flat, (0, -flat.shape[1] % 8)).view(flat.shape[0], -1, 8).to(torch.uint8)
-    return (flat << _bits(flat.device)).sum(2, dtype=torch.uint8)
-
-
-def unpack_bits(packed: Tensor, shape: Sequence[int]) -> Tensor:
-    """The bool tensor of ``shape`` (contiguous) whose samples :func:`pack_bits` packed into ``packed``."""
-    bits = (packed.unsqueeze(2) >> _bits(packed.device)) & 1
-    return bits.flatten(1)[:, :math.prod(shape[1:])].bool().view(shape)
-
-
-class ReluKeepingSign(torch.autograd.Function):
-    """``relu(x)`` by the ReLU module (its hooks fire) that keeps one bit per element for backward, not its output:
-    the gradient is ReLU's own (``threshold_backward``: zero where the output is <= 0), bitwise."""
-
-    @staticmethod
-    def forward(ctx: Any, relu: nn.Module, x: Tensor) -> Tensor:
-        y = relu(x)
-        if y is x:  # an in-place ReLU (torchvision's)
-            ctx.mark_dirty(x)
-        ctx.save_for_backward(pack_bits(~(y <= 0)))
-        ctx.shape = y.shape
-        return y
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor]:
-        (packed,) = ctx.saved_tensors
-        zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
-        return None, torch.where(unpack_bits(packed, ctx.shape), grad, zero)
