@@ -271,11 +271,15 @@ class Transition(MemoryMode, AdoptsNorms):
         return concat_norm_conv_pool(self.norm, self.relu, self.conv, self.pool, *maps, light=light, slices=slices,
                                      frees=frees)
 
-    def frees_after(self, layer: DenseLayer, maps: Sequence[Tensor]) -> bool:
+    def frees_after(self, layer: DenseLayer, maps: Sequence[Tensor], gradients: int) -> bool:
         """Whether this transition and ``layer`` before it, on ``maps`` (all but the layer's), run as one segment in
-        which the transition empties the layer's new features once normalised: frugal, unhooked, sliced, light."""
-        return run_mode(self.memory) == "frugal" and run_mode(layer.memory) == "frugal" and \
-            not any(_hooked(m) for module in (self, layer) for m in module.modules()) and \
+        which the transition empties the layer's new features once normalised: frugal, unhooked, sliced, light, and
+        where those features outweigh ``gradients`` (bytes), which the segment's rerun in backward holds beside the
+        maps, as the forward did not."""
+        growth = (layer.conv2 if layer.bottleneck else layer.conv1).out_channels
+        features = maps[-1].numel() // maps[-1].shape[1] * growth * maps[-1].element_size()
+        return features > gradients and run_mode(self.memory) == "frugal" and run_mode(layer.memory) == "frugal" \
+            and not any(_hooked(m) for module in (self, layer) for m in module.modules()) and \
             runs_light(self.norm, self.relu, self.conv) and self.conv_slices(maps, self.conv) > 1
 
 
@@ -426,7 +430,8 @@ class DenseNet(MemoryMode):
                 maps = block.run(maps, last=not holds)
                 if holds:
                     held = list(block.values())[-1]
-                    if not f.get_submodule(f"transition{i}").frees_after(held, maps):
+                    gradients = sum(p.numel() * p.element_size() for p in self.parameters())
+                    if not f.get_submodule(f"transition{i}").frees_after(held, maps, gradients):
                         maps.append(held(maps))
                         held = None
             if i == len(self.block_config):
