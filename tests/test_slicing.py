@@ -268,6 +268,18 @@ def test_frugal_transition_empties_its_blocks_last_map(dims, monkeypatch):
         assert peak == peak_apart - 4 * 16 * x[0, 0].numel() * 8  # the last layer's features
 
 
+def test_frugal_keeps_the_last_map_where_the_gradients_outweigh_it(monkeypatch):
+    """The checkpoint's rerun of a block's last layer holds the model's gradients, which the transition's forward did
+    not: where they outweigh the layer's features (a small batch), the layer runs apart from its transition."""
+    runs, run = [], DenseNet._last_layer_then
+    monkeypatch.setattr(DenseNet, "_last_layer_then", staticmethod(lambda *args: runs.append(1) or run(*args)))
+    for classes in (5, 4000):  # a classifier of 4000 x 52 weights outweighs 4 x 16 x 32 x 32 features
+        model = DenseNet(growth_rate=16, block_config=(4, 1), num_init_features=8, bn_size=None,
+                         num_classes=classes, small_inputs=True, memory="frugal", backward_slices=2)
+        model(torch.randn(4, 3, 32, 32))
+        assert len(runs) == 1  # the first model's block runs with its transition; the second's apart
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "cropped"])
 def test_sliced_forward_normalises_each_map_into_one_output(layout, monkeypatch):
     """A sliced segment's forward runs BatchNorm's kernel on each map's channels, writing into one output: bitwise
