@@ -223,6 +223,33 @@ def test_sliced_forward_normalises_each_map_as_the_whole_on_cuda(amp, exact_cuda
 
 
 @pytest.mark.parametrize("amp", [False, True])
+def test_frugal_last_layer_with_its_transition_on_cuda(amp, exact_cuda, monkeypatch):
+    """A frugal block's last layer and the sliced transition after it as one checkpoint on the device, fp32 and bf16
+    autocast: the transition empties the layer's features once normalised and the rerun rebuilds them, so outputs,
+    running statistics and gradients are bitwise those of the two run apart."""
+    from effidense import Transition
+    torch.manual_seed(0)
+    base = DenseNet(growth_rate=16, block_config=(4, 1), num_init_features=8, bn_size=None, num_classes=5,
+                    drop_rate=0.2, small_inputs=True, memory="frugal", backward_slices=2).to(DEVICE)
+    x = torch.randn(4, 3, 32, 32, device=DEVICE)
+    runs, fused = [], []
+    frees_after = Transition.frees_after
+    for apart in (False, True):
+        monkeypatch.setattr(Transition, "frees_after", (lambda *args: False) if apart else
+                            (lambda *args: fused.append(frees_after(*args)) or fused[-1]))
+        model = copy.deepcopy(base)
+        torch.manual_seed(1)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            out = model(x)
+        out.float().square().sum().backward()
+        runs.append((out, model.state_dict(), [p.grad for p in model.parameters()]))
+    (out, state, grads), (out_apart, state_apart, grads_apart) = runs
+    assert fused == [True]
+    assert torch.equal(out, out_apart) and all(torch.equal(state[k], state_apart[k]) for k in state)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_apart, strict=True))
+
+
+@pytest.mark.parametrize("amp", [False, True])
 def test_fcdensenet_sliced_frugal_on_cuda(amp, exact_cuda):
     """FC-DenseNet's sliced frugal step on the device: its layers and classifier sum each map's gradient in one place
     (``GradSlot``); the plain model's step within the order of float sums."""
