@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import socket
 from collections.abc import Iterator
@@ -25,6 +26,9 @@ def process_group(backend: str, rank: int, world_size: int, init_method: str) ->
     try:
         yield
     finally:
+        # What the block left in reference cycles (a DDP model's reducer, which drops the group holding the GIL that
+        # a gloo worker may need) is freed while the group is registered; the group then goes here, GIL released.
+        gc.collect()
         torch.distributed.destroy_process_group()
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import math
 import os
 import signal
@@ -513,6 +514,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     finite.
     """
     ctx = init_processes(args)
+    trainer = None
     try:
         with contextlib.ExitStack() as stack:  # holds the run directory's lock
             trainer = _Trainer(args, ctx, stack)
@@ -524,4 +526,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                                           f"with --resume {out}") from None
     finally:
         if ctx.distributed and dist.is_initialized():
+            # DDP's reducer holds the process group too, and drops it holding the GIL, which a gloo worker may still
+            # need to free a finished collective's tensors: the two would wait on each other. Freed first, the group
+            # is destroyed here, by a call that releases the GIL.
+            trainer = None
+            gc.collect()
             dist.destroy_process_group()
