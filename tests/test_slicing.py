@@ -4,6 +4,8 @@ step's peak, by the CPU allocator, falls."""
 from __future__ import annotations
 
 import copy
+import gc
+import os
 
 import pytest
 import torch
@@ -266,6 +268,52 @@ def test_frugal_transition_empties_its_blocks_last_map(dims, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(grads, grads_apart, strict=True))
     if dims < 3:  # in 3D float64 convolutions' column buffers set the peak
         assert peak == peak_apart - 4 * 16 * x[0, 0].numel() * 8  # the last layer's features
+
+
+def _fused_model() -> DenseNet:
+    torch.manual_seed(0)
+    return DenseNet(growth_rate=16, block_config=(4, 1), num_init_features=8, bn_size=None, num_classes=5,
+                    small_inputs=True, memory="frugal", backward_slices=2).double()
+
+
+def _ddp_rank(rank: int, init_method: str, out_dir: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    torch.set_num_threads(1)  # as the test's own process: the same kernels, summing in the same order
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
+    fused, frees_after = [], Transition.frees_after
+    Transition.frees_after = lambda *args: fused.append(frees_after(*args)) or fused[-1]
+    model = DistributedDataParallel(_fused_model())
+    x = torch.randn(8, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for _ in range(2):  # the second step reads the buffers DDP broadcast
+        model.zero_grad()
+        model(x[4 * rank:4 * rank + 4]).square().sum().backward()
+    torch.save((fused, [p.grad for p in model.parameters()]), os.path.join(out_dir, f"rank{rank}.pt"))
+    del model
+    gc.collect()
+    dist.destroy_process_group()
+
+
+def test_frugal_last_layer_with_its_transition_under_ddp(tmp_path, monkeypatch):
+    """Under DDP (2 ranks, gloo) the checkpoint that runs a block's last layer with its transition reruns in backward
+    as alone: the averaged gradients are bitwise those of each rank's half run apart, in one process."""
+    import torch.multiprocessing as mp
+
+    from effidense.harness import free_port
+    mp.spawn(_ddp_rank, args=(f"tcp://127.0.0.1:{free_port()}", str(tmp_path)), nprocs=2, join=True)
+    monkeypatch.setattr(Transition, "frees_after", lambda *args: False)
+    x = torch.randn(8, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    halves = []
+    for rank in range(2):
+        model = _fused_model()
+        for _ in range(2):
+            model.zero_grad()
+            model(x[4 * rank:4 * rank + 4]).square().sum().backward()
+        halves.append([p.grad for p in model.parameters()])
+    for rank in range(2):
+        fused, grads = torch.load(tmp_path / f"rank{rank}.pt")
+        assert fused == [True, True]
+        assert all(torch.equal(g, (a + b) / 2) for g, a, b in zip(grads, *halves, strict=True))
 
 
 def test_frugal_keeps_the_last_map_where_the_gradients_outweigh_it(monkeypatch):
