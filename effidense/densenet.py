@@ -415,6 +415,9 @@ class DenseNet(MemoryMode):
         yield [x]
         maps = [f.pool0(x) if not self.small_inputs and (stem_map or mode == "plain") else x]
         held = None  # a block's last layer, run with the transition after it
+        # what the rerun of such a layer holds in backward beside the maps, as forward did not
+        gradients = sum(p.numel() * p.element_size() for p in self.parameters()) if last_only and mode == "frugal" \
+            else 0
         for i in range(1, self._last_index + 1):
             if i > 1:
                 transition = f.get_submodule(f"transition{i - 1}")
@@ -430,7 +433,6 @@ class DenseNet(MemoryMode):
                 maps = block.run(maps, last=not holds)
                 if holds:
                     held = list(block.values())[-1]
-                    gradients = sum(p.numel() * p.element_size() for p in self.parameters())
                     if not f.get_submodule(f"transition{i}").frees_after(held, maps, gradients):
                         maps.append(held(maps))
                         held = None
