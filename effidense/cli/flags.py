@@ -21,10 +21,15 @@ if TYPE_CHECKING:
 
 __all__ = ["add_model_arguments", "spec_from_args", "segmentation_spec_from_args", "ModelKwargs", "OneLineParser",
            "positive_int", "non_negative_int", "integer_in", "float_list", "seed", "thread_count", "max_threads",
-           "SEED_RANGE", "report_once"]
+           "SEED_RANGE", "primary", "report_once"]
 
 # Seconds a rank other than torchrun's rank 0 leaves an error to rank 0 before it prints the error itself.
 RANK_WAIT_S = 60.0
+
+
+def primary() -> bool:
+    """Whether this is torchrun's rank 0, or a process outside torchrun: the one that speaks for every rank."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def report_once(message: str) -> None:
@@ -33,7 +38,7 @@ def report_once(message: str) -> None:
     prints it. Another rank that exited at once would have torchrun end rank 0 before it printed: so another rank
     waits, for torchrun to end it once rank 0 has failed. One still waiting after :data:`RANK_WAIT_S` met an error
     rank 0 did not, and prints it."""
-    if os.environ.get("RANK", "0") != "0":
+    if not primary():
         time.sleep(RANK_WAIT_S)
     print(message, file=sys.stderr)
 

@@ -13,18 +13,12 @@ torchrun (by rank 0, which meets the same ones); Ctrl-C finishes the file being 
 """
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Sequence
 
 from ..train.args import parse_args
 from ..train.errors import TrainError, TrainingInterrupted
-from .flags import report_once
-
-
-def _primary() -> bool:
-    # torchrun's RANK: Ctrl-C reaches every rank, and rank 0 alone says so
-    return os.environ.get("RANK", "0") == "0"
+from .flags import primary, report_once
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -35,14 +29,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         result = train(args)
     except TrainingInterrupted as e:
-        if _primary():
+        if primary():  # Ctrl-C reaches every rank, and rank 0 alone says so
             print(e, file=sys.stderr)
         return 130
     except TrainError as e:
         report_once(f"error: {e}")
         return 1
     except KeyboardInterrupt:  # before the run directory was written
-        if _primary():
+        if primary():
             print("interrupted (Ctrl-C) before training started; nothing was written", file=sys.stderr)
         return 130
     if result["rank"] == 0 and result["best_metric"] is not None:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["free_port", "process_group", "torchrun_world", "backend_for", "check_world"]
+__all__ = ["free_port", "process_group", "destroy_process_group", "torchrun_world", "backend_for", "check_world"]
 
 
 def free_port() -> int:
@@ -26,10 +26,16 @@ def process_group(backend: str, rank: int, world_size: int, init_method: str) ->
     try:
         yield
     finally:
-        # What the block left in reference cycles (a DDP model's reducer, which drops the group holding the GIL that
-        # a gloo worker may need) is freed while the group is registered; the group then goes here, GIL released.
-        gc.collect()
-        torch.distributed.destroy_process_group()
+        destroy_process_group()
+
+
+def destroy_process_group() -> None:
+    """Destroy the default process group, once what still holds it in reference cycles is freed. DDP's reducer holds
+    the group and drops it holding the GIL, which a gloo worker thread may still need to free a finished collective's
+    tensors: the two would wait on each other. Freed while the group is registered, it leaves the group to this call,
+    which releases the GIL. (A caller drops its own references, a DDP model's, first.)"""
+    gc.collect()
+    torch.distributed.destroy_process_group()
 
 
 def torchrun_world() -> tuple[int, int, int] | None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import math
 import os
 import signal
@@ -44,6 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..fileio import short_error
+from ..harness.distributed import destroy_process_group
 from ..progress import Progress
 from ..weights import listing, values_problem
 from .args import args_as_dict, args_to_yaml
@@ -526,9 +526,5 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                                           f"with --resume {out}") from None
     finally:
         if ctx.distributed and dist.is_initialized():
-            # DDP's reducer holds the process group too, and drops it holding the GIL, which a gloo worker may still
-            # need to free a finished collective's tensors: the two would wait on each other. Freed first, the group
-            # is destroyed here, by a call that releases the GIL.
-            trainer = None
-            gc.collect()
-            dist.destroy_process_group()
+            trainer = None  # its DDP model holds the process group too (destroy_process_group says why that matters)
+            destroy_process_group()
