@@ -448,7 +448,7 @@ class DenseNet(MemoryMode):
         once normalised: frugal's forward then never holds a block's every map beside the transition's output. Run as
         one checkpoint, whose rerun rebuilds the layer's features and saves what the transition's backward reads."""
         maps = [*maps, layer(list(maps))]
-        return saved_only(*maps) if recomputing() else transition(maps, frees=1)
+        return saved_only(maps, list(transition.parameters())) if recomputing() else transition(maps, frees=1)
 
     def _final(self, activate: bool, *maps: Tensor) -> Tensor:
         x = self.features.norm5(*maps)

@@ -270,6 +270,28 @@ def test_frugal_transition_empties_its_blocks_last_map(dims, monkeypatch):
         assert peak == peak_apart - 4 * 16 * x[0, 0].numel() * 8  # the last layer's features
 
 
+@pytest.mark.parametrize("input_grad", [False, True])
+def test_frugal_last_layer_with_its_transition_under_a_frozen_block(input_grad, monkeypatch):
+    """Transfer learning freezes the early layers: with the stem and the first block frozen (and an input that needs
+    no gradient), the layer's maps need none, the transition's weights do. The checkpoint's rerun saves what the
+    transition saved all the same, and the step is bitwise the one with the two run apart."""
+    fused, frees_after = [], Transition.frees_after
+    monkeypatch.setattr(Transition, "frees_after", lambda *args: fused.append(frees_after(*args)) or fused[-1])
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64, requires_grad=input_grad)
+    runs = []
+    for apart in (False, True):
+        if apart:
+            monkeypatch.setattr(Transition, "frees_after", lambda *args: False)
+        model = _fused_model()
+        for name, p in model.named_parameters():
+            p.requires_grad_(not name.startswith(("features.conv0", "features.denseblock1")))
+        model(x).square().sum().backward()
+        runs.append([p.grad for p in model.parameters()] + [x.grad])
+        x.grad = None
+    assert fused == [True]
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
 def _fused_model() -> DenseNet:
     torch.manual_seed(0)
     return DenseNet(growth_rate=16, block_config=(4, 1), num_init_features=8, bn_size=None, num_classes=5,

@@ -368,20 +368,22 @@ class LightSegment(torch.autograd.Function):
 
 class _SavedOnly(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, *maps: Tensor) -> Tensor:
-        ctx.save_for_backward(*maps)
-        return maps[0].new_empty(0)
+    def forward(ctx: Any, count: int, *tensors: Tensor) -> Tensor:
+        ctx.save_for_backward(*tensors[:count])
+        return tensors[0].new_empty(0)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[None, ...]:
         raise RuntimeError("a rerun's stand-in is never differentiated")
 
 
-def saved_only(*maps: Tensor) -> Tensor:
+def saved_only(maps: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
     """In the rerun of a checkpoint whose last segment read ``maps``, that segment's stand-in: it saves ``maps``, as
     the segment saved them, and computes nothing (a rerun's output is never read), so rebuilding what the segment's
-    backward reads never holds what its forward held. An empty tensor."""
-    return _SavedOnly.apply(*maps)
+    backward reads never holds what its forward held. It takes the segment's ``params`` too, so that it saves
+    wherever autograd recorded the segment: for trained weights on maps that need no gradient (a frozen block). An
+    empty tensor."""
+    return _SavedOnly.apply(len(maps), *maps, *params)
 
 
 def _accumulate(grads: dict, weight: Tensor, grad: Tensor | None) -> None:
