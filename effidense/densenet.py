@@ -49,12 +49,14 @@ from .arguments import (
     min_input_size,
     resolve_memory,
 )
-from .layers.gather import gathered
+from .layers.gather import gathered, read_through
 from .layers.light import (
+    backward_hooked,
     cat_maps,
     concat_norm_conv,
     concat_norm_conv_pool,
     conv_norm_pool,
+    hooked,
     light_segment,
     runs_light,
     saved_only,
@@ -85,11 +87,6 @@ def _norm_and_act(norm_layer: NormLayer, channels: int) -> tuple[NormAct, nn.Mod
         raise TypeError(f"norm_layer must make an effidense.layers.NormAct (e.g. BatchNormAct2d, GroupNormAct, "
                         f"InstanceNormAct2d), which stays exact under recomputation; it made a {type(norm).__name__}")
     return norm, norm.take_act()
-
-
-def _hooked(module: nn.Module) -> bool:
-    """Whether ``module`` has forward hooks, which fire only if it is called: then it is, rather than taken apart."""
-    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 def _as_maps(maps: Sequence[Tensor] | Tensor) -> Sequence[Tensor]:
@@ -153,7 +150,7 @@ class DenseLayer(MemoryMode, AdoptsNorms):
         """Whether the layer's segment, on ``maps``, goes through the batch in slices and gathers the gradients of
         the maps it reads where their makers take them (:class:`~effidense.layers.gather.GradSlot`): frugal's, not
         hooked."""
-        return run_mode(self.memory) == "frugal" and torch.is_grad_enabled() and not _hooked(self) and \
+        return run_mode(self.memory) == "frugal" and torch.is_grad_enabled() and not hooked(self) and \
             not is_tracing() and self._frugal_slices(maps) > 1
 
     def _block_keeps(self) -> float:
@@ -184,7 +181,7 @@ class DenseLayer(MemoryMode, AdoptsNorms):
         # frugal: the whole layer is a segment, its dropout included
         dropout = self._drawn_dropout()
         out = light_segment(stages, *maps, slices=self._frugal_slices(maps), dropout=dropout,
-                            gather=not _hooked(self))
+                            gather=not hooked(self))
         if out is not None:
             return out
         return checkpointed(True, self.new_features, *maps, random=dropout is not None)
@@ -226,16 +223,17 @@ class DenseBlock(MemoryMode, nn.ModuleDict):
 
     def forward(self, x: Tensor) -> Tensor:
         apart = _handoff(self)
-        hooked = apart is not None and apart[0] is x  # called by run_hooked: the maps x concatenates stay apart
-        maps = self.run(apart[1] if hooked else [x])
+        given = apart is not None and apart[0] is x  # called by run_hooked: the maps x concatenates stay apart
+        maps = self.run(apart[1] if given else [x])
         out = cat_maps(maps[1:] if self.new_features_only else maps)
-        if hooked:
+        if given:
             _handoff(self, (out, maps))
         return out
 
     def run_hooked(self, maps: Sequence[Tensor]) -> list[Tensor]:
         """:meth:`run` through a call of the block, so that its hooks fire and see what torchvision's see, while the
-        maps stay apart: a hook costs no memory beyond what it holds. A hook that replaces a value is obeyed."""
+        maps stay apart: a hook costs no memory beyond what it holds, and later readers' gradients pass through the
+        output it saw (:func:`~effidense.layers.gather.read_through`). A hook that replaces a value is obeyed."""
         x = cat_maps(maps)
         _handoff(self, (x, list(maps)))
         try:
@@ -243,7 +241,10 @@ class DenseBlock(MemoryMode, nn.ModuleDict):
             handed = _handoff(self)
         finally:
             _handoff(self)
-        return handed[1] if handed is not None and handed[0] is out else [out]
+        if handed is None or handed[0] is not out:
+            return [out]
+        maps, skipped = handed[1], 1 if self.new_features_only else 0
+        return maps[:skipped] + read_through(out, maps[skipped:])
 
 
 class Transition(MemoryMode, AdoptsNorms):
@@ -279,7 +280,7 @@ class Transition(MemoryMode, AdoptsNorms):
         growth = (layer.conv2 if layer.bottleneck else layer.conv1).out_channels
         features = maps[-1].numel() // maps[-1].shape[1] * growth * maps[-1].element_size()
         return features > gradients and run_mode(self.memory) == "frugal" and run_mode(layer.memory) == "frugal" \
-            and not any(_hooked(m) for module in (self, layer) for m in module.modules()) and \
+            and not any(hooked(m) for module in (self, layer) for m in module.modules()) and \
             runs_light(self.norm, self.relu, self.conv) and self.conv_slices(maps, self.conv) > 1
 
 
@@ -421,12 +422,14 @@ class DenseNet(MemoryMode):
         for i in range(1, self._last_index + 1):
             if i > 1:
                 transition = f.get_submodule(f"transition{i - 1}")
-                maps = [transition(maps) if held is None else checkpointed(
+                # a backward hook's input gradient is the concatenation's, as torchvision's
+                given = cat_maps(maps) if backward_hooked(transition) else maps
+                maps = [transition(given) if held is None else checkpointed(
                     True, functools.partial(self._last_layer_then, transition, held), *maps,
                     random=held._drawn_dropout() is not None)]
             block, held = f.get_submodule(f"denseblock{i}"), None
             # Traced graphs and hooks take the block's own forward: its output is the node named after the block.
-            if tracing or _hooked(block):
+            if tracing or hooked(block):
                 maps = [block(cat_maps(maps))] if tracing else block.run_hooked(maps)
             else:
                 holds = last_only and mode == "frugal" and i < self._last_index
@@ -467,7 +470,7 @@ class DenseNet(MemoryMode):
         return cat_maps(deque(self._maps(x, activate=activate, last_only=True), maxlen=1)[0])  # dropping the rest
 
     def forward_features(self, x: Tensor) -> Tensor:
-        if not (_hooked(self.features) and self._last_index == len(self.block_config)):
+        if not (hooked(self.features) and self._last_index == len(self.block_config)):
             return self._features(x)
         if is_tracing():
             return self._final_relu(self.features(x))
@@ -479,7 +482,7 @@ class DenseNet(MemoryMode):
         finally:
             _handoff(self.features)
         relu = self._modules.get("relu")
-        light = relu is not None and run_mode(self.memory) != "plain"
+        light = relu is not None and run_mode(self.memory) != "plain" and not backward_hooked(relu)
         return ReluKeepingSign.apply(relu, x) if light else self._final_relu(x)
 
     def forward_intermediates(self, x: Tensor, indices: int | list[int] | None = None, norm: bool = False,

@@ -43,6 +43,7 @@ from .layers.light import (
     autocast_state,
     cat_maps,
     differentiable_rerun,
+    hooked,
     light_segment,
 )
 from .layers.masks import pack_bits, random_state, replayed, unpack_bits
@@ -303,9 +304,9 @@ class FCDenseNet(MemoryMode):
 def concat_conv(conv: nn.Module, *maps: Tensor, light: bool) -> Tensor:
     """``conv`` (a convolution, with a bias or not: a classifier) of the concatenated ``maps``; when ``light``,
     keeping only the maps for backward. Where the maps' gradients are gathered (:class:`GradSlot`), its share is
-    added there rather than handed to autograd."""
+    added there rather than handed to autograd, unless ``conv`` has hooks: it is then called where autograd records."""
     slots = tuple(slot_of(t) for t in maps)
-    if not light or not any(slots) or not torch.is_grad_enabled() or is_tracing() or \
+    if not light or not any(slots) or not torch.is_grad_enabled() or is_tracing() or hooked(conv) or \
             conv.padding_mode != "zeros" or not isinstance(conv.padding, tuple) or conv.groups != 1:
         return checkpointed(light, lambda *t: conv(cat_maps(t)), *maps)
     return _GatheringConv.apply(conv, slots, conv.weight, conv.bias, *maps)

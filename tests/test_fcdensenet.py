@@ -48,6 +48,34 @@ def test_efficient_and_frugal_are_bitwise_plain_after_three_sgd_steps(dims: int)
     assert plain.state_dict()["down.0.denselayer1.norm1.num_batches_tracked"] == 3
 
 
+@pytest.mark.parametrize("mode", ["efficient", "frugal"])
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # a transition down takes a list of maps
+def test_backward_hooks_fire_as_in_plain(mode: str) -> None:
+    """A full backward hook and a gradient hook on a module's output (from a forward hook) fire with plain's
+    gradients, on the classifier (which frugal otherwise runs where autograd does not record), a block and a
+    transition; the step's gradients stay plain's."""
+    plain = FCDenseNet(2, 2, 3, **TINY, memory="plain", backward_slices=2).double()
+    model = FCDenseNet(2, 2, 3, **TINY, memory=mode, backward_slices=2).double()
+    model.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 2, *SIZES[2], dtype=torch.float64)  # sliced: equal up to the order of sums
+    seen = {}
+    for net in (plain, model):
+        grads = seen.setdefault(net.memory, {})
+        for name in ("classifier", "up.1", "transitions_down.0"):
+            module = net.get_submodule(name)
+            module.register_full_backward_hook(
+                lambda m, grad_in, grad_out, name=name, grads=grads: grads.setdefault(name, []).append(grad_out[0]))
+            module.register_forward_hook(lambda m, args, out, name=name, grads=grads: out.register_hook(
+                lambda g: grads.setdefault(f"{name} output", []).append(g)) and None)
+        torch.manual_seed(3)
+        net(x).square().sum().backward()
+        grads.update({name: [p.grad] for name, p in net.named_parameters()})
+    assert len(seen["plain"]) == len(seen[mode]) > len(plain.state_dict()) // 3
+    for name, want in seen["plain"].items():
+        got = seen[mode][name]
+        assert len(got) == len(want) == 1 and torch.allclose(got[0], want[0], rtol=1e-9, atol=1e-12), name
+
+
 def test_dropout_is_drawn_so_the_equality_above_covers_its_masks() -> None:
     model = FCDenseNet(2, 2, 3, **TINY, memory="frugal")
     x = torch.randn(2, 2, *SIZES[2])

@@ -99,6 +99,57 @@ def test_forward_hooks_and_features_see_torchvisions_maps(memory):
     _assert_equal(ours, theirs)
 
 
+# modules whose output torchvision's forward does not overwrite in place (a norm's is, by the ReLU after it)
+GRADIENT_HOOKED = ["features.conv0", "features.pool0", "features.denseblock1.denselayer2.conv2",
+                   "features.denseblock1.denselayer2", "features.denseblock1", "features.transition1.conv",
+                   "features.transition1.pool", "features.transition1", "features.denseblock2", "classifier"]
+# outputs that leave a segment, where a forward hook can ask for their gradient (inside one, the output is made
+# where autograd does not record)
+OUTPUT_HOOKED = ["features.denseblock1.denselayer2", "features.denseblock1", "features.transition1",
+                 "features.denseblock2", "features", "classifier"]
+
+
+@pytest.mark.parametrize("memory", MODES)
+@pytest.mark.parametrize("kind", ["full backward hooks", "output gradient hooks"])
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # a dense layer takes a list, as torchvision's
+def test_backward_hooks_see_torchvisions_gradients(memory, kind):
+    """Full backward hooks (``register_full_backward_hook``, as per-sample-gradient tools use them) and gradient hooks
+    on a module's output (``output.register_hook`` from a forward hook, as Grad-CAM does) fire as often as
+    torchvision's, with its gradients (a full hook's input and output gradients), in every memory mode; the step's
+    gradients stay torchvision's."""
+    x = torch.randn(2, 3, 32, 32)
+    seen: dict[str, dict] = {}
+    for model in _pair(memory):
+        grads = seen.setdefault(type(model).__module__, {})
+
+        def keep(name: str, grads: dict = grads) -> object:
+            def hook(module: torch.nn.Module, grad_in: tuple, grad_out: tuple) -> None:
+                grads.setdefault(name, []).append([g.clone() for g in (*grad_in, *grad_out) if g is not None])
+            return hook
+
+        def ask(name: str, grads: dict = grads) -> object:
+            def hook(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
+                out.register_hook(lambda g: grads.setdefault(name, []).append([g.clone()]))
+            return hook
+
+        if kind == "full backward hooks":
+            names = GRADIENT_HOOKED
+            handles = [model.get_submodule(name).register_full_backward_hook(keep(name)) for name in names]
+        else:
+            names = OUTPUT_HOOKED
+            handles = [model.get_submodule(name).register_forward_hook(ask(name)) for name in names]
+        model(x.clone().requires_grad_()).square().sum().backward()  # conv0's input has a gradient, as its hook asks
+        for handle in handles:
+            handle.remove()
+        grads.update({name: [[p.grad]] for name, p in model.named_parameters()})
+    theirs, ours = seen.values()
+    assert set(names) <= theirs.keys() == ours.keys()
+    for name, want in theirs.items():
+        assert len(ours[name]) == len(want), name
+        assert all(len(a) == len(b) and all(map(torch.equal, a, b)) for a, b in zip(ours[name], want, strict=True)), \
+            name
+
+
 def test_hooks_on_a_pruned_or_monai_model_are_left_alone():
     """Hooking ``features`` of a model pruned for timm's features_only does not run the pruned-away stem pool; MONAI's
     drop-in keeps its activation in ``class_layers.relu`` and its features end at ``norm5``."""

@@ -1,4 +1,4 @@
-"""Gradients summed where a map's readers are, rather than by autograd.
+"""Gradients summed where a map's readers are, rather than by autograd; and maps read through their concatenation.
 
 Autograd sums a map's gradient from every segment that read it, but only once a segment returns: while a dense layer's
 backward runs, its new gradients for every map it read sit beside the sums so far, two sets of a block's map
@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["GradSlot", "gathered", "slot_of", "with_slot"]
+__all__ = ["GradSlot", "gathered", "read_through", "slot_of", "with_slot"]
 
 
 class GradSlot:
@@ -80,3 +80,32 @@ def gathered(x: Tensor) -> Tensor:
         return x
     slot = GradSlot()
     return with_slot(_Gathered.apply(slot, x), slot)
+
+
+class _ReadThrough(torch.autograd.Function):
+    """The maps themselves (views), whose gradients join in one for their concatenation, which passes them on."""
+
+    @staticmethod
+    def forward(ctx: Any, whole: Tensor, *maps: Tensor) -> tuple[Tensor, ...]:
+        ctx.widths, ctx.dtype = [t.shape[1] for t in maps], whole.dtype
+        ctx.set_materialize_grads(False)
+        return tuple(t.view_as(t) for t in maps)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        nothing = (None,) * len(grads)
+        like = next((g for g in grads if g is not None), None)
+        if like is None:
+            return None, *nothing
+        grads = [g if g is not None else like.new_zeros((like.shape[0], width, *like.shape[2:]))
+                 for g, width in zip(grads, ctx.widths, strict=True)]
+        return torch.cat(grads, 1).to(ctx.dtype), *nothing
+
+
+def read_through(whole: Tensor, maps: list[Tensor]) -> list[Tensor]:
+    """``maps``, read through ``whole``, their concatenation that a hook saw: later readers' gradients reach them by
+    way of ``whole``, so a hook on it (``whole.register_hook``) sees the gradient it would if they read ``whole``
+    itself, while only the maps are kept. Nothing is kept for backward."""
+    if not torch.is_grad_enabled() or not whole.requires_grad:
+        return maps
+    return list(_ReadThrough.apply(whole, *maps))

@@ -26,19 +26,36 @@ from .norm import Affine, BatchNormAct, affine, grad_sums, input_grad, normalize
 from .pool import MaxPool
 from .recompute import checkpointed, is_tracing, recomputing, rerun
 
-__all__ = ["LightSegment", "PooledConv", "as_conv_sees", "autocast_state", "cat_maps", "concat_norm_conv",
-           "concat_norm_conv_pool", "conv_norm_pool", "differentiable_rerun", "light_segment", "plain_conv",
-           "runs_light", "saved_only", "slice_count"]
+__all__ = ["LightSegment", "PooledConv", "as_conv_sees", "autocast_state", "backward_hooked", "cat_maps",
+           "concat_norm_conv", "concat_norm_conv_pool", "conv_norm_pool", "differentiable_rerun", "hooked",
+           "light_segment", "plain_conv", "runs_light", "saved_only", "slice_count"]
 
 SLICE_FLOOR = 32 * 2 ** 20  # bytes: a smaller rerun costs little memory, and slicing it would cost kernel launches
 APART_FLOOR = SLICE_FLOOR  # bytes a map: a slice's concatenation of smaller maps is made in backward, not avoided
 
 
+def backward_hooked(*modules: Any) -> bool:
+    """Whether any of ``modules`` has backward hooks, its own or every module's: they fire only where autograd records
+    the module's call, never inside a light Function's forward, so such a module runs as the plain model runs it."""
+    if nn.modules.module._global_backward_hooks or nn.modules.module._global_backward_pre_hooks:
+        return True
+    return any(isinstance(m, nn.Module) and bool(m._backward_hooks or m._backward_pre_hooks) for m in modules)
+
+
+def hooked(module: nn.Module) -> bool:
+    """Whether ``module`` has hooks, which fire only where it is called (backward hooks: where autograd records the
+    call): then it is, rather than taken apart."""
+    return bool(module._forward_hooks or module._forward_pre_hooks) or backward_hooked(module)
+
+
 def runs_light(norm: nn.Module, act: nn.Module, conv: nn.Module) -> bool:
     """Whether ``norm``, ``act`` and ``conv`` can rerun in a light Function: native training-mode BatchNorm, ReLU, a
-    convolution differentiated by hand (or a max-pool), autograd recording and nobody tracing."""
+    convolution differentiated by hand (or a max-pool), none with backward hooks, autograd recording and nobody
+    tracing."""
+    pooled = isinstance(conv, PooledConv)
     return isinstance(norm, BatchNormAct) and norm.act is None and type(act) is nn.ReLU and \
-        (plain_conv(conv) or isinstance(conv, MaxPool) or isinstance(conv, PooledConv) and plain_conv(conv.conv)) \
+        (plain_conv(conv) or isinstance(conv, MaxPool) or pooled and plain_conv(conv.conv)) \
+        and not backward_hooked(norm, act, *((conv.conv, conv.pool) if pooled else (conv,))) \
         and torch.is_grad_enabled() and not is_tracing() and norm.native_training()
 
 
@@ -66,9 +83,10 @@ def light_segment(stages: Sequence[tuple[nn.Module, nn.Module, nn.Module]], *map
     kept. ``gather``: a sliced segment's output gets a :class:`GradSlot`, where its readers gather its gradient.
     ``frees``: a sliced segment empties its last ``frees`` maps once it has normalised them (they are then read by
     nothing else, and a rerun rebuilds them: :func:`saved_only`)."""
-    if not all(runs_light(*stage) for stage in stages) or (pre is not None and not plain_conv(pre)):
+    if not all(runs_light(*stage) for stage in stages) or \
+            (pre is not None and (not plain_conv(pre) or backward_hooked(pre))):
         return None
-    if any(norm._forward_hooks or norm._forward_pre_hooks for norm, _, _ in stages):
+    if any(hooked(norm) for norm, _, _ in stages):
         slices = 1
     params = [] if pre is None else [pre.weight]
     for norm, _, post in stages:
