@@ -5,6 +5,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+import torch.nn.utils.prune
 import torchvision
 from conftest import TINY
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -289,6 +290,37 @@ def test_recomputation_never_updates_running_stats_nor_runs_a_transition_conv(mo
     assert sorted(updates) == sorted(own.values())
     assert len(conv_calls) == 1
     assert all(m.num_batches_tracked.item() == 1 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("hook", ["pruning", "scaled output", "scaled input"])
+def test_hooks_that_change_what_a_module_computes_are_followed_in_backward(mode, hook):
+    """A hook on a module inside a segment may change what it computes: ``torch.nn.utils.prune`` (a forward pre-hook
+    that makes the weight from a mask), or a hook that scales an output or an input. Training steps follow it in
+    backward, bitwise as the plain model."""
+    state, x, runs = DenseNet(**TINY).state_dict(), torch.randn(4, 3, 16, 16), []
+    for memory in ("plain", mode):
+        model = DenseNet(**TINY, drop_rate=0.2, memory=memory)
+        model.load_state_dict(state)
+        inner = [m for name, m in model.named_modules() if name.startswith("features.") and name != "features.norm5"
+                 and name.split(".")[-1].startswith(("conv", "norm", "relu", "pool"))]
+        assert len(inner) == 4 + 4 * 6 + 4  # the stem's modules, each dense layer's, the transition's
+        for module in inner:
+            if hook == "pruning" and isinstance(module, torch.nn.Conv2d):
+                torch.nn.utils.prune.l1_unstructured(module, "weight", amount=0.3)
+            elif hook == "scaled output":
+                module.register_forward_hook(lambda m, args, out: out * 1.5)
+            elif hook == "scaled input":
+                module.register_forward_pre_hook(lambda m, args: tuple(t * 1.5 for t in args))  # a norm's: its maps
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        torch.manual_seed(1)
+        for _ in range(2):
+            opt.zero_grad()
+            out = model(x)
+            out.square().mean().backward()
+            opt.step()
+        runs.append([out, *model.parameters(), *model.buffers()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -103,10 +103,7 @@ def test_forward_hooks_and_features_see_torchvisions_maps(memory):
 GRADIENT_HOOKED = ["features.conv0", "features.pool0", "features.denseblock1.denselayer2.conv2",
                    "features.denseblock1.denselayer2", "features.denseblock1", "features.transition1.conv",
                    "features.transition1.pool", "features.transition1", "features.denseblock2", "classifier"]
-# outputs that leave a segment, where a forward hook can ask for their gradient (inside one, the output is made
-# where autograd does not record)
-OUTPUT_HOOKED = ["features.denseblock1.denselayer2", "features.denseblock1", "features.transition1",
-                 "features.denseblock2", "features", "classifier"]
+OUTPUT_HOOKED = [*GRADIENT_HOOKED, "features.denseblock1.denselayer2.relu1", "features.norm5", "features"]
 
 
 @pytest.mark.parametrize("memory", MODES)

@@ -2,10 +2,11 @@
 
 A concatenation-norm-activation-convolution (:func:`concat_norm_conv`), a stem's convolution-norm-activation-pool
 (:func:`conv_norm_pool`) or a frugal dense layer (:func:`light_segment`) keeps only its input for backward. Native
-training-mode BatchNorm with ReLU reruns in :class:`LightSegment`: forward calls the modules once (their hooks fire),
-keeps only the input maps, and backward rebuilds BatchNorm and ReLU and calls the very kernels autograd calls for the
-plain model (or goes through the batch in slices), dropping each map when done. Any other norm or activation is
-checkpointed (:func:`~.recompute.checkpointed`). Under ``create_graph=True`` the Function differentiates a rerun
+training-mode BatchNorm with ReLU, where no module has hooks, reruns in :class:`LightSegment`: forward calls the
+modules once, keeps only the input maps, and backward rebuilds BatchNorm and ReLU and calls the very kernels autograd
+calls for the plain model (or goes through the batch in slices), dropping each map when done. Any other norm or
+activation, and a hooked module (a hook may change what it computes, as pruning's does), is checkpointed
+(:func:`~.recompute.checkpointed`). Under ``create_graph=True`` the Function differentiates a rerun
 instead (:func:`differentiable_rerun`), so double backward works.
 """
 from __future__ import annotations
@@ -42,20 +43,21 @@ def backward_hooked(*modules: Any) -> bool:
     return any(isinstance(m, nn.Module) and bool(m._backward_hooks or m._backward_pre_hooks) for m in modules)
 
 
-def hooked(module: nn.Module) -> bool:
-    """Whether ``module`` has hooks, which fire only where it is called (backward hooks: where autograd records the
-    call): then it is, rather than taken apart."""
-    return bool(module._forward_hooks or module._forward_pre_hooks) or backward_hooked(module)
+def hooked(*modules: Any) -> bool:
+    """Whether any of ``modules`` has hooks, which fire only where it is called (backward hooks: where autograd
+    records the call), and may change what it computes: then it is called, rather than taken apart."""
+    return backward_hooked(*modules) or any(
+        isinstance(m, nn.Module) and bool(m._forward_hooks or m._forward_pre_hooks) for m in modules)
 
 
 def runs_light(norm: nn.Module, act: nn.Module, conv: nn.Module) -> bool:
     """Whether ``norm``, ``act`` and ``conv`` can rerun in a light Function: native training-mode BatchNorm, ReLU, a
-    convolution differentiated by hand (or a max-pool), none with backward hooks, autograd recording and nobody
-    tracing."""
+    convolution differentiated by hand (or a max-pool), none with hooks (a hook may change what its module computes,
+    as pruning's does, which a backward that calls kernels would not see), autograd recording and nobody tracing."""
     pooled = isinstance(conv, PooledConv)
     return isinstance(norm, BatchNormAct) and norm.act is None and type(act) is nn.ReLU and \
         (plain_conv(conv) or isinstance(conv, MaxPool) or pooled and plain_conv(conv.conv)) \
-        and not backward_hooked(norm, act, *((conv.conv, conv.pool) if pooled else (conv,))) \
+        and not hooked(norm, act, *((conv.conv, conv.pool) if pooled else (conv,))) \
         and torch.is_grad_enabled() and not is_tracing() and norm.native_training()
 
 
@@ -77,17 +79,15 @@ def light_segment(stages: Sequence[tuple[nn.Module, nn.Module, nn.Module]], *map
                   gather: bool = False, frees: int = 0) -> Tensor | None:
     """``stages`` (norm, ReLU, then a convolution or max-pool) in turn on the concatenated ``maps``, or on ``pre`` (a
     convolution) of the one map, then ``dropout``, in :class:`LightSegment`, whose backward goes through ``slices`` of
-    the batch and draws the dropout's mask again; None where the norms cannot rerun light (the caller then
-    checkpoints). A norm with hooks is called, so that they fire, and so its segment is not sliced. Under
+    the batch and draws the dropout's mask again; None where the modules cannot rerun light (the caller then
+    checkpoints: :func:`runs_light`). Under
     ``torch.compile``, which cannot trace reading the random state, the dropout follows the segment and its mask is
     kept. ``gather``: a sliced segment's output gets a :class:`GradSlot`, where its readers gather its gradient.
     ``frees``: a sliced segment empties its last ``frees`` maps once it has normalised them (they are then read by
     nothing else, and a rerun rebuilds them: :func:`saved_only`)."""
     if not all(runs_light(*stage) for stage in stages) or \
-            (pre is not None and (not plain_conv(pre) or backward_hooked(pre))):
+            (pre is not None and (not plain_conv(pre) or hooked(pre))):
         return None
-    if any(hooked(norm) for norm, _, _ in stages):
-        slices = 1
     params = [] if pre is None else [pre.weight]
     for norm, _, post in stages:
         params += [norm.weight, norm.bias, getattr(post, "weight", None)]
@@ -150,7 +150,7 @@ def conv_norm_pool(conv: nn.Module, norm: nn.Module, act: nn.Module, pool: nn.Mo
 
 
 def _run(pre: nn.Module | None, stages: Sequence[tuple[nn.Module, ...]], *maps: Tensor) -> Tensor:
-    """The segment by its modules (their hooks fire), as the plain model runs it."""
+    """The segment by its modules, as the plain model runs it."""
     x = pre(maps[0]) if pre is not None else maps
     for norm, act, post in stages:
         x = post(act(norm(*x) if isinstance(x, tuple) else norm(x)))
@@ -432,7 +432,7 @@ def as_conv_sees(ctx: Any, t: Tensor) -> Tensor:
 
 
 def _conv(ctx: Any, conv: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
-    """A convolution as forward ran it (under its autocast state), by its kernel: its hooks fired in forward."""
+    """A convolution as forward ran it (under its autocast state), by its kernel."""
     with torch.autocast(x.device.type, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
         return conv._conv_forward(x, weight, None)
 
