@@ -45,6 +45,7 @@ from .layers.light import (
     differentiable_rerun,
     hooked,
     light_segment,
+    torch_conv,
 )
 from .layers.masks import pack_bits, random_state, replayed, unpack_bits
 from .layers.pool import max_pool_input_grad
@@ -146,7 +147,7 @@ class _DroppedPool(PooledConv):
         return unpack_bits(bits if part is None else bits[part[0]:part[1]], shape) * scale
 
     def input_grad(self, ctx: Any, y: Tensor, grad: Tensor, part: tuple[int, int] | None) -> Tensor:
-        z = self.conv._conv_forward(as_conv_sees(ctx, y), as_conv_sees(ctx, self.conv.weight), None)  # as forward ran
+        z = self.conv._conv_forward(as_conv_sees(ctx, y), as_conv_sees(ctx, self.weight), None)  # as forward ran
         noise, dtype = self._noise(z.shape, part) if self.kept else None, z.dtype
         if noise is not None:
             z.mul_(noise)
@@ -307,13 +308,14 @@ def concat_conv(conv: nn.Module, *maps: Tensor, light: bool) -> Tensor:
     added there rather than handed to autograd, unless ``conv`` has hooks: it is then called where autograd records."""
     slots = tuple(slot_of(t) for t in maps)
     if not light or not any(slots) or not torch.is_grad_enabled() or is_tracing() or hooked(conv) or \
-            conv.padding_mode != "zeros" or not isinstance(conv.padding, tuple) or conv.groups != 1:
+            not torch_conv(conv) or conv.padding_mode != "zeros" or not isinstance(conv.padding, tuple) or \
+            conv.groups != 1:
         return checkpointed(light, lambda *t: conv(cat_maps(t)), *maps)
     return _GatheringConv.apply(conv, slots, conv.weight, conv.bias, *maps)
 
 
 class _GatheringConv(torch.autograd.Function):
-    """:func:`concat_conv`: forward calls the module (its hooks fire) and keeps the maps; backward calls
+    """:func:`concat_conv`: forward runs the convolution (by the weight it was given) and keeps the maps; backward calls
     ``convolution_backward`` under forward's autocast state map by map, on the weight's channels for the map, so
     neither the concatenation nor its gradient is ever made whole: each map's gradient is a tensor of its own, freed
     once the map's maker has taken it."""
@@ -322,7 +324,7 @@ class _GatheringConv(torch.autograd.Function):
     def forward(ctx: Any, conv: nn.Module, slots: tuple, weight: Tensor, bias: Tensor | None, *maps: Tensor) -> Tensor:
         ctx.conv, ctx.slots, ctx.autocast = conv, slots, autocast_state(maps[0])
         ctx.save_for_backward(weight, bias, *maps)
-        return conv(cat_maps(maps))
+        return conv._conv_forward(cat_maps(maps), weight, bias)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:

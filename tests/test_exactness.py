@@ -323,6 +323,47 @@ def test_hooks_that_change_what_a_module_computes_are_followed_in_backward(mode,
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
+class _HalvedConv(torch.nn.Conv2d):
+    """A convolution with a forward of its own, as quantisation-aware training's fake-quantised ones."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.weight * 0.5, None)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("change", ["spectral_norm", "weight_norm", "a conv with a forward of its own"])
+def test_convolutions_made_otherwise_train_like_plain(mode, change):
+    """Parametrised weights (``torch.nn.utils.parametrizations``: spectral norm's power iteration runs on every read
+    of the weight, in training) and a convolution subclass with a forward of its own train bitwise as plain: the weight
+    is read once a step, and the subclass's own forward is what runs."""
+    state, x, runs = DenseNet(**TINY).state_dict(), torch.randn(4, 3, 16, 16), []
+    for memory in ("plain", mode):
+        model = DenseNet(**TINY, memory=memory)
+        model.load_state_dict(state)
+        torch.manual_seed(0)  # spectral norm draws its vectors
+        for name, module in list(model.named_modules()):
+            if type(module) is not torch.nn.Conv2d:
+                continue
+            if change == "spectral_norm":
+                torch.nn.utils.parametrizations.spectral_norm(module)
+            elif change == "weight_norm":
+                torch.nn.utils.parametrizations.weight_norm(module)
+            else:
+                halved = _HalvedConv(module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                                     module.padding, bias=False)
+                halved.load_state_dict(module.state_dict())
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, halved)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        for _ in range(2):
+            opt.zero_grad()
+            out = model(x)
+            out.square().mean().backward()
+            opt.step()
+        runs.append([out, *model.parameters(), *model.buffers()])  # spectral norm's u and v among the buffers
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", MODES)
 def test_half_precision_models_train_like_plain(dtype, mode):

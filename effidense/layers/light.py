@@ -29,7 +29,7 @@ from .recompute import checkpointed, is_tracing, recomputing, rerun
 
 __all__ = ["LightSegment", "PooledConv", "as_conv_sees", "autocast_state", "backward_hooked", "cat_maps",
            "concat_norm_conv", "concat_norm_conv_pool", "conv_norm_pool", "differentiable_rerun", "hooked",
-           "light_segment", "plain_conv", "runs_light", "saved_only", "slice_count"]
+           "light_segment", "plain_conv", "runs_light", "saved_only", "slice_count", "torch_conv"]
 
 SLICE_FLOOR = 32 * 2 ** 20  # bytes: a smaller rerun costs little memory, and slicing it would cost kernel launches
 APART_FLOOR = SLICE_FLOOR  # bytes a map: a slice's concatenation of smaller maps is made in backward, not avoided
@@ -149,12 +149,22 @@ def conv_norm_pool(conv: nn.Module, norm: nn.Module, act: nn.Module, pool: nn.Mo
     return out if out is not None else checkpointed(True, lambda t: pool(act(norm(conv(t)))), x)
 
 
-def _run(pre: nn.Module | None, stages: Sequence[tuple[nn.Module, ...]], *maps: Tensor) -> Tensor:
-    """The segment by its modules, as the plain model runs it."""
-    x = pre(maps[0]) if pre is not None else maps
-    for norm, act, post in stages:
-        x = post(act(norm(*x) if isinstance(x, tuple) else norm(x)))
+def _run(pre: nn.Module | None, stages: Sequence[tuple[nn.Module, ...]], params: list, *maps: Tensor) -> Tensor:
+    """The segment as the plain model runs it, its convolutions by the weights forward was given (``params``): a
+    weight made on each read (a parametrisation's, as spectral norm's power iteration) is made once a run."""
+    weights = _stage_weights(pre, params)
+    x = pre._conv_forward(maps[0], params[0], None) if pre is not None else maps
+    for (norm, act, post), (_, _, weight) in zip(stages, weights, strict=True):
+        x = _post(post, act(norm(*x) if isinstance(x, tuple) else norm(x)), weight)
     return x
+
+
+def _post(post: Any, y: Tensor, weight: Tensor | None) -> Tensor:
+    """A stage's convolution of its normalised map ``y`` by ``weight`` (then a :class:`PooledConv`'s pool), or its
+    max-pool, as the module computes it."""
+    if isinstance(post, PooledConv):
+        y, post = post.conv._conv_forward(y, weight, None), post.pool
+    return post._conv_forward(y, weight, None) if isinstance(post, nn.modules.conv._ConvNd) else post(y)
 
 
 class LightSegment(torch.autograd.Function):
@@ -185,10 +195,11 @@ class LightSegment(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # a gradient gathered in a slot comes with none from autograd
         ctx.autocast = autocast_state(maps[0])
         if slices == 1:
-            x = _run(pre, stages, *maps)
+            x = _run(pre, stages, params, *maps)
         else:
-            x = [pre(maps[0])] if pre is not None else maps
-            for norm, act, post in stages:  # F.batch_norm's very kernel, with its statistics
+            x = [pre._conv_forward(maps[0], params[0], None)] if pre is not None else maps
+            for (norm, act, post), (_, _, weight) in zip(stages, _stage_weights(pre, params), strict=True):
+                # F.batch_norm's very kernel, with its statistics
                 y, mean, invstd = _batch_norm_apart(norm, x, not recomputing())
                 ctx.stats.append((mean, invstd))
                 del x  # neither is held beside the next map
@@ -196,8 +207,8 @@ class LightSegment(torch.autograd.Function):
                     t.set_()
                 y = act(y)
                 if isinstance(post, PooledConv):  # nor the normalised map beside the pooled one
-                    y, post = post.conv(y), post.pool
-                x = [post(y)]
+                    y, post, weight = post.conv._conv_forward(y, weight, None), post.pool, None
+                x = [_post(post, y, weight)]
                 del y
             x = x[0]
         # what a pooled stage keeps beside the maps (a dropout's mask) is saved with them, so saved-tensor hooks see it
@@ -234,7 +245,8 @@ class LightSegment(torch.autograd.Function):
         if ctx.dropout is not None:
             grad = replayed(*ctx.dropout).mul_(grad)
         if torch.is_grad_enabled():
-            return differentiable_rerun(ctx, grad, lambda *t: _run(pre, stages, *t), (None,) * 3 + tuple(params), maps)
+            rerun_ = functools.partial(_run, pre, stages, params)
+            return differentiable_rerun(ctx, grad, rerun_, (None,) * 3 + tuple(params), maps)
         needs = ctx.needs_input_grad
         grads = {id(w): None for w, need in zip(params, needs[3:], strict=False) if w is not None and need}
         need_maps = needs[3 + len(params):]
@@ -572,10 +584,20 @@ def differentiable_rerun(ctx: Any, grad: Tensor, run: Callable[..., Tensor], bef
     return tuple(next(grads) if need else None for need in needs)
 
 
+_TORCH_CONV = {f for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d) for f in (c.forward, c._conv_forward)}
+
+
+def torch_conv(conv: nn.Module) -> bool:
+    """torch's own convolution, computing ``_conv_forward(x, weight, bias)`` (a subclass with a forward of its own,
+    as quantisation-aware training's, computes otherwise)."""
+    return isinstance(conv, nn.modules.conv._ConvNd) and type(conv).forward in _TORCH_CONV and \
+        type(conv)._conv_forward in _TORCH_CONV
+
+
 def plain_conv(conv: nn.Module) -> bool:
-    """A convolution differentiated by hand here: no bias, zero padding given in numbers."""
-    return isinstance(conv, nn.modules.conv._ConvNd) and not conv.transposed and conv.bias is None \
-        and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
+    """A convolution differentiated by hand here: torch's own, no bias, zero padding given in numbers."""
+    return torch_conv(conv) and not conv.transposed and conv.bias is None and conv.padding_mode == "zeros" and \
+        isinstance(conv.padding, tuple)
 
 
 def _bounds(batch: int, slices: int) -> list[tuple[int, int]]:
