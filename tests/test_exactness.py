@@ -364,6 +364,35 @@ def test_convolutions_made_otherwise_train_like_plain(mode, change):
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
+@pytest.mark.parametrize("mode", ["plain", *MODES])
+@pytest.mark.parametrize("training", [False, True])
+def test_torch_func_per_sample_gradients_are_torchvisions(mode, training):
+    """``torch.func`` (``vmap`` of ``grad``: per-sample gradients, as Opacus and influence functions take them) runs
+    the model as the plain one, in every mode: torchvision's gradients, in eval mode and in training with its
+    norms' running statistics dropped (``replace_all_batch_norm_modules_``, which torch.func needs)."""
+    from torch.func import functional_call, grad, replace_all_batch_norm_modules_, vmap
+    torch.manual_seed(0)
+    reference = torchvision.models.DenseNet(**TINY)
+    model = DenseNet(**TINY, memory=mode)
+    model.load_state_dict(reference.state_dict())
+    x = torch.randn(3, 1, 3, 16, 16)
+    per_sample = []
+    for net in (reference, model):
+        if training:
+            replace_all_batch_norm_modules_(net)
+        net.train(training)
+        params = {k: v.detach() for k, v in net.named_parameters()}
+        buffers = dict(net.named_buffers())
+
+        def loss(params: dict, sample: torch.Tensor, net: torch.nn.Module = net, buffers: dict = buffers):
+            return functional_call(net, (params, buffers), (sample,)).square().sum()
+
+        per_sample.append(vmap(grad(loss), in_dims=(None, 0))(params, x))
+    theirs, ours = per_sample
+    assert ours.keys() == theirs.keys()
+    assert all(torch.allclose(ours[k], theirs[k], rtol=1e-5, atol=1e-6) for k in theirs)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", MODES)
 def test_half_precision_models_train_like_plain(dtype, mode):

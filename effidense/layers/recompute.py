@@ -28,12 +28,14 @@ _state = threading.local()  # per thread: autograd reruns a segment on the threa
 
 def is_tracing() -> bool:
     """True while the model is traced or exported for another tool (``torch.fx``, ``torch.export`` and so ONNX,
-    ``torch.jit.trace``), which gains nothing from recomputation. ``torch.compile`` is not: it compiles the
-    memory-efficient path, checkpoints included."""
+    ``torch.jit.trace``), which gains nothing from recomputation, or transformed by ``torch.func`` (``grad``, ``vmap``,
+    ``jvp``: per-sample gradients), which takes neither saved-tensor hooks nor these autograd Functions: the model then
+    runs as the plain one. ``torch.compile`` is not: it compiles the memory-efficient path, checkpoints included."""
     if torch.compiler.is_compiling():  # dynamo or export; under dynamo nothing after this is evaluated
         # Dynamo in torch 2.11 folds is_exporting() to True under torch.compile too, so the flag itself is read.
         return torch.compiler.is_exporting() and getattr(torch.compiler, "_is_exporting_flag", True)
-    return _is_fx_symbolic_tracing() or torch.jit.is_tracing()
+    transformed = torch._C._functorch.peek_interpreter_stack() is not None
+    return _is_fx_symbolic_tracing() or torch.jit.is_tracing() or transformed
 
 
 def fx_leaf(module: torch.nn.Module, *args: Any) -> torch.fx.Proxy | None:
