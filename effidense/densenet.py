@@ -51,21 +51,19 @@ from .arguments import (
 )
 from .layers.gather import gathered, read_through
 from .layers.light import (
-    backward_hooked,
     cat_maps,
     concat_norm_conv,
     concat_norm_conv_pool,
     conv_norm_pool,
-    hooked,
     light_segment,
     runs_light,
     saved_only,
 )
 from .layers.masks import ReluKeepingSign
 from .layers.mode import MemoryMode
-from .layers.norm import BATCH_NORM_ACT, AdoptsNorms, NormAct
+from .layers.norm import BATCH_NORM_ACT, AdoptsNorms, NormAct, normalize_maps
 from .layers.pool import AvgPool, MaxPool
-from .layers.recompute import checkpointed, is_tracing, recomputing, run_mode
+from .layers.recompute import backward_hooked, checkpointed, hooked, is_tracing, recomputing, run_mode
 
 __all__ = ["DenseNet", "DenseLayer", "DenseBlock", "Transition", "MemoryMode", "MEMORY_MODES", "SCRIPTING_UNSUPPORTED"]
 
@@ -454,7 +452,7 @@ class DenseNet(MemoryMode):
         return saved_only(maps, list(transition.parameters())) if recomputing() else transition(maps, frees=1)
 
     def _final(self, activate: bool, *maps: Tensor) -> Tensor:
-        x = self.features.norm5(*maps)
+        x = normalize_maps(self.features.norm5, *maps)
         return self._final_relu(x) if activate else x
 
     def _final_relu(self, x: Tensor) -> Tensor:

@@ -43,13 +43,13 @@ from .layers.light import (
     autocast_state,
     cat_maps,
     differentiable_rerun,
-    hooked,
     light_segment,
     torch_conv,
 )
 from .layers.masks import pack_bits, random_state, replayed, unpack_bits
+from .layers.norm import AdoptsNorms, normalize_maps
 from .layers.pool import max_pool_input_grad
-from .layers.recompute import is_tracing
+from .layers.recompute import hooked, is_tracing
 
 __all__ = ["FCDenseNet", "FCDENSENET_CONFIGS", "fcdensenet56", "fcdensenet67", "fcdensenet103"]
 
@@ -79,7 +79,7 @@ def _counts(name: str, value: Any) -> tuple[int, ...]:
     return tuple(_count(f"{name}[{i}]", n) for i, n in enumerate(value))
 
 
-class TransitionDown(MemoryMode):
+class TransitionDown(MemoryMode, AdoptsNorms):
     """BN-ReLU-conv1x1-dropout-max-pool 2 (``norm``, ``relu``, ``conv``) on the concatenation of the maps it is
     given. Outside plain mode it is one segment: the concatenation, the convolution's output and the pool's input
     are rebuilt in backward rather than kept (each is as large as the skip it reads). In frugal mode, where its rerun
@@ -98,7 +98,7 @@ class TransitionDown(MemoryMode):
         self.spatial_dims = spatial_dims
 
     def _run(self, *maps: Tensor) -> Tensor:
-        x = self.conv(self.relu(self.norm(*maps)))
+        x = self.conv(self.relu(normalize_maps(self.norm, *maps)))
         if self.drop_rate > 0:
             x = F.dropout(x, self.drop_rate, self.training)
         return _MAX_POOL[self.spatial_dims](x, 2)

@@ -76,6 +76,32 @@ def test_backward_hooks_fire_as_in_plain(mode: str) -> None:
         assert len(got) == len(want) == 1 and torch.allclose(got[0], want[0], rtol=1e-9, atol=1e-12), name
 
 
+@pytest.mark.parametrize("mode", ["efficient", "frugal"])
+def test_timms_freeze_and_unfreeze_train_as_plain(mode: str) -> None:
+    """timm's ``freeze`` puts ``FrozenBatchNorm2d`` in the down path's norms, transitions included, and ``unfreeze``
+    puts ``nn.BatchNorm2d`` back, which the model adopts as its own exact norm: a step after each equals plain's, and
+    the transitions' running statistics count the one step after unfreezing."""
+    from timm.utils import freeze, unfreeze
+    plain = FCDenseNet(2, 2, 3, **TINY, drop_rate=0.0, memory="plain")
+    model = FCDenseNet(2, 2, 3, **TINY, drop_rate=0.0, memory=mode)
+    model.load_state_dict(plain.state_dict())
+    x, steps = torch.randn(2, 2, *SIZES[2]), []
+    for net in (plain, model):
+        outputs = []
+        for change in (freeze, unfreeze):
+            change(net, ["down", "transitions_down"])
+            net.zero_grad()
+            out = net(x)
+            out.square().sum().backward()
+            outputs += [out, *(p.grad for p in net.parameters() if p.grad is not None), *net.buffers()]
+        steps.append(outputs)
+    assert type(model.transitions_down[0].norm) is effidense.layers.norm.BatchNormAct2d
+    assert model.transitions_down[0].norm.num_batches_tracked == 1
+    assert len(steps[0]) == len(steps[1])
+    for a, b in zip(*steps, strict=True):  # the order of sums aside
+        assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5 * b.float().abs().max().item())
+
+
 def test_dropout_is_drawn_so_the_equality_above_covers_its_masks() -> None:
     model = FCDenseNet(2, 2, 3, **TINY, memory="frugal")
     x = torch.randn(2, 2, *SIZES[2])

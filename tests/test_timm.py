@@ -264,3 +264,29 @@ def test_pretrained_file_with_new_classes_channels_and_features(tmp_path):
         features = tiny(pretrained=True, pretrained_cfg_overlay=overlay, features_only=True).eval()
         torch.testing.assert_close(features(x), source_model.forward_intermediates(x, intermediates_only=True),
                                    rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("memory", ["plain", "efficient", "frugal"])
+def test_timms_freeze_and_unfreeze_train_as_torchvision(memory):
+    """timm's ``freeze`` (``FrozenBatchNorm2d`` in place of the first block's norms) and ``unfreeze`` (back to
+    ``nn.BatchNorm2d``, which the model adopts as its own exact norm): a training step after each matches
+    torchvision's DenseNet put through the same, and running statistics count each step once."""
+    from timm.utils import freeze, unfreeze
+    torch.manual_seed(0)
+    reference = torchvision.models.DenseNet(**TINY, num_classes=5)
+    model = effidense.DenseNet(**TINY, num_classes=5, memory=memory)
+    model.load_state_dict(reference.state_dict())
+    x, steps = torch.randn(2, 3, 32, 32), []
+    for net in (reference, model):
+        outputs = []
+        for change in (freeze, unfreeze):
+            change(net, ["features.denseblock1"])
+            net.zero_grad()
+            out = net(x)
+            out.square().sum().backward()
+            outputs += [out, *(p.grad for p in net.parameters() if p.grad is not None), *net.buffers()]
+        steps.append(outputs)
+    assert type(model.features.denseblock1.denselayer1.norm1) is effidense.layers.norm.BatchNormAct2d
+    assert len(steps[0]) == len(steps[1])
+    assert all(torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6) for a, b in zip(*steps, strict=True))
+    assert model.features.denseblock1.denselayer1.norm1.num_batches_tracked == 1  # counted after unfreezing only

@@ -23,31 +23,16 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from .gather import GradSlot, slot_of, with_slot
 from .masks import random_state, replayed
-from .norm import Affine, BatchNormAct, affine, grad_sums, input_grad, normalized
+from .norm import Affine, BatchNormAct, affine, grad_sums, input_grad, normalize_maps, normalized
 from .pool import MaxPool
-from .recompute import checkpointed, is_tracing, recomputing, rerun
+from .recompute import checkpointed, hooked, is_tracing, recomputing, rerun
 
-__all__ = ["LightSegment", "PooledConv", "as_conv_sees", "autocast_state", "backward_hooked", "cat_maps",
-           "concat_norm_conv", "concat_norm_conv_pool", "conv_norm_pool", "differentiable_rerun", "hooked",
+__all__ = ["LightSegment", "PooledConv", "as_conv_sees", "autocast_state", "cat_maps",
+           "concat_norm_conv", "concat_norm_conv_pool", "conv_norm_pool", "differentiable_rerun",
            "light_segment", "plain_conv", "runs_light", "saved_only", "slice_count", "torch_conv"]
 
 SLICE_FLOOR = 32 * 2 ** 20  # bytes: a smaller rerun costs little memory, and slicing it would cost kernel launches
 APART_FLOOR = SLICE_FLOOR  # bytes a map: a slice's concatenation of smaller maps is made in backward, not avoided
-
-
-def backward_hooked(*modules: Any) -> bool:
-    """Whether any of ``modules`` has backward hooks, its own or every module's: they fire only where autograd records
-    the module's call, never inside a light Function's forward, so such a module runs as the plain model runs it."""
-    if nn.modules.module._global_backward_hooks or nn.modules.module._global_backward_pre_hooks:
-        return True
-    return any(isinstance(m, nn.Module) and bool(m._backward_hooks or m._backward_pre_hooks) for m in modules)
-
-
-def hooked(*modules: Any) -> bool:
-    """Whether any of ``modules`` has hooks, which fire only where it is called (backward hooks: where autograd
-    records the call), and may change what it computes: then it is called, rather than taken apart."""
-    return backward_hooked(*modules) or any(
-        isinstance(m, nn.Module) and bool(m._forward_hooks or m._forward_pre_hooks) for m in modules)
 
 
 def runs_light(norm: nn.Module, act: nn.Module, conv: nn.Module) -> bool:
@@ -106,7 +91,7 @@ def concat_norm_conv(norm: nn.Module, act: nn.Module, conv: nn.Module, *maps: Te
     out = light_segment([(norm, act, conv)], *maps, slices=slices, dropout=dropout) if light else None
     if out is not None:
         return out
-    out = checkpointed(light, lambda *t: conv(act(norm(*t))), *maps)
+    out = checkpointed(light, lambda *t: conv(act(normalize_maps(norm, *t))), *maps)
     return out if dropout is None else dropout(out)
 
 

@@ -29,7 +29,7 @@ from .recompute import fx_leaf, handed, recomputing
 __all__ = ["BATCH_NORM_ACT", "INSTANCE_NORM_ACT", "Activation", "AdoptsNorms", "Affine", "BatchNormAct",
            "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "GroupNormAct", "InstanceNormAct1d",
            "InstanceNormAct2d", "InstanceNormAct3d", "NormAct", "SyncBatchNormAct", "SyncBatchNormWithStats", "affine",
-           "batch_stats", "grad_sums", "input_grad", "normalized", "relu_"]
+           "batch_stats", "grad_sums", "input_grad", "normalize_maps", "normalized", "relu_"]
 
 
 def _per_channel(t: Tensor, dims: int) -> Tensor:
@@ -291,29 +291,40 @@ INSTANCE_NORM_ACT = {1: InstanceNormAct1d, 2: InstanceNormAct2d, 3: InstanceNorm
 class SyncBatchNormAct(BatchNormAct, nn.SyncBatchNorm):
     """:class:`BatchNormAct` synchronised like ``nn.SyncBatchNorm`` (which it is, for ``isinstance``)."""
 
-    @classmethod
-    def adopt(cls, sync: nn.SyncBatchNorm, act: Callable[[Tensor], Tensor] | None) -> SyncBatchNormAct:
-        """A SyncBatchNormAct holding ``sync``'s very parameters, buffers and process group."""
-        norm = cls(sync.num_features, sync.eps, sync.momentum, sync.affine, sync.track_running_stats, act=act,
-                   process_group=sync.process_group)
-        norm._parameters.update(sync._parameters)
-        norm._buffers.update(sync._buffers)
-        return norm.train(sync.training)
+
+def _adopted(norm: nn.Module, act: Callable[[Tensor], Tensor] | None) -> nn.Module:
+    """The :class:`BatchNormAct` of torch's BatchNorm ``norm`` (synchronised or of 1-3 dims), holding its very
+    parameters, buffers and process group, with ``act``; any other module as it is."""
+    kinds = {nn.BatchNorm1d: BatchNormAct1d, nn.BatchNorm2d: BatchNormAct2d, nn.BatchNorm3d: BatchNormAct3d}
+    cls = SyncBatchNormAct if isinstance(norm, nn.SyncBatchNorm) else kinds.get(type(norm))
+    if cls is None or isinstance(norm, NormAct):
+        return norm
+    group = {"process_group": norm.process_group} if cls is SyncBatchNormAct else {}
+    adopted = cls(norm.num_features, norm.eps, norm.momentum, norm.affine, norm.track_running_stats, act=act, **group)
+    adopted._parameters.update(norm._parameters)
+    adopted._buffers.update(norm._buffers)
+    return adopted.train(norm.training)
+
+
+def normalize_maps(norm: nn.Module, *maps: Tensor) -> Tensor:
+    """``norm`` on the maps' concatenation: a :class:`NormAct` concatenates them itself (inside its segment); another
+    norm put in one's place (timm's ``freeze_batch_norm_2d`` puts a ``FrozenBatchNorm2d``) is given it."""
+    return norm(*maps) if isinstance(norm, NormAct) or len(maps) == 1 else norm(torch.cat(maps, 1))
 
 
 class AdoptsNorms(nn.Module):
-    """A module whose :class:`NormAct` children, replaced by a torch ``nn.SyncBatchNorm`` (as
-    ``convert_sync_batchnorm`` and timm's ``--sync-bn`` do, or by assignment), adopt it as a
-    :class:`SyncBatchNormAct`."""
+    """A module whose norms, replaced by torch's BatchNorm (``nn.SyncBatchNorm``, as ``convert_sync_batchnorm`` and
+    timm's ``--sync-bn`` put, or ``nn.BatchNorm2d``, as timm's ``unfreeze_batch_norm_2d`` puts back; or by
+    assignment), adopt it as a :class:`BatchNormAct`, exact under recomputation."""
 
     def add_module(self, name: str, module: nn.Module | None) -> None:
         old = self._modules.get(name) if "_modules" in self.__dict__ else None
-        if isinstance(module, nn.SyncBatchNorm) and not isinstance(module, NormAct) and isinstance(old, NormAct):
-            module = SyncBatchNormAct.adopt(module, old.act)
+        if module is not None:
+            module = _adopted(module, old.act if isinstance(old, NormAct) else None)
         super().add_module(name, module)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, nn.SyncBatchNorm):
+        if isinstance(value, nn.modules.batchnorm._BatchNorm):
             self.add_module(name, value)
         else:
             super().__setattr__(name, value)

@@ -1,5 +1,6 @@
 """Where recomputation happens: the one call of ``torch.utils.checkpoint``, the rerun flag norms read, what a segment's
-first run hands its rerun, and the tracing test that bypasses them all.
+first run hands its rerun, the tracing test that bypasses them all, and the hooks that keep a module out of a light
+Function (:func:`hooked`).
 
 A segment runs under non-reentrant ``torch.utils.checkpoint``: what it makes is dropped after forward and rebuilt in
 backward by running it again. :func:`recomputing` tells code inside which run it is in, so that a norm updates its
@@ -15,10 +16,11 @@ from typing import Any
 
 import torch
 import torch.fx
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["checkpointed", "fx_leaf", "handed", "is_tracing", "recomputing", "rerun", "run_mode"]
+__all__ = ["backward_hooked", "checkpointed", "fx_leaf", "handed", "hooked", "is_tracing", "recomputing", "rerun",
+           "run_mode"]
 
 # ``is_fx_tracing`` is also true under torch.export (and warns about it); the precise test is newer than torch 2.4.
 _is_fx_symbolic_tracing: Callable[[], bool] = getattr(
@@ -36,6 +38,21 @@ def is_tracing() -> bool:
         return torch.compiler.is_exporting() and getattr(torch.compiler, "_is_exporting_flag", True)
     transformed = torch._C._functorch.peek_interpreter_stack() is not None
     return _is_fx_symbolic_tracing() or torch.jit.is_tracing() or transformed
+
+
+def backward_hooked(*modules: Any) -> bool:
+    """Whether any of ``modules`` has backward hooks, its own or every module's: they fire only where autograd records
+    the module's call, never inside a light Function's forward, so such a module runs as the plain model runs it."""
+    if nn.modules.module._global_backward_hooks or nn.modules.module._global_backward_pre_hooks:
+        return True
+    return any(isinstance(m, nn.Module) and bool(m._backward_hooks or m._backward_pre_hooks) for m in modules)
+
+
+def hooked(*modules: Any) -> bool:
+    """Whether any of ``modules`` has hooks, which fire only where it is called (backward hooks: where autograd
+    records the call), and may change what it computes: then it is called, rather than taken apart."""
+    return backward_hooked(*modules) or any(
+        isinstance(m, nn.Module) and bool(m._forward_hooks or m._forward_pre_hooks) for m in modules)
 
 
 def fx_leaf(module: torch.nn.Module, *args: Any) -> torch.fx.Proxy | None:
