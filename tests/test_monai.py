@@ -1,4 +1,4 @@
-"""effidense.monai: MONAI's DenseNet as a drop-in (issue 19, parts 1, 2 and bad input).
+"""effidense.monai: MONAI's DenseNet as a drop-in.
 
 MONAI's own DenseNet (monai 1.6) is the reference: the same arguments build the same initial weights, the same keys
 load strictly both ways, and training computes the same outputs, gradients and BatchNorm running statistics, in every
@@ -155,6 +155,35 @@ def test_the_head_is_monais_class_layers_so_its_cam_works():
     with torch.no_grad():  # pre_logits: MONAI's class_layers before `out`
         assert torch.equal(ours.forward_head(ours.forward_features(x), pre_logits=True),
                            theirs.class_layers[:-1](theirs.features(x)))
+
+
+@pytest.mark.parametrize("memory", MEMORY_MODES)
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_backward_hooks_see_monais_gradients(memory):
+    """Full backward hooks and gradient hooks on a module's output (as ``monai.visualize``'s GradCAM puts them) see
+    MONAI's gradients on every module but a dense layer and its ``layers`` (docs/3d.md), and but those that MONAI's
+    in-place ReLU meets (a norm's output, ``class_layers``' input), where MONAI's own refuse them, in every mode."""
+    theirs, ours = pair(3, memory=memory, **TINY)
+    ours.load_state_dict(theirs.state_dict())
+    names = [name for name, _ in theirs.named_modules() if name not in ("", "features", "class_layers")
+             and not name.endswith(".layers") and not name.split(".")[-1].startswith(("denselayer", "norm", "relu"))]
+    x, seen = torch.randn(2, 1, SIZES[3], SIZES[3], SIZES[3]), []
+    for model in (theirs, ours):
+        grads: dict[str, list] = {}
+        for name in names:
+            module = model.get_submodule(name)
+            module.register_full_backward_hook(lambda m, grad_in, grad_out, name=name, grads=grads: grads.setdefault(
+                name, []).append([g for g in (*grad_in, *grad_out) if g is not None]))
+            module.register_forward_hook(lambda m, args, out, name=name, grads=grads: out.register_hook(
+                lambda g: grads.setdefault(f"{name} output", []).append([g])) and None)
+        model(x.clone().requires_grad_()).square().sum().backward()
+        seen.append(grads)
+    assert seen[0].keys() == seen[1].keys() and len(seen[0]) > len(names)
+    for name, want in seen[0].items():
+        got = seen[1][name]
+        assert len(got) == len(want), name
+        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for g, w in zip(got, want, strict=True)
+                   for a, b in zip(g, w, strict=True)), name
 
 
 @pytest.mark.parametrize("cls", ["DenseNet121", "DenseNet169", "DenseNet201", "DenseNet264"])
