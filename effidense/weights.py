@@ -165,13 +165,31 @@ def _unwrap(obj: Any, path: Path, use_ema: bool) -> tuple[dict[str, Any], list[s
     return dict(obj[key]), notes
 
 
+def _fold_pruning(state_dict: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``torch.nn.utils.prune``'s ``<name>_orig`` and ``<name>_mask`` pairs folded into ``<name>``, their product, as
+    ``prune.remove`` leaves it; and a note, where any were."""
+    pruned = {k[:-5] for k in state_dict if k.endswith("_orig") and k[:-5] not in state_dict and
+              isinstance(state_dict.get(f"{k[:-5]}_mask"), Tensor) and isinstance(state_dict[k], Tensor)}
+    if not pruned:
+        return state_dict, []
+    folded = {}
+    for key, value in state_dict.items():
+        name = key[:-5]
+        if name in pruned and key.endswith("_orig"):
+            folded[name] = value * state_dict[f"{name}_mask"].to(value.dtype)
+        elif not (key.endswith("_mask") and key[:-5] in pruned):
+            folded[key] = value
+    return folded, [f"folded the pruning masks of {len(pruned)} weights into them (as torch.nn.utils.prune.remove "
+                    "does)"]
+
+
 def load_checkpoint(path: str | os.PathLike[str], use_ema: bool = False) -> Checkpoint:
     """Read a state dict from a ``.safetensors`` or torch (``.pth``/``.pt``/``.bin``) file, safely.
 
     The format is recognised from the content, not the name. Training checkpoints are unwrapped (``state_dict``,
-    ``model``, ``model_state_dict``; with ``use_ema`` the EMA weights). Keys are returned as stored; values that no
-    trained model has (:func:`values_problem`: NaN/inf, integer or bool weights, negative running variances) are
-    refused.
+    ``model``, ``model_state_dict``; with ``use_ema`` the EMA weights), and pruned weights folded (``weight_orig`` times
+    ``weight_mask``). Keys are returned as stored; values that no trained model has (:func:`values_problem`: NaN/inf,
+    integer or bool weights, negative running variances) are refused.
     """
     path = Path(path)
     if not path.is_file():
@@ -192,6 +210,8 @@ def load_checkpoint(path: str | os.PathLike[str], use_ema: bool = False) -> Chec
             raise ConversionError(f"{path}: the safetensors file holds no tensors")
     else:
         (state_dict, more), metadata = _unwrap(_torch_load(path), path, use_ema), {}
+    state_dict, folded = _fold_pruning(state_dict)
+    more += folded
     # refused here, on load, so that no reader (convert, the trainer) takes values that no trained model has
     problem = state_dict_problem(state_dict) or values_problem(state_dict)
     if problem:

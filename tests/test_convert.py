@@ -295,7 +295,7 @@ def test_unknown_missing_and_misshaped_keys_are_listed():
 
 
 def test_a_corrupt_tensor_is_blamed_not_the_keys_it_would_mislead(tmp_path, capsys):
-    """issue 12: transition1's corrupt conv read as compression 0.25 blamed 275 good keys and left it out."""
+    """transition1's corrupt conv read as compression 0.25 blamed 275 good keys and left it out."""
     with torch.device("meta"):
         shapes = torchvision.models.densenet121().state_dict()
     state_dict = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in shapes.items()}
@@ -508,7 +508,28 @@ def test_training_checkpoint_wrappers_and_ema(tmp_path, capsys):
         convert.load_checkpoint(tmp_path / "nothing.pth", use_ema=True)
 
 
-# --- one-line errors, no traceback, no partial output (issue 12) ---
+def test_a_pruned_models_weights_are_folded_as_prune_remove_leaves_them(tmp_path, capsys):
+    """A state dict saved while ``torch.nn.utils.prune`` is on holds ``weight_orig`` and ``weight_mask``: the
+    converter folds each pair into the weight, as ``prune.remove`` does, says so, and torchvision loads the result."""
+    import torch.nn.utils.prune as prune
+    model = effidense.DenseNet(**TINY, num_classes=10)
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            prune.l1_unstructured(module, "weight", amount=0.3)
+    source, out = tmp_path / "pruned.pth", tmp_path / "tv.pth"
+    torch.save(model.state_dict(), source)
+    code, stdout, err = run_cli(capsys, "--checkpoint", source, "--output", out, "--to", "torchvision",
+                                "--format", "pth")
+    assert code == 0, err
+    assert "folded the pruning masks of" in stdout + err
+    reference = torchvision.models.DenseNet(**TINY, num_classes=10)
+    reference.load_state_dict(torch.load(out))
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            assert torch.equal(reference.get_submodule(name).weight, module.weight), name
+
+
+# --- one-line errors, no traceback, no partial output ---
 
 def tiny_source(tmp_path: Path) -> Path:
     source = tmp_path / "tiny.pth"

@@ -1,4 +1,4 @@
-"""MONAI's DenseNet layout in `effidense convert`, and 2D -> 3D inflation (issue 19, parts 3 and 4).
+"""MONAI's DenseNet layout in `effidense convert`, and 2D -> 3D inflation.
 
 MONAI's own DenseNet (monai.networks.nets.DenseNet, spatial_dims=2 and 3) is the peer the converted weights must load
 into strictly and compute the same function with; effidense's conversion itself never imports MONAI.

@@ -1,4 +1,4 @@
-"""The trainer's answers to adversarial input (issue 22's probes): weights files read safely, one line for every
+"""The trainer's answers to adversarial input: weights files read safely, one line for every
 failure, nothing half-written left behind."""
 from __future__ import annotations
 
