@@ -210,10 +210,12 @@ def load_checkpoint(path: str | os.PathLike[str], use_ema: bool = False) -> Chec
             raise ConversionError(f"{path}: the safetensors file holds no tensors")
     else:
         (state_dict, more), metadata = _unwrap(_torch_load(path), path, use_ema), {}
-    state_dict, folded = _fold_pruning(state_dict)
-    more += folded
     # refused here, on load, so that no reader (convert, the trainer) takes values that no trained model has
-    problem = state_dict_problem(state_dict) or values_problem(state_dict)
+    problem = state_dict_problem(state_dict)
+    if problem is None:
+        state_dict, folded = _fold_pruning(state_dict)
+        more += folded
+        problem = values_problem(state_dict)
     if problem:
         raise ConversionError(f"{path}: {problem}")
     return Checkpoint(state_dict, metadata, str(path), notes + more)
