@@ -147,6 +147,24 @@ def test_backward_hooks_see_torchvisions_gradients(memory, kind):
             name
 
 
+@pytest.mark.parametrize("memory", MODES)
+@pytest.mark.parametrize("name", ["features.denseblock1", "features.denseblock1.denselayer2.conv2",
+                                  "features.transition1", "features.denseblock2", "features.norm5"])
+def test_gradients_with_respect_to_a_hooked_output_are_torchvisions(memory, name):
+    """Captum's layer attributions take ``torch.autograd.grad(output, layer_output)`` of an output a forward hook
+    caught, in eval mode: torchvision's gradient, bitwise, in every mode."""
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    grads = []
+    for model in _pair(memory):
+        caught = []
+        handle = model.eval().get_submodule(name).register_forward_hook(
+            lambda m, args, out, caught=caught: caught.append(out))
+        score = model(x)[:, 1].sum()
+        handle.remove()
+        grads.append(torch.autograd.grad(score, caught[0])[0])
+    assert torch.equal(*grads)
+
+
 def test_hooks_on_a_pruned_or_monai_model_are_left_alone():
     """Hooking ``features`` of a model pruned for timm's features_only does not run the pruned-away stem pool; MONAI's
     drop-in keeps its activation in ``class_layers.relu`` and its features end at ``norm5``."""
