@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from timm.layers import create_classifier
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .arguments import (
     MEMORY_MODES,
@@ -272,13 +273,15 @@ class Transition(MemoryMode, AdoptsNorms):
 
     def frees_after(self, layer: DenseLayer, maps: Sequence[Tensor], gradients: int) -> bool:
         """Whether this transition and ``layer`` before it, on ``maps`` (all but the layer's), run as one segment in
-        which the transition empties the layer's new features once normalised: frugal, unhooked, sliced, light, and
-        where those features outweigh ``gradients`` (bytes), which the segment's rerun in backward holds beside the
-        maps, as the forward did not."""
+        which the transition empties the layer's new features once normalised: frugal, sliced, light, with no hooks
+        and no parametrised weights (the rerun would make them again, a step's spectral norm twice), and where those
+        features outweigh ``gradients`` (bytes), which the segment's rerun in backward holds beside the maps, as the
+        forward did not."""
         growth = (layer.conv2 if layer.bottleneck else layer.conv1).out_channels
         features = maps[-1].numel() // maps[-1].shape[1] * growth * maps[-1].element_size()
         return features > gradients and run_mode(self.memory) == "frugal" and run_mode(layer.memory) == "frugal" \
-            and not any(hooked(m) for module in (self, layer) for m in module.modules()) and \
+            and not any(hooked(m) or parametrize.is_parametrized(m) for module in (self, layer)
+                        for m in module.modules()) and \
             runs_light(self.norm, self.relu, self.conv) and self.conv_slices(maps, self.conv) > 1
 
 

@@ -292,6 +292,31 @@ def test_frugal_last_layer_with_its_transition_under_a_frozen_block(input_grad, 
     assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
+@pytest.mark.parametrize("parametrization", ["weight_norm", "spectral_norm"])
+def test_frugal_parametrised_weights_train_as_plain_at_a_fused_size(parametrization):
+    """Where a block's last layer would run with its transition as one checkpoint, parametrised weights there
+    (``torch.nn.utils.parametrizations``) keep the two apart, whose segments read each weight once a step: the
+    checkpoint's rerun would make them again (a second power iteration of spectral norm, more saved tensors than the
+    first run). Two SGD steps equal plain's."""
+    from torch.nn.utils import parametrizations
+    runs = []
+    for memory in ("plain", "frugal"):
+        model = _fused_model()
+        model.memory = memory
+        torch.manual_seed(5)  # spectral norm draws its vectors
+        for name in ("features.denseblock1.denselayer4.conv1", "features.transition1.conv"):
+            getattr(parametrizations, parametrization)(model.get_submodule(name))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        x = torch.randn(4, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        for _ in range(2):
+            opt.zero_grad()
+            out = model(x)
+            out.square().mean().backward()
+            opt.step()
+        runs.append([out.detach(), *(t.detach() for t in (*model.parameters(), *model.buffers()))])
+    assert all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(*runs, strict=True))
+
+
 def _fused_model() -> DenseNet:
     torch.manual_seed(0)
     return DenseNet(growth_rate=16, block_config=(4, 1), num_init_features=8, bn_size=None, num_classes=5,
