@@ -361,7 +361,7 @@ class DenseNet(MemoryMode):
         for m in self.modules():  # torchvision's initialisation
             if isinstance(m, nn.modules.conv._ConvNd):
                 nn.init.kaiming_normal_(m.weight)
-            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):

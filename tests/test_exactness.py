@@ -393,6 +393,34 @@ def test_torch_func_per_sample_gradients_are_torchvisions(mode, training):
     assert all(torch.allclose(ours[k], theirs[k], rtol=1e-5, atol=1e-6) for k in theirs)
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("norms", ["without affine parameters", "in eval mode inside a training model"])
+def test_norms_built_or_set_otherwise_train_like_plain(mode, norms):
+    """BatchNorm without affine parameters (``affine=False``: the model builds, as torchvision's initialisation would
+    not let it), and norms set to eval mode inside a training model (their statistics frozen, as detection
+    fine-tuning does): two SGD steps bitwise plain's."""
+    from functools import partial
+
+    from effidense.layers.norm import BatchNormAct2d
+    config = dict(TINY, norm_layer=partial(BatchNormAct2d, affine=False)) if norms.startswith("without") else TINY
+    state, x, runs = DenseNet(**config).state_dict(), torch.randn(4, 3, 16, 16), []
+    for memory in ("plain", mode):
+        model = DenseNet(**config, memory=memory)
+        model.load_state_dict(state)
+        if norms.startswith("in eval"):
+            for module in model.features.denseblock1.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        for _ in range(2):
+            opt.zero_grad()
+            out = model(x)
+            out.square().mean().backward()
+            opt.step()
+        runs.append([out, *model.parameters(), *model.buffers()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", MODES)
 def test_half_precision_models_train_like_plain(dtype, mode):
