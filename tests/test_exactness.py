@@ -33,9 +33,8 @@ def _perturb_bn(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _train(model: DenseNet, x: torch.Tensor, mode: str, steps: int = 2):
-    """``steps`` SGD steps in ``mode`` from the same RNG state; returns the model and the last outputs."""
-    model = copy.deepcopy(model).set_memory(mode).train()
+def _steps(model: torch.nn.Module, x: torch.Tensor, steps: int = 2) -> torch.Tensor:
+    """``steps`` SGD steps of ``model`` from the same RNG state; returns the last outputs."""
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     torch.manual_seed(1)
     for _ in range(steps):
@@ -43,7 +42,13 @@ def _train(model: DenseNet, x: torch.Tensor, mode: str, steps: int = 2):
         out = model(x)
         out.square().mean().backward()
         opt.step()
-    return model, out
+    return out
+
+
+def _train(model: DenseNet, x: torch.Tensor, mode: str, steps: int = 2):
+    """``steps`` SGD steps in ``mode`` from the same RNG state; returns the model and the last outputs."""
+    model = copy.deepcopy(model).set_memory(mode).train()
+    return model, _steps(model, x, steps)
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -312,13 +317,7 @@ def test_hooks_that_change_what_a_module_computes_are_followed_in_backward(mode,
                 module.register_forward_hook(lambda m, args, out: out * 1.5)
             elif hook == "scaled input":
                 module.register_forward_pre_hook(lambda m, args: tuple(t * 1.5 for t in args))  # a norm's: its maps
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        torch.manual_seed(1)
-        for _ in range(2):
-            opt.zero_grad()
-            out = model(x)
-            out.square().mean().backward()
-            opt.step()
+        out = _steps(model, x)
         runs.append([out, *model.parameters(), *model.buffers()])
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
@@ -354,12 +353,7 @@ def test_convolutions_made_otherwise_train_like_plain(mode, change):
                 halved.load_state_dict(module.state_dict())
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent), child, halved)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        for _ in range(2):
-            opt.zero_grad()
-            out = model(x)
-            out.square().mean().backward()
-            opt.step()
+        out = _steps(model, x)
         runs.append([out, *model.parameters(), *model.buffers()])  # spectral norm's u and v among the buffers
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
@@ -411,12 +405,7 @@ def test_norms_built_or_set_otherwise_train_like_plain(mode, norms):
             for module in model.features.denseblock1.modules():
                 if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                     module.eval()
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        for _ in range(2):
-            opt.zero_grad()
-            out = model(x)
-            out.square().mean().backward()
-            opt.step()
+        out = _steps(model, x)
         runs.append([out, *model.parameters(), *model.buffers()])
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
