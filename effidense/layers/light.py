@@ -25,7 +25,7 @@ from .gather import GradSlot, slot_of, with_slot
 from .masks import random_state, replayed
 from .norm import Affine, BatchNormAct, affine, grad_sums, input_grad, normalize_maps, normalized
 from .pool import MaxPool
-from .recompute import checkpointed, hooked, is_tracing, recomputing, rerun
+from .recompute import checkpointed, hooked, is_tracing, rerun
 
 __all__ = ["LightSegment", "PooledConv", "as_conv_sees", "autocast_state", "cat_maps",
            "concat_norm_conv", "concat_norm_conv_pool", "conv_norm_pool", "differentiable_rerun",
@@ -185,7 +185,7 @@ class LightSegment(torch.autograd.Function):
             x = [pre._conv_forward(maps[0], params[0], None)] if pre is not None else maps
             for (norm, act, post), (_, _, weight) in zip(stages, _stage_weights(pre, params), strict=True):
                 # F.batch_norm's very kernel, with its statistics
-                y, mean, invstd = _batch_norm_apart(norm, x, not recomputing())
+                y, mean, invstd = _batch_norm_apart(norm, x)
                 ctx.stats.append((mean, invstd))
                 del x  # neither is held beside the next map
                 for t in maps[len(maps) - frees:] if frees else ():
@@ -447,15 +447,13 @@ def _post_backward(ctx: Any, post: nn.Module, grad: Tensor, y: Tensor, grads: di
     return grad
 
 
-def _batch_norm_apart(norm: nn.Module, maps: Sequence[Tensor], first: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _batch_norm_apart(norm: nn.Module, maps: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """Training-mode BatchNorm of the maps' concatenation, by the kernel ``F.batch_norm`` calls, and its batch
-    statistics; on a segment's ``first`` run it counts the batch and updates the running statistics, while a rerun
-    updates throwaway copies, as the norm's own forward does. Where the maps are laid out alike (:func:`_apart`), the
-    kernel runs on each map's channels in turn, writing into one output: per channel the very statistics and values
-    of the whole, but the concatenation is never held beside the output."""
-    factor, running_mean, running_var = norm.count_batch() if first else 0.0, norm.running_mean, norm.running_var
-    if not first and running_mean is not None:
-        running_mean, running_var = torch.zeros_like(running_mean), torch.ones_like(running_var)
+    statistics, with the running statistics the norm's own forward would update (:meth:`BatchNormAct.running_buffers`:
+    none on a rerun). Where the maps are laid out alike (:func:`_apart`), the kernel runs on each map's channels in
+    turn, writing into one output: per channel the very statistics and values of the whole, but the concatenation is
+    never held beside the output."""
+    running_mean, running_var, factor = norm.running_buffers()
     apart = _apart(maps)
     if apart is None:
         y, mean, invstd, _, _ = torch._batch_norm_impl_index(

@@ -233,12 +233,18 @@ class BatchNormAct(NormAct, nn.modules.batchnorm._BatchNorm):
         group = self.sync_group()
         if group is not None:
             return self._synchronised(x, group)
-        running_mean, running_var, factor = self.running_mean, self.running_var, 0.0
-        if not recomputing():
-            factor = self.count_batch()
-        elif running_mean is not None:  # a rerun updates throwaway copies: it saves what the first run saved
-            running_mean, running_var = torch.zeros_like(running_mean), torch.ones_like(running_var)
+        running_mean, running_var, factor = self.running_buffers()
         return F.batch_norm(x, running_mean, running_var, self.weight, self.bias, True, factor, self.eps)
+
+    def running_buffers(self) -> tuple[Tensor | None, Tensor | None, float]:
+        """The running statistics a training-mode run hands BatchNorm's kernel, and their update factor: on a
+        segment's first run the norm's own (the batch counted), on a rerun throwaway copies, so that it saves what the
+        first run saved and updates nothing."""
+        if not recomputing():
+            return self.running_mean, self.running_var, self.count_batch()
+        if self.running_mean is None:
+            return None, None, 0.0
+        return torch.zeros_like(self.running_mean), torch.ones_like(self.running_var), 0.0
 
     def _synchronised(self, x: Tensor, group: Any) -> Tensor:
         values = handed()
