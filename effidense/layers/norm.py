@@ -292,6 +292,7 @@ class GroupNormAct(NormAct, nn.GroupNorm):
 
 BATCH_NORM_ACT = {1: BatchNormAct1d, 2: BatchNormAct2d, 3: BatchNormAct3d}  # by spatial dims
 INSTANCE_NORM_ACT = {1: InstanceNormAct1d, 2: InstanceNormAct2d, 3: InstanceNormAct3d}
+_ADOPTED = {nn.BatchNorm1d: BatchNormAct1d, nn.BatchNorm2d: BatchNormAct2d, nn.BatchNorm3d: BatchNormAct3d}  # by type
 
 
 class SyncBatchNormAct(BatchNormAct, nn.SyncBatchNorm):
@@ -301,8 +302,7 @@ class SyncBatchNormAct(BatchNormAct, nn.SyncBatchNorm):
 def _adopted(norm: nn.Module, act: Callable[[Tensor], Tensor] | None) -> nn.Module:
     """The :class:`BatchNormAct` of torch's BatchNorm ``norm`` (synchronised or of 1-3 dims), holding its very
     parameters, buffers and process group, with ``act``; any other module as it is."""
-    kinds = {nn.BatchNorm1d: BatchNormAct1d, nn.BatchNorm2d: BatchNormAct2d, nn.BatchNorm3d: BatchNormAct3d}
-    cls = SyncBatchNormAct if isinstance(norm, nn.SyncBatchNorm) else kinds.get(type(norm))
+    cls = SyncBatchNormAct if isinstance(norm, nn.SyncBatchNorm) else _ADOPTED.get(type(norm))
     if cls is None or isinstance(norm, NormAct):
         return norm
     group = {"process_group": norm.process_group} if cls is SyncBatchNormAct else {}
