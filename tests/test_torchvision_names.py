@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
@@ -190,3 +191,18 @@ def test_norms_hand_their_activation_to_the_module_after_them():
     assert list(model.features._modules)[:4] == ["conv0", "norm0", "relu0", "pool0"]
     assert all(norm.act is None for norm in model.modules() if isinstance(norm, effidense.layers.NormAct))
     assert not any(k.split(".")[-2].startswith("relu") for k in model.state_dict())  # no keys: parameter-free
+
+
+def test_a_hook_on_features_keeps_an_activation_other_than_relu_exact():
+    """Where ``features`` is hooked, the final activation follows it outside; only a ReLU is kept at a bit a value."""
+    torch.manual_seed(0)
+    base = DenseNet(**TINY, norm_layer=lambda c: effidense.BatchNormAct2d(c, act=F.elu), memory="plain")
+    x = torch.randn(2, 3, 32, 32)
+    grads = {}
+    for memory in ("plain", "efficient", "frugal"):
+        model = copy.deepcopy(base).set_memory(memory)
+        model.features.register_forward_hook(lambda *a: None)
+        model(x).square().sum().backward()
+        grads[memory] = [p.grad for p in model.parameters()]
+    for memory in ("efficient", "frugal"):
+        assert all(torch.equal(a, b) for a, b in zip(grads["plain"], grads[memory], strict=True)), memory
