@@ -62,7 +62,7 @@ from .layers.light import (
 )
 from .layers.masks import ReluKeepingSign
 from .layers.mode import MemoryMode
-from .layers.norm import BATCH_NORM_ACT, AdoptsNorms, NormAct, normalize_maps
+from .layers.norm import ActLayer, AdoptsNorms, NormLayer, norm_and_act, normalize_maps
 from .layers.pool import AvgPool, MaxPool
 from .layers.recompute import backward_hooked, checkpointed, hooked, is_tracing, recomputing, run_mode
 
@@ -72,20 +72,10 @@ SCRIPTING_UNSUPPORTED = (
     "effidense's DenseNet does not support TorchScript (torch.jit.script), which PyTorch deprecates: use "
     "torch.export.export, torch.onnx.export or torch.compile, or torch.jit.trace for a TorchScript module")
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-NormLayer = Callable[[int], nn.Module]  # a norm (+ activation) for a number of channels, as layers.norm.NormAct
 
 
 def _conv(spatial_dims: int, in_channels: int, out_channels: int, kernel: int, stride: int = 1) -> nn.Module:
     return _CONV[spatial_dims](in_channels, out_channels, kernel, stride=stride, padding=kernel // 2, bias=False)
-
-
-def _norm_and_act(norm_layer: NormLayer, channels: int) -> tuple[NormAct, nn.Module]:
-    """A norm from ``norm_layer``, and its activation as the module that follows it (torchvision's layout)."""
-    norm = norm_layer(channels)
-    if not isinstance(norm, NormAct):
-        raise TypeError(f"norm_layer must make an effidense.layers.NormAct (e.g. BatchNormAct2d, GroupNormAct, "
-                        f"InstanceNormAct2d), which stays exact under recomputation; it made a {type(norm).__name__}")
-    return norm, norm.take_act()
 
 
 def _as_maps(maps: Sequence[Tensor] | Tensor) -> Sequence[Tensor]:
@@ -111,15 +101,14 @@ class DenseLayer(MemoryMode, AdoptsNorms):
 
     def __init__(self, num_input_features: int, growth_rate: int, bn_size: int | None = 4, drop_rate: float = 0.0,
                  spatial_dims: int = 2, memory: str = "efficient", norm_layer: NormLayer | None = None,
-                 drop_channels: bool = False) -> None:
+                 drop_channels: bool = False, act_layer: ActLayer | None = None) -> None:
         super().__init__()
         check_layer(num_input_features, growth_rate, bn_size, drop_rate, spatial_dims)
-        norm_layer = norm_layer or BATCH_NORM_ACT[spatial_dims]
-        self.norm1, self.relu1 = _norm_and_act(norm_layer, num_input_features)
+        self.norm1, self.relu1 = norm_and_act(norm_layer, act_layer, num_input_features, spatial_dims)
         width = bn_size * growth_rate if bn_size else growth_rate
         self.conv1 = _conv(spatial_dims, num_input_features, width, 1 if bn_size else 3)
         if bn_size:
-            self.norm2, self.relu2 = _norm_and_act(norm_layer, width)
+            self.norm2, self.relu2 = norm_and_act(norm_layer, act_layer, width, spatial_dims)
             self.conv2 = _conv(spatial_dims, width, growth_rate, 3)
         self.bottleneck = bool(bn_size)
         self.block_shape = num_input_features, 1  # its block's input channels and layers (a block sets its own)
@@ -197,13 +186,13 @@ class DenseBlock(MemoryMode, nn.ModuleDict):
     def __init__(self, num_layers: int, num_input_features: int, growth_rate: int, bn_size: int | None = 4,
                  drop_rate: float = 0.0, spatial_dims: int = 2, memory: str = "efficient",
                  new_features_only: bool = False, norm_layer: NormLayer | None = None, drop_channels: bool = False,
-                 backward_slices: int | str | None = "auto") -> None:
+                 backward_slices: int | str | None = "auto", act_layer: ActLayer | None = None) -> None:
         super().__init__()
         check_block(num_layers, num_input_features, growth_rate, bn_size, drop_rate, spatial_dims)
         for i in range(num_layers):
             self.add_module(f"denselayer{i + 1}", DenseLayer(
                 num_input_features + i * growth_rate, growth_rate, bn_size, drop_rate, spatial_dims, memory,
-                norm_layer, drop_channels))
+                norm_layer, drop_channels, act_layer))
         for layer in self.values():
             layer.block_shape = num_input_features, num_layers
         self.new_features_only = new_features_only
@@ -251,10 +240,11 @@ class Transition(MemoryMode, AdoptsNorms):
     of the maps it is given (a list, or one tensor)."""
 
     def __init__(self, num_input_features: int, num_output_features: int, spatial_dims: int = 2,
-                 memory: str = "efficient", norm_layer: NormLayer | None = None) -> None:
+                 memory: str = "efficient", norm_layer: NormLayer | None = None,
+                 act_layer: ActLayer | None = None) -> None:
         super().__init__()
         check_transition(num_input_features, num_output_features, spatial_dims)
-        self.norm, self.relu = _norm_and_act(norm_layer or BATCH_NORM_ACT[spatial_dims], num_input_features)
+        self.norm, self.relu = norm_and_act(norm_layer, act_layer, num_input_features, spatial_dims)
         self.conv = _conv(spatial_dims, num_input_features, num_output_features, 1)
         self.pool = AvgPool(spatial_dims)
         self.memory = memory
@@ -305,8 +295,9 @@ class DenseNet(MemoryMode):
     Keyword-only: ``compression`` (fraction of channels a transition keeps), ``head_drop_rate``, ``in_chans``,
     ``global_pool`` (any timm pool type; '' for none), ``small_inputs`` (one 3x3 stride-1 conv stem for 32x32 images),
     ``memory`` ('plain', 'efficient' (default) or 'frugal'; the module docstring), ``efficient`` (the seed projects'
-    spelling), ``compile`` (see :meth:`set_compile`), ``spatial_dims``, ``norm_layer`` (makes each norm + activation
-    for a number of channels, a :class:`~effidense.layers.norm.NormAct`; default BatchNorm + ReLU), ``drop_channels``
+    spelling), ``compile`` (see :meth:`set_compile`), ``spatial_dims``, ``norm_layer`` and ``act_layer`` (each norm
+    and the activation after it, as timm's: names such as 'batchnorm', 'groupnorm', 'silu', or what makes them;
+    :func:`~effidense.layers.norm.norm_and_act`; default BatchNorm and in-place ReLU), ``drop_channels``
     (dropout drops whole channels, as MONAI's), ``backward_slices`` ('auto': a rerun goes through the batch in slices
     where it would hold more than 32 MiB and more than the mode keeps beside it: frugal's, and efficient's dense layers
     without a bottleneck; a number of slices for every rerun of efficient and frugal; None: never).
@@ -318,7 +309,7 @@ class DenseNet(MemoryMode):
                  in_chans: int = 3, global_pool: str = "avg", small_inputs: bool = False, memory: str | None = None,
                  efficient: bool | None = None, compile: bool | str = False, spatial_dims: int = 2,
                  norm_layer: NormLayer | None = None, drop_channels: bool = False,
-                 backward_slices: int | str | None = "auto") -> None:
+                 backward_slices: int | str | None = "auto", act_layer: ActLayer | None = None) -> None:
         super().__init__()
         check_config(growth_rate, block_config, num_init_features, bn_size, compression, drop_rate,
                      head_drop_rate, num_classes, in_chans, small_inputs, spatial_dims)
@@ -326,11 +317,11 @@ class DenseNet(MemoryMode):
         check_compile(compile)
         self.num_classes, self.in_chans, self.small_inputs = num_classes, in_chans, small_inputs
         self.block_config, self.spatial_dims = tuple(block_config), spatial_dims
-        dims, norm_layer = spatial_dims, norm_layer or BATCH_NORM_ACT[spatial_dims]
+        dims, layers = spatial_dims, dict(norm_layer=norm_layer, act_layer=act_layer)
         if small_inputs:
             stem = [("conv0", _conv(dims, in_chans, num_init_features, 3))]
         else:
-            norm0, relu0 = _norm_and_act(norm_layer, num_init_features)
+            norm0, relu0 = norm_and_act(norm_layer, act_layer, num_init_features, dims)
             stem = [("conv0", _conv(dims, in_chans, num_init_features, 7, stride=2)), ("norm0", norm0),
                     ("relu0", relu0), ("pool0", MaxPool(dims))]
         self.features = _Features(OrderedDict(stem))
@@ -339,8 +330,8 @@ class DenseNet(MemoryMode):
                                   module="features.conv0" if small_inputs else "features.relu0")]
         for i, num_layers in enumerate(block_config, 1):
             self.features.add_module(f"denseblock{i}", DenseBlock(
-                num_layers, channels, growth_rate, bn_size, drop_rate, dims, norm_layer=norm_layer,
-                drop_channels=drop_channels))
+                num_layers, channels, growth_rate, bn_size, drop_rate, dims, drop_channels=drop_channels,
+                **layers))
             channels += num_layers * growth_rate
             if i < len(block_config):
                 self.feature_info.append(dict(num_chs=channels, reduction=reduction, module=f"features.denseblock{i}"))
@@ -348,10 +339,10 @@ class DenseNet(MemoryMode):
                     raise ValueError(f"compression={compression!r} leaves transition{i} no channels (of "
                                      f"{channels}); it must keep at least one")
                 self.features.add_module(f"transition{i}", Transition(
-                    channels, int(channels * compression), dims, norm_layer=norm_layer))
+                    channels, int(channels * compression), dims, **layers))
                 channels, reduction = int(channels * compression), reduction * 2
         # The ReLU after the final norm: torchvision's forward applies it outside ``features``, and fx names it 'relu'.
-        norm5, self.relu = _norm_and_act(norm_layer, channels)
+        norm5, self.relu = norm_and_act(norm_layer, act_layer, channels, dims)
         self.features.add_module("norm5", norm5)
         self.feature_info.append(dict(num_chs=channels, reduction=reduction, module="relu"))
         self.num_features = channels

@@ -27,7 +27,7 @@ sliced.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .densenet import DenseBlock, MemoryMode
-from .layers import BATCH_NORM_ACT, NormAct, checkpointed
+from .layers import checkpointed
 from .layers.gather import slot_of
 from .layers.light import (
     PooledConv,
@@ -47,13 +47,12 @@ from .layers.light import (
     torch_conv,
 )
 from .layers.masks import pack_bits, random_state, replayed, unpack_bits
-from .layers.norm import AdoptsNorms, normalize_maps
+from .layers.norm import ActLayer, AdoptsNorms, NormLayer, norm_and_act, normalize_maps
 from .layers.pool import max_pool_input_grad
 from .layers.recompute import hooked, is_tracing
 
 __all__ = ["FCDenseNet", "FCDENSENET_CONFIGS", "fcdensenet56", "fcdensenet67", "fcdensenet103"]
 
-NormLayer = Callable[[int], nn.Module]
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _CONV_UP = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 _MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
@@ -86,13 +85,10 @@ class TransitionDown(MemoryMode, AdoptsNorms):
     would hold more than 32 MiB (``backward_slices``, as DenseNet's transitions), a slice of the batch at a time, its
     dropout's mask then kept at one bit a value."""
 
-    def __init__(self, channels: int, spatial_dims: int, drop_rate: float, norm_layer: NormLayer) -> None:
+    def __init__(self, channels: int, spatial_dims: int, drop_rate: float, norm_layer: NormLayer | None,
+                 act_layer: ActLayer | None = None) -> None:
         super().__init__()
-        norm = norm_layer(channels)
-        if not isinstance(norm, NormAct):
-            raise TypeError(f"norm_layer must make an effidense.layers.NormAct (e.g. BatchNormAct2d, GroupNormAct), "
-                            f"which stays exact under recomputation; it made a {type(norm).__name__}")
-        self.norm, self.relu = norm, norm.take_act()
+        self.norm, self.relu = norm_and_act(norm_layer, act_layer, channels, spatial_dims)
         self.conv = _CONV[spatial_dims](channels, channels, 1, bias=False)
         self.drop_rate = drop_rate
         self.spatial_dims = spatial_dims
@@ -193,7 +189,10 @@ class FCDenseNet(MemoryMode):
         init_features: channels of the first 3x3 convolution.
         drop_rate: dropout after every dense layer and transition down (the paper's 0.2).
         bn_size: None (the paper's BN-ReLU-conv3x3 layers), or a bottleneck factor (DenseNet-BC layers).
-        norm_layer: makes each norm (+ activation) for a number of channels; default BatchNorm + ReLU.
+        norm_layer: each norm, as timm's models take it: a name ('batchnorm', 'groupnorm', ...) or what makes one
+            for a number of channels (:func:`~effidense.layers.norm.norm_and_act`); default BatchNorm.
+        act_layer: the activation after each norm: a timm name ('relu', 'silu', ...) or an ``nn.Module`` class;
+            default in-place ReLU.
         memory: 'plain', 'efficient' (default) or 'frugal' (see the module docstring); settable later.
         backward_slices: 'auto' (a layer's rerun goes through the batch in slices where it would hold more than its
             block keeps, and more than 32 MiB), a number of slices, or None (never); settable later, as DenseNet's.
@@ -206,7 +205,8 @@ class FCDenseNet(MemoryMode):
                  down_blocks: Sequence[int] = (4, 5, 7, 10, 12), up_blocks: Sequence[int] = (12, 10, 7, 5, 4),
                  bottleneck_layers: int = 15, growth_rate: int = 16, init_features: int = 48,
                  drop_rate: float = 0.2, bn_size: int | None = None, norm_layer: NormLayer | None = None,
-                 memory: str = "efficient", backward_slices: int | str | None = "auto") -> None:
+                 memory: str = "efficient", backward_slices: int | str | None = "auto",
+                 act_layer: ActLayer | None = None) -> None:
         super().__init__()
         if isinstance(spatial_dims, bool) or spatial_dims not in _CONV:
             raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
@@ -219,9 +219,9 @@ class FCDenseNet(MemoryMode):
                              "up block takes the skip of one down block")
         self.spatial_dims, self.in_channels, self.out_channels = spatial_dims, in_channels, out_channels
         self.down_blocks, self.up_blocks, self.bottleneck_layers = down, up, bottleneck_layers
-        norm_layer = norm_layer or BATCH_NORM_ACT[spatial_dims]
         block = functools.partial(DenseBlock, growth_rate=growth_rate, bn_size=bn_size, drop_rate=drop_rate,
-                                  spatial_dims=spatial_dims, memory="plain", norm_layer=norm_layer)
+                                  spatial_dims=spatial_dims, memory="plain", norm_layer=norm_layer,
+                                  act_layer=act_layer)
 
         self.stem = _CONV[spatial_dims](in_channels, init_features, 3, padding=1)
         self.down = nn.ModuleList()
@@ -231,7 +231,7 @@ class FCDenseNet(MemoryMode):
             self.down.append(block(n, channels))
             channels += n * growth_rate
             skips.append(channels)
-            self.transitions_down.append(TransitionDown(channels, spatial_dims, drop_rate, norm_layer))
+            self.transitions_down.append(TransitionDown(channels, spatial_dims, drop_rate, norm_layer, act_layer))
         self.bottleneck = block(bottleneck_layers, channels, new_features_only=True)
         self.transitions_up = nn.ModuleList()
         self.up = nn.ModuleList()

@@ -1,6 +1,8 @@
 """FC-DenseNet: the paper's architecture, exact in every memory mode, in 2D and 3D, and one line per bad input."""
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -167,8 +169,10 @@ def test_builders_are_public_and_take_monai_style_arguments() -> None:
     assert model.classifier.out_channels == 2 and model.stem.in_channels == 1 and model.min_input_size == 32
 
 
-def test_another_norm_and_the_bottleneck_layer_stay_exact() -> None:
-    kwargs = dict(**TINY, bn_size=2, norm_layer=lambda c: GroupNormAct(2, c))
+@pytest.mark.parametrize("layers", [dict(norm_layer=lambda c: GroupNormAct(2, c)),
+                                    dict(norm_layer="batchnorm", act_layer="silu")], ids=["group", "timm names"])
+def test_another_norm_and_the_bottleneck_layer_stay_exact(layers: dict) -> None:
+    kwargs = dict(**TINY, bn_size=2, **layers)
     plain = FCDenseNet(2, 2, 3, **kwargs, memory="plain")
     frugal = FCDenseNet(2, 2, 3, **kwargs, memory="frugal")
     frugal.load_state_dict(plain.state_dict())
@@ -279,7 +283,9 @@ def test_a_sliced_transition_down_lowers_the_allocators_peak() -> None:
     (lambda: FCDenseNet(2, 1, 2, drop_rate=1.0), "drop_rate must be a number in [0, 1), got 1.0"),
     (lambda: FCDenseNet(2, 1, 2, memory="lean"), "memory must be one of 'plain', 'efficient', 'frugal'"),
     (lambda: FCDenseNet(2, 1, 2, backward_slices=0), "backward_slices must be 'auto', None (not sliced) or a"),
-    (lambda: FCDenseNet(2, 1, 2, norm_layer=torch.nn.BatchNorm2d), "norm_layer must make an effidense"),
+    (lambda: FCDenseNet(2, 1, 2, norm_layer=partial(torch.nn.InstanceNorm2d, track_running_stats=True)),
+     "norm_layer made a InstanceNorm2d, which keeps buffers"),
+    (lambda: FCDenseNet(2, 1, 2, act_layer="no_such_act"), "act_layer='no_such_act' is not a timm activation name"),
 ])
 def test_bad_settings_get_one_line(build, message: str) -> None:
     with torch.device("meta"), pytest.raises((ValueError, TypeError)) as info:

@@ -182,15 +182,19 @@ def test_dense_block_shapes_and_3d():
 
 
 NORM_LAYERS = {
-    "batch + leaky ReLU": lambda c: BATCH_NORM_ACT[3](c, act=functools.partial(F.leaky_relu, negative_slope=0.1)),
-    "instance": lambda c: INSTANCE_NORM_ACT[3](c, affine=True),
-    "group": lambda c: GroupNormAct(2, c),
+    "batch + leaky ReLU": dict(norm_layer=lambda c: BATCH_NORM_ACT[3](
+        c, act=functools.partial(F.leaky_relu, negative_slope=0.1))),
+    "instance": dict(norm_layer=lambda c: INSTANCE_NORM_ACT[3](c, affine=True)),
+    "group": dict(norm_layer=lambda c: GroupNormAct(2, c)),
+    "torch's BatchNorm3d + SiLU": dict(norm_layer=nn.BatchNorm3d, act_layer=nn.SiLU),
+    "torch's GroupNorm": dict(norm_layer=functools.partial(nn.GroupNorm, 2)),
+    "timm's names": dict(norm_layer="groupnorm1", act_layer="gelu"),
 }
 
 
 @pytest.mark.parametrize("norm", NORM_LAYERS)
 def test_other_norms_activations_and_channel_dropout_stay_exact(norm):
-    base = DenseNet(**TINY_ND, spatial_dims=3, norm_layer=NORM_LAYERS[norm], drop_channels=True, drop_rate=0.3,
+    base = DenseNet(**TINY_ND, spatial_dims=3, **NORM_LAYERS[norm], drop_channels=True, drop_rate=0.3,
                     memory="plain")
     x = torch.randn(2, 3, 16, 16, 16)
     runs = {}
@@ -200,14 +204,30 @@ def test_other_norms_activations_and_channel_dropout_stay_exact(norm):
     _assert_same_training(runs)
 
 
-def test_norms_with_running_statistics_other_than_batch_norm_are_refused():
-    with pytest.raises(ValueError, match="track_running_stats=True would update its running statistics"):
-        INSTANCE_NORM_ACT[2](8, track_running_stats=True)
+def test_a_torch_batch_norm_is_made_exact_and_followed_by_its_activation():
+    model = DenseNet(**TINY_ND, spatial_dims=3, norm_layer=nn.BatchNorm3d, act_layer="silu")
+    layer = model.features.denseblock1.denselayer1
+    assert type(layer.norm1) is BATCH_NORM_ACT[3] and layer.norm1.act is None and type(layer.relu1) is nn.SiLU
+    assert type(model.relu) is nn.SiLU and model.relu.inplace
+    default = DenseNet(**TINY_ND, norm_layer="batchnorm")
+    assert type(default.features.norm0) is BATCH_NORM_ACT[2] and type(default.features.relu0) is nn.ReLU
 
 
-def test_norm_layer_must_make_a_norm_act():
-    with pytest.raises(TypeError, match="norm_layer must make an effidense.layers.NormAct .* it made a BatchNorm3d"):
-        DenseNet(growth_rate=4, block_config=(1,), num_init_features=8, spatial_dims=3, norm_layer=nn.BatchNorm3d)
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(norm_layer=functools.partial(nn.InstanceNorm3d, track_running_stats=True)),
+     "norm_layer made a InstanceNorm3d, which keeps buffers (running_mean, running_var, num_batches_tracked) that a "
+     "rerun in backward would update again"),
+    (dict(norm_layer="no_such_norm"), "norm_layer='no_such_norm' is not a timm norm name"),
+    (dict(act_layer="no_such_act"), "act_layer='no_such_act' is not a timm activation name"),
+    (dict(act_layer=F.silu), "act_layer must be a timm activation name ('relu', 'silu', 'gelu', ...) or an nn.Module "
+                             "class, got <function silu"),
+    (dict(norm_layer=lambda c: BATCH_NORM_ACT[3](c, act=F.elu), act_layer="silu"),
+     "norm_layer makes its own activation (elu) and act_layer='silu' another: pass one of them"),
+])
+def test_bad_norm_or_activation_layers_get_one_line(kwargs, message):
+    with pytest.raises((TypeError, ValueError)) as info:
+        DenseNet(**TINY_ND, spatial_dims=3, **kwargs)
+    assert message in str(info.value) and "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize("mode", ["efficient", "frugal"])

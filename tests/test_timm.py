@@ -290,3 +290,27 @@ def test_timms_freeze_and_unfreeze_train_as_torchvision(memory):
     assert len(steps[0]) == len(steps[1])
     assert all(torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6) for a, b in zip(*steps, strict=True))
     assert model.features.denseblock1.denselayer1.norm1.num_batches_tracked == 1  # counted after unfreezing only
+
+
+@pytest.mark.parametrize(("act_layer", "norm_layer"), [("silu", "batchnorm2d"), ("gelu", "groupnorm1")])
+def test_timms_act_layer_and_norm_layer_names_build_timms_densenet(act_layer, norm_layer):
+    """timm's DenseNet takes its norm and activation by name; an effi_* model given the same names and timm's weights
+    computes timm's function, in every mode: outputs, gradients and running statistics bitwise."""
+    torch.manual_seed(0)
+    timms = TimmDenseNet(growth_rate=4, block_config=(2, 2), num_classes=3, act_layer=act_layer,
+                         norm_layer=norm_layer)
+    start = {k: v.clone() for k, v in timms.state_dict().items()}
+    x = torch.randn(4, 3, 32, 32)
+    expected = timms(x)
+    expected.square().sum().backward()
+    for memory in ("plain", "efficient", "frugal"):
+        model = timm.create_model("effi_densenet121", growth_rate=4, block_config=(2, 2), num_init_features=8,
+                                  num_classes=3, act_layer=act_layer, norm_layer=norm_layer, memory=memory)
+        model.load_state_dict(start)
+        out = model(x)
+        out.square().sum().backward()
+        assert torch.equal(out, expected), memory
+        grads = {n: p.grad for n, p in timms.named_parameters()}
+        assert {n: p.grad for n, p in model.named_parameters()}.keys() == grads.keys()
+        assert all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters()), memory
+        assert all(torch.equal(b, timms.get_buffer(n)) for n, b in model.named_buffers()), memory

@@ -22,14 +22,21 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from timm.layers import create_act_layer, get_norm_layer
 from torch import Tensor, nn
 
 from .recompute import fx_leaf, handed, recomputing
 
-__all__ = ["BATCH_NORM_ACT", "INSTANCE_NORM_ACT", "Activation", "AdoptsNorms", "Affine", "BatchNormAct",
-           "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "GroupNormAct", "InstanceNormAct1d",
-           "InstanceNormAct2d", "InstanceNormAct3d", "NormAct", "SyncBatchNormAct", "SyncBatchNormWithStats", "affine",
-           "batch_stats", "grad_sums", "input_grad", "normalize_maps", "normalized", "relu_"]
+__all__ = ["ActLayer", "Activation", "AdoptsNorms", "Affine", "BATCH_NORM_ACT", "BatchNormAct", "BatchNormAct1d",
+           "BatchNormAct2d", "BatchNormAct3d", "GroupNormAct", "INSTANCE_NORM_ACT", "InstanceNormAct1d",
+           "InstanceNormAct2d", "InstanceNormAct3d", "NormAct", "NormLayer", "SyncBatchNormAct",
+           "SyncBatchNormWithStats", "affine", "batch_stats", "grad_sums", "input_grad", "norm_and_act",
+           "normalize_maps", "normalized", "relu_"]
+
+# What makes a layer's norm: a callable of the channels, or a timm norm name; what makes its activation: a timm
+# activation name or an nn.Module class.
+NormLayer = Callable[[int], nn.Module] | str
+ActLayer = str | type
 
 
 def _per_channel(t: Tensor, dims: int) -> Tensor:
@@ -161,7 +168,7 @@ class Activation(nn.Module):
 class NormAct(nn.Module):
     """A norm, then its activation ``act`` (a function; default in-place ReLU, None for none), on the concatenation of
     the maps it is given: a base to mix with a norm class, as in ``class InstanceNormAct3d(NormAct,
-    nn.InstanceNorm3d)``. A DenseNet's layers take the activation out as a module of their own (:meth:`take_act`),
+    nn.InstanceNorm3d)``. A DenseNet's layers take the activation out as a module of their own (:func:`norm_and_act`),
     so that ``norm1`` means what torchvision's does and ``relu1`` follows it.
 
     ``forward(*maps)`` concatenates inside the norm, so inside its segment: a rerun rebuilds the concatenation
@@ -178,15 +185,6 @@ class NormAct(nn.Module):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ("" if self.act is relu_ else f", act={getattr(self.act, '__name__', self.act)}")
-
-    def take_act(self) -> nn.Module:
-        """This norm's activation as the module that from now on follows it: ``nn.ReLU(inplace=True)`` for the
-        default (torchvision's ``relu1``), ``nn.Identity()`` for none, ``act`` if it is a module, else an
-        :class:`Activation`."""
-        act, self.act = self.act, None
-        if act is relu_:
-            return nn.ReLU(inplace=True)
-        return nn.Identity() if act is None else act if isinstance(act, nn.Module) else Activation(act)
 
     def forward(self, *maps: Tensor) -> Tensor:
         node = fx_leaf(self, *maps)
@@ -310,6 +308,52 @@ def _adopted(norm: nn.Module, act: Callable[[Tensor], Tensor] | None) -> nn.Modu
     adopted._parameters.update(norm._parameters)
     adopted._buffers.update(norm._buffers)
     return adopted.train(norm.training)
+
+
+_BATCH_NORM_NAMES = {"batchnorm", "batchnorm1d", "batchnorm2d", "batchnorm3d"}
+
+
+def norm_and_act(norm_layer: NormLayer | None, act_layer: ActLayer | None, channels: int,
+                 spatial_dims: int) -> tuple[nn.Module, nn.Module]:
+    """A norm for ``channels`` and the activation module that follows it (torchvision's ``norm1`` and ``relu1``),
+    as timm's models take them. ``norm_layer``: None (BatchNorm), a timm norm name (``'batchnorm'``, any dims;
+    ``'groupnorm'``, ``'layernorm2d'``, ...) or a callable that makes, for a number of channels, a :class:`NormAct`
+    (its activation becomes the module after it), torch's BatchNorm (adopted as :class:`BatchNormAct`, exact under
+    recomputation), or a norm that keeps no buffers, given the maps' concatenation and rerun as it is. ``act_layer``:
+    None (the NormAct's activation, else in-place ReLU), a timm activation name (``'silu'``, ``'gelu'``, ...) or an
+    ``nn.Module`` class, made in place where it can be."""
+    if norm_layer is None or isinstance(norm_layer, str) and norm_layer.replace("_", "").lower() in _BATCH_NORM_NAMES:
+        norm_layer = BATCH_NORM_ACT[spatial_dims]
+    elif isinstance(norm_layer, str):
+        try:
+            norm_layer = get_norm_layer(norm_layer)
+        except KeyError:
+            raise ValueError(f"norm_layer={norm_layer!r} is not a timm norm name (e.g. 'batchnorm', 'groupnorm', "
+                             "'layernorm2d')") from None
+    made = norm_layer(channels)
+    act = made.act if isinstance(made, NormAct) else relu_  # relu_: the default, which act_layer may replace
+    norm = _adopted(made, None)
+    if isinstance(norm, NormAct):
+        norm.act = None  # the module after it applies it
+    elif norm is made and next(norm.buffers(), None) is not None:
+        kept = ", ".join(name for name, _ in norm.named_buffers())
+        raise TypeError(f"norm_layer made a {type(norm).__name__}, which keeps buffers ({kept}) that a rerun in "
+                        "backward would update again; use BatchNorm (norm_layer='batchnorm', kept exact), a norm "
+                        "without running statistics (GroupNormAct, InstanceNormAct2d, nn.GroupNorm), or a NormAct")
+    if act_layer is None:  # torchvision's nn.ReLU(inplace=True) for the default
+        return norm, nn.ReLU(inplace=True) if act is relu_ else nn.Identity() if act is None else \
+            act if isinstance(act, nn.Module) else Activation(act)
+    if act is not relu_:
+        raise ValueError(f"norm_layer makes its own activation ({getattr(act, '__name__', act)}) and "
+                         f"act_layer={act_layer!r} another: pass one of them")
+    if not isinstance(act_layer, str) and not (isinstance(act_layer, type) and issubclass(act_layer, nn.Module)):
+        raise TypeError(f"act_layer must be a timm activation name ('relu', 'silu', 'gelu', ...) or an nn.Module "
+                        f"class, got {act_layer!r}")
+    try:
+        return norm, create_act_layer(act_layer, inplace=True)
+    except KeyError:
+        raise ValueError(f"act_layer={act_layer!r} is not a timm activation name (e.g. 'relu', 'silu', "
+                         "'gelu')") from None
 
 
 def normalize_maps(norm: nn.Module, *maps: Tensor) -> Tensor:
