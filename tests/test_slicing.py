@@ -224,11 +224,11 @@ def test_frugal_densenet121_first_transition_forward_holds_less_than_its_whole_b
     model's, so not sliced) holds the norm's and the convolution's outputs for the whole batch. Run with the block's
     last layer as one checkpoint, it empties that layer's features once normalised, and its sliced backward stays
     below: the step's peak is under the input, block 1's maps, the norm's output and the convolution's, which the
-    transition's forward held at once before. Fake tensors, bf16 autocast, a batch where activations dwarf weights."""
-    from effidense import densenet121
+    transition's forward held at once before. Fake tensors, bf16 autocast, a batch where activations dwarf weights;
+    DenseNet-121's stem, first block and transition, with one layer after them (the rest only adds host time)."""
     from effidense.harness import StepProbe, StepSpec
-    probe = StepProbe(lambda: densenet121(memory="frugal", num_classes=10), StepSpec(num_classes=10,
-                                                                                      amp=torch.bfloat16))
+    probe = StepProbe(lambda: DenseNet(block_config=(6, 1), memory="frugal", num_classes=10),
+                      StepSpec(num_classes=10, amp=torch.bfloat16))
     batch, bf16 = 2048, 2
     whole_forward = batch * (3 * 224 * 224 * 4 + (256 + 256 + 128) * 56 * 56 * bf16)
     assert probe.measure(batch, (224, 224)).peak_bytes < whole_forward
