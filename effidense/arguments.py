@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["MEMORY_MODES", "check_block", "check_compile", "check_slices", "check_config", "check_input", "check_layer",
-           "check_transition", "map_size", "min_input_size", "resolve_memory"]
+__all__ = ["MEMORY_MODES", "check_block", "check_compile", "check_config", "check_counts", "check_fraction",
+           "check_input", "check_layer", "check_positive", "check_slices", "check_spatial_dims", "check_transition",
+           "map_size", "min_input_size", "resolve_memory"]
 
 MEMORY_MODES = ("plain", "efficient", "frugal")
 MAX_LAYERS = 10_000  # DenseNet-264 has 130 dense layers; far more only exhausts memory while building
@@ -77,63 +78,70 @@ def check_input(shape: tuple[int, ...], spatial_dims: int, in_chans: int, last_i
                          f"{'x'.join([str(size)] * spatial_dims)}")
 
 
-def _positive(**values: Any) -> None:
+def check_positive(**values: Any) -> None:
+    """Each value a positive integer (a bool is not one)."""
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _fraction(name: str, value: Any, low_open: bool = False) -> None:
+def check_fraction(name: str, value: Any, low_open: bool = False) -> None:
+    """A number in [0, 1), or in (0, 1] with ``low_open``."""
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not number or not (0 < value <= 1 if low_open else 0 <= value < 1):
         raise ValueError(f"{name} must be a number in {'(0, 1]' if low_open else '[0, 1)'}, got {value!r}")
 
 
-def _spatial_dims(spatial_dims: Any) -> None:
+def check_spatial_dims(spatial_dims: Any) -> None:
     if isinstance(spatial_dims, bool) or spatial_dims not in (1, 2, 3):
         raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
+
+
+def check_counts(name: str, value: Any) -> None:
+    """A non-empty sequence of layer counts."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
+        raise ValueError(f"{name} must be a non-empty sequence of layer counts, got {value!r}")
+    check_positive(**{f"{name}[{i}]": n for i, n in enumerate(value)})
 
 
 def check_layer(num_input_features: int, growth_rate: int, bn_size: int | None, drop_rate: float,
                 spatial_dims: int) -> None:
     """A dense layer's arguments: one with no channels in or out would fail only at its first forward."""
-    _positive(num_input_features=num_input_features, growth_rate=growth_rate)
+    check_positive(num_input_features=num_input_features, growth_rate=growth_rate)
     if bn_size is not None:  # None: no bottleneck; 0 would silently mean the same, so it is refused
-        _positive(bn_size=bn_size)
-    _fraction("drop_rate", drop_rate)
-    _spatial_dims(spatial_dims)
+        check_positive(bn_size=bn_size)
+    check_fraction("drop_rate", drop_rate)
+    check_spatial_dims(spatial_dims)
 
 
 def check_block(num_layers: int, num_input_features: int, growth_rate: int, bn_size: int | None,
                 drop_rate: float, spatial_dims: int) -> None:
-    _positive(num_layers=num_layers)
+    check_positive(num_layers=num_layers)
     if num_layers > MAX_LAYERS:
         raise ValueError(f"num_layers={num_layers} is over the {MAX_LAYERS} dense layers supported")
     check_layer(num_input_features, growth_rate, bn_size, drop_rate, spatial_dims)
 
 
 def check_transition(num_input_features: int, num_output_features: int, spatial_dims: int) -> None:
-    _positive(num_input_features=num_input_features, num_output_features=num_output_features)
-    _spatial_dims(spatial_dims)
+    check_positive(num_input_features=num_input_features, num_output_features=num_output_features)
+    check_spatial_dims(spatial_dims)
 
 
 def check_config(growth_rate: int, block_config: Sequence[int], num_init_features: int, bn_size: int | None,
                  compression: float, drop_rate: float, head_drop_rate: float, num_classes: int, in_chans: int,
                  small_inputs: bool, spatial_dims: int) -> None:
-    _positive(growth_rate=growth_rate, num_init_features=num_init_features, in_chans=in_chans)
+    check_positive(growth_rate=growth_rate, num_init_features=num_init_features, in_chans=in_chans)
     if bn_size is not None:
-        _positive(bn_size=bn_size)
-    if isinstance(block_config, (str, bytes)) or not isinstance(block_config, Sequence) or not block_config:
-        raise ValueError(f"block_config must be a non-empty sequence of layer counts, got {block_config!r}")
-    _positive(**{f"block_config[{i}]": n for i, n in enumerate(block_config)})
-    _fraction("compression", compression, low_open=True)
-    _fraction("drop_rate", drop_rate)
-    _fraction("head_drop_rate", head_drop_rate)
+        check_positive(bn_size=bn_size)
+    check_counts("block_config", block_config)
+    check_fraction("compression", compression, low_open=True)
+    check_fraction("drop_rate", drop_rate)
+    check_fraction("head_drop_rate", head_drop_rate)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
         raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
     if not isinstance(small_inputs, bool):
         raise ValueError(f"small_inputs must be True or False, got {small_inputs!r}")
-    _spatial_dims(spatial_dims)
+    check_spatial_dims(spatial_dims)
     if sum(block_config) > MAX_LAYERS:
         shown = ", ".join(map(_count, block_config))
         raise ValueError(f"block_config ({shown}) has {_count(sum(block_config))} dense layers; at most "

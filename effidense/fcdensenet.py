@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .arguments import check_counts, check_positive, check_spatial_dims
 from .densenet import DenseBlock, MemoryMode
 from .layers import checkpointed
 from .layers.gather import slot_of
@@ -64,18 +65,6 @@ FCDENSENET_CONFIGS: dict[str, dict[str, Any]] = {
     "fcdensenet103": dict(growth_rate=16, down_blocks=(4, 5, 7, 10, 12), bottleneck_layers=15,
                           up_blocks=(12, 10, 7, 5, 4)),
 }
-
-
-def _count(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def _counts(name: str, value: Any) -> tuple[int, ...]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
-        raise ValueError(f"{name} must be a non-empty sequence of layer counts, got {value!r}")
-    return tuple(_count(f"{name}[{i}]", n) for i, n in enumerate(value))
 
 
 class TransitionDown(MemoryMode, AdoptsNorms):
@@ -208,12 +197,13 @@ class FCDenseNet(MemoryMode):
                  memory: str = "efficient", backward_slices: int | str | None = "auto",
                  act_layer: ActLayer | None = None) -> None:
         super().__init__()
-        if isinstance(spatial_dims, bool) or spatial_dims not in _CONV:
-            raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
-        in_channels, out_channels = _count("in_channels", in_channels), _count("out_channels", out_channels)
-        init_features, growth_rate = _count("init_features", init_features), _count("growth_rate", growth_rate)
-        down, up = _counts("down_blocks", down_blocks), _counts("up_blocks", up_blocks)
-        bottleneck_layers = _count("bottleneck_layers", bottleneck_layers)
+        check_spatial_dims(spatial_dims)
+        check_positive(in_channels=in_channels, out_channels=out_channels, init_features=init_features,
+                       growth_rate=growth_rate)
+        check_counts("down_blocks", down_blocks)
+        check_counts("up_blocks", up_blocks)
+        check_positive(bottleneck_layers=bottleneck_layers)
+        down, up = tuple(down_blocks), tuple(up_blocks)
         if len(down) != len(up):
             raise ValueError(f"up_blocks must have as many blocks as down_blocks ({len(down)}), got {len(up)}: each "
                              "up block takes the skip of one down block")

@@ -56,6 +56,7 @@ from torch import Tensor, nn
 
 from . import densenet
 from .adapt import adapt_state_dict
+from .arguments import check_fraction, check_positive
 from .layers import BATCH_NORM_ACT, INSTANCE_NORM_ACT, Activation, AdoptsNorms, GroupNormAct, relu_
 from .pretrained import WeightsNotFoundError, torchvision_cache_file, torchvision_weights
 from .weights import ConversionError, canonical_key, describe_misfit, layout_key, layout_state_dict
@@ -280,11 +281,6 @@ def _misfit(state_dict: Mapping[str, Any], expected: Mapping[str, tuple[int, ...
     return unknown, missing, mismatched
 
 
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
 class DenseNet(densenet.DenseNet):
     """MONAI's ``DenseNet`` (monai.networks.nets, 1.6) with effidense's memory modes; see the module docstring.
 
@@ -318,11 +314,9 @@ class DenseNet(densenet.DenseNet):
             memory: str = "efficient",
     ) -> None:
         # in MONAI's words (the core checks the rest, and these again, in its own)
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
-                            ("init_features", init_features), ("bn_size", bn_size)):  # bn_size: MONAI's layers
-            _positive_int(name, value)                                                # always have the bottleneck
-        if isinstance(dropout_prob, bool) or not isinstance(dropout_prob, (int, float)) or not 0 <= dropout_prob < 1:
-            raise ValueError(f"dropout_prob must be a number in [0, 1), got {dropout_prob!r}")
+        check_positive(in_channels=in_channels, out_channels=out_channels, init_features=init_features,
+                       bn_size=bn_size)  # bn_size: MONAI's layers always have the bottleneck
+        check_fraction("dropout_prob", dropout_prob)
         act_fn = activation(act)
         make_norm = _norm_maker(norm, spatial_dims)
         # MONAI draws each convolution's default initialisation, then the Linear's, then each convolution's Kaiming
