@@ -314,3 +314,19 @@ def test_timms_act_layer_and_norm_layer_names_build_timms_densenet(act_layer, no
         assert {n: p.grad for n, p in model.named_parameters()}.keys() == grads.keys()
         assert all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters()), memory
         assert all(torch.equal(b, timms.get_buffer(n)) for n, b in model.named_buffers()), memory
+
+
+def test_a_frozen_batch_norm_layer_fine_tunes_alike_in_every_mode():
+    """torchvision's FrozenBatchNorm2d (``norm_layer='frozenbatchnorm2d'``, as detection backbones are built) never
+    changes its buffers, so a rerun reproduces it: every mode trains as plain, bitwise, and the statistics stay."""
+    grads, buffers = {}, {}
+    x = torch.randn(2, 3, 32, 32)
+    for memory in ("plain", "efficient", "frugal"):
+        model = tiny(norm_layer="frozenbatchnorm2d", memory=memory, num_classes=3)
+        model(x).square().sum().backward()
+        grads[memory] = [p.grad for p in model.parameters()]
+        buffers[memory] = [b.clone() for b in model.buffers()]
+    assert type(model.features.norm0).__name__ == "FrozenBatchNorm2d"
+    for memory in ("efficient", "frugal"):
+        assert all(torch.equal(a, b) for a, b in zip(grads["plain"], grads[memory], strict=True)), memory
+        assert all(torch.equal(a, b) for a, b in zip(buffers["plain"], buffers[memory], strict=True)), memory

@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from timm.layers import create_act_layer, get_norm_layer
 from torch import Tensor, nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .recompute import fx_leaf, handed, recomputing
 
@@ -319,9 +320,10 @@ def norm_and_act(norm_layer: NormLayer | None, act_layer: ActLayer | None, chann
     as timm's models take them. ``norm_layer``: None (BatchNorm), a timm norm name (``'batchnorm'``, any dims;
     ``'groupnorm'``, ``'layernorm2d'``, ...) or a callable that makes, for a number of channels, a :class:`NormAct`
     (its activation becomes the module after it), torch's BatchNorm (adopted as :class:`BatchNormAct`, exact under
-    recomputation), or a norm that keeps no buffers, given the maps' concatenation and rerun as it is. ``act_layer``:
-    None (the NormAct's activation, else in-place ReLU), a timm activation name (``'silu'``, ``'gelu'``, ...) or an
-    ``nn.Module`` class, made in place where it can be."""
+    recomputation), or a norm that keeps no buffers or never changes them (torchvision's ``FrozenBatchNorm2d``),
+    given the maps' concatenation and rerun as it is. ``act_layer``: None (the NormAct's activation, else in-place
+    ReLU), a timm activation name (``'silu'``, ``'gelu'``, ...) or an ``nn.Module`` class, made in place where it can
+    be."""
     if norm_layer is None or isinstance(norm_layer, str) and norm_layer.replace("_", "").lower() in _BATCH_NORM_NAMES:
         norm_layer = BATCH_NORM_ACT[spatial_dims]
     elif isinstance(norm_layer, str):
@@ -335,7 +337,7 @@ def norm_and_act(norm_layer: NormLayer | None, act_layer: ActLayer | None, chann
     norm = _adopted(made, None)
     if isinstance(norm, NormAct):
         norm.act = None  # the module after it applies it
-    elif norm is made and next(norm.buffers(), None) is not None:
+    elif norm is made and not isinstance(norm, FrozenBatchNorm2d) and next(norm.buffers(), None) is not None:
         kept = ", ".join(name for name, _ in norm.named_buffers())
         raise TypeError(f"norm_layer made a {type(norm).__name__}, which keeps buffers ({kept}) that a rerun in "
                         "backward would update again; use BatchNorm (norm_layer='batchnorm', kept exact), a norm "
