@@ -300,7 +300,9 @@ class DenseNet(MemoryMode):
     :func:`~effidense.layers.norm.norm_and_act`; default BatchNorm and in-place ReLU), ``drop_channels``
     (dropout drops whole channels, as MONAI's), ``backward_slices`` ('auto': a rerun goes through the batch in slices
     where it would hold more than 32 MiB and more than the mode keeps beside it: frugal's, and efficient's dense layers
-    without a bottleneck; a number of slices for every rerun of efficient and frugal; None: never).
+    without a bottleneck; a number of slices for every rerun of efficient and frugal; None: never), ``device`` and
+    ``dtype`` (where the parameters and buffers are made and their floating-point type, as timm's models take them;
+    ``device="meta"`` makes shapes only).
     """
 
     def __init__(self, growth_rate: int = 32, block_config: Sequence[int] = (6, 12, 24, 16),
@@ -309,7 +311,8 @@ class DenseNet(MemoryMode):
                  in_chans: int = 3, global_pool: str = "avg", small_inputs: bool = False, memory: str | None = None,
                  efficient: bool | None = None, compile: bool | str = False, spatial_dims: int = 2,
                  norm_layer: NormLayer | None = None, drop_channels: bool = False,
-                 backward_slices: int | str | None = "auto", act_layer: ActLayer | None = None) -> None:
+                 backward_slices: int | str | None = "auto", act_layer: ActLayer | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         check_config(growth_rate, block_config, num_init_features, bn_size, compression, drop_rate,
                      head_drop_rate, num_classes, in_chans, small_inputs, spatial_dims)
@@ -358,6 +361,8 @@ class DenseNet(MemoryMode):
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
         self.memory, self.backward_slices = mode, backward_slices
+        if device is not None or dtype is not None:  # initialised as on the CPU in float32: the same weights
+            self.to(device=device, dtype=dtype)
         if compile:
             self.set_compile()
 

@@ -330,3 +330,19 @@ def test_a_frozen_batch_norm_layer_fine_tunes_alike_in_every_mode():
     for memory in ("efficient", "frugal"):
         assert all(torch.equal(a, b) for a, b in zip(grads["plain"], grads[memory], strict=True)), memory
         assert all(torch.equal(a, b) for a, b in zip(buffers["plain"], buffers[memory], strict=True)), memory
+
+
+def test_device_and_dtype_as_timms_models_take_them():
+    """timm's models take ``device`` and ``dtype``: on 'meta' an effi_* model has shapes only, as timm's densenet does;
+    in bfloat16 it holds the very weights of the float32 model cast, its batch count still an integer."""
+    for name in ("densenet121", "effi_densenet121"):
+        model = timm.create_model(name, device="meta")
+        assert all(t.is_meta for t in (*model.parameters(), *model.buffers())), name
+    made = tiny(dtype=torch.bfloat16)
+    cast = tiny().bfloat16()
+    assert made.state_dict().keys() == cast.state_dict().keys()
+    assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(
+        made.state_dict().values(), cast.state_dict().values(), strict=True))
+    assert made.features.norm0.num_batches_tracked.dtype == torch.int64
+    with pytest.raises(TypeError, match="only accepts floating point or complex dtypes"):
+        tiny(dtype=torch.int64)
