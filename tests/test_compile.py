@@ -33,7 +33,9 @@ def _step(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _assert_same_step(compiled: torch.nn.Module, eager: torch.nn.Module, outs: list[torch.Tensor]) -> None:
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    # float32's absolute tolerance (assert_close's default) for outputs near zero: inductor's fused kernels sum in
+    # another order (torch 2.11's, one FC-DenseNet output of 2,560: 1.4e-6 off at 0.012)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
     for (name, p), q in zip(compiled.named_parameters(), eager.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
     for (name, b), c in zip(compiled.named_buffers(), eager.buffers(), strict=True):
