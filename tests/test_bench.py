@@ -272,6 +272,7 @@ def test_bad_arguments(bench, capsys, argv, message):
     assert message in err
 
 
+@pytest.mark.slow
 def test_ddp_two_gloo_processes(bench, tmp_path, capsys):
     json_path = tmp_path / "ddp.json"
     code, out, _ = run_main(bench, TINY_SMALL + ["--variants", "plain,frugal", "--gpus", "2", "--json",

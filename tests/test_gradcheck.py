@@ -71,6 +71,7 @@ def test_detects_double_batchnorm_update(gradcheck, capsys, monkeypatch):
     assert "efficient: BN stats" in failures
 
 
+@pytest.mark.slow
 def test_ddp_two_gloo_processes(gradcheck, capsys):
     code, out, _ = run_main(gradcheck, ["--quiet", "--nproc", "2", "--skip-modes", "--skip-gradcheck"], capsys)
     assert code == 0, out
@@ -85,6 +86,7 @@ def test_ddp_two_gloo_processes(gradcheck, capsys):
     assert "PASS: all 25 checks passed" in out
 
 
+@pytest.mark.slow
 def test_ddp_sync_batchnorm(gradcheck, capsys):
     argv = ["--quiet", "--nproc", "2", "--sync-bn", "--skip-modes", "--skip-gradcheck"]
     code, out, _ = run_main(gradcheck, argv, capsys)

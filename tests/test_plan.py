@@ -583,6 +583,7 @@ def test_a_fake_sliced_backward_counts_what_every_slice_allocates(slices):
     assert peaks[0] == peaks[1]
 
 
+@pytest.mark.slow
 def test_variants_planned_side_by_side_match_those_planned_in_turn(monkeypatch):
     """Worker processes plan what one process plans, variant by variant, in the same order: asked for (``workers=2``),
     or left to the planner, which starts them beside itself once the plan has taken longer than a worker takes to
@@ -638,6 +639,7 @@ def test_monai_names_plan_the_drop_in_as_built_beside_monai(capsys) -> None:
         "--model-kwargs (e.g. init_features=32 growth_rate=16 norm=instance)")
 
 
+@pytest.mark.slow
 def test_worker_processes_answer_raise_and_die_apart():
     """A call's result comes back by name; one that raises raises in the caller; a process that dies fails its call
     alone, with its exit code."""
@@ -651,6 +653,7 @@ def test_worker_processes_answer_raise_and_die_apart():
         in_processes(int, [("bad", ("x",))], 1)
 
 
+@pytest.mark.slow
 def test_this_process_and_ready_workers_share_one_queue():
     """With ``here``, this process takes calls too, and a worker takes them only once it is ready: every call is
     answered once, by one or the other, and a job this process finishes alone starts no worker."""

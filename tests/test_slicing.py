@@ -341,6 +341,7 @@ def _ddp_rank(rank: int, init_method: str, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_frugal_last_layer_with_its_transition_under_ddp(tmp_path, monkeypatch):
     """Under DDP (2 ranks, gloo) the checkpoint that runs a block's last layer with its transition reruns in backward
     as alone: the averaged gradients are bitwise those of each rank's half run apart, in one process."""

@@ -142,6 +142,7 @@ def test_train_takes_no_timm_script(stand_in: Path, capsys: pytest.CaptureFixtur
     assert exc.value.code == 2 and "--timm-script" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_wrapper_under_torchrun(stand_in: Path, tmp_path: Path) -> None:
     record = tmp_path / "rank"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
@@ -353,6 +354,7 @@ def test_resume_after_sigkill_equals_unbroken_run(small_digits: Path, unbroken_r
 
 # --- distributed ---
 
+@pytest.mark.slow
 def test_two_process_ddp_on_gloo(tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",

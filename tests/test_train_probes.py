@@ -192,6 +192,7 @@ def _kill_processes_naming(marker: str) -> None:
             pass  # gone meanwhile, or not ours
 
 
+@pytest.mark.slow
 def test_errors_under_torchrun_are_printed_once(tmp_path: Path) -> None:
     """Rank 0 prints the error, however much sooner another rank meets it (a rank that exited first would have
     torchrun end rank 0 before it printed)."""
