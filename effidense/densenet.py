@@ -479,7 +479,7 @@ class DenseNet(MemoryMode):
         finally:
             _handoff(self.features)
         relu = self._modules.get("relu")
-        light = type(relu) is nn.ReLU and run_mode(self.memory) != "plain" and not backward_hooked(relu)
+        light = type(relu) is nn.ReLU and run_mode(self.memory) != "plain" and not hooked(relu)
         return ReluKeepingSign.apply(relu, x) if light else self._final_relu(x)
 
     def forward_intermediates(self, x: Tensor, indices: int | list[int] | None = None, norm: bool = False,

@@ -206,3 +206,20 @@ def test_a_hook_on_features_keeps_an_activation_other_than_relu_exact():
         grads[memory] = [p.grad for p in model.parameters()]
     for memory in ("efficient", "frugal"):
         assert all(torch.equal(a, b) for a, b in zip(grads["plain"], grads[memory], strict=True)), memory
+
+
+def test_a_hook_that_changes_the_final_relus_output_after_a_hooked_features_is_followed_in_backward():
+    """A forward hook may change what the final ReLU computes (here it doubles it): its backward is then autograd's
+    through the hook, not the one-bit ReLU's, as with any hooked module."""
+    torch.manual_seed(0)
+    base = DenseNet(**TINY, memory="plain")
+    x = torch.randn(2, 3, 32, 32)
+    grads = {}
+    for memory in ("plain", "efficient", "frugal"):
+        model = copy.deepcopy(base).set_memory(memory)
+        model.features.register_forward_hook(lambda *a: None)
+        model.relu.register_forward_hook(lambda module, args, out: out * 2)
+        model(x).square().sum().backward()
+        grads[memory] = [p.grad for p in model.parameters()]
+    for memory in ("efficient", "frugal"):
+        assert all(torch.equal(a, b) for a, b in zip(grads["plain"], grads[memory], strict=True)), memory
