@@ -303,6 +303,7 @@ def test_timms_act_layer_and_norm_layer_names_build_timms_densenet(act_layer, no
     x = torch.randn(4, 3, 32, 32)
     expected = timms(x)
     expected.square().sum().backward()
+    grads = {n: p.grad for n, p in timms.named_parameters()}
     for memory in ("plain", "efficient", "frugal"):
         model = timm.create_model("effi_densenet121", growth_rate=4, block_config=(2, 2), num_init_features=8,
                                   num_classes=3, act_layer=act_layer, norm_layer=norm_layer, memory=memory)
@@ -310,7 +311,6 @@ def test_timms_act_layer_and_norm_layer_names_build_timms_densenet(act_layer, no
         out = model(x)
         out.square().sum().backward()
         assert torch.equal(out, expected), memory
-        grads = {n: p.grad for n, p in timms.named_parameters()}
         assert {n: p.grad for n, p in model.named_parameters()}.keys() == grads.keys()
         assert all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters()), memory
         assert all(torch.equal(b, timms.get_buffer(n)) for n, b in model.named_buffers()), memory
