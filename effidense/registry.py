@@ -15,6 +15,8 @@ from typing import Any
 from huggingface_hub.errors import LocalEntryNotFoundError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
+from timm.models._features import FeatureGetterNet
+from torch import nn
 
 from .configs import CONFIGS, unknown_model_message
 from .densenet import DenseNet
@@ -27,7 +29,7 @@ from .pretrained import (
 )
 from .weights import PTH_SUFFIXES, ConversionError, timm_pretrained_filter
 
-__all__ = ["CONFIGS", "TORCHVISION_WEIGHTS", "create", "resolve_weights", "weight_tags",
+__all__ = ["CONFIGS", "TORCHVISION_WEIGHTS", "DenseNetFeatures", "create", "resolve_weights", "weight_tags",
            "densenet121", "densenet161", "densenet169", "densenet201", "densenet264",
            "densenet40_k12", "densenet_bc100_k12", "densenet_bc250_k24", "densenet_bc190_k40"]
 
@@ -238,6 +240,50 @@ def _torchvision_cached(name: str, kwargs: dict[str, Any]) -> tuple[str | None, 
     return cfg.tag, cfg.hf_hub_id, torchvision_cache_file(weights) if weights is not None else None
 
 
+class DenseNetFeatures(FeatureGetterNet):
+    """timm's ``features_only`` model of an ``effi_*`` DenseNet. Its maps come from the DenseNet's own path
+    (``forward_intermediates``, timm's ``FeatureGetterNet``); its state dict is the one timm's own DenseNet's
+    ``features_only`` model has (``features_conv0.weight``, ``features_denseblock1.denselayer1.norm1.weight``, ...),
+    so a checkpoint moves between the two either way, as between segmentation_models_pytorch's ``tu-densenet121``
+    and ``tu-effi_densenet121`` encoders. It also loads its modules' own names (``model.features.conv0.weight``)."""
+
+    def __init__(self, model: nn.Module, *args: Any, **kwargs: Any) -> None:
+        super().__init__(model, *args, **kwargs)
+        self.register_state_dict_post_hook(_saved_as_timms)
+        self.register_load_state_dict_pre_hook(_loaded_from_timms)
+
+
+# The module names of timm's features_only DenseNet (its FeatureListNet flattens ``features``), and ours
+_TIMMS_FEATURES, _OWN_FEATURES = "features_", "model.features."
+
+
+def _renamed(keys: dict[str, Any], old: str, new: str) -> list[tuple[str, str]]:
+    """Rename, in place and in order, the keys of ``keys`` that start with ``old`` to start with ``new``; returns the
+    renamed keys that met a key already there, which are left as they were."""
+    clashes = [(key, new + key[len(old):]) for key in keys if key.startswith(old) and new + key[len(old):] in keys]
+    if not any(key.startswith(old) for key in keys) or clashes:
+        return clashes
+    items = list(keys.items())
+    keys.clear()
+    keys.update((new + key[len(old):] if key.startswith(old) else key, value) for key, value in items)
+    return []
+
+
+def _saved_as_timms(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: dict) -> None:
+    _renamed(state_dict, prefix + _OWN_FEATURES, prefix + _TIMMS_FEATURES)
+    metadata = getattr(state_dict, "_metadata", None)  # each module's version, which BatchNorm's loading reads
+    if metadata is not None:
+        _renamed(metadata, prefix + _OWN_FEATURES, prefix + _TIMMS_FEATURES)
+
+
+def _loaded_from_timms(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: dict,
+                       strict: bool, missing_keys: list[str], unexpected_keys: list[str],
+                       error_msgs: list[str]) -> None:
+    for timms, own in _renamed(state_dict, prefix + _TIMMS_FEATURES, prefix + _OWN_FEATURES)[:1]:
+        error_msgs.append(f"keys {timms!r} (timm's features_only name) and {own!r} both name one tensor: "
+                          "a state dict has one of the two")
+
+
 def _create(name: str, pretrained: bool, **kwargs: Any) -> DenseNet:
     tag = hf_hub_id = torchvision_file = None
     if pretrained and not _pretrained_file(kwargs) and not (kwargs.get("pretrained_cfg_overlay") or {}).get(
@@ -261,7 +307,8 @@ def _create(name: str, pretrained: bool, **kwargs: Any) -> DenseNet:
     out_indices = tuple(range(len(kwargs["block_config"]) + 1))
     try:
         return build_model_with_cfg(
-            DenseNet, f"effi_{name}", pretrained, feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
+            DenseNet, f"effi_{name}", pretrained,
+            feature_cfg=dict(feature_cls=DenseNetFeatures, out_indices=out_indices),
             pretrained_filter_fn=timm_pretrained_filter, **kwargs)
     except LocalEntryNotFoundError:  # the hub's own error says neither where else to look nor what to do
         raise not_found_error(name, tag, hf_hub_id, torchvision_file) from None

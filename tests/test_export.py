@@ -139,7 +139,7 @@ def test_timm_features_only_fx_and_hooks(out_indices, small_inputs, feature_cls)
     torch.manual_seed(0)
     getter = timm.create_model("effi_densenet121", features_only=True, out_indices=out_indices, **config)
     kind = {"fx": "FeatureGraphNet", "hook": "FeatureHookNet"}[feature_cls]
-    assert type(fx_net).__name__ == kind and type(getter).__name__ == "FeatureGetterNet"
+    assert type(fx_net).__name__ == kind and type(getter).__name__ == "DenseNetFeatures"
     assert fx_net.feature_info.channels() == getter.feature_info.channels()
     x = _input(config)
     for training in (False, True):

@@ -157,6 +157,32 @@ def test_features_only(out_indices):
     assert not any(name.startswith("classifier.") and p.numel() for name, p in model.model.named_parameters())
 
 
+@pytest.mark.parametrize("memory", ["plain", "efficient", "frugal"])
+def test_features_only_checkpoints_move_to_and_from_timms_densenet(memory):
+    """A features_only model's state dict is timm's own DenseNet's (segmentation_models_pytorch saves one in its
+    tu- encoders), loads either way, also inside a wrapper, and the two then train alike in every mode."""
+    torch.manual_seed(0)
+    config = dict(features_only=True, growth_rate=4, block_config=(2, 2, 2), out_indices=(0, 1, 2, 3))
+    reference = nn.ModuleDict({"encoder": timm.create_model("densenet121", **config)})
+    model = nn.ModuleDict({"encoder": timm.create_model("effi_densenet121", **config, num_init_features=8,
+                                                        memory=memory)})
+    assert list(model.state_dict()) == list(reference.state_dict())
+    model.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    for net in (reference, model):
+        sum(f.square().sum() for f in net["encoder"](x)).backward()
+    for (name, p), q in zip(reference.named_parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=name)
+    again = nn.ModuleDict({"encoder": timm.create_model("densenet121", **config)})
+    again.load_state_dict(model.state_dict())  # running statistics updated by our forward, back in timm's model
+    torch.testing.assert_close(again.state_dict(), reference.state_dict(), rtol=0, atol=0)
+    # the modules' own names load too; a state dict with both names for one tensor is refused
+    own = {k.replace("encoder.features_", "encoder.model.features."): v for k, v in reference.state_dict().items()}
+    model.load_state_dict(own)
+    with pytest.raises(RuntimeError, match="features_conv0.weight.*timm's features_only name.*both name one tensor"):
+        model.load_state_dict({**reference.state_dict(), **own})
+
+
 def test_features_only_default_indices_follow_the_block_count():
     for name, blocks in (("effi_densenet121", 4), ("effi_densenet_bc100_k12", 3)):
         model = timm.create_model(name, features_only=True, growth_rate=4, block_config=(1,) * blocks,
