@@ -300,9 +300,9 @@ class DenseNet(MemoryMode):
     :func:`~effidense.layers.norm.norm_and_act`; default BatchNorm and in-place ReLU), ``drop_channels``
     (dropout drops whole channels, as MONAI's), ``backward_slices`` ('auto': a rerun goes through the batch in slices
     where it would hold more than 32 MiB and more than the mode keeps beside it: frugal's, and efficient's dense layers
-    without a bottleneck; a number of slices for every rerun of efficient and frugal; None: never), ``device`` and
-    ``dtype`` (where the parameters and buffers are made and their floating-point type, as timm's models take them;
-    ``device="meta"`` makes shapes only).
+    without a bottleneck; a number of slices for every rerun of efficient and frugal, 1 for none sliced; None as 1,
+    but ``timm.create_model`` drops it), ``device`` and ``dtype`` (where the parameters and buffers are made and their
+    floating-point type, as timm's models take them; ``device="meta"`` makes shapes only).
     """
 
     def __init__(self, growth_rate: int = 32, block_config: Sequence[int] = (6, 12, 24, 16),

@@ -183,6 +183,15 @@ def test_features_only_checkpoints_move_to_and_from_timms_densenet(memory):
         model.load_state_dict({**reference.state_dict(), **own})
 
 
+def test_backward_slices_one_reaches_the_model_through_timm_where_none_does_not():
+    """timm.create_model drops arguments set to None, so backward_slices=None leaves 'auto'; 1 slices nothing."""
+    maps = [torch.empty(64, 64, 56, 56, device="meta")]  # 49 MiB, which 'auto' slices in frugal mode
+    for setting, slices in ((None, 6), (1, 1)):
+        model = timm.create_model("effi_densenet121", memory="frugal", backward_slices=setting, device="meta")
+        assert model.backward_slices == ("auto" if setting is None else setting)
+        assert model.features.denseblock1.denselayer1.slices(maps) == slices
+
+
 def test_features_only_default_indices_follow_the_block_count():
     for name, blocks in (("effi_densenet121", 4), ("effi_densenet_bc100_k12", 3)):
         model = timm.create_model(name, features_only=True, growth_rate=4, block_config=(1,) * blocks,

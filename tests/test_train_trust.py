@@ -273,6 +273,13 @@ def test_a_scale_range_upside_down_is_refused(capsys: pytest.CaptureFixture[str]
     assert "--scale 0.9 0.1: expected MIN MAX" in one_line_error(capsys.readouterr().err)
 
 
+def test_a_model_argument_set_to_none_is_refused_as_timm_would_drop_it(capsys: pytest.CaptureFixture[str]) -> None:
+    assert tool.main([*TRAIN_TINY, *TRAIN_SYNTHETIC, "--model-kwargs", "backward_slices=None"]) == 1
+    assert ("--model-kwargs backward_slices=None: timm.create_model drops arguments set to None, so the model's "
+            "default would apply; leave them out for the default; backward_slices=1 slices no backward"
+            ) in one_line_error(capsys.readouterr().err)
+
+
 def test_a_run_whose_args_yaml_holds_a_retired_flag_still_resumes(three_epochs: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()
