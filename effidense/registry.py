@@ -241,47 +241,58 @@ def _torchvision_cached(name: str, kwargs: dict[str, Any]) -> tuple[str | None, 
 
 
 class DenseNetFeatures(FeatureGetterNet):
-    """timm's ``features_only`` model of an ``effi_*`` DenseNet. Its maps come from the DenseNet's own path
-    (``forward_intermediates``, timm's ``FeatureGetterNet``); its state dict is the one timm's own DenseNet's
-    ``features_only`` model has (``features_conv0.weight``, ``features_denseblock1.denselayer1.norm1.weight``, ...),
-    so a checkpoint moves between the two either way, as between segmentation_models_pytorch's ``tu-densenet121``
-    and ``tu-effi_densenet121`` encoders. It also loads its modules' own names (``model.features.conv0.weight``)."""
+    """timm's ``features_only`` model of an ``effi_*`` DenseNet. Its modules are those of timm's own DenseNet's
+    ``features_only`` model, by the same names (``features_conv0``, ``features_denseblock1``, ...), so its state dict
+    and parameter names are that model's and a checkpoint moves between the two either way, as between
+    segmentation_models_pytorch's ``tu-densenet121`` and ``tu-effi_densenet121`` encoders. The DenseNet that runs them
+    (``model``, not a submodule) computes the maps by its own path (``forward_intermediates``, timm's
+    ``FeatureGetterNet``). A module put in one's place (``convert_sync_batchnorm``, timm's ``freeze_batch_norm_2d``) is
+    put in the DenseNet's ``features`` too. It also loads the names of the DenseNet's modules
+    (``model.features.conv0.weight``)."""
 
     def __init__(self, model: nn.Module, *args: Any, **kwargs: Any) -> None:
         super().__init__(model, *args, **kwargs)
-        self.register_state_dict_post_hook(_saved_as_timms)
-        self.register_load_state_dict_pre_hook(_loaded_from_timms)
+        self._modules.pop("model")
+        self.__dict__["model"] = model
+        for name, module in model.features.named_children():
+            super().add_module(_TIMMS_FEATURES + name, module)
+        self.register_load_state_dict_pre_hook(_loaded_by_own_names)
+
+    def train(self, mode: bool = True) -> DenseNetFeatures:
+        self.model.train(mode)
+        return super().train(mode)
+
+    def add_module(self, name: str, module: nn.Module | None) -> None:
+        if name in self._modules and module is not None:  # the DenseNet's features adopt it (a BatchNorm, say)
+            self.model.features.add_module(name.removeprefix(_TIMMS_FEATURES), module)
+            module = self.model.features.get_submodule(name.removeprefix(_TIMMS_FEATURES))
+        super().add_module(name, module)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, nn.Module) and name in self.__dict__.get("_modules", {}):
+            self.add_module(name, value)
+        else:
+            super().__setattr__(name, value)
 
 
-# The module names of timm's features_only DenseNet (its FeatureListNet flattens ``features``), and ours
+# The module names of timm's features_only DenseNet (its FeatureListNet flattens ``features``), and the DenseNet's own
 _TIMMS_FEATURES, _OWN_FEATURES = "features_", "model.features."
 
 
-def _renamed(keys: dict[str, Any], old: str, new: str) -> list[tuple[str, str]]:
-    """Rename, in place and in order, the keys of ``keys`` that start with ``old`` to start with ``new``; returns the
-    renamed keys that met a key already there, which are left as they were."""
-    clashes = [(key, new + key[len(old):]) for key in keys if key.startswith(old) and new + key[len(old):] in keys]
-    if not any(key.startswith(old) for key in keys) or clashes:
-        return clashes
-    items = list(keys.items())
-    keys.clear()
-    keys.update((new + key[len(old):] if key.startswith(old) else key, value) for key, value in items)
-    return []
-
-
-def _saved_as_timms(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: dict) -> None:
-    _renamed(state_dict, prefix + _OWN_FEATURES, prefix + _TIMMS_FEATURES)
-    metadata = getattr(state_dict, "_metadata", None)  # each module's version, which BatchNorm's loading reads
-    if metadata is not None:
-        _renamed(metadata, prefix + _OWN_FEATURES, prefix + _TIMMS_FEATURES)
-
-
-def _loaded_from_timms(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: dict,
-                       strict: bool, missing_keys: list[str], unexpected_keys: list[str],
-                       error_msgs: list[str]) -> None:
-    for timms, own in _renamed(state_dict, prefix + _TIMMS_FEATURES, prefix + _OWN_FEATURES)[:1]:
-        error_msgs.append(f"keys {timms!r} (timm's features_only name) and {own!r} both name one tensor: "
-                          "a state dict has one of the two")
+def _loaded_by_own_names(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: dict,
+                         strict: bool, missing_keys: list[str], unexpected_keys: list[str],
+                         error_msgs: list[str]) -> None:
+    """Keys by the DenseNet's own module names, renamed to timm's, in place and in order."""
+    own, timms = prefix + _OWN_FEATURES, prefix + _TIMMS_FEATURES
+    renamed = {key: timms + key[len(own):] for key in state_dict if key.startswith(own)}
+    clash = next((key for key, new in renamed.items() if new in state_dict), None)
+    if clash is not None:
+        error_msgs.append(f"keys {renamed[clash]!r} and {clash!r} (the DenseNet's own name) both name one tensor: a "
+                          "state dict has one of the two")
+    elif renamed:
+        items = list(state_dict.items())
+        state_dict.clear()
+        state_dict.update((renamed.get(key, key), value) for key, value in items)
 
 
 def _create(name: str, pretrained: bool, **kwargs: Any) -> DenseNet:

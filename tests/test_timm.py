@@ -167,6 +167,7 @@ def test_features_only_checkpoints_move_to_and_from_timms_densenet(memory):
     model = nn.ModuleDict({"encoder": timm.create_model("effi_densenet121", **config, num_init_features=8,
                                                         memory=memory)})
     assert list(model.state_dict()) == list(reference.state_dict())
+    assert [name for name, _ in model.named_parameters()] == [name for name, _ in reference.named_parameters()]
     model.load_state_dict(reference.state_dict())
     x = torch.randn(2, 3, 32, 32)
     for net in (reference, model):
@@ -179,7 +180,7 @@ def test_features_only_checkpoints_move_to_and_from_timms_densenet(memory):
     # the modules' own names load too; a state dict with both names for one tensor is refused
     own = {k.replace("encoder.features_", "encoder.model.features."): v for k, v in reference.state_dict().items()}
     model.load_state_dict(own)
-    with pytest.raises(RuntimeError, match="features_conv0.weight.*timm's features_only name.*both name one tensor"):
+    with pytest.raises(RuntimeError, match="features_conv0.weight.*the DenseNet.s own name.*both name one tensor"):
         model.load_state_dict({**reference.state_dict(), **own})
 
 
@@ -190,6 +191,18 @@ def test_backward_slices_one_reaches_the_model_through_timm_where_none_does_not(
         model = timm.create_model("effi_densenet121", memory="frugal", backward_slices=setting, device="meta")
         assert model.backward_slices == ("auto" if setting is None else setting)
         assert model.features.denseblock1.denselayer1.slices(maps) == slices
+
+
+def test_features_only_modules_replaced_by_timms_name_replace_the_densenets():
+    """A norm put in place of one of the features_only model's modules by its timm name (convert_sync_batchnorm,
+    assignment) is the one the DenseNet runs, adopted; train() and eval() reach the DenseNet itself too."""
+    model = tiny(features_only=True, out_indices=(0, 1))
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert isinstance(model.features_norm0, effidense.SyncBatchNormAct)
+    assert model.features_norm0 is model.model.features.norm0
+    model.features_norm0 = nn.BatchNorm2d(TINY["num_init_features"])
+    assert type(model.features_norm0) is effidense.BatchNormAct2d and model.features_norm0 is model.model.features.norm0
+    assert not model.eval().model.training and model.train().model.training
 
 
 def test_features_only_default_indices_follow_the_block_count():
