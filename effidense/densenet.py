@@ -111,6 +111,8 @@ class DenseLayer(MemoryMode, AdoptsNorms):
             self.norm2, self.relu2 = norm_and_act(norm_layer, act_layer, width, spatial_dims)
             self.conv2 = _conv(spatial_dims, width, growth_rate, 3)
         self.bottleneck = bool(bn_size)
+        # channels in, of the bottleneck (0: none) and out, for the slicing policy: the convolutions may be wrapped
+        self.widths = num_input_features, width if bn_size else 0, growth_rate
         self.block_shape = num_input_features, 1  # its block's input channels and layers (a block sets its own)
         self.drop_rate = drop_rate
         self.dropout = (F.dropout1d, F.dropout2d, F.dropout3d)[spatial_dims - 1] if drop_channels else F.dropout
@@ -131,8 +133,8 @@ class DenseLayer(MemoryMode, AdoptsNorms):
         return self.dropout(x, self.drop_rate, self.training)
 
     def _frugal_slices(self, maps: Sequence[Tensor]) -> int:
-        width = self.conv1.out_channels * self.bottleneck / self.conv1.in_channels
-        return self.slices(maps, 3 * (1 + width), self._block_keeps())
+        inputs, bottleneck, _ = self.widths
+        return self.slices(maps, 3 * (1 + bottleneck / inputs), self._block_keeps())
 
     def gathers(self, maps: Sequence[Tensor]) -> bool:
         """Whether the layer's segment, on ``maps``, goes through the batch in slices and gathers the gradients of
@@ -146,10 +148,9 @@ class DenseLayer(MemoryMode, AdoptsNorms):
         the block's input and every layer's new features, and in efficient mode every layer's bottleneck too. 'auto'
         slices a rerun that would hold more than that: an efficient DenseNet-BC layer's never does (its bottlenecks
         keep more), a layer without a bottleneck's (FC-DenseNet's) does, as frugal's do."""
-        (block_input, layers), growth = self.block_shape, self.conv1.out_channels
-        if self.bottleneck:
-            growth = self.conv2.out_channels + (growth if self.memory == "efficient" else 0)
-        return (block_input + layers * growth) / self.conv1.in_channels
+        (block_input, layers), (inputs, bottleneck, growth) = self.block_shape, self.widths
+        growth += bottleneck if self.memory == "efficient" else 0
+        return (block_input + layers * growth) / inputs
 
     def _drawn_dropout(self) -> Callable[[Tensor], Tensor] | None:
         """The dropout this forward draws: None in eval mode or at a drop rate of 0."""
@@ -246,6 +247,7 @@ class Transition(MemoryMode, AdoptsNorms):
         check_transition(num_input_features, num_output_features, spatial_dims)
         self.norm, self.relu = norm_and_act(norm_layer, act_layer, num_input_features, spatial_dims)
         self.conv = _conv(spatial_dims, num_input_features, num_output_features, 1)
+        self.widths = num_input_features, num_output_features  # the convolution's, which may be wrapped
         self.pool = AvgPool(spatial_dims)
         self.memory = memory
 
@@ -257,7 +259,7 @@ class Transition(MemoryMode, AdoptsNorms):
         # and its forward, which holds it whole, should set the peak, not its backward. Where the forward empties a
         # map, its backward, which holds every map and their gradients, would set it instead: it is weighed twice.
         maps, light = _as_maps(maps), run_mode(self.memory) != "plain"
-        slices = self.conv_slices(maps, self.conv, 2 if frees else 1) if light else 1
+        slices = self.conv_slices(maps, self.widths, 2 if frees else 1) if light else 1
         return concat_norm_conv_pool(self.norm, self.relu, self.conv, self.pool, *maps, light=light, slices=slices,
                                      frees=frees)
 
@@ -267,12 +269,11 @@ class Transition(MemoryMode, AdoptsNorms):
         and no parametrised weights (the rerun would make them again, a step's spectral norm twice), and where those
         features outweigh ``gradients`` (bytes), which the segment's rerun in backward holds beside the maps, as the
         forward did not."""
-        growth = (layer.conv2 if layer.bottleneck else layer.conv1).out_channels
-        features = maps[-1].numel() // maps[-1].shape[1] * growth * maps[-1].element_size()
+        features = maps[-1].numel() // maps[-1].shape[1] * layer.widths[2] * maps[-1].element_size()
         return features > gradients and run_mode(self.memory) == "frugal" and run_mode(layer.memory) == "frugal" \
             and not any(hooked(m) or parametrize.is_parametrized(m) for module in (self, layer)
                         for m in module.modules()) and \
-            runs_light(self.norm, self.relu, self.conv) and self.conv_slices(maps, self.conv) > 1
+            runs_light(self.norm, self.relu, self.conv) and self.conv_slices(maps, self.widths) > 1
 
 
 class _Features(AdoptsNorms, nn.Sequential):
@@ -406,7 +407,7 @@ class DenseNet(MemoryMode):
         if self.small_inputs:
             x = f.conv0(x)
         elif mode != "plain" and not stem_map:  # the rerun holds 3 maps of the convolution's output
-            growth = 3 * f.conv0.out_channels / f.conv0.in_channels / 2 ** self.spatial_dims
+            growth = 3 * self.feature_info[0]["num_chs"] / self.in_chans / 2 ** self.spatial_dims
             x = conv_norm_pool(f.conv0, f.norm0, f.relu0, f.pool0, x, slices=self.slices([x], growth))
         else:
             x = checkpointed(mode != "plain", lambda t: f.relu0(f.norm0(f.conv0(t))), x)

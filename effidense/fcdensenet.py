@@ -92,7 +92,7 @@ class TransitionDown(MemoryMode, AdoptsNorms):
         # Its rerun holds the normalised map, the convolution's output and the pool's input, and their gradients:
         # sliced in frugal mode, as DenseNet's transitions are. Efficient's peak is at the top of the up path, where
         # the dropout masks sliced transitions keep would only add to it.
-        slices = self.conv_slices(maps, self.conv) if segment else 1
+        slices = self.conv_slices(maps, (1, 1)) if segment else 1  # its convolution keeps the channels
         if slices > 1:
             out = light_segment([(self.norm, self.relu, _DroppedPool(self))], *maps, slices=slices)
             if out is not None:

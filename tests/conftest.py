@@ -52,6 +52,20 @@ def perturb_norm(norm: torch.nn.Module, generator: torch.Generator) -> None:
         norm.num_batches_tracked.fill_(7)
 
 
+class Adapted(torch.nn.Module):
+    """A convolution wrapped with a low-rank update beside it, as peft's LoRA wraps one: not a convolution itself
+    (no ``in_channels``, ``out_channels`` or ``weight``)."""
+
+    def __init__(self, conv: torch.nn.Conv2d) -> None:
+        super().__init__()
+        self.base_layer = conv
+        self.lora_a = type(conv)(conv.in_channels, 2, conv.kernel_size, conv.stride, conv.padding, bias=False)
+        self.lora_b = type(conv)(2, conv.out_channels, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + self.lora_b(self.lora_a(x))
+
+
 def one_line_error(err: str) -> str:
     """The one line a command printed on stderr (and no traceback)."""
     lines = [line for line in err.splitlines() if line.strip()]

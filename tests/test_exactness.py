@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 import torch.nn.utils.prune
 import torchvision
-from conftest import TINY
+from conftest import TINY, Adapted
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import effidense.layers.norm as norm_module
@@ -330,14 +330,16 @@ class _HalvedConv(torch.nn.Conv2d):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("change", ["spectral_norm", "weight_norm", "a conv with a forward of its own"])
+@pytest.mark.parametrize("change", ["spectral_norm", "weight_norm", "a conv with a forward of its own",
+                                    "a conv wrapped with an adapter"])
 def test_convolutions_made_otherwise_train_like_plain(mode, change):
     """Parametrised weights (``torch.nn.utils.parametrizations``: spectral norm's power iteration runs on every read
-    of the weight, in training) and a convolution subclass with a forward of its own train bitwise as plain: the weight
-    is read once a step, and the subclass's own forward is what runs."""
+    of the weight, in training), a convolution subclass with a forward of its own and a convolution wrapped with a LoRA
+    adapter train bitwise as plain: the weight is read once a step, and the module's own forward is what runs."""
     state, x, runs = DenseNet(**TINY).state_dict(), torch.randn(4, 3, 16, 16), []
     for memory in ("plain", mode):
-        model = DenseNet(**TINY, memory=memory)
+        # an adapted convolution never runs light: asked to slice, its segment still reruns as it is
+        model = DenseNet(**TINY, memory=memory, backward_slices=2 if "adapter" in change else "auto")
         model.load_state_dict(state)
         torch.manual_seed(0)  # spectral norm draws its vectors
         for name, module in list(model.named_modules()):
@@ -347,6 +349,9 @@ def test_convolutions_made_otherwise_train_like_plain(mode, change):
                 torch.nn.utils.parametrizations.spectral_norm(module)
             elif change == "weight_norm":
                 torch.nn.utils.parametrizations.weight_norm(module)
+            elif change == "a conv wrapped with an adapter":
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, Adapted(module))
             else:
                 halved = _HalvedConv(module.in_channels, module.out_channels, module.kernel_size, module.stride,
                                      module.padding, bias=False)

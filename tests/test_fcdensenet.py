@@ -6,6 +6,7 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import Adapted
 
 import effidense
 from effidense.fcdensenet import FCDenseNet, fcdensenet56, fcdensenet67, fcdensenet103
@@ -178,6 +179,23 @@ def test_another_norm_and_the_bottleneck_layer_stay_exact(layers: dict) -> None:
     frugal.load_state_dict(plain.state_dict())
     outputs = _step_all({"plain": plain, "frugal": frugal}, 2, steps=1)
     assert all(torch.equal(a, b) for a, b in zip(outputs["plain"], outputs["frugal"], strict=True))
+
+
+@pytest.mark.parametrize("mode", ["efficient", "frugal"])
+def test_convolutions_wrapped_with_adapters_train_as_plain(mode: str) -> None:
+    """Every convolution wrapped with a LoRA-like adapter (not a convolution itself), under backward_slices=2: each
+    mode still trains bitwise as plain, the wrapped convolutions rerunning as they are."""
+    plain = FCDenseNet(2, 2, 3, **TINY, memory="plain")
+    other = FCDenseNet(2, 2, 3, **TINY, memory=mode, backward_slices=2)
+    other.load_state_dict(plain.state_dict())
+    for model in (plain, other):
+        torch.manual_seed(0)
+        for name, module in list(model.named_modules()):
+            if type(module) is torch.nn.Conv2d:
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, Adapted(module))
+    outputs = _step_all({"plain": plain, mode: other}, 2, steps=1)
+    assert all(torch.equal(a, b) for a, b in zip(outputs["plain"], outputs[mode], strict=True))
 
 
 @pytest.mark.parametrize("drop_rate", [0.0, 0.2])

@@ -104,7 +104,11 @@ class PooledConv:
     kept: Sequence[Tensor] = ()  # what a subclass's pool keeps for backward: its segment saves it
 
     def __init__(self, conv: nn.Module, pool: Callable[[Tensor], Tensor]) -> None:
-        self.conv, self.pool, self.weight = conv, pool, conv.weight
+        self.conv, self.pool = conv, pool
+
+    @property
+    def weight(self) -> Tensor:  # read only where the convolution runs light, so is torch's own
+        return self.conv.weight
 
     def __call__(self, x: Tensor) -> Tensor:
         return self.pool(self.conv(x))

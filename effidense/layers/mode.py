@@ -56,8 +56,9 @@ class MemoryMode(nn.Module):
         return slice_count(self._slices, self._memory == "frugal", maps[0].shape[0], transient * reads, reads,
                            None if keeps is None else keeps * reads)
 
-    def conv_slices(self, maps: Sequence[Tensor], conv: nn.Module, weight: float = 1.0) -> int:
-        """:meth:`slices` of a transition's rerun over ``maps`` (norm, ReLU, ``conv``, pool), weighed as a dense
-        layer's, ``weight`` times: three times what it reads and what its convolution makes (frugal's reruns, under
-        'auto')."""
-        return self.slices(maps, weight * 3 * (1 + conv.out_channels / conv.in_channels))
+    def conv_slices(self, maps: Sequence[Tensor], widths: tuple[int, int], weight: float = 1.0) -> int:
+        """:meth:`slices` of a transition's rerun over ``maps`` (norm, ReLU, a convolution of ``widths``, channels in
+        and out, pool), weighed as a dense layer's, ``weight`` times: three times what it reads and what its
+        convolution makes (frugal's reruns, under 'auto')."""
+        inputs, outputs = widths
+        return self.slices(maps, weight * 3 * (1 + outputs / inputs))
