@@ -262,6 +262,15 @@ class DenseNetFeatures(FeatureGetterNet):
         self.model.train(mode)
         return super().train(mode)
 
+    def set_memory(self, memory: str) -> DenseNetFeatures:
+        """The DenseNet's memory mode (:meth:`DenseNet.set_memory`); returns this model."""
+        self.model.set_memory(memory)
+        return self
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's switch, as timm's own ``features_only`` models take it (:meth:`DenseNet.set_grad_checkpointing`)."""
+        self.model.set_grad_checkpointing(enable)
+
     def add_module(self, name: str, module: nn.Module | None) -> None:
         if name in self._modules and module is not None:  # the DenseNet's features adopt it (a BatchNorm, say)
             self.model.features.add_module(name.removeprefix(_TIMMS_FEATURES), module)

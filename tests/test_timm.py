@@ -195,7 +195,7 @@ def test_backward_slices_one_reaches_the_model_through_timm_where_none_does_not(
 
 def test_features_only_modules_replaced_by_timms_name_replace_the_densenets():
     """A norm put in place of one of the features_only model's modules by its timm name (convert_sync_batchnorm,
-    assignment) is the one the DenseNet runs, adopted; train() and eval() reach the DenseNet itself too."""
+    assignment) is the one the DenseNet runs, adopted; train(), eval() and the memory switches reach the DenseNet."""
     model = tiny(features_only=True, out_indices=(0, 1))
     model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     assert isinstance(model.features_norm0, effidense.SyncBatchNormAct)
@@ -203,6 +203,9 @@ def test_features_only_modules_replaced_by_timms_name_replace_the_densenets():
     model.features_norm0 = nn.BatchNorm2d(TINY["num_init_features"])
     assert type(model.features_norm0) is effidense.BatchNormAct2d and model.features_norm0 is model.model.features.norm0
     assert not model.eval().model.training and model.train().model.training
+    model.set_grad_checkpointing(True)  # as on timm's own features_only models
+    assert model.features_denseblock1.denselayer1.memory == "frugal"
+    assert model.set_memory("plain").features_denseblock1.denselayer1.memory == "plain"
 
 
 def test_features_only_default_indices_follow_the_block_count():
