@@ -250,8 +250,8 @@ class DenseNetFeatures(FeatureGetterNet):
     put in the DenseNet's ``features`` too. It also loads the names of the DenseNet's modules
     (``model.features.conv0.weight``)."""
 
-    def __init__(self, model: nn.Module, *args: Any, **kwargs: Any) -> None:
-        super().__init__(model, *args, **kwargs)
+    def __init__(self, model: nn.Module, *args: Any, flatten_sequential: bool = True, **kwargs: Any) -> None:
+        super().__init__(model, *args, **kwargs)  # its modules are always flattened
         self._modules.pop("model")
         self.__dict__["model"] = model
         for name, module in model.features.named_children():
@@ -328,7 +328,8 @@ def _create(name: str, pretrained: bool, **kwargs: Any) -> DenseNet:
     try:
         return build_model_with_cfg(
             DenseNet, f"effi_{name}", pretrained,
-            feature_cfg=dict(feature_cls=DenseNetFeatures, out_indices=out_indices),
+            # flatten_sequential, as timm's DenseNet: its 'list', 'dict' and 'hook' feature models name modules as ours
+            feature_cfg=dict(feature_cls=DenseNetFeatures, out_indices=out_indices, flatten_sequential=True),
             pretrained_filter_fn=timm_pretrained_filter, **kwargs)
     except LocalEntryNotFoundError:  # the hub's own error says neither where else to look nor what to do
         raise not_found_error(name, tag, hf_hub_id, torchvision_file) from None

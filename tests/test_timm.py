@@ -135,7 +135,9 @@ def test_intermediates_equal_timms_densenet():
                                    reference.forward_intermediates(x, intermediates_only=True), rtol=0, atol=1e-6)
         hooks = timm.create_model("effi_densenet121", **TINY, features_only=True, feature_cls="hook",
                                   out_indices=(0, 1, 2, 3)).eval()  # timm's hooks on the feature_info modules
-        hooks.body.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("classifier")})
+        # its modules by timm's flattened names, as timm's own DenseNet's hook features
+        hooks.load_state_dict({k.replace("features.", "features_", 1): v for k, v in model.state_dict().items()
+                               if not k.startswith("classifier")})
         torch.testing.assert_close(hooks(x), reference.forward_intermediates(x, intermediates_only=True), rtol=0,
                                    atol=1e-6)
         torch.testing.assert_close(model(x), reference(x), rtol=0, atol=1e-6)
@@ -191,6 +193,23 @@ def test_backward_slices_one_reaches_the_model_through_timm_where_none_does_not(
         model = timm.create_model("effi_densenet121", memory="frugal", backward_slices=setting, device="meta")
         assert model.backward_slices == ("auto" if setting is None else setting)
         assert model.features.denseblock1.denselayer1.slices(maps) == slices
+
+
+@pytest.mark.parametrize("feature_cls", ["list", "dict", "hook", "fx"])
+def test_every_feature_class_has_timms_densenets_names_and_the_default_models_maps(feature_cls):
+    """timm's other feature models (the modules in turn, hooks, an fx graph) of an effi_* model name their modules as
+    timm's own DenseNet's, and give the default model's maps from the same weights."""
+    config = dict(features_only=True, growth_rate=4, block_config=(2, 2, 2), out_indices=(0, 1, 2, 3))
+    reference = timm.create_model("densenet121", feature_cls=feature_cls, **config)
+    model = timm.create_model("effi_densenet121", feature_cls=feature_cls, num_init_features=8, **config).eval()
+    default = timm.create_model("effi_densenet121", num_init_features=8, **config).eval()
+    assert list(model.state_dict()) == list(reference.state_dict())
+    model.load_state_dict(dict(zip(model.state_dict(), default.state_dict().values(), strict=True)))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        maps = model(x)
+        torch.testing.assert_close(list(maps.values()) if isinstance(maps, dict) else maps, default(x), rtol=0,
+                                   atol=1e-6)
 
 
 def test_features_only_modules_replaced_by_timms_name_replace_the_densenets():
