@@ -6,6 +6,7 @@ such as :func:`densenet121` build the same networks without timm's machinery.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import warnings
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from torch import nn
 from .configs import CONFIGS, unknown_model_message
 from .densenet import DenseNet
 from .fileio import content_format
+from .layers.norm import AdoptsNorms
 from .pretrained import (
     TORCHVISION_WEIGHTS,
     not_found_error,
@@ -240,48 +242,50 @@ def _torchvision_cached(name: str, kwargs: dict[str, Any]) -> tuple[str | None, 
     return cfg.tag, cfg.hf_hub_id, torchvision_cache_file(weights) if weights is not None else None
 
 
-class DenseNetFeatures(FeatureGetterNet):
+class DenseNetFeatures(AdoptsNorms, FeatureGetterNet):
     """timm's ``features_only`` model of an ``effi_*`` DenseNet. Its modules are those of timm's own DenseNet's
     ``features_only`` model, by the same names (``features_conv0``, ``features_denseblock1``, ...), so its state dict
     and parameter names are that model's and a checkpoint moves between the two either way, as between
-    segmentation_models_pytorch's ``tu-densenet121`` and ``tu-effi_densenet121`` encoders. The DenseNet that runs them
-    (``model``, not a submodule) computes the maps by its own path (``forward_intermediates``, timm's
-    ``FeatureGetterNet``). A module put in one's place (``convert_sync_batchnorm``, timm's ``freeze_batch_norm_2d``) is
-    put in the DenseNet's ``features`` too. It also loads the names of the DenseNet's modules
-    (``model.features.conv0.weight``)."""
+    segmentation_models_pytorch's ``tu-densenet121`` and ``tu-effi_densenet121`` encoders. The DenseNet (``model``,
+    not a submodule) computes the maps by its own path (``forward_intermediates``, timm's ``FeatureGetterNet``) on
+    this model's modules as they are: a norm put in one's place (``convert_sync_batchnorm``, timm's
+    ``freeze_batch_norm_2d``) is adopted, exact under recomputation, and DataParallel's replicas run their own. It also
+    loads the names of the DenseNet's modules (``model.features.conv0.weight``)."""
 
     def __init__(self, model: nn.Module, *args: Any, flatten_sequential: bool = True, **kwargs: Any) -> None:
-        super().__init__(model, *args, **kwargs)  # its modules are always flattened
+        super().__init__(model, *args, **kwargs)  # its modules are always flattened, as timm's DenseNet's
         self._modules.pop("model")
         self.__dict__["model"] = model
         for name, module in model.features.named_children():
-            super().add_module(_TIMMS_FEATURES + name, module)
+            self.add_module(_TIMMS_FEATURES + name, module)
         self.register_load_state_dict_pre_hook(_loaded_by_own_names)
 
-    def train(self, mode: bool = True) -> DenseNetFeatures:
-        self.model.train(mode)
-        return super().train(mode)
+    def forward(self, x: Any) -> Any:
+        return self._network().forward_intermediates(x, indices=self.out_indices, norm=self.norm,
+                                                     output_fmt=self.output_fmt, intermediates_only=True)
+
+    def _network(self) -> DenseNet:
+        """The DenseNet on this model's modules: a shallow copy of ``model`` whose ``features`` holds them, made again
+        only when they changed (a replacement, a DataParallel replica), so it holds nothing of its own."""
+        names = list(self.model.features._modules)
+        net = self.__dict__.get("_net")
+        if net is None or any(net.features._modules[n] is not self._modules[_TIMMS_FEATURES + n] for n in names):
+            net, features = copy.copy(self.model), copy.copy(self.model.features)
+            features._modules = {n: self._modules[_TIMMS_FEATURES + n] for n in names}
+            net._modules = {**net._modules, "features": features}
+            self.__dict__["_net"] = net
+        net.training = self.training
+        return net
 
     def set_memory(self, memory: str) -> DenseNetFeatures:
         """The DenseNet's memory mode (:meth:`DenseNet.set_memory`); returns this model."""
         self.model.set_memory(memory)
+        self._network().set_memory(memory)
         return self
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """timm's switch, as timm's own ``features_only`` models take it (:meth:`DenseNet.set_grad_checkpointing`)."""
-        self.model.set_grad_checkpointing(enable)
-
-    def add_module(self, name: str, module: nn.Module | None) -> None:
-        if name in self._modules and module is not None:  # the DenseNet's features adopt it (a BatchNorm, say)
-            self.model.features.add_module(name.removeprefix(_TIMMS_FEATURES), module)
-            module = self.model.features.get_submodule(name.removeprefix(_TIMMS_FEATURES))
-        super().add_module(name, module)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, nn.Module) and name in self.__dict__.get("_modules", {}):
-            self.add_module(name, value)
-        else:
-            super().__setattr__(name, value)
+        self.set_memory("frugal" if enable else "efficient")
 
 
 # The module names of timm's features_only DenseNet (its FeatureListNet flattens ``features``), and the DenseNet's own

@@ -212,19 +212,33 @@ def test_every_feature_class_has_timms_densenets_names_and_the_default_models_ma
                                    atol=1e-6)
 
 
-def test_features_only_modules_replaced_by_timms_name_replace_the_densenets():
+def test_features_only_modules_replaced_by_timms_name_are_the_ones_that_run():
     """A norm put in place of one of the features_only model's modules by its timm name (convert_sync_batchnorm,
-    assignment) is the one the DenseNet runs, adopted; train(), eval() and the memory switches reach the DenseNet."""
-    model = tiny(features_only=True, out_indices=(0, 1))
-    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assignment) is adopted, exact under recomputation, and is the one that runs; a DataParallel replica runs its own
+    modules and leaves the model's alone; train(), eval() and the memory switches reach every module."""
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(tiny(features_only=True, out_indices=(0, 1)))
     assert isinstance(model.features_norm0, effidense.SyncBatchNormAct)
-    assert model.features_norm0 is model.model.features.norm0
     model.features_norm0 = nn.BatchNorm2d(TINY["num_init_features"])
-    assert type(model.features_norm0) is effidense.BatchNormAct2d and model.features_norm0 is model.model.features.norm0
-    assert not model.eval().model.training and model.train().model.training
+    assert type(model.features_norm0) is effidense.BatchNormAct2d
+    calls = []
+    model.features_norm0.register_forward_hook(lambda *args: calls.append(1))
+    x = torch.randn(2, 3, 32, 32)
+    expected = [t.detach() for t in model(x)]
+    assert calls == [1]
+    # DataParallel's replicate, as it wires the replicas (torch.nn.parallel.replicate), with a replica's weights changed
+    replicas = {m: m._replicate_for_data_parallel() for m in model.modules()}
+    for module, replica in replicas.items():
+        for name, child in module._modules.items():
+            setattr(replica, name, replicas[child])
+        for name, param in module._parameters.items():  # broadcast copies, on another device
+            replica._parameters[name] = None if param is None else param.detach().clone()
+    replicas[model.features_conv0]._parameters["weight"] = torch.zeros_like(model.features_conv0.weight)
+    assert not torch.equal(replicas[model](x)[0], expected[0])
+    torch.testing.assert_close([t.detach() for t in model(x)], expected, rtol=0, atol=0)
     model.set_grad_checkpointing(True)  # as on timm's own features_only models
     assert model.features_denseblock1.denselayer1.memory == "frugal"
     assert model.set_memory("plain").features_denseblock1.denselayer1.memory == "plain"
+    assert not model.eval().features_denseblock1.training
 
 
 def test_features_only_default_indices_follow_the_block_count():
