@@ -262,6 +262,17 @@ def test_effidense_timm_runs_a_script_with_effi_models(tmp_path: Path, name: str
                              "4"], name="__main__", model="effidense.densenet")
 
 
+def test_effidense_timm_refuses_a_model_argument_that_timm_would_drop(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    script, record = tmp_path / "train.py", tmp_path / "record.json"
+    script.write_text(STAND_IN)
+    assert effidense_main(["timm", str(script), "--model", "effi_densenet40_k12", "--model-kwargs", "growth_rate=4",
+                           "backward_slices=None", "--record", str(record)]) == 1
+    assert ("--model-kwargs backward_slices=None: timm.create_model drops arguments set to None"
+            in one_line_error(capsys.readouterr().err))
+    assert not record.exists()  # the script never ran
+
+
 # `python -m effidense timm train.py ...` in a fresh interpreter (only the command can have imported effidense before
 # the script's create_model): test_train.py's test_wrapper_runs_script_as_main_with_effidense_registered, which runs
 # that very command and checks the model's class, the script's argv, __name__ and exit code.

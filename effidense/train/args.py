@@ -330,15 +330,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if isinstance(args.model_kwargs, list):  # `--model-kwargs` given with no pairs
         args.model_kwargs = {}
-    dropped = [key for key, value in args.model_kwargs.items() if value is None]
-    if dropped:  # timm.create_model would build the model with its defaults for them, silently
-        raise TrainError(f"--model-kwargs {' '.join(f'{key}=None' for key in dropped)}: timm.create_model drops "
-                         "arguments set to None, so the model's default would apply; leave them out for the default"
-                         + ("; backward_slices=1 slices no backward" if "backward_slices" in dropped else ""))
+    none = [key for key, value in args.model_kwargs.items() if value is None]
+    if none:
+        raise TrainError(dropped_by_timm(none))
     if not 0 < args.scale[1] or args.scale[0] > args.scale[1]:
         raise TrainError(f"--scale {args.scale[0]} {args.scale[1]}: expected MIN MAX with 0 <= MIN <= MAX and "
                          "MAX > 0 (fractions of the image area)")
     return args
+
+
+def dropped_by_timm(keys: Sequence[str]) -> str:
+    """Why ``--model-kwargs KEY=None`` is refused: timm.create_model would build the model with its defaults for
+    them, silently."""
+    return (f"--model-kwargs {' '.join(f'{key}=None' for key in keys)}: timm.create_model drops arguments set to "
+            "None, so the model's default would apply; leave them out for the default"
+            + ("; backward_slices=1 slices no backward" if "backward_slices" in keys else ""))
 
 
 def args_as_dict(args: argparse.Namespace) -> dict[str, Any]:

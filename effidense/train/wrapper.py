@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .args import dropped_by_timm
 from .errors import TrainError
 
 __all__ = ["run_timm_script"]
@@ -25,6 +26,9 @@ def run_timm_script(script: str | os.PathLike[str], argv: Sequence[str]) -> int:
     if not path.is_file():
         raise TrainError(f"{script}: no such file (timm's train.py, validate.py, benchmark.py or inference.py from a "
                          "timm checkout; the timm wheel does not ship them)")
+    none = _none_model_kwargs(argv)
+    if none:
+        raise TrainError(dropped_by_timm(none))
     import effidense.registry  # noqa: F401  (registers the effi_* models with timm before the script creates one)
 
     saved_argv, saved_path = sys.argv, list(sys.path)
@@ -41,3 +45,14 @@ def run_timm_script(script: str | os.PathLike[str], argv: Sequence[str]) -> int:
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
     return 0
+
+
+def _none_model_kwargs(argv: Sequence[str]) -> list[str]:
+    """The keys that timm's ``--model-kwargs KEY=VALUE ...`` sets to None (which its create_model then drops)."""
+    keys, within = [], False
+    for arg in argv:
+        if arg.startswith("-"):
+            within = arg == "--model-kwargs"
+        elif within and arg.partition("=")[2].strip() == "None":
+            keys.append(arg.partition("=")[0])
+    return keys
