@@ -322,6 +322,25 @@ def test_hooks_that_change_what_a_module_computes_are_followed_in_backward(mode,
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("hooked", [False, True], ids=["", "hooked features"])
+def test_an_empty_batch_trains_as_in_plain(mode, hooked):
+    """A batch of no samples (a data pipeline's empty last batch) goes forward and backward as in plain: BatchNorm's
+    backward kernel, which the light Functions call, fails on one with a floating-point exception that ends the
+    process; a hooked ``features`` keeps its final ReLU's sign at a bit a value, of no samples."""
+    state, runs = DenseNet(**TINY, drop_rate=0.2).state_dict(), []
+    for memory in ("plain", mode):
+        model = DenseNet(**TINY, drop_rate=0.2, memory=memory, backward_slices=2)
+        model.load_state_dict(state)
+        if hooked:
+            model.features.register_forward_hook(lambda *args: None)
+        x = torch.randn(0, 3, 16, 16, requires_grad=True)
+        out = model(x)
+        out.sum().backward()
+        runs.append([out, x.grad, *(p.grad for p in model.parameters()), *model.buffers()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
 class _HalvedConv(torch.nn.Conv2d):
     """A convolution with a forward of its own, as quantisation-aware training's fake-quantised ones."""
 

@@ -198,6 +198,20 @@ def test_convolutions_wrapped_with_adapters_train_as_plain(mode: str) -> None:
     assert all(torch.equal(a, b) for a, b in zip(outputs["plain"], outputs[mode], strict=True))
 
 
+@pytest.mark.parametrize("mode", ["efficient", "frugal"])
+def test_an_empty_batch_trains_as_in_plain(mode: str) -> None:
+    plain = FCDenseNet(3, 2, 3, **TINY, memory="plain")
+    other = FCDenseNet(3, 2, 3, **TINY, memory=mode, backward_slices=2)
+    other.load_state_dict(plain.state_dict())
+    runs = []
+    for model in (plain, other):
+        x = torch.randn(0, 2, 8, 8, 8, requires_grad=True)
+        out = model(x)
+        out.sum().backward()
+        runs.append([out, x.grad, *(p.grad for p in model.parameters()), *model.buffers()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
 @pytest.mark.parametrize("drop_rate", [0.0, 0.2])
 @pytest.mark.parametrize("dims", [1, 2, 3])
 def test_a_sliced_backward_keeps_forward_bitwise_and_gradients_within_sum_order(dims: int, drop_rate: float) -> None:

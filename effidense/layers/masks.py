@@ -36,8 +36,9 @@ def _bits(device: torch.device) -> Tensor:
 def pack_bits(mask: Tensor) -> Tensor:
     """A bool tensor at one bit an element, each sample (along the first dim) in whole bytes of its own, so that
     samples can be unpacked apart: uint8, (samples, bytes)."""
-    flat = mask.reshape(mask.shape[0], -1)
-    flat = F.pad(flat, (0, -flat.shape[1] % 8)).view(flat.shape[0], -1, 8).to(torch.uint8)
+    size = math.prod(mask.shape[1:])  # named, not -1: a view of an empty batch needs every size
+    flat = F.pad(mask.reshape(mask.shape[0], size), (0, -size % 8)).view(mask.shape[0], -(-size // 8), 8)
+    flat = flat.to(torch.uint8)
     return (flat << _bits(flat.device)).sum(2, dtype=torch.uint8)
 
 
