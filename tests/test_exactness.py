@@ -341,6 +341,15 @@ def test_an_empty_batch_trains_as_in_plain(mode, hooked):
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_a_model_on_the_meta_device_goes_forward_and_backward(mode):
+    """Shapes only, as tools that count FLOPs or plan memory without computing run a model (torchvision's does)."""
+    model = DenseNet(**TINY, drop_rate=0.2, memory=mode, device="meta")
+    x = torch.empty(4, 3, 16, 16, device="meta", requires_grad=True)
+    model(x).sum().backward()
+    assert x.grad.shape == x.shape and all(p.grad.shape == p.shape for p in model.parameters())
+
+
 class _HalvedConv(torch.nn.Conv2d):
     """A convolution with a forward of its own, as quantisation-aware training's fake-quantised ones."""
 

@@ -71,8 +71,9 @@ def light_segment(stages: Sequence[tuple[nn.Module, nn.Module, nn.Module]], *map
     ``frees``: a sliced segment empties its last ``frees`` maps once it has normalised them (they are then read by
     nothing else, and a rerun rebuilds them: :func:`saved_only`)."""
     if not all(runs_light(*stage) for stage in stages) or \
-            (pre is not None and (not plain_conv(pre) or hooked(pre))) or maps[0].numel() == 0:
-        return None  # an empty batch too: BatchNorm's backward kernel fails on one (autograd never calls it there)
+            (pre is not None and (not plain_conv(pre) or hooked(pre))) or maps[0].numel() == 0 or maps[0].is_meta:
+        # nor an empty batch (BatchNorm's backward kernel fails on one, where autograd never calls it) or a meta one
+        return None
     params = [] if pre is None else [pre.weight]
     for norm, _, post in stages:
         params += [norm.weight, norm.bias, getattr(post, "weight", None)]
