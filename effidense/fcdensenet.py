@@ -299,7 +299,7 @@ def concat_conv(conv: nn.Module, *maps: Tensor, light: bool) -> Tensor:
     slots = tuple(slot_of(t) for t in maps)
     if not light or not any(slots) or not torch.is_grad_enabled() or is_tracing() or hooked(conv) or \
             not torch_conv(conv) or conv.padding_mode != "zeros" or not isinstance(conv.padding, tuple) or \
-            conv.groups != 1:
+            conv.groups != 1 or maps[0].is_meta:  # autocast, whose state backward keeps, knows no meta device
         return checkpointed(light, lambda *t: conv(cat_maps(t)), *maps)
     return _GatheringConv.apply(conv, slots, conv.weight, conv.bias, *maps)
 

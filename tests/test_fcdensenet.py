@@ -212,6 +212,14 @@ def test_an_empty_batch_trains_as_in_plain(mode: str) -> None:
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
+@pytest.mark.parametrize("mode", ["efficient", "frugal"])
+def test_a_model_on_the_meta_device_goes_forward_and_backward(mode: str) -> None:
+    model = FCDenseNet(2, 2, 3, **TINY, memory=mode, backward_slices=2).to_empty(device="meta")
+    x = torch.empty(2, 2, 16, 16, device="meta", requires_grad=True)
+    model(x).sum().backward()
+    assert x.grad.shape == x.shape and all(p.grad.shape == p.shape for p in model.parameters())
+
+
 @pytest.mark.parametrize("drop_rate", [0.0, 0.2])
 @pytest.mark.parametrize("dims", [1, 2, 3])
 def test_a_sliced_backward_keeps_forward_bitwise_and_gradients_within_sum_order(dims: int, drop_rate: float) -> None:
