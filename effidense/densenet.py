@@ -402,7 +402,8 @@ class DenseNet(MemoryMode):
         caller stops is computed. ``stem_map``: map 0 is wanted (else the stem's pool may run inside its segment, and
         map 0 is then the pooled one). ``activate=False``: the last map before the final ReLU (``features``').
         ``last_only``: only the last map is read, so a block whose last layer runs with the transition after it
-        (:meth:`Transition.frees_after`) yields nothing."""
+        (:meth:`Transition.frees_after`) yields nothing. A caller may replace a yielded list's maps in place, for what
+        comes after to read instead."""
         mode, f, tracing = run_mode(self.memory), self.features, is_tracing()
         if self.small_inputs:
             x = f.conv0(x)
@@ -500,6 +501,10 @@ class DenseNet(MemoryMode):
                 x = cat_maps(maps)
                 if i in wanted:
                     intermediates.append(x)
+                if i in wanted and i < stop and len(maps) > 1:
+                    # later layers read the maps through it, as timm's read the map itself: a gradient with respect
+                    # to it (Grad-CAM's) is the whole network's, and only the maps are kept
+                    maps[:] = read_through(x, maps)
             if i == stop:
                 break
         return intermediates if intermediates_only else (x, intermediates)

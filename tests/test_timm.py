@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 import torchvision
 from timm.models import group_parameters
 from timm.models.densenet import DenseNet as TimmDenseNet
@@ -141,6 +142,28 @@ def test_intermediates_equal_timms_densenet():
         torch.testing.assert_close(hooks(x), reference.forward_intermediates(x, intermediates_only=True), rtol=0,
                                    atol=1e-6)
         torch.testing.assert_close(model(x), reference(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode,slices", [("plain", 1), ("efficient", 1), ("frugal", 1), ("frugal", 2)])
+def test_intermediates_are_on_the_networks_path(mode, slices):
+    """As in timm's DenseNet, later layers read each intermediate map: the gradient of the logits with respect to it
+    (Grad-CAM's) is the whole network's, here torchvision's, whose blocks hand on their outputs."""
+    torch.manual_seed(0)
+    reference = torchvision.models.DenseNet(4, (2, 2, 2), 8, num_classes=3)
+    model = effidense.DenseNet(4, (2, 2, 2), 8, num_classes=3, memory=mode, backward_slices=slices)
+    model.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    expected, y = [], x
+    for name, module in reference.features.named_children():
+        y = module(y)
+        if name in ("relu0", "denseblock1", "denseblock2"):
+            expected.append(y)
+    expected.append(torch.relu(y))
+    logits = reference.classifier(torch.flatten(F.adaptive_avg_pool2d(expected[-1], 1), 1))
+    final, intermediates = model.forward_intermediates(x)
+    grads = torch.autograd.grad(model.forward_head(final)[:, 1].sum(), intermediates)
+    exact = dict(rtol=0, atol=0) if slices == 1 else {}
+    torch.testing.assert_close(grads, torch.autograd.grad(logits[:, 1].sum(), expected), **exact)
 
 
 @pytest.mark.parametrize("out_indices", [(0, 1, 2, 3), (1, 2), (0,), (3,)])
