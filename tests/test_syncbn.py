@@ -1,4 +1,5 @@
-"""nn.SyncBatchNorm: converted models use global batch statistics and gradients under DDP (CPU, gloo, 2 ranks).
+"""nn.SyncBatchNorm: converted models use global batch statistics and gradients under DDP and FSDP2's
+``fully_shard`` (CPU, gloo, 2 ranks).
 
 One spawned 2-process group runs every scenario for every memory mode; the ranks save their measurements and the
 tests here judge them. Differences are relative: max |a - b| over a group of tensors / max |b| over them.
@@ -46,6 +47,7 @@ FORWARD_COLLECTIVES = 2 * (1 + 5 + 5)
 BACKWARD_COLLECTIVES = 1 + 4 + 1 + 4 + 1
 # Partly converted: the first block's second layer and the final norm synchronise, the rest do not, so norms that
 # share a block's statistics cache disagree on synchronisation.
+SHARDED_UNITS = ("DenseLayer", "DenseBlock")  # what fully_shard wraps before the whole model
 MIXED = ("features.denseblock1.denselayer2.norm1", "features.denseblock1.denselayer2.norm2", "features.norm5")
 
 
@@ -159,6 +161,32 @@ def _against_full_batch(base: DenseNet, mode: str, x: Tensor, y: Tensor, rank: i
     }
 
 
+def _sharded_against_full_batch(base: DenseNet, mode: str, x: Tensor, y: Tensor, rank: int, unit: str) -> dict:
+    """One training step of the converted model, sliced and sharded by FSDP2's ``fully_shard`` per ``unit`` and then
+    whole, on this rank's half, against the unconverted one on the full batch: FSDP2 averages the ranks' gradients,
+    as DDP does, and gathers the parameters each shard's forward and backward read (backward's rerun included)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    reference = copy.deepcopy(base).train()
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(base).set_memory(mode).train())
+    model.backward_slices = 2
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for module in model.modules():
+        if type(module).__name__ == unit:
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    ref_out, _ = _step(reference, x, y, 1 / x.size(0))
+    part = slice(rank * BATCH, (rank + 1) * BATCH)
+    out, _ = _step(model, x[part], y[part], 1 / BATCH)
+    grads = [p.grad.full_tensor() for p in model.parameters()]
+    return {
+        "output": _rel([out], [ref_out[part]]),
+        "grads": _rel(grads, _grads(reference)),
+        "buffers": _rel(_float_buffers(model), _float_buffers(reference)),
+    }
+
+
 def _scenarios(rank: int) -> dict[str, dict]:
     torch.manual_seed(0)
     base = DenseNet(**TINY, memory="plain")
@@ -176,6 +204,8 @@ def _scenarios(rank: int) -> dict[str, dict]:
     for mode in MEMORY_MODES:
         for variant in VARIANTS:
             results[f"{mode}/{variant}"] = _against_full_batch(base, mode, x, y, rank, variant)
+        for unit in SHARDED_UNITS:
+            results[f"{mode}/fsdp2 {unit}"] = _sharded_against_full_batch(base, mode, x, y, rank, unit)
 
         def fresh(converted: bool = False, train: bool = True, mode: str = mode) -> nn.Module:
             model = copy.deepcopy(base).set_memory(mode).train(train)
@@ -256,6 +286,14 @@ def test_converted_ddp_equals_single_process_full_batch(ranks, mode, variant):
         r = {k: v for k, v in results[f"{mode}/{variant}"].items() if k != "tensors"}
         assert r["output"] <= tol and r["grads"] <= tol and r["buffers"] <= tol, (rank, r)
         assert r["counts"][0] == r["counts"][1] == [8] * len(r["counts"][0]), (rank, r)  # 7 before the step
+
+
+@pytest.mark.parametrize("unit", SHARDED_UNITS)
+@pytest.mark.parametrize("mode", MEMORY_MODES)
+def test_fully_sharded_equals_single_process_full_batch(ranks, mode, unit):
+    for rank, results in enumerate(ranks):
+        r = results[f"{mode}/fsdp2 {unit}"]
+        assert r["output"] <= TOL and r["grads"] <= TOL and r["buffers"] <= TOL, (rank, r)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
