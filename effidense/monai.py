@@ -212,9 +212,6 @@ def _norm_maker(norm: Any, spatial_dims: Any) -> NormMaker:
     if unknown:
         raise ValueError(f"norm={norm!r}: unknown argument {', '.join(map(repr, unknown))} "
                          f"({', '.join(NORMS[name])} accepted)")
-    if name == "instance" and kwargs.get("track_running_stats"):
-        raise ValueError(f"norm={norm!r}: instance norm with running statistics is not supported (a recomputed "
-                         "segment would update them twice); use 'batch', or instance norm without them")
     if name == "group" and "num_groups" not in kwargs:
         raise ValueError(f"norm={norm!r}: group norm needs num_groups, e.g. ('group', {{'num_groups': 8}})")
 

@@ -391,6 +391,42 @@ def test_convolutions_made_otherwise_train_like_plain(mode, change):
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
+class _SubclassedBatchNorm(torch.nn.BatchNorm2d):
+    pass
+
+
+def _put_in_place(model: DenseNet, change: str) -> DenseNet:
+    if change == "timm's split batch norm":  # train.py --split-bn
+        return timm.layers.convert_splitbn_model(model, num_splits=2)
+    for name, norm in [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]:
+        made = {"a BatchNorm2d subclass": lambda c: _SubclassedBatchNorm(c),
+                "timm's BatchNormAct2d": lambda c: timm.layers.BatchNormAct2d(c, apply_act=False),
+                "instance norm with running statistics": lambda c: torch.nn.InstanceNorm2d(
+                    c, affine=True, track_running_stats=True)}[change](norm.num_features)
+        made.load_state_dict(norm.state_dict())
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, made)
+    return model
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("change", ["timm's split batch norm", "a BatchNorm2d subclass", "timm's BatchNormAct2d",
+                                   "instance norm with running statistics"])
+def test_norms_put_in_place_update_their_running_statistics_once(mode, change):
+    """A norm put in place of one that effidense does not make its own (timm's ``convert_splitbn_model``, assignment)
+    reruns as it is, in a checkpoint, and the rerun's updates to its buffers are put back: bitwise plain's."""
+    state, x, runs = DenseNet(**TINY).state_dict(), torch.randn(4, 3, 16, 16), []
+    for memory in ("plain", mode):
+        model = DenseNet(**TINY, memory=memory, backward_slices=2)
+        model.load_state_dict(state)
+        model = _put_in_place(model, change)
+        assert not any(type(m).__name__ == "BatchNormAct2d" and m.__module__.startswith("effidense")
+                       for m in model.modules())
+        out = _steps(model, x)
+        runs.append([out, *model.parameters(), *model.buffers()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
 @pytest.mark.parametrize("mode", ["plain", *MODES])
 @pytest.mark.parametrize("training", [False, True])
 def test_torch_func_per_sample_gradients_are_torchvisions(mode, training):

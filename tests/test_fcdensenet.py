@@ -1,12 +1,11 @@
 """FC-DenseNet: the paper's architecture, exact in every memory mode, in 2D and 3D, and one line per bad input."""
 from __future__ import annotations
 
-from functools import partial
-
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import Adapted
+from timm.layers import EvoNorm2dB0
 
 import effidense
 from effidense.fcdensenet import FCDenseNet, fcdensenet56, fcdensenet67, fcdensenet103
@@ -323,8 +322,7 @@ def test_a_sliced_transition_down_lowers_the_allocators_peak() -> None:
     (lambda: FCDenseNet(2, 1, 2, drop_rate=1.0), "drop_rate must be a number in [0, 1), got 1.0"),
     (lambda: FCDenseNet(2, 1, 2, memory="lean"), "memory must be one of 'plain', 'efficient', 'frugal'"),
     (lambda: FCDenseNet(2, 1, 2, backward_slices=0), "backward_slices must be 'auto', None (not sliced) or a"),
-    (lambda: FCDenseNet(2, 1, 2, norm_layer=partial(torch.nn.InstanceNorm2d, track_running_stats=True)),
-     "norm_layer made a InstanceNorm2d, which keeps buffers"),
+    (lambda: FCDenseNet(2, 1, 2, norm_layer=EvoNorm2dB0), "norm_layer made a EvoNorm2dB0, which keeps buffers"),
     (lambda: FCDenseNet(2, 1, 2, act_layer="no_such_act"), "act_layer='no_such_act' is not a timm activation name"),
 ])
 def test_bad_settings_get_one_line(build, message: str) -> None:

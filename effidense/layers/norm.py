@@ -173,15 +173,13 @@ class NormAct(nn.Module):
     so that ``norm1`` means what torchvision's does and ``relu1`` follows it.
 
     ``forward(*maps)`` concatenates inside the norm, so inside its segment: a rerun rebuilds the concatenation
-    rather than keeping it. Norms with no running statistics (instance, group) are exact under recomputation by
-    nature. Under ``torch.fx`` a norm is one leaf node. State-dict keys are the norm class's.
+    rather than keeping it. Other norms than BatchNorm are exact under recomputation by nature, or, with running
+    statistics (instance norm's), as a rerun puts back what it updates (:mod:`.recompute`). Under ``torch.fx`` a norm
+    is one leaf node. State-dict keys are the norm class's.
     """
 
     def __init__(self, *args: Any, act: Callable[[Tensor], Tensor] | None = relu_, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if getattr(self, "track_running_stats", False) and not isinstance(self, BatchNormAct):
-            raise ValueError(f"{type(self).__name__} with track_running_stats=True would update its running "
-                             "statistics on every recomputation; only BatchNorm keeps them exact here")
         self.act = act
 
     def extra_repr(self) -> str:
@@ -201,6 +199,8 @@ class NormAct(nn.Module):
 class BatchNormAct(NormAct, nn.modules.batchnorm._BatchNorm):
     """BatchNorm (+ activation) for any number of spatial dims, exact under recomputation (the module docstring).
     State-dict keys are ``nn.BatchNorm2d``'s."""
+
+    reruns_exactly = True  # a rerun updates no buffer: nothing to put back after it (:mod:`.recompute`)
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
@@ -320,10 +320,10 @@ def norm_and_act(norm_layer: NormLayer | None, act_layer: ActLayer | None, chann
     as timm's models take them. ``norm_layer``: None (BatchNorm), a timm norm name (``'batchnorm'``, any dims;
     ``'groupnorm'``, ``'layernorm2d'``, ...) or a callable that makes, for a number of channels, a :class:`NormAct`
     (its activation becomes the module after it), torch's BatchNorm (adopted as :class:`BatchNormAct`, exact under
-    recomputation), or a norm that keeps no buffers or never changes them (torchvision's ``FrozenBatchNorm2d``),
-    given the maps' concatenation and rerun as it is. ``act_layer``: None (the NormAct's activation, else in-place
-    ReLU), a timm activation name (``'silu'``, ``'gelu'``, ...) or an ``nn.Module`` class, made in place where it can
-    be."""
+    recomputation), torch's instance norm, or a norm that keeps no buffers or never changes them (torchvision's
+    ``FrozenBatchNorm2d``), given the maps' concatenation and rerun as it is. ``act_layer``: None (the NormAct's
+    activation, else in-place ReLU), a timm activation name (``'silu'``, ``'gelu'``, ...) or an ``nn.Module`` class,
+    made in place where it can be."""
     if norm_layer is None or isinstance(norm_layer, str) and norm_layer.replace("_", "").lower() in _BATCH_NORM_NAMES:
         norm_layer = BATCH_NORM_ACT[spatial_dims]
     elif isinstance(norm_layer, str):
@@ -337,11 +337,13 @@ def norm_and_act(norm_layer: NormLayer | None, act_layer: ActLayer | None, chann
     norm = _adopted(made, None)
     if isinstance(norm, NormAct):
         norm.act = None  # the module after it applies it
-    elif norm is made and not isinstance(norm, FrozenBatchNorm2d) and next(norm.buffers(), None) is not None:
+    elif norm is made and not isinstance(norm, (FrozenBatchNorm2d, nn.modules.instancenorm._InstanceNorm)) and \
+            next(norm.buffers(), None) is not None:
         kept = ", ".join(name for name, _ in norm.named_buffers())
-        raise TypeError(f"norm_layer made a {type(norm).__name__}, which keeps buffers ({kept}) that a rerun in "
-                        "backward would update again; use BatchNorm (norm_layer='batchnorm', kept exact), a norm "
-                        "without running statistics (GroupNormAct, InstanceNormAct2d, nn.GroupNorm), or a NormAct")
+        raise TypeError(f"norm_layer made a {type(norm).__name__}, which keeps buffers ({kept}) that it may read as "
+                        "it updates them, so a rerun in backward could compute otherwise than forward; use BatchNorm "
+                        "(norm_layer='batchnorm', kept exact), instance or group norm (InstanceNormAct2d, "
+                        "GroupNormAct, nn.GroupNorm), or a NormAct")
     if act_layer is None:  # torchvision's nn.ReLU(inplace=True) for the default
         return norm, nn.ReLU(inplace=True) if act is relu_ else nn.Identity() if act is None else \
             act if isinstance(act, nn.Module) else Activation(act)

@@ -4,9 +4,10 @@ Function (:func:`hooked`).
 
 A segment runs under non-reentrant ``torch.utils.checkpoint``: what it makes is dropped after forward and rebuilt in
 backward by running it again. :func:`recomputing` tells code inside which run it is in, so that a norm updates its
-running statistics on the first run only; :func:`handed` carries values the first run computed (a synchronised norm's
-statistics) to the rerun, which reuses them instead of computing them again. While the model is traced or exported
-(:func:`is_tracing`), and whenever autograd is not recording, segments simply run.
+running statistics on the first run only; a rerun puts back the buffers of any other module it runs (a norm put in
+one's place), which so updates them once too. :func:`handed` carries values the first run computed (a synchronised
+norm's statistics) to the rerun, which reuses them instead of computing them again. While the model is traced or
+exported (:func:`is_tracing`), and whenever autograd is not recording, segments simply run.
 """
 from __future__ import annotations
 
@@ -83,22 +84,38 @@ def handed() -> list | None:
     return replay if replay is not None else getattr(_state, "handing", None)
 
 
+def _keep_buffers(module: nn.Module, args: Any) -> None:
+    """Called before each module in a rerun: its buffers as they are, for the rerun's end to put back. A module that
+    updates buffers as it runs (a norm's running statistics, other than :class:`~.norm.BatchNormAct`'s, which a rerun
+    never updates) then updates them once a step, as in the plain model."""
+    kept = getattr(_state, "kept", None)
+    if kept is not None and not getattr(module, "reruns_exactly", False):
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                kept.setdefault((id(module), name), (module, name, buffer, buffer.clone()))
+
+
 class _Run:
-    """Enters a segment's first run (``rerun=False``) or a rerun: reusable, since a segment reruns once per backward
-    that needs it (``retain_graph=True``)."""
+    """Enters a segment's first run (``rerun=False``) or a rerun, whose end puts back every buffer the rerun changed:
+    reusable, since a segment reruns once per backward that needs it (``retain_graph=True``)."""
 
     def __init__(self, values: list, rerun: bool) -> None:
         self.values, self.rerun = values, rerun
 
     def __enter__(self) -> None:
-        self.saved = getattr(_state, "rerun", None), getattr(_state, "handing", None)
+        self.saved = getattr(_state, "rerun", None), getattr(_state, "handing", None), getattr(_state, "kept", None)
         if self.rerun:
-            _state.rerun, _state.handing = list(self.values), None
+            _state.rerun, _state.handing, _state.kept = list(self.values), None, {}
+            self.hook = nn.modules.module.register_module_forward_pre_hook(_keep_buffers)
         else:
-            _state.rerun, _state.handing = None, self.values
+            _state.rerun, _state.handing, _state.kept = None, self.values, None
 
     def __exit__(self, *exc: object) -> None:
-        _state.rerun, _state.handing = self.saved
+        if self.rerun:
+            self.hook.remove()
+            for module, name, buffer, value in _state.kept.values():
+                module._buffers[name] = buffer.copy_(value)
+        _state.rerun, _state.handing, _state.kept = self.saved
 
 
 def rerun() -> _Run:
