@@ -189,6 +189,8 @@ NORM_LAYERS = {
     "group": dict(norm_layer=lambda c: GroupNormAct(2, c)),
     "torch's BatchNorm3d + SiLU": dict(norm_layer=nn.BatchNorm3d, act_layer=nn.SiLU),
     "torch's GroupNorm": dict(norm_layer=functools.partial(nn.GroupNorm, 2)),
+    "torch's InstanceNorm3d with running statistics": dict(
+        norm_layer=functools.partial(nn.InstanceNorm3d, affine=True, track_running_stats=True)),
     "timm's names": dict(norm_layer="groupnorm1", act_layer="gelu"),
 }
 
