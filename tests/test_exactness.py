@@ -358,22 +358,24 @@ class _HalvedConv(torch.nn.Conv2d):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("change", ["spectral_norm", "weight_norm", "a conv with a forward of its own",
-                                    "a conv wrapped with an adapter"])
+@pytest.mark.parametrize("change", ["spectral_norm", "spectral_norm, rerun in a checkpoint", "weight_norm",
+                                    "a conv with a forward of its own", "a conv wrapped with an adapter"])
 def test_convolutions_made_otherwise_train_like_plain(mode, change):
     """Parametrised weights (``torch.nn.utils.parametrizations``: spectral norm's power iteration runs on every read
     of the weight, in training), a convolution subclass with a forward of its own and a convolution wrapped with a LoRA
-    adapter train bitwise as plain: the weight is read once a step, and the module's own forward is what runs."""
+    adapter train bitwise as plain: the weight is read once a step, or, where a checkpoint's rerun reads it again (an
+    activation other than ReLU), from the vectors the first run found; and the module's own forward is what runs."""
     state, x, runs = DenseNet(**TINY).state_dict(), torch.randn(4, 3, 16, 16), []
     for memory in ("plain", mode):
         # an adapted convolution never runs light: asked to slice, its segment still reruns as it is
-        model = DenseNet(**TINY, memory=memory, backward_slices=2 if "adapter" in change else "auto")
+        model = DenseNet(**TINY, memory=memory, backward_slices=2 if "adapter" in change else "auto",
+                         act_layer="silu" if "checkpoint" in change else None)
         model.load_state_dict(state)
         torch.manual_seed(0)  # spectral norm draws its vectors
         for name, module in list(model.named_modules()):
             if type(module) is not torch.nn.Conv2d:
                 continue
-            if change == "spectral_norm":
+            if change.startswith("spectral_norm"):
                 torch.nn.utils.parametrizations.spectral_norm(module)
             elif change == "weight_norm":
                 torch.nn.utils.parametrizations.weight_norm(module)
@@ -424,6 +426,20 @@ def test_norms_put_in_place_update_their_running_statistics_once(mode, change):
                        for m in model.modules())
         out = _steps(model, x)
         runs.append([out, *model.parameters(), *model.buffers()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_norm_layer_with_buffers_of_its_own_trains_like_plain(mode):
+    """A norm that keeps buffers and is not BatchNorm (timm's EvoNorm2dB0: a running variance) reruns, in a
+    checkpoint, from the buffers its first run found: bitwise plain's, its running variance included."""
+    state, x, runs = DenseNet(**TINY, norm_layer=timm.layers.EvoNorm2dB0).state_dict(), torch.randn(4, 3, 16, 16), []
+    for memory in ("plain", mode):
+        model = DenseNet(**TINY, norm_layer=timm.layers.EvoNorm2dB0, memory=memory, backward_slices=2)
+        model.load_state_dict(state)
+        out = _steps(model, x)
+        runs.append([out, *model.parameters(), *model.buffers()])
+    assert len(list(model.buffers())) > 10
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 

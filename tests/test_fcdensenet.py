@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import Adapted
-from timm.layers import EvoNorm2dB0
 
 import effidense
 from effidense.fcdensenet import FCDenseNet, fcdensenet56, fcdensenet67, fcdensenet103
@@ -322,7 +321,6 @@ def test_a_sliced_transition_down_lowers_the_allocators_peak() -> None:
     (lambda: FCDenseNet(2, 1, 2, drop_rate=1.0), "drop_rate must be a number in [0, 1), got 1.0"),
     (lambda: FCDenseNet(2, 1, 2, memory="lean"), "memory must be one of 'plain', 'efficient', 'frugal'"),
     (lambda: FCDenseNet(2, 1, 2, backward_slices=0), "backward_slices must be 'auto', None (not sliced) or a"),
-    (lambda: FCDenseNet(2, 1, 2, norm_layer=EvoNorm2dB0), "norm_layer made a EvoNorm2dB0, which keeps buffers"),
     (lambda: FCDenseNet(2, 1, 2, act_layer="no_such_act"), "act_layer='no_such_act' is not a timm activation name"),
 ])
 def test_bad_settings_get_one_line(build, message: str) -> None:

@@ -24,7 +24,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from timm.layers import create_act_layer, get_norm_layer
 from torch import Tensor, nn
-from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .recompute import fx_leaf, handed, recomputing
 
@@ -172,10 +171,10 @@ class NormAct(nn.Module):
     nn.InstanceNorm3d)``. A DenseNet's layers take the activation out as a module of their own (:func:`norm_and_act`),
     so that ``norm1`` means what torchvision's does and ``relu1`` follows it.
 
-    ``forward(*maps)`` concatenates inside the norm, so inside its segment: a rerun rebuilds the concatenation
-    rather than keeping it. Other norms than BatchNorm are exact under recomputation by nature, or, with running
-    statistics (instance norm's), as a rerun puts back what it updates (:mod:`.recompute`). Under ``torch.fx`` a norm
-    is one leaf node. State-dict keys are the norm class's.
+    ``forward(*maps)`` concatenates inside the norm, so inside its segment: a rerun rebuilds the concatenation rather
+    than keeping it. Other norms than BatchNorm are exact under recomputation by nature, or, with running statistics
+    (instance norm's), as a rerun starts from those its first run found (:mod:`.recompute`). Under ``torch.fx`` a
+    norm is one leaf node. State-dict keys are the norm class's.
     """
 
     def __init__(self, *args: Any, act: Callable[[Tensor], Tensor] | None = relu_, **kwargs: Any) -> None:
@@ -320,10 +319,10 @@ def norm_and_act(norm_layer: NormLayer | None, act_layer: ActLayer | None, chann
     as timm's models take them. ``norm_layer``: None (BatchNorm), a timm norm name (``'batchnorm'``, any dims;
     ``'groupnorm'``, ``'layernorm2d'``, ...) or a callable that makes, for a number of channels, a :class:`NormAct`
     (its activation becomes the module after it), torch's BatchNorm (adopted as :class:`BatchNormAct`, exact under
-    recomputation), torch's instance norm, or a norm that keeps no buffers or never changes them (torchvision's
-    ``FrozenBatchNorm2d``), given the maps' concatenation and rerun as it is. ``act_layer``: None (the NormAct's
-    activation, else in-place ReLU), a timm activation name (``'silu'``, ``'gelu'``, ...) or an ``nn.Module`` class,
-    made in place where it can be."""
+    recomputation), or any other norm (``nn.GroupNorm``, torchvision's ``FrozenBatchNorm2d``), given the maps'
+    concatenation and rerun as it is, from the buffers its first run found (:mod:`.recompute`). ``act_layer``: None
+    (the NormAct's activation, else in-place ReLU), a timm activation name (``'silu'``, ``'gelu'``, ...) or an
+    ``nn.Module`` class, made in place where it can be."""
     if norm_layer is None or isinstance(norm_layer, str) and norm_layer.replace("_", "").lower() in _BATCH_NORM_NAMES:
         norm_layer = BATCH_NORM_ACT[spatial_dims]
     elif isinstance(norm_layer, str):
@@ -337,13 +336,6 @@ def norm_and_act(norm_layer: NormLayer | None, act_layer: ActLayer | None, chann
     norm = _adopted(made, None)
     if isinstance(norm, NormAct):
         norm.act = None  # the module after it applies it
-    elif norm is made and not isinstance(norm, (FrozenBatchNorm2d, nn.modules.instancenorm._InstanceNorm)) and \
-            next(norm.buffers(), None) is not None:
-        kept = ", ".join(name for name, _ in norm.named_buffers())
-        raise TypeError(f"norm_layer made a {type(norm).__name__}, which keeps buffers ({kept}) that it may read as "
-                        "it updates them, so a rerun in backward could compute otherwise than forward; use BatchNorm "
-                        "(norm_layer='batchnorm', kept exact), instance or group norm (InstanceNormAct2d, "
-                        "GroupNormAct, nn.GroupNorm), or a NormAct")
     if act_layer is None:  # torchvision's nn.ReLU(inplace=True) for the default
         return norm, nn.ReLU(inplace=True) if act is relu_ else nn.Identity() if act is None else \
             act if isinstance(act, nn.Module) else Activation(act)

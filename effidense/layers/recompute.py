@@ -4,10 +4,11 @@ Function (:func:`hooked`).
 
 A segment runs under non-reentrant ``torch.utils.checkpoint``: what it makes is dropped after forward and rebuilt in
 backward by running it again. :func:`recomputing` tells code inside which run it is in, so that a norm updates its
-running statistics on the first run only; a rerun puts back the buffers of any other module it runs (a norm put in
-one's place), which so updates them once too. :func:`handed` carries values the first run computed (a synchronised
-norm's statistics) to the rerun, which reuses them instead of computing them again. While the model is traced or
-exported (:func:`is_tracing`), and whenever autograd is not recording, segments simply run.
+running statistics on the first run only; any other module's buffers (a norm put in one's place, spectral norm's
+vectors) are in a rerun what the first run found, and after it what the first run left. :func:`handed` carries values
+the first run computed (a synchronised norm's statistics) to the rerun, which reuses them instead of computing them
+again. While the model is traced or exported (:func:`is_tracing`), and whenever autograd is not recording, segments
+simply run.
 """
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ from typing import Any
 
 import torch
 import torch.fx
+from timm.layers import FrozenBatchNormAct2d
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 __all__ = ["backward_hooked", "checkpointed", "fx_leaf", "handed", "hooked", "is_tracing", "recomputing", "rerun",
            "run_mode"]
@@ -27,6 +30,7 @@ __all__ = ["backward_hooked", "checkpointed", "fx_leaf", "handed", "hooked", "is
 _is_fx_symbolic_tracing: Callable[[], bool] = getattr(
     torch.fx._symbolic_trace, "is_fx_symbolic_tracing", torch.fx._symbolic_trace.is_fx_tracing)
 _state = threading.local()  # per thread: autograd reruns a segment on the thread that runs its backward
+_FROZEN = (FrozenBatchNorm2d, FrozenBatchNormAct2d)  # norms whose buffers no run changes: a rerun need not replay them
 
 
 def is_tracing() -> bool:
@@ -84,43 +88,60 @@ def handed() -> list | None:
     return replay if replay is not None else getattr(_state, "handing", None)
 
 
-def _keep_buffers(module: nn.Module, args: Any) -> None:
-    """Called before each module in a rerun: its buffers as they are, for the rerun's end to put back. A module that
-    updates buffers as it runs (a norm's running statistics, other than :class:`~.norm.BatchNormAct`'s, which a rerun
-    never updates) then updates them once a step, as in the plain model."""
-    kept = getattr(_state, "kept", None)
-    if kept is not None and not getattr(module, "reruns_exactly", False):
-        for name, buffer in module._buffers.items():
-            if buffer is not None:
-                kept.setdefault((id(module), name), (module, name, buffer, buffer.clone()))
+def _replay_buffers(module: nn.Module, args: Any) -> None:
+    """Called before each module in a segment's run. A first run keeps the module's buffers as they were; a rerun
+    keeps them as they are, to put back at its end, and hands the module the first run's, so that it computes and
+    updates them alike: a norm put in one's place updates its running statistics once, and spectral norm's power
+    iteration reruns from the same vectors. :class:`~.norm.BatchNormAct`, which updates nothing in a rerun, and frozen
+    norms are skipped."""
+    state = getattr(_state, "buffers", None)
+    if state is None or getattr(module, "reruns_exactly", False) or isinstance(module, _FROZEN):
+        return
+    before, now = state
+    for name, buffer in module._buffers.items():
+        key = (id(module), name)
+        if buffer is None or now is not None and key in now:
+            continue
+        if now is None:
+            before.setdefault(key, buffer.clone())
+        else:
+            now[key] = module, name, buffer, buffer.clone()
+            if key in before:
+                buffer.copy_(before[key])
 
 
 class _Run:
-    """Enters a segment's first run (``rerun=False``) or a rerun, whose end puts back every buffer the rerun changed:
-    reusable, since a segment reruns once per backward that needs it (``retain_graph=True``)."""
+    """Enters a segment's first run (``rerun=False``) or a rerun, which starts from the buffers the first run found
+    (``before``, shared by the two) and ends with those the first run left: reusable, since a segment reruns once per
+    backward that needs it (``retain_graph=True``)."""
 
-    def __init__(self, values: list, rerun: bool) -> None:
-        self.values, self.rerun = values, rerun
+    def __init__(self, values: list, rerun: bool, before: dict | None = None) -> None:
+        self.values, self.rerun, self.before = values, rerun, {} if before is None else before
 
     def __enter__(self) -> None:
-        self.saved = getattr(_state, "rerun", None), getattr(_state, "handing", None), getattr(_state, "kept", None)
+        self.saved = getattr(_state, "rerun", None), getattr(_state, "handing", None), getattr(_state, "buffers", None)
         if self.rerun:
-            _state.rerun, _state.handing, _state.kept = list(self.values), None, {}
-            self.hook = nn.modules.module.register_module_forward_pre_hook(_keep_buffers)
+            _state.rerun, _state.handing, _state.buffers = list(self.values), None, (self.before, {})
         else:
-            _state.rerun, _state.handing, _state.kept = None, self.values, None
+            _state.rerun, _state.handing, _state.buffers = None, self.values, (self.before, None)
+        self.hook = nn.modules.module.register_module_forward_pre_hook(_replay_buffers)
 
     def __exit__(self, *exc: object) -> None:
+        self.hook.remove()
         if self.rerun:
-            self.hook.remove()
-            for module, name, buffer, value in _state.kept.values():
+            for module, name, buffer, value in _state.buffers[1].values():
                 module._buffers[name] = buffer.copy_(value)
-        _state.rerun, _state.handing, _state.kept = self.saved
+        _state.rerun, _state.handing, _state.buffers = self.saved
 
 
 def rerun() -> _Run:
     """Marks what runs inside as a rerun (:func:`recomputing` is true), for code that reruns a segment itself."""
     return _Run([], rerun=True)
+
+
+def _first_run_and_rerun(values: list) -> tuple[_Run, _Run]:
+    before: dict = {}
+    return _Run(values, rerun=False, before=before), _Run(values, rerun=True, before=before)
 
 
 def checkpointed(enabled: bool, fn: Callable[..., Any], *tensors: Tensor, random: bool = False) -> Any:
@@ -135,6 +156,6 @@ def checkpointed(enabled: bool, fn: Callable[..., Any], *tensors: Tensor, random
         return fn(*tensors)
     values: list = []
     contexts = {} if torch.compiler.is_compiling() else {
-        "context_fn": lambda: (_Run(values, rerun=False), _Run(values, rerun=True))}
+        "context_fn": lambda: _first_run_and_rerun(values)}
     return checkpoint(fn, *tensors, use_reentrant=False, preserve_rng_state=random, determinism_check="none",
                       **contexts)
