@@ -152,6 +152,11 @@ class DenseLayer(MemoryMode, AdoptsNorms):
         growth += bottleneck if self.memory == "efficient" else 0
         return (block_input + layers * growth) / inputs
 
+    def stages(self) -> list[tuple[nn.Module, nn.Module, nn.Module]]:
+        """Each norm, its activation and the convolution after it, in turn."""
+        first = (self.norm1, self.relu1, self.conv1)
+        return [first, (self.norm2, self.relu2, self.conv2)] if self.bottleneck else [first]
+
     def _drawn_dropout(self) -> Callable[[Tensor], Tensor] | None:
         """The dropout this forward draws: None in eval mode or at a drop rate of 0."""
         return self._dropout if self.training and self.drop_rate > 0 else None
@@ -164,12 +169,9 @@ class DenseLayer(MemoryMode, AdoptsNorms):
             return self.new_features(*maps)
         if mode == "efficient":
             return self.new_features(*maps, light=True, slices=self.slices(maps, 3.0, self._block_keeps()))
-        stages = [(self.norm1, self.relu1, self.conv1)]
-        if self.bottleneck:
-            stages.append((self.norm2, self.relu2, self.conv2))
         # frugal: the whole layer is a segment, its dropout included
         dropout = self._drawn_dropout()
-        out = light_segment(stages, *maps, slices=self._frugal_slices(maps), dropout=dropout,
+        out = light_segment(self.stages(), *maps, slices=self._frugal_slices(maps), dropout=dropout,
                             gather=not hooked(self))
         if out is not None:
             return out
@@ -265,7 +267,8 @@ class Transition(MemoryMode, AdoptsNorms):
 
     def frees_after(self, layer: DenseLayer, maps: Sequence[Tensor], gradients: int) -> bool:
         """Whether this transition and ``layer`` before it, on ``maps`` (all but the layer's), run as one segment in
-        which the transition empties the layer's new features once normalised: frugal, sliced, light, with no hooks
+        which the transition empties the layer's new features once normalised: frugal, sliced, both light (a layer
+        that is not runs a checkpoint of its own, which in the segment's rerun would run as a first run), with no hooks
         and no parametrised weights (the rerun would make them again, a step's spectral norm twice), and where those
         features outweigh ``gradients`` (bytes), which the segment's rerun in backward holds beside the maps, as the
         forward did not."""
@@ -273,7 +276,8 @@ class Transition(MemoryMode, AdoptsNorms):
         return features > gradients and run_mode(self.memory) == "frugal" and run_mode(layer.memory) == "frugal" \
             and not any(hooked(m) or parametrize.is_parametrized(m) for module in (self, layer)
                         for m in module.modules()) and \
-            runs_light(self.norm, self.relu, self.conv) and self.conv_slices(maps, self.widths) > 1
+            runs_light(self.norm, self.relu, self.conv) and all(runs_light(*stage) for stage in layer.stages()) and \
+            self.conv_slices(maps, self.widths) > 1
 
 
 class _Features(AdoptsNorms, nn.Sequential):

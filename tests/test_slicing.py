@@ -317,6 +317,37 @@ def test_frugal_parametrised_weights_train_as_plain_at_a_fused_size(parametrizat
     assert all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(*runs, strict=True))
 
 
+class _SubclassedBatchNorm(torch.nn.BatchNorm2d):
+    pass
+
+
+def test_frugal_last_layer_that_does_not_run_light_stays_apart_from_its_transition(monkeypatch):
+    """A block's last layer whose norm is not effidense's (a BatchNorm subclass put in its place) reruns in a
+    checkpoint of its own, which inside the fused checkpoint's rerun would run as a first run and update running
+    statistics again (the layer's own and those of the norm put in place): the two stay apart. Two SGD steps equal
+    plain's, running statistics included."""
+    fused, frees_after = [], Transition.frees_after
+    monkeypatch.setattr(Transition, "frees_after", lambda *args: fused.append(frees_after(*args)) or fused[-1])
+    runs = []
+    for memory in ("plain", "frugal"):
+        model = _fused_model()
+        model.memory = memory
+        name = "features.denseblock1.denselayer4.norm1"
+        norm = _SubclassedBatchNorm(model.get_submodule(name).num_features).double()
+        norm.load_state_dict(model.get_submodule(name).state_dict())
+        model.features.denseblock1.denselayer4.norm1 = norm
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        x = torch.randn(4, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        for _ in range(2):
+            opt.zero_grad()
+            out = model(x)
+            out.square().mean().backward()
+            opt.step()
+        runs.append([out.detach(), *(t.detach() for t in (*model.parameters(), *model.buffers()))])
+    assert fused == [False, False]
+    assert all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(*runs, strict=True))
+
+
 def _fused_model() -> DenseNet:
     torch.manual_seed(0)
     return DenseNet(growth_rate=16, block_config=(4, 1), num_init_features=8, bn_size=None, num_classes=5,
