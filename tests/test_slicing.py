@@ -306,14 +306,7 @@ def test_frugal_parametrised_weights_train_as_plain_at_a_fused_size(parametrizat
         torch.manual_seed(5)  # spectral norm draws its vectors
         for name in ("features.denseblock1.denselayer4.conv1", "features.transition1.conv"):
             getattr(parametrizations, parametrization)(model.get_submodule(name))
-        opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        x = torch.randn(4, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-        for _ in range(2):
-            opt.zero_grad()
-            out = model(x)
-            out.square().mean().backward()
-            opt.step()
-        runs.append([out.detach(), *(t.detach() for t in (*model.parameters(), *model.buffers()))])
+        runs.append(_two_sgd_steps(model))
     assert all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(*runs, strict=True))
 
 
@@ -336,16 +329,21 @@ def test_frugal_last_layer_that_does_not_run_light_stays_apart_from_its_transiti
         norm = _SubclassedBatchNorm(model.get_submodule(name).num_features).double()
         norm.load_state_dict(model.get_submodule(name).state_dict())
         model.features.denseblock1.denselayer4.norm1 = norm
-        opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        x = torch.randn(4, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-        for _ in range(2):
-            opt.zero_grad()
-            out = model(x)
-            out.square().mean().backward()
-            opt.step()
-        runs.append([out.detach(), *(t.detach() for t in (*model.parameters(), *model.buffers()))])
+        runs.append(_two_sgd_steps(model))
     assert fused == [False, False]
     assert all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(*runs, strict=True))
+
+
+def _two_sgd_steps(model: DenseNet) -> list[torch.Tensor]:
+    """Two SGD steps on the same batch; the last outputs, then every parameter and buffer."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for _ in range(2):
+        opt.zero_grad()
+        out = model(x)
+        out.square().mean().backward()
+        opt.step()
+    return [out.detach(), *(t.detach() for t in (*model.parameters(), *model.buffers()))]
 
 
 def _fused_model() -> DenseNet:
