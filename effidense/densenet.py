@@ -505,10 +505,10 @@ class DenseNet(MemoryMode):
                 x = cat_maps(maps)
                 if i in wanted:
                     intermediates.append(x)
-                if i in wanted and i < stop and len(maps) > 1:
-                    # later layers read the maps through it, as timm's read the map itself: a gradient with respect
-                    # to it (Grad-CAM's) is the whole network's, and only the maps are kept
-                    maps[:] = read_through(x, maps)
+                    if i < stop and len(maps) > 1:
+                        # later layers read the maps through it, as timm's read the map itself: a gradient with
+                        # respect to it (Grad-CAM's) is the whole network's, and only the maps are kept
+                        maps[:] = read_through(x, maps)
             if i == stop:
                 break
         return intermediates if intermediates_only else (x, intermediates)
