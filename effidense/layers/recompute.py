@@ -100,10 +100,10 @@ def _replay_buffers(module: nn.Module, args: Any) -> None:
     before, now = state
     for name, buffer in module._buffers.items():
         key = (id(module), name)
-        if buffer is None or now is not None and key in now:
+        if buffer is None or key in (before if now is None else now):  # kept at the module's first call of the run
             continue
         if now is None:
-            before.setdefault(key, buffer.clone())
+            before[key] = buffer.clone()
         else:
             now[key] = module, name, buffer, buffer.clone()
             if key in before:
