@@ -472,6 +472,30 @@ def test_torch_func_per_sample_gradients_are_torchvisions(mode, training):
     assert all(torch.allclose(ours[k], theirs[k], rtol=1e-5, atol=1e-6) for k in theirs)
 
 
+@pytest.mark.parametrize("mode", ["plain", *MODES])
+def test_forward_mode_ad_is_torchvisions(mode):
+    """Forward-mode AD (``torch.autograd.forward_ad``: a Jacobian-vector product in one pass) runs the model on
+    torch's own ops, which define it: torchvision's outputs, tangents and running statistics, bitwise, through the
+    feature API and a hooked block too."""
+    import torch.autograd.forward_ad as forward_ad
+    torch.manual_seed(0)
+    reference = torchvision.models.DenseNet(**TINY)
+    model = DenseNet(**TINY, memory=mode)
+    model.load_state_dict(reference.state_dict())
+    model.features.denseblock1.register_forward_hook(lambda *args: None)
+    x, tangent = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
+    runs = []
+    for net in (reference, model):
+        with forward_ad.dual_level():
+            out = forward_ad.unpack_dual(net(forward_ad.make_dual(x, tangent)))
+            runs.append([out.primal, out.tangent, *net.buffers()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+    with forward_ad.dual_level():
+        final, (block,) = model.forward_intermediates(forward_ad.make_dual(x, tangent), indices=[1])
+        assert forward_ad.unpack_dual(block).tangent is not None
+        assert forward_ad.unpack_dual(final).tangent is not None
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("norms", ["without affine parameters", "in eval mode inside a training model"])
 def test_norms_built_or_set_otherwise_train_like_plain(mode, norms):

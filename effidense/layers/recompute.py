@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.fx
 from timm.layers import FrozenBatchNormAct2d
 from torch import Tensor, nn
@@ -36,12 +37,14 @@ _FROZEN = (FrozenBatchNorm2d, FrozenBatchNormAct2d)  # norms whose buffers no ru
 def is_tracing() -> bool:
     """True while the model is traced or exported for another tool (``torch.fx``, ``torch.export`` and so ONNX,
     ``torch.jit.trace``), which gains nothing from recomputation, or transformed by ``torch.func`` (``grad``, ``vmap``,
-    ``jvp``: per-sample gradients), which takes neither saved-tensor hooks nor these autograd Functions: the model then
-    runs as the plain one. ``torch.compile`` is not: it compiles the memory-efficient path, checkpoints included."""
+    ``jvp``: per-sample gradients), which takes neither saved-tensor hooks nor these autograd Functions, or
+    differentiated in forward mode (``torch.autograd.forward_ad``), which these Functions do not define: the model then
+    runs as the plain one, on torch's own ops. ``torch.compile`` is not: it compiles the memory-efficient path,
+    checkpoints included."""
     if torch.compiler.is_compiling():  # dynamo or export; under dynamo nothing after this is evaluated
         # Dynamo in torch 2.11 folds is_exporting() to True under torch.compile too, so the flag itself is read.
         return torch.compiler.is_exporting() and getattr(torch.compiler, "_is_exporting_flag", True)
-    transformed = torch._C._functorch.peek_interpreter_stack() is not None
+    transformed = torch._C._functorch.peek_interpreter_stack() is not None or forward_ad._current_level >= 0
     return _is_fx_symbolic_tracing() or torch.jit.is_tracing() or transformed
 
 
