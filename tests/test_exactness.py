@@ -443,6 +443,26 @@ def test_a_norm_layer_with_buffers_of_its_own_trains_like_plain(mode):
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:Please use quant_min:UserWarning")
+@pytest.mark.parametrize("mode", MODES)
+def test_quantisation_aware_training_trains_like_plain(mode):
+    """Quantisation-aware training (``torch.ao.quantization.prepare_qat``): its convolutions run in checkpoints, and
+    their fake-quantisers update their observers' moving averages without calling them, which a rerun still
+    replays from the first run's: three SGD steps (from the second, an average that moves twice shows) bitwise plain's,
+    every observer's buffers included."""
+    quantization = pytest.importorskip("torch.ao.quantization")
+    state, x, runs = DenseNet(**TINY).state_dict(), torch.randn(4, 3, 16, 16), []
+    for memory in ("plain", mode):
+        model = DenseNet(**TINY, memory=memory)
+        model.load_state_dict(state)
+        model.qconfig = quantization.get_default_qat_qconfig("x86")
+        quantization.prepare_qat(model, inplace=True)
+        out = _steps(model, x, steps=3)
+        runs.append([out, *model.parameters(), *model.buffers()])
+    assert len(runs[0]) > 100
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
 @pytest.mark.parametrize("mode", ["plain", *MODES])
 @pytest.mark.parametrize("training", [False, True])
 def test_torch_func_per_sample_gradients_are_torchvisions(mode, training):

@@ -92,25 +92,34 @@ def handed() -> list | None:
 
 
 def _replay_buffers(module: nn.Module, args: Any) -> None:
-    """Called before each module in a segment's run. A first run keeps the module's buffers as they were; a rerun
-    keeps them as they are, to put back at its end, and hands the module the first run's, so that it computes and
-    updates them alike: a norm put in one's place updates its running statistics once, and spectral norm's power
-    iteration reruns from the same vectors. :class:`~.norm.BatchNormAct`, which updates nothing in a rerun, and frozen
-    norms are skipped."""
+    """Called before each module in a segment's run, for the buffers of the module and of every module it holds (a
+    fake-quantiser updates its observer's without calling it). A first run keeps them as they were; a rerun keeps
+    them as they are, to put back at its end, and hands the modules the first run's, so that they compute and update
+    them alike: a norm put in one's place updates its running statistics once, spectral norm's power iteration reruns
+    from the same vectors, an observer's moving averages move once. :class:`~.norm.BatchNormAct`, which updates
+    nothing in a rerun, and frozen norms are skipped."""
     state = getattr(_state, "buffers", None)
-    if state is None or getattr(module, "reruns_exactly", False) or isinstance(module, _FROZEN):
+    if state is None:
         return
     before, now = state
-    for name, buffer in module._buffers.items():
-        key = (id(module), name)
-        if buffer is None or key in (before if now is None else now):  # kept at the module's first call of the run
+    for owner in module.modules():
+        if getattr(owner, "reruns_exactly", False) or isinstance(owner, _FROZEN):
             continue
-        if now is None:
-            before[key] = buffer.clone()
-        else:
-            now[key] = module, name, buffer, buffer.clone()
-            if key in before:
-                buffer.copy_(before[key])
+        for name, buffer in owner._buffers.items():
+            key = (id(owner), name)
+            if buffer is None or key in (before if now is None else now):  # kept at its first sight in the run
+                continue
+            if now is None:
+                before[key] = buffer.clone()
+            else:
+                now[key] = owner, name, buffer, buffer.clone()
+                if key in before:
+                    _load(buffer, before[key])
+
+
+def _load(buffer: Tensor, value: Tensor) -> Tensor:
+    """``buffer``, holding ``value``'s values, also where a run resized it (an observer's first call does)."""
+    return buffer.copy_(value) if buffer.shape == value.shape else buffer.set_(value.clone())
 
 
 class _Run:
@@ -133,7 +142,7 @@ class _Run:
         self.hook.remove()
         if self.rerun:
             for module, name, buffer, value in _state.buffers[1].values():
-                module._buffers[name] = buffer.copy_(value)
+                module._buffers[name] = _load(buffer, value)
         _state.rerun, _state.handing, _state.buffers = self.saved
 
 
