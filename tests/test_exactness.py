@@ -443,6 +443,44 @@ def test_a_norm_layer_with_buffers_of_its_own_trains_like_plain(mode):
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
+def _weights_given(model: torch.nn.Module, x: torch.Tensor, inner_steps: int) -> list[torch.Tensor]:
+    """A meta-learning step (MAML's): ``inner_steps`` SGD steps on weights given through ``functional_call``, each
+    differentiable (``create_graph=True``), then the outer loss on the weights they reach; returns that loss and its
+    gradients with respect to the model's own parameters."""
+    from torch.func import functional_call
+    params = dict(model.named_parameters())
+    weights = {name: 1.5 * p + 0.01 for name, p in params.items()}  # not the module's: gone once a call returns
+    for _ in range(inner_steps):
+        inner = functional_call(model, weights, (x,)).square().mean()
+        grads = torch.autograd.grad(inner, list(weights.values()), create_graph=True)
+        weights = {name: w - 0.1 * g for (name, w), g in zip(weights.items(), grads, strict=True)}
+    torch.manual_seed(3)
+    outer = functional_call(model, weights, (x * 0.5,)).square().mean()
+    return [outer.detach(), *torch.autograd.grad(outer, list(params.values()))]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", ["light", "checkpointed", "sliced"])
+@pytest.mark.parametrize("inner_steps", [0, 2])
+def test_weights_given_through_functional_call_are_the_ones_differentiated(mode, kind, inner_steps):
+    """Weights given for one call (``torch.func.functional_call``, as MAML's inner loop and hypernetworks give them)
+    are gone from the modules by backward: a rerun, a checkpoint's or a light segment's under ``create_graph=True``,
+    and a sliced backward still use them. Plain's gradients: bitwise in one pass; through two differentiable inner
+    steps (float64), up to the order of sums."""
+    config = dict(TINY, drop_rate=0.2, **{"light": {}, "checkpointed": dict(act_layer="silu"),
+                                         "sliced": dict(backward_slices=2)}[kind])
+    dtype = torch.float64 if inner_steps else torch.float32
+    x, runs = torch.randn(4, 3, 16, 16, dtype=dtype), []
+    for memory in ("plain", mode):
+        torch.manual_seed(0)
+        runs.append(_weights_given(DenseNet(**config, memory=memory).to(dtype), x, inner_steps))
+    if inner_steps or kind == "sliced":
+        for a, b in zip(*runs, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-9 if inner_steps else 1e-5, atol=1e-12 if inner_steps else 1e-7)
+    else:
+        assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:Please use quant_min:UserWarning")
 @pytest.mark.parametrize("mode", MODES)
 def test_quantisation_aware_training_trains_like_plain(mode):

@@ -268,6 +268,25 @@ def test_a_sliced_transition_down_uses_its_kept_mask_and_reruns_under_double_bac
         assert float((p.grad - q.grad).abs().max()) <= 1e-12 * scale
 
 
+@pytest.mark.parametrize("mode", ["efficient", "frugal"])
+def test_weights_given_through_functional_call_are_the_ones_differentiated(mode: str) -> None:
+    """Weights given for one call (``torch.func.functional_call``) are gone from the modules by backward: sliced
+    transitions down go back through the convolution by the weight forward used. Plain's gradients with respect to
+    the given weights and the model's own, within float64's order of sums."""
+    from torch.func import functional_call
+    x, runs = torch.randn(4, 2, *SIZES[2], dtype=torch.float64), []
+    for memory in ("plain", mode):
+        torch.manual_seed(0)
+        model = FCDenseNet(2, 2, 3, **TINY, memory=memory, backward_slices=2).double()
+        params = dict(model.named_parameters())
+        weights = {name: (1.1 * p + 0.01).detach().requires_grad_() for name, p in params.items()}
+        torch.manual_seed(3)
+        loss = functional_call(model, weights, (x,)).square().mean()
+        runs.append([loss.detach(), *torch.autograd.grad(loss, list(weights.values()))])
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+
+
 def test_a_sliced_transition_down_saves_its_mask_where_saved_tensor_hooks_see_it() -> None:
     """The mask a sliced transition down keeps (one bit a value, each sample in bytes of its own) goes through
     autograd's saved-tensor hooks, as the maps do, so the meter counts it and offloading hooks move it; bf16 autocast

@@ -107,8 +107,11 @@ class PooledConv:
     def __init__(self, conv: nn.Module, pool: Callable[[Tensor], Tensor]) -> None:
         self.conv, self.pool = conv, pool
 
-    @property
-    def weight(self) -> Tensor:  # read only where the convolution runs light, so is torch's own
+    @functools.cached_property
+    def weight(self) -> Tensor:
+        """The convolution's weight as its segment's forward read it (once: a parametrised weight is made on each
+        read), which backward uses too, whatever the module holds by then (``torch.func.functional_call``'s weights
+        are gone once the call returns)."""
         return self.conv.weight
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -236,7 +239,9 @@ class LightSegment(torch.autograd.Function):
             grad = replayed(*ctx.dropout).mul_(grad)
         if torch.is_grad_enabled():
             rerun_ = functools.partial(_run, pre, stages, params)
-            return differentiable_rerun(ctx, grad, rerun_, (None,) * 3 + tuple(params), maps)
+            norms = [(norm, name, t) for (norm, _, _), weights in zip(stages, _stage_weights(pre, params), strict=True)
+                     for name, t in zip(("weight", "bias"), weights, strict=False) if t is not None]
+            return differentiable_rerun(ctx, grad, rerun_, (None,) * 3 + tuple(params), maps, used=norms)
         needs = ctx.needs_input_grad
         grads = {id(w): None for w, need in zip(params, needs[3:], strict=False) if w is not None and need}
         need_maps = needs[3 + len(params):]
@@ -557,14 +562,16 @@ def _conv_backward(ctx: Any, conv: nn.Module, grad: Tensor, x: Tensor, need_x: b
 
 
 def differentiable_rerun(ctx: Any, grad: Tensor, run: Callable[..., Tensor], before: tuple[Tensor | None, ...],
-                         maps: tuple[Tensor, ...], after: tuple[Tensor | None, ...] = ()) -> tuple[Tensor | None, ...]:
+                         maps: tuple[Tensor, ...], after: tuple[Tensor | None, ...] = (),
+                         used: Sequence[tuple[nn.Module, str, Tensor]] = ()) -> tuple[Tensor | None, ...]:
     """Gradients under ``create_graph=True``: those of ``run(*maps)``, a rerun of forward (under its autocast state,
-    updating no running statistics) with a graph of its own, so a second backward works. ``apply`` took ``before``,
-    ``maps``, ``after``. Each map is read through a view, so where one map was computed from another neither picks up
-    the other's path, which the outer backward follows anyway."""
+    updating no running statistics, modules' parameters named in ``used`` as forward was given them) with a graph of
+    its own, so a second backward works. ``apply`` took ``before``, ``maps``, ``after``. Each map is read through a
+    view, so where one map was computed from another neither picks up the other's path, which the outer backward
+    follows anyway."""
     views = tuple(m.view_as(m) for m in maps)
     enabled, dtype = ctx.autocast
-    with rerun(), torch.autocast(grad.device.type, dtype=dtype, enabled=enabled):
+    with rerun(used), torch.autocast(grad.device.type, dtype=dtype, enabled=enabled):
         out = run(*views)
     needs = ctx.needs_input_grad
     wanted = [t for t, need in zip((*before, *views, *after), needs, strict=False) if need]

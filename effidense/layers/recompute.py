@@ -13,7 +13,7 @@ simply run.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -91,30 +91,36 @@ def handed() -> list | None:
     return replay if replay is not None else getattr(_state, "handing", None)
 
 
-def _replay_buffers(module: nn.Module, args: Any) -> None:
-    """Called before each module in a segment's run, for the buffers of the module and of every module it holds (a
-    fake-quantiser updates its observer's without calling it). A first run keeps them as they were; a rerun keeps
-    them as they are, to put back at its end, and hands the modules the first run's, so that they compute and update
-    them alike: a norm put in one's place updates its running statistics once, spectral norm's power iteration reruns
-    from the same vectors, an observer's moving averages move once. :class:`~.norm.BatchNormAct`, which updates
-    nothing in a rerun, and frozen norms are skipped."""
-    state = getattr(_state, "buffers", None)
+def _replay(module: nn.Module, args: Any) -> None:
+    """Called before each module in a segment's run, for the parameters and buffers of the module and of every module
+    it holds (a fake-quantiser updates its observer's without calling it). A first run notes the tensors it finds, and
+    the buffers' values. A rerun notes what it finds, to put back at its end, and hands the modules the first run's
+    tensors, its buffers holding the first run's values: so it computes with the weights forward was given
+    (``torch.func.functional_call``'s, gone once the call returns), and updates buffers alike (a norm put in one's
+    place its running statistics once, spectral norm's power iteration and an observer's averages move once). The
+    buffers of :class:`~.norm.BatchNormAct`, which updates nothing in a rerun, and of frozen norms hold no values to
+    replay."""
+    state = getattr(_state, "replay", None)
     if state is None:
         return
-    before, now = state
-    for owner in module.modules():
-        if getattr(owner, "reruns_exactly", False) or isinstance(owner, _FROZEN):
-            continue
-        for name, buffer in owner._buffers.items():
-            key = (id(owner), name)
-            if buffer is None or key in (before if now is None else now):  # kept at its first sight in the run
-                continue
-            if now is None:
-                before[key] = buffer.clone()
-            else:
-                now[key] = owner, name, buffer, buffer.clone()
-                if key in before:
-                    _load(buffer, before[key])
+    first, now = state
+    seen = first if now is None else now
+    for owner in module.modules() if module._modules else (module,):
+        for table in (owner._parameters, owner._buffers) if owner._buffers else (owner._parameters,):
+            values = table is owner._buffers and not (getattr(owner, "reruns_exactly", False) or
+                                                      isinstance(owner, _FROZEN))
+            for name, tensor in table.items():
+                key = id(table), name
+                if tensor is None or key in seen:  # noted at its first sight in the run
+                    continue
+                if now is None:
+                    first[key] = tensor, tensor.clone() if values else None
+                    continue
+                used, found = first.get(key, (tensor, None))
+                now[key] = table, name, tensor, used, None if found is None else used.clone()
+                if found is not None:
+                    _load(used, found)
+                table[name] = used
 
 
 def _load(buffer: Tensor, value: Tensor) -> Tensor:
@@ -123,37 +129,40 @@ def _load(buffer: Tensor, value: Tensor) -> Tensor:
 
 
 class _Run:
-    """Enters a segment's first run (``rerun=False``) or a rerun, which starts from the buffers the first run found
-    (``before``, shared by the two) and ends with those the first run left: reusable, since a segment reruns once per
+    """Enters a segment's first run (``rerun=False``) or a rerun, which starts from the tensors the first run found
+    (``first``, shared by the two) and ends with those the first run left: reusable, since a segment reruns once per
     backward that needs it (``retain_graph=True``)."""
 
-    def __init__(self, values: list, rerun: bool, before: dict | None = None) -> None:
-        self.values, self.rerun, self.before = values, rerun, {} if before is None else before
+    def __init__(self, values: list, rerun: bool, first: dict | None = None) -> None:
+        self.values, self.rerun, self.first = values, rerun, {} if first is None else first
 
     def __enter__(self) -> None:
-        self.saved = getattr(_state, "rerun", None), getattr(_state, "handing", None), getattr(_state, "buffers", None)
+        self.saved = getattr(_state, "rerun", None), getattr(_state, "handing", None), getattr(_state, "replay", None)
         if self.rerun:
-            _state.rerun, _state.handing, _state.buffers = list(self.values), None, (self.before, {})
+            _state.rerun, _state.handing, _state.replay = list(self.values), None, (self.first, {})
         else:
-            _state.rerun, _state.handing, _state.buffers = None, self.values, (self.before, None)
-        self.hook = nn.modules.module.register_module_forward_pre_hook(_replay_buffers)
+            _state.rerun, _state.handing, _state.replay = None, self.values, (self.first, None)
+        self.hook = nn.modules.module.register_module_forward_pre_hook(_replay)
 
     def __exit__(self, *exc: object) -> None:
         self.hook.remove()
         if self.rerun:
-            for module, name, buffer, value in _state.buffers[1].values():
-                module._buffers[name] = _load(buffer, value)
-        _state.rerun, _state.handing, _state.buffers = self.saved
+            for table, name, found, used, left in _state.replay[1].values():
+                if left is not None:
+                    _load(used, left)
+                table[name] = found
+        _state.rerun, _state.handing, _state.replay = self.saved
 
 
-def rerun() -> _Run:
-    """Marks what runs inside as a rerun (:func:`recomputing` is true), for code that reruns a segment itself."""
-    return _Run([], rerun=True)
+def rerun(used: Iterable[tuple[nn.Module, str, Tensor]] = ()) -> _Run:
+    """Marks what runs inside as a rerun (:func:`recomputing` is true), for code that reruns a segment itself; the
+    modules' parameters named in ``used`` are the tensors given there, as forward was given them."""
+    return _Run([], rerun=True, first={(id(m._parameters), name): (t, None) for m, name, t in used})
 
 
 def _first_run_and_rerun(values: list) -> tuple[_Run, _Run]:
-    before: dict = {}
-    return _Run(values, rerun=False, before=before), _Run(values, rerun=True, before=before)
+    first: dict = {}
+    return _Run(values, rerun=False, first=first), _Run(values, rerun=True, first=first)
 
 
 def checkpointed(enabled: bool, fn: Callable[..., Any], *tensors: Tensor, random: bool = False) -> Any:
