@@ -64,7 +64,7 @@ from .layers.masks import ReluKeepingSign
 from .layers.mode import MemoryMode
 from .layers.norm import ActLayer, AdoptsNorms, NormLayer, norm_and_act, normalize_maps
 from .layers.pool import AvgPool, MaxPool
-from .layers.recompute import backward_hooked, checkpointed, hooked, is_tracing, recomputing, run_mode
+from .layers.recompute import backward_hooked, checkpointed, hooked, is_tracing, recomputing, replay, run_mode
 
 __all__ = ["DenseNet", "DenseLayer", "DenseBlock", "Transition", "MemoryMode", "MEMORY_MODES", "SCRIPTING_UNSUPPORTED"]
 
@@ -454,7 +454,10 @@ class DenseNet(MemoryMode):
         once normalised: frugal's forward then never holds a block's every map beside the transition's output. Run as
         one checkpoint, whose rerun rebuilds the layer's features and saves what the transition's backward reads."""
         maps = [*maps, layer(list(maps))]
-        return saved_only(maps, list(transition.parameters())) if recomputing() else transition(maps, frees=1)
+        if not recomputing():
+            return transition(maps, frees=1)
+        replay(transition)  # not called in the rerun, its weights are still those forward was given
+        return saved_only(maps, [transition.norm.weight, transition.norm.bias, transition.conv.weight])
 
     def _final(self, activate: bool, *maps: Tensor) -> Tensor:
         x = normalize_maps(self.features.norm5, *maps)

@@ -43,14 +43,13 @@ from .layers.light import (
     as_conv_sees,
     autocast_state,
     cat_maps,
-    differentiable_rerun,
     light_segment,
     torch_conv,
 )
 from .layers.masks import pack_bits, random_state, replayed, unpack_bits
 from .layers.norm import ActLayer, AdoptsNorms, NormLayer, norm_and_act, normalize_maps
 from .layers.pool import max_pool_input_grad
-from .layers.recompute import hooked, is_tracing
+from .layers.recompute import differentiable_rerun, hooked, is_tracing
 
 __all__ = ["FCDenseNet", "FCDENSENET_CONFIGS", "fcdensenet56", "fcdensenet67", "fcdensenet103"]
 

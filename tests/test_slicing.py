@@ -292,6 +292,25 @@ def test_frugal_last_layer_with_its_transition_under_a_frozen_block(input_grad, 
     assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
+def test_frugal_last_layer_with_its_transition_under_weights_given_by_functional_call(monkeypatch):
+    """Weights given for one call (``torch.func.functional_call``) are gone from the modules by backward: the fused
+    checkpoint's rerun, which does not call the transition, still saves the weights its forward used. Gradients with
+    respect to the given weights are those of the two run apart, bitwise."""
+    from torch.func import functional_call
+    fused, frees_after = [], Transition.frees_after
+    monkeypatch.setattr(Transition, "frees_after", lambda *args: fused.append(frees_after(*args)) or fused[-1])
+    x, runs = torch.randn(4, 3, 32, 32, dtype=torch.float64), []
+    for apart in (False, True):
+        if apart:
+            monkeypatch.setattr(Transition, "frees_after", lambda *args: False)
+        model = _fused_model()
+        weights = {name: (1.1 * p + 0.01).detach().requires_grad_() for name, p in model.named_parameters()}
+        loss = functional_call(model, weights, (x,)).square().sum()
+        runs.append([loss.detach(), *torch.autograd.grad(loss, list(weights.values()))])
+    assert fused == [True]
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
 @pytest.mark.parametrize("parametrization", ["weight_norm", "spectral_norm"])
 def test_frugal_parametrised_weights_train_as_plain_at_a_fused_size(parametrization):
     """Where a block's last layer would run with its transition as one checkpoint, parametrised weights there

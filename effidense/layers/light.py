@@ -7,7 +7,7 @@ modules once, keeps only the input maps, and backward rebuilds BatchNorm and ReL
 calls for the plain model (or goes through the batch in slices), dropping each map when done. Any other norm or
 activation, and a hooked module (a hook may change what it computes, as pruning's does), is checkpointed
 (:func:`~.recompute.checkpointed`). Under ``create_graph=True`` the Function differentiates a rerun
-instead (:func:`differentiable_rerun`), so double backward works.
+instead (:func:`~.recompute.differentiable_rerun`), so double backward works.
 """
 from __future__ import annotations
 
@@ -25,10 +25,10 @@ from .gather import GradSlot, slot_of, with_slot
 from .masks import random_state, replayed
 from .norm import Affine, BatchNormAct, affine, grad_sums, input_grad, normalize_maps, normalized
 from .pool import MaxPool
-from .recompute import checkpointed, hooked, is_tracing, rerun
+from .recompute import checkpointed, differentiable_rerun, hooked, is_tracing
 
 __all__ = ["LightSegment", "PooledConv", "as_conv_sees", "autocast_state", "cat_maps",
-           "concat_norm_conv", "concat_norm_conv_pool", "conv_norm_pool", "differentiable_rerun",
+           "concat_norm_conv", "concat_norm_conv_pool", "conv_norm_pool",
            "light_segment", "plain_conv", "runs_light", "saved_only", "slice_count", "torch_conv"]
 
 SLICE_FLOOR = 32 * 2 ** 20  # bytes: a smaller rerun costs little memory, and slicing it would cost kernel launches
@@ -204,9 +204,11 @@ class LightSegment(torch.autograd.Function):
                 x = [_post(post, y, weight)]
                 del y
             x = x[0]
-        # what a pooled stage keeps beside the maps (a dropout's mask) is saved with them, so saved-tensor hooks see it
+        # What a pooled stage keeps beside the maps (a dropout's mask) is saved with them, so saved-tensor hooks see
+        # it; so are the weights, as the plain model's kernels save them: one changed in place before backward fails
+        # there as in plain, rather than differentiate what forward did not compute.
         pooled = stages[-1][2] if isinstance(stages[-1][2], PooledConv) else None
-        ctx.save_for_backward(*maps, *(pooled.kept if pooled is not None else ()))
+        ctx.save_for_backward(*maps, *params, *(pooled.kept if pooled is not None else ()))
         ctx.maps = len(maps)
         if pooled is not None:
             pooled.kept = ()
@@ -218,14 +220,16 @@ class LightSegment(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor | None) -> tuple[Tensor | None, ...]:
-        stages, saved = ctx.modules[1], ctx.saved_tensors
-        maps = saved[:ctx.maps]
-        if len(saved) > ctx.maps:  # handed back to the pooled stage for this backward only
-            stages[-1][2].kept = saved[ctx.maps:]
+        (pre, stages, params), saved = ctx.modules, ctx.saved_tensors
+        count = ctx.maps + len(params)
+        maps, kept = saved[:ctx.maps], saved[count:]
+        ctx.modules = pre, stages, list(saved[ctx.maps:count])
+        if kept:  # handed back to the pooled stage for this backward only
+            stages[-1][2].kept = kept
         try:
             return LightSegment._backward(ctx, grad, maps)
         finally:
-            if len(saved) > ctx.maps:
+            if kept:
                 stages[-1][2].kept = ()
 
     @staticmethod
@@ -393,8 +397,8 @@ class LightSegment(torch.autograd.Function):
 
 class _SavedOnly(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, count: int, *tensors: Tensor) -> Tensor:
-        ctx.save_for_backward(*tensors[:count])
+    def forward(ctx: Any, *tensors: Tensor) -> Tensor:
+        ctx.save_for_backward(*tensors)
         return tensors[0].new_empty(0)
 
     @staticmethod
@@ -402,13 +406,13 @@ class _SavedOnly(torch.autograd.Function):
         raise RuntimeError("a rerun's stand-in is never differentiated")
 
 
-def saved_only(maps: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
-    """In the rerun of a checkpoint whose last segment read ``maps``, that segment's stand-in: it saves ``maps``, as
-    the segment saved them, and computes nothing (a rerun's output is never read), so rebuilding what the segment's
-    backward reads never holds what its forward held. It takes the segment's ``params`` too, so that it saves
+def saved_only(maps: Sequence[Tensor], params: Sequence[Tensor | None]) -> Tensor:
+    """In the rerun of a checkpoint whose last segment read ``maps``, that segment's stand-in: it saves ``maps`` and
+    the segment's ``params``, as the segment saved them, and computes nothing (a rerun's output is never read), so
+    rebuilding what the segment's backward reads never holds what its forward held. Taking the weights, it saves
     wherever autograd recorded the segment: for trained weights on maps that need no gradient (a frozen block). An
     empty tensor."""
-    return _SavedOnly.apply(len(maps), *maps, *params)
+    return _SavedOnly.apply(*maps, *params)
 
 
 def _accumulate(grads: dict, weight: Tensor, grad: Tensor | None) -> None:
@@ -559,24 +563,6 @@ def _conv_backward(ctx: Any, conv: nn.Module, grad: Tensor, x: Tensor, need_x: b
         grad, as_conv_sees(ctx, x), as_conv_sees(ctx, weight), None, list(conv.stride), list(conv.padding),
         list(conv.dilation), False, [0] * len(conv.stride), conv.groups, [need_x, need_weight, False])
     return grad_x, None if grad_weight is None else grad_weight.to(weight.dtype)
-
-
-def differentiable_rerun(ctx: Any, grad: Tensor, run: Callable[..., Tensor], before: tuple[Tensor | None, ...],
-                         maps: tuple[Tensor, ...], after: tuple[Tensor | None, ...] = (),
-                         used: Sequence[tuple[nn.Module, str, Tensor]] = ()) -> tuple[Tensor | None, ...]:
-    """Gradients under ``create_graph=True``: those of ``run(*maps)``, a rerun of forward (under its autocast state,
-    updating no running statistics, modules' parameters named in ``used`` as forward was given them) with a graph of
-    its own, so a second backward works. ``apply`` took ``before``, ``maps``, ``after``. Each map is read through a
-    view, so where one map was computed from another neither picks up the other's path, which the outer backward
-    follows anyway."""
-    views = tuple(m.view_as(m) for m in maps)
-    enabled, dtype = ctx.autocast
-    with rerun(used), torch.autocast(grad.device.type, dtype=dtype, enabled=enabled):
-        out = run(*views)
-    needs = ctx.needs_input_grad
-    wanted = [t for t, need in zip((*before, *views, *after), needs, strict=False) if need]
-    grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True, allow_unused=True))
-    return tuple(next(grads) if need else None for need in needs)
 
 
 _TORCH_CONV = {f for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d) for f in (c.forward, c._conv_forward)}

@@ -1,19 +1,20 @@
 """Where recomputation happens: the one call of ``torch.utils.checkpoint``, the rerun flag norms read, what a segment's
-first run hands its rerun, the tracing test that bypasses them all, and the hooks that keep a module out of a light
-Function (:func:`hooked`).
+first run hands its rerun, the rerun a light Function differentiates under double backward, the tracing test that
+bypasses them all, and the hooks that keep a module out of a light Function (:func:`hooked`).
 
 A segment runs under non-reentrant ``torch.utils.checkpoint``: what it makes is dropped after forward and rebuilt in
 backward by running it again. :func:`recomputing` tells code inside which run it is in, so that a norm updates its
-running statistics on the first run only; any other module's buffers (a norm put in one's place, spectral norm's
-vectors) are in a rerun what the first run found, and after it what the first run left. :func:`handed` carries values
-the first run computed (a synchronised norm's statistics) to the rerun, which reuses them instead of computing them
-again. While the model is traced or exported (:func:`is_tracing`), and whenever autograd is not recording, segments
-simply run.
+running statistics on the first run only. A rerun computes with the parameters its first run found (those
+``torch.func.functional_call`` gave, gone by backward; one changed in place since fails, as in plain), and any other
+module's buffers (a norm put in one's place, spectral norm's vectors) are in a rerun what the first run found, and
+after it what the first run left. :func:`handed` carries values the first run computed (a synchronised norm's
+statistics) to the rerun, which reuses them instead of computing them again. While the model is traced or exported
+(:func:`is_tracing`), and whenever autograd is not recording, segments simply run.
 """
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -24,8 +25,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-__all__ = ["backward_hooked", "checkpointed", "fx_leaf", "handed", "hooked", "is_tracing", "recomputing", "rerun",
-           "run_mode"]
+__all__ = ["backward_hooked", "checkpointed", "differentiable_rerun", "fx_leaf", "handed", "hooked", "is_tracing",
+           "recomputing", "replay", "rerun", "run_mode"]
 
 # ``is_fx_tracing`` is also true under torch.export (and warns about it); the precise test is newer than torch 2.4.
 _is_fx_symbolic_tracing: Callable[[], bool] = getattr(
@@ -93,13 +94,13 @@ def handed() -> list | None:
 
 def _replay(module: nn.Module, args: Any) -> None:
     """Called before each module in a segment's run, for the parameters and buffers of the module and of every module
-    it holds (a fake-quantiser updates its observer's without calling it). A first run notes the tensors it finds, and
-    the buffers' values. A rerun notes what it finds, to put back at its end, and hands the modules the first run's
-    tensors, its buffers holding the first run's values: so it computes with the weights forward was given
-    (``torch.func.functional_call``'s, gone once the call returns), and updates buffers alike (a norm put in one's
-    place its running statistics once, spectral norm's power iteration and an observer's averages move once). The
-    buffers of :class:`~.norm.BatchNormAct`, which updates nothing in a rerun, and of frozen norms hold no values to
-    replay."""
+    it holds (a fake-quantiser updates its observer's without calling it). A first run notes the tensors it finds, the
+    buffers' values and the parameters' versions. A rerun notes what it finds, to put back at its end, and hands the
+    modules the first run's tensors, its buffers holding the first run's values: so it computes with the weights
+    forward was given (``torch.func.functional_call``'s, gone once the call returns), and updates buffers alike (a
+    norm put in one's place its running statistics once, spectral norm's power iteration and an observer's averages
+    move once). A parameter changed in place since fails, as where the plain model saved it. The buffers of
+    :class:`~.norm.BatchNormAct`, which updates nothing in a rerun, and of frozen norms hold no values to replay."""
     state = getattr(_state, "replay", None)
     if state is None:
         return
@@ -113,10 +114,19 @@ def _replay(module: nn.Module, args: Any) -> None:
                 key = id(table), name
                 if tensor is None or key in seen:  # noted at its first sight in the run
                     continue
-                if now is None:
-                    first[key] = tensor, tensor.clone() if values else None
+                if now is None:  # a buffer's value to replay, or a parameter's version to check (noted at the end)
+                    first[key] = tensor, tensor.clone() if values else tensor._version if table is owner._parameters \
+                        else None
                     continue
                 used, found = first.get(key, (tensor, None))
+                if isinstance(found, int):
+                    if used._version != found:
+                        raise RuntimeError(
+                            "one of the variables needed for gradient computation has been modified by an inplace "
+                            f"operation: {name} of {type(owner).__name__}, [{used.type()} {list(used.shape)}], is at "
+                            f"version {used._version}; expected version {found} instead (changed after forward and "
+                            "before backward reran its segment)")
+                    found = None
                 now[key] = table, name, tensor, used, None if found is None else used.clone()
                 if found is not None:
                     _load(used, found)
@@ -151,13 +161,41 @@ class _Run:
                 if left is not None:
                     _load(used, left)
                 table[name] = found
+        else:  # the versions forward left: a module may change its own parameters in place as it runs
+            for key, (tensor, found) in self.first.items():
+                if isinstance(found, int):
+                    self.first[key] = tensor, tensor._version
         _state.rerun, _state.handing, _state.replay = self.saved
+
+
+def replay(module: nn.Module) -> None:
+    """In a segment's run, hand ``module`` (and the modules it holds) what its call would: for a module the rerun reads
+    without calling it."""
+    _replay(module, ())
 
 
 def rerun(used: Iterable[tuple[nn.Module, str, Tensor]] = ()) -> _Run:
     """Marks what runs inside as a rerun (:func:`recomputing` is true), for code that reruns a segment itself; the
     modules' parameters named in ``used`` are the tensors given there, as forward was given them."""
     return _Run([], rerun=True, first={(id(m._parameters), name): (t, None) for m, name, t in used})
+
+
+def differentiable_rerun(ctx: Any, grad: Tensor, run: Callable[..., Tensor], before: tuple[Tensor | None, ...],
+                         maps: tuple[Tensor, ...], after: tuple[Tensor | None, ...] = (),
+                         used: Sequence[tuple[nn.Module, str, Tensor]] = ()) -> tuple[Tensor | None, ...]:
+    """Gradients under ``create_graph=True``: those of ``run(*maps)``, a rerun of forward (under its autocast state,
+    updating no running statistics, modules' parameters named in ``used`` as forward was given them) with a graph of
+    its own, so a second backward works. ``apply`` took ``before``, ``maps``, ``after``. Each map is read through a
+    view, so where one map was computed from another neither picks up the other's path, which the outer backward
+    follows anyway."""
+    views = tuple(m.view_as(m) for m in maps)
+    enabled, dtype = ctx.autocast
+    with rerun(used), torch.autocast(grad.device.type, dtype=dtype, enabled=enabled):
+        out = run(*views)
+    needs = ctx.needs_input_grad
+    wanted = [t for t, need in zip((*before, *views, *after), needs, strict=False) if need]
+    grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True, allow_unused=True))
+    return tuple(next(grads) if need else None for need in needs)
 
 
 def _first_run_and_rerun(values: list) -> tuple[_Run, _Run]:
