@@ -481,6 +481,23 @@ def test_weights_given_through_functional_call_are_the_ones_differentiated(mode,
         assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("act_layer", ["relu", "silu"])
+def test_statistics_given_through_functional_call_are_the_ones_used_in_eval_mode(mode, act_layer):
+    """Running statistics given for one call with the weights (``functional_call(model, (weights, buffers), x)``, in
+    eval mode: a frozen-norm fine-tune) are those its checkpoints rerun with: plain's gradients, bitwise."""
+    from torch.func import functional_call
+    x, runs = torch.randn(4, 3, 16, 16), []
+    for memory in ("plain", mode):
+        torch.manual_seed(0)
+        model = DenseNet(**TINY, memory=memory, act_layer=act_layer).eval()
+        weights = {name: (1.5 * p + 0.01).detach().requires_grad_() for name, p in model.named_parameters()}
+        buffers = {name: 1.3 * b + 0.1 if b.is_floating_point() else b for name, b in model.named_buffers()}
+        loss = functional_call(model, (weights, buffers), (x,)).square().mean()
+        runs.append([loss.detach(), *torch.autograd.grad(loss, list(weights.values()))])
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
 @pytest.mark.parametrize("mode", ["plain", *MODES])
 @pytest.mark.parametrize("kind", ["light", "checkpointed", "sliced"])
 @pytest.mark.parametrize("weight", ["features.denseblock1.denselayer1.conv2.weight",
