@@ -514,6 +514,24 @@ def test_a_weight_changed_in_place_before_backward_fails_as_in_plain(mode, kind,
         loss.backward()
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("setting", ["set_checkpoint_debug_enabled", "set_checkpoint_early_stop"])
+def test_checkpoint_settings_of_ones_own_leave_the_modes_exact(mode, setting):
+    """torch.utils.checkpoint's global settings, as a user sets them for checkpoints of their own (debug mode, which
+    torch's own checkpoint errors suggest; no early stop), leave every mode working and bitwise plain's: two SGD steps
+    with every segment checkpointed (SiLU)."""
+    import torch.utils.checkpoint as checkpoint
+    value = setting == "set_checkpoint_debug_enabled"
+    state, x, runs = DenseNet(**TINY).state_dict(), torch.randn(4, 3, 16, 16), []
+    for memory in ("plain", mode):
+        model = DenseNet(**TINY, memory=memory, act_layer="silu")
+        model.load_state_dict(state)
+        with getattr(checkpoint, setting)(value):
+            out = _steps(model, x)
+        runs.append([out, *model.parameters(), *model.buffers()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
 class _MaxNormConv(torch.nn.Conv2d):
     """A convolution that holds its weight within bounds by changing it in place as it runs."""
 

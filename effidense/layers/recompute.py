@@ -22,7 +22,7 @@ import torch.autograd.forward_ad as forward_ad
 import torch.fx
 from timm.layers import FrozenBatchNormAct2d
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, set_checkpoint_debug_enabled
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 __all__ = ["backward_hooked", "checkpointed", "differentiable_rerun", "fx_leaf", "handed", "hooked", "is_tracing",
@@ -208,13 +208,16 @@ def checkpointed(enabled: bool, fn: Callable[..., Any], *tensors: Tensor, random
 
     Tensors go in as separate arguments: checkpoint keeps those properly. ``random`` segments (dropout) replay their
     RNG state. Segments save the same tensors when rerun (the norms see to it), so checkpoint's metadata check, ~7% of
-    an efficient step's host time, is skipped. Under torch.compile no rerun flag is needed (a compiled graph applies
-    buffer updates once) and dynamo accepts no ``context_fn`` of this kind.
+    an efficient step's host time, is skipped, and with it checkpoint's debug mode, which takes no ``context_fn``
+    (``set_checkpoint_debug_enabled(True)`` applies to checkpoints of one's own, not these). Under torch.compile no
+    rerun flag is needed (a compiled graph applies buffer updates once) and dynamo accepts no ``context_fn`` of this
+    kind.
     """
     if not enabled or not torch.is_grad_enabled() or is_tracing():
         return fn(*tensors)
+    if torch.compiler.is_compiling():
+        return checkpoint(fn, *tensors, use_reentrant=False, preserve_rng_state=random, determinism_check="none")
     values: list = []
-    contexts = {} if torch.compiler.is_compiling() else {
-        "context_fn": lambda: _first_run_and_rerun(values)}
-    return checkpoint(fn, *tensors, use_reentrant=False, preserve_rng_state=random, determinism_check="none",
-                      **contexts)
+    with set_checkpoint_debug_enabled(None):
+        return checkpoint(fn, *tensors, use_reentrant=False, preserve_rng_state=random, determinism_check="none",
+                          context_fn=lambda: _first_run_and_rerun(values))
