@@ -129,9 +129,6 @@ class DenseLayer(MemoryMode, AdoptsNorms):
                                    dropout=dropout)
         return out
 
-    def _dropout(self, x: Tensor) -> Tensor:
-        return self.dropout(x, self.drop_rate, self.training)
-
     def _frugal_slices(self, maps: Sequence[Tensor]) -> int:
         inputs, bottleneck, _ = self.widths
         return self.slices(maps, 3 * (1 + bottleneck / inputs), self._block_keeps())
@@ -158,8 +155,10 @@ class DenseLayer(MemoryMode, AdoptsNorms):
         return [first, (self.norm2, self.relu2, self.conv2)] if self.bottleneck else [first]
 
     def _drawn_dropout(self) -> Callable[[Tensor], Tensor] | None:
-        """The dropout this forward draws: None in eval mode or at a drop rate of 0."""
-        return self._dropout if self.training and self.drop_rate > 0 else None
+        """The dropout this forward draws, in training mode whatever the mode when backward draws its mask again (after
+        ``model.eval()``); None in eval mode or at a drop rate of 0."""
+        return functools.partial(self.dropout, p=self.drop_rate, training=True) \
+            if self.training and self.drop_rate > 0 else None
 
     def forward(self, maps: Sequence[Tensor] | Tensor) -> Tensor:
         maps, mode = _as_maps(maps), run_mode(self.memory)

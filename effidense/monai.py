@@ -236,6 +236,7 @@ class _Layers(AdoptsNorms, nn.Sequential):
 
 
 _DROPOUT = {1: nn.Dropout, 2: nn.Dropout2d, 3: nn.Dropout3d}  # MONAI's Dropout factory, by spatial_dims
+_DROPOUT_FUNCTIONS = {nn.Dropout: F.dropout, nn.Dropout2d: F.dropout2d, nn.Dropout3d: F.dropout3d}
 
 
 class _DenseLayer(densenet.DenseLayer):
@@ -249,9 +250,14 @@ class _DenseLayer(densenet.DenseLayer):
             return layers._modules[name]
         return super().__getattr__(name)
 
+    def _drawn_dropout(self) -> Callable[[Tensor], Tensor] | None:
+        # MONAI's dropout module (layers.dropout) decides: its train/eval mode as forward finds it, and its p
+        module = self.layers._modules.get("dropout")
+        return super()._drawn_dropout() if module is not None and module.training else None
+
     def dropout(self, x: Tensor, p: float, training: bool) -> Tensor:
-        # MONAI's dropout module (layers.dropout) is the one applied: its p and its train/eval mode
-        return self.layers.dropout(x)
+        module = self.layers.dropout
+        return _DROPOUT_FUNCTIONS[type(module)](x, module.p, training, module.inplace)
 
     @classmethod
     def nest(cls, layer: densenet.DenseLayer, dropout_prob: float, spatial_dims: int) -> None:

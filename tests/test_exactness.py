@@ -512,6 +512,8 @@ def test_a_weight_changed_in_place_before_backward_fails_as_in_plain(mode, kind,
         model.get_parameter(weight).mul_(1.01)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+    assert not torch.nn.modules.module._global_forward_pre_hooks  # the failed rerun left none of its own
+    assert not recompute_module.recomputing()
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -530,6 +532,42 @@ def test_checkpoint_settings_of_ones_own_leave_the_modes_exact(mode, setting):
             out = _steps(model, x)
         runs.append([out, *model.parameters(), *model.buffers()])
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+def _backward_after_eval(model: torch.nn.Module, x: torch.Tensor, second_order: bool) -> list[torch.Tensor]:
+    """A training forward, then ``model.eval()`` before backward (a validation pass may come between): the loss, its
+    gradients and the buffers. ``second_order``: the loss is the input gradient's squared norm (a gradient penalty)."""
+    torch.manual_seed(1)
+    xi = x.clone().requires_grad_(second_order)
+    loss = model(xi).square().mean()
+    model.eval()
+    if second_order:
+        (grad,) = torch.autograd.grad(loss, xi, create_graph=True)
+        loss = grad.square().sum()
+    loss.backward()
+    return [loss.detach(), *(p.grad for p in model.parameters()), *model.buffers()]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", ["light", "checkpointed", "sliced", "fused"])
+@pytest.mark.parametrize("second_order", [False, True])
+def test_backward_after_model_eval_is_plains(mode, kind, second_order):
+    """Backward after ``model.eval()`` goes back through what the training forward computed: its reruns run the
+    modules in forward's mode, and its dropout masks are drawn again as drawn in training. The plain model's loss,
+    gradients and buffers (float64, within the order of sums); a rerun in eval mode crashed the process."""
+    config = dict(TINY, drop_rate=0.3, **{"light": {}, "checkpointed": dict(act_layer="silu"),
+                                         "sliced": dict(backward_slices=2), "fused": {}}[kind])
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    if kind == "fused":  # a block's last layer and the transition after it as one checkpoint
+        config = dict(growth_rate=16, block_config=(4, 1), num_init_features=8, bn_size=None, num_classes=5,
+                      drop_rate=0.2, small_inputs=True, backward_slices=2)
+        x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    runs = []
+    for memory in ("plain", mode):
+        torch.manual_seed(0)
+        runs.append(_backward_after_eval(DenseNet(**config, memory=memory).double(), x, second_order))
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
 
 
 class _MaxNormConv(torch.nn.Conv2d):

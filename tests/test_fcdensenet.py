@@ -287,6 +287,23 @@ def test_weights_given_through_functional_call_are_the_ones_differentiated(mode:
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("mode", ["efficient", "frugal"])
+def test_backward_after_model_eval_is_plains(mode: str) -> None:
+    """A training forward, then ``model.eval()`` before backward: sliced transitions down keep their dropout and the
+    checkpoints rerun in forward's mode. The plain model's gradients, within float64's order of sums."""
+    x, runs = torch.randn(4, 2, *SIZES[2], dtype=torch.float64), []
+    for memory in ("plain", mode):
+        torch.manual_seed(0)
+        model = FCDenseNet(2, 2, 3, **TINY, memory=memory, backward_slices=2).double()
+        torch.manual_seed(3)
+        loss = model(x).square().mean()
+        model.eval()
+        loss.backward()
+        runs.append([loss.detach(), *(p.grad for p in model.parameters())])
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+
+
 def test_a_sliced_transition_down_saves_its_mask_where_saved_tensor_hooks_see_it() -> None:
     """The mask a sliced transition down keeps (one bit a value, each sample in bytes of its own) goes through
     autograd's saved-tensor hooks, as the maps do, so the meter counts it and offloading hooks move it; bf16 autocast

@@ -244,6 +244,22 @@ def test_training_equals_monais_outputs_gradients_and_running_stats(dtype, spati
     assert_same_training(reference, train(ours.to(dtype), data), exact=True)
 
 
+@pytest.mark.parametrize("memory", MEMORY_MODES)
+@pytest.mark.parametrize("act", ["relu", "elu"])
+def test_backward_after_model_eval_is_monais(memory, act):
+    """A training forward, then ``model.eval()`` before backward: MONAI's own gradients (its dropout's masks drawn
+    again as drawn in training, reruns in forward's mode), bitwise."""
+    theirs, ours = pair(2, **TINY, dropout_prob=0.2, act=act, memory=memory)
+    x, runs = torch.randn(2, 1, 32, 32), []
+    for model in (theirs, ours):
+        torch.manual_seed(5)
+        loss = model(x).square().mean()
+        model.eval()
+        loss.backward()
+        runs.append([loss.detach(), *(p.grad for p in model.parameters())])
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
 def test_1d_signals_train_as_monais():
     theirs, ours = pair(1, **TINY, dropout_prob=0.2)  # MONAI's 1D dropout drops values, not channels
     data = batches(1, torch.float64)

@@ -243,8 +243,10 @@ class LightSegment(torch.autograd.Function):
             grad = replayed(*ctx.dropout).mul_(grad)
         if torch.is_grad_enabled():
             rerun_ = functools.partial(_run, pre, stages, params)
+            # the norms as forward ran them: with these weights and batch statistics (a model may be in eval mode now)
             norms = [(norm, name, t) for (norm, _, _), weights in zip(stages, _stage_weights(pre, params), strict=True)
-                     for name, t in zip(("weight", "bias"), weights, strict=False) if t is not None]
+                     for name, t in zip(("weight", "bias", "training"), (*weights[:2], True), strict=True)
+                     if t is not None]
             return differentiable_rerun(ctx, grad, rerun_, (None,) * 3 + tuple(params), maps, used=norms)
         needs = ctx.needs_input_grad
         grads = {id(w): None for w, need in zip(params, needs[3:], strict=False) if w is not None and need}

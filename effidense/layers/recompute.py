@@ -14,7 +14,7 @@ statistics) to the rerun, which reuses them instead of computing them again. Whi
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -93,32 +93,31 @@ def handed() -> list | None:
 
 
 def _replay(module: nn.Module, args: Any) -> None:
-    """Called before each module in a segment's run, for the parameters and buffers of the module and of every module
-    it holds (a fake-quantiser updates its observer's without calling it). A first run notes the tensors it finds, the
-    buffers' values and the parameters' versions. A rerun notes what it finds, to put back at its end, and hands the
-    modules the first run's tensors, its buffers holding the first run's values: so it computes with the weights
-    forward was given (``torch.func.functional_call``'s, gone once the call returns), and updates buffers alike (a
-    norm put in one's place its running statistics once, spectral norm's power iteration and an observer's averages
-    move once). A parameter changed in place since fails, as where the plain model saved it. The buffers of
-    :class:`~.norm.BatchNormAct`, which updates nothing in a rerun, and of frozen norms hold no values to replay."""
+    """Called before each module in a segment's run, for the state of the module and of every module it holds (a
+    fake-quantiser updates its observer's buffers without calling it): parameters, buffers and train/eval mode. A
+    first run notes what it finds, the buffers' values and the parameters' versions. A rerun notes what it finds, to
+    put back at its end, and hands the modules the first run's: so it computes with the weights forward was given
+    (``torch.func.functional_call``'s, gone once the call returns), in forward's mode (``model.eval()`` may come
+    before backward), and updates buffers alike (a norm put in one's place its running statistics once, spectral
+    norm's power iteration and an observer's averages move once). A parameter changed in place since fails, as where
+    the plain model saved it. The buffers of :class:`~.norm.BatchNormAct`, which updates nothing in a rerun, and of
+    frozen norms hold no values to replay."""
     state = getattr(_state, "replay", None)
     if state is None:
         return
     first, now = state
     seen = first if now is None else now
     for owner in module.modules() if module._modules else (module,):
-        for table in (owner._parameters, owner._buffers) if owner._buffers else (owner._parameters,):
-            values = table is owner._buffers and not (getattr(owner, "reruns_exactly", False) or
-                                                      isinstance(owner, _FROZEN))
-            for name, tensor in table.items():
+        for table, items in _state_of(owner):
+            for name, value in items:
                 key = id(table), name
-                if tensor is None or key in seen:  # noted at its first sight in the run
+                if value is None or key in seen:  # noted at its first sight in the run
                     continue
                 if now is None:  # a buffer's value to replay, or a parameter's version to check (noted at the end)
-                    first[key] = tensor, tensor.clone() if values else tensor._version if table is owner._parameters \
-                        else None
+                    first[key] = value, value._version if table is owner._parameters else value.clone() if \
+                        table is owner._buffers and not _reruns_exactly(owner) else None
                     continue
-                used, found = first.get(key, (tensor, None))
+                used, found = first.get(key, (value, None))
                 if isinstance(found, int):
                     if used._version != found:
                         raise RuntimeError(
@@ -127,10 +126,22 @@ def _replay(module: nn.Module, args: Any) -> None:
                             f"version {used._version}; expected version {found} instead (changed after forward and "
                             "before backward reran its segment)")
                     found = None
-                now[key] = table, name, tensor, used, None if found is None else used.clone()
+                now[key] = table, name, value, used, None if found is None else used.clone()
                 if found is not None:
                     _load(used, found)
                 table[name] = used
+
+
+def _state_of(owner: nn.Module) -> Iterator[tuple[dict, Iterable[tuple[str, Any]]]]:
+    """What a rerun replays of a module, by where it is kept: its parameters, its buffers, its train/eval mode."""
+    yield owner._parameters, owner._parameters.items()
+    if owner._buffers:
+        yield owner._buffers, owner._buffers.items()
+    yield owner.__dict__, (("training", owner.training),)
+
+
+def _reruns_exactly(owner: nn.Module) -> bool:
+    return getattr(owner, "reruns_exactly", False) or isinstance(owner, _FROZEN)
 
 
 def _load(buffer: Tensor, value: Tensor) -> Tensor:
@@ -143,8 +154,8 @@ class _Run:
     (``first``, shared by the two) and ends with those the first run left: reusable, since a segment reruns once per
     backward that needs it (``retain_graph=True``)."""
 
-    def __init__(self, values: list, rerun: bool, first: dict | None = None) -> None:
-        self.values, self.rerun, self.first = values, rerun, {} if first is None else first
+    def __init__(self, values: list, rerun: bool, first: dict | None = None, owner: Any = None) -> None:
+        self.values, self.rerun, self.first, self.owner = values, rerun, {} if first is None else first, owner
 
     def __enter__(self) -> None:
         self.saved = getattr(_state, "rerun", None), getattr(_state, "handing", None), getattr(_state, "replay", None)
@@ -153,6 +164,12 @@ class _Run:
         else:
             _state.rerun, _state.handing, _state.replay = None, self.values, (self.first, None)
         self.hook = nn.modules.module.register_module_forward_pre_hook(_replay)
+        if isinstance(self.owner, nn.Module):  # a method of it runs: nothing calls it
+            try:
+                _replay(self.owner, ())
+            except BaseException:  # a weight changed in place: leave no hook behind
+                self.__exit__()
+                raise
 
     def __exit__(self, *exc: object) -> None:
         self.hook.remove()
@@ -174,20 +191,22 @@ def replay(module: nn.Module) -> None:
     _replay(module, ())
 
 
-def rerun(used: Iterable[tuple[nn.Module, str, Tensor]] = ()) -> _Run:
+def rerun(used: Iterable[tuple[nn.Module, str, Any]] = ()) -> _Run:
     """Marks what runs inside as a rerun (:func:`recomputing` is true), for code that reruns a segment itself; the
-    modules' parameters named in ``used`` are the tensors given there, as forward was given them."""
-    return _Run([], rerun=True, first={(id(m._parameters), name): (t, None) for m, name, t in used})
+    modules' parameters and modes named in ``used`` (``"training"``) are the values given there, as forward found
+    them."""
+    return _Run([], rerun=True, first={(id(m.__dict__ if name == "training" else m._parameters), name): (value, None)
+                                       for m, name, value in used})
 
 
 def differentiable_rerun(ctx: Any, grad: Tensor, run: Callable[..., Tensor], before: tuple[Tensor | None, ...],
                          maps: tuple[Tensor, ...], after: tuple[Tensor | None, ...] = (),
-                         used: Sequence[tuple[nn.Module, str, Tensor]] = ()) -> tuple[Tensor | None, ...]:
+                         used: Sequence[tuple[nn.Module, str, Any]] = ()) -> tuple[Tensor | None, ...]:
     """Gradients under ``create_graph=True``: those of ``run(*maps)``, a rerun of forward (under its autocast state,
-    updating no running statistics, modules' parameters named in ``used`` as forward was given them) with a graph of
-    its own, so a second backward works. ``apply`` took ``before``, ``maps``, ``after``. Each map is read through a
-    view, so where one map was computed from another neither picks up the other's path, which the outer backward
-    follows anyway."""
+    updating no running statistics, modules' parameters and modes named in ``used`` as forward found them) with a
+    graph of its own, so a second backward works. ``apply`` took ``before``, ``maps``, ``after``. Each map is read
+    through a view, so where one map was computed from another neither picks up the other's path, which the outer
+    backward follows anyway."""
     views = tuple(m.view_as(m) for m in maps)
     enabled, dtype = ctx.autocast
     with rerun(used), torch.autocast(grad.device.type, dtype=dtype, enabled=enabled):
@@ -198,9 +217,9 @@ def differentiable_rerun(ctx: Any, grad: Tensor, run: Callable[..., Tensor], bef
     return tuple(next(grads) if need else None for need in needs)
 
 
-def _first_run_and_rerun(values: list) -> tuple[_Run, _Run]:
+def _first_run_and_rerun(values: list, owner: Any) -> tuple[_Run, _Run]:
     first: dict = {}
-    return _Run(values, rerun=False, first=first), _Run(values, rerun=True, first=first)
+    return _Run(values, rerun=False, first=first, owner=owner), _Run(values, rerun=True, first=first, owner=owner)
 
 
 def checkpointed(enabled: bool, fn: Callable[..., Any], *tensors: Tensor, random: bool = False) -> Any:
@@ -220,4 +239,4 @@ def checkpointed(enabled: bool, fn: Callable[..., Any], *tensors: Tensor, random
     values: list = []
     with set_checkpoint_debug_enabled(None):
         return checkpoint(fn, *tensors, use_reentrant=False, preserve_rng_state=random, determinism_check="none",
-                          context_fn=lambda: _first_run_and_rerun(values))
+                          context_fn=lambda: _first_run_and_rerun(values, getattr(fn, "__self__", None)))
