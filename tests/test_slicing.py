@@ -311,6 +311,22 @@ def test_frugal_last_layer_with_its_transition_under_weights_given_by_functional
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
+@pytest.mark.parametrize("switched", ["plain", "efficient"])
+def test_a_memory_mode_set_between_forward_and_backward_changes_nothing_in_backward(switched):
+    """``set_memory`` between forward and backward: the fused checkpoint's rerun runs its layer in forward's mode
+    (frugal), and the step is bitwise the one left alone (a rerun in another mode saved other tensors and failed)."""
+    x, runs = torch.randn(4, 3, 32, 32, dtype=torch.float64), []
+    for switch in (False, True):
+        model = _fused_model()
+        loss = model(x).square().sum()
+        if switch:
+            model.set_memory(switched)
+        loss.backward()
+        runs.append([loss.detach(), *(p.grad for p in model.parameters())])
+        assert model.memory == (switched if switch else "frugal")
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
 @pytest.mark.parametrize("parametrization", ["weight_norm", "spectral_norm"])
 def test_frugal_parametrised_weights_train_as_plain_at_a_fused_size(parametrization):
     """Where a block's last layer would run with its transition as one checkpoint, parametrised weights there

@@ -94,14 +94,14 @@ def handed() -> list | None:
 
 def _replay(module: nn.Module, args: Any) -> None:
     """Called before each module in a segment's run, for the state of the module and of every module it holds (a
-    fake-quantiser updates its observer's buffers without calling it): parameters, buffers and train/eval mode. A
-    first run notes what it finds, the buffers' values and the parameters' versions. A rerun notes what it finds, to
-    put back at its end, and hands the modules the first run's: so it computes with the weights forward was given
-    (``torch.func.functional_call``'s, gone once the call returns), in forward's mode (``model.eval()`` may come
-    before backward), and updates buffers alike (a norm put in one's place its running statistics once, spectral
-    norm's power iteration and an observer's averages move once). A parameter changed in place since fails, as where
-    the plain model saved it. The buffers of :class:`~.norm.BatchNormAct`, which updates nothing in a rerun, and of
-    frozen norms hold no values to replay."""
+    fake-quantiser updates its observer's buffers without calling it): parameters, buffers, train/eval and memory
+    modes. A first run notes what it finds, the buffers' values and the parameters' versions. A rerun notes what it
+    finds, to put back at its end, and hands the modules the first run's: so it computes with the weights forward was
+    given (``torch.func.functional_call``'s, gone once the call returns), in forward's modes (``model.eval()`` or
+    ``set_memory`` may come before backward), and updates buffers alike (a norm put in one's place its running
+    statistics once, spectral norm's power iteration and an observer's averages move once). A parameter changed in
+    place since fails, as where the plain model saved it. The buffers of :class:`~.norm.BatchNormAct`, which updates
+    nothing in a rerun, and of frozen norms hold no values to replay."""
     state = getattr(_state, "replay", None)
     if state is None:
         return
@@ -133,11 +133,12 @@ def _replay(module: nn.Module, args: Any) -> None:
 
 
 def _state_of(owner: nn.Module) -> Iterator[tuple[dict, Iterable[tuple[str, Any]]]]:
-    """What a rerun replays of a module, by where it is kept: its parameters, its buffers, its train/eval mode."""
+    """What a rerun replays of a module, by where it is kept: its parameters, its buffers, its train/eval mode and
+    its memory mode (``_memory``, where it has one)."""
     yield owner._parameters, owner._parameters.items()
     if owner._buffers:
         yield owner._buffers, owner._buffers.items()
-    yield owner.__dict__, (("training", owner.training),)
+    yield owner.__dict__, (("training", owner.training), ("_memory", owner.__dict__.get("_memory")))
 
 
 def _reruns_exactly(owner: nn.Module) -> bool:
