@@ -456,7 +456,7 @@ class DenseNet(MemoryMode):
         if not recomputing():
             return transition(maps, frees=1)
         replay(transition)  # not called in the rerun, its weights are still those forward was given
-        return saved_only(maps, [transition.norm.weight, transition.norm.bias, transition.conv.weight])
+        return saved_only(maps, [(transition.norm, transition.relu, transition.conv)])
 
     def _final(self, activate: bool, *maps: Tensor) -> Tensor:
         x = normalize_maps(self.features.norm5, *maps)

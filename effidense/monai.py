@@ -236,7 +236,6 @@ class _Layers(AdoptsNorms, nn.Sequential):
 
 
 _DROPOUT = {1: nn.Dropout, 2: nn.Dropout2d, 3: nn.Dropout3d}  # MONAI's Dropout factory, by spatial_dims
-_DROPOUT_FUNCTIONS = {nn.Dropout: F.dropout, nn.Dropout2d: F.dropout2d, nn.Dropout3d: F.dropout3d}
 
 
 class _DenseLayer(densenet.DenseLayer):
@@ -251,13 +250,10 @@ class _DenseLayer(densenet.DenseLayer):
         return super().__getattr__(name)
 
     def _drawn_dropout(self) -> Callable[[Tensor], Tensor] | None:
-        # MONAI's dropout module (layers.dropout) decides: its train/eval mode as forward finds it, and its p
-        module = self.layers._modules.get("dropout")
-        return super()._drawn_dropout() if module is not None and module.training else None
-
-    def dropout(self, x: Tensor, p: float, training: bool) -> Tensor:
-        module = self.layers.dropout
-        return _DROPOUT_FUNCTIONS[type(module)](x, module.p, training, module.inplace)
+        # MONAI's dropout module (layers.dropout) decides: its train/eval mode as forward finds it, and its p; the
+        # core's dropout function is the module's own (whole channels in 2D and 3D, values in 1D)
+        drawn, module = super()._drawn_dropout(), self.layers._modules.get("dropout")
+        return None if drawn is None or module is None or not module.training else functools.partial(drawn, p=module.p)
 
     @classmethod
     def nest(cls, layer: densenet.DenseLayer, dropout_prob: float, spatial_dims: int) -> None:
@@ -268,7 +264,6 @@ class _DenseLayer(densenet.DenseLayer):
             layers.add_module("dropout", _DROPOUT[spatial_dims](dropout_prob))
         layer._modules.clear()
         layer.__class__ = cls
-        layer.__dict__.pop("dropout", None)  # the core's dropout function: the method above applies the module
         layer.add_module("layers", layers)
 
 

@@ -74,9 +74,7 @@ def light_segment(stages: Sequence[tuple[nn.Module, nn.Module, nn.Module]], *map
             (pre is not None and (not plain_conv(pre) or hooked(pre))) or maps[0].numel() == 0 or maps[0].is_meta:
         # nor an empty batch (BatchNorm's backward kernel fails on one, where autograd never calls it) or a meta one
         return None
-    params = [] if pre is None else [pre.weight]
-    for norm, _, post in stages:
-        params += [norm.weight, norm.bias, getattr(post, "weight", None)]
+    params = _segment_params(stages, pre)
     slots = tuple(slot_of(t) for t in maps)
     if dropout is not None and torch.compiler.is_compiling():
         return dropout(LightSegment.apply(slices, (pre, tuple(stages), None, slots, None, 0), params, *params, *maps))
@@ -408,13 +406,21 @@ class _SavedOnly(torch.autograd.Function):
         raise RuntimeError("a rerun's stand-in is never differentiated")
 
 
-def saved_only(maps: Sequence[Tensor], params: Sequence[Tensor | None]) -> Tensor:
-    """In the rerun of a checkpoint whose last segment read ``maps``, that segment's stand-in: it saves ``maps`` and
-    the segment's ``params``, as the segment saved them, and computes nothing (a rerun's output is never read), so
-    rebuilding what the segment's backward reads never holds what its forward held. Taking the weights, it saves
-    wherever autograd recorded the segment: for trained weights on maps that need no gradient (a frozen block). An
-    empty tensor."""
-    return _SavedOnly.apply(*maps, *params)
+def saved_only(maps: Sequence[Tensor], stages: Sequence[tuple[nn.Module, nn.Module, Any]]) -> Tensor:
+    """In the rerun of a checkpoint whose last segment, of ``stages``, read ``maps``, that segment's stand-in: it saves
+    ``maps`` and the stages' weights, as the segment saved them, and computes nothing (a rerun's output is never
+    read), so rebuilding what the segment's backward reads never holds what its forward held. Taking the weights, it
+    saves wherever autograd recorded the segment: for trained weights on maps that need no gradient (a frozen block).
+    An empty tensor."""
+    return _SavedOnly.apply(*maps, *_segment_params(stages))
+
+
+def _segment_params(stages: Sequence[tuple[nn.Module, nn.Module, Any]], pre: nn.Module | None = None) -> list:
+    """The weights of a segment's ``stages`` (after ``pre``), in the order its light Function takes and saves them."""
+    params = [] if pre is None else [pre.weight]
+    for norm, _, post in stages:
+        params += [norm.weight, norm.bias, getattr(post, "weight", None)]
+    return params
 
 
 def _accumulate(grads: dict, weight: Tensor, grad: Tensor | None) -> None:

@@ -19,6 +19,7 @@ class MemoryMode(nn.Module):
     (``backward_slices``): setting either on a module sets it on every layer below."""
 
     _memory, _slices = "efficient", "auto"
+    rerun_state = ("_memory",)  # what a segment's rerun runs with as its first run found it (:mod:`.recompute`)
 
     @property
     def memory(self) -> str:

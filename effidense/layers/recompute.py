@@ -5,11 +5,11 @@ bypasses them all, and the hooks that keep a module out of a light Function (:fu
 A segment runs under non-reentrant ``torch.utils.checkpoint``: what it makes is dropped after forward and rebuilt in
 backward by running it again. :func:`recomputing` tells code inside which run it is in, so that a norm updates its
 running statistics on the first run only. A rerun computes with the parameters its first run found (those
-``torch.func.functional_call`` gave, gone by backward; one changed in place since fails, as in plain), and any other
-module's buffers (a norm put in one's place, spectral norm's vectors) are in a rerun what the first run found, and
-after it what the first run left. :func:`handed` carries values the first run computed (a synchronised norm's
-statistics) to the rerun, which reuses them instead of computing them again. While the model is traced or exported
-(:func:`is_tracing`), and whenever autograd is not recording, segments simply run.
+``torch.func.functional_call`` gave, gone by backward; one changed in place since fails, as in plain), in the train/eval
+and memory modes it found, and any other module's buffers (a norm put in one's place, spectral norm's vectors) are in a
+rerun what the first run found, and after it what the first run left. :func:`handed` carries values the first run
+computed (a synchronised norm's statistics) to the rerun, which reuses them instead of computing them again. While the
+model is traced or exported (:func:`is_tracing`), and whenever autograd is not recording, segments simply run.
 """
 from __future__ import annotations
 
@@ -133,12 +133,13 @@ def _replay(module: nn.Module, args: Any) -> None:
 
 
 def _state_of(owner: nn.Module) -> Iterator[tuple[dict, Iterable[tuple[str, Any]]]]:
-    """What a rerun replays of a module, by where it is kept: its parameters, its buffers, its train/eval mode and
-    its memory mode (``_memory``, where it has one)."""
+    """What a rerun replays of a module, by where it is kept: its parameters, its buffers, its train/eval mode and the
+    attributes its class names in ``rerun_state`` (effidense's memory mode)."""
     yield owner._parameters, owner._parameters.items()
     if owner._buffers:
         yield owner._buffers, owner._buffers.items()
-    yield owner.__dict__, (("training", owner.training), ("_memory", owner.__dict__.get("_memory")))
+    names = ("training", *getattr(type(owner), "rerun_state", ()))
+    yield owner.__dict__, [(name, owner.__dict__.get(name)) for name in names]
 
 
 def _reruns_exactly(owner: nn.Module) -> bool:
@@ -196,8 +197,8 @@ def rerun(used: Iterable[tuple[nn.Module, str, Any]] = ()) -> _Run:
     """Marks what runs inside as a rerun (:func:`recomputing` is true), for code that reruns a segment itself; the
     modules' parameters and modes named in ``used`` (``"training"``) are the values given there, as forward found
     them."""
-    return _Run([], rerun=True, first={(id(m.__dict__ if name == "training" else m._parameters), name): (value, None)
-                                       for m, name, value in used})
+    tables = ((m._parameters if name in m._parameters else m.__dict__, name, value) for m, name, value in used)
+    return _Run([], rerun=True, first={(id(table), name): (value, None) for table, name, value in tables})
 
 
 def differentiable_rerun(ctx: Any, grad: Tensor, run: Callable[..., Tensor], before: tuple[Tensor | None, ...],
