@@ -208,7 +208,9 @@ class DenseBlock(MemoryMode, nn.ModuleDict):
         if layers[0].gathers(maps):
             maps = [gathered(m) for m in maps]
         for layer in layers if last else layers[:-1]:
-            maps.append(layer(maps))
+            # each layer its own list: a checkpoint put around a layer (FSDP's apply_activation_checkpointing)
+            # reruns it on the very list it was given
+            maps.append(layer(list(maps)))
         return maps
 
     def forward(self, x: Tensor) -> Tensor:
@@ -439,7 +441,7 @@ class DenseNet(MemoryMode):
                 if holds:
                     held = list(block.values())[-1]
                     if not f.get_submodule(f"transition{i}").frees_after(held, maps, gradients):
-                        maps.append(held(maps))
+                        maps.append(held(list(maps)))
                         held = None
             if i == len(self.block_config):
                 yield [checkpointed(mode != "plain", functools.partial(self._final, activate), *maps)]

@@ -14,6 +14,7 @@ import effidense.layers.norm as norm_module
 import effidense.layers.pool as pool
 import effidense.layers.recompute as recompute_module
 from effidense import DenseNet, SavedTensorMeter
+from effidense.densenet import DenseLayer
 
 CONFIGS = {
     "bc_imagenet_stem": dict(TINY),
@@ -532,6 +533,48 @@ def test_checkpoint_settings_of_ones_own_leave_the_modes_exact(mode, setting):
             out = _steps(model, x)
         runs.append([out, *model.parameters(), *model.buffers()])
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+def _wrap_in_checkpoints(model: DenseNet, wrapper: str, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)`` under checkpoints of the user's own."""
+    import functools
+
+    from torch.distributed.algorithms._checkpoint import checkpoint_wrapper as wrapping
+    from torch.utils.checkpoint import checkpoint, checkpoint_sequential
+    if wrapper == "whole model":
+        return checkpoint(model, x, use_reentrant=False)
+    if wrapper.startswith("checkpoint_sequential"):
+        reentrant = "reentrant" in wrapper
+        features = checkpoint_sequential(model.features, 2, x.requires_grad_(reentrant), use_reentrant=reentrant)
+        return model.forward_head(F.relu(features))
+    impl = wrapping.CheckpointImpl.NO_REENTRANT
+    wrapping.apply_activation_checkpointing(
+        model, checkpoint_wrapper_fn=functools.partial(wrapping.checkpoint_wrapper, checkpoint_impl=impl),
+        check_fn=lambda m: isinstance(m, DenseLayer))
+    return model(x)
+
+
+@pytest.mark.parametrize("mode", ["plain", *MODES, "frugal, sliced"])
+@pytest.mark.parametrize("wrapper", ["apply_activation_checkpointing", "checkpoint_sequential",
+                                     "checkpoint_sequential, reentrant", "whole model"])
+def test_checkpoints_of_ones_own_around_the_model_train_like_plain(mode, wrapper):
+    """A checkpoint the user puts around dense layers (FSDP's ``apply_activation_checkpointing``), the features or the
+    whole model reruns them in backward: the plain model's gradients and running statistics, updated once
+    (torchvision's and timm's update twice there; a wrapped layer failed on the list its block had added to since).
+    Bitwise, or in float64 within the order of sums where sliced."""
+    config = dict(TINY, drop_rate=0.2)
+    x, state = torch.randn(4, 3, 16, 16, dtype=torch.float64), _perturb_bn(DenseNet(**config)).state_dict()
+    runs = []
+    for memory, wrapped in (("plain", None), (mode, wrapper)):
+        model = DenseNet(**config, memory=memory.split(",")[0], backward_slices=2 if "sliced" in memory else "auto")
+        model.load_state_dict(state)
+        model.double()
+        torch.manual_seed(1)
+        out = model(x) if wrapped is None else _wrap_in_checkpoints(model, wrapped, x.clone())
+        out.square().mean().backward()
+        runs.append([out, *(p.grad for p in model.parameters()), *model.buffers()])
+    tol = 1e-9 if "sliced" in mode else 0.0
+    assert all(_relative(a, b) <= tol for a, b in zip(*runs, strict=True))
 
 
 def _backward_after_eval(model: torch.nn.Module, x: torch.Tensor, second_order: bool) -> list[torch.Tensor]:

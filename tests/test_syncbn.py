@@ -47,7 +47,9 @@ FORWARD_COLLECTIVES = 2 * (1 + 5 + 5)
 BACKWARD_COLLECTIVES = 1 + 4 + 1 + 4 + 1
 # Partly converted: the first block's second layer and the final norm synchronise, the rest do not, so norms that
 # share a block's statistics cache disagree on synchronisation.
-SHARDED_UNITS = ("DenseLayer", "DenseBlock")  # what fully_shard wraps before the whole model
+# what fully_shard wraps before the whole model; checkpointed: each layer also under FSDP's activation checkpointing,
+# whose rerun must neither update running statistics nor synchronise them again
+SHARDED_UNITS = ("DenseLayer", "DenseBlock", "DenseLayer, checkpointed")
 MIXED = ("features.denseblock1.denselayer2.norm1", "features.denseblock1.denselayer2.norm2", "features.norm5")
 
 
@@ -172,9 +174,12 @@ def _sharded_against_full_batch(base: DenseNet, mode: str, x: Tensor, y: Tensor,
     model = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(base).set_memory(mode).train())
     model.backward_slices = 2
     mesh = init_device_mesh("cpu", (WORLD,))
+    if unit.endswith("checkpointed"):
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+        apply_activation_checkpointing(model, check_fn=lambda m: type(m).__name__ == "DenseLayer")
     try:
         for module in model.modules():
-            if type(module).__name__ == unit:
+            if type(module).__name__ == unit.split(",")[0]:
                 fully_shard(module, mesh=mesh)
     except ValueError as e:  # torch 2.11's fully_shard refuses any nn.ModuleDict (torchvision's blocks too); 2.14's not
         return {"refused": str(e).splitlines()[0]}

@@ -3,8 +3,9 @@
 **The rule: running statistics are updated on a segment's first run only, and a rerun reproduces that run bitwise.**
 torchvision and timm update them again on every rerun (pytorch/pytorch#96136); :class:`BatchNormAct` never does:
 
-* native: ``F.batch_norm`` with the running buffers on the first run; a rerun (:func:`.recompute.recomputing`) hands
-  it throwaway copies, so it saves the same tensors and normalises bitwise alike. Under ``torch.compile`` the compiled
+* native: ``F.batch_norm`` with the running buffers on the first run; a rerun (:func:`.recompute.recomputing`, or any
+  run in backward: a checkpoint of the user's own around the model, :func:`.recompute.in_backward`) hands it
+  throwaway copies, so it saves the same tensors and normalises bitwise alike. Under ``torch.compile`` the compiled
   graph applies buffer updates once, however it recomputes.
 * synchronised (``nn.SyncBatchNorm`` under torch.distributed): the first run computes batch statistics with their
   collectives and hands them to the rerun (:func:`.recompute.handed`), which runs no collective. Normalising with
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from timm.layers import create_act_layer, get_norm_layer
 from torch import Tensor, nn
 
-from .recompute import fx_leaf, handed, recomputing
+from .recompute import fx_leaf, handed, in_backward, recomputing
 
 __all__ = ["ActLayer", "Activation", "AdoptsNorms", "Affine", "BATCH_NORM_ACT", "BatchNormAct", "BatchNormAct1d",
            "BatchNormAct2d", "BatchNormAct3d", "GroupNormAct", "INSTANCE_NORM_ACT", "InstanceNormAct1d",
@@ -237,8 +238,8 @@ class BatchNormAct(NormAct, nn.modules.batchnorm._BatchNorm):
     def running_buffers(self) -> tuple[Tensor | None, Tensor | None, float]:
         """The running statistics a training-mode run hands BatchNorm's kernel, and their update factor: on a
         segment's first run the norm's own (the batch counted), on a rerun throwaway copies, so that it saves what the
-        first run saved and updates nothing."""
-        if not recomputing():
+        first run saved and updates nothing: a run in backward is a rerun too, whoever checkpoints it."""
+        if not (recomputing() or in_backward()):
             return self.running_mean, self.running_var, self.count_batch()
         if self.running_mean is None:
             return None, None, 0.0
@@ -250,7 +251,7 @@ class BatchNormAct(NormAct, nn.modules.batchnorm._BatchNorm):
             mean, var = values.pop(0)
         else:
             mean, var, count = batch_stats(x, group)
-            factor = self.count_batch()
+            factor = 0.0 if in_backward() else self.count_batch()
             if factor:
                 with torch.no_grad():
                     self.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
