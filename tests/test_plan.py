@@ -543,6 +543,23 @@ def test_table_columns_sum_to_the_peak(cli, capsys, tmp_path):
         in header
 
 
+def test_check_as_a_command_prints_no_profiler_log_lines():
+    """The CPU peak comes from torch.profiler, whose kineto logs each profile's start and stop to stderr, and an ERROR
+    where it finds no GPU: a command's own process silences it (KINETO_LOG_LEVEL unless set)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    done = subprocess.run([sys.executable, "-m", "effidense", "plan", *CLI_TINY, "--check", "2", "--variants",
+                           "efficient", "--device", "cpu", "--threads", "1"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "| efficient |" in done.stdout
+    assert not [line for line in done.stderr.splitlines() if line.startswith(("USDT:", "STAGE:", "ERROR:"))], \
+        done.stderr
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--model", "effi_densenet12"], "did you mean 'effi_densenet121'?"),
     (["--budget", "h100"], "cannot read budget 'h100'"),
