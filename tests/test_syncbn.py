@@ -48,7 +48,7 @@ BACKWARD_COLLECTIVES = 1 + 4 + 1 + 4 + 1
 # Partly converted: the first block's second layer and the final norm synchronise, the rest do not, so norms that
 # share a block's statistics cache disagree on synchronisation.
 # what fully_shard wraps before the whole model; checkpointed: each layer also under FSDP's activation checkpointing,
-# whose rerun must neither update running statistics nor synchronise them again
+# whose rerun must not update running statistics again
 SHARDED_UNITS = ("DenseLayer", "DenseBlock", "DenseLayer, checkpointed")
 MIXED = ("features.denseblock1.denselayer2.norm1", "features.denseblock1.denselayer2.norm2", "features.norm5")
 
