@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from effidense import MEMORY_MODES, DenseNet
 from effidense.harness import free_port
+from effidense.harness.distributed import ddp_model
 
 WORLD = 2
 BATCH = 4  # per rank
@@ -215,6 +216,12 @@ def _scenarios(rank: int) -> dict[str, dict]:
         for unit in SHARDED_UNITS:
             results[f"{mode}/fsdp2 {unit}"] = _sharded_against_full_batch(base, mode, x, y, rank, unit)
 
+        # The trainer's --sync-bn on the CPU under torchrun: DDP wraps first (it refuses SyncBatchNorm on the CPU),
+        # then the norms are converted in place.
+        after = copy.deepcopy(base).set_memory(mode).train()
+        out, _ = _step(ddp_model(after, torch.device("cpu"), sync_bn=True), x[mine], y[mine], 1 / BATCH)
+        results[f"{mode}/converted after wrapping"] = {"tensors": [out, *_grads(after), *after.buffers()]}
+
         def fresh(converted: bool = False, train: bool = True, mode: str = mode) -> nn.Module:
             model = copy.deepcopy(base).set_memory(mode).train(train)
             return nn.SyncBatchNorm.convert_sync_batchnorm(model) if converted else model
@@ -311,6 +318,15 @@ def test_fully_sharded_equals_single_process_full_batch(ranks, mode, unit):
 def test_modes_stay_bitwise_equal_to_plain(ranks, mode, variant):
     for results in ranks:
         pairs = zip(results[f"{mode}/{variant}"]["tensors"], results[f"plain/{variant}"]["tensors"], strict=True)
+        assert all(torch.equal(a, b) for a, b in pairs)
+
+
+@pytest.mark.parametrize("mode", MEMORY_MODES)
+def test_norms_converted_after_ddp_wraps_train_as_converted_before(ranks, mode):
+    """The trainer's --sync-bn on the CPU converts after DDP wraps the model: the same step, bitwise."""
+    for results in ranks:
+        pairs = zip(results[f"{mode}/converted after wrapping"]["tensors"], results[f"{mode}/even"]["tensors"],
+                    strict=True)
         assert all(torch.equal(a, b) for a, b in pairs)
 
 

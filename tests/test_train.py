@@ -24,6 +24,7 @@ import effidense  # noqa: F401  (registers effi_* with timm)
 from effidense.train import TrainError, build_model, load_training_checkpoint, parse_args, resolve_resume
 from effidense.train.checkpoint import save_training_checkpoint, save_weights
 from effidense.train.data import SyntheticDataset
+from effidense.train.distributed import Processes, check_sync_bn
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "train.py"
@@ -221,16 +222,22 @@ def test_cifar_is_never_downloaded_unless_asked(tmp_path: Path, capsys: pytest.C
     assert "--dataset-download" in capsys.readouterr().err
 
 
-def test_sync_bn_converts_in_every_memory_mode() -> None:
-    model = build_model(parse_args([*TINY, "--memory", "frugal", "--sync-bn"]), 10)
-    assert model.memory == "frugal"
-    assert all(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()
-               if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+def test_sync_bn_on_the_cpu_under_torchrun_takes_effidense_models_only() -> None:
+    """DDP refuses SyncBatchNorm modules on the CPU when it wraps, and torch's own do not run there: effidense's
+    norms are converted after wrapping (``ddp_model``, tests/test_syncbn.py), another model's are refused in one
+    line before the run starts."""
+    ranks = Processes(torch.device("cpu"), 0, 2, distributed=True)
+    check_sync_bn(build_model(parse_args([*TINY, "--sync-bn"]), 10), ranks, "TINY")
+    other = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    check_sync_bn(other, Processes(torch.device("cpu"), 0, 1, distributed=False), "resnet")  # one process: no sync
+    with pytest.raises(TrainError, match="--sync-bn on the CPU: resnet's BatchNorm 1 would become torch's"):
+        check_sync_bn(other, ranks, "resnet")
 
 
-def test_sync_bn_needs_cuda(capsys: pytest.CaptureFixture[str]) -> None:
-    assert tool.main([*TINY, *SYNTHETIC, "--device", "cpu", "--sync-bn"]) == 1
-    assert "SyncBatchNorm does not run on CPU" in capsys.readouterr().err
+def test_sync_bn_trains_in_one_process_on_the_cpu(tmp_path: Path) -> None:
+    assert tool.main([*TINY, *SYNTHETIC, "--device", "cpu", "--sync-bn", "--epochs", "1", "--output",
+                      str(tmp_path), "--experiment", "sync"]) == 0
+    assert [row["epoch"] for row in _summary(tmp_path / "sync")] == ["0"]
 
 
 # --- built-in mode: training ---
@@ -355,10 +362,11 @@ def test_resume_after_sigkill_equals_unbroken_run(small_digits: Path, unbroken_r
 # --- distributed ---
 
 @pytest.mark.slow
-def test_two_process_ddp_on_gloo(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sync_bn", [[], ["--sync-bn"]], ids=["", "sync-bn"])
+def test_two_process_ddp_on_gloo(tmp_path: Path, sync_bn: list[str]) -> None:
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                           "127.0.0.1", "--master_port", str(_free_port()), str(TOOL), *TINY, *SYNTHETIC,
+                           "127.0.0.1", "--master_port", str(_free_port()), str(TOOL), *TINY, *SYNTHETIC, *sync_bn,
                            "--epochs", "2", "--output", str(out), "--experiment", "ddp", "--checkpoint-interval", "3"],
                           env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,4 +1,5 @@
-"""Process groups for the tools that run under DDP (bench, gradcheck): rendezvous, the group, torchrun's world."""
+"""Process groups for the tools that run under DDP (bench, gradcheck, train): rendezvous, the group, torchrun's world,
+and the model wrapped in DDP."""
 from __future__ import annotations
 
 import contextlib
@@ -8,8 +9,11 @@ import socket
 from collections.abc import Iterator
 
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["free_port", "process_group", "destroy_process_group", "torchrun_world", "backend_for", "check_world"]
+__all__ = ["free_port", "process_group", "destroy_process_group", "torchrun_world", "backend_for", "check_world",
+           "ddp_model"]
 
 
 def free_port() -> int:
@@ -57,3 +61,18 @@ def check_world(device: str, world: int) -> None:
         raise ValueError(f"the number of processes must be at least 1, got {world}")
     if device == "cuda" and world > 1 and torch.cuda.device_count() < world:
         raise ValueError(f"{world} processes need {world} GPUs, torch sees {torch.cuda.device_count()}")
+
+
+def ddp_model(model: nn.Module, device: torch.device, sync_bn: bool = False) -> nn.Module:
+    """``model`` under DistributedDataParallel, its BatchNorms converted to ``nn.SyncBatchNorm`` with ``sync_bn``.
+
+    DDP refuses SyncBatchNorm modules on CPU when it wraps them, because torch's own SyncBatchNorm needs a GPU;
+    effidense's does not, so on CPU the norms are converted after wrapping (in place: DDP keeps the same parameters
+    and buffers).
+    """
+    if sync_bn and device.type != "cpu":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if sync_bn and device.type == "cpu":
+        nn.SyncBatchNorm.convert_sync_batchnorm(ddp.module)
+    return ddp

@@ -150,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="compile the whole model with torch.compile (backend default inductor; effi_* models "
                             "in place, so checkpoints keep their keys). Compiling a deep model takes minutes and pays "
                             "only where the eager step is host-bound: check with 'effidense bench --compile' first")
-    group.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (CUDA only)")
+    group.add_argument("--sync-bn", action="store_true",
+                       help="SyncBatchNorm across processes: effidense's models on CUDA or the CPU, exactly in every "
+                            "memory mode; other models on CUDA")
 
     group = parser.add_argument_group("Optimizer and schedule")
     group.add_argument("--opt", default="sgd", metavar="OPTIMIZER",

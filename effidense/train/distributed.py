@@ -8,10 +8,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from timm.utils.distributed import init_distributed_device_so
+from torch import nn
 
+from ..layers import BatchNormAct
 from .errors import TrainError
 
-__all__ = ["Processes", "init_processes", "broadcast", "reduce_sum"]
+__all__ = ["Processes", "init_processes", "broadcast", "reduce_sum", "check_sync_bn"]
 
 
 @dataclass
@@ -33,8 +35,6 @@ def init_processes(args: argparse.Namespace) -> Processes:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise TrainError(f"--device {device}: CUDA is not available")
-    if args.sync_bn and not device.startswith("cuda"):
-        raise TrainError("--sync-bn needs CUDA devices: torch's SyncBatchNorm does not run on CPU")
     info = init_distributed_device_so(device=device)  # reads torchrun's environment; gloo on CPU, nccl on CUDA
     return Processes(torch.device(info["device"]), info["global_rank"], info["world_size"], info["distributed"])
 
@@ -54,3 +54,16 @@ def reduce_sum(values: list[float], procs: Processes) -> list[float]:
     if procs.distributed:
         dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+
+def check_sync_bn(model: nn.Module, procs: Processes, model_name: str) -> None:
+    """Refuse ``--sync-bn`` where it cannot run: on the CPU under ``torchrun``, a BatchNorm that is not effidense's
+    would become torch's SyncBatchNorm, which runs on CUDA only."""
+    if not (procs.distributed and procs.device.type == "cpu"):
+        return
+    foreign = [name for name, m in model.named_modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, BatchNormAct)]
+    if foreign:
+        raise TrainError(f"--sync-bn on the CPU: {model_name}'s BatchNorm {foreign[0]} would become torch's "
+                         "SyncBatchNorm, which runs on CUDA only (effidense's models synchronise on the CPU too)")

@@ -141,8 +141,6 @@ def build_model(args: argparse.Namespace, num_classes: int, notes: list[str] | N
             model.set_grad_checkpointing(True)
         if args.memory is not None:
             model.set_memory(args.memory)
-    if args.sync_bn:  # effidense synchronises converted norms itself, exactly, in every memory mode
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
 
 

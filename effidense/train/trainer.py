@@ -39,11 +39,10 @@ from timm.utils import (
     unwrap_model,
 )
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..fileio import short_error
-from ..harness.distributed import destroy_process_group
+from ..harness.distributed import ddp_model, destroy_process_group
 from ..progress import Progress
 from ..weights import listing, values_problem
 from .args import args_as_dict, args_to_yaml
@@ -60,7 +59,7 @@ from .checkpoint import (
     write_file,
 )
 from .data import ResumableSampler, build_datasets, check_readable, eval_loader, set_transforms, train_loader
-from .distributed import Processes, init_processes, reduce_sum
+from .distributed import Processes, check_sync_bn, init_processes, reduce_sum
 from .errors import TrainError, TrainingDiverged, TrainingInterrupted
 from .model import build_model, check_input_size
 from .rundir import (
@@ -115,6 +114,8 @@ class _Trainer:
         random_seed(args.seed, ctx.rank)
         notes: list[str] = []
         model = build_model(args, args.num_classes or num_classes, notes)
+        if args.sync_bn:
+            check_sync_bn(model, ctx, args.model)
         for note in notes if ctx.primary else ():
             tqdm.write(note)
         self.data_config = resolve_data_config(dict(img_size=args.img_size), model=model)
@@ -178,8 +179,8 @@ class _Trainer:
                 model = torch.compile(model, backend=args.torchcompile)
         self.train_model: nn.Module = model
         if ctx.distributed:
-            self.train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                       else None)
+            # with --sync-bn effidense synchronises the converted norms itself, exactly, in every memory mode
+            self.train_model = ddp_model(model, device, args.sync_bn)
 
         self.sampler = ResumableSampler(train_set, ctx.world_size, ctx.rank, args.seed)
         self.train_loader = train_loader(train_set, self.sampler, args, device)

@@ -11,13 +11,12 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 
 from ..cli import prepare_exit
 from ..densenet import MEMORY_MODES
 from ..failures import short_error
 from ..fileio import atomic_write_bytes
-from ..harness.distributed import backend_for, check_world, free_port, process_group
+from ..harness.distributed import backend_for, check_world, ddp_model, free_port, process_group
 from ..harness.step import training_step
 from ..modelspec import ModelSpec
 from .core import (
@@ -35,21 +34,6 @@ from .core import (
 )
 
 __all__ = ["ddp_checks", "run_ddp"]
-
-
-def _ddp(model: nn.Module, device: torch.device, sync_bn: bool) -> nn.Module:
-    """``model`` under DistributedDataParallel, its BatchNorms converted to ``nn.SyncBatchNorm`` with ``sync_bn``.
-
-    DDP refuses SyncBatchNorm modules on CPU when it wraps them, because torch's own SyncBatchNorm needs a GPU;
-    effidense's does not, so on CPU the norms are converted after wrapping (in place: DDP keeps the same parameters
-    and buffers).
-    """
-    if sync_bn and device.type != "cpu":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if sync_bn and device.type == "cpu":
-        nn.SyncBatchNorm.convert_sync_batchnorm(ddp.module)
-    return ddp
 
 
 def ddp_checks(spec: ModelSpec, device: torch.device, batch_per_rank: int, img_size: int,
@@ -110,7 +94,7 @@ def ddp_checks(spec: ModelSpec, device: torch.device, batch_per_rank: int, img_s
         full_grads = grads_of(full)
 
         # DDP, train mode.
-        ddp = _ddp(build(mode), device, sync_bn)
+        ddp = ddp_model(build(mode), device, sync_bn)
         training_step(ddp, x, y)
         grads = grads_of(ddp)
         checks.append(compare_tensors("ddp", label, subject, f"train: gradients == {reference}", grads, train_grads,
@@ -131,7 +115,7 @@ def ddp_checks(spec: ModelSpec, device: torch.device, batch_per_rank: int, img_s
                                    plain_grads["train"], tol))
 
         # DDP, eval mode (running statistics): per-rank means average to the full-batch mean exactly.
-        ddp_eval = _ddp(build(mode, eval_mode=True), device, sync_bn)
+        ddp_eval = ddp_model(build(mode, eval_mode=True), device, sync_bn)
         training_step(ddp_eval, x, y)
         eval_grads = grads_of(ddp_eval)
         checks.append(compare_tensors("ddp", label, subject, "eval: gradients == single process on the full batch",
