@@ -184,6 +184,8 @@ class FCDenseNet(MemoryMode):
         memory: 'plain', 'efficient' (default) or 'frugal' (see the module docstring); settable later.
         backward_slices: 'auto' (a layer's rerun goes through the batch in slices where it would hold more than its
             block keeps, and more than 32 MiB), a number of slices, or None (never); settable later, as DenseNet's.
+        device, dtype: where the parameters and buffers are, and their floating-point type, as timm's models take
+            them (``device="meta"``: shapes only); the weights are those of the float32 model, cast.
 
     An input needs at least ``2 ** len(down_blocks)`` positions along every axis (32 for the paper's five
     poolings); any size from there works, even or odd.
@@ -194,7 +196,8 @@ class FCDenseNet(MemoryMode):
                  bottleneck_layers: int = 15, growth_rate: int = 16, init_features: int = 48,
                  drop_rate: float = 0.2, bn_size: int | None = None, norm_layer: NormLayer | None = None,
                  memory: str = "efficient", backward_slices: int | str | None = "auto",
-                 act_layer: ActLayer | None = None) -> None:
+                 act_layer: ActLayer | None = None, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
         check_spatial_dims(spatial_dims)
         check_positive(in_channels=in_channels, out_channels=out_channels, init_features=init_features,
@@ -240,6 +243,8 @@ class FCDenseNet(MemoryMode):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         self.memory, self.backward_slices = memory, backward_slices
+        if device is not None or dtype is not None:  # initialised as on the CPU in float32: the same weights
+            self.to(device=device, dtype=dtype)
 
     def set_compile(self, enabled: bool = True, **options: Any) -> FCDenseNet:
         """Compile the whole model in place (``nn.Module.compile(**options)``), its segments inside;

@@ -168,6 +168,20 @@ def test_builders_are_public_and_take_monai_style_arguments() -> None:
     assert model.classifier.out_channels == 2 and model.stem.in_channels == 1 and model.min_input_size == 32
 
 
+def test_device_and_dtype_make_the_float32_models_weights_there() -> None:
+    """As timm's models take them (and DenseNet): shapes only on "meta", and the float32 model's weights, cast."""
+    shapes = fcdensenet56(device="meta", memory="frugal")
+    assert all(t.is_meta for t in (*shapes.parameters(), *shapes.buffers())) and shapes.memory == "frugal"
+    torch.manual_seed(0)
+    reference = FCDenseNet(2, 2, 3, **TINY)
+    torch.manual_seed(0)
+    model = FCDenseNet(2, 2, 3, **TINY, dtype=torch.float64, device="cpu")
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    assert all(torch.equal(a, b.double()) for a, b in zip(model.state_dict().values(),
+                                                          reference.state_dict().values(), strict=True)
+               if a.is_floating_point())
+
+
 @pytest.mark.parametrize("layers", [dict(norm_layer=lambda c: GroupNormAct(2, c)),
                                     dict(norm_layer="batchnorm", act_layer="silu")], ids=["group", "timm names"])
 def test_another_norm_and_the_bottleneck_layer_stay_exact(layers: dict) -> None:
