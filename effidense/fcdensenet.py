@@ -49,7 +49,7 @@ from .layers.light import (
 from .layers.masks import pack_bits, random_state, replayed, unpack_bits
 from .layers.norm import ActLayer, AdoptsNorms, NormLayer, norm_and_act, normalize_maps
 from .layers.pool import max_pool_input_grad
-from .layers.recompute import differentiable_rerun, hooked, is_tracing
+from .layers.recompute import differentiable_rerun, hooked, is_tracing, run_mode
 
 __all__ = ["FCDenseNet", "FCDENSENET_CONFIGS", "fcdensenet56", "fcdensenet67", "fcdensenet103"]
 
@@ -151,15 +151,16 @@ class TransitionUp(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, spatial_dims: int) -> None:
         super().__init__()
         self.conv = _CONV_UP[spatial_dims](in_channels, out_channels, 3, stride=2)
+        self.spatial_dims = spatial_dims
 
     def _run(self, *maps: Tensor) -> Tensor:
         return self.conv(cat_maps(maps))
 
     def forward(self, maps: Sequence[Tensor], size: Sequence[int], segment: bool = False) -> Tensor:
         x = checkpointed(segment, self._run, *maps)
-        for axis, want in enumerate(size, start=2):  # a view: the crop keeps nothing
-            start = (x.shape[axis] - want) // 2
-            x = x.narrow(axis, start, want)
+        for axis in range(2, 2 + self.spatial_dims):  # a view: the crop keeps nothing
+            want = size[axis - 2]
+            x = x.narrow(axis, (x.shape[axis] - want) // 2, want)
         return x
 
 
@@ -267,7 +268,10 @@ class FCDenseNet(MemoryMode):
         return 2 ** len(self.down_blocks)
 
     def check_input(self, x: Tensor) -> None:
-        """Refuse, in one line, an input of another shape or one too small for the down path."""
+        """Refuse, in one line, an input of another shape or one too small for the down path (under ``torch.fx``,
+        where shapes are graph values, nothing is checked)."""
+        if isinstance(x, torch.fx.Proxy):
+            return
         axes = ("L",) if self.spatial_dims == 1 else ("D", "H", "W")[-self.spatial_dims:]
         if x.dim() != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected an input of shape (N, {self.in_channels}, {', '.join(axes)}), got "
@@ -280,8 +284,8 @@ class FCDenseNet(MemoryMode):
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
-        # Segments only where autograd records (checkpointed itself runs them plainly otherwise).
-        segment = self._memory != "plain"
+        # Segments only where autograd records and nobody traces (checkpointed itself runs them plainly otherwise).
+        segment = run_mode(self._memory) != "plain"
         maps, skips = [self.stem(x)], []
         for block, down in zip(self.down, self.transitions_down, strict=True):
             maps = block.run(maps)  # the skip, its maps apart
@@ -300,8 +304,8 @@ def concat_conv(conv: nn.Module, *maps: Tensor, light: bool) -> Tensor:
     """``conv`` (a convolution, with a bias or not: a classifier) of the concatenated ``maps``; when ``light``,
     keeping only the maps for backward. Where the maps' gradients are gathered (:class:`GradSlot`), its share is
     added there rather than handed to autograd, unless ``conv`` has hooks: it is then called where autograd records."""
-    slots = tuple(slot_of(t) for t in maps)
-    if not light or not any(slots) or not torch.is_grad_enabled() or is_tracing() or hooked(conv) or \
+    slots = tuple(slot_of(t) for t in maps) if light and not is_tracing() else ()  # a traced map is a graph value
+    if not any(slots) or not torch.is_grad_enabled() or hooked(conv) or \
             not torch_conv(conv) or conv.padding_mode != "zeros" or not isinstance(conv.padding, tuple) or \
             conv.groups != 1 or maps[0].is_meta:  # autocast, whose state backward keeps, knows no meta device
         return checkpointed(light, lambda *t: conv(cat_maps(t)), *maps)

@@ -1,6 +1,8 @@
 """FC-DenseNet: the paper's architecture, exact in every memory mode, in 2D and 3D, and one line per bad input."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -166,6 +168,25 @@ def test_builders_are_public_and_take_monai_style_arguments() -> None:
         model = effidense.fcdensenet56(spatial_dims=3, in_channels=1, out_channels=2, memory="frugal")
     assert model.memory == "frugal" and model.bottleneck.memory == "frugal"
     assert model.classifier.out_channels == 2 and model.stem.in_channels == 1 and model.min_input_size == 32
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_fx_and_export_graphs_compute_what_eager_computes(dims: int) -> None:
+    """A graph (``torch.fx``, as FX graph-mode quantisation and feature extractors trace; ``torch.export``, ONNX's
+    route) of the plain model on odd sizes, whose up path crops: eager's output in eval mode, and in training its
+    output, gradients and running statistics (an fx graph, traced in training, draws dropout as traced)."""
+    torch.manual_seed(0)
+    models = {"eager": FCDenseNet(dims, 2, 3, **TINY, memory="frugal")}
+    models["fx"] = torch.fx.symbolic_trace(models["eager"])
+    x = torch.randn(2, 2, *SIZES[dims])
+    assert torch.equal(torch.export.export(models["eager"].eval(), (x,)).module()(x), models["eager"](x))
+    assert torch.equal(torch.fx.symbolic_trace(models["eager"])(x), models["eager"](x))
+    models["eager"].train()
+    twin = {"eager": models["eager"], "fx": copy.deepcopy(models["fx"])}
+    twin["fx"].load_state_dict(twin["eager"].state_dict())
+    outputs = _step_all(twin, dims, steps=2)
+    assert all(torch.equal(a, b) for a, b in zip(outputs["eager"], outputs["fx"], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(twin["eager"].buffers(), twin["fx"].buffers(), strict=True))
 
 
 def test_device_and_dtype_make_the_float32_models_weights_there() -> None:
