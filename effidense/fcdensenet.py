@@ -151,14 +151,14 @@ class TransitionUp(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, spatial_dims: int) -> None:
         super().__init__()
         self.conv = _CONV_UP[spatial_dims](in_channels, out_channels, 3, stride=2)
-        self.spatial_dims = spatial_dims
 
     def _run(self, *maps: Tensor) -> Tensor:
         return self.conv(cat_maps(maps))
 
     def forward(self, maps: Sequence[Tensor], size: Sequence[int], segment: bool = False) -> Tensor:
         x = checkpointed(segment, self._run, *maps)
-        for axis in range(2, 2 + self.spatial_dims):  # a view: the crop keeps nothing
+        # by index, not over ``size``: under torch.fx it is a graph value, which cannot be iterated
+        for axis in range(2, 2 + len(self.conv.kernel_size)):  # a view: the crop keeps nothing
             want = size[axis - 2]
             x = x.narrow(axis, (x.shape[axis] - want) // 2, want)
         return x
