@@ -61,16 +61,13 @@ from .layers.light import (
     saved_only,
 )
 from .layers.masks import ReluKeepingSign
-from .layers.mode import MemoryMode
+from .layers.mode import SCRIPTING_UNSUPPORTED, MemoryMode
 from .layers.norm import ActLayer, AdoptsNorms, NormLayer, norm_and_act, normalize_maps
 from .layers.pool import AvgPool, MaxPool
 from .layers.recompute import backward_hooked, checkpointed, hooked, is_tracing, recomputing, replay, run_mode
 
 __all__ = ["DenseNet", "DenseLayer", "DenseBlock", "Transition", "MemoryMode", "MEMORY_MODES", "SCRIPTING_UNSUPPORTED"]
 
-SCRIPTING_UNSUPPORTED = (
-    "effidense's DenseNet does not support TorchScript (torch.jit.script), which PyTorch deprecates: use "
-    "torch.export.export, torch.onnx.export or torch.compile, or torch.jit.trace for a TorchScript module")
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
@@ -535,10 +532,6 @@ class DenseNet(MemoryMode):
         pool = self.global_pool
         return self.spatial_dims == 2 and getattr(pool, "pool_type", None) == "avg" and \
             type(getattr(pool, "pool", None)) is nn.AdaptiveAvgPool2d and type(pool.flatten) is nn.Flatten
-
-    def __prepare_scriptable__(self) -> nn.Module:
-        """torch.jit.script calls this first: say plainly that scripting is not supported."""
-        raise RuntimeError(SCRIPTING_UNSUPPORTED)
 
     # --- timm model API ---
     @torch.jit.ignore

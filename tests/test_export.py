@@ -11,7 +11,7 @@ from torch.export import Dim
 from torchvision.models.feature_extraction import create_feature_extractor
 
 import effidense.registry  # noqa: F401  (registers effi_* with timm)
-from effidense import DenseNet
+from effidense import DenseBlock, DenseNet, FCDenseNet
 from effidense.layers.recompute import is_tracing
 
 TINY = dict(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=3)
@@ -217,12 +217,15 @@ def test_jit_trace_eval_matches_eager():
         torch.testing.assert_close(traced(x), model(x), rtol=1e-5, atol=1e-6)
 
 
-def test_torchscript_scripting_says_it_is_unsupported():
-    with pytest.raises(RuntimeError, match=r"does not support TorchScript \(torch.jit.script\)") as info, \
+@pytest.mark.parametrize("build", [lambda: DenseNet(**TINY), lambda: DenseBlock(2, 8, 4),
+                                   lambda: FCDenseNet(2, 3, 2, down_blocks=(2,), up_blocks=(2,))],
+                         ids=["DenseNet", "DenseBlock", "FCDenseNet"])
+def test_torchscript_scripting_says_it_is_unsupported(build):
+    with pytest.raises(RuntimeError, match=r"do not support TorchScript \(torch.jit.script\)") as info, \
             warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit.script's deprecation
-        torch.jit.script(DenseNet(**TINY))
-    assert "torch.export" in str(info.value)
+        torch.jit.script(build())
+    assert "torch.export" in str(info.value) and "use_trace=True" in str(info.value)
 
 
 def test_only_tracers_take_the_traceable_path():

@@ -11,7 +11,12 @@ from torch import Tensor, nn
 from ..arguments import check_slices, resolve_memory
 from .light import slice_count
 
-__all__ = ["MemoryMode"]
+__all__ = ["MemoryMode", "SCRIPTING_UNSUPPORTED"]
+
+SCRIPTING_UNSUPPORTED = (
+    "effidense's models do not support TorchScript (torch.jit.script), which PyTorch deprecates: use "
+    "torch.export.export, torch.onnx.export or torch.compile, or torch.jit.trace for a TorchScript module (MONAI's "
+    "convert_to_torchscript: use_trace=True)")
 
 
 class MemoryMode(nn.Module):
@@ -40,6 +45,10 @@ class MemoryMode(nn.Module):
     def backward_slices(self, slices: int | str | None) -> None:
         check_slices(slices)
         self._set("_slices", slices)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """torch.jit.script calls this first: say plainly that scripting is not supported."""
+        raise RuntimeError(SCRIPTING_UNSUPPORTED)
 
     def _set(self, name: str, value: Any) -> None:
         for m in self.modules():
