@@ -392,3 +392,34 @@ def test_inside_another_model_keys_and_torchs_own_errors_use_monais_names():
         outer.load_state_dict(weights)
     del weights[key]
     assert outer.load_state_dict(weights, strict=False).missing_keys == [key]
+
+
+@pytest.mark.parametrize("mode", ["plain", "efficient", "frugal"])
+@pytest.mark.parametrize("model", ["DenseNet121", "DenseNet, small_inputs", "FCDenseNet"])
+def test_metatensor_inputs_train_as_plain_tensors(model, mode):
+    """MONAI's pipelines hand networks MetaTensors, which copy their attributes onto whatever is computed from them:
+    every mode, its backward sliced, gives the gradients and running statistics a plain tensor gives, bitwise
+    (float64). A copied attribute once sent frugal's gathered gradients to the wrong maps, and frugal's fused last
+    layer failed on MetaTensor.new_empty."""
+    from monai.data import MetaTensor
+
+    from effidense import DenseNet, FCDenseNet
+    builds = {
+        "DenseNet121": lambda: em.DenseNet121(spatial_dims=3, in_channels=1, out_channels=CLASSES, **TINY),
+        "DenseNet, small_inputs": lambda: DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8,
+                                                   num_classes=CLASSES, spatial_dims=3, in_chans=1,
+                                                   small_inputs=True),
+        "FCDenseNet": lambda: FCDenseNet(3, 1, CLASSES, down_blocks=(2, 2), up_blocks=(2, 2), bottleneck_layers=2,
+                                         growth_rate=4, init_features=8),
+    }
+    torch.manual_seed(0)
+    reference = builds[model]().double()
+    x = torch.randn(2, 1, 16, 16, 16, dtype=torch.float64)
+    runs = []
+    for given in (x, MetaTensor(x.clone(), affine=torch.eye(4), meta={"filename_or_obj": "a.nii.gz"})):
+        net = copy.deepcopy(reference).set_memory(mode)
+        net.backward_slices = 2
+        torch.manual_seed(1)
+        net(given).square().mean().backward()
+        runs.append([*(p.grad for p in net.parameters()), *net.buffers()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))

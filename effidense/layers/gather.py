@@ -51,12 +51,16 @@ class GradSlot:
 
 def slot_of(t: Tensor) -> GradSlot | None:
     """The slot where the gradient of map ``t`` is gathered, if its maker gathers."""
-    return None if torch.compiler.is_compiling() else getattr(t, "_grad_slot", None)
+    if torch.compiler.is_compiling():
+        return None
+    held = getattr(t, "_grad_slot", None)
+    # the map's own, not one copied onto what is computed from it (MONAI's MetaTensor copies its attributes so)
+    return held[0] if held is not None and held[1] == id(t) else None
 
 
 def with_slot(t: Tensor, slot: GradSlot) -> Tensor:
     """``t``, whose gradient is gathered in ``slot`` (set by the segment that made ``t``)."""
-    t._grad_slot = slot
+    t._grad_slot = slot, id(t)
     return t
 
 

@@ -399,7 +399,7 @@ class _SavedOnly(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, *tensors: Tensor) -> Tensor:
         ctx.save_for_backward(*tensors)
-        return tensors[0].new_empty(0)
+        return torch.empty(0, dtype=tensors[0].dtype, device=tensors[0].device)  # a plain tensor, whatever the maps
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[None, ...]:
