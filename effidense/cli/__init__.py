@@ -59,11 +59,11 @@ def prepare_exit() -> None:
 
 
 def _interruptible(argv: list[str], entry: bool) -> int:
-    if entry:
-        # The CPU peak is read from torch.profiler, whose kineto otherwise logs each profile's start and stop to
-        # stderr, and on a machine without a GPU an ERROR that it found none.
-        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     try:
+        if entry:
+            # The CPU peak is read from torch.profiler, whose kineto otherwise logs each profile's start and stop to
+            # stderr, and on a machine without a GPU an ERROR that it found none.
+            os.environ.setdefault("KINETO_LOG_LEVEL", "6")
         code = _run(argv)
     except KeyboardInterrupt:
         if entry:
