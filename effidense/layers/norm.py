@@ -235,11 +235,17 @@ class BatchNormAct(NormAct, nn.modules.batchnorm._BatchNorm):
         running_mean, running_var, factor = self.running_buffers()
         return F.batch_norm(x, running_mean, running_var, self.weight, self.bias, True, factor, self.eps)
 
+    @staticmethod
+    def first_run() -> bool:
+        """Whether this run is its segment's first, which alone updates the running statistics: not a rerun of this
+        package's, nor any run in backward (a rerun too, whoever checkpoints it)."""
+        return not (recomputing() or in_backward())
+
     def running_buffers(self) -> tuple[Tensor | None, Tensor | None, float]:
         """The running statistics a training-mode run hands BatchNorm's kernel, and their update factor: on a
         segment's first run the norm's own (the batch counted), on a rerun throwaway copies, so that it saves what the
-        first run saved and updates nothing: a run in backward is a rerun too, whoever checkpoints it."""
-        if not (recomputing() or in_backward()):
+        first run saved and updates nothing."""
+        if self.first_run():
             return self.running_mean, self.running_var, self.count_batch()
         if self.running_mean is None:
             return None, None, 0.0
@@ -251,7 +257,7 @@ class BatchNormAct(NormAct, nn.modules.batchnorm._BatchNorm):
             mean, var = values.pop(0)
         else:
             mean, var, count = batch_stats(x, group)
-            factor = 0.0 if in_backward() else self.count_batch()
+            factor = self.count_batch() if self.first_run() else 0.0
             if factor:
                 with torch.no_grad():
                     self.running_mean.mul_(1 - factor).add_(mean, alpha=factor)

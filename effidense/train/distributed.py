@@ -56,7 +56,6 @@ def reduce_sum(values: list[float], procs: Processes) -> list[float]:
     return tensor.tolist()
 
 
-
 def check_sync_bn(model: nn.Module, procs: Processes, model_name: str) -> None:
     """Refuse ``--sync-bn`` where it cannot run: on the CPU under ``torchrun``, a BatchNorm that is not effidense's
     would become torch's SyncBatchNorm, which runs on CUDA only."""
