@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from .arguments import check_counts, check_positive, check_spatial_dims
 from .densenet import DenseBlock, MemoryMode
 from .layers import checkpointed
-from .layers.gather import slot_of
+from .layers.gather import slots_of
 from .layers.light import (
     PooledConv,
     as_conv_sees,
@@ -304,7 +304,7 @@ def concat_conv(conv: nn.Module, *maps: Tensor, light: bool) -> Tensor:
     """``conv`` (a convolution, with a bias or not: a classifier) of the concatenated ``maps``; when ``light``,
     keeping only the maps for backward. Where the maps' gradients are gathered (:class:`GradSlot`), its share is
     added there rather than handed to autograd, unless ``conv`` has hooks: it is then called where autograd records."""
-    slots = tuple(slot_of(t) for t in maps) if light and not is_tracing() else ()  # a traced map is a graph value
+    slots = slots_of(maps) if light and not is_tracing() else ()  # a traced map is a graph value
     if not any(slots) or not torch.is_grad_enabled() or hooked(conv) or \
             not torch_conv(conv) or conv.padding_mode != "zeros" or not isinstance(conv.padding, tuple) or \
             conv.groups != 1 or maps[0].is_meta:  # autocast, whose state backward keeps, knows no meta device

@@ -8,12 +8,13 @@ summed from readers that do not gather (a checkpoint, a hook).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["GradSlot", "gathered", "read_through", "slot_of", "with_slot"]
+__all__ = ["GradSlot", "gathered", "read_through", "slot_of", "slots_of", "with_slot"]
 
 
 class GradSlot:
@@ -51,8 +52,17 @@ class GradSlot:
 
 def slot_of(t: Tensor) -> GradSlot | None:
     """The slot where the gradient of map ``t`` is gathered, if its maker gathers."""
-    if torch.compiler.is_compiling():
-        return None
+    return None if torch.compiler.is_compiling() else _own_slot(t)
+
+
+def slots_of(maps: Sequence[Tensor]) -> tuple[GradSlot | None, ...]:
+    """:func:`slot_of` each map (asked of every map a segment reads, on every forward)."""
+    if torch.compiler.is_compiling() or not any([getattr(t, "_grad_slot", None) for t in maps]):
+        return (None,) * len(maps)
+    return tuple(map(_own_slot, maps))
+
+
+def _own_slot(t: Tensor) -> GradSlot | None:
     held = getattr(t, "_grad_slot", None)
     # the map's own, not one copied onto what is computed from it (MONAI's MetaTensor copies its attributes so)
     return held[0] if held is not None and held[1] == id(t) else None

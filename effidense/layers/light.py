@@ -21,11 +21,11 @@ import torch
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensor
 
-from .gather import GradSlot, slot_of, with_slot
+from .gather import GradSlot, slots_of, with_slot
 from .masks import random_state, replayed
 from .norm import Affine, BatchNormAct, affine, grad_sums, input_grad, normalize_maps, normalized
 from .pool import MaxPool
-from .recompute import checkpointed, differentiable_rerun, hooked, is_tracing
+from .recompute import checkpointed, differentiable_rerun, hooked
 
 __all__ = ["LightSegment", "PooledConv", "as_conv_sees", "autocast_state", "cat_maps",
            "concat_norm_conv", "concat_norm_conv_pool", "conv_norm_pool",
@@ -38,12 +38,12 @@ APART_FLOOR = SLICE_FLOOR  # bytes a map: a slice's concatenation of smaller map
 def runs_light(norm: nn.Module, act: nn.Module, conv: nn.Module) -> bool:
     """Whether ``norm``, ``act`` and ``conv`` can rerun in a light Function: native training-mode BatchNorm, ReLU, a
     convolution differentiated by hand (or a max-pool), none with hooks (a hook may change what its module computes,
-    as pruning's does, which a backward that calls kernels would not see), autograd recording and nobody tracing."""
+    as pruning's does, which a backward that calls kernels would not see). Asked where autograd records and nobody
+    traces (the caller's ``run_mode``)."""
     pooled = isinstance(conv, PooledConv)
     return isinstance(norm, BatchNormAct) and norm.act is None and type(act) is nn.ReLU and \
         (plain_conv(conv) or isinstance(conv, MaxPool) or pooled and plain_conv(conv.conv)) \
-        and not hooked(norm, act, *((conv.conv, conv.pool) if pooled else (conv,))) \
-        and torch.is_grad_enabled() and not is_tracing() and norm.native_training()
+        and not hooked(norm, act, *((conv.conv, conv.pool) if pooled else (conv,))) and norm.native_training()
 
 
 def slice_count(setting: int | str | None, frugal: bool, batch: int, transient: float, reads: float,
@@ -65,17 +65,17 @@ def light_segment(stages: Sequence[tuple[nn.Module, nn.Module, nn.Module]], *map
     """``stages`` (norm, ReLU, then a convolution or max-pool) in turn on the concatenated ``maps``, or on ``pre`` (a
     convolution) of the one map, then ``dropout``, in :class:`LightSegment`, whose backward goes through ``slices`` of
     the batch and draws the dropout's mask again; None where the modules cannot rerun light (the caller then
-    checkpoints: :func:`runs_light`). Under
+    checkpoints: :func:`runs_light`; its caller has found autograd recording and nobody tracing: ``run_mode``). Under
     ``torch.compile``, which cannot trace reading the random state, the dropout follows the segment and its mask is
     kept. ``gather``: a sliced segment's output gets a :class:`GradSlot`, where its readers gather its gradient.
     ``frees``: a sliced segment empties its last ``frees`` maps once it has normalised them (they are then read by
     nothing else, and a rerun rebuilds them: :func:`saved_only`)."""
-    if not all(runs_light(*stage) for stage in stages) or \
+    if not (torch.is_grad_enabled() and all(runs_light(*stage) for stage in stages)) or \
             (pre is not None and (not plain_conv(pre) or hooked(pre))) or maps[0].numel() == 0 or maps[0].is_meta:
         # nor an empty batch (BatchNorm's backward kernel fails on one, where autograd never calls it) or a meta one
         return None
     params = _segment_params(stages, pre)
-    slots = tuple(slot_of(t) for t in maps)
+    slots = slots_of(maps)
     if dropout is not None and torch.compiler.is_compiling():
         return dropout(LightSegment.apply(slices, (pre, tuple(stages), None, slots, None, 0), params, *params, *maps))
     slot = GradSlot() if gather and slices > 1 and not torch.compiler.is_compiling() else None
@@ -143,10 +143,10 @@ def conv_norm_pool(conv: nn.Module, norm: nn.Module, act: nn.Module, pool: nn.Mo
 def _run(pre: nn.Module | None, stages: Sequence[tuple[nn.Module, ...]], params: list, *maps: Tensor) -> Tensor:
     """The segment as the plain model runs it, its convolutions by the weights forward was given (``params``): a
     weight made on each read (a parametrisation's, as spectral norm's power iteration) is made once a run."""
-    weights = _stage_weights(pre, params)
-    x = pre._conv_forward(maps[0], params[0], None) if pre is not None else maps
-    for (norm, act, post), (_, _, weight) in zip(stages, weights, strict=True):
-        x = _post(post, act(norm(*x) if isinstance(x, tuple) else norm(x)), weight)
+    x, weight = (pre._conv_forward(maps[0], params[0], None), 3) if pre is not None else (maps, 2)
+    for norm, act, post in stages:  # each stage's convolution weight, after its norm's weight and bias
+        x = _post(post, act(norm(*x) if isinstance(x, tuple) else norm(x)), params[weight])
+        weight += 3
     return x
 
 
@@ -251,7 +251,7 @@ class LightSegment(torch.autograd.Function):
         need_maps = needs[3 + len(params):]
         grad_maps = LightSegment.sliced(ctx, maps, grad, grads, need_maps) if ctx.slices > 1 else \
             LightSegment.whole(ctx, maps, grad, grads, need_maps)
-        for i, slot in enumerate(ctx.slots):  # gathered where the map's maker takes it
+        for i, slot in enumerate(ctx.slots if any(ctx.slots) else ()):  # gathered where the map's maker takes it
             if slot is not None and grad_maps[i] is not None:
                 if grad_maps[i] is not slot.held():
                     slot.add(grad_maps[i])
@@ -277,7 +277,7 @@ class LightSegment(torch.autograd.Function):
         for j in reversed(range(len(stages))):
             (norm, _, post), (weight, bias, post_weight) = stages[j], weights[j]
             y = outs.pop()
-            grad = _relu_backward(_post_backward(ctx, post, grad, y, grads, post_weight).to(y.dtype), y)
+            grad = _relu_backward(_post_backward(ctx, post, grad, y, grads, post_weight), y)
             del y
             mask = [j > 0 or pre is not None or any(need_maps), id(weight) in grads, id(bias) in grads]
             grad, grad_w, grad_b = _batch_norm_backward(norm, inputs.pop(), grad, saved.pop(), mask, weight)
@@ -332,8 +332,8 @@ class LightSegment(torch.autograd.Function):
             total[:] = sums if not total else [t + s for t, s in zip(total, sums, strict=True)]
 
         def through(j: int, g: Tensor, y: Tensor, weight: bool, part: tuple[int, int]) -> Tensor:  # post, then ReLU
-            return _relu_backward(_post_backward(ctx, stages[j][2], g, y, grads if weight else {}, weights[j][2], part)
-                                  .to(y.dtype), y)
+            return _relu_backward(_post_backward(ctx, stages[j][2], g, y, grads if weight else {}, weights[j][2], part),
+                                  y)
 
         # where a map's gradient is gathered, this segment's adds to what is there; else it is made here
         held = [None if slot is None or not need else slot.held() for slot, need in zip(ctx.slots, need_maps,
@@ -441,7 +441,8 @@ def cat_maps(maps: Sequence[Tensor]) -> Tensor:
 
 def autocast_state(t: Tensor) -> tuple[bool, torch.dtype]:
     """Forward's autocast state on ``t``'s device, which backward's kernels are run as."""
-    return torch.is_autocast_enabled(t.device.type), torch.get_autocast_dtype(t.device.type)
+    device = t.device.type
+    return torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
 
 
 def as_conv_sees(ctx: Any, t: Tensor) -> Tensor:
@@ -459,14 +460,15 @@ def _conv(ctx: Any, conv: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
 def _post_backward(ctx: Any, post: nn.Module, grad: Tensor, y: Tensor, grads: dict, weight: Tensor | None,
                    part: tuple[int, int] | None = None) -> Tensor:
     """The gradient of a stage's normalised map ``y`` (the samples ``part`` of the batch; None: all) through its
-    convolution (its weight's summed into ``grads`` where wanted) or max-pool."""
+    convolution (its weight's summed into ``grads`` where wanted) or max-pool, in ``y``'s dtype."""
     if isinstance(post, MaxPool):
-        return post.input_grad(y, grad)
-    if isinstance(post, PooledConv):  # the pool may have run in float32 (CPU autocast's avg_pool3d), not the conv
-        grad, post = as_conv_sees(ctx, post.input_grad(ctx, y, grad, part)), post.conv
-    grad, grad_w = _conv_backward(ctx, post, grad, y, True, id(weight) in grads, weight)
-    _accumulate(grads, weight, grad_w)
-    return grad
+        grad = post.input_grad(y, grad)
+    else:
+        if isinstance(post, PooledConv):  # the pool may have run in float32 (CPU autocast's avg_pool3d), not the conv
+            grad, post = as_conv_sees(ctx, post.input_grad(ctx, y, grad, part)), post.conv
+        grad, grad_w = _conv_backward(ctx, post, grad, y, True, id(weight) in grads, weight)
+        _accumulate(grads, weight, grad_w)
+    return grad if grad.dtype == y.dtype else grad.to(y.dtype)
 
 
 def _batch_norm_apart(norm: nn.Module, maps: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
@@ -570,7 +572,8 @@ def _conv_backward(ctx: Any, conv: nn.Module, grad: Tensor, x: Tensor, need_x: b
     grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
         grad, as_conv_sees(ctx, x), as_conv_sees(ctx, weight), None, list(conv.stride), list(conv.padding),
         list(conv.dilation), False, [0] * len(conv.stride), conv.groups, [need_x, need_weight, False])
-    return grad_x, None if grad_weight is None else grad_weight.to(weight.dtype)
+    return grad_x, grad_weight if grad_weight is None or grad_weight.dtype == weight.dtype else \
+        grad_weight.to(weight.dtype)
 
 
 _TORCH_CONV = {f for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d) for f in (c.forward, c._conv_forward)}

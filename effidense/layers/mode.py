@@ -60,8 +60,8 @@ class MemoryMode(nn.Module):
         'auto', where it would hold more than ``keeps`` times their bytes (what the mode keeps beside it; None:
         frugal's reruns only). A compiled model is not sliced: its graph is traced whole."""
         if self._slices is None or self._memory == "plain" or torch.compiler.is_compiling() or \
-                (self._slices == "auto" and keeps is None and self._memory != "frugal"):
-            return 1  # answered before any tensor is read: efficient's transitions ask on every forward
+                self._slices == "auto" and (transient <= keeps if keeps is not None else self._memory != "frugal"):
+            return 1  # answered before any tensor is read: efficient's layers and transitions ask on every forward
         reads = sum(t.numel() * t.element_size() for t in maps)
         return slice_count(self._slices, self._memory == "frugal", maps[0].shape[0], transient * reads, reads,
                            None if keeps is None else keeps * reads)

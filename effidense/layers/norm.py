@@ -3,9 +3,9 @@
 **The rule: running statistics are updated on a segment's first run only, and a rerun reproduces that run bitwise.**
 torchvision and timm update them again on every rerun (pytorch/pytorch#96136); :class:`BatchNormAct` never does:
 
-* native: ``F.batch_norm`` with the running buffers on the first run; a rerun (:func:`.recompute.recomputing`, or any
-  run in backward: a checkpoint of the user's own around the model, :func:`.recompute.in_backward`) hands it
-  throwaway copies, so it saves the same tensors and normalises bitwise alike. Under ``torch.compile`` the compiled
+* native: ``F.batch_norm`` with the running buffers on the first run; a rerun (:func:`.recompute.rerunning`: a
+  segment's, or any run in backward, as under a checkpoint of the user's own around the model) hands it throwaway
+  copies, so it saves the same tensors and normalises bitwise alike. Under ``torch.compile`` the compiled
   graph applies buffer updates once, however it recomputes.
 * synchronised (``nn.SyncBatchNorm`` under torch.distributed): the first run computes batch statistics with their
   collectives and hands them to the rerun (:func:`.recompute.handed`), which runs no collective. Normalising with
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from timm.layers import create_act_layer, get_norm_layer
 from torch import Tensor, nn
 
-from .recompute import fx_leaf, handed, in_backward, recomputing
+from .recompute import fx_leaf, handed, recomputing, rerunning
 
 __all__ = ["ActLayer", "Activation", "AdoptsNorms", "Affine", "BATCH_NORM_ACT", "BatchNormAct", "BatchNormAct1d",
            "BatchNormAct2d", "BatchNormAct3d", "GroupNormAct", "INSTANCE_NORM_ACT", "InstanceNormAct1d",
@@ -239,7 +239,7 @@ class BatchNormAct(NormAct, nn.modules.batchnorm._BatchNorm):
     def first_run() -> bool:
         """Whether this run is its segment's first, which alone updates the running statistics: not a rerun of this
         package's, nor any run in backward (a rerun too, whoever checkpoints it)."""
-        return not (recomputing() or in_backward())
+        return not rerunning()
 
     def running_buffers(self) -> tuple[Tensor | None, Tensor | None, float]:
         """The running statistics a training-mode run hands BatchNorm's kernel, and their update factor: on a

@@ -25,8 +25,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint, set_checkpoint_debug_enabled
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-__all__ = ["backward_hooked", "checkpointed", "differentiable_rerun", "fx_leaf", "handed", "hooked", "in_backward",
-           "is_tracing", "recomputing", "replay", "rerun", "run_mode"]
+__all__ = ["backward_hooked", "checkpointed", "differentiable_rerun", "fx_leaf", "handed", "hooked",
+           "is_tracing", "recomputing", "replay", "rerun", "rerunning", "run_mode"]
 
 # ``is_fx_tracing`` is also true under torch.export (and warns about it); the precise test is newer than torch 2.4.
 _is_fx_symbolic_tracing: Callable[[], bool] = getattr(
@@ -85,11 +85,12 @@ def recomputing() -> bool:
     return not torch.compiler.is_compiling() and getattr(_state, "rerun", None) is not None
 
 
-def in_backward() -> bool:
-    """True while autograd runs a backward pass, where a module runs again only to be recomputed: under a checkpoint
-    of one's own around the model's modules (``torch.utils.checkpoint``, FSDP's ``apply_activation_checkpointing``)
-    as much as under this package's."""
-    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+def rerunning() -> bool:
+    """True where a module runs again only to be recomputed: while a segment is rerun (:func:`recomputing`), or while
+    autograd runs a backward pass, under a checkpoint of one's own around the model's modules
+    (``torch.utils.checkpoint``, FSDP's ``apply_activation_checkpointing``) as much as under this package's."""
+    return not torch.compiler.is_compiling() and (
+        getattr(_state, "rerun", None) is not None or torch._C._current_graph_task_id() != -1)
 
 
 def handed() -> list | None:
