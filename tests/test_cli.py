@@ -146,3 +146,14 @@ def test_ctrl_c_while_a_command_starts_is_one_line_and_130(route):
     code, err = interrupted_while_starting(route)
     assert "Traceback" not in err, err
     assert (code, err.strip()) == (130, "effidense: interrupted (Ctrl-C)"), (code, err)
+
+
+@pytest.mark.parametrize("command", [["models"], ["nope"]], ids=["succeeded", "failed"])
+def test_ctrl_c_after_a_command_ends_leaves_its_exit_code(command):
+    # The process still has to exit (torch's handlers, the interpreter's teardown); a Ctrl-C then killed it with the
+    # signal's code and no line, or printed a traceback.
+    script = ("import os, signal, sys; from effidense.cli import main; sys.argv = ['effidense', *sys.argv[1:]]; "
+              "code = main(); os.kill(os.getpid(), signal.SIGINT); sys.exit(code)")
+    result = subprocess.run([sys.executable, "-c", script, *command], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == (0 if command == ["models"] else 2), result
+    assert "Traceback" not in result.stderr and "KeyboardInterrupt" not in result.stderr, result.stderr

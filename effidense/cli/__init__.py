@@ -49,6 +49,13 @@ def run_front(command: str) -> int:
     return _interruptible([command, *sys.argv[1:]], entry=True)
 
 
+def ignore_ctrl_c() -> None:
+    """For a process whose command has ended, however it ended: the process only exits now, and a Ctrl-C while it
+    does would print a traceback from torch's exit handlers, or, once the interpreter has reset its handlers, kill it
+    with no line and a code that is not the command's."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def prepare_exit() -> None:
     """For a process about to exit once its command (or a spawned DDP rank's work) is done: collect its garbage now
     (0.2 s once torch and timm are loaded) and freeze the rest out of the collector. The interpreter's exit otherwise
@@ -60,15 +67,16 @@ def prepare_exit() -> None:
 
 def _interruptible(argv: list[str], entry: bool) -> int:
     try:
-        if entry:
-            # The CPU peak is read from torch.profiler, whose kineto otherwise logs each profile's start and stop to
-            # stderr, and on a machine without a GPU an ERROR that it found none.
-            os.environ.setdefault("KINETO_LOG_LEVEL", "6")
-        code = _run(argv)
+        try:
+            if entry:
+                # The CPU peak is read from torch.profiler, whose kineto otherwise logs each profile's start and stop
+                # to stderr, and on a machine without a GPU an ERROR that it found none.
+                os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+            code = _run(argv)
+        finally:
+            if entry:
+                ignore_ctrl_c()
     except KeyboardInterrupt:
-        if entry:
-            # The process is ending: a second Ctrl-C while it does (torch's exit handlers) would print a traceback.
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
         print("effidense: interrupted (Ctrl-C)", file=sys.stderr)
         code = 130
     if entry:
