@@ -423,3 +423,27 @@ def test_metatensor_inputs_train_as_plain_tensors(model, mode):
         net(given).square().mean().backward()
         runs.append([*(p.grad for p in net.parameters()), *net.buffers()])
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+def test_metatensor_maps_that_a_fused_transition_cannot_empty_train_as_plain_tensors():
+    """Frugal runs a block's last layer with the sliced transition after it, which empties the layer's features once
+    normalised; a MetaTensor layer output is a view of what the layer computed (MONAI wraps every result so), which
+    autograd forbids emptying, and emptying it would free nothing: the transition then leaves it be. The layer runs
+    unsliced (a sliced one hands on a plain tensor), as happens where the transition's rerun outweighs the layer's.
+    That run failed with "Output 0 of LightSegment is a view ... modified inplace"."""
+    from monai.data import MetaTensor
+
+    from effidense import DenseNet
+
+    torch.manual_seed(0)
+    reference = DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=CLASSES,
+                         spatial_dims=3, in_chans=1, small_inputs=True, memory="frugal").double()
+    reference.backward_slices = 2
+    reference.features.denseblock1.denselayer2.backward_slices = 1
+    x = torch.randn(2, 1, 16, 16, 16, dtype=torch.float64)
+    runs = []
+    for given in (x, MetaTensor(x.clone(), affine=torch.eye(4))):
+        net = copy.deepcopy(reference)
+        net(given).square().mean().backward()
+        runs.append([*(p.grad for p in net.parameters()), *net.buffers()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))

@@ -173,11 +173,10 @@ class LightSegment(torch.autograd.Function):
     statistics, so it holds a slice's maps rather than the batch's; forward and backward normalise the maps apart
     (:func:`_batch_norm_apart`), never making their concatenation. A BatchNorm couples the samples through two
     per-channel sums of its gradients, so each norm takes a sweep to sum them before an input gradient can be formed:
-    with two stages the first sweep sums the second norm's, keeping its output's gradient (the bottleneck's
-    width), and the next forms its input's gradient; then one sums the first norm's; the last forms each slice's
-    input gradient. Weight gradients are
-    summed slice by slice: gradients equal the plain model's up to the order of floating-point sums.
-    """
+    with two stages the first sweep sums the second norm's, keeping its output's gradient (the bottleneck's width),
+    and the next forms its input's gradient; then one sums the first norm's; the last forms each slice's input
+    gradient. Weight gradients are summed slice by slice: gradients equal the plain model's up to the order of
+    floating-point sums."""
 
     @staticmethod
     def forward(ctx: Any, slices: int, modules: tuple, params: list, *tensors: Tensor) -> Tensor:
@@ -195,7 +194,8 @@ class LightSegment(torch.autograd.Function):
                 ctx.stats.append((mean, invstd))
                 del x  # neither is held beside the next map
                 for t in maps[len(maps) - frees:] if frees else ():
-                    t.set_()
+                    if t._base is None:  # a view (MONAI's MetaTensor is one) holds its base: emptying it frees nothing
+                        t.set_()
                 y = act(y)
                 if isinstance(post, PooledConv):  # nor the normalised map beside the pooled one
                     y, post, weight = post.conv._conv_forward(y, weight, None), post.pool, None
