@@ -288,8 +288,8 @@ class LightSegment(torch.autograd.Function):
             return [None if grad is None else grad.to(maps[0].dtype)]
         if grad is None:
             return [None] * len(maps)
-        return [g if need else None for g, need in zip(grad.split([t.shape[1] for t in maps], 1), need_maps,
-                                                       strict=True)]
+        return [g if need else None for g, need in zip(grad.split_with_sizes([t.shape[1] for t in maps], 1),
+                                                       need_maps, strict=True)]
 
     @staticmethod
     def sliced(ctx: Any, maps: Sequence[Tensor], grad: Tensor, grads: dict,
@@ -410,8 +410,7 @@ def saved_only(maps: Sequence[Tensor], stages: Sequence[tuple[nn.Module, nn.Modu
     """In the rerun of a checkpoint whose last segment, of ``stages``, read ``maps``, that segment's stand-in: it saves
     ``maps`` and the stages' weights, as the segment saved them, and computes nothing (a rerun's output is never
     read), so rebuilding what the segment's backward reads never holds what its forward held. Taking the weights, it
-    saves wherever autograd recorded the segment: for trained weights on maps that need no gradient (a frozen block).
-    An empty tensor."""
+    saves wherever autograd recorded the segment: for trained weights on maps that need no gradient (a frozen block)."""
     return _SavedOnly.apply(*maps, *_segment_params(stages))
 
 
@@ -569,8 +568,9 @@ def _conv_backward(ctx: Any, conv: nn.Module, grad: Tensor, x: Tensor, need_x: b
                    weight: Tensor) -> tuple[Tensor | None, Tensor | None]:
     """``convolution_backward`` as autograd runs it under forward's autocast state: on the inputs autocast gave the
     convolution, with the weight's gradient in the weight's dtype."""
+    seen = (as_conv_sees(ctx, x), as_conv_sees(ctx, weight)) if ctx.autocast[0] else (x, weight)
     grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
-        grad, as_conv_sees(ctx, x), as_conv_sees(ctx, weight), None, list(conv.stride), list(conv.padding),
+        grad, *seen, None, list(conv.stride), list(conv.padding),
         list(conv.dilation), False, [0] * len(conv.stride), conv.groups, [need_x, need_weight, False])
     return grad_x, grad_weight if grad_weight is None or grad_weight.dtype == weight.dtype else \
         grad_weight.to(weight.dtype)
