@@ -252,6 +252,9 @@ class BatchNormAct(NormAct, nn.modules.batchnorm._BatchNorm):
         return torch.zeros_like(self.running_mean), torch.ones_like(self.running_var), 0.0
 
     def _synchronised(self, x: Tensor, group: Any) -> Tensor:
+        # A tensor subclass (MONAI's MetaTensor) would wrap the Function's output as a view that the in-place ReLU
+        # after the norm may not change (torch's SyncBatchNorm fails so): the norm computes on a plain tensor.
+        x = x if type(x) is Tensor else x.as_subclass(Tensor)
         values = handed()
         if recomputing() and values:
             mean, var = values.pop(0)
