@@ -330,21 +330,15 @@ def test_modes_stay_bitwise_equal_to_plain(ranks, mode, variant):
         assert all(torch.equal(a, b) for a, b in pairs)
 
 
+@pytest.mark.parametrize(("scenario", "same_as"), [("converted after wrapping", "even"),
+                                                    ("MetaTensor", "converted after wrapping")],
+                         ids=["converted after wrapping", "MetaTensor input"])
 @pytest.mark.parametrize("mode", MEMORY_MODES)
-def test_norms_converted_after_ddp_wraps_train_as_converted_before(ranks, mode):
-    """The trainer's --sync-bn on the CPU converts after DDP wraps the model: the same step, bitwise."""
+def test_the_same_step_bitwise(ranks, mode, scenario, same_as):
+    """The trainer's --sync-bn on the CPU converts after DDP wraps the model, and MONAI hands MetaTensors: each is
+    the same step as converting before wrapping, and as a plain tensor, bitwise."""
     for results in ranks:
-        pairs = zip(results[f"{mode}/converted after wrapping"]["tensors"], results[f"{mode}/even"]["tensors"],
-                    strict=True)
-        assert all(torch.equal(a, b) for a, b in pairs)
-
-
-@pytest.mark.parametrize("mode", MEMORY_MODES)
-def test_metatensor_inputs_train_as_plain_tensors(ranks, mode):
-    """Converted norms under DDP, fed MONAI's MetaTensor: the same step as a plain tensor's, bitwise."""
-    for results in ranks:
-        pairs = zip(results[f"{mode}/MetaTensor"]["tensors"], results[f"{mode}/converted after wrapping"]["tensors"],
-                    strict=True)
+        pairs = zip(results[f"{mode}/{scenario}"]["tensors"], results[f"{mode}/{same_as}"]["tensors"], strict=True)
         assert all(torch.equal(a, b) for a, b in pairs)
 
 
