@@ -197,6 +197,8 @@ def _sharded_against_full_batch(base: DenseNet, mode: str, x: Tensor, y: Tensor,
 
 
 def _scenarios(rank: int) -> dict[str, dict]:
+    from monai.data import MetaTensor
+
     torch.manual_seed(0)
     base = DenseNet(**TINY, memory="plain")
     generator = torch.Generator().manual_seed(1)
@@ -224,8 +226,6 @@ def _scenarios(rank: int) -> dict[str, dict]:
 
         # MONAI's pipelines hand MetaTensors, on which torch's SyncBatchNorm fails (pytorch/pytorch#86456): its
         # output, wrapped as a view, may not be changed in place by the ReLU after it.
-        from monai.data import MetaTensor
-
         meta = copy.deepcopy(base).set_memory(mode).train()
         model = ddp_model(meta, torch.device("cpu"), sync_bn=True)
         out, _ = _step(model, MetaTensor(x[mine], meta={"filename_or_obj": "a.nii.gz"}), y[mine], 1 / BATCH)
