@@ -1,5 +1,6 @@
 """Every memory mode computes the plain model's function: outputs, gradients and BatchNorm buffers."""
 import copy
+import functools
 
 import pytest
 import timm
@@ -403,7 +404,9 @@ def _put_in_place(model: DenseNet, change: str) -> DenseNet:
         return timm.layers.convert_splitbn_model(model, num_splits=2)
     for name, norm in [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]:
         made = {"a BatchNorm2d subclass": lambda c: _SubclassedBatchNorm(c),
-                "timm's BatchNormAct2d": lambda c: timm.layers.BatchNormAct2d(c, apply_act=False),
+                # with a dropout of its own, which an adopted norm would drop: it stays as it is
+                "timm's BatchNormAct2d": lambda c: timm.layers.BatchNormAct2d(
+                    c, apply_act=False, drop_layer=functools.partial(torch.nn.Dropout, 0.0)),
                 "instance norm with running statistics": lambda c: torch.nn.InstanceNorm2d(
                     c, affine=True, track_running_stats=True)}[change](norm.num_features)
         made.load_state_dict(norm.state_dict())
@@ -537,7 +540,6 @@ def test_checkpoint_settings_of_ones_own_leave_the_modes_exact(mode, setting):
 
 def _wrap_in_checkpoints(model: DenseNet, wrapper: str, x: torch.Tensor) -> torch.Tensor:
     """``model(x)`` under checkpoints of the user's own."""
-    import functools
 
     from torch.distributed.algorithms._checkpoint import checkpoint_wrapper as wrapping
     from torch.utils.checkpoint import checkpoint, checkpoint_sequential

@@ -4,6 +4,7 @@ import copy
 import functools
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -215,11 +216,45 @@ def test_a_torch_batch_norm_is_made_exact_and_followed_by_its_activation():
     assert type(default.features.norm0) is BATCH_NORM_ACT[2] and type(default.features.relu0) is nn.ReLU
 
 
+TIMM_NORM_ACTS = {  # what timm's models take, and the same model in effidense's own terms
+    "timm's BatchNormAct2d with SiLU": (
+        dict(norm_layer=functools.partial(timm.layers.BatchNormAct2d, act_layer=nn.SiLU)), dict(act_layer="silu")),
+    "timm's BatchNormAct2d, act_layer replacing its ReLU": (dict(norm_layer=timm.layers.BatchNormAct2d,
+                                                                 act_layer="gelu"), dict(act_layer="gelu")),
+    "timm's GroupNormAct with GELU": (
+        dict(norm_layer=functools.partial(timm.layers.GroupNormAct, num_groups=2, act_layer=nn.GELU)),
+        dict(norm_layer=functools.partial(nn.GroupNorm, 2), act_layer=nn.GELU)),
+    "timm's '' for no activation": (dict(act_layer=""), dict(norm_layer=lambda c: BATCH_NORM_ACT[2](c, act=None))),
+    "an activation made by a partial": (dict(act_layer=functools.partial(nn.LeakyReLU, negative_slope=0.2)),
+                                        dict(norm_layer=lambda c: BATCH_NORM_ACT[2](
+                                            c, act=functools.partial(F.leaky_relu, negative_slope=0.2)))),
+}
+
+
+@pytest.mark.parametrize("case", TIMM_NORM_ACTS)
+@pytest.mark.parametrize("mode", ["plain", "efficient", "frugal"])
+def test_timm_norm_act_layers_and_activation_factories_apply_their_activation_once(case, mode):
+    """timm's norm-act layers apply their activation themselves: it becomes the module after the norm (``relu1``),
+    with no ReLU of effidense's after it, and their BatchNorm is effidense's. The model trains as the same model in
+    effidense's own terms does, bitwise."""
+    timm_kwargs, own_kwargs = TIMM_NORM_ACTS[case]
+    own, theirs = DenseNet(**TINY_ND, **own_kwargs, memory=mode), DenseNet(**TINY_ND, **timm_kwargs, memory=mode)
+    theirs.load_state_dict(own.state_dict())
+    assert not any(type(m) is nn.ReLU for m in theirs.modules())
+    if "BatchNormAct2d" in case:
+        assert type(theirs.features.denseblock1.denselayer1.norm1) is BATCH_NORM_ACT[2]
+    x = torch.randn(2, 3, 16, 16)
+    _assert_same_training({"plain": _train(own, x, steps=2), mode: _train(theirs, x, steps=2)})
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     (dict(norm_layer="no_such_norm"), "norm_layer='no_such_norm' is not a timm norm name"),
     (dict(act_layer="no_such_act"), "act_layer='no_such_act' is not a timm activation name"),
-    (dict(act_layer=F.silu), "act_layer must be a timm activation name ('relu', 'silu', 'gelu', ...) or an nn.Module "
-                             "class, got <function silu"),
+    (dict(act_layer=F.silu), "act_layer must be a timm activation name ('relu', 'silu', 'gelu', ...), an nn.Module "
+                             "class or what makes one (functools.partial(nn.LeakyReLU, negative_slope=0.2)), got "
+                             "<function silu"),
+    (dict(norm_layer=functools.partial(timm.layers.BatchNormAct2d, act_layer=nn.SiLU), act_layer="gelu"),
+     "norm_layer makes its own activation (SiLU(inplace=True)) and act_layer='gelu' another: pass one of them"),
     (dict(norm_layer=lambda c: BATCH_NORM_ACT[3](c, act=F.elu), act_layer="silu"),
      "norm_layer makes its own activation (elu) and act_layer='silu' another: pass one of them"),
 ])

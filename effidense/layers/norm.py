@@ -23,7 +23,9 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from timm.layers import BatchNormAct2d as TimmBatchNormAct2d
 from timm.layers import create_act_layer, get_norm_layer
+from timm.layers import norm_act as timm_norm_act
 from torch import Tensor, nn
 
 from .recompute import fx_leaf, handed, recomputing, rerunning
@@ -35,9 +37,9 @@ __all__ = ["ActLayer", "Activation", "AdoptsNorms", "Affine", "BATCH_NORM_ACT", 
            "normalize_maps", "normalized", "relu_"]
 
 # What makes a layer's norm: a callable of the channels, or a timm norm name; what makes its activation: a timm
-# activation name or an nn.Module class.
+# activation name, or an nn.Module class or another callable that makes one.
 NormLayer = Callable[[int], nn.Module] | str
-ActLayer = str | type
+ActLayer = str | Callable[..., nn.Module]
 
 
 def _per_channel(t: Tensor, dims: int) -> Tensor:
@@ -300,7 +302,8 @@ class GroupNormAct(NormAct, nn.GroupNorm):
 
 BATCH_NORM_ACT = {1: BatchNormAct1d, 2: BatchNormAct2d, 3: BatchNormAct3d}  # by spatial dims
 INSTANCE_NORM_ACT = {1: InstanceNormAct1d, 2: InstanceNormAct2d, 3: InstanceNormAct3d}
-_ADOPTED = {nn.BatchNorm1d: BatchNormAct1d, nn.BatchNorm2d: BatchNormAct2d, nn.BatchNorm3d: BatchNormAct3d}  # by type
+_ADOPTED = {nn.BatchNorm1d: BatchNormAct1d, nn.BatchNorm2d: BatchNormAct2d, nn.BatchNorm3d: BatchNormAct3d,
+            TimmBatchNormAct2d: BatchNormAct2d}  # by type
 
 
 class SyncBatchNormAct(BatchNormAct, nn.SyncBatchNorm):
@@ -311,7 +314,9 @@ def _adopted(norm: nn.Module, act: Callable[[Tensor], Tensor] | None) -> nn.Modu
     """The :class:`BatchNormAct` of torch's BatchNorm ``norm`` (synchronised or of 1-3 dims), holding its very
     parameters, buffers and process group, with ``act``; any other module as it is."""
     cls = SyncBatchNormAct if isinstance(norm, nn.SyncBatchNorm) else _ADOPTED.get(type(norm))
-    if cls is None or isinstance(norm, NormAct):
+    # timm's norm-act layers are adopted only where they apply nothing but the norm
+    if cls is None or isinstance(norm, NormAct) or not all(
+            isinstance(getattr(norm, name, nn.Identity()), nn.Identity) for name in ("act", "drop")):
         return norm
     group = {"process_group": norm.process_group} if cls is SyncBatchNormAct else {}
     adopted = cls(norm.num_features, norm.eps, norm.momentum, norm.affine, norm.track_running_stats, act=act, **group)
@@ -329,10 +334,12 @@ def norm_and_act(norm_layer: NormLayer | None, act_layer: ActLayer | None, chann
     as timm's models take them. ``norm_layer``: None (BatchNorm), a timm norm name (``'batchnorm'``, any dims;
     ``'groupnorm'``, ``'layernorm2d'``, ...) or a callable that makes, for a number of channels, a :class:`NormAct`
     (its activation becomes the module after it), torch's BatchNorm (adopted as :class:`BatchNormAct`, exact under
-    recomputation), or any other norm (``nn.GroupNorm``, torchvision's ``FrozenBatchNorm2d``), given the maps'
+    recomputation), one of timm's norm-act layers (its activation becomes the module after it, and its BatchNorm is
+    adopted), or any other norm (``nn.GroupNorm``, torchvision's ``FrozenBatchNorm2d``), given the maps'
     concatenation and rerun as it is, from the buffers its first run found (:mod:`.recompute`). ``act_layer``: None
-    (the NormAct's activation, else in-place ReLU), a timm activation name (``'silu'``, ``'gelu'``, ...) or an
-    ``nn.Module`` class, made in place where it can be."""
+    (the norm's own activation, else in-place ReLU), a timm activation name (``'silu'``, ``'gelu'``; ``''`` for none),
+    an ``nn.Module`` class or what makes one (``functools.partial(nn.LeakyReLU, negative_slope=0.2)``), made in place
+    where it can be."""
     if norm_layer is None or isinstance(norm_layer, str) and norm_layer.replace("_", "").lower() in _BATCH_NORM_NAMES:
         norm_layer = BATCH_NORM_ACT[spatial_dims]
     elif isinstance(norm_layer, str):
@@ -342,7 +349,7 @@ def norm_and_act(norm_layer: NormLayer | None, act_layer: ActLayer | None, chann
             raise ValueError(f"norm_layer={norm_layer!r} is not a timm norm name (e.g. 'batchnorm', 'groupnorm', "
                              "'layernorm2d')") from None
     made = norm_layer(channels)
-    act = made.act if isinstance(made, NormAct) else relu_  # relu_: the default, which act_layer may replace
+    act = _own_act(made)
     norm = _adopted(made, None)
     if isinstance(norm, NormAct):
         norm.act = None  # the module after it applies it
@@ -352,14 +359,32 @@ def norm_and_act(norm_layer: NormLayer | None, act_layer: ActLayer | None, chann
     if act is not relu_:
         raise ValueError(f"norm_layer makes its own activation ({getattr(act, '__name__', act)}) and "
                          f"act_layer={act_layer!r} another: pass one of them")
-    if not isinstance(act_layer, str) and not (isinstance(act_layer, type) and issubclass(act_layer, nn.Module)):
-        raise TypeError(f"act_layer must be a timm activation name ('relu', 'silu', 'gelu', ...) or an nn.Module "
-                        f"class, got {act_layer!r}")
     try:
-        return norm, create_act_layer(act_layer, inplace=True)
+        made = create_act_layer(act_layer, inplace=True)
     except KeyError:
         raise ValueError(f"act_layer={act_layer!r} is not a timm activation name (e.g. 'relu', 'silu', "
                          "'gelu')") from None
+    except TypeError:  # a function of a tensor, not what makes a module
+        made = act_layer
+    if made is None:  # timm's '' for none
+        return norm, nn.Identity()
+    if not isinstance(made, nn.Module):
+        raise TypeError(f"act_layer must be a timm activation name ('relu', 'silu', 'gelu', ...), an nn.Module class "
+                        f"or what makes one (functools.partial(nn.LeakyReLU, negative_slope=0.2)), got {act_layer!r}")
+    return norm, made
+
+
+def _own_act(norm: nn.Module) -> Callable[[Tensor], Tensor] | None:
+    """The activation ``norm`` applies after itself, taken out of it for the module after it: a :class:`NormAct`'s
+    function, the module of one of timm's norm-act layers (left an ``nn.Identity``; its default ReLU counts as
+    :func:`relu_`, the default, which ``act_layer`` may replace), None for none; any other norm's is :func:`relu_`."""
+    if isinstance(norm, NormAct):
+        return norm.act
+    act = getattr(norm, "act", None)
+    if type(norm).__module__ != timm_norm_act.__name__ or not isinstance(act, nn.Module):
+        return relu_
+    norm.act = nn.Identity()
+    return None if isinstance(act, nn.Identity) else relu_ if type(act) is nn.ReLU else act
 
 
 def normalize_maps(norm: nn.Module, *maps: Tensor) -> Tensor:
