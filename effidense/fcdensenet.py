@@ -180,8 +180,8 @@ class FCDenseNet(MemoryMode):
         bn_size: None (the paper's BN-ReLU-conv3x3 layers), or a bottleneck factor (DenseNet-BC layers).
         norm_layer: each norm, as timm's models take it: a name ('batchnorm', 'groupnorm', ...) or what makes one
             for a number of channels (:func:`~effidense.layers.norm.norm_and_act`); default BatchNorm.
-        act_layer: the activation after each norm: a timm name ('relu', 'silu', ...) or an ``nn.Module`` class;
-            default in-place ReLU.
+        act_layer: the activation after each norm: a timm name ('relu', 'silu', ...), an ``nn.Module`` class or
+            what makes one; default in-place ReLU.
         memory: 'plain', 'efficient' (default) or 'frugal' (see the module docstring); settable later.
         backward_slices: 'auto' (a layer's rerun goes through the batch in slices where it would hold more than its
             block keeps, and more than 32 MiB), a number of slices, or None (never); settable later, as DenseNet's.
