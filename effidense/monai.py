@@ -58,7 +58,7 @@ from . import densenet
 from .adapt import adapt_state_dict
 from .arguments import check_fraction, check_positive
 from .layers import BATCH_NORM_ACT, INSTANCE_NORM_ACT, Activation, AdoptsNorms, GroupNormAct, relu_
-from .pretrained import WeightsNotFoundError, torchvision_cache_file, torchvision_weights
+from .pretrained import WeightsNotFoundError, torchvision_cache_file, torchvision_weights, unreachable_hub
 from .weights import ConversionError, canonical_key, describe_misfit, layout_key, layout_state_dict
 
 __all__ = ["LAYOUT", "ACTIVATIONS", "NORMS", "Activation", "DenseNet", "DenseNet121", "DenseNet169", "DenseNet201",
@@ -456,7 +456,7 @@ class _Pretrainable(DenseNet):
         except WeightsNotFoundError as e:
             file = torchvision_cache_file(torchvision_weights(self.imagenet, "tv_in1k")).name
             raise WeightsNotFoundError(
-                f"pretrained=True: no ImageNet weights for {self.imagenet} offline, and the hub cannot be reached; "
+                f"pretrained=True: no ImageNet weights for {self.imagenet} offline, and {unreachable_hub()}; "
                 f"looked in {e.places}. Put torchvision's {file} there, or convert it yourself: effidense convert "
                 f"--checkpoint {file} --output w.pth --to monai --in-chans {self.in_chans} --num-classes "
                 f"{self.num_classes}{' --inflate mean' if self.spatial_dims == 3 else ''}, then "

@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 __all__ = ["TORCHVISION_WEIGHTS", "WeightsNotFoundError", "not_found_error", "searched_places",
-           "torchvision_cache_file", "torchvision_weights"]
+           "torchvision_cache_file", "torchvision_weights", "unreachable_hub"]
 
 # torchvision's weight names (DenseNet121_Weights.IMAGENET1K_V1) -> our tag for the same weights
 TORCHVISION_WEIGHTS = {"IMAGENET1K_V1": "tv_in1k"}
@@ -66,6 +66,16 @@ def searched_places(hf_hub_id: str | None, torchvision_file: Path | None) -> str
     return " and ".join(places) or "no cache"
 
 
+def unreachable_hub() -> str:
+    """How the message says the hub was not reached: where huggingface_hub was let try, with how to skip its retries
+    (about a minute offline) next time."""
+    import huggingface_hub
+
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return "the hub is off (HF_HUB_OFFLINE)"
+    return "the hub cannot be reached (HF_HUB_OFFLINE=1 skips it and its retries where there is no network)"
+
+
 def not_found_error(model: str, tag: str | None, hf_hub_id: str | None,
                     torchvision_file: Path | None) -> WeightsNotFoundError:
     """One line: model ``model``'s weights ``tag`` are in neither cache, where each was looked for, and the two ways
@@ -73,6 +83,6 @@ def not_found_error(model: str, tag: str | None, hf_hub_id: str | None,
     places = searched_places(hf_hub_id, torchvision_file)
     label = f"{model}.{tag}" if tag else model
     return WeightsNotFoundError(
-        f"{label}: no pretrained weights offline, and the hub cannot be reached; looked in {places}. Pass a local "
+        f"{label}: no pretrained weights offline, and {unreachable_hub()}; looked in {places}. Pass a local "
         f"file: pretrained_cfg_overlay=dict(file='{model}.safetensors'), or convert one first: effidense convert "
         f"--checkpoint <weights.pth> --output {model}.safetensors", places)

@@ -17,7 +17,7 @@ from conftest import QUICK_EXIT
 from safetensors.torch import save_file
 
 import effidense  # noqa: F401 (registers the effi_* models)
-from effidense.pretrained import WeightsNotFoundError
+from effidense.pretrained import WeightsNotFoundError, not_found_error
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -149,12 +149,22 @@ def test_pretrained_without_cached_weights_says_where_it_looked(tmp_path):
         timm.create_model("effi_densenet169", pretrained=True)
     message = str(raised.value)
     assert "\n" not in message and isinstance(raised.value, FileNotFoundError)
-    assert message.startswith("densenet169.tv_in1k: no pretrained weights offline")
+    assert message.startswith(
+        "densenet169.tv_in1k: no pretrained weights offline, and the hub is off (HF_HUB_OFFLINE);")
     assert f"torchvision's cache ({tmp_path / 'torch' / 'hub' / 'checkpoints' / 'densenet169-b2777c0a.pth'})" in message
     assert f"the Hugging Face cache ({tmp_path / 'empty_hub'}, timm/densenet169.tv_in1k)" in message
     assert "pretrained_cfg_overlay=dict(file=" in message and "effidense convert --checkpoint" in message
     with pytest.raises(WeightsNotFoundError, match=r"^densenet121.ra_in1k: .*looked in the Hugging Face cache \("):
         effidense.densenet121(weights="ra_in1k")  # timm's own weights: torchvision has none to look for
+
+
+def test_where_the_hub_was_tried_the_message_says_how_to_skip_its_retries(monkeypatch):
+    """Offline, huggingface_hub retries each file for about a minute before it gives up: the message says how to
+    skip the hub next time, and says it was skipped where it was."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    error = not_found_error("densenet121", "tv_in1k", "timm/densenet121.tv_in1k", None)
+    assert "the hub cannot be reached (HF_HUB_OFFLINE=1 skips it and its retries where there is no network)" in \
+        str(error)
 
 
 @pytest.fixture
