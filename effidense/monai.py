@@ -21,7 +21,8 @@ What is MONAI's, so code written for MONAI's model keeps working:
   ``target_layers="class_layers.relu"``). ``norm``: 'batch' (exact running statistics in every memory mode),
   'instance' and 'group' (no running statistics), with MONAI's arguments, e.g. ``("group", {"num_groups": 4})``.
   ``act``: every parameter-free activation MONAI names (relu, leakyrelu, elu, celu, selu, relu6, gelu, sigmoid,
-  tanh, swish, memswish, mish), computed with the functions MONAI's modules call.
+  tanh, swish, memswish, mish), computed with the functions MONAI's modules call, and prelu, an ``nn.PReLU`` after
+  each norm whose parameter has MONAI's key (``layers.relu1.weight``).
 
 * **Module and parameter names** (``named_modules()``, ``named_parameters()``, ``get_submodule``): a dense layer's
   modules sit in its ``layers`` (``denselayer1.layers.norm1``, ``layers.dropout`` when there is dropout, the module
@@ -131,7 +132,7 @@ ACTIVATIONS: dict[str, Callable[..., Tensor]] = {
     "gelu": _gelu, "sigmoid": _sigmoid, "tanh": _tanh, "swish": _swish, "memswish": _memswish, "mish": _mish,
 }
 _OTHER_ACTIVATIONS = {  # the rest of MONAI's Act factory, and why they cannot be a norm's activation here
-    "prelu": "it has learnable parameters",
+    "prelu": "it has learnable parameters: the models make it a module after each norm",
     "softmax": "it is not elementwise", "logsoftmax": "it is not elementwise",
     "geglu": "it halves the channels",
 }
@@ -182,6 +183,16 @@ def activation(act: Any) -> Callable[[Tensor], Tensor] | None:
         raise ValueError(f"act={act!r}: {problem}; choose one of {', '.join(ACTIVATIONS)}")
     _check_arguments(act, "act", ACTIVATIONS[name], kwargs)
     return relu_ if name == "relu" else _Act(name, kwargs)
+
+
+def _learnable_activation(act: Any) -> Callable[[], nn.Module] | None:
+    """What makes MONAI's ``act`` where it has parameters ('prelu': ``nn.PReLU`` with MONAI's arguments), a module
+    after each norm; None for the rest, which :func:`activation` gives."""
+    name, kwargs = _split(act, "act")
+    if name != "prelu":
+        return None
+    _check_arguments(act, "act", nn.PReLU, kwargs)
+    return functools.partial(nn.PReLU, **kwargs)
 
 
 # --- norms ---
@@ -315,14 +326,15 @@ class DenseNet(densenet.DenseNet):
         check_positive(in_channels=in_channels, out_channels=out_channels, init_features=init_features,
                        bn_size=bn_size)  # bn_size: MONAI's layers always have the bottleneck
         check_fraction("dropout_prob", dropout_prob)
-        act_fn = activation(act)
+        act_layer = _learnable_activation(act)
+        act_fn = relu_ if act_layer is not None else activation(act)  # relu_: what act_layer replaces
         make_norm = _norm_maker(norm, spatial_dims)
         # MONAI draws each convolution's default initialisation, then the Linear's, then each convolution's Kaiming
         # normal: the core's own draws are undone, and MONAI's are made below in its order.
         with torch.random.fork_rng(devices=[]):
             super().__init__(growth_rate, block_config, init_features, bn_size, dropout_prob, num_classes=0,
                              in_chans=in_channels, global_pool="", memory=memory, spatial_dims=spatial_dims,
-                             norm_layer=functools.partial(make_norm, act=act_fn),
+                             norm_layer=functools.partial(make_norm, act=act_fn), act_layer=act_layer,
                              drop_channels=spatial_dims in (2, 3))  # MONAI's Dropout: nn.Dropout in 1D
         relu = self.relu  # the activation after norm5 is MONAI's class_layers.relu
         del self.global_pool, self.classifier, self.head_drop, self.relu  # MONAI's head is class_layers
@@ -464,7 +476,10 @@ class _Pretrainable(DenseNet):
         weights, _ = adapt_state_dict(imagenet, method="mean" if self.spatial_dims == 3 else None,
                                       in_chans=self.in_chans, num_classes=0)
         weights = layout_state_dict(weights, LAYOUT)
-        weights.update((k, v) for k, v in self.state_dict().items() if k.startswith("class_layers.out."))
+        # as MONAI's pretrained start: the head, and a learnable activation's parameters, are left as initialised
+        fresh = {name for name, module in self.named_modules() if isinstance(module, nn.PReLU)}
+        weights.update((k, v) for k, v in self.state_dict().items()
+                       if k.startswith("class_layers.out.") or k.rpartition(".")[0] in fresh)
         self.load_state_dict(weights, strict=True)
 
 

@@ -64,6 +64,17 @@ def test_3d_one_channel_start_is_the_inflated_imagenet_network_with_a_fresh_head
     assert model.eval()(torch.randn(1, 1, 32, 32, 32)).shape == (1, 2)
 
 
+def test_with_prelu_the_activations_keep_their_initial_parameters_as_monais_start_does(cached, imagenet):
+    """ImageNet's network has no PReLU weights: as MONAI's pretrained start, they stay as initialised (0.25): one
+    after each of the 58 layers' two norms, the stem's, the 3 transitions' and norm5 (class_layers.relu)."""
+    model = em.DenseNet121(spatial_dims=2, in_channels=3, out_channels=2, act="prelu", pretrained=True)
+    prelus = {k: v for k, v in model.state_dict().items() if k.endswith(("relu0.weight", "relu1.weight",
+                                                                          "relu2.weight", "relu.weight"))}
+    assert len(prelus) == 2 * 58 + 1 + 3 + 1 and all(torch.equal(v, torch.tensor([0.25])) for v in prelus.values())
+    assert torch.equal(model.state_dict()["features.denseblock1.denselayer1.layers.norm1.weight"],
+                       imagenet["features.denseblock1.denselayer1.norm1.weight"])
+
+
 @pytest.mark.parametrize("in_channels", [1, 2, 3])
 def test_the_stem_on_a_grey_image_computes_the_rgb_network_on_it(cached, in_channels):
     """The documented choice (sum over RGB, shared out): the same grey image in every input channel gives the ImageNet

@@ -245,6 +245,25 @@ def test_training_equals_monais_outputs_gradients_and_running_stats(dtype, spati
 
 
 @pytest.mark.parametrize("memory", MEMORY_MODES)
+def test_prelu_is_a_module_after_each_norm_with_monais_keys_and_training(memory):
+    """MONAI's 'prelu' has a parameter: an ``nn.PReLU`` after each norm, its weight under MONAI's key
+    (``layers.relu1.weight``), in MONAI's parameter order; checkpoints load both ways, and training with BatchNorm and
+    dropout is bitwise MONAI's in 3D, the PReLU weights' gradients and updates included."""
+    theirs, ours = pair(3, **TINY, act="prelu", dropout_prob=0.2, memory=memory)
+    _, other = pair(3, seed=3, **TINY, act="prelu")
+    with torch.no_grad():
+        for name, p in other.named_parameters():
+            if name.endswith("relu1.weight") or name.endswith("relu.weight"):
+                p.uniform_(0.0, 0.5)  # not the shared initial 0.25: each loads into its own module
+    assert "features.denseblock1.denselayer1.layers.relu1.weight" in ours.state_dict()
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    theirs.load_state_dict(other.state_dict(), strict=True)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    data = batches(3, torch.float64)
+    assert_same_training(train(theirs.double(), data), train(ours.double(), data), exact=True)
+
+
+@pytest.mark.parametrize("memory", MEMORY_MODES)
 @pytest.mark.parametrize("act", ["relu", "elu"])
 def test_backward_after_model_eval_is_monais(memory, act):
     """A training forward, then ``model.eval()`` before backward: MONAI's own gradients (its dropout's masks drawn
@@ -274,7 +293,8 @@ def test_densenet121_2d_trains_as_monais_in_fp64():
 
 @pytest.mark.parametrize("act", [("relu", {"inplace": False}), ("leakyrelu", {"negative_slope": 0.2, "inplace": True}),
                                  ("elu", {"alpha": 0.5}), "celu", "selu", "relu6", ("gelu", {"approximate": "tanh"}),
-                                 "sigmoid", "tanh", ("swish", {"alpha": 1.5}), "memswish", "mish", "RELU", ""])
+                                 "sigmoid", "tanh", ("swish", {"alpha": 1.5}), "memswish", "mish", "RELU", "",
+                                 "prelu", ("prelu", {"init": 0.1})])
 @pytest.mark.parametrize("memory", ["plain", "efficient"])
 def test_every_monai_activation_and_group_norm_compute_monais_function(act, memory):
     theirs, ours = pair(2, **TINY, act=act, norm=("group", {"num_groups": 2}), memory=memory)
@@ -297,7 +317,7 @@ def one_line(error: pytest.ExceptionInfo) -> str:
     (dict(norm=("batch", {"foo": 1})), "unknown argument 'foo'"),
     (dict(norm="group"), "group norm needs num_groups"),
     (dict(norm=("group", {"num_groups": 3})), "cannot normalise 8 channels"),
-    (dict(act="prelu"), "act='prelu': MONAI's 'prelu' is not supported (it has learnable parameters)"),
+    (dict(act=("prelu", {"alpha": 1})), "unknown argument 'alpha' (num_parameters, init, device, dtype accepted)"),
     (dict(act="nosuch"), "act='nosuch': unknown activation"),
     (dict(act=("elu", {"beta": 1})), "unknown argument 'beta' (alpha, inplace accepted)"),
     (dict(act=42), "act=42: expected a name or (name, {arguments})"),
