@@ -19,6 +19,7 @@ What is MONAI's, so code written for MONAI's model keeps working:
 * **Parameter order** (``parameters()``), so an optimizer's state dict carries over between the two.
 * **Modules** ``class_layers.relu`` / ``.pool`` / ``.flatten`` / ``.out`` (e.g. for ``monai.visualize.CAM``'s
   ``target_layers="class_layers.relu"``). ``norm``: 'batch' (exact running statistics in every memory mode),
+  'syncbatch' (the same, synchronised under torch.distributed as ``nn.SyncBatchNorm``, on any device),
   'instance' and 'group' (no running statistics), with MONAI's arguments, e.g. ``("group", {"num_groups": 4})``.
   ``act``: every parameter-free activation MONAI names (relu, leakyrelu, elu, celu, selu, relu6, gelu, sigmoid,
   tanh, swish, memswish, mish), computed with the functions MONAI's modules call, and prelu, an ``nn.PReLU`` after
@@ -58,7 +59,15 @@ from torch import Tensor, nn
 from . import densenet
 from .adapt import adapt_state_dict
 from .arguments import check_fraction, check_positive
-from .layers import BATCH_NORM_ACT, INSTANCE_NORM_ACT, Activation, AdoptsNorms, GroupNormAct, relu_
+from .layers import (
+    BATCH_NORM_ACT,
+    INSTANCE_NORM_ACT,
+    Activation,
+    AdoptsNorms,
+    GroupNormAct,
+    SyncBatchNormAct,
+    relu_,
+)
 from .pretrained import WeightsNotFoundError, torchvision_cache_file, torchvision_weights, unreachable_hub
 from .weights import ConversionError, canonical_key, describe_misfit, layout_key, layout_state_dict
 
@@ -199,11 +208,11 @@ def _learnable_activation(act: Any) -> Callable[[], nn.Module] | None:
 
 NORMS: dict[str, tuple[str, ...]] = {  # MONAI's norm names supported here, and the arguments each takes
     "batch": ("eps", "momentum", "affine", "track_running_stats"),
+    "syncbatch": ("eps", "momentum", "affine", "track_running_stats", "process_group"),
     "instance": ("eps", "momentum", "affine", "track_running_stats"),
     "group": ("num_groups", "eps", "affine"),
 }
 _OTHER_NORMS = {  # the rest of MONAI's Norm factory
-    "syncbatch": "use 'batch', then nn.SyncBatchNorm.convert_sync_batchnorm(model)",
     "instance_nvfuser": "use 'instance' (MONAI itself falls back to it without apex)",
     "layer": "no running-statistics-free exact form here", "localresponse": "not a DenseNet norm here",
     "": "a DenseNet needs its norms",
@@ -231,6 +240,8 @@ def _norm_maker(norm: Any, spatial_dims: Any) -> NormMaker:
             if name == "group":
                 rest = {k: v for k, v in kwargs.items() if k != "num_groups"}
                 return GroupNormAct(kwargs["num_groups"], channels, act=act, **rest)
+            if name == "syncbatch":
+                return SyncBatchNormAct(channels, act=act, **kwargs)
             return (BATCH_NORM_ACT if name == "batch" else INSTANCE_NORM_ACT)[spatial_dims](channels, act=act,
                                                                                             **kwargs)
         except (TypeError, ValueError) as e:
@@ -438,9 +449,9 @@ def _check_pretrained(pretrained: bool, name: str, spatial_dims: Any, norm: Any)
     if spatial_dims not in (2, 3):
         raise ValueError(f"pretrained=True: ImageNet weights start 2D and 3D models (inflated), not "
                          f"spatial_dims={spatial_dims!r}")
-    if _split(norm, "norm")[0] != "batch":
-        raise ValueError(f"pretrained=True: ImageNet weights come with BatchNorm statistics, so norm must be 'batch', "
-                         f"not {norm!r}")
+    if _split(norm, "norm")[0] not in ("batch", "syncbatch"):
+        raise ValueError(f"pretrained=True: ImageNet weights come with BatchNorm statistics, so norm must be 'batch' "
+                         f"(or 'syncbatch'), not {norm!r}")
 
 
 class _Pretrainable(DenseNet):

@@ -19,6 +19,7 @@ from torch import nn
 
 import effidense.monai as em
 from effidense import MEMORY_MODES
+from effidense.layers import SyncBatchNormAct
 from effidense.memory import SavedTensorMeter
 from effidense.weights import ConversionError
 
@@ -245,6 +246,21 @@ def test_training_equals_monais_outputs_gradients_and_running_stats(dtype, spati
 
 
 @pytest.mark.parametrize("memory", MEMORY_MODES)
+def test_syncbatch_norms_are_synchronised_batch_norms_that_train_as_monais(memory):
+    """MONAI's 'syncbatch': ``nn.SyncBatchNorm``s (what ``convert_sync_batchnorm`` would make of 'batch', and what
+    code looking for one finds), synchronised under torch.distributed (``tests/test_syncbn.py``); in one process,
+    bitwise MONAI's training, as torch's SyncBatchNorm is then a BatchNorm."""
+    theirs, ours = pair(3, **TINY, norm=("syncbatch", {"momentum": 0.2}), memory=memory)
+    norms = [m for m in ours.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(type(m) is SyncBatchNormAct and m.momentum == 0.2 for m in norms)
+    _, converted = pair(3, **TINY, norm=("batch", {"momentum": 0.2}))
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(converted)
+    assert [type(m) for m in converted.modules()] == [type(m) for m in ours.modules()]
+    data = batches(3, torch.float64)
+    assert_same_training(train(theirs.double(), data), train(ours.double(), data), exact=True)
+
+
+@pytest.mark.parametrize("memory", MEMORY_MODES)
 def test_prelu_is_a_module_after_each_norm_with_monais_keys_and_training(memory):
     """MONAI's 'prelu' has a parameter: an ``nn.PReLU`` after each norm, its weight under MONAI's key
     (``layers.relu1.weight``), in MONAI's parameter order; checkpoints load both ways, and training with BatchNorm and
@@ -312,8 +328,8 @@ def one_line(error: pytest.ExceptionInfo) -> str:
 
 @pytest.mark.parametrize("kwargs, words", [
     (dict(norm="layer"), "norm='layer': MONAI's 'layer' is not supported"),
-    (dict(norm="syncbatch"), "convert_sync_batchnorm"),
-    (dict(norm="nosuch"), "norm='nosuch': unknown norm; choose one of 'batch', 'instance', 'group'"),
+    (dict(norm=("syncbatch", {"num_groups": 2})), "unknown argument 'num_groups'"),
+    (dict(norm="nosuch"), "norm='nosuch': unknown norm; choose one of 'batch', 'syncbatch', 'instance', 'group'"),
     (dict(norm=("batch", {"foo": 1})), "unknown argument 'foo'"),
     (dict(norm="group"), "group norm needs num_groups"),
     (dict(norm=("group", {"num_groups": 3})), "cannot normalise 8 channels"),
@@ -340,7 +356,7 @@ def test_bad_arguments_get_one_line(kwargs, words):
 @pytest.mark.parametrize("cls, kwargs, words", [
     ("DenseNet264", {}, "there are no ImageNet weights for DenseNet-264"),
     ("DenseNet121", dict(spatial_dims=1), "ImageNet weights start 2D and 3D models (inflated), not spatial_dims=1"),
-    ("DenseNet169", dict(norm="instance"), "so norm must be 'batch', not 'instance'"),
+    ("DenseNet169", dict(norm="instance"), "so norm must be 'batch' (or 'syncbatch'), not 'instance'"),
 ])
 def test_pretrained_without_weights_to_give_is_refused_before_any_work(cls, kwargs, words):
     # refused before the weights are looked for: no cache is read, no hub asked (tests/test_imagenet_start.py
