@@ -19,7 +19,7 @@ What is MONAI's, so code written for MONAI's model keeps working:
 * **Parameter order** (``parameters()``), so an optimizer's state dict carries over between the two.
 * **Modules** ``class_layers.relu`` / ``.pool`` / ``.flatten`` / ``.out`` (e.g. for ``monai.visualize.CAM``'s
   ``target_layers="class_layers.relu"``). ``norm``: 'batch' (exact running statistics in every memory mode),
-  'syncbatch' (the same, synchronised under torch.distributed as ``nn.SyncBatchNorm``, on any device),
+  'syncbatch' (the same, synchronised under torch.distributed as ``nn.SyncBatchNorm``),
   'instance' and 'group' (no running statistics), with MONAI's arguments, e.g. ``("group", {"num_groups": 4})``.
   ``act``: every parameter-free activation MONAI names (relu, leakyrelu, elu, celu, selu, relu6, gelu, sigmoid,
   tanh, swish, memswish, mish), computed with the functions MONAI's modules call, and prelu, an ``nn.PReLU`` after
