@@ -311,8 +311,9 @@ class SyncBatchNormAct(BatchNormAct, nn.SyncBatchNorm):
 
 
 def _adopted(norm: nn.Module, act: Callable[[Tensor], Tensor] | None) -> nn.Module:
-    """The :class:`BatchNormAct` of torch's BatchNorm ``norm`` (synchronised or of 1-3 dims), holding its very
-    parameters, buffers and process group, with ``act``; any other module as it is."""
+    """The :class:`BatchNormAct` of torch's BatchNorm ``norm`` (synchronised or of 1-3 dims, or timm's
+    ``BatchNormAct2d`` that applies nothing but the norm), holding its very parameters, buffers and process group,
+    with ``act``; any other module as it is."""
     cls = SyncBatchNormAct if isinstance(norm, nn.SyncBatchNorm) else _ADOPTED.get(type(norm))
     # timm's norm-act layers are adopted only where they apply nothing but the norm
     if cls is None or isinstance(norm, NormAct) or not all(
