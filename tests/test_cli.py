@@ -148,6 +148,27 @@ def test_ctrl_c_while_a_command_starts_is_one_line_and_130(route):
     assert (code, err.strip()) == (130, "effidense: interrupted (Ctrl-C)"), (code, err)
 
 
+@pytest.mark.parametrize("ctrl_c", [True, False], ids=["after a Ctrl-C", "without one"])
+def test_a_ctrl_c_that_python_turns_into_another_error_is_still_one_line_and_130(ctrl_c):
+    # CPython can turn a Ctrl-C into another exception where it lands inside an import (building an ImportError it
+    # raises "TypeError: expected a message argument"): seen once as a traceback from torch's import. The same error
+    # without a Ctrl-C is a bug to show in full.
+    script = ("import os, signal, sys; import effidense.cli as cli; sys.argv = ['effidense', 'models']\n"
+              "def run(argv):\n"
+              "    try:\n"
+              f"        {'os.kill(os.getpid(), signal.SIGINT)' if ctrl_c else 'raise KeyboardInterrupt'}\n"
+              "        signal.sigtimedwait([], 5)\n"  # the handler runs at the next bytecode; this only waits
+              "    except KeyboardInterrupt:\n"
+              "        raise TypeError('expected a message argument') from None\n"
+              "cli._run = run\n"
+              "sys.exit(cli.main())")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    if ctrl_c:
+        assert (result.returncode, result.stderr.strip()) == (130, "effidense: interrupted (Ctrl-C)"), result
+    else:
+        assert result.returncode == 1 and "TypeError: expected a message argument" in result.stderr, result
+
+
 @pytest.mark.parametrize("command", [["models"], ["nope"]], ids=["succeeded", "failed"])
 def test_ctrl_c_after_a_command_ends_leaves_its_exit_code(command):
     # The process still has to exit (torch's handlers, the interpreter's teardown); a Ctrl-C then killed it with the

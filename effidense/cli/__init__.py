@@ -65,23 +65,46 @@ def prepare_exit() -> None:
     gc.freeze()
 
 
+class _CtrlC:
+    """SIGINT's handler for the process's own command: Python's (KeyboardInterrupt), noting that it came. CPython can
+    turn the interrupt into another exception where it lands inside an import (building an ImportError, it raises
+    "TypeError: expected a message argument"), which is then the Ctrl-C's all the same."""
+
+    came = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.came = True
+        raise KeyboardInterrupt
+
+
 def _interruptible(argv: list[str], entry: bool) -> int:
+    ctrl_c = _CtrlC()
     try:
         try:
             if entry:
                 # The CPU peak is read from torch.profiler, whose kineto otherwise logs each profile's start and stop
                 # to stderr, and on a machine without a GPU an ERROR that it found none.
                 os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+                if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where it is ignored
+                    signal.signal(signal.SIGINT, ctrl_c)
             code = _run(argv)
         finally:
             if entry:
                 ignore_ctrl_c()
+    except Exception:
+        if not ctrl_c.came:
+            raise
+        code = _interrupted()
     except KeyboardInterrupt:
-        print("effidense: interrupted (Ctrl-C)", file=sys.stderr)
-        code = 130
+        code = _interrupted()
     if entry:
         prepare_exit()
     return code
+
+
+def _interrupted() -> int:
+    print("effidense: interrupted (Ctrl-C)", file=sys.stderr)
+    return 130
 
 
 def _run(argv: list[str]) -> int:
