@@ -20,7 +20,8 @@ What is MONAI's, so code written for MONAI's model keeps working:
 * **Modules** ``class_layers.relu`` / ``.pool`` / ``.flatten`` / ``.out`` (e.g. for ``monai.visualize.CAM``'s
   ``target_layers="class_layers.relu"``). ``norm``: 'batch' (exact running statistics in every memory mode),
   'syncbatch' (the same, synchronised under torch.distributed as ``nn.SyncBatchNorm``),
-  'instance' and 'group' (no running statistics), with MONAI's arguments, e.g. ``("group", {"num_groups": 4})``.
+  'instance' and 'group' (no running statistics; 'instance_nvfuser' is 'instance', as MONAI without apex), with
+  MONAI's arguments, e.g. ``("group", {"num_groups": 4})``.
   ``act``: every parameter-free activation MONAI names (relu, leakyrelu, elu, celu, selu, relu6, gelu, sigmoid,
   tanh, swish, memswish, mish), computed with the functions MONAI's modules call, and prelu, an ``nn.PReLU`` after
   each norm whose parameter has MONAI's key (``layers.relu1.weight``).
@@ -48,6 +49,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -213,7 +215,6 @@ NORMS: dict[str, tuple[str, ...]] = {  # MONAI's norm names supported here, and 
     "group": ("num_groups", "eps", "affine"),
 }
 _OTHER_NORMS = {  # the rest of MONAI's Norm factory
-    "instance_nvfuser": "use 'instance' (MONAI itself falls back to it without apex)",
     "layer": "no running-statistics-free exact form here", "localresponse": "not a DenseNet norm here",
     "": "a DenseNet needs its norms",
 }
@@ -224,6 +225,10 @@ NormMaker = Callable[[int, Callable[[Tensor], Tensor] | None], nn.Module]
 def _norm_maker(norm: Any, spatial_dims: Any) -> NormMaker:
     """MONAI's ``norm`` argument as ``make(channels, act)``; checked now, built once ``spatial_dims`` is known good."""
     name, kwargs = _split(norm, "norm")
+    if name == "instance_nvfuser":  # MONAI's own choice without apex's fused kernel, which effidense never uses
+        warnings.warn("norm='instance_nvfuser': apex's InstanceNorm3dNVFuser is not used here; 'instance' instead, "
+                      "as MONAI falls back without apex", UserWarning, stacklevel=3)
+        name = "instance"
     if name not in NORMS:
         hint = _OTHER_NORMS.get(name)
         problem = f"MONAI's {name!r} is not supported ({hint})" if hint else "unknown norm"

@@ -19,7 +19,7 @@ from torch import nn
 
 import effidense.monai as em
 from effidense import MEMORY_MODES
-from effidense.layers import SyncBatchNormAct
+from effidense.layers import INSTANCE_NORM_ACT, SyncBatchNormAct
 from effidense.memory import SavedTensorMeter
 from effidense.weights import ConversionError
 
@@ -243,6 +243,16 @@ def test_training_equals_monais_outputs_gradients_and_running_stats(dtype, spati
     # fp32 too is bitwise on CPU: the same kernels (convolution, batch/instance norm, pooling, the head's adaptive
     # average pool, dropout masks) in the same order
     assert_same_training(reference, train(ours.to(dtype), data), exact=True)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_instance_nvfuser_is_instance_norm_as_monai_makes_it_without_apex(spatial_dims):
+    norm = ("instance_nvfuser", {"affine": True})
+    with pytest.warns(UserWarning, match="InstanceNorm3dNVFuser"):  # MONAI warns too
+        theirs, ours = pair(spatial_dims, **TINY, norm=norm)
+    assert type(ours.features.norm0) is INSTANCE_NORM_ACT[spatial_dims]
+    data = batches(spatial_dims, torch.float64, steps=2)
+    assert_same_training(train(theirs.double(), data), train(ours.double(), data), exact=True)
 
 
 @pytest.mark.parametrize("memory", MEMORY_MODES)
