@@ -23,8 +23,9 @@ What is MONAI's, so code written for MONAI's model keeps working:
   'instance' and 'group' (no running statistics; 'instance_nvfuser' is 'instance', as MONAI without apex), with
   MONAI's arguments, e.g. ``("group", {"num_groups": 4})``.
   ``act``: every parameter-free activation MONAI names (relu, leakyrelu, elu, celu, selu, relu6, gelu, sigmoid,
-  tanh, swish, memswish, mish), computed with the functions MONAI's modules call, and prelu, an ``nn.PReLU`` after
-  each norm whose parameter has MONAI's key (``layers.relu1.weight``).
+  tanh, swish, memswish, mish), computed with the functions MONAI's modules call; prelu, an ``nn.PReLU`` after
+  each norm whose parameter has MONAI's key (``layers.relu1.weight``); and, as MONAI's factory, (a module class or
+  other callable, {arguments}), made as MONAI makes it.
 
 * **Module and parameter names** (``named_modules()``, ``named_parameters()``, ``get_submodule``): a dense layer's
   modules sit in its ``layers`` (``denselayer1.layers.norm1``, ``layers.dropout`` when there is dropout, the module
@@ -196,14 +197,27 @@ def activation(act: Any) -> Callable[[Tensor], Tensor] | None:
     return relu_ if name == "relu" else _Act(name, kwargs)
 
 
-def _learnable_activation(act: Any) -> Callable[[], nn.Module] | None:
-    """What makes MONAI's ``act`` where it has parameters ('prelu': ``nn.PReLU`` with MONAI's arguments), a module
-    after each norm; None for the rest, which :func:`activation` gives."""
+def _made(factory: Callable[..., nn.Module], kwargs: dict[str, Any]) -> nn.Module:
+    return factory(**kwargs)  # as MONAI calls it: with its arguments alone, never an ``inplace`` of effidense's
+
+
+def _activation_module(act: Any) -> Callable[..., nn.Module] | None:
+    """What makes MONAI's ``act`` as a module after each norm: 'prelu' (``nn.PReLU``, which has a parameter, with
+    MONAI's arguments), or what MONAI's factory also takes, (a class or other callable, {arguments}), e.g.
+    ``(nn.LeakyReLU, {"negative_slope": 0.2})``; None for an activation by name, which :func:`activation` gives."""
+    if isinstance(act, tuple) and len(act) == 2 and callable(act[0]) and isinstance(act[1], dict):
+        try:
+            parameters = inspect.signature(act[0]).parameters.values()
+        except (TypeError, ValueError):  # a builtin without one: its own call says what is wrong
+            parameters = [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
+        if all(p.kind is not inspect.Parameter.VAR_KEYWORD for p in parameters):
+            _check_arguments(act, "act", act[0], act[1])
+        return functools.partial(_made, act[0], dict(act[1]))
     name, kwargs = _split(act, "act")
     if name != "prelu":
         return None
     _check_arguments(act, "act", nn.PReLU, kwargs)
-    return functools.partial(nn.PReLU, **kwargs)
+    return functools.partial(_made, nn.PReLU, kwargs)
 
 
 # --- norms ---
@@ -342,7 +356,7 @@ class DenseNet(densenet.DenseNet):
         check_positive(in_channels=in_channels, out_channels=out_channels, init_features=init_features,
                        bn_size=bn_size)  # bn_size: MONAI's layers always have the bottleneck
         check_fraction("dropout_prob", dropout_prob)
-        act_layer = _learnable_activation(act)
+        act_layer = _activation_module(act)
         act_fn = relu_ if act_layer is not None else activation(act)  # relu_: what act_layer replaces
         make_norm = _norm_maker(norm, spatial_dims)
         # MONAI draws each convolution's default initialisation, then the Linear's, then each convolution's Kaiming

@@ -320,7 +320,8 @@ def test_densenet121_2d_trains_as_monais_in_fp64():
 @pytest.mark.parametrize("act", [("relu", {"inplace": False}), ("leakyrelu", {"negative_slope": 0.2, "inplace": True}),
                                  ("elu", {"alpha": 0.5}), "celu", "selu", "relu6", ("gelu", {"approximate": "tanh"}),
                                  "sigmoid", "tanh", ("swish", {"alpha": 1.5}), "memswish", "mish", "RELU", "",
-                                 "prelu", ("prelu", {"init": 0.1})])
+                                 "prelu", ("prelu", {"init": 0.1}), (nn.LeakyReLU, {"negative_slope": 0.2}),
+                                 (nn.PReLU, {"init": 0.1}), (nn.Hardswish, {})])
 @pytest.mark.parametrize("memory", ["plain", "efficient"])
 def test_every_monai_activation_and_group_norm_compute_monais_function(act, memory):
     theirs, ours = pair(2, **TINY, act=act, norm=("group", {"num_groups": 2}), memory=memory)
@@ -346,6 +347,7 @@ def one_line(error: pytest.ExceptionInfo) -> str:
     (dict(act=("prelu", {"alpha": 1})), "unknown argument 'alpha' (num_parameters, init, device, dtype accepted)"),
     (dict(act="nosuch"), "act='nosuch': unknown activation"),
     (dict(act=("elu", {"beta": 1})), "unknown argument 'beta' (alpha, inplace accepted)"),
+    (dict(act=(nn.LeakyReLU, {"slope": 0.2})), "unknown argument 'slope' (negative_slope, inplace accepted)"),
     (dict(act=42), "act=42: expected a name or (name, {arguments})"),
     (dict(spatial_dims=4), "spatial_dims must be 1, 2 or 3, got 4"),
     (dict(spatial_dims=0), "spatial_dims must be 1, 2 or 3, got 0"),
