@@ -317,7 +317,7 @@ def _adopted(norm: nn.Module, act: Callable[[Tensor], Tensor] | None) -> nn.Modu
     cls = SyncBatchNormAct if isinstance(norm, nn.SyncBatchNorm) else _ADOPTED.get(type(norm))
     # timm's norm-act layers are adopted only where they apply nothing but the norm
     if cls is None or isinstance(norm, NormAct) or not all(
-            isinstance(getattr(norm, name, nn.Identity()), nn.Identity) for name in ("act", "drop")):
+            isinstance(getattr(norm, name, None), (nn.Identity, type(None))) for name in ("act", "drop")):
         return norm
     group = {"process_group": norm.process_group} if cls is SyncBatchNormAct else {}
     adopted = cls(norm.num_features, norm.eps, norm.momentum, norm.affine, norm.track_running_stats, act=act, **group)
