@@ -175,7 +175,15 @@ def _split(spec: Any, what: str) -> tuple[str, dict[str, Any]]:
 
 
 def _check_arguments(spec: Any, what: str, fn: Callable[..., Any], kwargs: Mapping[str, Any]) -> None:
-    params = [p for p in inspect.signature(fn).parameters if p != "x"]
+    """Unknown arguments for ``fn`` in one line, where its signature names them all (a builtin without one, or one
+    taking ``**kwargs``, says itself what is wrong when called)."""
+    try:
+        signature = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values()):
+        return
+    params = [p for p in signature if p != "x"]
     unknown = [k for k in kwargs if k not in params]
     if unknown:
         takes = ", ".join(params) or "no arguments"
@@ -206,12 +214,7 @@ def _activation_module(act: Any) -> Callable[..., nn.Module] | None:
     MONAI's arguments), or what MONAI's factory also takes, (a class or other callable, {arguments}), e.g.
     ``(nn.LeakyReLU, {"negative_slope": 0.2})``; None for an activation by name, which :func:`activation` gives."""
     if isinstance(act, tuple) and len(act) == 2 and callable(act[0]) and isinstance(act[1], dict):
-        try:
-            parameters = inspect.signature(act[0]).parameters.values()
-        except (TypeError, ValueError):  # a builtin without one: its own call says what is wrong
-            parameters = [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
-        if all(p.kind is not inspect.Parameter.VAR_KEYWORD for p in parameters):
-            _check_arguments(act, "act", act[0], act[1])
+        _check_arguments(act, "act", act[0], act[1])
         return functools.partial(_made, act[0], dict(act[1]))
     name, kwargs = _split(act, "act")
     if name != "prelu":
@@ -506,10 +509,10 @@ class _Pretrainable(DenseNet):
         weights, _ = adapt_state_dict(imagenet, method="mean" if self.spatial_dims == 3 else None,
                                       in_chans=self.in_chans, num_classes=0)
         weights = layout_state_dict(weights, LAYOUT)
-        # as MONAI's pretrained start: the head, and a learnable activation's parameters, are left as initialised
-        fresh = {name for name, module in self.named_modules() if isinstance(module, nn.PReLU)}
+        # as MONAI's pretrained start: the head, and the activations' parameters (PReLU's, or those of a module of
+        # one's own; ImageNet's ReLUs have none), are left as initialised. Activations have MONAI's names: reluN, relu
         weights.update((k, v) for k, v in self.state_dict().items()
-                       if k.startswith("class_layers.out.") or k.rpartition(".")[0] in fresh)
+                       if k.startswith("class_layers.out.") or k.split(".")[-2].startswith("relu"))
         self.load_state_dict(weights, strict=True)
 
 

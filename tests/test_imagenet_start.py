@@ -64,13 +64,26 @@ def test_3d_one_channel_start_is_the_inflated_imagenet_network_with_a_fresh_head
     assert model.eval()(torch.randn(1, 1, 32, 32, 32)).shape == (1, 2)
 
 
-def test_with_prelu_the_activations_keep_their_initial_parameters_as_monais_start_does(cached, imagenet):
-    """ImageNet's network has no PReLU weights: as MONAI's pretrained start, they stay as initialised (0.25): one
+class _Gain(torch.nn.Module):
+    """An activation of one's own with a parameter: ReLU times a learned gain."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.full((1,), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x) * self.weight
+
+
+@pytest.mark.parametrize(("act", "initial"), [("prelu", 0.25), ((_Gain, {}), 0.5)], ids=["prelu", "one's own"])
+def test_learned_activations_keep_their_initial_parameters_as_monais_start_does(cached, imagenet, act,
+                                                                                initial):
+    """ImageNet's network has no activation weights: as MONAI's pretrained start, they stay as initialised: one
     after each of the 58 layers' two norms, the stem's, the 3 transitions' and norm5 (class_layers.relu)."""
-    model = em.DenseNet121(spatial_dims=2, in_channels=3, out_channels=2, act="prelu", pretrained=True)
-    prelus = {k: v for k, v in model.state_dict().items() if k.endswith(("relu0.weight", "relu1.weight",
-                                                                          "relu2.weight", "relu.weight"))}
-    assert len(prelus) == 2 * 58 + 1 + 3 + 1 and all(torch.equal(v, torch.tensor([0.25])) for v in prelus.values())
+    model = em.DenseNet121(spatial_dims=2, in_channels=3, out_channels=2, act=act, pretrained=True)
+    acts = {k: v for k, v in model.state_dict().items() if k.endswith(("relu0.weight", "relu1.weight",
+                                                                        "relu2.weight", "relu.weight"))}
+    assert len(acts) == 2 * 58 + 1 + 3 + 1 and all(torch.equal(v, torch.tensor([initial])) for v in acts.values())
     assert torch.equal(model.state_dict()["features.denseblock1.denselayer1.layers.norm1.weight"],
                        imagenet["features.denseblock1.denselayer1.norm1.weight"])
 
