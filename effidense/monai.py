@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -239,12 +240,21 @@ _OTHER_NORMS = {  # the rest of MONAI's Norm factory
 NormMaker = Callable[[int, Callable[[Tensor], Tensor] | None], nn.Module]
 
 
+def _users_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel, in the function calling this, of the first frame outside effidense: the user's
+    line, however many of effidense's constructors lie between."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "effidense":
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _norm_maker(norm: Any, spatial_dims: Any) -> NormMaker:
     """MONAI's ``norm`` argument as ``make(channels, act)``; checked now, built once ``spatial_dims`` is known good."""
     name, kwargs = _split(norm, "norm")
     if name == "instance_nvfuser":  # MONAI's own choice without apex's fused kernel, which effidense never uses
         warnings.warn("norm='instance_nvfuser': apex's InstanceNorm3dNVFuser is not used here; 'instance' instead, "
-                      "as MONAI falls back without apex", UserWarning, stacklevel=3)
+                      "as MONAI falls back without apex", UserWarning, stacklevel=_users_stacklevel())
         name = "instance"
     if name not in NORMS:
         hint = _OTHER_NORMS.get(name)
@@ -394,7 +404,13 @@ class DenseNet(densenet.DenseNet):
         return self.class_layers[:-1](x) if pre_logits else self.class_layers(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.class_layers(self.forward_features(x))
+        out = self.class_layers(self.forward_features(x))
+        if type(x) is not Tensor and hasattr(type(x), "copy_meta_from") and type(out) is not type(x):
+            # A sliced segment or a synchronised norm computes on the plain tensor (a MetaTensor result is a view
+            # that holds its base); MONAI's model hands back a MetaTensor carrying the input's metadata, so this does.
+            out = out.as_subclass(type(x))
+            out.copy_meta_from(x)
+        return out
 
     def get_classifier(self) -> nn.Module:
         return self.class_layers.out

@@ -253,6 +253,10 @@ def test_instance_nvfuser_is_instance_norm_as_monai_makes_it_without_apex(spatia
     assert type(ours.features.norm0) is INSTANCE_NORM_ACT[spatial_dims]
     data = batches(spatial_dims, torch.float64, steps=2)
     assert_same_training(train(theirs.double(), data), train(ours.double(), data), exact=True)
+    for build in (em.DenseNet, em.DenseNet121):  # the warning names the user's line, not effidense's
+        with pytest.warns(UserWarning, match="InstanceNorm3dNVFuser") as caught:
+            build(spatial_dims, 1, CLASSES, norm=norm, **({} if build is em.DenseNet121 else TINY))
+        assert [w.filename for w in caught] == [__file__]
 
 
 @pytest.mark.parametrize("memory", MEMORY_MODES)
@@ -471,6 +475,36 @@ def test_metatensor_inputs_train_as_plain_tensors(model, mode):
         net(given).square().mean().backward()
         runs.append([*(p.grad for p in net.parameters()), *net.buffers()])
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+@pytest.mark.parametrize("norm", ["batch", "syncbatch"])
+@pytest.mark.parametrize(("mode", "slices"), [("plain", 1), ("efficient", 1), ("frugal", 1), ("frugal", 2)])
+def test_metatensor_inputs_give_monais_metatensor_logits(mode, slices, norm):
+    """MONAI's model hands back a MetaTensor carrying the input's metadata (its meta dict, affine, applied operations,
+    batch flag); so does the drop-in in every mode, where a sliced segment computes on the plain tensor too (it
+    handed back a plain tensor there), with MONAI's values and gradients (sliced: up to the order of sums)."""
+    from monai.data import MetaTensor
+
+    x = MetaTensor(torch.randn(2, 1, 16, 16, 16, dtype=torch.float64), affine=torch.diag(torch.tensor([2., 2, 3, 1])),
+                   meta={"filename_or_obj": "a.nii.gz"})
+    x.is_batch = True
+    x.push_applied_operation({"class": "Spacing", "id": 7})
+    torch.manual_seed(0)
+    theirs = monai_nets.DenseNet(3, 1, CLASSES, **TINY).double()
+    torch.manual_seed(0)
+    ours = em.DenseNet(3, 1, CLASSES, **TINY, norm=norm, memory=mode).double()
+    ours.backward_slices = slices
+    expected, got = theirs(x), ours(x)
+    assert type(got) is MetaTensor and got.is_batch
+    assert got.applied_operations == expected.applied_operations
+    assert got.meta.keys() == expected.meta.keys()
+    assert all(torch.equal(got.meta[k], v) if torch.is_tensor(v) else got.meta[k] == v
+               for k, v in expected.meta.items())
+    assert torch.equal(got.as_tensor(), expected.as_tensor())
+    expected.square().sum().backward()
+    got.square().sum().backward()
+    for a, b in zip(theirs.parameters(), ours.parameters(), strict=True):  # sliced: up to the order of sums
+        torch.testing.assert_close(b.grad, a.grad, rtol=0 if slices == 1 else 1e-10, atol=0 if slices == 1 else 1e-12)
 
 
 def test_metatensor_maps_that_a_fused_transition_cannot_empty_train_as_plain_tensors():
