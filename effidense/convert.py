@@ -377,6 +377,14 @@ def convert_state_dict(
     problem = values_problem(canonical)
     if problem:  # NaN or integer "weights" would convert (and verify) without a complaint
         raise ConversionError(problem)
+    activations = [k for k in canonical if "." in k and k.split(".")[-2].startswith("relu")]
+    if activations:  # MONAI's names its activation modules as torchvision's ReLUs: reluN, relu
+        more = f" and {len(activations) - 1} more" if len(activations) > 1 else ""
+        raise ConversionError(
+            f"the weights hold activation parameters ({activations[0]}{more}), as MONAI's act='prelu' makes: "
+            "effidense convert converts DenseNets with parameter-free activations (torchvision's and timm's have no "
+            "other); effidense.monai loads these as they are, e.g. effidense.monai.DenseNet121(spatial_dims, "
+            "in_channels, out_channels, act='prelu').load_state_dict(weights)")
     if is_fcdensenet_state_dict(canonical):  # the segmentation network: its own architecture, one layout
         adapt = inflate is not None or in_chans is not None or num_classes is not None
         out, fcd, name, more = convert_fcdensenet_state_dict(canonical, source, target, model, adapt=adapt)

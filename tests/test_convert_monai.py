@@ -203,6 +203,23 @@ def test_bad_monai_keys_are_named_in_the_files_own_names(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pth"]
 
 
+def test_monai_prelu_weights_are_refused_in_one_line_that_points_to_the_drop_in(tmp_path, capsys):
+    """MONAI's act='prelu' gives each activation a parameter, which no layout convert writes can hold: one line says
+    so and names the drop-in, which loads the file as it is; nothing is written."""
+    import effidense.monai as em
+
+    torch.manual_seed(0)
+    state_dict = monai_nets.DenseNet(2, 1, CLASSES, **MONAI_TINY, act="prelu").state_dict()
+    source = tmp_path / "prelu.pth"
+    torch.save(state_dict, source)
+    code, out, err = run_cli(capsys, "--checkpoint", source, "--output", tmp_path / "out.safetensors")
+    assert code == 1 and out == "" and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "features.relu0.weight and 10 more" in err and "act='prelu'" in err and "effidense.monai" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prelu.pth"]
+    drop_in = em.DenseNet(2, 1, CLASSES, **MONAI_TINY, act="prelu")
+    drop_in.load_state_dict(torch.load(source, weights_only=True), strict=True)
+
+
 def test_monai_cannot_hold_what_its_densenet_lacks(tmp_path):
     small = effidense.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, small_inputs=True,
                                num_classes=CLASSES)
