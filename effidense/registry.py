@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import os
 import warnings
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from torch import nn
 from .configs import CONFIGS, unknown_model_message
 from .densenet import DenseNet
 from .fileio import content_format
-from .layers.norm import AdoptsNorms
+from .layers.norm import BATCH_NORM_ACT, AdoptsNorms, BatchNormAct2d
 from .pretrained import (
     TORCHVISION_WEIGHTS,
     not_found_error,
@@ -326,6 +327,8 @@ def _create(name: str, pretrained: bool, **kwargs: Any) -> DenseNet:
         kwargs["head_drop_rate"] = kwargs.pop("drop_rate")
     if "proj_drop_rate" in kwargs:
         kwargs["drop_rate"] = kwargs.pop("proj_drop_rate")
+    if "bn_momentum" in kwargs or "bn_eps" in kwargs:
+        kwargs["norm_layer"] = _batch_norm_with(kwargs)
     kwargs = {**CONFIGS[name], **kwargs}
     # every feature map by default: the stem, each block but the last, the final norm (timm assumes five)
     out_indices = tuple(range(len(kwargs["block_config"]) + 1))
@@ -337,6 +340,17 @@ def _create(name: str, pretrained: bool, **kwargs: Any) -> DenseNet:
             pretrained_filter_fn=timm_pretrained_filter, **kwargs)
     except LocalEntryNotFoundError:  # the hub's own error says neither where else to look nor what to do
         raise not_found_error(name, tag, hf_hub_id, torchvision_file) from None
+
+
+def _batch_norm_with(kwargs: dict[str, Any]) -> Any:
+    """The norm layer for timm's ``bn_momentum`` and ``bn_eps`` (taken out of ``kwargs``), which timm's ``train.py``
+    passes for ``--bn-momentum``/``--bn-eps`` and its EfficientNets and MobileNets take: BatchNorm with them."""
+    bn = {name: kwargs.pop(f"bn_{name}") for name in ("momentum", "eps") if f"bn_{name}" in kwargs}
+    if kwargs.get("norm_layer") is not None:
+        raise ValueError(f"bn_momentum and bn_eps are BatchNorm's arguments, beside norm_layer="
+                         f"{kwargs['norm_layer']!r}: give that norm its arguments itself (functools.partial)")
+    # an unknown spatial_dims is left to the model, which names it
+    return functools.partial(BATCH_NORM_ACT.get(kwargs.get("spatial_dims", 2), BatchNormAct2d), **bn)
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:

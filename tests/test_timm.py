@@ -1,6 +1,8 @@
 """The timm registry: effi_* entrypoints, pretrained configs and the model API timm's tools rely on."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import timm
 import torch
@@ -13,6 +15,7 @@ from torch import nn
 
 import effidense
 from effidense import SavedTensorMeter
+from effidense.layers import BATCH_NORM_ACT
 
 NAMES = ["effi_densenet121", "effi_densenet161", "effi_densenet169", "effi_densenet201", "effi_densenet264",
          "effi_densenet40_k12", "effi_densenet_bc100_k12", "effi_densenet_bc250_k24", "effi_densenet_bc190_k40"]
@@ -96,6 +99,27 @@ def test_kwargs_pass_through_create_model():
     assert {layer.drop_rate for layer in model.modules() if isinstance(layer, effidense.densenet.DenseLayer)} == {0.1}
     with pytest.raises(ValueError, match="memory must be one of"):
         tiny(memory="tiny")
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_bn_momentum_and_bn_eps_set_every_batch_norm_as_timms_train_py_passes_them(spatial_dims):
+    """timm's train.py passes --bn-momentum and --bn-eps to create_model as bn_momentum and bn_eps (its EfficientNets
+    and MobileNets take them; its DenseNet fails): every norm is BatchNorm with them, and trains as one built so."""
+    model = tiny(bn_momentum=0.01, bn_eps=1e-3, spatial_dims=spatial_dims)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(type(m) is BATCH_NORM_ACT[spatial_dims] and (m.momentum, m.eps) == (0.01, 1e-3)
+                         for m in norms)
+    given = tiny(bn_momentum=0.01, spatial_dims=spatial_dims).double()  # tiny() seeds: the same weights
+    built = tiny(spatial_dims=spatial_dims,
+                 norm_layer=functools.partial(BATCH_NORM_ACT[spatial_dims], momentum=0.01)).double()
+    x = torch.randn(2, 3, *(32,) * spatial_dims, dtype=torch.float64)
+    for model in (given, built):
+        model(x).square().sum().backward()
+    assert all(torch.equal(a, b) for a, b in zip(given.state_dict().values(), built.state_dict().values(), strict=True))
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(given.parameters(), built.parameters(), strict=True))
+    with pytest.raises(ValueError, match=r"bn_momentum and bn_eps are BatchNorm's arguments, beside "
+                                         r"norm_layer='groupnorm'"):
+        tiny(bn_momentum=0.01, norm_layer="groupnorm")
 
 
 def test_forward_intermediates_match_forward_features():
