@@ -17,13 +17,16 @@ from typing import Any
 
 from .configs import CONFIGS, unknown_model_message
 from .densenet import DenseNet
+from .dilation import dilate
 
 __all__ = ["Architecture", "ModelSpec", "dims_of_size", "resolve_model"]
 
 _MODE_ARGS = ("memory", "efficient", "compile")  # chosen per variant by the tools, never part of a spec
+# DenseNet's arguments, and DeepLab's output_stride, which dilates the built model (effidense.dilation), as timm's
 _DENSENET_ARGS = [name for name in inspect.signature(DenseNet.__init__).parameters
-                  if name != "self" and name not in _MODE_ARGS]
-_DEFAULTS = {name: p.default for name, p in inspect.signature(DenseNet.__init__).parameters.items()}
+                  if name != "self" and name not in _MODE_ARGS] + ["output_stride"]
+_DEFAULTS = {name: p.default for name, p in inspect.signature(DenseNet.__init__).parameters.items()} | \
+    {"output_stride": None}
 
 
 MAX_TENSOR_BYTES = 2 ** 63 - 1  # torch counts a tensor's elements and bytes in int64
@@ -141,7 +144,10 @@ class ModelSpec:
 
     def build(self, memory: str = "plain", **overrides: Any) -> DenseNet:
         """A fresh model in memory mode ``memory``; ``overrides`` replace spec arguments (e.g. ``drop_rate``)."""
-        return DenseNet(**{**self.kwargs, **overrides, "memory": memory})
+        kwargs = {**self.kwargs, **overrides, "memory": memory}
+        output_stride = kwargs.pop("output_stride", None)
+        model = DenseNet(**kwargs)
+        return model if output_stride is None else dilate(model, output_stride)
 
     def scaled(self, factor: float) -> ModelSpec:
         """The same family with every block's layer count scaled by ``factor`` (at least one layer per block)."""

@@ -22,6 +22,7 @@ from torch import nn
 
 from .configs import CONFIGS, unknown_model_message
 from .densenet import DenseNet
+from .dilation import dilate
 from .fileio import content_format
 from .layers.norm import BATCH_NORM_ACT, AdoptsNorms, BatchNormAct2d
 from .pretrained import (
@@ -332,9 +333,11 @@ def _create(name: str, pretrained: bool, **kwargs: Any) -> DenseNet:
     kwargs = {**CONFIGS[name], **kwargs}
     # every feature map by default: the stem, each block but the last, the final norm (timm assumes five)
     out_indices = tuple(range(len(kwargs["block_config"]) + 1))
+    output_stride = kwargs.pop("output_stride", None)  # timm's, DeepLab's: dilated before any features are taken
+    build = DenseNet if output_stride is None else lambda **a: dilate(DenseNet(**a), output_stride)
     try:
         return build_model_with_cfg(
-            DenseNet, f"effi_{name}", pretrained,
+            build, f"effi_{name}", pretrained,
             # flatten_sequential, as timm's DenseNet: its 'list', 'dict' and 'hook' feature models name modules as ours
             feature_cfg=dict(feature_cls=DenseNetFeatures, out_indices=out_indices, flatten_sequential=True),
             pretrained_filter_fn=timm_pretrained_filter, **kwargs)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..choices import COMPILE_SUFFIX, MEMORY_MODES, MONAI_MODELS, PEERS
+from ..dilation import strides
 from ..modelspec import ModelSpec
 from ..weights import layout_state_dict
 
@@ -56,6 +57,9 @@ def peer_limits(library: str, spec: ModelSpec) -> list[str]:
         reasons.append("it has no small-input (CIFAR) stem (small_inputs=True)")
     if not spec.bottleneck:
         reasons.append("its dense layers always have a bottleneck (bn_size=None)")
+    stride = spec.arg("output_stride")
+    if stride is not None and stride != strides(spec.arg("small_inputs"), len(spec.block_config))[-1]:
+        reasons.append(f"it takes no output_stride (output_stride={stride})")
     if spec.arg("compression") != 0.5:
         reasons.append(f"its transitions always halve the channels (compression={spec.arg('compression'):g})")
     if library != "monai" and spec.arg("spatial_dims") != 2:
