@@ -14,6 +14,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .densenet import DenseLayer, DenseNet
+from .layers import AvgPool
 
 __all__ = ["Unpooled", "dilate", "strides"]
 
@@ -46,24 +47,24 @@ def strides(small_inputs: bool, blocks: int) -> list[int]:
 
 
 def dilate(model: DenseNet, output_stride: int) -> DenseNet:
-    """``model`` with its last map at ``output_stride`` (one of :func:`strides`; the last, the network's own, leaves
-    it as it is): the transitions that would pool below it unpooled (:class:`Unpooled`), the 3x3 convolutions of
-    each block after them dilated by the stride it would have run at over ``output_stride``, and ``feature_info``'s
-    reductions those the maps now have. Changes ``model`` in place and returns it; its weights stay as they are."""
+    """``model`` with its last map at ``output_stride`` (one of :func:`strides`; the last is the network's own): the
+    transitions that would pool below it unpooled (:class:`Unpooled`), the 3x3 convolutions of each block after them
+    dilated by the stride it would have run at over ``output_stride``, and ``feature_info``'s reductions those the maps
+    now have. Changes ``model`` in place (a model dilated before is set to the new stride) and returns it; its weights
+    stay as they are."""
     allowed = strides(model.small_inputs, len(model.block_config))
     if isinstance(output_stride, bool) or output_stride not in allowed:
         raise ValueError(f"output_stride must be one of {', '.join(map(str, allowed))} for this DenseNet (the "
                          f"strides its blocks run at), got {output_stride!r}")
     features = model.features
-    for i, stride in enumerate(allowed, 1):
-        if stride <= output_stride:
-            continue
-        features.get_submodule(f"transition{i - 1}").pool = Unpooled(model.spatial_dims)
-        dilation = (stride // output_stride,) * model.spatial_dims
+    for i, stride in enumerate(allowed[1:], 2):
+        transition = features.get_submodule(f"transition{i - 1}")
+        transition.pool = Unpooled(model.spatial_dims) if stride > output_stride else AvgPool(model.spatial_dims)
+        dilation = (max(stride // output_stride, 1),) * model.spatial_dims
         for layer in features.get_submodule(f"denseblock{i}").values():
             _dilate_conv(layer, dilation)
-    for info in model.feature_info:
-        info["reduction"] = min(info["reduction"], output_stride)
+    for info, stride in zip(model.feature_info[1:], allowed, strict=False):
+        info["reduction"] = min(stride, output_stride)
     return model
 
 

@@ -114,3 +114,14 @@ def test_the_tools_build_it_from_their_model_spec_and_the_peers_say_they_cannot(
     assert peer_limits("torchvision", resolve_model("effi_densenet121", {**TINY, "output_stride": 32})) == []
     with pytest.raises(ValueError, match="^output_stride must be one of 4, 8, 16, 32"):
         resolve_model("effi_densenet121", {"output_stride": 5})
+
+
+def test_dilating_again_sets_the_new_stride():
+    """A model dilated before is set to the new stride, back to its own (32) too: the same as one dilated once."""
+    base = effidense.densenet121(**TINY, num_classes=3, memory="plain").double()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    for stride in (16, 32):
+        again, once = dilate(dilate(copy.deepcopy(base), 8), stride), dilate(copy.deepcopy(base), stride)
+        assert torch.equal(again(x), once(x))
+        assert again.feature_info == once.feature_info
+    assert torch.equal(again(x), base(x))
