@@ -1,4 +1,5 @@
 import importlib
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -72,3 +73,16 @@ def one_line_error(err: str) -> str:
     assert len(lines) == 1, err
     assert "Traceback" not in err
     return lines[0]
+
+
+def fused_then_apart(monkeypatch: pytest.MonkeyPatch, fused: list[bool]) -> Iterator[bool]:
+    """Yields False, then True (apart): first with each of frugal's choices to run a block's last layer and the
+    transition after it as one segment (``Transition.frees_after``) recorded in ``fused``, then with every such pair
+    run apart."""
+    from effidense.densenet import Transition
+
+    frees_after = Transition.frees_after
+    monkeypatch.setattr(Transition, "frees_after", lambda *args: fused.append(frees_after(*args)) or fused[-1])
+    yield False
+    monkeypatch.setattr(Transition, "frees_after", lambda *args: False)
+    yield True

@@ -8,10 +8,11 @@ import pytest
 import timm
 import torch
 import torchvision
+from conftest import fused_then_apart
 from torch import nn
 
 import effidense
-from effidense.densenet import DenseNet, Transition
+from effidense.densenet import DenseNet
 from effidense.dilation import Unpooled, dilate
 
 TINY = dict(growth_rate=4, block_config=(2, 2, 2, 2), num_init_features=8, bn_size=2)
@@ -76,12 +77,9 @@ def test_every_mode_computes_the_dilated_plain_model(spatial_dims, output_stride
 def test_a_frugal_last_layer_with_its_unpooled_transition(monkeypatch):
     """Frugal runs a block's last layer and the sliced transition after it as one segment, which empties the layer's
     features once normalised; unpooled, it is bitwise the two run apart."""
-    fused, frees_after = [], Transition.frees_after
-    monkeypatch.setattr(Transition, "frees_after", lambda *args: fused.append(frees_after(*args)) or fused[-1])
+    fused: list[bool] = []
     x, runs = torch.randn(4, 3, 32, 32, dtype=torch.float64), []
-    for apart in (False, True):
-        if apart:
-            monkeypatch.setattr(Transition, "frees_after", lambda *args: False)
+    for _ in fused_then_apart(monkeypatch, fused):
         torch.manual_seed(0)
         model = dilate(DenseNet(growth_rate=16, block_config=(4, 1), num_init_features=8, bn_size=None,
                                 num_classes=5, small_inputs=True, memory="frugal", backward_slices=2).double(), 1)

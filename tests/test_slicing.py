@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from conftest import TINY, one_line_error
+from conftest import TINY, fused_then_apart, one_line_error
 
 import effidense.layers.light as light
 from effidense import DenseBlock, DenseNet, Transition
@@ -275,13 +275,10 @@ def test_frugal_last_layer_with_its_transition_under_a_frozen_block(input_grad, 
     """Transfer learning freezes the early layers: with the stem and the first block frozen (and an input that needs
     no gradient), the layer's maps need none, the transition's weights do. The checkpoint's rerun saves what the
     transition saved all the same, and the step is bitwise the one with the two run apart."""
-    fused, frees_after = [], Transition.frees_after
-    monkeypatch.setattr(Transition, "frees_after", lambda *args: fused.append(frees_after(*args)) or fused[-1])
+    fused: list[bool] = []
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64, requires_grad=input_grad)
     runs = []
-    for apart in (False, True):
-        if apart:
-            monkeypatch.setattr(Transition, "frees_after", lambda *args: False)
+    for _ in fused_then_apart(monkeypatch, fused):
         model = _fused_model()
         for name, p in model.named_parameters():
             p.requires_grad_(not name.startswith(("features.conv0", "features.denseblock1")))
@@ -297,12 +294,9 @@ def test_frugal_last_layer_with_its_transition_under_weights_given_by_functional
     checkpoint's rerun, which does not call the transition, still saves the weights its forward used. Gradients with
     respect to the given weights are those of the two run apart, bitwise."""
     from torch.func import functional_call
-    fused, frees_after = [], Transition.frees_after
-    monkeypatch.setattr(Transition, "frees_after", lambda *args: fused.append(frees_after(*args)) or fused[-1])
+    fused: list[bool] = []
     x, runs = torch.randn(4, 3, 32, 32, dtype=torch.float64), []
-    for apart in (False, True):
-        if apart:
-            monkeypatch.setattr(Transition, "frees_after", lambda *args: False)
+    for _ in fused_then_apart(monkeypatch, fused):
         model = _fused_model()
         weights = {name: (1.1 * p + 0.01).detach().requires_grad_() for name, p in model.named_parameters()}
         loss = functional_call(model, weights, (x,)).square().sum()
