@@ -77,7 +77,8 @@ from .weights import ConversionError, canonical_key, describe_misfit, layout_key
 
 __all__ = ["LAYOUT", "ACTIVATIONS", "NORMS", "Activation", "DenseNet", "DenseNet121", "DenseNet169", "DenseNet201",
            "DenseNet264", "Densenet", "Densenet121", "Densenet169", "Densenet201", "Densenet264",
-           "WeightsMismatchError", "activation", "densenet121", "densenet169", "densenet201", "densenet264"]
+           "WeightsMismatchError", "activation", "densenet121", "densenet169", "densenet201", "densenet264",
+           "imagenet_weights"]
 
 LAYOUT = "monai"  # the layout name in effidense.weights.KEY_RULES
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -492,6 +493,31 @@ def _check_pretrained(pretrained: bool, name: str, spatial_dims: Any, norm: Any)
                          f"(or 'syncbatch'), not {norm!r}")
 
 
+def imagenet_weights(name: str, spatial_dims: int, in_chans: int, layout: str, progress: bool = True,
+                     num_classes: int = 0) -> dict[str, Tensor]:
+    """torchvision's ImageNet weights of ``name`` (from torchvision's cache, else timm's hub or its cache, as
+    ``effidense.densenet121(weights="tv_in1k")``), without their classifier, in ``layout``'s keys: inflated to 3D by
+    I3D's mean for ``spatial_dims=3``, the first convolution adapted to ``in_chans`` (the sum over RGB, shared out).
+    Where they cannot be had, one line says where they were looked for and how to convert them oneself (for a model
+    of ``num_classes``)."""
+    from .registry import create
+
+    try:
+        with torch.random.fork_rng(devices=[]):  # the generator is left as after a random start
+            imagenet = create(name, weights="tv_in1k", progress=progress).state_dict()
+    except WeightsNotFoundError as e:
+        file = torchvision_cache_file(torchvision_weights(name, "tv_in1k")).name
+        raise WeightsNotFoundError(
+            f"pretrained=True: no ImageNet weights for {name} offline, and {unreachable_hub()}; looked in "
+            f"{e.places}. Put torchvision's {file} there, or convert it yourself: effidense convert --checkpoint "
+            f"{file} --output w.pth --to {layout} --in-chans {in_chans} --num-classes {num_classes}"
+            f"{' --inflate mean' if spatial_dims == 3 else ''}, then "
+            "model.load_state_dict(torch.load('w.pth', weights_only=True))", e.places) from None
+    weights, _ = adapt_state_dict(imagenet, method="mean" if spatial_dims == 3 else None, in_chans=in_chans,
+                                  num_classes=0)
+    return layout_state_dict(weights, layout)
+
+
 class _Pretrainable(DenseNet):
     """A numbered DenseNet, which ``pretrained=True`` starts from torchvision's ImageNet weights."""
 
@@ -505,26 +531,10 @@ class _Pretrainable(DenseNet):
             self.start_from_imagenet(progress)
 
     def start_from_imagenet(self, progress: bool = True) -> None:
-        """Load torchvision's ImageNet weights (from torchvision's cache, else timm's hub or its cache, as
-        ``effidense.densenet121(weights="tv_in1k")``): inflated to 3D by I3D's mean for ``spatial_dims=3``, the first
-        convolution adapted to ``in_channels`` (the sum over RGB, shared out: :func:`effidense.adapt.
-        adapt_input_channels`), the head (``class_layers.out``) left as initialised. Nothing else changes."""
-        from .registry import create
-
-        try:
-            with torch.random.fork_rng(devices=[]):  # the generator is left as after a random start
-                imagenet = create(self.imagenet, weights="tv_in1k", progress=progress).state_dict()
-        except WeightsNotFoundError as e:
-            file = torchvision_cache_file(torchvision_weights(self.imagenet, "tv_in1k")).name
-            raise WeightsNotFoundError(
-                f"pretrained=True: no ImageNet weights for {self.imagenet} offline, and {unreachable_hub()}; "
-                f"looked in {e.places}. Put torchvision's {file} there, or convert it yourself: effidense convert "
-                f"--checkpoint {file} --output w.pth --to monai --in-chans {self.in_chans} --num-classes "
-                f"{self.num_classes}{' --inflate mean' if self.spatial_dims == 3 else ''}, then "
-                "model.load_state_dict(torch.load('w.pth', weights_only=True))", e.places) from None
-        weights, _ = adapt_state_dict(imagenet, method="mean" if self.spatial_dims == 3 else None,
-                                      in_chans=self.in_chans, num_classes=0)
-        weights = layout_state_dict(weights, LAYOUT)
+        """Load torchvision's ImageNet weights, as :func:`imagenet_weights` makes them for this model, the head
+        (``class_layers.out``) left as initialised. Nothing else changes."""
+        weights = imagenet_weights(self.imagenet, self.spatial_dims, self.in_chans, LAYOUT, progress,
+                                   num_classes=self.num_classes)
         # as MONAI's pretrained start: the head, and the activations' parameters (PReLU's, or those of a module of
         # one's own; ImageNet's ReLUs have none), are left as initialised. Activations have MONAI's names: reluN, relu
         weights.update((k, v) for k, v in self.state_dict().items()
