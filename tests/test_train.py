@@ -190,6 +190,22 @@ def test_model_flags_memory_mode_and_grad_checkpointing() -> None:
         build_model(parse_args(["--model", "resnet18", "--memory", "frugal"]), 10)
 
 
+def test_bn_momentum_and_bn_eps_set_every_norm_as_timms_train_py_does(capsys) -> None:
+    """timm's train.py flags --bn-momentum and --bn-eps reach every BatchNorm; bad values and the same setting given
+    twice (as timm's create_model would fail on) are one line each."""
+    model = build_model(parse_args([*TINY, "--bn-momentum", "0.05", "--bn-eps", "1e-3"]), 10)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and all((m.momentum, m.eps) == (0.05, 1e-3) for m in norms)
+    assert {m.momentum for m in build_model(parse_args(TINY), 10).modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)} == {0.1}
+    with pytest.raises(TrainError, match=r"^--bn-momentum and --model-kwargs bn_momentum=\.\.\. both set it"):
+        parse_args([*TINY, "bn_momentum=0.2", "--bn-momentum", "0.1"])
+    for flag, value, need in (("--bn-eps", "0", "(0, 1]"), ("--bn-momentum", "1.5", "[0, 1]")):
+        with pytest.raises(SystemExit):
+            parse_args([*TINY, flag, value])
+        assert f"argument {flag}: must be a number in {need}, got {value}" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("layout, message", [
     (None, "no such directory"),
     ({}, "no training split"),

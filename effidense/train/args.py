@@ -66,6 +66,13 @@ def _fraction(text: str) -> float:
     return _number(text, 0.0, 1.0, "a number in [0, 1]")
 
 
+def _bn_eps(text: str) -> float:
+    value = _number(text, 0.0, 1.0, "a number in (0, 1]")
+    if value == 0:  # BatchNorm would divide by a zero variance's square root
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text}")
+    return value
+
+
 def _smoothing(text: str) -> float:
     return _number(text, 0.0, 1.0, "in [0, 1) (label smoothing)", high_open=True)
 
@@ -137,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="extra create_model arguments, values as Python literals, e.g. "
                             "block_config='(3,3,3)' growth_rate=12")
     group.add_argument("--drop", type=_fraction, default=0.0, metavar="PCT", help="dropout before the classifier")
+    group.add_argument("--bn-momentum", type=_fraction, default=None, metavar="M",
+                       help="every BatchNorm's momentum, as timm's train.py passes it (bn_momentum); default the "
+                            "model's")
+    group.add_argument("--bn-eps", type=_bn_eps, default=None, metavar="EPS",
+                       help="every BatchNorm's epsilon, as timm's train.py passes it (bn_eps); default the model's")
     group.add_argument("--img-size", type=_count, default=None, metavar="N",
                        help="image size (default: the model's pretrained_cfg input size)")
     group.add_argument("--memory", choices=MEMORY_MODES, default=None,
@@ -335,6 +347,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     none = [key for key, value in args.model_kwargs.items() if value is None]
     if none:
         raise TrainError(dropped_by_timm(none))
+    given = [key for key in ("bn_momentum", "bn_eps") if getattr(args, key) is not None and key in args.model_kwargs]
+    if given:
+        raise TrainError(f"--{given[0].replace('_', '-')} and --model-kwargs {given[0]}=... both set it; pass one")
     if not 0 < args.scale[1] or args.scale[0] > args.scale[1]:
         raise TrainError(f"--scale {args.scale[0]} {args.scale[1]}: expected MIN MAX with 0 <= MIN <= MAX and "
                          "MAX > 0 (fractions of the image area)")

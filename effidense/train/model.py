@@ -117,7 +117,9 @@ def build_model(args: argparse.Namespace, num_classes: int, notes: list[str] | N
         with _quiet_timm_loader(pretrained is not None):
             model = timm.create_model(
                 args.model, pretrained=args.pretrained or pretrained is not None, num_classes=num_classes,
-                drop_rate=args.drop, pretrained_cfg_overlay=overlay, **args.model_kwargs)
+                drop_rate=args.drop, pretrained_cfg_overlay=overlay, **args.model_kwargs,
+                **{key: getattr(args, key, None) for key in ("bn_momentum", "bn_eps")
+                   if getattr(args, key, None) is not None})
     except (RuntimeError, ValueError, TypeError, KeyError, FileNotFoundError) as e:
         hint = ("; pretrained effi_* weights come from the Hugging Face Hub (timm/densenet*); offline, put them in the "
                 "hub cache or pass --pretrained-path FILE") if args.pretrained and not args.pretrained_path else ""
