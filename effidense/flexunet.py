@@ -45,8 +45,8 @@ class DenseNetEncoder(DenseNet, BaseEncoder):
         super().__init__(**CONFIGS[model_name], num_classes=0, global_pool="", in_chans=in_channels,
                          spatial_dims=spatial_dims, memory=memory)
         if pretrained:
-            self.load_state_dict(imagenet_weights(model_name, spatial_dims, in_channels, "effidense", progress),
-                                 strict=True)
+            self.load_state_dict(imagenet_weights(model_name, spatial_dims, in_channels, "effidense", progress,
+                                                  into="model.encoder"), strict=True)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         return self.forward_intermediates(x, intermediates_only=True)

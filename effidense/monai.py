@@ -494,12 +494,12 @@ def _check_pretrained(pretrained: bool, name: str, spatial_dims: Any, norm: Any)
 
 
 def imagenet_weights(name: str, spatial_dims: int, in_chans: int, layout: str, progress: bool = True,
-                     num_classes: int = 0) -> dict[str, Tensor]:
+                     num_classes: int = 0, into: str = "model") -> dict[str, Tensor]:
     """torchvision's ImageNet weights of ``name`` (from torchvision's cache, else timm's hub or its cache, as
     ``effidense.densenet121(weights="tv_in1k")``), without their classifier, in ``layout``'s keys: inflated to 3D by
     I3D's mean for ``spatial_dims=3``, the first convolution adapted to ``in_chans`` (the sum over RGB, shared out).
     Where they cannot be had, one line says where they were looked for and how to convert them oneself (for a model
-    of ``num_classes``)."""
+    of ``num_classes``, loaded into ``into``)."""
     from .registry import create
 
     try:
@@ -512,7 +512,7 @@ def imagenet_weights(name: str, spatial_dims: int, in_chans: int, layout: str, p
             f"{e.places}. Put torchvision's {file} there, or convert it yourself: effidense convert --checkpoint "
             f"{file} --output w.pth --to {layout} --in-chans {in_chans} --num-classes {num_classes}"
             f"{' --inflate mean' if spatial_dims == 3 else ''}, then "
-            "model.load_state_dict(torch.load('w.pth', weights_only=True))", e.places) from None
+            f"{into}.load_state_dict(torch.load('w.pth', weights_only=True))", e.places) from None
     weights, _ = adapt_state_dict(imagenet, method="mean" if spatial_dims == 3 else None, in_chans=in_chans,
                                   num_classes=0)
     return layout_state_dict(weights, layout)

@@ -3,6 +3,9 @@ takes, every mode exact, and the ImageNet start in 3D (offline: the weights come
 from __future__ import annotations
 
 import copy
+import re
+import subprocess
+import sys
 
 import huggingface_hub
 import pytest
@@ -75,3 +78,23 @@ def test_pretrained_starts_a_3d_one_channel_encoder_from_imagenet(tmp_path, monk
 def test_pretrained_where_there_are_no_imagenet_weights_is_refused_in_one_line():
     with pytest.raises(ValueError, match="^pretrained=True: there are no ImageNet weights for densenet264; "):
         flexible_unet.FlexibleUNet(1, 2, backbone="effi-densenet264", pretrained=True)
+
+
+def test_offline_without_weights_the_one_line_recipe_loads_into_the_encoder(tmp_path, monkeypatch):
+    """Offline with empty caches, pretrained=True says in one line where it looked and what to run; the command it
+    names, run on torchvision's file, writes weights that load into the encoder as the line says."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError) as raised:
+        _unet(3, pretrained=True)
+    message = str(raised.value)
+    assert "\n" not in message
+    command = re.search(r"effidense convert (.*?), then model\.encoder\.load_state_dict", message).group(1)
+    assert command == ("--checkpoint densenet121-a639ec97.pth --output w.pth --to effidense --in-chans 1 "
+                       "--num-classes 0 --inflate mean")
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(11)
+    torch.save(randomize(effidense.DenseNet()).state_dict(), "densenet121-a639ec97.pth")
+    assert subprocess.run([sys.executable, "-m", "effidense", "convert", *command.split()]).returncode == 0
+    _unet(3).encoder.load_state_dict(torch.load("w.pth", weights_only=True), strict=True)
