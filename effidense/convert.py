@@ -49,6 +49,7 @@ from .weights import (
     describe_misfit,
     has_layout_keys,
     has_legacy_keys,
+    is_activation_key,
     is_bn_counter,
     layout_key,
     layout_state_dict,
@@ -377,8 +378,8 @@ def convert_state_dict(
     problem = values_problem(canonical)
     if problem:  # NaN or integer "weights" would convert (and verify) without a complaint
         raise ConversionError(problem)
-    activations = [k for k in canonical if "." in k and k.split(".")[-2].startswith("relu")]
-    if activations:  # MONAI's names its activation modules as torchvision's ReLUs: reluN, relu
+    activations = [k for k in canonical if is_activation_key(k)]
+    if activations:
         more = f" and {len(activations) - 1} more" if len(activations) > 1 else ""
         raise ConversionError(
             f"the weights hold activation parameters ({activations[0]}{more}), as MONAI's act='prelu' makes: "

@@ -73,7 +73,7 @@ from .layers import (
     relu_,
 )
 from .pretrained import WeightsNotFoundError, torchvision_cache_file, torchvision_weights, unreachable_hub
-from .weights import ConversionError, canonical_key, describe_misfit, layout_key, layout_state_dict
+from .weights import ConversionError, canonical_key, describe_misfit, is_activation_key, layout_key, layout_state_dict
 
 __all__ = ["LAYOUT", "ACTIVATIONS", "NORMS", "Activation", "DenseNet", "DenseNet121", "DenseNet169", "DenseNet201",
            "DenseNet264", "Densenet", "Densenet121", "Densenet169", "Densenet201", "Densenet264",
@@ -536,9 +536,9 @@ class _Pretrainable(DenseNet):
         weights = imagenet_weights(self.imagenet, self.spatial_dims, self.in_chans, LAYOUT, progress,
                                    num_classes=self.num_classes)
         # as MONAI's pretrained start: the head, and the activations' parameters (PReLU's, or those of a module of
-        # one's own; ImageNet's ReLUs have none), are left as initialised. Activations have MONAI's names: reluN, relu
+        # one's own; ImageNet's ReLUs have none), are left as initialised
         weights.update((k, v) for k, v in self.state_dict().items()
-                       if k.startswith("class_layers.out.") or k.split(".")[-2].startswith("relu"))
+                       if k.startswith("class_layers.out.") or is_activation_key(k))
         self.load_state_dict(weights, strict=True)
 
 

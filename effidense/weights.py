@@ -38,6 +38,7 @@ from .fileio import (
 
 __all__ = ["KEY_RULES", "PTH_SUFFIXES", "Checkpoint", "ConversionError", "KeyRule", "VerificationError",
            "canonical_key", "canonical_state_dict", "complete_state_dict", "describe_misfit", "has_layout_keys",
+           "is_activation_key",
            "layout_key", "layout_state_dict", "load_checkpoint", "save_checkpoint", "timm_pretrained_filter",
            "values_problem"]
 
@@ -348,6 +349,13 @@ def has_legacy_keys(state_dict: Mapping[str, Any]) -> bool:
 
 def is_bn_counter(key: str) -> bool:
     return key.endswith(".num_batches_tracked")
+
+
+def is_activation_key(key: str) -> bool:
+    """Whether ``key`` is an activation module's parameter (a PReLU's weight): torchvision's and MONAI's names for a
+    norm's activation are ``relu0``, ``relu1``, ``relu2``, ``relu``, whatever it computes."""
+    parts = key.split(".")
+    return len(parts) > 1 and parts[-2].startswith("relu")
 
 
 def complete_state_dict(state_dict: Mapping[str, Tensor],
