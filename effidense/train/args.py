@@ -27,13 +27,15 @@ WRAPPER_HINT = ("for any other timm train.py flag run timm's own script with eff
 _FLOAT32_MAX = 3.4028234663852886e38  # hyperparameters reach float32 tensors (torch's optimizers refuse larger)
 
 
-def _number(text: str, low: float, high: float, need: str, high_open: bool = False) -> float:
-    """``text`` as a float in [low, high] (or [low, high)); otherwise an error saying it ``need``s to be."""
+def _number(text: str, low: float, high: float, need: str, high_open: bool = False, low_open: bool = False) -> float:
+    """``text`` as a float in [low, high] (an end left out where open); otherwise an error saying it ``need``s to
+    be."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be {need}, got {text}") from None
-    if not (math.isfinite(value) and low <= value <= high) or (high_open and value == high):
+    if not (math.isfinite(value) and low <= value <= high) or (high_open and value == high) or \
+            (low_open and value == low):
         too_large = math.isfinite(value) and value > _FLOAT32_MAX
         raise argparse.ArgumentTypeError(f"must be {need}{f' (at most {_FLOAT32_MAX:.4g})' if too_large else ''}, "
                                          f"got {text}")
@@ -56,21 +58,15 @@ def _non_negative(text: str) -> float:
 
 
 def _positive(text: str) -> float:
-    value = _number(text, 0.0, _FLOAT32_MAX, "a finite number > 0")
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
+    return _number(text, 0.0, _FLOAT32_MAX, "a finite number > 0", low_open=True)
 
 
 def _fraction(text: str) -> float:
     return _number(text, 0.0, 1.0, "a number in [0, 1]")
 
 
-def _bn_eps(text: str) -> float:
-    value = _number(text, 0.0, 1.0, "a number in (0, 1]")
-    if value == 0:  # BatchNorm would divide by a zero variance's square root
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text}")
-    return value
+def _bn_eps(text: str) -> float:  # not 0: BatchNorm would divide by a zero variance's square root
+    return _number(text, 0.0, 1.0, "a number in (0, 1]", low_open=True)
 
 
 def _smoothing(text: str) -> float:
