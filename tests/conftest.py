@@ -67,6 +67,18 @@ class Adapted(torch.nn.Module):
         return self.base_layer(x) + self.lora_b(self.lora_a(x))
 
 
+def offline_with_empty_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty torchvision cache of the test's own (never the user's) and the Hugging Face hub offline, pointed at an
+    empty cache (huggingface_hub reads its constants at import, so the environment alone would come too late in this
+    process). Returns the torchvision cache's ``TORCH_HOME``."""
+    import huggingface_hub
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return tmp_path / "torch"
+
+
 def one_line_error(err: str) -> str:
     """The one line a command printed on stderr (and no traceback)."""
     lines = [line for line in err.splitlines() if line.strip()]

@@ -7,10 +7,10 @@ import re
 import subprocess
 import sys
 
-import huggingface_hub
 import pytest
 import timm
 import torch
+from conftest import offline_with_empty_caches
 from test_pretrained import randomize, torchvision_cache
 
 import effidense
@@ -64,10 +64,7 @@ def test_pretrained_starts_a_3d_one_channel_encoder_from_imagenet(tmp_path, monk
     inflated by I3D's mean, its stem summed over RGB, as ``effidense.monai``'s DenseNet121 starts."""
     torch.manual_seed(11)
     imagenet = randomize(effidense.DenseNet()).state_dict()
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_hub"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    torchvision_cache(tmp_path / "torch", "densenet121-a639ec97.pth", imagenet)
+    torchvision_cache(offline_with_empty_caches(tmp_path, monkeypatch), "densenet121-a639ec97.pth", imagenet)
     encoder = _unet(3, pretrained=True).encoder
     expected, _ = adapt_state_dict(imagenet, method="mean", in_chans=1, num_classes=0)
     assert encoder.state_dict().keys() == expected.keys()
@@ -83,9 +80,7 @@ def test_pretrained_where_there_are_no_imagenet_weights_is_refused_in_one_line()
 def test_offline_without_weights_the_one_line_recipe_loads_into_the_encoder(tmp_path, monkeypatch):
     """Offline with empty caches, pretrained=True says in one line where it looked and what to run; the command it
     names, run on torchvision's file, writes weights that load into the encoder as the line says."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    offline_with_empty_caches(tmp_path, monkeypatch)
     with pytest.raises(FileNotFoundError) as raised:
         _unet(3, pretrained=True)
     message = str(raised.value)

@@ -7,10 +7,9 @@ import re
 import shlex
 from pathlib import Path
 
-import huggingface_hub
 import pytest
 import torch
-from conftest import ROOT, load_tool
+from conftest import ROOT, load_tool, offline_with_empty_caches
 from test_pretrained import randomize, torchvision_cache
 
 import effidense
@@ -35,10 +34,7 @@ def imagenet() -> dict[str, torch.Tensor]:
 @pytest.fixture
 def cached(tmp_path, monkeypatch, imagenet) -> Path:
     """torchvision's densenet121 file in a torchvision cache in tmp (the hub offline and empty)."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_hub"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    return torchvision_cache(tmp_path / "torch", "densenet121-a639ec97.pth", imagenet)
+    return torchvision_cache(offline_with_empty_caches(tmp_path, monkeypatch), "densenet121-a639ec97.pth", imagenet)
 
 
 def test_3d_one_channel_start_is_the_inflated_imagenet_network_with_a_fresh_head(cached, imagenet):
@@ -114,9 +110,7 @@ def test_adapt_input_channels_sums_and_shares_out():
 
 
 def test_offline_without_weights_says_where_it_looked_and_what_to_run(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    offline_with_empty_caches(tmp_path, monkeypatch)
     with pytest.raises(FileNotFoundError) as raised:
         em.DenseNet169(spatial_dims=3, in_channels=1, out_channels=2, pretrained=True)
     message = str(raised.value)

@@ -13,7 +13,7 @@ import pytest
 import timm
 import torch
 import torchvision
-from conftest import QUICK_EXIT
+from conftest import QUICK_EXIT, offline_with_empty_caches
 from safetensors.torch import save_file
 
 import effidense  # noqa: F401 (registers the effi_* models)
@@ -63,10 +63,7 @@ def torchvision_cache(torch_home: Path, file: str, state_dict: dict[str, torch.T
 @pytest.fixture(autouse=True)
 def no_real_caches(tmp_path, monkeypatch) -> Path:
     """Every test here sees an empty torchvision cache of its own, never the user's, and the hub offline."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_hub"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    return tmp_path / "torch"
+    return offline_with_empty_caches(tmp_path, monkeypatch)
 
 
 def randomize(model: torch.nn.Module) -> torch.nn.Module:
